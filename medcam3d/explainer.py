@@ -1,0 +1,304 @@
+"""The Explainer: one lean forward pass, gradients at the target layer only,
+every requested class map at once."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError, LayerError, TargetError
+from .explainers import DEFAULT_METHOD, Method, MethodContext, get_explainer
+from .hooks import ActivationCapture, preserved_model_state
+from .layers import find_cam_head, resolve_layer, select_auto_layer, spatial_dims_of
+from .targets import Target, resolve_target
+
+__all__ = ["Explainer", "Explanation"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Maps for one batch, on the target layer's (feature) grid.
+
+    Attributes
+    ----------
+    maps : (B, T, *feature_shape) Tensor
+        float32 raw maps (not normalized); ReLU applied unless ``relu=False``.
+    targets : list of int, or list of list of int
+        The T class indices explained, in map order (one list per sample when
+        samples differ, e.g. ``"predicted"`` on a batch).
+    logits : (B, C) or (B, C, *spatial) Tensor
+        The model's output, detached.
+    scores : (B, T) Tensor
+        The explained scores (logit, negated logit, or region sum), detached.
+    class_indices : (B, T) LongTensor
+    method, layer : str
+    relu : bool
+    input_shape, feature_shape : tuple of int
+        Spatial shapes of the input and of the maps.
+    input_affine : (4, 4) or (B, 4, 4) ndarray or None
+        The input grid's affine when ``x`` was a MONAI ``MetaTensor``.
+    class_names : list of str or None
+    """
+
+    maps: torch.Tensor
+    targets: list[int] | list[list[int]]
+    logits: torch.Tensor
+    scores: torch.Tensor
+    class_indices: torch.Tensor
+    method: str
+    layer: str
+    relu: bool
+    input_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    input_affine: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+    def target_names(self) -> list[str]:
+        """Names of the explained classes (their indices as text without class names)."""
+        row = self.class_indices[0].tolist()
+        if self.class_names is None:
+            return [str(i) for i in row]
+        return [self.class_names[i] if i < len(self.class_names) else str(i) for i in row]
+
+
+class Explainer:
+    """Class activation maps for a CNN (3D or 2D), for one or all classes at once.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier returning logits ``(B, C)`` (``C = 1``: binary), or a
+        segmentation network returning ``(B, C, *spatial)``. Never modified:
+        hooks live for one call, ``training`` flags are restored, no ``.grad``
+        is written, ``requires_grad`` is untouched.
+    method : str or Method
+        ``"hirescam"`` (default), ``"gradcam"``, ``"cam"``, ``"gradcam++"``,
+        ``"xgradcam"``, ``"layercam"``, ``"eigencam"``.
+    layer : str, nn.Module or "auto"
+        Target layer. ``"auto"``: the last module with a spatial output
+        (logged at INFO; cached per input size).
+    class_names : sequence of str, optional
+        Names for string targets and for provenance.
+    eval_mode : bool
+        Run the model in eval mode (BatchNorm running statistics, no dropout).
+
+    Examples
+    --------
+    >>> explainer = Explainer(model, method="hirescam", layer="auto")   # doctest: +SKIP
+    >>> result = explainer(x, target="all")                             # doctest: +SKIP
+    >>> result.maps.shape   # (B, C, d, v, u)                           # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | Method = DEFAULT_METHOD,
+        layer: str | nn.Module = "auto",
+        *,
+        class_names: Sequence[str] | None = None,
+        eval_mode: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            message = f"model must be a torch.nn.Module, not {type(model).__name__}."
+            raise TypeError(message)
+        self.model = model
+        self.method = get_explainer(method)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.eval_mode = eval_mode
+        self._auto = isinstance(layer, str) and layer == "auto"
+        self._layer: tuple[str, nn.Module] | None = None if self._auto else resolve_layer(model, layer)
+        self._auto_cache: dict[tuple[int, ...], tuple[str, nn.Module]] = {}
+        self._spatial_dims = spatial_dims_of(model)
+        self._batched_vjp = True
+
+    def __repr__(self) -> str:
+        layer = "auto" if self._auto else self._layer[0]  # type: ignore[index]
+        return f"Explainer(model={type(self.model).__name__}, method={self.method.name!r}, layer={layer!r})"
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, x: torch.Tensor, target: object = None, *, relu: bool = True) -> Explanation:
+        """Explain a batch.
+
+        Parameters
+        ----------
+        x : (B, C_in, *spatial) Tensor or MetaTensor
+        target : int, str, list, "all", "predicted", Tensor, Region or Target
+            What to explain (see :mod:`medcam3d.targets`); default ``"predicted"``.
+        relu : bool
+            Apply ReLU to the maps (False: signed maps).
+
+        Returns
+        -------
+        Explanation
+        """
+        inputs, input_affine = self._prepare_input(x)
+        name, module = self._target_layer(inputs)
+        track = self.method.needs_gradients
+        capture = ActivationCapture(module, name, track_gradients=track, spatial_ndim=inputs.ndim)
+        with preserved_model_state(self.model, eval_mode=self.eval_mode), capture:
+            with torch.no_grad():  # no graph before the target layer; the hook re-enables it
+                outputs = self.model(inputs)
+            outputs = self._check_outputs(outputs, name)
+            activations = capture.activations
+            if activations is None:
+                message = (
+                    f"Layer {name!r} did not run during the forward pass, so it cannot be explained. "
+                    "Choose a layer on the path from input to output (see medcam3d.list_layers)."
+                )
+                raise LayerError(message)
+            resolved = resolve_target(target, outputs, self.class_names)
+            with torch.enable_grad():
+                scores = resolved.scores(outputs)
+            gradients = self._gradients(scores, activations, name) if track else None
+            context = MethodContext(resolved.class_indices, resolved.signs, self._head_weight(activations, outputs))
+            with torch.no_grad():
+                maps = self.method.combine(activations.detach().unsqueeze(1), gradients, context)
+                if not self.method.class_specific:
+                    maps = maps.expand(-1, resolved.num_targets, *maps.shape[2:])
+                if relu:
+                    maps = maps.clamp_min(0)
+        return Explanation(
+            maps=maps.float().contiguous(),
+            targets=resolved.labels(),
+            logits=outputs.detach(),
+            scores=scores.detach(),
+            class_indices=resolved.class_indices,
+            method=self.method.name,
+            layer=name,
+            relu=relu,
+            input_shape=tuple(inputs.shape[2:]),
+            feature_shape=tuple(activations.shape[2:]),
+            input_affine=input_affine,
+            class_names=self.class_names,
+        )
+
+    # --------------------------------------------------------------- helpers
+    def _prepare_input(self, x: object) -> tuple[torch.Tensor, np.ndarray | None]:
+        if not isinstance(x, torch.Tensor):
+            message = f"x must be a torch.Tensor or MONAI MetaTensor of shape (B, C_in, *spatial), not {type(x).__name__}."
+            raise InputError(message)
+        if torch.is_inference_mode_enabled():
+            message = "Explaining needs autograd: call the explainer outside torch.inference_mode()."
+            raise RuntimeError(message)
+        affine = getattr(x, "affine", None)
+        input_affine = None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
+        inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
+        inputs = inputs.detach()
+        dims = self._spatial_dims
+        if dims is not None and inputs.ndim != dims + 2:
+            fix = " Add the batch axis with x[None]." if inputs.ndim == dims + 1 else ""
+            message = (
+                f"x has shape {tuple(inputs.shape)}, but this model takes {dims}D inputs of shape "
+                f"(B, C_in, {', '.join('DVU'[-dims:] if dims <= 3 else '*')}).{fix}"
+            )
+            raise InputError(message)
+        if inputs.ndim < 3:
+            message = f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}."
+            raise InputError(message)
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None:
+            dtype = inputs.dtype if inputs.is_floating_point() else parameter.dtype
+            inputs = inputs.to(device=parameter.device, dtype=dtype)
+        elif not inputs.is_floating_point():
+            inputs = inputs.float()
+        finite = torch.isfinite(inputs)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            message = (
+                f"x contains {bad} NaN/Inf value(s) (shape {tuple(inputs.shape)}). Replace them, e.g. "
+                "torch.nan_to_num(x), or fix the preprocessing."
+            )
+            raise InputError(message)
+        return inputs, input_affine
+
+    def _target_layer(self, inputs: torch.Tensor) -> tuple[str, nn.Module]:
+        if not self._auto:
+            assert self._layer is not None
+            return self._layer
+        key = tuple(inputs.shape[1:])
+        if key not in self._auto_cache:
+            self._auto_cache[key] = select_auto_layer(self.model, inputs)
+        return self._auto_cache[key]
+
+    def _check_outputs(self, outputs: object, layer: str) -> torch.Tensor:
+        if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+            outputs = outputs[0]  # e.g. deep supervision: the final output comes first
+        if not isinstance(outputs, torch.Tensor):
+            message = (
+                f"The model returned {type(outputs).__name__}; expected a tensor of logits. Wrap the model "
+                "so that its forward returns (B, C) or (B, C, *spatial) logits."
+            )
+            raise TargetError(message)
+        if not bool(torch.isfinite(outputs.detach()).all()):
+            message = "The model produced NaN/Inf outputs for this input; check the weights and the preprocessing."
+            raise InputError(message)
+        if self.method.needs_gradients and not outputs.requires_grad:
+            message = (
+                f"The model's output does not depend on layer {layer!r} through differentiable operations "
+                "(or the model detaches it), so there is no gradient to explain. Choose a layer on the path "
+                "to the output."
+            )
+            raise LayerError(message)
+        return outputs
+
+    def _gradients(self, scores: torch.Tensor, activations: torch.Tensor, layer: str) -> torch.Tensor:
+        """``∂ scores[:, t] / ∂ activations`` for every t: ``(B, T, K, *spatial)``.
+
+        All T vector–Jacobian products in one batched backward through the head
+        (``is_grads_batched``); a loop where the network does not support it.
+        """
+        targets = scores.shape[1]
+        if not scores.requires_grad:
+            message = f"The scores do not depend on layer {layer!r}; choose a layer on the path to the output."
+            raise LayerError(message)
+        if targets == 1:
+            (gradients,) = torch.autograd.grad(scores[:, 0].sum(), activations)
+            return gradients.unsqueeze(1)
+        if self._batched_vjp:
+            basis = torch.eye(targets, device=scores.device, dtype=scores.dtype)
+            grad_outputs = basis.unsqueeze(1).expand(targets, scores.shape[0], targets)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # vmap fallback notices
+                    (gradients,) = torch.autograd.grad(
+                        scores, activations, grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=True
+                    )
+                return gradients.transpose(0, 1)
+            except RuntimeError as error:
+                self._batched_vjp = False
+                logger.info("Batched VJP not supported by this network (%s); looping over %d targets.", error, targets)
+        rows = []
+        for t in range(targets):
+            (gradient,) = torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=t < targets - 1)
+            rows.append(gradient)
+        return torch.stack(rows, dim=1)
+
+    def _head_weight(self, activations: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
+        if not self.method.needs_head:
+            return None
+        if outputs.ndim != 2:
+            message = f"{self.method.name} needs a classifier (B, C) output; this model returns {tuple(outputs.shape)}."
+            raise LayerError(message)
+        head = find_cam_head(self.model, activations.shape[1])
+        weight = head.weight.detach()
+        # CAM is only defined for GAP + Linear after the target layer: check it on this batch.
+        with torch.no_grad():
+            pooled = activations.detach().flatten(start_dim=2).mean(dim=2)
+            expected = nn.functional.linear(pooled, weight, None if head.bias is None else head.bias.detach())
+            logits = outputs.detach()
+            if expected.shape != logits.shape or not torch.allclose(expected, logits, rtol=1e-3, atol=1e-4 * (1 + float(logits.abs().max()))):
+                message = (
+                    "CAM needs the target layer to be followed by global average pooling and one Linear layer "
+                    "only, but the logits differ from Linear(mean(layer output)) here. Choose the layer right "
+                    "before the pooling (layer='auto' usually is), or use method='hirescam'."
+                )
+                raise LayerError(message)
+        return weight

@@ -1,0 +1,101 @@
+"""The method strategy: how channel weights come from activations and gradients.
+
+Every CAM-family map is ``map = Σ_k W_k ⊙ A_k`` (then an optional ReLU).
+A method only says what ``W`` is; :class:`medcam3d.Explainer` does the rest.
+Shapes are rank-free: the same code serves 3D ``(D, V, U)`` and 2D ``(V, U)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Method", "MethodContext", "spatial_axes"]
+
+
+def spatial_axes(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Axes of the spatial dimensions of a ``(B, T, K, *spatial)`` tensor."""
+    return tuple(range(3, tensor.ndim))
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need besides activations and gradients.
+
+    Attributes
+    ----------
+    class_indices : (B, T) LongTensor
+        The class explained by each map.
+    signs : (B, T) Tensor
+        +1, or −1 where the score is the negated logit (the negative class of a
+        single-logit binary model).
+    head_weight : (C, K) Tensor or None
+        Weight of the Linear layer that follows global average pooling
+        (only for :class:`~medcam3d.explainers.cam.CAM`).
+    """
+
+    class_indices: torch.Tensor
+    signs: torch.Tensor
+    head_weight: torch.Tensor | None = None
+
+
+class Method:
+    """Base class of a CAM method.
+
+    Subclasses set :attr:`name` and implement :meth:`weights`.
+
+    Attributes
+    ----------
+    name : str
+        Registry key.
+    needs_gradients : bool
+        False for methods that use activations only (CAM, Eigen-CAM): the
+        explainer then skips the backward pass.
+    needs_head : bool
+        True when :meth:`weights` needs ``context.head_weight``.
+    class_specific : bool
+        False for methods whose map is the same for every class (Eigen-CAM).
+    """
+
+    name: str = ""
+    needs_gradients: bool = True
+    needs_head: bool = False
+    class_specific: bool = True
+
+    def weights(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        context: MethodContext,
+    ) -> torch.Tensor:
+        """Channel weights ``W`` for ``map = Σ_k W_k ⊙ A_k``.
+
+        Parameters
+        ----------
+        activations : (B, 1, K, *spatial) Tensor
+            Target-layer output ``A``.
+        gradients : (B, T, K, *spatial) Tensor or None
+            ``∂ score_t / ∂ A`` for each of the T targets (None when
+            :attr:`needs_gradients` is False).
+        context : MethodContext
+
+        Returns
+        -------
+        Tensor
+            Broadcastable to ``(B, T, K, *spatial)``.
+        """
+        raise NotImplementedError
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        context: MethodContext,
+    ) -> torch.Tensor:
+        """Signed maps ``Σ_k W_k ⊙ A_k`` of shape ``(B, T, *spatial)``."""
+        weights = self.weights(activations, gradients, context)
+        return (weights * activations).sum(dim=2)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
