@@ -146,7 +146,6 @@ class Explainer:
         with preserved_model_state(self.model, eval_mode=self.eval_mode), capture:
             with torch.no_grad():  # no graph before the target layer; the hook re-enables it
                 outputs = self.model(inputs)
-            outputs = self._check_outputs(outputs, name)
             activations = capture.activations
             if activations is None:
                 message = (
@@ -154,10 +153,11 @@ class Explainer:
                     "Choose a layer on the path from input to output (see medcam3d.list_layers)."
                 )
                 raise LayerError(message)
+            outputs = self._check_outputs(outputs, name)
             resolved = resolve_target(target, outputs, self.class_names)
             with torch.enable_grad():
                 scores = resolved.scores(outputs)
-            gradients = self._gradients(scores, activations, name) if track else None
+                gradients = self._gradients(scores, activations, name) if track else None
             context = MethodContext(resolved.class_indices, resolved.signs, self._head_weight(activations, outputs))
             with torch.no_grad():
                 maps = self.method.combine(activations.detach().unsqueeze(1), gradients, context)

@@ -1,0 +1,120 @@
+"""Targets: resolution rules, segmentation regions, and bad targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import SegResNet, UNet
+
+import medcam3d
+from medcam3d.targets import RegionTarget, resolve_target
+from _models import gap_linear_cnn, reference_activations_and_gradients
+
+
+def test_resolution_rules():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 1.0]])
+    assert resolve_target(1, logits).class_indices.tolist() == [[1], [1]]
+    assert resolve_target([2, 0], logits).class_indices.tolist() == [[2, 0], [2, 0]]
+    assert resolve_target("all", logits).class_indices.tolist() == [[0, 1, 2]] * 2
+    assert resolve_target("predicted", logits).class_indices.tolist() == [[1], [0]]
+    assert resolve_target(None, logits).class_indices.tolist() == [[1], [0]]
+    assert resolve_target(torch.tensor([2, 1]), logits).class_indices.tolist() == [[2], [1]]
+    assert resolve_target(np.array([[0, 1], [1, 2]]), logits).class_indices.tolist() == [[0, 1], [1, 2]]
+    torch.testing.assert_close(resolve_target([2, 0], logits).scores(logits), torch.tensor([[-1.0, 0.1], [1.0, 3.0]]))
+    assert resolve_target("predicted", logits).labels() == [[1], [0]]
+    assert resolve_target("all", logits).labels() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "target, error, text",
+    [
+        (3, IndexError, "out of range"),
+        (-1, IndexError, "out of range"),
+        ([0, 9], IndexError, "valid indices are 0..2"),
+        (torch.tensor([0, 1, 2]), ValueError, r"shape \(B,\) or \(B, T\)"),
+        (torch.tensor([0.5, 1.0]), ValueError, "integers"),
+        ("nodule", ValueError, "no class names"),
+        (2.5, ValueError, "Unsupported target"),
+        ([], ValueError, "Unsupported target"),
+    ],
+)
+def test_bad_targets(target, error, text):
+    logits = torch.zeros(2, 3)
+    with pytest.raises(error, match=text):
+        resolve_target(target, logits)
+
+
+def test_unknown_class_name_suggests():
+    with pytest.raises(medcam3d.TargetError, match="Did you mean 'nodule'"):
+        resolve_target("nodul", torch.zeros(1, 2), class_names=["nodule", "effusion"])
+
+
+def test_out_of_range_through_explainer():
+    model = gap_linear_cnn(classes=4)
+    with pytest.raises(medcam3d.TargetIndexError, match="the model has 4 output classes"):
+        medcam3d.Explainer(model, layer="3")(torch.randn(1, 1, 8, 8, 8), target=4)
+
+
+# ------------------------------------------------------------- segmentation
+def small_unet():
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+
+
+def small_segresnet():
+    torch.manual_seed(0)
+    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)).eval()
+
+
+@pytest.mark.parametrize("factory, layer", [(small_unet, "model.1"), (small_segresnet, "down_layers.2")])
+def test_region_target_with_mask_matches_reference(factory, layer):
+    model = factory()
+    x = torch.randn(1, 1, 24, 28, 20, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(24, 28, 20)
+    mask[5:12, 8:20, 4:9] = 1
+    result = medcam3d.Explainer(model, "hirescam", layer=layer)(x, target=medcam3d.Region(2, mask=mask), relu=False)
+    assert result.targets == [2]
+    expected_score = (result.logits[:, 2] * mask).sum()
+    torch.testing.assert_close(result.scores[0, 0], expected_score)
+    A, G = reference_activations_and_gradients(model, layer, x, lambda out: (out[:, 2] * mask).sum())
+    torch.testing.assert_close(result.maps[:, 0], (G * A).sum(1), rtol=1e-4, atol=1e-6)
+
+
+def test_region_target_predicted_region_and_all_classes():
+    model = small_unet()
+    x = torch.randn(2, 1, 24, 28, 20, generator=torch.Generator().manual_seed(2))
+    explainer = medcam3d.Explainer(model, "gradcam")
+    together = explainer(x, target="all")
+    with torch.no_grad():
+        logits = model(x)
+    labels = logits.argmax(1)
+    for c in range(3):
+        expected = (logits[:, c] * (labels == c)).flatten(1).sum(1)
+        torch.testing.assert_close(together.scores[:, c], expected, rtol=1e-5, atol=1e-3)
+        alone = explainer(x, target=c)
+        torch.testing.assert_close(together.maps[:, c], alone.maps[:, 0], rtol=1e-5, atol=1e-6)
+    assert together.layer != "model"  # auto skips the layers that produce the logits
+
+
+def test_region_target_errors():
+    with pytest.raises(medcam3d.TargetError, match="output grid"):
+        resolve_target(medcam3d.Region(1, mask=torch.ones(4, 4, 4)), torch.zeros(1, 2, 5, 5, 5))
+    with pytest.raises(medcam3d.TargetError, match="segmentation output"):
+        resolve_target(medcam3d.Region(1), torch.zeros(1, 2))
+    with pytest.raises(medcam3d.TargetError, match="ambiguous"):
+        resolve_target("predicted", torch.zeros(1, 2, 5, 5, 5))
+
+
+def test_single_channel_segmentation_foreground_and_background():
+    outputs = torch.tensor([[[[1.0, -2.0], [3.0, -4.0]]]])  # (1, 1, 2, 2)
+    target = resolve_target("all", outputs)
+    assert isinstance(target, RegionTarget)
+    assert target.scores(outputs).tolist() == [[6.0, 4.0]]  # background: −(−2 −4); foreground: 1 + 3
+
+
+def test_empty_predicted_region_warns():
+    outputs = torch.zeros(1, 2, 3, 3)
+    outputs[:, 0] = 1  # class 1 predicted nowhere
+    with pytest.warns(UserWarning, match="predicts no voxel"):
+        resolve_target(1, outputs)
