@@ -61,6 +61,15 @@ class Explanation:
     input_affine: np.ndarray | None = None
     class_names: list[str] | None = None
 
+    def to_scanner_space(self, scanner_space=None, *, input_space=None, sample: int = 0, fill: float = 0.0):
+        """Each map of one sample as a :class:`~medcam3d.heatmap.Heatmap` on the scan's grid.
+
+        See :func:`medcam3d.heatmap.to_scanner_space`.
+        """
+        from .heatmap import to_scanner_space
+
+        return to_scanner_space(self, scanner_space, input_space=input_space, sample=sample, fill=fill)
+
     def target_names(self) -> list[str]:
         """Names of the explained classes (their indices as text without class names)."""
         row = self.class_indices[0].tolist()
