@@ -1,6 +1,8 @@
-"""Command-line interface: ``medcam3d demo | info``.
+"""Command-line interface: ``medcam3d demo | explain | batch | layers | info``.
 
-Heavy imports happen inside the commands so that ``medcam3d --help`` is fast.
+Heavy imports happen inside the commands so that ``medcam3d --help`` is fast. Exit codes: 0
+success, 1 a failure while running (e.g. a case that could not be read), 2 a usage error (bad
+arguments, invalid config). Messages go to stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -74,7 +77,7 @@ def _planted_lesion_case(size: int, seed: int):
     return x, model.eval(), centre
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _synthetic_demo(args: argparse.Namespace) -> int:
     import torch
 
     import medcam3d
@@ -109,24 +112,295 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if len(found) == len(errors) else 1
 
 
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CASES = REPO_ROOT / "data_samples" / "cases.csv"
+
+
+class UsageError(ValueError):
+    """Bad arguments or config: exit code 2."""
+
+
+def _parse_target(text: str | None):
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    parsed = [int(t) if t.lstrip("-").isdigit() else t for t in items]
+    return parsed[0] if len(parsed) == 1 else parsed
+
+
+def _runner(args: argparse.Namespace, methods=None):
+    from .config import load_config
+    from .models import load_model
+    from .pipeline import Runner
+
+    config = load_config(args.config)
+    model = load_model(config, trust=getattr(args, "trust", False))
+    methods = methods or ([m.strip() for m in args.method.split(",")] if getattr(args, "method", None) else None)
+    return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
+                  layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"))
+
+
+def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None) -> None:
+    stream = stream or sys.stdout
+    if not rows:
+        return
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns), file=stream)
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns), file=stream)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+    import os
+    import tempfile
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    runner = _runner(args)
+    result = runner.run_case(args.image, args.out, mask=args.mask)
+    print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
+    if result.probabilities:
+        print("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()))
+    rows = [{"method": f["method"], "class": f["class"], "score": f"{f['score']:.3f}",
+             "peak (RAS mm)": "({:.1f}, {:.1f}, {:.1f})".format(*f["peak_mm"]),
+             **({"peak in lesion": f["peak_in_lesion"]} if "peak_in_lesion" in f else {})} for f in result.findings]
+    _print_table(rows)
+    return 0
+
+
+def _collect_inputs(inputs: Path) -> list[dict]:
+    """Cases from a folder (image files and DICOM folders) or a CSV with columns image[, id, mask]."""
+    import csv
+
+    from .pipeline import case_id_of
+
+    if inputs.is_file() and inputs.suffix.lower() == ".csv":
+        with inputs.open(newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        if not rows or "image" not in rows[0]:
+            raise UsageError(f"{inputs}: a cohort CSV needs a header with an 'image' column (and optionally 'id', 'mask').")
+        cases = []
+        for row in rows:
+            image = Path(row["image"]) if Path(row["image"]).is_absolute() else inputs.parent / row["image"]
+            mask = row.get("mask") or None
+            if mask and not Path(mask).is_absolute():
+                mask = inputs.parent / mask
+            cases.append({"id": row.get("id") or case_id_of(image), "image": image, "mask": mask})
+        return cases
+    if inputs.is_dir():
+        suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+        cases = []
+        for path in sorted(inputs.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if path.is_file() and path.name.lower().endswith(suffixes) and "_mask" not in path.name:
+                cases.append({"id": case_id_of(path), "image": path, "mask": None})
+            elif path.is_dir() and any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file()):
+                cases.append({"id": path.name, "image": path, "mask": None})
+        if not cases:
+            raise UsageError(f"{inputs} holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM folders).")
+        return cases
+    raise UsageError(f"--inputs {str(inputs)!r} is neither a folder nor a .csv file.")
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    cases = _collect_inputs(Path(args.inputs))
+    runner = _runner(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failures, skipped = [], 0, 0
+    for case in tqdm(cases, desc="explaining", unit="case", file=sys.stderr, disable=args.quiet):
+        done = out / case["id"] / "summary.json"
+        if args.resume and done.is_file():
+            from .pipeline import CaseResult
+
+            rows.append(CaseResult(**json.loads(done.read_text())).row())
+            skipped += 1
+            continue
+        try:
+            rows.append(runner.run_case(case["image"], out, case_id=case["id"], mask=case["mask"]).row())
+        except Exception as error:  # recorded; the cohort goes on
+            failures += 1
+            rows.append({"case": case["id"], "image": str(case["image"]), "status": "error",
+                         "error": f"{type(error).__name__}: {error}"})
+        _write_csv(out / "summary.csv", rows)
+    print(f"{len(cases)} cases: {len(cases) - failures - skipped} explained, {skipped} already done, "
+          f"{failures} failed. Summary: {out / 'summary.csv'}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _input_shape(args: argparse.Namespace, config) -> tuple[int, ...]:
+    if args.image:
+        from .preprocess import preprocess
+
+        x, _ = preprocess(args.image, config.preprocessing)
+        return tuple(x.shape)
+    if args.shape:
+        return tuple(args.shape)
+    for step in reversed(config.preprocessing or []):
+        size = step.get("spatial_size") or step.get("roi_size")
+        if size is not None:
+            return (int(config.model.args.get("in_channels", 1)), *[int(s) for s in size])
+    raise UsageError("Cannot tell the model's input size: pass --image PATH or --shape C D H W.")
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .layers import list_layers
+    from .models import load_model
+
+    config = load_config(args.config)
+    model = load_model(config, trust=args.trust)
+    shape = _input_shape(args, config)
+    layers = list_layers(model, shape)
+    print(f"Candidate target layers of {type(model).__name__} for input {shape} (execution order):")
+    for info in layers:
+        print(f"  {info}")
+    if layers:
+        print(f"layer='auto' selects: {layers[-1].name}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        return _synthetic_demo(args)
+    if not DEMO_CONFIG.is_file() or not DEMO_CASES.is_file():
+        print("The shipped samples are missing; running the synthetic demo instead.", file=sys.stderr)
+        return _synthetic_demo(args)
+    import csv
+
+    from .config import load_config
+    from .models import load_model
+    from .pipeline import Runner
+
+    config = load_config(DEMO_CONFIG)
+    runner = Runner(config, load_model(config), methods=["hirescam", "gradcam"], target="all", device=args.device)
+    with DEMO_CASES.open(newline="") as stream:
+        cases = list(csv.DictReader(stream))
+    out = Path(args.out)
+    rows, summary = [], []
+    started = time.perf_counter()
+    for case in cases:
+        image = DEMO_CASES.parent / case["file"]
+        mask = DEMO_CASES.parent / case["mask"] if case.get("mask") else None
+        result = runner.run_case(image, out, case_id=case.get("case") or case.get("id"), mask=mask)
+        summary.append(result.row())
+        for finding in result.findings:
+            rows.append({
+                "case": result.case_id,
+                "class": finding["class"],
+                "p": f"{result.probabilities.get(finding['class'], float('nan')):.2f}",
+                "present": {True: "yes", False: "no", None: "?"}[finding.get("lesion_present")],
+                "method": finding["method"],
+                "peak (RAS mm)": "({:.1f}, {:.1f}, {:.1f})".format(*finding["peak_mm"]),
+                "peak in lesion": {True: "yes", False: "NO", None: "-"}[finding.get("peak_in_lesion")],
+            })
+    _write_csv(out / "summary.csv", summary)
+    _print_table(rows)
+    hits = [r for r in rows if r["peak in lesion"] in ("yes", "NO")]
+    for method in runner.methods:
+        own = [r for r in hits if r["method"] == method]
+        if own:
+            rate = sum(r["peak in lesion"] == "yes" for r in own) / len(own)
+            print(f"{method}: peak inside the true lesion for {rate:.0%} of present lesions ({len(own)})")
+    print(f"\n{len(cases)} cases in {time.perf_counter() - started:.1f} s. Heatmaps (NIfTI, scanner space), masks, "
+          f"boxes and pictures (PNG) in {out}/<case>/; summary table {out / 'summary.csv'}.")
+    return 0
+
+
+EXAMPLES = """examples:
+  medcam3d demo --out out/demo
+  medcam3d explain --config configs/demo.yaml --image data_samples/case_01.nii.gz --target all --out out
+  medcam3d explain --config configs/demo.yaml --image scan.nii.gz --method hirescam,gradcam --target bright_round --out out
+  medcam3d batch --config configs/demo.yaml --inputs data_samples/cases.csv --out out/cohort --resume
+  medcam3d layers --config configs/demo.yaml
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medcam3d", description="Class activation maps for 3D medical CNNs.")
+    parser = argparse.ArgumentParser(prog="medcam3d", description="Class activation maps for 3D medical CNNs, in scanner space.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="explain a generated volume with a planted lesion")
-    demo.add_argument("--size", type=int, default=64, help="edge of the generated cube, voxels")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_cmd_demo)
-    info = commands.add_parser("info", help="print versions for bug reports")
-    info.set_defaults(run=_cmd_info)
+
+    def add(name: str, help: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(run=run)
+        return sub
+
+    def model_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml)")
+        sub.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
+
+    demo = add("demo", "run the main job on the shipped samples with the demo model", _cmd_demo)
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    demo.add_argument("--synthetic", action="store_true", help="instead: a generated volume with a planted lesion")
+    demo.add_argument("--size", type=int, default=64, help="--synthetic: edge of the generated cube, voxels")
+    demo.add_argument("--seed", type=int, default=0, help="--synthetic: seed")
+
+    explain = add("explain", "explain one scan", _cmd_explain)
+    model_options(explain)
+    explain.add_argument("--image", required=True, help="NIfTI, NRRD, MHA/MHD file or DICOM folder")
+    explain.add_argument("--method", help="method or comma list (default: the config's); e.g. hirescam,gradcam")
+    explain.add_argument("--target", help="all | predicted | class index | class name | comma list")
+    explain.add_argument("--layer", help="target layer name or 'auto' (default: the config's)")
+    explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
+    explain.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    explain.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
+
+    batch = add("batch", "explain a cohort (folder or CSV), resumable", _cmd_batch)
+    model_options(batch)
+    batch.add_argument("--inputs", required=True, help="folder of scans, or CSV with columns image[, id, mask]")
+    batch.add_argument("--out", required=True)
+    batch.add_argument("--method", help="method or comma list")
+    batch.add_argument("--target", help="all | predicted | index | name | comma list")
+    batch.add_argument("--layer")
+    batch.add_argument("--resume", action="store_true", help="skip cases whose output folder is complete")
+    batch.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    layers = add("layers", "list candidate target layers and their output shapes", _cmd_layers)
+    model_options(layers)
+    layers.add_argument("--image", help="preprocess this scan to get the input size")
+    layers.add_argument("--shape", type=int, nargs="+", help="input shape C D H W")
+
+    add("info", "print versions for bug reports", _cmd_info)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medcam3d`` console script."""
-    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ValueError, OSError, RuntimeError) as error:
+    except (UsageError, ConfigError) as error:
+        print(f"medcam3d {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, RuntimeError, KeyError) as error:
         print(f"medcam3d {args.command}: error: {error}", file=sys.stderr)
         return 1
 

@@ -94,6 +94,11 @@ class Heatmap:
         return self.class_name if self.class_name else f"class{self.class_index}"
 
     @property
+    def file_label(self) -> str:
+        """:attr:`label` made safe for file names."""
+        return _safe(self.label)
+
+    @property
     def descrip(self) -> str:
         """Text for the NIfTI ``descrip`` field (at most 80 bytes)."""
         text = f"medcam3d {self.method} layer={self.layer} class={self.class_index}:{self.label}"
@@ -238,8 +243,8 @@ def save_heatmaps(
             written.append(path)
         return written
     for heatmap in heatmaps:
-        path = out / f"{stem}_{_safe(heatmap.label)}.nii.gz"
+        path = out / f"{stem}_{heatmap.file_label}.nii.gz"
         written.append(heatmap.save(path, like=like))
         if normalized:
-            written.append(heatmap.save(out / f"{stem}_{_safe(heatmap.label)}_norm.nii.gz", like=like, normalized=True))
+            written.append(heatmap.save(out / f"{stem}_{heatmap.file_label}_norm.nii.gz", like=like, normalized=True))
     return written

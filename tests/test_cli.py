@@ -6,7 +6,7 @@ from medcam3d.cli import main
 
 
 def test_demo_finds_planted_lesion(capsys):
-    assert main(["demo", "--size", "48", "--seed", "3"]) == 0
+    assert main(["demo", "--synthetic", "--size", "48", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "7/7 methods" in out and "hirescam" in out
 

@@ -1,0 +1,208 @@
+"""The main job: a scan file in, heatmaps, masks, boxes and pictures in scanner space out.
+
+:class:`Runner` holds a loaded model and its config; :meth:`Runner.run_case` explains one scan
+with one or more methods and writes everything for that case into ``out/<case_id>/``. The case
+folder is first written under a temporary name and renamed when complete, so an interrupted run
+never leaves a half-written case (and ``batch --resume`` can trust any case folder it finds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .explainer import Explainer
+from .heatmap import Heatmap, save_heatmaps, to_scanner_space
+from .masks import bounding_box, save_box, threshold_mask
+from .preprocess import build_transforms, preprocess
+
+__all__ = ["Runner", "CaseResult", "probabilities", "case_id_of", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was requested but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Class probabilities ``(B, C)`` from classifier logits, by task (sigmoid / softmax)."""
+    if task == "multilabel":
+        return torch.sigmoid(logits)
+    if task == "binary" or logits.shape[1] == 1:
+        positive = torch.sigmoid(logits[:, :1])
+        return torch.cat([1 - positive, positive], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def case_id_of(path: str | Path) -> str:
+    """A case id from a file or folder name (``scan.nii.gz`` → ``scan``)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class CaseResult:
+    """What one case produced; ``rows()`` flattens it for the summary table."""
+
+    case_id: str
+    image: str
+    status: str = "ok"
+    error: str = ""
+    probabilities: dict[str, float] = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)  # one per (method, class)
+    files: list[str] = field(default_factory=list)
+
+    def row(self) -> dict:
+        """One summary row: probabilities and, per method and class, the peak and its check."""
+        row: dict = {"case": self.case_id, "image": self.image, "status": self.status, "error": self.error}
+        for name, value in self.probabilities.items():
+            row[f"p_{name}"] = round(value, 4)
+        for finding in self.findings:
+            key = f"{finding['method']}_{finding['class']}"
+            row[f"{key}_peak_mm"] = " ".join(f"{v:.1f}" for v in finding["peak_mm"])
+            if finding.get("peak_in_lesion") is not None:
+                row[f"{key}_peak_in_lesion"] = finding["peak_in_lesion"]
+        return row
+
+
+class Runner:
+    """A model with its config, ready to explain scans.
+
+    Parameters
+    ----------
+    config : Config
+    model : nn.Module
+        Loaded, in eval mode (see :func:`medcam3d.models.load_model`).
+    methods : sequence of str, optional
+        Default: the config's method.
+    target, layer : optional
+        Override the config's.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+    """
+
+    def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
+                 target: object = None, layer: str | None = None, device: str = "auto") -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.methods = list(methods) if methods else [config.method]
+        self.target = config.target if target is None else target
+        self.layer = layer or config.layer
+        self.transforms = build_transforms(config.preprocessing)
+        self.explainers = [
+            Explainer(self.model, method, layer=self.layer, class_names=config.class_names) for method in self.methods
+        ]
+
+    # ---------------------------------------------------------------- one case
+    def run_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
+                 mask: str | Path | None = None, overwrite: bool = True) -> CaseResult:
+        """Explain one scan and write its outputs to ``out_dir/<case_id>/``.
+
+        ``mask`` is an optional ground-truth label map on the scan's grid: label ``c + 1`` marks
+        the lesion of class ``c``; each map's peak is checked against it.
+        """
+        from . import io
+
+        case_id = case_id or case_id_of(image)
+        result = CaseResult(case_id=case_id, image=str(image))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = out_dir / case_id
+        x, scanner_space = preprocess(image, self.transforms)
+        labels = None
+        if mask is not None:
+            labels, mask_space = io.read(mask)
+            if not mask_space.isclose(scanner_space, atol=1e-3):
+                raise ValueError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}).")
+        scan = np.asarray(io.read(image)[0], dtype=np.float32)
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{case_id}.partial-"))
+        try:
+            self._explain_into(x, scanner_space, scan, labels, staging, result, image)
+            (staging / "summary.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
+            if final.exists():
+                if not overwrite:
+                    raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")
+                trash = out_dir / f".{case_id}.old-{os.getpid()}"
+                final.rename(trash)
+                staging.rename(final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        result.files = [str(final / Path(f).name) for f in result.files]
+        return result
+
+    def _explain_into(self, x, scanner_space, scan, labels, folder: Path, result: CaseResult, image) -> None:
+        output = self.config.output
+        names = self.config.class_names
+        batch = x[None].to(self.device)
+        for explainer in self.explainers:
+            explanation = explainer(batch, target=self.target)
+            if not result.probabilities and explanation.logits.ndim == 2:
+                probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
+                result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
+            heatmaps = to_scanner_space(explanation, scanner_space, fill=output.fill)
+            native = to_scanner_space(explanation)  # the feature grid, exact affine
+            prefix = result.case_id
+            files = save_heatmaps(heatmaps, folder, prefix=prefix, like=image if _is_nifti(image) else None,
+                                  normalized=output.normalized, four_d=output.four_d)
+            for heat in native:
+                files.append(heat.save(folder / f"{prefix}_{explainer.method.name}_{heat.file_label}_feature.nii.gz"))
+            for heat in heatmaps:
+                files += self._localize(heat, scan, labels, folder, prefix, result, output)
+            result.files += [str(f) for f in files]
+
+    def _localize(self, heat: Heatmap, scan, labels, folder: Path, prefix: str, result: CaseResult, output) -> list[Path]:
+        from . import io
+        from .pictures import save_slices
+
+        stem = f"{prefix}_{heat.method}_{heat.file_label}"
+        voxel, world = heat.peak()
+        finding = {"method": heat.method, "class": heat.label, "class_index": heat.class_index,
+                   "score": heat.score, "peak_voxel": list(voxel), "peak_mm": [float(v) for v in world]}
+        files: list[Path] = []
+        if labels is not None:
+            lesion = labels == heat.class_index + 1
+            finding["lesion_present"] = bool(lesion.any())
+            finding["peak_in_lesion"] = bool(lesion[voxel]) if lesion.any() else None
+        if output.masks:
+            mask = threshold_mask(heat.data, output.mask_method, output.mask_value, keep_largest=True)
+            box = bounding_box(mask, heat.space)
+            files.append(io.write(folder / f"{stem}_mask.nii.gz", mask.astype(np.uint8), heat.space, descrip=heat.descrip))
+            files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=list(voxel), peak_mm=finding["peak_mm"],
+                                  threshold={"method": output.mask_method, "value": output.mask_value}))
+            finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
+        if output.pictures and scan.ndim == 3:
+            probability = result.probabilities.get(heat.label)
+            p_text = f" (p = {probability:.2f})" if probability is not None else ""
+            title = f"{prefix} · {heat.method} · {heat.label}{p_text}"
+            files.append(save_slices(folder / f"{stem}.png", scan, heat.data, heat.space, title=title, peak_mm=world))
+        result.findings.append(finding)
+        return files
+
+
+def _is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
