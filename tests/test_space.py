@@ -1,0 +1,344 @@
+"""Tests of medcam3d.space: Space, feature_space and resample (exact values, seeded)."""
+
+from __future__ import annotations
+
+import warnings
+
+import nibabel as nib
+import nibabel.processing
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import map_coordinates
+from scipy.spatial.transform import Rotation
+
+from medcam3d.space import Space, SpaceError, feature_space, resample
+
+
+def _affine(rotation=None, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), flip=None):
+    """voxel -> world = R @ diag(flip) @ diag(spacing), translation ``origin``."""
+    a = np.eye(4)
+    r = np.eye(3) if rotation is None else np.asarray(rotation)
+    f = np.ones(3) if flip is None else np.asarray(flip, dtype=float)
+    a[:3, :3] = r @ np.diag(f * np.asarray(spacing))
+    a[:3, 3] = origin
+    return a
+
+
+def _oblique(seed, spacing, origin, flip=(1, -1, 1)):
+    rot = Rotation.random(random_state=seed).as_matrix()
+    return _affine(rot, spacing, origin, flip)
+
+
+def _reference(data, src, dst, fill):
+    """Independent trilinear pull-resampling with scipy (edge band clamped, fill outside)."""
+    nd = len(src.shape)
+    m = np.linalg.inv(src.affine) @ dst.affine
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in dst.shape], indexing="ij")).reshape(nd, -1)
+    if nd == 2:
+        coords = m[:2, :2] @ idx + m[:2, 3:4]
+    else:
+        coords = m[:3, :3] @ idx + m[:3, 3:4]
+    n = np.array(src.shape, dtype=float)[:, None]
+    inside = np.all((coords >= -0.5) & (coords <= n - 0.5), axis=0)
+    clamped = np.clip(coords, 0, n - 1)
+    out = map_coordinates(np.asarray(data, dtype=np.float64), clamped, order=1)
+    out[~inside] = fill
+    # distance to the nearest fill boundary (voxels), to skip rounding-ambiguous points
+    margin = np.min(np.minimum(np.abs(coords + 0.5), np.abs(coords - (n - 0.5))), axis=0)
+    return out.reshape(dst.shape), coords, margin.reshape(dst.shape)
+
+
+# ------------------------------------------------------------------------------ Space
+
+
+def test_space_validation_messages():
+    with pytest.raises(SpaceError, match="determinant"):
+        Space((4, 4, 4), np.diag([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(SpaceError, match="NaN"):
+        Space((4, 4, 4), np.full((4, 4), np.nan))
+    with pytest.raises(SpaceError, match="last row"):
+        Space((4, 4, 4), np.ones((4, 4)))
+    with pytest.raises(SpaceError, match=r"\(4, 4\)"):
+        Space((4, 4, 4), np.eye(3))
+    with pytest.raises(SpaceError, match="spatial"):
+        Space((1, 4, 4, 4), np.eye(4))
+    with pytest.raises(SpaceError, match="positive"):
+        Space((0, 4, 4), np.eye(4))
+
+
+def test_space_helpers_equality_repr():
+    a = _affine(spacing=(0.7, 1.3, 2.5), origin=(10, -20, 30), flip=(-1, 1, 1))
+    s = Space([36, 44, 28], a)
+    assert s.shape == (36, 44, 28) and s.ndim == 3
+    assert s.affine.dtype == np.float64 and not s.affine.flags.writeable
+    np.testing.assert_allclose(s.spacing, (0.7, 1.3, 2.5))
+    assert s.origin == (10.0, -20.0, 30.0)
+    assert s.orientation == ("L", "A", "S")
+    np.testing.assert_allclose(s.voxel_to_world([1, 2, 3]), [10 - 0.7, -20 + 2.6, 30 + 7.5])
+    pts = np.random.default_rng(0).normal(size=(5, 3)) * 10
+    np.testing.assert_allclose(s.voxel_to_world(s.world_to_voxel(pts)), pts, atol=1e-12)
+    # tolerant equality (NIfTI stores affines in float32), hashable, friendly repr
+    assert s == Space((36, 44, 28), a.astype(np.float32))
+    assert s != Space((36, 44, 29), a)
+    assert s != Space((36, 44, 28), a + np.diag([0, 0, 0.01, 0]))
+    assert len({s, Space((36, 44, 28), a.copy())}) == 1
+    r = repr(s)
+    assert "(36, 44, 28)" in r and "0.7, 1.3, 2.5" in r and "LAS" in r
+    assert not s.is_sheared
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.5
+    assert Space((4, 4, 4), sheared).is_sheared
+
+
+def test_space_of_sources():
+    a = _oblique(3, (0.8, 0.9, 1.5), (5, 6, 7))
+    s = Space((6, 7, 8), a)
+    assert Space.of(s) is s
+    assert Space.of(((6, 7, 8), a)) == s
+    img = nib.Nifti1Image(np.zeros((6, 7, 8, 2), np.float32), a)
+    assert Space.of(img) == s
+
+    from monai.data import MetaTensor
+
+    mt = MetaTensor(torch.zeros(2, 6, 7, 8), affine=torch.as_tensor(a))
+    assert Space.of(mt) == s
+    batched = MetaTensor(torch.zeros(3, 2, 6, 7, 8), affine=torch.as_tensor(a)[None].repeat(3, 1, 1))
+    assert Space.of(batched, batch=True) == s
+    with pytest.raises(SpaceError, match="batch=True"):
+        Space.of(MetaTensor(torch.zeros(3, 2, 6, 7, 8), affine=torch.as_tensor(a)))
+    # MONAI LPS-tagged metadata is converted to RAS
+    lps = MetaTensor(torch.zeros(1, 6, 7, 8), affine=torch.as_tensor(np.diag([-1, -1, 1, 1.0]) @ a))
+    lps.meta["space"] = "LPS"
+    assert Space.of(lps) == s
+    # 2D: MONAI's 3x3 affine is embedded
+    mt2 = MetaTensor(torch.zeros(1, 5, 6), affine=torch.tensor([[2.0, 0, 1], [0, 3, 2], [0, 0, 1]]))
+    s2 = Space.of(mt2)
+    assert s2.shape == (5, 6) and s2.spacing == (2.0, 3.0)
+    np.testing.assert_allclose(s2.voxel_to_world([1, 1]), [3, 5, 0])
+    with pytest.raises(SpaceError, match="plain torch.Tensor"):
+        Space.of(torch.zeros(1, 4, 4, 4))
+
+
+# ------------------------------------------------------------------------------ feature_space
+
+
+@pytest.fixture
+def space_oblique():
+    """Oblique (rotation + flip), anisotropic, non-zero origin grid of odd shape."""
+    return Space((36, 44, 28), _oblique(7, (0.7, 1.3, 2.5), (-81.5, 42.25, 17.0), flip=(1, -1, 1)))
+
+
+def test_feature_space_cell_centres_are_pooled_voxel_centroids(space_oblique):
+    s = space_oblique
+    fs = feature_space(s, (9, 11, 7))
+    assert fs.shape == (9, 11, 7)
+    np.testing.assert_allclose(fs.spacing, np.array(s.spacing) * 4)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in s.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = s.voxel_to_world(ijk).reshape(9, 4, 11, 4, 7, 4, 3)
+    centroids = world.mean(axis=(1, 3, 5)).reshape(-1, 3)
+    uvw = np.stack(np.meshgrid(*[np.arange(n) for n in fs.shape], indexing="ij"), -1).reshape(-1, 3)
+    np.testing.assert_allclose(fs.voxel_to_world(uvw), centroids, atol=1e-9)
+
+    # Independently: pool images whose values are the world coordinates of each voxel.
+    coords = torch.from_numpy(s.voxel_to_world(ijk))
+    coords = coords.reshape(*s.shape, 3).permute(3, 0, 1, 2)[None]  # (1, 3, I, J, K) float64
+    pooled = torch.nn.AvgPool3d(4)(coords)[0].permute(1, 2, 3, 0).reshape(-1, 3).numpy()
+    assert pooled.shape == (9 * 11 * 7, 3)
+    np.testing.assert_allclose(pooled[:, 0], fs.voxel_to_world(uvw)[:, 0], atol=1e-9)
+    np.testing.assert_allclose(pooled, fs.voxel_to_world(uvw), atol=1e-9)
+
+
+def test_feature_space_matches_monai_scale_affine(space_oblique):
+    from monai.transforms.utils import scale_affine
+
+    fs = feature_space(space_oblique, (9, 11, 7))
+    expected = space_oblique.affine @ scale_affine((36, 44, 28), (9, 11, 7), centered=True)
+    np.testing.assert_allclose(fs.affine, expected, atol=1e-12)
+
+
+def test_feature_space_warns_on_fractional_stride_and_checks_axes(space_oblique):
+    with pytest.warns(UserWarning, match="not an integer multiple"):
+        fs = feature_space(space_oblique, (5, 11, 7))
+    np.testing.assert_allclose(fs.spacing[0], space_oblique.spacing[0] * 36 / 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feature_space(space_oblique, (36, 44, 28))
+    with pytest.raises(SpaceError, match="axes"):
+        feature_space(space_oblique, (1, 9, 11, 7))
+
+
+# ------------------------------------------------------------------------------ resample
+
+
+def test_resample_identity_numpy_and_torch(space_oblique):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, 3, *space_oblique.shape)).astype(np.float32)
+    out = resample(data, space_oblique, space_oblique)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, data)
+    assert not np.shares_memory(out, data)
+    t = torch.from_numpy(data)
+    tout = resample(t, space_oblique, space_oblique)
+    assert isinstance(tout, torch.Tensor) and tout.dtype == torch.float32
+    assert torch.equal(tout, t)
+    # an equal grid up to rounding (e.g. read back from float32 NIfTI) is still an exact copy
+    copy = Space(space_oblique.shape, space_oblique.affine.astype(np.float32))
+    np.testing.assert_array_equal(resample(data, space_oblique, copy), data)
+    # a 0.01-voxel shift interpolates: values move, but by less than 0.01 x neighbour difference
+    shifted = Space(space_oblique.shape, space_oblique.affine @ _affine(origin=(0.01, 0, 0)))
+    moved = resample(data, space_oblique, shifted)
+    inner = (slice(None), slice(None), slice(0, -1))
+    expected = 0.99 * data[inner] + 0.01 * data[:, :, 1:]
+    np.testing.assert_allclose(moved[inner], expected, atol=5e-5)
+
+
+def test_resample_linear_function_axis_order_anisotropic():
+    """A linear function is reproduced exactly; distinct axis sizes and weights catch axis swaps."""
+    src = Space((5, 7, 9), _affine(spacing=(0.9, 1.7, 2.3), origin=(-3, 4, 11)))
+
+    def f(c):  # c: (..., 3) voxel coordinates
+        return 1.0 * c[..., 0] + 10.0 * c[..., 1] + 100.0 * c[..., 2] + 0.5
+
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in src.shape], indexing="ij"), -1).astype(float)
+    data = f(ijk)
+    # target: axes permuted and flipped inside the source box, odd shape (4, 3, 6)
+    perm = np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0]], dtype=float)
+    a = np.eye(4)
+    a[:3, :3] = src.affine[:3, :3] @ perm @ np.diag([1.1, 0.8, 0.6])
+    a[:3, 3] = src.voxel_to_world([3.9, 1.25, 5.9])
+    dst = Space((4, 3, 6), a)
+    out = resample(data, src, dst)
+    assert out.shape == (4, 3, 6)
+    t_ijk = np.stack(np.meshgrid(*[np.arange(n) for n in dst.shape], indexing="ij"), -1)
+    src_c = src.world_to_voxel(dst.voxel_to_world(t_ijk.reshape(-1, 3))).reshape(*dst.shape, 3)
+    assert src_c.min() > 0 and np.all(src_c.max(axis=(0, 1, 2)) < np.array(src.shape) - 1)
+    np.testing.assert_allclose(out, f(src_c), atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resample_matches_nibabel_and_scipy_on_oblique_grids(seed):
+    rng = np.random.default_rng(seed)
+    src = Space((13, 17, 11), _oblique(seed, rng.uniform(0.6, 2.0, 3), rng.normal(0, 5, 3)))
+    centre = src.voxel_to_world(np.array(src.shape) / 2 - 0.5)
+    dshape = (15, 12, 14)
+    a = _oblique(seed + 10, rng.uniform(0.7, 1.8, 3), (0, 0, 0), flip=(-1, 1, 1))
+    a[:3, 3] = centre - a[:3, :3] @ (np.array(dshape) / 2 - 0.5)
+    dst = Space(dshape, a)
+    data = rng.normal(size=src.shape).astype(np.float32)
+
+    out = resample(data, src, dst, fill=-7.0)
+    ref, coords, margin = _reference(data, src, dst, fill=-7.0)
+    n = np.array(src.shape)[:, None]
+    strictly_inside = np.all((coords > 1e-6) & (coords < n - 1 - 1e-6), axis=0).reshape(dshape)
+    assert 0.1 < strictly_inside.mean() < 0.99  # the test covers inside, edge band and outside
+    assert (out == -7.0).any()
+
+    img = nib.Nifti1Image(data.astype(np.float64), src.affine)
+    nb = nibabel.processing.resample_from_to(img, (dshape, dst.affine), order=1, cval=-7.0)
+    nb = np.asarray(nb.dataobj)
+    np.testing.assert_allclose(out[strictly_inside], nb[strictly_inside], atol=1e-4)
+    # scipy reference, including the clamped edge band and the fill outside
+    ok = margin > 1e-6
+    np.testing.assert_allclose(out[ok], ref[ok], atol=1e-4)
+
+
+def test_resample_fill_band_edges():
+    rng = np.random.default_rng(5)
+    src = Space((4, 5, 6), _affine(spacing=(2, 1, 3)))
+    data = rng.random(src.shape).astype(np.float32)
+
+    def at(i, j, k, fill=np.nan):
+        dst = Space((1, 1, 1), src.affine @ _affine(origin=(i, j, k)))
+        return float(resample(data, src, dst, fill=fill)[0, 0, 0])
+
+    assert at(-0.4, 1, 2) == pytest.approx(data[0, 1, 2], abs=1e-6)  # edge band: clamped
+    assert at(3.45, 1, 2) == pytest.approx(data[3, 1, 2], abs=1e-6)
+    assert at(1, 4.49, 5.49) == pytest.approx(data[1, 4, 5], abs=1e-6)
+    assert np.isnan(at(-0.6, 1, 2))  # beyond the cell edge: fill
+    assert np.isnan(at(1, 1, 5.6))
+    assert at(1, -0.51, 2, fill=3.5) == 3.5
+    assert at(1.5, 2, 2.25) == pytest.approx(
+        0.5 * 0.75 * (data[1, 2, 2] + data[2, 2, 2]) + 0.5 * 0.25 * (data[1, 2, 3] + data[2, 2, 3]),
+        abs=1e-6,
+    )
+    # a target entirely outside the field of view
+    far = Space((3, 3, 3), _affine(origin=(100, 0, 0)))
+    np.testing.assert_array_equal(resample(data, src, far, fill=-1.0), np.full((3, 3, 3), -1.0))
+
+
+def test_resample_types_devices_and_leading_axes():
+    rng = np.random.default_rng(1)
+    src = Space((6, 5, 4), _affine(spacing=(2, 2, 2)))
+    dst = Space((9, 8, 7), _oblique(4, (1.1, 1.2, 1.3), (1, 2, 3)))
+    data64 = rng.normal(size=(2, 3, 6, 5, 4))  # float64 numpy in -> float32 numpy out
+    out = resample(data64, src, dst)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (2, 3, 9, 8, 7)
+    t = torch.from_numpy(data64)  # float64 tensor in -> float32 tensor out, same device
+    tout = resample(t, src, dst)
+    assert isinstance(tout, torch.Tensor) and tout.dtype == torch.float32
+    assert tout.device == t.device and tout.shape == (2, 3, 9, 8, 7)
+    np.testing.assert_allclose(tout.numpy(), out, atol=0)
+    # every leading slice equals resampling that slice alone; chunking changes nothing
+    single = resample(data64[1, 2], src, dst)
+    np.testing.assert_allclose(out[1, 2], single, atol=1e-6)
+    np.testing.assert_allclose(resample(data64, src, dst, chunk_voxels=7), out, atol=1e-6)
+    # integer input works; wrong trailing shape explains itself
+    assert resample(np.ones((6, 5, 4), np.int16), src, src).dtype == np.float32
+    with pytest.raises(SpaceError, match=r"\(6, 5, 4\)"):
+        resample(np.zeros((6, 5, 5)), src, dst)
+
+
+def test_resample_2d():
+    rng = np.random.default_rng(2)
+    rot = np.eye(4)
+    rot[:2, :2] = Rotation.from_euler("z", 33, degrees=True).as_matrix()[:2, :2]
+    src = Space((11, 14), np.diag([0.8, 1.4, 1, 1]) @ np.eye(4))
+    a = rot @ np.diag([0.9, 1.1, 1.0, 1.0])
+    a[:2, 3] = [2.0, 3.0]
+    dst = Space((13, 9), a)
+    data = rng.normal(size=(3, 11, 14)).astype(np.float32)
+    out = resample(data, src, dst, fill=-2.0)
+    assert out.shape == (3, 13, 9)
+    for c in range(3):
+        ref, _, margin = _reference(data[c], src, dst, fill=-2.0)
+        ok = margin > 1e-6
+        np.testing.assert_allclose(out[c][ok], ref[ok], atol=1e-5)
+    # feature grid in 2D = bilinear F.interpolate(align_corners=False)
+    s = Space((15, 21), a)
+    feat = torch.from_numpy(rng.normal(size=(2, 5, 7)).astype(np.float32))
+    up = resample(feat, feature_space(s, (5, 7)), s)
+    ref2 = F.interpolate(feat[None], size=(15, 21), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(up, ref2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "in_shape,f_shape", [((35, 45, 27), (7, 9, 3)), ((36, 44, 28), (9, 11, 7)), ((9, 5, 7), (1, 5, 7))]
+)
+def test_feature_space_resample_equals_interpolate(space_oblique, in_shape, f_shape):
+    s = Space(in_shape, space_oblique.affine)
+    rng = np.random.default_rng(3)
+    feat = torch.from_numpy(rng.normal(size=(2, 3, *f_shape)).astype(np.float32))
+    up = resample(feat, feature_space(s, f_shape), s)
+    ref = F.interpolate(feat, size=in_shape, mode="trilinear", align_corners=False)
+    assert up.shape == ref.shape
+    torch.testing.assert_close(up, ref, atol=1e-5, rtol=0)
+
+
+def test_resample_large_grid_chunked():
+    """A 4x4x4 map onto a 512x512x400 oblique scan grid, checked at a few voxels."""
+    scan = Space((512, 512, 400), _oblique(11, (0.8, 0.8, 1.0), (-200.0, -180.0, -150.0)))
+    # model input: half resolution, 256x256x200 (what Spacing/Resize preprocessing makes)
+    inp = Space((256, 256, 200), scan.affine @ _affine(spacing=(2, 2, 2), origin=(0.5, 0.5, 0.5)))
+    fs = feature_space(inp, (4, 4, 4))
+    feat = np.random.default_rng(4).random((4, 4, 4)).astype(np.float32)
+    heat = resample(feat, fs, scan, fill=-1.0)
+    assert heat.shape == (512, 512, 400) and heat.dtype == np.float32
+    pts = np.array([[0, 0, 0], [511, 511, 399], [100, 200, 300], [255, 256, 200], [7, 500, 13]])
+    c = fs.world_to_voxel(scan.voxel_to_world(pts))
+    expected = map_coordinates(feat.astype(np.float64), np.clip(c, 0, 3).T, order=1)
+    expected[np.any((c < -0.5) | (c > 3.5), axis=1)] = -1.0
+    np.testing.assert_allclose(heat[tuple(pts.T)], expected, atol=1e-4)
+    # the input grid covers the whole scan: no fill anywhere
+    assert heat.min() >= feat.min() - 1e-6 and heat.max() <= feat.max() + 1e-6
