@@ -18,7 +18,13 @@ from .hooks import ActivationCapture, preserved_model_state
 from .layers import find_cam_head, resolve_layer, select_auto_layer, spatial_dims_of
 from .targets import Target, resolve_target
 
-__all__ = ["Explainer", "Explanation"]
+__all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
+
+_AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExplainerMemoryError(MemoryError):
+    """Out of (GPU) memory while explaining; the message lists what to change."""
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +104,9 @@ class Explainer:
         Names for string targets and for provenance.
     eval_mode : bool
         Run the model in eval mode (BatchNorm running statistics, no dropout).
+    amp : {None, "bf16", "fp16"}
+        Mixed precision (``torch.autocast``) for the forward and backward; maps are combined in
+        float32. bf16 roughly halves activation memory on GPU.
 
     Examples
     --------
@@ -114,10 +123,15 @@ class Explainer:
         *,
         class_names: Sequence[str] | None = None,
         eval_mode: bool = True,
+        amp: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             message = f"model must be a torch.nn.Module, not {type(model).__name__}."
             raise TypeError(message)
+        if amp not in _AMP_DTYPES:
+            message = f"amp must be one of {list(_AMP_DTYPES)}, not {amp!r}."
+            raise ValueError(message)
+        self.amp = amp
         self.model = model
         self.method = get_explainer(method)
         self.class_names = list(class_names) if class_names is not None else None
@@ -148,11 +162,23 @@ class Explainer:
         -------
         Explanation
         """
+        try:
+            return self._explain(x, target, relu)
+        except torch.OutOfMemoryError as error:
+            message = (
+                f"Out of memory while explaining an input of shape {tuple(x.shape)} on {x.device}: {error}. "
+                "Options: explain through sliding windows (medcam3d.sliding_window / CLI --roi), use mixed precision "
+                "(amp='bf16' / --amp bf16), a smaller batch, or the CPU (--device cpu)."
+            )
+            raise ExplainerMemoryError(message) from None
+
+    def _explain(self, x: torch.Tensor, target: object, relu: bool) -> Explanation:
         inputs, input_affine = self._prepare_input(x)
         name, module = self._target_layer(inputs)
+        autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
         capture = ActivationCapture(module, name, track_gradients=track, spatial_ndim=inputs.ndim)
-        with preserved_model_state(self.model, eval_mode=self.eval_mode), capture:
+        with preserved_model_state(self.model, eval_mode=self.eval_mode), capture, autocast:
             with torch.no_grad():  # no graph before the target layer; the hook re-enables it
                 outputs = self.model(inputs)
             activations = capture.activations
@@ -168,8 +194,9 @@ class Explainer:
                 scores = resolved.scores(outputs)
                 gradients = self._gradients(scores, activations, name) if track else None
             context = MethodContext(resolved.class_indices, resolved.signs, self._head_weight(activations, outputs))
-            with torch.no_grad():
-                maps = self.method.combine(activations.detach().unsqueeze(1), gradients, context)
+            with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+                gradients = None if gradients is None else gradients.float()
+                maps = self.method.combine(activations.detach().float().unsqueeze(1), gradients, context)
                 if not self.method.class_specific:
                     maps = maps.expand(-1, resolved.num_targets, *maps.shape[2:])
                 if relu:
@@ -177,8 +204,8 @@ class Explainer:
         return Explanation(
             maps=maps.float().contiguous(),
             targets=resolved.labels(),
-            logits=outputs.detach(),
-            scores=scores.detach(),
+            logits=outputs.detach().float(),
+            scores=scores.detach().float(),
             class_indices=resolved.class_indices,
             method=self.method.name,
             layer=name,
@@ -297,13 +324,15 @@ class Explainer:
             message = f"{self.method.name} needs a classifier (B, C) output; this model returns {tuple(outputs.shape)}."
             raise LayerError(message)
         head = find_cam_head(self.model, activations.shape[1])
-        weight = head.weight.detach()
+        weight = head.weight.detach().float()
         # CAM is only defined for GAP + Linear after the target layer: check it on this batch.
-        with torch.no_grad():
-            pooled = activations.detach().flatten(start_dim=2).mean(dim=2)
-            expected = nn.functional.linear(pooled, weight, None if head.bias is None else head.bias.detach())
-            logits = outputs.detach()
-            if expected.shape != logits.shape or not torch.allclose(expected, logits, rtol=1e-3, atol=1e-4 * (1 + float(logits.abs().max()))):
+        with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
+            pooled = activations.detach().float().flatten(start_dim=2).mean(dim=2)
+            expected = nn.functional.linear(pooled, weight, None if head.bias is None else head.bias.detach().float())
+            logits = outputs.detach().float()
+            tolerance = 1e-3 if self.amp is None else 3e-2
+            scale = 1 + float(logits.abs().max())
+            if expected.shape != logits.shape or not torch.allclose(expected, logits, rtol=tolerance, atol=tolerance * 0.1 * scale):
                 message = (
                     "CAM needs the target layer to be followed by global average pooling and one Linear layer "
                     "only, but the logits differ from Linear(mean(layer output)) here. Choose the layer right "

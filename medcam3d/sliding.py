@@ -1,0 +1,155 @@
+"""Sliding-window explanation: volumes larger than the network's input, in bounded memory.
+
+Overlapping patches (MONAI's sliding-window machinery) are explained one small batch at a time;
+each patch's class maps, on its feature grid, are blended (Gaussian or constant weights) into one
+map per class on the feature grid of the whole (padded) input. Peak memory is that of the patch
+batch plus the small assembled maps, not of the volume.
+
+Geometry: the input is padded at its far end to a multiple of the feature stride (and at least one
+ROI), and window starts are placed on multiples of the stride, so every patch's feature cells land
+exactly on cells of the assembled grid; the result's ``input_shape`` is the padded shape (same
+origin and affine as the input), so :func:`medcam3d.heatmap.to_scanner_space` places it as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .errors import InputError, TargetError
+from .explainer import Explainer, Explanation
+from .targets import Region
+
+__all__ = ["explain_sliding_window"]
+
+
+def explain_sliding_window(
+    explainer: Explainer,
+    x: torch.Tensor,
+    target: object = "all",
+    *,
+    roi_size: Sequence[int] | int,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    mode: str = "gaussian",
+    relu: bool = True,
+    progress: bool = False,
+) -> Explanation:
+    """Explain ``x`` patch by patch and assemble the maps.
+
+    Parameters
+    ----------
+    explainer : Explainer
+    x : (B, C_in, *spatial) Tensor or MetaTensor
+    target : int, str, list, "all" or Region
+        The same targets for every patch (``"predicted"`` is refused: it differs between
+        patches). For a segmentation network a ``Region`` mask is given on the whole input grid
+        and cropped per patch; without a mask each patch uses its own predicted region.
+    roi_size : int or sequence of int
+        Patch size; each entry a multiple of the network's feature stride.
+    overlap : float
+        Fraction of overlap between neighbouring patches (rounded so that window starts fall on
+        the feature stride).
+    sw_batch_size : int
+        Patches explained together: the peak memory knob.
+    mode : {"gaussian", "constant"}
+        Blending weights of overlapping patches.
+    relu : bool
+
+    Returns
+    -------
+    Explanation
+        ``maps`` of shape ``(B, T, *assembled_shape)`` on the feature grid of the padded input;
+        ``logits``: the mean of the patch logits per sample for a classifier, the assembled output
+        for a segmentation network.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if isinstance(target, str) and target.lower() == "predicted":
+        message = "target='predicted' differs between patches; give a class, a list of classes or 'all' for sliding windows."
+        raise TargetError(message)
+    affine = getattr(x, "affine", None)
+    inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
+    spatial = tuple(inputs.shape[2:])
+    roi = (int(roi_size),) * len(spatial) if isinstance(roi_size, (int, np.integer)) else tuple(int(r) for r in roi_size)
+    if len(roi) != len(spatial) or min(roi) < 1:
+        raise InputError(f"roi_size must give {len(spatial)} positive sizes, not {roi_size!r}.")
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap must be in [0, 1), not {overlap}.")
+
+    # One probe patch gives the feature stride of the target layer at this ROI.
+    probe = explainer(inputs.new_zeros((1, inputs.shape[1], *roi)), target=_probe_target(target), relu=relu)
+    strides = [r / f for r, f in zip(roi, probe.feature_shape)]
+    if any(abs(s - round(s)) > 1e-9 for s in strides):
+        message = f"roi_size {roi} is not a multiple of the feature stride (feature grid {probe.feature_shape}); pick a multiple."
+        raise InputError(message)
+    strides = [int(round(s)) for s in strides]
+    padded = tuple(max(r, math.ceil(n / s) * s) for n, r, s in zip(spatial, roi, strides))
+    pad = [p for n, q in zip(reversed(spatial), reversed(padded)) for p in (0, q - n)]
+    inputs = torch.nn.functional.pad(inputs, pad)
+    # Window starts on multiples of the stride: MONAI steps by int(roi * (1 - overlap)).
+    steps = [max(s, (int(r * (1 - overlap)) // s) * s) for r, s in zip(roi, strides)]
+    overlaps = [1 - step / r for step, r in zip(steps, roi)]
+
+    segmentation = probe.logits.ndim > 2
+    region_mask = _padded_mask(target, padded, spatial) if segmentation else None
+    patch_logits: dict[int, list[torch.Tensor]] = {}
+    record: dict = {}
+
+    def predictor(patch: torch.Tensor, coords: list) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        patch_target = target
+        if region_mask is not None:
+            crops = [region_mask[(min(c[0].start, len(region_mask) - 1),) + tuple(c[2:])] for c in coords]
+            patch_target = Region(target.classes, mask=torch.stack(crops))  # type: ignore[union-attr]
+        result = explainer(patch, target=patch_target, relu=relu)
+        record["result"] = result
+        if segmentation:
+            return result.logits, result.maps
+        for c, logits in zip(coords, result.logits):
+            patch_logits.setdefault(c[0].start, []).append(logits)
+        return result.maps
+
+    assembled = sliding_window_inference(
+        inputs, roi, sw_batch_size, predictor, overlap=overlaps, mode=mode, with_coord=True, progress=progress
+    )
+    logits, maps = (assembled if segmentation else (None, assembled))
+    last: Explanation = record["result"]
+    if logits is None:
+        logits = torch.stack([torch.stack(patch_logits[b]).mean(0) for b in range(inputs.shape[0])])
+    batch = inputs.shape[0]
+    class_indices = last.class_indices[:1].expand(batch, -1)
+    scores = logits.gather(1, class_indices) if logits.ndim == 2 and logits.shape[1] > 1 else torch.full(class_indices.shape, float("nan"))
+    return replace(
+        last,
+        maps=maps.float(),
+        logits=logits.detach().float(),
+        scores=scores.float(),
+        class_indices=class_indices,
+        targets=class_indices[0].tolist(),
+        input_shape=padded,
+        feature_shape=tuple(maps.shape[2:]),
+        input_affine=None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64),
+    )
+
+
+def _probe_target(target: object) -> object:
+    """A target valid on an all-zero patch (a mask-free region for segmentation)."""
+    if isinstance(target, Region):
+        return Region(target.classes)
+    return target
+
+
+def _padded_mask(target: object, padded: tuple[int, ...], spatial: tuple[int, ...]) -> torch.Tensor | None:
+    """A Region's mask as (B, *padded) on the padded input grid, or None."""
+    if not isinstance(target, Region) or target.mask is None:
+        return None
+    mask = torch.as_tensor(np.asarray(target.mask) if not isinstance(target.mask, torch.Tensor) else target.mask).float()
+    if tuple(mask.shape[-len(spatial):]) != spatial:
+        raise TargetError(f"The region mask has shape {tuple(mask.shape)}; expected the input grid {spatial}.")
+    mask = mask.reshape(-1, *spatial)
+    pad = [p for n, q in zip(reversed(spatial), reversed(padded)) for p in (0, q - n)]
+    return torch.nn.functional.pad(mask, pad)
