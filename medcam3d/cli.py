@@ -138,8 +138,14 @@ def _runner(args: argparse.Namespace, methods=None):
     config = load_config(args.config)
     model = load_model(config, trust=getattr(args, "trust", False))
     methods = methods or ([m.strip() for m in args.method.split(",")] if getattr(args, "method", None) else None)
+    window = None
+    if getattr(args, "roi", None):
+        from .config import SlidingWindowConfig
+
+        window = SlidingWindowConfig(tuple(args.roi), args.overlap, args.sw_batch)
     return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
-                  layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"))
+                  layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
+                  sliding_window=window, amp=getattr(args, "amp", None))
 
 
 def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None) -> None:
@@ -352,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml)")
         sub.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
 
+    def compute_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+        sub.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (GPU memory / speed)")
+        sub.add_argument("--roi", type=int, nargs="+", help="explain through sliding windows of this patch size")
+        sub.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
+        sub.add_argument("--sw-batch", type=int, default=1, help="patches explained together (memory knob)")
+
     demo = add("demo", "run the main job on the shipped samples with the demo model", _cmd_demo)
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -366,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", help="all | predicted | class index | class name | comma list")
     explain.add_argument("--layer", help="target layer name or 'auto' (default: the config's)")
     explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
-    explain.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    compute_options(explain)
     explain.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
 
     batch = add("batch", "explain a cohort (folder or CSV), resumable", _cmd_batch)
@@ -377,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--target", help="all | predicted | index | name | comma list")
     batch.add_argument("--layer")
     batch.add_argument("--resume", action="store_true", help="skip cases whose output folder is complete")
-    batch.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    compute_options(batch)
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = add("layers", "list candidate target layers and their output shapes", _cmd_layers)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ModelConfig", "OutputConfig", "ConfigError", "load_config", "parse_config", "TASKS"]
+__all__ = ["Config", "ModelConfig", "OutputConfig", "SlidingWindowConfig", "ConfigError", "load_config", "parse_config", "TASKS"]
 
 TASKS = ("multilabel", "multiclass", "binary", "segmentation")
 
@@ -62,6 +62,16 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SlidingWindowConfig:
+    """Explain through overlapping patches (see :func:`medcam3d.sliding.explain_sliding_window`)."""
+
+    roi: tuple[int, ...]
+    overlap: float = 0.25
+    sw_batch: int = 1
+    mode: str = "gaussian"
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated run configuration."""
 
@@ -73,10 +83,12 @@ class Config:
     target: Any = "all"
     preprocessing: list[dict] | None = None
     output: OutputConfig = field(default_factory=OutputConfig)
+    sliding_window: SlidingWindowConfig | None = None
+    amp: str | None = None
     source: Path | None = None
 
 
-_TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output"}
+_TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp"}
 _MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"}
 
 
@@ -124,7 +136,12 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
     if not isinstance(target, (str, int, list)) or isinstance(target, bool):
         raise ConfigError(f"{where}: target must be 'all', 'predicted', a class index or name, or a list, not {target!r}.")
     output = _output(data.get("output") or {}, where)
+    amp = data.get("amp")
+    if amp not in (None, "bf16", "fp16"):
+        raise ConfigError(f"{where}: amp must be bf16, fp16 or null, not {amp!r}.")
     return Config(
+        sliding_window=_sliding_window(data.get("sliding_window"), where),
+        amp=amp,
         model=model,
         task=task,
         class_names=names,
@@ -198,3 +215,21 @@ def _output(section: object, where: str) -> OutputConfig:
         default = getattr(defaults, key)
         values[key] = _typed(section, key, type(default), where, default, prefix="output.")
     return OutputConfig(**values)
+
+
+def _sliding_window(section: object, where: str) -> SlidingWindowConfig | None:
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: sliding_window must be a mapping (roi, overlap, sw_batch, mode).")
+    _check_keys(section, {"roi", "overlap", "sw_batch", "mode"}, where, "sliding_window.")
+    roi = section.get("roi")
+    if not isinstance(roi, list) or not roi or not all(isinstance(r, int) and r > 0 for r in roi):
+        raise ConfigError(f"{where}: sliding_window.roi must be a list of positive ints (the patch size), not {roi!r}.")
+    overlap = _typed(section, "overlap", float, where, 0.25, prefix="sliding_window.")
+    if not 0 <= overlap < 1:
+        raise ConfigError(f"{where}: sliding_window.overlap must be in [0, 1), not {overlap}.")
+    mode = _typed(section, "mode", str, where, "gaussian", prefix="sliding_window.")
+    if mode not in ("gaussian", "constant"):
+        raise ConfigError(f"{where}: sliding_window.mode must be gaussian or constant, not {mode!r}.")
+    return SlidingWindowConfig(tuple(roi), overlap, _typed(section, "sw_batch", int, where, 1, prefix="sliding_window."), mode)

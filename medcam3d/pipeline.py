@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, SlidingWindowConfig
 from .explainer import Explainer
 from .heatmap import Heatmap, save_heatmaps, to_scanner_space
 from .masks import bounding_box, save_box, threshold_mask
@@ -102,8 +102,11 @@ class Runner:
     """
 
     def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
-                 target: object = None, layer: str | None = None, device: str = "auto") -> None:
+                 target: object = None, layer: str | None = None, device: str = "auto",
+                 sliding_window: SlidingWindowConfig | None = None, amp: str | None = None) -> None:
         self.config = config
+        self.sliding_window = sliding_window or config.sliding_window
+        self.amp = amp or config.amp
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.methods = list(methods) if methods else [config.method]
@@ -111,7 +114,8 @@ class Runner:
         self.layer = layer or config.layer
         self.transforms = build_transforms(config.preprocessing)
         self.explainers = [
-            Explainer(self.model, method, layer=self.layer, class_names=config.class_names) for method in self.methods
+            Explainer(self.model, method, layer=self.layer, class_names=config.class_names, amp=self.amp)
+            for method in self.methods
         ]
 
     # ---------------------------------------------------------------- one case
@@ -160,7 +164,7 @@ class Runner:
         names = self.config.class_names
         batch = x[None].to(self.device)
         for explainer in self.explainers:
-            explanation = explainer(batch, target=self.target)
+            explanation = self.explain(explainer, batch)
             if not result.probabilities and explanation.logits.ndim == 2:
                 probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
                 result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
@@ -174,6 +178,16 @@ class Runner:
             for heat in heatmaps:
                 files += self._localize(heat, scan, labels, folder, prefix, result, output)
             result.files += [str(f) for f in files]
+
+    def explain(self, explainer: Explainer, batch: torch.Tensor):
+        """One explanation of a batch: direct, or through sliding windows when configured."""
+        window = self.sliding_window
+        if window is None:
+            return explainer(batch, target=self.target)
+        from .sliding import explain_sliding_window
+
+        return explain_sliding_window(explainer, batch, self.target, roi_size=window.roi, overlap=window.overlap,
+                                      sw_batch_size=window.sw_batch, mode=window.mode)
 
     def _localize(self, heat: Heatmap, scan, labels, folder: Path, prefix: str, result: CaseResult, output) -> list[Path]:
         from . import io
