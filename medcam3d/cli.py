@@ -159,24 +159,6 @@ def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns), file=stream)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-    import os
-    import tempfile
-
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     runner = _runner(args)
     result = runner.run_case(args.image, args.out, mask=args.mask)
@@ -190,10 +172,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect_inputs(inputs: Path) -> list[dict]:
+def _collect_inputs(inputs: Path):
     """Cases from a folder (image files and DICOM folders) or a CSV with columns image[, id, mask]."""
     import csv
 
+    from .cohort import Case
     from .pipeline import case_id_of
 
     if inputs.is_file() and inputs.suffix.lower() == ".csv":
@@ -207,7 +190,7 @@ def _collect_inputs(inputs: Path) -> list[dict]:
             mask = row.get("mask") or None
             if mask and not Path(mask).is_absolute():
                 mask = inputs.parent / mask
-            cases.append({"id": row.get("id") or case_id_of(image), "image": image, "mask": mask})
+            cases.append(Case(row.get("id") or case_id_of(image), image, Path(mask) if mask else None))
         return cases
     if inputs.is_dir():
         suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -216,9 +199,9 @@ def _collect_inputs(inputs: Path) -> list[dict]:
             if path.name.startswith("."):
                 continue
             if path.is_file() and path.name.lower().endswith(suffixes) and "_mask" not in path.name:
-                cases.append({"id": case_id_of(path), "image": path, "mask": None})
+                cases.append(Case(case_id_of(path), path))
             elif path.is_dir() and any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file()):
-                cases.append({"id": path.name, "image": path, "mask": None})
+                cases.append(Case(path.name, path))
         if not cases:
             raise UsageError(f"{inputs} holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM folders).")
         return cases
@@ -226,32 +209,23 @@ def _collect_inputs(inputs: Path) -> list[dict]:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    import json
+    import torch
 
-    from tqdm import tqdm
+    from .cohort import distributed_context, run_cohort
 
     cases = _collect_inputs(Path(args.inputs))
+    context = distributed_context(args.device)
+    if context.distributed and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        args.device = f"cuda:{context.local_rank}"
     runner = _runner(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, failures, skipped = [], 0, 0
-    for case in tqdm(cases, desc="explaining", unit="case", file=sys.stderr, disable=args.quiet):
-        done = out / case["id"] / "summary.json"
-        if args.resume and done.is_file():
-            from .pipeline import CaseResult
-
-            rows.append(CaseResult(**json.loads(done.read_text())).row())
-            skipped += 1
-            continue
-        try:
-            rows.append(runner.run_case(case["image"], out, case_id=case["id"], mask=case["mask"]).row())
-        except Exception as error:  # recorded; the cohort goes on
-            failures += 1
-            rows.append({"case": case["id"], "image": str(case["image"]), "status": "error",
-                         "error": f"{type(error).__name__}: {error}"})
-        _write_csv(out / "summary.csv", rows)
-    print(f"{len(cases)} cases: {len(cases) - failures - skipped} explained, {skipped} already done, "
-          f"{failures} failed. Summary: {out / 'summary.csv'}", file=sys.stderr)
+    rows, failures, skipped = run_cohort(runner, cases, out, resume=args.resume, workers=args.workers,
+                                         progress=not args.quiet, context=context)
+    if context.rank == 0:
+        print(f"{len(cases)} cases: {len(cases) - failures - skipped} explained, {skipped} already done, "
+              f"{failures} failed. Summary: {out / 'summary.csv'}", file=sys.stderr)
+    if context.distributed:
+        torch.distributed.destroy_process_group()
     return 1 if failures else 0
 
 
@@ -295,6 +269,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _synthetic_demo(args)
     import csv
 
+    from .cohort import write_csv
     from .config import load_config
     from .models import load_model
     from .pipeline import Runner
@@ -321,7 +296,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 "peak (RAS mm)": "({:.1f}, {:.1f}, {:.1f})".format(*finding["peak_mm"]),
                 "peak in lesion": {True: "yes", False: "NO", None: "-"}[finding.get("peak_in_lesion")],
             })
-    _write_csv(out / "summary.csv", summary)
+    write_csv(out / "summary.csv", summary)
     _print_table(rows)
     hits = [r for r in rows if r["peak in lesion"] in ("yes", "NO")]
     for method in runner.methods:
@@ -391,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--layer")
     batch.add_argument("--resume", action="store_true", help="skip cases whose output folder is complete")
     compute_options(batch)
+    batch.add_argument("--workers", type=int, default=1, help="DataLoader worker processes reading scans (0: none)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = add("layers", "list candidate target layers and their output shapes", _cmd_layers)

@@ -26,7 +26,7 @@ from .heatmap import Heatmap, save_heatmaps, to_scanner_space
 from .masks import bounding_box, save_box, threshold_mask
 from .preprocess import build_transforms, preprocess
 
-__all__ = ["Runner", "CaseResult", "probabilities", "case_id_of", "resolve_device"]
+__all__ = ["Runner", "CaseResult", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,36 @@ class CaseResult:
         return row
 
 
+@dataclass
+class LoadedCase:
+    """A scan read and preprocessed: the model input, the scan's grid and voxels, its labels."""
+
+    x: torch.Tensor
+    scanner_space: object
+    scan: np.ndarray
+    labels: np.ndarray | None = None
+
+
+def load_case(image: str | Path, transforms, mask: str | Path | None = None) -> LoadedCase:
+    """Read a scan once, preprocess it, and read its ground-truth label map if given.
+
+    Raises
+    ------
+    ValueError
+        When the mask is not on the scan's grid (and the I/O errors of :func:`medcam3d.io.read`).
+    """
+    from . import io
+
+    scan, scanner_space = io.read(image)
+    x, _ = preprocess((scan, scanner_space), transforms)
+    labels = None
+    if mask is not None:
+        labels, mask_space = io.read(mask, dtype=None)
+        if not mask_space.isclose(scanner_space, atol=1e-3):
+            raise ValueError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}).")
+    return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels)
+
+
 class Runner:
     """A model with its config, ready to explain scans.
 
@@ -120,26 +150,22 @@ class Runner:
 
     # ---------------------------------------------------------------- one case
     def run_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
-                 mask: str | Path | None = None, overwrite: bool = True) -> CaseResult:
+                 mask: str | Path | None = None, overwrite: bool = True,
+                 loaded: LoadedCase | None = None) -> CaseResult:
         """Explain one scan and write its outputs to ``out_dir/<case_id>/``.
 
         ``mask`` is an optional ground-truth label map on the scan's grid: label ``c + 1`` marks
-        the lesion of class ``c``; each map's peak is checked against it.
+        the lesion of class ``c``; each map's peak is checked against it. ``loaded`` is the case
+        already read and preprocessed (e.g. by a DataLoader worker, see :func:`load_case`).
         """
-        from . import io
-
         case_id = case_id or case_id_of(image)
         result = CaseResult(case_id=case_id, image=str(image))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / case_id
-        x, scanner_space = preprocess(image, self.transforms)
-        labels = None
-        if mask is not None:
-            labels, mask_space = io.read(mask)
-            if not mask_space.isclose(scanner_space, atol=1e-3):
-                raise ValueError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}).")
-        scan = np.asarray(io.read(image)[0], dtype=np.float32)
+        if loaded is None:
+            loaded = load_case(image, self.transforms, mask)
+        x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{case_id}.partial-"))
         try:
             self._explain_into(x, scanner_space, scan, labels, staging, result, image)
