@@ -1,0 +1,432 @@
+"""Sanity checks: the model-parameter randomization test (Adebayo et al., 2018), in 3D.
+
+A map that explains the *model* must change when the model's weights are replaced by random
+ones. :func:`randomization_test` re-initializes the layers of a deep copy of the model from the
+output down, cumulatively (cascading), and compares each method's map on every randomized copy
+with the map on the trained model: Spearman rank correlation and SSIM (3D, Gaussian window).
+HiResCAM and Grad-CAM pass (their maps decorrelate); Guided Backprop and Guided Grad-CAM fail
+(their maps stay close to an edge map of the input whatever the weights are). Those two are here
+only for this comparison and warn when used.
+
+The user's model is never modified: every method that needs different hooks or re-initialized
+weights works on ``copy.deepcopy(model)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GUIDED_WARNING",
+    "RandomizationReport",
+    "guided_backprop",
+    "guided_gradcam",
+    "method_maps",
+    "randomization_test",
+    "spearman",
+    "ssim",
+]
+
+GUIDED_WARNING = (
+    "{name} fails the model-parameter randomization test (Adebayo et al., 2018): its map barely changes when "
+    "the model's weights are randomized, so it shows structure of the input (edges), not what the model "
+    "used. medcam3d provides it only for that comparison (medcam3d.metrics.sanity.randomization_test); "
+    "use method='hirescam' to explain a model."
+)
+
+
+# ------------------------------------------------------------------------------- similarities
+def _flat(value: object) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()  # type: ignore[union-attr]
+    return np.asarray(value, dtype=np.float64)
+
+
+def spearman(a: object, b: object) -> float:
+    """Spearman rank correlation of two maps of the same shape (ties get average ranks).
+
+    Returns
+    -------
+    float
+        In [-1, 1]. A constant map has no ranking: 1.0 when the maps are equal, else 0.0.
+    """
+    from scipy.stats import rankdata
+
+    a, b = _flat(a), _flat(b)
+    if a.shape != b.shape:
+        raise ValueError(f"Maps of shapes {a.shape} and {b.shape} cannot be compared; compute both on one grid.")
+    a, b = a.ravel(), b.ravel()
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    return float(np.clip(np.dot(ra, rb) / np.sqrt(np.dot(ra, ra) * np.dot(rb, rb)), -1.0, 1.0))
+
+
+def ssim(a: object, b: object, *, sigma: float = 1.5, data_range: float | None = None) -> float:
+    """Mean structural similarity of two maps (2D or 3D) with a Gaussian window.
+
+    Parameters
+    ----------
+    a, b : (*shape) arrays
+    sigma : float
+        Standard deviation of the Gaussian window in voxels (truncated at 3.5 σ).
+    data_range : float, optional
+        Dynamic range L for the constants ``C1 = (0.01 L)²``, ``C2 = (0.03 L)²``; default
+        ``max(a, b) − min(a, b)`` (1.0 when both are constant).
+
+    Returns
+    -------
+    float
+        In [-1, 1]; 1.0 for identical maps.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    a, b = _flat(a), _flat(b)
+    if a.shape != b.shape:
+        raise ValueError(f"Maps of shapes {a.shape} and {b.shape} cannot be compared; compute both on one grid.")
+    if data_range is None:
+        data_range = float(max(a.max(), b.max()) - min(a.min(), b.min())) or 1.0
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def smooth(v: np.ndarray) -> np.ndarray:
+        return gaussian_filter(v, sigma=sigma, mode="reflect", truncate=3.5)
+
+    mu_a, mu_b = smooth(a), smooth(b)
+    var_a = smooth(a * a) - mu_a**2
+    var_b = smooth(b * b) - mu_b**2
+    cov = smooth(a * b) - mu_a * mu_b
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(index.mean())
+
+
+def _unit(value: np.ndarray) -> np.ndarray:
+    """Min–max to [0, 1]; a flat map becomes zeros."""
+    low, high = float(value.min()), float(value.max())
+    return (value - low) / (high - low) if high > low else np.zeros_like(value)
+
+
+# ---------------------------------------------------------------------------- guided methods
+def _inputs_for(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        inputs = inputs.to(device=parameter.device, dtype=parameter.dtype)
+    return inputs.detach()
+
+
+def _class_scores(outputs: torch.Tensor, target: object) -> torch.Tensor:
+    if isinstance(outputs, (tuple, list)):
+        outputs = outputs[0]
+    if outputs.ndim != 2:
+        raise ValueError(f"Guided Backprop here needs a classifier with (B, C) logits, not {tuple(outputs.shape)}.")
+    batch = outputs.shape[0]
+    index = torch.as_tensor(target, device=outputs.device).long().reshape(-1)
+    if index.numel() == 1:
+        index = index.expand(batch)
+    if index.numel() != batch or int(index.min()) < 0 or int(index.max()) >= outputs.shape[1]:
+        raise ValueError(f"target must be one class index in [0, {outputs.shape[1]}) or one per sample, not {target!r}.")
+    return outputs.gather(1, index[:, None]).sum()
+
+
+def _guided_gradients(model: nn.Module, x: torch.Tensor, target: object) -> torch.Tensor:
+    """Input gradients with the guided ReLU rule, on a deep copy. (B, C_in, *spatial)."""
+    guided = copy.deepcopy(model).eval()
+    for parameter in guided.parameters():
+        parameter.requires_grad_(False)  # input gradients only
+    relus = [m for m in guided.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise ValueError(f"{type(model).__name__} has no nn.ReLU modules, so there is no guided rule to apply "
+                         "(functional relu calls cannot be hooked).")
+    handles = []
+    for relu in relus:
+        relu.inplace = False  # on the copy only: full backward hooks need out-of-place outputs
+        # the ReLU's own backward already zeroes where its input was ≤ 0; keep positive gradients only
+        handles.append(relu.register_full_backward_hook(lambda _m, grad_in, _out: (grad_in[0].clamp_min(0),)))
+    inputs = _inputs_for(guided, x).requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            score = _class_scores(guided(inputs), target)
+            (gradients,) = torch.autograd.grad(score, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gradients.detach()
+
+
+def guided_backprop(model: nn.Module, x: torch.Tensor, target: object, *, absolute: bool = False) -> torch.Tensor:
+    """Guided Backprop (Springenberg et al., 2015) — for the randomization comparison only.
+
+    Backpropagates the class logit to the input, with every ``nn.ReLU``'s backward replaced by
+    the guided rule (pass only positive gradients where the input was positive), via hooks on a
+    deep copy of the model. Emits a ``UserWarning``: it fails the randomization test.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Never modified.
+    x : (B, C_in, *spatial) Tensor
+    target : int or (B,) class indices
+    absolute : bool
+        Sum of absolute values over input channels; default: the signed sum (the raw method,
+        which resembles the input image — the reason it fails the randomization test).
+
+    Returns
+    -------
+    (B, *spatial) Tensor, on the input grid
+    """
+    warnings.warn(GUIDED_WARNING.format(name="Guided Backprop"), UserWarning, stacklevel=2)
+    gradients = _guided_gradients(model, x, target)
+    return (gradients.abs() if absolute else gradients).sum(dim=1).float()
+
+
+def guided_gradcam(model: nn.Module, x: torch.Tensor, target: object, *, layer: object = "auto") -> torch.Tensor:
+    """Guided Grad-CAM: Guided Backprop × Grad-CAM upsampled to the input grid — comparison only.
+
+    Emits a ``UserWarning``: it fails the randomization test.
+
+    Returns
+    -------
+    (B, *spatial) Tensor, on the input grid
+    """
+    from ..explainer import Explainer
+
+    warnings.warn(GUIDED_WARNING.format(name="Guided Grad-CAM"), UserWarning, stacklevel=2)
+    gradients = _guided_gradients(model, x, target).sum(dim=1)
+    target_tensor = torch.as_tensor(target).long().reshape(-1)
+    cam = Explainer(model, method="gradcam", layer=layer)(x, target=target_tensor if target_tensor.numel() > 1 else int(target_tensor))
+    maps = cam.maps[:, :1].to(gradients.device)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[maps.ndim - 2]
+    upsampled = F.interpolate(maps, size=tuple(gradients.shape[1:]), mode=mode, align_corners=False)[:, 0]
+    return (gradients * upsampled).float()
+
+
+def method_maps(model: nn.Module, method: str, x: torch.Tensor, target: object, *, layer: object = "auto",
+                relu: bool = True) -> np.ndarray:
+    """One map per sample for ``target`` from any CAM method, ``guided_backprop`` or ``guided_gradcam``.
+
+    ``relu`` applies to the CAM methods (False: signed maps); the guided methods are signed.
+
+    Returns
+    -------
+    (B, *spatial) float ndarray (feature grid for CAM methods, input grid for the guided ones)
+    """
+    key = method.lower().replace("-", "_").replace(" ", "_")
+    if key in ("guided_backprop", "guidedbackprop", "gbp"):
+        return guided_backprop(model, x, target).cpu().numpy()
+    if key in ("guided_gradcam", "guidedgradcam"):
+        return guided_gradcam(model, x, target, layer=layer).cpu().numpy()
+    from ..explainer import Explainer
+
+    target_tensor = torch.as_tensor(target).long().reshape(-1)
+    explainer = Explainer(model, method=method, layer=layer)
+    explanation = explainer(x, target=target_tensor if target_tensor.numel() > 1 else int(target_tensor), relu=relu)
+    return explanation.maps[:, 0].cpu().numpy()
+
+
+# -------------------------------------------------------------------------- randomization test
+@dataclass
+class RandomizationReport:
+    """Similarity of each method's map to its original after cascading randomization.
+
+    Attributes
+    ----------
+    steps : list of str
+        Label of each cascade step: the lowest (closest to the input) module re-initialized so far.
+    randomized : list of list of str
+        The modules re-initialized at each step (cumulative: step s includes all of 0 … s).
+    spearman, ssim : dict method -> (S,) ndarray
+        Mean over samples of the similarity between the original and the randomized map
+        (SSIM on maps min–max scaled to [0, 1]).
+    threshold : float
+        A method passes when ``|spearman|`` after full randomization (the last step) is below it.
+    layer : str
+        Target layer of the CAM methods.
+    relu : bool
+        Whether the CAM maps compared were ReLU'd (default: signed).
+    """
+
+    steps: list[str]
+    randomized: list[list[str]]
+    spearman: dict[str, np.ndarray] = field(default_factory=dict)
+    ssim: dict[str, np.ndarray] = field(default_factory=dict)
+    threshold: float = 0.5
+    layer: str = ""
+    relu: bool = False
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods in the report."""
+        return list(self.spearman)
+
+    def final_spearman(self, method: str) -> float:
+        """``spearman`` after the last (full) randomization step."""
+        return float(self.spearman[method][-1])
+
+    def passes(self, method: str) -> bool:
+        """True when the map decorrelated: ``|spearman| < threshold`` after full randomization."""
+        return abs(self.final_spearman(method)) < self.threshold
+
+    def rows(self) -> list[dict]:
+        """One row per (method, step) for a CSV."""
+        return [
+            {"method": method, "step": index + 1, "randomized_down_to": label, "modules": len(self.randomized[index]),
+             "spearman": round(float(self.spearman[method][index]), 4), "ssim": round(float(self.ssim[method][index]), 4)}
+            for method in self.methods for index, label in enumerate(self.steps)
+        ]
+
+    def to_markdown(self) -> str:
+        """A Markdown table: per method, the similarity after the first and the last step, and pass/fail."""
+        lines = [
+            "| method | Spearman (top layer randomized) | Spearman (all randomized) | SSIM (all randomized) | test |",
+            "|---|---|---|---|---|",
+        ]
+        for method in self.methods:
+            verdict = "passes" if self.passes(method) else "**FAILS**"
+            lines.append(f"| {method} | {self.spearman[method][0]:.3f} | {self.spearman[method][-1]:.3f} | "
+                         f"{self.ssim[method][-1]:.3f} | {verdict} |")
+        return "\n".join(lines) + "\n"
+
+
+def _parameter_modules_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters, in the order they first run in a forward pass."""
+    owners = {module: name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))}
+    order: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def record(module, _inputs, _output):
+        if id(module) not in seen:
+            seen.add(id(module))
+            order.append(module)
+
+    handles = [module.register_forward_hook(record) for module in owners]
+    try:
+        with torch.no_grad():
+            model(_inputs_for(model, x))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(owners[m], m) for m in order]
+
+
+def _reinitialize(module: nn.Module, generator_seed: int) -> None:
+    torch.manual_seed(generator_seed)
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            # reset_parameters gives γ=1, β=0 (an identity in eval): draw them instead, so that the
+            # layer's learned scale is really replaced by random values
+            with torch.no_grad():
+                if module.weight is not None:
+                    module.weight.uniform_(0.5, 1.5)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.1)
+        return
+    with torch.no_grad():
+        for parameter in module.parameters(recurse=False):
+            nn.init.normal_(parameter, std=0.02)
+
+
+def randomization_test(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: object,
+    *,
+    methods: Sequence[str] = ("hirescam", "gradcam", "guided_backprop"),
+    layer: object = "auto",
+    max_steps: int | None = None,
+    threshold: float = 0.5,
+    relu: bool = False,
+    ssim_sigma: float = 1.5,
+    seed: int = 0,
+) -> RandomizationReport:
+    """Cascading model-parameter randomization test on a deep copy of the model.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Never modified (its ``state_dict`` is unchanged afterwards).
+    x : (B, C_in, *spatial) Tensor
+    target : int or (B,) class indices
+        The class explained (the same on the original and the randomized copies).
+    methods : sequence of str
+        CAM methods (``hirescam``, ``gradcam``, ...) and ``guided_backprop`` / ``guided_gradcam``.
+    layer : str, nn.Module or "auto"
+        Target layer of the CAM methods, resolved once on the original model.
+    max_steps : int, optional
+        Group the parameterized modules (top to bottom) into at most this many cascade steps;
+        default one step per module.
+    threshold : float
+        Pass/fail bound on ``|spearman|`` after full randomization.
+    relu : bool
+        Compare the CAM methods' maps after ReLU. Default False: signed maps, which keep a ranking
+        where a ReLU map would be all zero (a randomized head often makes every value negative,
+        which would make the test trivially pass).
+    ssim_sigma : float
+        Gaussian window of the SSIM, voxels.
+    seed : int
+        Seed of the re-initialization.
+
+    Returns
+    -------
+    RandomizationReport
+    """
+    from ..explainer import Explainer
+
+    if isinstance(layer, nn.Module) or layer == "auto":
+        probe = Explainer(model, method="gradcam", layer=layer)
+        layer_name = probe(x, target=_first_target(target)).layer
+    else:
+        layer_name = str(layer)
+    working = copy.deepcopy(model).eval()
+    modules = list(reversed(_parameter_modules_in_order(working, x)))  # output first
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no parameters to randomize.")
+    groups = [list(g) for g in np.array_split(np.arange(len(modules)), min(max_steps or len(modules), len(modules)))]
+
+    def maps_of(net: nn.Module) -> dict[str, np.ndarray]:
+        out = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the guided methods' notice, emitted once below
+            for method in methods:
+                out[method] = method_maps(net, method, x, target, layer=layer_name, relu=relu)
+        return out
+
+    for method in methods:
+        if "guided" in method.lower():
+            name = "Guided Grad-CAM" if "cam" in method.lower() else "Guided Backprop"
+            warnings.warn(GUIDED_WARNING.format(name=name), UserWarning, stacklevel=2)
+    original = maps_of(working)
+    report = RandomizationReport(steps=[], randomized=[], threshold=threshold, layer=layer_name, relu=relu)
+    similarity: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    done: list[str] = []
+    for step, group in enumerate(groups):
+        for index in group:
+            name, module = modules[index]
+            _reinitialize(module, seed * 100003 + 7919 * step + int(index))
+            done.append(name or type(module).__name__)
+        report.steps.append(done[-1])
+        report.randomized.append(list(done))
+        randomized = maps_of(working)
+        for method in methods:
+            pairs = [(spearman(a, b), ssim(_unit(a), _unit(b), sigma=ssim_sigma, data_range=1.0))
+                     for a, b in zip(original[method], randomized[method])]
+            similarity[method].append(tuple(np.mean(pairs, axis=0)))
+    for method in methods:
+        values = np.asarray(similarity[method], dtype=np.float64)
+        report.spearman[method] = values[:, 0]
+        report.ssim[method] = values[:, 1]
+    return report
+
+
+def _first_target(target: object) -> int:
+    return int(torch.as_tensor(target).reshape(-1)[0])

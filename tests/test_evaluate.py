@@ -1,0 +1,164 @@
+"""The evaluate job end to end: a generated cohort (3 scans, masks, a tiny seeded DenseNet)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DenseNet
+
+from medcam3d import io
+from medcam3d.evaluate import CohortError, add_parser, collect_cases, evaluate, run
+from medcam3d.space import Space
+from _images import oblique_lpi_affine, planted_scan
+
+SHAPE = (45, 41, 19)
+NETWORK_ARGS = "{spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    affine = oblique_lpi_affine()
+    space = Space(SHAPE, affine)
+    scans = root / "scans"
+    masks = root / "masks"
+    scans.mkdir()
+    masks.mkdir()
+    for number, (voxel, label) in enumerate([((22, 20, 9), 1), ((12, 28, 8), 1), ((30, 12, 10), 0)]):
+        centre = (affine @ [*voxel, 1])[:3]
+        image, inside = planted_scan(SHAPE, affine, centre, radius_mm=8, seed=number)
+        io.write(scans / f"case{number}.nii.gz", image, space)
+        io.write(masks / f"case{number}_mask.nii.gz", (inside * label).astype(np.uint8), space)
+    torch.manual_seed(0)
+    model = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1))
+    torch.save(model.state_dict(), root / "weights.pt")
+    config = root / "config.yaml"
+    config.write_text(f"""
+model:
+  network: monai.networks.nets.DenseNet
+  args: {NETWORK_ARGS}
+  weights: weights.pt
+task: multilabel
+class_names: [bright, dark]
+preprocessing:
+  - {{name: Orientation, axcodes: RAS}}
+  - {{name: Spacing, pixdim: [2.5, 2.5, 2.5]}}
+  - {{name: ScaleIntensityRange, a_min: 0, a_max: 400, b_min: 0.0, b_max: 1.0, clip: true}}
+  - {{name: ResizeWithPadOrCrop, spatial_size: [24, 24, 24]}}
+""")
+    table = root / "cases.csv"
+    table.write_text("case,file,mask,labels_present\n" + "".join(
+        f"c{n},scans/case{n}.nii.gz,masks/case{n}_mask.nii.gz,{'bright' if n < 2 else ''}\n" for n in range(3)))
+    return root, config
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_run_end_to_end_from_a_folder_with_masks(cohort, tmp_path, capsys):
+    root, config = cohort
+    out = tmp_path / "report"
+    args = _parse(["evaluate", "--config", str(config), "--inputs", str(root / "scans"), "--masks", str(root / "masks"),
+                   "--methods", "hirescam,gradcam", "--out", str(out), "--steps", "4", "--quiet"])
+    assert args.run(args) == 0
+    assert "3/3 cases evaluated" in capsys.readouterr().err
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 3 * 2 * 2  # cases x classes x methods
+    present = [r for r in rows if r["present"] == "1"]
+    assert {r["case"] for r in present} == {"case0", "case1"} and all(r["class"] == "bright" for r in present)
+    for row in present:
+        assert row["pointing_game"] in ("0", "1") and 0 <= float(row["energy_pointing_game"]) <= 1
+        assert 0 <= float(row["auc_dice"]) <= float(row["best_dice"]) <= 1 and 0 <= float(row["box_iou"]) <= 1
+        assert float(row["deletion_auc"]) >= 0 and float(row["insertion_auc"]) >= 0
+    # GAP + Linear head (DenseNet): HiResCAM's map sums to logit − bias
+    completeness = [float(r["completeness_error"]) for r in rows if r["method"] == "hirescam"]
+    assert len(completeness) == 6 and max(completeness) < 1e-4
+    assert all(r["completeness_error"] == "" for r in rows if r["method"] == "gradcam")
+    # with a GAP head Grad-CAM equals HiResCAM: the same localization numbers
+    by_key = {(r["case"], r["class"], r["method"]): r for r in present}
+    for case in ("case0", "case1"):
+        assert by_key[(case, "bright", "hirescam")]["best_dice"] == by_key[(case, "bright", "gradcam")]["best_dice"]
+
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert {r["method"] for r in summary} == {"hirescam", "gradcam"}
+    dice = {r["method"]: r for r in summary if r["metric"] == "best_dice"}
+    assert dice["hirescam"]["n"] == "2" and float(dice["hirescam"]["std"]) >= 0
+    markdown = (out / "summary.md").read_text()
+    assert "| hirescam |" in markdown and " ± " in markdown and "randomization" in markdown.lower()
+    assert "guided_backprop" in markdown
+    for picture in ("curves.png", "randomization.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    randomization = list(csv.DictReader((out / "randomization.csv").open()))
+    assert {r["method"] for r in randomization} == {"hirescam", "gradcam", "guided_backprop"}
+
+    # the failure gallery: one picture per misclassified (case, class, method), none for the others
+    wrong = {(r["case"], r["class"], r["outcome"], r["method"]) for r in rows if r["outcome"] in ("FP", "FN")}
+    pictures = sorted(p.name for p in (out / "failures").glob("*.png")) if (out / "failures").exists() else []
+    assert len(pictures) == len(wrong)
+    for case, label, outcome, method in wrong:
+        assert f"{case}_{label}_{outcome}_{method}.png" in pictures
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+
+
+def test_evaluate_from_a_csv_with_labels_column(cohort, tmp_path):
+    root, config = cohort
+    out = evaluate(config, root / "cases.csv", tmp_path / "o", methods=("hirescam",), progress=False, steps=2,
+                   randomization_cases=0)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["case"] for r in rows[::2]] == ["c0", "c1", "c2"]
+    assert {r["method"] for r in rows} == {"hirescam"}
+    assert not (out / "randomization.csv").exists()
+    cases = list(csv.DictReader((out / "cases.csv").open()))
+    assert [c["true_bright"] for c in cases] == ["1", "1", "0"]
+
+
+def test_collect_cases_reads_csv_columns_and_masks_folder(cohort, tmp_path):
+    root, _ = cohort
+    cases = collect_cases(root / "cases.csv")
+    assert [c.id for c in cases] == ["c0", "c1", "c2"]
+    assert cases[0].image == root / "scans" / "case0.nii.gz" and cases[0].labels == ["bright"] and cases[2].labels == []
+    from_folder = collect_cases(root / "scans", masks=root / "masks")
+    assert [c.mask.name for c in from_folder] == ["case0_mask.nii.gz", "case1_mask.nii.gz", "case2_mask.nii.gz"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("scanpath\nx.nii.gz\n")
+    with pytest.raises(CohortError, match="'image'"):
+        collect_cases(bad)
+    with pytest.raises(CohortError, match="neither a folder nor a .csv"):
+        collect_cases(tmp_path / "missing")
+
+
+def test_run_reports_bad_inputs_with_exit_code_2(cohort, tmp_path, capsys):
+    _, config = cohort
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = _parse(["evaluate", "--config", str(config), "--inputs", str(empty), "--out", str(tmp_path / "o"), "--quiet"])
+    assert run(args) == 2
+    assert "holds no scans" in capsys.readouterr().err
+
+
+def _shipped() -> bool:
+    files = ("configs/demo.yaml", "data_samples/cases.csv")
+    if not all((REPO / f).is_file() for f in files):
+        return False
+    tracked = subprocess.run(["git", "ls-files", *files], cwd=REPO, capture_output=True, text=True).stdout.split()
+    return len(tracked) == 2
+
+
+@pytest.mark.skipif(not _shipped(), reason="configs/demo.yaml and data_samples/cases.csv are not in git yet")
+def test_evaluate_on_the_shipped_demo_samples(tmp_path):
+    out = evaluate(REPO / "configs" / "demo.yaml", REPO / "data_samples" / "cases.csv", tmp_path / "demo",
+                   progress=False, steps=4, randomization_cases=0)
+    cases = list(csv.DictReader((out / "cases.csv").open()))
+    assert cases and all(c["status"] == "ok" for c in cases)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert any(r["present"] == "1" and r["pointing_game"] != "" for r in rows)
