@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -158,11 +159,9 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
     finally:
         for handle in handles:
             handle.remove()
-    # A module called several times (shared) is listed at its last call.
-    last: dict[str, LayerInfo] = {}
-    for record in records:
-        last.pop(record.name, None)
-        last[record.name] = record
+    # A module called several times (a shared activation, say) has no single output: not a candidate.
+    calls = Counter(record.name for record in records)
+    last = {record.name: record for record in records if calls[record.name] == 1}
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None

@@ -93,3 +93,27 @@ def test_cam_needs_a_gap_linear_head():
     with pytest.raises(medcam3d.LayerError, match="hirescam"):
         medcam3d.Explainer(model, "cam", layer="1")(torch.randn(1, 1, 4, 4, 4), target=0)
     assert find_cam_head(gap_linear_cnn(), 8).out_features == 4
+
+
+class SharedActivation(nn.Module):
+    """One ReLU module used twice (like EfficientNet's shared swish)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv3d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3, 4)))
+
+
+def test_auto_skips_shared_modules_and_explicit_shared_layer_is_refused():
+    model = SharedActivation()
+    result = medcam3d.Explainer(model)(torch.randn(1, 1, 6, 6, 6), target=0)
+    assert result.layer == "conv2"
+    assert "act" not in [info.name for info in medcam3d.list_layers(model, (1, 6, 6, 6))]
+    with pytest.raises(medcam3d.LayerError, match="more than once"):
+        medcam3d.Explainer(model, layer="act")(torch.randn(1, 1, 6, 6, 6), target=0)
