@@ -59,7 +59,7 @@ def test_guided_backprop_applies_the_guided_rule_exactly():
 def test_guided_gradcam_warns_and_lives_on_the_input_grid():
     model = gap_linear_cnn(classes=3)
     x = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match="Guided Grad-CAM fails"):
+    with pytest.warns(UserWarning, match="inherits Guided Backprop.s failure of the model-parameter randomization test"):
         result = guided_gradcam(model, x, 2, layer="3")
     assert result.shape == (2, 8, 8, 8) and torch.isfinite(result).all()
 
@@ -103,7 +103,7 @@ def test_randomization_hirescam_passes_guided_backprop_fails_model_untouched():
     # cascade: output first, cumulative, every parameterized module randomized at the end
     assert report.steps == ["8", "4", "2", "0"]
     assert report.randomized[0] == ["8"] and report.randomized[-1] == ["8", "4", "2", "0"]
-    assert report.layer == "5"
+    assert report.layer == "5" and report.grid_shape == (10, 10, 10)  # guided maps compared on the CAM grid
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     table = report.to_markdown()
@@ -125,4 +125,7 @@ def test_method_maps_shapes():
     assert method_maps(model, "hirescam", x, 0, layer="3").shape == (1, 4, 4, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert method_maps(model, "guided_backprop", x, 0).shape == (1, 8, 8, 8)
+        magnitude = method_maps(model, "guided_backprop", x, 0)
+        assert magnitude.shape == (1, 8, 8, 8) and magnitude.min() >= 0
+        pooled = method_maps(model, "guided_backprop", x, 0, grid_shape=(4, 4, 4))
+        np.testing.assert_allclose(pooled[0, 1, 2, 3], magnitude[0, 2:4, 4:6, 6:8].mean(), rtol=1e-5)
