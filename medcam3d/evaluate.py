@@ -218,6 +218,7 @@ class _State:
     curves: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # method -> mode -> curves
     failures: list[dict] = field(default_factory=list)
     randomization: list = field(default_factory=list)  # (case, class, report)
+    notes: list[str] = field(default_factory=list)
 
 
 def evaluate(
@@ -400,18 +401,23 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
                 position = list(complete.class_indices).index(c) if c in list(complete.class_indices) else None
                 if position is not None:
                     row["completeness_error"] = abs(float(complete.errors[0, position]))
-            state.rows.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
+            state.rows.append({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()})
             if row["outcome"] in ("FP", "FN") and scan.ndim == 3:
                 lesion = None if labels is None else labels == c + 1
                 state.failures.append(_failure_picture(out, case, heat, scan, row, lesion))
     state.cases.append(record)
     if randomize:
         target, label = _randomization_target(state.rows, case.id)
-        with warnings.catch_warnings():  # the report itself shows Guided Backprop failing
-            warnings.filterwarnings("ignore", message=".*model-parameter randomization test")
-            report = randomization_test(runner.model, batch, target, methods=[*runner.methods, "guided_backprop"],
-                                        layer=layer_name, max_steps=randomization_steps, seed=seed)
-        state.randomization.append((case.id, label, report))
+        try:
+            with warnings.catch_warnings():  # the report itself shows Guided Backprop failing
+                warnings.filterwarnings("ignore", message=".*model-parameter randomization test")
+                report = randomization_test(runner.model, batch, target, methods=[*runner.methods, "guided_backprop"],
+                                            layer=layer_name, max_steps=randomization_steps, seed=seed)
+        except Exception as error:  # the sanity check is optional; the case's metrics stand
+            logger.warning("randomization test on case %s failed: %s: %s", case.id, type(error).__name__, error)
+            state.notes.append(f"The randomization test on case {case.id} failed: {type(error).__name__}: {error}")
+        else:
+            state.randomization.append((case.id, label, report))
 
 
 def _outcome(present: bool | None, predicted: bool) -> str:
@@ -529,6 +535,8 @@ def _markdown(state: _State, summary: list[dict], methods: list[str], *, toleran
         lines.append("No misclassified case with known ground truth.")
     if failed:
         lines += ["", "## Cases that failed", ""] + [f"- {c['case']}: {c['error']}" for c in failed]
+    if state.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in state.notes]
     return "\n".join(lines) + "\n"
 
 

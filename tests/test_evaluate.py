@@ -162,3 +162,20 @@ def test_evaluate_on_the_shipped_demo_samples(tmp_path):
     assert cases and all(c["status"] == "ok" for c in cases)
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert any(r["present"] == "1" and r["pointing_game"] != "" for r in rows)
+
+
+def test_a_failing_case_is_recorded_and_the_cohort_goes_on(cohort, tmp_path, capsys):
+    root, config = cohort
+    wrong = tmp_path / "wrong_mask.nii.gz"
+    io.write(wrong, np.zeros((8, 8, 8), np.uint8), Space((8, 8, 8), np.eye(4)))
+    table = tmp_path / "cases.csv"
+    table.write_text(f"id,image,mask\ngood,{root / 'scans' / 'case0.nii.gz'},{root / 'masks' / 'case0_mask.nii.gz'}\n"
+                     f"bad,{root / 'scans' / 'case1.nii.gz'},{wrong}\n")
+    out = tmp_path / "o"
+    args = _parse(["evaluate", "--config", str(config), "--inputs", str(table), "--methods", "hirescam", "--out", str(out),
+                   "--steps", "2", "--randomization-cases", "0", "--quiet"])
+    assert run(args) == 1
+    assert "bad: ValueError" in capsys.readouterr().err
+    cases = {c["case"]: c for c in csv.DictReader((out / "cases.csv").open())}
+    assert cases["good"]["status"] == "ok" and cases["bad"]["status"] == "error" and "not on the grid" in cases["bad"]["error"]
+    assert "## Cases that failed" in (out / "summary.md").read_text()
