@@ -1,4 +1,4 @@
-"""Command-line interface: ``medcam3d demo | explain | batch | layers | info``.
+"""Command-line interface: ``medcam3d demo | explain | batch | layers | evaluate | info``.
 
 Heavy imports happen inside the commands so that ``medcam3d --help`` is fast. Exit codes: 0
 success, 1 a failure while running (e.g. a case that could not be read), 2 a usage error (bad
@@ -315,6 +315,7 @@ EXAMPLES = """examples:
   medcam3d explain --config configs/demo.yaml --image scan.nii.gz --method hirescam,gradcam --target bright_round --out out
   medcam3d batch --config configs/demo.yaml --inputs data_samples/cases.csv --out out/cohort --resume
   medcam3d layers --config configs/demo.yaml
+  medcam3d evaluate --config configs/demo.yaml --inputs data_samples/cases.csv --methods hirescam,gradcam --out out/evaluate
 """
 
 
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--image", help="preprocess this scan to get the input size")
     layers.add_argument("--shape", type=int, nargs="+", help="input shape C D H W")
 
+    from .evaluate import add_parser as add_evaluate
+
+    add_evaluate(commands)
     add("info", "print versions for bug reports", _cmd_info)
     return parser
 
