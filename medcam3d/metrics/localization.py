@@ -207,10 +207,10 @@ def dice_iou_curve(heat: object, mask: object, thresholds: Sequence[float] | Non
         # counts per threshold from one sort instead of one pass per threshold
         values = heat.ravel()
         inside = mask.ravel()
-        order = np.sort(values)
-        order_in = np.sort(values[inside])
+        order = np.sort(values[values > 0])  # every cut is > 0: only positive voxels can pass
+        order_in = np.sort(values[inside & (values > 0)])
         cut = t * top
-        predicted = values.size - np.searchsorted(order, cut, side="left")
+        predicted = order.size - np.searchsorted(order, cut, side="left")
         hits = order_in.size - np.searchsorted(order_in, cut, side="left")
         union = predicted + truth - hits
         with np.errstate(invalid="ignore", divide="ignore"):
