@@ -1,0 +1,113 @@
+"""Sample data: the shipped demo case (File > Open Sample > medcam3d).
+
+The case is the first row of ``data_samples/cases.csv`` of a source checkout (or the first
+``data_samples/case_*.nii.gz``), with its lesion label map when there is one. Without the folder
+(e.g. an installed wheel) a case is generated with :mod:`medcam3d.demo.synthetic`, on a
+scanner-like LPS grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+import medcam3d
+
+from .. import io
+from ._reader import image_layer_data, layer_grid, napari_affine
+
+__all__ = ["demo_case", "find_demo_case", "DATA_SAMPLES"]
+
+logger = logging.getLogger(__name__)
+
+#: The sample folder of a source checkout.
+DATA_SAMPLES = Path(medcam3d.__file__).parent.parent / "data_samples"
+_NIFTI = (".nii.gz", ".nii")
+
+
+def _is_image(text: str) -> bool:
+    return text.strip().lower().endswith(io.READ_FORMATS)
+
+
+def _mask_for(image: Path) -> Path | None:
+    for suffix in _NIFTI:
+        if image.name.endswith(suffix):
+            candidate = image.with_name(image.name[: -len(suffix)] + "_mask" + suffix)
+            return candidate if candidate.is_file() else None
+    return None
+
+
+def find_demo_case(folder: str | Path | None = None) -> tuple[Path, Path | None] | None:
+    """The demo scan and its label map (or None) in ``folder``; None when there is no case.
+
+    ``folder`` defaults to :data:`DATA_SAMPLES`.
+
+    Reads ``cases.csv`` (first row with an existing image: a column named ``image``/``path``/
+    ``scan``, else the first cell that names an image file that is not a mask; a column named
+    ``mask``/``labels``/``label`` for the label map), else takes the first ``case_*`` image.
+    """
+    folder = Path(DATA_SAMPLES if folder is None else folder)
+    table = folder / "cases.csv"
+    if table.is_file():
+        try:
+            with open(table, newline="") as stream:
+                rows = list(csv.DictReader(stream))
+        except (OSError, csv.Error, UnicodeDecodeError) as error:
+            logger.warning("cannot read %s: %s", table, error)
+            rows = []
+        for row in rows:
+            cells = {str(k).strip().lower(): str(v or "").strip() for k, v in row.items() if k is not None}
+            image = next((cells[k] for k in ("image", "path", "scan", "file") if _is_image(cells.get(k, ""))), None)
+            if image is None:
+                image = next((v for v in cells.values() if _is_image(v) and "mask" not in Path(v).name.lower()), None)
+            if image is None or not (folder / image).exists():
+                continue
+            mask = next((cells[k] for k in ("mask", "labels", "label", "lesions") if _is_image(cells.get(k, ""))), None)
+            mask_path = folder / mask if mask and (folder / mask).is_file() else _mask_for(folder / image)
+            return folder / image, mask_path
+    for image in sorted(folder.glob("case_*")):
+        if _is_image(image.name) and "_mask" not in image.name:
+            return image, _mask_for(image)
+    return None
+
+
+def _lesions_layer(labels: np.ndarray, space, name: str, path: str | None) -> tuple:
+    data, affine, axes = layer_grid(np.asarray(labels).astype(np.uint8), space)
+    metadata = {"affine": affine, "axes": axes, "path": path, "medcam3d": "lesions"}
+    kwargs = {"name": name, "affine": napari_affine(affine, data.ndim), "metadata": metadata, "opacity": 0.7,
+              "visible": False}
+    return data, kwargs, "labels"
+
+
+def demo_case() -> list[tuple]:
+    """The demo scan (image layer) and its lesion labels (labels layer, hidden).
+
+    Returns
+    -------
+    list of napari layer data tuples
+        Placed in RAS mm like :func:`medcam3d.napari._reader.read_image`; the labels are 1 for
+        ``bright_round`` and 2 for ``dark_elongated`` (label ``c + 1`` = class ``c``).
+    """
+    from ..pipeline import case_id_of
+
+    found = find_demo_case()
+    if found is not None:
+        image_path, mask_path = found
+        name = case_id_of(image_path)
+        array, space = io.read(image_path)
+        layers = [image_layer_data(array, space, name=name, path=image_path)]
+        if mask_path is not None:
+            labels, label_space = io.read(mask_path, dtype=None)
+            if label_space.isclose(space, atol=1e-3):
+                layers.append(_lesions_layer(labels, label_space, f"{name} lesions", str(mask_path)))
+        return layers
+    # No sample folder (an installed package): generate the same kind of case.
+    from ..demo import synthetic
+
+    logger.info("no demo case under %s; generating a synthetic one", DATA_SAMPLES)
+    space = synthetic.sample_grids(align=False)["lps_aniso"]
+    image, labels, _ = synthetic.make_case(1, space, present=(True, True))
+    return [image_layer_data(image, space, name="demo_case"), _lesions_layer(labels, space, "demo_case lesions", None)]
