@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 __all__ = ["Case", "CohortError", "add_parser", "collect_cases", "evaluate", "run", "METRICS"]
 
@@ -215,10 +216,15 @@ def _save_figure(path: Path, figure) -> Path:
 class _State:
     rows: list[dict] = field(default_factory=list)
     cases: list[dict] = field(default_factory=list)
-    curves: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # method -> mode -> curves
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)  # method -> mode -> [(fractions, scores)]
     failures: list[dict] = field(default_factory=list)
     randomization: list = field(default_factory=list)  # (case, class, report)
     notes: list[str] = field(default_factory=list)
+    references: list[dict] = field(default_factory=list)  # random-ranking deletion/insertion rows
+
+    def add_curves(self, method: str, curves: dict) -> None:
+        for mode, curve in curves.items():
+            self.curves.setdefault(method, {}).setdefault(mode, []).append((curve.fractions, curve.scores))
 
 
 def evaluate(
@@ -233,6 +239,7 @@ def evaluate(
     steps: int = 10,
     batch_size: int = 8,
     baseline: object = "blur",
+    max_fraction: float = 0.05,
     tolerance_mm: float = 10.0,
     randomization_cases: int = 1,
     randomization_steps: int = 5,
@@ -257,9 +264,12 @@ def evaluate(
         ``cpu``, ``cuda``, ``auto`` ...
     progress : bool
         A tqdm progress bar on stderr.
-    steps, batch_size, baseline
-        Deletion/insertion curves: shares per curve, volumes per forward pass, what removed
-        voxels become (see :func:`medcam3d.metrics.faithfulness.perturbation_curves`).
+    steps, batch_size, baseline, max_fraction
+        Deletion/insertion curves: steps per curve, volumes per forward pass, what removed voxels
+        become, and the share of the ranked voxels the curves cover (default the first 5 %: a
+        lesion is a small part of a 3D volume); see
+        :func:`medcam3d.metrics.faithfulness.perturbation_curves`. A seeded random ranking gives
+        the ``random`` reference rows.
     tolerance_mm : float
         Tolerance of ``pointing_game_tol``.
     randomization_cases : int
@@ -301,15 +311,15 @@ def evaluate(
         bar.set_postfix_str(case.id)
         try:
             _evaluate_case(case, runner, out, state, steps=steps, batch_size=batch_size, baseline=baseline,
-                           tolerance_mm=tolerance_mm, seed=seed, randomize=case.id in chosen,
-                           randomization_steps=randomization_steps)
+                           max_fraction=max_fraction, tolerance_mm=tolerance_mm, seed=seed,
+                           randomize=case.id in chosen, randomization_steps=randomization_steps)
         except Exception as error:  # recorded; the cohort goes on
             logger.warning("case %s failed: %s: %s", case.id, type(error).__name__, error)
             state.cases.append({"case": case.id, "image": str(case.image), "status": "error",
                                 "error": f"{type(error).__name__}: {error}"})
     bar.close()
     _write_outputs(out, state, runner, tolerance_mm=tolerance_mm, seconds=time.perf_counter() - started,
-                   baseline=baseline, steps=steps)
+                   baseline=baseline, steps=steps, max_fraction=max_fraction)
     return out
 
 
@@ -332,7 +342,8 @@ def _truth(case: Case, labels: np.ndarray | None, names: list[str]) -> list[bool
 
 
 def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, batch_size: int, baseline: object,
-                   tolerance_mm: float, seed: int, randomize: bool, randomization_steps: int) -> None:
+                   max_fraction: float, tolerance_mm: float, seed: int, randomize: bool,
+                   randomization_steps: int) -> None:
     from .masks import threshold_mask
     from .metrics import (
         box_iou,
@@ -353,6 +364,9 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
 
     complete = None
     layer_name = "auto"
+    referenced: set[int] = set()  # classes whose random-ranking reference curves exist for this case
+    options = dict(steps=steps, baseline=baseline, batch_size=batch_size, task=config.task, seed=seed,
+                   max_fraction=max_fraction)
     record: dict = {"case": case.id, "image": str(case.image), "status": "ok", "error": ""}
     for explainer in runner.explainers:
         explanation = runner.explain(explainer, batch)  # target "all"; sliding windows when configured
@@ -392,11 +406,19 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
                     box_iou=box_iou(region, lesion),
                 )
             if present or predicted:
-                curves = perturbation_curves(runner.model, batch, explanation.maps[0, t], c, steps=steps,
-                                             baseline=baseline, batch_size=batch_size, task=config.task, seed=seed)
+                curves = perturbation_curves(runner.model, batch, explanation.maps[0, t], c, **options)
                 row.update(deletion_auc=curves["deletion"].auc, insertion_auc=curves["insertion"].auc)
-                for mode, curve_ in curves.items():
-                    state.curves.setdefault(method, {}).setdefault(mode, []).append(curve_.scores)
+                state.add_curves(method, curves)
+                if c not in referenced:  # the same perturbations in a random order: the chance level
+                    referenced.add(c)
+                    noise = torch.rand(explanation.maps.shape[2:], generator=torch.Generator().manual_seed(seed + c))
+                    reference = perturbation_curves(runner.model, batch, noise, c, **options)
+                    state.add_curves("random", reference)
+                    state.references.append({
+                        "case": case.id, "class": heat.label, "class_index": c, "method": "random",
+                        "probability": row["probability"], "predicted": row["predicted"], "present": row["present"],
+                        "outcome": row["outcome"], "deletion_auc": float(f"{reference['deletion'].auc:.6g}"),
+                        "insertion_auc": float(f"{reference['insertion'].auc:.6g}")})
             if method == "hirescam" and complete:
                 position = list(complete.class_indices).index(c) if c in list(complete.class_indices) else None
                 if position is not None:
@@ -491,18 +513,22 @@ def _classification(rows: list[dict], method: str) -> dict:
 
 
 def _markdown(state: _State, summary: list[dict], methods: list[str], *, tolerance_mm: float, seconds: float,
-              baseline: object, steps: int) -> str:
+              baseline: object, steps: int, max_fraction: float) -> str:
     ok = [c for c in state.cases if c["status"] == "ok"]
     failed = [c for c in state.cases if c["status"] != "ok"]
     lines = ["# medcam3d evaluate", "",
              f"{len(ok)} case(s) evaluated, {len(failed)} failed, in {seconds:.1f} s. "
              f"Localization on the scan's grid for present lesions; deletion/insertion on the model's input grid "
-             f"({steps} steps, baseline {baseline!r}) for classes present or predicted (p ≥ 0.5).", ""]
+             f"(the first {100 * max_fraction:g} % of the voxels in {steps} steps, baseline {baseline!r}) for "
+             f"classes present or predicted (p ≥ 0.5); `random` is the same perturbation in a random order "
+             f"(chance level).", ""]
     metrics = [m for m, _ in METRICS if any(s["metric"] == m for s in summary)]
     if metrics:
         lines += ["## Mean ± std per method", "",
                   "| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        for method in methods:
+        for method in [*methods, "random"]:
+            if not any(row["method"] == method for row in summary):
+                continue
             cells = []
             for metric in metrics:
                 found = [s for s in summary if s["method"] == method and s["metric"] == metric]
@@ -540,25 +566,28 @@ def _markdown(state: _State, summary: list[dict], methods: list[str], *, toleran
     return "\n".join(lines) + "\n"
 
 
-def _plot_curves(path: Path, curves: dict[str, dict[str, list[np.ndarray]]], steps: int) -> Path:
+def _plot_curves(path: Path, curves: dict[str, dict[str, list]]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    fractions = np.arange(steps + 1) / steps
     for axis, mode in zip(axes, ("deletion", "insertion")):
-        for method, by_mode in curves.items():
-            stack = np.asarray(by_mode.get(mode, []))
-            if stack.size == 0:
+        for number, (method, by_mode) in enumerate(curves.items()):
+            pairs = by_mode.get(mode, [])
+            if not pairs:
                 continue
+            fractions = pairs[0][0]
+            stack = np.asarray([scores for _, scores in pairs])
             mean, std = stack.mean(0), stack.std(0)
-            area = float(np.sum((mean[1:] + mean[:-1]) * np.diff(fractions)) / 2)
-            axis.plot(fractions, mean, label=f"{method} (AUC {area:.3f}, n={len(stack)})")
-            axis.fill_between(fractions, mean - std, mean + std, alpha=0.15)
+            area = float(np.sum((mean[1:] + mean[:-1]) * np.diff(fractions)) / 2 / fractions[-1])
+            style = dict(color="grey", ls="--") if method == "random" else dict(ls=("-", ":", "-.")[number % 3],
+                                                                                   lw=2.6 - 0.7 * (number % 3))
+            axis.plot(100 * fractions, mean, label=f"{method} (AUC {area:.3f}, n={len(stack)})", **style)
+            axis.fill_between(100 * fractions, mean - std, mean + std, alpha=0.12, color=style.get("color"))
         verb = "removed" if mode == "deletion" else "revealed"
-        axis.set(title=f"{mode} (mean ± std)", xlabel=f"share of voxels {verb}, most important first",
+        axis.set(title=f"{mode} (mean ± std)", xlabel=f"% of the input voxels {verb}, most important first",
                  ylabel="class probability", ylim=(-0.02, 1.02))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -594,14 +623,15 @@ def _plot_randomization(path: Path, reports: list) -> Path:
 
 
 def _write_outputs(out: Path, state: _State, runner, *, tolerance_mm: float, seconds: float, baseline: object,
-                   steps: int) -> None:
+                   steps: int, max_fraction: float) -> None:
     methods = [e.method.name for e in runner.explainers]
-    summary = _summary(state.rows, methods)
-    _write_csv(out / "metrics.csv", state.rows)
+    rows = state.rows + state.references
+    summary = _summary(rows, [*methods, "random"])
+    _write_csv(out / "metrics.csv", rows)
     _write_csv(out / "cases.csv", state.cases)
     _write_csv(out / "summary.csv", summary)
     if state.curves:
-        _plot_curves(out / "curves.png", state.curves, steps)
+        _plot_curves(out / "curves.png", state.curves)
     if state.randomization:
         rows = [{"case": case_id, "class": label, **row} for case_id, label, report in state.randomization
                 for row in report.rows()]
@@ -614,7 +644,7 @@ def _write_outputs(out: Path, state: _State, runner, *, tolerance_mm: float, sec
     if state.failures:
         _write_text(out / "failures" / "README.md", "\n".join(gallery))
     _write_text(out / "summary.md", _markdown(state, summary, methods, tolerance_mm=tolerance_mm, seconds=seconds,
-                                              baseline=baseline, steps=steps))
+                                              baseline=baseline, steps=steps, max_fraction=max_fraction))
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -636,6 +666,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto (default: cpu)")
     parser.add_argument("--steps", type=int, default=10, help="deletion/insertion steps per curve (default: 10)")
+    parser.add_argument("--max-fraction", type=float, default=0.05,
+                        help="share of the ranked voxels the deletion/insertion curves cover (default: 0.05)")
     parser.add_argument("--batch-size", type=int, default=8, help="perturbed volumes per forward pass (default: 8)")
     parser.add_argument("--randomization-cases", type=int, default=1, help="cases for the randomization test (default: 1)")
     parser.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
@@ -652,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = evaluate(args.config, args.inputs, args.out, methods=methods, masks=args.masks, device=args.device,
                        progress=not getattr(args, "quiet", False), steps=getattr(args, "steps", 10),
-                       batch_size=getattr(args, "batch_size", 8),
+                       batch_size=getattr(args, "batch_size", 8), max_fraction=getattr(args, "max_fraction", 0.05),
                        randomization_cases=getattr(args, "randomization_cases", 1), trust=getattr(args, "trust", False))
     except (CohortError, ConfigError) as error:
         print(f"medcam3d evaluate: error: {error}", file=sys.stderr)

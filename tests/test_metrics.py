@@ -194,6 +194,13 @@ def test_deletion_of_a_weighted_sum_by_hand():
     assert curve.auc == pytest.approx(np.sum((expected[1:] + expected[:-1]) / 2) / 8)
     inserted = insertion_curve(model, x, weights, 0, steps=8, baseline="zero", score="logit")
     np.testing.assert_allclose(inserted.scores, np.cumsum([0, 8, 7, 6, 5, 4, 3, 2, 1]))
+    # only the first half of the ranking, in 4 steps: the area is the mean score over that range
+    half = deletion_curve(model, x, weights, 0, steps=4, baseline="zero", score="logit", max_fraction=0.5)
+    np.testing.assert_allclose(half.fractions, [0, 0.125, 0.25, 0.375, 0.5])
+    np.testing.assert_allclose(half.scores, [36, 28, 21, 15, 10])
+    assert half.auc == pytest.approx((36 + 2 * 28 + 2 * 21 + 2 * 15 + 10) / 2 * 0.125 / 0.5)
+    with pytest.raises(ValueError, match="max_fraction"):
+        deletion_curve(model, x, weights, 0, max_fraction=0.0)
 
 
 def test_deletion_drops_fastest_with_the_true_weights():
