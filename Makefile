@@ -21,7 +21,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	PYTHONUTF8=1 $(PY) -m pytest -q
 
 demo: $(VENV)/.installed
 	$(PY) -m medcam3d demo

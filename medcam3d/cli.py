@@ -180,7 +180,7 @@ def _collect_inputs(inputs: Path):
     from .pipeline import case_id_of
 
     if inputs.is_file() and inputs.suffix.lower() == ".csv":
-        with inputs.open(newline="") as stream:
+        with inputs.open(newline="", encoding="utf-8") as stream:
             rows = list(csv.DictReader(stream))
         if not rows or "image" not in rows[0]:
             raise UsageError(f"{inputs}: a cohort CSV needs a header with an 'image' column (and optionally 'id', 'mask').")
@@ -276,7 +276,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(DEMO_CONFIG)
     runner = Runner(config, load_model(config), methods=["hirescam", "gradcam"], target="all", device=args.device)
-    with DEMO_CASES.open(newline="") as stream:
+    with DEMO_CASES.open(newline="", encoding="utf-8") as stream:
         cases = list(csv.DictReader(stream))
     out = Path(args.out)
     rows, summary = [], []
@@ -284,7 +284,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for case in cases:
         image = DEMO_CASES.parent / case["file"]
         mask = DEMO_CASES.parent / case["mask"] if case.get("mask") else None
-        result = runner.run_case(image, out, case_id=case.get("case") or case.get("id"), mask=mask)
+        result = runner.run_case(image, out, case_id=case.get("case_id") or case.get("case") or case.get("id"), mask=mask)
         summary.append(result.row())
         for finding in result.findings:
             rows.append({

@@ -89,7 +89,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", newline="") as stream:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
@@ -129,7 +129,7 @@ def run_cohort(
     for index, case in mine:
         done = out / case.id / "summary.json"
         if resume and done.is_file():
-            rows[index] = CaseResult(**json.loads(done.read_text())).row()
+            rows[index] = CaseResult(**json.loads(done.read_text(encoding="utf-8"))).row()
             skipped += 1
         else:
             todo.append((index, case))

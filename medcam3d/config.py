@@ -107,7 +107,7 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist (give the path to a .yaml file, e.g. configs/demo.yaml).")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     return parse_config(data, source=path)

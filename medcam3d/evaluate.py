@@ -121,7 +121,7 @@ def collect_cases(inputs: str | Path, masks: str | Path | None = None) -> list[C
     inputs = Path(inputs)
     cases: list[Case] = []
     if inputs.is_file() and inputs.suffix.lower() == ".csv":
-        with inputs.open(newline="") as stream:
+        with inputs.open(newline="", encoding="utf-8") as stream:
             reader = csv.DictReader(stream)
             header = reader.fieldnames or []
             rows = list(reader)
@@ -190,7 +190,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda name: Path(name).write_text(text))
+    return _atomic(path, lambda name: Path(name).write_text(text, encoding="utf-8"))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
@@ -689,7 +689,7 @@ def run(args: argparse.Namespace) -> int:
     except (CohortError, ConfigError) as error:
         print(f"medcam3d evaluate: error: {error}", file=sys.stderr)
         return 2
-    cases = list(csv.DictReader((out / "cases.csv").open(newline="")))
+    cases = list(csv.DictReader((out / "cases.csv").open(newline="", encoding="utf-8")))
     failed = [c for c in cases if c.get("status") != "ok"]
     print(f"{len(cases) - len(failed)}/{len(cases)} cases evaluated. Report: {out / 'summary.md'}", file=sys.stderr)
     for case in failed:

@@ -172,7 +172,7 @@ def save_box(path: str | Path, box: BoundingBox | None, **extra: object) -> Path
     payload = {"box": None if box is None else box.to_dict(), **extra}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(payload, stream, indent=2)
         os.replace(temporary, path)
     except BaseException:

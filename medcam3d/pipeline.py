@@ -169,7 +169,7 @@ class Runner:
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{case_id}.partial-"))
         try:
             self._explain_into(x, scanner_space, scan, labels, staging, result, image)
-            (staging / "summary.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
+            (staging / "summary.json").write_text(json.dumps(result.__dict__, indent=2, default=str), encoding="utf-8")
             if final.exists():
                 if not overwrite:
                     raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")

@@ -53,7 +53,7 @@ def find_demo_case(folder: str | Path | None = None) -> tuple[Path, Path | None]
     table = folder / "cases.csv"
     if table.is_file():
         try:
-            with open(table, newline="") as stream:
+            with open(table, newline="", encoding="utf-8") as stream:
                 rows = list(csv.DictReader(stream))
         except (OSError, csv.Error, UnicodeDecodeError) as error:
             logger.warning("cannot read %s: %s", table, error)
