@@ -87,5 +87,5 @@ def write_dicom_series(image: sitk.Image, directory, series_uid: str = "1.2.826.
         piece.SetMetaData("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])))
         piece.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
         piece.SetMetaData("0020|0013", str(k + 1))
-        writer.SetFileName(str(directory / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(directory / f"{series_uid.rsplit('.', 1)[-1]}_slice{k:03d}.dcm"))
         writer.Execute(piece)

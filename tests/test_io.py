@@ -15,6 +15,7 @@ from scipy.spatial.transform import Rotation
 
 from medcam3d import io
 from medcam3d.space import Space
+from _images import write_dicom_series
 
 
 def _oblique_affine(seed=0, spacing=(0.7, 1.3, 2.5), origin=(-81.5, 42.25, 17.0)):
@@ -223,27 +224,8 @@ def test_itk_oblique_direction_matches_simpleitk_points(tmp_path):
         np.testing.assert_allclose(s.voxel_to_world(idx), [-x, -y, z], atol=1e-9)
 
 
-def _write_dicom_series(img, directory, series_uid="1.2.826.0.1.3680043.8.498.1"):
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = img.GetDirection()
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        sl.SetMetaData("0008|0060", "CT")
-        sl.SetMetaData("0020|000d", "1.2.826.0.1.3680043.8.498.2")
-        sl.SetMetaData("0020|000e", series_uid)
-        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        sl.SetMetaData("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])))
-        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
-        sl.SetMetaData("0020|0032", "\\".join(str(v) for v in pos))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        writer.SetFileName(str(directory / f"{series_uid[-1]}_slice{k:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_dicom_series(tmp_path):
-    _write_dicom_series(_hand_built_lps_image(), tmp_path / "series")
+    write_dicom_series(_hand_built_lps_image(), tmp_path / "series")
     arr, s = io.read(tmp_path / "series")
     assert arr.shape == (4, 5, 6) and arr.dtype == np.float32
     assert arr[1, 2, 3] == 7 and arr.sum() == 7
@@ -251,7 +233,7 @@ def test_dicom_series(tmp_path):
     np.testing.assert_allclose(s.spacing, [1.0, 2.0, 3.0], atol=1e-6)
     assert io.read_space(tmp_path / "series") == s
     # two series in one directory: ask which
-    _write_dicom_series(_hand_built_lps_image(), tmp_path / "series", series_uid="1.2.826.0.1.3680043.8.498.9")
+    write_dicom_series(_hand_built_lps_image(), tmp_path / "series", series_uid="1.2.826.0.1.3680043.8.498.9")
     with pytest.raises(io.ImageReadError, match="2 DICOM series.*series="):
         io.read(tmp_path / "series")
     arr2, _ = io.read(tmp_path / "series", series="1.2.826.0.1.3680043.8.498.9")
