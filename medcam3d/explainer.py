@@ -99,7 +99,8 @@ class Explainer:
         ``"xgradcam"``, ``"layercam"``, ``"eigencam"``.
     layer : str, nn.Module or "auto"
         Target layer. ``"auto"``: the last module with a spatial output
-        (logged at INFO; cached per input size).
+        (logged at INFO; chosen on the first input and kept, chosen again for an
+        input size where that layer no longer has a spatial output).
     class_names : sequence of str, optional
         Names for string targets and for provenance.
     eval_mode : bool
@@ -138,7 +139,7 @@ class Explainer:
         self.eval_mode = eval_mode
         self._auto = isinstance(layer, str) and layer == "auto"
         self._layer: tuple[str, nn.Module] | None = None if self._auto else resolve_layer(model, layer)
-        self._auto_cache: dict[tuple[int, ...], tuple[str, nn.Module]] = {}
+        self._auto_cache: dict[tuple[int, int], tuple[str, nn.Module, tuple[int, ...]]] = {}
         self._spatial_dims = spatial_dims_of(model)
         self._batched_vjp = True
 
@@ -163,7 +164,14 @@ class Explainer:
         Explanation
         """
         try:
-            return self._explain(x, target, relu)
+            try:
+                return self._explain(x, target, relu)
+            except LayerError:
+                cached = self._auto_cache.get((x.shape[1], x.ndim)) if self._auto and x.ndim >= 3 else None
+                if cached is None or cached[2] == tuple(x.shape[2:]):
+                    raise
+                del self._auto_cache[(x.shape[1], x.ndim)]  # chosen on another size: choose again
+                return self._explain(x, target, relu)
         except torch.OutOfMemoryError as error:
             message = (
                 f"Out of memory while explaining an input of shape {tuple(x.shape)} on {x.device}: {error}. "
@@ -259,10 +267,13 @@ class Explainer:
         if not self._auto:
             assert self._layer is not None
             return self._layer
-        key = tuple(inputs.shape[1:])
+        # One probe per channel count and rank: the choice rarely depends on the size, and a
+        # probe costs a forward pass. A size where the cached layer fails is probed anew.
+        key = (inputs.shape[1], inputs.ndim)
         if key not in self._auto_cache:
-            self._auto_cache[key] = select_auto_layer(self.model, inputs)
-        return self._auto_cache[key]
+            self._auto_cache[key] = (*select_auto_layer(self.model, inputs), tuple(inputs.shape[2:]))
+        name, module, _ = self._auto_cache[key]
+        return name, module
 
     def _check_outputs(self, outputs: object, layer: str) -> torch.Tensor:
         if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):

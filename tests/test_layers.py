@@ -117,3 +117,12 @@ def test_auto_skips_shared_modules_and_explicit_shared_layer_is_refused():
     assert "act" not in [info.name for info in medcam3d.list_layers(model, (1, 6, 6, 6))]
     with pytest.raises(medcam3d.LayerError, match="more than once"):
         medcam3d.Explainer(model, layer="act")(torch.randn(1, 1, 6, 6, 6), target=0)
+
+
+def test_auto_layer_is_chosen_again_when_a_smaller_input_makes_it_a_single_voxel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(4), nn.Conv3d(4, 4, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2))
+    explainer = medcam3d.Explainer(model)
+    assert explainer(torch.randn(1, 1, 16, 16, 16), target=0).layer == "4"  # 4x4x4 after pooling
+    assert explainer(torch.randn(1, 1, 4, 4, 4), target=0).layer == "1"  # "4" would be one voxel here
