@@ -21,9 +21,7 @@ Prints the numbers and writes the figure (atomically).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 import medcam3d
+from medcam3d._files import atomic_write
 from medcam3d.metrics import energy_pointing_game, pointing_game
 
 INPUT = 32  # input edge, voxels
@@ -191,17 +190,10 @@ def save_figure(path: Path, numbers: dict) -> Path:
                     "On a GAP head they agree.", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=100)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda name: figure.savefig(name, dpi=100))
     finally:
         plt.close(figure)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,16 +13,17 @@ gloo is used on CPU, NCCL on GPU (one GPU per local rank).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ._files import atomic_write_text
 from .pipeline import CaseResult, Runner, load_case
 
 __all__ = ["Case", "DistributedContext", "distributed_context", "run_cohort", "write_csv"]
@@ -87,16 +88,11 @@ def _first(items: list) -> object:
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write rows (union of their keys as columns) to CSV atomically."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def run_cohort(

@@ -32,10 +32,8 @@ import csv
 import io as _stringio
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._files import atomic_write, atomic_write_text
 
 __all__ = ["Case", "CohortError", "add_parser", "collect_cases", "evaluate", "run", "METRICS"]
 
@@ -176,21 +176,13 @@ def collect_cases(inputs: str | Path, masks: str | Path | None = None) -> list[C
 
 # ---------------------------------------------------------------------------------- writing
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through ``write(temporary_path)`` and rename onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda name: Path(name).write_text(text, encoding="utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, text)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:

@@ -16,7 +16,7 @@ from .errors import InputError, LayerError, TargetError
 from .explainers import DEFAULT_METHOD, Method, MethodContext, get_explainer
 from .hooks import ActivationCapture, preserved_model_state
 from .layers import find_cam_head, resolve_layer, select_auto_layer, spatial_dims_of
-from .targets import Target, resolve_target
+from .targets import resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
 

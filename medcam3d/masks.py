@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ._files import atomic_write_text
 from .space import Space
 
 __all__ = ["threshold_mask", "largest_component", "BoundingBox", "bounding_box", "peak", "otsu_threshold", "save_box"]
@@ -165,17 +166,5 @@ def peak(heat: np.ndarray, space: Space) -> tuple[tuple[int, ...], tuple[float, 
 
 def save_box(path: str | Path, box: BoundingBox | None, **extra: object) -> Path:
     """Write a box (and any extra fields, e.g. the peak) as JSON, atomically."""
-    import os
-    import tempfile
-
-    path = Path(path)
     payload = {"box": None if box is None else box.to_dict(), **extra}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2))

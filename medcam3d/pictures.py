@@ -8,12 +8,11 @@ ramps from 0, so the grey scan shows through where the map is low.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_write
 from .space import Space
 
 __all__ = ["save_slices", "alpha_colormap"]
@@ -115,15 +114,7 @@ def save_slices(
     figure.suptitle(f"{title}\n{peak_text} · radiological view", color="white", fontsize=11)
     figure.subplots_adjust(top=0.80, bottom=0.03, left=0.02, right=0.90, wspace=0.08)
 
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=90, facecolor="black")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda name: figure.savefig(name, dpi=90, facecolor="black"))
     finally:
         plt.close(figure)
-    return path
