@@ -85,3 +85,13 @@ def test_2d_box():
     mask[2:4, 1:6] = True
     box = bounding_box(mask, Space((9, 7), np.diag([2.0, 3.0, 1.0, 1.0])))
     assert box.voxel_min == (2, 1) and box.size_mm == (4.0, 15.0)
+
+
+def test_json_outputs_are_written_with_the_usual_permissions(tmp_path):
+    import os
+
+    path = save_box(tmp_path / "box.json", None)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["box.json"]  # no temporary left
