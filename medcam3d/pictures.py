@@ -64,7 +64,8 @@ def save_slices(
     peak_mm : (3,) optional
         Printed in the title; default: the heatmap's maximum.
     window : (low, high), optional
-        Grey-level window of the scan; default: 1st–99th percentile.
+        Grey-level window of the scan; default: a soft-tissue window (−160 to 240 HU) for CT,
+        else the 1st–99th percentile of the non-background voxels.
     """
     import matplotlib
 
@@ -80,7 +81,12 @@ def save_slices(
     scan_c, orientation, spacing = _canonical(scan.astype(np.float32), space)
     heat_c, _, _ = _canonical(heat.astype(np.float32), space)
     peak_c = np.unravel_index(int(np.argmax(heat_c)), heat_c.shape)
-    low, high = window if window else np.percentile(scan_c, [1, 99])
+    if window is None:
+        # CT in HU (air at about -1000): a soft-tissue window; otherwise percentiles of the
+        # non-background voxels, so a large empty background does not wash the image out.
+        body = scan_c[scan_c > scan_c.min()]
+        window = (-160.0, 240.0) if scan_c.min() <= -500 else tuple(np.percentile(body if body.size else scan_c, [1, 99]))
+    low, high = window
     top = float(heat_c.max())
     heat_display = np.clip(heat_c / top, 0, 1) if top > 0 else np.zeros_like(heat_c)
 
