@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import UsageError
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import platform
@@ -116,10 +118,6 @@ def _synthetic_demo(args: argparse.Namespace) -> int:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEMO_CASES = REPO_ROOT / "data_samples" / "cases.csv"
-
-
-class UsageError(ValueError):
-    """Bad arguments or config: exit code 2."""
 
 
 def _parse_target(text: str | None):

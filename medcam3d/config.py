@@ -27,14 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from .errors import ConfigError  # noqa: F401  (re-exported)
 
 __all__ = ["Config", "ModelConfig", "OutputConfig", "SlidingWindowConfig", "ConfigError", "load_config", "parse_config", "TASKS"]
 
 TASKS = ("multilabel", "multiclass", "binary", "segmentation")
-
-
-class ConfigError(ValueError):
-    """A configuration file that is missing, unreadable or invalid."""
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,111 @@
-"""Error types of medcam3d.
+"""Error types of medcam3d: one root, :class:`Medcam3dError`, and one map to CLI exit codes.
 
-Each subclasses a builtin so that callers can catch the usual exception
-(``ValueError``, ``IndexError`` ...) and each message says what was wrong,
-what was expected and how to fix it.
+Every error subclasses both the root and a builtin, so callers can catch the usual exception
+(``ValueError``, ``IndexError``, ``FileNotFoundError`` ...) or everything medcam3d raises at once
+(``except Medcam3dError``). Each message says what was wrong, what was expected and how to fix it.
+
+Exit codes of the ``medcam3d`` command (see :func:`exit_code`): 0 success; 1 a failure while
+running (a case of a cohort that failed, an internal error); 2 a usage error (bad arguments, an
+invalid config, an input that cannot be used, a refusal such as an untrusted model); 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Medcam3dError",
+    "UsageError",
+    "ConfigError",
+    "UntrustedError",
+    "UntrustedModelError",
+    "ModelLoadError",
     "MethodNotFoundError",
     "LayerNotFoundError",
     "LayerError",
     "TargetError",
     "TargetIndexError",
     "InputError",
+    "ExplainerMemoryError",
+    "ConcurrentUseError",
+    "SpaceError",
+    "PreprocessingError",
+    "ImageReadError",
+    "ImageNotFoundError",
+    "UnsupportedFormatError",
+    "VolumeError",
+    "VolumeIndexError",
+    "NonFiniteError",
+    "GeometryError",
+    "ImageTooLargeError",
+    "ImageWriteError",
+    "UnwritableImageError",
+    "OutputPermissionError",
+    "OutputDirectoryError",
+    "CohortError",
+    "CaseIdError",
+    "OutputConflictError",
+    "ShearWarning",
+    "exit_code",
+    "EXIT_OK",
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
 ]
 
-
-class MethodNotFoundError(KeyError, ValueError):
-    """An explainer name that is not registered."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-class LayerNotFoundError(KeyError, ValueError):
-    """A target layer name or module that is not part of the model."""
+class Medcam3dError(Exception):
+    """Root of every error medcam3d raises on purpose. ``exit_code`` is the CLI's exit status."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class _PlainMessage:
+    """Mixin for KeyError subclasses: print the message, not its repr."""
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+        args = getattr(self, "args", ())
+        return str(args[0]) if args else ""
 
 
-class LayerError(ValueError):
+# ----------------------------------------------------------------------------- usage and config
+class UsageError(Medcam3dError, ValueError):
+    """Bad command-line arguments or API arguments."""
+
+
+class ConfigError(Medcam3dError, ValueError):
+    """A configuration file that is missing, unreadable or invalid."""
+
+
+class UntrustedError(Medcam3dError, PermissionError):
+    """Doing this would execute code (or read files) that the user did not trust (``--trust``)."""
+
+
+class UntrustedModelError(UntrustedError):
+    """Loading would execute code from a file, and trust was not given."""
+
+
+class ModelLoadError(Medcam3dError, ValueError):
+    """A model that cannot be built, or weights that do not fit it."""
+
+
+# ----------------------------------------------------------------------------- engine
+class MethodNotFoundError(_PlainMessage, Medcam3dError, KeyError, ValueError):
+    """An explainer name that is not registered."""
+
+
+class LayerNotFoundError(_PlainMessage, Medcam3dError, KeyError, ValueError):
+    """A target layer name or module that is not part of the model."""
+
+
+class LayerError(Medcam3dError, ValueError):
     """A target layer that exists but cannot be explained (not spatial, not used, ...)."""
 
 
-class TargetError(ValueError):
+class TargetError(Medcam3dError, ValueError):
     """A target (class, classes, region) that does not fit the model's output."""
 
 
@@ -43,5 +113,100 @@ class TargetIndexError(TargetError, IndexError):
     """A class index outside the model's output range."""
 
 
-class InputError(ValueError):
+class InputError(Medcam3dError, ValueError):
     """An input tensor with the wrong shape, dtype or non-finite values."""
+
+
+class ExplainerMemoryError(Medcam3dError, MemoryError):
+    """Out of (GPU) memory while explaining; the message lists what to change."""
+
+
+class ConcurrentUseError(Medcam3dError, RuntimeError):
+    """Two explanations on one model at the same time, where that cannot be made safe."""
+
+
+# ----------------------------------------------------------------------------- geometry and files
+class SpaceError(Medcam3dError, ValueError):
+    """A grid (shape, affine) that is invalid, or two grids / an array that do not fit together."""
+
+
+class PreprocessingError(Medcam3dError, ValueError):
+    """A preprocessing config that cannot be built or applied."""
+
+
+class ImageReadError(Medcam3dError, ValueError):
+    """A file that exists but cannot be read as an image (corrupt, truncated, bad header ...)."""
+
+
+class ImageNotFoundError(Medcam3dError, FileNotFoundError):
+    """The image file or DICOM directory does not exist."""
+
+
+class UnsupportedFormatError(Medcam3dError, ValueError):
+    """A file extension that medcam3d cannot read or write."""
+
+
+class VolumeError(ImageReadError):
+    """A multi-volume (4D) image read without choosing a volume, or a volume of a 3D image."""
+
+
+class VolumeIndexError(VolumeError, IndexError):
+    """``volume=`` outside the image's range of volumes."""
+
+
+class NonFiniteError(ImageReadError):
+    """Image data containing NaN or infinite voxels (pass ``allow_nan=True`` to accept them)."""
+
+
+class GeometryError(ImageReadError):
+    """A scan whose geometry cannot be trusted (uneven or duplicated DICOM slices, absurd spacing ...)."""
+
+
+class ImageTooLargeError(ImageReadError, MemoryError):
+    """A header that claims more data than the file holds, or more than is allowed to be read."""
+
+
+class ImageWriteError(Medcam3dError, OSError):
+    """Writing an image failed; no file was left at the target path."""
+
+
+class UnwritableImageError(ImageWriteError, ValueError):
+    """The array or grid cannot be stored (wrong shape, shear in a SimpleITK format, dtype ...)."""
+
+
+class OutputPermissionError(ImageWriteError, PermissionError):
+    """The output directory (or file) is not writable."""
+
+
+class OutputDirectoryError(ImageWriteError, FileNotFoundError):
+    """The output directory does not exist."""
+
+
+# ----------------------------------------------------------------------------- jobs
+class CohortError(Medcam3dError, ValueError):
+    """Inputs that do not describe a cohort (missing files, a CSV without an image column, ...)."""
+
+
+class CaseIdError(CohortError):
+    """A case id that is not one safe path component, or ids that clash."""
+
+
+class OutputConflictError(Medcam3dError, FileExistsError):
+    """An output location that medcam3d may not write or replace (an input inside it, a folder it did not write)."""
+
+
+class ShearWarning(UserWarning):
+    """The image's voxel axes are not orthogonal (sheared affine)."""
+
+
+def exit_code(error: BaseException) -> int:
+    """The ``medcam3d`` exit status for an exception that ended a command.
+
+    Medcam3d errors carry their own code (2 for usage errors and unusable inputs); Ctrl-C gives 130;
+    anything else is an unexpected failure (1).
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, Medcam3dError):
+        return int(error.exit_code)
+    return EXIT_FAILURE

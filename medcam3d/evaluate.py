@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CohortError  # noqa: F401  (re-exported)
 from ._files import atomic_write, atomic_write_text
 
 __all__ = ["Case", "CohortError", "add_parser", "collect_cases", "evaluate", "run", "METRICS"]
@@ -70,10 +71,6 @@ _IMAGE_COLUMNS = ("image", "file", "path", "filename", "scan")
 _ID_COLUMNS = ("id", "case", "case_id", "name")
 _MASK_COLUMNS = ("mask", "label", "labelmap", "mask_file", "segmentation")
 _LABEL_COLUMNS = ("labels", "labels_present", "labels present", "present", "findings")
-
-
-class CohortError(ValueError):
-    """Inputs that do not describe a cohort (missing files, a CSV without an image column, ...)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
 from .errors import InputError, LayerError, TargetError
 from .explainers import DEFAULT_METHOD, Method, MethodContext, get_explainer
 from .hooks import ActivationCapture, preserved_model_state
@@ -22,9 +23,6 @@ __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
 
 _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-class ExplainerMemoryError(MemoryError):
-    """Out of (GPU) memory while explaining; the message lists what to change."""
 
 logger = logging.getLogger(__name__)
 

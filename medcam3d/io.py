@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from medcam3d.space import Space, SpaceError
+from .errors import ImageReadError, ImageNotFoundError, UnsupportedFormatError, VolumeError, VolumeIndexError, NonFiniteError, ImageWriteError, UnwritableImageError, OutputPermissionError, OutputDirectoryError, ShearWarning, SpaceError  # noqa: F401  (re-exported)
+from .space import Space
 
 __all__ = [
     "read",
@@ -63,50 +64,6 @@ _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-
-
-class ImageReadError(ValueError):
-    """A file that exists but cannot be read as an image (corrupt, truncated, bad header ...)."""
-
-
-class ImageNotFoundError(FileNotFoundError):
-    """The image file or DICOM directory does not exist."""
-
-
-class UnsupportedFormatError(ValueError):
-    """A file extension that medcam3d cannot read or write."""
-
-
-class VolumeError(ImageReadError):
-    """A multi-volume (4D) image read without choosing a volume, or a volume of a 3D image."""
-
-
-class VolumeIndexError(VolumeError, IndexError):
-    """``volume=`` outside the image's range of volumes."""
-
-
-class NonFiniteError(ImageReadError):
-    """Image data containing NaN or infinite voxels (pass ``allow_nan=True`` to accept them)."""
-
-
-class ImageWriteError(OSError):
-    """Writing an image failed; no file was left at the target path."""
-
-
-class UnwritableImageError(ImageWriteError, ValueError):
-    """The array or grid cannot be stored (wrong shape, shear in a SimpleITK format, dtype ...)."""
-
-
-class OutputPermissionError(ImageWriteError, PermissionError):
-    """The output directory (or file) is not writable."""
-
-
-class OutputDirectoryError(ImageWriteError, FileNotFoundError):
-    """The output directory does not exist."""
-
-
-class ShearWarning(UserWarning):
-    """The image's voxel axes are not orthogonal (sheared affine)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,20 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ModelLoadError, UntrustedModelError  # noqa: F401  (re-exported)
 from .config import Config, ModelConfig
 
 __all__ = ["ModelLoadError", "UntrustedModelError", "build_network", "load_weights", "load_model"]
 
 #: Packages whose classes may be built from a config without --trust.
 TRUSTED_PACKAGES = ("monai.", "torch.nn.", "medcam3d.")
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be built, or weights that do not fit it."""
-
-
-class UntrustedModelError(PermissionError):
-    """Loading would execute code from a file, and trust was not given."""
 
 
 def build_network(network: str, args: Mapping | None = None, *, trust: bool = False) -> nn.Module:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import PreprocessingError  # noqa: F401  (re-exported)
 from .space import Space
 
 __all__ = ["DEFAULT_TRANSFORMS", "PreprocessingError", "build_transforms", "load_image", "preprocess"]
@@ -34,10 +35,6 @@ __all__ = ["DEFAULT_TRANSFORMS", "PreprocessingError", "build_transforms", "load
 DEFAULT_TRANSFORMS: list[dict] = [{"name": "Orientation", "axcodes": "RAS"}]
 
 _LOADING_STEPS = {"LoadImage", "EnsureChannelFirst"}
-
-
-class PreprocessingError(ValueError):
-    """A preprocessing config that cannot be built or applied."""
 
 
 def build_transforms(config: Sequence[Mapping] | None = None):

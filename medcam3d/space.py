@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .errors import SpaceError  # noqa: F401  (re-exported)
 
 __all__ = ["Space", "SpaceError", "feature_space", "resample"]
 
@@ -36,10 +37,6 @@ DEFAULT_CHUNK_VOXELS = 2**20
 # Tolerance (in source voxels) of the field-of-view test, so that rounding does not flip voxels
 # that lie exactly on the outer cell edge of the source grid.
 _FOV_TOL = 1e-5
-
-
-class SpaceError(ValueError):
-    """A grid (shape, affine) that is invalid, or two grids / an array that do not fit together."""
 
 
 # --------------------------------------------------------------------------------------------
