@@ -3,39 +3,66 @@
 >>> import medcam3d                                                     # doctest: +SKIP
 >>> explainer = medcam3d.Explainer(model, method="hirescam", layer="auto")  # doctest: +SKIP
 >>> result = explainer(x, target="all")                                 # doctest: +SKIP
+
+``import medcam3d`` is cheap: torch and MONAI are imported on first use of a name that needs them
+(PEP 562 module ``__getattr__``), so ``medcam3d --help`` and ``medcam3d.__version__`` stay fast.
+``from medcam3d import Explainer`` and submodules such as ``medcam3d.space`` work as usual.
 """
 
 from __future__ import annotations
 
-from .errors import (
-    InputError,
-    LayerError,
-    LayerNotFoundError,
-    MethodNotFoundError,
-    TargetError,
-    TargetIndexError,
-)
-from .explainer import Explainer, Explanation
-from .explainers import EXPLAINERS, get_explainer
-from .heatmap import normalize
-from .layers import LayerInfo, list_layers
-from .targets import Region
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Explainer",
-    "Explanation",
-    "EXPLAINERS",
-    "get_explainer",
-    "list_layers",
-    "LayerInfo",
-    "normalize",
-    "Region",
-    "InputError",
-    "LayerError",
-    "LayerNotFoundError",
-    "MethodNotFoundError",
-    "TargetError",
-    "TargetIndexError",
-]
+# Public name -> the submodule that defines it (imported on first access).
+_LAZY = {
+    "Explainer": "explainer",
+    "Explanation": "explainer",
+    "EXPLAINERS": "explainers",
+    "get_explainer": "explainers",
+    "list_layers": "layers",
+    "LayerInfo": "layers",
+    "normalize": "heatmap",
+    "Region": "targets",
+    "InputError": "errors",
+    "LayerError": "errors",
+    "LayerNotFoundError": "errors",
+    "MethodNotFoundError": "errors",
+    "TargetError": "errors",
+    "TargetIndexError": "errors",
+}
+
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .errors import (
+        InputError,
+        LayerError,
+        LayerNotFoundError,
+        MethodNotFoundError,
+        TargetError,
+        TargetIndexError,
+    )
+    from .explainer import Explainer, Explanation
+    from .explainers import EXPLAINERS, get_explainer
+    from .heatmap import normalize
+    from .layers import LayerInfo, list_layers
+    from .targets import Region
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # e.g. medcam3d.space, medcam3d.io
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
