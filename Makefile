@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # CPU build of torch that lies on this machine's disk; GPU users: install your torch into .venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+# Extra pytest arguments, e.g. make test PYTEST_ARGS='-m "not slow"' or PYTEST_ARGS=tests/test_cli.py
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +23,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed-test
-	PYTHONUTF8=1 $(PY) -m pytest -q
+# Xvfb and Qt's xcb libraries for the napari tests (apt-get; a no-op once installed). Where they
+# cannot be installed the script says so and the napari tests are skipped (tests/conftest.py).
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+test: $(VENV)/.installed-test system-deps
+	PYTHONUTF8=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m medcam3d demo
+	$(PY) -m medcam3d demo --out out/demo
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_explainers.py
