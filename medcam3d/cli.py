@@ -1,19 +1,25 @@
 """Command-line interface: ``medcam3d demo | explain | batch | layers | evaluate | info``.
 
-Heavy imports happen inside the commands so that ``medcam3d --help`` is fast. Exit codes: 0
-success, 1 a failure while running (e.g. a case that could not be read), 2 a usage error (bad
-arguments, invalid config). Messages go to stderr.
+This module only builds parsers: heavy imports (torch, MONAI) happen inside the commands, so
+``medcam3d --help`` and usage errors are fast. Exit codes (see :func:`medcam3d.errors.exit_code`):
+0 success, 1 a failure while running (a case of a cohort failed, an internal error), 2 a usage
+error (bad arguments, an invalid config, an unusable input, a refused model or output folder),
+130 interrupted (Ctrl-C). Messages go to stderr; ``-v`` shows what was chosen (layer, device ...),
+``-vv`` also debug details and the traceback of an internal error.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, Medcam3dError, UsageError, exit_code
+
+logger = logging.getLogger("medcam3d")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -130,10 +136,12 @@ def _parse_target(text: str | None):
 
 def _runner(args: argparse.Namespace, methods=None):
     from .config import load_config
+    from .jobs.runner import Runner
     from .models import load_model
-    from .pipeline import Runner
 
     config = load_config(args.config)
+    logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
+                or config.model.torchscript, config.task)
     model = load_model(config, trust=getattr(args, "trust", False))
     methods = methods or ([m.strip() for m in args.method.split(",")] if getattr(args, "method", None) else None)
     window = None
@@ -147,17 +155,15 @@ def _runner(args: argparse.Namespace, methods=None):
 
 
 def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None) -> None:
-    stream = stream or sys.stdout
-    if not rows:
-        return
-    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns), file=stream)
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns), file=stream)
+    from .jobs.report import print_table
+
+    print_table(rows, columns, stream)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from .jobs.outputs import check_output_location
+
+    check_output_location(args.out, [args.image, args.mask])
     runner = _runner(args)
     result = runner.run_case(args.image, args.out, mask=args.mask)
     print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
@@ -170,48 +176,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect_inputs(inputs: Path):
-    """Cases from a folder (image files and DICOM folders) or a CSV with columns image[, id, mask]."""
-    import csv
-
-    from .cohort import Case
-    from .pipeline import case_id_of
-
-    if inputs.is_file() and inputs.suffix.lower() == ".csv":
-        with inputs.open(newline="", encoding="utf-8") as stream:
-            rows = list(csv.DictReader(stream))
-        if not rows or "image" not in rows[0]:
-            raise UsageError(f"{inputs}: a cohort CSV needs a header with an 'image' column (and optionally 'id', 'mask').")
-        cases = []
-        for row in rows:
-            image = Path(row["image"]) if Path(row["image"]).is_absolute() else inputs.parent / row["image"]
-            mask = row.get("mask") or None
-            if mask and not Path(mask).is_absolute():
-                mask = inputs.parent / mask
-            cases.append(Case(row.get("id") or case_id_of(image), image, Path(mask) if mask else None))
-        return cases
-    if inputs.is_dir():
-        suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-        cases = []
-        for path in sorted(inputs.iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.is_file() and path.name.lower().endswith(suffixes) and "_mask" not in path.name:
-                cases.append(Case(case_id_of(path), path))
-            elif path.is_dir() and any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file()):
-                cases.append(Case(path.name, path))
-        if not cases:
-            raise UsageError(f"{inputs} holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM folders).")
-        return cases
-    raise UsageError(f"--inputs {str(inputs)!r} is neither a folder nor a .csv file.")
-
-
 def _cmd_batch(args: argparse.Namespace) -> int:
     import torch
 
-    from .cohort import distributed_context, run_cohort
+    from .jobs.cases import collect_cases
+    from .jobs.cohort import distributed_context, run_cohort
+    from .jobs.outputs import check_output_location
 
-    cases = _collect_inputs(Path(args.inputs))
+    cases = collect_cases(args.inputs)
+    check_output_location(args.out, [p for case in cases for p in (case.image, case.mask)])
     context = distributed_context(args.device)
     if context.distributed and args.device in ("auto", "cuda") and torch.cuda.is_available():
         args.device = f"cuda:{context.local_rank}"
@@ -265,24 +238,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not DEMO_CONFIG.is_file() or not DEMO_CASES.is_file():
         print("The shipped samples are missing; running the synthetic demo instead.", file=sys.stderr)
         return _synthetic_demo(args)
-    import csv
-
-    from .cohort import write_csv
     from .config import load_config
+    from .jobs.cases import collect_cases
+    from .jobs.outputs import check_output_location
+    from .jobs.report import write_csv
+    from .jobs.runner import Runner
     from .models import load_model
-    from .pipeline import Runner
 
+    cases = collect_cases(DEMO_CASES)
+    out = check_output_location(args.out, [p for case in cases for p in (case.image, case.mask)])
     config = load_config(DEMO_CONFIG)
     runner = Runner(config, load_model(config), methods=["hirescam", "gradcam"], target="all", device=args.device)
-    with DEMO_CASES.open(newline="", encoding="utf-8") as stream:
-        cases = list(csv.DictReader(stream))
-    out = Path(args.out)
     rows, summary = [], []
     started = time.perf_counter()
     for case in cases:
-        image = DEMO_CASES.parent / case["file"]
-        mask = DEMO_CASES.parent / case["mask"] if case.get("mask") else None
-        result = runner.run_case(image, out, case_id=case.get("case_id") or case.get("case") or case.get("id"), mask=mask)
+        result = runner.run_case(case.image, out, case_id=case.id, mask=case.mask)
         summary.append(result.row())
         for finding in result.findings:
             rows.append({
@@ -317,33 +287,77 @@ EXAMPLES = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medcam3d", description="Class activation maps for 3D medical CNNs, in scanner space.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
 
-    def add(name: str, help: str, run) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, epilog=EXAMPLES,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    value = _fraction(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medcam3d`` argument parser (no heavy imports)."""
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                           help="say what was chosen (layer, device, outputs); -vv: debug details")
+    parser = argparse.ArgumentParser(prog="medcam3d", description="Class activation maps for 3D medical CNNs, in scanner space.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[verbosity])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,batch,layers,evaluate,info}")
+
+    def add(name: str, help: str, run, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description or help, epilog=EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, parents=[verbosity])
         sub.set_defaults(run=run)
         return sub
 
     def model_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml)")
-        sub.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
+        sub.add_argument("--trust", action="store_true",
+                         help="allow configs and model files that run code (bundles, TorchScript, any class)")
 
     def compute_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
         sub.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (GPU memory / speed)")
-        sub.add_argument("--roi", type=int, nargs="+", help="explain through sliding windows of this patch size")
-        sub.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
-        sub.add_argument("--sw-batch", type=int, default=1, help="patches explained together (memory knob)")
+        sub.add_argument("--roi", type=_positive_int, nargs="+", metavar="SIZE",
+                         help="explain through sliding windows of this patch size (one value per spatial axis)")
+        sub.add_argument("--overlap", type=_fraction, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
+        sub.add_argument("--sw-batch", type=_positive_int, default=1, help="patches explained together (memory knob)")
 
     demo = add("demo", "run the main job on the shipped samples with the demo model", _cmd_demo)
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     demo.add_argument("--synthetic", action="store_true", help="instead: a generated volume with a planted lesion")
-    demo.add_argument("--size", type=int, default=64, help="--synthetic: edge of the generated cube, voxels")
+    demo.add_argument("--size", type=_positive_int, default=64, help="--synthetic: edge of the generated cube, voxels")
     demo.add_argument("--seed", type=int, default=0, help="--synthetic: seed")
 
     explain = add("explain", "explain one scan", _cmd_explain)
@@ -358,42 +372,88 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = add("batch", "explain a cohort (folder or CSV), resumable", _cmd_batch)
     model_options(batch)
-    batch.add_argument("--inputs", required=True, help="folder of scans, or CSV with columns image[, id, mask]")
+    batch.add_argument("--inputs", required=True,
+                       help="folder of scans, or CSV with an image (or file) column and optional id, mask columns")
     batch.add_argument("--out", required=True)
     batch.add_argument("--method", help="method or comma list")
     batch.add_argument("--target", help="all | predicted | index | name | comma list")
     batch.add_argument("--layer")
-    batch.add_argument("--resume", action="store_true", help="skip cases whose output folder is complete")
+    batch.add_argument("--resume", action="store_true",
+                       help="skip cases already explained with the same methods, target, layer and config")
     compute_options(batch)
-    batch.add_argument("--workers", type=int, default=1, help="DataLoader worker processes reading scans (0: none)")
+    batch.add_argument("--workers", type=_non_negative_int, default=1, help="DataLoader worker processes reading scans (0: none)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = add("layers", "list candidate target layers and their output shapes", _cmd_layers)
     model_options(layers)
     layers.add_argument("--image", help="preprocess this scan to get the input size")
-    layers.add_argument("--shape", type=int, nargs="+", help="input shape C D H W")
+    layers.add_argument("--shape", type=_positive_int, nargs="+", help="input shape C D H W")
 
-    from .evaluate import add_parser as add_evaluate
+    evaluate = add("evaluate", "score explanation methods on a cohort: localization, faithfulness, sanity; report + "
+                   "failure gallery", _cmd_evaluate,
+                   description="Localization (pointing game, energy, Dice/IoU, box IoU), faithfulness (deletion/insertion, "
+                               "completeness) and the randomization sanity check per case, class and method; a summary "
+                               "table (CSV, Markdown), plots, and a gallery of the misclassified cases.")
+    evaluate.add_argument("--config", required=True, help="YAML config (model, classes, preprocessing)")
+    evaluate.add_argument("--inputs", required=True, help="folder of scans, or CSV with columns image|file[, id, mask, labels]")
+    evaluate.add_argument("--masks", help="folder of ground-truth label maps named <case>_mask.nii.gz (label c+1 = class c)")
+    evaluate.add_argument("--methods", default="hirescam,gradcam", help="comma list (default: hirescam,gradcam)")
+    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto (default: cpu)")
+    evaluate.add_argument("--steps", type=_positive_int, default=10, help="deletion/insertion steps per curve (default: 10)")
+    evaluate.add_argument("--max-fraction", type=_open_fraction, default=0.05,
+                          help="share of the ranked voxels the deletion/insertion curves cover (default: 0.05)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="perturbed volumes per forward pass (default: 8)")
+    evaluate.add_argument("--randomization-cases", type=_non_negative_int, default=1,
+                          help="cases for the randomization test (default: 1)")
+    evaluate.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    add_evaluate(commands)
     add("info", "print versions for bug reports", _cmd_info)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``medcam3d`` console script."""
-    from .config import ConfigError
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .jobs.evaluate import run
 
+    return run(args)
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("medcam3d: %(message)s" if verbosity <= 1 else
+                                           "medcam3d %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger("medcam3d")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medcam3d`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbosity = getattr(args, "verbose", 0)
+    _configure_logging(verbosity)
     try:
         return int(args.run(args))
-    except (UsageError, ConfigError) as error:
+    except KeyboardInterrupt:
+        print(f"medcam3d {args.command}: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Medcam3dError as error:
         print(f"medcam3d {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, RuntimeError, KeyError) as error:
-        print(f"medcam3d {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return exit_code(error)
+    except MemoryError as error:
+        print(f"medcam3d {args.command}: error: out of memory ({error or 'no details'}). Try --roi for sliding windows, "
+              "--amp bf16 on a GPU, or a machine with more memory.", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # a bug or an environment failure: one line, traceback only with -vv
+        if verbosity >= 2:
+            logger.exception("internal error")
+        print(f"medcam3d {args.command}: error: {type(error).__name__}: {error}"
+              + ("" if verbosity >= 2 else " (run with -vv for the traceback)"), file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

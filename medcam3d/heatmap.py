@@ -10,6 +10,7 @@ preprocessing. Normalization is a separate, explicit step; raw values are kept.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +199,30 @@ def to_scanner_space(
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "map"
+    """Letters (any script), digits and ``._+-``; other runs become ``-``; never starts with a dot."""
+    return re.sub(r"[^\w.+-]+", "-", unicodedata.normalize("NFC", text)).strip("-.") or "map"
+
+
+def unique_file_labels(class_names: Sequence[str]) -> list[str]:
+    """The file labels of ``class_names``; raises when two of them would name the same files.
+
+    Raises
+    ------
+    ValueError
+        Class names that repeat, or that clean up to the same file label (ignoring case), listed.
+    """
+    from .errors import ConfigError
+
+    labels = [_safe(name) if name else f"class{i}" for i, name in enumerate(class_names)]
+    seen: dict[str, list[str]] = {}
+    for name, label in zip(class_names, labels):
+        seen.setdefault(label.casefold(), []).append(name)
+    clashes = {k: v for k, v in seen.items() if len(v) > 1}
+    if clashes:
+        listed = "; ".join(f"{v} -> {k!r}" for k, v in clashes.items())
+        raise ConfigError(f"class_names would overwrite each other's files: {listed}. Give every class a distinct "
+                          "name (letters, digits, '.', '_', '+', '-').")
+    return labels
 
 
 def save_heatmaps(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,8 @@ import torch
 from monai.networks.nets import DenseNet
 
 from medcam3d import io
-from medcam3d.evaluate import CohortError, add_parser, collect_cases, evaluate, run
+from medcam3d.cli import build_parser, main
+from medcam3d.evaluate import CohortError, collect_cases, evaluate, run
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
 
@@ -60,9 +59,7 @@ preprocessing:
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_run_end_to_end_from_a_folder_with_masks(cohort, tmp_path, capsys):
@@ -140,7 +137,7 @@ def test_collect_cases_reads_csv_columns_and_masks_folder(cohort, tmp_path):
     bad.write_text("scanpath\nx.nii.gz\n")
     with pytest.raises(CohortError, match="'image'"):
         collect_cases(bad)
-    with pytest.raises(CohortError, match="neither a folder nor a .csv"):
+    with pytest.raises(CohortError, match="does not exist"):
         collect_cases(tmp_path / "missing")
 
 
@@ -148,20 +145,10 @@ def test_run_reports_bad_inputs_with_exit_code_2(cohort, tmp_path, capsys):
     _, config = cohort
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = _parse(["evaluate", "--config", str(config), "--inputs", str(empty), "--out", str(tmp_path / "o"), "--quiet"])
-    assert run(args) == 2
+    assert main(["evaluate", "--config", str(config), "--inputs", str(empty), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "holds no scans" in capsys.readouterr().err
 
 
-def _shipped() -> bool:
-    files = ("configs/demo.yaml", "data_samples/cases.csv")
-    if not all((REPO / f).is_file() for f in files):
-        return False
-    tracked = subprocess.run(["git", "ls-files", *files], cwd=REPO, capture_output=True, text=True).stdout.split()
-    return len(tracked) == 2
-
-
-@pytest.mark.skipif(not _shipped(), reason="configs/demo.yaml and data_samples/cases.csv are not in git yet")
 def test_evaluate_on_the_shipped_demo_samples(tmp_path):
     out = evaluate(REPO / "configs" / "demo.yaml", REPO / "data_samples" / "cases.csv", tmp_path / "demo",
                    methods=("hirescam",), progress=False, steps=2, randomization_cases=0)

@@ -1,0 +1,511 @@
+"""The evaluate job: localization, faithfulness and sanity metrics over a cohort, with a report.
+
+For every case, class and method it computes, on the scan's grid where a ground-truth mask
+exists, the pointing game (exact and with a tolerance in mm), the energy-based pointing game,
+Dice/IoU over thresholds (best and area under the curve) and box IoU; on the model's input grid
+the deletion and insertion curves (their areas); and HiResCAM's completeness error where the
+head allows it. On the first case(s) it runs the cascading model-parameter randomization test,
+with Guided Backprop as the known failing reference. It writes into ``out_dir``:
+
+==========================  =========================================================================
+``metrics.csv``             one row per (case, class, method)
+``cases.csv``               one row per case: status, probabilities, truth
+``summary.csv``/``.md``     mean ± std (and n) per method and metric; classification counts; the
+                            randomization table
+``curves.png``              mean deletion and insertion curves per method (± 1 std)
+``randomization.png``       Spearman and SSIM to the original map per cascade step and method
+``randomization.csv``       the same numbers
+``failures/``               the failure gallery: a 3-plane picture per misclassified (case, class,
+                            method), false positives and false negatives at p = 0.5, and
+                            ``failures/README.md`` listing them
+==========================  =========================================================================
+
+Ground truth: a mask is a label map on the scan's grid, label ``c + 1`` = class ``c``; without a
+mask, a ``labels`` column of the CSV (class names or indices separated by ``;`` ``,`` ``|`` or
+spaces) gives presence only. Every output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.integrate import trapezoid
+import torch
+
+from ..errors import CohortError  # noqa: F401  (re-exported)
+from .cases import Case, collect_cases
+from .report import save_figure as _save_figure, write_csv as _write_csv, write_text as _write_text
+
+__all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS"]
+
+logger = logging.getLogger(__name__)
+
+#: Summary metrics, in table order: (column, short description).
+METRICS: tuple[tuple[str, str], ...] = (
+    ("pointing_game", "peak inside the lesion"),
+    ("pointing_game_tol", "peak within the tolerance of the lesion"),
+    ("energy_pointing_game", "share of positive map mass inside the lesion"),
+    ("best_dice", "best Dice over thresholds"),
+    ("auc_dice", "mean Dice over thresholds (area under the curve)"),
+    ("best_iou", "best IoU over thresholds"),
+    ("auc_iou", "mean IoU over thresholds"),
+    ("box_iou", "IoU of the boxes of the map's largest component (≥ 0.5 max) and of the lesion"),
+    ("deletion_auc", "area under the deletion curve"),
+    ("insertion_auc", "area under the insertion curve"),
+    ("completeness_error", "|Σ map − (logit − bias)| (HiResCAM, suitable heads)"),
+)
+_LOWER_IS_BETTER = {"deletion_auc", "completeness_error"}
+
+# ---------------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------------- the job
+@dataclass
+class _State:
+    rows: list[dict] = field(default_factory=list)
+    cases: list[dict] = field(default_factory=list)
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)  # method -> mode -> [(fractions, scores)]
+    failures: list[dict] = field(default_factory=list)
+    randomization: list = field(default_factory=list)  # (case, class, report)
+    notes: list[str] = field(default_factory=list)
+    references: list[dict] = field(default_factory=list)  # random-ranking deletion/insertion rows
+
+    def add_curves(self, method: str, curves: dict) -> None:
+        for mode, curve in curves.items():
+            self.curves.setdefault(method, {}).setdefault(mode, []).append((curve.fractions, curve.scores))
+
+
+def evaluate(
+    config_path: str | Path,
+    inputs: str | Path,
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] = ("hirescam", "gradcam"),
+    masks: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    steps: int = 10,
+    batch_size: int = 8,
+    baseline: object = "blur",
+    max_fraction: float = 0.05,
+    tolerance_mm: float = 10.0,
+    randomization_cases: int = 1,
+    randomization_steps: int = 5,
+    trust: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Evaluate explanation methods on a cohort and write the report into ``out_dir``.
+
+    Parameters
+    ----------
+    config_path : path
+        YAML config (model, classes, preprocessing; see :mod:`medcam3d.config`).
+    inputs : path
+        Folder of scans or CSV (see :func:`collect_cases`).
+    out_dir : path
+        Created if needed; nothing is written outside it.
+    methods : sequence of str
+        Explanation methods to compare.
+    masks : path, optional
+        Folder of ``<case>_mask.nii.gz`` label maps (label ``c + 1`` = class ``c``).
+    device : str
+        ``cpu``, ``cuda``, ``auto`` ...
+    progress : bool
+        A tqdm progress bar on stderr.
+    steps, batch_size, baseline, max_fraction
+        Deletion/insertion curves: steps per curve, volumes per forward pass, what removed voxels
+        become, and the share of the ranked voxels the curves cover (default the first 5 %: a
+        lesion is a small part of a 3D volume); see
+        :func:`medcam3d.metrics.faithfulness.perturbation_curves`. A seeded random ranking gives
+        the ``random`` reference rows.
+    tolerance_mm : float
+        Tolerance of ``pointing_game_tol``.
+    randomization_cases : int
+        How many cases (the first with a lesion, else the first) get the randomization test; 0: none.
+    randomization_steps : int
+        Cascade steps of the randomization test (the layers are grouped from the output down).
+    trust : bool
+        Allow model files that execute code (see :func:`medcam3d.models.load_model`).
+    seed : int
+
+    Returns
+    -------
+    Path
+        ``out_dir``, holding ``summary.md`` and the files listed in the module docstring.
+    """
+    from tqdm import tqdm
+
+    from ..config import Config, load_config
+    from ..models import load_model
+    from .runner import Runner
+
+    started = time.perf_counter()
+    config = config_path if isinstance(config_path, Config) else load_config(config_path)
+    if config.task == "segmentation":
+        raise CohortError("evaluate needs a classifier (task multilabel, multiclass or binary); this config's task is "
+                          "'segmentation'.")
+    methods = [m.strip() for m in methods if m.strip()]
+    if not methods:
+        raise CohortError("Give at least one method, e.g. methods=('hirescam', 'gradcam').")
+    cases = collect_cases(inputs, masks)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(config, trust=trust)
+    runner = Runner(config, model, methods=methods, target="all", device=device)
+    state = _State()
+    chosen = _randomization_choice(cases, randomization_cases)
+    bar = tqdm(cases, desc="evaluating", unit="case", file=sys.stderr, disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.id)
+        try:
+            _evaluate_case(case, runner, out, state, steps=steps, batch_size=batch_size, baseline=baseline,
+                           max_fraction=max_fraction, tolerance_mm=tolerance_mm, seed=seed,
+                           randomize=case.id in chosen, randomization_steps=randomization_steps)
+        except Exception as error:  # recorded; the cohort goes on
+            logger.warning("case %s failed: %s: %s", case.id, type(error).__name__, error)
+            state.cases.append({"case": case.id, "image": str(case.image), "status": "error",
+                                "error": f"{type(error).__name__}: {error}"})
+    bar.close()
+    _write_outputs(out, state, runner, tolerance_mm=tolerance_mm, seconds=time.perf_counter() - started,
+                   baseline=baseline, steps=steps, max_fraction=max_fraction)
+    return out
+
+
+def _randomization_choice(cases: list[Case], count: int) -> set[str]:
+    if count <= 0:
+        return set()
+    with_truth = [c.id for c in cases if c.mask is not None or c.labels]
+    ordered = with_truth + [c.id for c in cases if c.id not in with_truth]
+    return set(ordered[:count])
+
+
+def _truth(case: Case, labels: np.ndarray | None, names: list[str]) -> list[bool | None]:
+    """Per class: lesion present (True/False) or unknown (None)."""
+    if labels is not None:
+        return [bool(np.any(labels == c + 1)) for c in range(len(names))]
+    if case.labels is not None:
+        given = {t.strip().lower() for t in case.labels}
+        return [(name.lower() in given) or (str(c) in given) for c, name in enumerate(names)]
+    return [None] * len(names)
+
+
+def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, batch_size: int, baseline: object,
+                   max_fraction: float, tolerance_mm: float, seed: int, randomize: bool,
+                   randomization_steps: int) -> None:
+    from ..masks import threshold_mask
+    from ..metrics import (
+        box_iou,
+        completeness,
+        dice_iou_curve,
+        energy_pointing_game,
+        perturbation_curves,
+        pointing_game,
+        randomization_test,
+    )
+    from .runner import load_case, probabilities
+
+    config = runner.config
+    loaded = load_case(case.image, runner.transforms, case.mask)  # scan read once; mask checked against its grid
+    scanner_space, scan = loaded.scanner_space, loaded.scan
+    batch = loaded.x[None].to(runner.device)
+    labels = None if loaded.labels is None else np.rint(np.asarray(loaded.labels)).astype(np.int64)
+
+    complete = None
+    layer_name = "auto"
+    referenced: set[int] = set()  # classes whose random-ranking reference curves exist for this case
+    options = dict(steps=steps, baseline=baseline, batch_size=batch_size, task=config.task, seed=seed,
+                   max_fraction=max_fraction)
+    record: dict = {"case": case.id, "image": str(case.image), "status": "ok", "error": ""}
+    for explainer in runner.explainers:
+        explanation = runner.explain(explainer, batch)  # target "all"; sliding windows when configured
+        if explanation.logits.ndim != 2:
+            raise CohortError(f"The model returned {tuple(explanation.logits.shape)}; evaluate needs (B, C) class logits.")
+        probs = probabilities(explanation.logits.float(), config.task)[0].cpu().numpy()
+        heatmaps = explanation.to_scanner_space(scanner_space)
+        names = [h.label for h in heatmaps]
+        truth = _truth(case, labels, names)
+        if "p_" + names[0] not in record:
+            for name, p, present in zip(names, probs, truth):
+                record[f"p_{name}"] = round(float(p), 4)
+                record[f"true_{name}"] = "" if present is None else int(present)
+        method = explainer.method.name
+        layer_name = explanation.layer
+        if method == "hirescam" and complete is None:
+            complete = completeness(runner.model, batch, target="all", layer=explanation.layer) or False
+        for t, heat in enumerate(heatmaps):
+            c = heat.class_index
+            p = float(probs[c]) if c < len(probs) else float("nan")
+            present = truth[t]
+            predicted = p >= 0.5
+            row: dict = {"case": case.id, "class": heat.label, "class_index": c, "method": method,
+                         "probability": round(p, 4), "predicted": int(predicted),
+                         "present": "" if present is None else int(present),
+                         "outcome": _outcome(present, predicted)}
+            if present and labels is not None:
+                lesion = labels == c + 1
+                curve = dice_iou_curve(heat.data, lesion)
+                region = threshold_mask(heat.data, "fraction", 0.5, keep_largest=True)
+                row.update(
+                    pointing_game=int(pointing_game(heat.data, lesion)),
+                    pointing_game_tol=int(pointing_game(heat.data, lesion, heat.space, tolerance_mm=tolerance_mm)),
+                    energy_pointing_game=energy_pointing_game(heat.data, lesion),
+                    best_dice=curve.best_dice, auc_dice=curve.auc_dice,
+                    best_iou=curve.best_iou, auc_iou=curve.auc_iou,
+                    box_iou=box_iou(region, lesion),
+                )
+            if present or predicted:
+                curves = perturbation_curves(runner.model, batch, explanation.maps[0, t], c, **options)
+                row.update(deletion_auc=curves["deletion"].auc, insertion_auc=curves["insertion"].auc)
+                state.add_curves(method, curves)
+                if c not in referenced:  # the same perturbations in a random order: the chance level
+                    referenced.add(c)
+                    noise = torch.rand(explanation.maps.shape[2:], generator=torch.Generator().manual_seed(seed + c))
+                    reference = perturbation_curves(runner.model, batch, noise, c, **options)
+                    state.add_curves("random", reference)
+                    state.references.append({
+                        "case": case.id, "class": heat.label, "class_index": c, "method": "random",
+                        "probability": row["probability"], "predicted": row["predicted"], "present": row["present"],
+                        "outcome": row["outcome"], "deletion_auc": float(f"{reference['deletion'].auc:.6g}"),
+                        "insertion_auc": float(f"{reference['insertion'].auc:.6g}")})
+            if method == "hirescam" and complete:
+                position = list(complete.class_indices).index(c) if c in list(complete.class_indices) else None
+                if position is not None:
+                    row["completeness_error"] = abs(float(complete.errors[0, position]))
+            state.rows.append({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()})
+            if row["outcome"] in ("FP", "FN") and scan.ndim == 3:
+                lesion = None if labels is None else labels == c + 1
+                state.failures.append(_failure_picture(out, case, heat, scan, row, lesion))
+    state.cases.append(record)
+    if randomize:
+        target, label = _randomization_target(state.rows, case.id)
+        try:
+            with warnings.catch_warnings():  # the report itself shows Guided Backprop failing
+                warnings.filterwarnings("ignore", message=".*model-parameter randomization test")
+                report = randomization_test(runner.model, batch, target, methods=[*runner.methods, "guided_backprop"],
+                                            layer=layer_name, max_steps=randomization_steps, seed=seed)
+        except Exception as error:  # the sanity check is optional; the case's metrics stand
+            logger.warning("randomization test on case %s failed: %s: %s", case.id, type(error).__name__, error)
+            state.notes.append(f"The randomization test on case {case.id} failed: {type(error).__name__}: {error}")
+        else:
+            state.randomization.append((case.id, label, report))
+
+
+def _outcome(present: bool | None, predicted: bool) -> str:
+    if present is None:
+        return ""
+    return {(True, True): "TP", (False, False): "TN", (False, True): "FP", (True, False): "FN"}[(present, predicted)]
+
+
+def _randomization_target(rows: list[dict], case_id: str) -> tuple[int, str]:
+    """The class to explain in the randomization test: a present lesion, else the most probable class."""
+    own = [r for r in rows if r["case"] == case_id]
+    present = [r for r in own if r.get("present") == 1]
+    chosen = present[0] if present else max(own, key=lambda r: r["probability"])
+    return int(chosen["class_index"]), str(chosen["class"])
+
+
+def _failure_picture(out: Path, case: Case, heat, scan: np.ndarray, row: dict, lesion: np.ndarray | None) -> dict:
+    from .report import save_slices
+
+    folder = out / "failures"
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = {"FP": "false positive", "FN": "false negative"}[row["outcome"]]
+    name = f"{case.id}_{heat.file_label}_{row['outcome']}_{heat.method}.png"
+    title = f"{case.id} · {heat.label}: {kind} (p = {row['probability']:.2f}) · {heat.method}"
+    data = heat.data
+    if float(data.max()) > 0:
+        _, peak_mm = heat.peak()
+    else:
+        # Nothing to show: the model gave this class no positive evidence anywhere. save_slices cuts
+        # through the map's maximum, so mark one voxel (the lesion's centre, else the volume's) to
+        # get slices through it; the title says so.
+        centre = np.argwhere(lesion).mean(0) if lesion is not None and lesion.any() else (np.asarray(data.shape) - 1) / 2
+        voxel = tuple(int(round(v)) for v in centre)
+        data = np.zeros_like(data)
+        data[voxel] = 1.0
+        peak_mm = heat.space.voxel_to_world(np.asarray(voxel, dtype=float))
+        where = "the lesion's centre" if lesion is not None and lesion.any() else "the volume's centre"
+        title += f" — map zero everywhere; slices through {where} (marked)"
+    save_slices(folder / name, scan, data, heat.space, title=title, peak_mm=tuple(float(v) for v in peak_mm))
+    return {"case": case.id, "class": heat.label, "outcome": row["outcome"], "probability": row["probability"],
+            "method": heat.method, "picture": f"failures/{name}"}
+
+
+# --------------------------------------------------------------------------------- the report
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    array = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))], dtype=float)
+    if array.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0, int(array.size)
+
+
+def _summary(rows: list[dict], methods: list[str]) -> list[dict]:
+    table = []
+    for method in methods:
+        own = [r for r in rows if r["method"] == method]
+        for metric, _ in METRICS:
+            mean, std, n = _mean_std([r[metric] for r in own if metric in r and r[metric] != ""])
+            if n:
+                table.append({"method": method, "metric": metric, "mean": round(mean, 4), "std": round(std, 4), "n": n})
+    return table
+
+
+def _classification(rows: list[dict], method: str) -> dict:
+    own = [r for r in rows if r["method"] == method and r["outcome"]]
+    counts = {k: sum(r["outcome"] == k for r in own) for k in ("TP", "TN", "FP", "FN")}
+    return counts
+
+
+def _markdown(state: _State, summary: list[dict], methods: list[str], *, tolerance_mm: float, seconds: float,
+              baseline: object, steps: int, max_fraction: float) -> str:
+    ok = [c for c in state.cases if c["status"] == "ok"]
+    failed = [c for c in state.cases if c["status"] != "ok"]
+    lines = ["# medcam3d evaluate", "",
+             f"{len(ok)} case(s) evaluated, {len(failed)} failed, in {seconds:.1f} s. "
+             f"Localization on the scan's grid for present lesions; deletion/insertion on the model's input grid "
+             f"(the first {100 * max_fraction:g} % of the voxels in {steps} steps, baseline {baseline!r}) for "
+             f"classes present or predicted (p ≥ 0.5); `random` is the same perturbation in a random order "
+             f"(chance level).", ""]
+    metrics = [m for m, _ in METRICS if any(s["metric"] == m for s in summary)]
+    if metrics:
+        lines += ["## Mean ± std per method", "",
+                  "| method | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for method in [*methods, "random"]:
+            if not any(row["method"] == method for row in summary):
+                continue
+            cells = []
+            for metric in metrics:
+                found = [s for s in summary if s["method"] == method and s["metric"] == metric]
+                cells.append(f"{found[0]['mean']:.3f} ± {found[0]['std']:.3f} (n={found[0]['n']})" if found else "–")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Metrics: " + "; ".join(
+            f"`{m}` {d}" + (" (↓)" if m in _LOWER_IS_BETTER else "") for m, d in METRICS if m in metrics)
+            + f". Tolerance of `pointing_game_tol`: {tolerance_mm:g} mm.", ""]
+    counts = _classification(state.rows, methods[0]) if methods else {}
+    if any(counts.values()):
+        lines += ["## Classification (threshold 0.5)", "",
+                  "| TP | TN | FP | FN |", "|---|---|---|---|",
+                  f"| {counts['TP']} | {counts['TN']} | {counts['FP']} | {counts['FN']} |", ""]
+    for case_id, label, report in state.randomization:
+        lines += [f"## Model-parameter randomization test (case {case_id}, class {label})", "",
+                  f"Layers re-initialized from the output down in {len(report.steps)} cascading steps; similarity of each "
+                  f"map to the trained model's. A method passes when its mean |Spearman| over the cascade is < {report.threshold}. CAM maps are "
+                  "compared signed, Guided Backprop (the known failing reference) as magnitude pooled onto the CAM "
+                  "feature grid.", "",
+                  report.to_markdown(), "![randomization](randomization.png)", ""]
+    if state.curves:
+        lines += ["## Deletion and insertion curves", "", "![curves](curves.png)", ""]
+    lines += ["## Failure gallery", ""]
+    if state.failures:
+        lines += ["Misclassified (case, class) pairs with what each method looked at: [failures/README.md]"
+                  "(failures/README.md).", ""]
+        lines += [f"- {f['case']} · {f['class']} · {f['outcome']} (p = {f['probability']:.2f}) · {f['method']}: "
+                  f"![{f['case']}]({f['picture']})" for f in state.failures]
+    else:
+        lines.append("No misclassified case with known ground truth.")
+    if failed:
+        lines += ["", "## Cases that failed", ""] + [f"- {c['case']}: {c['error']}" for c in failed]
+    if state.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in state.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(path: Path, curves: dict[str, dict[str, list]]) -> Path:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
+    for axis, mode in zip(axes, ("deletion", "insertion")):
+        for number, (method, by_mode) in enumerate(curves.items()):
+            pairs = by_mode.get(mode, [])
+            if not pairs:
+                continue
+            fractions = pairs[0][0]
+            stack = np.asarray([scores for _, scores in pairs])
+            mean, std = stack.mean(0), stack.std(0)
+            area = float(trapezoid(mean, fractions) / fractions[-1])
+            style = dict(color="grey", ls="--") if method == "random" else dict(ls=("-", ":", "-.")[number % 3],
+                                                                                   lw=2.6 - 0.7 * (number % 3))
+            axis.plot(100 * fractions, mean, label=f"{method} (AUC {area:.3f}, n={len(stack)})", **style)
+            axis.fill_between(100 * fractions, mean - std, mean + std, alpha=0.12, color=style.get("color"))
+        verb = "removed" if mode == "deletion" else "revealed"
+        axis.set(title=f"{mode} (mean ± std)", xlabel=f"% of the input voxels {verb}, most important first",
+                 ylabel="class probability", ylim=(-0.02, 1.02))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save_figure(path, figure)
+
+
+def _plot_randomization(path: Path, reports: list) -> Path:
+    from matplotlib.figure import Figure
+
+    case_id, label, report = reports[0]
+    figure = Figure(figsize=(11, 4.2))
+    axes = figure.subplots(1, 2)
+    steps = np.arange(1, len(report.steps) + 1)
+    for axis, (name, values) in zip(axes, (("Spearman rank correlation", report.spearman), ("SSIM", report.ssim))):
+        for number, (method, series) in enumerate(values.items()):
+            # distinct styles: on a GAP head HiResCAM and Grad-CAM coincide and must both stay visible
+            style = dict(ls="--", marker="^", lw=1.5, ms=6) if "guided" in method else \
+                dict(ls=("-", ":", "-.")[number % 3], marker="osDv"[number % 4], lw=3.0 - 0.8 * (number % 3), ms=8 - 2 * (number % 3))
+            axis.plot(np.r_[0, steps], np.r_[1.0, series], label=method, **style)
+        axis.axhline(0, color="grey", lw=0.8)
+        axis.set_xticks(np.r_[0, steps])
+        labels = [name if len(name) <= 26 else "…" + name[-25:] for name in report.steps]
+        axis.set_xticklabels(["trained"] + [f"down to {s}" for s in labels], rotation=30, ha="right", fontsize=7)
+        axis.set(title=f"{name} to the trained model's map", ylabel=name, ylim=(-1.05, 1.05))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Cascading randomization, output layer first (case {case_id}, class {label})", fontsize=10)
+    figure.tight_layout()
+    return _save_figure(path, figure)
+
+
+def _write_outputs(out: Path, state: _State, runner, *, tolerance_mm: float, seconds: float, baseline: object,
+                   steps: int, max_fraction: float) -> None:
+    methods = [e.method.name for e in runner.explainers]
+    rows = state.rows + state.references
+    summary = _summary(rows, [*methods, "random"])
+    _write_csv(out / "metrics.csv", rows)
+    _write_csv(out / "cases.csv", state.cases)
+    _write_csv(out / "summary.csv", summary)
+    if state.curves:
+        _plot_curves(out / "curves.png", state.curves)
+    if state.randomization:
+        rows = [{"case": case_id, "class": label, **row} for case_id, label, report in state.randomization
+                for row in report.rows()]
+        _write_csv(out / "randomization.csv", rows)
+        _plot_randomization(out / "randomization.png", state.randomization)
+    gallery = ["# Failure gallery", "", "False positives (FP) and false negatives (FN) at p = 0.5, with the map of "
+               "each method: what the model looked at when it was wrong.", ""]
+    gallery += [f"## {f['case']} · {f['class']} · {f['outcome']} (p = {f['probability']:.2f}) · {f['method']}\n\n"
+                f"![{f['case']} {f['method']}]({Path(f['picture']).name})\n" for f in state.failures]
+    if state.failures:
+        _write_text(out / "failures" / "README.md", "\n".join(gallery))
+    _write_text(out / "summary.md", _markdown(state, summary, methods, tolerance_mm=tolerance_mm, seconds=seconds,
+                                              baseline=baseline, steps=steps, max_fraction=max_fraction))
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    """Run ``medcam3d evaluate``; 0 when every case was evaluated, 1 when some failed, 2 for bad inputs."""
+    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    out = evaluate(args.config, args.inputs, args.out, methods=methods, masks=args.masks, device=args.device,
+                   progress=not getattr(args, "quiet", False), steps=getattr(args, "steps", 10),
+                   batch_size=getattr(args, "batch_size", 8), max_fraction=getattr(args, "max_fraction", 0.05),
+                   randomization_cases=getattr(args, "randomization_cases", 1), trust=getattr(args, "trust", False))
+    cases = list(csv.DictReader((out / "cases.csv").open(newline="", encoding="utf-8")))
+    failed = [c for c in cases if c.get("status") != "ok"]
+    print(f"{len(cases) - len(failed)}/{len(cases)} cases evaluated. Report: {out / 'summary.md'}", file=sys.stderr)
+    for case in failed:
+        print(f"  {case['case']}: {case.get('error', '')}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,320 @@
+"""The main job: a scan file in, heatmaps, masks, boxes and pictures in scanner space out.
+
+:class:`Runner` holds a loaded model and its config; :meth:`Runner.run_case` explains one scan
+with one or more methods and writes everything for that case into ``out/<case_id>/``. The case
+folder is first written under a temporary name and renamed when complete, so an interrupted run
+never leaves a half-written case; only folders that medcam3d wrote are ever replaced, and an
+output folder over an input is refused (see :mod:`medcam3d.jobs.outputs`). Each case's
+``summary.json`` records what produced it (methods, target, layer, config digest), so
+``batch --resume`` skips a case only when it was made by the same run settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, SlidingWindowConfig
+from ..explainer import Explainer
+from ..heatmap import Heatmap, save_heatmaps, to_scanner_space
+from ..masks import bounding_box, save_box, threshold_mask
+from ..errors import UsageError
+from ..heatmap import unique_file_labels
+from ..preprocess import build_transforms, preprocess
+from .cases import case_id_of, check_case_id
+from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
+
+__all__ = ["Runner", "CaseResult", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
+           "config_digest"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:<index>.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device} was requested but CUDA is not available here; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"device {device} is not supported; use auto, cpu or cuda[:<index>].")
+    return device
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Class probabilities ``(B, C)`` from classifier logits, by task (sigmoid / softmax)."""
+    if task == "multilabel":
+        return torch.sigmoid(logits)
+    if task == "binary" or logits.shape[1] == 1:
+        positive = torch.sigmoid(logits[:, :1])
+        return torch.cat([1 - positive, positive], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def config_digest(config: Config) -> str:
+    """A short digest of everything in the config that shapes the outputs (and of the weights file)."""
+    def plain(value: object) -> object:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "source"}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+    digest = hashlib.sha256(json.dumps(plain(config), sort_keys=True).encode())
+    for path in (config.model.weights, config.model.torchscript):
+        if path is not None and Path(path).is_file():
+            with open(path, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _finite(value: object) -> object:
+    """Floats that JSON can hold: NaN and infinities become ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class CaseResult:
+    """What one case produced; ``rows()`` flattens it for the summary table."""
+
+    case_id: str
+    image: str
+    status: str = "ok"
+    error: str = ""
+    probabilities: dict[str, float] = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)  # one per (method, class)
+    files: list[str] = field(default_factory=list)
+    run: dict = field(default_factory=dict)  # the settings that produced it (see Runner.run_settings)
+
+    @classmethod
+    def from_summary(cls, data: dict) -> CaseResult | None:
+        """The result recorded in a case's ``summary.json``; ``None`` when it is not a valid record."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            result = cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError:
+            return None
+        if not isinstance(result.case_id, str) or not isinstance(result.findings, list):
+            return None
+        return result
+
+    def to_summary(self) -> dict:
+        """The ``summary.json`` record, with the medcam3d marker; strict JSON (no NaN)."""
+        from .. import __version__
+
+        record = {MARKER: {"kind": "case", "version": __version__}, **dataclasses.asdict(self)}
+        return _finite(record)  # type: ignore[return-value]
+
+    def row(self) -> dict:
+        """One summary row: probabilities and, per method and class, the peak and its check."""
+        row: dict = {"case": self.case_id, "image": self.image, "status": self.status, "error": self.error}
+        for name, value in self.probabilities.items():
+            row[f"p_{name}"] = round(value, 4)
+        for finding in self.findings:
+            key = f"{finding['method']}_{finding['class']}"
+            row[f"{key}_peak_mm"] = " ".join(f"{v:.1f}" for v in finding["peak_mm"])
+            if finding.get("peak_in_lesion") is not None:
+                row[f"{key}_peak_in_lesion"] = finding["peak_in_lesion"]
+        return row
+
+
+@dataclass
+class LoadedCase:
+    """A scan read and preprocessed: the model input, the scan's grid and voxels, its labels."""
+
+    x: torch.Tensor
+    scanner_space: object
+    scan: np.ndarray
+    labels: np.ndarray | None = None
+
+
+def load_case(image: str | Path, transforms, mask: str | Path | None = None) -> LoadedCase:
+    """Read a scan once, preprocess it, and read its ground-truth label map if given.
+
+    Raises
+    ------
+    ValueError
+        When the mask is not on the scan's grid (and the I/O errors of :func:`medcam3d.io.read`).
+    """
+    from .. import io
+
+    scan, scanner_space = io.read(image)
+    x, _ = preprocess((scan, scanner_space), transforms)
+    labels = None
+    if mask is not None:
+        labels, mask_space = io.read(mask, dtype=None)
+        if not mask_space.isclose(scanner_space, atol=1e-3):
+            raise ValueError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}).")
+    return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels)
+
+
+class Runner:
+    """A model with its config, ready to explain scans.
+
+    Parameters
+    ----------
+    config : Config
+    model : nn.Module
+        Loaded, in eval mode (see :func:`medcam3d.models.load_model`).
+    methods : sequence of str, optional
+        Default: the config's method.
+    target, layer : optional
+        Override the config's.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+    """
+
+    def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
+                 target: object = None, layer: str | None = None, device: str = "auto",
+                 sliding_window: SlidingWindowConfig | None = None, amp: str | None = None) -> None:
+        self.config = config
+        self.sliding_window = sliding_window or config.sliding_window
+        self.amp = amp or config.amp
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.methods = list(methods) if methods else [config.method]
+        self.target = config.target if target is None else target
+        self.layer = layer or config.layer
+        self.transforms = build_transforms(config.preprocessing)
+        if config.class_names:
+            unique_file_labels(config.class_names)  # clashing file labels are refused before any work
+        self.explainers = [
+            Explainer(self.model, method, layer=self.layer, class_names=config.class_names, amp=self.amp)
+            for method in self.methods
+        ]
+
+    def run_settings(self) -> dict:
+        """What shapes this runner's outputs; recorded in each case's summary and compared by resume."""
+        window = self.sliding_window
+        return {"methods": list(self.methods), "target": self.target, "layer": self.layer,
+                "config_digest": config_digest(self.config), "amp": self.amp,
+                "sliding_window": None if window is None else dataclasses.asdict(window)}
+
+    def is_done(self, out_dir: str | Path, case_id: str) -> CaseResult | None:
+        """The recorded result when ``out_dir/case_id`` was written by medcam3d with these run settings."""
+        summary = read_case_summary(Path(out_dir) / case_id)
+        result = CaseResult.from_summary(summary) if summary is not None else None
+        if result is None or result.status != "ok":
+            return None
+        expected = json.loads(json.dumps(_finite(self.run_settings()), default=str))
+        return result if result.run == expected else None
+
+    # ---------------------------------------------------------------- one case
+    def run_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
+                 mask: str | Path | None = None, overwrite: bool = True,
+                 loaded: LoadedCase | None = None) -> CaseResult:
+        """Explain one scan and write its outputs to ``out_dir/<case_id>/``.
+
+        ``mask`` is an optional ground-truth label map on the scan's grid: label ``c + 1`` marks
+        the lesion of class ``c``; each map's peak is checked against it. ``loaded`` is the case
+        already read and preprocessed (e.g. by a DataLoader worker, see :func:`load_case`).
+        """
+        case_id = check_case_id(case_id or case_id_of(image), "case id")
+        result = CaseResult(case_id=case_id, image=str(image), run=self.run_settings())
+        out_dir = check_output_location(out_dir, [image, mask])
+        final = out_dir / case_id
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out_dir, case_id)
+        if loaded is None:
+            loaded = load_case(image, self.transforms, mask)
+        x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
+        staging = staging_folder(out_dir, case_id)
+        try:
+            self._explain_into(x, scanner_space, scan, labels, staging, result, image)
+            result.files = [str(final / Path(f).name) for f in result.files if (staging / Path(f).name).is_file()]
+            text = json.dumps(result.to_summary(), indent=2, allow_nan=False, ensure_ascii=False)
+            (staging / "summary.json").write_text(text, encoding="utf-8")
+            publish_case_folder(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return result
+
+    def _explain_into(self, x, scanner_space, scan, labels, folder: Path, result: CaseResult, image) -> None:
+        output = self.config.output
+        names = self.config.class_names
+        batch = x[None].to(self.device)
+        for explainer in self.explainers:
+            explanation = self.explain(explainer, batch)
+            if not result.probabilities and explanation.logits.ndim == 2:
+                probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
+                result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
+            heatmaps = to_scanner_space(explanation, scanner_space, fill=output.fill)
+            native = to_scanner_space(explanation)  # the feature grid, exact affine
+            prefix = result.case_id
+            files = save_heatmaps(heatmaps, folder, prefix=prefix, like=image if _is_nifti(image) else None,
+                                  normalized=output.normalized, four_d=output.four_d)
+            for heat in native:
+                files.append(heat.save(folder / f"{prefix}_{explainer.method.name}_{heat.file_label}_feature.nii.gz"))
+            for heat in heatmaps:
+                files += self._localize(heat, scan, labels, folder, prefix, result, output)
+            result.files += [str(f) for f in files]
+
+    def explain(self, explainer: Explainer, batch: torch.Tensor):
+        """One explanation of a batch: direct, or through sliding windows when configured."""
+        window = self.sliding_window
+        if window is None:
+            return explainer(batch, target=self.target)
+        from ..sliding import explain_sliding_window
+
+        return explain_sliding_window(explainer, batch, self.target, roi_size=window.roi, overlap=window.overlap,
+                                      sw_batch_size=window.sw_batch, mode=window.mode)
+
+    def _localize(self, heat: Heatmap, scan, labels, folder: Path, prefix: str, result: CaseResult, output) -> list[Path]:
+        from .. import io
+        from .report import save_slices
+
+        stem = f"{prefix}_{heat.method}_{heat.file_label}"
+        voxel, world = heat.peak()
+        finding = {"method": heat.method, "class": heat.label, "class_index": heat.class_index,
+                   "score": heat.score, "peak_voxel": list(voxel), "peak_mm": [float(v) for v in world]}
+        files: list[Path] = []
+        if labels is not None:
+            lesion = labels == heat.class_index + 1
+            finding["lesion_present"] = bool(lesion.any())
+            finding["peak_in_lesion"] = bool(lesion[voxel]) if lesion.any() else None
+        if output.masks:
+            mask = threshold_mask(heat.data, output.mask_method, output.mask_value, keep_largest=True)
+            box = bounding_box(mask, heat.space)
+            files.append(io.write(folder / f"{stem}_mask.nii.gz", mask.astype(np.uint8), heat.space, descrip=heat.descrip))
+            files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=list(voxel), peak_mm=finding["peak_mm"],
+                                  threshold={"method": output.mask_method, "value": output.mask_value}))
+            finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
+        if output.pictures and scan.ndim == 3:
+            probability = result.probabilities.get(heat.label)
+            p_text = f" (p = {probability:.2f})" if probability is not None else ""
+            title = f"{prefix} · {heat.method} · {heat.label}{p_text}"
+            files.append(save_slices(folder / f"{stem}.png", scan, heat.data, heat.space, title=title, peak_mm=world))
+        result.findings.append(finding)
+        return files
+
+
+def _is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
