@@ -184,7 +184,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from .jobs.outputs import check_output_location
 
     cases = collect_cases(args.inputs)
-    check_output_location(args.out, [p for case in cases for p in (case.image, case.mask)])
+    folder = [args.inputs] if Path(args.inputs).is_dir() else []  # --out inside a folder of scans is refused too
+    check_output_location(args.out, [*folder, *(p for case in cases for p in (case.image, case.mask))])
     context = distributed_context(args.device)
     if context.distributed and args.device in ("auto", "cuda") and torch.cuda.is_available():
         args.device = f"cuda:{context.local_rank}"

@@ -112,7 +112,8 @@ def derive_case_ids(images: Sequence[Path]) -> list[str]:
 
     The id is the cleaned file name without its suffix; where two scans would get the same id
     (``p1.nii.gz`` and ``p1.nrrd``; ``p1/scan.nii.gz`` and ``p2/scan.nii.gz``), each gets a longer
-    one: with its format (``p1_nrrd``), then with its parent folder (``p2_scan``), then numbered.
+    one (the first in input order keeps the plain id): with its format where the formats differ
+    (``p1_nrrd``), with its parent folder where the names are the same (``p2_scan``), then numbered.
     Comparison ignores case, so ids also stay distinct on case-insensitive file systems.
     """
     def key(text: str) -> str:
@@ -120,19 +121,20 @@ def derive_case_ids(images: Sequence[Path]) -> list[str]:
 
     ids = [safe_component(case_id_of(p)) for p in images]
     for attempt in range(3):
-        counts: dict[str, int] = {}
-        for i in ids:
-            counts[key(i)] = counts.get(key(i), 0) + 1
-        clashing = [n for n, i in enumerate(ids) if counts[key(i)] > 1]
+        groups: dict[str, list[int]] = {}
+        for n, i in enumerate(ids):
+            groups.setdefault(key(i), []).append(n)
+        # the first of each group keeps its id; the others get a longer one
+        clashing = [(n, members[0]) for members in groups.values() if len(members) > 1 for n in members[1:]]
         if not clashing:
             return ids
-        for n in clashing:
+        for n, first in clashing:
             image = Path(images[n])
-            base = safe_component(case_id_of(image))
-            if attempt == 0:
-                fmt = image.name[len(case_id_of(image)):].lstrip(".").replace(".", "_")
-                ids[n] = safe_component(f"{base}_{fmt}" if fmt else f"{base}_dicom")
-            elif attempt == 1:
+            fmt = image.name[len(case_id_of(image)):].lstrip(".").replace(".", "_") or "dicom"
+            same_format = image.name.casefold() == Path(images[first]).name.casefold()
+            if attempt == 0 and not same_format:
+                ids[n] = safe_component(f"{ids[n]}_{fmt}")
+            elif attempt <= 1:
                 ids[n] = safe_component(f"{image.parent.name}_{ids[n]}")
             else:
                 ids[n] = safe_component(f"{ids[n]}_{n + 1}")

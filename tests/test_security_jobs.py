@@ -1,0 +1,330 @@
+"""Data safety of the jobs layer: case ids, output folders, duplicates, resume state, exit codes.
+
+Each test was written against an input that misbehaved before (a folder outside --out deleted,
+results overwritten, resume skipping work, tracebacks and wrong exit codes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DenseNet
+
+from medcam3d import io
+from medcam3d.cli import main
+from medcam3d.errors import CaseIdError, OutputConflictError
+from medcam3d.jobs.cases import check_case_id, collect_cases, derive_case_ids
+from medcam3d.jobs.outputs import check_output_location, is_own_case_folder
+from medcam3d.space import Space
+from _images import oblique_lpi_affine, planted_scan
+
+SHAPE = (29, 27, 13)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    affine = oblique_lpi_affine()
+    image, inside = planted_scan(SHAPE, affine, (affine @ [14, 13, 6, 1])[:3], radius_mm=6)
+    io.write(root / "scan.nii.gz", image, Space(SHAPE, affine))
+    io.write(root / "scan_mask.nii.gz", inside.astype(np.uint8), Space(SHAPE, affine))
+    torch.manual_seed(0)
+    model = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1))
+    torch.save(model.state_dict(), root / "weights.pt")
+    config = root / "config.yaml"
+    config.write_text(f"""
+model:
+  network: monai.networks.nets.DenseNet
+  args: {{spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}}
+  weights: {root / 'weights.pt'}
+task: multilabel
+class_names: [bright, dark]
+preprocessing:
+  - {{name: Orientation, axcodes: RAS}}
+  - {{name: ResizeWithPadOrCrop, spatial_size: [16, 16, 16]}}
+output: {{pictures: false}}
+""")
+    return root, config
+
+
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+
+
+def _batch(config, inputs, out, *extra):
+    return main(["batch", "--config", str(config), "--inputs", str(inputs), "--out", str(out), "--quiet", *extra])
+
+
+# ------------------------------------------------------------------------------------ case ids
+@pytest.mark.parametrize("bad", ["../victim", "/abs/dir", "a/b", "a\\b", "..", ".", ".hidden", "", "x" * 101,
+                                 "tab\there", "nul\x00", "trailing."])
+def test_unsafe_case_ids_are_refused(bad):
+    with pytest.raises(CaseIdError):
+        check_case_id(bad)
+
+
+@pytest.mark.parametrize("good", ["patient_001", "P-1.2", "肺结节 01", "case+x"])
+def test_plain_case_ids_pass(good):
+    assert check_case_id(good) == good
+
+
+@pytest.mark.parametrize("bad_id", ["../victim", "{victim}", "sub/dir"])
+def test_a_traversal_id_in_a_csv_touches_nothing(setup, tmp_path, bad_id, capsys):
+    root, config = setup
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    before = _tree(tmp_path)
+    out = tmp_path / "out"
+    table = tmp_path / "cases.csv"
+    table.write_text(f"id,image\nok,{root / 'scan.nii.gz'}\n{bad_id.format(victim=victim)},{root / 'scan.nii.gz'}\n")
+    before = _tree(tmp_path)
+    assert _batch(config, table, out) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "case id" in err
+    assert _tree(tmp_path) == before  # nothing written anywhere, not even --out
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_duplicate_ids_in_a_csv_are_refused_before_any_work(setup, tmp_path, capsys):
+    root, config = setup
+    table = tmp_path / "cases.csv"
+    table.write_text(f"id,image\np1,{root / 'scan.nii.gz'}\nP1,{root / 'scan.nii.gz'}\n")
+    assert _batch(config, table, tmp_path / "out") == 2
+    assert "repeat" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_derived_ids_are_unique_by_construction(tmp_path):
+    assert derive_case_ids([tmp_path / "p1.nii.gz", tmp_path / "p1.nrrd"]) == ["p1", "p1_nrrd"]
+    assert derive_case_ids([tmp_path / "p1" / "scan.nii.gz", tmp_path / "p2" / "scan.nii.gz"]) == ["scan", "p2_scan"]
+    ids = derive_case_ids([tmp_path / "a" / "x.nii.gz", tmp_path / "b" / "x.nii.gz", tmp_path / "c" / "x.nrrd"])
+    assert len({i.casefold() for i in ids}) == 3
+    assert derive_case_ids([tmp_path / "../weird:name.nii.gz"]) == ["weird_name"]
+
+
+def test_same_stem_files_in_a_folder_become_two_cases(setup, tmp_path):
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "p1.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    array, space = io.read(root / "scan.nii.gz")
+    io.write(scans / "p1.nrrd", array, space)
+    out = tmp_path / "out"
+    assert _batch(config, scans, out) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open(encoding="utf-8")))
+    assert sorted(r["case"] for r in rows) == ["p1", "p1_nrrd"]
+    for row in rows:
+        summary = json.loads((out / row["case"] / "summary.json").read_text(encoding="utf-8"))
+        assert summary["image"].endswith(".nii.gz" if row["case"] == "p1" else ".nrrd")
+        assert all(os.path.isfile(f) for f in summary["files"])  # the summary lists only files that exist
+
+
+def test_csv_without_ids_over_same_named_files_in_subfolders(setup, tmp_path):
+    root, _ = setup
+    for sub in ("p1", "p2"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "scan.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    table = tmp_path / "cases.csv"
+    table.write_text("\ufeffimage\np1/scan.nii.gz\np2/scan.nii.gz\n", encoding="utf-8")  # with a byte-order mark
+    ids = [c.id for c in collect_cases(table)]
+    assert len(set(ids)) == 2 and all("/" not in i for i in ids)
+
+
+def test_class_names_that_clash_as_file_labels_are_refused(setup, tmp_path, capsys):
+    root, config = setup
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(config.read_text().replace("class_names: [bright, dark]", "class_names: [a b, a-b]"))
+    assert main(["explain", "--config", str(clash), "--image", str(root / "scan.nii.gz"), "--out", str(tmp_path / "o")]) == 2
+    assert "overwrite each other" in capsys.readouterr().err
+    cjk = tmp_path / "cjk.yaml"
+    cjk.write_text(config.read_text().replace("class_names: [bright, dark]", "class_names: [肺结节, 肿块]"))
+    assert main(["explain", "--config", str(cjk), "--image", str(root / "scan.nii.gz"), "--out", str(tmp_path / "c")]) == 0
+    names = {p.name for p in (tmp_path / "c" / "scan").iterdir()}
+    assert "scan_hirescam_肺结节.nii.gz" in names and "scan_hirescam_肿块.nii.gz" in names
+
+
+# ----------------------------------------------------------------------------- output folders
+def test_output_over_the_input_folder_is_refused(setup, tmp_path, capsys):
+    root, config = setup
+    scans = tmp_path / "data" / "scans"
+    scans.mkdir(parents=True)
+    (scans / "patient1.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    before = _tree(tmp_path)
+    assert main(["explain", "--config", str(config), "--image", str(scans / "patient1.nii.gz"), "--out", str(scans)]) == 2
+    assert "contains the input" in capsys.readouterr().err
+    assert _batch(config, scans, scans) == 2
+    assert _batch(config, scans, tmp_path / "data") == 2
+    assert _batch(config, scans, scans / "inside") == 2
+    assert _tree(tmp_path) == before
+
+
+def test_output_inside_a_dicom_folder_is_refused(tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"\0" * 132)
+    with pytest.raises(OutputConflictError, match="inside the input folder"):
+        check_output_location(series / "out", [series])
+
+
+def test_an_out_that_is_a_file_exits_2(setup, tmp_path, capsys):
+    root, config = setup
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err and target.read_text() == "x"
+
+
+def test_a_folder_medcam3d_did_not_write_is_never_replaced(setup, tmp_path, capsys):
+    root, config = setup
+    out = tmp_path / "out"
+    (out / "scan").mkdir(parents=True)
+    (out / "scan" / "notes.txt").write_text("my notes")
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out)]) == 2
+    assert "was not written by medcam3d" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "scan").iterdir()) == ["notes.txt"]
+    assert [p.name for p in out.iterdir()] == ["scan"]  # no staging folder left
+
+
+def test_a_symlinked_case_folder_is_not_followed(setup, tmp_path):
+    root, config = setup
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scan").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out)]) == 2
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+
+
+def test_own_case_folders_are_replaced_and_get_usual_permissions(setup, tmp_path):
+    root, config = setup
+    out = tmp_path / "out"
+    args = ["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out)]
+    assert main(args) == 0
+    assert is_own_case_folder(out / "scan")
+    first = json.loads((out / "scan" / "summary.json").read_text(encoding="utf-8"))
+    assert first["medcam3d"]["kind"] == "case"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    mode = stat.S_IMODE((out / "scan").stat().st_mode)
+    assert mode == 0o777 & ~umask
+    assert main(args) == 0  # a second run replaces its own folder
+    assert [p.name for p in out.iterdir()] == ["scan"]
+
+
+# ------------------------------------------------------------------------------ resume and state
+def test_resume_with_another_method_does_the_work(setup, tmp_path):
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert _batch(config, scans, out, "--method", "hirescam") == 0
+    stamp = (out / "a" / "summary.json").stat().st_mtime_ns
+    assert _batch(config, scans, out, "--method", "hirescam", "--resume") == 0
+    assert (out / "a" / "summary.json").stat().st_mtime_ns == stamp  # same settings: skipped
+    assert _batch(config, scans, out, "--method", "gradcam", "--resume") == 0
+    assert (out / "a" / "a_gradcam_bright.nii.gz").is_file()
+    assert _batch(config, scans, out, "--method", "gradcam", "--target", "dark", "--resume") == 0
+    findings = json.loads((out / "a" / "summary.json").read_text(encoding="utf-8"))["findings"]
+    assert {f["class"] for f in findings} == {"dark"}
+
+
+def test_damaged_or_foreign_summaries_do_not_crash_the_cohort(setup, tmp_path):
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b", "c"):
+        (scans / f"{name}.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert _batch(config, scans, out) == 0
+    (out / "a" / "summary.json").write_text("{}")  # not medcam3d's any more: left alone, case fails
+    summary_b = json.loads((out / "b" / "summary.json").read_text(encoding="utf-8"))
+    summary_b["field_from_the_future"] = 1  # an unknown field: still medcam3d's, still done
+    (out / "b" / "summary.json").write_text(json.dumps(summary_b))
+    (out / "c" / "summary.json").write_text("not json")
+    stamp_b = (out / "b" / "summary.json").stat().st_mtime_ns
+    assert _batch(config, scans, out, "--resume") == 1
+    rows = {r["case"]: r for r in csv.DictReader((out / "summary.csv").open(encoding="utf-8"))}
+    assert rows["a"]["status"] == "error" and "not written by medcam3d" in rows["a"]["error"]
+    assert rows["b"]["status"] == "ok" and (out / "b" / "summary.json").stat().st_mtime_ns == stamp_b
+    assert rows["c"]["status"] == "error"
+    assert (out / "a" / "summary.json").read_text() == "{}"
+
+
+def test_stale_staging_folders_of_dead_runs_are_removed(setup, tmp_path):
+    root, config = setup
+    out = tmp_path / "out"
+    stale = out / ".scan.partial-999999-dead"
+    stale.mkdir(parents=True)
+    (stale / ".medcam3d-staging").write_text("999999")
+    foreign = out / ".scan.partial-999999-notours"
+    foreign.mkdir()
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out)]) == 0
+    assert not stale.exists() and foreign.exists()
+
+
+def test_strict_json_summaries(setup, tmp_path):
+    root, config = setup
+    out = tmp_path / "out"
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out)]) == 0
+    text = (out / "scan" / "summary.json").read_text(encoding="utf-8")
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+
+
+# ----------------------------------------------------------------------------- exit codes
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "hirescm"], "hirescam"),
+    (["--layer", "no.such.layer"], "no.such.layer"),
+    (["--target", "7"], "7"),
+    (["--target", "nodule"], "nodule"),
+    (["--device", "tpu:9"], "device"),
+])
+def test_user_errors_exit_2_with_one_line(setup, tmp_path, capsys, extra, message):
+    root, config = setup
+    code = main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(tmp_path / "o"),
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "scan").exists()
+
+
+@pytest.mark.parametrize("extra", [["--sw-batch", "-2"], ["--sw-batch", "0"], ["--roi", "0", "8", "8"],
+                                   ["--overlap", "1.5"], ["--overlap", "x"], ["--workers", "-1"]])
+def test_bad_numeric_options_exit_2(setup, tmp_path, extra):
+    root, config = setup
+    command = "batch" if extra[0] == "--workers" else "explain"
+    source = ["--inputs", str(root)] if command == "batch" else ["--image", str(root / "scan.nii.gz")]
+    with pytest.raises(SystemExit) as info:
+        main([command, "--config", str(config), *source, "--out", str(tmp_path / "o"), *extra])
+    assert info.value.code == 2
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(setup, tmp_path, capsys, monkeypatch):
+    from medcam3d.jobs.runner import Runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "run_case", interrupted)
+    root, config = setup
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_a_corrupt_scan_is_a_usage_error_for_explain(setup, tmp_path, capsys):
+    root, config = setup
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes((root / "scan.nii.gz").read_bytes()[:200])
+    assert main(["explain", "--config", str(config), "--image", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.nii.gz" in capsys.readouterr().err
