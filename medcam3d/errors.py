@@ -23,6 +23,7 @@ __all__ = [
     "LayerError",
     "TargetError",
     "TargetIndexError",
+    "ModelOutputError",
     "InputError",
     "ExplainerMemoryError",
     "ConcurrentUseError",
@@ -111,6 +112,10 @@ class TargetError(Medcam3dError, ValueError):
 
 class TargetIndexError(TargetError, IndexError):
     """A class index outside the model's output range."""
+
+
+class ModelOutputError(TargetError):
+    """A model output that holds no logits tensor (an unsupported type, or a dict without ``"logits"``)."""
 
 
 class InputError(Medcam3dError, ValueError):

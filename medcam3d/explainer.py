@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import InputError, LayerError, TargetError
+from .errors import InputError, LayerError
 from .explainers import DEFAULT_METHOD, Method, MethodContext, get_explainer
-from .hooks import ActivationCapture, preserved_model_state
-from .layers import find_cam_head, resolve_layer, select_auto_layer, spatial_dims_of
+from .hooks import ActivationCapture, model_lock, preserved_model_state
+from .layers import find_cam_head, linear_head, resolve_layer, select_auto_layer, spatial_dims_of
+from .modeling import first_tensor, to_model_input
 from .targets import resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
@@ -89,9 +90,12 @@ class Explainer:
     ----------
     model : nn.Module
         A classifier returning logits ``(B, C)`` (``C = 1``: binary), or a
-        segmentation network returning ``(B, C, *spatial)``. Never modified:
-        hooks live for one call, ``training`` flags are restored, no ``.grad``
-        is written, ``requires_grad`` is untouched.
+        segmentation network returning ``(B, C, *spatial)`` (a tuple, list or
+        dict output is unwrapped by :func:`medcam3d.modeling.first_tensor`).
+        Never modified: hooks live for one call, ``training`` flags and buffers
+        are restored, no ``.grad`` is written, ``requires_grad`` is untouched.
+        Calls from several threads on one model (or on models sharing
+        submodules) are safe: they run one at a time.
     method : str or Method
         ``"hirescam"`` (default), ``"gradcam"``, ``"cam"``, ``"gradcam++"``,
         ``"xgradcam"``, ``"layercam"``, ``"eigencam"``.
@@ -103,6 +107,12 @@ class Explainer:
         Names for string targets and for provenance.
     eval_mode : bool
         Run the model in eval mode (BatchNorm running statistics, no dropout).
+        False: the modules' own flags (train-mode BatchNorm normalizes with the
+        batch's statistics, dropout is active).
+    update_batchnorm_stats : bool
+        With ``eval_mode=False``, keep the running statistics that train-mode
+        BatchNorm layers update during the forward. Default False: every buffer
+        is restored bitwise after the call.
     amp : {None, "bf16", "fp16"}
         Mixed precision (``torch.autocast``) for the forward and backward; maps are combined in
         float32. bf16 roughly halves activation memory on GPU.
@@ -122,6 +132,7 @@ class Explainer:
         *,
         class_names: Sequence[str] | None = None,
         eval_mode: bool = True,
+        update_batchnorm_stats: bool = False,
         amp: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -135,6 +146,7 @@ class Explainer:
         self.method = get_explainer(method)
         self.class_names = list(class_names) if class_names is not None else None
         self.eval_mode = eval_mode
+        self.update_batchnorm_stats = update_batchnorm_stats
         self._auto = isinstance(layer, str) and layer == "auto"
         self._layer: tuple[str, nn.Module] | None = None if self._auto else resolve_layer(model, layer)
         self._auto_cache: dict[tuple[int, int], tuple[str, nn.Module, tuple[int, ...]]] = {}
@@ -160,16 +172,26 @@ class Explainer:
         Returns
         -------
         Explanation
+
+        Raises
+        ------
+        InputError
+            ``x`` is not a tensor, is empty (a batch of size 0), has the wrong rank, a bool,
+            complex or unrepresentable integer dtype, or NaN/Inf values. Floating inputs of
+            another dtype or on another device are cast and moved to the model's
+            (:func:`medcam3d.modeling.to_model_input`).
         """
         try:
-            try:
-                return self._explain(x, target, relu)
-            except LayerError:
-                cached = self._auto_cache.get((x.shape[1], x.ndim)) if self._auto and x.ndim >= 3 else None
-                if cached is None or cached[2] == tuple(x.shape[2:]):
-                    raise
-                del self._auto_cache[(x.shape[1], x.ndim)]  # chosen on another size: choose again
-                return self._explain(x, target, relu)
+            # The whole forward/backward/restore holds the model: concurrent calls serialize.
+            with model_lock(self.model):
+                try:
+                    return self._explain(x, target, relu)
+                except LayerError:
+                    cached = self._auto_cache.get((x.shape[1], x.ndim)) if self._auto and x.ndim >= 3 else None
+                    if cached is None or cached[2] == tuple(x.shape[2:]):
+                        raise
+                    del self._auto_cache[(x.shape[1], x.ndim)]  # chosen on another size: choose again
+                    return self._explain(x, target, relu)
         except torch.OutOfMemoryError as error:
             message = (
                 f"Out of memory while explaining an input of shape {tuple(x.shape)} on {x.device}: {error}. "
@@ -184,7 +206,8 @@ class Explainer:
         autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
         capture = ActivationCapture(module, name, track_gradients=track, spatial_ndim=inputs.ndim)
-        with preserved_model_state(self.model, eval_mode=self.eval_mode), capture, autocast:
+        state = preserved_model_state(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats)
+        with state, capture, autocast:
             with torch.no_grad():  # no graph before the target layer; the hook re-enables it
                 outputs = self.model(inputs)
             activations = capture.activations
@@ -224,16 +247,12 @@ class Explainer:
 
     # --------------------------------------------------------------- helpers
     def _prepare_input(self, x: object) -> tuple[torch.Tensor, np.ndarray | None]:
-        if not isinstance(x, torch.Tensor):
-            message = f"x must be a torch.Tensor or MONAI MetaTensor of shape (B, C_in, *spatial), not {type(x).__name__}."
-            raise InputError(message)
         if torch.is_inference_mode_enabled():
             message = "Explaining needs autograd: call the explainer outside torch.inference_mode()."
             raise RuntimeError(message)
         affine = getattr(x, "affine", None)
         input_affine = None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
-        inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
-        inputs = inputs.detach()
+        inputs = to_model_input(x, self.model)
         dims = self._spatial_dims
         if dims is not None and inputs.ndim != dims + 2:
             fix = " Add the batch axis with x[None]." if inputs.ndim == dims + 1 else ""
@@ -244,20 +263,6 @@ class Explainer:
             raise InputError(message)
         if inputs.ndim < 3:
             message = f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}."
-            raise InputError(message)
-        parameter = next(self.model.parameters(), None)
-        if parameter is not None:
-            dtype = inputs.dtype if inputs.is_floating_point() else parameter.dtype
-            inputs = inputs.to(device=parameter.device, dtype=dtype)
-        elif not inputs.is_floating_point():
-            inputs = inputs.float()
-        finite = torch.isfinite(inputs)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            message = (
-                f"x contains {bad} NaN/Inf value(s) (shape {tuple(inputs.shape)}). Replace them, e.g. "
-                "torch.nan_to_num(x), or fix the preprocessing."
-            )
             raise InputError(message)
         return inputs, input_affine
 
@@ -274,14 +279,7 @@ class Explainer:
         return name, module
 
     def _check_outputs(self, outputs: object, layer: str) -> torch.Tensor:
-        if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-            outputs = outputs[0]  # e.g. deep supervision: the final output comes first
-        if not isinstance(outputs, torch.Tensor):
-            message = (
-                f"The model returned {type(outputs).__name__}; expected a tensor of logits. Wrap the model "
-                "so that its forward returns (B, C) or (B, C, *spatial) logits."
-            )
-            raise TargetError(message)
+        outputs = first_tensor(outputs)
         if not bool(torch.isfinite(outputs.detach()).all()):
             message = "The model produced NaN/Inf outputs for this input; check the weights and the preprocessing."
             raise InputError(message)
@@ -332,20 +330,14 @@ class Explainer:
         if outputs.ndim != 2:
             message = f"{self.method.name} needs a classifier (B, C) output; this model returns {tuple(outputs.shape)}."
             raise LayerError(message)
-        head = find_cam_head(self.model, activations.shape[1])
-        weight = head.weight.detach().float()
+        find_cam_head(self.model, activations.shape[1])  # raises, with advice, when no Linear fits
         # CAM is only defined for GAP + Linear after the target layer: check it on this batch.
-        with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
-            pooled = activations.detach().float().flatten(start_dim=2).mean(dim=2)
-            expected = nn.functional.linear(pooled, weight, None if head.bias is None else head.bias.detach().float())
-            logits = outputs.detach().float()
-            tolerance = 1e-3 if self.amp is None else 3e-2
-            scale = 1 + float(logits.abs().max())
-            if expected.shape != logits.shape or not torch.allclose(expected, logits, rtol=tolerance, atol=tolerance * 0.1 * scale):
-                message = (
-                    "CAM needs the target layer to be followed by global average pooling and one Linear layer "
-                    "only, but the logits differ from Linear(mean(layer output)) here. Choose the layer right "
-                    "before the pooling (layer='auto' usually is), or use method='hirescam'."
-                )
-                raise LayerError(message)
-        return weight
+        head = linear_head(self.model, activations, outputs, kinds=("gap+linear",))
+        if head is None:
+            message = (
+                "CAM needs the target layer to be followed by global average pooling and one Linear layer "
+                "only, but the logits differ from Linear(mean(layer output)) here. Choose the layer right "
+                "before the pooling (layer='auto' usually is), or use method='hirescam'."
+            )
+            raise LayerError(message)
+        return head[1].weight.detach().float()

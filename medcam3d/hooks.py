@@ -1,4 +1,4 @@
-"""Hooks that capture the target layer's output without mutating the model.
+"""Hooks, locks and state hygiene: the user's model is used, never changed.
 
 The lean forward pass (DESIGN §5): the backbone runs without autograd; at the
 target layer a forward hook re-enables autograd for the rest of the network,
@@ -7,28 +7,115 @@ network a non-leaf clone, which later in-place operations (e.g. DenseNet's
 ``ReLU(inplace=True)`` after ``norm5``) may modify freely. The graph then
 covers only the head, and gradients are taken with respect to the layer's own
 output, not a later version of it.
+
+Concurrency: everything that installs hooks on a model or flips its flags holds
+:func:`model_lock` for the whole forward/backward/restore, so calls from several
+threads on one model (or on models that share submodules) run one after the
+other, and each restores exactly the state it found.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from .errors import LayerError
 
-__all__ = ["preserved_model_state", "ActivationCapture"]
+__all__ = ["preserved_model_state", "ActivationCapture", "forward_hooks", "model_lock"]
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 @contextmanager
-def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
-    """Put the model in eval mode and restore each module's ``training`` flag on exit.
+def model_lock(model: nn.Module) -> Iterator[None]:
+    """Hold the model for one use: its hooks, flags and buffers are ours until exit.
 
-    Parameters' ``requires_grad`` are not touched.
+    One re-entrant lock per module, taken for every module of ``model`` in one global order
+    (by ``id``), so that two models sharing submodules (a wrapper and the network inside it)
+    exclude each other too, without deadlock. Re-entrant: a call that holds the model may call
+    another function that takes it (``completeness`` runs an ``Explainer``).
+
+    Examples
+    --------
+    >>> with model_lock(model):   # doctest: +SKIP
+    ...     with preserved_model_state(model), forward_hooks([(layer, hook)]):
+    ...         model(x)
+    """
+    modules = sorted(model.modules(), key=id)
+    with _LOCKS_GUARD:
+        locks = []
+        for module in modules:
+            lock = _LOCKS.get(module)
+            if lock is None:
+                lock = _LOCKS[module] = threading.RLock()
+            locks.append(lock)
+    held: list[threading.RLock] = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
+    """Register forward hooks for the duration of a ``with`` block; all removed on exit.
+
+    Parameters
+    ----------
+    hooks : iterable of (module, hook)
+        ``hook(module, inputs, output)`` as for ``nn.Module.register_forward_hook``.
+
+    Yields
+    ------
+    list of RemovableHandle
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield handles
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+@contextmanager
+def preserved_model_state(model: nn.Module, *, eval_mode: bool = True, restore_buffers: bool = True) -> Iterator[None]:
+    """Optionally put the model in eval mode; on exit restore every module's ``training`` flag
+    and, by default, every buffer.
+
+    Parameters
+    ----------
+    model : nn.Module
+    eval_mode : bool
+        ``model.eval()`` for the block (False: the flags stay as the user set them).
+    restore_buffers : bool
+        Snapshot the buffers (BatchNorm ``running_mean``/``running_var``/``num_batches_tracked``
+        and any other) and write them back on exit, bitwise, into the same tensor objects (a
+        buffer the forward replaced is put back). False: train-mode updates are kept.
+
+    Parameters' ``requires_grad`` and ``.grad`` are not touched. Hold :func:`model_lock`
+    around it when other threads may use the model.
     """
     flags = [(module, module.training) for module in model.modules()]
+    buffers = []
+    if restore_buffers:
+        buffers = [
+            (module, name, tensor, tensor.detach().clone())
+            for module in model.modules()
+            for name, tensor in module._buffers.items()
+            if tensor is not None
+        ]
     try:
         if eval_mode:
             model.eval()
@@ -36,6 +123,10 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True) -> Iterat
     finally:
         for module, training in flags:
             module.training = training
+        with torch.no_grad():
+            for module, name, tensor, saved in buffers:
+                module._buffers[name] = tensor
+                tensor.copy_(saved)
 
 
 class ActivationCapture:
@@ -65,17 +156,18 @@ class ActivationCapture:
         self.track_gradients = track_gradients
         self.spatial_ndim = spatial_ndim
         self.activations: torch.Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._stack: ExitStack | None = None
 
     def __enter__(self) -> ActivationCapture:
         self.activations = None
-        self._handle = self.module.register_forward_hook(self._hook)
+        self._stack = ExitStack()
+        self._stack.enter_context(forward_hooks([(self.module, self._hook)]))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
 
     def _hook(self, module: nn.Module, inputs: object, output: object) -> torch.Tensor:
         if self.activations is not None:

@@ -12,10 +12,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import LayerError, LayerNotFoundError
-from .hooks import preserved_model_state
+from .errors import LayerError, LayerNotFoundError, ModelOutputError
+from .hooks import forward_hooks, model_lock, preserved_model_state
+from .modeling import model_device_dtype, model_output
 
-__all__ = ["LayerInfo", "resolve_layer", "list_layers", "select_auto_layer", "find_cam_head", "spatial_dims_of"]
+__all__ = [
+    "LayerInfo",
+    "resolve_layer",
+    "list_layers",
+    "select_auto_layer",
+    "find_cam_head",
+    "linear_head",
+    "head_tolerance",
+    "spatial_dims_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +139,9 @@ def list_layers(
     elif dims is None and len(shape) < 3:
         message = f"input_shape must be (C_in, *spatial) or (B, C_in, *spatial), not {shape}."
         raise ValueError(message)
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.zeros((1, *shape[1:]), device=device, dtype=dtype)
+    model_device, dtype = model_device_dtype(model)
+    device = device if device is not None else model_device or torch.device("cpu")
+    x = torch.zeros((1, *shape[1:]), device=device, dtype=dtype or torch.float32)
     return _probe(model, x)
 
 
@@ -152,19 +161,15 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in model.named_modules() if name]
-    try:
-        with preserved_model_state(model), torch.no_grad():
-            output = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(module, make_hook(name)) for name, module in model.named_modules() if name]
+    with model_lock(model), preserved_model_state(model), forward_hooks(hooks), torch.no_grad():
+        try:
+            output_shape: tuple[int, ...] | None = tuple(model_output(model, x).shape)
+        except ModelOutputError:
+            output_shape = None
     # A module called several times (a shared activation, say) has no single output: not a candidate.
     calls = Counter(record.name for record in records)
     last = {record.name: record for record in records if calls[record.name] == 1}
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
     return list(last.values()), output_shape
 
 
@@ -210,6 +215,70 @@ def find_cam_head(model: nn.Module, channels: int) -> nn.Linear:
         raise LayerError(message)
     logger.info("CAM head: Linear(%d -> %d)", heads[-1].in_features, heads[-1].out_features)
     return heads[-1]
+
+
+#: Heads whose logits are exactly ``Linear(features(A))``, with the features of each kind.
+HEAD_KINDS = ("gap+linear", "flatten+linear")
+
+
+def head_tolerance(*tensors: torch.Tensor) -> float:
+    """Relative tolerance of the numerical head check: 1e-4, or 3e-2 when any tensor is
+    float16/bfloat16 (autocast)."""
+    return 3e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors) else 1e-4
+
+
+def linear_head(
+    model: nn.Module,
+    activations: torch.Tensor,
+    outputs: torch.Tensor,
+    *,
+    kinds: Sequence[str] = HEAD_KINDS,
+    rtol: float | None = None,
+) -> tuple[str, nn.Linear] | None:
+    """The ``nn.Linear`` that turns the target layer's output into the logits, checked on this batch.
+
+    A head of kind ``"gap+linear"`` computes ``logits = Linear(mean over voxels of A)`` (CAM's
+    setting; CAM = Grad-CAM · voxels there), ``"flatten+linear"`` computes
+    ``logits = Linear(flatten(A))`` (HiResCAM's; its map then sums to ``logit − bias``).
+
+    Parameters
+    ----------
+    model : nn.Module
+    activations : (B, K, *spatial) Tensor
+        The target layer's output for this batch.
+    outputs : (B, C) Tensor
+        The model's logits for the same batch.
+    kinds : sequence of {"gap+linear", "flatten+linear"}
+        Which heads to accept, tried in this order.
+    rtol : float, optional
+        Relative tolerance (default :func:`head_tolerance`); the absolute tolerance is
+        ``rtol · (1 + max |logits|)``.
+
+    Returns
+    -------
+    (kind, nn.Linear) or None
+        None when the logits are not ``Linear(features)`` for any ``nn.Linear`` of the model
+        with the right ``in_features`` (the last such module is tried first).
+    """
+    for kind in kinds:
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"kind must be one of {HEAD_KINDS}, not {kind!r}.")
+    if outputs.ndim != 2 or activations.ndim < 3:
+        return None
+    tolerance = head_tolerance(activations, outputs) if rtol is None else rtol
+    with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
+        values = activations.detach().float()
+        logits = outputs.detach().float()
+        scale = 1.0 + float(logits.abs().max())
+        for kind in kinds:
+            features = values.flatten(start_dim=2).mean(dim=2) if kind == "gap+linear" else values.flatten(start_dim=1)
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == features.shape[1]]
+            for linear in reversed(linears):
+                bias = None if linear.bias is None else linear.bias.detach().float()
+                expected = nn.functional.linear(features, linear.weight.detach().float(), bias)
+                if expected.shape == logits.shape and torch.allclose(expected, logits, rtol=tolerance, atol=tolerance * scale):
+                    return kind, linear
+    return None
 
 
 def _spatial_size(tensor: torch.Tensor) -> int:

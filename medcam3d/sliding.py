@@ -22,6 +22,7 @@ import torch
 
 from .errors import InputError, TargetError
 from .explainer import Explainer, Explanation
+from .modeling import to_model_input
 from .targets import Region
 
 __all__ = ["explain_sliding_window"]
@@ -45,6 +46,7 @@ def explain_sliding_window(
     ----------
     explainer : Explainer
     x : (B, C_in, *spatial) Tensor or MetaTensor
+        Checked, moved and cast as by :func:`medcam3d.modeling.to_model_input`.
     target : int, str, list, "all" or Region
         The same targets for every patch (``"predicted"`` is refused: it differs between
         patches). For a segmentation network a ``Region`` mask is given on the whole input grid
@@ -73,7 +75,9 @@ def explain_sliding_window(
         message = "target='predicted' differs between patches; give a class, a list of classes or 'all' for sliding windows."
         raise TargetError(message)
     affine = getattr(x, "affine", None)
-    inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
+    inputs = to_model_input(x, explainer.model)  # checked, on the model's device and dtype, once
+    if inputs.ndim < 3:
+        raise InputError(f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}.")
     spatial = tuple(inputs.shape[2:])
     roi = (int(roi_size),) * len(spatial) if isinstance(roi_size, (int, np.integer)) else tuple(int(r) for r in roi_size)
     if len(roi) != len(spatial) or min(roi) < 1:

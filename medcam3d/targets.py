@@ -33,7 +33,36 @@ import torch
 
 from .errors import TargetError, TargetIndexError
 
-__all__ = ["Target", "ClassTarget", "Region", "RegionTarget", "resolve_target"]
+__all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabilities", "resolve_target"]
+
+#: How probabilities come from logits (see :func:`probabilities`).
+TASKS = ("multiclass", "multilabel", "binary", "segmentation")
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Class probabilities from logits, by task.
+
+    Parameters
+    ----------
+    logits : (B, C) or (B, C, *spatial) Tensor
+    task : {"multiclass", "multilabel", "binary", "segmentation"}
+        ``multilabel``: a sigmoid per class. ``binary``, or any single-logit output: two
+        columns ``[1 − σ(y), σ(y)]`` (class 0 negative, class 1 positive). Otherwise
+        (``multiclass``, ``segmentation``): softmax over the class axis.
+
+    Returns
+    -------
+    (B, C) or (B, C, *spatial) Tensor
+        ``C = 2`` for a single-logit output.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}.")
+    if task == "multilabel":
+        return torch.sigmoid(logits)
+    if task == "binary" or logits.shape[1] == 1:
+        positive = torch.sigmoid(logits[:, :1])
+        return torch.cat([1 - positive, positive], dim=1)
+    return torch.softmax(logits, dim=1)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,45 @@ def test_ssim_3d():
     assert ssim(a[:, :, 0], a[:, :, 0]) == pytest.approx(1.0)  # 2D too
 
 
+def reference_ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5, data_range: float = 1.0) -> float:
+    """SSIM written out in float64: Gaussian window (scipy, mirrored edges) over every voxel."""
+    from scipy.ndimage import gaussian_filter
+
+    def smooth(v: np.ndarray) -> np.ndarray:
+        return gaussian_filter(v, sigma=sigma, mode="reflect", truncate=3.5)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = smooth(a), smooth(b)
+    var_a, var_b, cov = smooth(a * a) - mu_a**2, smooth(b * b) - mu_b**2, smooth(a * b) - mu_a * mu_b
+    return float((((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean())
+
+
+@pytest.mark.parametrize("shape, sigma", [((12, 12, 12), 1.5), ((3, 4, 5), 1.5), ((16, 9, 11), 0.8), ((14, 10), 1.5)])
+def test_ssim_matches_the_formula_on_maps_smaller_and_larger_than_the_window(shape, sigma):
+    rng = np.random.default_rng(1)
+    a = rng.random(shape)
+    b = np.clip(0.6 * a + 0.4 * rng.random(shape), 0, 1)
+    expected = reference_ssim(a, b, sigma=sigma)
+    assert ssim(a, b, sigma=sigma, data_range=1.0) == pytest.approx(expected, abs=1e-5)
+    assert ssim(1000 * a, 1000 * b, sigma=sigma, data_range=1000.0) == pytest.approx(expected, abs=1e-5)  # scale-free
+    with pytest.raises(ValueError, match="2D or 3D"):
+        ssim(a.ravel(), b.ravel())
+
+
+def test_randomization_leaves_the_callers_random_state_alone():
+    model = gap_linear_cnn(classes=3)
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = randomization_test(model, x, 0, methods=("hirescam",), layer="3")
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(99)  # another caller state: the same report (the test's seed decides)
+    second = randomization_test(model, x, 0, methods=("hirescam",), layer="3")
+    np.testing.assert_array_equal(first.spearman["hirescam"], second.spearman["hirescam"])
+    different = randomization_test(model, x, 0, methods=("hirescam",), layer="3", seed=1)
+    assert not np.array_equal(first.spearman["hirescam"], different.spearman["hirescam"])
+
+
 def test_guided_backprop_applies_the_guided_rule_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)).eval()

@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import preserved_model_state
+from ..hooks import ActivationCapture, model_lock, preserved_model_state
+from ..layers import linear_head
+from ..modeling import model_output, to_model_input
+from ..targets import probabilities
 
 __all__ = [
     "BASELINES",
@@ -69,10 +72,6 @@ class PerturbationCurve:
     baseline: str
     score: str
     target: int
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
 
 
 def map_to_input_grid(heat: object, input_shape: Sequence[int], *, heat_space=None, input_space=None) -> torch.Tensor:
@@ -156,8 +155,6 @@ def _score_fn(score: str, task: str):
         return lambda logits, c: logits[:, min(c, logits.shape[1] - 1)] * (-1 if logits.shape[1] == 1 and c == 0 else 1)
     if score != "probability":
         raise ValueError(f"score must be 'probability' or 'logit', not {score!r}.")
-    from ..pipeline import probabilities
-
     def probability(logits: torch.Tensor, c: int) -> torch.Tensor:
         return probabilities(logits, task)[:, c]  # single logit: class 0 negative, 1 positive
 
@@ -198,10 +195,11 @@ def perturbation_curves(
     Parameters
     ----------
     model : nn.Module
-        A classifier returning ``(B, C)`` logits. Run in eval mode under ``torch.no_grad()``;
-        its training flags are restored afterwards.
+        A classifier returning ``(B, C)`` logits. Run in eval mode under ``torch.no_grad()``,
+        holding :func:`medcam3d.hooks.model_lock`; its flags and buffers are restored afterwards.
     x : (C_in, *spatial) or (1, C_in, *spatial) Tensor
-        The preprocessed input (a MetaTensor is fine).
+        The preprocessed input (a MetaTensor is fine); moved to the model's device and dtype
+        (:func:`medcam3d.modeling.to_model_input`).
     heat : (*feature_shape) or (*spatial) array or Tensor
         The map (see :func:`map_to_input_grid`); higher = more important.
     target : int
@@ -236,7 +234,7 @@ def perturbation_curves(
         raise ValueError(f"max_fraction must be in (0, 1], not {max_fraction}.")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1 (got steps={steps}, batch_size={batch_size}).")
-    inputs = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).detach()
+    inputs = to_model_input(x, model)
     spatial_ndim = heat_space.ndim if heat_space is not None else len(heat.shape if hasattr(heat, "shape") else np.shape(heat))
     if inputs.ndim == spatial_ndim + 2:
         if inputs.shape[0] != 1:
@@ -245,9 +243,6 @@ def perturbation_curves(
     if inputs.ndim != spatial_ndim + 1:
         raise ValueError(f"x has shape {tuple(inputs.shape)} but the map is {spatial_ndim}D; expected x of shape "
                          f"(C_in, *spatial) or (1, C_in, *spatial).")
-    parameter = next(model.parameters(), None)
-    if parameter is not None:
-        inputs = inputs.to(device=parameter.device, dtype=parameter.dtype)
     spatial = tuple(inputs.shape[1:])
     ranking_map = map_to_input_grid(heat, spatial, heat_space=heat_space, input_space=input_space)
     if not bool(torch.isfinite(ranking_map).all()):
@@ -260,7 +255,7 @@ def perturbation_curves(
     jobs = [(mode, k) for mode in modes for k in range(steps + 1)]
     measure = _score_fn(score, task)
     values = np.empty(len(jobs), dtype=np.float64)
-    with preserved_model_state(model, eval_mode=True), torch.no_grad():
+    with model_lock(model), preserved_model_state(model, eval_mode=True), torch.no_grad():
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             n = counts[[k for _, k in chunk]].view(-1, *([1] * (inputs.ndim)))
@@ -269,9 +264,7 @@ def perturbation_curves(
             deleting = deleting.view(-1, *([1] * inputs.ndim))
             use_base = torch.where(deleting, chosen, ~chosen)
             batch = torch.where(use_base, base.unsqueeze(0), inputs.unsqueeze(0))
-            logits = model(batch)
-            if isinstance(logits, (tuple, list)):
-                logits = logits[0]
+            logits = model_output(model, batch)
             if logits.ndim != 2:
                 raise ValueError(f"Faithfulness curves need a classifier with (B, C) logits; the model returned "
                                  f"{tuple(logits.shape)}.")
@@ -282,7 +275,7 @@ def perturbation_curves(
     for position, mode in enumerate(modes):
         scores = values[position * (steps + 1):(position + 1) * (steps + 1)]
         curves[mode] = PerturbationCurve(mode=mode, fractions=fractions, scores=scores,
-                                         auc=_trapezoid(scores, fractions) / max_fraction,
+                                         auc=float(np.trapezoid(scores, fractions)) / max_fraction,
                                          baseline=described, score=score, target=int(target))
     return curves
 
@@ -360,16 +353,16 @@ def completeness(model: nn.Module, x: torch.Tensor, target: object = "all", *, l
     from ..explainer import Explainer
     from ..layers import resolve_layer
 
-    explainer = Explainer(model, method="hirescam", layer=layer)
-    explanation = explainer(x, target=target, relu=False)
-    name, module = resolve_layer(model, explanation.layer)
-    reason = _head_of(model, module, x)
-    if isinstance(reason, str):
+    with model_lock(model):  # the explanation and the head check see one state of the model
+        explanation = Explainer(model, method="hirescam", layer=layer)(x, target=target, relu=False)
+        name, module = resolve_layer(model, explanation.layer)
+        found = _head_of(model, name, module, x)
+    if isinstance(found, str):
         if strict:
             raise ValueError(f"Completeness needs the layer {name!r} to be followed by flatten + one Linear or global "
-                             f"average pooling + one Linear; {reason} Use a model with such a head, or skip this metric.")
+                             f"average pooling + one Linear; {found} Use a model with such a head, or skip this metric.")
         return None
-    head, linear = reason
+    head, linear = found
     classes = explanation.class_indices.cpu().numpy()
     bias = np.zeros(classes.shape[1]) if linear.bias is None else linear.bias.detach().cpu().double().numpy()[classes[0]]
     map_sums = explanation.maps.double().flatten(start_dim=2).sum(dim=2).cpu().numpy()
@@ -378,42 +371,17 @@ def completeness(model: nn.Module, x: torch.Tensor, target: object = "all", *, l
                         bias=bias, errors=map_sums - (logits - bias))
 
 
-def _head_of(model: nn.Module, module: nn.Module, x: torch.Tensor):
-    """("flatten+linear" | "gap+linear", linear) if the output is Linear(flatten/GAP(layer output)), else a reason."""
-    captured: dict = {}
-    linears: list = []
-
-    def on_layer(_, __, output):
-        captured["A"] = output.detach().clone()
-
-    def on_linear(mod, inputs, output):
-        linears.append((mod, inputs[0].detach().clone(), output.detach().clone()))
-
-    inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
-    parameter = next(model.parameters(), None)
-    if parameter is not None:
-        inputs = inputs.to(device=parameter.device, dtype=parameter.dtype)
-    handles = [module.register_forward_hook(on_layer)]
-    handles += [m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with preserved_model_state(model, eval_mode=True), torch.no_grad():
-            outputs = model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if isinstance(outputs, (tuple, list)):
-        outputs = outputs[0]
-    if not linears:
+def _head_of(model: nn.Module, name: str, module: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | str:
+    """``(kind, linear)`` if the logits are Linear(flatten/GAP(layer output)) on this batch, else a reason."""
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
         return "the model has no nn.Linear."
-    linear, z, y = linears[-1]
-    scale = 1e-4 * (1.0 + float(outputs.abs().max()))
-    if y.shape != outputs.shape or not torch.allclose(y, outputs, rtol=1e-4, atol=scale):
-        return "the model's output is not the output of its last nn.Linear."
-    activations = captured.get("A")
-    if activations is None:
+    inputs = to_model_input(x, model)
+    capture = ActivationCapture(module, name, track_gradients=False, spatial_ndim=None)
+    with model_lock(model), preserved_model_state(model, eval_mode=True), capture, torch.no_grad():
+        outputs = model_output(model, inputs)
+    if capture.activations is None:
         return "the target layer did not run."
-    candidates = (("flatten+linear", activations.flatten(1)), ("gap+linear", activations.flatten(2).mean(2)))
-    for head, features in candidates:
-        if features.shape == z.shape and torch.allclose(features, z, rtol=1e-4, atol=1e-5 * (1.0 + float(z.abs().max()))):
-            return head, linear
-    return "the last nn.Linear does not read the flattened or globally averaged layer output."
+    found = linear_head(model, capture.activations, outputs, kinds=("flatten+linear", "gap+linear"))
+    if found is None:
+        return "the logits are not the output of an nn.Linear reading the flattened or globally averaged layer output."
+    return found

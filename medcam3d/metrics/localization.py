@@ -176,7 +176,7 @@ def _normalized_area(values: np.ndarray, x: np.ndarray) -> float:
     if len(x) == 1:
         return float(values[0])
     width = float(x[-1] - x[0])
-    area = float(np.sum((values[1:] + values[:-1]) * np.diff(x)) / 2.0)
+    area = float(np.trapezoid(values, x))
     return float(np.clip(area / width, 0.0, 1.0))  # scores lie in [0, 1]; drop float round-off
 
 

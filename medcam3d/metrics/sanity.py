@@ -9,20 +9,26 @@ HiResCAM and Grad-CAM pass (their maps decorrelate); Guided Backprop and Guided 
 only for this comparison and warn when used.
 
 The user's model is never modified: every method that needs different hooks or re-initialized
-weights works on ``copy.deepcopy(model)``.
+weights works on ``copy.deepcopy(model)``, copied while holding :func:`medcam3d.hooks.model_lock`
+(so never mid-way through another thread's explanation). The re-initialization draws from a
+private copy of the random state: the caller's global RNG is left as it was.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..hooks import forward_hooks, model_lock
+from ..modeling import first_tensor, model_output, to_model_input
 
 __all__ = [
     "GUIDED_GRADCAM_WARNING",
@@ -80,13 +86,20 @@ def spearman(a: object, b: object) -> float:
 
 
 def ssim(a: object, b: object, *, sigma: float = 1.5, data_range: float | None = None) -> float:
-    """Mean structural similarity of two maps (2D or 3D) with a Gaussian window.
+    """Mean structural similarity of two maps (2D or 3D) with a Gaussian window (MONAI's SSIM).
+
+    :class:`monai.metrics.SSIMMetric` averages over the voxels whose window fits inside the
+    map, which leaves nothing of a small feature-grid map (e.g. 6³ with an 11-voxel window).
+    The maps are therefore mirrored by the window's radius first (edge voxel repeated), so
+    that every voxel gets a full window and the mean runs over the map's own voxels.
 
     Parameters
     ----------
     a, b : (*shape) arrays
+        Two maps of one shape, 2D or 3D.
     sigma : float
-        Standard deviation of the Gaussian window in voxels (truncated at 3.5 σ).
+        Standard deviation of the Gaussian window in voxels; the window is truncated at
+        ``3.5 σ`` (11 voxels for σ = 1.5).
     data_range : float, optional
         Dynamic range L for the constants ``C1 = (0.01 L)²``, ``C2 = (0.03 L)²``; default
         ``max(a, b) − min(a, b)`` (1.0 when both are constant).
@@ -96,24 +109,21 @@ def ssim(a: object, b: object, *, sigma: float = 1.5, data_range: float | None =
     float
         In [-1, 1]; 1.0 for identical maps.
     """
-    from scipy.ndimage import gaussian_filter
+    from monai.metrics import SSIMMetric
 
     a, b = _flat(a), _flat(b)
     if a.shape != b.shape:
         raise ValueError(f"Maps of shapes {a.shape} and {b.shape} cannot be compared; compute both on one grid.")
+    if a.ndim not in (2, 3):
+        raise ValueError(f"SSIM compares 2D or 3D maps, not maps of shape {a.shape}; pass one map per call.")
     if data_range is None:
         data_range = float(max(a.max(), b.max()) - min(a.min(), b.min())) or 1.0
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-
-    def smooth(v: np.ndarray) -> np.ndarray:
-        return gaussian_filter(v, sigma=sigma, mode="reflect", truncate=3.5)
-
-    mu_a, mu_b = smooth(a), smooth(b)
-    var_a = smooth(a * a) - mu_a**2
-    var_b = smooth(b * b) - mu_b**2
-    cov = smooth(a * b) - mu_a * mu_b
-    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(index.mean())
+    radius = int(3.5 * sigma + 0.5)
+    # Scaled to a unit range (SSIM is invariant to a common scale with L), then computed in float32 by MONAI.
+    padded = [torch.as_tensor(np.pad(v / data_range, radius, mode="symmetric"))[None, None] for v in (a, b)]
+    metric = SSIMMetric(spatial_dims=a.ndim, data_range=1.0, kernel_type="gaussian", win_size=2 * radius + 1,
+                        kernel_sigma=sigma)
+    return float(metric(*padded).mean())
 
 
 def _unit(value: np.ndarray) -> np.ndarray:
@@ -123,17 +133,8 @@ def _unit(value: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- guided methods
-def _inputs_for(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    inputs = x.as_tensor() if hasattr(x, "as_tensor") else x
-    parameter = next(model.parameters(), None)
-    if parameter is not None:
-        inputs = inputs.to(device=parameter.device, dtype=parameter.dtype)
-    return inputs.detach()
-
-
-def _class_scores(outputs: torch.Tensor, target: object) -> torch.Tensor:
-    if isinstance(outputs, (tuple, list)):
-        outputs = outputs[0]
+def _class_scores(outputs: object, target: object) -> torch.Tensor:
+    outputs = first_tensor(outputs)
     if outputs.ndim != 2:
         raise ValueError(f"Guided Backprop here needs a classifier with (B, C) logits, not {tuple(outputs.shape)}.")
     batch = outputs.shape[0]
@@ -147,7 +148,8 @@ def _class_scores(outputs: torch.Tensor, target: object) -> torch.Tensor:
 
 def _guided_gradients(model: nn.Module, x: torch.Tensor, target: object) -> torch.Tensor:
     """Input gradients with the guided ReLU rule, on a deep copy. (B, C_in, *spatial)."""
-    guided = copy.deepcopy(model).eval()
+    with model_lock(model):  # copy a model at rest, not one mid-way through another thread's call
+        guided = copy.deepcopy(model).eval()
     for parameter in guided.parameters():
         parameter.requires_grad_(False)  # input gradients only
     relus = [m for m in guided.modules() if isinstance(m, nn.ReLU)]
@@ -159,7 +161,7 @@ def _guided_gradients(model: nn.Module, x: torch.Tensor, target: object) -> torc
         relu.inplace = False  # on the copy only: full backward hooks need out-of-place outputs
         # the ReLU's own backward already zeroes where its input was ≤ 0; keep positive gradients only
         handles.append(relu.register_full_backward_hook(lambda _m, grad_in, _out: (grad_in[0].clamp_min(0),)))
-    inputs = _inputs_for(guided, x).requires_grad_(True)
+    inputs = to_model_input(x, guided).requires_grad_(True)
     try:
         with torch.enable_grad():
             score = _class_scores(guided(inputs), target)
@@ -340,18 +342,30 @@ def _parameter_modules_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple
             seen.add(id(module))
             order.append(module)
 
-    handles = [module.register_forward_hook(record) for module in owners]
-    try:
-        with torch.no_grad():
-            model(_inputs_for(model, x))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with model_lock(model), forward_hooks((module, record) for module in owners), torch.no_grad():
+        model_output(model, to_model_input(x, model))
     return [(owners[m], m) for m in order]
 
 
+@contextmanager
+def _private_rng(module: nn.Module, seed: int) -> Iterator[None]:
+    """Seed the generators of the module's devices for a block; the caller's RNG states are restored after."""
+    devices = sorted({p.device.index if p.device.index is not None else torch.cuda.current_device()
+                      for p in module.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)
+        yield
+
+
 def _reinitialize(module: nn.Module, generator_seed: int) -> None:
-    torch.manual_seed(generator_seed)
+    with _private_rng(module, generator_seed):
+        _reset(module)
+
+
+def _reset(module: nn.Module) -> None:
+    """Random parameters for one module (``nn.init`` draws from the global generators)."""
     if hasattr(module, "reset_parameters"):
         module.reset_parameters()
         if isinstance(module, nn.modules.batchnorm._NormBase):
@@ -425,10 +439,11 @@ def randomization_test(
     """
     from ..explainer import Explainer
 
-    probe = Explainer(model, method="gradcam", layer=layer)(x, target=_first_target(target))
+    with model_lock(model):  # the probe and the copy see the model at rest
+        probe = Explainer(model, method="gradcam", layer=layer)(x, target=_first_target(target))
+        working = copy.deepcopy(model).eval()
     layer_name = probe.layer
     grid_shape = tuple(probe.feature_shape) if common_grid else None
-    working = copy.deepcopy(model).eval()
     modules = list(reversed(_parameter_modules_in_order(working, x)))  # output first
     if not modules:
         raise ValueError(f"{type(model).__name__} has no parameters to randomize.")
