@@ -1,0 +1,116 @@
+"""Imports go one way: napari/cli → jobs → metrics → heatmap/io/masks → space; the engine imports no job or UI code.
+
+The import graph is read from the source (every ``import`` statement, including those inside
+functions), so a lazy import cannot hide an inversion.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
+#: Old module paths kept as thin aliases of the jobs layer; they are not part of the graph.
+ALIASES = {"medcam3d.pipeline", "medcam3d.cohort", "medcam3d.evaluate", "medcam3d.pictures"}
+
+ENGINE = ("medcam3d.explainer", "medcam3d.explainers", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
+          "medcam3d.modeling")
+GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.masks", "medcam3d.orientation")
+UI = ("medcam3d.cli", "medcam3d.napari", "medcam3d.__main__")
+JOBS = ("medcam3d.jobs",) + tuple(ALIASES)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}  # annotations only, never executed
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import io`
+    return {m for m in found if m == "medcam3d" or m.startswith("medcam3d.")}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        if name in ALIASES:
+            continue
+        targets = set()
+        for imported in _imports(path):
+            while imported and imported not in modules:  # `medcam3d.io.read` → `medcam3d.io`
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and imported != "medcam3d":
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+GRAPH = _graph()
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    (ENGINE, JOBS + UI + ("medcam3d.metrics",)),
+    (("medcam3d.metrics",), JOBS + UI),
+    (GEOMETRY, JOBS + UI + ("medcam3d.metrics",)),
+    (("medcam3d.space", "medcam3d.orientation"), ("medcam3d.io", "medcam3d.heatmap", "medcam3d.masks")),
+    (JOBS, UI),
+])
+def test_imports_go_one_way(layer, forbidden):
+    wrong = sorted(f"{module} imports {target}" for module, targets in GRAPH.items() if _within(module, layer)
+                   for target in targets if _within(target, forbidden))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(GRAPH.get(node, ())):
+            if target.startswith("medcam3d.napari") or target == "medcam3d.__init__":
+                continue
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(GRAPH):
+        if node not in state:
+            visit(node)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_graph_is_read():
+    assert "medcam3d.space" in GRAPH["medcam3d.heatmap"]
+    assert "medcam3d.jobs.runner" in GRAPH["medcam3d.jobs.cohort"]
