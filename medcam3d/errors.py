@@ -37,6 +37,7 @@ __all__ = [
     "NonFiniteError",
     "GeometryError",
     "ImageTooLargeError",
+    "UntrustedFileError",
     "ImageWriteError",
     "UnwritableImageError",
     "OutputPermissionError",
@@ -169,6 +170,11 @@ class GeometryError(ImageReadError):
 
 class ImageTooLargeError(ImageReadError, MemoryError):
     """A header that claims more data than the file holds, or more than is allowed to be read."""
+
+
+class UntrustedFileError(UntrustedError, ImageReadError):
+    """An image header that would make medcam3d read files outside its own folder (or several
+    files), refused unless ``trust=True`` (also an :class:`ImageReadError`: the image is not read)."""
 
 
 class ImageWriteError(Medcam3dError, OSError):

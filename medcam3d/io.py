@@ -1,30 +1,77 @@
 """Read and write medical images as ``(array, Space)`` pairs in RAS+ world coordinates.
 
-- NIfTI (``.nii``, ``.nii.gz``) goes through nibabel; its affine (sform or qform, as nibabel
-  chooses) is already voxel -> RAS+ mm.
+Formats
+-------
+- NIfTI (``.nii``, ``.nii.gz``) goes through nibabel; its affine (the sform when its code is
+  > 0, else the qform, as nibabel chooses) is already voxel -> RAS+ mm. When the sform and the
+  qform both have codes > 0 but place the grid differently, reading logs a warning naming both
+  (viewers built on ITK, such as 3D Slicer, may use the qform and show the image elsewhere).
 - DICOM series (a directory), NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``)
   go through SimpleITK, which works in LPS+. The affine is built from SimpleITK's direction,
-  spacing and origin and converted to RAS+ here; **this module is the only place in medcam3d that
-  converts between LPS and RAS** (:func:`lps_to_ras`, :func:`ras_to_lps`).
+  spacing and origin and converted to RAS+ with :func:`medcam3d.orientation.lps_to_ras`;
+  :mod:`medcam3d.orientation` is the only module of medcam3d that converts between LPS and RAS
+  (:func:`lps_to_ras` and :func:`ras_to_lps` are re-exported here).
 
 Arrays are in NIfTI ``(i, j, k)`` order for every format (SimpleITK's ``(z, y, x)`` arrays are
 transposed). By default :func:`read` returns float32 data (``dtype=None`` keeps the stored type,
 e.g. integer label maps). :func:`write` is atomic: a temporary file in the target directory is
 renamed over ``path`` only once it is complete.
+
+Untrusted files
+---------------
+A scan from someone else must never run code, read files elsewhere, or give silently wrong
+geometry. :func:`read` therefore checks every file before it loads voxels:
+
+- **Detached data files.** The data file named by a MetaImage (``ElementDataFile``) or NRRD
+  (``data file``) header must lie in the header's own folder (or below it); absolute paths,
+  ``..`` traversal, symbolic links leading out of the folder, and lists or patterns of several
+  data files are refused unless ``trust=True``. The header text is parsed here, before
+  SimpleITK opens anything. DICOM files reached through links leading out of the folder are
+  refused the same way.
+- **Size.** The voxel bytes a header claims are compared with what the file can hold (its size
+  for raw data, 1032 times its size for gzip/zlib data, the most deflate can expand) before
+  anything is allocated, and reading more than ``max_bytes`` (16 GiB by default) is refused:
+  :class:`ImageTooLargeError`.
+- **Geometry.** DICOM slices must share one orientation, one in-plane size and spacing, and lie
+  evenly spaced along the slice normal, without duplicates, gaps or in-plane drift (tolerance 1 %
+  of the slice spacing plus 1e-3 mm); otherwise :class:`GeometryError`, unless
+  ``allow_uneven_slices=True``. Voxel sizes must be finite, positive and between
+  :data:`MIN_VOXEL_MM` and :data:`MAX_VOXEL_MM`; NIfTI ``pixdim`` values that nibabel would
+  silently replace (0, -0, negative) are refused when the qform or the default affine uses them.
+- **Voxel types.** Complex and RGB (structured) voxels are refused (:class:`ImageReadError`):
+  medcam3d explains scalar intensity images.
+
+NIfTI header codes written
+--------------------------
+:func:`write` stores the grid's affine in both the sform and the qform, so that every viewer
+(nibabel prefers the sform, ITK-based viewers may read the qform) places the image in the same
+place. The codes are chosen in one place (:func:`_output_codes`):
+
+- without ``like`` (or a ``like`` that is not NIfTI): sform code 1 and qform code 1 (scanner);
+- with a NIfTI ``like``: its codes are copied; a code of 0 in the source takes the other code
+  (an affine stored under code 0 is ignored by viewers); both 0 become 1 and 1;
+- the qform cannot hold shear: for a sheared grid (or one the quaternion cannot reproduce within
+  1e-3 mm plus 1 % of a voxel) the qform code is 0 and only the sform carries the affine.
+
+The same rule applies to every image written (heatmaps, masks, copies of scans).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import secrets
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ImageReadError, ImageNotFoundError, UnsupportedFormatError, VolumeError, VolumeIndexError, NonFiniteError, ImageWriteError, UnwritableImageError, OutputPermissionError, OutputDirectoryError, ShearWarning, SpaceError  # noqa: F401  (re-exported)
+from .errors import ImageReadError, ImageNotFoundError, UnsupportedFormatError, VolumeError, VolumeIndexError, NonFiniteError, ImageWriteError, UnwritableImageError, OutputPermissionError, OutputDirectoryError, ShearWarning, SpaceError, GeometryError, ImageTooLargeError, UntrustedFileError  # noqa: F401  (re-exported)
+from .orientation import lps_to_ras, ras_to_lps
 from .space import Space
 
 __all__ = [
@@ -35,12 +82,18 @@ __all__ = [
     "ras_to_lps",
     "READ_FORMATS",
     "WRITE_FORMATS",
+    "DEFAULT_MAX_BYTES",
+    "MIN_VOXEL_MM",
+    "MAX_VOXEL_MM",
     "ImageReadError",
     "ImageNotFoundError",
     "UnsupportedFormatError",
     "VolumeError",
     "VolumeIndexError",
     "NonFiniteError",
+    "GeometryError",
+    "ImageTooLargeError",
+    "UntrustedFileError",
     "ImageWriteError",
     "UnwritableImageError",
     "OutputPermissionError",
@@ -58,39 +111,99 @@ READ_FORMATS = _NIFTI + _ITK
 #: atomically, since the header names its data file).
 WRITE_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Default ceiling on the memory :func:`read` may allocate for voxel data (16 GiB).
+DEFAULT_MAX_BYTES = 16 * 1024**3
+#: Smallest voxel size (mm) accepted on reading (0.1 micrometre).
+MIN_VOXEL_MM = 1e-4
+#: Largest voxel size (mm) accepted on reading (10 metres).
+MAX_VOXEL_MM = 1e4
+
+# deflate (gzip, zlib) cannot expand data more than 1032:1; a little slack for headers.
+_DEFLATE_MAX_RATIO = 1032
+_DEFLATE_SLACK = 4096
+# how much of a MetaImage/NRRD file is searched for the end of its header
+_MAX_HEADER_BYTES = 1024 * 1024
+# DICOM geometry tolerances: along the normal, 1 % of the spacing plus 1e-3 mm; orientation
+# cosines 1e-4.
+_SLICE_REL_TOL = 0.01
+_SLICE_ABS_TOL_MM = 1e-3
+_IOP_TOL = 1e-4
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
+# Small helpers
 # --------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# LPS <-> RAS
-# --------------------------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    """``n`` bytes as a short human-readable size (binary units)."""
+    n = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def lps_to_ras(affine: Any) -> np.ndarray:
-    """Convert a voxel -> LPS+ mm affine to voxel -> RAS+ mm (negate the x and y world rows).
-
-    Parameters
-    ----------
-    affine : array_like, shape (4, 4)
-
-    Returns
-    -------
-    numpy.ndarray, shape (4, 4), float64
-    """
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4):
-        raise SpaceError(f"expected a 4x4 affine, got shape {a.shape}")
-    return _LPS_RAS @ a
+def _check_max_bytes(max_bytes: Any) -> int | None:
+    if max_bytes is None:
+        return None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive int (bytes) or None, got {max_bytes!r}")
+    return int(max_bytes)
 
 
-def ras_to_lps(affine: Any) -> np.ndarray:
-    """Convert a voxel -> RAS+ mm affine to voxel -> LPS+ mm (the same flip as :func:`lps_to_ras`)."""
-    return lps_to_ras(affine)
+def _out_itemsize(dtype: Any, stored_itemsize: int) -> int:
+    return stored_itemsize if dtype is None else np.dtype(dtype).itemsize
+
+
+def _check_allocation(p: Path, need: int, what: str, max_bytes: int | None) -> None:
+    """Refuse to read when about ``need`` bytes would be allocated and that exceeds ``max_bytes``."""
+    if max_bytes is None or need <= max_bytes:
+        return
+    suggestion = 1 << max(int(need - 1).bit_length(), 0)
+    raise ImageTooLargeError(
+        f"reading '{p}' would allocate about {need} bytes ({_fmt_bytes(need)}) for {what}, more than "
+        f"max_bytes={max_bytes} ({_fmt_bytes(max_bytes)}). If the image is that large and you have the "
+        f"memory, pass a larger max_bytes to medcam3d.io.read (e.g. max_bytes={suggestion}), or "
+        "max_bytes=None for no limit; otherwise the header is wrong: export the image again."
+    )
+
+
+def _too_large_for_file(p: Path, claimed: int, what: str, holds: int, expands_to: int | None = None) -> ImageTooLargeError:
+    """The error for a header claiming more voxel bytes than the file can hold."""
+    if expands_to is not None:
+        holds_text = f"{holds} bytes of compressed data, which expand to at most {expands_to} bytes"
+    else:
+        holds_text = f"{holds} bytes"
+    return ImageTooLargeError(
+        f"'{p}': the header claims {claimed} bytes of voxel data ({what}); the file holds "
+        f"{holds_text}. Expected the data to fit the file: it is truncated, or its header is wrong "
+        "or forged. Export it again (or copy it again if a transfer was interrupted)."
+    )
+
+
+def _check_voxel_sizes(p: Path, sizes: Any, source: str) -> None:
+    """Refuse voxel sizes that are not finite, not positive, or outside the accepted range."""
+    for axis, v in enumerate(np.asarray(sizes, dtype=np.float64).ravel()):
+        if not math.isfinite(v):
+            reason = f"is {v}"
+        elif v == 0.0:
+            reason = "is 0" + (" (-0.0)" if math.copysign(1.0, v) < 0 else "")
+        elif v < 0:
+            reason = f"is negative ({v:g}); a voxel size must be positive (the direction carries the sign)"
+        elif v < MIN_VOXEL_MM:
+            reason = f"is {v:g} mm, below {MIN_VOXEL_MM:g} mm"
+        elif v > MAX_VOXEL_MM:
+            reason = f"is {v:g} mm, above {MAX_VOXEL_MM:g} mm"
+        else:
+            continue
+        raise GeometryError(
+            f"'{p}': the voxel size along axis {axis} ({source}) {reason}. Expected a finite size "
+            f"between {MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm, so positions in mm cannot be trusted "
+            "(a voxel size of 0 also makes the voxel -> world matrix singular: determinant 0). "
+            "Fix the spacing in the header or export the image again."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +250,15 @@ def read(
     dtype: Any = np.float32,
     allow_nan: bool = False,
     series: str | None = None,
+    allow_uneven_slices: bool = False,
+    trust: bool = False,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> tuple[np.ndarray, Space]:
     """Read an image as an ``(i, j, k)`` array and its voxel -> RAS+ mm grid.
+
+    Every file is checked before its voxels are loaded (see the module docstring): detached data
+    files must stay in the header's folder, the header must not claim more data than the file
+    holds, voxel sizes must make sense, and DICOM slices must be evenly spaced.
 
     Parameters
     ----------
@@ -156,6 +276,20 @@ def read(
         Accept NaN or +-inf voxels; by default they raise :class:`NonFiniteError`.
     series : str, optional
         DICOM only: the SeriesInstanceUID to read when the directory holds several series.
+    allow_uneven_slices : bool
+        DICOM only: read a series whose slices are duplicated, missing, unevenly spaced, drift in
+        plane or differ in orientation as SimpleITK assembles it (one average slice spacing), with
+        a logged warning, instead of raising :class:`GeometryError`. Only for users who know the
+        geometry is good enough for their purpose.
+    trust : bool
+        MetaImage/NRRD only: allow a header whose data file lies outside the header's folder (an
+        absolute path, ``..``, a link leading out) or that names a list or pattern of data files;
+        DICOM: allow files reached through links leading out of the folder. Only for files from a
+        source you trust: such a header can make medcam3d read any file the user can read.
+    max_bytes : int or None
+        Largest amount of memory (bytes) the voxel data may need, 16 GiB by default
+        (:data:`DEFAULT_MAX_BYTES`); ``None`` for no limit. The comparison of the header's claim
+        with the file's size is always made.
 
     Returns
     -------
@@ -170,21 +304,34 @@ def read(
     UnsupportedFormatError
         (ValueError) unknown extension; the message lists the supported ones.
     ImageReadError
-        (ValueError) corrupt or truncated file, unreadable header, singular affine, 4D image
-        without ``volume`` (:class:`VolumeError`), NaN voxels (:class:`NonFiniteError`).
+        (ValueError) corrupt or truncated file, unreadable header, singular affine, complex or
+        RGB voxels, 4D image without ``volume`` (:class:`VolumeError`), NaN voxels
+        (:class:`NonFiniteError`).
+    GeometryError
+        (ImageReadError) uneven, duplicated or missing DICOM slices, mixed orientations, voxel
+        sizes that are 0, negative, not finite or absurd.
+    ImageTooLargeError
+        (ImageReadError, MemoryError) the header claims more voxel data than the file holds, or
+        more than ``max_bytes``.
+    UntrustedFileError
+        (PermissionError) a detached header points outside its folder, or at several files,
+        without ``trust=True``.
 
     Warns
     -----
     ShearWarning
         The affine is sheared (allowed for NIfTI, but not representable in SimpleITK formats).
     """
+    max_bytes = _check_max_bytes(max_bytes)
     p = _check_exists(path)
     kind = _kind(p)
     logger.debug("reading %s (%s)", p, kind)
     if kind == "nifti":
-        arr, affine = _read_nifti(p, dtype)
+        arr, affine = _read_nifti(p, dtype, max_bytes)
+    elif kind == "dicom":
+        arr, affine = _read_dicom(p, dtype, series, allow_uneven_slices, trust, max_bytes)
     else:
-        arr, affine = _read_itk(p, dtype, series)
+        arr, affine = _read_itk_file(p, dtype, trust, max_bytes)
     arr = _select_volume(arr, volume, p)
     space = _space_for(p, arr.shape, affine)
     if arr.dtype.kind in "fc" and not allow_nan and not np.isfinite(arr).all():
@@ -199,9 +346,16 @@ def read(
 
 
 def read_space(
-    path: str | os.PathLike, *, series: str | None = None
+    path: str | os.PathLike,
+    *,
+    series: str | None = None,
+    allow_uneven_slices: bool = False,
+    trust: bool = False,
 ) -> Space:
     """The grid of an image file without loading its voxels (4D files: the spatial grid).
+
+    The same header checks as :func:`read` apply (DICOM series are read in full, with the
+    default ``max_bytes``).
 
     Parameters
     ----------
@@ -209,6 +363,10 @@ def read_space(
         As for :func:`read`.
     series : str, optional
         DICOM only, as for :func:`read`.
+    allow_uneven_slices : bool
+        DICOM only, as for :func:`read`.
+    trust : bool
+        As for :func:`read`.
 
     Returns
     -------
@@ -218,23 +376,13 @@ def read_space(
     kind = _kind(p)
     if kind == "nifti":
         img = _load_nifti(p)
-        shape, affine = img.shape, img.affine
-        return _space_for(p, _spatial_shape(shape), affine)
+        affine = _nifti_affine(p, img)
+        return _space_for(p, _spatial_shape(img.shape), affine)
     if kind == "dicom":
-        arr, affine = _read_itk(p, None, series)
+        arr, affine = _read_dicom(p, None, series, allow_uneven_slices, trust, DEFAULT_MAX_BYTES)
         return _space_for(p, _spatial_shape(arr.shape), affine)
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise ImageReadError(f"could not read the header of '{p}': {_itk_reason(e)}") from None
-    dim = reader.GetDimension()
-    size = tuple(reader.GetSize())
-    affine = _itk_affine(dim, reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
-    return _space_for(p, size[: min(dim, 3)], affine)
+    info = _itk_info(p, trust)
+    return _space_for(p, info.size[: min(info.dim, 3)], info.affine)
 
 
 def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -242,6 +390,9 @@ def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _space_for(p: Path, shape: tuple[int, ...], affine: np.ndarray) -> Space:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (4, 4) and np.all(np.isfinite(a)):
+        _check_voxel_sizes(p, np.linalg.norm(a[:3, : min(len(shape), 3)], axis=0), "from the voxel -> world matrix")
     try:
         space = Space(tuple(shape), affine)
     except SpaceError as e:
@@ -254,6 +405,9 @@ def _space_for(p: Path, shape: tuple[int, ...], affine: np.ndarray) -> Space:
             stacklevel=3,
         )
     return space
+
+
+# ------------------------------------------------------------------------------ NIfTI
 
 
 def _load_nifti(p: Path) -> Any:
@@ -270,8 +424,110 @@ def _load_nifti(p: Path) -> Any:
         ) from e
 
 
-def _read_nifti(p: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+def _raw_nifti_header(p: Path, img: Any) -> Any:
+    """The header as stored on disk (nibabel fixes some fields, e.g. zero pixdim, on loading)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(p)) as f:
+            return type(img.header).from_fileobj(f, check=False)
+    except PermissionError:
+        raise
+    except Exception as e:
+        raise ImageReadError(f"could not read the NIfTI header of '{p}': {type(e).__name__}: {e}.") from e
+
+
+def _corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between the world positions of the grid's corners under ``a`` and ``b``."""
+    ext = [max(int(n) - 1, 0) for n in shape[:3]] + [0] * (3 - min(len(shape), 3))
+    corners = np.array([[i, j, k, 1.0] for i in (0, ext[0]) for j in (0, ext[1]) for k in (0, ext[2])])
+    return float(np.max(np.linalg.norm((corners @ (np.asarray(a) - np.asarray(b)).T)[:, :3], axis=1)))
+
+
+def _placement_tolerance(affine: np.ndarray, ndim: int) -> float:
+    """1e-3 mm plus 1 % of the smallest voxel: how far two encodings of one grid may differ."""
+    sizes = np.linalg.norm(np.asarray(affine)[:3, :ndim], axis=0)
+    return _SLICE_ABS_TOL_MM + _SLICE_REL_TOL * float(np.min(sizes)) if sizes.size else _SLICE_ABS_TOL_MM
+
+
+def _nifti_affine(p: Path, img: Any) -> np.ndarray:
+    """nibabel's affine, after checking the pixdim it may use and the sform/qform agreement."""
+    hdr = img.header
+    shape = _spatial_shape(tuple(img.shape))
+    nd = min(len(shape), 3)
+    if "sform_code" not in hdr:  # pragma: no cover - every NIfTI header has it
+        return np.asarray(img.affine, dtype=np.float64)
+    scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
+    if scode == 0:  # nibabel uses the qform (pixdim + quaternion) or pixdim alone
+        raw = _raw_nifti_header(p, img)
+        source = "pixdim of the qform" if qcode > 0 else "pixdim; sform and qform codes are both 0"
+        _check_voxel_sizes(p, np.asarray(raw["pixdim"], dtype=np.float64)[1 : 1 + nd], source)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if scode > 0 and qcode > 0:
+        sform = np.asarray(hdr.get_sform(), dtype=np.float64)
+        qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+        if np.all(np.isfinite(sform)) and np.all(np.isfinite(qform)):
+            dist = _corner_distance(sform, qform, shape)
+            if dist > _placement_tolerance(sform, nd):
+                logger.warning(
+                    "'%s': the sform (code %d) and the qform (code %d) disagree: the grid's corners "
+                    "differ by up to %.3g mm. Using the sform, as nibabel does; viewers that read the "
+                    "qform (ITK-based ones such as 3D Slicer) place the image elsewhere. "
+                    "sform:\n%s\nqform:\n%s\nRewrite the file with medcam3d.io.write (or fix the "
+                    "header) so that both hold the same affine.",
+                    p, scode, qcode, dist, np.array2string(sform, precision=4), np.array2string(qform, precision=4),
+                )
+    return affine
+
+
+def _check_nifti_voxel_type(p: Path, stored: np.dtype) -> None:
+    if stored.fields is not None or stored.kind == "V":
+        raise ImageReadError(
+            f"'{p}' stores {stored} voxels (RGB/colour or another structured type); expected one "
+            "scalar intensity per voxel. Convert it to a greyscale (or single-channel) scan first."
+        )
+    if stored.kind == "c":
+        raise ImageReadError(
+            f"'{p}' stores complex voxels ({stored}); expected real intensities. Convert it first, "
+            "e.g. to the magnitude (numpy.abs) or the real part, and save that."
+        )
+
+
+def _check_nifti_size(p: Path, img: Any, dtype: Any, max_bytes: int | None) -> None:
+    """Refuse a header that claims more voxel bytes than the file can hold or than ``max_bytes``."""
+    from nibabel.spatialimages import HeaderDataError
+
+    hdr = img.header
+    stored = np.dtype(hdr.get_data_dtype())
+    n = math.prod(int(v) for v in img.shape)
+    claimed = n * stored.itemsize
+    what = f"shape {tuple(img.shape)}, {stored}"
+    offset = int(hdr.get_data_offset())
+    size = p.stat().st_size
+    if _suffix(p) == ".nii.gz":
+        if offset + claimed > size * _DEFLATE_MAX_RATIO + _DEFLATE_SLACK:
+            raise _too_large_for_file(p, claimed, what, size, size * _DEFLATE_MAX_RATIO)
+    elif offset + claimed > size:
+        raise _too_large_for_file(p, claimed, what, max(size - offset, 0))
+    try:
+        slope, inter = hdr.get_slope_inter()
+        scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
+    except (ValueError, TypeError, HeaderDataError):  # unusable scaling: assume a float copy
+        scaled = True
+    if dtype is None:
+        out_dtype = np.dtype(np.float64) if scaled and stored.kind in "iub" else stored
+    else:
+        out_dtype = np.dtype(dtype)
+    # the stored bytes, plus the converted copy when the type changes or scaling applies
+    need = claimed if (out_dtype == stored and not scaled) else claimed + n * out_dtype.itemsize
+    _check_allocation(p, need, what, max_bytes)
+
+
+def _read_nifti(p: Path, dtype: Any, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
     img = _load_nifti(p)
+    _check_nifti_voxel_type(p, np.dtype(img.header.get_data_dtype()))
+    affine = _nifti_affine(p, img)
+    _check_nifti_size(p, img, dtype, max_bytes)
     try:
         if dtype is None:
             arr = np.asanyarray(img.dataobj)
@@ -286,7 +542,208 @@ def _read_nifti(p: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
             f"could not read the voxel data of '{p}' (shape {img.shape}, "
             f"{img.get_data_dtype()}): {type(e).__name__}: {e}. The file may be truncated or corrupt."
         ) from e
-    return np.asarray(arr), np.asarray(img.affine, dtype=np.float64)
+    return np.asarray(arr), affine
+
+
+# ------------------------------------------------------------------------------ MetaImage / NRRD headers
+
+
+@dataclass(frozen=True)
+class _DataFile:
+    """Where the voxel data of a MetaImage/NRRD file is, as its header says."""
+
+    path: Path | None  # the data file (None: in the header file itself, or several files)
+    offset: int  # bytes of header before the data, when the data is in the header file
+    multiple: bool  # a list or pattern of data files
+    encoding: str  # "raw", "deflate" (gzip/zlib), "bzip2", "ascii", "hex" or "other"
+
+
+def _inside(folder: Path, target: Path) -> bool:
+    try:
+        folder_real = os.path.realpath(folder)
+        target_real = os.path.realpath(target)
+        return os.path.commonpath([folder_real, target_real]) == folder_real
+    except ValueError:  # different drives (Windows)
+        return False
+
+
+def _untrusted_data_file(p: Path, value: str, reason: str) -> UntrustedFileError:
+    return UntrustedFileError(
+        f"'{p}' names its voxel data file as '{value}', {reason}. Expected a data file in the "
+        f"header's own folder ('{p.parent}'), since a header from someone else could otherwise make "
+        "medcam3d read any file you can read. If you trust this file, pass trust=True to "
+        "medcam3d.io.read; otherwise put the data next to the header and name it without a folder."
+    )
+
+
+def _resolve_data_file(p: Path, value: str, multiple: bool, trust: bool) -> Path | None:
+    if multiple:
+        if not trust:
+            raise _untrusted_data_file(p, value, "a list or pattern of several data files")
+        return None
+    target = p.parent / value
+    if not trust:
+        if os.path.isabs(value) or value.startswith("\\") or re.match(r"^[A-Za-z]:", value):
+            raise _untrusted_data_file(p, value, "an absolute path")
+        if not _inside(p.parent, target):
+            raise _untrusted_data_file(p, value, "which leads out of the header's folder ('..' or a link)")
+    return target
+
+
+def _header_bytes(p: Path) -> bytes:
+    """The first :data:`_MAX_HEADER_BYTES` (+1) bytes of ``p``."""
+    with open(p, "rb") as f:
+        return f.read(_MAX_HEADER_BYTES + 1)
+
+
+def _too_long_header(p: Path, what: str) -> ImageReadError:
+    return ImageReadError(
+        f"'{p}': no {what} in the first {_fmt_bytes(_MAX_HEADER_BYTES)}; expected a complete "
+        "MetaImage/NRRD header before the data. The file is corrupt or not in the format its "
+        "extension says."
+    )
+
+
+def _ambiguous_header(p: Path, what: str) -> ImageReadError:
+    return ImageReadError(
+        f"'{p}': {what}. Expected one plain data-file line; a header that different readers could "
+        "understand differently is refused. Export the image again (or write it as .nii.gz)."
+    )
+
+
+# MetaIO reads keys case-sensitively, skips any run of '=', ':', spaces and tabs after the key and
+# takes the rest of that line as the value; it stops reading the header at ElementDataFile.
+_META_DATAFILE = re.compile(rb"(?i)elementdatafile")
+_META_VALUE = re.compile(rb"[ \t]*[=:][ \t=:]*([^\r\n]*)")
+
+
+def _parse_metaimage(p: Path, trust: bool) -> _DataFile:
+    head = _header_bytes(p)
+    match = _META_DATAFILE.search(head)
+    if match is None:
+        if len(head) > _MAX_HEADER_BYTES:
+            raise _too_long_header(p, "ElementDataFile line")
+        raise ImageReadError(
+            f"'{p}' has no ElementDataFile line; expected a MetaImage header ending with "
+            "'ElementDataFile = LOCAL' or the name of its data file."
+        )
+    line_start = head.rfind(b"\n", 0, match.start()) + 1
+    if head[match.start() : match.end()] != b"ElementDataFile" or head[line_start : match.start()].strip():
+        shown = head[line_start : match.end()].decode("latin-1").strip()
+        raise _ambiguous_header(p, f"'{shown}' is not a plain 'ElementDataFile' key at the start of a line")
+    value_match = _META_VALUE.match(head, match.end())
+    if value_match is None:
+        raise _ambiguous_header(p, "the ElementDataFile key has no '=' on its line")
+    value = value_match.group(1).decode("latin-1").strip()
+    line_end = head.find(b"\n", value_match.end())
+    offset = len(head) if line_end < 0 else line_end + 1
+    fields = {}
+    for line in head[:line_start].decode("latin-1").splitlines():
+        m = re.match(r"\s*(\w+)\s*[=:][\s=:]*(.*)$", line)
+        if m:
+            fields[m.group(1)] = m.group(2).strip()
+    encoding = "deflate" if fields.get("CompressedData", "").lower() in ("true", "1") else "raw"
+    if value.upper() == "LOCAL":
+        return _DataFile(None, offset, False, encoding)
+    if not value:
+        raise ImageReadError(f"'{p}': ElementDataFile is empty; expected LOCAL or the name of the data file.")
+    if len(_META_DATAFILE.findall(head)) > 1:  # a detached header is all text: one data-file line only
+        raise _ambiguous_header(p, "it has more than one ElementDataFile line")
+    tokens = value.split()
+    multiple = value.upper().startswith("LIST") or "%" in value or (
+        len(tokens) >= 4 and all(re.fullmatch(r"-?\d+", t) for t in tokens[-3:])
+    )
+    return _DataFile(_resolve_data_file(p, value, multiple, trust), 0, multiple, encoding)
+
+
+_NRRD_ENCODINGS = {
+    "raw": "raw",
+    "gzip": "deflate",
+    "gz": "deflate",
+    "bzip2": "bzip2",
+    "bz2": "bzip2",
+    "ascii": "ascii",
+    "text": "ascii",
+    "txt": "ascii",
+    "hex": "hex",
+}
+# teem reads field names case-insensitively ("data file" or "datafile"); any such line counts.
+_NRRD_DATAFILE = re.compile(r"(?i)^\s*data\s*file\s*:[\s=]*(.*)$")
+
+
+def _parse_nrrd(p: Path, trust: bool) -> _DataFile:
+    head = _header_bytes(p)
+    if not head.startswith(b"NRRD"):
+        raise ImageReadError(f"'{p}' does not start with 'NRRD'; expected a NRRD header. The file is corrupt or not NRRD.")
+    pos = head.find(b"\n") + 1 if b"\n" in head else len(head)
+    encoding = "raw"
+    colour: str | None = None
+    values: list[str] = []
+    while pos < len(head):
+        end = head.find(b"\n", pos)
+        if end < 0:
+            if len(head) > _MAX_HEADER_BYTES:
+                raise _too_long_header(p, "end of the NRRD header (a blank line)")
+            end = len(head)
+        line = head[pos:end].decode("latin-1").rstrip("\r")
+        pos = end + 1
+        if not line:
+            break  # the blank line ending the header; attached data follows
+        if line.startswith("#"):
+            continue
+        m = _NRRD_DATAFILE.match(line)
+        if m:
+            values.append(m.group(1).strip())
+            if values[-1].upper().startswith("LIST"):
+                break  # file names follow, one per line, to the end of the file
+            continue
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == "encoding":
+            encoding = _NRRD_ENCODINGS.get(value.strip(" =").lower(), "other")
+        elif sep and key.strip().lower() == "kinds":
+            colour = next((k for k in value.strip(" =").split() if k.lower().endswith("-color")), colour)
+    offset = min(pos, len(head))
+    if colour is not None:
+        raise ImageReadError(
+            f"'{p}' stores colour voxels (NRRD kind '{colour}'); expected one scalar intensity per "
+            "voxel. Convert it to a greyscale (or single-channel) image first."
+        )
+    if not values:
+        return _DataFile(None, offset, False, encoding)
+    if len(values) > 1:
+        raise _ambiguous_header(p, f"it has {len(values)} 'data file' lines")
+    value = values[0]
+    if not value:
+        raise ImageReadError(f"'{p}': 'data file' is empty; expected the name of the data file.")
+    tokens = value.split()
+    multiple = value.upper().startswith("LIST") or "%" in value or (
+        len(tokens) >= 4 and all(re.fullmatch(r"-?\d+", t) for t in tokens[1:4])
+    )
+    return _DataFile(_resolve_data_file(p, value, multiple, trust), 0, multiple, encoding)
+
+
+def _data_file(p: Path, trust: bool) -> _DataFile:
+    ext = _suffix(p)
+    try:
+        return _parse_metaimage(p, trust) if ext in (".mha", ".mhd") else _parse_nrrd(p, trust)
+    except OSError as e:
+        if isinstance(e, PermissionError):
+            raise
+        raise ImageReadError(f"could not read the header of '{p}': {e}") from None
+
+
+# ------------------------------------------------------------------------------ SimpleITK files
+
+
+@dataclass(frozen=True)
+class _ItkInfo:
+    reader: Any
+    dim: int
+    size: tuple[int, ...]
+    components: int
+    component_bytes: int
+    affine: np.ndarray
+    data: _DataFile
 
 
 def _itk_reason(e: BaseException) -> str:
@@ -304,21 +761,82 @@ def _itk_affine(dim: int, direction: Any, spacing: Any, origin: Any) -> np.ndarr
     return lps_to_ras(lps)
 
 
-def _read_itk(p: Path, dtype: Any, series: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _itk_component_bytes(pixel_id: int, components: int) -> int:
     import SimpleITK as sitk
 
     try:
-        if p.is_dir():
-            img = _read_dicom_series(p, series)
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(p))
-            img = reader.Execute()
+        return int(sitk.Image([1, 1], pixel_id, max(int(components), 1)).GetSizeOfPixelComponent())
+    except (RuntimeError, TypeError, ValueError):  # an unusual pixel type: assume the widest
+        return 8
+
+
+def _check_itk_voxel_type(p: Path, pixel_id: int) -> None:
+    import SimpleITK as sitk
+
+    if pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise ImageReadError(
+            f"'{p}' stores complex voxels ({sitk.GetPixelIDValueAsString(pixel_id)}); expected real "
+            "intensities. Convert it first, e.g. to the magnitude, and save that."
+        )
+
+
+def _itk_info(p: Path, trust: bool) -> _ItkInfo:
+    """Check a MetaImage/NRRD header (data file, voxel type, sizes) without loading voxels."""
+    import SimpleITK as sitk
+
+    data = _data_file(p, trust)  # before SimpleITK opens anything
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
     except RuntimeError as e:
         raise ImageReadError(
-            f"could not read '{p}': {_itk_reason(e)}. The file may be truncated, corrupt, or not "
-            "in the format its extension says."
+            f"could not read the header of '{p}': {_itk_reason(e)}. The file may be truncated, "
+            "corrupt, or not in the format its extension says."
         ) from None
+    dim = int(reader.GetDimension())
+    size = tuple(int(v) for v in reader.GetSize())
+    pixel_id = int(reader.GetPixelID())
+    _check_itk_voxel_type(p, pixel_id)
+    spacing = tuple(reader.GetSpacing())
+    _check_voxel_sizes(p, spacing[: min(dim, 3)], "the header's spacing")
+    components = int(reader.GetNumberOfComponents())
+    affine = _itk_affine(dim, reader.GetDirection(), spacing, reader.GetOrigin())
+    return _ItkInfo(reader, dim, size, components, _itk_component_bytes(pixel_id, components), affine, data)
+
+
+def _check_itk_size(p: Path, info: _ItkInfo, dtype: Any, max_bytes: int | None) -> None:
+    n_values = math.prod(info.size) * max(info.components, 1)
+    claimed = n_values * info.component_bytes
+    what = f"size {info.size}, {max(info.components, 1)} x {info.component_bytes}-byte values per voxel"
+    data = info.data
+    if not data.multiple:
+        if data.path is None:
+            holds = max(p.stat().st_size - data.offset, 0)
+        else:
+            try:
+                holds = data.path.stat().st_size
+            except FileNotFoundError:
+                raise ImageReadError(
+                    f"'{p}' names the data file '{data.path.name}', which does not exist in "
+                    f"'{data.path.parent}'; expected it next to the header. Copy it there."
+                ) from None
+        if data.encoding == "raw" and claimed > holds:
+            raise _too_large_for_file(p, claimed, what, holds)
+        if data.encoding == "deflate" and claimed > holds * _DEFLATE_MAX_RATIO + _DEFLATE_SLACK:
+            raise _too_large_for_file(p, claimed, what, holds, holds * _DEFLATE_MAX_RATIO)
+        if data.encoding == "hex" and 2 * claimed > holds:  # two characters per byte
+            raise _too_large_for_file(p, claimed, what, holds)
+        if data.encoding == "ascii" and n_values > holds:  # at least one character per value
+            raise _too_large_for_file(p, claimed, what, holds)
+    # SimpleITK's buffer plus the numpy array handed back
+    need = claimed + n_values * _out_itemsize(dtype, info.component_bytes)
+    _check_allocation(p, need, what, max_bytes)
+
+
+def _sitk_to_numpy(img: Any, dtype: Any) -> np.ndarray:
+    import SimpleITK as sitk
+
     dim = img.GetDimension()
     arr = sitk.GetArrayFromImage(img)  # (z, y, x) / (t, z, y, x), vector pixels: (..., c)
     order = list(range(dim))[::-1]
@@ -327,11 +845,178 @@ def _read_itk(p: Path, dtype: Any, series: str | None) -> tuple[np.ndarray, np.n
     arr = arr.transpose(order)  # -> (x, y, z[, t][, c]) = (i, j, k, ...)
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
-    affine = _itk_affine(dim, img.GetDirection(), img.GetSpacing(), img.GetOrigin())
-    return arr, affine
+    return arr
 
 
-def _read_dicom_series(p: Path, series: str | None) -> Any:
+def _read_itk_file(p: Path, dtype: Any, trust: bool, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    info = _itk_info(p, trust)
+    _check_itk_size(p, info, dtype, max_bytes)
+    try:
+        img = info.reader.Execute()
+    except RuntimeError as e:
+        raise ImageReadError(
+            f"could not read '{p}': {_itk_reason(e)}. The file may be truncated, corrupt, or not "
+            "in the format its extension says."
+        ) from None
+    affine = _itk_affine(img.GetDimension(), img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    return _sitk_to_numpy(img, dtype), affine
+
+
+# ------------------------------------------------------------------------------ DICOM series
+
+
+@dataclass(frozen=True)
+class _Slice:
+    file: str
+    position: np.ndarray | None  # ImagePositionPatient (LPS mm)
+    orientation: np.ndarray | None  # ImageOrientationPatient (row and column cosines)
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    components: int
+    component_bytes: int
+
+
+def _ds_values(text: str, n: int) -> np.ndarray | None:
+    parts = [t for t in (s.strip() for s in text.replace("\x00", "").split("\\")) if t]
+    try:
+        values = np.array([float(t) for t in parts], dtype=np.float64)
+    except ValueError:
+        return None
+    return values if values.size == n and np.all(np.isfinite(values)) else None
+
+
+def _dicom_slice(p: Path, file: str) -> _Slice:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ImageReadError(f"could not read the DICOM header of '{file}' in '{p}': {_itk_reason(e)}") from None
+
+    def tag(key: str) -> str | None:
+        return reader.GetMetaData(key) if reader.HasMetaDataKey(key) else None
+
+    ipp, iop = tag("0020|0032"), tag("0020|0037")
+    samples = tag("0028|0002")
+    photometric = (tag("0028|0004") or "").strip().upper()
+    if (samples is not None and samples.strip() not in ("", "1")) or photometric.startswith(("RGB", "YBR", "PALETTE")):
+        raise ImageReadError(
+            f"'{file}' in '{p}' holds colour pixels (PhotometricInterpretation {photometric or '?'}, "
+            f"SamplesPerPixel {(samples or '?').strip()}); expected a greyscale series (CT, MR, PET). "
+            "Pick the right series with series=<uid>, or export the images as greyscale."
+        )
+    pixel_id = int(reader.GetPixelID())
+    _check_itk_voxel_type(Path(file), pixel_id)
+    components = int(reader.GetNumberOfComponents())
+    return _Slice(
+        file=file,
+        position=_ds_values(ipp, 3) if ipp is not None else None,
+        orientation=_ds_values(iop, 6) if iop is not None else None,
+        size=tuple(int(v) for v in reader.GetSize()),
+        spacing=tuple(float(v) for v in reader.GetSpacing()),
+        components=components,
+        component_bytes=_itk_component_bytes(pixel_id, components),
+    )
+
+
+def _dicom_fix_hint() -> str:
+    return (
+        " Export the series again from the scanner or PACS (all slices, one series per folder), or "
+        "pick the intended series with series=<uid>. If you know the geometry is good enough, pass "
+        "allow_uneven_slices=True to read it as is."
+    )
+
+
+def _fmt_mm(values: Any) -> str:
+    return ", ".join(f"{float(v):.6g}" for v in values)
+
+
+def _check_dicom_geometry(p: Path, slices: list[_Slice]) -> tuple[list[_Slice], str | None]:
+    """Sort the slices along their normal and check the stack; returns (sorted slices, problem)."""
+    names = [os.path.basename(s.file) for s in slices]
+    first = slices[0]
+    for s, name in zip(slices, names):
+        if s.size[:2] != first.size[:2] or not np.allclose(s.spacing[:2], first.spacing[:2], rtol=1e-4, atol=1e-6):
+            return slices, (
+                f"slice '{name}' has {s.size[0]}x{s.size[1]} pixels of {_fmt_mm(s.spacing[:2])} mm but "
+                f"'{names[0]}' has {first.size[0]}x{first.size[1]} pixels of {_fmt_mm(first.spacing[:2])} mm; "
+                "expected one in-plane grid for the whole series."
+            )
+    missing = [n for s, n in zip(slices, names) if s.position is None or s.orientation is None]
+    if missing:
+        return slices, (
+            f"{len(missing)} of {len(slices)} files have no readable ImagePositionPatient / "
+            f"ImageOrientationPatient (e.g. '{missing[0]}'), so the slices cannot be placed in space."
+        )
+    iop0 = first.orientation
+    for s, name in zip(slices, names):
+        if np.max(np.abs(s.orientation - iop0)) > _IOP_TOL:
+            return slices, (
+                f"slices have different orientations: '{name}' has ImageOrientationPatient "
+                f"({_fmt_mm(s.orientation)}) but '{names[0]}' has ({_fmt_mm(iop0)}); expected one "
+                "orientation for the whole series (a localizer or a reformatted plane mixed in?)."
+            )
+    row, col = iop0[:3], iop0[3:]
+    normal = np.cross(row, col)
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:
+        return slices, f"ImageOrientationPatient ({_fmt_mm(iop0)}) has parallel row and column directions."
+    normal /= norm
+    positions = np.array([s.position for s in slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    names = [names[i] for i in order]
+    along, positions = along[order], positions[order]
+    gaps = np.diff(along)
+    positive = gaps[gaps > _SLICE_ABS_TOL_MM]
+    typical = float(np.median(positive)) if positive.size else 0.0
+    tol = _SLICE_REL_TOL * typical + _SLICE_ABS_TOL_MM
+    listing = _fmt_mm(along) if len(along) <= 12 else f"{_fmt_mm(along[:6])}, ..., {_fmt_mm(along[-3:])}"
+    for k, g in enumerate(gaps):
+        if g <= tol:
+            return slices, (
+                f"duplicated slice: '{names[k]}' and '{names[k + 1]}' are both at {along[k]:.6g} mm "
+                "along the slice normal (two acquisitions or time points in one series, or a file copied twice)."
+            )
+    for k, g in enumerate(gaps):
+        if abs(g - typical) > tol:
+            ratio = g / typical if typical else math.inf
+            if math.isfinite(ratio) and ratio > 1.5 and abs(ratio - round(ratio)) * typical <= tol:
+                what = (
+                    f"{round(ratio) - 1} missing slice(s) between '{names[k]}' ({along[k]:.6g} mm) "
+                    f"and '{names[k + 1]}' ({along[k + 1]:.6g} mm): that gap is {g:.6g} mm, "
+                    f"{round(ratio)} times the spacing of {typical:.6g} mm"
+                )
+            else:
+                what = (
+                    f"uneven slice spacing: the gap between '{names[k]}' ({along[k]:.6g} mm) and "
+                    f"'{names[k + 1]}' ({along[k + 1]:.6g} mm) is {g:.6g} mm, but the median gap is "
+                    f"{typical:.6g} mm"
+                )
+            return slices, (
+                f"{what} (positions along the slice normal: {listing} mm; tolerance {tol:.3g} mm). "
+                "Expected evenly spaced slices; SimpleITK would use one average spacing and put "
+                "slices in the wrong places."
+            )
+    drift = positions - positions[:1] - np.outer(along - along[0], normal)
+    worst = int(np.argmax(np.linalg.norm(drift, axis=1)))
+    in_plane_tol = _SLICE_REL_TOL * float(min(first.spacing[:2])) + _SLICE_ABS_TOL_MM
+    if np.linalg.norm(drift[worst]) > max(in_plane_tol, tol):
+        return slices, (
+            f"the slices are not stacked along their normal: '{names[worst]}' is shifted by "
+            f"{np.linalg.norm(drift[worst]):.4g} mm in plane relative to '{names[0]}' (gantry tilt or a "
+            "sheared stack), which a SimpleITK image cannot describe. Expected slice positions along "
+            "the normal of ImageOrientationPatient; resample the series (e.g. gantry-tilt correction) first."
+        )
+    return slices, None
+
+
+def _read_dicom(
+    p: Path, dtype: Any, series: str | None, allow_uneven: bool, trust: bool, max_bytes: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -349,9 +1034,56 @@ def _read_dicom_series(p: Path, series: str | None) -> Any:
         series = ids[0]
     elif series not in ids:
         raise ImageReadError(f"series '{series}' is not in '{p}'; found: {', '.join(ids)}")
-    files = reader.GetGDCMSeriesFileNames(str(p), series)
-    reader.SetFileNames(files)
-    return reader.Execute()
+    files = list(reader.GetGDCMSeriesFileNames(str(p), series))
+    if not trust:
+        for f in files:
+            if not _inside(p, Path(f)):
+                raise UntrustedFileError(
+                    f"'{f}' in '{p}' is a link to '{os.path.realpath(f)}', outside the DICOM folder; "
+                    "expected the series' files inside the folder you named. Copy the files into the "
+                    "folder, or pass trust=True to medcam3d.io.read if you trust where the links lead."
+                )
+    slices = [_dicom_slice(p, f) for f in files]
+    n_values = sum(math.prod(s.size) * max(s.components, 1) for s in slices)
+    stored = sum(math.prod(s.size) * max(s.components, 1) * s.component_bytes for s in slices)
+    out = n_values * _out_itemsize(dtype, max(s.component_bytes for s in slices))
+    _check_allocation(p, stored + out, f"{len(slices)} DICOM slices of {slices[0].size[:2]} pixels", max_bytes)
+    problem = None
+    if len(slices) > 1:
+        slices, problem = _check_dicom_geometry(p, slices)
+        if problem is not None:
+            if not allow_uneven:
+                raise GeometryError(f"'{p}' (series {series}): {problem}{_dicom_fix_hint()}")
+            logger.warning(
+                "'%s' (series %s): %s Reading it as is because allow_uneven_slices=True: slice "
+                "positions in mm are approximate.", p, series, problem
+            )
+    reader.SetFileNames([s.file for s in slices])
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise ImageReadError(
+            f"could not read the DICOM series in '{p}': {_itk_reason(e)}. The files may be truncated "
+            "or corrupt."
+        ) from None
+    affine = _itk_affine(img.GetDimension(), img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    if len(slices) > 1 and problem is None:
+        _check_dicom_placement(p, series, slices, ras_to_lps(affine))
+    return _sitk_to_numpy(img, dtype), affine
+
+
+def _check_dicom_placement(p: Path, series: str, slices: list[_Slice], lps: np.ndarray) -> None:
+    """The assembled volume must put slice k where its own header says (guards SimpleITK's sorting)."""
+    spacing = float(np.linalg.norm(lps[:3, 2]))
+    tol = _SLICE_REL_TOL * spacing + _SLICE_ABS_TOL_MM
+    for k, s in enumerate(slices):
+        placed = lps[:3, 3] + k * lps[:3, 2]
+        if np.linalg.norm(placed - s.position) > tol:
+            raise GeometryError(
+                f"'{p}' (series {series}): SimpleITK placed slice {k} ('{os.path.basename(s.file)}') at "
+                f"({_fmt_mm(placed)}) mm (LPS) but its ImagePositionPatient is ({_fmt_mm(s.position)}); "
+                f"expected them to agree within {tol:.3g} mm.{_dicom_fix_hint()}"
+            )
 
 
 def _select_volume(arr: np.ndarray, volume: int | None, p: Path) -> np.ndarray:
@@ -467,24 +1199,54 @@ def _descrip_bytes(descrip: str) -> bytes:
     return raw
 
 
+def _output_codes(like_header: Any) -> tuple[int, int]:
+    """The sform and qform codes of a written NIfTI, before the shear rule (see the module docstring).
+
+    Parameters
+    ----------
+    like_header : nibabel NIfTI header or None
+        The source's header (``like=``), or None.
+
+    Returns
+    -------
+    (int, int)
+        ``(sform_code, qform_code)``: the source's codes, a 0 replaced by the other code, both 0
+        (or no source) giving ``(1, 1)``.
+    """
+    if like_header is None:
+        return 1, 1
+    scode, qcode = int(like_header["sform_code"]), int(like_header["qform_code"])
+    if scode == 0 and qcode == 0:
+        logger.info("like= has sform and qform codes 0; writing codes 1 (scanner) so the affine is used")
+        return 1, 1
+    if scode == 0 or qcode == 0:
+        logger.debug("like= has codes (%d, %d); a code 0 takes the other code", scode, qcode)
+    return (scode or qcode), (qcode or scode)
+
+
 def _nifti_image(arr: np.ndarray, space: Space, like: Any, descrip: str | None) -> Any:
     import nibabel as nib
 
     affine = space.affine
     img = nib.Nifti1Image(arr, affine)
     hdr = img.header
-    scode, qcode = 1, 1
     units: tuple[Any, Any] = ("mm", None)
     lh = _like_header(like)
     if lh is not None:
-        scode, qcode = int(lh["sform_code"]), int(lh["qform_code"])
         units = lh.get_xyzt_units()
-    if scode == 0 and (qcode == 0 or space.is_sheared):
-        # the affine would be lost (both codes 0) or approximated (qform cannot hold shear)
-        scode = max(qcode, 1)
-        logger.info("sform code 0 in like=; storing the affine in the sform with code %d", scode)
+    scode, qcode = _output_codes(lh)
     img.set_sform(affine, code=scode)
-    img.set_qform(affine, code=qcode)
+    if not space.is_sheared:
+        img.set_qform(affine, code=qcode)
+        qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+        if _corner_distance(qform, affine, space.shape) > _placement_tolerance(affine, space.ndim):
+            qcode = 0  # nearly sheared: the quaternion cannot reproduce the affine
+    else:
+        qcode = 0
+    if qcode == 0:
+        # the qform cannot hold this affine: only the sform carries it (viewers then use the sform)
+        img.set_qform(None, code=0)
+        logger.debug("sheared affine: stored in the sform only (qform code 0)")
     xyz, t = units
     hdr.set_xyzt_units(xyz=xyz if xyz is not None else "unknown", t=t if t is not None else "unknown")
     if descrip is not None:
@@ -537,12 +1299,14 @@ def write(
         ``(I, J, K, T)`` (a multi-component image for SimpleITK formats); ``T == 1`` is stored
         as a single 3D volume.
     space : Space or anything :meth:`Space.of` accepts
-        Grid of ``array``; its affine becomes both sform and qform.
+        Grid of ``array``; its affine becomes both sform and qform (NIfTI), so that every viewer
+        places the image in the same place. A sheared affine, which the qform cannot hold, is
+        stored in the sform only (qform code 0).
     like : str, os.PathLike or nibabel image, optional
         NIfTI whose sform/qform codes and xyzt units are copied (its affine is not used). Without
-        it, both codes are 1 (scanner) and units mm. If ``like`` has sform code 0 and qform code
-        0 (or the grid is sheared), the sform gets code ``max(qform code, 1)`` so the affine is
-        kept.
+        it (or for a ``like`` that is not NIfTI), both codes are 1 (scanner) and units mm. A code
+        of 0 in ``like`` takes the other code (an affine under code 0 is ignored by viewers); both
+        0 give 1 and 1. The same rule holds for every image written, heatmaps and masks alike.
     dtype : numpy dtype, optional
         Stored type. Default: float -> float32, bool -> uint8, int64 -> int32, other integers as is.
     descrip : str, optional

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .errors import SpaceError  # noqa: F401  (re-exported)
+from .orientation import lps_to_ras
 
 __all__ = ["Space", "SpaceError", "feature_space", "resample"]
 
@@ -176,9 +177,7 @@ class Space:
             affine = affine[0]
         meta = getattr(t, "meta", None) or {}
         if str(meta.get("space", "RAS")).upper() == "LPS":
-            from medcam3d.io import lps_to_ras  # the only place that converts LPS <-> RAS
-
-            affine = lps_to_ras(affine)
+            affine = lps_to_ras(affine)  # medcam3d.orientation: the one LPS <-> RAS flip
         lead = 2 if batch else 1
         shape = tuple(t.shape[lead:])
         if len(shape) not in (2, 3):
