@@ -92,7 +92,7 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[list[
 @contextmanager
 def preserved_model_state(model: nn.Module, *, eval_mode: bool = True, restore_buffers: bool = True) -> Iterator[None]:
     """Optionally put the model in eval mode; on exit restore every module's ``training`` flag
-    and, by default, every buffer.
+    and, by default, the buffers of the modules that run in training mode.
 
     Parameters
     ----------
@@ -100,29 +100,31 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True, restore_b
     eval_mode : bool
         ``model.eval()`` for the block (False: the flags stay as the user set them).
     restore_buffers : bool
-        Snapshot the buffers (BatchNorm ``running_mean``/``running_var``/``num_batches_tracked``
-        and any other) and write them back on exit, bitwise, into the same tensor objects (a
-        buffer the forward replaced is put back). False: train-mode updates are kept.
+        For every module in training mode during the block, snapshot its buffers (BatchNorm
+        ``running_mean``/``running_var``/``num_batches_tracked``, and any other) and write them
+        back on exit, bitwise, into the same tensor objects (a buffer the forward replaced is put
+        back). Modules in eval mode do not update their statistics, so with ``eval_mode=True``
+        nothing is copied. False: train-mode updates are kept.
 
     Parameters' ``requires_grad`` and ``.grad`` are not touched. Hold :func:`model_lock`
     around it when other threads may use the model.
     """
     flags = [(module, module.training) for module in model.modules()]
     buffers = []
-    if restore_buffers:
-        buffers = [
-            (module, name, tensor, tensor.detach().clone())
-            for module in model.modules()
-            for name, tensor in module._buffers.items()
-            if tensor is not None
-        ]
     try:
-        if eval_mode:
+        if eval_mode and any(training for _, training in flags):
             model.eval()
+        if restore_buffers:
+            buffers = [
+                (module, name, tensor, tensor.detach().clone())
+                for module in model.modules() if module.training
+                for name, tensor in module._buffers.items() if tensor is not None
+            ]
         yield
     finally:
         for module, training in flags:
-            module.training = training
+            if module.training != training:
+                module.training = training
         with torch.no_grad():
             for module, name, tensor, saved in buffers:
                 module._buffers[name] = tensor

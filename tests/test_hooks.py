@@ -122,3 +122,32 @@ def test_no_graph_before_target_layer():
     finally:
         handle.remove()
     assert seen == [False]
+
+
+class CountingNet(nn.Module):
+    """Replaces (not updates in place) a buffer on every train-mode forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = gap_linear_cnn()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls = self.calls + 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_train_mode_buffers_are_restored_unless_asked(update):
+    model = CountingNet().train()
+    original = model.calls
+    x = torch.randn(1, 1, 8, 8, 8)
+    medcam3d.Explainer(model, layer="net.3", eval_mode=False, update_batchnorm_stats=update)(x, target=0)
+    if update:
+        assert float(model.calls) == 1.0
+    else:
+        assert model.calls is original and float(original) == 0.0  # the same tensor, with its old value
+    medcam3d.Explainer(model, layer="net.3")(x, target=0)  # eval mode: nothing runs in train mode
+    assert float(model.calls) == float(update)
+    assert all(m.training for m in model.modules())  # flags restored after the eval-mode call

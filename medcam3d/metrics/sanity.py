@@ -3,7 +3,7 @@
 A map that explains the *model* must change when the model's weights are replaced by random
 ones. :func:`randomization_test` re-initializes the layers of a deep copy of the model from the
 output down, cumulatively (cascading), and compares each method's map on every randomized copy
-with the map on the trained model: Spearman rank correlation and SSIM (3D, Gaussian window).
+with the map on the trained model: Spearman rank correlation and SSIM (MONAI's, Gaussian window, 2D or 3D).
 HiResCAM and Grad-CAM pass (their maps decorrelate); Guided Backprop and Guided Grad-CAM fail
 (their maps stay close to an edge map of the input whatever the weights are). Those two are here
 only for this comparison and warn when used.
