@@ -145,7 +145,8 @@ def test_probabilities_by_task():
 
 
 # ------------------------------------------------------------------------------- import rule
-ENGINE = ["explainer.py", "hooks.py", "targets.py", "layers.py", "modeling.py", "sliding.py", "explainers", "metrics"]
+ENGINE = ["explainer.py", "hooks.py", "targets.py", "layers.py", "modeling.py", "sliding.py", "metrics",
+          "explainers", "methods"]  # the method strategies' package, under either name
 FORBIDDEN = {"pipeline", "cohort", "evaluate", "cli", "napari", "pictures", "jobs"}
 
 
@@ -167,8 +168,8 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_the_engine_and_the_metrics_import_nothing_from_jobs_or_ui():
     files = [p for entry in ENGINE for p in ((PACKAGE / entry).rglob("*.py") if (PACKAGE / entry).is_dir()
-                                             else [PACKAGE / entry])]
-    assert len(files) > 10
+                                             else [PACKAGE / entry] if (PACKAGE / entry).exists() else [])]
+    assert len(files) > 15  # the engine modules, the metrics and the method files
     offending = {str(p.relative_to(PACKAGE)): sorted(_imported_modules(p) & FORBIDDEN) for p in files}
     assert {k: v for k, v in offending.items() if v} == {}
     # the checker sees relative imports, including lazy ones inside functions
