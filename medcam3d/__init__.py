@@ -21,8 +21,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "Explainer": "explainer",
     "Explanation": "explainer",
-    "EXPLAINERS": "explainers",
-    "get_explainer": "explainers",
+    "METHODS": "methods",
+    "get_method": "methods",
+    "EXPLAINERS": "methods",
+    "get_explainer": "methods",
+    "Medcam3dError": "errors",
     "list_layers": "layers",
     "LayerInfo": "layers",
     "normalize": "heatmap",
@@ -47,7 +50,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         TargetIndexError,
     )
     from .explainer import Explainer, Explanation
-    from .explainers import EXPLAINERS, get_explainer
+    from .errors import Medcam3dError
+    from .methods import EXPLAINERS, METHODS, get_explainer, get_method
     from .heatmap import normalize
     from .layers import LayerInfo, list_layers
     from .targets import Region

@@ -151,7 +151,7 @@ def _runner(args: argparse.Namespace, methods=None):
         window = SlidingWindowConfig(tuple(args.roi), args.overlap, args.sw_batch)
     return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
                   layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
-                  sliding_window=window, amp=getattr(args, "amp", None))
+                  sliding_window=window, amp=getattr(args, "amp", None), trust=getattr(args, "trust", False))
 
 
 def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None) -> None:

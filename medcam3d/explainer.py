@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
 from .errors import InputError, LayerError
-from .explainers import DEFAULT_METHOD, Method, MethodContext, get_explainer
+from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
 from .hooks import ActivationCapture, model_lock, preserved_model_state
 from .layers import find_cam_head, linear_head, resolve_layer, select_auto_layer, spatial_dims_of
 from .modeling import first_tensor, to_model_input

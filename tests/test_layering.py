@@ -13,9 +13,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
 #: Old module paths kept as thin aliases of the jobs layer; they are not part of the graph.
-ALIASES = {"medcam3d.pipeline", "medcam3d.cohort", "medcam3d.evaluate", "medcam3d.pictures"}
+ALIASES = {"medcam3d.pipeline", "medcam3d.cohort", "medcam3d.evaluate", "medcam3d.pictures", "medcam3d.explainers"}
 
-ENGINE = ("medcam3d.explainer", "medcam3d.explainers", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
+ENGINE = ("medcam3d.explainer", "medcam3d.methods", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
           "medcam3d.modeling")
 GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.masks", "medcam3d.orientation")
 UI = ("medcam3d.cli", "medcam3d.napari", "medcam3d.__main__")

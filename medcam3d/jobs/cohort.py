@@ -57,9 +57,10 @@ def distributed_context(device: str = "auto") -> DistributedContext:
 class _CaseDataset(torch.utils.data.Dataset):
     """Reads and preprocesses one case per item, in a worker; errors are returned, not raised."""
 
-    def __init__(self, cases: Sequence[Case], transforms) -> None:
+    def __init__(self, cases: Sequence[Case], transforms, trust: bool = False) -> None:
         self.cases = list(cases)
         self.transforms = transforms
+        self.trust = trust
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -67,7 +68,7 @@ class _CaseDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         try:
-            return {"case": case, "loaded": load_case(case.image, self.transforms, case.mask), "error": ""}
+            return {"case": case, "loaded": load_case(case.image, self.transforms, case.mask, trust=self.trust), "error": ""}
         except Exception as error:  # reported by the main process, the cohort goes on
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
 
@@ -124,7 +125,7 @@ def run_cohort(
             skipped += 1
         else:
             todo.append((index, case))
-    loader = DataLoader(_CaseDataset([case for _, case in todo], runner.transforms), batch_size=1,
+    loader = DataLoader(_CaseDataset([case for _, case in todo], runner.transforms, runner.trust), batch_size=1,
                         num_workers=workers, collate_fn=_first)
     failures = 0
     bar = tqdm(total=len(todo), desc=f"explaining (rank {context.rank})" if context.distributed else "explaining",

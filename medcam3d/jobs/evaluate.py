@@ -159,7 +159,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config, trust=trust)
-    runner = Runner(config, model, methods=methods, target="all", device=device)
+    runner = Runner(config, model, methods=methods, target="all", device=device, trust=trust)
     state = _State()
     chosen = _randomization_choice(cases, randomization_cases)
     bar = tqdm(cases, desc="evaluating", unit="case", file=sys.stderr, disable=not progress)
@@ -213,7 +213,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
     from .runner import load_case, probabilities
 
     config = runner.config
-    loaded = load_case(case.image, runner.transforms, case.mask)  # scan read once; mask checked against its grid
+    loaded = load_case(case.image, runner.transforms, case.mask, trust=runner.trust)  # scan read once; mask checked against its grid
     scanner_space, scan = loaded.scanner_space, loaded.scan
     batch = loaded.x[None].to(runner.device)
     labels = None if loaded.labels is None else np.rint(np.asarray(loaded.labels)).astype(np.int64)

@@ -31,6 +31,7 @@ from ..masks import bounding_box, save_box, threshold_mask
 from ..errors import UsageError
 from ..heatmap import unique_file_labels
 from ..preprocess import build_transforms, preprocess
+from ..targets import probabilities  # noqa: F401  (re-exported: the job layer's old home)
 from .cases import case_id_of, check_case_id
 from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
@@ -55,16 +56,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UsageError(f"device {device} is not supported; use auto, cpu or cuda[:<index>].")
     return device
-
-
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Class probabilities ``(B, C)`` from classifier logits, by task (sigmoid / softmax)."""
-    if task == "multilabel":
-        return torch.sigmoid(logits)
-    if task == "binary" or logits.shape[1] == 1:
-        positive = torch.sigmoid(logits[:, :1])
-        return torch.cat([1 - positive, positive], dim=1)
-    return torch.softmax(logits, dim=1)
 
 
 def config_digest(config: Config) -> str:
@@ -153,8 +144,12 @@ class LoadedCase:
     labels: np.ndarray | None = None
 
 
-def load_case(image: str | Path, transforms, mask: str | Path | None = None) -> LoadedCase:
+def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, trust: bool = False,
+              volume: int | None = None, series: str | None = None) -> LoadedCase:
     """Read a scan once, preprocess it, and read its ground-truth label map if given.
+
+    ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
+    ``volume`` picks one volume of a 4D file, ``series`` one series of a multi-series DICOM folder.
 
     Raises
     ------
@@ -163,11 +158,11 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None) -> 
     """
     from .. import io
 
-    scan, scanner_space = io.read(image)
+    scan, scanner_space = io.read(image, trust=trust, volume=volume, series=series)
     x, _ = preprocess((scan, scanner_space), transforms)
     labels = None
     if mask is not None:
-        labels, mask_space = io.read(mask, dtype=None)
+        labels, mask_space = io.read(mask, dtype=None, trust=trust)
         if not mask_space.isclose(scanner_space, atol=1e-3):
             raise ValueError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}).")
     return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels)
@@ -187,12 +182,16 @@ class Runner:
         Override the config's.
     device : str
         ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+    trust : bool
+        Read scans whose headers point to data files elsewhere (see :func:`medcam3d.io.read`).
     """
 
     def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
                  target: object = None, layer: str | None = None, device: str = "auto",
-                 sliding_window: SlidingWindowConfig | None = None, amp: str | None = None) -> None:
+                 sliding_window: SlidingWindowConfig | None = None, amp: str | None = None,
+                 trust: bool = False) -> None:
         self.config = config
+        self.trust = trust
         self.sliding_window = sliding_window or config.sliding_window
         self.amp = amp or config.amp
         self.device = resolve_device(device)
@@ -243,7 +242,7 @@ class Runner:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out_dir, case_id)
         if loaded is None:
-            loaded = load_case(image, self.transforms, mask)
+            loaded = load_case(image, self.transforms, mask, trust=self.trust)
         x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
         staging = staging_folder(out_dir, case_id)
         try:
