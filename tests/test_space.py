@@ -342,3 +342,113 @@ def test_resample_large_grid_chunked():
     np.testing.assert_allclose(heat[tuple(pts.T)], expected, atol=1e-4)
     # the input grid covers the whole scan: no fill anywhere
     assert heat.min() >= feat.min() - 1e-6 and heat.max() <= feat.max() + 1e-6
+
+
+# ------------------------------------------------------------------ separable resampling
+
+
+def _parallel_affine(rng, permutation, signs, spacing, origin):
+    """Voxel -> world whose axes are a signed permutation of the world axes, scaled."""
+    a = np.zeros((4, 4))
+    for voxel_axis, world_axis in enumerate(permutation):
+        a[world_axis, voxel_axis] = signs[voxel_axis] * spacing[voxel_axis]
+    a[:3, 3] = origin
+    a[3, 3] = 1.0
+    return a
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_separable_resample_equals_grid_sample(seed):
+    """Axis-parallel grids (anisotropic, flipped, permuted, odd shapes, partly outside): both paths agree."""
+    from medcam3d.space import Resampler
+
+    rng = np.random.default_rng(100 + seed)
+    rot = Rotation.random(random_state=seed).as_matrix() if seed % 3 else np.eye(3)  # a shared obliquity is fine
+    src_shape = tuple(int(n) for n in rng.integers(1, 7, 3))
+    if seed == 5:
+        src_shape = (40, 3, 37)  # long source axes: the gather path
+    src_affine = np.eye(4)
+    src_affine[:3, :3] = rot @ np.diag(rng.uniform(4, 16, 3))
+    src_affine[:3, 3] = rng.uniform(-30, 30, 3)
+    src = Space(src_shape, src_affine)
+    perm = rng.permutation(3)
+    local = _parallel_affine(rng, perm, rng.choice([-1, 1], 3), rng.uniform(0.6, 3.3, 3), rng.uniform(-25, 25, 3))
+    dst_affine = src_affine.copy()
+    dst_affine[:3, :3] = rot @ local[:3, :3]
+    dst_affine[:3, 3] = src_affine[:3, 3] + rot @ local[:3, 3]
+    dst = Space(tuple(int(n) for n in rng.integers(1, 40, 3)), dst_affine)
+    fill = [0.0, -2.5, float("nan")][seed % 3]
+    data = rng.random((2, *src_shape)).astype(np.float32)
+    fast = Resampler(src, dst)
+    assert fast.separable and sorted(a.source_axis for a in fast.axes) == [0, 1, 2]
+    got = fast(data, fill=fill)
+    ref = Resampler(src, dst, separable=False)(data, fill=fill)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, atol=2e-6, equal_nan=True)
+    expected, _, margin = _reference(data[1], src, dst, fill=fill)
+    ok = margin > 1e-6
+    np.testing.assert_allclose(got[1][ok], expected[ok], atol=2e-6, equal_nan=True)
+    # column-major layout and sub-grids give the same values
+    column = fast(data, fill=fill, layout="F")
+    assert column[0].flags["F_CONTIGUOUS"]
+    np.testing.assert_allclose(column, got, atol=1e-6, equal_nan=True)  # other order of the 1D steps
+    index = [np.unique(rng.integers(0, n, 3)) for n in dst.shape]
+    part = fast(data, fill=fill, indices=index)
+    np.testing.assert_allclose(part, got[(slice(None), *np.ix_(*index))], atol=1e-6, equal_nan=True)
+    # rows along axis 0, finished with the axis weights, rebuild the map
+    rows = fast.rows(data[1], 0, fill=fill)
+    weights = fast.weights(0)
+    full = rows[..., weights.lower] * (1 - weights.weight) + rows[..., weights.upper] * weights.weight
+    full = np.moveaxis(full, -1, 0)
+    full[~weights.inside] = fill
+    np.testing.assert_allclose(full, ref[1], atol=2e-6, equal_nan=True)
+
+
+def test_separable_fill_and_edge_band_2d_and_gradients():
+    from medcam3d.space import Resampler, axis_parallel_maps
+
+    src = Space((4, 5, 6), _affine(spacing=(2, 1, 3)))
+    data = np.random.default_rng(6).random(src.shape).astype(np.float32)
+    # target voxels at chosen source coordinates along axis 0: -0.6 (outside), -0.5 (edge of the
+    # outer cell: inside), -0.25 (edge band: clamped), 0, 1.5, 3.25, 3.5 (inside), 3.6 (outside)
+    coordinates = [-0.6, -0.5, -0.25, 0.0, 1.5, 3.25, 3.5, 3.6]
+    for c in coordinates:
+        dst = Space((1, 1, 1), src.affine @ _affine(origin=(c, 2, 3)))
+        assert Resampler(dst, dst).identity
+        resampler = Resampler(src, dst)
+        assert resampler.separable
+        value = float(resampler(data, fill=-7.0)[0, 0, 0])
+        if c < -0.5 or c > 3.5:
+            assert value == -7.0
+        else:
+            clamped = min(max(c, 0.0), 3.0)
+            lower = min(int(np.floor(clamped)), 2)
+            w = clamped - lower
+            assert value == pytest.approx((1 - w) * data[lower, 2, 3] + w * data[lower + 1, 2, 3], abs=1e-6)
+    # a 1-voxel source axis covers [-0.5, 0.5] with its one value
+    thin = Space((4, 1, 6), _affine(spacing=(2, 1, 3)))
+    across = Space((1, 5, 1), thin.affine @ _affine(spacing=(1, 0.3, 1), origin=(1, -0.6, 2)))
+    values = Resampler(thin, across)(data[:, :1], fill=9.0)[0, :, 0]
+    np.testing.assert_allclose(values, [9.0, data[1, 0, 2], data[1, 0, 2], data[1, 0, 2], 9.0], atol=1e-6)
+    # oblique grids are not separable and keep grid_sample
+    oblique = Space((5, 5, 5), _oblique(3, (1, 1, 1), (0, 0, 0)))
+    assert axis_parallel_maps(src, oblique) is None and not Resampler(src, oblique).separable
+    with pytest.raises(SpaceError, match="not parallel"):
+        Resampler(src, oblique, separable=True)
+    # 2D, flipped and transposed
+    src2 = Space((5, 7), np.diag([3.0, 2.0, 1.0, 1.0]))
+    a = np.zeros((4, 4))
+    a[0, 1], a[1, 0], a[2, 2], a[3, 3] = -1.3, 0.7, 1.0, 1.0
+    a[:2, 3] = [14.0, -1.0]
+    dst2 = Space((17, 11), a)
+    data2 = np.random.default_rng(7).random((3, 5, 7)).astype(np.float32)
+    assert Resampler(src2, dst2).separable
+    np.testing.assert_allclose(Resampler(src2, dst2)(data2, fill=0.5),
+                               Resampler(src2, dst2, separable=False)(data2, fill=0.5), atol=2e-6)
+    # differentiable like the grid_sample path
+    dst3 = Space((9, 7, 11), src.affine @ _affine(spacing=(0.45, 0.7, 0.6), origin=(-0.3, 0.2, 0.1)))
+    x = torch.from_numpy(data).requires_grad_(True)
+    y = torch.from_numpy(data).requires_grad_(True)
+    (Resampler(src, dst3)(x, fill=1.0) ** 2).sum().backward()
+    (Resampler(src, dst3, separable=False)(y, fill=1.0) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-4, rtol=1e-5)
