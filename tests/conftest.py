@@ -59,3 +59,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = qt_unavailable() if qt_items else None
     for item in qt_items if reason else ():
         item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ------------------------------------------------------------------ the tiny model every job test uses
+TINY_NETWORK = "monai.networks.nets.DenseNet"
+TINY_NETWORK_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_features": 4, "growth_rate": 4,
+                     "block_config": [1, 1]}
+
+
+def write_tiny_model(folder: Path, name: str = "weights.pt") -> Path:
+    """A seeded two-class 3D DenseNet (random weights), saved as a state_dict in ``folder``."""
+    import torch
+    from monai.networks.nets import DenseNet
+
+    torch.manual_seed(0)
+    model = DenseNet(**{**TINY_NETWORK_ARGS, "block_config": tuple(TINY_NETWORK_ARGS["block_config"])})
+    path = Path(folder) / name
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def write_tiny_config(path: Path, weights: Path | str = "weights.pt", *, size: int = 24, spacing: float | None = 2.5,
+                      output: str | None = "{pictures: false}", extra: str = "") -> Path:
+    """A config for the tiny model: two classes ``bright``/``dark``, RAS, optional resampling, a ``size``³ input."""
+    import json
+
+    steps = ["  - {name: Orientation, axcodes: RAS}"]
+    if spacing is not None:
+        steps.append(f"  - {{name: Spacing, pixdim: [{spacing}, {spacing}, {spacing}]}}")
+        steps.append("  - {name: ScaleIntensityRange, a_min: 0, a_max: 400, b_min: 0.0, b_max: 1.0, clip: true}")
+    steps.append(f"  - {{name: ResizeWithPadOrCrop, spatial_size: [{size}, {size}, {size}]}}")
+    text = (f"model:\n  network: {TINY_NETWORK}\n  args: {json.dumps(TINY_NETWORK_ARGS)}\n  weights: {weights}\n"
+            "task: multilabel\nclass_names: [bright, dark]\n"
+            "preprocessing:\n" + "\n".join(steps) + "\n"
+            + (f"output: {output}\n" if output else "") + extra)
+    Path(path).write_text(text, encoding="utf-8")
+    return Path(path)

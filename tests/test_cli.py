@@ -8,16 +8,14 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from monai.networks.nets import DenseNet
 
 from medcam3d import io
 from medcam3d.cli import main
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
+from conftest import write_tiny_config, write_tiny_model
 
 SHAPE = (45, 41, 19)
-NETWORK_ARGS = "{spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}"
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +26,8 @@ def setup(tmp_path_factory):
     image, inside = planted_scan(SHAPE, affine, centre, radius_mm=8)
     io.write(root / "scan.nii.gz", image, Space(SHAPE, affine))
     io.write(root / "scan_mask.nii.gz", inside.astype(np.uint8), Space(SHAPE, affine))
-    torch.manual_seed(0)
-    model = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1))
-    torch.save(model.state_dict(), root / "weights.pt")
-    config = root / "config.yaml"
-    config.write_text(f"""
-model:
-  network: monai.networks.nets.DenseNet
-  args: {NETWORK_ARGS}
-  weights: weights.pt
-task: multilabel
-class_names: [bright, dark]
-method: hirescam
-target: all
-preprocessing:
-  - {{name: Orientation, axcodes: RAS}}
-  - {{name: Spacing, pixdim: [2.5, 2.5, 2.5]}}
-  - {{name: ScaleIntensityRange, a_min: 0, a_max: 400, b_min: 0.0, b_max: 1.0, clip: true}}
-  - {{name: ResizeWithPadOrCrop, spatial_size: [24, 24, 24]}}
-output: {{normalized: true, pictures: true}}
-""")
+    write_tiny_model(root)
+    config = write_tiny_config(root / "config.yaml", output="{normalized: true, pictures: true}")
     return root, config
 
 

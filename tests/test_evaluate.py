@@ -7,17 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from monai.networks.nets import DenseNet
 
 from medcam3d import io
 from medcam3d.cli import build_parser, main
 from medcam3d.evaluate import CohortError, collect_cases, evaluate, run
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
+from conftest import write_tiny_config, write_tiny_model
 
 SHAPE = (45, 41, 19)
-NETWORK_ARGS = "{spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -35,23 +33,8 @@ def cohort(tmp_path_factory):
         image, inside = planted_scan(SHAPE, affine, centre, radius_mm=8, seed=number)
         io.write(scans / f"case{number}.nii.gz", image, space)
         io.write(masks / f"case{number}_mask.nii.gz", (inside * label).astype(np.uint8), space)
-    torch.manual_seed(0)
-    model = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1))
-    torch.save(model.state_dict(), root / "weights.pt")
-    config = root / "config.yaml"
-    config.write_text(f"""
-model:
-  network: monai.networks.nets.DenseNet
-  args: {NETWORK_ARGS}
-  weights: weights.pt
-task: multilabel
-class_names: [bright, dark]
-preprocessing:
-  - {{name: Orientation, axcodes: RAS}}
-  - {{name: Spacing, pixdim: [2.5, 2.5, 2.5]}}
-  - {{name: ScaleIntensityRange, a_min: 0, a_max: 400, b_min: 0.0, b_max: 1.0, clip: true}}
-  - {{name: ResizeWithPadOrCrop, spatial_size: [24, 24, 24]}}
-""")
+    write_tiny_model(root)
+    config = write_tiny_config(root / "config.yaml", output=None)
     table = root / "cases.csv"
     table.write_text("case,file,mask,labels_present\n" + "".join(
         f"c{n},scans/case{n}.nii.gz,masks/case{n}_mask.nii.gz,{'bright' if n < 2 else ''}\n" for n in range(3)))

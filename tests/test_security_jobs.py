@@ -13,8 +13,6 @@ import stat
 
 import numpy as np
 import pytest
-import torch
-from monai.networks.nets import DenseNet
 
 from medcam3d import io
 from medcam3d.cli import main
@@ -23,6 +21,7 @@ from medcam3d.jobs.cases import check_case_id, collect_cases, derive_case_ids
 from medcam3d.jobs.outputs import check_output_location, is_own_case_folder
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
+from conftest import write_tiny_config, write_tiny_model
 
 SHAPE = (29, 27, 13)
 
@@ -34,22 +33,8 @@ def setup(tmp_path_factory):
     image, inside = planted_scan(SHAPE, affine, (affine @ [14, 13, 6, 1])[:3], radius_mm=6)
     io.write(root / "scan.nii.gz", image, Space(SHAPE, affine))
     io.write(root / "scan_mask.nii.gz", inside.astype(np.uint8), Space(SHAPE, affine))
-    torch.manual_seed(0)
-    model = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1))
-    torch.save(model.state_dict(), root / "weights.pt")
-    config = root / "config.yaml"
-    config.write_text(f"""
-model:
-  network: monai.networks.nets.DenseNet
-  args: {{spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}}
-  weights: {root / 'weights.pt'}
-task: multilabel
-class_names: [bright, dark]
-preprocessing:
-  - {{name: Orientation, axcodes: RAS}}
-  - {{name: ResizeWithPadOrCrop, spatial_size: [16, 16, 16]}}
-output: {{pictures: false}}
-""")
+    write_tiny_model(root)
+    config = write_tiny_config(root / "config.yaml", root / "weights.pt", size=16, spacing=None)
     return root, config
 
 
