@@ -18,31 +18,165 @@ Example (``configs/demo.yaml``)::
 Instead of ``network``/``args``/``weights`` the model may be a MONAI bundle directory
 (``bundle: path``) or a TorchScript file (``torchscript: path``); both execute code from the
 file and need ``--trust``. Every error names the file and the key.
+
+What a config may name without ``--trust`` (see ``README.md``, "Security and data safety"): a
+``torch.nn.Module`` class from the network namespaces (:data:`medcam3d.models.NETWORK_NAMESPACES`)
+with plain-data arguments (:func:`plain_data_problem`), and transforms from
+:data:`medcam3d.preprocess.SAFE_TRANSFORMS` with plain-data arguments. The YAML is read with
+PyYAML's safe loader (no Python tags), at most :data:`MAX_CONFIG_BYTES` bytes and
+:data:`MAX_CONFIG_NODES` nodes once aliases are expanded (no "billion laughs").
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from .errors import ConfigError  # noqa: F401  (re-exported)
 
-__all__ = ["Config", "ModelConfig", "OutputConfig", "SlidingWindowConfig", "ConfigError", "load_config", "parse_config", "TASKS"]
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "OutputConfig",
+    "SlidingWindowConfig",
+    "PreprocessingSteps",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "plain_data_problem",
+    "TASKS",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_NODES",
+    "MAX_CONFIG_DEPTH",
+]
 
 TASKS = ("multilabel", "multiclass", "binary", "segmentation")
+
+#: A config file larger than this is refused before it is parsed (configs are a few kB; PyYAML's
+#: pure-Python parser reads about 50 kB a second).
+MAX_CONFIG_BYTES = 128 * 1024
+#: Most YAML nodes a config may hold once anchors/aliases are expanded ("billion laughs").
+MAX_CONFIG_NODES = 100_000
+#: Deepest nesting of lists and mappings in a config.
+MAX_CONFIG_DEPTH = 50
+
+#: Leading characters that MONAI's ConfigParser evaluates: ``$`` Python expression, ``@`` reference,
+#: ``%`` macro (another file's content).
+_EXPRESSION_PREFIXES = ("$", "@", "%")
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 80
+_SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
+
+
+def _short(value: object) -> str:
+    """A bounded repr for error messages (a config may hold megabytes in one value)."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:  # a hostile __repr__ from a Python caller
+        return f"<{type(value).__name__}>"
+
+
+def plain_data_problem(value: object, key: str) -> tuple[str, str] | None:
+    """Why ``value`` is not plain data a config may give without trust, or None if it is.
+
+    Plain data is numbers, strings, booleans, None, and lists, tuples and mappings of those, with
+    string keys. Refused: any other type (callables, classes, bytes, sets, dates ...); mapping keys
+    that start with ``_`` (MONAI-bundle directives such as ``_target_``, ``_requires_``,
+    ``_disabled_``, ``_mode_``, ``_desc_``, ``__path``) or with ``$``/``@``/``%``; strings that start
+    with ``$``, ``@`` or ``%`` (expressions, references and macros that MONAI's ConfigParser
+    evaluates); nesting deeper than :data:`MAX_CONFIG_DEPTH` or a structure that contains itself.
+
+    Parameters
+    ----------
+    value : object
+        The value from the config.
+    key : str
+        Its dotted key (``model.args``, ``preprocessing[2].pixdim``), used in the answer.
+
+    Returns
+    -------
+    (str, str) or None
+        The innermost offending key (e.g. ``model.args.act``) and the reason, or None.
+    """
+    return _plain_problem(value, key, 0, set())
+
+
+def _plain_problem(value: object, key: str, depth: int, active: set[int]) -> tuple[str, str] | None:
+    if depth > MAX_CONFIG_DEPTH:
+        return key, f"nested more than {MAX_CONFIG_DEPTH} levels deep"
+    if isinstance(value, str):
+        if value.startswith(_EXPRESSION_PREFIXES):
+            reason = (
+                f"the string {_short(value)} starts with {value[0]!r}, which MONAI's ConfigParser evaluates "
+                "(`$` runs a Python expression, `@` references another entry, `%` pulls in another file)"
+            )
+            return key, reason
+        return None
+    if isinstance(value, _PLAIN_SCALARS):
+        return None
+    if not isinstance(value, (list, tuple, Mapping)):
+        return key, f"a {type(value).__name__} ({_short(value)}) is not plain data (numbers, strings, booleans, null, lists, mappings)"
+    if id(value) in active:
+        return key, "the value contains itself"
+    active.add(id(value))
+    try:
+        if isinstance(value, Mapping):
+            for name, item in value.items():
+                if not isinstance(name, str):
+                    return key, f"the key {_short(name)} is a {type(name).__name__}; keys must be strings"
+                if name.startswith("_"):
+                    reason = (
+                        "keys starting with '_' are directives (in MONAI bundles _target_ imports and calls a "
+                        "callable, _requires_/_disabled_/_mode_/_desc_ control the call, __path names a callable)"
+                    )
+                    return f"{key}.{name}", reason
+                if name.startswith(_EXPRESSION_PREFIXES):
+                    return f"{key}.{name}", f"keys starting with {name[0]!r} are evaluated by MONAI's ConfigParser"
+                problem = _plain_problem(item, f"{key}.{name}", depth + 1, active)
+                if problem:
+                    return problem
+        else:
+            for index, item in enumerate(value):
+                problem = _plain_problem(item, f"{key}[{index}]", depth + 1, active)
+                if problem:
+                    return problem
+    finally:
+        active.discard(id(value))
+    return None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """How to build and load the model. Exactly one of network/bundle/torchscript is set."""
+    """How to build and load the model. Exactly one of network/bundle/torchscript is set.
+
+    ``source`` is the config file it came from (named in error messages), if any.
+    """
 
     network: str | None = None
     args: dict = field(default_factory=dict)
     weights: Path | None = None
     bundle: Path | None = None
     torchscript: Path | None = None
+    source: Path | None = None
+
+
+class PreprocessingSteps(list):
+    """The ``preprocessing`` list of a config, which remembers the file it came from.
+
+    A plain ``list`` of mappings in every other respect; :func:`medcam3d.preprocess.build_transforms`
+    reads ``source`` to name the file in its errors.
+    """
+
+    def __init__(self, steps=(), source: Path | None = None):
+        super().__init__(steps)
+        self.source = source
 
 
 @dataclass(frozen=True)
@@ -92,26 +226,176 @@ _MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config.
 
+    The file is read with PyYAML's safe loader, so tags such as ``!!python/object/apply`` are
+    refused; files over :data:`MAX_CONFIG_BYTES`, or that expand (through anchors and aliases) to
+    more than :data:`MAX_CONFIG_NODES` nodes or nest deeper than :data:`MAX_CONFIG_DEPTH`, are
+    refused before anything is built. Whether the named network and transforms may be built without
+    trust is decided when they are built (:func:`medcam3d.models.load_model`,
+    :func:`medcam3d.preprocess.build_transforms`).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.yaml`` file. Relative paths inside it are relative to its folder.
+
+    Returns
+    -------
+    Config
+
     Raises
     ------
     ConfigError
-        Missing file, YAML syntax error, unknown key (with did-you-mean), wrong type, missing
-        weights file; the message names the file and the key.
+        Missing or unreadable file, not UTF-8, too large, YAML syntax error or Python tag, unknown
+        key (with did-you-mean), wrong type, missing weights file; the message names the file and
+        the key.
     """
-    import yaml
-
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"The config path must be a str or Path, not {type(path).__name__} ({_short(path)}).")
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist (give the path to a .yaml file, e.g. configs/demo.yaml).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = _read_yaml(path)
     return parse_config(data, source=path)
 
 
+def _read_yaml(path: Path) -> object:
+    import yaml
+
+    hint = "give the path to a .yaml file, e.g. configs/demo.yaml"
+    try:
+        if not path.exists():
+            raise ConfigError(f"Config file {str(path)!r} does not exist ({hint}).")
+        if not path.is_file():
+            raise ConfigError(f"Config path {str(path)!r} is not a regular file ({hint}).")
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"Cannot read config file {str(path)!r}: {error.strerror or error} ({hint}).") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        message = (
+            f"{path}: the config file is larger than {MAX_CONFIG_BYTES} bytes; a config is a few kB of YAML. "
+            "Check that this is the config (not an image or weights file)."
+        )
+        raise ConfigError(message)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        message = (
+            f"{path}: the config is not UTF-8 text (byte {error.start} cannot be decoded). Save it as UTF-8 "
+            "(or check that this is the config, not a binary file)."
+        )
+        raise ConfigError(message) from None
+    loader = None
+    try:
+        loader = _loader_class()(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, path)
+        return loader.construct_document(node)
+    except ConfigError as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML (only plain YAML, no Python tags, is read): {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply (at most {MAX_CONFIG_DEPTH} levels).") from None
+    except (ValueError, TypeError, OverflowError, MemoryError) as error:  # e.g. a 5000-digit int, a bad date
+        raise ConfigError(f"{path}: a value in the YAML cannot be read: {_short(str(error))}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+_LOADER = None
+
+
+def _loader_class():
+    """PyYAML's SafeLoader, stopping as soon as the document nests too deep or holds too many nodes."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class _BoundedSafeLoader(yaml.SafeLoader):
+            _depth = 0
+            _nodes = 0
+
+            def compose_node(self, parent, index):
+                self._depth += 1
+                self._nodes += 1
+                try:
+                    if self._depth > MAX_CONFIG_DEPTH:
+                        raise ConfigError(f"the YAML is nested more than {MAX_CONFIG_DEPTH} levels deep.")
+                    if self._nodes > MAX_CONFIG_NODES:
+                        raise ConfigError(f"the YAML holds more than {MAX_CONFIG_NODES} values; a config is small.")
+                    return super().compose_node(parent, index)
+                finally:
+                    self._depth -= 1
+
+        _LOADER = _BoundedSafeLoader
+    return _LOADER
+
+
+def _check_nodes(root: object, path: Path) -> None:
+    """Refuse YAML whose node graph, with aliases expanded, is too large, too deep or recursive."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    active: set[int] = set()
+
+    def visit(node) -> None:  # depth-first; node graphs with aliases are DAGs (or cyclic)
+        key = id(node)
+        if key in sizes:
+            return
+        if key in active:
+            raise ConfigError(f"{path}: an anchor is used inside itself (a recursive structure); a config cannot contain itself.")
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            sizes[key], depths[key] = 1, 0
+            return
+        active.add(key)
+        for child in children:
+            visit(child)
+        active.discard(key)
+        sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+        depths[key] = 1 + max((depths[id(child)] for child in children), default=0)
+        if sizes[key] > MAX_CONFIG_NODES:
+            message = (
+                f"{path}: the YAML expands to more than {MAX_CONFIG_NODES} values (anchors and aliases are "
+                "expanded); a config is small. Write the values out instead of nesting aliases."
+            )
+            raise ConfigError(message)
+        if depths[key] > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{path}: the YAML is nested more than {MAX_CONFIG_DEPTH} levels deep.")
+
+    visit(root)
+
+
 def parse_config(data: object, *, source: Path | None = None) -> Config:
-    """Validate a config given as a mapping (paths are relative to ``source``'s folder)."""
+    """Validate a config given as a mapping (paths are relative to ``source``'s folder).
+
+    Parameters
+    ----------
+    data : mapping
+        The parsed YAML (or an equivalent dict).
+    source : Path, optional
+        The file it came from: named in errors, and the base of relative paths.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        Unknown key (with did-you-mean), wrong type or value, missing file; the message names the
+        file and the key.
+    """
+    if source is not None and not isinstance(source, Path):
+        source = Path(source)
     where = str(source) if source else "config"
     base = source.parent if source else Path.cwd()
     if not isinstance(data, Mapping):
@@ -119,23 +403,21 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
     _check_keys(data, _TOP_KEYS, where, "")
     if "model" not in data:
         raise ConfigError(f"{where}: missing key 'model' (network, args, weights).")
-    model = _model(data["model"], where, base)
+    model = _model(data["model"], where, base, source)
     task = _typed(data, "task", str, where, "multiclass")
     if task not in TASKS:
         raise ConfigError(f"{where}: task must be one of {TASKS}, not {task!r}.")
     names = data.get("class_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise ConfigError(f"{where}: class_names must be a list of strings, not {names!r}.")
-    preprocessing = data.get("preprocessing")
-    if preprocessing is not None and not isinstance(preprocessing, list):
-        raise ConfigError(f"{where}: preprocessing must be a list of transforms, not {type(preprocessing).__name__}.")
+        raise ConfigError(f"{where}: class_names must be a list of strings, not {_short(names)}.")
+    preprocessing = _preprocessing(data.get("preprocessing"), where, source)
     target = data.get("target", "all")
     if not isinstance(target, (str, int, list)) or isinstance(target, bool):
-        raise ConfigError(f"{where}: target must be 'all', 'predicted', a class index or name, or a list, not {target!r}.")
+        raise ConfigError(f"{where}: target must be 'all', 'predicted', a class index or name, or a list, not {_short(target)}.")
     output = _output(data.get("output") or {}, where)
     amp = data.get("amp")
     if amp not in (None, "bf16", "fp16"):
-        raise ConfigError(f"{where}: amp must be bf16, fp16 or null, not {amp!r}.")
+        raise ConfigError(f"{where}: amp must be bf16, fp16 or null, not {_short(amp)}.")
     return Config(
         sliding_window=_sliding_window(data.get("sliding_window"), where),
         amp=amp,
@@ -154,33 +436,39 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
 def _check_keys(data: Mapping, allowed: set[str], where: str, prefix: str) -> None:
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            close = difflib.get_close_matches(str(key)[:100], sorted(allowed), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {prefix}{key!r}.{hint} Allowed: {sorted(allowed)}.")
+            raise ConfigError(f"{where}: unknown key {prefix}{_short(key)}.{hint} Allowed: {sorted(allowed)}.")
 
 
 def _typed(data: Mapping, key: str, kind: type, where: str, default: Any, prefix: str = "") -> Any:
     value = data.get(key, default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {prefix}{key} is too large for a float ({_short(value)}).") from None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {prefix}{key} must be a {kind.__name__}, not {type(value).__name__} ({value!r}).")
+        raise ConfigError(f"{where}: {prefix}{key} must be a {kind.__name__}, not {type(value).__name__} ({_short(value)}).")
     return value
 
 
 def _existing(value: object, where: str, key: str, base: Path, directory: bool = False) -> Path:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {key} must be a path (str), not {type(value).__name__}.")
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else (base / path)
-    ok = path.is_dir() if directory else path.is_file()
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {key} must be a path (a non-empty str), not {type(value).__name__} ({_short(value)}).")
+    try:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (base / path)
+        ok = path.is_dir() if directory else path.is_file()
+    except (OSError, RuntimeError, ValueError) as error:  # ~unknownuser, a name too long, a NUL byte
+        raise ConfigError(f"{where}: {key} {_short(value)} is not a usable path: {error}.") from None
     if not ok:
         kind = "directory" if directory else "file"
         raise ConfigError(f"{where}: {key} {kind} {str(path)!r} does not exist (paths are relative to the config file).")
     return path
 
 
-def _model(section: object, where: str, base: Path) -> ModelConfig:
+def _model(section: object, where: str, base: Path, source: Path | None) -> ModelConfig:
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: model must be a mapping (network, args, weights), not {type(section).__name__}.")
     _check_keys(section, _MODEL_KEYS, where, "model.")
@@ -189,16 +477,55 @@ def _model(section: object, where: str, base: Path) -> ModelConfig:
     if len(sources) != 1:
         raise ConfigError(f"{where}: model needs exactly one of network, bundle, torchscript; got {sources or 'none'}.")
     if "bundle" in section:
-        return ModelConfig(bundle=_existing(section["bundle"], where, "model.bundle", base, directory=True))
+        return ModelConfig(bundle=_existing(section["bundle"], where, "model.bundle", base, directory=True), source=source)
     if "torchscript" in section:
-        return ModelConfig(torchscript=_existing(section["torchscript"], where, "model.torchscript", base))
-    if not isinstance(network, str) or "." not in network:
-        raise ConfigError(f"{where}: model.network must be a dotted class path like 'monai.networks.nets.DenseNet121', not {network!r}.")
+        return ModelConfig(torchscript=_existing(section["torchscript"], where, "model.torchscript", base), source=source)
+    if not isinstance(network, str) or "." not in network or network.startswith(".") or network.endswith("."):
+        raise ConfigError(f"{where}: model.network must be a dotted class path like 'monai.networks.nets.DenseNet121', not {_short(network)}.")
     args = section.get("args", {})
+    if args is None:
+        args = {}
     if not isinstance(args, Mapping):
         raise ConfigError(f"{where}: model.args must be a mapping of constructor arguments, not {type(args).__name__}.")
+    for name in args:
+        if not isinstance(name, str) or not name.isidentifier():
+            message = (
+                f"{where}: model.args has the key {_short(name)}, which is not an argument name; keys are the "
+                "network's constructor arguments, e.g. {spatial_dims: 3, in_channels: 1, out_channels: 2}."
+            )
+            raise ConfigError(message)
     weights = _existing(section["weights"], where, "model.weights", base) if section.get("weights") is not None else None
-    return ModelConfig(network=network, args=dict(args), weights=weights)
+    return ModelConfig(network=network, args=dict(args), weights=weights, source=source)
+
+
+def _preprocessing(section: object, where: str, source: Path | None) -> PreprocessingSteps | None:
+    """Check the shape of the preprocessing list; which transforms may be built is decided later."""
+    if section is None:
+        return None
+    if not isinstance(section, list):
+        raise ConfigError(f"{where}: preprocessing must be a list of transforms, not {type(section).__name__}.")
+    for position, entry in enumerate(section):
+        if not isinstance(entry, Mapping):
+            message = (
+                f"{where}: preprocessing[{position}] must be a mapping like {{name: Orientation, axcodes: RAS}}, "
+                f"not {_short(entry)}."
+            )
+            raise ConfigError(message)
+        name = entry.get("name", entry.get("_target_"))
+        if not isinstance(name, str) or not name:
+            message = (
+                f"{where}: preprocessing[{position}].name must be a MONAI transform name like Spacing, not "
+                f"{_short(name)}."
+            )
+            raise ConfigError(message)
+        for key in entry:
+            if not isinstance(key, str) or not key.isidentifier():
+                message = (
+                    f"{where}: preprocessing[{position}] has the key {_short(key)}, which is not an argument name "
+                    f"of {_short(name)}."
+                )
+                raise ConfigError(message)
+    return PreprocessingSteps(section, source=source)
 
 
 def _output(section: object, where: str) -> OutputConfig:
@@ -221,12 +548,15 @@ def _sliding_window(section: object, where: str) -> SlidingWindowConfig | None:
         raise ConfigError(f"{where}: sliding_window must be a mapping (roi, overlap, sw_batch, mode).")
     _check_keys(section, {"roi", "overlap", "sw_batch", "mode"}, where, "sliding_window.")
     roi = section.get("roi")
-    if not isinstance(roi, list) or not roi or not all(isinstance(r, int) and r > 0 for r in roi):
-        raise ConfigError(f"{where}: sliding_window.roi must be a list of positive ints (the patch size), not {roi!r}.")
+    if not isinstance(roi, list) or not roi or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in roi):
+        raise ConfigError(f"{where}: sliding_window.roi must be a list of positive ints (the patch size), not {_short(roi)}.")
     overlap = _typed(section, "overlap", float, where, 0.25, prefix="sliding_window.")
-    if not 0 <= overlap < 1:
+    if not 0 <= overlap < 1:  # also refuses nan
         raise ConfigError(f"{where}: sliding_window.overlap must be in [0, 1), not {overlap}.")
     mode = _typed(section, "mode", str, where, "gaussian", prefix="sliding_window.")
     if mode not in ("gaussian", "constant"):
-        raise ConfigError(f"{where}: sliding_window.mode must be gaussian or constant, not {mode!r}.")
-    return SlidingWindowConfig(tuple(roi), overlap, _typed(section, "sw_batch", int, where, 1, prefix="sliding_window."), mode)
+        raise ConfigError(f"{where}: sliding_window.mode must be gaussian or constant, not {_short(mode)}.")
+    sw_batch = _typed(section, "sw_batch", int, where, 1, prefix="sliding_window.")
+    if sw_batch < 1:
+        raise ConfigError(f"{where}: sliding_window.sw_batch must be a positive int (patches per forward pass), not {sw_batch}.")
+    return SlidingWindowConfig(tuple(roi), overlap, sw_batch, mode)

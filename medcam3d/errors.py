@@ -17,6 +17,9 @@ __all__ = [
     "ConfigError",
     "UntrustedError",
     "UntrustedModelError",
+    "UntrustedConfigError",
+    "UntrustedNetworkError",
+    "UntrustedTransformError",
     "ModelLoadError",
     "MethodNotFoundError",
     "LayerNotFoundError",
@@ -94,6 +97,14 @@ class ModelLoadError(Medcam3dError, ValueError):
     """A model that cannot be built, or weights that do not fit it."""
 
 
+class UntrustedConfigError(UntrustedError):
+    """A config names something that may run code (a class, a transform, an argument) and trust was not given."""
+
+
+class UntrustedNetworkError(UntrustedConfigError, UntrustedModelError):
+    """``model.network`` or ``model.args`` outside what a config may name without ``--trust``."""
+
+
 # ----------------------------------------------------------------------------- engine
 class MethodNotFoundError(_PlainMessage, Medcam3dError, KeyError, ValueError):
     """An explainer name that is not registered."""
@@ -138,6 +149,10 @@ class SpaceError(Medcam3dError, ValueError):
 
 class PreprocessingError(Medcam3dError, ValueError):
     """A preprocessing config that cannot be built or applied."""
+
+
+class UntrustedTransformError(UntrustedConfigError, PreprocessingError):
+    """A preprocessing entry outside the side-effect-free transforms a config may name without ``--trust``."""
 
 
 class ImageReadError(Medcam3dError, ValueError):

@@ -1,0 +1,588 @@
+"""A config cannot run code without --trust: networks, their arguments, transforms, and the YAML itself.
+
+Every code-execution payload here would create a marker file in ``tmp_path``; the tests assert that
+it never appears. Hostile and garbage configs may only raise medcam3d errors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from medcam3d import models
+from medcam3d.cli import main
+from medcam3d.config import ModelConfig, PreprocessingSteps, load_config, parse_config, plain_data_problem
+from medcam3d.errors import (
+    ConfigError,
+    Medcam3dError,
+    ModelLoadError,
+    PreprocessingError,
+    UntrustedConfigError,
+    UntrustedModelError,
+    UntrustedNetworkError,
+    UntrustedTransformError,
+)
+from medcam3d.models import build_network, load_model
+from medcam3d.preprocess import MAX_VOXELS, SAFE_TRANSFORMS, build_transforms, preprocess
+from medcam3d.space import Space
+
+ROOT = Path(__file__).parent.parent
+TINY = "{spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}"
+TINY_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_features": 4, "growth_rate": 4, "block_config": [1, 1]}
+
+
+def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _image() -> tuple[np.ndarray, Space]:
+    return np.linspace(0, 1, 8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8), Space((8, 8, 8), np.eye(4))
+
+
+def _payloads(marker: Path) -> dict[str, tuple[str, str]]:
+    """Networks (and args) that each created ``marker`` before configs were constrained."""
+    shell = ["sh", "-c", f"touch {marker}"]
+    pth = marker.parent / "site-packages" / "evil.pth"
+    return {
+        "monai_run_cmd": ("monai.utils.misc.run_cmd", f"{{cmd_list: {shell}}}"),
+        "monai_instantiate": ("monai.utils.module.instantiate", f"{{__path: os.system, __mode: default, command: 'touch {marker}'}}"),
+        "medcam3d_atomic_write": ("medcam3d._files.atomic_write_text", f"{{path: '{pth}', text: 'import os; os.system(\"touch {marker}\")'}}"),
+        "os_system": ("os.system", f"{{command: 'touch {marker}'}}"),
+        "torch_nn_function": ("torch.nn.modules.module.register_module_forward_hook", "{hook: print}"),
+        "monai_nets_function": ("monai.networks.nets.efficientnet.get_efficientnet_image_size", "{model_name: efficientnet-b0}"),
+    }
+
+
+# ----------------------------------------------------------------------------- model.network
+@pytest.mark.parametrize("payload", list(_payloads(Path("/m"))))
+def test_code_execution_through_model_network_is_refused(tmp_path, payload):
+    marker = tmp_path / "marker"
+    (tmp_path / "site-packages").mkdir()
+    network, args = _payloads(marker)[payload]
+    path = _write(tmp_path, f"model: {{network: {network}, args: {args}}}\n")
+    config = load_config(path)
+    with pytest.raises(UntrustedNetworkError) as info:
+        load_model(config)
+    message = str(info.value)
+    assert str(path) in message and "model.network" in message and "--trust" in message
+    assert isinstance(info.value, UntrustedModelError) and isinstance(info.value, UntrustedConfigError)
+    assert not marker.exists()
+    assert not (tmp_path / "site-packages" / "evil.pth").exists()
+
+
+def test_trust_keeps_building_any_importable_callable(tmp_path):
+    # The same payload runs with trust: proof that it is a real payload, and that --trust keeps the old behaviour.
+    marker = tmp_path / "marker"
+    network, args = _payloads(marker)["monai_run_cmd"]
+    config = load_config(_write(tmp_path, f"model: {{network: {network}, args: {args}}}\n"))
+    with pytest.raises(ModelLoadError, match="did not build a torch.nn.Module"):
+        load_model(config, trust=True)
+    assert marker.exists()
+
+
+def test_cli_refuses_a_code_execution_config(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    network, args = _payloads(marker)["monai_run_cmd"]
+    path = _write(tmp_path, f"model: {{network: {network}, args: {args}}}\n")
+    assert main(["layers", "--config", str(path), "--shape", "1", "8", "8", "8"]) != 0
+    err = capsys.readouterr().err
+    assert "--trust" in err and "model.network" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "network, reason",
+    [
+        ("torch.nn.init.zeros_", "not a class"),
+        ("monai.networks.nets.get_efficientnet_image_size", "not a class"),
+        ("monai.networks.nets.BlockArgs", "not a torch.nn.Module"),
+        ("torch.nn.Parameter", "not a torch.nn.Module"),
+        ("monai.networks.blocks.Convolution", "outside the network namespaces"),
+        ("monai.bundle.ConfigParser", "outside the network namespaces"),
+        ("medcam3d.layers.resolve_layer", "outside the network namespaces"),
+        ("builtins.eval", "outside the network namespaces"),
+        ("monai.networks.nets.Transchex", "downloads or picks third-party models"),
+        ("monai.networks.nets.TorchVisionFCModel", "downloads or picks third-party models"),
+    ],
+)
+def test_network_must_be_a_module_class_from_the_namespaces(network, reason):
+    with pytest.raises(UntrustedNetworkError, match=reason):
+        build_network(network, {})
+
+
+def test_class_re_exported_into_a_namespace_from_elsewhere_is_refused(monkeypatch):
+    import monai.networks.nets as nets
+    from monai.networks.blocks import Convolution
+
+    monkeypatch.setattr(nets, "Imported", Convolution, raising=False)
+    with pytest.raises(UntrustedNetworkError, match="defined in 'monai.networks.blocks.convolutions', outside"):
+        build_network("monai.networks.nets.Imported", {"spatial_dims": 3, "in_channels": 1, "out_channels": 1})
+
+
+@pytest.mark.parametrize(
+    "network, args, kind",
+    [
+        ("monai.networks.nets.DenseNet", dict(TINY_ARGS, act=["relu", {"inplace": True}], norm="batch"), "DenseNet"),
+        ("monai.networks.nets.densenet.DenseNet", TINY_ARGS, "DenseNet"),
+        ("monai.networks.nets.densenet121", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2}, "DenseNet121"),
+        ("monai.networks.nets.resnet10", {"spatial_dims": 3, "n_input_channels": 1, "num_classes": 2}, "ResNet"),
+        ("monai.networks.nets.EfficientNetBN", {"model_name": "efficientnet-b0", "spatial_dims": 3, "in_channels": 1, "num_classes": 2, "pretrained": False}, "EfficientNetBN"),
+        ("torch.nn.Conv3d", {"in_channels": 1, "out_channels": 2, "kernel_size": 3}, "Conv3d"),
+        ("torch.nn.modules.conv.Conv3d", {"in_channels": 1, "out_channels": 2, "kernel_size": [3, 3, 3]}, "Conv3d"),
+        ("torch.nn.Sequential", {}, "Sequential"),
+    ],
+)
+def test_network_classes_with_plain_arguments_build_without_trust(network, args, kind):
+    model = build_network(network, args)
+    assert type(model).__name__ == kind
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_sequential_gets_no_modules_from_a_config():
+    # Sequential's constructor takes modules, which plain data cannot give: only the empty container builds.
+    with pytest.raises(ModelLoadError, match="cannot build torch.nn.Sequential"):
+        build_network("torch.nn.Sequential", {"layers": [{"name": "Conv3d"}]})
+
+
+# ----------------------------------------------------------------------------- model.args
+@pytest.mark.parametrize(
+    "act, key",
+    [
+        ("'$__import__(\"os\").system(\"touch MARKER\")'", "model.args.act"),
+        ("'@other#entry'", "model.args.act"),
+        ("'%other.yaml#net'", "model.args.act"),
+        ("{_target_: os.system, command: 'touch MARKER'}", "model.args.act._target_"),
+        ("{__path: os.system, command: 'touch MARKER'}", "model.args.act.__path"),
+        ("[relu, {_requires_: '$import os'}]", "model.args.act[1]._requires_"),
+        ("[relu, {_disabled_: false}]", "model.args.act[1]._disabled_"),
+        ("[relu, {_mode_: callable}]", "model.args.act[1]._mode_"),
+        ("[relu, {_desc_: x}]", "model.args.act[1]._desc_"),
+        ("[relu, {'$inplace': true}]", "model.args.act[1].$inplace"),
+    ],
+)
+def test_network_arguments_must_be_plain_data(tmp_path, act, key):
+    marker = tmp_path / "marker"
+    text = f"model: {{network: monai.networks.nets.DenseNet, args: {{spatial_dims: 3, in_channels: 1, out_channels: 2, act: {act}}}}}\n"
+    path = _write(tmp_path, text.replace("MARKER", str(marker)))
+    with pytest.raises(UntrustedNetworkError) as info:
+        load_model(load_config(path))
+    message = str(info.value)
+    assert f"{path}: {key}:" in message and "--trust" in message and "plain data" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "value, key",
+    [
+        ({"a": 1, "b": [1.5, "x", None, True, {"c": (1, 2)}]}, None),
+        ({"act": "$x"}, "model.args.act"),
+        ({"a": [1, {"@b": 1}]}, "model.args.a[1].@b"),
+        ({"a": b"bytes"}, "model.args.a"),
+        ({"a": {1, 2}}, "model.args.a"),
+        ({"a": print}, "model.args.a"),
+        ({"a": nn.ReLU}, "model.args.a"),
+        ({"a": {3: "x"}}, "model.args.a"),
+    ],
+)
+def test_plain_data_problem_names_the_innermost_key(value, key):
+    problem = plain_data_problem(value, "model.args")
+    assert (problem is None) if key is None else (problem[0] == key)
+
+
+def test_plain_data_problem_refuses_self_containing_and_deep_values():
+    loop: list = []
+    loop.append(loop)
+    assert "contains itself" in plain_data_problem(loop, "x")[1]
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    assert "levels deep" in plain_data_problem(deep, "x")[1]
+
+
+@pytest.mark.parametrize(
+    "network, args",
+    [
+        ("monai.networks.nets.DenseNet121", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "pretrained": True}),
+        ("monai.networks.nets.resnet10", {"spatial_dims": 3, "n_input_channels": 1, "num_classes": 2, "pretrained": "/tmp/weights.pth"}),
+        ("monai.networks.nets.HoVerNet", {"pretrained_url": "http://example.invalid/evil.pth"}),
+    ],
+)
+def test_arguments_that_download_or_read_weights_need_trust(network, args):
+    key = next(k for k in args if k.startswith("pretrained"))
+    with pytest.raises(UntrustedNetworkError, match=f"model.args.{key}: .*download or read weights"):
+        build_network(network, args)
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        ({"spatial_dims": 4, "in_channels": 1, "out_channels": 2}, "IndexError"),
+        ({"spatial_dims": "three", "in_channels": 1, "out_channels": 2}, "cannot build"),
+        ({"spatial_dims": 3, "in_channels": 1.5, "out_channels": 2}, "cannot build"),
+        ({"spatial_dims": 3, "in_channels": 1, "out_channels": -2}, "cannot build"),
+        ({"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "no_such": 1}, "no_such"),
+        ({"spatial_dims": 3, "in_channels": 1, "out_channels": [[]]}, "cannot build"),
+        ({"spatial_dims": 3, "in_channels": 1, "out_channels": float("nan")}, "cannot build"),
+        ({"spatial_dims": 3, "in_channels": 1, "out_channels": 10**12}, "larger than"),
+        ({"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "block_config": [10**9]}, "model.args.block_config\\[0\\]"),
+    ],
+)
+def test_bad_network_arguments_are_model_load_errors(args, text):
+    with pytest.raises(ModelLoadError, match=text):
+        build_network("monai.networks.nets.DenseNet121" if "block_config" not in args else "monai.networks.nets.DenseNet", args)
+
+
+def test_too_large_networks_are_stopped_before_they_are_allocated(monkeypatch):
+    with pytest.raises(ModelLoadError, match="more than 1,000 parameters and buffers"):
+        build_network("monai.networks.nets.DenseNet", TINY_ARGS, max_parameters=1000)
+    monkeypatch.setattr(models, "MAX_MODULES", 5)
+    with pytest.raises(ModelLoadError, match="more than 5 submodules"):
+        build_network("monai.networks.nets.DenseNet", TINY_ARGS)
+    monkeypatch.setattr(models, "MAX_MODULES", 50_000)
+    monkeypatch.setattr(models, "MAX_BUILD_SECONDS", -1.0)
+    with pytest.raises(ModelLoadError, match="s of construction"):
+        build_network("monai.networks.nets.DenseNet", TINY_ARGS)
+    monkeypatch.setattr(models, "MAX_BUILD_SECONDS", 60.0)
+    assert isinstance(build_network("monai.networks.nets.DenseNet", TINY_ARGS, trust=True, max_parameters=1000), nn.Module)
+
+
+def test_networks_that_cannot_be_built_on_the_meta_device_are_counted_on_the_cpu():
+    # SwinUNETR reads tensor values in its constructor, which the meta device cannot do.
+    args = {"in_channels": 1, "out_channels": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+    model = build_network("monai.networks.nets.SwinUNETR", args)
+    assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
+    with pytest.raises(ModelLoadError, match="more than 1,000 parameters and buffers"):
+        build_network("monai.networks.nets.SwinUNETR", args, max_parameters=1000)
+
+
+def test_model_errors_name_the_config_file(tmp_path):
+    path = _write(tmp_path, "model: {network: monai.networks.nets.DenseNet121, args: {spatial_dims: 4, in_channels: 1, out_channels: 2}}\n")
+    config = load_config(path)
+    assert config.model.source == path
+    for given in (config, config.model):
+        with pytest.raises(ModelLoadError, match=f"{path}: model.args"):
+            load_model(given)
+    spec = ModelConfig(network="os.system", source=path)
+    with pytest.raises(UntrustedNetworkError, match=f"{path}: model.network"):
+        load_model(spec)
+
+
+class _Payload:
+    """Unpickling this runs ``touch marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_weights_that_are_full_pickles_need_trust(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil.pt")
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: evil.pt}}\n")
+    with pytest.raises(ModelLoadError, match="(?s)weights_only=True.*--trust"):
+        load_model(load_config(path))
+    assert not marker.exists()
+    with pytest.raises(ModelLoadError):  # trusted: unpickled in full (the payload runs), then no state_dict
+        load_model(load_config(path), trust=True)
+    assert marker.exists()
+
+
+def test_trust_loads_a_whole_pickled_model(tmp_path):
+    torch.manual_seed(0)
+    saved = build_network("monai.networks.nets.DenseNet", TINY_ARGS)
+    torch.save(saved, tmp_path / "whole.pt")
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: whole.pt}}\n")
+    with pytest.raises(ModelLoadError, match="--trust"):
+        load_model(load_config(path))
+    model = load_model(load_config(path), trust=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def test_saveimage_in_preprocessing_is_refused_and_writes_nothing(tmp_path):
+    saved = tmp_path / "saved"
+    steps = [{"name": "Orientation", "axcodes": "RAS"}, {"name": "SaveImage", "output_dir": str(saved), "output_ext": ".nii.gz"}]
+    with pytest.raises(UntrustedTransformError) as info:
+        preprocess(_image(), steps)
+    assert "preprocessing[1].name" in str(info.value) and "--trust" in str(info.value)
+    assert isinstance(info.value, PreprocessingError)
+    assert not saved.exists() or not any(saved.rglob("*"))
+
+
+def test_preprocessing_errors_name_the_config_file_and_entry(tmp_path):
+    path = _write(tmp_path, f"""
+model: {{network: monai.networks.nets.DenseNet, args: {TINY}}}
+preprocessing:
+  - {{name: Orientation, axcodes: RAS}}
+  - {{name: Spacing, pixdim: [2, 2, 2]}}
+  - {{name: SaveImage, output_dir: {tmp_path / 'saved'}}}
+""")
+    config = load_config(path)
+    assert isinstance(config.preprocessing, PreprocessingSteps) and config.preprocessing.source == path
+    with pytest.raises(UntrustedTransformError, match=f"{path}: preprocessing\\[2\\].name: SaveImage"):
+        build_transforms(config.preprocessing)
+    with pytest.raises(UntrustedTransformError, match=f"{path}: preprocessing\\[2\\].name"):
+        preprocess(_image(), config.preprocessing)
+
+
+@pytest.mark.parametrize(
+    "step, key",
+    [
+        ({"name": "Lambda", "func": "$lambda x: __import__('os').system('touch MARKER')"}, "preprocessing[0].func"),
+        ({"name": "Lambda", "func": "len"}, "preprocessing[0].name"),
+        ({"name": "LoadImage", "reader": "$__import__('os').system('touch MARKER')"}, "preprocessing[0].reader"),
+        ({"name": "monai.transforms.SaveImage", "output_dir": "MARKER"}, "preprocessing[0].name"),
+        ({"name": "Invert", "transform": "@preprocessing"}, "preprocessing[0].transform"),
+        ({"name": "RandFlip", "prob": 1.0}, "preprocessing[0].name"),
+        ({"name": "Spacing", "pixdim": {"_target_": "os.system", "command": "touch MARKER"}}, "preprocessing[0].pixdim._target_"),
+        ({"name": "Spacing", "pixdim": [2, 2, 2], "mode": "%other.yaml#mode"}, "preprocessing[0].mode"),
+        ({"name": "CropForeground", "select_fn": "os.system"}, "preprocessing[0].select_fn"),
+        ({"_target_": "CropForeground", "select_fn": lambda x: x > 0}, "preprocessing[0].select_fn"),
+    ],
+)
+def test_transforms_with_io_callables_or_expressions_need_trust(tmp_path, step, key):
+    marker = tmp_path / "marker"
+    step = {k: (v.replace("MARKER", str(marker)) if isinstance(v, str) else v) for k, v in step.items()}
+    with pytest.raises(UntrustedTransformError) as info:
+        preprocess(_image(), [step])
+    assert f"{key}:" in str(info.value) and "--trust" in str(info.value)
+    assert not marker.exists()
+
+
+def test_trust_unlocks_any_array_transform(tmp_path):
+    compose = build_transforms(
+        [{"name": "SaveImage", "output_dir": str(tmp_path / "saved")}, {"name": "CropForeground", "select_fn": lambda x: x > 0.5}],
+        trust=True,
+    )
+    assert [type(t).__name__ for t in compose.transforms] == ["SaveImage", "CropForeground"]
+    x, _ = preprocess(_image(), [{"name": "CropForeground", "select_fn": lambda x: x > 0.5}], trust=True)
+    assert x.shape[1:] != (8, 8, 8)
+
+
+def test_oversized_outputs_are_refused_before_running():
+    with pytest.raises(PreprocessingError, match=r"preprocessing\[0\].spatial_size: .* voxels"):
+        build_transforms([{"name": "Resize", "spatial_size": [MAX_VOXELS, 2, 1]}])
+
+
+def test_safe_transforms_are_array_transforms_and_cover_the_shipped_configs():
+    import monai.transforms as mt
+
+    for name in SAFE_TRANSFORMS:
+        cls = getattr(mt, name)
+        assert inspect.isclass(cls) and issubclass(cls, mt.Transform) and not issubclass(cls, mt.MapTransform), name
+        assert not issubclass(cls, mt.Randomizable), name
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert all(step["name"] in SAFE_TRANSFORMS for step in config.preprocessing or []), path
+        build_transforms(config.preprocessing)
+
+
+# ----------------------------------------------------------------------------- the YAML file
+def test_non_utf8_config_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: {network: monai.networks.nets.DenseNet121}\nclass_names: [Läsion]\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_python_yaml_tags_are_refused(tmp_path):
+    marker = tmp_path / "marker"
+    text = f"model: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.safe_load(text)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, text))
+    assert not marker.exists()
+
+
+def _billion_laughs(levels: int = 9) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels + 1):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (f"model: {{network: monai.networks.nets.DenseNet, args: {{x: &a [1, *a]}}}}", "anchor is used inside itself"),
+        (_billion_laughs() + f"\nmodel: {{network: monai.networks.nets.DenseNet, args: {{x: *l9}}}}\n", "expands to more than"),
+        (_billion_laughs(6) + "\nclass_names: *l6\nmodel: {network: monai.networks.nets.DenseNet}\n", "expands to more than"),
+        ("model: " + "[" * 5000 + "]" * 5000, "nested more than"),
+        ("class_names: [" + ", ".join(["a"] * 60_000) + "]", "larger than"),
+        ("# " + "x" * 200_000, "larger than"),
+    ],
+)
+def test_yaml_bombs_are_refused_quickly(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    assert time.perf_counter() - start < 5
+
+
+# ----------------------------------------------------------------------------- fuzz
+def _hostile_configs(tmp_path: Path, marker: Path) -> list[str]:
+    net = "monai.networks.nets.DenseNet"
+    return [
+        "",
+        "null",
+        "[]",
+        "42",
+        "'model'",
+        "model: 5",
+        "model: []",
+        "model: {network: 5}",
+        "model: {network: [monai, networks]}",
+        "model: {network: '..'}",
+        "model: {network: 'monai.networks.nets.'}",
+        "model: {network: '.DenseNet'}",
+        "model: {network: 'monai.networks.nets.__builtins__'}",
+        "model: {network: 'monai.networks.nets._DenseLayer'}",
+        "model: {network: 'torch.nn.functional.relu'}",
+        "model: {network: 'monai.networks.nets.DenseNet\\x00evil'}",
+        f"model: {{network: {net}, args: 7}}",
+        f"model: {{network: {net}, args: [1, 2]}}",
+        f"model: {{network: {net}, args: {{1: 2}}}}",
+        f"model: {{network: {net}, args: {{'not an identifier': 2}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: 99999999999999999999999999999, in_channels: 1, out_channels: 2}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: {'9' * 5000}}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: .inf, in_channels: .nan, out_channels: -.inf}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: !!binary aGVsbG8=}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: !!set {{a, b}}}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: 2001-02-03}}}}",
+        f"model: {{network: {net}, args: {{spatial_dims: 2001-13-45}}}}",
+        f"model: {{network: {net}, args: {{block_config: [[[[[[]]]]]], spatial_dims: {{a: {{b: {{c: []}}}}}}}}}}",
+        f"model: {{network: {net}, args: {TINY}, weights: 5}}",
+        f"model: {{network: {net}, args: {TINY}, weights: ''}}",
+        f"model: {{network: {net}, args: {TINY}, weights: /dev/zero}}",
+        f"model: {{network: {net}, args: {TINY}, weights: {tmp_path}}}",
+        f"model: {{network: {net}, args: {TINY}, weights: '~no_such_user_medcam3d/w.pt'}}",
+        f"model: {{network: {net}, args: {TINY}, weights: '{'x' * 5000}'}}",
+        f"model: {{network: {net}, args: {TINY}, weights: \"w\\0.pt\"}}",
+        f"model: {{network: {net}, args: {TINY}, weights: garbage.pt}}",
+        f"model: {{bundle: {tmp_path}}}",
+        f"model: {{torchscript: garbage.pt}}",
+        f"model: {{network: {net}, bundle: {tmp_path}}}",
+        f"model: {{network: {net}, args: {TINY}}}\ntask: [1]\nclass_names: {{a: 1}}\ntarget: {{x: 1}}\namp: [bf16]",
+        f"model: {{network: {net}, args: {TINY}}}\noutput: {{fill: 1e999999, normalized: yes, four_d: 3}}",
+        f"model: {{network: {net}, args: {TINY}}}\noutput: [1]\nsliding_window: {{roi: [true], overlap: .nan, sw_batch: -1}}",
+        f"model: {{network: {net}, args: {TINY}}}\nsliding_window: {{roi: [8, 8, 8], sw_batch: 0}}",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: {{name: Spacing}}",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [Spacing, 3, null]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: 3}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: Spacing, 3: x}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: Spacing, pixdim: [0, -1, .nan]}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: Spacing, pixdim: [1, 1, 1], mode: 999}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: Resize, spatial_size: [-5, 0, 99999999999999]}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: Orientation, axcodes: QQQ}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: ResizeWithPadOrCrop, spatial_size: 'abc'}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: ScaleIntensityRange, a_min: x, a_max: [], b_min: {{}}, b_max: null}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: EnsureType, data_type: numpy}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: CastToType, dtype: object}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: SaveImage, output_dir: '{marker}'}}]",
+        f"model: {{network: {net}, args: {TINY}}}\npreprocessing: [{{name: Lambda, func: '$exec(\"open(\\'{marker}\\', \\'w\\')\")'}}]",
+        f"model: {{network: monai.utils.misc.run_cmd, args: {{cmd_list: [sh, -c, 'touch {marker}']}}}}",
+        f"model: !!python/object/apply:os.system ['touch {marker}']",
+        f"model: !!python/object/new:subprocess.Popen [['touch', '{marker}']]",
+        "model: {network: &a [*a]}",
+        _billion_laughs() + "\nmodel: *l9\n",
+        "model:\n  network: monai.networks.nets.DenseNet\n  network: torch.nn.Conv3d\n",
+        "model: {network: monai.networks.nets.DenseNet}\n---\nmodel: {network: torch.nn.Conv3d}\n",
+        "\t\x00\x01 model: {",
+        "model: {network: 'x'",
+        "? [a, b]\n: c\n",
+    ]
+
+
+def _run_everything(path: Path, marker: Path) -> None:
+    try:
+        config = load_config(path)
+        load_model(config)
+        build_transforms(config.preprocessing)
+        preprocess(_image(), config.preprocessing)
+    except Medcam3dError:
+        pass
+    except Exception as error:  # pragma: no cover - the assertion below reports it
+        pytest.fail(f"{path.read_bytes()[:300]!r} raised {type(error).__name__}: {error}")
+    assert not marker.exists(), path.read_bytes()[:300]
+
+
+def test_hostile_configs_raise_only_medcam3d_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "marker"
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage")
+    for index, text in enumerate(_hostile_configs(tmp_path, marker)):
+        _run_everything(_write(tmp_path, text, f"hostile_{index}.yaml"), marker)
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    _run_everything(path, marker)
+
+
+GARBAGE = [
+    None, True, False, -1, 0, 10**12, -(10**30), 1e308, float("nan"), float("inf"), "", "x" * 300, "$x", "@x", "%x",
+    [], {}, [[[]]], {"_target_": "os.system"}, [1] * 20, {"a": {"b": [None]}}, "monai.utils.misc.run_cmd",
+]
+
+
+def _mutate(value, rng: random.Random, marker: Path):
+    """Replace one random leaf (or add one random key) of a nested config with garbage."""
+    if isinstance(value, dict) and value and rng.random() < 0.8:
+        key = rng.choice(list(value))
+        return {**value, key: _mutate(value[key], rng, marker)}
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        index = rng.randrange(len(value))
+        return value[:index] + [_mutate(value[index], rng, marker)] + value[index + 1:]
+    if isinstance(value, dict) and rng.random() < 0.5:
+        return {**value, rng.choice(["_target_", "__path", "x", "name", "weights", "cmd_list"]): rng.choice(GARBAGE)}
+    return rng.choice(GARBAGE + [f"touch {marker}"])
+
+
+def test_randomly_mutated_configs_raise_only_medcam3d_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "marker"
+    base = {
+        "model": {"network": "monai.networks.nets.DenseNet", "args": dict(TINY_ARGS)},
+        "task": "multilabel",
+        "class_names": ["a", "b"],
+        "target": "all",
+        "preprocessing": [
+            {"name": "Orientation", "axcodes": "RAS"},
+            {"name": "Spacing", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"},
+            {"name": "ScaleIntensityRange", "a_min": 0.0, "a_max": 1.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+            {"name": "ResizeWithPadOrCrop", "spatial_size": [8, 8, 8]},
+        ],
+        "output": {"normalized": True, "fill": 0.0},
+        "sliding_window": {"roi": [8, 8, 8], "overlap": 0.25},
+    }
+    rng = random.Random(1234)
+    for index in range(60):
+        config = base
+        for _ in range(rng.randint(1, 3)):
+            config = _mutate(config, rng, marker)
+        path = tmp_path / f"mutant_{index}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        _run_everything(path, marker)
+        # The same mutant through the Python API (parse_config) must behave the same way.
+        try:
+            parsed = parse_config(config, source=path)
+            load_model(parsed)
+            preprocess(_image(), parsed.preprocessing)
+        except Medcam3dError:
+            pass
+        assert not marker.exists()
+
