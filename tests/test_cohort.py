@@ -14,13 +14,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from monai.networks.nets import DenseNet
 
 from medcam3d import io
 from medcam3d.cli import main
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
+from conftest import write_tiny_config, write_tiny_model
 
 CASES = 6
 
@@ -35,23 +34,8 @@ def cohort(tmp_path_factory):
         centre = (affine @ [10 + 4 * n, 20, 9, 1])[:3]
         image, _ = planted_scan(shape, affine, centre, radius_mm=7, seed=n)
         io.write(root / "scans" / f"case{n}.nii.gz", image, Space(shape, affine))
-    torch.manual_seed(0)
-    model = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1))
-    torch.save(model.state_dict(), root / "weights.pt")
-    (root / "config.yaml").write_text("""
-model:
-  network: monai.networks.nets.DenseNet
-  args: {spatial_dims: 3, in_channels: 1, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1, 1]}
-  weights: weights.pt
-task: multilabel
-class_names: [bright, dark]
-preprocessing:
-  - {name: Orientation, axcodes: RAS}
-  - {name: Spacing, pixdim: [2.5, 2.5, 2.5]}
-  - {name: ScaleIntensityRange, a_min: 0, a_max: 400, b_min: 0.0, b_max: 1.0, clip: true}
-  - {name: ResizeWithPadOrCrop, spatial_size: [24, 24, 24]}
-output: {pictures: false}
-""")
+    write_tiny_model(root)
+    write_tiny_config(root / "config.yaml")
     return root
 
 
@@ -61,9 +45,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(root: Path, out: Path, *extra: str) -> subprocess.Popen:
+GATED_LAUNCHER = """
+import os, pathlib, sys, time
+import medcam3d.jobs.cohort as cohort
+gate, names = pathlib.Path(sys.argv[1]), set(sys.argv[2].split(","))
+original = cohort.load_case
+(gate.parent / f"rank-{os.getpid()}.pid").write_text(str(os.getpid()))  # the test kills ranks that outlive torchrun
+
+def gated(image, *args, **kwargs):  # these cases wait until the test opens the gate
+    parent = os.getppid()  # in a DataLoader worker: the rank
+    while pathlib.Path(image).name in names and not gate.exists():
+        if os.getppid() != parent:  # the rank was killed: do not outlive it (and hold its output pipe)
+            os._exit(1)
+        time.sleep(0.05)
+    return original(image, *args, **kwargs)
+
+cohort.load_case = gated
+from medcam3d.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def torchrun(root: Path, out: Path, *extra: str, gate: tuple[Path, list[str]] | None = None) -> subprocess.Popen:
+    if gate is None:
+        entry = ["-m", "medcam3d"]
+    else:
+        launcher = out.parent / "gated_launcher.py"
+        launcher.write_text(GATED_LAUNCHER)
+        entry = [str(launcher), str(gate[0]), ",".join(gate[1])]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "medcam3d", "batch", "--config", str(root / "config.yaml"),
+               "--master_port", str(free_port()), *entry, "batch", "--config", str(root / "config.yaml"),
                "--inputs", str(root / "scans"), "--out", str(out), "--device", "cpu", "--quiet", "--workers", "1", *extra]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
@@ -92,16 +103,25 @@ def test_two_process_batch_matches_single_process_and_resumes(cohort, tmp_path):
         name = f"case{n}/case{n}_hirescam_bright.nii.gz"
         np.testing.assert_allclose(nib.load(parallel / name).get_fdata(), nib.load(single / name).get_fdata(), rtol=1e-5, atol=1e-6)
 
-    # Kill a run midway, then resume: finished cases are not rewritten, the rest are completed.
+    # Kill a run midway, then resume: finished cases are not rewritten, the rest are completed. Rank 0 takes
+    # cases 0, 2, 4 and rank 1 takes 1, 3, 5; cases 2 and 3 wait at a gate that stays shut, so exactly cases 0
+    # and 1 are finished when the run is killed.
     interrupted = tmp_path / "interrupted"
-    process = torchrun(cohort, interrupted)
+    process = torchrun(cohort, interrupted, gate=(tmp_path / "never-opened", ["case2.nii.gz", "case3.nii.gz"]))
     deadline = time.time() + 240
     while time.time() < deadline and (not interrupted.exists() or len(case_folders(interrupted)) < 2):
+        assert process.poll() is None, process.communicate()[0]
         time.sleep(0.2)
+    time.sleep(1.0)  # nothing else may finish while the gate is shut
     os.killpg(process.pid, signal.SIGKILL)
+    for pid_file in tmp_path.glob("rank-*.pid"):  # torchrun starts its ranks in their own sessions
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.communicate()
     finished = case_folders(interrupted)
-    assert 2 <= len(finished) <= CASES
+    assert finished == ["case0", "case1"]
     stamps = {name: (interrupted / name / "summary.json").stat().st_mtime_ns for name in finished}
     process = torchrun(cohort, interrupted, "--resume")
     output, _ = process.communicate(timeout=300)
