@@ -3,7 +3,7 @@ and HiResCAM's completeness (the map sums to the logit minus the bias on suitabl
 
 Perturbations happen on the model's input grid. A map on the feature grid is upsampled there with
 ``F.interpolate(mode="trilinear", align_corners=False)``, which places feature cell centres where
-medcam3d's feature affine does (DESIGN §3); a map on another grid (e.g. the scan's) is resampled
+medcam3d's feature affine does (docs/architecture.md §3); a map on another grid (e.g. the scan's) is resampled
 with :func:`medcam3d.space.resample` when both grids are given. Voxels are then ranked by the map
 (ties in random, seeded order) and removed (deletion: replaced by a baseline) or revealed
 (insertion: copied onto the baseline) in ``steps`` equal shares. All perturbed volumes of a
