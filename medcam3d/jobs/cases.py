@@ -38,6 +38,8 @@ _IMAGE_COLUMNS = ("image", "file", "path", "scan", "filename")
 _ID_COLUMNS = ("id", "case_id", "case", "name", "subject", "patient")
 _MASK_COLUMNS = ("mask", "mask_file", "label", "labelmap", "label_map", "segmentation")
 _LABEL_COLUMNS = ("labels", "labels_present", "labels present", "present", "findings")
+_VOLUME_COLUMNS = ("volume", "volume_index", "timepoint")
+_SERIES_COLUMNS = ("series", "series_uid", "seriesinstanceuid")
 _FORBIDDEN = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
 _CSV_MAX_BYTES = 64 * 1024 * 1024
 
@@ -58,6 +60,10 @@ class Case:
         Class names or indices present (from a CSV's ``labels`` column), when there is no mask.
     source : str
         Where the case came from (``cases.csv, line 4``), for messages.
+    volume : int, optional
+        The volume to explain in a 4D file (0-based).
+    series : str, optional
+        The SeriesInstanceUID to explain in a folder holding several DICOM series.
     """
 
     id: str
@@ -65,6 +71,8 @@ class Case:
     mask: Path | None = None
     labels: list[str] | None = None
     source: str = ""
+    volume: int | None = None
+    series: str | None = None
 
 
 def case_id_of(path: str | Path) -> str:
@@ -201,6 +209,7 @@ def _from_csv(path: Path) -> tuple[list[Case], list[bool]]:
             f"{path}: the CSV has columns {header}, but none names the scan. Add a column 'image' (or 'file') "
             "with paths to scan files or DICOM folders, relative to the CSV's folder.")
     id_col, mask_col, label_col = (_column(header, c) for c in (_ID_COLUMNS, _MASK_COLUMNS, _LABEL_COLUMNS))
+    volume_col, series_col = _column(header, _VOLUME_COLUMNS), _column(header, _SERIES_COLUMNS)
     cases: list[Case] = []
     given: list[bool] = []
 
@@ -224,7 +233,12 @@ def _from_csv(path: Path) -> tuple[list[Case], list[bool]]:
         case_id = row.get(id_col, "").strip() if id_col else ""
         if case_id:
             check_case_id(case_id, f"{where}, column {id_col!r}")
-        cases.append(Case(case_id, image, local(mask_text) if mask_text else None, labels, where))
+        volume_text = row.get(volume_col, "").strip() if volume_col else ""
+        if volume_text and not volume_text.isdigit():
+            raise CohortError(f"{where}: {volume_col!r} must be a volume index (0, 1, ...), not {volume_text!r}.")
+        series = (row.get(series_col, "").strip() if series_col else "") or None
+        cases.append(Case(case_id, image, local(mask_text) if mask_text else None, labels, where,
+                          int(volume_text) if volume_text else None, series))
         given.append(bool(case_id))
     return cases, given
 
@@ -253,7 +267,8 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
         A folder (image files ``.nii[.gz]``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` and DICOM
         folders; names containing ``_mask`` and hidden files are skipped); a CSV (UTF-8, a
         byte-order mark is fine) with an image column (``image``, ``file``, ``path`` or ``scan``)
-        and optional ``id`` (or ``case_id``/``case``), ``mask`` and ``labels`` columns, relative
+        and optional ``id`` (or ``case_id``/``case``), ``mask``, ``labels``, ``volume`` (of a 4D
+        file) and ``series`` (a SeriesInstanceUID of a multi-series DICOM folder) columns, relative
         paths being relative to the CSV's folder; or a single scan (file or DICOM folder).
     masks : path, optional
         A folder of masks named ``<case>_mask.nii.gz``; they override the CSV's.

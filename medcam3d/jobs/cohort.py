@@ -68,7 +68,9 @@ class _CaseDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         try:
-            return {"case": case, "loaded": load_case(case.image, self.transforms, case.mask, trust=self.trust), "error": ""}
+            loaded = load_case(case.image, self.transforms, case.mask, trust=self.trust, volume=case.volume,
+                               series=case.series)
+            return {"case": case, "loaded": loaded, "error": ""}
         except Exception as error:  # reported by the main process, the cohort goes on
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
 

@@ -213,7 +213,8 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
     from .runner import load_case, probabilities
 
     config = runner.config
-    loaded = load_case(case.image, runner.transforms, case.mask, trust=runner.trust)  # scan read once; mask checked against its grid
+    loaded = load_case(case.image, runner.transforms, case.mask, trust=runner.trust, volume=case.volume,
+                       series=case.series)  # scan read once; mask checked against its grid
     scanner_space, scan = loaded.scanner_space, loaded.scan
     batch = loaded.x[None].to(runner.device)
     labels = None if loaded.labels is None else np.rint(np.asarray(loaded.labels)).astype(np.int64)
