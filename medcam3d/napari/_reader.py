@@ -1,16 +1,31 @@
 """Reader: medical images as napari image layers placed in scanner space (RAS mm).
 
-A layer's world coordinates are RAS+ millimetres: napari's ``affine=`` is the file's voxel -> RAS
-affine. napari slices in 2D only along data axes that match world axes, so a file that stores its
-axes in another order than R-A-S (e.g. coronal slices, ``LIP``) is shown with its voxel axes
-reordered, never resampled: ``layer.data = file_array.transpose(axes)`` and the affine's columns
-follow (:func:`layer_grid`). Flips and small obliquities are kept as they are.
-``layer.metadata`` holds ``"affine"`` (4x4 float64 voxel -> RAS mm of ``layer.data``), ``"axes"``
-and ``"path"``; :func:`file_grid` undoes the reordering for writing.
+A layer's world coordinates are RAS+ millimetres, with the axes labelled R, A, S and the units
+mm; a scan opens in the axial view (anterior up, the patient's right on the screen's left).
+napari draws a 2D slice only along data axes that match world axes, so:
+
+- a file that stores its axes in another order than R-A-S (e.g. coronal slices, ``LIP``) is
+  shown with its voxel axes reordered, never resampled: ``layer.data = file_array.transpose(axes)``
+  and the affine's columns follow (:func:`._grid.layer_grid`); flips are kept;
+- an **oblique** file (voxel axes tilted from the world axes, so that napari would draw it more
+  than a tenth of a voxel away from its true place) is shown **resampled** (trilinear) onto an
+  axis-aligned grid with the scan's own voxel size that covers its whole extent
+  (:func:`._grid.axis_aligned_grid`); a notification says so once. The file's own grid is kept in
+  the metadata and writers save on it.
+
+``layer.metadata`` holds ``"medcam3d": "scan"``, ``"affine"`` (4x4 float64 voxel -> RAS mm of
+``layer.data``), ``"axes"`` (None when resampled), ``"path"``, ``"volume"``, ``"dtype"`` (the
+stored voxel type, kept when saving), ``"resampled"``, ``"file_shape"`` and ``"file_affine"`` (the
+file's own grid, in its own voxel order) and, for a resampled scan, ``"checksum"`` (of the shown
+voxels, so that a writer knows whether they still are the file's) and ``"stamp"`` (the file's
+modification time and size).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +33,15 @@ from typing import Any
 import numpy as np
 
 from .. import io
-from ..space import Space
+from ..space import Space, resample
+from ._grid import axis_aligned_grid, drawing_error_mm, file_grid, layer_grid, napari_affine, needs_display_grid, tilt_degrees
+from ._view import AXIS_LABELS, UNITS, open_axial_when_added
 
-__all__ = ["napari_get_reader", "read_image", "image_layer_data", "layer_grid", "file_grid", "napari_affine"]
+__all__ = ["napari_get_reader", "read_image", "image_layer_data", "layer_grid", "file_grid", "napari_affine",
+           "checksum", "file_stamp"]
 
-# World axis (0 = R/L, 1 = A/P, 2 = S/I) of each axis code.
-_WORLD_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+logger = logging.getLogger(__name__)
+
 _DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
 
 
@@ -84,9 +102,9 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
     Returns
     -------
     list of (data, kwargs, "image")
-        ``data`` in (i, j, k) order (reordered only for non-RAS axis orders, see the module doc),
-        ``kwargs["affine"]`` the voxel -> RAS placement, ``kwargs["metadata"]`` with ``affine``,
-        ``axes`` and ``path``.
+        ``data`` in the file's stored voxel type (float64 becomes float32), in (i, j, k) order
+        (reordered for non-RAS axis orders, resampled for oblique files, see the module doc);
+        ``kwargs["affine"]`` the voxel -> RAS placement, ``kwargs["metadata"]`` as the module doc says.
 
     Raises
     ------
@@ -97,68 +115,21 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
+    open_axial_when_added()
     for p in map(Path, paths):
         name = case_id_of(p)
         try:
-            array, space = io.read(p)
+            array, space = io.read(p, dtype=None)
         except io.VolumeError:  # 4D: one layer per volume
             for volume in range(10_000):
                 try:
-                    array, space = io.read(p, volume=volume)
+                    array, space = io.read(p, volume=volume, dtype=None)
                 except io.VolumeIndexError:
                     break
                 layers.append(image_layer_data(array, space, name=f"{name} [{volume}]", path=p, volume=volume))
             continue
         layers.append(image_layer_data(array, space, name=name, path=p))
     return layers
-
-
-def layer_grid(array: np.ndarray, space: Space) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """A file's array and grid as napari shows them: voxel axes in R-A-S order.
-
-    Parameters
-    ----------
-    array : (*space.shape) ndarray
-    space : Space
-
-    Returns
-    -------
-    data : ndarray
-        ``array.transpose(axes)`` (a view).
-    affine : (4, 4) float64 ndarray
-        Voxel -> RAS mm of ``data``: ``space.affine`` with its columns reordered the same way.
-    axes : tuple of int
-        The identity for R/L-A/P-S/I storage (flips and obliquity are kept).
-    """
-    axes = tuple(range(space.ndim))
-    if space.ndim == 3:
-        world = [_WORLD_AXIS[c] for c in space.orientation]
-        if sorted(world) == [0, 1, 2]:
-            axes = tuple(world.index(n) for n in range(3))
-    affine = np.array(space.affine, dtype=np.float64)
-    if space.ndim == 3:
-        affine = affine[:, [*axes, 3]]
-    return np.transpose(array, axes), affine, axes
-
-
-def file_grid(data: np.ndarray, affine: np.ndarray, axes: Sequence[int] | None = None) -> tuple[np.ndarray, Space]:
-    """Undo :func:`layer_grid`: the array and grid in the file's own voxel order."""
-    data = np.asarray(data)
-    affine = np.array(affine, dtype=np.float64)
-    if axes is not None and tuple(axes) != tuple(range(data.ndim)):
-        inverse = [int(i) for i in np.argsort(axes)]
-        data = np.transpose(data, inverse)
-        affine = affine[:, [*inverse, 3]]
-    return data, Space(data.shape, affine)
-
-
-def napari_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
-    """The ``affine=`` of a napari layer with ``ndim`` axes from a 4x4 voxel -> RAS affine."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if ndim == 3:
-        return affine.copy()
-    keep = [*range(ndim), 3]  # 2D: drop the unused third voxel axis and world z
-    return affine[np.ix_(keep, keep)]
 
 
 #: CT soft-tissue window (level 40 HU, width 400 HU), used for scans that look like CT.
@@ -183,9 +154,39 @@ def _display_range(data: np.ndarray) -> tuple[float, float] | None:
     return (float(low), float(high)) if high > low else None
 
 
+def checksum(data: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (C order): tells a writer whether shown voxels were changed."""
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+
+
+def file_stamp(path: str | Path | None) -> tuple[int, int] | None:
+    """A file's modification time (ns) and size, or None when there is no such file."""
+    try:
+        info = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if info is None else (int(info.st_mtime_ns), int(info.st_size))
+
+
+_TOLD: set[str] = set()  # scans already announced as resampled
+
+
+def _tell_resampled(name: str, key: str, source: Space, display: Space) -> None:
+    """Say once per scan that an oblique scan is shown resampled (a napari notification)."""
+    if key in _TOLD:
+        return
+    _TOLD.add(key)
+    from napari.utils.notifications import show_info
+
+    size = " x ".join(f"{v:g}" for v in display.spacing)
+    show_info(f"medcam3d: {name} is oblique (voxel axes up to {tilt_degrees(source):.1f} degrees from R/A/S; napari "
+              f"would draw its 2D slices up to {drawing_error_mm(source):.0f} mm off), so it is shown resampled onto "
+              f"an axis-aligned {size} mm grid. Positions read true RAS mm; files are saved on the original grid.")
+
+
 def image_layer_data(array: np.ndarray, space: Space, *, name: str, path: str | Path | None = None,
                      volume: int | None = None, **kwargs: Any) -> tuple:
-    """A scan as a napari image layer data tuple, placed in RAS mm.
+    """A scan as a napari image layer data tuple, placed in RAS mm (resampled when oblique).
 
     Parameters
     ----------
@@ -203,13 +204,33 @@ def image_layer_data(array: np.ndarray, space: Space, *, name: str, path: str | 
     Returns
     -------
     (data, kwargs, "image")
+        ``data`` has ``array``'s type (float64 becomes float32); an oblique scan's data are
+        resampled trilinearly onto :func:`._grid.axis_aligned_grid` (outside the scan: its
+        minimum, e.g. air) and rounded back to an integer type.
     """
-    data, affine, axes = layer_grid(np.asarray(array), space)
-    metadata = {"affine": affine, "axes": axes, "path": None if path is None else str(path)}
-    if volume is not None:
-        metadata["volume"] = int(volume)
-    options: dict[str, Any] = {"name": name, "affine": napari_affine(affine, data.ndim), "metadata": metadata,
-                               "colormap": "gray"}
+    array = np.asarray(array)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    data, affine, axes = layer_grid(array, space)
+    metadata: dict[str, Any] = {
+        "medcam3d": "scan", "affine": affine, "axes": axes, "path": None if path is None else str(path),
+        "volume": None if volume is None else int(volume), "dtype": array.dtype.str, "resampled": False,
+        "file_shape": tuple(space.shape), "file_affine": np.array(space.affine, dtype=np.float64),
+    }
+    shown = Space(data.shape, affine)
+    if needs_display_grid(shown):
+        display = axis_aligned_grid(shown)
+        fill = float(array.min()) if array.size else 0.0
+        data = resample(array, space, display, fill=fill)  # float32, straight from the file's grid
+        if array.dtype.kind in "iub":
+            data = np.rint(data, out=data).astype(array.dtype)
+        metadata.update(affine=np.array(display.affine, dtype=np.float64), axes=None, resampled=True,
+                        checksum=checksum(data), stamp=file_stamp(path))
+        _tell_resampled(name, str(path) if path is not None else name, shown, display)
+    ndim = data.ndim
+    options: dict[str, Any] = {"name": name, "affine": napari_affine(metadata["affine"], ndim), "metadata": metadata,
+                               "colormap": "gray", "axis_labels": AXIS_LABELS[:ndim], "units": UNITS[:ndim],
+                               "rendering": "attenuated_mip", "attenuation": 2.0}  # 3D: the nearer tissue in front
     limits = _display_range(data)
     if limits is not None:
         options["contrast_limits"] = limits
