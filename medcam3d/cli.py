@@ -160,17 +160,22 @@ def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None
     print_table(rows, columns, stream)
 
 
+def _peak_text(peak_mm) -> str:
+    """A finding's peak for the tables; a flat (all-zero) map has none."""
+    return "none (flat map)" if peak_mm is None else "({:.1f}, {:.1f}, {:.1f})".format(*peak_mm)
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .jobs.outputs import check_output_location
 
     check_output_location(args.out, [args.image, args.mask])
     runner = _runner(args)
-    result = runner.run_case(args.image, args.out, mask=args.mask)
+    result = runner.run_case(args.image, args.out, mask=args.mask, volume=args.volume, series=args.series)
     print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
     if result.probabilities:
         print("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()))
     rows = [{"method": f["method"], "class": f["class"], "score": f"{f['score']:.3f}",
-             "peak (RAS mm)": "({:.1f}, {:.1f}, {:.1f})".format(*f["peak_mm"]),
+             "peak (RAS mm)": _peak_text(f["peak_mm"]),
              **({"peak in lesion": f["peak_in_lesion"]} if "peak_in_lesion" in f else {})} for f in result.findings]
     _print_table(rows)
     return 0
@@ -262,7 +267,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 "p": f"{result.probabilities.get(finding['class'], float('nan')):.2f}",
                 "present": {True: "yes", False: "no", None: "?"}[finding.get("lesion_present")],
                 "method": finding["method"],
-                "peak (RAS mm)": "({:.1f}, {:.1f}, {:.1f})".format(*finding["peak_mm"]),
+                "peak (RAS mm)": _peak_text(finding["peak_mm"]),
                 "peak in lesion": {True: "yes", False: "NO", None: "-"}[finding.get("peak_in_lesion")],
             })
     write_csv(out / "summary.csv", summary)

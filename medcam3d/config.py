@@ -190,6 +190,20 @@ class OutputConfig:
     masks: bool = True
     mask_method: str = "fraction"
     mask_value: float = 0.5
+    # which classes get maps on the scan's grid (the _feature maps are always written):
+    # all | positive (probability >= 0.5) | predicted (the most probable class) | none
+    scan_maps: str = "all"
+    # stored type of scan-grid maps: uint8 / int16 (raw values via scl_slope/scl_inter) | float32
+    scan_dtype: str = "uint8"
+    compress: bool = True  # .nii.gz (gzip level 1) or .nii
+    boxes: bool = True  # <case>_<method>_<class>_box.json: box of the thresholded map and its peak
+
+    def __post_init__(self) -> None:
+        choices = {"scan_maps": ("all", "positive", "predicted", "none"), "scan_dtype": ("uint8", "int16", "float32"),
+                   "mask_method": ("fraction", "percentile", "otsu")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"output.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}.")
 
 
 @dataclass(frozen=True)

@@ -3,28 +3,39 @@
 A :class:`Heatmap` is one class's map on a grid (a :class:`~medcam3d.space.Space`) with its
 provenance. :func:`to_scanner_space` takes an :class:`~medcam3d.explainer.Explanation` and
 resamples each map in one trilinear step, straight from the feature grid to the scan's own grid
-and affine (DESIGN §3): no full-size intermediate at input resolution, no replay of the
+and affine (docs/architecture.md §3): no full-size intermediate at input resolution, no replay of the
 preprocessing. Normalization is a separate, explicit step; raw values are kept.
 """
 
 from __future__ import annotations
 
+import gzip
+import logging
+import math
+import os
 import re
+import tempfile
 import unicodedata
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .space import Space, SpaceError, feature_space, resample
+from ._files import default_mode
+from .space import Resampler, Space, SpaceError, feature_space, resample
 
 if TYPE_CHECKING:
     from .explainer import Explanation
 
-__all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "save_heatmaps"]
+__all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "save_heatmaps", "ScanGridMap", "Scaling",
+           "save_scan_maps", "STORAGE_DTYPES", "Volume", "write_nifti_files", "nifti_header", "like_header",
+           "slab_ranges"]
+
+logger = logging.getLogger(__name__)
 
 
 def normalize(maps: torch.Tensor, *, spatial_dims: int | None = None, eps: float = 1e-8) -> torch.Tensor:
@@ -198,6 +209,546 @@ def to_scanner_space(
     ]
 
 
+# --------------------------------------------------------------------------------------------
+# A feature-grid map seen on the scan's grid, sampled only where asked
+# --------------------------------------------------------------------------------------------
+
+# Above this many candidate voxels (see ScanGridMap.peak), or this share of the scan, a map's
+# peak and range are taken from the whole resampled map instead.
+_MAX_CANDIDATES = 2**22
+
+
+class ScanGridMap:
+    """A heatmap on its feature grid, seen on the scan's grid without resampling the whole volume.
+
+    The scan-grid map is the trilinear resampling of the feature-grid map (:func:`resample`),
+    but only the parts that are needed are computed: planes for pictures, slabs for a file, a
+    few candidate voxels for the peak and the value range. When the grids' axes are parallel
+    (the usual case) these are separable 1D interpolations (:class:`~medcam3d.space.Resampler`);
+    for oblique grids, or feature grids too fine for the candidate search, the whole map is
+    resampled once (``dense``) and kept until :meth:`release`.
+
+    Parameters
+    ----------
+    heatmap : Heatmap
+        On its feature grid (``to_scanner_space(explanation)`` without a scanner space), or any
+        grid.
+    scanner_space : Space
+        The scan's grid.
+    fill : float
+        Value outside the model's field of view.
+
+    Attributes
+    ----------
+    heatmap, space, fill, resampler
+    """
+
+    def __init__(self, heatmap: Heatmap, scanner_space: Space, *, fill: float = 0.0) -> None:
+        self.heatmap = heatmap
+        self.space = Space.of(scanner_space)
+        self.fill = float(fill)
+        self.resampler = Resampler(heatmap.space, self.space)
+        self._data = torch.from_numpy(np.ascontiguousarray(heatmap.data, dtype=np.float32))
+        self._dense: np.ndarray | None = None
+        self._fixed = False  # the map is given on the scan grid (of_array): nothing to release
+        self._summary: tuple | None = None
+
+    @classmethod
+    def of_array(cls, heatmap: Heatmap) -> ScanGridMap:
+        """A map that is already on its output grid (``heatmap.space``)."""
+        view = cls(heatmap, heatmap.space)
+        view._dense = np.asarray(heatmap.data, dtype=np.float32)
+        view._fixed = True
+        return view
+
+    # -- what the map is ---------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return self.heatmap.method
+
+    @property
+    def label(self) -> str:
+        return self.heatmap.label
+
+    @property
+    def file_label(self) -> str:
+        return self.heatmap.file_label
+
+    @property
+    def class_index(self) -> int:
+        return self.heatmap.class_index
+
+    @property
+    def descrip(self) -> str:
+        return self.heatmap.descrip
+
+    @property
+    def dense(self) -> bool:
+        """Whether the whole scan-grid map is (or will be) computed rather than sampled in parts."""
+        if self._dense is not None:
+            return True
+        if not self.resampler.separable:
+            return True
+        count = math.prod(len(c) for c in self._candidates())
+        return count > min(_MAX_CANDIDATES, math.prod(self.space.shape) // 4)
+
+    def release(self) -> None:
+        """Drop the whole resampled map if one was computed (it is recomputed when needed)."""
+        if not self._fixed:
+            self._dense = None
+
+    # -- values ------------------------------------------------------------------------------
+    def array(self) -> np.ndarray:
+        """The whole map on the scan's grid, ``(*space.shape)`` float32 (computed once, kept until :meth:`release`)."""
+        if self._dense is None:
+            self._dense = self.resampler(self._data, fill=self.fill).numpy()
+        return self._dense
+
+    def to_heatmap(self) -> Heatmap:
+        """The whole map as a scan-grid :class:`Heatmap` (what :func:`to_scanner_space` gives)."""
+        h = self.heatmap
+        return Heatmap(np.ascontiguousarray(self.array()), self.space, h.method, h.layer, h.class_index,
+                       h.class_name, h.score)
+
+    def sample(self, indices: Sequence[Any] | None = None, *, scale: float = 1.0, offset: float = 0.0,
+               layout: str = "C") -> torch.Tensor:
+        """``scale * map + offset`` at the product of target ``indices`` (default: everywhere), float32 tensor.
+
+        Parameters
+        ----------
+        indices : sequence of int arrays, one per scan axis, optional
+        scale, offset : float
+            An affine change of the values (a storage scaling), applied before interpolation,
+            which is exact because trilinear weights sum to one.
+        layout : {"C", "F"}
+            Memory order of the result (see :class:`~medcam3d.space.Resampler`).
+
+        Returns
+        -------
+        torch.Tensor, shape (n_0, n_1[, n_2])
+        """
+        fill = self.fill * scale + offset
+        if self._dense is not None or not self.resampler.separable:
+            full = torch.from_numpy(self.array())
+            index = [np.arange(n) for n in self.space.shape] if indices is None else indices
+            values = full
+            for axis, i in enumerate(index):
+                i = np.asarray(i, dtype=np.int64)
+                if not np.array_equal(i, np.arange(self.space.shape[axis])):
+                    values = values.index_select(axis, torch.as_tensor(i))
+            values = values * scale + offset if (scale != 1.0 or offset != 0.0) else values.clone()
+            if layout == "F":
+                back = tuple(range(values.ndim - 1, -1, -1))
+                values = values.permute(*back).contiguous().permute(*back)
+            return values
+        data = self._data if (scale == 1.0 and offset == 0.0) else self._data * scale + offset
+        return self.resampler(data, fill=fill, indices=indices, layout=layout)
+
+    def plane(self, axis: int, index: int) -> np.ndarray:
+        """The map on the scan plane ``index`` across ``axis``: a 2D array over the other axes."""
+        indices = [np.arange(n) for n in self.space.shape]
+        indices[axis] = np.array([index])
+        return self.sample(indices).numpy().squeeze(axis)
+
+    def _candidates(self) -> list[np.ndarray]:
+        """Per scan axis, the voxels where the map's maximum or minimum over the grid can lie.
+
+        Between consecutive candidates the interpolation weights along that axis are affine in
+        the voxel index (no feature-grid node, field-of-view edge or clamp edge in between), so
+        the map is multilinear on each box of candidates and its extremes over the voxels of a
+        box are at the box's corners; the first voxel (C order) of the maximum is one as well.
+        """
+        out = []
+        for axis, spec in enumerate(self.resampler.axes):
+            n_source = self.heatmap.space.shape[spec.source_axis]
+            n = self.space.shape[axis]
+            edges = np.concatenate([np.arange(n_source, dtype=np.float64), [-0.5, n_source - 0.5]])
+            t = (edges - spec.offset) / spec.scale
+            first, last = self.resampler.inside_range(axis)
+            points = np.concatenate([np.floor(t), np.ceil(t), [0, n - 1, first, last, first - 1, last + 1]])
+            points = points[np.isfinite(points)]
+            out.append(np.unique(np.clip(points, 0, n - 1).astype(np.int64)))
+        return out
+
+    def _summarise(self) -> tuple:
+        """(argmax voxel, max, min) over the scan grid (NaN-aware), computed once."""
+        if self._summary is None:
+            if self.dense:
+                values = self.array()
+                index = [np.arange(n) for n in self.space.shape]
+            else:
+                index = self._candidates()
+                values = self.sample(index).numpy()
+            finite = np.where(np.isnan(values), -np.inf, values)
+            position = np.unravel_index(int(np.argmax(finite)), finite.shape)
+            voxel = tuple(int(index[a][p]) for a, p in enumerate(position))
+            high = float(finite[position]) if values.size else float("nan")
+            low = float(np.nanmin(values)) if np.isfinite(values).any() else float("nan")
+            self._summary = (voxel, high, low, bool(np.isnan(values).any()))
+        return self._summary
+
+    def value_range(self) -> tuple[float, float]:
+        """Smallest and largest value of the map over the scan's voxels (fill included where it shows; NaN ignored)."""
+        _, high, low, _ = self._summarise()
+        return low, high
+
+    @property
+    def has_nan(self) -> bool:
+        """Whether some scan voxels are NaN (a NaN fill outside the field of view)."""
+        return self._summarise()[3]
+
+    def peak(self) -> tuple[tuple[int, ...], np.ndarray] | None:
+        """Voxel of the map's maximum over the scan grid (the first in C order) and its world position.
+
+        Exact and cheap (see :meth:`_candidates`): the same voxel as ``np.argmax`` of the whole
+        resampled map. ``None`` when the map is flat (e.g. all zero, a ReLU'd negative map):
+        a flat map has no peak.
+
+        Returns
+        -------
+        (voxel, world) or None
+            ``voxel``: tuple of int; ``world``: (3,) RAS mm of that voxel's centre.
+        """
+        voxel, high, low, _ = self._summarise()
+        if not high > low:
+            return None
+        return voxel, self.space.voxel_to_world(np.asarray(voxel, dtype=float))
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI storage: float32, or integers with scl_slope / scl_inter, streamed, fast gzip
+# --------------------------------------------------------------------------------------------
+
+#: Stored types of scan-grid maps (``output.scan_dtype``).
+STORAGE_DTYPES = ("uint8", "int16", "float32")
+
+#: zlib level of ``.nii.gz`` outputs: level 1 is several times faster than the default 6 and,
+#: on smooth maps, nearly as small.
+COMPRESS_LEVEL = 1
+
+# Voxels per slab when streaming a volume to a file.
+_SLAB_VOXELS = 2**22
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How a map's values are stored: ``value = stored * slope + inter`` (NIfTI ``scl_slope``/``scl_inter``).
+
+    For ``uint8`` the stored range 0..255 spans the map's [min, max]; for ``int16``
+    -32767..32767. Values are rounded to the nearest step, so they are kept to within
+    :attr:`precision` (half a step: (max − min) / 510 for uint8, / 131068 for int16).
+    ``float32`` stores the values themselves (no scaling).
+    """
+
+    dtype: str
+    slope: float = 1.0
+    inter: float = 0.0
+
+    @classmethod
+    def for_range(cls, low: float, high: float, dtype: str) -> Scaling:
+        """The scaling of ``dtype`` that covers ``[low, high]``."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, not {dtype!r}.")
+        if dtype == "float32":
+            return cls(dtype)
+        first, last = cls._stored_range(dtype)
+        if not (np.isfinite(low) and np.isfinite(high)) or not high > low:
+            return cls(dtype, 1.0, float(low) if np.isfinite(low) else 0.0)
+        slope = (high - low) / (last - first)
+        return cls(dtype, float(slope), float(low - first * slope))
+
+    @staticmethod
+    def _stored_range(dtype: str) -> tuple[int, int]:
+        return (0, 255) if dtype == "uint8" else (-32767, 32767)
+
+    @property
+    def precision(self) -> float:
+        """Largest difference between a value and its stored, rescaled copy (0 for float32)."""
+        return 0.0 if self.dtype == "float32" else self.slope / 2
+
+    def affine_to_stored(self) -> tuple[float, float]:
+        """``(a, b)`` such that the stored value is ``trunc(a * value + b) + first`` (integers) or ``value`` (float32)."""
+        if self.dtype == "float32":
+            return 1.0, 0.0
+        first, _ = self._stored_range(self.dtype)
+        return 1.0 / self.slope, -self.inter / self.slope - first + 0.5
+
+    def encode(self, shifted: torch.Tensor) -> np.ndarray:
+        """Stored values from ``a * value + b`` (see :meth:`affine_to_stored`), same shape and strides."""
+        if self.dtype == "float32":
+            return shifted.numpy()
+        if self.dtype == "uint8":
+            return shifted.to(torch.uint8).numpy()  # values in [0.5, 255.5]: truncation rounds
+        return (shifted.to(torch.int32) - 32767).to(torch.int16).numpy()
+
+
+class Volume:
+    """One volume of a NIfTI file, produced in slabs along its last spatial axis (file order).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape.
+    slabs : callable
+        Returns an iterator of arrays ``(*shape[:-1], n)`` of the stored dtype, column-major
+        (Fortran-contiguous), that together cover the last axis in order.
+    """
+
+    def __init__(self, shape: tuple[int, ...], slabs) -> None:
+        self.shape = shape
+        self._slabs = slabs
+
+    def chunks(self):
+        """Buffers in file order (each the C-contiguous transpose of an F-ordered slab)."""
+        for slab in self._slabs():
+            yield np.ascontiguousarray(slab.T).data
+
+
+def slab_ranges(shape: tuple[int, ...]):
+    """``(start, stop)`` slabs along the last axis of a grid, about 4 M voxels each."""
+    plane = math.prod(shape[:-1])
+    step = max(1, _SLAB_VOXELS // max(plane, 1))
+    for start in range(0, shape[-1], step):
+        yield start, min(start + step, shape[-1])
+
+
+def _map_volume(view: ScanGridMap, scaling: Scaling, scale: float = 1.0, offset: float = 0.0) -> Volume:
+    """The volume of ``scale * map + offset`` stored with ``scaling``."""
+    a, b = scaling.affine_to_stored()
+    total_scale, total_offset = a * scale, a * offset + b
+    shape = view.space.shape
+
+    def slabs():
+        index = [np.arange(n) for n in shape]
+        for start, stop in slab_ranges(shape):
+            index[-1] = np.arange(start, stop)
+            yield scaling.encode(view.sample(index, scale=total_scale, offset=total_offset, layout="F"))
+
+    return Volume(shape, slabs)
+
+
+def _array_volume(array: np.ndarray, dtype: str) -> Volume:
+    """A volume of stored values (no scaling), e.g. a mask."""
+    shape = array.shape
+
+    def slabs():
+        for start, stop in slab_ranges(shape):
+            yield np.asarray(array[..., start:stop], dtype=dtype)
+
+    return Volume(shape, slabs)
+
+
+def nifti_header(shape: tuple[int, ...], dtype: str, space: Space, *, like_header=None, descrip: str | None = None,
+                 scaling: Scaling | None = None, display: tuple[float, float] | None = None):
+    """A single-file NIfTI-1 header for voxels ``shape`` of ``dtype`` on ``space``.
+
+    The affine goes to both sform and qform; their codes and the xyzt units come from
+    ``like_header`` (a source NIfTI's header) or are 1 (scanner) and mm, as :func:`medcam3d.io.write`
+    does. ``scaling`` sets ``scl_slope``/``scl_inter`` (none for float32 or a slope of 1 and
+    intercept of 0); ``display`` sets ``cal_min``/``cal_max``.
+    """
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.dtype(dtype))
+    header.set_data_shape(shape)
+    scode, qcode = 1, 1
+    units: tuple = ("mm", None)
+    if like_header is not None and "sform_code" in like_header:
+        scode, qcode = int(like_header["sform_code"]), int(like_header["qform_code"])
+        units = like_header.get_xyzt_units()
+    if scode == 0 and (qcode == 0 or space.is_sheared):
+        scode = max(qcode, 1)
+    header.set_sform(space.affine, code=scode)
+    header.set_qform(space.affine, code=qcode)
+    header.set_xyzt_units(xyz=units[0] or "unknown", t=units[1] or "unknown")
+    if descrip is not None:
+        raw = str(descrip).encode("utf-8")[:80].decode("utf-8", errors="ignore").encode("utf-8")
+        header["descrip"] = raw
+    if scaling is not None and scaling.dtype != "float32" and (scaling.slope != 1.0 or scaling.inter != 0.0):
+        header.set_slope_inter(scaling.slope, scaling.inter)
+    else:
+        header.set_slope_inter(None, None)
+    if display is not None and all(np.isfinite(display)):
+        header["cal_min"], header["cal_max"] = display
+    header["vox_offset"] = 352
+    return header
+
+
+def like_header(like: Any):
+    """The NIfTI header of ``like`` (a path to a NIfTI file, a nibabel image or header), or None."""
+    if like is None:
+        return None
+    if hasattr(like, "get_xyzt_units"):
+        header = like
+    elif hasattr(like, "header") and hasattr(like, "affine"):
+        header = like.header
+    else:
+        path = Path(like)
+        if not path.is_file() or not str(path).lower().endswith((".nii", ".nii.gz")):
+            return None
+        import nibabel as nib
+
+        header = nib.load(str(path)).header
+    return header if "sform_code" in header else None
+
+
+def _header_bytes(header) -> bytes:
+    return header.binaryblock + b"\0\0\0\0"  # 348 bytes, then "no extensions"
+
+
+def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Volume], *, compress: bool = True) -> list[Path]:
+    """Stream ``volumes`` (in order: the 4th axis) into one or more NIfTI files, atomically.
+
+    Every target ``(path, header)`` gets the same voxel bytes under its own header, so a map and
+    a rescaled view of it (a different ``scl_slope``) cost one pass. Compressed files are
+    written as two gzip members, the header and the voxels (gzip readers, nibabel and ITK read
+    concatenated members as one stream), compressed once at :data:`COMPRESS_LEVEL`.
+    """
+    handles = []
+    try:
+        for path, header in targets:
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.chmod(temporary, default_mode())
+            stream = os.fdopen(handle, "wb")
+            handles.append((stream, temporary, path))
+            raw = _header_bytes(header)
+            stream.write(gzip.compress(raw, compresslevel=COMPRESS_LEVEL, mtime=0) if compress else raw)
+        compressor = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31) if compress else None
+        for volume in volumes:
+            for chunk in volume.chunks():
+                data = compressor.compress(chunk) if compressor is not None else chunk
+                if data:
+                    for stream, _, _ in handles:
+                        stream.write(data)
+        if compressor is not None:
+            tail = compressor.flush()
+            for stream, _, _ in handles:
+                stream.write(tail)
+        for stream, temporary, path in handles:
+            stream.close()
+            os.replace(temporary, path)
+    except BaseException:
+        for stream, temporary, _ in handles:
+            stream.close()
+            Path(temporary).unlink(missing_ok=True)
+        raise
+    return [path for path, _ in targets]
+
+
+def _storage_for(view: ScanGridMap, dtype: str) -> Scaling:
+    low, high = view.value_range()
+    if dtype != "float32" and view.has_nan:
+        logger.info("%s has NaN voxels (fill outside the field of view): stored as float32", view.label)
+        dtype = "float32"
+    return Scaling.for_range(low, high, dtype)
+
+
+def _normalizer(view: ScanGridMap, eps: float = 1e-8) -> tuple[float, float]:
+    """``(scale, offset)`` with ``scale * value + offset`` = the min–max normalized map (zeros when flat)."""
+    low, high = view.value_range()
+    if not high - low > eps:
+        return 0.0, 0.0
+    return 1.0 / (high - low), -low / (high - low)
+
+
+def save_scan_maps(
+    maps: Sequence[ScanGridMap],
+    out_dir: str | Path,
+    *,
+    prefix: str = "heatmap",
+    like: Any = None,
+    normalized: bool = True,
+    four_d: bool = False,
+    dtype: str = "uint8",
+    compress: bool = True,
+) -> list[Path]:
+    """Write scan-grid maps as NIfTI files, streamed from their feature grids.
+
+    One file per class, ``<prefix>_<method>_<class>.nii.gz``, plus a ``..._norm`` copy min–max
+    scaled to [0, 1] when ``normalized``; or, with ``four_d``, one 4D file ``<prefix>_<method>``
+    (and ``..._norm``) with a volume per class, in order.
+
+    Parameters
+    ----------
+    maps : sequence of ScanGridMap
+        On one scan grid, from one method.
+    out_dir : path
+    prefix : str
+    like : path or nibabel image, optional
+        Source NIfTI whose sform/qform codes and units are copied.
+    normalized, four_d : bool
+    dtype : {"uint8", "int16", "float32"}
+        ``uint8``/``int16``: quantised, with the raw scale in ``scl_slope``/``scl_inter`` (read
+        back as raw values, to within :attr:`Scaling.precision`); the ``_norm`` copy of a
+        per-class file shares its voxels and differs only in the header. ``float32``: exact.
+        A map with NaN voxels is stored as float32.
+    compress : bool
+        ``.nii.gz`` (gzip level 1) or ``.nii``.
+
+    Returns
+    -------
+    list of Path
+    """
+    if not maps:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = maps[0]
+    if any(m.space != first.space for m in maps):
+        raise SpaceError("save_scan_maps needs all maps on one grid; got several.")
+    header_of = like_header(like)
+    ext = ".nii.gz" if compress else ".nii"
+    stem = f"{_safe(prefix)}_{_safe(first.method)}"
+    shape = first.space.shape
+    written: list[Path] = []
+    if four_d:
+        volume_shape = (*shape, *(1,) * (3 - len(shape)), len(maps))
+        labels = ",".join(m.label for m in maps)
+        descrip = f"medcam3d {first.method} layer={first.heatmap.layer} classes={labels}"
+        ranges = [m.value_range() for m in maps]
+        kind = "float32" if any(m.has_nan for m in maps) else dtype
+        low = min((r[0] for r in ranges if np.isfinite(r[0])), default=0.0)
+        high = max((r[1] for r in ranges if np.isfinite(r[1])), default=0.0)
+        scaling = Scaling.for_range(low, high, kind)
+        header = nifti_header(volume_shape, kind, first.space, like_header=header_of, descrip=descrip,
+                              scaling=scaling, display=(low, high))
+        written += write_nifti_files([(out / f"{stem}{ext}", header)], [_map_volume(m, scaling) for m in maps],
+                                     compress=compress)
+        if normalized:
+            scaling = Scaling.for_range(0.0, 1.0, kind)
+            header = nifti_header(volume_shape, kind, first.space, like_header=header_of, descrip=descrip,
+                                  scaling=scaling, display=(0.0, 1.0))
+            volumes = [_map_volume(m, scaling, *_normalizer(m)) for m in maps]
+            written += write_nifti_files([(out / f"{stem}_norm{ext}", header)], volumes, compress=compress)
+        for m in maps:
+            m.release()
+        return written
+    for m in maps:
+        scaling = _storage_for(m, dtype)
+        low, high = m.value_range()
+        raw = nifti_header(shape, scaling.dtype, m.space, like_header=header_of, descrip=m.descrip, scaling=scaling,
+                           display=(low, high))
+        targets = [(out / f"{stem}_{m.file_label}{ext}", raw)]
+        if normalized and scaling.dtype != "float32":
+            # the same stored voxels, read back as (value - min) / (max - min)
+            scale, offset = _normalizer(m)
+            norm = Scaling(scaling.dtype, scaling.slope * scale, scaling.inter * scale + offset) if scale else \
+                Scaling(scaling.dtype, 1.0, 0.0)
+            targets.append((out / f"{stem}_{m.file_label}_norm{ext}",
+                            nifti_header(shape, scaling.dtype, m.space, like_header=header_of, descrip=m.descrip,
+                                         scaling=norm, display=(0.0, 1.0))))
+        written += write_nifti_files(targets, [_map_volume(m, scaling)], compress=compress)
+        if normalized and scaling.dtype == "float32":
+            scale, offset = _normalizer(m)
+            header = nifti_header(shape, "float32", m.space, like_header=header_of, descrip=m.descrip,
+                                  display=(0.0, 1.0))
+            written += write_nifti_files([(out / f"{stem}_{m.file_label}_norm{ext}", header)],
+                                         [_map_volume(m, Scaling("float32"), scale, offset)], compress=compress)
+        m.release()
+    return written
+
+
 def _safe(text: str) -> str:
     """Letters (any script), digits and ``._+-``; other runs become ``-``; never starts with a dot."""
     return re.sub(r"[^\w.+-]+", "-", unicodedata.normalize("NFC", text)).strip("-.") or "map"
@@ -233,42 +784,26 @@ def save_heatmaps(
     like=None,
     normalized: bool = True,
     four_d: bool = False,
+    dtype: str = "float32",
+    compress: bool = True,
 ) -> list[Path]:
-    """Save heatmaps as NIfTI files in ``out_dir`` (created if needed).
+    """Save heatmaps (whole arrays on one grid) as NIfTI files in ``out_dir`` (created if needed).
 
-    One file per class, ``<prefix>_<method>_<class>.nii.gz`` (raw float32), plus a
+    One file per class, ``<prefix>_<method>_<class>.nii.gz`` (raw float32 by default), plus a
     ``..._norm.nii.gz`` copy scaled to [0, 1] when ``normalized``; or, with ``four_d``, one 4D file
-    ``<prefix>_<method>.nii.gz`` with a volume per class, in order. Each write is atomic.
+    ``<prefix>_<method>.nii.gz`` with a volume per class, in order. Each write is atomic. See
+    :func:`save_scan_maps` for ``dtype`` (quantised storage) and ``compress``; to write maps on a
+    scan's grid straight from their feature grid, without whole-volume arrays, use that.
 
     Returns
     -------
     list of Path
         The files written.
     """
-    from . import io
-
     if not heatmaps:
         return []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     first = heatmaps[0]
     if any(h.space != first.space for h in heatmaps):
         raise SpaceError("save_heatmaps needs all heatmaps on one grid; got several.")
-    written: list[Path] = []
-    stem = f"{_safe(prefix)}_{_safe(first.method)}"
-    if four_d:
-        labels = ",".join(h.label for h in heatmaps)
-        descrip = f"medcam3d {first.method} layer={first.layer} classes={labels}"[:80]
-        variants = [("", lambda h: h.data)] + ([("_norm", Heatmap.normalized)] if normalized else [])
-        for suffix, values in variants:
-            path = out / f"{stem}{suffix}.nii.gz"
-            stacked = np.stack([values(h) for h in heatmaps]).astype(np.float32)
-            io.write(path, stacked, first.space, like=like, descrip=descrip)
-            written.append(path)
-        return written
-    for heatmap in heatmaps:
-        path = out / f"{stem}_{heatmap.file_label}.nii.gz"
-        written.append(heatmap.save(path, like=like))
-        if normalized:
-            written.append(heatmap.save(out / f"{stem}_{heatmap.file_label}_norm.nii.gz", like=like, normalized=True))
-    return written
+    return save_scan_maps([ScanGridMap.of_array(h) for h in heatmaps], out_dir, prefix=prefix, like=like,
+                          normalized=normalized, four_d=four_d, dtype=dtype, compress=compress)

@@ -7,17 +7,22 @@ both as voxel indices and in world millimetres (RAS).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from ._files import atomic_write_text
-from .space import Space
+from .space import Resampler, Space, SpaceError
 
-__all__ = ["threshold_mask", "largest_component", "BoundingBox", "bounding_box", "peak", "otsu_threshold", "save_box"]
+__all__ = ["threshold_mask", "largest_component", "BoundingBox", "bounding_box", "peak", "otsu_threshold", "save_box",
+           "Runs", "superlevel_runs"]
 
 _METHODS = ("fraction", "percentile", "otsu")
 
@@ -138,7 +143,12 @@ def bounding_box(mask: np.ndarray, space: Space) -> BoundingBox | None:
     where = np.argwhere(mask)
     if where.size == 0:
         return None
-    low, high = where.min(0), where.max(0)
+    return _box(where.min(0), where.max(0), int(len(where)), space)
+
+
+def _box(low: np.ndarray, high: np.ndarray, voxels: int, space: Space) -> BoundingBox:
+    """The box of voxel bounds ``low..high`` (inclusive) holding ``voxels`` mask voxels."""
+    low, high = np.asarray(low), np.asarray(high)
     edges = [(lo - 0.5, hi + 0.5) for lo, hi in zip(low, high)]
     corners = np.array(np.meshgrid(*edges, indexing="ij")).reshape(len(edges), -1).T
     world = space.voxel_to_world(corners)
@@ -152,14 +162,19 @@ def bounding_box(mask: np.ndarray, space: Space) -> BoundingBox | None:
         world_corners=world.tolist(),
         centre_mm=tuple(float(v) for v in centre),
         size_mm=tuple(float(v) for v in size),
-        voxels=int(mask.sum()),
+        voxels=int(voxels),
     )
 
 
-def peak(heat: np.ndarray, space: Space) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Voxel index of the heatmap's maximum and its world position (RAS mm)."""
+def peak(heat: np.ndarray, space: Space) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    """Voxel index of the heatmap's maximum (the first in C order) and its world position (RAS mm).
+
+    ``None`` for a flat map (e.g. all zero, a ReLU'd negative map): it has no peak.
+    """
     heat = np.asarray(heat)
-    voxel = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    if heat.size == 0 or not np.nanmax(heat) > np.nanmin(heat):
+        return None
+    voxel = np.unravel_index(int(np.nanargmax(heat)), heat.shape)
     world = space.voxel_to_world(np.asarray(voxel, dtype=float))
     return tuple(int(v) for v in voxel), tuple(float(v) for v in world)
 
@@ -168,3 +183,281 @@ def save_box(path: str | Path, box: BoundingBox | None, **extra: object) -> Path
     """Write a box (and any extra fields, e.g. the peak) as JSON, atomically."""
     payload = {"box": None if box is None else box.to_dict(), **extra}
     return atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks as runs: thresholds of a separable (feature-grid) map without the whole volume
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runs:
+    """A binary mask on a grid, stored as runs of set voxels along the grid's first axis.
+
+    Run ``n`` sets voxels ``lo[n] .. hi[n]`` (inclusive) along axis 0 of the row ``row[n]``: the
+    C-order flat index over the other axes. Cheap to build from a feature-grid map
+    (:func:`superlevel_runs`), to label (:meth:`largest`), to box (:meth:`box`) and to write in
+    slabs (:meth:`slab`), without the grid-sized boolean array.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The grid's shape.
+    row, lo, hi : (N,) int64 ndarray
+        Sorted by row, then ``lo``; runs of one row neither overlap nor touch.
+    """
+
+    shape: tuple[int, ...]
+    row: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def from_array(cls, mask: np.ndarray) -> Runs:
+        """The runs of a boolean array."""
+        mask = np.asarray(mask, dtype=bool)
+        rows = np.moveaxis(mask, 0, -1).reshape(-1, mask.shape[0])  # (rows, n0), rows in C order of axes 1..
+        padded = np.zeros((rows.shape[0], rows.shape[1] + 2), dtype=np.int8)
+        padded[:, 1:-1] = rows
+        step = np.diff(padded, axis=1)
+        starts = np.argwhere(step == 1)
+        stops = np.argwhere(step == -1)
+        return cls(tuple(mask.shape), starts[:, 0].astype(np.int64), starts[:, 1].astype(np.int64),
+                   stops[:, 1].astype(np.int64) - 1)
+
+    @property
+    def voxels(self) -> int:
+        """Number of set voxels."""
+        return int(np.sum(self.hi - self.lo + 1))
+
+    def to_array(self) -> np.ndarray:
+        """The mask as a boolean ``(*shape)`` array."""
+        out = np.zeros((math.prod(self.shape[1:]), self.shape[0]), dtype=bool)
+        for r, a, b in zip(self.row, self.lo, self.hi):
+            out[r, a:b + 1] = True
+        return np.moveaxis(out.reshape(*self.shape[1:], self.shape[0]), -1, 0)
+
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Runs per row as dense tables ``(*shape[1:], m)``: run id (-1 for none), lo, hi."""
+        count = np.bincount(self.row, minlength=math.prod(self.shape[1:]))
+        m = max(int(count.max()) if count.size else 0, 1)
+        starts = np.concatenate([[0], np.cumsum(count)[:-1]])
+        rank = np.arange(len(self.row)) - starts[self.row]
+        ids = np.full((count.size, m), -1, dtype=np.int64)
+        lo = np.ones((count.size, m), dtype=np.int64)
+        hi = np.zeros((count.size, m), dtype=np.int64)
+        ids[self.row, rank] = np.arange(len(self.row))
+        lo[self.row, rank] = self.lo
+        hi[self.row, rank] = self.hi
+        grid = (*self.shape[1:], m)
+        return ids.reshape(grid), lo.reshape(grid), hi.reshape(grid)
+
+    def components(self) -> np.ndarray:
+        """Label (0, 1, ...) of each run's connected component, full connectivity (26 in 3D, 8 in 2D)."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = len(self.row)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        ids, lo, hi = self._table()
+        m = ids.shape[-1]
+        first, second = [], []
+        rest = len(self.shape) - 1
+        for offset in itertools.product((-1, 0, 1), repeat=rest):
+            nonzero = [d for d in offset if d]
+            if not nonzero or nonzero[0] < 0:
+                continue  # each neighbouring pair of rows once
+            a = tuple(slice(0, -1) if d == 1 else slice(1, None) if d == -1 else slice(None) for d in offset)
+            b = tuple(slice(1, None) if d == 1 else slice(0, -1) if d == -1 else slice(None) for d in offset)
+            for x in range(m):
+                for y in range(m):
+                    id_a, id_b = ids[a][..., x], ids[b][..., y]
+                    touch = (id_a >= 0) & (id_b >= 0) & (lo[a][..., x] <= hi[b][..., y] + 1) & (lo[b][..., y] <= hi[a][..., x] + 1)
+                    first.append(id_a[touch])
+                    second.append(id_b[touch])
+        i = np.concatenate(first) if first else np.zeros(0, dtype=np.int64)
+        j = np.concatenate(second) if second else np.zeros(0, dtype=np.int64)
+        graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+        _, labels = connected_components(graph, directed=False)
+        return labels.astype(np.int64)
+
+    def subset(self, keep: np.ndarray) -> Runs:
+        """The runs where ``keep`` (boolean, one per run) is set."""
+        return Runs(self.shape, self.row[keep], self.lo[keep], self.hi[keep])
+
+    def largest(self) -> Runs:
+        """The largest connected component (full connectivity), as :func:`largest_component` picks it.
+
+        Ties go to the component whose first voxel comes first in C order (``ndimage.label``'s
+        numbering).
+        """
+        labels = self.components()
+        if labels.size == 0:
+            return self
+        sizes = np.bincount(labels, weights=self.hi - self.lo + 1)
+        first_voxel = self.lo * math.prod(self.shape[1:]) + self.row
+        first = np.full(sizes.size, np.iinfo(np.int64).max)
+        np.minimum.at(first, labels, first_voxel)
+        best = np.flatnonzero(sizes == sizes.max())
+        chosen = best[np.argmin(first[best])]
+        return self.subset(labels == chosen)
+
+    def box(self, space: Space) -> BoundingBox | None:
+        """Bounding box in voxels and world mm (as :func:`bounding_box` of the mask); None when empty."""
+        if len(self.row) == 0:
+            return None
+        others = np.array(np.unravel_index(self.row, self.shape[1:]))  # (ndim - 1, N)
+        low = np.concatenate([[self.lo.min()], others.min(axis=1)])
+        high = np.concatenate([[self.hi.max()], others.max(axis=1)])
+        return _box(low, high, self.voxels, space)
+
+    def slab(self, start: int, stop: int) -> np.ndarray:
+        """The mask for indices ``start:stop`` of the last axis, uint8, in column-major (NIfTI) order.
+
+        Returns
+        -------
+        (shape[0], ..., stop - start) uint8 ndarray, Fortran-contiguous.
+        """
+        ids, lo, hi = self._slab_table()
+        n0 = self.shape[0]
+        lo = lo[..., start:stop, :]
+        hi = hi[..., start:stop, :]
+        order = tuple(range(lo.ndim - 2, -1, -1)) + (lo.ndim - 1,)  # file order: last axis slowest
+        lo, hi = lo.transpose(order), hi.transpose(order)
+        index = np.arange(n0, dtype=np.int64)
+        out = np.zeros((*lo.shape[:-1], n0), dtype=bool)
+        for x in range(lo.shape[-1]):
+            out |= (index >= lo[..., x, None]) & (index <= hi[..., x, None])
+        return out.view(np.uint8).T
+
+    def _slab_table(self):
+        cached = self.__dict__.get("_cached_table")
+        if cached is None:
+            cached = self._table()
+            object.__setattr__(self, "_cached_table", cached)
+        return cached
+
+
+def superlevel_runs(resampler: Resampler, data: Any, threshold: float, *, fill: float = 0.0) -> Runs:
+    """The voxels of the target grid where the resampled map is ``>= threshold``, as runs.
+
+    The map is ``resampler(data, fill=fill)`` (trilinear, see :func:`medcam3d.space.resample`),
+    but it is never formed: along axis 0 each row of the target grid is a piecewise-linear
+    function of the voxel index with a piece per source voxel, so where it crosses the threshold
+    is solved per piece and checked at the run ends. The work is proportional to the number of
+    rows times the source length along that axis, not to the number of voxels. Separable
+    (axis-parallel) grids only.
+
+    Parameters
+    ----------
+    resampler : Resampler
+        From the map's grid to the target grid; ``resampler.separable`` must hold.
+    data : (*source.shape) ndarray or Tensor
+        One map.
+    threshold : float
+    fill : float
+        Value outside the source field of view.
+
+    Returns
+    -------
+    Runs
+        The same voxels as ``resample(data, ...) >= threshold`` (a voxel whose value is within
+        float32 rounding of the threshold may differ).
+    """
+    if not resampler.separable:
+        raise SpaceError("superlevel_runs needs grids with parallel axes; resample the map and threshold it instead.")
+    shape = resampler.target.shape
+    spec = resampler.axes[0]
+    values = resampler.rows(data, 0, fill=fill)
+    values = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    n = values.shape[-1]
+    h = values.reshape(-1, n)
+    rows = h.shape[0]
+    first, last = resampler.inside_range(0)
+    n0 = shape[0]
+    s, o = spec.scale, spec.offset
+
+    def value(r: np.ndarray, t: np.ndarray) -> np.ndarray:
+        c = np.clip(s * t + o, 0.0, n - 1.0)
+        a = np.minimum(np.floor(c), max(n - 2, 0)).astype(np.int64)
+        w = c - a
+        upper = np.minimum(a + 1, n - 1)
+        v = h[r, a] * (1.0 - w) + h[r, upper] * w
+        return np.where((t >= first) & (t <= last), v, fill)
+
+    # pieces of the row function in source coordinates: (-inf, 0], [a, a + 1] ..., [n - 1, inf)
+    lows, highs = [], []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = h[:, 0] >= threshold
+        lows.append(np.where(ok, -np.inf, np.nan))
+        highs.append(np.where(ok, 0.0, np.nan))
+        for a in range(n - 1):
+            ha, hb = h[:, a], h[:, a + 1]
+            ok_a, ok_b = ha >= threshold, hb >= threshold
+            cross = a + (threshold - ha) / (hb - ha)
+            lo = np.where(ok_a, float(a), np.where(ok_b, cross, np.nan))
+            hi = np.where(ok_b, float(a + 1), np.where(ok_a, cross, np.nan))
+            lows.append(lo)
+            highs.append(hi)
+        ok = h[:, -1] >= threshold
+        lows.append(np.where(ok, n - 1.0, np.nan))
+        highs.append(np.where(ok, np.inf, np.nan))
+        c_lo, c_hi = np.stack(lows, axis=1), np.stack(highs, axis=1)  # (rows, pieces); NaN: empty
+        valid = ~np.isnan(c_lo) & ~np.isnan(c_hi)
+        t_lo, t_hi = (c_lo - o) / s, (c_hi - o) / s
+        if s < 0:  # the axis runs backwards through the source: pieces in increasing voxel order
+            t_lo, t_hi, valid = t_hi[:, ::-1], t_lo[:, ::-1], valid[:, ::-1]
+        lo = np.ceil(np.clip(t_lo - 1e-9, first - 1, last + 1))
+        hi = np.floor(np.clip(t_hi + 1e-9, first - 1, last + 1))
+    lo = np.clip(np.nan_to_num(lo, nan=1), first, last + 1).astype(np.int64)
+    hi = np.clip(np.nan_to_num(hi, nan=0), first - 1, last).astype(np.int64)
+    valid &= lo <= hi
+    # check the ends against the map itself (float rounding of the crossing points)
+    r = np.broadcast_to(np.arange(rows)[:, None], lo.shape)
+    for _ in range(2):
+        shrink_lo = valid & (value(r, lo) < threshold)
+        lo = np.where(shrink_lo, lo + 1, lo)
+        shrink_hi = valid & (value(r, hi) < threshold)
+        hi = np.where(shrink_hi, hi - 1, hi)
+        valid &= lo <= hi
+        grow_lo = valid & (lo - 1 >= first) & (value(r, np.maximum(lo - 1, 0)) >= threshold)
+        lo = np.where(grow_lo, lo - 1, lo)
+        grow_hi = valid & (hi + 1 <= last) & (value(r, np.minimum(hi + 1, n0 - 1)) >= threshold)
+        hi = np.where(grow_hi, hi + 1, hi)
+    # outside the field of view along axis 0
+    if fill >= threshold:
+        before = np.stack([np.zeros(rows, np.int64), np.full(rows, first - 1)], axis=1)
+        after = np.stack([np.full(rows, last + 1), np.full(rows, n0 - 1)], axis=1)
+        lo = np.concatenate([before[:, :1], lo, after[:, :1]], axis=1)
+        hi = np.concatenate([before[:, 1:], hi, after[:, 1:]], axis=1)
+        valid = np.concatenate([(before[:, 1] >= before[:, 0])[:, None], valid, (after[:, 1] >= after[:, 0])[:, None]],
+                               axis=1)
+    return _merge_pieces(shape, lo, hi, valid)
+
+
+def _merge_pieces(shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray, valid: np.ndarray) -> Runs:
+    """Runs from per-row intervals ``(rows, pieces)`` given in increasing order; touching ones are merged."""
+    rows = lo.shape[0]
+    out_row, out_lo, out_hi = [], [], []
+    current = valid[:, 0].copy()
+    cur_lo, cur_hi = lo[:, 0].copy(), hi[:, 0].copy()
+    index = np.arange(rows)
+    for p in range(1, lo.shape[1]):
+        v = valid[:, p]
+        touch = v & current & (lo[:, p] <= cur_hi + 1)
+        cur_hi = np.where(touch, np.maximum(cur_hi, hi[:, p]), cur_hi)
+        new = v & ~touch
+        emit = new & current
+        out_row.append(index[emit])
+        out_lo.append(cur_lo[emit])
+        out_hi.append(cur_hi[emit])
+        cur_lo = np.where(new, lo[:, p], cur_lo)
+        cur_hi = np.where(new, hi[:, p], cur_hi)
+        current |= v
+    out_row.append(index[current])
+    out_lo.append(cur_lo[current])
+    out_hi.append(cur_hi[current])
+    row, lo_all, hi_all = (np.concatenate(x).astype(np.int64) for x in (out_row, out_lo, out_hi))
+    order = np.lexsort((lo_all, row))
+    return Runs(tuple(shape), row[order], lo_all[order], hi_all[order])

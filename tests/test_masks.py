@@ -95,3 +95,72 @@ def test_json_outputs_are_written_with_the_usual_permissions(tmp_path):
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["box.json"]  # no temporary left
+
+
+# ------------------------------------------------------------ masks as runs, from the feature grid
+from medcam3d.masks import Runs, superlevel_runs  # noqa: E402
+from medcam3d.space import Resampler  # noqa: E402
+
+
+def _parallel_grids(rng):
+    """A random feature grid and a scan grid whose axes are a signed permutation of its axes."""
+    n = tuple(int(v) for v in rng.integers(1, 6, 3))
+    source = Space(n, np.diag([*rng.uniform(5, 20, 3), 1.0]))
+    local = np.zeros((4, 4))
+    for target_axis, source_axis in enumerate(rng.permutation(3)):
+        local[source_axis, target_axis] = rng.choice([-1, 1]) * rng.uniform(0.5, 3.0)
+    local[:3, 3] = rng.uniform(-20, 20, 3)
+    local[3, 3] = 1.0
+    return source, Space(tuple(int(v) for v in rng.integers(1, 30, 3)), local)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_superlevel_runs_equal_thresholding_the_resampled_map(seed):
+    rng = np.random.default_rng(seed)
+    source, target = _parallel_grids(rng)
+    resampler = Resampler(source, target)
+    data = rng.random(source.shape).astype(np.float32)
+    if seed % 3 == 0:
+        data[data < 0.5] = 0  # flat zero regions, as after a ReLU
+    fill = float([0.0, 0.7, -1.0][seed % 3])
+    whole = resampler(data, fill=fill)
+    threshold = float(rng.uniform(0.2, 1.0)) * whole.max()
+    runs = superlevel_runs(resampler, data, threshold, fill=fill)
+    expected = whole >= threshold
+    differ = runs.to_array() != expected
+    assert not differ.any() or np.abs(whole[differ] - threshold).max() < 1e-5  # only float32 rounding ties
+    if differ.any():
+        return
+    largest = runs.largest()
+    reference = largest_component(expected) if expected.any() else expected
+    np.testing.assert_array_equal(largest.to_array(), reference)
+    assert largest.box(target) == bounding_box(reference, target)
+    if largest.voxels:  # written in slabs along the last axis, column-major
+        k = target.shape[2]
+        parts = [largest.slab(a, min(a + 3, k)) for a in range(0, k, 3)]
+        assert all(p.dtype == np.uint8 and p.flags["F_CONTIGUOUS"] for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts, axis=2).astype(bool), reference)
+
+
+def test_runs_of_arrays_and_ties_of_the_largest_component(heat):
+    mask = heat > 0.5
+    runs = Runs.from_array(mask)
+    np.testing.assert_array_equal(runs.to_array(), mask)
+    assert runs.voxels == mask.sum()
+    np.testing.assert_array_equal(runs.largest().to_array(), largest_component(mask))
+    # two components of the same size: the one whose first voxel comes first in C order wins
+    twins = np.zeros((6, 6, 6), bool)
+    twins[4:6, 0:2, 0:2] = True
+    twins[0:2, 4:6, 4:6] = True
+    np.testing.assert_array_equal(Runs.from_array(twins).largest().to_array(), largest_component(twins))
+    # diagonal neighbours (26-connectivity) join
+    diagonal = np.zeros((3, 3, 3), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = diagonal[2, 2, 2] = True
+    assert Runs.from_array(diagonal).largest().voxels == 3
+    assert Runs.from_array(np.zeros((4, 4, 4), bool)).largest().box(Space((4, 4, 4), np.eye(4))) is None
+
+
+def test_flat_map_has_no_peak():
+    space = Space((4, 5, 6), np.eye(4))
+    assert peak(np.zeros((4, 5, 6)), space) is None
+    assert peak(np.full((4, 5, 6), 3.0), space) is None

@@ -3,7 +3,8 @@
 Both volumes are shown in the closest RAS orientation of the scan's grid, in radiological
 convention (the patient's right on the image's left; anterior and superior up), with the voxel
 spacing respected and the sides labelled (R/L, A/P, S/I). The heatmap uses a colormap whose alpha
-ramps from 0, so the grey scan shows through where the map is low.
+ramps from 0, so the grey scan shows through where the map is low; the colour bar shows the same
+colours opaque. Only the three planes are read, so a picture costs the same for any volume size.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from .._files import atomic_write, atomic_write_text
 from ..space import Space
 
-__all__ = ["save_slices", "alpha_colormap", "save_figure", "write_csv", "write_text", "print_table"]
+__all__ = ["save_slices", "slices_figure", "alpha_colormap", "default_window", "save_figure", "write_csv", "write_text", "print_table"]
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -68,94 +69,236 @@ def alpha_colormap(name: str = "inferno", max_alpha: float = 0.85):
     return ListedColormap(base, name=f"{name}_alpha")
 
 
-def _canonical(array: np.ndarray, space: Space) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Array in the closest RAS orientation, the orientation transform, and its spacing."""
+def _opaque(colormap):
+    """The same colours without transparency (for the colour bar)."""
+    from matplotlib.colors import ListedColormap
+
+    colours = colormap(np.linspace(0.0, 1.0, colormap.N))
+    colours[:, 3] = 1.0
+    return ListedColormap(colours, name=f"{colormap.name}_opaque")
+
+
+def default_window(scan: np.ndarray, max_voxels: int = 2**21) -> tuple[float, float]:
+    """Grey-level window of a scan, from an even subsample of at most ``max_voxels`` voxels.
+
+    A soft-tissue window (−160 to 240 HU) for CT (air at about −1000 HU); otherwise the 1st–99th
+    percentile of the non-background voxels, so a large empty background does not wash the
+    image out.
+    """
+    scan = np.asarray(scan)
+    step = max(1, int(np.ceil((scan.size / max_voxels) ** (1.0 / max(scan.ndim, 1)))))
+    sample = np.asarray(scan[(slice(None, None, step),) * scan.ndim], dtype=np.float32)
+    low = float(sample.min())
+    if low <= -500:
+        return (-160.0, 240.0)
+    body = sample[sample > low]
+    lo, hi = np.percentile(body if body.size else sample, [1, 99])
+    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
+
+
+def _orientation(space: Space) -> np.ndarray:
+    """Per voxel axis: (RAS axis it is closest to, +1 or -1 along it)."""
     import nibabel.orientations as nio
 
-    orientation = nio.io_orientation(space.affine)
-    canonical = nio.apply_orientation(array, orientation)
-    spacing = np.asarray(space.spacing)[orientation[:, 0].astype(int)]
-    return canonical, orientation, tuple(float(s) for s in spacing)
+    return nio.io_orientation(space.affine).astype(int)
+
+
+def _canonical_plane(plane: np.ndarray, axes: tuple[int, int], orientation: np.ndarray) -> np.ndarray:
+    """A 2D plane over voxel ``axes`` (in that order) as (lower RAS axis, higher RAS axis), increasing."""
+    out = np.asarray(plane)
+    if orientation[axes[0], 0] > orientation[axes[1], 0]:
+        out = out.T
+        axes = axes[::-1]
+    for position, axis in enumerate(axes):
+        if orientation[axis, 1] < 0:
+            out = np.flip(out, axis=position)
+    return out
 
 
 def save_slices(
     path: str | Path,
     scan: np.ndarray,
-    heat: np.ndarray,
+    heat,
     space: Space,
     *,
     title: str = "",
     peak_mm: tuple[float, float, float] | None = None,
+    peak_voxel: tuple[int, int, int] | None = None,
     window: tuple[float, float] | None = None,
     colormap: str = "inferno",
+    dpi: int = 80,
 ) -> Path:
     """Write a PNG with axial, coronal and sagittal slices through the heatmap's peak.
 
+    See :func:`slices_figure` for the parameters; written atomically at ``dpi``.
+    """
+    figure = slices_figure(scan, heat, space, title=title, peak_mm=peak_mm, peak_voxel=peak_voxel, window=window,
+                           colormap=colormap)
+    return atomic_write(path, lambda name: figure.savefig(name, dpi=dpi, facecolor="black"))
+
+
+def slices_figure(
+    scan: np.ndarray,
+    heat,
+    space: Space,
+    *,
+    title: str = "",
+    peak_mm: tuple[float, float, float] | None = None,
+    peak_voxel: tuple[int, int, int] | None = None,
+    window: tuple[float, float] | None = None,
+    colormap: str = "inferno",
+):
+    """A matplotlib Figure (object API, no pyplot) with slices through the heatmap's peak.
+
+    Only the three planes are read from the scan and sampled from the map, so the cost does not
+    grow with the volume. The peak is marked (a cyan cross); the colour bar shows the map's
+    colours without the overlay's transparency. A panel that would be a single voxel thick (a
+    one-slice volume's coronal and sagittal cuts) is left out; a panel much longer than wide is
+    stretched to 1:5 and says so.
+
     Parameters
     ----------
-    path : path
-        Output ``.png`` (written atomically).
-    scan, heat : (*space.shape) ndarray
-        The scan and a heatmap on the same grid (scanner space).
+    scan : (*space.shape) ndarray
+        The scan on its grid (scanner space).
+    heat : (*space.shape) ndarray or ScanGridMap
+        The heatmap on the same grid: an array, or a :class:`~medcam3d.heatmap.ScanGridMap`,
+        sampled on the three planes only.
     space : Space
         Their grid (3D).
     title : str
         First title line (case, method, class, probability).
     peak_mm : (3,) optional
-        Printed in the title; default: the heatmap's maximum.
+        Where to cut when ``peak_voxel`` is not given (the nearest voxel); printed in the title.
+    peak_voxel : (3,) optional
+        The voxel to cut through. Default: the map's peak; for a flat map (no peak), the
+        volume's centre, and the title says so.
     window : (low, high), optional
-        Grey-level window of the scan; default: a soft-tissue window (−160 to 240 HU) for CT,
-        else the 1st–99th percentile of the non-background voxels.
+        Grey-level window of the scan; default :func:`default_window`.
+    colormap : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Panel axes first (labelled ``"axial"``, ``"coronal"``, ``"sagittal"``), then the colour bar's.
     """
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    if scan.shape != heat.shape or tuple(scan.shape) != tuple(space.shape) or len(space.shape) != 3:
-        raise ValueError(f"scan {scan.shape}, heat {heat.shape} and space {space.shape} must share one 3D grid.")
-    peak_voxel = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    if peak_mm is None:
-        peak_mm = tuple(space.voxel_to_world(np.asarray(peak_voxel, dtype=float)))
-    scan_c, orientation, spacing = _canonical(scan.astype(np.float32), space)
-    heat_c, _, _ = _canonical(heat.astype(np.float32), space)
-    peak_c = np.unravel_index(int(np.argmax(heat_c)), heat_c.shape)
-    if window is None:
-        # CT in HU (air at about -1000): a soft-tissue window; otherwise percentiles of the
-        # non-background voxels, so a large empty background does not wash the image out.
-        body = scan_c[scan_c > scan_c.min()]
-        window = (-160.0, 240.0) if scan_c.min() <= -500 else tuple(np.percentile(body if body.size else scan_c, [1, 99]))
-    low, high = window
-    top = float(heat_c.max())
-    heat_display = np.clip(heat_c / top, 0, 1) if top > 0 else np.zeros_like(heat_c)
+    from ..masks import peak as array_peak
 
-    i, j, k = peak_c
-    sx, sy, sz = spacing
-    # (2D slice with rows = up axis, cols = the other; flipped so R is on the left), extent, labels
-    panels = [
-        ("axial", lambda v: v[:, :, k].T[:, ::-1], (sx, sy), ("R", "L", "A", "P"), k, 2),
-        ("coronal", lambda v: v[:, j, :].T[:, ::-1], (sx, sz), ("R", "L", "S", "I"), j, 1),
-        ("sagittal", lambda v: v[i, :, :].T[:, ::-1], (sy, sz), ("A", "P", "S", "I"), i, 0),
-    ]
-    figure = Figure(figsize=(13, 4.8), facecolor="black")  # no pyplot: the caller's backend is left alone
-    axes = figure.subplots(1, 3)
+    shape = tuple(space.shape)
+    if len(shape) != 3 or tuple(scan.shape) != shape:
+        raise ValueError(f"scan {scan.shape} and space {shape} must share one 3D grid.")
+    sampled = hasattr(heat, "plane")
+    if not sampled and tuple(np.shape(heat)) != shape:
+        raise ValueError(f"heat {np.shape(heat)} must be on the scan's grid {shape}.")
+    # where to cut, and the map's top value for the colours
+    if sampled:
+        found = heat.peak()
+        top = heat.value_range()[1]
+    else:
+        heat = np.asarray(heat)
+        found = array_peak(heat, space)
+        top = float(np.nanmax(heat)) if heat.size else 0.0
+    note = ""
+    if peak_voxel is None and peak_mm is not None:
+        peak_voxel = tuple(int(v) for v in np.clip(np.rint(space.world_to_voxel(np.asarray(peak_mm, float))), 0,
+                                                   np.asarray(shape) - 1))
+    if peak_voxel is None and found is not None:
+        peak_voxel = tuple(int(v) for v in found[0])
+        peak_mm = tuple(float(v) for v in found[1])
+    if peak_voxel is None:
+        peak_voxel = tuple((n - 1) // 2 for n in shape)
+        note = "no peak: the map is flat (all zero) · slices through the volume's centre"
+    peak_voxel = tuple(int(v) for v in peak_voxel)
+    if window is None:
+        window = default_window(scan)
+    low, high = window
+    top = float(top) if top is not None and np.isfinite(top) else 0.0
+
+    orientation = _orientation(space)
+    axis_of = {int(orientation[a, 0]): a for a in range(3)}  # RAS axis -> voxel axis
+    spacing = np.asarray(space.spacing)
+    names = {2: "axial", 1: "coronal", 0: "sagittal"}
+    sides = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}  # low, high end of each RAS axis
+    panels = []
+    for fixed in (2, 1, 0):  # axial, coronal, sagittal
+        cut = axis_of[fixed]
+        shown = tuple(a for a in range(3) if a != cut)
+        if all(shape[a] == 1 for a in shown) or (any(shape[a] == 1 for a in shown) and fixed != 2):
+            continue  # a line, not a picture
+        panels.append((fixed, cut, shown))
+    if not panels:
+        panels.append((2, axis_of[2], tuple(a for a in range(3) if a != axis_of[2])))
+
+    def plane(volume, cut: int, shown: tuple[int, int]) -> np.ndarray:
+        values = volume.plane(cut, peak_voxel[cut]) if hasattr(volume, "plane") else volume[(slice(None),) * cut + (peak_voxel[cut],)]
+        return _canonical_plane(np.asarray(values, dtype=np.float32), shown, orientation)
+
+    layout = []
+    for fixed, cut, shown in panels:
+        u_axis, v_axis = sorted(shown, key=lambda a: orientation[a, 0])  # canonical order: lower RAS axis first
+        du, dv = spacing[u_axis], spacing[v_axis]
+        width, height = shape[u_axis] * du, shape[v_axis] * dv
+        ratio = width / height
+        stretched = not 0.2 <= ratio <= 5.0
+        layout.append((fixed, cut, shown, u_axis, v_axis, du, dv, width, height, float(np.clip(ratio, 0.2, 5.0)), stretched))
+
+    # figure geometry (inches): panels side by side at one height, the colour bar in its own column
+    margin, gap, bar, bar_gap, title_height, bottom = 0.15, 0.12, 0.22, 0.45, 0.95, 0.15
+    total_ratio = sum(item[9] for item in layout)
+    panel_height = min(4.2, (11.5 - gap * (len(layout) - 1)) / total_ratio)
+    panels_width = panel_height * total_ratio + gap * (len(layout) - 1)
+    fig_width = margin + panels_width + bar_gap + bar + 0.1 + margin + 0.35
+    fig_height = bottom + panel_height + title_height
+    figure = Figure(figsize=(fig_width, fig_height), facecolor="black")  # no pyplot: the caller's backend is left alone
     cmap = alpha_colormap(colormap)
-    image = None
-    for axis, (name, cut, (du, dv), (left, right, upper, lower), index, _) in zip(axes, panels):
-        grey, hot = cut(scan_c), cut(heat_display)
-        extent = (0, grey.shape[1] * du, 0, grey.shape[0] * dv)
-        axis.imshow(grey, cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent, interpolation="nearest")
-        image = axis.imshow(hot, cmap=cmap, norm=Normalize(0, 1), origin="lower", extent=extent, interpolation="bilinear")
-        axis.set_title(f"{name} (slice {index})", color="white", fontsize=10)
+    norm = Normalize(0.0, 1.0)
+    x = margin
+    for fixed, cut, shown, u_axis, v_axis, du, dv, width, height, ratio, stretched in layout:
+        w = panel_height * ratio
+        axis = figure.add_axes((x / fig_width, bottom / fig_height, w / fig_width, panel_height / fig_height),
+                               label=names[fixed])
+        x += w + gap
+        grey, hot = plane(scan, cut, shown), plane(heat, cut, shown)
+        display = np.clip(hot / top, 0, 1) if top > 0 else np.zeros_like(hot)
+        # rows: the higher RAS axis (up); columns: the lower one, reversed (radiological: R on the left)
+        extent = (0, width, 0, height)
+        aspect = "auto" if stretched else "equal"
+        axis.imshow(grey.T[:, ::-1], cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent,
+                    interpolation="nearest", aspect=aspect)
+        axis.imshow(display.T[:, ::-1], cmap=cmap, norm=norm, origin="lower", extent=extent, interpolation="bilinear",
+                    aspect=aspect)
+        u = peak_voxel[u_axis] if orientation[u_axis, 1] > 0 else shape[u_axis] - 1 - peak_voxel[u_axis]
+        v = peak_voxel[v_axis] if orientation[v_axis, 1] > 0 else shape[v_axis] - 1 - peak_voxel[v_axis]
+        if not note:
+            axis.plot([(shape[u_axis] - 1 - u + 0.5) * du], [(v + 0.5) * dv], marker="+", markersize=18,
+                      markeredgewidth=1.6, color="cyan")
+        axis.set_xlim(0, width)
+        axis.set_ylim(0, height)
         axis.set_axis_off()
+        narrow = w < 2.2
+        label = f"{names[fixed]}{chr(10) if narrow else ' '}(slice {peak_voxel[cut]})" + (
+            f"{chr(10)}stretched" if stretched else "")
+        # a figure text, not an axes title: titles re-measure the (hidden) tick labels on every draw
+        figure.text((x - gap - w / 2) / fig_width, (bottom + panel_height + 0.06) / fig_height, label, color="white",
+                    fontsize=8 if narrow else 10, ha="center", va="bottom")
         style = dict(color="yellow", fontsize=12, fontweight="bold", transform=axis.transAxes)
-        axis.text(0.02, 0.5, left, ha="left", va="center", **style)
-        axis.text(0.98, 0.5, right, ha="right", va="center", **style)
-        axis.text(0.5, 0.98, upper, ha="center", va="top", **style)
-        axis.text(0.5, 0.02, lower, ha="center", va="bottom", **style)
-    colorbar = figure.colorbar(image, ax=list(axes), fraction=0.02, pad=0.01)
+        (u_low, u_high), (v_low, v_high) = sides[int(orientation[u_axis, 0])], sides[int(orientation[v_axis, 0])]
+        axis.text(0.02, 0.5, u_high, ha="left", va="center", **style)  # reversed columns: high end on the left
+        axis.text(0.98, 0.5, u_low, ha="right", va="center", **style)
+        axis.text(0.5, 0.98, v_high, ha="center", va="top", **style)
+        axis.text(0.5, 0.02, v_low, ha="center", va="bottom", **style)
+    bar_axis = figure.add_axes(((x - gap + bar_gap) / fig_width, bottom / fig_height, bar / fig_width,
+                                panel_height / fig_height), label="colour bar")
+    colorbar = figure.colorbar(ScalarMappable(norm=norm, cmap=_opaque(cmap)), cax=bar_axis)
     colorbar.set_label(f"heatmap / max (max = {top:.3g})", color="white")
     colorbar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
-    peak_text = "peak (RAS mm): ({:.1f}, {:.1f}, {:.1f})".format(*peak_mm)
-    figure.suptitle(f"{title}\n{peak_text} · radiological view", color="white", fontsize=11)
-    figure.subplots_adjust(top=0.80, bottom=0.03, left=0.02, right=0.90, wspace=0.08)
-
-    return atomic_write(path, lambda name: figure.savefig(name, dpi=90, facecolor="black"))
+    if note:
+        second = note
+    else:
+        second = "peak (RAS mm, +): ({:.1f}, {:.1f}, {:.1f}) · radiological view".format(
+            *(peak_mm if peak_mm is not None else space.voxel_to_world(np.asarray(peak_voxel, float))))
+    figure.suptitle(f"{title}\n{second}", color="white", fontsize=11, y=1 - 0.1 / fig_height, va="top")
+    return figure

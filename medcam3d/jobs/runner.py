@@ -128,7 +128,8 @@ class CaseResult:
             row[f"p_{name}"] = round(value, 4)
         for finding in self.findings:
             key = f"{finding['method']}_{finding['class']}"
-            row[f"{key}_peak_mm"] = " ".join(f"{v:.1f}" for v in finding["peak_mm"])
+            peak_mm = finding["peak_mm"]  # None: a flat map has no peak (an empty cell)
+            row[f"{key}_peak_mm"] = "" if peak_mm is None else " ".join(f"{v:.1f}" for v in peak_mm)
             if finding.get("peak_in_lesion") is not None:
                 row[f"{key}_peak_in_lesion"] = finding["peak_in_lesion"]
         return row
@@ -199,7 +200,7 @@ class Runner:
         self.methods = list(methods) if methods else [config.method]
         self.target = config.target if target is None else target
         self.layer = layer or config.layer
-        self.transforms = build_transforms(config.preprocessing)
+        self.transforms = build_transforms(config.preprocessing, trust=trust, source=config.source)
         if config.class_names:
             unique_file_labels(config.class_names)  # clashing file labels are refused before any work
         self.explainers = [
@@ -226,12 +227,14 @@ class Runner:
     # ---------------------------------------------------------------- one case
     def run_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
                  mask: str | Path | None = None, overwrite: bool = True,
-                 loaded: LoadedCase | None = None) -> CaseResult:
+                 loaded: LoadedCase | None = None, volume: int | None = None,
+                 series: str | None = None) -> CaseResult:
         """Explain one scan and write its outputs to ``out_dir/<case_id>/``.
 
         ``mask`` is an optional ground-truth label map on the scan's grid: label ``c + 1`` marks
         the lesion of class ``c``; each map's peak is checked against it. ``loaded`` is the case
         already read and preprocessed (e.g. by a DataLoader worker, see :func:`load_case`).
+        ``volume`` picks one volume of a 4D file, ``series`` one series of a DICOM folder.
         """
         case_id = check_case_id(case_id or case_id_of(image), "case id")
         result = CaseResult(case_id=case_id, image=str(image), run=self.run_settings())
@@ -242,7 +245,7 @@ class Runner:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out_dir, case_id)
         if loaded is None:
-            loaded = load_case(image, self.transforms, mask, trust=self.trust)
+            loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series)
         x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
         staging = staging_folder(out_dir, case_id)
         try:
@@ -257,24 +260,60 @@ class Runner:
         return result
 
     def _explain_into(self, x, scanner_space, scan, labels, folder: Path, result: CaseResult, image) -> None:
+        """Explain one case and write its outputs into ``folder``, doing only what is stored or shown.
+
+        The engine's maps stay on the feature grid (``_feature`` files, exact). Everything on the
+        scan's grid is sampled from them where it is needed (:class:`~medcam3d.heatmap.ScanGridMap`):
+        scan-grid maps are streamed slab by slab into quantised files, pictures sample three planes,
+        peaks and boxes come from a few voxels or from runs (:func:`~medcam3d.masks.superlevel_runs`),
+        and a mask is formed only when it is written.
+        """
+        from ..heatmap import ScanGridMap, like_header, save_scan_maps
+        from .report import default_window
+
         output = self.config.output
         names = self.config.class_names
         batch = x[None].to(self.device)
+        like = like_header(image) if _is_nifti(image) else None  # read once per case
+        ext = ".nii.gz" if output.compress else ".nii"
+        window = default_window(scan) if output.pictures and scan.ndim == 3 else None
+        present = _labels_present(labels)
         for explainer in self.explainers:
             explanation = self.explain(explainer, batch)
             if not result.probabilities and explanation.logits.ndim == 2:
                 probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
                 result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
-            heatmaps = to_scanner_space(explanation, scanner_space, fill=output.fill)
             native = to_scanner_space(explanation)  # the feature grid, exact affine
             prefix = result.case_id
-            files = save_heatmaps(heatmaps, folder, prefix=prefix, like=image if _is_nifti(image) else None,
-                                  normalized=output.normalized, four_d=output.four_d)
-            for heat in native:
-                files.append(heat.save(folder / f"{prefix}_{explainer.method.name}_{heat.file_label}_feature.nii.gz"))
-            for heat in heatmaps:
-                files += self._localize(heat, scan, labels, folder, prefix, result, output)
+            files = [heat.save(folder / f"{prefix}_{explainer.method.name}_{heat.file_label}_feature{ext}") for heat in native]
+            views = [ScanGridMap(heat, scanner_space, fill=output.fill) for heat in native]
+            chosen = {id(view) for view in self._scan_map_choice(views, explanation)}
+            options = dict(prefix=prefix, like=like, normalized=output.normalized, dtype=output.scan_dtype,
+                           compress=output.compress)
+            if output.four_d:
+                files += save_scan_maps([v for v in views if id(v) in chosen], folder, four_d=True, **options)
+            for view in views:
+                files += self._localize(view, scan, labels, folder, prefix, result, output, like=like, window=window,
+                                        present=present)
+                if id(view) in chosen and not output.four_d:
+                    files += save_scan_maps([view], folder, **options)
+                view.release()
             result.files += [str(f) for f in files]
+
+    def _scan_map_choice(self, views: list, explanation) -> list:
+        """The maps that ``output.scan_maps`` asks to write on the scan's grid."""
+        mode = self.config.output.scan_maps
+        if mode in ("all", "none") or explanation.logits.ndim != 2:
+            if mode not in ("all", "none"):
+                logger.info("output.scan_maps=%s needs class probabilities (a classifier); writing all maps", mode)
+            return views if mode != "none" else []
+        logits = explanation.logits.float()
+        if logits.shape[1] == 1:  # one logit: its map is the positive class's
+            positive = bool(torch.sigmoid(logits[0, 0]) >= 0.5)
+            return views if (mode == "predicted" or positive) else []
+        probs = probabilities(logits, self.config.task)[0]
+        wanted = {int(torch.argmax(probs))} if mode == "predicted" else set(torch.nonzero(probs >= 0.5).flatten().tolist())
+        return [view for view in views if view.class_index in wanted]
 
     def explain(self, explainer: Explainer, batch: torch.Tensor):
         """One explanation of a batch: direct, or through sliding windows when configured."""
@@ -286,33 +325,83 @@ class Runner:
         return explain_sliding_window(explainer, batch, self.target, roi_size=window.roi, overlap=window.overlap,
                                       sw_batch_size=window.sw_batch, mode=window.mode)
 
-    def _localize(self, heat: Heatmap, scan, labels, folder: Path, prefix: str, result: CaseResult, output) -> list[Path]:
-        from .. import io
+    def _localize(self, heat, scan, labels, folder: Path, prefix: str, result: CaseResult, output, *, like=None,
+                  window=None, present: set | None = None) -> list[Path]:
+        """Peak, lesion check, box (and mask), picture of one map; records the finding.
+
+        ``heat`` is a :class:`~medcam3d.heatmap.ScanGridMap`. The peak is the voxel of the
+        scan-grid map's maximum (None for a flat map); the box is that of the largest connected
+        component of the thresholded map, the mask that component.
+        """
         from .report import save_slices
 
         stem = f"{prefix}_{heat.method}_{heat.file_label}"
-        voxel, world = heat.peak()
+        found = heat.peak()
+        voxel, world = (found[0], [float(v) for v in found[1]]) if found is not None else (None, None)
         finding = {"method": heat.method, "class": heat.label, "class_index": heat.class_index,
-                   "score": heat.score, "peak_voxel": list(voxel), "peak_mm": [float(v) for v in world]}
+                   "score": heat.heatmap.score, "peak_voxel": None if voxel is None else list(voxel), "peak_mm": world}
         files: list[Path] = []
         if labels is not None:
-            lesion = labels == heat.class_index + 1
-            finding["lesion_present"] = bool(lesion.any())
-            finding["peak_in_lesion"] = bool(lesion[voxel]) if lesion.any() else None
-        if output.masks:
-            mask = threshold_mask(heat.data, output.mask_method, output.mask_value, keep_largest=True)
-            box = bounding_box(mask, heat.space)
-            files.append(io.write(folder / f"{stem}_mask.nii.gz", mask.astype(np.uint8), heat.space, descrip=heat.descrip))
-            files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=list(voxel), peak_mm=finding["peak_mm"],
+            is_present = (heat.class_index + 1) in (present or set())
+            finding["lesion_present"] = is_present
+            finding["peak_in_lesion"] = (bool(labels[voxel] == heat.class_index + 1) if voxel is not None else False) \
+                if is_present else None
+        if output.masks or output.boxes:
+            runs = _largest_region(heat, output.mask_method, output.mask_value)
+            box = runs.box(heat.space)
+            if output.masks:
+                files.append(_write_mask(folder / f"{stem}_mask{'.nii.gz' if output.compress else '.nii'}", runs, heat,
+                                         like, output.compress))
+            files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=finding["peak_voxel"], peak_mm=world,
                                   threshold={"method": output.mask_method, "value": output.mask_value}))
             finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
         if output.pictures and scan.ndim == 3:
             probability = result.probabilities.get(heat.label)
             p_text = f" (p = {probability:.2f})" if probability is not None else ""
             title = f"{prefix} · {heat.method} · {heat.label}{p_text}"
-            files.append(save_slices(folder / f"{stem}.png", scan, heat.data, heat.space, title=title, peak_mm=world))
+            files.append(save_slices(folder / f"{stem}.png", scan, heat, heat.space, title=title, peak_voxel=voxel,
+                                     window=window))
         result.findings.append(finding)
         return files
+
+
+def _labels_present(labels: np.ndarray | None) -> set[int]:
+    """The label values present in a ground-truth label map (one pass; none for no map)."""
+    if labels is None:
+        return set()
+    values = np.asarray(labels)
+    if values.dtype.kind in "iub" and values.size and values.min() >= 0 and values.max() < 2**16:
+        return {int(v) for v in np.flatnonzero(np.bincount(values.ravel().astype(np.int64, copy=False)))}
+    return {int(v) for v in np.unique(values) if float(v).is_integer()}
+
+
+def _largest_region(heat, method: str, value: float):
+    """Runs of the largest connected component of the thresholded scan-grid map (see ``threshold_mask``).
+
+    On grids with parallel axes a fraction threshold is solved on the map's rows without forming
+    the map; otherwise the whole map is resampled and thresholded.
+    """
+    from ..masks import Runs, superlevel_runs, threshold_mask
+
+    if method == "fraction" and not heat.dense:
+        top = heat.value_range()[1]
+        if not 0 < value <= 1:
+            raise ValueError(f"A fraction threshold must be in (0, 1], not {value}.")
+        if not top > 0:  # nothing to localize (threshold_mask gives an empty mask too)
+            return Runs(tuple(heat.space.shape), *(np.zeros(0, dtype=np.int64),) * 3)
+        return superlevel_runs(heat.resampler, heat.heatmap.data, value * top, fill=heat.fill).largest()
+    mask = threshold_mask(heat.array(), method, value, keep_largest=True)
+    return Runs.from_array(mask)
+
+
+def _write_mask(path: Path, runs, heat, like, compress: bool) -> Path:
+    """The mask of ``runs`` as a uint8 NIfTI on the scan's grid, streamed in slabs."""
+    from ..heatmap import Volume, nifti_header, slab_ranges, write_nifti_files
+
+    shape = tuple(heat.space.shape)
+    header = nifti_header(shape, "uint8", heat.space, like_header=like, descrip=heat.descrip)
+    volume = Volume(shape, lambda: (runs.slab(start, stop) for start, stop in slab_ranges(shape)))
+    return write_nifti_files([(path, header)], [volume], compress=compress)[0]
 
 
 def _is_nifti(path: str | Path) -> bool:
