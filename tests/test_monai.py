@@ -1,0 +1,356 @@
+"""MONAI integration (medcam3d.monai): HeatmapInferer, SaveHeatmapsd and the example bundle run with
+MONAI's own bundle runner, checked against the engine (Explainer + heatmap.to_scanner_space)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor, decollate_batch, list_data_collate
+from monai.inferers import SimpleInferer
+
+from medcam3d import io
+from medcam3d.explainer import Explainer
+from medcam3d.heatmap import to_scanner_space
+from medcam3d.monai import (
+    HEATMAP_KEY,
+    HeatmapInferer,
+    InferenceModeError,
+    MissingHeatmapsError,
+    SaveHeatmapsd,
+    explanation_of,
+    original_space,
+)
+from medcam3d.monai_example import EXAMPLE_CLASSES, inference_config, write_example_bundle, write_scans
+from medcam3d.sliding import explain_sliding_window
+from medcam3d.space import Space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parsed(bundle: Path, config: str = "inference.json") -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / config))
+    parser["bundle_root"] = str(bundle)
+    return parser
+
+
+def _network(parser: ConfigParser, bundle: Path) -> torch.nn.Module:
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    return network.eval()
+
+
+def _engine_heatmaps(parser, network, scan: Path, class_names):
+    """What medcam3d's engine gives for one scan: the bundle's preprocessing, Explainer, to_scanner_space."""
+    preprocessing = parser.get_parsed_content("preprocessing")
+    x = preprocessing({"image": str(scan)})["image"]
+    result = Explainer(network, class_names=class_names)(x[None], "all")
+    return result, to_scanner_space(result, io.read_space(scan))
+
+
+@pytest.fixture()
+def batch():
+    """A preprocessed MONAI batch of two small scans and the example network."""
+    parser = ConfigParser({"net": {"_target_": "DenseNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
+                                   "init_features": 4, "growth_rate": 4, "block_config": [2, 2]}})
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("net").eval()
+    x = MetaTensor(torch.rand(2, 1, 32, 32, 32), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])).double())
+    x.is_batch = True
+    return network, x
+
+
+# ------------------------------------------------------------------------------------ the bundle
+
+
+def test_bundle_run_with_monai_runner_writes_the_engines_maps(tmp_path):
+    bundle = write_example_bundle(tmp_path / "bundle", scans=0)
+    scans = write_scans(tmp_path / "scans", 3)  # RAS, LPS and an oblique scan; batches of 2 and 1
+    out = tmp_path / "eval"
+    from monai.bundle import run
+
+    run(run_id="run", config_file=str(bundle / "configs" / "inference.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle), dataset_dir=str(tmp_path / "scans"),
+        output_dir=str(out))
+
+    parser = _parsed(bundle)
+    network = _network(parser, bundle)
+    with open(out / "predictions.csv", newline="") as handle:
+        probabilities = {row[0]: [float(v) for v in row[1:]] for row in csv.reader(handle)}
+    for scan in scans:
+        result, expected = _engine_heatmaps(parser, network, scan, EXAMPLE_CLASSES)
+        # the inferer's output is the network's: the saved probabilities are sigmoid(logits)
+        np.testing.assert_allclose(probabilities[str(scan)], torch.sigmoid(result.logits[0]).tolist(), rtol=1e-5)
+        stem = scan.name[: -len(".nii.gz")]
+        for heatmap in expected:
+            data, space = io.read(out / stem / f"{stem}_heatmap_{heatmap.label}.nii.gz")
+            assert space == io.read_space(scan)  # on the scan's own grid
+            assert heatmap.data.max() > 0
+            np.testing.assert_allclose(data, heatmap.data, rtol=1e-5, atol=1e-6 * float(heatmap.data.max()))
+            descrip = nib.load(out / stem / f"{stem}_heatmap_{heatmap.label}.nii.gz").header["descrip"].tobytes()
+            assert descrip.startswith(f"medcam3d hirescam layer={result.layer}".encode())
+
+
+def test_heatmap_config_differs_from_plain_in_the_inferer_and_one_post_transform():
+    plain = inference_config({"_target_": "DenseNet121"}, [], ["a"], heatmaps=False)
+    maps = inference_config({"_target_": "DenseNet121"}, [], ["a"], heatmaps=True)
+    assert {k for k in plain if plain[k] != maps[k]} == {"inferer", "postprocessing"}
+    assert plain["inferer"]["_target_"] == "SimpleInferer"
+    assert maps["inferer"]["_target_"] == "medcam3d.monai.HeatmapInferer"
+    post_plain, post_maps = plain["postprocessing"]["transforms"], maps["postprocessing"]["transforms"]
+    assert post_maps[1:] == post_plain and post_maps[0]["_target_"] == "medcam3d.monai.SaveHeatmapsd"
+
+
+@pytest.mark.slow
+def test_demo_bundle_maps_equal_medcam3d_explain_cli(tmp_path):
+    """The demo model as a bundle (configs/demo.yaml), run by MONAI, against `medcam3d explain`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_monai_inference import demo_bundle
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    bundle = demo_bundle(tmp_path / "demo")
+    for scan in (bundle / "data").glob("*.nii.gz"):
+        if scan.name != "case_03.nii.gz":  # LPI, 97 x 79 x 99
+            scan.unlink()
+    from monai.bundle import run
+
+    run(run_id="run", config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+        output_dir=str(tmp_path / "eval"), meta_file=str(bundle / "configs" / "metadata.json"))
+    done = subprocess.run([sys.executable, "-m", "medcam3d", "explain", "--config", str(ROOT / "configs" / "demo.yaml"),
+                           "--image", str(bundle / "data" / "case_03.nii.gz"), "--target", "all", "--out",
+                           str(tmp_path / "cli")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    space = io.read_space(bundle / "data" / "case_03.nii.gz")
+    for name in ("bright_round", "dark_elongated"):
+        bundle_map, bundle_space = io.read(tmp_path / "eval" / "case_03" / f"case_03_heatmap_{name}.nii.gz")
+        # the CLI's exact feature-grid map, placed on the scan by the engine's resampling
+        (feature_file,) = (tmp_path / "cli").rglob(f"*hirescam_{name}_feature.nii.gz")
+        feature, feature_space = io.read(feature_file)
+        from medcam3d.space import resample
+
+        expected = resample(feature, feature_space, space)
+        assert bundle_space == space
+        np.testing.assert_allclose(bundle_map, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()))
+
+
+# ------------------------------------------------------------------------------------ the inferer
+
+
+def test_inferer_output_is_the_networks_and_maps_are_the_explainers(batch):
+    network, x = batch
+    inferer = HeatmapInferer(target="all", class_names=["a", "b", "c"])
+    with torch.no_grad():  # as SupervisedEvaluator runs it
+        pred = inferer(x, network)
+        plain = SimpleInferer()(x, network)
+    assert isinstance(pred, MetaTensor) and not pred.requires_grad
+    torch.testing.assert_close(pred.as_tensor(), plain.as_tensor(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred.affine, x.affine)
+    assert HEATMAP_KEY not in x.meta  # the image's metadata are left alone
+    expected = Explainer(network, class_names=["a", "b", "c"])(x, "all")
+    result = explanation_of(pred)
+    assert result.maps.shape == (2, 3, 4, 4, 4) and float(result.maps.max()) > 0
+    torch.testing.assert_close(result.maps, expected.maps, rtol=1e-5, atol=1e-7)
+    assert result.class_names == ["a", "b", "c"] and result.layer == expected.layer
+    np.testing.assert_allclose(result.input_affine, np.broadcast_to(np.asarray(x.affine), (2, 4, 4)))
+    torch.testing.assert_close(inferer.last.maps, expected.maps, rtol=1e-5, atol=1e-7)
+
+
+def test_decollated_samples_carry_their_own_maps(batch):
+    network, x = batch
+    with torch.no_grad():
+        pred = HeatmapInferer(target=[2, 0])(x, network)
+    items = decollate_batch({"pred": pred, "image": x})
+    for b, item in enumerate(items):
+        one = explanation_of(item["pred"])
+        assert one.maps.shape == (1, 2, 4, 4, 4)
+        assert one.class_indices.tolist() == [[2, 0]]
+        torch.testing.assert_close(one.maps[0], explanation_of(pred, sample=b).maps[0])
+        torch.testing.assert_close(one.logits[0], pred[b].as_tensor())
+    assert not torch.equal(items[0]["pred"].meta[HEATMAP_KEY]["maps"], items[1]["pred"].meta[HEATMAP_KEY]["maps"])
+
+
+def test_inference_mode_is_refused_with_the_fix(batch):
+    network, x = batch
+    with torch.inference_mode(), pytest.raises(InferenceModeError, match="torch.no_grad"):
+        HeatmapInferer()(x, network)
+
+
+def test_amp_auto_follows_the_callers_autocast(batch):
+    network, x = batch
+    inferer = HeatmapInferer(target=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = inferer(x, network)
+    assert inferer.explainer(network).amp == "bf16"
+    expected = Explainer(network, amp="bf16")(x, 0)
+    torch.testing.assert_close(explanation_of(pred).maps, expected.maps)
+    with torch.no_grad():
+        inferer(x, network)
+    assert inferer.explainer(network).amp is None
+
+
+def test_extra_network_arguments_and_callables_are_refused(batch):
+    network, x = batch
+    with pytest.raises(TypeError, match="input alone"):
+        HeatmapInferer()(x, network, 3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        HeatmapInferer()(x, lambda t: network(t))
+
+
+def test_sliding_window_inferer_segmentation_output_and_maps():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(4, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Upsample(scale_factor=2), torch.nn.Conv3d(4, 2, 1)).eval()
+    x = MetaTensor(torch.rand(1, 1, 30, 28, 20), affine=torch.eye(4).double())
+    inferer = HeatmapInferer(layer="3", target="all", roi_size=16, overlap=0.5)
+    with torch.no_grad():
+        pred = inferer(x, network)
+    assert pred.shape == (1, 2, 30, 28, 20)  # the input's grid, as SlidingWindowInferer returns it
+    expected = explain_sliding_window(Explainer(network, layer="3"), x, "all", roi_size=16, overlap=0.5)
+    torch.testing.assert_close(pred.as_tensor(), expected.logits[:, :, :30, :28, :20])
+    result = explanation_of(pred)
+    torch.testing.assert_close(result.maps, expected.maps)
+    assert result.input_shape == expected.input_shape  # the padded grid the maps were assembled on
+
+
+# ------------------------------------------------------------------------------------ the saver
+
+
+def _sample(tmp_path, network):
+    """One decollated prediction of a scan loaded and preprocessed with MONAI, the scan, the batch and
+    the preprocessing."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
+
+    scan = write_scans(tmp_path / "in", 3)[2]  # the oblique one
+    scan = scan.rename(scan.with_name("scan.nii.gz"))
+    preprocessing = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"),
+                             Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(2.5, 2.5, 2.5)),
+                             ResizeWithPadOrCropd(keys="image", spatial_size=(32, 32, 32))])
+    x = list_data_collate([preprocessing({"image": str(scan)})])["image"]
+    with torch.no_grad():
+        pred = HeatmapInferer(class_names=["a", "b", "c"])(x, network)
+    return decollate_batch({"pred": pred, "image": x})[0], scan, x, preprocessing
+
+
+def test_saver_inverts_to_the_scan_grid_as_the_engine_and_as_monai_invertd(batch, tmp_path):
+    network, _ = batch
+    item, scan, x, preprocessing = _sample(tmp_path, network)
+    saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "out", output_postfix="cam", normalized=True)
+    out = saver(item)
+    assert out is not item and out["pred"] is item["pred"]
+    names = sorted(p.name for p in saver.written)
+    assert names == ["scan_cam_a.nii.gz", "scan_cam_a_norm.nii.gz", "scan_cam_b.nii.gz", "scan_cam_b_norm.nii.gz",
+                     "scan_cam_c.nii.gz", "scan_cam_c_norm.nii.gz"]
+    assert all(p.parent == tmp_path / "out" / "scan" for p in saver.written)
+    expected = to_scanner_space(Explainer(network, class_names=["a", "b", "c"])(x, "all"), io.read_space(scan))
+    for h in expected:
+        data, space = io.read(tmp_path / "out" / "scan" / f"scan_cam_{h.label}.nii.gz")
+        assert space == io.read_space(scan)
+        np.testing.assert_allclose(data, h.data, rtol=1e-5, atol=1e-7)
+        norm, _ = io.read(tmp_path / "out" / "scan" / f"scan_cam_{h.label}_norm.nii.gz")
+        assert norm.max() == pytest.approx(1.0) and norm.min() == pytest.approx(0.0)
+    # MONAI's own inverse (upsample to the input grid, then Invertd's replay) lands in the same place
+    import torch.nn.functional as F
+    from monai.transforms import Invertd
+
+    result = explanation_of(item["pred"])
+    upsampled = F.interpolate(result.maps, size=result.input_shape, mode="trilinear", align_corners=False)[0]
+    image = item["image"]
+    maps = MetaTensor(upsampled, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    inverted = Invertd(keys="maps", transform=preprocessing, orig_keys="image", nearest_interp=False)(
+        {"maps": maps, "image": image})["maps"]
+    assert tuple(inverted.shape[1:]) == io.read_space(scan).shape
+    for t, h in enumerate(expected):
+        r = np.corrcoef(np.asarray(inverted[t]).ravel(), h.data.ravel())[0, 1]
+        assert r > 0.99  # two interpolations there, one here: close, not equal
+
+
+def test_lps_metadata_are_converted(batch, tmp_path):
+    """A reader that keeps LPS (ITKReader(affine_lps_to_ras=False)) gives the same maps in the same place."""
+    from medcam3d.orientation import ras_to_lps
+
+    network, _ = batch
+    item, scan, x, _ = _sample(tmp_path, network)
+    lps = x.clone()
+    lps.meta = dict(x.meta)
+    lps.meta["affine"] = torch.stack([torch.from_numpy(ras_to_lps(a.numpy())) for a in x.meta["affine"]])
+    lps.meta["original_affine"] = torch.stack([torch.from_numpy(ras_to_lps(np.asarray(a)))
+                                               for a in x.meta["original_affine"]])
+    lps.meta["space"] = ["LPS"]
+    with torch.no_grad():
+        pred = HeatmapInferer(class_names=["a", "b", "c"])(lps, network)
+    item_lps = decollate_batch({"pred": pred})[0]
+    assert original_space(item_lps["pred"].meta) == original_space(item["pred"].meta) == io.read_space(scan)
+    np.testing.assert_allclose(explanation_of(item_lps["pred"]).input_affine, explanation_of(item["pred"]).input_affine)
+    for ha, hb in zip(SaveHeatmapsd(keys="pred").heatmaps(item["pred"]),
+                      SaveHeatmapsd(keys="pred").heatmaps(item_lps["pred"])):
+        assert ha.space == hb.space
+        np.testing.assert_allclose(ha.data, hb.data, rtol=1e-5, atol=1e-7)
+
+
+def test_saver_naming_conventions_and_four_d(batch, tmp_path):
+    network, _ = batch
+    item, scan, _, _ = _sample(tmp_path, network)
+    flat = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "flat", separate_folder=False, output_ext=".nii")
+    flat(item)
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == [
+        "scan_heatmap_a.nii", "scan_heatmap_b.nii", "scan_heatmap_c.nii"]
+    rooted = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "rooted", data_root_dir=tmp_path)
+    rooted(item)
+    assert (tmp_path / "rooted" / "in" / "scan" / "scan_heatmap_a.nii.gz").is_file()  # input folders kept
+    four = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "four", four_d=True, orig_key="image")
+    four(item)
+    (path,) = four.written
+    assert path == tmp_path / "four" / "scan" / "scan_heatmap.nii.gz"
+    image = nib.load(path)
+    assert image.shape == (*io.read_space(scan).shape, 3)
+    assert image.header["descrip"].tobytes().startswith(b"medcam3d hirescam")
+
+
+def test_saver_refuses_foreign_files_and_paths_outside_output_dir(batch, tmp_path):
+    network, _ = batch
+    item, scan, _, _ = _sample(tmp_path, network)
+    saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "out")
+    saver(item)
+    saver(item)  # its own files: replaced
+    foreign = tmp_path / "out" / "scan" / "scan_heatmap_a.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(foreign))
+    with pytest.raises(FileExistsError, match="not written by medcam3d"):
+        saver(item)
+    assert nib.load(foreign).shape == (2, 2, 2)
+    SaveHeatmapsd(keys="pred", output_dir=tmp_path / "out", overwrite=True)(item)
+    assert nib.load(foreign).shape == io.read_space(scan).shape
+    outside = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "o2", data_root_dir=tmp_path / "in" / "deeper")
+    with pytest.raises(ValueError, match="outside output_dir"):
+        outside(item)
+
+
+def test_saver_without_maps_or_grid_says_what_to_do(batch, tmp_path):
+    network, x = batch
+    with torch.no_grad():
+        plain = SimpleInferer()(x, network)
+    item = decollate_batch({"pred": plain})[0]
+    with pytest.raises(MissingHeatmapsError, match="HeatmapInferer"):
+        SaveHeatmapsd(keys="pred", output_dir=tmp_path)(item)
+    with torch.no_grad():
+        pred = HeatmapInferer()(x, network)  # a tensor made in memory: no file grid in its metadata
+    item = decollate_batch({"pred": pred})[0]
+    from medcam3d.errors import SpaceError
+
+    with pytest.raises(SpaceError, match="LoadImage"):
+        SaveHeatmapsd(keys="pred", output_dir=tmp_path)(item)
+    grid = Space((40, 40, 60), np.diag([1.6, 1.6, 1.0, 1.0]))
+    saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path, scanner_space=grid)
+    saver(item)
+    assert [p.name for p in saver.written] == ["0_heatmap_class0.nii.gz", "0_heatmap_class1.nii.gz", "0_heatmap_class2.nii.gz"]
+    assert io.read_space(saver.written[0]) == grid
