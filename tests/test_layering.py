@@ -114,3 +114,21 @@ def test_no_import_cycles():
 def test_the_graph_is_read():
     assert "medcam3d.space" in GRAPH["medcam3d.heatmap"]
     assert "medcam3d.jobs.runner" in GRAPH["medcam3d.jobs.cohort"]
+
+
+def test_the_readme_layout_maps_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[: layout.find("\n## ", 5)] if "\n## " in layout[5:] else layout
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent)
+        if path.name == "__init__.py":
+            named = f"{relative.parent.as_posix()}/" in layout
+        elif path.parent == PACKAGE:
+            named = f"`{relative.as_posix()}`" in layout or f"`{path.name}`" in layout
+        else:
+            named = path.name in layout
+        if not named:
+            missing.append(relative.as_posix())
+    assert not missing, f"README's Layout section does not mention: {missing}"
