@@ -139,7 +139,7 @@ def _runner(args: argparse.Namespace, methods=None):
     from .jobs.runner import Runner
     from .models import load_model
 
-    config = load_config(args.config)
+    config = _with_output_options(load_config(args.config), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
                 or config.model.torchscript, config.task)
     model = load_model(config, trust=getattr(args, "trust", False))
@@ -152,6 +152,19 @@ def _runner(args: argparse.Namespace, methods=None):
     return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
                   layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
                   sliding_window=window, amp=getattr(args, "amp", None), trust=getattr(args, "trust", False))
+
+
+_OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized")
+
+
+def _with_output_options(config, args: argparse.Namespace):
+    """The config with the output flags given on the command line (``None``: the config's)."""
+    import dataclasses
+
+    chosen = {key: getattr(args, key) for key in _OUTPUT_FLAGS if getattr(args, key, None) is not None}
+    if not chosen:
+        return config
+    return dataclasses.replace(config, output=dataclasses.replace(config.output, **chosen))
 
 
 def _print_table(rows: list[dict], columns: list[str] | None = None, stream=None) -> None:
@@ -359,6 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--overlap", type=_fraction, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
         sub.add_argument("--sw-batch", type=_positive_int, default=1, help="patches explained together (memory knob)")
 
+    def output_options(sub: argparse.ArgumentParser) -> None:
+        group = sub.add_argument_group("outputs (default: the config's output section)")
+        group.add_argument("--scan-maps", choices=["all", "positive", "predicted", "none"],
+                           help="classes whose maps are written on the scan's grid (the _feature maps always are)")
+        group.add_argument("--scan-dtype", choices=["uint8", "int16", "float32"],
+                           help="stored type of scan-grid maps (integers keep the raw scale in scl_slope/scl_inter)")
+        flag = argparse.BooleanOptionalAction
+        group.add_argument("--pictures", action=flag, help="PNG slices through each map's peak")
+        group.add_argument("--masks", action=flag, help="mask NIfTI of each map's thresholded largest region")
+        group.add_argument("--boxes", action=flag, help="box JSON of that region (with the peak)")
+        group.add_argument("--normalized", action=flag, help="a _norm copy of each scan-grid map, scaled to [0, 1]")
+        group.add_argument("--four-d", action=flag, help="one 4D file per method for all classes")
+        group.add_argument("--compress", action=flag, help=".nii.gz (gzip level 1); --no-compress: .nii")
+
     demo = add("demo", "run the main job on the shipped samples with the demo model", _cmd_demo)
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -374,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--layer", help="target layer name or 'auto' (default: the config's)")
     explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
     compute_options(explain)
+    output_options(explain)
     explain.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
 
     batch = add("batch", "explain a cohort (folder or CSV), resumable", _cmd_batch)
@@ -387,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--resume", action="store_true",
                        help="skip cases already explained with the same methods, target, layer and config")
     compute_options(batch)
+    output_options(batch)
     batch.add_argument("--workers", type=_non_negative_int, default=1, help="DataLoader worker processes reading scans (0: none)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
 
