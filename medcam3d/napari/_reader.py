@@ -36,6 +36,7 @@ from .. import io
 from ..space import Space, resample
 from ._grid import axis_aligned_grid, drawing_error_mm, file_grid, layer_grid, napari_affine, needs_display_grid, tilt_degrees
 from ._view import AXIS_LABELS, UNITS, open_axial_when_added
+from ._writer import prefer_medcam3d_writers
 
 __all__ = ["napari_get_reader", "read_image", "image_layer_data", "layer_grid", "file_grid", "napari_affine",
            "checksum", "file_stamp"]
@@ -116,6 +117,7 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
     open_axial_when_added()
+    prefer_medcam3d_writers()
     for p in map(Path, paths):
         name = case_id_of(p)
         try:

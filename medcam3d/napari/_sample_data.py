@@ -23,6 +23,7 @@ from ..space import Space
 from ._grid import layer_grid, napari_affine, resample_labels
 from ._reader import image_layer_data
 from ._view import AXIS_LABELS, UNITS, open_axial_when_added
+from ._writer import prefer_medcam3d_writers
 
 __all__ = ["demo_case", "oblique_case", "find_demo_case", "DATA_SAMPLES"]
 
@@ -128,6 +129,7 @@ def _case(oblique: bool) -> list[tuple]:
     from ..pipeline import case_id_of
 
     open_axial_when_added()
+    prefer_medcam3d_writers()
     found = find_demo_case(oblique=oblique)
     if found is not None:
         image_path, mask_path = found

@@ -622,13 +622,18 @@ def _add_result(viewer: Any, data: Any, kwargs: dict, kind: str):
     """Add a result layer without touching the user's work.
 
     A heatmap with the same name and provenance (the same scan, config, method, layer and class)
-    is refreshed in place (images have no undo history; the user's display settings stay);
-    anything else is a new layer, under a unique name (``name [2]``).
+    is refreshed in place (images have no undo history; the user's display settings stay), the
+    same field of view is kept as it is; anything else is a new layer, under a unique name
+    (``name [2]``).
     """
     from napari.layers import Image, Layer
 
     name = kwargs["name"]
     existing = viewer.layers[name] if name in viewer.layers else None
+    new_meta = kwargs.get("metadata", {})
+    if existing is not None and new_meta.get("medcam3d") == "fov" and \
+            all((existing.metadata or {}).get(k) == new_meta.get(k) for k in _PROVENANCE):
+        return existing  # the same model's view of the same scan: already outlined
     if kind == "image" and isinstance(existing, Image):
         old, new = existing.metadata or {}, kwargs.get("metadata", {})
         if all(old.get(k) == new.get(k) for k in _PROVENANCE) and existing.data.shape == np.shape(data):
