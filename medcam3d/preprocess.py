@@ -73,6 +73,10 @@ _SIZE_ARGUMENTS = ("spatial_size", "roi_size")
 _TRUST_HINT = "If you trust the config's author, pass --trust (Python: trust=True)"
 
 
+#: Resampling transforms that MONAI runs in float64 unless told otherwise; medcam3d uses float32.
+_FLOAT64_BY_DEFAULT = {"Spacing", "Orientation", "Rotate", "Zoom", "Resize", "Affine"}
+
+
 def _is_routine(value: object) -> bool:
     import functools
 
@@ -206,6 +210,8 @@ def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = F
                         f"{MAX_VOXELS:,} allowed. Give the size the model was trained on. {_TRUST_HINT}."
                     )
                     raise PreprocessingError(message)
+        if "dtype" in parameters and "dtype" not in arguments and name.rsplit(".", 1)[-1] in _FLOAT64_BY_DEFAULT:
+            arguments = {**arguments, "dtype": "float32"}  # MONAI computes these in float64: twice the memory, no gain
         try:
             transforms.append(cls(**arguments))
         except Exception as error:  # TypeError, ValueError, IndexError, ... from the constructor
