@@ -39,6 +39,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -55,7 +57,7 @@ from torch import nn
 
 from .errors import Medcam3dError, SpaceError
 from .explainer import Explainer, Explanation
-from .heatmap import Heatmap, to_scanner_space
+from .heatmap import Heatmap, ScanGridMap, save_scan_maps, to_scanner_space
 from .hooks import forward_hooks, model_lock
 from .modeling import first_tensor
 from .orientation import lps_to_ras
@@ -476,27 +478,30 @@ def original_space(meta: Mapping) -> Space:
 class SaveHeatmapsd(MapTransform):
     """Post-transform: write the maps attached by :class:`HeatmapInferer` in the original scan's space.
 
-    For each sample, the maps (on the target layer's grid) are resampled in one trilinear step
-    onto the grid of the file the image was loaded from (:func:`medcam3d.heatmap.to_scanner_space`)
-    and written as NIfTI (or NRRD/MHA) files named as MONAI's ``SaveImage`` names them:
-    ``output_dir/[<subject>/]<subject>_<output_postfix>_<class><output_ext>`` (or, with
-    ``four_d``, one file ``<subject>_<output_postfix><output_ext>`` holding a volume per class).
+    For each sample, the maps (on the target layer's grid) are placed on the grid of the file the
+    image was loaded from by one trilinear interpolation (the engine's
+    :class:`~medcam3d.heatmap.ScanGridMap`, the resampling of
+    :func:`medcam3d.heatmap.to_scanner_space`, computed slab by slab while the file is written by
+    :func:`medcam3d.heatmap.save_scan_maps`), and written next to the predictions with the naming of
+    MONAI's ``SaveImage``: ``output_dir/[<subject>/]<subject>_<output_postfix>_<method>_<class><ext>``
+    (``separate_folder``, ``data_root_dir`` and ``output_name_formatter`` as for ``SaveImage``), or
+    with ``four_d`` one file ``<subject>_<output_postfix>_<method><ext>`` with a volume per class.
     The data pass through unchanged.
 
     How the maps are inverted, and why not with ``Invertd``: MONAI records the input grid of the
     network in ``meta["affine"]`` and the file's grid in ``meta["original_affine"]`` and
-    ``meta["spatial_shape"]``. The feature grid's affine follows from the input's
-    (:func:`medcam3d.space.feature_space`), so every file voxel's position on the feature grid is
-    known exactly, and one interpolation takes the map from the small feature grid to the file's
-    grid. This inverts any chain of affine-type transforms (Orientation, Spacing, crops, pads,
-    Resize, Flip, Rotate90, Affine) exactly, whatever their order, and needs neither a full-size
-    intermediate nor the preprocessing pipeline object. ``Invertd`` would first need the map upsampled to
-    the input grid and then replays the inverse of each transform on it (two interpolations, the
-    second smoothing a map already interpolated, at full size), and it needs the ``preprocessing``
-    pipeline and the image's ``applied_operations``, which a classifier's prediction does not carry.
-    Transforms that move voxels without recording it in the affine (an elastic deformation, or a
-    ``Lambda`` that crops) can be inverted by neither method; they do not belong in inference
-    preprocessing.
+    ``meta["spatial_shape"]`` (what ``LoadImage`` read). The feature grid's affine follows from the
+    input's (:func:`medcam3d.space.feature_space`), so every file voxel's position on the feature
+    grid is known exactly, and one interpolation takes the map from the small feature grid to the
+    file's grid. This inverts any chain of affine-type transforms (Orientation, Spacing, crops,
+    pads, Resize, Flip, Rotate90, Affine) exactly, whatever their order, and needs neither a
+    full-size intermediate nor the preprocessing pipeline object. ``Invertd`` would first need the
+    map upsampled to the input grid, then replay the inverse of each transform on it (a second
+    interpolation of a map already interpolated, at full size), and it needs the ``preprocessing``
+    pipeline and the image's ``applied_operations``, which a classifier's prediction does not
+    carry. (The tests check that both land the maps in the same place.) Transforms that move
+    voxels without recording it in the affine (an elastic deformation, or a ``Lambda`` that crops)
+    can be inverted by neither; they do not belong in inference preprocessing.
 
     Parameters
     ----------
@@ -505,8 +510,14 @@ class SaveHeatmapsd(MapTransform):
     output_dir : path
         Root folder of the outputs (created if needed; nothing is written outside it).
     output_postfix : str
-        Appended to the subject's name, then ``_<class>`` (per-class files).
+        Appended to the subject's name, before the method and class.
     output_ext : {".nii.gz", ".nii", ".nrrd", ".mha"}
+        NIfTI files are streamed from the feature grid (gzip level 1 for ``.nii.gz``); NRRD/MHA
+        files are written from the whole resampled map, as float32.
+    output_dtype : {"uint8", "int16", "float32"}
+        NIfTI storage: quantised with the raw scale in ``scl_slope``/``scl_inter`` (read back as
+        raw values to within half a step of the map's range / 255 or / 65535; the default, as the
+        ``medcam3d`` command writes them) or exact float32.
     separate_folder : bool
         One folder per subject, as ``SaveImage``.
     data_root_dir : path
@@ -519,17 +530,23 @@ class SaveHeatmapsd(MapTransform):
     scanner_space : Space, optional
         The file's grid, when the metadata do not record it (then the same for every sample).
     four_d : bool
-        One 4D file per subject (a volume per class) instead of one file per class.
+        One 4D file per subject (a volume per class) instead of one file per class (NIfTI only).
     normalized : bool
-        Also write a ``_norm`` copy of each per-class map, min-max scaled to [0, 1].
+        Also write ``_norm`` copies, min-max scaled to [0, 1] (NIfTI only).
     fill : float
         Value of file voxels outside the network's field of view.
     overwrite : bool or None
         ``None`` (default): replace an existing file only when medcam3d wrote it (a NIfTI whose
-        description begins with ``medcam3d``), refuse otherwise; True: always; False: never.
+        description begins with ``medcam3d``; NRRD/MHA files carry none), refuse otherwise; True:
+        always; False: never.
     meta_key : str
         Metadata key of the maps.
     allow_missing_keys : bool
+
+    Attributes
+    ----------
+    written : list of Path
+        The files written by the last call.
 
     Raises
     ------
@@ -547,6 +564,7 @@ class SaveHeatmapsd(MapTransform):
         output_dir: str | os.PathLike = "./",
         output_postfix: str = "heatmap",
         output_ext: str = ".nii.gz",
+        output_dtype: str = "uint8",
         separate_folder: bool = True,
         data_root_dir: str | os.PathLike = "",
         output_name_formatter: Callable[[dict, Any], dict] | None = None,
@@ -560,12 +578,17 @@ class SaveHeatmapsd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        ext = output_ext if output_ext.startswith(".") else f".{output_ext}"
-        if ext.lower() not in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        ext = (output_ext if output_ext.startswith(".") else f".{output_ext}").lower()
+        if ext not in (".nii.gz", ".nii", ".nrrd", ".mha"):
             raise ValueError(f"output_ext must be .nii.gz, .nii, .nrrd or .mha, not {output_ext!r}.")
+        if output_dtype not in ("uint8", "int16", "float32"):
+            raise ValueError(f"output_dtype must be 'uint8', 'int16' or 'float32', not {output_dtype!r}.")
+        if ext in (".nrrd", ".mha") and (four_d or normalized):
+            raise ValueError(f"four_d and normalized are for NIfTI output; {ext} files hold one float32 map each.")
         self.output_dir = Path(output_dir)
         self.output_postfix = str(output_postfix)
-        self.output_ext = ext.lower()
+        self.output_ext = ext
+        self.output_dtype = output_dtype
         self.separate_folder = bool(separate_folder)
         self.data_root_dir = data_root_dir
         self.fname_formatter = output_name_formatter or default_name_formatter
@@ -577,7 +600,6 @@ class SaveHeatmapsd(MapTransform):
         self.overwrite = overwrite
         self.meta_key = meta_key
         self._data_index = 0  # the subject name of inputs without a file name, as SaveImage counts
-        #: Files written by the last call.
         self.written: list[Path] = []
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -591,8 +613,8 @@ class SaveHeatmapsd(MapTransform):
             self._data_index += 1
         return d
 
-    def heatmaps(self, pred: Any, meta: Mapping | None = None) -> list[Heatmap]:
-        """The maps of one decollated prediction on the file's grid (what :meth:`save` writes)."""
+    def views(self, pred: Any, meta: Mapping | None = None) -> list[ScanGridMap]:
+        """The maps of one decollated prediction as seen on the file's grid (nothing resampled yet)."""
         result = explanation_of(pred, meta_key=self.meta_key)
         if result.input_affine is None:
             message = (
@@ -602,56 +624,63 @@ class SaveHeatmapsd(MapTransform):
             raise SpaceError(message)
         meta = dict(meta if meta is not None else getattr(pred, "meta", {}))
         scanner = self.scanner_space if self.scanner_space is not None else original_space(meta)
-        return to_scanner_space(result, scanner, fill=self.fill)
+        return [ScanGridMap(h, scanner, fill=self.fill) for h in to_scanner_space(result)]
+
+    def heatmaps(self, pred: Any, meta: Mapping | None = None) -> list[Heatmap]:
+        """The maps of one decollated prediction as whole arrays on the file's grid (what is written)."""
+        return [view.to_heatmap() for view in self.views(pred, meta)]
 
     def save(self, pred: Any, meta: Mapping) -> list[Path]:
-        """Write the maps of one decollated prediction; ``meta`` names the subject and its grid."""
-        heatmaps = self.heatmaps(pred, meta)
-        if not heatmaps:
+        """Write the maps of one decollated prediction; ``meta`` names the subject and gives its grid."""
+        views = self.views(pred, meta)
+        if not views:
             return []
-        names = self.fname_formatter(dict(meta), self)
+        names = dict(self.fname_formatter(dict(meta), self))
         subject, index = names.pop("subject", self._data_index), names.pop("idx", None)
-        first = heatmaps[0]
-        like = _nifti_source(meta)
-        files: list[tuple[Path, np.ndarray, str]] = []
-        if self.four_d:
-            data = np.stack([h.data for h in heatmaps])
-            labels = ",".join(h.label for h in heatmaps)
-            descrip = f"medcam3d {first.method} layer={first.layer} classes={labels}"
-            files.append((self._path(subject, self.output_postfix, index, names), data, descrip))
-        else:
-            for h in heatmaps:
-                files.append((self._path(subject, f"{self.output_postfix}_{h.file_label}", index, names), h.data,
-                              h.descrip))
-                if self.normalized:
-                    files.append((self._path(subject, f"{self.output_postfix}_{h.file_label}_norm", index, names),
-                                  h.normalized(), h.descrip))
-        paths = [path for path, _, _ in files]
-        if len(set(paths)) != len(paths):
-            message = f"Two maps would be written to the same file ({paths}); give the classes distinct names."
-            raise ValueError(message)
+        layout = FolderLayout(output_dir=self.output_dir, postfix=self.output_postfix, extension="",
+                              parent=self.separate_folder, makedirs=False, data_root_dir=self.data_root_dir)
+        stem = Path(layout.filename(subject=f"{subject}", idx=index, **names))
+        folder = self._inside_output(stem.parent, subject)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.output_ext in (".nrrd", ".mha"):
+            return self._save_dense(views, folder, stem.name)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medcam3d-"))
+        try:
+            staged = save_scan_maps(views, staging, prefix=stem.name, like=_nifti_source(meta),
+                                    normalized=self.normalized, four_d=self.four_d, dtype=self.output_dtype,
+                                    compress=self.output_ext == ".nii.gz")
+            targets = [folder / path.name for path in staged]
+            for target in targets:
+                self._check_replace(target)
+            for path, target in zip(staged, targets):
+                os.replace(path, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # our own staging folder (empty unless refused)
+        return targets
+
+    def _save_dense(self, views: list[ScanGridMap], folder: Path, stem: str) -> list[Path]:
         from . import io
 
-        for path, array, descrip in files:
+        written = []
+        for view in views:
+            heatmap = view.to_heatmap()
+            view.release()
+            path = folder / f"{stem}_{heatmap.method}_{heatmap.file_label}{self.output_ext}"
             self._check_replace(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            io.write(path, array.astype(np.float32, copy=False), first.space, like=like, descrip=descrip)
-        return paths
+            written.append(io.write(path, heatmap.data, heatmap.space, descrip=heatmap.descrip))
+        return written
 
-    def _path(self, subject: Any, postfix: str, index: Any, extra: Mapping) -> Path:
-        layout = FolderLayout(output_dir=self.output_dir, postfix=postfix, extension=self.output_ext,
-                              parent=self.separate_folder, makedirs=False, data_root_dir=self.data_root_dir)
-        path = Path(layout.filename(subject=f"{subject}", idx=index, **extra))
+    def _inside_output(self, folder: Path, subject: Any) -> Path:
         root = self.output_dir.resolve()
-        resolved = path.resolve()
+        resolved = folder.resolve()
         if resolved != root and root not in resolved.parents:
             message = (
-                f"The heatmap of {subject!r} would be written to {path}, outside output_dir {self.output_dir} "
+                f"The heatmaps of {subject!r} would be written to {folder}, outside output_dir {self.output_dir} "
                 "(data_root_dir does not contain the input?). Set data_root_dir to a folder above the inputs, "
                 "or leave it empty."
             )
             raise ValueError(message)
-        return path
+        return folder
 
     def _check_replace(self, path: Path) -> None:
         if not path.exists() or self.overwrite is True:

@@ -15,7 +15,7 @@ and it runs with MONAI's own bundle runner::
         --bundle_root OUT
 
 which writes the class probabilities (``OUT/eval/predictions.csv``) and, for every scan, one
-heatmap per class on the scan's own grid (``OUT/eval/case_0/case_0_heatmap_bright.nii.gz``, ...).
+heatmap per class on the scan's own grid (``OUT/eval/case_0/case_0_heatmap_hirescam_bright.nii.gz``, ...).
 
 :func:`write_bundle` writes such a bundle for any MONAI network, weights and preprocessing (the
 benchmark uses it for the shipped demo model and for DenseNet121).

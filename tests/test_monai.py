@@ -80,7 +80,7 @@ def test_bundle_run_with_monai_runner_writes_the_engines_maps(tmp_path):
 
     run(run_id="run", config_file=str(bundle / "configs" / "inference.json"),
         meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle), dataset_dir=str(tmp_path / "scans"),
-        output_dir=str(out))
+        output_dir=str(out), **{"postprocessing#transforms#0#output_dtype": "float32"})
 
     parser = _parsed(bundle)
     network = _network(parser, bundle)
@@ -92,11 +92,11 @@ def test_bundle_run_with_monai_runner_writes_the_engines_maps(tmp_path):
         np.testing.assert_allclose(probabilities[str(scan)], torch.sigmoid(result.logits[0]).tolist(), rtol=1e-5)
         stem = scan.name[: -len(".nii.gz")]
         for heatmap in expected:
-            data, space = io.read(out / stem / f"{stem}_heatmap_{heatmap.label}.nii.gz")
+            data, space = io.read(out / stem / f"{stem}_heatmap_hirescam_{heatmap.label}.nii.gz")
             assert space == io.read_space(scan)  # on the scan's own grid
             assert heatmap.data.max() > 0
             np.testing.assert_allclose(data, heatmap.data, rtol=1e-5, atol=1e-6 * float(heatmap.data.max()))
-            descrip = nib.load(out / stem / f"{stem}_heatmap_{heatmap.label}.nii.gz").header["descrip"].tobytes()
+            descrip = nib.load(out / stem / f"{stem}_heatmap_hirescam_{heatmap.label}.nii.gz").header["descrip"].tobytes()
             assert descrip.startswith(f"medcam3d hirescam layer={result.layer}".encode())
 
 
@@ -125,14 +125,15 @@ def test_demo_bundle_maps_equal_medcam3d_explain_cli(tmp_path):
     from monai.bundle import run
 
     run(run_id="run", config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
-        output_dir=str(tmp_path / "eval"), meta_file=str(bundle / "configs" / "metadata.json"))
+        output_dir=str(tmp_path / "eval"), meta_file=str(bundle / "configs" / "metadata.json"),
+        **{"postprocessing#transforms#0#output_dtype": "float32"})
     done = subprocess.run([sys.executable, "-m", "medcam3d", "explain", "--config", str(ROOT / "configs" / "demo.yaml"),
                            "--image", str(bundle / "data" / "case_03.nii.gz"), "--target", "all", "--out",
                            str(tmp_path / "cli")], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     space = io.read_space(bundle / "data" / "case_03.nii.gz")
     for name in ("bright_round", "dark_elongated"):
-        bundle_map, bundle_space = io.read(tmp_path / "eval" / "case_03" / f"case_03_heatmap_{name}.nii.gz")
+        bundle_map, bundle_space = io.read(tmp_path / "eval" / "case_03" / f"case_03_heatmap_hirescam_{name}.nii.gz")
         # the CLI's exact feature-grid map, placed on the scan by the engine's resampling
         (feature_file,) = (tmp_path / "cli").rglob(f"*hirescam_{name}_feature.nii.gz")
         feature, feature_space = io.read(feature_file)
@@ -245,20 +246,29 @@ def _sample(tmp_path, network):
 def test_saver_inverts_to_the_scan_grid_as_the_engine_and_as_monai_invertd(batch, tmp_path):
     network, _ = batch
     item, scan, x, preprocessing = _sample(tmp_path, network)
-    saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "out", output_postfix="cam", normalized=True)
+    saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "out", output_postfix="cam", normalized=True,
+                          output_dtype="float32")
     out = saver(item)
     assert out is not item and out["pred"] is item["pred"]
     names = sorted(p.name for p in saver.written)
-    assert names == ["scan_cam_a.nii.gz", "scan_cam_a_norm.nii.gz", "scan_cam_b.nii.gz", "scan_cam_b_norm.nii.gz",
-                     "scan_cam_c.nii.gz", "scan_cam_c_norm.nii.gz"]
+    assert names == [f"scan_cam_hirescam_{c}{norm}.nii.gz" for c in "abc" for norm in ("", "_norm")]
     assert all(p.parent == tmp_path / "out" / "scan" for p in saver.written)
+    assert sorted(p.name for p in (tmp_path / "out" / "scan").iterdir()) == names  # no staging left
     expected = to_scanner_space(Explainer(network, class_names=["a", "b", "c"])(x, "all"), io.read_space(scan))
     for h in expected:
-        data, space = io.read(tmp_path / "out" / "scan" / f"scan_cam_{h.label}.nii.gz")
+        data, space = io.read(tmp_path / "out" / "scan" / f"scan_cam_hirescam_{h.label}.nii.gz")
         assert space == io.read_space(scan)
         np.testing.assert_allclose(data, h.data, rtol=1e-5, atol=1e-7)
-        norm, _ = io.read(tmp_path / "out" / "scan" / f"scan_cam_{h.label}_norm.nii.gz")
-        assert norm.max() == pytest.approx(1.0) and norm.min() == pytest.approx(0.0)
+        norm, _ = io.read(tmp_path / "out" / "scan" / f"scan_cam_hirescam_{h.label}_norm.nii.gz")
+        assert norm.max() == pytest.approx(1.0) and norm.min() == pytest.approx(0.0, abs=1e-6)
+    # the default storage: uint8 with the raw scale in scl_slope/scl_inter, within half a step
+    quantised = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "q")
+    quantised(item)
+    for h, path in zip(expected, quantised.written):
+        assert nib.load(path).get_data_dtype() == np.uint8
+        data, _ = io.read(path)
+        step = float(h.data.max() - h.data.min()) / 255
+        np.testing.assert_allclose(data, h.data, atol=0.51 * step)
     # MONAI's own inverse (upsample to the input grid, then Invertd's replay) lands in the same place
     import torch.nn.functional as F
     from monai.transforms import Invertd
@@ -304,17 +314,23 @@ def test_saver_naming_conventions_and_four_d(batch, tmp_path):
     flat = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "flat", separate_folder=False, output_ext=".nii")
     flat(item)
     assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == [
-        "scan_heatmap_a.nii", "scan_heatmap_b.nii", "scan_heatmap_c.nii"]
+        "scan_heatmap_hirescam_a.nii", "scan_heatmap_hirescam_b.nii", "scan_heatmap_hirescam_c.nii"]
     rooted = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "rooted", data_root_dir=tmp_path)
     rooted(item)
-    assert (tmp_path / "rooted" / "in" / "scan" / "scan_heatmap_a.nii.gz").is_file()  # input folders kept
+    assert (tmp_path / "rooted" / "in" / "scan" / "scan_heatmap_hirescam_a.nii.gz").is_file()  # input folders kept
     four = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "four", four_d=True, orig_key="image")
     four(item)
     (path,) = four.written
-    assert path == tmp_path / "four" / "scan" / "scan_heatmap.nii.gz"
+    assert path == tmp_path / "four" / "scan" / "scan_heatmap_hirescam.nii.gz"
     image = nib.load(path)
     assert image.shape == (*io.read_space(scan).shape, 3)
     assert image.header["descrip"].tobytes().startswith(b"medcam3d hirescam")
+    nrrd = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "nrrd", output_ext="nrrd")
+    nrrd(item)
+    assert [p.name for p in nrrd.written] == [f"scan_heatmap_hirescam_{c}.nrrd" for c in "abc"]
+    data, space = io.read(nrrd.written[0])
+    assert space == io.read_space(scan)
+    np.testing.assert_allclose(data, nrrd.heatmaps(item["pred"])[0].data, rtol=1e-6)
 
 
 def test_saver_refuses_foreign_files_and_paths_outside_output_dir(batch, tmp_path):
@@ -323,7 +339,7 @@ def test_saver_refuses_foreign_files_and_paths_outside_output_dir(batch, tmp_pat
     saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "out")
     saver(item)
     saver(item)  # its own files: replaced
-    foreign = tmp_path / "out" / "scan" / "scan_heatmap_a.nii.gz"
+    foreign = tmp_path / "out" / "scan" / "scan_heatmap_hirescam_a.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(foreign))
     with pytest.raises(FileExistsError, match="not written by medcam3d"):
         saver(item)
@@ -352,5 +368,5 @@ def test_saver_without_maps_or_grid_says_what_to_do(batch, tmp_path):
     grid = Space((40, 40, 60), np.diag([1.6, 1.6, 1.0, 1.0]))
     saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path, scanner_space=grid)
     saver(item)
-    assert [p.name for p in saver.written] == ["0_heatmap_class0.nii.gz", "0_heatmap_class1.nii.gz", "0_heatmap_class2.nii.gz"]
+    assert [p.name for p in saver.written] == [f"0_heatmap_hirescam_class{c}.nii.gz" for c in range(3)]
     assert io.read_space(saver.written[0]) == grid
