@@ -15,6 +15,10 @@ Example (``configs/demo.yaml``)::
       - {name: Orientation, axcodes: RAS}
     output: {normalized: true, four_d: false, fill: 0.0}
 
+A network without trained weights is refused when it is loaded, so that a forgotten ``weights``
+never explains random parameters silently; ``weights: none`` says that this is intended (a
+template, a sanity check), and :attr:`ModelConfig.random_weights` records it.
+
 Instead of ``network``/``args``/``weights`` the model may be a MONAI bundle directory
 (``bundle: path``) or a TorchScript file (``torchscript: path``); both execute code from the
 file and need ``--trust``. Every error names the file and the key.
@@ -52,6 +56,7 @@ __all__ = [
     "MAX_CONFIG_BYTES",
     "MAX_CONFIG_NODES",
     "MAX_CONFIG_DEPTH",
+    "NO_WEIGHTS",
 ]
 
 TASKS = ("multilabel", "multiclass", "binary", "segmentation")
@@ -63,6 +68,9 @@ MAX_CONFIG_BYTES = 128 * 1024
 MAX_CONFIG_NODES = 100_000
 #: Deepest nesting of lists and mappings in a config.
 MAX_CONFIG_DEPTH = 50
+#: ``model.weights: none``: the network is explained with its random initial weights, on purpose
+#: (a template, a sanity check); without it a network without weights is refused.
+NO_WEIGHTS = "none"
 
 #: Leading characters that MONAI's ConfigParser evaluates: ``$`` Python expression, ``@`` reference,
 #: ``%`` macro (another file's content).
@@ -156,7 +164,25 @@ def _plain_problem(value: object, key: str, depth: int, active: set[int]) -> tup
 class ModelConfig:
     """How to build and load the model. Exactly one of network/bundle/torchscript is set.
 
-    ``source`` is the config file it came from (named in error messages), if any.
+    Attributes
+    ----------
+    network : str or None
+        Dotted path of the network class (or factory).
+    args : dict
+        Its constructor arguments.
+    weights : Path or None
+        The state_dict file of ``network``. None with ``random_weights`` (or for a bundle or
+        TorchScript file, which hold their own weights); a network without weights and without
+        ``random_weights`` is refused when it is loaded (:func:`medcam3d.models.load_model`).
+    random_weights : bool
+        The config says ``weights: none``: explain the network as randomly initialised, on
+        purpose (a template, a sanity check). Outputs made with it must say so.
+    bundle : Path or None
+        A MONAI bundle directory.
+    torchscript : Path or None
+        A TorchScript file.
+    source : Path or None
+        The config file it came from (named in error messages), if any.
     """
 
     network: str | None = None
@@ -165,6 +191,7 @@ class ModelConfig:
     bundle: Path | None = None
     torchscript: Path | None = None
     source: Path | None = None
+    random_weights: bool = False
 
 
 class PreprocessingSteps(list):
@@ -490,6 +517,16 @@ def _model(section: object, where: str, base: Path, source: Path | None) -> Mode
     sources = [k for k in ("bundle", "torchscript") if k in section] + (["network"] if network is not None else [])
     if len(sources) != 1:
         raise ConfigError(f"{where}: model needs exactly one of network, bundle, torchscript; got {sources or 'none'}.")
+    if sources[0] != "network":
+        unused = [key for key in ("args", "weights") if key in section]
+        if unused:
+            message = (
+                f"{where}: model.{unused[0]} is not used with model.{sources[0]}: the "
+                + ("bundle's network and weights come from its configs and models/ folder."
+                   if sources[0] == "bundle" else "TorchScript file holds its network and weights.")
+                + f" Remove model.{unused[0]}."
+            )
+            raise ConfigError(message)
     if "bundle" in section:
         return ModelConfig(bundle=_existing(section["bundle"], where, "model.bundle", base, directory=True), source=source)
     if "torchscript" in section:
@@ -508,7 +545,10 @@ def _model(section: object, where: str, base: Path, source: Path | None) -> Mode
                 "network's constructor arguments, e.g. {spatial_dims: 3, in_channels: 1, out_channels: 2}."
             )
             raise ConfigError(message)
-    weights = _existing(section["weights"], where, "model.weights", base) if section.get("weights") is not None else None
+    weights = section.get("weights")
+    if isinstance(weights, str) and weights.strip().lower() == NO_WEIGHTS:
+        return ModelConfig(network=network, args=dict(args), random_weights=True, source=source)
+    weights = _existing(weights, where, "model.weights", base) if weights is not None else None
     return ModelConfig(network=network, args=dict(args), weights=weights, source=source)
 
 

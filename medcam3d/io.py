@@ -15,7 +15,8 @@ Formats
 Arrays are in NIfTI ``(i, j, k)`` order for every format (SimpleITK's ``(z, y, x)`` arrays are
 transposed). By default :func:`read` returns float32 data (``dtype=None`` keeps the stored type,
 e.g. integer label maps). :func:`write` is atomic: a temporary file in the target directory is
-renamed over ``path`` only once it is complete.
+renamed over ``path`` only once it is complete. :func:`describe` lists what a file or DICOM folder
+holds (format, grid, number of volumes, each DICOM series) from its headers, without reading voxels.
 
 Untrusted files
 ---------------
@@ -77,6 +78,9 @@ from .space import Space
 __all__ = [
     "read",
     "read_space",
+    "describe",
+    "ImageInfo",
+    "SeriesInfo",
     "write",
     "lps_to_ras",
     "ras_to_lps",
@@ -405,6 +409,278 @@ def _space_for(p: Path, shape: tuple[int, ...], affine: np.ndarray) -> Space:
             stacklevel=3,
         )
     return space
+
+
+# ------------------------------------------------------------------------------ describe
+
+
+def _plain_affine(affine: np.ndarray | None) -> list | None:
+    return None if affine is None else [[float(v) for v in row] for row in np.asarray(affine)]
+
+
+def _axcodes(affine: np.ndarray | None, ndim: int) -> tuple[str, ...] | None:
+    if affine is None:
+        return None
+    import nibabel.orientations as nio
+
+    try:
+        codes = nio.aff2axcodes(np.asarray(affine, dtype=np.float64))
+    except Exception:  # a singular affine: no orientation to name
+        return None
+    return tuple(str(c) for c in codes[:ndim]) if all(c is not None for c in codes[:ndim]) else None
+
+
+def _voxel_sizes(affine: np.ndarray | None, ndim: int) -> tuple[float, ...] | None:
+    if affine is None:
+        return None
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :ndim], axis=0))
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+def _fmt_size(values: Any) -> str:
+    return " x ".join(f"{float(v):.4g}" for v in values)
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesInfo:
+    """One DICOM series of a folder, from its files' headers (see :func:`describe`).
+
+    Attributes
+    ----------
+    uid : str
+        SeriesInstanceUID: pass it as ``series=`` to :func:`read`.
+    description : str or None
+        SeriesDescription.
+    modality : str or None
+        Modality (CT, MR, PT ...).
+    slices : int
+        Number of files (slices) in the series.
+    shape : tuple of int
+        Grid size ``(I, J, K)``: columns, rows, slices.
+    spacing : tuple of float or None
+        Voxel size in mm along i, j, k (k from the slice positions).
+    orientation : tuple of str or None
+        Axis codes of i, j, k in RAS terms (``("L", "P", "S")`` for a plain axial LPS series).
+    affine : numpy.ndarray or None
+        Voxel -> RAS+ mm ``(4, 4)``, from ImagePositionPatient, ImageOrientationPatient and
+        PixelSpacing (None when the headers cannot place the slices).
+    problem : str or None
+        Why :func:`read` would refuse the series (uneven or duplicated slices, colour pixels ...),
+        or None. With a problem the grid above is approximate.
+    """
+
+    uid: str
+    description: str | None
+    modality: str | None
+    slices: int
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...] | None
+    orientation: tuple[str, ...] | None
+    affine: np.ndarray | None
+    problem: str | None = None
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (the affine as a nested list)."""
+        return {
+            "uid": self.uid, "description": self.description, "modality": self.modality, "slices": self.slices,
+            "shape": list(self.shape), "spacing": list(self.spacing) if self.spacing else None,
+            "orientation": "".join(self.orientation) if self.orientation else None,
+            "affine": _plain_affine(self.affine), "problem": self.problem,
+        }
+
+    def __str__(self) -> str:
+        name = f' "{self.description}"' if self.description else ""
+        spacing = f", {_fmt_size(self.spacing)} mm" if self.spacing else ""
+        orientation = f", {''.join(self.orientation)}" if self.orientation else ""
+        text = f"series {self.uid}{name} ({self.modality or 'modality ?'}): {self.slices} slices, {_fmt_shape(self.shape)} voxels{spacing}{orientation}"
+        return text + (f"\n    problem: {self.problem}" if self.problem else "")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageInfo:
+    """What an image file or DICOM folder holds, read from headers only (see :func:`describe`).
+
+    Attributes
+    ----------
+    path : Path
+        The file or folder.
+    format : str
+        ``NIfTI``, ``NRRD``, ``MetaImage`` or ``DICOM``.
+    shape : tuple of int or None
+        ``(I, J[, K])`` for one volume, ``(I, J, K, T)`` for a 4D file (trailing axes of size 1
+        dropped, as :func:`read` does); None for a folder of several DICOM series (see ``series``).
+    dtype : str or None
+        The stored voxel type (``int16``, ``float32`` ...); None for DICOM.
+    volumes : int
+        Volumes in the file: ``T`` of a 4D file (pass ``volume=`` to :func:`read`), else 1.
+    spacing : tuple of float or None
+        Voxel size in mm along each spatial axis.
+    orientation : tuple of str or None
+        Axis codes of the spatial axes in RAS terms (e.g. ``("L", "P", "S")``).
+    affine : numpy.ndarray or None
+        Voxel -> RAS+ mm ``(4, 4)`` of the spatial grid.
+    series : tuple of SeriesInfo
+        DICOM folders: every series (pass its ``uid`` as ``series=`` to :func:`read`).
+    """
+
+    path: Path
+    format: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    volumes: int
+    spacing: tuple[float, ...] | None
+    orientation: tuple[str, ...] | None
+    affine: np.ndarray | None
+    series: tuple[SeriesInfo, ...] = ()
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...] | None:
+        """The shape of one volume, ``(I, J[, K])`` (None for a folder of several series)."""
+        return None if self.shape is None else _spatial_shape(self.shape)
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (paths as str, the affine as a nested list)."""
+        return {
+            "path": str(self.path), "format": self.format, "shape": list(self.shape) if self.shape else None,
+            "spatial_shape": list(self.spatial_shape) if self.spatial_shape else None, "dtype": self.dtype,
+            "volumes": self.volumes, "spacing": list(self.spacing) if self.spacing else None,
+            "orientation": "".join(self.orientation) if self.orientation else None,
+            "affine": _plain_affine(self.affine), "series": [s.to_dict() for s in self.series],
+        }
+
+    def __str__(self) -> str:
+        if self.format == "DICOM":
+            lines = [f"{self.path}: DICOM folder with {len(self.series)} series"
+                     + (" (pass series=<uid> to choose)" if len(self.series) > 1 else "")]
+            lines += [f"  {s}" for s in self.series]
+            return "\n".join(lines)
+        spatial = self.spatial_shape
+        what = (f"{self.volumes} volumes of {_fmt_shape(spatial)} voxels (pass volume=<index>, 0 to {self.volumes - 1})"
+                if self.volumes > 1 else f"{_fmt_shape(spatial)} voxels")
+        lines = [f"{self.path}: {self.format}, {len(spatial)}D, {what}, {self.dtype}"]
+        if self.spacing:
+            lines.append(f"  spacing {_fmt_size(self.spacing)} mm, orientation {''.join(self.orientation or '?')}")
+        if self.affine is not None:
+            lines.append("  voxel -> RAS mm: " + "; ".join(_fmt_mm(row) for row in np.asarray(self.affine)[:3]))
+        return "\n".join(lines)
+
+
+def _itk_dtype(pixel_id: int) -> str:
+    import SimpleITK as sitk
+
+    for base in ("UInt8", "Int8", "UInt16", "Int16", "UInt32", "Int32", "UInt64", "Int64", "Float32", "Float64"):
+        for prefix in ("sitk", "sitkVector", "sitkLabel"):
+            if getattr(sitk, prefix + base, None) == pixel_id:
+                return base.lower()
+    return str(sitk.GetPixelIDValueAsString(pixel_id))
+
+
+def _without_extra_singletons(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop axes of size 1 beyond the third, as :func:`read` does (NIfTI ``(I, J, K, 1, C)``)."""
+    return tuple(shape[:3]) + tuple(n for n in shape[3:] if n != 1)
+
+
+def _image_info(p: Path, fmt: str, shape: tuple[int, ...], dtype: str | None, affine: np.ndarray) -> ImageInfo:
+    shape = _without_extra_singletons(tuple(int(n) for n in shape))
+    ndim = len(_spatial_shape(shape))
+    volumes = math.prod(shape[3:]) if len(shape) > 3 else 1
+    affine = np.asarray(affine, dtype=np.float64)
+    return ImageInfo(p, fmt, shape, dtype, int(volumes), _voxel_sizes(affine, ndim), _axcodes(affine, ndim), affine)
+
+
+def _series_info(p: Path, uid: str, slices: list[_Slice]) -> SeriesInfo:
+    first = slices[0]
+    problem = next((s.colour for s in slices if s.colour), None)
+    ordered, geometry = _check_dicom_geometry(p, slices) if len(slices) > 1 else (slices, None)
+    problem = problem or geometry
+    depth = sum(int(s.size[2]) if len(s.size) > 2 else 1 for s in slices)
+    shape = (int(first.size[0]), int(first.size[1]), depth)
+    affine = None
+    placed = [s for s in ordered if s.position is not None and s.orientation is not None]
+    if placed and len(first.spacing) >= 2:
+        row, col = placed[0].orientation[:3], placed[0].orientation[3:]
+        normal = np.cross(row, col)
+        if np.linalg.norm(normal) > 1e-6:
+            normal = normal / np.linalg.norm(normal)
+            if len(placed) > 1:
+                step = normal * float((placed[-1].position - placed[0].position) @ normal) / (len(placed) - 1)
+            else:
+                step = normal * (float(first.spacing[2]) if len(first.spacing) > 2 else 1.0)
+            lps = np.eye(4)
+            lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * first.spacing[0], col * first.spacing[1], step
+            lps[:3, 3] = placed[0].position
+            affine = lps_to_ras(lps)
+    return SeriesInfo(uid, first.description, first.modality, len(slices), shape, _voxel_sizes(affine, 3), _axcodes(affine, 3), affine, problem)
+
+
+def _describe_dicom(p: Path, trust: bool) -> ImageInfo:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    ids = list(reader.GetGDCMSeriesIDs(str(p)))
+    if not ids:
+        raise ImageReadError(
+            f"'{p}' is a directory but holds no DICOM series; expected a directory of DICOM files "
+            f"of one series, or an image file ({', '.join(READ_FORMATS)})."
+        )
+    series = []
+    for uid in ids:
+        files = list(reader.GetGDCMSeriesFileNames(str(p), uid))
+        _check_dicom_links(p, files, trust)
+        series.append(_series_info(p, uid, [_dicom_slice(p, f, strict=False) for f in files]))
+    if len(series) == 1:
+        one = series[0]
+        return ImageInfo(p, "DICOM", one.shape, None, 1, one.spacing, one.orientation, one.affine, tuple(series))
+    return ImageInfo(p, "DICOM", None, None, 1, None, None, None, tuple(series))
+
+
+def describe(path: str | os.PathLike, *, trust: bool = False) -> ImageInfo:
+    """What an image file or DICOM folder holds, from its headers, without reading voxels.
+
+    The header checks of :func:`read` that guard against hostile files apply (detached data
+    files must stay in the header's folder, the header may not claim more data than the file
+    holds, DICOM files may not be links out of the folder, voxel sizes must make sense), so a
+    file that passes can be handed to another reader (a MONAI bundle's ``LoadImaged``). Problems
+    that only stop :func:`read` from assembling a DICOM series (uneven slices, colour pixels) are
+    reported in :attr:`SeriesInfo.problem` instead of raised.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        As for :func:`read`.
+    trust : bool
+        As for :func:`read`.
+
+    Returns
+    -------
+    ImageInfo
+        ``print(info)`` gives a readable summary; ``info.to_dict()`` JSON-ready values.
+
+    Raises
+    ------
+    ImageNotFoundError, UnsupportedFormatError, ImageReadError, GeometryError,
+    ImageTooLargeError, UntrustedFileError
+        As :func:`read` would, for what a header shows (no size limit ``max_bytes``).
+    """
+    p = _check_exists(path)
+    kind = _kind(p)
+    if kind == "dicom":
+        return _describe_dicom(p, trust)
+    if kind == "nifti":
+        img = _load_nifti(p)
+        affine = _nifti_affine(p, img)
+        _check_nifti_size(p, img, None, None)
+        _space_for(p, _spatial_shape(tuple(img.shape)), affine)
+        return _image_info(p, "NIfTI", tuple(img.shape), str(np.dtype(img.header.get_data_dtype())), affine)
+    info = _itk_info(p, trust)
+    _check_itk_size(p, info, None, None)
+    _space_for(p, info.size[: min(info.dim, 3)], info.affine)
+    shape = info.size + ((info.components,) if info.components > 1 else ())
+    fmt = "MetaImage" if _suffix(p) in (".mha", ".mhd") else "NRRD"
+    return _image_info(p, fmt, shape, _itk_dtype(int(info.reader.GetPixelID())), info.affine)
 
 
 # ------------------------------------------------------------------------------ NIfTI
@@ -874,6 +1150,9 @@ class _Slice:
     spacing: tuple[float, ...]
     components: int
     component_bytes: int
+    modality: str | None = None  # (0008,0060)
+    description: str | None = None  # SeriesDescription (0008,103e)
+    colour: str | None = None  # why the pixels are not greyscale (read only with strict=False)
 
 
 def _ds_values(text: str, n: int) -> np.ndarray | None:
@@ -885,7 +1164,8 @@ def _ds_values(text: str, n: int) -> np.ndarray | None:
     return values if values.size == n and np.all(np.isfinite(values)) else None
 
 
-def _dicom_slice(p: Path, file: str) -> _Slice:
+def _dicom_slice(p: Path, file: str, strict: bool = True) -> _Slice:
+    """The header of one DICOM file; colour pixels raise, or with ``strict=False`` are recorded."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -901,15 +1181,21 @@ def _dicom_slice(p: Path, file: str) -> _Slice:
     ipp, iop = tag("0020|0032"), tag("0020|0037")
     samples = tag("0028|0002")
     photometric = (tag("0028|0004") or "").strip().upper()
+    colour = None
     if (samples is not None and samples.strip() not in ("", "1")) or photometric.startswith(("RGB", "YBR", "PALETTE")):
-        raise ImageReadError(
+        colour = (
             f"'{file}' in '{p}' holds colour pixels (PhotometricInterpretation {photometric or '?'}, "
             f"SamplesPerPixel {(samples or '?').strip()}); expected a greyscale series (CT, MR, PET). "
             "Pick the right series with series=<uid>, or export the images as greyscale."
         )
+        if strict:
+            raise ImageReadError(colour)
     pixel_id = int(reader.GetPixelID())
-    _check_itk_voxel_type(Path(file), pixel_id)
+    if strict:
+        _check_itk_voxel_type(Path(file), pixel_id)
     components = int(reader.GetNumberOfComponents())
+    text = {key: (value.replace("\x00", "").strip() or None) if value is not None else None
+            for key, value in (("modality", tag("0008|0060")), ("description", tag("0008|103e")))}
     return _Slice(
         file=file,
         position=_ds_values(ipp, 3) if ipp is not None else None,
@@ -918,6 +1204,9 @@ def _dicom_slice(p: Path, file: str) -> _Slice:
         spacing=tuple(float(v) for v in reader.GetSpacing()),
         components=components,
         component_bytes=_itk_component_bytes(pixel_id, components),
+        modality=text["modality"],
+        description=text["description"],
+        colour=colour,
     )
 
 
@@ -1014,6 +1303,17 @@ def _check_dicom_geometry(p: Path, slices: list[_Slice]) -> tuple[list[_Slice], 
     return slices, None
 
 
+def _check_dicom_links(p: Path, files: list[str], trust: bool) -> None:
+    if not trust:
+        for f in files:
+            if not _inside(p, Path(f)):
+                raise UntrustedFileError(
+                    f"'{f}' in '{p}' is a link to '{os.path.realpath(f)}', outside the DICOM folder; "
+                    "expected the series' files inside the folder you named. Copy the files into the "
+                    "folder, or pass trust=True to medcam3d.io.read if you trust where the links lead."
+                )
+
+
 def _read_dicom(
     p: Path, dtype: Any, series: str | None, allow_uneven: bool, trust: bool, max_bytes: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1035,14 +1335,7 @@ def _read_dicom(
     elif series not in ids:
         raise ImageReadError(f"series '{series}' is not in '{p}'; found: {', '.join(ids)}")
     files = list(reader.GetGDCMSeriesFileNames(str(p), series))
-    if not trust:
-        for f in files:
-            if not _inside(p, Path(f)):
-                raise UntrustedFileError(
-                    f"'{f}' in '{p}' is a link to '{os.path.realpath(f)}', outside the DICOM folder; "
-                    "expected the series' files inside the folder you named. Copy the files into the "
-                    "folder, or pass trust=True to medcam3d.io.read if you trust where the links lead."
-                )
+    _check_dicom_links(p, files, trust)
     slices = [_dicom_slice(p, f) for f in files]
     n_values = sum(math.prod(s.size) * max(s.components, 1) for s in slices)
     stored = sum(math.prod(s.size) * max(s.components, 1) * s.component_bytes for s in slices)

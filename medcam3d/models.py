@@ -12,6 +12,17 @@ plain data (:func:`medcam3d.config.plain_data_problem`), may not make it downloa
 (:data:`ARGUMENTS_NEEDING_TRUST`), and it may have at most :data:`MAX_PARAMETERS` parameters
 (counted on the ``meta`` device before anything is allocated). With trust, any importable callable
 that returns an ``nn.Module`` is built, as before.
+
+No silent random weights: a network without a weights file is refused unless the config says
+``weights: none`` or the caller passes ``random_weights=True`` (:func:`load_model`).
+
+MONAI bundles (:func:`load_bundle`, behind trust) are read with MONAI's own
+``monai.bundle.ConfigParser``: the network is the bundle's ``network_def`` with the weights of
+``models/model.pt`` (or of ``models/model.ts``), and the preprocessing is the bundle's
+``preprocessing`` chain (:class:`BundlePreprocessing`), which returns the model input as a
+MetaTensor with its affine, so maps go back to scanner space as with a medcam3d config.
+
+:func:`check_input_rank` refuses a 2D image for a 3D model (and the reverse) before preprocessing.
 """
 
 from __future__ import annotations
@@ -20,17 +31,23 @@ import contextlib
 import difflib
 import importlib
 import inspect
+import logging
+import os
 import pickle
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UntrustedModelError, UntrustedNetworkError  # noqa: F401  (re-exported)
+from .errors import ConfigError, ModelLoadError, UntrustedModelError, UntrustedNetworkError  # noqa: F401  (re-exported)
 from .config import Config, ModelConfig, _short, plain_data_problem
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelLoadError",
@@ -44,9 +61,15 @@ __all__ = [
     "MAX_MODULES",
     "MAX_BUILD_SECONDS",
     "MAX_ARGUMENT_INT",
+    "BUNDLE_CONFIGS",
+    "Bundle",
+    "BundlePreprocessing",
     "build_network",
     "load_weights",
     "load_model",
+    "load_bundle",
+    "bundle_preprocessing",
+    "check_input_rank",
 ]
 
 #: Modules (and their submodules) whose ``nn.Module`` classes a config may name without trust.
@@ -442,6 +465,11 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, tru
         Missing or unreadable file, a full pickle without ``trust``, or weights that do not fit.
     """
     path = Path(path)
+    return _load_state(model, _read_state(path, trust=trust), path, strict=strict)
+
+
+def _read_state(path: Path, *, trust: bool) -> Mapping:
+    """The state_dict in ``path``, read with ``weights_only=True`` (in full only with ``trust``)."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -463,7 +491,15 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, tru
                 )
             )
             raise ModelLoadError(message) from None
-    state = {k.removeprefix("module."): v for k, v in _state_dict(loaded, path).items()}
+    return _state_dict(loaded, path)
+
+
+_CHECK_ARGS = "Check model.network and model.args (e.g. out_channels, spatial_dims) against how the model was trained."
+
+
+def _load_state(model: nn.Module, state: Mapping, path: Path, *, strict: bool = True, hint: str = _CHECK_ARGS) -> nn.Module:
+    """Copy ``state`` (read from ``path``) into ``model``, or say exactly which keys do not fit."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -476,11 +512,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, tru
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if shapes:
             parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:2]})")
-        message = (
-            f"The weights in {path} do not fit {type(model).__name__}: {'; '.join(parts)}. Check model.network "
-            "and model.args (e.g. out_channels, spatial_dims) against how the model was trained."
-        )
-        raise ModelLoadError(message)
+        raise ModelLoadError(f"The weights in {path} do not fit {type(model).__name__}: {'; '.join(parts)}. {hint}")
     try:
         model.load_state_dict(state, strict=strict)
     except Exception as error:  # e.g. a tensor that cannot be copied into the parameter
@@ -488,35 +520,459 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, tru
     return model
 
 
-def _load_bundle(directory: Path, *, trust: bool, source=None) -> nn.Module:
-    if not trust:
-        message = (
-            f"{_where(source)}model.bundle: {directory} is a MONAI bundle; its configs can run Python expressions. "
-            f"Give model.network, model.args and a state_dict as model.weights instead, or: {_TRUST_HINT}."
-        )
-        raise UntrustedModelError(message)
+
+
+# ----------------------------------------------------------------------------- MONAI bundles
+
+#: Where a MONAI bundle keeps its inference config, in ``configs/`` (the first that exists is read).
+BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
+
+_BUNDLE_LAYOUT = (
+    "A MONAI bundle is a folder with configs/metadata.json, configs/inference.json (or .yaml) defining "
+    "network_def and preprocessing, and models/model.pt (a state_dict) and/or models/model.ts (TorchScript)."
+)
+_BUNDLE_WEIGHTS_HINT = "Check that models/model.pt was saved from the bundle's network_def (torch.save(net.state_dict(), path))."
+
+
+def _refuse_bundle(directory: Path, source) -> UntrustedModelError:
+    message = (
+        f"{_where(source)}model.bundle: {directory} is a MONAI bundle; its configs can run Python expressions. "
+        f"Give model.network, model.args and a state_dict as model.weights instead, or: {_TRUST_HINT}."
+    )
+    return UntrustedModelError(message)
+
+
+def _bundle_parser(directory: str | Path, *, source=None, device: str | torch.device = "cpu"):
+    """MONAI's ``ConfigParser`` holding the bundle's metadata and inference config.
+
+    ``bundle_root`` is set to ``directory``, and ``device`` (when the config has one) to ``device``,
+    so that nothing in the bundle goes to another GPU than the one medcam3d was given.
+
+    Returns
+    -------
+    (monai.bundle.ConfigParser, Path, dict)
+        The parser, the inference config file, and the metadata (``{}`` without metadata.json).
+    """
     from monai.bundle import ConfigParser
 
-    configs = [directory / "configs" / name for name in ("inference.json", "inference.yaml", "inference.yml")]
-    config_file = next((c for c in configs if c.is_file()), None)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{_where(source)}model.bundle: {str(directory)!r} is not a directory. {_BUNDLE_LAYOUT}")
+    config_file = next((directory / "configs" / name for name in BUNDLE_CONFIGS if (directory / "configs" / name).is_file()), None)
     if config_file is None:
-        raise ModelLoadError(f"{directory} has no configs/inference.json or .yaml: not a MONAI bundle.")
+        raise ModelLoadError(f"{_where(source)}model.bundle: {directory} has no configs/inference.json or .yaml, so it is not a MONAI bundle. {_BUNDLE_LAYOUT}")
     parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser["bundle_root"] = str(directory)
-    key = "network_def" if "network_def" in parser else "network"
+    meta_file = directory / "configs" / "metadata.json"
     try:
-        model = parser.get_parsed_content(key)
-    except Exception as error:
-        raise ModelLoadError(f"Cannot build '{key}' from {config_file}: {error}") from None
-    weights = directory / "models" / "model.pt"
+        if meta_file.is_file():
+            parser.read_meta(str(meta_file))
+        parser.read_config(str(config_file))
+    except Exception as error:  # JSON/YAML syntax, unreadable files
+        raise ModelLoadError(f"{_where(source)}model.bundle: cannot read {config_file} or {meta_file.name}: {type(error).__name__}: {error}") from None
+    parser["bundle_root"] = str(directory)
+    if "device" in parser:
+        parser["device"] = torch.device(device)
+    metadata = parser.get("_meta_") or {}
+    return parser, config_file, dict(metadata) if isinstance(metadata, Mapping) else {}
+
+
+def _class_names(metadata: Mapping) -> tuple[str, ...] | None:
+    """Class names from the metadata's ``network_data_format.outputs.<first>.channel_def``, if complete."""
+    outputs = (metadata.get("network_data_format") or {}).get("outputs") or {}
+    if not isinstance(outputs, Mapping) or not outputs:
+        return None
+    first = next(iter(outputs.values()))
+    channels = first.get("channel_def") if isinstance(first, Mapping) else None
+    if not isinstance(channels, Mapping) or not channels:
+        return None
+    try:
+        named = {int(index): str(name) for index, name in channels.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(named) != list(range(len(named))):
+        return None
+    return tuple(named[index] for index in range(len(named)))
+
+
+def _bundle_network(parser, directory: Path, config_file: Path, *, source, random_weights: bool) -> tuple[nn.Module, Path | None, bool]:
+    """The bundle's network and where its weights came from.
+
+    ``network_def`` (or ``network``) is built by MONAI's parser. Its weights come from
+    ``models/model.pt`` (a state_dict); without one, from the parameters of ``models/model.ts``
+    (MONAI exports it from ``network_def``), and if those do not fit ``network_def`` (or there is
+    none) the TorchScript module itself is the network.
+
+    Returns
+    -------
+    (nn.Module, Path or None, bool)
+        The network, its weights file (None with ``random_weights``), and whether the network is
+        the TorchScript module.
+    """
+    key = "network_def" if "network_def" in parser else "network" if "network" in parser else None
+    network = None
+    if key is not None:
+        try:
+            network = parser.get_parsed_content(key)
+        except Exception as error:
+            raise ModelLoadError(f"{_where(source)}model.bundle: cannot build {key!r} from {config_file}: {type(error).__name__}: {error}") from error
+        if not isinstance(network, nn.Module):
+            raise ModelLoadError(f"{_where(source)}model.bundle: {key!r} in {config_file} built a {type(network).__name__}, not a torch.nn.Module.")
+    if random_weights:
+        if network is None:
+            raise ModelLoadError(f"{_where(source)}model.bundle: {config_file} defines no network_def to initialise at random. {_BUNDLE_LAYOUT}")
+        return network, None, False
+    weights, scripted_file = directory / "models" / "model.pt", directory / "models" / "model.ts"
     if weights.is_file():
-        load_weights(model, weights, trust=trust)
-    return model
+        if network is None:
+            message = (
+                f"{_where(source)}model.bundle: {directory} has models/model.pt but {config_file} defines no "
+                f"network_def to load it into. {_BUNDLE_LAYOUT}"
+            )
+            raise ModelLoadError(message)
+        _load_state(network, _read_state(weights, trust=True), weights, hint=_BUNDLE_WEIGHTS_HINT)
+        return network, weights, False
+    if scripted_file.is_file():
+        from monai.data import load_net_with_metadata
+
+        try:
+            scripted, _, _ = load_net_with_metadata(str(scripted_file), map_location=torch.device("cpu"))
+        except Exception as error:
+            raise ModelLoadError(f"{_where(source)}model.bundle: cannot load the TorchScript file {scripted_file}: {type(error).__name__}: {error}") from None
+        if network is not None:
+            try:
+                _load_state(network, scripted.state_dict(), scripted_file, hint=_BUNDLE_WEIGHTS_HINT)
+                return network, scripted_file, False
+            except ModelLoadError as error:
+                logger.warning("%s; explaining the TorchScript module itself instead of network_def.", error)
+        return scripted, scripted_file, True
+    message = (
+        f"{_where(source)}model.bundle: {directory} has no models/model.pt or models/model.ts, so its network would "
+        "have random parameters. Put the trained weights there, or pass random_weights=True (CLI --random-weights) "
+        "to explain a randomly initialised network on purpose."
+    )
+    raise ConfigError(message)
 
 
-def load_model(config: Config | ModelConfig, *, trust: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+class BundlePreprocessing:
+    """A MONAI bundle's ``preprocessing`` chain, applied to one image file.
+
+    The chain is the bundle's own, built by MONAI's ``ConfigParser`` (usually ``LoadImaged``,
+    ``EnsureChannelFirstd``, ``Orientationd``, ``Spacingd``, intensity scaling, cropping). It is
+    given ``{key: path}`` and its result under ``key`` is the model input. Before the bundle's
+    reader opens the file, :func:`medcam3d.io.describe` checks its header as
+    :func:`medcam3d.io.read` would (data files stay in the header's folder, the header claims no
+    more data than the file holds); afterwards the grid the bundle's reader saw is compared with
+    the one medcam3d reads, so that maps go back to the right place in the scan.
+
+    Attributes
+    ----------
+    transform : callable
+        The chain (usually a ``monai.transforms.Compose``).
+    key : str
+        The dictionary key of the image (``image`` in most bundles): the first key of the chain's
+        ``LoadImaged`` that the metadata lists as a network input, else ``image``, else its first
+        key.
+    config_file : Path
+        The bundle config it came from (named in errors).
+    """
+
+    def __init__(self, transform, key: str, config_file: Path) -> None:
+        self.transform, self.key, self.config_file = transform, key, Path(config_file)
+
+    def __repr__(self) -> str:
+        return f"BundlePreprocessing(key={self.key!r}, config_file={str(self.config_file)!r})"
+
+    def __call__(self, image: str | Path, *, trust: bool = False):
+        """Read and preprocess one image as the bundle does.
+
+        Parameters
+        ----------
+        image : str or Path
+            An image file or a folder holding one DICOM series.
+        trust : bool
+            As for :func:`medcam3d.io.read`: allow headers whose data files lie elsewhere.
+
+        Returns
+        -------
+        (MetaTensor, Space)
+            The model input ``(C, *input_shape)`` (add the batch axis with ``x[None]``), whose
+            ``.affine`` is the input grid's voxel -> RAS mm affine, and the scan's own
+            ``scanner_space``, as :func:`medcam3d.preprocess.preprocess` returns them.
+
+        Raises
+        ------
+        ImageReadError
+            The file's header is refused (see :func:`medcam3d.io.describe`), a folder holds
+            several DICOM series (a bundle's reader takes one series per folder), or a series'
+            slices cannot be placed (:class:`~medcam3d.errors.GeometryError`, as
+            :func:`medcam3d.io.read` would raise).
+        PreprocessingError
+            The chain fails, returns several samples or no MetaTensor, or its reader placed the scan
+            elsewhere than medcam3d's reader does.
+        """
+        from monai.data import MetaTensor
+
+        from . import io
+        from .errors import GeometryError, ImageReadError, PreprocessingError, SpaceError
+        from .space import Space
+
+        if not isinstance(image, (str, os.PathLike)):
+            raise PreprocessingError(f"A bundle's preprocessing reads an image file or DICOM folder; got a {type(image).__name__}.")
+        path = Path(image)
+        info = io.describe(path, trust=trust)
+        if len(info.series) > 1:
+            uids = ", ".join(series.uid for series in info.series)
+            message = (
+                f"'{path}' holds {len(info.series)} DICOM series ({uids}); the bundle's reader takes one series per "
+                "folder. Copy the series to explain into a folder of its own."
+            )
+            raise ImageReadError(message)
+        if info.series and info.series[0].problem:  # what medcam3d.io.read refuses, the bundle's reader may not
+            raise GeometryError(f"'{path}' (series {info.series[0].uid}): {info.series[0].problem}")
+        if info.affine is None:
+            raise GeometryError(f"'{path}': the headers do not say where the voxels are, so the maps could not be placed.")
+        where = f"{self.config_file}: preprocessing"
+        try:
+            data = self.transform({self.key: str(path)})
+        except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name
+            raise PreprocessingError(f"{where} failed on '{path}': {type(error).__name__}: {error}") from error
+        if isinstance(data, (list, tuple)):
+            message = (
+                f"{where} returned {len(data)} samples for '{path}' (a random or patch crop?); medcam3d explains one "
+                "input per scan. Remove the cropping transform (large scans: use sliding_window)."
+            )
+            raise PreprocessingError(message)
+        result = data.get(self.key) if isinstance(data, Mapping) else data
+        if not isinstance(result, MetaTensor):
+            message = (
+                f"{where} gave a {type(result).__name__} under {self.key!r}, not a MONAI MetaTensor with an affine; "
+                "medcam3d needs the input grid to place the maps."
+            )
+            raise PreprocessingError(message)
+        scanner_space = Space(info.spatial_shape, info.affine)
+        seen = result.meta.get("original_affine")  # the file's grid as the bundle's reader saw it
+        if seen is not None:
+            seen = np.asarray(seen.cpu() if isinstance(seen, torch.Tensor) else seen, dtype=np.float64)
+            try:
+                same = scanner_space.isclose(Space(scanner_space.shape, seen), atol=1e-3, rtol=1e-5)
+            except SpaceError:  # not a 4x4 voxel -> world matrix
+                same = False
+            if not same:
+                message = (
+                    f"{where}: the bundle's reader placed '{path}' with the voxel -> world affine "
+                    f"{np.array2string(seen, precision=4)}, but medcam3d reads it as {scanner_space}; the maps could not "
+                    "be placed reliably. Check the reader arguments of LoadImaged (e.g. ITKReader's affine_lps_to_ras "
+                    "must stay true)."
+                )
+                raise PreprocessingError(message)
+        return result.float(), scanner_space
+
+
+def _input_key(transform, metadata: Mapping, config_file: Path) -> str:
+    from monai.transforms import Compose, LoadImaged
+
+    from .errors import PreprocessingError
+
+    steps = transform.flatten().transforms if isinstance(transform, Compose) else (transform,)
+    loader = next((step for step in steps if isinstance(step, LoadImaged)), None)
+    if loader is None:
+        message = (
+            f"{config_file}: preprocessing has no LoadImaged, so medcam3d cannot hand it a file. Add "
+            "{\"_target_\": \"LoadImaged\", \"keys\": \"image\"} at its start, or give preprocessing in the medcam3d config."
+        )
+        raise PreprocessingError(message)
+    keys = [str(key) for key in loader.keys]
+    inputs = (metadata.get("network_data_format") or {}).get("inputs") or {}
+    for candidate in [*(inputs if isinstance(inputs, Mapping) else ()), "image"]:
+        if candidate in keys:
+            return candidate
+    return keys[0]
+
+
+def _bundle_preprocessing(parser, config_file: Path, metadata: Mapping) -> BundlePreprocessing | None:
+    from .errors import PreprocessingError
+
+    if "preprocessing" not in parser:
+        return None
+    try:
+        transform = parser.get_parsed_content("preprocessing")
+    except Exception as error:
+        raise PreprocessingError(f"{config_file}: cannot build 'preprocessing': {type(error).__name__}: {error}") from error
+    if not callable(transform):
+        raise PreprocessingError(f"{config_file}: 'preprocessing' built a {type(transform).__name__}, not a transform.")
+    return BundlePreprocessing(transform, _input_key(transform, metadata, config_file), config_file)
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """A MONAI bundle loaded for explanation (:func:`load_bundle`).
+
+    Attributes
+    ----------
+    directory : Path
+        The bundle folder.
+    network : torch.nn.Module
+        Its network, with its trained weights, on the requested device, in eval mode.
+    weights : Path or None
+        ``models/model.pt``, or ``models/model.ts`` when the weights came from TorchScript; None
+        with ``random_weights``.
+    torchscript : bool
+        ``network`` is the TorchScript module itself (its parameters did not fit ``network_def``,
+        or the bundle defines none).
+    random_weights : bool
+        ``network`` has its random initial parameters, on purpose.
+    preprocessing : BundlePreprocessing or None
+        The bundle's ``preprocessing`` chain, None if it defines none.
+    class_names : tuple of str or None
+        From the metadata's ``channel_def`` of the first output, if it names every channel.
+    metadata : dict
+        ``configs/metadata.json`` (``{}`` without one).
+    config_file : Path
+        The inference config that was read.
+    """
+
+    directory: Path
+    network: nn.Module
+    weights: Path | None
+    torchscript: bool
+    random_weights: bool
+    preprocessing: BundlePreprocessing | None
+    class_names: tuple[str, ...] | None
+    metadata: dict
+    config_file: Path
+
+
+def load_bundle(
+    directory: str | Path,
+    *,
+    trust: bool = False,
+    device: str | torch.device = "cpu",
+    random_weights: bool = False,
+    source: str | Path | None = None,
+) -> Bundle:
+    """Load a MONAI bundle: its network with its weights, and its preprocessing.
+
+    Everything comes from MONAI's own ``monai.bundle.ConfigParser`` reading
+    ``configs/metadata.json`` and ``configs/inference.json`` (or ``.yaml``): the network is
+    ``network_def`` (else ``network``), filled from ``models/model.pt`` (a state_dict, read with
+    ``weights_only=True`` first) or, without one, from the parameters of ``models/model.ts``; the
+    preprocessing is ``preprocessing`` (:class:`BundlePreprocessing`). Parsing the configs runs
+    their Python expressions, so it needs ``trust``.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The bundle folder.
+    trust : bool
+        Required: a bundle's configs run code.
+    device : str or torch.device
+        Where to put the network; also given to the config's ``device``.
+    random_weights : bool
+        Explain ``network_def`` with its random initial parameters (ignoring the bundle's weights),
+        on purpose, e.g. for a sanity check.
+    source : str or Path, optional
+        The medcam3d config naming the bundle (named in errors).
+
+    Returns
+    -------
+    Bundle
+
+    Raises
+    ------
+    UntrustedModelError
+        Without ``trust``.
+    ModelLoadError
+        Not a bundle, a config that cannot be read or built, weights that do not fit.
+    ConfigError
+        No weights in ``models/`` and no ``random_weights``.
+    PreprocessingError
+        A ``preprocessing`` that cannot be built or has no ``LoadImaged``.
+    """
+    directory = Path(directory)
+    if not trust:
+        raise _refuse_bundle(directory, source)
+    parser, config_file, metadata = _bundle_parser(directory, source=source, device=device)
+    with _seeded(random_weights):
+        network, weights, scripted = _bundle_network(parser, directory, config_file, source=source, random_weights=random_weights)
+    preprocessing = _bundle_preprocessing(parser, config_file, metadata)
+    return Bundle(
+        directory=directory, network=network.to(device).eval(), weights=weights, torchscript=scripted,
+        random_weights=random_weights, preprocessing=preprocessing, class_names=_class_names(metadata),
+        metadata=metadata, config_file=config_file,
+    )
+
+
+def bundle_preprocessing(directory: str | Path, *, trust: bool = False, device: str | torch.device = "cpu") -> BundlePreprocessing:
+    """The ``preprocessing`` chain of a MONAI bundle, without loading its network.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The bundle folder.
+    trust : bool
+        Required: a bundle's configs run code.
+    device : str or torch.device
+        Given to the config's ``device`` (transforms such as ``EnsureTyped`` may use it).
+
+    Returns
+    -------
+    BundlePreprocessing
+        Call it with a file: ``x, scanner_space = bundle_preprocessing(d, trust=True)(path)``.
+
+    Raises
+    ------
+    UntrustedModelError
+        Without ``trust``.
+    ModelLoadError
+        Not a bundle.
+    PreprocessingError
+        The bundle defines no ``preprocessing``, or it cannot be built or has no ``LoadImaged``.
+    """
+    from .errors import PreprocessingError
+
+    directory = Path(directory)
+    if not trust:
+        raise _refuse_bundle(directory, None)
+    parser, config_file, metadata = _bundle_parser(directory, device=device)
+    preprocessing = _bundle_preprocessing(parser, config_file, metadata)
+    if preprocessing is None:
+        raise PreprocessingError(f"{config_file} defines no 'preprocessing'; give preprocessing in the medcam3d config.")
+    return preprocessing
+
+
+# ----------------------------------------------------------------------------- loading from a config
+
+_NO_WEIGHTS_MESSAGE = (
+    "model.weights is missing: a network without weights has random parameters; give the trained weights, or "
+    "`weights: none` to explain a randomly initialised network on purpose (e.g. for a sanity check)"
+)
+
+
+@contextlib.contextmanager
+def _seeded(enabled: bool, seed: int = 0):
+    """Random initial parameters that are the same on every run (the global RNG is left as it was)."""
+    if not enabled:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_model(
+    config: Config | ModelConfig,
+    *,
+    trust: bool = False,
+    device: str | torch.device = "cpu",
+    random_weights: bool = False,
+) -> nn.Module:
     """Build the configured model, load its weights, move it to ``device``, in eval mode.
+
+    A network without weights has random parameters, and its maps mean nothing; so a
+    ``model.network`` without ``model.weights`` is refused unless the config says
+    ``weights: none`` (:attr:`ModelConfig.random_weights`) or ``random_weights=True`` (CLI
+    ``--random-weights``) is passed. Random parameters are drawn with a fixed seed, so the same
+    network explains the same way on every run.
 
     Parameters
     ----------
@@ -528,6 +984,10 @@ def load_model(config: Config | ModelConfig, *, trust: bool = False, device: str
         the rule without it).
     device : str or torch.device
         Where to put the model.
+    random_weights : bool
+        Explain the network with its random initial parameters, on purpose (a template, a
+        sanity check): a missing ``model.weights`` is accepted and a given one (or a bundle's) is
+        not loaded. Label what is made with it as such.
 
     Returns
     -------
@@ -541,22 +1001,122 @@ def load_model(config: Config | ModelConfig, *, trust: bool = False, device: str
         (:class:`UntrustedNetworkError`).
     ModelLoadError
         A network that cannot be built, or weights that cannot be read or do not fit.
+    ConfigError
+        A network without weights, without ``weights: none`` or ``random_weights``.
     """
     spec = config.model if isinstance(config, Config) else config
+    random_weights = bool(random_weights or spec.random_weights)
     if spec.bundle is not None:
-        model = _load_bundle(spec.bundle, trust=trust, source=spec.source)
-    elif spec.torchscript is not None:
+        return load_bundle(spec.bundle, trust=trust, device=device, random_weights=random_weights, source=spec.source).network
+    if spec.torchscript is not None:
         if not trust:
             message = (
                 f"{_where(spec.source)}model.torchscript: {spec.torchscript} is TorchScript, which runs code when "
                 f"loaded. Give model.network, model.args and a state_dict as model.weights instead, or: {_TRUST_HINT}."
             )
             raise UntrustedModelError(message)
+        if random_weights:
+            raise ConfigError(f"{_where(spec.source)}model.torchscript: a TorchScript file cannot be re-initialised at random; give model.network and model.args instead.")
         model = torch.jit.load(str(spec.torchscript), map_location="cpu")
     else:
         if spec.network is None:
             raise ModelLoadError("The model config names no network, bundle or torchscript file.")
-        model = build_network(spec.network, spec.args, trust=trust, source=spec.source)
-        if spec.weights is not None:
+        with _seeded(random_weights):
+            model = build_network(spec.network, spec.args, trust=trust, source=spec.source)
+        if random_weights:
+            if spec.weights is not None:
+                logger.warning("random weights requested: %s is not loaded; %s keeps its random initial parameters.", spec.weights, spec.network)
+        elif spec.weights is None:
+            raise ConfigError(f"{spec.source or 'config'}: {_NO_WEIGHTS_MESSAGE}.")
+        else:
             load_weights(model, spec.weights, trust=trust)
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- input rank
+
+_CONV_DIMS_BY_NAME = {
+    f"{kind}{dims}d": dims for kind in ("Conv", "ConvTranspose", "LazyConv", "LazyConvTranspose") for dims in (1, 2, 3)
+}
+
+
+def _spatial_dims(model: nn.Module) -> int | None:
+    """Spatial dimensionality of the model's first convolution (TorchScript modules too), or None."""
+    try:  # the engine's answer, where it has one
+        from .layers import expected_spatial_dims  # type: ignore[attr-defined]
+    except ImportError:
+        expected_spatial_dims = None
+    if expected_spatial_dims is not None:
+        return expected_spatial_dims(model)
+    from torch.nn.modules.conv import _ConvNd
+
+    for module in model.modules():
+        if isinstance(module, _ConvNd):
+            return len(module.kernel_size)
+        if isinstance(module, torch.jit.ScriptModule):
+            dims = _CONV_DIMS_BY_NAME.get(getattr(module, "original_name", ""))
+            if dims is not None:
+                return dims
+    return None
+
+
+def check_input_rank(scan_shape, model: nn.Module, *, path: str | Path | None = None) -> int | None:
+    """Refuse a scan whose dimensionality is not the model's, before any preprocessing runs.
+
+    A 2D image (shape ``(I, J)``, or ``(I, J, 1)``: one slice stored as a volume) cannot go through
+    a 3D network, nor a volume through a 2D one; without this check the mismatch surfaces later as
+    an obscure error from a transform or a convolution.
+
+    Parameters
+    ----------
+    scan_shape : sequence of int
+        The scan's spatial shape (``medcam3d.io.describe(path).spatial_shape``, or
+        ``Space.shape``): 2 or 3 values.
+    model : torch.nn.Module
+        The network (eager or TorchScript); its first convolution tells its dimensionality.
+    path : str or Path, optional
+        The scan, named in the error.
+
+    Returns
+    -------
+    int or None
+        The model's spatial dimensionality, or None if it has no convolution (then nothing is
+        checked).
+
+    Raises
+    ------
+    InputError
+        The scan is 2D and the model 3D, or the reverse, or ``scan_shape`` is not a spatial shape.
+    """
+    from .errors import InputError
+
+    shape = tuple(int(n) for n in scan_shape)
+    name = f"'{path}'" if path is not None else "the scan"
+    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
+        raise InputError(f"{name}: expected a spatial shape of 2 or 3 positive sizes, got {shape}; for a 4D file pick one volume first.")
+    dims = _spatial_dims(model)
+    if dims is None:
+        return None
+    flat = [axis for axis, n in enumerate(shape) if n == 1]
+    if dims == 3 and len(shape) == 2:
+        message = (
+            f"{name} is a 2D image (shape {shape}); the model takes 3D volumes (its first convolution is 3D). "
+            "Give a 3D scan, or a model for 2D images."
+        )
+        raise InputError(message)
+    if dims == 3 and flat:
+        message = (
+            f"{name} is a single slice (shape {shape}: one voxel along axis {'ijk'[flat[0]]}), a 2D image stored as a "
+            "volume; the model takes 3D volumes (its first convolution is 3D). Give the whole 3D scan."
+        )
+        raise InputError(message)
+    if dims == 2 and len(shape) == 3:
+        what = "one slice stored as a volume" if flat else "a 3D volume"
+        message = (
+            f"{name} is {what} (shape {shape}); the model takes 2D images (its first convolution is 2D). "
+            + ("Save the slice as a 2D image (shape (I, J))." if flat else "Give a 2D image (one slice), or a model for 3D volumes.")
+        )
+        raise InputError(message)
+    if dims not in (2, 3) or (dims == 2 and len(shape) != 2):
+        raise InputError(f"{name} has shape {shape}, but the model's first convolution is {dims}D.")
+    return dims

@@ -72,7 +72,8 @@ def cells_near(input_affine: np.ndarray, feature_shape, stride: int, centre_mm, 
     return (np.linalg.norm(world - np.asarray(centre_mm), axis=1) <= radius_mm).reshape(feature_shape)
 
 
-def write_dicom_series(image: sitk.Image, directory, series_uid: str = "1.2.826.0.1.3680043.8.498.1") -> None:
+def write_dicom_series(image: sitk.Image, directory, series_uid: str = "1.2.826.0.1.3680043.8.498.1", *,
+                       modality: str = "CT", description: str | None = None) -> None:
     """Write a 3D SimpleITK image as a DICOM series, one file per slice, with geometry tags."""
     directory.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
@@ -80,7 +81,9 @@ def write_dicom_series(image: sitk.Image, directory, series_uid: str = "1.2.826.
     d = image.GetDirection()
     for k in range(image.GetDepth()):
         piece = image[:, :, k]
-        piece.SetMetaData("0008|0060", "CT")
+        piece.SetMetaData("0008|0060", modality)
+        if description is not None:
+            piece.SetMetaData("0008|103e", description)
         piece.SetMetaData("0020|000d", "1.2.826.0.1.3680043.8.498.2")
         piece.SetMetaData("0020|000e", series_uid)
         piece.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")

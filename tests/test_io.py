@@ -375,3 +375,101 @@ def test_lps_ras_helpers():
     np.testing.assert_array_equal(b[:2], -a[:2])
     np.testing.assert_array_equal(b[2:], a[2:])
     np.testing.assert_array_equal(io.ras_to_lps(b), a)
+
+
+# ------------------------------------------------------------------------------ describe
+
+
+def test_describe_4d_nifti_without_reading_voxels(tmp_path, io_scan, monkeypatch):
+    import json
+
+    from nibabel.arrayproxy import ArrayProxy
+
+    data, space = io_scan
+    p = io.write(tmp_path / "maps.nii.gz", np.stack([data, -data, data * 3]).astype(np.int16), space, dtype=np.int16)
+
+    def no_voxels(*args, **kwargs):
+        raise AssertionError("describe read voxel data")
+
+    monkeypatch.setattr(ArrayProxy, "__array__", no_voxels)
+    monkeypatch.setattr(ArrayProxy, "_get_scaled", no_voxels)
+    with pytest.raises(Exception, match="describe read voxel data"):  # the patch does stop voxel reads
+        io.read(p, volume=0)
+    info = io.describe(p)
+    assert isinstance(info, io.ImageInfo) and info.format == "NIfTI" and info.dtype == "int16"
+    assert info.shape == (7, 9, 5, 3) and info.spatial_shape == (7, 9, 5) and info.volumes == 3
+    np.testing.assert_allclose(info.affine, space.affine, atol=1e-5)
+    np.testing.assert_allclose(info.spacing, space.spacing, atol=1e-5)
+    assert info.orientation == space.orientation and info.series == ()
+    assert "3 volumes of 7 x 9 x 5 voxels (pass volume=<index>, 0 to 2), int16" in str(info)
+    assert json.loads(json.dumps(info.to_dict()))["shape"] == [7, 9, 5, 3]
+    # a single volume, a 2D image, and (I, J, K, 1) which read() treats as 3D
+    one = io.describe(io.write(tmp_path / "one.nii.gz", data, space))
+    assert one.shape == (7, 9, 5) and one.volumes == 1 and one.dtype == "float32"
+    nib.save(nib.Nifti1Image(data[..., None], space.affine), tmp_path / "t1.nii.gz")
+    assert io.describe(tmp_path / "t1.nii.gz").shape == (7, 9, 5)
+    flat = io.describe(io.write(tmp_path / "slice.nii.gz", data[:, :, 0], Space((7, 9), np.diag([0.5, 0.25, 1.0, 1.0]))))
+    assert flat.shape == flat.spatial_shape == (7, 9) and flat.orientation == ("R", "A") and flat.spacing == (0.5, 0.25)
+
+
+def test_describe_itk_files(tmp_path):
+    img = _hand_built_lps_image()
+    sitk.WriteImage(img, str(tmp_path / "scan.nrrd"))
+    info = io.describe(tmp_path / "scan.nrrd")
+    assert (info.format, info.shape, info.dtype, info.volumes) == ("NRRD", (4, 5, 6), "int16", 1)
+    assert info.orientation == ("L", "P", "S")
+    assert io.read_space(tmp_path / "scan.nrrd") == Space(info.spatial_shape, info.affine)
+    series = sitk.JoinSeries([sitk.Cast(img, sitk.sitkFloat32)] * 2)  # 4D: (4, 5, 6, 2)
+    sitk.WriteImage(series, str(tmp_path / "four.mha"))
+    info = io.describe(tmp_path / "four.mha")
+    assert (info.format, info.shape, info.volumes, info.dtype) == ("MetaImage", (4, 5, 6, 2), 2, "float32")
+
+
+def test_describe_dicom_folder_with_two_series(tmp_path):
+    folder = tmp_path / "study"
+    write_dicom_series(_hand_built_lps_image(), folder, description="T1 axial", modality="MR")
+    oblique = sitk.Image([3, 4, 5], sitk.sitkInt16)
+    oblique.SetSpacing((0.8, 0.9, 2.5))
+    oblique.SetOrigin((-5.0, 7.0, 11.0))
+    oblique.SetDirection(tuple(Rotation.from_euler("xyz", [10, -5, 20], degrees=True).as_matrix().reshape(-1)))
+    write_dicom_series(oblique, folder, series_uid="1.2.826.0.1.3680043.8.498.9", description="oblique CT")
+    info = io.describe(folder)
+    assert info.format == "DICOM" and info.shape is None and info.affine is None and len(info.series) == 2
+    by_uid = {s.uid: s for s in info.series}
+    first, second = by_uid["1.2.826.0.1.3680043.8.498.1"], by_uid["1.2.826.0.1.3680043.8.498.9"]
+    assert (first.description, first.modality, first.slices, first.shape) == ("T1 axial", "MR", 6, (4, 5, 6))
+    assert (second.description, second.modality, second.slices, second.shape) == ("oblique CT", "CT", 5, (3, 4, 5))
+    assert first.orientation == ("L", "P", "S") and first.problem is None and second.problem is None
+    for s in info.series:  # the grid from the headers is the grid read() assembles
+        _, space = io.read(folder, series=s.uid)
+        assert space.shape == s.shape
+        np.testing.assert_allclose(s.affine, space.affine, atol=1e-4)
+        np.testing.assert_allclose(s.spacing, space.spacing, atol=1e-4)
+    text = str(info)
+    assert "2 series (pass series=<uid> to choose)" in text and '"T1 axial" (MR): 6 slices, 4 x 5 x 6 voxels' in text
+    assert [s["uid"] for s in info.to_dict()["series"]] == [s.uid for s in info.series]
+    # one series: the folder's grid is the series' grid
+    write_dicom_series(_hand_built_lps_image(), tmp_path / "single")
+    single = io.describe(tmp_path / "single")
+    assert single.shape == (4, 5, 6) and Space(single.shape, single.affine) == io.read_space(tmp_path / "single")
+
+
+def test_describe_reports_what_read_would_refuse_and_refuses_hostile_headers(tmp_path):
+    write_dicom_series(_hand_built_lps_image(), tmp_path / "gap")
+    os.remove(tmp_path / "gap" / "1_slice003.dcm")
+    with pytest.raises(io.GeometryError, match="missing slice"):
+        io.read(tmp_path / "gap")
+    (series,) = io.describe(tmp_path / "gap").series
+    assert series.slices == 5 and "1 missing slice" in series.problem and "problem: " in str(series)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret.raw").write_bytes(bytes(64))
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "evil.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\nElementDataFile = ../elsewhere/secret.raw\n")
+    with pytest.raises(io.UntrustedFileError):
+        io.describe(tmp_path / "scans" / "evil.mhd")
+    (tmp_path / "scans" / "big.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 400 400 400\nElementType = MET_FLOAT\nElementDataFile = big.raw\n")
+    (tmp_path / "scans" / "big.raw").write_bytes(bytes(64))
+    with pytest.raises(io.ImageTooLargeError):
+        io.describe(tmp_path / "scans" / "big.mhd")
