@@ -41,6 +41,7 @@ FAILING = """
 model:
   network: monai.networks.nets.DenseNet
   args: {spatial_dims: 3, in_channels: 2, out_channels: 2, init_features: 4, growth_rate: 4, block_config: [1]}
+  weights: none  # random parameters on purpose: this config only has to fail in the forward pass
 task: multilabel
 class_names: [a, b]
 preprocessing:

@@ -570,7 +570,7 @@ def test_default_max_bytes_is_16_gib():
 
 
 def _imports(path):
-    tree = ast.parse(Path(path).read_text())
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             yield ("." * node.level) + (node.module or "")
