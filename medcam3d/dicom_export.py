@@ -20,6 +20,7 @@ Needs the ``dicom`` extra: ``pip install "medcam3d[dicom]"`` (highdicom, pydicom
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tempfile
@@ -193,6 +194,12 @@ def _slice_order(space: Space, datasets: list[Dataset]) -> list[Dataset]:
             raise SpaceError(f"Slices {order[k].SOPInstanceUID} and {name} are both at slice {k} of the grid "
                              "(a duplicated slice?); expected one slice per position.")
         order[k] = dataset
+    # SliceThickness is type 2 in CT/MR images (may be absent), but the derived objects' pixel
+    # measures need one: the grid's slice spacing, on copies (the caller's datasets are not changed).
+    for k, dataset in enumerate(order):
+        if str(dataset.get("SliceThickness", "") or "").strip() == "":
+            order[k] = copy.copy(dataset)
+            order[k].SliceThickness = f"{float(spacing[2]):.6g}"
     return order  # type: ignore[return-value]  (every k filled: as many slices as positions, none twice)
 
 

@@ -246,3 +246,47 @@ def test_read_series_needs_a_choice_between_several_series(series, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageReadError, match="no DICOM image"):
         read_series(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_docs_dicom_example_runs(tmp_path):
+    """The "DICOM / PACS" example of docs/monai.md, run from a copy of the samples."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "monai.md").read_text(encoding="utf-8")
+    section = text.split("\n## DICOM / PACS\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = [block.split("\n", 1)[1] for block in section.split("```")[1::2] if block.startswith("python")]
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    shutil.copytree(root / "data_samples", tmp_path / "data_samples")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "['heatmap_hirescam_bright_round.dcm', 'heatmap_hirescam_dark_elongated.dcm', 'heatmap_hirescam_seg.dcm']" \
+        in done.stdout
+    assert "['bright_round', 'dark_elongated']" in done.stdout
+    series = tmp_path / "out" / "dicom" / "ct_series"
+    space = io.read_space(series)  # the sample's voxels; DICOM readers stack slices along +normal (LPI -> LPS)
+    normal = ras_to_lps(space.affine)[:3, 2]
+    datasets = sorted(read_series(series), key=lambda ds: float(np.dot([float(v) for v in ds.ImagePositionPatient],
+                                                                        normal)))
+    for name in ("heatmap_hirescam_bright_round.dcm", "heatmap_hirescam_seg.dcm"):
+        obj = pydicom.dcmread(tmp_path / "out" / "dicom" / "export" / name)
+        ks = _check_geometry(obj, datasets, space)
+        assert sorted(set(ks)) == list(range(space.shape[2]))  # every slice (a SEG frame per slice and segment)
+
+
+def test_source_slices_without_slice_thickness_are_exported_unchanged(series, tmp_path):
+    """SliceThickness is type 2 (may be absent); the grid's slice spacing stands in, on copies."""
+    folder, _, _ = series
+    datasets = read_series(folder)
+    for ds in datasets:
+        del ds.SliceThickness
+    space = io.read_space(folder)
+    path = write_parametric_map(Heatmap(_smooth_map(space, (4, 4, 4)), space, "gradcam", "l", 0), datasets,
+                                tmp_path / "pm.dcm")
+    measures = pydicom.dcmread(path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(SPACING[2])
+    assert all("SliceThickness" not in ds for ds in datasets)

@@ -370,3 +370,51 @@ def test_saver_without_maps_or_grid_says_what_to_do(batch, tmp_path):
     saver(item)
     assert [p.name for p in saver.written] == [f"0_heatmap_hirescam_class{c}.nii.gz" for c in range(3)]
     assert io.read_space(saver.written[0]) == grid
+
+
+# ------------------------------------------------------------------------------------ the docs
+
+
+def doc_blocks(section: str) -> list[tuple[str, str]]:
+    """The fenced code blocks ``(language, code)`` of one ``## section`` of docs/monai.md."""
+    text = (ROOT / "docs" / "monai.md").read_text(encoding="utf-8")
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    parts = body.split("```")
+    return [(block.split("\n", 1)[0].strip(), block.split("\n", 1)[1]) for block in parts[1::2]]
+
+
+def doc_workspace(tmp_path: Path) -> Path:
+    """A folder with the repository's configs and samples, where the docs' relative paths work."""
+    import shutil
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "data_samples", tmp_path / "data_samples")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_docs_with_monai_examples_run(tmp_path):
+    cwd = doc_workspace(tmp_path)
+    blocks = doc_blocks("With MONAI")
+    assert [language for language, _ in blocks] == ["bash", "diff", "python"]
+    script = blocks[0][1].replace(".venv/bin/python", sys.executable)
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("predictions.csv", "case_0/case_0_heatmap_hirescam_bright.nii.gz",
+                 "case_1/case_1_heatmap_hirescam_dark.nii.gz"):
+        assert (cwd / "out" / "bundle" / "eval" / name).is_file(), name
+    # the diff shown is the difference between the two configs the example bundle holds
+    plain = json.loads((cwd / "out/bundle/configs/inference_plain.json").read_text())
+    maps = json.loads((cwd / "out/bundle/configs/inference.json").read_text())
+    added = [line[1:].strip().rstrip(",") for line in blocks[1][1].splitlines() if line.startswith("+")]
+    assert json.loads(added[0].split(":", 1)[1]) == maps["inferer"]
+    assert json.loads(added[1]) == maps["postprocessing"]["transforms"][0]
+    assert maps["postprocessing"]["transforms"][1:] == plain["postprocessing"]["transforms"]
+
+    done = subprocess.run([sys.executable, "-c", blocks[2][1]], cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "['bright_round', 'dark_elongated'] (1, 2, 16, 16, 16)" in done.stdout
+    for case in range(1, 7):
+        for name in ("bright_round", "dark_elongated"):
+            path = cwd / "out" / "monai" / f"case_0{case}" / f"case_0{case}_heatmap_hirescam_{name}.nii.gz"
+            assert io.read_space(path) == io.read_space(cwd / "data_samples" / f"case_0{case}.nii.gz")
