@@ -23,6 +23,14 @@ logger = logging.getLogger("medcam3d")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if getattr(args, "image", None):
+        import json
+
+        from .io import describe
+
+        info = describe(args.image, trust=args.trust)
+        print(json.dumps(info.to_dict(), indent=2, default=str) if args.json else info)
+        return 0
     import platform
 
     import monai
@@ -135,6 +143,7 @@ def _parse_target(text: str | None):
 
 
 def _runner(args: argparse.Namespace, methods=None):
+    import dataclasses
     from .config import load_config
     from .jobs.runner import Runner
     from .models import load_model
@@ -142,7 +151,26 @@ def _runner(args: argparse.Namespace, methods=None):
     config = _with_output_options(load_config(args.config), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
                 or config.model.torchscript, config.task)
-    model = load_model(config, trust=getattr(args, "trust", False))
+    trust = getattr(args, "trust", False)
+    random_weights = getattr(args, "random_weights", False)
+    reader = None
+    if config.model.bundle is not None:
+        from .models import load_bundle
+
+        bundle = load_bundle(config.model.bundle, trust=trust, random_weights=random_weights, source=config.source)
+        model = bundle.network
+        random_weights = random_weights or bundle.random_weights
+        if config.class_names is None and bundle.class_names:
+            config = dataclasses.replace(config, class_names=list(bundle.class_names))
+        if config.preprocessing is None:  # the config's own preprocessing list overrides the bundle's
+            reader = bundle.preprocessing
+            logger.info("preprocessing: the bundle's own (%s)", bundle.config_file)
+    else:
+        model = load_model(config, trust=trust, random_weights=random_weights)
+        random_weights = random_weights or config.model.random_weights
+    if random_weights:
+        logger.warning("the model has random parameters (weights: none / --random-weights): its maps explain an "
+                       "untrained network; every output is labelled so")
     methods = methods or ([m.strip() for m in args.method.split(",")] if getattr(args, "method", None) else None)
     window = None
     if getattr(args, "roi", None):
@@ -151,7 +179,8 @@ def _runner(args: argparse.Namespace, methods=None):
         window = SlidingWindowConfig(tuple(args.roi), args.overlap, args.sw_batch)
     return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
                   layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
-                  sliding_window=window, amp=getattr(args, "amp", None), trust=getattr(args, "trust", False))
+                  sliding_window=window, amp=getattr(args, "amp", None), trust=trust, reader=reader,
+                  random_weights=random_weights)
 
 
 _OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized")
@@ -202,6 +231,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from .jobs.outputs import check_output_location
 
     cases = collect_cases(args.inputs)
+    for case in cases:  # --volume/--series apply where the CSV gives none
+        case.volume = case.volume if case.volume is not None else args.volume
+        case.series = case.series or args.series
     folder = [args.inputs] if Path(args.inputs).is_dir() else []  # --out inside a folder of scans is refused too
     check_output_location(args.out, [*folder, *(p for case in cases for p in (case.image, case.mask))])
     context = distributed_context(args.device)
@@ -223,7 +255,7 @@ def _input_shape(args: argparse.Namespace, config) -> tuple[int, ...]:
     if args.image:
         from .preprocess import preprocess
 
-        x, _ = preprocess(args.image, config.preprocessing)
+        x, _ = preprocess(args.image, config.preprocessing, trust=args.trust, source=config.source)
         return tuple(x.shape)
     if args.shape:
         return tuple(args.shape)
@@ -240,7 +272,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from .models import load_model
 
     config = load_config(args.config)
-    model = load_model(config, trust=args.trust)
+    # the layers do not depend on the weights: a template without weights can be listed as it is
+    model = load_model(config, trust=args.trust, random_weights=config.model.weights is None)
     shape = _input_shape(args, config)
     layers = list_layers(model, shape)
     print(f"Candidate target layers of {type(model).__name__} for input {shape} (execution order):")
@@ -306,24 +339,23 @@ EXAMPLES = """examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (a clear usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be {minimum} or more")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _fraction(text: str) -> float:
@@ -361,8 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--config", required=True, help="YAML config (see configs/demo.yaml)")
+        sub.add_argument("--random-weights", action="store_true",
+                         help="explain the network with random parameters on purpose (a sanity check); outputs say so")
         sub.add_argument("--trust", action="store_true",
                          help="allow configs and model files that run code (bundles, TorchScript, any class)")
+
+    def scan_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--volume", type=_non_negative_int,
+                         help="the volume (0-based) of a 4D file to explain (see: medcam3d info --image FILE)")
+        sub.add_argument("--series", help="the SeriesInstanceUID to explain in a folder holding several DICOM series")
 
     def compute_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -400,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", help="all | predicted | class index | class name | comma list")
     explain.add_argument("--layer", help="target layer name or 'auto' (default: the config's)")
     explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
+    scan_options(explain)
     compute_options(explain)
     output_options(explain)
     explain.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
@@ -412,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--method", help="method or comma list")
     batch.add_argument("--target", help="all | predicted | index | name | comma list")
     batch.add_argument("--layer")
+    scan_options(batch)
     batch.add_argument("--resume", action="store_true",
                        help="skip cases already explained with the same methods, target, layer and config")
     compute_options(batch)
@@ -444,7 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    add("info", "print versions for bug reports", _cmd_info)
+    info = add("info", "print versions for bug reports, or describe a scan (--image)", _cmd_info)
+    info.add_argument("--image", help="describe this scan from its headers: grid, volumes of a 4D file, DICOM series")
+    info.add_argument("--json", action="store_true", help="with --image: print JSON")
+    info.add_argument("--trust", action="store_true", help="with --image: allow headers that point to files elsewhere")
     return parser
 
 

@@ -157,3 +157,22 @@ def test_info_lists_versions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "hirescam" in out
+
+
+def test_a_4d_file_needs_a_volume_and_explains_the_chosen_one(setup, tmp_path, capsys):
+    root, config = setup
+    source = nib.load(root / "scan.nii.gz")
+    data = np.asarray(source.dataobj, dtype=np.float32)
+    nib.save(nib.Nifti1Image(np.stack([np.zeros_like(data), data], axis=-1), source.affine), tmp_path / "four.nii.gz")
+    args = ["explain", "--config", str(config), "--image", str(tmp_path / "four.nii.gz"), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "volume" in capsys.readouterr().err
+    assert main([*args, "--volume", "1"]) == 0
+    single = tmp_path / "single"
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(single)]) == 0
+    chosen = nib.load(tmp_path / "o" / "four" / "four_hirescam_bright_feature.nii.gz").get_fdata()
+    np.testing.assert_allclose(chosen, nib.load(single / "scan" / "scan_hirescam_bright_feature.nii.gz").get_fdata(),
+                               rtol=1e-5, atol=1e-6)
+    table = tmp_path / "cases.csv"
+    table.write_text("id,image,volume\nlate,four.nii.gz,1\n")
+    assert main(["batch", "--config", str(config), "--inputs", str(table), "--out", str(tmp_path / "b"), "--quiet"]) == 0

@@ -146,11 +146,13 @@ class LoadedCase:
 
 
 def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, trust: bool = False,
-              volume: int | None = None, series: str | None = None) -> LoadedCase:
+              volume: int | None = None, series: str | None = None, reader=None) -> LoadedCase:
     """Read a scan once, preprocess it, and read its ground-truth label map if given.
 
     ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
     ``volume`` picks one volume of a 4D file, ``series`` one series of a multi-series DICOM folder.
+    ``reader`` replaces ``transforms``: a callable ``reader(path, trust=...) -> (x, scanner_space)``
+    such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`).
 
     Raises
     ------
@@ -160,7 +162,13 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
     from .. import io
 
     scan, scanner_space = io.read(image, trust=trust, volume=volume, series=series)
-    x, _ = preprocess((scan, scanner_space), transforms)
+    if reader is not None:
+        if volume is not None or series is not None:
+            raise UsageError("--volume/--series cannot be used with a bundle's own preprocessing (it reads the whole "
+                             "file); give the config a preprocessing list instead.")
+        x, _ = reader(image, trust=trust)
+    else:
+        x, _ = preprocess((scan, scanner_space), transforms)
     labels = None
     if mask is not None:
         labels, mask_space = io.read(mask, dtype=None, trust=trust)
@@ -185,14 +193,20 @@ class Runner:
         ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
     trust : bool
         Read scans whose headers point to data files elsewhere (see :func:`medcam3d.io.read`).
+    reader : callable, optional
+        Replaces the config's preprocessing (e.g. a MONAI bundle's own; see :func:`load_case`).
+    random_weights : bool
+        The model has random parameters on purpose; recorded in every case's summary.
     """
 
     def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
                  target: object = None, layer: str | None = None, device: str = "auto",
                  sliding_window: SlidingWindowConfig | None = None, amp: str | None = None,
-                 trust: bool = False) -> None:
+                 trust: bool = False, reader=None, random_weights: bool = False) -> None:
         self.config = config
         self.trust = trust
+        self.reader = reader
+        self.random_weights = random_weights or config.model.random_weights
         self.sliding_window = sliding_window or config.sliding_window
         self.amp = amp or config.amp
         self.device = resolve_device(device)
@@ -212,6 +226,7 @@ class Runner:
         """What shapes this runner's outputs; recorded in each case's summary and compared by resume."""
         window = self.sliding_window
         return {"methods": list(self.methods), "target": self.target, "layer": self.layer,
+                "random_weights": self.random_weights,
                 "config_digest": config_digest(self.config), "amp": self.amp,
                 "sliding_window": None if window is None else dataclasses.asdict(window)}
 
@@ -245,7 +260,8 @@ class Runner:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out_dir, case_id)
         if loaded is None:
-            loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series)
+            loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series,
+                               reader=self.reader)
         x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
         staging = staging_folder(out_dir, case_id)
         try:
