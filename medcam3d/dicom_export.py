@@ -198,7 +198,7 @@ def _slice_order(space: Space, datasets: list[Dataset]) -> list[Dataset]:
     # measures need one: the grid's slice spacing, on copies (the caller's datasets are not changed).
     for k, dataset in enumerate(order):
         if str(dataset.get("SliceThickness", "") or "").strip() == "":
-            order[k] = copy.copy(dataset)
+            order[k] = copy.deepcopy(dataset)
             order[k].SliceThickness = f"{float(spacing[2]):.6g}"
     return order  # type: ignore[return-value]  (every k filled: as many slices as positions, none twice)
 
