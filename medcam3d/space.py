@@ -2,7 +2,7 @@
 
 A :class:`Space` is a grid: a spatial ``shape`` in NIfTI ``(i, j, k)`` order and a 4x4 ``affine``
 mapping voxel indices to RAS+ millimetres (the nibabel / MONAI convention). Three grids matter
-(see DESIGN.md §3): the scan on disk (``scanner_space``), the tensor the model sees
+(see docs/architecture.md §3): the scan on disk (``scanner_space``), the tensor the model sees
 (``input_space``) and the target layer's output (``feature_space``). :func:`feature_space` derives
 the last from the second, and :func:`resample` moves a map from any grid onto any other in one
 trilinear interpolation, so a heatmap goes straight from the feature grid to the scan's grid.
@@ -725,8 +725,10 @@ def _interpolate(y: torch.Tensor, dim: int, weights: AxisWeights, n_source: int)
     """Linear interpolation of ``y`` along ``dim`` (length ``n_source``) at the target indices of ``weights``."""
     device = y.device
     if n_source <= _DENSE_MAX:
-        matrix = torch.as_tensor(weights.matrix(n_source).T, dtype=torch.float32, device=device)  # (S, T)
-        return torch.matmul(y.movedim(dim, -1), matrix).movedim(-1, dim)
+        matrix = torch.as_tensor(np.ascontiguousarray(weights.matrix(n_source).T), dtype=torch.float32, device=device)
+        # a contiguous left operand: with the strides a permuted view can have, torch's matmul
+        # falls onto a path that is orders of magnitude slower than copying it first
+        return torch.matmul(y.movedim(dim, -1).contiguous(), matrix).movedim(-1, dim)
     lower = torch.as_tensor(weights.lower, device=device)
     upper = torch.as_tensor(weights.upper, device=device)
     shape = [1] * y.ndim
