@@ -7,7 +7,7 @@ the inferer and in one post-transform. Two kinds of "maps":
 
 * ``maps``: the inferer only (the maps are computed and attached to the predictions);
 * ``maps+save``: also SaveHeatmapsd, which resamples every class map onto the scan's grid and
-  writes it as a float32 .nii.gz next to the predictions.
+  writes it next to the predictions (uint8 with scl_slope, its default; ``.nii.gz`` or ``.nii``).
 
 Models: the shipped demo model (configs/demo.yaml, data_samples/demo_model.pt, the six sample
 scans) and MONAI DenseNet121 (14 classes, seeded random weights) on 96^3 inputs (synthetic 96^3
@@ -18,7 +18,7 @@ Memory: peak RSS of the process (VmHWM; on a GPU: peak allocated CUDA memory) an
 growth during the timed runs over the RSS before them.
 
     python benchmarks/bench_monai_inference.py [--models demo densenet121] [--repeats 3] [--runs 2]
-        [--threads 2] [--device cpu|cuda]
+        [--threads 1] [--device cpu|cuda] [--save-ext .nii.gz|.nii]
 
 Targets (issue 16): maps add <= 5 % wall time and <= 10 % peak memory to the evaluator.
 """
@@ -104,7 +104,7 @@ def densenet121_bundle(folder: Path, scans: int = 4) -> Path:
 # ------------------------------------------------------------------------------------------ child
 
 
-def child(bundle: Path, config: str, runs: int, threads: int, device: str) -> dict:
+def child(bundle: Path, config: str, runs: int, threads: int, device: str, save_ext: str) -> dict:
     """Build the bundle's evaluator for ``config``; time ``runs`` runs after a warm-up; measure memory."""
     import torch
     from monai.bundle import ConfigParser
@@ -117,6 +117,8 @@ def child(bundle: Path, config: str, runs: int, threads: int, device: str) -> di
     parser["device"] = f"$torch.device({device!r})"
     if config == "maps":  # the inferer without SaveHeatmapsd
         parser["postprocessing"]["transforms"] = parser["postprocessing"]["transforms"][1:]
+    elif config == "maps+save":
+        parser["postprocessing"]["transforms"][0]["output_ext"] = save_ext
     evaluator = parser.get_parsed_content("evaluator")
     evaluator.logger.setLevel("WARNING")
     loaded = rss_mib("VmRSS")
@@ -145,7 +147,7 @@ def child(bundle: Path, config: str, runs: int, threads: int, device: str) -> di
 
 def run_child(bundle: Path, config: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", str(bundle), config, "--runs", str(args.runs),
-               "--threads", str(args.threads), "--device", args.device]
+               "--threads", str(args.threads), "--device", args.device, "--save-ext", args.save_ext]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -158,12 +160,15 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["demo", "densenet121"], choices=["demo", "densenet121"])
     parser.add_argument("--repeats", type=int, default=3, help="processes per configuration (median)")
     parser.add_argument("--runs", type=int, default=2, help="timed evaluator runs per process (fastest)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the work done)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save-ext", default=".nii.gz", choices=[".nii.gz", ".nii"],
+                        help="SaveHeatmapsd output (uint8 maps; .nii skips gzip)")
     parser.add_argument("--child", nargs=2, metavar=("BUNDLE", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), args.child[1], args.runs, args.threads, args.device)))
+        print(json.dumps(child(Path(args.child[0]), args.child[1], args.runs, args.threads, args.device,
+                               args.save_ext)))
         return 0
 
     import torch
@@ -171,7 +176,7 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     print(f"device: {args.device} ({'a GPU is available' if gpu else 'no GPU available on this machine'}), "
           f"torch {torch.__version__}, {args.threads} threads, {args.repeats} processes per configuration, "
-          f"fastest of {args.runs} timed runs each")
+          f"fastest of {args.runs} timed runs each; SaveHeatmapsd writes uint8 {args.save_ext}")
     builders = {"demo": demo_bundle, "densenet121": densenet121_bundle}
     with tempfile.TemporaryDirectory(prefix="bench_monai_") as tmp:
         for model in args.models:

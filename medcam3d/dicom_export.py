@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from .heatmap import Heatmap
 
-__all__ = ["read_series", "write_parametric_map", "write_segmentation", "export_dicom", "MANUFACTURER"]
+__all__ = ["MANUFACTURER", "export_dicom", "read_series", "write_parametric_map", "write_segmentation"]
 
 #: Manufacturer of the objects medcam3d writes (it recognises its own files by it).
 MANUFACTURER = "medcam3d"
@@ -182,7 +182,7 @@ def _slice_order(space: Space, datasets: list[Dataset]) -> list[Dataset]:
                              f"{space.shape[0]} x {space.shape[1]}.{hint}")
         position = _floats(dataset, "ImagePositionPatient", 3)
         k_real = float(np.dot(position - lps[:3, 3], directions[:, 2]) / spacing[2])
-        k = int(round(k_real))
+        k = round(k_real)
         expected = lps[:3, 3] + k * lps[:3, 2]
         if not 0 <= k < space.shape[2] or np.linalg.norm(position - expected) > tolerance:
             message = (
@@ -223,10 +223,11 @@ def _series_number(datasets: list[Dataset], offset: int) -> int:
 
 def _written_by_medcam3d(path: Path) -> bool:
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
         return str(pydicom.dcmread(path, stop_before_pixels=True).get("Manufacturer", "")) == MANUFACTURER
-    except Exception:  # unreadable or not DICOM: not ours
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):  # not DICOM: not ours
         return False
 
 

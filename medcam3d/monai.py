@@ -41,7 +41,7 @@ import logging
 import os
 import shutil
 import tempfile
-import weakref
+import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,9 @@ from .space import Space
 __all__ = [
     "HEATMAP_KEY",
     "HeatmapInferer",
-    "SaveHeatmapsd",
     "InferenceModeError",
     "MissingHeatmapsError",
+    "SaveHeatmapsd",
     "explanation_of",
     "original_space",
 ]
@@ -197,7 +197,7 @@ class HeatmapInferer(Inferer):
         self.meta_key = str(meta_key)
         #: The explanation of the last batch (its maps on the feature grid), or None.
         self.last: Explanation | None = None
-        self._explainers: weakref.WeakKeyDictionary[nn.Module, Explainer] = weakref.WeakKeyDictionary()
+        self._explainers: dict[int, Explainer] = {}  # one per network (an EnsembleEvaluator passes several)
 
     def __repr__(self) -> str:
         window = f", roi_size={self.roi_size!r}" if self.roi_size is not None else ""
@@ -205,11 +205,11 @@ class HeatmapInferer(Inferer):
 
     def explainer(self, network: nn.Module) -> Explainer:
         """The :class:`~medcam3d.explainer.Explainer` used for ``network`` (one per network, kept)."""
-        explainer = self._explainers.get(network)
-        if explainer is None:
+        explainer = self._explainers.get(id(network))
+        if explainer is None or explainer.model is not network:
             explainer = Explainer(network, method=self.method, layer=self.layer, class_names=self.class_names,
                                   eval_mode=self.eval_mode)
-            self._explainers[network] = explainer
+            self._explainers[id(network)] = explainer
         return explainer
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -250,9 +250,9 @@ class HeatmapInferer(Inferer):
             )
             raise TypeError(message)
         explainer = self.explainer(network)
-        explainer.amp = self._amp_for(inputs)
         outputs: list[Any] = []
         with model_lock(network), torch.enable_grad():
+            explainer.amp = self._amp_for(inputs)  # under the lock: concurrent callers may differ
             if self.roi_size is None:
                 # The network's own output of the explainer's forward pass (its last forward).
                 with forward_hooks([(network, lambda module, args_, output: outputs.append(output))]):
@@ -706,10 +706,11 @@ def _written_by_medcam3d(path: Path) -> bool:
     """Whether ``path`` is a NIfTI file whose description says medcam3d wrote it."""
     if not str(path).lower().endswith((".nii", ".nii.gz")):
         return False
-    try:
-        import nibabel as nib
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
 
+    try:
         descrip = nib.load(str(path)).header["descrip"].tobytes().split(b"\0")[0]
-    except Exception:  # unreadable: not ours
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error):  # unreadable: not ours
         return False
     return descrip.startswith(b"medcam3d")

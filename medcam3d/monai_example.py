@@ -33,8 +33,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_bundle", "write_example_bundle", "write_scans", "inference_config", "EXAMPLE_NETWORK",
-           "EXAMPLE_PREPROCESSING", "EXAMPLE_CLASSES"]
+__all__ = [
+    "EXAMPLE_CLASSES",
+    "EXAMPLE_NETWORK",
+    "EXAMPLE_PREPROCESSING",
+    "inference_config",
+    "write_bundle",
+    "write_example_bundle",
+    "write_scans",
+]
 
 #: The tiny network of the example bundle (MONAI DenseNet, 3D, two classes).
 EXAMPLE_NETWORK: dict[str, Any] = {

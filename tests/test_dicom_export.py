@@ -3,6 +3,7 @@ source series, checked by reading them back with pydicom/highdicom against the s
 
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -10,9 +11,14 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-import highdicom as hd
 from medcam3d import io
-from medcam3d.dicom_export import MANUFACTURER, export_dicom, read_series, write_parametric_map, write_segmentation
+from medcam3d.dicom_export import (
+    MANUFACTURER,
+    export_dicom,
+    read_series,
+    write_parametric_map,
+    write_segmentation,
+)
 from medcam3d.errors import ImageReadError, OutputConflictError, SpaceError
 from medcam3d.explainer import Explainer
 from medcam3d.heatmap import Heatmap, to_scanner_space
@@ -220,7 +226,7 @@ def test_a_map_off_the_series_grid_is_refused(series, tmp_path, change):
 
 
 def test_existing_files_are_replaced_only_when_medcam3d_wrote_them(series, tmp_path):
-    folder, _, datasets = series
+    folder, _, _ = series
     space = io.read_space(folder)
     heatmap = Heatmap(_smooth_map(space, (3, 3, 3)), space, "gradcam", "l", 0)
     foreign = tmp_path / "foreign.dcm"
@@ -237,7 +243,7 @@ def test_existing_files_are_replaced_only_when_medcam3d_wrote_them(series, tmp_p
 
 
 def test_read_series_needs_a_choice_between_several_series(series, tmp_path):
-    folder, volume, datasets = series
+    folder, volume, _ = series
     other = write_ct_series(folder, volume, series_uid=generate_uid(), seed=5)
     with pytest.raises(ImageReadError, match="2 DICOM series"):
         read_series(folder)

@@ -29,7 +29,12 @@ from medcam3d.monai import (
     explanation_of,
     original_space,
 )
-from medcam3d.monai_example import EXAMPLE_CLASSES, inference_config, write_example_bundle, write_scans
+from medcam3d.monai_example import (
+    EXAMPLE_CLASSES,
+    inference_config,
+    write_example_bundle,
+    write_scans,
+)
 from medcam3d.sliding import explain_sliding_window
 from medcam3d.space import Space
 
@@ -230,7 +235,14 @@ def test_sliding_window_inferer_segmentation_output_and_maps():
 def _sample(tmp_path, network):
     """One decollated prediction of a scan loaded and preprocessed with MONAI, the scan, the batch and
     the preprocessing."""
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        Spacingd,
+    )
 
     scan = write_scans(tmp_path / "in", 3)[2]  # the oblique one
     scan = scan.rename(scan.with_name("scan.nii.gz"))
