@@ -616,6 +616,12 @@ class SaveHeatmapsd(MapTransform):
     def views(self, pred: Any, meta: Mapping | None = None) -> list[ScanGridMap]:
         """The maps of one decollated prediction as seen on the file's grid (nothing resampled yet)."""
         result = explanation_of(pred, meta_key=self.meta_key)
+        if result.maps.shape[0] != 1:
+            message = (
+                f"SaveHeatmapsd got a batch of {result.maps.shape[0]} predictions; it writes one sample at a time. "
+                "Keep the evaluator's decollate=True (the default), or decollate_batch() the output first."
+            )
+            raise ValueError(message)
         if result.input_affine is None:
             message = (
                 "The network's input had no affine (a plain tensor, not a MetaTensor), so the maps cannot "

@@ -372,6 +372,8 @@ def test_saver_without_maps_or_grid_says_what_to_do(batch, tmp_path):
         SaveHeatmapsd(keys="pred", output_dir=tmp_path)(item)
     with torch.no_grad():
         pred = HeatmapInferer()(x, network)  # a tensor made in memory: no file grid in its metadata
+    with pytest.raises(ValueError, match="decollate"):
+        SaveHeatmapsd(keys="pred", output_dir=tmp_path)({"pred": pred})  # a whole batch
     item = decollate_batch({"pred": pred})[0]
     from medcam3d.errors import SpaceError
 
