@@ -49,6 +49,7 @@ __all__ = [
     "CaseIdError",
     "OutputConflictError",
     "ShearWarning",
+    "ProbabilityOutputWarning",
     "exit_code",
     "EXIT_OK",
     "EXIT_FAILURE",
@@ -223,6 +224,10 @@ class OutputConflictError(Medcam3dError, FileExistsError):
 
 class ShearWarning(UserWarning):
     """The image's voxel axes are not orthogonal (sheared affine)."""
+
+
+class ProbabilityOutputWarning(UserWarning):
+    """The model returns probabilities (a trailing softmax/sigmoid), not logits: what was explained instead."""
 
 
 def exit_code(error: BaseException) -> int:

@@ -1,8 +1,13 @@
 """The Explainer: one lean forward pass, gradients at the target layer only,
-every requested class map at once."""
+every requested class map at once (§4, §5).
+
+Plain PyTorch models, TorchScript models (scripted, traced, or loaded with ``torch.jit.load``) and
+plain models with scripted submodules are explained the same way; see :mod:`medcam3d.torchscript`
+for how a layer inside a scripted graph is reached without hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -13,11 +18,19 @@ import torch
 from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import InputError, LayerError
+from .errors import InputError, LayerError, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
 from .hooks import ActivationCapture, model_lock, preserved_model_state
-from .layers import find_cam_head, linear_head, resolve_layer, select_auto_layer, spatial_dims_of
-from .modeling import first_tensor, to_model_input
+from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
+from .modeling import (
+    OUTPUT_ACTIVATIONS,
+    OutputActivation,
+    OutputActivationWatch,
+    first_tensor,
+    logits_from_probabilities,
+    looks_like_probabilities,
+    to_model_input,
+)
 from .targets import resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
@@ -40,7 +53,8 @@ class Explanation:
         The T class indices explained, in map order (one list per sample when
         samples differ, e.g. ``"predicted"`` on a batch).
     logits : (B, C) or (B, C, *spatial) Tensor
-        The model's output, detached.
+        The logits the scores come from, detached: the model's output, or, when the model ends in a
+        softmax/sigmoid that was undone (see ``output_activation``), that activation's input.
     scores : (B, T) Tensor
         The explained scores (logit, negated logit, or region sum), detached.
     class_indices : (B, T) LongTensor
@@ -51,6 +65,9 @@ class Explanation:
     input_affine : (4, 4) or (B, 4, 4) ndarray or None
         The input grid's affine when ``x`` was a MONAI ``MetaTensor``.
     class_names : list of str or None
+    output_activation : {"none", "softmax", "log_softmax", "sigmoid"}
+        The activation of the model's output that was undone before scoring ("none": the output
+        was explained as it is).
     """
 
     maps: torch.Tensor
@@ -65,6 +82,7 @@ class Explanation:
     feature_shape: tuple[int, ...]
     input_affine: np.ndarray | None = None
     class_names: list[str] | None = None
+    output_activation: str = "none"
 
     def to_scanner_space(self, scanner_space=None, *, input_space=None, sample: int = 0, fill: float = 0.0):
         """Each map of one sample as a :class:`~medcam3d.heatmap.Heatmap` on the scan's grid.
@@ -96,13 +114,22 @@ class Explainer:
         are restored, no ``.grad`` is written, ``requires_grad`` is untouched.
         Calls from several threads on one model (or on models sharing
         submodules) are safe: they run one at a time.
+
+        TorchScript models (``torch.jit.script``/``trace``, ``torch.jit.load``) work too: a layer
+        inside a scripted graph is reached by running a copy of the graph split at that layer
+        (:mod:`medcam3d.torchscript`), with no graph before the layer and gradients from
+        ``autograd.grad`` only, in one pass. Layers inside an ``if``/loop of the graph, or called
+        twice, cannot be reached (the error lists those that can). When a *plain* model calls a
+        *scripted submodule* that contains the target layer, that submodule runs twice (once as
+        the model calls it, once split), as PyTorch offers no way to intercept it otherwise.
     method : str or Method
         ``"hirescam"`` (default), ``"gradcam"``, ``"cam"``, ``"gradcam++"``,
         ``"xgradcam"``, ``"layercam"``, ``"eigencam"``.
     layer : str, nn.Module or "auto"
-        Target layer. ``"auto"``: the last module with a spatial output
-        (logged at INFO; chosen on the first input and kept, chosen again for an
-        input size where that layer no longer has a spatial output).
+        Target layer. ``"auto"``: :func:`medcam3d.layers.auto_layer`, the last module with a
+        spatial output (for segmentation networks: before the layers that produce the logits),
+        chosen on a small probe input, cached per model, input channels and rank (logged at INFO);
+        chosen again on the full size for an input where that layer has no spatial output.
     class_names : sequence of str, optional
         Names for string targets and for provenance.
     eval_mode : bool
@@ -116,6 +143,29 @@ class Explainer:
     amp : {None, "bf16", "fp16"}
         Mixed precision (``torch.autocast``) for the forward and backward; maps are combined in
         float32. bf16 roughly halves activation memory on GPU.
+    output_activation : {"auto", "none", "softmax", "sigmoid"}
+        What the model's output is, so that the *logits* are explained:
+
+        * ``"auto"`` (default): when the output is produced by a trailing ``nn.Softmax``,
+          ``nn.LogSoftmax`` or ``nn.Sigmoid`` module (or, in a TorchScript graph, by a softmax/sigmoid
+          operator), its input is explained instead, with a :class:`ProbabilityOutputWarning`; when
+          the values merely look like probabilities (:func:`medcam3d.modeling.looks_like_probabilities`),
+          the output is explained as it is, with a warning that says which option to pass.
+        * ``"softmax"``/``"sigmoid"``: the output is that activation of logits. A trailing module's
+          input is explained; without one the activation is inverted (a warning says so):
+          ``logit(p)`` for sigmoid, which recovers the logit exactly except where the sigmoid
+          saturated; ``log p`` for softmax, which is the logit minus ``logsumexp`` — equal for all
+          classes of a sample, so maps of *differences* between classes are exact, but the map of
+          one class becomes its logit's map minus the probability-weighted mean of all classes'
+          maps (:func:`medcam3d.modeling.logits_from_probabilities`).
+        * ``"none"``: explain the output as it is.
+
+        Why: HiResCAM's faithfulness (the map is the element-wise gradient × activation
+        decomposition of the score; it sums to ``logit − bias`` for a flatten + Linear head) is a
+        statement about the score whose gradient is taken. The gradient of a softmax probability,
+        ``p_c (∇z_c − Σ_j p_j ∇z_j)``, mixes every class's evidence and vanishes as the model grows
+        confident (``p_c → 1``), so probability maps fade or show the competing classes; logits do
+        not saturate.
 
     Examples
     --------
@@ -134,6 +184,7 @@ class Explainer:
         eval_mode: bool = True,
         update_batchnorm_stats: bool = False,
         amp: str | None = None,
+        output_activation: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             message = f"model must be a torch.nn.Module, not {type(model).__name__}."
@@ -141,6 +192,10 @@ class Explainer:
         if amp not in _AMP_DTYPES:
             message = f"amp must be one of {list(_AMP_DTYPES)}, not {amp!r}."
             raise ValueError(message)
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            message = f"output_activation must be one of {list(OUTPUT_ACTIVATIONS)}, not {output_activation!r}."
+            raise ValueError(message)
+        self.output_activation = output_activation
         self.amp = amp
         self.model = model
         self.method = get_explainer(method)
@@ -149,8 +204,8 @@ class Explainer:
         self.update_batchnorm_stats = update_batchnorm_stats
         self._auto = isinstance(layer, str) and layer == "auto"
         self._layer: tuple[str, nn.Module] | None = None if self._auto else resolve_layer(model, layer)
-        self._auto_cache: dict[tuple[int, int], tuple[str, nn.Module, tuple[int, ...]]] = {}
-        self._spatial_dims = spatial_dims_of(model)
+        self._auto_logged: set[str] = set()
+        self._spatial_dims = expected_spatial_dims(model)
         self._batched_vjp = True
 
     def __repr__(self) -> str:
@@ -187,10 +242,13 @@ class Explainer:
                 try:
                     return self._explain(x, target, relu)
                 except LayerError:
-                    cached = self._auto_cache.get((x.shape[1], x.ndim)) if self._auto and x.ndim >= 3 else None
-                    if cached is None or cached[2] == tuple(x.shape[2:]):
+                    if not self._auto or not isinstance(x, torch.Tensor) or x.ndim < 3:
                         raise
-                    del self._auto_cache[(x.shape[1], x.ndim)]  # chosen on another size: choose again
+                    # The choice was made on a probe; for this size it fails: choose on this size.
+                    shape = tuple(int(s) for s in x.shape[1:])
+                    used = auto_layer(self.model, shape).name
+                    if auto_layer(self.model, shape, exact=True).name == used:
+                        raise
                     return self._explain(x, target, relu)
         except torch.OutOfMemoryError as error:
             message = (
@@ -205,11 +263,12 @@ class Explainer:
         name, module = self._target_layer(inputs)
         autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
-        capture = ActivationCapture(module, name, track_gradients=track, spatial_ndim=inputs.ndim)
+        capture = ActivationCapture(module, name, track_gradients=track, spatial_ndim=inputs.ndim, model=self.model)
+        watch = OutputActivationWatch(self.model) if self.output_activation != "none" else contextlib.nullcontext()
         state = preserved_model_state(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats)
-        with state, capture, autocast:
-            with torch.no_grad():  # no graph before the target layer; the hook re-enables it
-                outputs = self.model(inputs)
+        with state, capture, watch, autocast:
+            with torch.no_grad():  # no graph before the target layer; the capture re-enables it
+                outputs = capture.run(inputs)
             activations = capture.activations
             if activations is None:
                 message = (
@@ -218,11 +277,12 @@ class Explainer:
                 )
                 raise LayerError(message)
             outputs = self._check_outputs(outputs, name)
-            resolved = resolve_target(target, outputs, self.class_names)
+            logits, undone = self._logits(outputs, capture, watch)
+            resolved = resolve_target(target, logits, self.class_names)
             with torch.enable_grad():
-                scores = resolved.scores(outputs)
+                scores = resolved.scores(logits)
                 gradients = self._gradients(scores, activations, name) if track else None
-            context = MethodContext(resolved.class_indices, resolved.signs, self._head_weight(activations, outputs))
+            context = MethodContext(resolved.class_indices, resolved.signs, self._head_weight(activations, logits))
             with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
                 gradients = None if gradients is None else gradients.float()
                 maps = self.method.combine(activations.detach().float().unsqueeze(1), gradients, context)
@@ -233,7 +293,7 @@ class Explainer:
         return Explanation(
             maps=maps.float().contiguous(),
             targets=resolved.labels(),
-            logits=outputs.detach().float(),
+            logits=logits.detach().float(),
             scores=scores.detach().float(),
             class_indices=resolved.class_indices,
             method=self.method.name,
@@ -243,6 +303,7 @@ class Explainer:
             feature_shape=tuple(activations.shape[2:]),
             input_affine=input_affine,
             class_names=self.class_names,
+            output_activation=undone,
         )
 
     # --------------------------------------------------------------- helpers
@@ -252,15 +313,12 @@ class Explainer:
             raise RuntimeError(message)
         affine = getattr(x, "affine", None)
         input_affine = None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
-        inputs = to_model_input(x, self.model)
         dims = self._spatial_dims
-        if dims is not None and inputs.ndim != dims + 2:
-            fix = " Add the batch axis with x[None]." if inputs.ndim == dims + 1 else ""
-            message = (
-                f"x has shape {tuple(inputs.shape)}, but this model takes {dims}D inputs of shape "
-                f"(B, C_in, {', '.join('DVU'[-dims:] if dims <= 3 else '*')}).{fix}"
-            )
-            raise InputError(message)
+        if isinstance(x, (torch.Tensor, np.ndarray)) and dims is not None:
+            message = rank_mismatch_message(dims, tuple(x.shape), batched=True)
+            if message is not None:  # before any cast, copy or forward
+                raise InputError(message)
+        inputs = to_model_input(x, self.model)
         if inputs.ndim < 3:
             message = f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}."
             raise InputError(message)
@@ -270,13 +328,14 @@ class Explainer:
         if not self._auto:
             assert self._layer is not None
             return self._layer
-        # One probe per channel count and rank: the choice rarely depends on the size, and a
-        # probe costs a forward pass. A size where the cached layer fails is probed anew.
-        key = (inputs.shape[1], inputs.ndim)
-        if key not in self._auto_cache:
-            self._auto_cache[key] = (*select_auto_layer(self.model, inputs), tuple(inputs.shape[2:]))
-        name, module, _ = self._auto_cache[key]
-        return name, module
+        # One definition of "auto" (layers.auto_layer): chosen on a small probe and cached per model,
+        # channels and rank (and per size, for a size where that choice failed).
+        shape = tuple(inputs.shape[1:])
+        info = auto_layer(self.model, shape)
+        if info.name not in self._auto_logged:
+            self._auto_logged.add(info.name)
+            logger.info("layer='auto' uses %r (%s) for inputs %s", info.name, info.type, shape)
+        return resolve_layer(self.model, info.name)
 
     def _check_outputs(self, outputs: object, layer: str) -> torch.Tensor:
         outputs = first_tensor(outputs)
@@ -291,6 +350,66 @@ class Explainer:
             )
             raise LayerError(message)
         return outputs
+
+    def _logits(self, outputs: torch.Tensor, capture: ActivationCapture, watch: object) -> tuple[torch.Tensor, str]:
+        """The tensor to score, and the activation undone (``"none"`` when the output is kept).
+
+        See ``output_activation`` in the class docstring.
+        """
+        mode = self.output_activation
+        if mode == "none":
+            return outputs, "none"
+        found: OutputActivation | None = None
+        if capture.trailing is not None and capture.logits is not None:
+            found = OutputActivation(capture.trailing.kind, capture.trailing.name, capture.logits)
+        elif isinstance(watch, OutputActivationWatch):
+            found = watch.trailing(outputs)
+        usable = found is not None and (found.logits.requires_grad or not self.method.needs_gradients)
+        if found is not None and usable:
+            logits = first_tensor(found.logits)
+            if mode == "auto":
+                message = (
+                    f"The model's output comes from a {found.kind} ({found.name!r}), so it holds probabilities, not "
+                    f"logits; medcam3d explains the {found.kind}'s input (the logits) instead. Pass "
+                    "output_activation='none' to explain the probabilities as they are."
+                )
+                warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
+            elif not found.kind.endswith(mode):
+                message = (
+                    f"output_activation={mode!r}, but the model's output comes from a {found.kind} ({found.name!r}); "
+                    f"medcam3d explains that {found.kind}'s input (the logits)."
+                )
+                warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
+            return logits, found.kind
+        if mode == "auto":
+            guess = looks_like_probabilities(outputs)
+            if guess is not None:
+                message = (
+                    f"The model's outputs look like {guess} probabilities (all in [0, 1]"
+                    f"{', summing to 1 over the classes' if guess == 'softmax' else ''}), but no trailing "
+                    f"{guess} module was found, so they are explained as they are. If the model applies a {guess}, "
+                    f"pass output_activation={guess!r} (the activation is then inverted) or explain the model "
+                    "without it; if these are logits, pass output_activation='none'."
+                )
+                warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
+            return outputs, "none"
+        logits, clamped = logits_from_probabilities(outputs, mode)
+        inverse = "logit(p)" if mode == "sigmoid" else "log(p), the logits up to a constant per sample"
+        message = (
+            f"output_activation={mode!r} and no trailing {mode} module was found: the model's output was inverted "
+            f"({inverse}) and that is explained."
+        )
+        if mode == "softmax":
+            message += (
+                " Each class map is then relative to the other classes (its logit's map minus the "
+                "probability-weighted mean of all classes' maps); differences between classes are exact."
+            )
+        if clamped > 0:
+            message += (
+                f" {clamped:.1%} of the values were saturated (clamped before the inverse): their gradient is zero."
+            )
+        warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
+        return logits.to(outputs.dtype) if outputs.dtype == torch.float64 else logits, mode
 
     def _gradients(self, scores: torch.Tensor, activations: torch.Tensor, layer: str) -> torch.Tensor:
         """``∂ scores[:, t] / ∂ activations`` for every t: ``(B, T, K, *spatial)``.

@@ -8,7 +8,11 @@ One implementation of each, so that every caller agrees:
   model's device and cast to its dtype;
 * :func:`first_tensor` — the logits tensor of whatever the model returned (a tensor, the first
   entry of a tuple/list such as deep supervision, ``["logits"]`` of a dict);
-* :func:`model_output` — ``first_tensor(model(x))``.
+* :func:`model_output` — ``first_tensor(model(x))``;
+* outputs that are not logits (§4): :class:`OutputActivationWatch` finds a trailing
+  ``nn.Softmax``/``nn.Sigmoid``/``nn.LogSoftmax`` module and its input (the logits),
+  :func:`looks_like_probabilities` recognises probabilities by their values, and
+  :func:`logits_from_probabilities` inverts an activation the model applies functionally.
 
 Hooks, locks and train/eval hygiene live in :mod:`medcam3d.hooks`.
 """
@@ -17,14 +21,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import InputError, ModelOutputError
+from .hooks import forward_hooks
+from .torchscript import ACTIVATION_MODULES, is_scripted
 
-__all__ = ["first_tensor", "model_device_dtype", "model_output", "to_model_input"]
+__all__ = [
+    "OUTPUT_ACTIVATIONS",
+    "OutputActivation",
+    "OutputActivationWatch",
+    "first_tensor",
+    "logits_from_probabilities",
+    "looks_like_probabilities",
+    "model_device_dtype",
+    "model_output",
+    "to_model_input",
+]
+
+#: Values of ``output_activation`` (:class:`medcam3d.Explainer`).
+OUTPUT_ACTIVATIONS = ("auto", "none", "softmax", "sigmoid")
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +198,135 @@ def _check_integers_fit(inputs: torch.Tensor, dtype: torch.dtype) -> None:
             "model's preprocessing does) and pass a floating tensor."
         )
         raise InputError(message)
+
+
+# ------------------------------------------------------------------------- outputs that are not logits
+@dataclass(frozen=True)
+class OutputActivation:
+    """The activation that produced the model's output, and its input.
+
+    Attributes
+    ----------
+    kind : {"softmax", "log_softmax", "sigmoid"}
+    name : str
+        Dotted module name (or the TorchScript operator, e.g. ``"aten::softmax"``).
+    logits : Tensor
+        The activation's input: the logits, ``(B, C)`` or ``(B, C, *spatial)``.
+    """
+
+    kind: str
+    name: str
+    logits: torch.Tensor
+
+
+class OutputActivationWatch:
+    """Forward hooks on a model's softmax/sigmoid modules for one forward pass (a context manager).
+
+    Afterwards :meth:`trailing` says whether one of them produced the model's output (the very
+    tensor the model returned, or the first entry of a tuple/list/dict output), and gives its input.
+    Modules inside a TorchScript module are not seen here (see
+    :class:`medcam3d.hooks.ActivationCapture`, which finds them in the graph).
+
+    Parameters
+    ----------
+    model : nn.Module
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._modules = [
+            (name, module, ACTIVATION_MODULES[type(module).__name__])
+            for name, module in model.named_modules()
+            if not is_scripted(module) and type(module).__name__ in ACTIVATION_MODULES
+        ]
+        self._seen: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
+        self._hooks = None
+
+    def __enter__(self) -> OutputActivationWatch:
+        self._seen = []
+        self._hooks = forward_hooks([(module, self._hook(name, kind)) for name, module, kind in self._modules])
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc_info)
+            self._hooks = None
+
+    def _hook(self, name: str, kind: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                self._seen.append((name, kind, inputs[0], output))
+
+        return hook
+
+    def trailing(self, outputs: torch.Tensor) -> OutputActivation | None:
+        """The activation whose output is ``outputs`` (the model's logits tensor), if any."""
+        for name, kind, logits, output in reversed(self._seen):
+            if output is outputs:
+                return OutputActivation(kind, name, logits)
+        return None
+
+
+def looks_like_probabilities(outputs: torch.Tensor, *, atol: float = 1e-3) -> str | None:
+    """Whether a model's output looks like probabilities rather than logits, from its values.
+
+    Parameters
+    ----------
+    outputs : (B, C) or (B, C, *spatial) Tensor
+    atol : float
+        Tolerance of the range and sum checks.
+
+    Returns
+    -------
+    {"softmax", "sigmoid"} or None
+        ``"softmax"``: C > 1, every value in [0, 1] and the class axis sums to 1 everywhere.
+        ``"sigmoid"``: every value in [0, 1], at least 8 values, not summing to 1. A heuristic: logits
+        of an untrained network can lie in [0, 1] too, so this only ever leads to a warning.
+    """
+    with torch.no_grad():
+        values = outputs.detach().float()
+        if values.ndim < 2 or values.numel() == 0:
+            return None
+        if float(values.min()) < -atol or float(values.max()) > 1 + atol:
+            return None
+        if values.shape[1] > 1 and bool(((values.sum(dim=1) - 1).abs() <= atol).all()):
+            return "softmax"
+        return "sigmoid" if values.numel() >= 8 else None
+
+
+def logits_from_probabilities(probabilities: torch.Tensor, kind: str) -> tuple[torch.Tensor, float]:
+    """Differentiable logits recovered from a model's probabilities.
+
+    Parameters
+    ----------
+    probabilities : (B, C) or (B, C, *spatial) Tensor
+    kind : {"softmax", "sigmoid"}
+        ``"sigmoid"``: ``logit(p) = log p − log(1 − p)``, which *is* the logit; ``p`` is clamped to
+        ``[ε, 1 − ε]`` (ε = float32 machine epsilon), so where the sigmoid saturated (|logit| above
+        about 16) the value is clipped and its gradient is zero. ``"softmax"``: ``log p``, which is
+        the logit minus ``logsumexp`` over the classes — the same for every class of a sample, so
+        differences between classes are exact, but the gradient of ``log p_c`` is
+        ``∇z_c − Σ_j p_j ∇z_j``: a class's map becomes its logit's map minus the probability-weighted
+        mean of all classes' maps (evidence for c relative to the others). ``p`` is clamped to the
+        smallest normal float (where it underflowed to 0 the gradient is zero).
+
+    Returns
+    -------
+    (logits, clamped_fraction)
+        float32 logits, and the fraction of values that were clamped (0 when none).
+    """
+    if kind not in ("softmax", "sigmoid"):
+        raise ValueError(f"kind must be 'softmax' or 'sigmoid', not {kind!r}.")
+    values = probabilities.float()
+    if kind == "sigmoid":
+        eps = torch.finfo(torch.float32).eps
+        clamped = values.clamp(eps, 1 - eps)
+        logits = torch.log(clamped) - torch.log1p(-clamped)
+    else:
+        tiny = torch.finfo(torch.float32).tiny
+        clamped = values.clamp_min(tiny)
+        logits = torch.log(clamped)
+    with torch.no_grad():
+        fraction = float((clamped != values).float().mean()) if values.numel() else 0.0
+    return logits, fraction

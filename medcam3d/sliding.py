@@ -22,8 +22,9 @@ import torch
 
 from .errors import InputError, TargetError
 from .explainer import Explainer, Explanation
+from .layers import expected_spatial_dims, rank_mismatch_message
 from .modeling import to_model_input
-from .targets import Region
+from .targets import Region, RegionTarget, Target, resolve_target
 
 __all__ = ["explain_sliding_window"]
 
@@ -67,7 +68,10 @@ def explain_sliding_window(
     Explanation
         ``maps`` of shape ``(B, T, *assembled_shape)`` on the feature grid of the padded input;
         ``logits``: the mean of the patch logits per sample for a classifier, the assembled output
-        for a segmentation network.
+        for a segmentation network. ``scores``: the target's score on those logits — for a
+        classifier the (mean) logit of each class; for a segmentation network the sum of the
+        assembled class logits inside the region (the given mask, or the region the assembled
+        output predicts), over the input's own voxels (the padding is left out). Always finite.
     """
     from monai.inferers import sliding_window_inference
 
@@ -75,6 +79,11 @@ def explain_sliding_window(
         message = "target='predicted' differs between patches; give a class, a list of classes or 'all' for sliding windows."
         raise TargetError(message)
     affine = getattr(x, "affine", None)
+    dims = expected_spatial_dims(explainer.model)
+    if dims is not None and isinstance(x, (torch.Tensor, np.ndarray)):
+        message = rank_mismatch_message(dims, tuple(x.shape), batched=True)
+        if message is not None:
+            raise InputError(message)
     inputs = to_model_input(x, explainer.model)  # checked, on the model's device and dtype, once
     if inputs.ndim < 3:
         raise InputError(f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}.")
@@ -124,9 +133,10 @@ def explain_sliding_window(
     last: Explanation = record["result"]
     if logits is None:
         logits = torch.stack([torch.stack(patch_logits[b]).mean(0) for b in range(inputs.shape[0])])
-    batch = inputs.shape[0]
-    class_indices = last.class_indices[:1].expand(batch, -1)
-    scores = logits.gather(1, class_indices) if logits.ndim == 2 and logits.shape[1] > 1 else torch.full(class_indices.shape, float("nan"))
+    resolved = _whole_target(target, logits, region_mask, spatial, explainer.class_names)
+    class_indices = resolved.class_indices
+    with torch.no_grad():
+        scores = resolved.scores(logits.detach())
     return replace(
         last,
         maps=maps.float(),
@@ -138,6 +148,22 @@ def explain_sliding_window(
         feature_shape=tuple(maps.shape[2:]),
         input_affine=None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64),
     )
+
+
+def _whole_target(target: object, logits: torch.Tensor, region_mask: torch.Tensor | None, spatial: tuple[int, ...],
+                  class_names) -> Target:
+    """The target resolved on the assembled logits; regions limited to the unpadded input."""
+    if logits.ndim == 2:
+        return resolve_target(target, logits, class_names)
+    valid = torch.zeros(logits.shape[2:], device=logits.device)
+    valid[tuple(slice(0, n) for n in spatial)] = 1
+    if region_mask is not None:
+        spec = Region(target.classes, mask=region_mask.to(logits.device) * valid)  # type: ignore[union-attr]
+        return resolve_target(spec, logits, class_names)
+    resolved = resolve_target(target, logits, class_names)
+    if isinstance(resolved, RegionTarget):
+        resolved = RegionTarget(resolved.class_indices, resolved.signs, resolved.regions * valid)
+    return resolved
 
 
 def _probe_target(target: object) -> object:

@@ -6,11 +6,12 @@ import logging
 
 import pytest
 import torch
-from monai.networks.nets import DenseNet121, resnet18
+from monai.networks.nets import DenseNet121, SegResNet, UNet, resnet18
 from torch import nn
 
 import medcam3d
-from medcam3d.layers import find_cam_head, resolve_layer
+from medcam3d.errors import InputError
+from medcam3d.layers import auto_layer, check_spatial_rank, expected_spatial_dims, find_cam_head, resolve_layer
 from _models import gap_linear_cnn
 
 
@@ -126,3 +127,111 @@ def test_auto_layer_is_chosen_again_when_a_smaller_input_makes_it_a_single_voxel
     explainer = medcam3d.Explainer(model)
     assert explainer(torch.randn(1, 1, 16, 16, 16), target=0).layer == "4"  # 4x4x4 after pooling
     assert explainer(torch.randn(1, 1, 4, 4, 4), target=0).layer == "1"  # "4" would be one voxel here
+
+
+# ------------------------------------------------------------------------------- input rank
+def test_expected_spatial_dims_from_the_first_convolution_or_pooling():
+    assert expected_spatial_dims(gap_linear_cnn(3)) == 3
+    assert expected_spatial_dims(gap_linear_cnn(2)) == 2
+    assert expected_spatial_dims(nn.Sequential(nn.MaxPool2d(2), nn.Flatten())) == 2
+    assert expected_spatial_dims(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is None
+
+
+@pytest.mark.parametrize("dims, shape, text", [
+    (3, (1, 1, 32, 32), r"batch of 2D images \(B, C_in, H, W\), give 3D images"),
+    (2, (1, 1, 8, 32, 32), r"a batch of 3D images \(B, C_in, D, H, W\), but the model takes 2D inputs"),
+])
+def test_rank_mismatch_is_refused_before_any_forward(dims, shape, text):
+    counting = Counting(gap_linear_cnn(dims))
+    with pytest.raises(InputError, match=text):
+        medcam3d.Explainer(counting)(torch.randn(*shape), target=0)
+    assert counting.shapes == []  # no probe, no forward
+
+
+def test_check_spatial_rank_for_the_job_layer():
+    with pytest.raises(InputError, match=r"This is a 2D image \(H, W\) of shape \(256, 256\), but the model takes 3D inputs "
+                                         r"\(C, D, H, W\)"):
+        check_spatial_rank(gap_linear_cnn(3), (256, 256))
+    with pytest.raises(InputError, match=r"This is a 3D image \(D, H, W\).*takes 2D inputs \(C, H, W\)"):
+        check_spatial_rank(gap_linear_cnn(2), (8, 256, 256))
+    check_spatial_rank(gap_linear_cnn(3), (9, 8, 7))
+    check_spatial_rank(nn.Sequential(nn.Flatten()), (9, 8))  # rank unknown: nothing to check
+
+
+# ------------------------------------------------------------------------------- auto layer
+class Counting(nn.Module):
+    """Records the shape of every forward call of the model it wraps."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return self.inner(x)
+
+
+def test_auto_layer_runs_one_forward_per_explanation_once_cached():
+    model = Counting(gap_linear_cnn(3))
+    x = torch.randn(2, 1, 64, 48, 40)
+    first = medcam3d.Explainer(model)
+    assert first(x, 0).layer == "inner.3"
+    probes, full = model.shapes[:-1], model.shapes[-1]
+    assert full == tuple(x.shape) and probes and all(max(s[2:]) <= 32 and s[0] == 1 for s in probes)
+    model.shapes.clear()
+    first(x, 1)
+    first(x[:1], "all")
+    assert model.shapes == [tuple(x.shape), (1, *x.shape[1:])]  # exactly one forward per call
+    model.shapes.clear()
+    second = medcam3d.Explainer(model, "gradcam")  # another explainer: the cache is the model's
+    second(x, 0)
+    assert model.shapes == [tuple(x.shape)]
+    assert auto_layer(model, x.shape[1:]).name == "inner.3"
+    assert [info.name for info in medcam3d.list_layers(model, x.shape[1:]) if info.auto] == ["inner.3"]
+
+
+def test_auto_layer_cache_is_weak():
+    import gc
+
+    from medcam3d.layers import _AUTO_CACHE
+
+    model = gap_linear_cnn(3)
+    auto_layer(model, (1, 8, 8, 8))
+    assert model in _AUTO_CACHE
+    size = len(_AUTO_CACHE)
+    del model
+    gc.collect()
+    assert len(_AUTO_CACHE) == size - 1
+
+
+def test_auto_probe_grows_until_no_later_layer_collapses():
+    """Pooling by 64 along the first axis: a 32 or 64 probe would make the last conv one voxel."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d((4, 1, 1)), nn.Conv3d(4, 4, 1), nn.ReLU(),
+                          nn.MaxPool3d((4, 2, 2)), nn.Conv3d(4, 4, 1), nn.ReLU(), nn.MaxPool3d((4, 1, 1)), nn.Conv3d(4, 4, 1),
+                          nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    model = Counting(inner)
+    shape = (1, 256, 2, 2)
+    chosen = auto_layer(model, shape)
+    assert chosen.name == "inner.10" and chosen.auto
+    assert [s[2:] for s in model.shapes] == [(32, 2, 2), (64, 2, 2), (128, 2, 2)]  # never the full 256
+    listed = medcam3d.list_layers(inner, shape)  # at full size: the exact answer
+    assert listed[-1].name == "10" and [i.name for i in listed if i.auto] == ["10"]
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1),
+    lambda: SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)),
+])
+def test_list_layers_marks_the_layer_auto_uses_for_segmentation_networks(factory):
+    torch.manual_seed(0)
+    model = factory().eval()
+    shape = (1, 24, 28, 20)
+    layers = medcam3d.list_layers(model, shape)
+    marked = [info for info in layers if info.auto]
+    assert len(marked) == 1
+    used = medcam3d.Explainer(model)(torch.randn(1, *shape), target=1).layer
+    assert marked[0].name == used == auto_layer(model, shape).name
+    assert layers[-1].name != used  # the last listed layer produces the logits: not what auto uses
+    assert "<- auto" in str(marked[0]) and "<- auto" not in str(layers[-1])

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.networks.nets import UNet, resnet18
+from monai.networks.nets import SegResNet, UNet, resnet18
+from torch import nn
 
 import medcam3d
+import medcam3d.errors
 from medcam3d.cli import _planted_lesion_case
 from medcam3d.sliding import explain_sliding_window
 from medcam3d.space import Space
@@ -43,6 +45,7 @@ def test_one_roi_covering_the_volume_equals_direct_segmentation_region():
     windowed = explain_sliding_window(explainer, x, medcam3d.Region(1, mask=mask), roi_size=32)
     torch.testing.assert_close(windowed.maps, direct.maps, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(windowed.logits, direct.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(windowed.scores, direct.scores, rtol=1e-5, atol=1e-4)
 
 
 def test_overlapping_windows_find_the_planted_lesion_in_world_mm():
@@ -113,3 +116,53 @@ def test_sliding_window_memory_is_bounded_by_the_patch_batch():
     direct, windowed = peak_growth("direct"), peak_growth("window")
     assert direct > 2 * bound, direct
     assert windowed < bound, windowed
+
+
+def small_segresnet():
+    torch.manual_seed(0)
+    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)).eval()
+
+
+def test_segmentation_scores_are_finite_with_and_without_windows():
+    """They were NaN through sliding windows: now the target's score on the assembled logits."""
+    model = small_segresnet()
+    x = torch.randn(1, 1, 40, 36, 28, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(40, 36, 28)
+    mask[5:30, 10:30, 4:20] = 1
+    explainer = medcam3d.Explainer(model, "hirescam")
+    for target in (medcam3d.Region(1, mask=mask), medcam3d.Region("all"), 2):
+        direct = explainer(x, target)
+        windowed = explain_sliding_window(explainer, x, target, roi_size=(24, 24, 16), overlap=0.5)
+        assert torch.isfinite(direct.scores).all() and torch.isfinite(windowed.scores).all()
+        assert windowed.scores.shape == direct.scores.shape and windowed.targets == direct.targets
+    # the score is the assembled class logits summed inside the region, padding excluded
+    x, mask = x[..., :26], mask[..., :26]  # padded to 28 for the stride-4 layer
+    strided = medcam3d.Explainer(model, "hirescam", layer="down_layers.2")
+    for target in (medcam3d.Region(1, mask=mask), medcam3d.Region(1)):
+        windowed = explain_sliding_window(strided, x, target, roi_size=(24, 24, 16), overlap=0.5)
+        assert windowed.logits.shape[2:] == (40, 36, 28)
+        logits = windowed.logits[:, :, :40, :36, :26]
+        region = mask if target.mask is not None else (logits.argmax(1) == 1).float()
+        torch.testing.assert_close(windowed.scores[:, 0], (logits[:, 1] * region).flatten(1).sum(1), rtol=1e-5, atol=1e-3)
+
+
+def test_one_window_scores_equal_the_direct_scores():
+    model = small_segresnet()
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(4))
+    explainer = medcam3d.Explainer(model, "gradcam")
+    for target in (medcam3d.Region(2), 1):
+        direct = explainer(x, target)
+        windowed = explain_sliding_window(explainer, x, target, roi_size=32)
+        torch.testing.assert_close(windowed.scores, direct.scores, rtol=1e-4, atol=1e-3)
+    torch.manual_seed(0)
+    single = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 1))
+    explainer = medcam3d.Explainer(single.eval())
+    direct = explainer(x, "all")
+    windowed = explain_sliding_window(explainer, x, "all", roi_size=32)  # single-logit classifier: NaN before
+    torch.testing.assert_close(windowed.scores, direct.scores)
+
+
+def test_rank_mismatch_is_refused_before_the_windows():
+    _, model, _ = _planted_lesion_case(32, seed=0)
+    with pytest.raises(medcam3d.errors.InputError, match="batch of 2D images"):
+        explain_sliding_window(medcam3d.Explainer(model), torch.zeros(1, 1, 40, 40), 1, roi_size=32)
