@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from ..space import Space
 
 __all__ = [
     "CLASS_NAMES",
+    "HARD_SEED0",
     "MODEL_CENTRE_MM",
     "MODEL_SHAPE",
     "MODEL_SPACING_MM",
@@ -45,6 +46,8 @@ __all__ = [
     "Phantom",
     "grid_from_codes",
     "make_case",
+    "make_hard_case",
+    "make_hard_phantom",
     "make_phantom",
     "model_grid",
     "sample_grids",
@@ -534,3 +537,126 @@ def make_case(
     phantom = make_phantom(seed, present)
     image, labels = phantom.sample(space, noise=noise)
     return image, labels, phantom.info()
+
+
+# --------------------------------------------------------------------------------------------
+# The harder held-out set (weakly-supervised segmentation benchmark)
+# --------------------------------------------------------------------------------------------
+
+#: First seed of the harder held-out set (``benchmarks/weak_segmentation.py``); disjoint from the
+#: training (0-1599), accuracy (1 000 000+), peak (2 000 000+) and sample (900 001+) seeds.
+HARD_SEED0 = 3_000_000
+
+#: Where a lesion of the harder set sits: inside soft tissue, straddling the organ's edge, against
+#: the fat shell, or against the bone cylinder.
+PLACEMENTS: tuple[str, ...] = ("free", "organ", "fat", "bone")
+
+#: Smallest gap (mm) between two lesions of a harder case: wider than any 26-neighbour step of the
+#: sample grids (at most 3.3 mm), so each lesion is its own connected component.
+HARD_GAP_MM = 4.0
+
+
+def make_hard_phantom(seed: int) -> tuple[Phantom, list[str]]:
+    """A case of the harder held-out set: the same anatomy code, harder lesions.
+
+    The anatomy is :func:`make_phantom`'s for ``seed`` (so the body, organ, bone, waves and noise
+    come from the same code and the same ``default_rng([seed, 0])``); the lesions are drawn from
+    ``default_rng([seed, 2])``:
+
+    - each class has 0 (probability 0.25), 1 (0.45) or 2 (0.3) lesions;
+    - they are smaller: ``bright_round`` radius 3.5-6 mm (training: 5-9 mm); ``dark_elongated``
+      semi-axes 2.5-3.5 x 2.5-3.5 x 8-12 mm (training: 3.5-4.5 x 3.5-4.5 x 11-15 mm); the same
+      contrasts (+150 ± 20 HU, -80 ± 10 HU);
+    - each one is placed (:data:`PLACEMENTS`, uniformly) freely in the soft tissue, straddling the
+      organ's edge, touching the fat shell, or touching the bone cylinder;
+    - lesions are at least :data:`HARD_GAP_MM` apart.
+
+    Parameters
+    ----------
+    seed : int
+
+    Returns
+    -------
+    phantom : Phantom
+    placements : list of str
+        Where each of ``phantom.lesions`` sits, in order.
+    """
+    base = make_phantom(seed, present=(False, False))
+    rng = np.random.default_rng([int(seed), 2])
+    counts = [int(rng.choice(3, p=[0.25, 0.45, 0.3])) for _ in CLASS_NAMES]
+    inner_axes = base.body_semi_axes - base.fat_mm
+    lesions: list[Lesion] = []
+    placements: list[str] = []
+    for class_index, count in enumerate(counts):
+        for _ in range(count):
+            if class_index == 0:
+                radius = rng.uniform(3.5, 6.0)
+                semi_axes = radius * rng.uniform(0.9, 1.1, 3)
+                contrast = 150.0 + rng.uniform(-20.0, 20.0)
+            else:
+                width = rng.uniform(2.5, 3.5)
+                semi_axes = np.array([width, width * rng.uniform(0.9, 1.1), rng.uniform(8.0, 12.0)])
+                contrast = -80.0 + rng.uniform(-10.0, 10.0)
+            rotation = _random_rotation(rng)
+            placement = PLACEMENTS[int(rng.integers(len(PLACEMENTS)))]
+            lesion = None
+            for attempt in range(400):
+                kind = placement if attempt < 300 else "free"
+                centre = _hard_centre(base, kind, float(np.max(semi_axes)), inner_axes, rng)
+                candidate = Lesion(class_index, centre, rotation, np.asarray(semi_axes, dtype=np.float64), float(contrast))
+                if _hard_fits(base, candidate, kind, inner_axes, lesions):
+                    lesion, placement = candidate, kind
+                    break
+            if lesion is None:
+                continue  # no room left (rare): the case has one lesion fewer
+            lesions.append(lesion)
+            placements.append(placement)
+    return replace(base, lesions=tuple(lesions)), placements
+
+
+def _hard_centre(base: Phantom, kind: str, extent: float, inner_axes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A candidate lesion centre (RAS mm) for a placement kind."""
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    if kind == "organ":  # on the organ's surface: the lesion straddles its edge
+        return base.organ_centre + base.organ_rotation @ (base.organ_semi_axes * direction)
+    if kind == "fat":  # against the inside of the fat shell (the ellipsoid shrunk by the extent)
+        return base.body_centre + (inner_axes - extent) * direction
+    if kind == "bone":  # against the bone cylinder, at a random height
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        xy = base.spine_xy + (np.max(base.spine_radii) + extent) * np.array([np.cos(angle), np.sin(angle)])
+        return np.array([xy[0], xy[1], base.body_centre[2] + rng.uniform(-0.6, 0.6) * (inner_axes[2] - extent)])
+    return base.body_centre + _uniform_in_ball(rng) * (inner_axes - extent - 3.0)
+
+
+def _hard_fits(base: Phantom, lesion: Lesion, kind: str, inner_axes: np.ndarray, others: list[Lesion]) -> bool:
+    """Inside the soft tissue (touching the shell only for "fat"), clear of the bone (touching it
+    only for "bone") and at least :data:`HARD_GAP_MM` from the other lesions."""
+    extent = lesion.extent
+    offset = lesion.centre - base.body_centre
+    limit = inner_axes - extent - (0.0 if kind == "fat" else 1.0)
+    if np.any(limit <= 0) or np.sum((offset / limit) ** 2) > 1.0 + 1e-9:
+        return False
+    spine_gap = np.hypot(*(lesion.centre[:2] - base.spine_xy)) - np.max(base.spine_radii)
+    if spine_gap < extent - 1e-6 or (kind != "bone" and spine_gap < extent + 3.0):
+        return False
+    return all(np.linalg.norm(lesion.centre - other.centre) >= extent + other.extent + HARD_GAP_MM for other in others)
+
+
+def make_hard_case(seed: int, space: Space, *, noise: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One case of the harder held-out set (:func:`make_hard_phantom`) sampled on ``space``.
+
+    Returns
+    -------
+    image : (I, J, K) float32 ndarray, HU
+    labels : (I, J, K) uint8 ndarray
+        0 background, 1 ``bright_round``, 2 ``dark_elongated`` (two lesions of a class share a label).
+    info : dict
+        As :func:`make_case`, each lesion with its ``placement``.
+    """
+    phantom, placements = make_hard_phantom(seed)
+    image, labels = phantom.sample(Space.of(space), noise=noise)
+    info = phantom.info()
+    for entry, placement in zip(info["lesions"], placements):
+        entry["placement"] = placement
+    return image, labels, info
