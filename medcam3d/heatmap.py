@@ -9,7 +9,8 @@ preprocessing. Normalization is a separate, explicit step; raw values are kept.
 
 from __future__ import annotations
 
-import gzip
+import collections
+import concurrent.futures
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "save_heatmaps", "ScanGridMap", "Scaling",
            "save_scan_maps", "STORAGE_DTYPES", "Volume", "write_nifti_files", "nifti_header", "like_header",
-           "slab_ranges"]
+           "slab_ranges", "Constant"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class ScanGridMap:
         self._data = torch.from_numpy(np.ascontiguousarray(heatmap.data, dtype=np.float32))
         self._dense: np.ndarray | None = None
         self._fixed = False  # the map is given on the scan grid (of_array): nothing to release
+        self._inside: list | None = None  # per scan axis, the index range inside the field of view
         self._summary: tuple | None = None
 
     @classmethod
@@ -343,6 +345,36 @@ class ScanGridMap:
             return values
         data = self._data if (scale == 1.0 and offset == 0.0) else self._data * scale + offset
         return self.resampler(data, fill=fill, indices=indices, layout=layout)
+
+    def encoded_slab(self, start: int, stop: int, scaling: Scaling, *, scale: float = 1.0, offset: float = 0.0):
+        """Stored values of the slab ``start:stop`` of the last axis, column-major (file order).
+
+        ``scale * map + offset`` must already be in the stored units of ``scaling`` (see
+        :meth:`Scaling.affine_to_stored`). Only the part inside the model's field of view is
+        interpolated; the rest is the stored fill value.
+
+        Returns
+        -------
+        (*space.shape[:-1], stop - start) ndarray of the stored dtype, Fortran-contiguous, or
+        :class:`Constant` when the slab holds only the fill.
+        """
+        shape = (*self.space.shape[:-1], stop - start)
+        if self._dense is not None or not self.resampler.separable:
+            index = [np.arange(n) for n in self.space.shape[:-1]] + [np.arange(start, stop)]
+            return scaling.encode(self.sample(index, scale=scale, offset=offset, layout="F"))
+        fill = scaling.encode(np.array([self.fill * scale + offset], dtype=np.float32))[0]
+        if self._inside is None:
+            self._inside = [self.resampler.inside_range(axis) for axis in range(self.space.ndim)]
+        box = [list(b) for b in self._inside]
+        box[-1] = [max(box[-1][0], start), min(box[-1][1], stop - 1)]
+        if any(lo > hi for lo, hi in box):
+            return Constant(np.asarray(fill).tobytes(), math.prod(shape))
+        out = np.empty(shape[::-1], dtype=fill.dtype).T
+        out.fill(fill)
+        values = self.sample([np.arange(lo, hi + 1) for lo, hi in box], scale=scale, offset=offset, layout="F")
+        box[-1] = [box[-1][0] - start, box[-1][1] - start]
+        out[tuple(slice(lo, hi + 1) for lo, hi in box)] = scaling.encode(values)
+        return out
 
     def plane(self, axis: int, index: int) -> np.ndarray:
         """The map on the scan plane ``index`` across ``axis``: a 2D array over the other axes."""
@@ -473,13 +505,22 @@ class Scaling:
         first, _ = self._stored_range(self.dtype)
         return 1.0 / self.slope, -self.inter / self.slope - first + 0.5
 
-    def encode(self, shifted: torch.Tensor) -> np.ndarray:
-        """Stored values from ``a * value + b`` (see :meth:`affine_to_stored`), same shape and strides."""
+    def encode(self, shifted) -> np.ndarray:
+        """Stored values from ``a * value + b`` (see :meth:`affine_to_stored`), same shape and memory order."""
+        values = shifted.detach().cpu().numpy() if isinstance(shifted, torch.Tensor) else np.asarray(shifted)
         if self.dtype == "float32":
-            return shifted.numpy()
+            return values.astype(np.float32, copy=False)
         if self.dtype == "uint8":
-            return shifted.to(torch.uint8).numpy()  # values in [0.5, 255.5]: truncation rounds
-        return (shifted.to(torch.int32) - 32767).to(torch.int16).numpy()
+            return values.astype(np.uint8)  # values in [0.5, 255.5]: truncation rounds to nearest
+        return (values.astype(np.int32) - 32767).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A slab whose voxels all hold one stored value: ``count`` copies of the bytes ``value``."""
+
+    value: bytes
+    count: int
 
 
 class Volume:
@@ -490,8 +531,10 @@ class Volume:
     shape : tuple of int
         Spatial shape.
     slabs : callable
-        Returns an iterator of arrays ``(*shape[:-1], n)`` of the stored dtype, column-major
-        (Fortran-contiguous), that together cover the last axis in order.
+        Returns an iterator over the slabs in order along the last axis: arrays
+        ``(*shape[:-1], n)`` of the stored dtype, column-major (Fortran-contiguous), or
+        :class:`Constant` (or any record with ``value`` bytes and a ``count``) for a slab of one
+        value, written without being formed.
     """
 
     def __init__(self, shape: tuple[int, ...], slabs) -> None:
@@ -499,9 +542,9 @@ class Volume:
         self._slabs = slabs
 
     def chunks(self):
-        """Buffers in file order (each the C-contiguous transpose of an F-ordered slab)."""
+        """The slabs in file order: buffers (the C-contiguous transpose of each array) or Constants."""
         for slab in self._slabs():
-            yield np.ascontiguousarray(slab.T).data
+            yield slab if _is_constant(slab) else np.ascontiguousarray(slab.T).data
 
 
 def slab_ranges(shape: tuple[int, ...]):
@@ -519,10 +562,8 @@ def _map_volume(view: ScanGridMap, scaling: Scaling, scale: float = 1.0, offset:
     shape = view.space.shape
 
     def slabs():
-        index = [np.arange(n) for n in shape]
         for start, stop in slab_ranges(shape):
-            index[-1] = np.arange(start, stop)
-            yield scaling.encode(view.sample(index, scale=total_scale, offset=total_offset, layout="F"))
+            yield view.encoded_slab(start, stop, scaling, scale=total_scale, offset=total_offset)
 
     return Volume(shape, slabs)
 
@@ -601,11 +642,29 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
     """Stream ``volumes`` (in order: the 4th axis) into one or more NIfTI files, atomically.
 
     Every target ``(path, header)`` gets the same voxel bytes under its own header, so a map and
-    a rescaled view of it (a different ``scl_slope``) cost one pass. Compressed files are
-    written as two gzip members, the header and the voxels (gzip readers, nibabel and ITK read
-    concatenated members as one stream), compressed once at :data:`COMPRESS_LEVEL`.
+    a rescaled view of it (a different ``scl_slope``) cost one pass. Compressed files are a
+    sequence of gzip members, the header's and then one per slab (RFC 1952: readers such as
+    gzip, Python's gzip, nibabel, indexed_gzip and ITK/SimpleITK read concatenated members as
+    one stream, as they do pigz's and bgzip's output); slabs are compressed at
+    :data:`COMPRESS_LEVEL` in worker threads while the next ones are computed, and a slab of
+    one value is compressed once per file set.
     """
     handles = []
+    cache: dict[tuple[bytes, int], bytes] = {}
+    pending: collections.deque = collections.deque()
+
+    def write(data) -> None:
+        for stream, _, _ in handles:
+            stream.write(data)
+
+    def member(chunk) -> bytes:
+        if _is_constant(chunk):
+            key = (chunk.value, chunk.count)
+            if key not in cache:
+                cache[key] = _gzip_member(chunk.value * chunk.count)
+            return cache[key]
+        return _gzip_member(chunk)
+
     try:
         for path, header in targets:
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -613,18 +672,23 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
             stream = os.fdopen(handle, "wb")
             handles.append((stream, temporary, path))
             raw = _header_bytes(header)
-            stream.write(gzip.compress(raw, compresslevel=COMPRESS_LEVEL, mtime=0) if compress else raw)
-        compressor = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31) if compress else None
-        for volume in volumes:
-            for chunk in volume.chunks():
-                data = compressor.compress(chunk) if compressor is not None else chunk
-                if data:
-                    for stream, _, _ in handles:
-                        stream.write(data)
-        if compressor is not None:
-            tail = compressor.flush()
-            for stream, _, _ in handles:
-                stream.write(tail)
+            stream.write(_gzip_member(raw) if compress else raw)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_COMPRESS_THREADS) as pool:
+            for volume in volumes:
+                for chunk in volume.chunks():
+                    if not compress:
+                        write(chunk.value * chunk.count if _is_constant(chunk) else chunk)
+                        continue
+                    if _is_constant(chunk) and (chunk.value, chunk.count) in cache:
+                        pending.append(cache[(chunk.value, chunk.count)])
+                    else:
+                        pending.append(pool.submit(member, chunk))  # a memoryview keeps its array alive
+                    while len(pending) > _COMPRESS_THREADS + 1 or (pending and not _is_running(pending[0])):
+                        done = pending.popleft()
+                        write(done if isinstance(done, bytes) else done.result())
+            while pending:
+                done = pending.popleft()
+                write(done if isinstance(done, bytes) else done.result())
         for stream, temporary, path in handles:
             stream.close()
             os.replace(temporary, path)
@@ -634,6 +698,26 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
             Path(temporary).unlink(missing_ok=True)
         raise
     return [path for path, _ in targets]
+
+
+# Threads compressing slabs (zlib releases the GIL while it works).
+_COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _is_constant(slab) -> bool:
+    """A slab of one value: a :class:`Constant`, or any record with ``value`` (bytes) and ``count``."""
+    return isinstance(slab, Constant) or (not isinstance(slab, (np.ndarray, memoryview))
+                                           and hasattr(slab, "value") and hasattr(slab, "count"))
+
+
+def _is_running(item) -> bool:
+    return not isinstance(item, bytes) and not item.done()
+
+
+def _gzip_member(data) -> bytes:
+    """One complete gzip member (header, deflate stream at COMPRESS_LEVEL, trailer) of ``data``."""
+    compressor = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
 
 
 def _storage_for(view: ScanGridMap, dtype: str) -> Scaling:

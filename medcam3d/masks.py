@@ -238,18 +238,23 @@ class Runs:
         return np.moveaxis(out.reshape(*self.shape[1:], self.shape[0]), -1, 0)
 
     def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Runs per row as dense tables ``(*shape[1:], m)``: run id (-1 for none), lo, hi."""
-        count = np.bincount(self.row, minlength=math.prod(self.shape[1:]))
-        m = max(int(count.max()) if count.size else 0, 1)
+        """Runs per row as dense tables ``(*box, m)`` over the bounding box of the rows that hold
+        runs (rows outside it hold none): run id (-1 for none), lo, hi."""
+        position = np.array(np.unravel_index(self.row, self.shape[1:]))  # (ndim - 1, N)
+        low = position.min(axis=1)
+        box = tuple(int(v) for v in position.max(axis=1) - low + 1)
+        row = np.ravel_multi_index(tuple(position - low[:, None]), box)
+        count = np.bincount(row, minlength=math.prod(box))
+        m = max(int(count.max()), 1)
         starts = np.concatenate([[0], np.cumsum(count)[:-1]])
-        rank = np.arange(len(self.row)) - starts[self.row]
+        rank = np.arange(len(row)) - starts[row]  # runs are sorted by row
         ids = np.full((count.size, m), -1, dtype=np.int64)
         lo = np.ones((count.size, m), dtype=np.int64)
         hi = np.zeros((count.size, m), dtype=np.int64)
-        ids[self.row, rank] = np.arange(len(self.row))
-        lo[self.row, rank] = self.lo
-        hi[self.row, rank] = self.hi
-        grid = (*self.shape[1:], m)
+        ids[row, rank] = np.arange(len(row))
+        lo[row, rank] = self.lo
+        hi[row, rank] = self.hi
+        grid = (*box, m)
         return ids.reshape(grid), lo.reshape(grid), hi.reshape(grid)
 
     def components(self) -> np.ndarray:
@@ -312,31 +317,38 @@ class Runs:
         high = np.concatenate([[self.hi.max()], others.max(axis=1)])
         return _box(low, high, self.voxels, space)
 
-    def slab(self, start: int, stop: int) -> np.ndarray:
+    def slab(self, start: int, stop: int) -> Any:
         """The mask for indices ``start:stop`` of the last axis, uint8, in column-major (NIfTI) order.
 
         Returns
         -------
-        (shape[0], ..., stop - start) uint8 ndarray, Fortran-contiguous.
+        (shape[0], ..., stop - start) uint8 ndarray, Fortran-contiguous; or, when no voxel of the
+        slab is set, a :class:`medcam3d.heatmap.Constant`-like ``(value=b"\\0", count)`` record.
         """
-        ids, lo, hi = self._slab_table()
-        n0 = self.shape[0]
-        lo = lo[..., start:stop, :]
-        hi = hi[..., start:stop, :]
-        order = tuple(range(lo.ndim - 2, -1, -1)) + (lo.ndim - 1,)  # file order: last axis slowest
-        lo, hi = lo.transpose(order), hi.transpose(order)
-        index = np.arange(n0, dtype=np.int64)
-        out = np.zeros((*lo.shape[:-1], n0), dtype=bool)
-        for x in range(lo.shape[-1]):
-            out |= (index >= lo[..., x, None]) & (index <= hi[..., x, None])
-        return out.view(np.uint8).T
+        shape = (*self.shape[:-1], stop - start)
+        others = np.unravel_index(self.row, self.shape[1:]) if len(self.row) else [np.zeros(0, np.int64)]
+        last = others[-1]
+        chosen = (last >= start) & (last < stop)
+        if not chosen.any():
+            return _Zeros(b"\0", math.prod(shape))
+        out = np.zeros(shape[::-1], dtype=np.uint8).T  # Fortran order: axis 0 fastest
+        lo, hi = self.lo[chosen], self.hi[chosen]
+        position = [o[chosen] for o in others]
+        position[-1] = position[-1] - start
+        base = lo + self.shape[0] * np.ravel_multi_index(tuple(position), shape[1:], order="F")
+        lengths = hi - lo + 1
+        starts = np.repeat(base - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        flat = out.T.reshape(-1)  # a view: the C order of the transpose is the F order of ``out``
+        flat[starts + np.arange(int(lengths.sum()))] = 1
+        return out
 
-    def _slab_table(self):
-        cached = self.__dict__.get("_cached_table")
-        if cached is None:
-            cached = self._table()
-            object.__setattr__(self, "_cached_table", cached)
-        return cached
+
+@dataclass(frozen=True)
+class _Zeros:
+    """An all-zero slab (the shape of :class:`medcam3d.heatmap.Constant`, without importing it)."""
+
+    value: bytes
+    count: int
 
 
 def superlevel_runs(resampler: Resampler, data: Any, threshold: float, *, fill: float = 0.0) -> Runs:
@@ -372,7 +384,10 @@ def superlevel_runs(resampler: Resampler, data: Any, threshold: float, *, fill: 
     values = resampler.rows(data, 0, fill=fill)
     values = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     n = values.shape[-1]
-    h = values.reshape(-1, n)
+    every = values.reshape(-1, n)
+    # only rows that reach the threshold somewhere can hold runs (all of them if the fill does)
+    active = np.flatnonzero(every.max(axis=1) >= threshold) if not fill >= threshold else np.arange(len(every))
+    h = every[active]
     rows = h.shape[0]
     first, last = resampler.inside_range(0)
     n0 = shape[0]
@@ -433,7 +448,8 @@ def superlevel_runs(resampler: Resampler, data: Any, threshold: float, *, fill: 
         hi = np.concatenate([before[:, 1:], hi, after[:, 1:]], axis=1)
         valid = np.concatenate([(before[:, 1] >= before[:, 0])[:, None], valid, (after[:, 1] >= after[:, 0])[:, None]],
                                axis=1)
-    return _merge_pieces(shape, lo, hi, valid)
+    runs = _merge_pieces(shape, lo, hi, valid)
+    return Runs(runs.shape, active[runs.row], runs.lo, runs.hi)
 
 
 def _merge_pieces(shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray, valid: np.ndarray) -> Runs:

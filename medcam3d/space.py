@@ -600,7 +600,9 @@ class Resampler:
             weights = self.weights(a)
             y = _interpolate(y, p + 1, weights, self.source.shape[p])
             outside = np.flatnonzero(~weights.inside)
-            if outside.size:
+            if outside.size and y.device.type == "cpu" and not y.requires_grad:
+                y.numpy()[(slice(None),) * (p + 1) + (outside,)] = fill  # y is a fresh result
+            elif outside.size:
                 y = y.index_fill(p + 1, torch.as_tensor(outside, device=y.device), fill)
         y = y.permute(0, *[self.axes[a].source_axis + 1 for a in others], self.axes[axis].source_axis + 1)
         out = _split_lead(y.contiguous(), lead)
@@ -725,10 +727,17 @@ def _interpolate(y: torch.Tensor, dim: int, weights: AxisWeights, n_source: int)
     """Linear interpolation of ``y`` along ``dim`` (length ``n_source``) at the target indices of ``weights``."""
     device = y.device
     if n_source <= _DENSE_MAX:
-        matrix = torch.as_tensor(np.ascontiguousarray(weights.matrix(n_source).T), dtype=torch.float32, device=device)
-        # a contiguous left operand: with the strides a permuted view can have, torch's matmul
-        # falls onto a path that is orders of magnitude slower than copying it first
-        return torch.matmul(y.movedim(dim, -1).contiguous(), matrix).movedim(-1, dim)
+        matrix = np.ascontiguousarray(weights.matrix(n_source).T, dtype=np.float32)  # (S, T)
+        # one 2D product of a contiguous operand: torch's batched matmul sets up a new kernel for
+        # every new shape (tens of ms) and is far slower still on some permuted views
+        moved = y.movedim(dim, -1).contiguous()
+        if device.type == "cpu" and not moved.requires_grad:
+            # numpy's BLAS: no thread pool to wake for these thin products (OpenMP's costs more
+            # than the product when the cores are busy)
+            out = torch.from_numpy(np.matmul(moved.numpy().reshape(-1, n_source), matrix))
+        else:
+            out = torch.mm(moved.reshape(-1, n_source), torch.as_tensor(matrix, device=device))
+        return out.reshape(*moved.shape[:-1], matrix.shape[1]).movedim(-1, dim)
     lower = torch.as_tensor(weights.lower, device=device)
     upper = torch.as_tensor(weights.upper, device=device)
     shape = [1] * y.ndim
@@ -757,7 +766,12 @@ def _separable(
     if x.shape[0] == 0 or any(n == 0 for n in shape):
         return _empty(x, shape, layout)
     if any(p.size == 0 for p in inside):
-        return _empty(x, shape, layout).fill_(fill)
+        out = _empty(x, shape, layout)
+        if out.device.type == "cpu":
+            out.numpy().fill(fill)
+        else:
+            out.fill_(fill)
+        return out
     if not all(p[-1] - p[0] + 1 == p.size for p in inside):  # scattered indices: compute all, then fill
         out = _interpolate_axes(x, src_shape, axes, ops, layout)
         for a in range(nd):
@@ -771,12 +785,17 @@ def _separable(
     part = [_subset(op, lo, hi) for op, (lo, hi) in zip(ops, box)]
     values = _interpolate_axes(x, src_shape, axes, part, layout)
     out = _empty(x, shape, layout)
-    view = out
+    plain = out.device.type == "cpu" and not values.requires_grad  # numpy: no thread pool for memset/copy
+    target = out.numpy() if plain else out
+    view = target
     for a, (lo, hi) in enumerate(box):
-        view = view.narrow(a + 1, lo, hi - lo)
-        out.narrow(a + 1, 0, lo).fill_(fill)
-        out.narrow(a + 1, hi, shape[a] - hi).fill_(fill)
-    view.copy_(values)
+        view = view[(slice(None),) * (a + 1) + (slice(lo, hi),)]
+        target[(slice(None),) * (a + 1) + (slice(0, lo),)] = fill
+        target[(slice(None),) * (a + 1) + (slice(hi, None),)] = fill
+    if plain:
+        view[...] = values.numpy()
+    else:
+        view.copy_(values)
     return out
 
 
