@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, Medcam3dError, UsageError, exit_code
 
@@ -78,18 +79,20 @@ def _planted_lesion_case(size: int, seed: int):
     blur = nn.Conv3d(1, 4, 5, padding=2)
     with torch.no_grad():  # channel 0 averages intensity (a blob detector); the rest are random
         blur.weight[0] = 1.0 / blur.weight[0].numel()
+        assert blur.bias is not None  # nn.Conv3d's default bias=True
         blur.bias[0] = -0.8
     model = nn.Sequential(
         blur, nn.ReLU(), nn.AvgPool3d(4), nn.Conv3d(4, 8, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 2),
     )
     with torch.no_grad():
-        conv = model[3]
+        conv, head = cast(nn.Conv3d, model[3]), cast(nn.Linear, model[-1])
+        assert conv.bias is not None and head.bias is not None  # both built with bias=True
         conv.weight.zero_()
         conv.weight[:, 0, 1, 1, 1] = torch.linspace(0.5, 1.5, 8)  # every channel copies the blob channel
         conv.bias.zero_()
-        model[-1].weight.copy_(torch.stack([-torch.ones(8), torch.ones(8)]))  # class 1 = "lesion"
-        model[-1].bias.zero_()
+        head.weight.copy_(torch.stack([-torch.ones(8), torch.ones(8)]))  # class 1 = "lesion"
+        head.bias.zero_()
     return x, model.eval(), centre
 
 
@@ -180,7 +183,7 @@ def _runner(args: argparse.Namespace, methods=None):
     return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
                   layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
                   sliding_window=window, amp=getattr(args, "amp", None), trust=trust, reader=reader,
-                  random_weights=random_weights)
+                  random_weights=random_weights, output_activation=getattr(args, "output_activation", None))
 
 
 _OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized")
@@ -278,9 +281,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     layers = list_layers(model, shape)
     print(f"Candidate target layers of {type(model).__name__} for input {shape} (execution order):")
     for info in layers:
-        print(f"  {info}")
-    if layers:
-        print(f"layer='auto' selects: {layers[-1].name}")
+        print(f"  {info}{'   <- auto' if getattr(info, 'auto', False) else ''}")
+    chosen = [info for info in layers if getattr(info, "auto", False)]
+    if chosen:
+        print(f"layer='auto' selects: {chosen[0].name}")
     return 0
 
 
@@ -438,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", help="method or comma list (default: the config's); e.g. hirescam,gradcam")
     explain.add_argument("--target", help="all | predicted | class index | class name | comma list")
     explain.add_argument("--layer", help="target layer name or 'auto' (default: the config's)")
+    explain.add_argument("--output-activation", choices=["auto", "none", "softmax", "sigmoid"],
+                         help="what the network applies to its logits (default: the config's, auto = detect a trailing "
+                              "Softmax/Sigmoid and explain the logits before it)")
     explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
     scan_options(explain)
     compute_options(explain)
@@ -452,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--method", help="method or comma list")
     batch.add_argument("--target", help="all | predicted | index | name | comma list")
     batch.add_argument("--layer")
+    batch.add_argument("--output-activation", choices=["auto", "none", "softmax", "sigmoid"],
+                       help="what the network applies to its logits (default: the config's)")
     scan_options(batch)
     batch.add_argument("--resume", action="store_true",
                        help="skip cases already explained with the same methods, target, layer and config")

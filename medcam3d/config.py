@@ -258,9 +258,12 @@ class Config:
     sliding_window: SlidingWindowConfig | None = None
     amp: str | None = None
     source: Path | None = None
+    output_activation: str = "auto"
 
 
-_TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp"}
+OUTPUT_ACTIVATIONS = ("auto", "none", "softmax", "sigmoid")
+_TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
+             "output_activation"}
 _MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"}
 
 
@@ -459,7 +462,12 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
     amp = data.get("amp")
     if amp not in (None, "bf16", "fp16"):
         raise ConfigError(f"{where}: amp must be bf16, fp16 or null, not {_short(amp)}.")
+    activation = data.get("output_activation", "auto")
+    if activation not in OUTPUT_ACTIVATIONS:
+        raise ConfigError(f"{where}: output_activation must be one of {OUTPUT_ACTIVATIONS} (what the network applies to "
+                          f"its logits; auto detects a trailing Softmax/Sigmoid), not {_short(activation)}.")
     return Config(
+        output_activation=activation,
         sliding_window=_sliding_window(data.get("sliding_window"), where),
         amp=amp,
         model=model,

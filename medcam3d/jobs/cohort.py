@@ -57,11 +57,12 @@ def distributed_context(device: str = "auto") -> DistributedContext:
 class _CaseDataset(torch.utils.data.Dataset):
     """Reads and preprocesses one case per item, in a worker; errors are returned, not raised."""
 
-    def __init__(self, cases: Sequence[Case], transforms, trust: bool = False, reader=None) -> None:
+    def __init__(self, cases: Sequence[Case], transforms, trust: bool = False, reader=None, model=None) -> None:
         self.cases = list(cases)
         self.transforms = transforms
         self.trust = trust
         self.reader = reader
+        self.model = model
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -70,7 +71,7 @@ class _CaseDataset(torch.utils.data.Dataset):
         case = self.cases[index]
         try:
             loaded = load_case(case.image, self.transforms, case.mask, trust=self.trust, volume=case.volume,
-                               series=case.series, reader=self.reader)
+                               series=case.series, reader=self.reader, model=self.model)
             return {"case": case, "loaded": loaded, "error": ""}
         except Exception as error:  # reported by the main process, the cohort goes on
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
@@ -128,7 +129,8 @@ def run_cohort(
             skipped += 1
         else:
             todo.append((index, case))
-    loader = DataLoader(_CaseDataset([case for _, case in todo], runner.transforms, runner.trust, runner.reader), batch_size=1,
+    loader = DataLoader(_CaseDataset([case for _, case in todo], runner.transforms, runner.trust, runner.reader,
+                                     runner.model), batch_size=1,
                         num_workers=workers, collate_fn=_first)
     failures = 0
     bar = tqdm(total=len(todo), desc=f"explaining (rank {context.rank})" if context.distributed else "explaining",

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 from scipy.integrate import trapezoid
@@ -202,6 +203,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
                    randomization_steps: int) -> None:
     from ..masks import threshold_mask
     from ..metrics import (
+        Completeness,
         box_iou,
         completeness,
         dice_iou_curve,
@@ -214,12 +216,12 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
 
     config = runner.config
     loaded = load_case(case.image, runner.transforms, case.mask, trust=runner.trust, volume=case.volume,
-                       series=case.series, reader=runner.reader)  # scan read once; mask checked against its grid
+                       series=case.series, reader=runner.reader, model=runner.model)  # scan read once; mask checked against its grid
     scanner_space, scan = loaded.scanner_space, loaded.scan
     batch = loaded.x[None].to(runner.device)
     labels = None if loaded.labels is None else np.rint(np.asarray(loaded.labels)).astype(np.int64)
 
-    complete = None
+    complete: Completeness | Literal[False] | None = None
     layer_name = "auto"
     referenced: set[int] = set()  # classes whose random-ranking reference curves exist for this case
     options = dict(steps=steps, baseline=baseline, batch_size=batch_size, task=config.task, seed=seed,
@@ -335,7 +337,7 @@ def _failure_picture(out: Path, case: Case, heat, scan: np.ndarray, row: dict, l
         peak_mm = heat.space.voxel_to_world(np.asarray(voxel, dtype=float))
         where = "the lesion's centre" if lesion is not None and lesion.any() else "the volume's centre"
         title += f" — map zero everywhere; slices through {where} (marked)"
-    save_slices(folder / name, scan, data, heat.space, title=title, peak_mm=tuple(float(v) for v in peak_mm))
+    save_slices(folder / name, scan, data, heat.space, title=title, peak_mm=cast("tuple[float, float, float]", tuple(float(v) for v in peak_mm)))  # a 3D scan
     return {"case": case.id, "class": heat.label, "outcome": row["outcome"], "probability": row["probability"],
             "method": heat.method, "picture": f"failures/{name}"}
 

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,13 +147,15 @@ class LoadedCase:
 
 
 def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, trust: bool = False,
-              volume: int | None = None, series: str | None = None, reader=None) -> LoadedCase:
+              volume: int | None = None, series: str | None = None, reader=None,
+              model: torch.nn.Module | None = None) -> LoadedCase:
     """Read a scan once, preprocess it, and read its ground-truth label map if given.
 
     ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
     ``volume`` picks one volume of a 4D file, ``series`` one series of a multi-series DICOM folder.
     ``reader`` replaces ``transforms``: a callable ``reader(path, trust=...) -> (x, scanner_space)``
     such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`).
+    ``model``, when given, is checked to take inputs of the scan's dimensionality (2D or 3D).
 
     Raises
     ------
@@ -162,6 +165,10 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
     from .. import io
 
     scan, scanner_space = io.read(image, trust=trust, volume=volume, series=series)
+    if model is not None:
+        from ..models import check_input_rank
+
+        check_input_rank(scan.shape, model, path=image)  # a 2D image for a 3D model: a clear error, not a transform's
     if reader is not None:
         if volume is not None or series is not None:
             raise UsageError("--volume/--series cannot be used with a bundle's own preprocessing (it reads the whole "
@@ -197,12 +204,15 @@ class Runner:
         Replaces the config's preprocessing (e.g. a MONAI bundle's own; see :func:`load_case`).
     random_weights : bool
         The model has random parameters on purpose; recorded in every case's summary.
+    output_activation : str, optional
+        Override the config's ``output_activation`` (``auto``, ``none``, ``softmax``, ``sigmoid``).
     """
 
     def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
                  target: object = None, layer: str | None = None, device: str = "auto",
                  sliding_window: SlidingWindowConfig | None = None, amp: str | None = None,
-                 trust: bool = False, reader=None, random_weights: bool = False) -> None:
+                 trust: bool = False, reader=None, random_weights: bool = False,
+                 output_activation: str | None = None) -> None:
         self.config = config
         self.trust = trust
         self.reader = reader
@@ -218,7 +228,8 @@ class Runner:
         if config.class_names:
             unique_file_labels(config.class_names)  # clashing file labels are refused before any work
         self.explainers = [
-            Explainer(self.model, method, layer=self.layer, class_names=config.class_names, amp=self.amp)
+            Explainer(self.model, method, layer=self.layer, class_names=config.class_names, amp=self.amp,
+                      output_activation=output_activation or config.output_activation)
             for method in self.methods
         ]
 
@@ -227,6 +238,7 @@ class Runner:
         window = self.sliding_window
         return {"methods": list(self.methods), "target": self.target, "layer": self.layer,
                 "random_weights": self.random_weights,
+                "output_activation": self.explainers[0].output_activation if self.explainers else None,
                 "config_digest": config_digest(self.config), "amp": self.amp,
                 "sliding_window": None if window is None else dataclasses.asdict(window)}
 
@@ -261,7 +273,7 @@ class Runner:
         remove_stale_staging(out_dir, case_id)
         if loaded is None:
             loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series,
-                               reader=self.reader)
+                               reader=self.reader, model=self.model)
         x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
         staging = staging_folder(out_dir, case_id)
         try:
@@ -304,7 +316,7 @@ class Runner:
             files = [heat.save(folder / f"{prefix}_{explainer.method.name}_{heat.file_label}_feature{ext}") for heat in native]
             views = [ScanGridMap(heat, scanner_space, fill=output.fill) for heat in native]
             chosen = {id(view) for view in self._scan_map_choice(views, explanation)}
-            options = dict(prefix=prefix, like=like, normalized=output.normalized, dtype=output.scan_dtype,
+            options: dict[str, Any] = dict(prefix=prefix, like=like, normalized=output.normalized, dtype=output.scan_dtype,
                            compress=output.compress)
             if output.four_d:
                 files += save_scan_maps([v for v in views if id(v) in chosen], folder, four_d=True, **options)
