@@ -67,7 +67,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -558,6 +558,7 @@ class ImageInfo:
             lines += [f"  {s}" for s in self.series]
             return "\n".join(lines)
         spatial = self.spatial_shape
+        assert spatial is not None, "only a folder of several DICOM series has no shape"
         what = (f"{self.volumes} volumes of {_fmt_shape(spatial)} voxels (pass volume=<index>, 0 to {self.volumes - 1})"
                 if self.volumes > 1 else f"{_fmt_shape(spatial)} voxels")
         lines = [f"{self.path}: {self.format}, {len(spatial)}D, {what}, {self.dtype}"]
@@ -601,17 +602,19 @@ def _series_info(p: Path, uid: str, slices: list[_Slice]) -> SeriesInfo:
     affine = None
     placed = [s for s in ordered if s.position is not None and s.orientation is not None]
     if placed and len(first.spacing) >= 2:
-        row, col = placed[0].orientation[:3], placed[0].orientation[3:]
+        orientation, first_position, last_position = placed[0].orientation, placed[0].position, placed[-1].position
+        assert orientation is not None and first_position is not None and last_position is not None  # filtered above
+        row, col = orientation[:3], orientation[3:]
         normal = np.cross(row, col)
         if np.linalg.norm(normal) > 1e-6:
             normal = normal / np.linalg.norm(normal)
             if len(placed) > 1:
-                step = normal * float((placed[-1].position - placed[0].position) @ normal) / (len(placed) - 1)
+                step = normal * float((last_position - first_position) @ normal) / (len(placed) - 1)
             else:
                 step = normal * (float(first.spacing[2]) if len(first.spacing) > 2 else 1.0)
             lps = np.eye(4)
             lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * first.spacing[0], col * first.spacing[1], step
-            lps[:3, 3] = placed[0].position
+            lps[:3, 3] = first_position
             affine = lps_to_ras(lps)
     return SeriesInfo(uid, first.description, first.modality, len(slices), shape, _voxel_sizes(affine, 3), _axcodes(affine, 3), affine, problem)
 
@@ -1239,9 +1242,9 @@ def _check_dicom_geometry(p: Path, slices: list[_Slice]) -> tuple[list[_Slice], 
             f"{len(missing)} of {len(slices)} files have no readable ImagePositionPatient / "
             f"ImageOrientationPatient (e.g. '{missing[0]}'), so the slices cannot be placed in space."
         )
-    iop0 = first.orientation
+    iop0 = cast(np.ndarray, first.orientation)  # every slice has one (checked above)
     for s, name in zip(slices, names):
-        if np.max(np.abs(s.orientation - iop0)) > _IOP_TOL:
+        if np.max(np.abs(cast(np.ndarray, s.orientation) - iop0)) > _IOP_TOL:
             return slices, (
                 f"slices have different orientations: '{name}' has ImageOrientationPatient "
                 f"({_fmt_mm(s.orientation)}) but '{names[0]}' has ({_fmt_mm(iop0)}); expected one "

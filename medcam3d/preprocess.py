@@ -24,6 +24,7 @@ import difflib
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def _voxels(size: object) -> int | None:
         return None
     count = 1
     for value in values:
-        count *= max(int(value), 1)
+        count *= max(int(cast(int, value)), 1)  # checked above
     return count
 
 
@@ -182,6 +183,7 @@ def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = F
                 "(it may read or write files, call code, or be random)",
                 f"Without --trust, use one of {sorted(SAFE_TRANSFORMS)} (medcam3d.preprocess.SAFE_TRANSFORMS).",
             )
+        parameters: Mapping[str, inspect.Parameter]
         try:
             parameters = inspect.signature(cls.__init__).parameters
         except (TypeError, ValueError):

@@ -189,7 +189,8 @@ def resolve_target(
     segmentation = outputs.ndim > 2
     mask = None
     if isinstance(spec, Region):
-        spec, mask = spec.classes, spec.mask
+        mask = spec.mask
+        spec = spec.classes
         if not segmentation:
             message = (
                 f"Region targets need a segmentation output (B, C, *spatial); this model returns "

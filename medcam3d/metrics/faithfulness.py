@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,7 +237,7 @@ def perturbation_curves(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1 (got steps={steps}, batch_size={batch_size}).")
     inputs = to_model_input(x, model)
-    spatial_ndim = heat_space.ndim if heat_space is not None else len(heat.shape if hasattr(heat, "shape") else np.shape(heat))
+    spatial_ndim = heat_space.ndim if heat_space is not None else len(heat.shape if hasattr(heat, "shape") else np.shape(cast(ArrayLike, heat)))
     if inputs.ndim == spatial_ndim + 2:
         if inputs.shape[0] != 1:
             raise ValueError(f"x holds a batch of {inputs.shape[0]}; curves are per volume: pass x[i] with its own map.")
@@ -330,7 +332,7 @@ class Completeness:
         return np.abs(self.errors) / np.maximum(np.abs(self.logits - self.bias), 1e-12)
 
 
-def completeness(model: nn.Module, x: torch.Tensor, target: object = "all", *, layer: object = "auto",
+def completeness(model: nn.Module, x: torch.Tensor, target: object = "all", *, layer: str | nn.Module = "auto",
                  strict: bool = False) -> Completeness | None:
     """Completeness error of HiResCAM: ``Σ map − (logit − bias)`` for each explained class.
 

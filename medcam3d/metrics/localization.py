@@ -43,7 +43,7 @@ DEFAULT_THRESHOLDS: np.ndarray = np.round(np.linspace(0.05, 1.0, 20), 4)
 def _as_array(value: object, name: str) -> np.ndarray:
     """A numpy copy-free view of an array or (detached, CPU) tensor."""
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()  # type: ignore[union-attr]
+        value = value.detach().cpu().numpy()
     array = np.asarray(value)
     if array.ndim not in (2, 3):
         raise ValueError(f"{name} must be a 2D or 3D array (one map on one grid), got shape {array.shape}. "

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ GUIDED_WARNING = (
 # ------------------------------------------------------------------------------- similarities
 def _flat(value: object) -> np.ndarray:
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()  # type: ignore[union-attr]
+        value = value.detach().cpu().numpy()
     return np.asarray(value, dtype=np.float64)
 
 
@@ -123,7 +124,7 @@ def ssim(a: object, b: object, *, sigma: float = 1.5, data_range: float | None =
     padded = [torch.as_tensor(np.pad(v / data_range, radius, mode="symmetric"))[None, None] for v in (a, b)]
     metric = SSIMMetric(spatial_dims=a.ndim, data_range=1.0, kernel_type="gaussian", win_size=2 * radius + 1,
                         kernel_sigma=sigma)
-    return float(metric(*padded).mean())
+    return float(cast(torch.Tensor, metric(*padded)).mean())  # a tensor for tensor inputs
 
 
 def _unit(value: np.ndarray) -> np.ndarray:
@@ -160,7 +161,7 @@ def _guided_gradients(model: nn.Module, x: torch.Tensor, target: object) -> torc
     for relu in relus:
         relu.inplace = False  # on the copy only: full backward hooks need out-of-place outputs
         # the ReLU's own backward already zeroes where its input was ≤ 0; keep positive gradients only
-        handles.append(relu.register_full_backward_hook(lambda _m, grad_in, _out: (grad_in[0].clamp_min(0),)))
+        handles.append(relu.register_full_backward_hook(lambda _m, grad_in, _out: (cast("tuple[torch.Tensor, ...]", grad_in)[0].clamp_min(0),)))
     inputs = to_model_input(x, guided).requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -198,7 +199,7 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target: object, *, absolu
     return (gradients.abs() if absolute else gradients).sum(dim=1).float()
 
 
-def guided_gradcam(model: nn.Module, x: torch.Tensor, target: object, *, layer: object = "auto") -> torch.Tensor:
+def guided_gradcam(model: nn.Module, x: torch.Tensor, target: object, *, layer: str | nn.Module = "auto") -> torch.Tensor:
     """Guided Grad-CAM: Guided Backprop × Grad-CAM upsampled to the input grid — comparison only.
 
     Emits a ``UserWarning``: it fails the randomization test.
@@ -219,7 +220,7 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target: object, *, layer: 
     return (gradients * upsampled).float()
 
 
-def method_maps(model: nn.Module, method: str, x: torch.Tensor, target: object, *, layer: object = "auto",
+def method_maps(model: nn.Module, method: str, x: torch.Tensor, target: object, *, layer: str | nn.Module = "auto",
                 relu: bool = True, grid_shape: Sequence[int] | None = None) -> np.ndarray:
     """One map per sample for ``target`` from any CAM method, ``guided_backprop`` or ``guided_gradcam``.
 
@@ -244,7 +245,7 @@ def method_maps(model: nn.Module, method: str, x: torch.Tensor, target: object, 
         else:
             maps = guided_backprop(model, x, target, absolute=True)
         if grid_shape is not None and tuple(maps.shape[1:]) != tuple(grid_shape):
-            pool = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[maps.ndim - 1]
+            pool: Callable[[torch.Tensor, Any], torch.Tensor] = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[maps.ndim - 1]
             maps = pool(maps[:, None], tuple(int(n) for n in grid_shape))[:, 0]
         return maps.cpu().numpy()
     from ..explainer import Explainer
@@ -367,7 +368,8 @@ def _reinitialize(module: nn.Module, generator_seed: int) -> None:
 def _reset(module: nn.Module) -> None:
     """Random parameters for one module (``nn.init`` draws from the global generators)."""
     if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
+        reset: Callable[[], None] = getattr(module, "reset_parameters")  # nn.Module.__getattr__ is typed Tensor | Module
+        reset()
         if isinstance(module, nn.modules.batchnorm._NormBase):
             # reset_parameters gives γ=1, β=0 (an identity in eval): draw them instead, so that the
             # layer's learned scale is really replaced by random values
@@ -388,7 +390,7 @@ def randomization_test(
     target: object,
     *,
     methods: Sequence[str] = ("hirescam", "gradcam", "guided_backprop"),
-    layer: object = "auto",
+    layer: str | nn.Module = "auto",
     max_steps: int | None = None,
     threshold: float = 0.5,
     relu: bool = False,
