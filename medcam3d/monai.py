@@ -529,6 +529,11 @@ class SaveHeatmapsd(MapTransform):
         default: the prediction's own metadata, which the inferer copied from the image.
     scanner_space : Space, optional
         The file's grid, when the metadata do not record it (then the same for every sample).
+    grid : {"scan", "feature"}
+        ``"scan"``: the maps on the loaded file's own grid (default). ``"feature"``: the maps on
+        the target layer's grid, with its exact affine (a few kilobytes per map, written in
+        float32; viewers place them in the patient by their affine, but voxel-by-voxel tools
+        need ``"scan"``).
     four_d : bool
         One 4D file per subject (a volume per class) instead of one file per class (NIfTI only).
     normalized : bool
@@ -570,6 +575,7 @@ class SaveHeatmapsd(MapTransform):
         output_name_formatter: Callable[[dict, Any], dict] | None = None,
         orig_key: str | None = None,
         scanner_space: Space | None = None,
+        grid: str = "scan",
         four_d: bool = False,
         normalized: bool = False,
         fill: float = 0.0,
@@ -583,6 +589,8 @@ class SaveHeatmapsd(MapTransform):
             raise ValueError(f"output_ext must be .nii.gz, .nii, .nrrd or .mha, not {output_ext!r}.")
         if output_dtype not in ("uint8", "int16", "float32"):
             raise ValueError(f"output_dtype must be 'uint8', 'int16' or 'float32', not {output_dtype!r}.")
+        if grid not in ("scan", "feature"):
+            raise ValueError(f"grid must be 'scan' or 'feature', not {grid!r}.")
         if ext in (".nrrd", ".mha") and (four_d or normalized):
             raise ValueError(f"four_d and normalized are for NIfTI output; {ext} files hold one float32 map each.")
         self.output_dir = Path(output_dir)
@@ -594,6 +602,7 @@ class SaveHeatmapsd(MapTransform):
         self.fname_formatter = output_name_formatter or default_name_formatter
         self.orig_key = orig_key
         self.scanner_space = None if scanner_space is None else Space.of(scanner_space)
+        self.grid = grid
         self.four_d = bool(four_d)
         self.normalized = bool(normalized)
         self.fill = float(fill)
@@ -628,9 +637,12 @@ class SaveHeatmapsd(MapTransform):
                 "be placed. Preprocess with MONAI transforms that keep MetaTensors (LoadImaged ...)."
             )
             raise SpaceError(message)
+        native = to_scanner_space(result)  # on the feature grid, with its exact affine
+        if self.grid == "feature":
+            return [ScanGridMap.of_array(h) for h in native]
         meta = dict(meta if meta is not None else getattr(pred, "meta", {}))
         scanner = self.scanner_space if self.scanner_space is not None else original_space(meta)
-        return [ScanGridMap(h, scanner, fill=self.fill) for h in to_scanner_space(result)]
+        return [ScanGridMap(h, scanner, fill=self.fill) for h in native]
 
     def heatmaps(self, pred: Any, meta: Mapping | None = None) -> list[Heatmap]:
         """The maps of one decollated prediction as whole arrays on the file's grid (what is written)."""
@@ -652,8 +664,9 @@ class SaveHeatmapsd(MapTransform):
             return self._save_dense(views, folder, stem.name)
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medcam3d-"))
         try:
+            dtype = "float32" if self.grid == "feature" else self.output_dtype  # tiny: exact
             staged = save_scan_maps(views, staging, prefix=stem.name, like=_nifti_source(meta),
-                                    normalized=self.normalized, four_d=self.four_d, dtype=self.output_dtype,
+                                    normalized=self.normalized, four_d=self.four_d, dtype=dtype,
                                     compress=self.output_ext == ".nii.gz")
             targets = [folder / path.name for path in staged]
             for target in targets:

@@ -337,6 +337,13 @@ def test_saver_naming_conventions_and_four_d(batch, tmp_path):
     image = nib.load(path)
     assert image.shape == (*io.read_space(scan).shape, 3)
     assert image.header["descrip"].tobytes().startswith(b"medcam3d hirescam")
+    feature = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "feature", grid="feature")
+    feature(item)
+    result = explanation_of(item["pred"])
+    for h, path in zip(to_scanner_space(result), feature.written, strict=True):  # the exact feature-grid maps
+        data, space = io.read(path)
+        assert space == h.space and data.shape == result.feature_shape
+        np.testing.assert_allclose(data, h.data, rtol=1e-6)
     nrrd = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "nrrd", output_ext="nrrd")
     nrrd(item)
     assert [p.name for p in nrrd.written] == [f"scan_heatmap_hirescam_{c}.nrrd" for c in "abc"]
