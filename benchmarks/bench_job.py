@@ -109,7 +109,8 @@ DRIVER = textwrap.dedent(
         patch(heatmap.ScanGridMap, "_summarise", "peaks and value ranges")
         patch(runner, "_largest_region", "boxes + masks (runs, largest region)")
         patch(runner, "_write_mask", "boxes + masks (runs, largest region)")
-        patch(report, "save_slices", "pictures")
+        patch(report.SlicePainter, "__init__", "pictures")
+        patch(report.SlicePainter, "save", "pictures")
         if EVENTS:
             runner.load_case = logged("read", runner.load_case)
             runner.Runner.run_case = logged("explain", runner.Runner.run_case)

@@ -82,7 +82,7 @@ def test_one_slice_volume_shows_one_panel_and_flat_map_says_no_peak(tmp_path):
     flat = slices_figure(scan, np.zeros(shape, np.float32), space, title="flat")
     assert any("no peak" in t.get_text() for t in flat.texts)
     assert not any("no peak" in t.get_text() for t in slices_figure(scan, heat, space).texts)
-    assert not _panels(flat)["axial"].lines  # nothing to mark
+    assert not any(line.get_visible() for line in _panels(flat)["axial"].lines)  # nothing to mark
     path = save_slices(tmp_path / "flat.png", scan, np.zeros(shape, np.float32), space, title="flat")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -110,3 +110,24 @@ def test_default_window_is_read_from_a_subsample():
     mr[10:70, 10:70, 10:70] = np.random.default_rng(4).uniform(100, 200, (60, 60, 60))
     low, high = default_window(mr, max_voxels=10_000)
     assert 100 <= low < 110 and 190 < high <= 200
+
+
+def test_one_painter_repaints_many_maps_as_single_pictures_would():
+    from medcam3d.jobs.report import SlicePainter
+
+    shape = (30, 26, 20)
+    space = Space(shape, np.diag([-1.5, 1.0, 2.0, 1.0]))
+    scan = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    maps = [np.zeros(shape, np.float32) for _ in range(3)]
+    maps[0][4, 5, 6] = 1.0
+    maps[2][20, 10, 3] = 3.0  # maps[1] is flat
+    painter = SlicePainter(scan, space)
+    for heat in maps:
+        again = _panels(painter.paint(heat, title="t"))
+        alone = _panels(slices_figure(scan, heat, space, title="t"))
+        for name in ("axial", "coronal", "sagittal"):
+            for a, b in zip(again[name].images, alone[name].images):
+                np.testing.assert_array_equal(a.get_array(), b.get_array())
+            assert again[name].lines[0].get_visible() == alone[name].lines[0].get_visible()
+            if alone[name].lines[0].get_visible():
+                np.testing.assert_array_equal(again[name].lines[0].get_data(), alone[name].lines[0].get_data())

@@ -102,6 +102,7 @@ class CaseResult:
     findings: list[dict] = field(default_factory=list)  # one per (method, class)
     files: list[str] = field(default_factory=list)
     run: dict = field(default_factory=dict)  # the settings that produced it (see Runner.run_settings)
+    segmentation: dict | None = None  # output.segment: the lesions found (see medcam3d.segment)
 
     @classmethod
     def from_summary(cls, data: dict) -> CaseResult | None:
@@ -297,14 +298,14 @@ class Runner:
         and a mask is formed only when it is written.
         """
         from ..heatmap import ScanGridMap, like_header, save_scan_maps
-        from .report import default_window
+        from .report import SlicePainter
 
         output = self.config.output
         names = self.config.class_names
         batch = x[None].to(self.device)
         like = like_header(image) if _is_nifti(image) else None  # read once per case
         ext = ".nii.gz" if output.compress else ".nii"
-        window = default_window(scan) if output.pictures and scan.ndim == 3 else None
+        painter = SlicePainter(scan, scanner_space) if output.pictures and scan.ndim == 3 else None  # laid out once
         present = _labels_present(labels)
         for explainer in self.explainers:
             explanation = self.explain(explainer, batch)
@@ -321,12 +322,35 @@ class Runner:
             if output.four_d:
                 files += save_scan_maps([v for v in views if id(v) in chosen], folder, four_d=True, **options)
             for view in views:
-                files += self._localize(view, scan, labels, folder, prefix, result, output, like=like, window=window,
+                files += self._localize(view, scan, labels, folder, prefix, result, output, like=like, painter=painter,
                                         present=present)
                 if id(view) in chosen and not output.four_d:
                     files += save_scan_maps([view], folder, **options)
                 view.release()
+            if output.segment and explainer is self.explainers[0] and scan.ndim == 3:
+                files += self._segment_into(scan, scanner_space, native, explanation, folder, prefix, result, like)
             result.files += [str(f) for f in files]
+
+    def _segment_into(self, scan, scanner_space, native, explanation, folder: Path, prefix: str, result: CaseResult,
+                      like) -> list[Path]:
+        """Weakly-supervised segmentation from the maps (:func:`medcam3d.segment.segment`): label map and boxes.
+
+        Classes predicted present (p >= 0.5) are segmented, or every class where there are no
+        probabilities (e.g. a segmentation network's region targets).
+        """
+        from ..segment import segment
+
+        indices = [heat.class_index for heat in native]
+        if explanation.logits.ndim == 2 and result.probabilities:
+            probs = list(result.probabilities.values())
+            indices = [i for i in indices if i < len(probs) and probs[i] >= 0.5]
+        method = native[0].method if native else "map"
+        segmentation = segment(scan, scanner_space, native, classes=indices)
+        labels_path, boxes_path = segmentation.save(folder / f"{prefix}_{method}_segmentation.nii.gz",
+                                                    folder / f"{prefix}_{method}_lesions.json", like=like)
+        result.segmentation = {"method": method, "classes": indices,
+                               "lesions": [lesion.to_dict() for lesion in segmentation.lesions]}
+        return [p for p in (labels_path, boxes_path) if p is not None]
 
     def _scan_map_choice(self, views: list, explanation) -> list:
         """The maps that ``output.scan_maps`` asks to write on the scan's grid."""
@@ -354,15 +378,13 @@ class Runner:
                                       sw_batch_size=window.sw_batch, mode=window.mode)
 
     def _localize(self, heat, scan, labels, folder: Path, prefix: str, result: CaseResult, output, *, like=None,
-                  window=None, present: set | None = None) -> list[Path]:
+                  painter=None, present: set | None = None) -> list[Path]:
         """Peak, lesion check, box (and mask), picture of one map; records the finding.
 
         ``heat`` is a :class:`~medcam3d.heatmap.ScanGridMap`. The peak is the voxel of the
         scan-grid map's maximum (None for a flat map); the box is that of the largest connected
         component of the thresholded map, the mask that component.
         """
-        from .report import save_slices
-
         stem = f"{prefix}_{heat.method}_{heat.file_label}"
         found = heat.peak()
         voxel, world = (found[0], [float(v) for v in found[1]]) if found is not None else (None, None)
@@ -383,12 +405,11 @@ class Runner:
             files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=finding["peak_voxel"], peak_mm=world,
                                   threshold={"method": output.mask_method, "value": output.mask_value}))
             finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
-        if output.pictures and scan.ndim == 3:
+        if painter is not None:  # a SlicePainter of this case's scan
             probability = result.probabilities.get(heat.label)
             p_text = f" (p = {probability:.2f})" if probability is not None else ""
             title = f"{prefix} · {heat.method} · {heat.label}{p_text}"
-            files.append(save_slices(folder / f"{stem}.png", scan, heat, heat.space, title=title, peak_voxel=voxel,
-                                     window=window))
+            files.append(painter.save(folder / f"{stem}.png", heat, title=title, peak_voxel=voxel))
         result.findings.append(finding)
         return files
 
