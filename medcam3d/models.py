@@ -36,7 +36,7 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +124,7 @@ def _refuse(source, key: str, reason: str, fix: str) -> UntrustedNetworkError:
     return UntrustedNetworkError(f"{_where(source)}{key}: {reason}. {fix} {_TRUST_HINT}.")
 
 
-def _resolve_untrusted(network: str, source) -> object:
+def _resolve_untrusted(network: str, source) -> Callable[..., nn.Module]:
     """Import and return what ``network`` names, checking the rule before and after importing."""
     allowed = (
         "a torch.nn.Module class from " + ", ".join(NETWORK_NAMESPACES) + " (e.g. monai.networks.nets.DenseNet121, "
@@ -324,7 +324,8 @@ def _count_parameters(factory, args: dict, max_parameters: int) -> int | None:
     return None
 
 
-def _over_budget(network: str, error: _OverBudget, source, max_parameters: int) -> ModelLoadError:
+def _over_budget(network: str, error: _OverBudget, source, max_parameters: int | None) -> ModelLoadError:
+    assert max_parameters is not None, "only a build under a parameter budget is stopped"
     message = (
         f"{_where(source)}model.args: building {network} with these arguments was stopped: it needed {error}. "
         f"Without --trust a network may have at most {max_parameters:,} parameters and buffers and "
@@ -381,6 +382,7 @@ def build_network(
     if not isinstance(args, Mapping):
         raise ModelLoadError(f"{_where(source)}model.args must be a mapping of constructor arguments, not {type(args).__name__}.")
     args = dict(args)
+    factory: Callable[..., nn.Module] | None
     if not trust:
         factory = _resolve_untrusted(network, source)
         _check_untrusted_args(args, source)
@@ -749,6 +751,7 @@ class BundlePreprocessing:
                 "medcam3d needs the input grid to place the maps."
             )
             raise PreprocessingError(message)
+        assert info.spatial_shape is not None  # a single image or series (several series were refused above)
         scanner_space = Space(info.spatial_shape, info.affine)
         seen = result.meta.get("original_affine")  # the file's grid as the bundle's reader saw it
         if seen is not None:
@@ -1043,10 +1046,10 @@ _CONV_DIMS_BY_NAME = {
 def _spatial_dims(model: nn.Module) -> int | None:
     """Spatial dimensionality of the model's first convolution (TorchScript modules too), or None."""
     try:  # the engine's answer, where it has one
-        from .layers import expected_spatial_dims  # type: ignore[attr-defined]
+        from .layers import expected_spatial_dims
     except ImportError:
-        expected_spatial_dims = None
-    if expected_spatial_dims is not None:
+        pass
+    else:
         return expected_spatial_dims(model)
     from torch.nn.modules.conv import _ConvNd
 

@@ -27,6 +27,7 @@ import platform
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -128,8 +129,9 @@ def class_evidence(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
         ``W @ relu(features) + b`` per feature cell; its spatial mean is ``logits``, and without
         the bias it is the HiResCAM (= CAM / cells) map up to the constant factor ``d v u``.
     """
-    features = torch.relu(model.features(x))
-    head = model.class_layers.out
+    # DenseNet's submodules (casts: nn.Module.__getattr__ is typed Tensor | Module)
+    features = torch.relu(cast(torch.nn.Module, model.features)(x))
+    head = cast(torch.nn.Linear, cast(torch.nn.Module, model.class_layers).out)
     cell_logits = torch.einsum("bkdvu,ck->bcdvu", features, head.weight) + head.bias[None, :, None, None, None]
     return cell_logits.mean(dim=(2, 3, 4)), cell_logits
 
@@ -260,7 +262,7 @@ def train(
     start = time.perf_counter()
     model = build_model()
     with torch.no_grad():
-        stride = synthetic.MODEL_SHAPE[0] // model.features(torch.zeros(1, 1, *synthetic.MODEL_SHAPE)).shape[-1]
+        stride = synthetic.MODEL_SHAPE[0] // cast(torch.nn.Module, model.features)(torch.zeros(1, 1, *synthetic.MODEL_SHAPE)).shape[-1]
     # The training pool, generated once; images kept as uint8 (steps of 2 HU; the noise is ~10 HU).
     print(f"generating {train_cases} training cases on the model grid ...", flush=True)
     pool = torch.empty((train_cases, 1, *synthetic.MODEL_SHAPE), dtype=torch.uint8)

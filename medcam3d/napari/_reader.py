@@ -112,7 +112,7 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
     medcam3d.io.ImageReadError, FileNotFoundError
         With a message that names the file and what was wrong (napari shows it).
     """
-    from ..pipeline import case_id_of
+    from ..jobs.cases import case_id_of
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
@@ -158,7 +158,7 @@ def _display_range(data: np.ndarray) -> tuple[float, float] | None:
 
 def checksum(data: np.ndarray) -> int:
     """CRC-32 of an array's bytes (C order): tells a writer whether shown voxels were changed."""
-    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1).data)
 
 
 def file_stamp(path: str | Path | None) -> tuple[int, int] | None:

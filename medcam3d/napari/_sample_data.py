@@ -80,9 +80,9 @@ def find_demo_case(folder: str | Path | None = None, *, oblique: bool = False) -
             return folder / image, mask_path
     if oblique:
         return None
-    for image in sorted(folder.glob("case_*")):
-        if _is_image(image.name) and "_mask" not in image.name:
-            return image, _mask_for(image)
+    for candidate in sorted(folder.glob("case_*")):
+        if _is_image(candidate.name) and "_mask" not in candidate.name:
+            return candidate, _mask_for(candidate)
     return None
 
 
@@ -126,7 +126,7 @@ def oblique_case() -> list[tuple]:
 
 
 def _case(oblique: bool) -> list[tuple]:
-    from ..pipeline import case_id_of
+    from ..jobs.cases import case_id_of
 
     open_axial_when_added()
     prefer_medcam3d_writers()

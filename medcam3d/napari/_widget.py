@@ -31,9 +31,10 @@ import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from magicgui.types import FileDialogMode
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
 
 import medcam3d
@@ -698,7 +699,9 @@ def _stop_workers() -> None:
     try:
         from qtpy.QtCore import QThreadPool
 
-        QThreadPool.globalInstance().waitForDone(120_000)
+        pool = QThreadPool.globalInstance()
+        assert pool is not None  # Qt's global pool always exists
+        pool.waitForDone(120_000)
     except Exception:  # pragma: no cover - Qt already gone
         logger.debug("could not wait for medcam3d workers", exc_info=True)
 
@@ -760,8 +763,8 @@ class ExplainWidget(Container):
         from qtpy.QtCore import QTimer
 
         image_layer = ComboBox(label="image", tooltip="The scan to explain.")
-        config = FileEdit(label="config", mode="r", filter="*.yaml *.yml",
-                          value=str(DEMO_CONFIG) if DEMO_CONFIG.is_file() else "",
+        config = FileEdit(label="config", mode=FileDialogMode.EXISTING_FILE, filter="*.yaml *.yml",
+                          value=DEMO_CONFIG if DEMO_CONFIG.is_file() else None,
                           tooltip="medcam3d YAML config: model, class names, preprocessing.")
         method = ComboBox(label="method", choices=list(medcam3d.EXPLAINERS), value="hirescam")
         target_layer = ComboBox(label="target layer", choices=[AUTO],
@@ -811,8 +814,8 @@ class ExplainWidget(Container):
         self._layers: list[str] = [AUTO]
         self.image_layer.choices = self._scan_choices
         self.heatmap.choices = self._heatmap_choices
-        self.target_class.choices = lambda _widget=None: self._classes
-        self.target_layer.choices = lambda _widget=None: self._layers
+        self.target_class.choices = self._class_choices
+        self.target_layer.choices = self._layer_choices
         # Listing target layers waits for the event loop: a burst of layer events (opening
         # several files, or the viewer removing every layer while it closes) starts nothing.
         self._refresh_timer = QTimer(self.native)
@@ -866,7 +869,9 @@ class ExplainWidget(Container):
         if wait_ms > 0:
             from qtpy.QtCore import QThreadPool
 
-            QThreadPool.globalInstance().waitForDone(wait_ms)
+            pool = QThreadPool.globalInstance()
+            assert pool is not None  # Qt's global pool always exists
+            pool.waitForDone(wait_ms)
 
     # ---------------------------------------------------------------- choices
     def _scan_choices(self, _widget=None) -> list[tuple[str, Any]]:
@@ -875,6 +880,12 @@ class ExplainWidget(Container):
         images = [layer for layer in self._viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
         scans = [layer for layer in images if (layer.metadata or {}).get("medcam3d") != "heatmap"]
         return [(layer.name, layer) for layer in scans]
+
+    def _class_choices(self, _widget=None) -> list[str]:
+        return self._classes
+
+    def _layer_choices(self, _widget=None) -> list[str]:
+        return self._layers
 
     def _heatmap_choices(self, _widget=None) -> list[tuple[str, Any]]:
         from napari.layers import Image
@@ -894,7 +905,7 @@ class ExplainWidget(Container):
         value = self.config.value
         if value is None or str(value) in ("", "."):
             return None
-        path = Path(value)
+        path = Path(cast(Path, value))  # one file: the widget's mode is EXISTING_FILE
         return None if path.is_dir() else path
 
     def _set_status(self, text: str, token: int | None = None) -> None:
