@@ -186,7 +186,7 @@ def _runner(args: argparse.Namespace, methods=None):
                   random_weights=random_weights, output_activation=getattr(args, "output_activation", None))
 
 
-_OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized")
+_OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized", "segment")
 
 
 def _with_output_options(config, args: argparse.Namespace):
@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--boxes", action=flag, help="box JSON of that region (with the peak)")
         group.add_argument("--normalized", action=flag, help="a _norm copy of each scan-grid map, scaled to [0, 1]")
         group.add_argument("--four-d", action=flag, help="one 4D file per method for all classes")
+        group.add_argument("--segment", action=flag,
+                           help="weakly-supervised segmentation of the first method's maps (seed, expand, constrain): "
+                                "a label map and a box in mm per lesion")
         group.add_argument("--compress", action=flag, help=".nii.gz (gzip level 1); --no-compress: .nii")
 
     demo = add("demo", "run the main job on the shipped samples with the demo model", _cmd_demo)

@@ -224,6 +224,8 @@ class OutputConfig:
     scan_dtype: str = "uint8"
     compress: bool = True  # .nii.gz (gzip level 1) or .nii
     boxes: bool = True  # <case>_<method>_<class>_box.json: box of the thresholded map and its peak
+    # weakly-supervised segmentation (medcam3d.segment) of the first method's maps: label map + lesion boxes
+    segment: bool = False
 
     def __post_init__(self) -> None:
         choices = {"scan_maps": ("all", "positive", "predicted", "none"), "scan_dtype": ("uint8", "int16", "float32"),

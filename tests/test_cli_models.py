@@ -66,3 +66,22 @@ def test_info_describes_a_4d_file_from_its_header(scan, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["volumes"] == 3 and list(info["spatial_shape"]) == [30, 26, 12]
     assert main(["info", "--image", str(tmp_path / "missing.nii.gz")]) == 2
+
+
+def test_explain_segment_writes_a_label_map_and_lesion_boxes(tmp_path):
+    from medcam3d import io
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    image = repo / "data_samples" / "case_02.nii.gz"  # one bright_round lesion (see data_samples/cases.csv)
+    assert main(["explain", "--config", str(repo / "configs" / "demo.yaml"), "--image", str(image), "--segment",
+                 "--no-pictures", "--scan-maps", "none", "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "case_02"
+    labels, space = io.read(folder / "case_02_hirescam_segmentation.nii.gz", dtype=None)
+    truth, truth_space = io.read(repo / "data_samples" / "case_02_mask.nii.gz", dtype=None)
+    assert space.isclose(truth_space, atol=1e-3) and labels.shape == truth.shape
+    lesions = json.loads((folder / "case_02_hirescam_lesions.json").read_text(encoding="utf-8"))
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    assert summary["segmentation"]["lesions"] and lesions
+    found = labels == 1
+    overlap = np.logical_and(found, truth == 1).sum()
+    assert overlap > 0  # the bright_round segmentation meets the true lesion

@@ -328,11 +328,12 @@ class Runner:
                     files += save_scan_maps([view], folder, **options)
                 view.release()
             if output.segment and explainer is self.explainers[0] and scan.ndim == 3:
-                files += self._segment_into(scan, scanner_space, native, explanation, folder, prefix, result, like)
+                files += self._segment_into(scan, scanner_space, native, explanation, folder, prefix, result,
+                                            image if _is_nifti(image) else None)
             result.files += [str(f) for f in files]
 
     def _segment_into(self, scan, scanner_space, native, explanation, folder: Path, prefix: str, result: CaseResult,
-                      like) -> list[Path]:
+                      like: str | Path | None) -> list[Path]:
         """Weakly-supervised segmentation from the maps (:func:`medcam3d.segment.segment`): label map and boxes.
 
         Classes predicted present (p >= 0.5) are segmented, or every class where there are no
