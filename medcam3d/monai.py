@@ -16,9 +16,10 @@ adding one post-transform:
   naming conventions (``output_dir``, ``output_postfix``, ``separate_folder``, ``data_root_dir``,
   ``output_ext``), next to the predictions.
 
-This module holds integration only: the maps come from the engine, the placement from
-:func:`medcam3d.heatmap.to_scanner_space`, the files from :mod:`medcam3d.io` (see
-docs/architecture.md §3-§5 and docs/monai.md).
+This module holds integration only: the maps come from the engine, their placement on the scan
+from :func:`medcam3d.heatmap.to_scanner_space` / :class:`medcam3d.heatmap.ScanGridMap`, the files
+from :func:`medcam3d.heatmap.save_scan_maps` and :mod:`medcam3d.io` (see docs/architecture.md
+§3-§5 and docs/monai.md).
 
 Bundle example (``inference.json``; the complete bundle is written by
 ``python -m medcam3d.monai_example OUT``)::
