@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import InputError, LayerError, ProbabilityOutputWarning
+from .errors import InputError, LayerError, ModelOutputError, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
 from .hooks import ActivationCapture, model_lock, preserved_model_state
 from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
@@ -99,6 +99,13 @@ class Explanation:
         if self.class_names is None:
             return [str(i) for i in row]
         return [self.class_names[i] if i < len(self.class_names) else str(i) for i in row]
+
+
+def _first(output: object) -> torch.Tensor | None:
+    try:
+        return first_tensor(output)
+    except ModelOutputError:
+        return None
 
 
 class Explainer:
@@ -360,7 +367,7 @@ class Explainer:
         if mode == "none":
             return outputs, "none"
         found: OutputActivation | None = None
-        if capture.trailing is not None and capture.logits is not None:
+        if capture.trailing is not None and capture.logits is not None and _first(capture.produced) is outputs:
             found = OutputActivation(capture.trailing.kind, capture.trailing.name, capture.logits)
         elif isinstance(watch, OutputActivationWatch):
             found = watch.trailing(outputs)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import LayerError
-from .torchscript import TrailingActivation, is_scripted, script_split, scripted_ancestor
+from .torchscript import TrailingActivation, bind_arguments, is_scripted, script_split, scripted_ancestor
 
 __all__ = ["preserved_model_state", "ActivationCapture", "forward_hooks", "model_lock", "check_layer_output"]
 
@@ -102,14 +102,16 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[list[
 
 
 def _scripted_hook(module: nn.Module, hook: Callable) -> torch.utils.hooks.RemovableHandle:
+    """A global forward hook that calls ``hook(module, args, output)`` for ``module`` on this thread;
+    keyword arguments of the call are bound into ``args`` (positional, defaults filled in)."""
     owner = threading.get_ident()
 
-    def answer(called: nn.Module, inputs: object, output: object) -> object:
+    def answer(called: nn.Module, inputs: tuple, kwargs: dict, output: object) -> object:
         if called is module and threading.get_ident() == owner:
-            return hook(called, inputs, output)
+            return hook(called, bind_arguments(called, inputs, kwargs) if kwargs else inputs, output)
         return None
 
-    return nn.modules.module.register_module_forward_hook(answer)
+    return nn.modules.module.register_module_forward_hook(answer, with_kwargs=True)
 
 
 @contextmanager
@@ -209,9 +211,11 @@ class ActivationCapture:
     activations : (B, K, *spatial) Tensor
         The layer's output (a leaf that requires grad when tracking).
     logits : Tensor or None
-        For a model whose scripted graph ends in a softmax/sigmoid (see :attr:`trailing`): that
+        For a scripted module whose graph ends in a softmax/sigmoid (see :attr:`trailing`): that
         activation's input, computed from :attr:`activations` (None otherwise).
     trailing : TrailingActivation or None
+    produced : object
+        What that scripted module returned (the model's output only if the model returns it as is).
 
     Examples
     --------
@@ -237,6 +241,7 @@ class ActivationCapture:
         self.activations: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self.trailing: TrailingActivation | None = None
+        self.produced: object = None
         self._stack: ExitStack | None = None
         # A layer inside a scripted module: (root name, root module, name relative to it).
         self._script: tuple[str, nn.Module, str] | None = None
@@ -249,6 +254,7 @@ class ActivationCapture:
         self.activations = None
         self.logits = None
         self.trailing = None
+        self.produced = None
         self._stack = ExitStack()
         try:
             if self._script is None:
@@ -308,7 +314,7 @@ class ActivationCapture:
         else:
             outputs, logits = self._split.suffix(root, handed, carry, args)
         if logits is not None:
-            self.logits, self.trailing = logits, self._split.trailing
+            self.logits, self.trailing, self.produced = logits, self._split.trailing, outputs
         return outputs
 
     def _more_than_once(self) -> None:

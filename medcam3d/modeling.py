@@ -239,11 +239,11 @@ class OutputActivationWatch:
             for name, module in model.named_modules()
             if not is_scripted(module) and type(module).__name__ in ACTIVATION_MODULES
         ]
-        self._seen: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
+        self._last: tuple[str, str, torch.Tensor, torch.Tensor] | None = None
         self._hooks = None
 
     def __enter__(self) -> OutputActivationWatch:
-        self._seen = []
+        self._last = None
         self._hooks = forward_hooks([(module, self._hook(name, kind)) for name, module, kind in self._modules])
         self._hooks.__enter__()
         return self
@@ -255,16 +255,18 @@ class OutputActivationWatch:
 
     def _hook(self, name: str, kind: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            # Only the last call is kept: only the last executed activation can produce the output,
+            # and earlier (mid-network) ones must not be kept alive.
             if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                self._seen.append((name, kind, inputs[0], output))
+                self._last = (name, kind, inputs[0], output)
 
         return hook
 
     def trailing(self, outputs: torch.Tensor) -> OutputActivation | None:
         """The activation whose output is ``outputs`` (the model's logits tensor), if any."""
-        for name, kind, logits, output in reversed(self._seen):
-            if output is outputs:
-                return OutputActivation(kind, name, logits)
+        if self._last is not None and self._last[3] is outputs:
+            name, kind, logits, _ = self._last
+            return OutputActivation(kind, name, logits)
         return None
 
 

@@ -47,6 +47,7 @@ from torch import nn
 from .errors import LayerError
 
 __all__ = [
+    "bind_arguments",
     "ScriptRecord",
     "ScriptSplit",
     "TrailingActivation",
@@ -67,6 +68,7 @@ _MAX_SWEEPS = 64
 #: Methods that are a module's forward: tracing names the second call of a module ``forward1`` ...
 _FORWARD = re.compile(r"^forward\d*$")
 _NAMES = itertools.count()
+_NO_DEFAULT = object()
 _CACHE_GUARD = threading.Lock()
 _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[str, ScriptSplit]] = weakref.WeakKeyDictionary()
 _PROBES: weakref.WeakKeyDictionary[nn.Module, _ProbePlan] = weakref.WeakKeyDictionary()
@@ -209,6 +211,11 @@ def _inline_call(graph: torch._C.Graph, node, callee: torch._C.Graph) -> list:
     return outputs
 
 
+def _method_graph(module: nn.Module, method: str) -> torch._C.Graph:
+    """The graph of a compiled method (``module.forward`` of a freshly traced submodule is Python)."""
+    return module._c._get_method(method).graph
+
+
 def _is_tensor(value) -> bool:
     return value.type().kind() == "TensorType"
 
@@ -227,7 +234,7 @@ def _flatten(root: nn.Module, inline: Callable[[str, str, nn.Module], bool], *, 
     With ``record``, the output of every inlined ``forward`` call becomes an extra graph output.
     """
     table = _module_table(root)
-    graph = root.forward.graph.copy()
+    graph = _method_graph(root, "forward").copy()
     records: list[tuple[str, int]] = []
     for _ in range(_MAX_SWEEPS):
         paths = _value_paths(graph, table)
@@ -243,7 +250,7 @@ def _flatten(root: nn.Module, inline: Callable[[str, str, nn.Module], bool], *, 
         if not calls:
             return _Flat(graph, table, paths, records)
         for node, path, method in calls:
-            outputs = _inline_call(graph, node, getattr(table[path], method).graph)
+            outputs = _inline_call(graph, node, _method_graph(table[path], method))
             if record and _FORWARD.match(method) and path and len(outputs) == 1 and _is_tensor(outputs[0]):
                 records.append((path, graph.registerOutput(outputs[0])))
     message = f"The TorchScript graph of {module_type_name(root)} nests module calls too deeply to be split."
@@ -276,6 +283,47 @@ class _ProbePlan:
     function: object
     records: list[tuple[str, str, int]]  # (name, type, output index), completion order
     reachable: list[str]
+    defaults: list[object]
+
+
+def _forward_defaults(root: nn.Module) -> list[object]:
+    """Default values of the forward's arguments after ``self`` (``_NO_DEFAULT`` where none)."""
+    arguments = root._c._get_method("forward").schema.arguments[1:]
+    return [a.default_value if a.has_default_value() else _NO_DEFAULT for a in arguments]
+
+
+def bind_arguments(module: nn.Module, args: Sequence[object], kwargs: dict[str, object]) -> tuple:
+    """The arguments of a call of a scripted module's forward as one positional tuple.
+
+    Keyword arguments are put in their places; arguments not given take their defaults.
+
+    Raises
+    ------
+    TypeError
+        For a keyword the forward does not have.
+    """
+    arguments = module._c._get_method("forward").schema.arguments[1:]
+    bound = list(args)
+    unknown = set(kwargs) - {a.name for a in arguments}
+    if unknown:
+        raise TypeError(f"forward() of {module_type_name(module)} got unexpected keyword arguments {sorted(unknown)}")
+    for argument in arguments[len(bound) :]:
+        if argument.name in kwargs:
+            bound.append(kwargs[argument.name])
+        elif argument.has_default_value():
+            bound.append(argument.default_value)
+        else:
+            break
+    return tuple(bound)
+
+
+def _complete(args: Sequence[object], defaults: list[object]) -> tuple:
+    """``args`` followed by the defaults of the arguments not given (the compiled halves have none)."""
+    args = tuple(args)
+    missing = defaults[len(args) :]
+    if any(value is _NO_DEFAULT for value in missing):
+        return args  # let TorchScript say which argument is missing
+    return args + tuple(missing)
 
 
 def _probe_plan(root: nn.Module) -> _ProbePlan:
@@ -300,7 +348,7 @@ def _probe_plan(root: nn.Module) -> _ProbePlan:
     graph.lint()
     function = torch._C._create_function_from_graph(f"medcam3d_probe_{next(_NAMES)}", graph)
     records = [(path, module_type_name(flat.table[path]), index) for path, index in kept]
-    plan = _ProbePlan(function, records, [path for path, _ in kept])
+    plan = _ProbePlan(function, records, [path for path, _ in kept], _forward_defaults(root))
     with _CACHE_GUARD:
         _PROBES[root] = plan
     return plan
@@ -323,7 +371,7 @@ def probe_script(root: nn.Module, args: Sequence[object]) -> tuple[list[ScriptRe
         graph, are left out. Runs under the caller's grad mode (use ``torch.no_grad()``).
     """
     plan = _probe_plan(root)
-    result = plan.function(root._c, *args)
+    result = plan.function(root._c, *_complete(args, plan.defaults))
     return [ScriptRecord(name, kind, result[index]) for name, kind, index in plan.records], result[0]
 
 
@@ -375,12 +423,13 @@ class ScriptSplit:
                     carry.append((i, j))
         self._carry = len(carry)
         self._logits = logits is not None
+        self._defaults = _forward_defaults(root)
         self._prefix = _compile(_prefix_graph(graph, index, carry), "prefix")
         self._suffix = _compile(_suffix_graph(graph, index, carry, logits), "suffix")
 
     def prefix(self, root: nn.Module, args: Sequence[object]) -> tuple[torch.Tensor, tuple]:
         """Run up to the layer: ``(activations, carry)`` for ``root(*args)``."""
-        result = self._prefix(root._c, *args)
+        result = self._prefix(root._c, *_complete(args, self._defaults))
         if not self._carry:
             return result, ()
         return result[0], tuple(result[1:])
@@ -390,7 +439,7 @@ class ScriptSplit:
 
         ``logits`` is the input of :attr:`trailing` when there is one.
         """
-        result = self._suffix(root._c, *args, activations, *carry)
+        result = self._suffix(root._c, *_complete(args, self._defaults), activations, *carry)
         if self._logits:
             return result[0], result[1]
         return result, None
@@ -459,7 +508,7 @@ def _peel_output(flat: _Flat, target_node, layer: str) -> tuple[TrailingActivati
             return TrailingActivation(kind, path), node.inputsAt(1)
         if not _has_children(module) or layer.startswith(path + "."):
             return None, None
-        _inline_call(graph, node, getattr(module, node.s("name")).graph)
+        _inline_call(graph, node, _method_graph(module, node.s("name")))
         flat.paths = _value_paths(graph, flat.table)
     return None, None
 

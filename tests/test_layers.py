@@ -192,17 +192,21 @@ def test_auto_layer_runs_one_forward_per_explanation_once_cached():
 
 
 def test_auto_layer_cache_is_weak():
+    """The caches (auto choice, TorchScript probes and splits) keep no model alive."""
     import gc
+    import weakref
 
     from medcam3d.layers import _AUTO_CACHE
 
-    model = gap_linear_cnn(3)
-    auto_layer(model, (1, 8, 8, 8))
-    assert model in _AUTO_CACHE
-    size = len(_AUTO_CACHE)
-    del model
-    gc.collect()
-    assert len(_AUTO_CACHE) == size - 1
+    for scripted in (False, True):
+        model = gap_linear_cnn(3)
+        model = torch.jit.script(model) if scripted else model
+        medcam3d.Explainer(model)(torch.randn(1, 1, 8, 8, 8), 0)
+        assert model in _AUTO_CACHE
+        alive = weakref.ref(model)
+        del model
+        gc.collect()
+        assert alive() is None
 
 
 def test_auto_probe_grows_until_no_later_layer_collapses():

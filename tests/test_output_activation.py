@@ -167,3 +167,29 @@ def test_looks_like_probabilities_and_inverse():
     assert clamped == 1.0
     with pytest.raises(ValueError, match="output_activation must be one of"):
         medcam3d.Explainer(gap_linear_cnn(), output_activation="softplus")
+
+
+class Outer(nn.Module):
+    """A plain model around a scripted network that ends in a softmax; ``scale`` changes what it returns."""
+
+    def __init__(self, inner: nn.Module, scale: float | None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out if self.scale is None else out * self.scale
+
+
+def test_softmax_inside_a_scripted_submodule_counts_only_when_its_output_is_returned():
+    base = gap_linear_cnn(classes=4)
+    x = torch.randn(2, 1, 9, 12, 7, generator=torch.Generator().manual_seed(7))
+    expected = medcam3d.Explainer(base, "hirescam", layer="3")(x, "all", relu=False)
+    inner = torch.jit.script(nn.Sequential(base, nn.Softmax(dim=1)).eval())
+    result, messages = explain(Outer(inner, None), "inner.0.3", x)
+    assert_maps_equal(result, expected)
+    assert result.output_activation == "softmax" and "comes from a softmax" in messages[0]
+    result, messages = explain(Outer(inner, 0.5), "inner.0.3", x)  # post-processed: not the logits' activation
+    assert result.output_activation == "none"
+    torch.testing.assert_close(result.logits, 0.5 * torch.softmax(expected.logits, dim=1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -253,3 +254,56 @@ def test_amp_and_warnings_free_on_scripted_model():
     expected = medcam3d.Explainer(resnet18_3d())(x, 1)
     assert result.layer == expected.layer == "layer4"
     assert torch.corrcoef(torch.stack([result.maps.flatten(), expected.maps.flatten()]))[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("network", ["unet", "resnet18"])
+def test_a_freshly_traced_model_that_was_not_saved(network):
+    """Its submodules' ``forward`` is a Python method, not a compiled one: the graphs come from the C++ side."""
+    factory, shape, cases = NETWORKS[network]
+    model = factory()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    method, layer, target = cases[0]
+    expected = medcam3d.Explainer(model, method, layer=layer)(x, target, relu=False)
+    result = medcam3d.Explainer(traced, method, layer=layer)(x, target, relu=False)
+    assert result.layer == expected.layer
+    torch.testing.assert_close(result.maps, expected.maps, rtol=1e-4, atol=1e-5 * float(expected.maps.abs().max()))
+
+
+class WithOptions(nn.Module):
+    """A forward with defaults, called with a keyword by a plain parent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv3d(1, 4, 3, padding=1)
+        self.second = nn.Conv3d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, scale: float = 2.0, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.second(torch.relu(self.first(x))) * scale
+        if shift is not None:
+            y = y + shift
+        return self.fc(y.mean(dim=(2, 3, 4)))
+
+
+class CallsWithKeyword(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, scale=-3.0)
+
+
+def test_forward_defaults_and_keyword_arguments():
+    torch.manual_seed(0)
+    eager = WithOptions().eval()
+    x = torch.randn(2, 1, 8, 9, 7, generator=torch.Generator().manual_seed(6))
+    scripted = torch.jit.script(eager)
+    for layer in ("first", "auto"):
+        expected = medcam3d.Explainer(eager, layer=layer)(x, "all", relu=False)
+        torch.testing.assert_close(medcam3d.Explainer(scripted, layer=layer)(x, "all", relu=False).maps, expected.maps)
+    expected = medcam3d.Explainer(CallsWithKeyword(eager), layer="inner.first")(x, "all", relu=False)
+    result = medcam3d.Explainer(CallsWithKeyword(scripted), layer="inner.first")(x, "all", relu=False)
+    torch.testing.assert_close(result.maps, expected.maps)  # scale=-3 reached the split halves
