@@ -407,7 +407,7 @@ class ScriptSplit:
         if len(here) + len(inside) != 1 or inside:
             raise LayerError(_unreachable_message(root, layer, calls=len(here) + len(inside), nested=bool(inside)))
         node = here[0]
-        self.trailing, logits = _peel_output(flat, node, layer)
+        self.trailing, logits = _peel_output(flat, layer)
         graph = flat.graph
         nodes = list(graph.nodes())
         output_id = node.output().unique()
@@ -483,7 +483,7 @@ def _unreachable_message(root: nn.Module, layer: str, *, calls: int, nested: boo
     )
 
 
-def _peel_output(flat: _Flat, target_node, layer: str) -> tuple[TrailingActivation | None, object]:
+def _peel_output(flat: _Flat, layer: str) -> tuple[TrailingActivation | None, object]:
     """Inline the module calls that produce the output until an activation shows, if any.
 
     Returns the activation and its input value (the logits), or ``(None, None)``.
@@ -514,6 +514,7 @@ def _peel_output(flat: _Flat, target_node, layer: str) -> tuple[TrailingActivati
 
 
 def _tensor_or(value) -> object:
+    """The type of a new graph input standing for ``value`` (any tensor: a traced shape is not a contract)."""
     return torch._C.TensorType.get() if _is_tensor(value) else value.type()
 
 
