@@ -190,17 +190,22 @@ def _slice_order(space: Space, datasets: list[Dataset]) -> list[Dataset]:
                 f"map's grid (nearest: slice {k} at {expected.round(4).tolist()} mm).{hint}"
             )
             raise SpaceError(message)
-        if order[k] is not None:
-            raise SpaceError(f"Slices {order[k].SOPInstanceUID} and {name} are both at slice {k} of the grid "
+        taken = order[k]
+        if taken is not None:
+            raise SpaceError(f"Slices {taken.SOPInstanceUID} and {name} are both at slice {k} of the grid "
                              "(a duplicated slice?); expected one slice per position.")
         order[k] = dataset
-    # SliceThickness is type 2 in CT/MR images (may be absent), but the derived objects' pixel
-    # measures need one: the grid's slice spacing, on copies (the caller's datasets are not changed).
-    for k, dataset in enumerate(order):
-        if str(dataset.get("SliceThickness", "") or "").strip() == "":
-            order[k] = copy.deepcopy(dataset)
-            order[k].SliceThickness = f"{float(spacing[2]):.6g}"
-    return order  # type: ignore[return-value]  (every k filled: as many slices as positions, none twice)
+    # Every k is filled: as many slices as positions, none twice. SliceThickness is type 2 in CT/MR
+    # images (may be absent), but the derived objects' pixel measures need one: the grid's slice
+    # spacing, on copies (the caller's datasets are not changed).
+    ordered: list[Dataset] = []
+    for found in order:
+        assert found is not None
+        if str(found.get("SliceThickness", "") or "").strip() == "":
+            found = copy.deepcopy(found)
+            found.SliceThickness = f"{float(spacing[2]):.6g}"
+        ordered.append(found)
+    return ordered
 
 
 def _frames(volume: np.ndarray) -> np.ndarray:

@@ -730,7 +730,8 @@ def _written_by_medcam3d(path: Path) -> bool:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        descrip = nib.load(str(path)).header["descrip"].tobytes().split(b"\0")[0]
+        header: Any = nib.load(str(path)).header
+        descrip = header["descrip"].tobytes().split(b"\0")[0]
     except (ImageFileError, OSError, EOFError, ValueError, zlib.error):  # unreadable: not ours
         return False
     return descrip.startswith(b"medcam3d")
