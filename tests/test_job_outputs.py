@@ -182,3 +182,31 @@ def test_a_flat_map_has_no_peak_anywhere(setup, tmp_path):
     assert table[0]["hirescam_bright_peak_mm"] == ""
     assert (tmp_path / "scan" / "scan_hirescam_bright.png").is_file()
     assert nib.load(tmp_path / "scan" / "scan_hirescam_bright.nii.gz").get_fdata().max() == 0
+
+
+def test_cohort_hands_scans_over_in_shared_memory():
+    from monai.data import DataLoader
+
+    from medcam3d.jobs.cohort import _as_arrays, _as_tensors
+    from medcam3d.jobs.runner import LoadedCase
+
+    scan = np.asfortranarray(np.random.default_rng(0).random((7, 6, 5), dtype=np.float32))
+    labels = np.zeros((7, 6, 5), np.uint8)
+    labels[2, 3, 1] = 2
+    loaded = LoadedCase(torch.zeros(1, 4, 4, 4), Space((7, 6, 5), np.eye(4)), scan, labels)
+    sent = _as_tensors(loaded)
+    assert isinstance(sent.scan, torch.Tensor) and isinstance(sent.labels, torch.Tensor)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return sent
+
+    for item in DataLoader(Items(), batch_size=1, num_workers=1, collate_fn=lambda items: items[0]):
+        back = _as_arrays(item)
+        assert isinstance(back.scan, np.ndarray) and back.scan.flags["F_CONTIGUOUS"]
+        np.testing.assert_array_equal(back.scan, scan)
+        np.testing.assert_array_equal(back.labels, labels)
+    assert _as_arrays(None) is None and _as_arrays(loaded) is loaded
