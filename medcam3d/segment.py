@@ -58,7 +58,7 @@ METHODS: tuple[str, ...] = ("random_walker", "region_growing", "threshold")
 UNLABELED, FOREGROUND, BACKGROUND, COMPETING = 0, 1, 2, 3
 
 _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
-_RW_TOL = 1e-3  # relative tolerance of the random walker's conjugate gradients
+_RW_TOL = 1e-2  # relative tolerance of the random walker's conjugate gradients (0.5 cut: 1e-3 gave the same masks)
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,17 @@ class SegmentSettings:
     beta : float
         Random walker: edge weights are ``exp(-beta * (difference / noise)^2)``, the noise being
         estimated in each crop (robust, from neighbour differences), so ``beta`` is unitless.
+    seeding : {"contrast", "peak"}
+        How foreground seeds are chosen inside the confident regions: ``"contrast"``, the voxels
+        whose intensity sets the region apart from its surroundings (see ``contrast``);
+        ``"peak"``, the voxels within ``seed_mm`` of each peak whose intensity is that of most of
+        them (within 2 noise levels of their median).
     contrast : float
-        Foreground seeds are the confident voxels whose intensity is at least this many times
+        ``seeding="contrast"``: foreground seeds are the confident voxels whose intensity is at least this many times
         likelier inside the confident region than in the background region (see
         :func:`_image_seeds`); 0 keeps every confident voxel.
+    seed_mm : float
+        ``seeding="peak"``: radius of the seed ball around each peak.
     multiplier : float
         Region growing: the accepted intensity range is mean ± ``multiplier`` x std of the seeds.
     iterations : int
@@ -99,13 +106,15 @@ class SegmentSettings:
     method: str = "random_walker"
     candidate: float = 0.5
     foreground: float = 0.8
-    background: float = 0.3
+    background: float = 0.05
     margin_mm: float = 10.0
-    smooth_mm: float = 0.0
-    beta: float = 0.1
+    smooth_mm: float = 8.0
+    beta: float = 1.0
+    seeding: str = "contrast"
     contrast: float = 4.0
-    multiplier: float = 2.5
-    iterations: int = 2
+    seed_mm: float = 3.0
+    multiplier: float = 2.0
+    iterations: int = 1
     min_volume_mm3: float = 20.0
     fill_holes: bool = True
 
@@ -121,12 +130,14 @@ class SegmentSettings:
         if not 0 <= self.background < self.candidate:
             raise UsageError(f"background must lie in [0, candidate={self.candidate}), not {self.background}: "
                              "background seeds are voxels below the candidate threshold.")
-        for name in ("margin_mm", "smooth_mm", "beta", "contrast", "multiplier", "min_volume_mm3"):
+        for name in ("margin_mm", "smooth_mm", "beta", "contrast", "seed_mm", "multiplier", "min_volume_mm3"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} must be a finite number >= 0, not {value!r}.")
         if self.method == "random_walker" and self.beta <= 0:
             raise UsageError("beta must be > 0 for the random walker (it weighs the image's edges).")
+        if self.seeding not in ("contrast", "peak"):
+            raise UsageError(f"seeding must be 'contrast' or 'peak', not {self.seeding!r}.")
         if int(self.iterations) != self.iterations or self.iterations < 0:
             raise UsageError(f"iterations must be an integer >= 0, not {self.iterations!r}.")
 
@@ -286,6 +297,7 @@ class _Map:
     top: float
     same_grid: bool
     resampler: Resampler | None
+    raw: np.ndarray | None = None  # before smoothing (where the peaks are found)
 
     def crop(self, crop: tuple[slice, ...]) -> np.ndarray:
         """The map on the scan's voxels ``crop`` (trilinear; 0 outside the map's field of view)."""
@@ -328,6 +340,7 @@ def _maps(heatmaps: Any, space: Space, class_names: Sequence[str | None] | None,
             raise InputError(f"the map of class {index} contains NaN/Inf values; fix the map before segmenting.")
         if class_names is not None and index < len(class_names) and class_names[index] is not None:
             name = class_names[index]
+        raw = data
         if smooth_mm > 0:
             sigma = [smooth_mm / s for s in grid.spacing]
             data = ndimage.gaussian_filter(data, sigma, mode="nearest").astype(np.float32)
@@ -339,7 +352,7 @@ def _maps(heatmaps: Any, space: Space, class_names: Sequence[str | None] | None,
             if resampler is None:
                 resampler = resamplers[key] = Resampler(grid, space)
         top = float(data.max()) if data.size else 0.0
-        out.append(_Map(int(index), name, data, grid, top, same, resampler))
+        out.append(_Map(int(index), name, data, grid, top, same, resampler, raw))
     return out
 
 
@@ -420,8 +433,9 @@ def segment(
     active = [by_index[c] for c in wanted if by_index[c].top > 0]
     regions: list[Region] = []
     for cmap in active:
+        peaks = _peaks(cmap, settings)
         for crop in _crops(cmap, space, settings):
-            region = _segment_crop(image, space, crop, cmap, [m for m in active if m is not cmap], settings)
+            region = _segment_crop(image, space, crop, cmap, [m for m in active if m is not cmap], settings, peaks)
             regions.append(region)
             _paste(labels, region, cmap, active)
     lesions = _lesions(labels, space, regions, by_index, settings)
@@ -462,8 +476,18 @@ def _crops(cmap: _Map, space: Space, settings: SegmentSettings) -> list[tuple[sl
     return [tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi)) for lo, hi in boxes]
 
 
+def _peaks(cmap: _Map, settings: SegmentSettings) -> np.ndarray:
+    """World positions (N, 3) of the map's local maxima (3 x 3 x 3 on its own grid, before any
+    smoothing, which could merge two lesions' peaks) at or above ``candidate`` x the maximum: one
+    per candidate lesion (a trilinear map peaks at its nodes)."""
+    data = cmap.data if cmap.raw is None else cmap.raw
+    local = ndimage.maximum_filter(data, size=3, mode="nearest")
+    where = np.argwhere((data >= local) & (data >= settings.candidate * float(data.max())))
+    return cmap.space.voxel_to_world(where.astype(np.float64)).reshape(-1, 3)
+
+
 def _segment_crop(image: np.ndarray, space: Space, crop: tuple[slice, ...], cmap: _Map, others: list[_Map],
-                  settings: SegmentSettings) -> Region:
+                  settings: SegmentSettings, peaks: np.ndarray) -> Region:
     """Seeds, expansion and constraints of one class around one candidate crop."""
     values = cmap.crop(crop)
     relative = values / cmap.top
@@ -476,13 +500,19 @@ def _segment_crop(image: np.ndarray, space: Space, crop: tuple[slice, ...], cmap
         beaten |= theirs > relative
         competing |= theirs >= settings.foreground
     background = relative < settings.background
-    components, count = ndimage.label(candidate, structure=_FULL)
-    if count:
-        peaks = np.asarray(ndimage.maximum(values, components, index=np.arange(1, count + 1)), dtype=np.float64)
-        cut = np.concatenate([[np.inf], settings.foreground * peaks])
-        high = (values >= cut[components]) & candidate & ~beaten
-    else:
-        high = np.zeros(values.shape, dtype=bool)
+    # the confident region of each peak: its connected part of the map above foreground x the peak
+    start = np.array([c.start for c in crop])
+    voxels = np.rint(space.world_to_voxel(peaks) - start).astype(int) if len(peaks) else np.zeros((0, 3), int)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(values.shape)), axis=1)
+    confident: list[np.ndarray] = []
+    centres: list[tuple[int, ...]] = []
+    for voxel in sorted({tuple(v) for v in voxels[inside]}, key=lambda v: -values[v]):
+        if beaten[voxel] or not candidate[voxel] or any(region[voxel] for region in confident):
+            continue
+        labelled, _ = ndimage.label((values >= settings.foreground * values[voxel]) & ~beaten, structure=_FULL)
+        confident.append(labelled == labelled[voxel])
+        centres.append(voxel)
+    high = np.logical_or.reduce(confident) if confident else np.zeros(values.shape, dtype=bool)
     if settings.method == "threshold":
         mask = _constrain(candidate & ~beaten, high, settings.fill_holes)
         seeds = _seed_codes(high, background, competing)
@@ -492,7 +522,10 @@ def _segment_crop(image: np.ndarray, space: Space, crop: tuple[slice, ...], cmap
         reference = (distance > 0) & (distance <= max(settings.margin_mm, 1e-6))
     else:
         reference = high
-    foreground = _image_seeds(crop_image, values, high, reference, components, settings)
+    if settings.seeding == "peak":
+        foreground = _peak_seeds(crop_image, centres, confident, space, settings.seed_mm)
+    else:
+        foreground = _image_seeds(crop_image, values, confident, reference, settings)
     # expand on a tighter crop: the seeds' box plus the margin
     sub = _inner_crop(foreground, space, settings.margin_mm)
     full = tuple(slice(c.start + s.start, c.start + s.stop) for c, s in zip(crop, sub))
@@ -529,23 +562,23 @@ def _seed_codes(foreground: np.ndarray, background: np.ndarray, competing: np.nd
     return seeds
 
 
-def _image_seeds(crop_image: np.ndarray, values: np.ndarray, high: np.ndarray, reference: np.ndarray,
-                 components: np.ndarray, settings: SegmentSettings) -> np.ndarray:
+def _image_seeds(crop_image: np.ndarray, values: np.ndarray, confident: list[np.ndarray], reference: np.ndarray,
+                 settings: SegmentSettings) -> np.ndarray:
     """Foreground seeds: the voxels of the map's confident region whose intensity is typical of it.
 
-    The confident region (``high``) is modelled as a mixture of an unknown *object* and of its
-    surroundings (``reference``: a shell ``margin_mm`` wide around it), each an
-    intensity histogram (bins of the crop's noise level, smoothed); expectation-maximisation
-    estimates the object's histogram and share. Voxels of ``high`` more likely object than
-    surroundings, with an intensity at least ``contrast`` times likelier under the object, are
-    seeds: the part of where the model looks that differs from around it, whatever its polarity. Isolated
-    voxels are dropped (an opening), and each candidate keeps the seed component holding most of
-    the map's mass. Without such voxels (a region that looks like its surroundings), the top of the
-    map (>= 0.95 x its peak) is the seed; a candidate without them while another has them gets
-    none (a side lobe of the map).
+    The intensities of the confident regions (``high``) and of their surroundings (``reference``:
+    a shell ``margin_mm`` wide around them) give two histograms (bins of the crop's noise level,
+    smoothed). Voxels of ``high`` whose intensity is at least ``contrast`` times likelier inside
+    are seeds: the part of where the model looks that differs from around it, whatever its
+    polarity. Isolated
+    voxels are dropped (an opening), and each confident region keeps its seed components holding at
+    least a quarter of the map's mass of the largest. Where nothing differs from its surroundings,
+    there is no seed (no lesion); only a flat image (no information at all) falls back to the top of
+    the map (>= 0.95 x its peak).
     """
-    if not high.any():
-        return high
+    if not confident:
+        return np.zeros(values.shape, dtype=bool)
+    high = np.logical_or.reduce(confident)
     seeds = high.copy()
     if reference.any() and settings.contrast > 0:
         sigma = _noise_sigma(crop_image) or 1.0
@@ -559,33 +592,48 @@ def _image_seeds(crop_image: np.ndarray, values: np.ndarray, high: np.ndarray, r
             counts = ndimage.gaussian_filter1d(np.bincount(index, weights=weights, minlength=size).astype(np.float64), 1.0)
             return (counts + 1e-3) / (counts.sum() + 1e-3 * size)
 
-        around = density(bins[reference])
-        # EM for the confident region as a mixture: an unknown "object" histogram and the
-        # surroundings' histogram (fixed). The object's share and histogram are re-estimated.
-        share, responsibility = 0.5, np.ones(inside.size)
-        for _ in range(8):
-            obj = density(inside, responsibility)
-            mixture = share * obj[inside] + (1.0 - share) * around[inside]
-            responsibility = share * obj[inside] / mixture
-            share = float(np.clip(responsibility.mean(), 1e-3, 1.0 - 1e-3))
-        ratio = obj / around
+        ratio = density(inside) / density(bins[reference])
         seeds = np.zeros(high.shape, dtype=bool)
-        seeds[high] = (responsibility > 0.5) & (ratio[inside] >= settings.contrast)
+        seeds[high] = ratio[inside] >= settings.contrast
         seeds = ndimage.binary_opening(seeds, structure=ndimage.generate_binary_structure(3, 1)) & seeds
     kept = np.zeros(high.shape, dtype=bool)
     labelled, count = ndimage.label(seeds, structure=_FULL)
-    if count == 0:  # nothing in the region looks different from elsewhere: seed the top of the map
-        for candidate in np.unique(components[high]):
-            inside = (components == candidate) & high
-            kept |= inside & (values >= 0.95 * values[inside].max())
+    if count == 0:
+        if float(crop_image.std()) > 0:  # nothing where the model looks differs from around it: no lesion
+            return kept
+        for region in confident:  # a flat image carries no information: the top of the map is the seed
+            kept |= region & (values >= 0.95 * values[region].max())
         return kept
-    for candidate in np.unique(components[high]):
-        ids = np.unique(labelled[(components == candidate) & seeds])
+    for region in confident:
+        ids = np.unique(labelled[region & seeds])
         ids = ids[ids > 0]
-        if ids.size:  # a candidate without distinct voxels (a side lobe of the map) gets no seed
-            masses = ndimage.sum(values, labelled, index=ids)
-            kept |= labelled == ids[int(np.argmax(masses))]
+        if ids.size:  # a peak without distinct voxels (a side lobe of the map) gets no seed
+            masses = np.asarray(ndimage.sum(values, labelled, index=ids), dtype=np.float64)
+            for number in ids[masses >= 0.25 * masses.max()]:  # two lesions under one peak: both
+                kept |= labelled == number
     return kept
+
+
+def _peak_seeds(crop_image: np.ndarray, centres: list[tuple[int, ...]], confident: list[np.ndarray], space: Space,
+                radius_mm: float) -> np.ndarray:
+    """Foreground seeds at each peak: the voxels of its confident region within ``radius_mm`` whose
+    intensity lies within 2 noise levels of their median (the majority tissue at the peak)."""
+    seeds = np.zeros(crop_image.shape, dtype=bool)
+    if not centres:
+        return seeds
+    sigma = _noise_sigma(crop_image)
+    spacing = np.asarray(space.spacing)
+    for centre, region in zip(centres, confident):
+        reach = np.ceil(radius_mm / spacing).astype(int)
+        box = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(centre, reach, crop_image.shape))
+        offsets = np.meshgrid(*[(np.arange(b.start, b.stop) - c) * d for b, c, d in zip(box, centre, spacing)], indexing="ij")
+        ball = (sum(o**2 for o in offsets) <= radius_mm**2) & region[box]
+        if not ball.any():
+            continue
+        values = crop_image[box]
+        typical = np.abs(values - np.median(values[ball])) <= 2.0 * sigma if sigma > 0 else np.ones(ball.shape, bool)
+        seeds[box] |= ball & typical
+    return seeds
 
 
 def _inner_crop(foreground: np.ndarray, space: Space, margin_mm: float) -> tuple[slice, ...]:

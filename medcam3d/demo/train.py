@@ -15,6 +15,11 @@
    ``metrics.json`` into ``--out``.
 
 ``--evaluate-only`` skips training and evaluates the weights in ``--out``.
+
+``--weakly-supervised`` trains the same network on the same cases with the image labels only (no
+mask-based localization term) into ``demo_model_weak.pt`` and ``metrics_weak.json`` beside the
+shipped model, without touching the sample cases (``benchmarks/weak_segmentation.py`` compares
+the two).
 """
 
 from __future__ import annotations
@@ -403,12 +408,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peak-cases", type=int, default=100, help="held-out scanner-grid cases for peak-in-lesion")
     parser.add_argument("--evaluate-only", action="store_true", help="load <out>/demo_model.pt instead of training")
     parser.add_argument("--no-samples", action="store_true", help="do not write the sample cases")
+    parser.add_argument("--weakly-supervised", action="store_true",
+                        help="image labels only (localization weight 0): writes demo_model_weak.pt and metrics_weak.json, "
+                             "no sample cases")
     args = parser.parse_args(argv)
+    suffix = ""
+    if args.weakly_supervised:
+        if args.localization_weight not in (0.0, parser.get_default("localization_weight")):
+            parser.error("--weakly-supervised trains without the localization term; drop --localization-weight.")
+        args.localization_weight, args.no_samples, suffix = 0.0, True, "_weak"
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    weights = args.out / "demo_model.pt"
-    metrics_file = args.out / "metrics.json"
+    weights = args.out / f"demo_model{suffix}.pt"
+    metrics_file = args.out / f"metrics{suffix}.json"
     if args.evaluate_only:
         model = build_model()
         model.load_state_dict(torch.load(weights, weights_only=True))
