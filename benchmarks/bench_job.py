@@ -251,6 +251,7 @@ def run(driver: Path, mode: str, spec: dict, events: Path | None = None) -> dict
     """One measured subprocess: its stage times, wall time and peak RSS (MiB)."""
     environment = {**os.environ, "BENCH_LAUNCHED": repr(time.time()), "PYTHONPATH": str(ROOT)}
     if events is not None:
+        events.unlink(missing_ok=True)
         environment["BENCH_EVENTS"] = str(events)
     log = driver.parent / f"{mode}-{time.time_ns()}.log"
     with open(log, "w") as output:
@@ -307,7 +308,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu | cuda (the job's --device; the floor uses the CPU model)")
     parser.add_argument("--keep", help="keep the generated scans and outputs in this folder (and reuse its scans)")
     args = parser.parse_args()
-    cases = 3 if args.quick else args.cases
+    cases = min(args.cases, 3) if args.quick else args.cases
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_job_"))
     work.mkdir(parents=True, exist_ok=True)

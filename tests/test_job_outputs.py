@@ -210,3 +210,35 @@ def test_cohort_hands_scans_over_in_shared_memory():
         np.testing.assert_array_equal(back.scan, scan)
         np.testing.assert_array_equal(back.labels, labels)
     assert _as_arrays(None) is None and _as_arrays(loaded) is loaded
+
+
+@pytest.mark.slow
+def test_job_benchmark_smoke_run(tmp_path):
+    """benchmarks/bench_job.py --quick runs the floor and the job and prints stages and ratios (no timing checks)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_job.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--scenarios", "mr", "--cases", "2",
+                           "--keep", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for text in ("explain / floor: wall", "batch / floor loop: wall", "process wall time", "peak RSS (MiB)",
+                 "scan-grid maps: quantise + gzip + write", "pictures", "ratios (goal: <= 1.5)"):
+        assert text in done.stdout, text
+    written = sorted(p.name for p in (tmp_path / "out-mr-0").glob("*/*"))
+    assert any(name.endswith("_lesion.nii.gz") for name in written) and any(name.endswith(".png") for name in written)
+
+
+def test_cohort_leaves_a_core_to_each_reader():
+    import os
+
+    from medcam3d.jobs.cohort import _threads_beside_workers
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with _threads_beside_workers(1):
+        assert torch.get_num_threads() == max(1, min(before, cores - 1))
+    assert torch.get_num_threads() == before
+    with _threads_beside_workers(0):
+        assert torch.get_num_threads() == before

@@ -12,6 +12,7 @@ gloo is used on CPU, NCCL on GPU (one GPU per local rank).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
@@ -102,6 +103,31 @@ def _as_arrays(loaded):
     return dataclasses.replace(loaded, **plain) if plain else loaded
 
 
+@contextlib.contextmanager
+def _threads_beside_workers(workers: int):
+    """Leave a core to each DataLoader worker while the cohort runs.
+
+    The workers read and preprocess the next scans while this process explains the current one;
+    if this process also keeps a thread on every core, torch's thread pool stalls whenever a core
+    is taken (measured on 2 cores with 1 worker: the engine 3.5x slower, a CT cohort 1.3x slower
+    in all). Torch's threads are restored afterwards; they are only ever reduced.
+    """
+    if workers < 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(max(1, min(previous, per_process - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _first(items: list) -> object:
     return items[0]
 
@@ -160,18 +186,20 @@ def run_cohort(
     failures = 0
     bar = tqdm(total=len(todo), desc=f"explaining (rank {context.rank})" if context.distributed else "explaining",
                unit="case", file=sys.stderr, disable=not progress or context.rank != 0)
-    for (index, case), item in zip(todo, loader):
-        try:
-            if item["error"]:
-                raise RuntimeError(item["error"])
-            rows[index] = runner.run_case(case.image, out, case_id=case.id, mask=case.mask, loaded=_as_arrays(item["loaded"])).row()
-        except Exception as error:  # recorded; the cohort goes on
-            failures += 1
-            message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
-            rows[index] = {"case": case.id, "image": str(case.image), "status": "error", "error": message}
-        bar.update()
-        if not context.distributed:
-            write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
+    with _threads_beside_workers(workers):
+        for (index, case), item in zip(todo, loader):
+            try:
+                if item["error"]:
+                    raise RuntimeError(item["error"])
+                rows[index] = runner.run_case(case.image, out, case_id=case.id, mask=case.mask,
+                                              loaded=_as_arrays(item["loaded"])).row()
+            except Exception as error:  # recorded; the cohort goes on
+                failures += 1
+                message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
+                rows[index] = {"case": case.id, "image": str(case.image), "status": "error", "error": message}
+            bar.update()
+            if not context.distributed:
+                write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
     bar.close()
     if context.distributed:
         gathered: list = [None] * context.world_size
