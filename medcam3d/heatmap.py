@@ -122,7 +122,12 @@ class Heatmap:
         return normalize(self.data, spatial_dims=self.data.ndim)
 
     def peak(self) -> tuple[tuple[int, ...], np.ndarray]:
-        """Voxel index of the maximum and its world position (RAS mm, shape (3,))."""
+        """Voxel index of the maximum (the first in C order) and its world position (RAS mm, shape (3,)).
+
+        A flat map (all zero, say) has no peak, yet this returns its first voxel; where "no
+        peak" matters use :func:`medcam3d.masks.peak` or :meth:`ScanGridMap.peak`, which return
+        None for it.
+        """
         voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(self.data)), self.data.shape))
         return voxel, self.space.voxel_to_world(np.asarray(voxel, dtype=float))
 

@@ -242,3 +242,21 @@ def test_cohort_leaves_a_core_to_each_reader():
     assert torch.get_num_threads() == before
     with _threads_beside_workers(0):
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("mode, expected", [("positive", ["dark"]), ("predicted", ["dark"]), ("none", []),
+                                            ("all", ["bright", "dark"])])
+def test_scan_maps_for_positive_or_predicted_classes(setup, tmp_path, mode, expected):
+    import dataclasses
+
+    root, configs = setup
+    config = load_config(configs["parallel"])
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, scan_maps=mode, pictures=False))
+    model = _NegativeClass()  # class "bright": logit < 0 (p < 0.5); "dark": logit > 0
+    result = Runner(config, model, layer="act", device="cpu").run_case(root / "scan.nii.gz", tmp_path)
+    assert result.probabilities["bright"] < 0.5 < result.probabilities["dark"]
+    folder = tmp_path / "scan"
+    written = sorted(p.name[len("scan_hirescam_"):-len(".nii.gz")] for p in folder.glob("scan_hirescam_*.nii.gz")
+                     if not p.name.endswith(("_feature.nii.gz", "_norm.nii.gz", "_mask.nii.gz")))
+    assert written == expected
+    assert len(list(folder.glob("*_feature.nii.gz"))) == 2  # the quantitative record is always written
