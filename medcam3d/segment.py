@@ -2,32 +2,37 @@
 
 A class map says roughly *where* a class's evidence lies (the demo model's feature cells are
 8 mm); the scan says where the object's edges are. :func:`segment` combines the two, per class
-and per candidate lesion, on a crop of the scan around each candidate, so that a 512 x 512 x 300
+and per candidate lesion, on crops of the scan around the candidates, so that a 512 x 512 x 300
 CT costs what its lesions cost, not what the scan costs:
 
-1. **candidates**: connected components of the class map at or above ``candidate`` x its
-   maximum, found on the map's own grid (a feature-grid map is searched at its coarse
-   resolution and resampled only inside the crops);
-2. **seeds**, in scanner space, inside the crop (the candidate's box plus ``margin_mm``):
-   confident *foreground* where the map is at or above ``foreground`` x the peak of its
-   candidate and the class beats the other segmented classes' maps (each divided by its
-   maximum); confident *background* where the map is below ``background`` x its maximum and on
-   the crop's faces; *competing* seeds (background for this class) where another segmented class
-   is confident;
+1. **candidates**: the local maxima of the class map at or above ``candidate`` x its maximum,
+   found on the map's own grid (a feature-grid map is searched at its coarse resolution and
+   resampled only inside the crops); each crop is a candidate region's box plus ``margin_mm``;
+2. **seeds**, in scanner space: around each peak, its *confident region* (the connected part of
+   the map, optionally smoothed by ``smooth_mm``, at or above ``foreground`` x the peak, where the
+   class beats the other segmented classes' maps, each divided by its maximum). *Foreground*
+   seeds are the voxels of the confident regions whose intensity sets them apart from their
+   surroundings (``seeding="contrast"``: at least ``contrast`` times likelier inside than in a
+   shell around; or ``seeding="peak"``: the typical voxels next to each peak). *Background*
+   seeds: the map below ``background`` x its maximum, and the crop's faces; *competing* seeds
+   (background for this class): where another segmented class's map is confident;
 3. **expand and constrain with the image**: scikit-image's random walker (the default,
    ``method="random_walker"``) or SimpleITK's confidence-connected region growing
-   (``"region_growing"``); ``"threshold"`` keeps the thresholded map itself (the baseline).
-   Only the parts connected to foreground seeds are kept, with their holes filled;
+   (``"region_growing"``), on the seeds' box plus ``margin_mm``; ``"threshold"`` keeps the
+   thresholded map itself (the baseline). Only the parts connected to foreground seeds are kept,
+   with their holes filled; a voxel claimed by two classes goes to the higher relative map;
 4. **lesions**: the connected components of each class's label (26-connectivity), each with a
    box in voxels and in world mm (:class:`medcam3d.masks.BoundingBox`); a class may have several.
 
 The result, :class:`Segmentation`, holds a label map on the scan's grid (label ``c + 1`` for
 class ``c``, as the ground-truth masks of :mod:`medcam3d.demo`) and the lesions, and keeps each
-crop's seeds and foreground probability (:class:`Region`) for pictures.
+crop's seeds and foreground probability (:class:`Region`) for pictures. :func:`gated_maps` makes
+sharper input maps: a finer layer's map (e.g. LayerCAM) gated by the last layer's.
 
 MONAI's ``CRF`` block (mean-field CRF with image features) was the third candidate for step 3;
 it needs MONAI's compiled C++ extension (``monai._C``, ``BUILD_MONAI=1``), which the pip wheels do
-not ship, so it is not offered. ``benchmarks/weak_segmentation.py`` compares the methods.
+not ship, so it is not offered. ``benchmarks/weak_segmentation.py`` compares the methods and
+``docs/weak_segmentation.md`` reports the numbers.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from .heatmap import Heatmap
 from .masks import BoundingBox, bounding_box
 from .space import Resampler, Space
 
-__all__ = ["METHODS", "SegmentSettings", "Region", "Lesion", "Segmentation", "segment", "gated_maps"]
+__all__ = ["METHODS", "Lesion", "Region", "SegmentSettings", "Segmentation", "gated_maps", "segment"]
 
 #: Expansion methods of :func:`segment`, the default first.
 METHODS: tuple[str, ...] = ("random_walker", "region_growing", "threshold")
@@ -445,7 +450,7 @@ def segment(
 def _crops(cmap: _Map, space: Space, settings: SegmentSettings) -> list[tuple[slice, ...]]:
     """Scan-grid crops around the candidate components of one map (overlapping ones merged)."""
     candidate = cmap.data >= settings.candidate * cmap.top
-    components, count = ndimage.label(candidate, structure=_FULL)
+    components, _ = ndimage.label(candidate, structure=_FULL)
     boxes = []
     spacing = np.asarray(space.spacing)
     for found in ndimage.find_objects(components):

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _images import oblique_lpi_affine
 from scipy import ndimage
 
 from medcam3d import io
 from medcam3d.errors import InputError, SpaceError, UsageError
 from medcam3d.heatmap import Heatmap
-from medcam3d.segment import METHODS, SegmentSettings, Segmentation, gated_maps, segment
+from medcam3d.segment import METHODS, Segmentation, SegmentSettings, gated_maps, segment
 from medcam3d.space import Space
-from _images import oblique_lpi_affine
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACING = (0.8, 0.8, 2.0)
@@ -291,7 +291,7 @@ def test_harder_phantoms_are_reproducible_small_and_separate():
                 if a is not b:
                     assert np.linalg.norm(a.centre - b.centre) >= a.extent + b.extent + synthetic.HARD_GAP_MM - 1e-9
         counts.append([sum(l.class_index == c for l in phantom.lesions) for c in range(2)])
-    image, labels, info = synthetic.make_hard_case(synthetic.HARD_SEED0 + 3, grid)
+    _, labels, info = synthetic.make_hard_case(synthetic.HARD_SEED0 + 3, grid)
     assert [entry["placement"] for entry in info["lesions"]] == synthetic.make_hard_phantom(synthetic.HARD_SEED0 + 3)[1]
     for c in (1, 2):  # each lesion is its own connected component on the grid
         expected = sum(entry["label"] == c for entry in info["lesions"])
@@ -316,3 +316,19 @@ def test_weakly_supervised_weights_are_small_and_load_safely_into_the_demo_netwo
     model.load_state_dict(torch.load(path, weights_only=True))  # strict: the same network as the shipped one
     metrics = json.loads((ROOT / "data_samples" / "metrics_weak.json").read_text())
     assert metrics["training"]["localization_weight"] == 0
+
+
+def test_harder_cases_are_written_on_demand_for_medcam3d_evaluate(tmp_path):
+    from medcam3d.demo import synthetic
+    from medcam3d.demo.train import write_hard_cases
+    from medcam3d.jobs.cases import collect_cases
+
+    rows = write_hard_cases(tmp_path, 2)
+    assert [row["seed"] for row in rows] == [synthetic.HARD_SEED0, synthetic.HARD_SEED0 + 1]
+    cases = collect_cases(tmp_path / "cases.csv")
+    assert [case.id for case in cases] == [row["case_id"] for row in rows]
+    grid = synthetic.sample_grids()[rows[1]["grid"]]
+    _, labels, info = synthetic.make_hard_case(rows[1]["seed"], grid)
+    mask, space = io.read(tmp_path / rows[1]["mask"])
+    assert space.isclose(grid) and np.array_equal(np.asarray(mask), labels)
+    assert rows[1]["labels"] == ";".join(info["labels_present"])

@@ -16,6 +16,10 @@
 
 ``--evaluate-only`` skips training and evaluates the weights in ``--out``.
 
+``--hard-cases N`` only writes N cases of the harder held-out set
+(:func:`synthetic.make_hard_phantom`) as scans, masks and ``cases.csv`` into ``--out``: what
+``medcam3d evaluate`` reads. They are generated on demand, never committed.
+
 ``--weakly-supervised`` trains the same network on the same cases with the image labels only (no
 mask-based localization term) into ``demo_model_weak.pt`` and ``metrics_weak.json`` beside the
 shipped model, without touching the sample cases (``benchmarks/weak_segmentation.py`` compares
@@ -48,6 +52,7 @@ __all__ = [
     "generate_batch",
     "peak_in_lesion",
     "predict",
+    "write_hard_cases",
     "write_samples",
 ]
 
@@ -394,6 +399,57 @@ def write_samples(out: Path, model: torch.nn.Module | None = None) -> list[dict]
     return rows
 
 
+def write_hard_cases(out: str | Path, count: int, *, seed0: int = synthetic.HARD_SEED0) -> list[dict]:
+    """Write ``count`` harder held-out cases (seeds ``seed0 ...``) into ``out``.
+
+    Parameters
+    ----------
+    out : path
+        Created if needed; files named ``case_<seed>`` are replaced.
+    count : int
+    seed0 : int
+        First seed (default :data:`synthetic.HARD_SEED0`).
+
+    Returns
+    -------
+    list of dict
+        The rows of ``cases.csv``.
+    """
+    from medcam3d import io
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, not {count}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    grids = synthetic.sample_grids()
+    names = list(grids)
+    rows = []
+    for i in range(count):
+        seed = seed0 + i
+        grid_name = names[i % len(names)]
+        space = grids[grid_name]
+        image, labels, info = synthetic.make_hard_case(seed, space)
+        case_id = f"case_{seed}"
+        hu = np.clip(np.round(image), -32768, 32767).astype(np.int16)
+        io.write(out / f"{case_id}.nii.gz", hu, space, dtype=np.int16, descrip=f"medcam3d hard phantom seed={seed}")
+        io.write(out / f"{case_id}_mask.nii.gz", labels, space, dtype=np.uint8,
+                 descrip="labels 0 bg 1 bright_round 2 dark_elongated")
+        rows.append({
+            "case_id": case_id,
+            "file": f"{case_id}.nii.gz",
+            "mask": f"{case_id}_mask.nii.gz",
+            "labels": ";".join(info["labels_present"]),
+            "grid": grid_name,
+            "seed": seed,
+            "lesions": ";".join(f"{entry['class']}@{entry['placement']}" for entry in info["lesions"]),
+        })
+    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medcam3d.demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data_samples"), help="output folder (default: data_samples)")
@@ -408,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peak-cases", type=int, default=100, help="held-out scanner-grid cases for peak-in-lesion")
     parser.add_argument("--evaluate-only", action="store_true", help="load <out>/demo_model.pt instead of training")
     parser.add_argument("--no-samples", action="store_true", help="do not write the sample cases")
+    parser.add_argument("--hard-cases", type=int, default=0, metavar="N",
+                        help="only write N cases of the harder held-out set (scans, masks, cases.csv) into --out")
     parser.add_argument("--weakly-supervised", action="store_true",
                         help="image labels only (localization weight 0): writes demo_model_weak.pt and metrics_weak.json, "
                              "no sample cases")
@@ -419,6 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.localization_weight, args.no_samples, suffix = 0.0, True, "_weak"
 
     torch.set_num_threads(args.threads)
+    if args.hard_cases:
+        rows = write_hard_cases(args.out, args.hard_cases)
+        print(f"wrote {len(rows)} harder held-out cases and cases.csv into {args.out}", flush=True)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / f"demo_model{suffix}.pt"
     metrics_file = args.out / f"metrics{suffix}.json"
