@@ -408,7 +408,7 @@ class ScanGridMap:
         return out
 
     def _summarise(self) -> tuple:
-        """(argmax voxel, max, min) over the scan grid (NaN-aware), computed once."""
+        """(first argmax voxel, max, min, any NaN) over the scan grid, NaN ignored; computed once."""
         if self._summary is None:
             if self.dense:
                 values = self.array()
@@ -540,16 +540,59 @@ class Volume:
         ``(*shape[:-1], n)`` of the stored dtype, column-major (Fortran-contiguous), or
         :class:`Constant` (or any record with ``value`` bytes and a ``count``) for a slab of one
         value, written without being formed.
+    background : scalar, optional
+        A value that fills much of the volume (the fill outside the model's view, a mask's 0):
+        each plane of a 3D slab is then written as its rows that differ from it, between two
+        constant runs, so that only those rows are compressed.
     """
 
-    def __init__(self, shape: tuple[int, ...], slabs) -> None:
+    def __init__(self, shape: tuple[int, ...], slabs, background=None) -> None:
         self.shape = shape
         self._slabs = slabs
+        self.background = background
 
     def chunks(self):
-        """The slabs in file order: buffers (the C-contiguous transpose of each array) or Constants."""
+        """Segments in file order: buffers of stored bytes, or Constants (consecutive ones merged)."""
+        waiting: Constant | None = None
         for slab in self._slabs():
-            yield slab if _is_constant(slab) else np.ascontiguousarray(slab.T).data
+            for segment in self._segments(slab):
+                if _is_constant(segment):
+                    if waiting is not None and waiting.value == segment.value:
+                        waiting = Constant(waiting.value, waiting.count + segment.count)
+                        continue
+                    if waiting is not None:
+                        yield waiting
+                    waiting = Constant(segment.value, segment.count)
+                    continue
+                if waiting is not None:
+                    yield waiting
+                    waiting = None
+                yield segment
+        if waiting is not None:
+            yield waiting
+
+    def _segments(self, slab):
+        if _is_constant(slab):
+            yield slab
+            return
+        if self.background is None or slab.ndim != 3:
+            yield np.ascontiguousarray(slab.T).data
+            return
+        value = np.asarray(self.background, dtype=slab.dtype)
+        constant = value.tobytes()
+        plane = slab.shape[0] * slab.shape[1]
+        differs = (slab != value).any(axis=0) if not np.isnan(value) else ~np.isnan(slab).all(axis=0)  # (J, k)
+        for k in range(slab.shape[2]):
+            rows = np.flatnonzero(differs[:, k])
+            if rows.size == 0:
+                yield Constant(constant, plane)
+                continue
+            first, last = int(rows[0]), int(rows[-1])
+            if first:
+                yield Constant(constant, first * slab.shape[0])
+            yield np.ascontiguousarray(slab[:, first:last + 1, k].T).data  # contiguous already: F order
+            if last + 1 < slab.shape[1]:
+                yield Constant(constant, (slab.shape[1] - 1 - last) * slab.shape[0])
 
 
 def slab_ranges(shape: tuple[int, ...]):
@@ -570,7 +613,8 @@ def _map_volume(view: ScanGridMap, scaling: Scaling, scale: float = 1.0, offset:
         for start, stop in slab_ranges(shape):
             yield view.encoded_slab(start, stop, scaling, scale=total_scale, offset=total_offset)
 
-    return Volume(shape, slabs)
+    fill = scaling.encode(np.array([view.fill * total_scale + total_offset], dtype=np.float32))[0]
+    return Volume(shape, slabs, background=fill)
 
 
 def _array_volume(array: np.ndarray, dtype: str) -> Volume:
@@ -655,20 +699,12 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
     one value is compressed once per file set.
     """
     handles = []
-    cache: dict[tuple[bytes, int], bytes] = {}
     pending: collections.deque = collections.deque()
 
     def write(data) -> None:
         for stream, _, _ in handles:
             stream.write(data)
 
-    def member(chunk) -> bytes:
-        if _is_constant(chunk):
-            key = (chunk.value, chunk.count)
-            if key not in cache:
-                cache[key] = _gzip_member(chunk.value * chunk.count)
-            return cache[key]
-        return _gzip_member(chunk)
 
     try:
         for path, header in targets:
@@ -684,10 +720,10 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
                     if not compress:
                         write(chunk.value * chunk.count if _is_constant(chunk) else chunk)
                         continue
-                    if _is_constant(chunk) and (chunk.value, chunk.count) in cache:
-                        pending.append(cache[(chunk.value, chunk.count)])
+                    if _is_constant(chunk):
+                        pending.append(_constant_members(chunk.value, chunk.count))
                     else:
-                        pending.append(pool.submit(member, chunk))  # a memoryview keeps its array alive
+                        pending.append(pool.submit(_gzip_member, chunk))  # a memoryview keeps its array alive
                     while len(pending) > _COMPRESS_THREADS + 1 or (pending and not _is_running(pending[0])):
                         done = pending.popleft()
                         write(done if isinstance(done, bytes) else done.result())
@@ -717,6 +753,32 @@ def _is_constant(slab) -> bool:
 
 def _is_running(item) -> bool:
     return not isinstance(item, bytes) and not item.done()
+
+
+# gzip members of 2**m copies of a value, shared by every file written (deterministic: mtime 0)
+_CONSTANT_MEMBERS: dict[tuple[bytes, int], bytes] = {}
+_LARGEST_CONSTANT = 22
+
+
+def _constant_members(value: bytes, count: int) -> bytes:
+    """gzip members that decompress to ``count`` copies of ``value``: cached runs of 2**m copies
+    (at most 4 M per member), so a constant region costs no compression after the first."""
+    parts = []
+    largest = 1 << _LARGEST_CONSTANT
+    for _ in range(count // largest):
+        parts.append(_constant_member(value, _LARGEST_CONSTANT))
+    rest = count % largest
+    for power in range(_LARGEST_CONSTANT - 1, -1, -1):
+        if rest >> power & 1:
+            parts.append(_constant_member(value, power))
+    return b"".join(parts)
+
+
+def _constant_member(value: bytes, power: int) -> bytes:
+    key = (value, power)
+    if key not in _CONSTANT_MEMBERS:
+        _CONSTANT_MEMBERS[key] = _gzip_member(value * (1 << power))
+    return _CONSTANT_MEMBERS[key]
 
 
 def _gzip_member(data) -> bytes:

@@ -428,18 +428,17 @@ def superlevel_runs(resampler: Resampler, data: Any, threshold: float, *, fill: 
     lo = np.clip(np.nan_to_num(lo, nan=1), first, last + 1).astype(np.int64)
     hi = np.clip(np.nan_to_num(hi, nan=0), first - 1, last).astype(np.int64)
     valid &= lo <= hi
-    # check the ends against the map itself (float rounding of the crossing points)
-    r = np.broadcast_to(np.arange(rows)[:, None], lo.shape)
-    for _ in range(2):
-        shrink_lo = valid & (value(r, lo) < threshold)
-        lo = np.where(shrink_lo, lo + 1, lo)
-        shrink_hi = valid & (value(r, hi) < threshold)
-        hi = np.where(shrink_hi, hi - 1, hi)
-        valid &= lo <= hi
-        grow_lo = valid & (lo - 1 >= first) & (value(r, np.maximum(lo - 1, 0)) >= threshold)
-        lo = np.where(grow_lo, lo - 1, lo)
-        grow_hi = valid & (hi + 1 <= last) & (value(r, np.minimum(hi + 1, n0 - 1)) >= threshold)
-        hi = np.where(grow_hi, hi + 1, hi)
+    # check the ends against the map itself: float rounding of a crossing point can only move an
+    # end by one voxel, where the map is within rounding of the threshold
+    at = np.nonzero(valid)
+    r, a, b = at[0], lo[at], hi[at]
+    a = np.where(value(r, a) < threshold, a + 1, a)
+    b = np.where(value(r, b) < threshold, b - 1, b)
+    kept = a <= b
+    a = np.where(kept & (a - 1 >= first) & (value(r, np.maximum(a - 1, 0)) >= threshold), a - 1, a)
+    b = np.where(kept & (b + 1 <= last) & (value(r, np.minimum(b + 1, n0 - 1)) >= threshold), b + 1, b)
+    lo[at], hi[at] = a, b
+    valid[at] = kept
     # outside the field of view along axis 0
     if fill >= threshold:
         before = np.stack([np.zeros(rows, np.int64), np.full(rows, first - 1)], axis=1)

@@ -450,7 +450,7 @@ def _write_mask(path: Path, runs, heat, like, compress: bool) -> Path:
 
     shape = tuple(heat.space.shape)
     header = nifti_header(shape, "uint8", heat.space, like_header=like, descrip=heat.descrip)
-    volume = Volume(shape, lambda: (runs.slab(start, stop) for start, stop in slab_ranges(shape)))
+    volume = Volume(shape, lambda: (runs.slab(start, stop) for start, stop in slab_ranges(shape)), background=0)
     return write_nifti_files([(path, header)], [volume], compress=compress)[0]
 
 
