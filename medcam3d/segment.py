@@ -308,6 +308,7 @@ class _Map:
         """The map on the scan's voxels ``crop`` (trilinear; 0 outside the map's field of view)."""
         if self.same_grid:
             return np.asarray(self.data[crop], dtype=np.float32)
+        assert self.resampler is not None  # set whenever the grids differ
         indices = [np.arange(s.start, s.stop) for s in crop]
         return np.asarray(self.resampler(self.data, indices=indices, fill=0.0), dtype=np.float32)
 
@@ -557,7 +558,7 @@ def _seed_codes(foreground: np.ndarray, background: np.ndarray, competing: np.nd
     seeds = np.zeros(foreground.shape, dtype=np.uint8)
     faces = np.zeros(foreground.shape, dtype=bool)
     for axis in range(foreground.ndim):
-        index = [slice(None)] * foreground.ndim
+        index: list[Any] = [slice(None)] * foreground.ndim
         for end in (0, -1):
             index[axis] = end
             faces[tuple(index)] = True
@@ -752,9 +753,10 @@ def _lesions(labels: np.ndarray, space: Space, regions: list[Region], by_index: 
                 view[found][part] = 0
                 continue
             whole = components == number
-            box = bounding_box(whole, sub)
-            box = replace(box, voxel_min=tuple(int(v) for v in np.asarray(box.voxel_min) + start),
-                          voxel_max=tuple(int(v) for v in np.asarray(box.voxel_max) + start))
+            found_box = bounding_box(whole, sub)
+            assert found_box is not None  # the component is not empty
+            box = replace(found_box, voxel_min=tuple(int(v) for v in np.asarray(found_box.voxel_min) + start),
+                          voxel_max=tuple(int(v) for v in np.asarray(found_box.voxel_max) + start))
             scores = np.where(whole, region.class_map, -np.inf)
             peak = np.unravel_index(int(np.argmax(scores)), scores.shape)
             peak_mm = space.voxel_to_world(np.asarray(peak, dtype=float) + start)
