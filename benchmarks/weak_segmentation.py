@@ -1,0 +1,610 @@
+"""Weakly-supervised localization and segmentation: threshold vs seed-expand-constrain, two models.
+
+    python benchmarks/weak_segmentation.py                 # writes docs/weak_segmentation.md/.png
+    python benchmarks/weak_segmentation.py --quick         # a few cases, for a smoke run
+
+No peeking: every setting is chosen on the *demo set* (the demo generator's own held-out cases,
+seeds 2 000 000+, on the five scanner grids in turn) and then reported, unchanged, on the *held-out
+harder set* (:func:`medcam3d.demo.synthetic.make_hard_phantom`, seeds 3 000 000+: smaller lesions,
+two lesions of one class, lesions against the organ, the fat shell or the bone), which is used for
+nothing else. The per-case best threshold ("oracle") looks at the answer: it is an upper bound for
+thresholding, labelled as such.
+
+Models: the shipped localization-trained demo model (``data_samples/demo_model.pt``, trained with
+a mask-based term) and the weakly-supervised one (``data_samples/demo_model_weak.pt``, image labels
+only). Maps: HiResCAM on the last layer (the default explanation) and, as an option, LayerCAM on
+the stem (``features.relu0``, 4 mm cells) gated by that HiResCAM (:func:`medcam3d.segment.gated_maps`).
+
+Segmentation and localization are measured for the classes present in each case (the class is
+given: "ground-truth-known" localization), on the scan's grid: Dice, IoU, Hausdorff 95 (mm, MONAI),
+box IoU per lesion (best predicted box of that class), lesions found (a predicted component
+overlaps it), the pointing game of the map. The scans, maps and tables are generated on demand into
+a cache folder (default: a temporary folder); nothing large is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import medcam3d
+from medcam3d.demo import synthetic, train
+from medcam3d.metrics import box_iou, dice, dice_iou_curve, iou, pointing_game
+from medcam3d.preprocess import preprocess
+from medcam3d.segment import SegmentSettings, gated_maps, segment
+from medcam3d.space import Space, resample
+
+MODELS = {"localization-trained": ROOT / "data_samples" / "demo_model.pt",
+          "weakly supervised": ROOT / "data_samples" / "demo_model_weak.pt"}
+MAPS = ("hirescam", "fused")
+FINE_LAYER = "features.relu0"
+DEMO_SEED0 = train.PEAK_SEED0
+HARD_SEED0 = synthetic.HARD_SEED0
+THRESHOLDS = np.round(np.linspace(0.05, 1.0, 20), 4)
+
+#: The settings tried on the demo set for each expansion method (the rest stay at their defaults).
+SWEEPS: dict[str, dict[str, list]] = {
+    "random_walker": {"smooth_mm": [0.0, 16.0], "background": [0.3], "beta": [3.0], "contrast": [8.0],
+                      "foreground": [0.7, 0.9]},
+    "region_growing": {"smooth_mm": [0.0, 16.0], "background": [0.3], "multiplier": [1.5, 2.5], "iterations": [2],
+                       "contrast": [8.0]},
+}
+
+# --------------------------------------------------------------------------------------------
+# Cases and maps (cached)
+# --------------------------------------------------------------------------------------------
+
+
+def make_cases(kind: str, count: int) -> list[dict]:
+    """Cases of the demo set (``kind="demo"``) or of the held-out harder set (``"hard"``), on the
+    scanner grids in turn: image (HU), labels, grid, lesion placements."""
+    grids = synthetic.sample_grids()
+    names = list(grids)
+    cases = []
+    for i in range(count):
+        grid_name = names[i % len(names)]
+        space = grids[grid_name]
+        if kind == "demo":
+            seed = DEMO_SEED0 + i
+            phantom = synthetic.make_phantom(seed)
+            image, labels = phantom.sample(space)
+            placements = ["demo"] * len(phantom.lesions)
+            lesions = phantom.lesions
+        else:
+            seed = HARD_SEED0 + i
+            phantom, placements = synthetic.make_hard_phantom(seed)
+            image, labels = phantom.sample(space)
+            lesions = phantom.lesions
+        cases.append({"id": f"{kind}-{seed}", "seed": seed, "grid": grid_name, "space": space, "image": image,
+                      "labels": labels, "lesions": [(l.class_index, l.extent, p) for l, p in zip(lesions, placements)]})
+    return cases
+
+
+def load_model(path: Path) -> torch.nn.Module:
+    model = train.build_model()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def explain(models: dict, cases: list[dict]) -> None:
+    """Adds ``case["maps"][model][map] = list of feature-grid Heatmaps`` and probabilities."""
+    names = list(synthetic.CLASS_NAMES)
+    for case in cases:
+        x, _ = preprocess((case["image"], case["space"]), synthetic.PREPROCESSING)
+        case["maps"], case["probability"] = {}, {}
+        for model_name, model in models.items():
+            last = medcam3d.Explainer(model, method="hirescam", layer="auto", class_names=names)(x[None], target="all")
+            fine = medcam3d.Explainer(model, method="layercam", layer=FINE_LAYER, class_names=names)(x[None], target="all")
+            coarse = last.to_scanner_space(None)
+            case["maps"][model_name] = {"hirescam": coarse, "fused": gated_maps(fine.to_scanner_space(None), coarse)}
+            case["probability"][model_name] = torch.sigmoid(last.logits[0]).tolist()
+
+
+def present(case: dict) -> list[int]:
+    return [c for c in range(len(synthetic.CLASS_NAMES)) if np.any(case["labels"] == c + 1)]
+
+
+def scan_map(case: dict, model: str, kind: str, c: int) -> np.ndarray:
+    """One class map on the scan's grid (cached in the case)."""
+    key = ("scan", model, kind, c)
+    if key not in case:
+        heat = case["maps"][model][kind][c]
+        case[key] = np.asarray(resample(heat.data, heat.space, case["space"]), dtype=np.float32)
+    return case[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def hausdorff95(prediction: np.ndarray, truth: np.ndarray, space: Space) -> float:
+    """Symmetric 95th-percentile Hausdorff distance (mm, MONAI) on the box holding both masks."""
+    from monai.metrics import compute_hausdorff_distance
+
+    if not prediction.any() or not truth.any():
+        return math.nan
+    where = np.argwhere(prediction | truth)
+    box = tuple(slice(max(int(a) - 1, 0), int(b) + 2) for a, b in zip(where.min(0), where.max(0)))
+    p = torch.from_numpy(np.ascontiguousarray(prediction[box]))[None, None].float()
+    t = torch.from_numpy(np.ascontiguousarray(truth[box]))[None, None].float()
+    value = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=list(space.spacing))
+    return float(value.item())
+
+
+def score(prediction: np.ndarray, truth: np.ndarray, boxes: list, space: Space) -> dict:
+    """Segmentation and per-lesion box scores of one class of one case."""
+    components, count = ndimage.label(truth, structure=np.ones((3, 3, 3), dtype=bool))
+    box_ious, found = [], []
+    for number, region in enumerate(ndimage.find_objects(components), start=1):
+        lesion = components[region] == number
+        low = tuple(int(s.start + v) for s, v in zip(region, np.argwhere(lesion).min(0)))
+        high = tuple(int(s.start + v) for s, v in zip(region, np.argwhere(lesion).max(0)))
+        box_ious.append(max((box_iou((low, high), b) for b in boxes), default=0.0))
+        found.append(bool(prediction[region][lesion].any()))
+    return {"dice": dice(prediction, truth), "iou": iou(prediction, truth),
+            "hd95": hausdorff95(prediction, truth, space), "box_ious": box_ious, "found": found,
+            "predicted_lesions": len(boxes), "true_lesions": int(count)}
+
+
+def run_method(case: dict, model: str, kind: str, settings: SegmentSettings) -> tuple[dict, float]:
+    """Segment every present class of one case; per-class scores and the time taken."""
+    scores, seconds = {}, 0.0
+    for c in present(case):  # the class is given; each is segmented on its own
+        start = time.perf_counter()
+        result = segment(case["image"], case["space"], case["maps"][model][kind], classes=[c], settings=settings)
+        seconds += time.perf_counter() - start
+        boxes = [(l.box.voxel_min, l.box.voxel_max) for l in result.lesions if l.class_index == c]
+        scores[c] = score(result.mask(c), case["labels"] == c + 1, boxes, case["space"])
+    return scores, seconds
+
+
+def mean_dice(cases: list[dict], model: str, kind: str, settings: SegmentSettings) -> float:
+    values = [s["dice"] for case in cases for s in run_method(case, model, kind, settings)[0].values()]
+    return float(np.mean(values)) if values else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning on the demo set
+# --------------------------------------------------------------------------------------------
+
+
+def tune_threshold(cases: list[dict], model: str, kind: str) -> tuple[float, float]:
+    """The fraction of the maximum with the best mean Dice on the demo set (one for all cases)."""
+    curves = [dice_iou_curve(scan_map(case, model, kind, c), case["labels"] == c + 1, THRESHOLDS).dice
+              for case in cases for c in present(case)]
+    mean = np.mean(curves, axis=0)
+    best = int(np.argmax(mean))
+    return float(THRESHOLDS[best]), float(mean[best])
+
+
+def tune(cases: list[dict], model: str, kind: str, method: str, log) -> tuple[SegmentSettings, float, list]:
+    """Coordinate search over :data:`SWEEPS` on the demo set (one pass, from the defaults); best mean Dice wins."""
+    settings = SegmentSettings(method=method)
+    best = mean_dice(cases, model, kind, settings)
+    log(f"    {method} defaults: {best:.3f}")
+    tried = [(settings, best)]
+    for _ in range(1):
+        changed = False
+        for name, values in SWEEPS[method].items():
+            for value in values:
+                if getattr(settings, name) == value:
+                    continue
+                candidate = replace(settings, **{name: value})
+                if any(candidate == t for t, _ in tried):
+                    continue
+                result = mean_dice(cases, model, kind, candidate)
+                tried.append((candidate, result))
+                log(f"    {method} {name}={value}: {result:.3f}")
+                if result > best + 1e-4:
+                    settings, best, changed = candidate, result, True
+        if not changed:
+            break
+    return settings, best, tried
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation on the held-out set
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(cases: list[dict], model: str, kind: str, method: str, settings: SegmentSettings) -> dict:
+    rows = {"dice": [], "iou": [], "hd95": [], "box_iou": [], "found": [], "seconds": [], "extra": [], "by": []}
+    for case in cases:
+        scores, seconds = run_method(case, model, kind, settings)
+        rows["seconds"].append(seconds)
+        for c, s in scores.items():
+            rows["dice"].append(s["dice"])
+            rows["iou"].append(s["iou"])
+            rows["hd95"].append(s["hd95"])
+            rows["box_iou"].extend(s["box_ious"])
+            rows["found"].extend(s["found"])
+            rows["extra"].append(max(s["predicted_lesions"] - sum(s["found"]), 0))
+            lesions = [entry for entry in case["lesions"] if entry[0] == c]
+            rows["by"].append((c, s, lesions, case["id"]))
+    return rows
+
+
+def oracle(cases: list[dict], model: str, kind: str) -> dict:
+    values = {"dice": [], "iou": []}
+    for case in cases:
+        for c in present(case):
+            curve = dice_iou_curve(scan_map(case, model, kind, c), case["labels"] == c + 1, THRESHOLDS)
+            values["dice"].append(curve.best_dice)
+            values["iou"].append(curve.best_iou)
+    return values
+
+
+def pointing(cases: list[dict], model: str, kind: str) -> float:
+    hits = [pointing_game(scan_map(case, model, kind, c), case["labels"] == c + 1) for case in cases for c in present(case)]
+    return float(np.mean(hits)) if hits else math.nan
+
+
+def accuracy(cases: list[dict], model: str, classes=None) -> float:
+    classes = range(len(synthetic.CLASS_NAMES)) if classes is None else classes
+    right = [(case["probability"][model][c] >= 0.5) == (c in present(case)) for case in cases for c in classes]
+    return float(np.mean(right))
+
+
+def pointing_by_class(cases: list[dict], model: str, kind: str) -> list[float]:
+    return [float(np.mean([pointing_game(scan_map(case, model, kind, c), case["labels"] == c + 1)
+                           for case in cases if c in present(case)] or [math.nan]))
+            for c in range(len(synthetic.CLASS_NAMES))]
+
+
+def _fmt(values, digits: int = 2) -> str:
+    values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "—"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def _median(values) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    return f"{np.median(values):.1f}" if values else "—"
+
+
+# --------------------------------------------------------------------------------------------
+# Scan-size timing and the figure
+# --------------------------------------------------------------------------------------------
+
+
+def scan_size_timing(settings: SegmentSettings) -> tuple[float, tuple[int, ...]]:
+    """Seconds to segment a 512 x 512 x 300 CT-sized volume (0.7 x 0.7 x 1 mm) with a feature-grid map."""
+    from medcam3d.heatmap import Heatmap
+
+    shape = (512, 512, 300)
+    affine = np.diag([0.7, 0.7, 1.0, 1.0])
+    space = Space(shape, affine)
+    rng = np.random.default_rng(0)
+    image = rng.normal(40.0, 12.0, shape).astype(np.float32)
+    centre = np.array([180.0, 200.0, 150.0])  # mm
+    box = tuple(slice(int((centre[a] - 12) / affine[a, a]), int((centre[a] + 12) / affine[a, a])) for a in range(3))
+    grid = np.meshgrid(*[np.arange(s.start, s.stop) * affine[a, a] for a, s in enumerate(box)], indexing="ij")
+    inside = sum((g - centre[a]) ** 2 for a, g in enumerate(grid)) <= 8.0 ** 2
+    image[box][inside] += 150.0
+    feature = Space((45, 45, 38), np.diag([8.0, 8.0, 8.0, 1.0]))
+    cells = feature.voxel_to_world(np.indices(feature.shape).reshape(3, -1).T.astype(float)).reshape(*feature.shape, 3)
+    heat = np.exp(-np.sum((cells - centre) ** 2, axis=-1) / (2 * 9.0 ** 2)).astype(np.float32)
+    maps = [Heatmap(heat, feature, "hirescam", "synthetic", 0, "bright_round")]
+    start = time.perf_counter()
+    segment(image, space, maps, settings=settings)
+    return time.perf_counter() - start, shape
+
+
+def figure(case: dict, c: int, model: str, kind: str, settings: SegmentSettings, path: Path) -> None:
+    """Seeds, expansion and result for class ``c`` of one held-out case (matplotlib's object API, no pyplot)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    from medcam3d.jobs.report import save_figure
+
+    result = segment(case["image"], case["space"], case["maps"][model][kind], classes=[c], settings=settings)
+    region = max((r for r in result.regions if r.class_index == c), key=lambda r: int((r.seeds == 1).sum()))
+    spacing = np.asarray(case["space"].spacing)
+    axis = int(np.argmax(spacing))  # show the plane of the two finest axes
+    fg = np.argwhere(region.seeds == 1)
+    index = int(np.round(fg[:, axis].mean())) if fg.size else region.seeds.shape[axis] // 2
+
+    def plane(volume):
+        return np.take(volume, index, axis=axis).T
+
+    image = plane(np.asarray(case["image"][region.crop]))
+    truth = plane(case["labels"][region.crop] == c + 1)
+    heat = plane(region.class_map)
+    seeds = plane(region.seeds)
+    prob = plane(region.probability) if region.probability is not None else plane(region.mask.astype(np.float32))
+    final = plane(result.labels[region.crop] == c + 1)
+    other = [a for a in range(3) if a != axis]
+    aspect = spacing[other[1]] / spacing[other[0]]
+    window = {"cmap": "gray", "vmin": -160, "vmax": 240, "origin": "lower", "aspect": aspect}
+    fig = Figure(figsize=(13, 4.0))
+    axes = fig.subplots(1, 4)
+    axes[0].imshow(image, **window)
+    axes[0].imshow(np.ma.masked_less_equal(heat, 0), cmap="inferno", alpha=0.45, origin="lower", aspect=aspect)
+    axes[0].contour(truth, levels=[0.5], colors="cyan", linewidths=0.8)
+    axes[0].set_title(f"{kind} map of {synthetic.CLASS_NAMES[c]}\n(cyan: true lesion)", fontsize=9)
+    axes[1].imshow(image, **window)
+    colours = ListedColormap([(0, 0, 0, 0), (1.0, 0.2, 0.2, 0.9), (0.25, 0.45, 1.0, 0.5), (1.0, 0.85, 0.1, 0.7)])
+    axes[1].imshow(seeds, cmap=colours, vmin=-0.5, vmax=3.5, origin="lower", aspect=aspect, interpolation="nearest")
+    axes[1].set_title("seeds: foreground (red), background (blue),\ncompeting class (yellow)", fontsize=9)
+    axes[2].imshow(prob, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect=aspect)
+    axes[2].set_title(f"expansion: {settings.method} foreground probability", fontsize=9)
+    axes[3].imshow(image, **window)
+    axes[3].contour(truth, levels=[0.5], colors="cyan", linewidths=1.0)
+    axes[3].contour(final, levels=[0.5], colors="red", linewidths=1.0, linestyles="--")
+    d = dice(result.mask(c), case["labels"] == c + 1)
+    axes[3].set_title(f"result (red dashed) vs truth (cyan)\nDice {d:.2f} for this class, this case", fontsize=9)
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(f"{case['id']} on grid {case['grid']} ({model} model), one slice through the crop", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    save_figure(path, fig, dpi=90)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tune-cases", type=int, default=12, help="demo-set cases used to choose the settings")
+    parser.add_argument("--cases", type=int, default=30, help="held-out harder cases reported")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--quick", action="store_true", help="4 tuning and 5 held-out cases, no sweep (smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tune_cases, args.cases = 4, 5
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="The probability range is outside")
+    started = time.perf_counter()
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {text}", flush=True)
+
+    models = {name: load_model(path) for name, path in MODELS.items() if path.exists()}
+    missing = [str(path) for name, path in MODELS.items() if not path.exists()]
+    if missing:
+        log(f"missing model(s), skipped: {missing}")
+    demo = make_cases("demo", args.tune_cases)
+    hard = make_cases("hard", args.cases)
+    log(f"{len(demo)} demo-set and {len(hard)} held-out cases generated")
+    explain(models, demo + hard)
+    log("maps computed")
+
+    chosen: dict = {}
+    tuning_log: list[str] = []
+    for model in models:
+        for kind in MAPS:
+            t, value = tune_threshold(demo, model, kind)
+            chosen[(model, kind, "threshold")] = (SegmentSettings(method="threshold", candidate=t, background=min(0.3, t / 2),
+                                                                  smooth_mm=0.0), value)
+            log(f"{model} {kind}: threshold {t} (demo Dice {value:.3f})")
+            for method in SWEEPS:
+                if args.quick:
+                    settings = SegmentSettings(method=method)
+                    chosen[(model, kind, method)] = (settings, mean_dice(demo, model, kind, settings))
+                else:
+                    settings, value, _ = tune(demo, model, kind, method, log)
+                    chosen[(model, kind, method)] = (settings, value)
+                log(f"{model} {kind} {method}: {settings} (demo Dice {chosen[(model, kind, method)][1]:.3f})")
+                tuning_log.append(f"| {model} | {kind} | {method} | {_settings_text(settings)} | {chosen[(model, kind, method)][1]:.3f} |")
+
+    table, results = [], {}
+    for model in models:
+        for kind in MAPS:
+            point = pointing(hard, model, kind)
+            upper = oracle(hard, model, kind)
+            table.append(f"| {model} | {kind} | oracle threshold per case (**upper bound, looks at the answer**) | "
+                         f"{_fmt(upper['dice'])} | — | — | {_fmt(upper['iou'])} | — | — | — | {point:.2f} | — |")
+            for method in ("threshold", *SWEEPS):
+                settings, _ = chosen[(model, kind, method)]
+                rows = evaluate(hard, model, kind, method, settings)
+                results[(model, kind, method)] = rows
+                by_class = [[s["dice"] for cc, s, _, _ in rows["by"] if cc == c] for c in range(len(synthetic.CLASS_NAMES))]
+                table.append(
+                    f"| {model} | {kind} | {method} ({_settings_text(settings, short=True)}) | {_fmt(rows['dice'])} | "
+                    f"{_fmt(by_class[0])} | {_fmt(by_class[1])} | "
+                    f"{_fmt(rows['iou'])} | {_median(rows['hd95'])} | {_fmt(rows['box_iou'])} | "
+                    f"{np.mean(rows['found']):.2f} | {point:.2f} | {np.median(rows['seconds']):.2f} |")
+                log(f"held-out {model} {kind} {method}: Dice {_fmt(rows['dice'])}, box IoU {_fmt(rows['box_iou'])}")
+
+    best_key = max((k for k in results if k[0] == "weakly supervised"), key=lambda k: np.mean(results[k]["dice"]), default=None)
+    breakdown = _breakdown(results[best_key]) if best_key else []
+    timing, shape = scan_size_timing(chosen.get(best_key, (SegmentSettings(), 0))[0] if best_key else SegmentSettings())
+    log(f"scan-size timing {shape}: {timing:.1f} s")
+    if best_key:
+        case, c = _figure_case(hard, results[best_key])
+        figure(case, c, best_key[0], best_key[1], chosen[best_key][0], args.out / "weak_segmentation.png")
+    accuracies = {model: (accuracy(demo, model), accuracy(hard, model), [accuracy(hard, model, [c]) for c in range(2)])
+                  for model in models}
+    pointings = {(model, kind): pointing_by_class(hard, model, kind) for model in models for kind in MAPS}
+    text = _report(args, table, tuning_log, breakdown, accuracies, pointings, best_key, results, timing, shape, len(demo),
+                   len(hard), time.perf_counter() - started)
+    from medcam3d._files import atomic_write_text
+
+    atomic_write_text(args.out / "weak_segmentation.md", text)
+    log(f"wrote {args.out / 'weak_segmentation.md'}")
+    return 0
+
+
+def _settings_text(settings: SegmentSettings, short: bool = False) -> str:
+    default = SegmentSettings(method=settings.method)
+    fields = ["candidate"] if settings.method == "threshold" else [
+        name for name in ("candidate", "foreground", "background", "contrast", "beta", "multiplier", "smooth_mm", "margin_mm")
+        if not (settings.method == "random_walker" and name == "multiplier")
+        and not (settings.method == "region_growing" and name == "beta")]
+    if short:
+        fields = [f for f in fields if getattr(settings, f) != getattr(default, f)] or fields[:1]
+    return ", ".join(f"{f} {getattr(settings, f):g}" for f in fields)
+
+
+def _breakdown(rows: dict) -> list[str]:
+    """Dice and box IoU of the weakly-supervised model's best row, by class, placement and size."""
+    groups: dict[str, list] = {}
+    for c, s, lesions, _ in rows["by"]:
+        name = synthetic.CLASS_NAMES[c]
+        groups.setdefault(f"class {name}", []).append((s["dice"], s["box_ious"]))
+        for placement in sorted({p for _, _, p in lesions}):
+            groups.setdefault(f"{name}, a lesion placed '{placement}'", []).append((s["dice"], s["box_ious"]))
+        groups.setdefault(f"{name}, {'two lesions' if len(lesions) > 1 else 'one lesion'}", []).append((s["dice"], s["box_ious"]))
+    out = []
+    for name in sorted(groups):
+        values = groups[name]
+        boxes = [b for _, bs in values for b in bs]
+        out.append(f"| {name} | {len(values)} | {np.mean([d for d, _ in values]):.2f} | {np.mean(boxes):.2f} |")
+    return out
+
+
+def _figure_case(cases: list[dict], rows: dict) -> tuple[dict, int]:
+    """A typical (case, class) for the figure: a found lesion whose Dice is closest to the median."""
+    entries = [entry for entry in rows["by"] if any(entry[1]["found"])] or rows["by"]
+    target = float(np.median([s["dice"] for _, s, _, _ in entries]))
+    c, _, _, case_id = min(entries, key=lambda entry: abs(entry[1]["dice"] - target))
+    return next(case for case in cases if case["id"] == case_id), c
+
+
+def _report(args, table, tuning_log, breakdown, accuracies, pointings, best_key, results, timing, shape, n_demo, n_hard,
+            seconds) -> str:
+    names = synthetic.CLASS_NAMES
+    head = ("| model | map | method (fixed setting, chosen on the demo set) | Dice | Dice bright_round | Dice dark_elongated "
+            "| IoU | HD95 (mm, median) | box IoU | lesions found | pointing game (map) | s / case |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        "# Weakly-supervised localization and segmentation",
+        "",
+        ("Generated by `python benchmarks/weak_segmentation.py` (do not edit by hand). "
+         f"Demo set (tuning only): {n_demo} cases of the demo generator (seeds {DEMO_SEED0}+). Held-out harder set "
+         f"(reported): {n_hard} cases of `medcam3d.demo.synthetic.make_hard_phantom` (seeds {HARD_SEED0}+: smaller "
+         "lesions, two lesions of a class, lesions against the organ, the fat shell or the bone), used for nothing "
+         "else. Both sets are sampled on the five scanner grids in turn and generated in memory. Every number below "
+         "is on the held-out set, with one setting per (model, map, method) chosen on the demo set. Scores are per "
+         "(case, present class), the class being given (ground-truth-known localization) and segmented on its own; "
+         "box IoU (the best predicted box of that class) and 'lesions found' (a predicted component overlaps it) are "
+         "per lesion. Mean ± std."),
+        "",
+        "## Held-out harder set",
+        "",
+        head,
+        *table,
+        "",
+        ("- *oracle threshold*: the best fraction of the map's maximum per case and class, chosen by looking at the "
+         "truth: an upper bound for thresholding, not a method."),
+        ("- *threshold*: one fraction of the maximum for every case (the best mean Dice on the demo set), connected "
+         "components as lesions: what medcam3d did before `medcam3d.segment`."),
+        ("- *random_walker* / *region_growing*: `medcam3d.segment.segment` (seed → expand → constrain) with the "
+         "setting listed (what differs from `SegmentSettings()`; the full settings are below)."),
+        ("- *hirescam*: HiResCAM on the last layer (8 mm cells), the default explanation; *fused*: LayerCAM on "
+         "`features.relu0` (4 mm cells) gated by it (`medcam3d.segment.gated_maps`)."),
+        "- pointing game: the map's maximum lies in the class's mask (one value per map, whatever the method).",
+        ("- MONAI's `CRF` block could not be compared: it needs MONAI's compiled extension (`monai._C`), which the "
+         "pip wheels do not ship."),
+        "",
+        "Classification (threshold 0.5) and pointing game per class on the held-out set:",
+        "",
+        "| model | accuracy, demo set | accuracy, held-out | held-out accuracy "
+        + " / ".join(names) + " | pointing game hirescam " + " / ".join(names) + " | pointing game fused "
+        + " / ".join(names) + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, (demo_acc, hard_acc, per_class) in accuracies.items():
+        lines.append(f"| {model} | {demo_acc:.2f} | {hard_acc:.2f} | " + " / ".join(f"{v:.2f}" for v in per_class) + " | "
+                     + " / ".join(f"{v:.2f}" for v in pointings[(model, 'hirescam')]) + " | "
+                     + " / ".join(f"{v:.2f}" for v in pointings[(model, 'fused')]) + " |")
+    lines.append("")
+    if best_key:
+        rows = results[best_key]
+        goal_dice, goal_box = float(np.mean(rows["dice"])), float(np.mean(rows["box_iou"]))
+        per_class = {c: [s for cc, s, _, _ in rows["by"] if cc == c] for c in range(len(names))}
+        dice_c = {c: float(np.mean([s["dice"] for s in v])) for c, v in per_class.items() if v}
+        box_c = {c: float(np.mean([b for s in v for b in s["box_ious"]])) for c, v in per_class.items() if v}
+        found_c = {c: float(np.mean([f for s in v for f in s["found"]])) for c, v in per_class.items() if v}
+        weak_acc = accuracies[best_key[0]][2]
+        met = goal_dice >= 0.8 and goal_box >= 0.6
+        lines += [
+            "## Goal: weakly-supervised model, one fixed setting",
+            "",
+            (f"Best row (`{best_key[1]}` map, `{best_key[2]}`): Dice **{goal_dice:.2f}** (goal ≥ 0.8), box IoU "
+             f"**{goal_box:.2f}** (goal ≥ 0.6) over the present lesions of both classes. "
+             + ("Both goals are met." if met else "The goal is not met.")),
+            "",
+        ]
+        if not met:
+            lines += [
+                "What limits it, with the numbers of that row:",
+                "",
+                (f"- **The model, for `dark_elongated`.** Without the mask term the network did not learn this class: "
+                 f"accuracy 0.51 on 200 cases of the demo generator (`data_samples/metrics_weak.json`: chance), "
+                 f"{weak_acc[1]:.2f} on this held-out set. Its maps carry no evidence of the lesion (pointing game "
+                 f"{pointings[(best_key[0], 'hirescam')][1]:.2f} HiResCAM, {pointings[(best_key[0], 'fused')][1]:.2f} "
+                 f"fused), so no seed lands on it: Dice {dice_c.get(1, math.nan):.2f}, box IoU "
+                 f"{box_c.get(1, math.nan):.2f}. No segmentation method recovers a lesion the model does not see; this "
+                 "half of the goal needs a model that learns the class."),
+                (f"- **The last layer's maps, for `bright_round`.** The class is learned (accuracy {weak_acc[0]:.2f}) but "
+                 f"HiResCAM's evidence lies in a shell about 20–28 mm around the lesion (pointing game "
+                 f"{pointings[(best_key[0], 'hirescam')][0]:.2f}; `data_samples/README.md`), so thresholding or "
+                 "seeding it fails whatever the setting (the `hirescam` rows). The fused map (LayerCAM on the stem's "
+                 f"4 mm cells, gated by HiResCAM) puts the peak on the lesion (pointing game "
+                 f"{pointings[(best_key[0], 'fused')][0]:.2f}), and seed → expand → constrain on it gives Dice "
+                 f"{dice_c.get(0, math.nan):.2f}, box IoU {box_c.get(0, math.nan):.2f}, lesions found "
+                 f"{found_c.get(0, math.nan):.2f} for this class."),
+                ("- **Second lesions and lesions against bone** score lowest for `bright_round` (table below). Only "
+                 "peaks at or above `candidate` x the class's maximum (0.5, chosen on the demo set, which never has "
+                 "two lesions of a class) start a lesion, so a weaker second peak is dropped; why lesions against "
+                 "the bone do worse was not isolated further."),
+                "",
+            ]
+        lines += [
+            "By class, placement and number of lesions (that row; a case with two placements counts in both):",
+            "",
+            "| group | class instances | Dice | box IoU |",
+            "|---|---|---|---|",
+            *breakdown,
+            "",
+        ]
+    lines += [
+        "## Settings chosen on the demo set",
+        "",
+        ("One pass of coordinate search from `SegmentSettings()` over `SWEEPS` (a change is kept when it raises the "
+         "mean Dice on the demo set). The library default (`SegmentSettings()`: random walker, smooth_mm 8, "
+         "background 0.05, beta 1) was chosen on the demo set for the weakly-supervised model's fused maps."),
+        "",
+        "| model | map | method | setting | demo-set Dice |",
+        "|---|---|---|---|---|",
+        *tuning_log,
+        "",
+        "## Speed",
+        "",
+        (f"Segmenting a {' x '.join(map(str, shape))} CT-sized volume (one lesion, a feature-grid map, the best "
+         f"row's setting) took {timing:.1f} s: the scan is touched only on crops around the candidates. Seconds per "
+         "held-out case are in the table (all present classes)."),
+        "",
+        "![seeds, expansion and result](weak_segmentation.png)",
+        "",
+        ("The figure: one held-out case (the lesion whose Dice is nearest the median of the found ones), best "
+         "weakly-supervised row: the map, the seeds, the random walker's foreground probability on the crop, and "
+         "the result against the truth, on one slice."),
+        "",
+        f"Total run time: {seconds / 60:.0f} min ({torch.get_num_threads()} threads).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
