@@ -306,6 +306,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small scans and 3 cases: a smoke run")
     parser.add_argument("--no-batch", action="store_true", help="explain only")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (the job's --device; the floor uses the CPU model)")
+    parser.add_argument("--layer", help="the job's --layer (default: the config's, auto)")
     parser.add_argument("--keep", help="keep the generated scans and outputs in this folder (and reuse its scans)")
     args = parser.parse_args()
     cases = min(args.cases, 3) if args.quick else args.cases
@@ -330,6 +331,8 @@ def main() -> int:
                         "--device", args.device]
                 if masks[0]:
                     argv += ["--mask", masks[0]]
+                if args.layer:
+                    argv += ["--layer", args.layer]
                 jobs.append(run(driver, "job", {"argv": argv}))
             floor, job = median_run(floors), median_run(jobs)
             print_table(f"== {name}: {description}\n   explain --target all, default outputs", {"floor": floor, "explain": job})
@@ -344,9 +347,9 @@ def main() -> int:
                     table.write_text("id,image,mask\n" + "".join(
                         f"{Path(i).name.split('.')[0]}{repeat},{i},{m or ''}\n" for i, m in zip(cohort, cohort_masks)))
                     loops.append(run(driver, "floor", {"config": str(config), "images": cohort, "masks": cohort_masks}))
-                    batches.append(run(driver, "job", {"argv": ["batch", "--config", str(config), "--inputs", str(table),
-                                                                "--out", str(out), "--device", args.device, "--quiet"]},
-                                       events=events))
+                    argv = ["batch", "--config", str(config), "--inputs", str(table), "--out", str(out), "--device",
+                            args.device, "--quiet"] + (["--layer", args.layer] if args.layer else [])
+                    batches.append(run(driver, "job", {"argv": argv}, events=events))
                     shares.append(overlap(events))
                 loop, batch = median_run(loops), median_run(batches)
                 print_table(f"   batch over {len(cohort)} scans (DataLoader, 1 worker) vs a floor loop in one process",
