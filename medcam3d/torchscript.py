@@ -40,6 +40,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -107,7 +108,10 @@ def scripted_ancestor(model: nn.Module, name: str) -> tuple[str, nn.Module] | No
         return "", model
     module, parts = model, []
     for part in name.split(".") if name else []:
-        module = module._modules[part]
+        child = module._modules[part]
+        if child is None:  # a slot registered as None: no module below it, scripted or not
+            return None
+        module = child
         parts.append(part)
         if is_scripted(module):
             return ".".join(parts), module
@@ -193,7 +197,8 @@ def _fold_attributes(graph: torch._C.Graph, paths: dict[int, str], table: dict[s
         if type(value) is not wanted:
             continue
         graph.setInsertPoint(node)
-        node.output().replaceAllUsesWith(graph.insertConstant(value))
+        # Graph.insertConstant exists at runtime; torch's stub (torch/_C/__init__.pyi) omits it.
+        node.output().replaceAllUsesWith(graph.insertConstant(value))  # type: ignore[attr-defined]
         node.destroy()
         changed = True
     graph.setInsertPoint(graph.block())
@@ -213,7 +218,12 @@ def _inline_call(graph: torch._C.Graph, node, callee: torch._C.Graph) -> list:
 
 def _method_graph(module: nn.Module, method: str) -> torch._C.Graph:
     """The graph of a compiled method (``module.forward`` of a freshly traced submodule is Python)."""
-    return module._c._get_method(method).graph
+    return _cpp_module(module)._get_method(method).graph
+
+
+def _cpp_module(module: nn.Module) -> torch._C.ScriptModule:
+    """The C++ object of a TorchScript module (``module._c``; typed as a tensor or module by ``nn.Module.__getattr__``)."""
+    return cast(torch._C.ScriptModule, module._c)
 
 
 def _is_tensor(value) -> bool:
@@ -257,7 +267,7 @@ def _flatten(root: nn.Module, inline: Callable[[str, str, nn.Module], bool], *, 
     raise LayerError(message)
 
 
-def _forward_calls(flat: _Flat) -> tuple[list[tuple[str, object]], list[str]]:
+def _forward_calls(flat: _Flat) -> tuple[list[tuple[str, torch._C.Node]], list[str]]:
     """``forward`` calls of known modules left in the graph: top-level (path, node), nested paths."""
     top_level, nested = [], []
     for node in _all_nodes(flat.graph.block()):
@@ -280,7 +290,7 @@ def _has_children(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------- probing
 @dataclass
 class _ProbePlan:
-    function: object
+    function: torch._C.ScriptFunction
     records: list[tuple[str, str, int]]  # (name, type, output index), completion order
     reachable: list[str]
     defaults: list[object]
@@ -288,7 +298,7 @@ class _ProbePlan:
 
 def _forward_defaults(root: nn.Module) -> list[object]:
     """Default values of the forward's arguments after ``self`` (``_NO_DEFAULT`` where none)."""
-    arguments = root._c._get_method("forward").schema.arguments[1:]
+    arguments = _cpp_module(root)._get_method("forward").schema.arguments[1:]
     return [a.default_value if a.has_default_value() else _NO_DEFAULT for a in arguments]
 
 
@@ -302,7 +312,7 @@ def bind_arguments(module: nn.Module, args: Sequence[object], kwargs: dict[str, 
     TypeError
         For a keyword the forward does not have.
     """
-    arguments = module._c._get_method("forward").schema.arguments[1:]
+    arguments = _cpp_module(module)._get_method("forward").schema.arguments[1:]
     bound = list(args)
     unknown = set(kwargs) - {a.name for a in arguments}
     if unknown:
@@ -513,7 +523,7 @@ def _peel_output(flat: _Flat, layer: str) -> tuple[TrailingActivation | None, ob
     return None, None
 
 
-def _tensor_or(value) -> object:
+def _tensor_or(value) -> torch._C.JitType:
     """The type of a new graph input standing for ``value`` (any tensor: a traced shape is not a contract)."""
     return torch._C.TensorType.get() if _is_tensor(value) else value.type()
 
