@@ -16,10 +16,11 @@ only). Maps: HiResCAM on the last layer (the default explanation) and, as an opt
 the stem (``features.relu0``, 4 mm cells) gated by that HiResCAM (:func:`medcam3d.segment.gated_maps`).
 
 Segmentation and localization are measured for the classes present in each case (the class is
-given: "ground-truth-known" localization), on the scan's grid: Dice, IoU, Hausdorff 95 (mm, MONAI),
-box IoU per lesion (best predicted box of that class), lesions found (a predicted component
-overlaps it), the pointing game of the map. The scans, maps and tables are generated on demand into
-a cache folder (default: a temporary folder); nothing large is committed.
+given: "ground-truth-known" localization), on the scan's grid, with the library's metrics
+(:func:`medcam3d.metrics.segmentation_scores`): Dice, IoU, Hausdorff 95 (mm, MONAI), box IoU per
+lesion (best predicted box of that class; boxes in RAS mm), lesions found (a predicted component
+overlaps it), and :func:`medcam3d.metrics.pointing_game` of the map. The scans, maps and tables are
+generated on demand into a cache folder (default: a temporary folder); nothing large is committed.
 """
 
 from __future__ import annotations
@@ -29,19 +30,18 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import medcam3d
 from medcam3d.demo import synthetic, train
-from medcam3d.metrics import box_iou, dice, dice_iou_curve, iou, pointing_game
+from medcam3d.metrics import dice, dice_iou_curve, pointing_game, segmentation_scores
 from medcam3d.preprocess import preprocess
 from medcam3d.segment import SegmentSettings, gated_maps, segment
 from medcam3d.space import Space, resample
@@ -130,33 +130,10 @@ def scan_map(case: dict, model: str, kind: str, c: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def hausdorff95(prediction: np.ndarray, truth: np.ndarray, space: Space) -> float:
-    """Symmetric 95th-percentile Hausdorff distance (mm, MONAI) on the box holding both masks."""
-    from monai.metrics import compute_hausdorff_distance
-
-    if not prediction.any() or not truth.any():
-        return math.nan
-    where = np.argwhere(prediction | truth)
-    box = tuple(slice(max(int(a) - 1, 0), int(b) + 2) for a, b in zip(where.min(0), where.max(0)))
-    p = torch.from_numpy(np.ascontiguousarray(prediction[box]))[None, None].float()
-    t = torch.from_numpy(np.ascontiguousarray(truth[box]))[None, None].float()
-    value = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=list(space.spacing))
-    return float(value.item())
-
-
 def score(prediction: np.ndarray, truth: np.ndarray, boxes: list, space: Space) -> dict:
-    """Segmentation and per-lesion box scores of one class of one case."""
-    components, count = ndimage.label(truth, structure=np.ones((3, 3, 3), dtype=bool))
-    box_ious, found = [], []
-    for number, region in enumerate(ndimage.find_objects(components), start=1):
-        lesion = components[region] == number
-        low = tuple(int(s.start + v) for s, v in zip(region, np.argwhere(lesion).min(0)))
-        high = tuple(int(s.start + v) for s, v in zip(region, np.argwhere(lesion).max(0)))
-        box_ious.append(max((box_iou((low, high), b) for b in boxes), default=0.0))
-        found.append(bool(prediction[region][lesion].any()))
-    return {"dice": dice(prediction, truth), "iou": iou(prediction, truth),
-            "hd95": hausdorff95(prediction, truth, space), "box_ious": box_ious, "found": found,
-            "predicted_lesions": len(boxes), "true_lesions": int(count)}
+    """Segmentation and per-lesion box scores of one class of one case (:func:`medcam3d.metrics.segmentation_scores`:
+    Dice, IoU, HD95 in mm, box IoU in mm per true lesion, lesions found)."""
+    return asdict(segmentation_scores(prediction, truth, space, boxes=boxes))
 
 
 def run_method(case: dict, model: str, kind: str, settings: SegmentSettings) -> tuple[dict, float]:
@@ -166,7 +143,7 @@ def run_method(case: dict, model: str, kind: str, settings: SegmentSettings) -> 
         start = time.perf_counter()
         result = segment(case["image"], case["space"], case["maps"][model][kind], classes=[c], settings=settings)
         seconds += time.perf_counter() - start
-        boxes = [(l.box.voxel_min, l.box.voxel_max) for l in result.lesions if l.class_index == c]
+        boxes = [l.box for l in result.lesions if l.class_index == c]
         scores[c] = score(result.mask(c), case["labels"] == c + 1, boxes, case["space"])
     return scores, seconds
 

@@ -4,6 +4,7 @@ Grad-CAM vs HiResCAM experiment's claim as an exact test."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -13,20 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medcam3d.masks import bounding_box
 from medcam3d.metrics import (
     baseline_volume,
     box_iou,
+    box_iou_mm,
     box_of,
     completeness,
     deletion_curve,
     dice,
     dice_iou_curve,
     energy_pointing_game,
+    hausdorff95,
     insertion_curve,
     iou,
     map_to_input_grid,
     perturbation_curves,
     pointing_game,
+    segmentation_scores,
 )
 from medcam3d.metrics.localization import DEFAULT_THRESHOLDS
 from medcam3d.space import Space
@@ -164,6 +169,119 @@ def test_box_iou_by_hand_3d_and_2d():
     assert box_iou(empty, empty) == 1.0 and box_iou(a, empty) == 0.0 and box_iou(None, a) == 0.0
     assert box_iou(cube(low=(0, 0, 0), size=(2, 2, 2)), cube(low=(5, 5, 5), size=(2, 2, 2))) == 0.0
     assert box_iou(((0, 0), (1, 3)), ((1, 0), (2, 3))) == pytest.approx(4 / 12)
+
+
+# ------------------------------------------------------------------ segmentation: HD95, box IoU in mm
+ANISOTROPIC = (0.8, 1.2, 3.0)
+
+
+@pytest.mark.parametrize("axis, shift", [(0, 1), (1, 3), (2, 2), (2, 7)])
+def test_hausdorff95_of_a_shifted_cube_is_the_shift_in_mm(axis, shift):
+    a = cube(shape=(20, 20, 24), low=(5, 6, 4), size=(6, 5, 6))
+    b = np.roll(a, shift, axis=axis)
+    expected = shift * ANISOTROPIC[axis]
+    assert hausdorff95(a, b, ANISOTROPIC) == pytest.approx(expected)
+    assert hausdorff95(b, a, ANISOTROPIC) == pytest.approx(expected)  # symmetric
+    # the same from a grid: an oblique LPI grid's rotation keeps the distances
+    oblique = Space(a.shape, oblique_lpi_affine(spacing=ANISOTROPIC))
+    assert hausdorff95(a, b, oblique) == pytest.approx(expected)
+    assert hausdorff95(a, b) == pytest.approx(shift)  # default: 1 mm voxels
+
+
+def test_hausdorff95_is_zero_for_equal_masks_and_ignores_outliers_below_5_percent():
+    a = cube(shape=(30, 30, 30), low=(5, 5, 5), size=(10, 10, 10))
+    assert hausdorff95(a, a, ANISOTROPIC) == 0.0
+    b = a.copy()
+    b[28, 28, 28] = True  # one stray voxel far away: under 5 % of the surface distances
+    assert hausdorff95(a, b, (1.0, 1.0, 1.0)) < 1.0
+    assert hausdorff95(a, b, (1.0, 1.0, 1.0)) < np.linalg.norm([13.0, 13.0, 13.0])
+
+
+def test_hausdorff95_empty_mask_conventions_and_bad_inputs():
+    a = cube()
+    empty = np.zeros_like(a)
+    assert hausdorff95(empty, empty, ANISOTROPIC) == 0.0  # both agree there is nothing
+    assert math.isnan(hausdorff95(a, empty, ANISOTROPIC))  # no distance to an empty set
+    assert math.isnan(hausdorff95(empty, a, ANISOTROPIC))
+    with pytest.raises(ValueError, match="one grid"):
+        hausdorff95(a, a[:-1], ANISOTROPIC)
+    with pytest.raises(ValueError, match="positive voxel sizes"):
+        hausdorff95(a, a, (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="positive voxel sizes"):
+        hausdorff95(a, a, (1.0, 1.0))
+    with pytest.raises(ValueError, match="space has shape"):
+        hausdorff95(a, a, Space((5, 5, 5), np.eye(4)))
+
+
+def test_box_iou_in_mm_by_hand():
+    assert box_iou_mm(((0, 0, 0), (10, 10, 10)), ((5, 0, 0), (15, 10, 10))) == pytest.approx(500 / 1500)
+    assert box_iou_mm(((0, 0, 0), (10, 10, 10)), ((0, 0, 0), (10, 10, 10))) == 1.0
+    assert box_iou_mm(((0, 0, 0), (10, 10, 10)), ((2, 2, 2), (4, 4, 4))) == pytest.approx(8 / 1000)
+    assert box_iou_mm(((0, 0, 0), (1, 1, 1)), ((3, 3, 3), (4, 4, 4))) == 0.0
+    assert box_iou_mm(None, None) == 1.0 and box_iou_mm(None, ((0, 0, 0), (1, 1, 1))) == 0.0
+    # BoundingBox (and its to_dict) count by their world extent: on an anisotropic grid, in mm
+    space = Space((10, 10, 10), np.diag([*ANISOTROPIC, 1.0]))
+    a, b = bounding_box(cube(low=(2, 2, 2)), space), bounding_box(cube(low=(3, 2, 2)), space)
+    assert box_iou_mm(a, b) == pytest.approx(3 / 5) and box_iou_mm(a.to_dict(), b) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="min <= max"):
+        box_iou_mm(((1, 0, 0), (0, 1, 1)), ((0, 0, 0), (1, 1, 1)))
+    with pytest.raises(ValueError, match="dimensions"):
+        box_iou_mm(((0, 0), (1, 1)), ((0, 0, 0), (1, 1, 1)))
+
+
+def test_box_iou_in_mm_is_measured_in_the_world_not_in_voxels():
+    # a grid of 1 x 1 x 4 mm voxels: a shift of one voxel along k moves the box 4 mm
+    space = Space((10, 10, 10), np.diag([1.0, 1.0, 4.0, 1.0]))
+    a = bounding_box(cube(low=(2, 2, 2), size=(4, 4, 4)), space)  # k extent 1.5..5.5 voxels = 6..22 mm
+    b = bounding_box(cube(low=(2, 2, 3), size=(4, 4, 4)), space)  # 10..26 mm
+    assert box_iou_mm(a, b) == pytest.approx(12 / 20)
+    # the same physical boxes from a grid with 2 mm voxels along k: comparable across grids
+    fine = Space((10, 10, 20), np.diag([1.0, 1.0, 2.0, 1.0]))
+    c = bounding_box(cube(shape=(10, 10, 20), low=(2, 2, 5), size=(4, 4, 8)), fine)  # 9..25 mm: 13/(16+16-13)
+    assert box_iou_mm(a, c) == pytest.approx(13 / 19)
+
+
+def test_segmentation_scores_of_two_cubes_with_known_overlap():
+    space = Space((12, 12, 12), np.diag([*ANISOTROPIC, 1.0]))
+    truth = cube(shape=(12, 12, 12), low=(2, 2, 2))  # 4 x 4 x 4
+    prediction = cube(shape=(12, 12, 12), low=(3, 2, 2))  # overlap 3 x 4 x 4 = 48 of 64
+    scores = segmentation_scores(prediction, truth, space)
+    assert scores.dice == pytest.approx(0.75) and scores.iou == pytest.approx(0.6)
+    assert scores.hd95 == pytest.approx(ANISOTROPIC[0])  # shifted one voxel along i
+    assert scores.box_ious == pytest.approx((0.6,)) and scores.box_iou == pytest.approx(0.6)
+    assert scores.found == (True,) and scores.lesions_found == 1.0
+    assert scores.predicted_lesions == 1 and scores.true_lesions == 1
+    # explicit predicted boxes (a segmentation's lesions) give the same as the prediction's components
+    given = segmentation_scores(prediction, truth, space, boxes=[bounding_box(prediction, space)])
+    assert given == scores
+
+
+def test_segmentation_scores_per_lesion_and_degenerate_cases():
+    space = Space((20, 20, 20), oblique_lpi_affine(spacing=ANISOTROPIC))
+    first, second = cube((20, 20, 20), (2, 2, 2), (4, 4, 4)), cube((20, 20, 20), (12, 12, 12), (3, 3, 3))
+    truth = first | second
+    stray = cube((20, 20, 20), (2, 15, 2), (2, 2, 2))
+    scores = segmentation_scores(first | stray, truth, space)
+    assert scores.true_lesions == 2 and scores.predicted_lesions == 2
+    assert scores.box_ious == pytest.approx((1.0, 0.0)) and scores.found == (True, False)
+    assert scores.box_iou == pytest.approx(0.5) and scores.lesions_found == 0.5
+    assert scores.dice == pytest.approx(2 * 64 / (72 + 91))
+    nothing = segmentation_scores(np.zeros_like(truth), truth, space)
+    assert nothing.dice == 0.0 and nothing.iou == 0.0 and math.isnan(nothing.hd95)
+    assert nothing.box_ious == (0.0, 0.0) and nothing.found == (False, False) and nothing.predicted_lesions == 0
+    record = nothing.to_dict()
+    assert record["hd95_mm"] is None and record["box_iou"] == 0.0
+    json.dumps(record, allow_nan=False)  # strict JSON
+    no_lesion = segmentation_scores(np.zeros_like(truth), np.zeros_like(truth), space)
+    assert no_lesion.dice == 1.0 and no_lesion.hd95 == 0.0 and no_lesion.true_lesions == 0
+    assert math.isnan(no_lesion.box_iou) and no_lesion.to_dict()["box_iou"] is None
+    with pytest.raises(ValueError, match="one shape"):
+        segmentation_scores(truth, truth, Space((5, 5, 5), np.eye(4)))
+
+
+def test_the_benchmark_scores_with_the_library_functions():
+    source = (REPO / "benchmarks" / "weak_segmentation.py").read_text()
+    assert "segmentation_scores" in source and "def hausdorff95" not in source and "compute_hausdorff" not in source
 
 
 # ------------------------------------------------------------------------------ faithfulness

@@ -3,7 +3,8 @@
 Plain functions on arrays and tensors, for one map at a time:
 
 * :mod:`~medcam3d.metrics.localization` — pointing game (with a tolerance in mm), energy-based
-  pointing game, Dice/IoU over thresholds, box IoU (map and mask on one grid);
+  pointing game, Dice/IoU over thresholds, box IoU (map and mask on one grid); segmentation
+  scores of a predicted mask: Dice, IoU, Hausdorff 95 (MONAI, mm), box IoU in mm;
 * :mod:`~medcam3d.metrics.faithfulness` — deletion and insertion curves (batched), HiResCAM's
   completeness error;
 * :mod:`~medcam3d.metrics.sanity` — the cascading model-parameter randomization test with
@@ -25,14 +26,18 @@ from .faithfulness import (
     perturbation_curves,
 )
 from .localization import (
+    SegmentationScores,
     ThresholdCurve,
     box_iou,
+    box_iou_mm,
     box_of,
     dice,
     dice_iou_curve,
     energy_pointing_game,
+    hausdorff95,
     iou,
     pointing_game,
+    segmentation_scores,
 )
 from .sanity import RandomizationReport, guided_backprop, guided_gradcam, method_maps, randomization_test, spearman, ssim
 
@@ -40,9 +45,11 @@ __all__ = [
     "Completeness",
     "PerturbationCurve",
     "RandomizationReport",
+    "SegmentationScores",
     "ThresholdCurve",
     "baseline_volume",
     "box_iou",
+    "box_iou_mm",
     "box_of",
     "completeness",
     "deletion_curve",
@@ -51,6 +58,7 @@ __all__ = [
     "energy_pointing_game",
     "guided_backprop",
     "guided_gradcam",
+    "hausdorff95",
     "insertion_curve",
     "iou",
     "map_to_input_grid",
@@ -58,6 +66,7 @@ __all__ = [
     "perturbation_curves",
     "pointing_game",
     "randomization_test",
+    "segmentation_scores",
     "spearman",
     "ssim",
 ]

@@ -12,28 +12,42 @@ Conventions for degenerate inputs (never NaN, never an exception):
 * an empty ground-truth mask (no lesion): pointing game ``False``, energy ``0.0``; Dice, IoU and
   box IoU are ``1.0`` when the thresholded map is empty too (both agree there is nothing) and
   ``0.0`` otherwise. Cohort statistics usually skip cases without a lesion
-  (:func:`medcam3d.evaluate.evaluate` does).
+  (:func:`medcam3d.evaluate.evaluate` does);
+* the one exception to "never NaN": :func:`hausdorff95` is ``0.0`` when both masks are empty and
+  ``nan`` when exactly one is (there is no distance to an empty set); averages skip it and say
+  how many were undefined.
+
+Segmentation scores (a predicted mask, e.g. from :func:`medcam3d.segment.segment`, against the
+truth): :func:`dice`, :func:`iou`, :func:`hausdorff95` (MONAI, in mm), :func:`box_iou_mm` (boxes
+in RAS mm) and, all at once with per-lesion box IoU, :func:`segmentation_scores`.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..masks import BoundingBox
 from ..space import Space
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "SegmentationScores",
     "ThresholdCurve",
     "box_iou",
+    "box_iou_mm",
     "box_of",
     "dice",
     "dice_iou_curve",
     "energy_pointing_game",
+    "hausdorff95",
     "iou",
     "pointing_game",
+    "segmentation_scores",
 ]
 
 #: Thresholds of :func:`dice_iou_curve`, as fractions of the map's maximum.
@@ -125,7 +139,18 @@ def energy_pointing_game(heat: object, mask: object) -> float:
 
 
 def dice(a: object, b: object) -> float:
-    """Dice coefficient ``2|A∩B| / (|A| + |B|)`` of two binary masks; 1.0 when both are empty."""
+    """Dice coefficient ``2|A∩B| / (|A| + |B|)`` of two binary masks.
+
+    Parameters
+    ----------
+    a, b : (*shape) bool array
+        Two masks on one grid (2D or 3D; any nonzero value counts as inside).
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1.0 when both are empty, 0.0 when only one is.
+    """
     a, b = _as_array(a, "a").astype(bool), _as_array(b, "b").astype(bool)
     if a.shape != b.shape:
         raise ValueError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; put them on one grid.")
@@ -134,7 +159,18 @@ def dice(a: object, b: object) -> float:
 
 
 def iou(a: object, b: object) -> float:
-    """Intersection over union ``|A∩B| / |A∪B|`` of two binary masks; 1.0 when both are empty."""
+    """Intersection over union (Jaccard index) ``|A∩B| / |A∪B|`` of two binary masks.
+
+    Parameters
+    ----------
+    a, b : (*shape) bool array
+        Two masks on one grid (2D or 3D; any nonzero value counts as inside).
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1.0 when both are empty, 0.0 when only one is.
+    """
     a, b = _as_array(a, "a").astype(bool), _as_array(b, "b").astype(bool)
     if a.shape != b.shape:
         raise ValueError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; put them on one grid.")
@@ -275,3 +311,205 @@ def box_iou(a: object, b: object) -> float:
     overlap = np.minimum(box_a[1], box_b[1]) - np.maximum(box_a[0], box_b[0]) + 1
     inter = float(np.prod(np.clip(overlap, 0, None)))
     return inter / (volume_a + volume_b - inter)
+
+
+# ------------------------------------------------------------------------------ segmentation
+def hausdorff95(prediction: object, truth: object, spacing: Space | Sequence[float] | None = None) -> float:
+    """Symmetric 95th-percentile Hausdorff distance between two masks' surfaces, in mm (MONAI).
+
+    MONAI's :func:`monai.metrics.compute_hausdorff_distance` with ``percentile=95`` and the
+    voxel spacing: the 95th percentile of the distances from each mask's surface voxels to the
+    other mask's surface, both directions pooled. It runs on the box holding both masks (plus one
+    voxel), so its cost does not grow with the scan.
+
+    Parameters
+    ----------
+    prediction, truth : (I, J, K) or (I, J) bool array
+        Two masks on one grid.
+    spacing : Space or sequence of float, optional
+        The grid (its voxel size is used) or the voxel size in mm per axis; default 1 mm. Distances
+        are exact on any grid without shear (rotations, i.e. oblique and LPS grids, keep them).
+
+    Returns
+    -------
+    float
+        In mm; ``0.0`` when both masks are empty; ``nan`` when exactly one is (undefined).
+    """
+    a = _as_array(prediction, "prediction").astype(bool)
+    b = _as_array(truth, "truth").astype(bool)
+    if a.shape != b.shape:
+        raise ValueError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; put them on one grid.")
+    if spacing is None:
+        step = [1.0] * a.ndim
+    elif isinstance(spacing, Space):
+        if tuple(spacing.shape) != a.shape:
+            raise ValueError(f"space has shape {spacing.shape} but the masks have shape {a.shape}.")
+        step = [float(v) for v in spacing.spacing]
+    else:
+        step = [float(v) for v in spacing]
+    if len(step) != a.ndim or not all(math.isfinite(v) and v > 0 for v in step):
+        raise ValueError(f"spacing must be {a.ndim} positive voxel sizes in mm, not {step}.")
+    if not a.any() and not b.any():
+        return 0.0
+    if not a.any() or not b.any():
+        return math.nan
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    where = np.argwhere(a | b)
+    box = tuple(slice(max(int(low) - 1, 0), int(high) + 2) for low, high in zip(where.min(0), where.max(0)))
+    p = torch.from_numpy(np.ascontiguousarray(a[box]))[None, None].float()
+    t = torch.from_numpy(np.ascontiguousarray(b[box]))[None, None].float()
+    with warnings.catch_warnings():  # MONAI's own deprecation notices about its internals
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=step)
+    return float(value.item())
+
+
+def _world_box(value: object, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if value is None:
+        return None
+    if isinstance(value, BoundingBox):
+        low, high = np.asarray(value.world_min, dtype=np.float64), np.asarray(value.world_max, dtype=np.float64)
+    elif isinstance(value, dict) and "world_min" in value:
+        low, high = np.asarray(value["world_min"], dtype=np.float64), np.asarray(value["world_max"], dtype=np.float64)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        low, high = (np.asarray(v, dtype=np.float64) for v in value)
+    else:
+        raise ValueError(f"{name} must be a BoundingBox, its to_dict(), or (min_mm, max_mm); not {type(value).__name__}.")
+    if low.ndim != 1 or low.shape != high.shape or np.any(high < low) or not np.all(np.isfinite(low + high)):
+        raise ValueError(f"{name} must have finite world bounds with min <= max, not {low.tolist()}, {high.tolist()}.")
+    return low, high
+
+
+def box_iou_mm(a: object, b: object) -> float:
+    """IoU of two axis-aligned boxes in world (RAS) mm: volumes in mm³.
+
+    Parameters
+    ----------
+    a, b : BoundingBox, its ``to_dict()``, ``(min_mm, max_mm)`` pair of (D,) sequences, or None
+        A :class:`medcam3d.masks.BoundingBox` counts by its world extent (``world_min`` to
+        ``world_max``: the outer voxel edges; on an oblique grid, the world-axis-aligned extent of
+        its corners). Boxes from different grids can be compared.
+
+    Returns
+    -------
+    float
+        ``vol(A∩B) / vol(A∪B)``; 1.0 when both are None (nothing to find, nothing found), 0.0 when
+        only one is, and 0.0 for two boxes of zero volume that do not coincide.
+    """
+    box_a, box_b = _world_box(a, "a"), _world_box(b, "b")
+    if box_a is None or box_b is None:
+        return 1.0 if box_a is None and box_b is None else 0.0
+    if box_a[0].shape != box_b[0].shape:
+        raise ValueError(f"Boxes of {box_a[0].size} and {box_b[0].size} dimensions cannot be compared.")
+    volume_a = float(np.prod(box_a[1] - box_a[0]))
+    volume_b = float(np.prod(box_b[1] - box_b[0]))
+    inter = float(np.prod(np.clip(np.minimum(box_a[1], box_b[1]) - np.maximum(box_a[0], box_b[0]), 0, None)))
+    union = volume_a + volume_b - inter
+    if union <= 0:
+        return 1.0 if np.array_equal(box_a[0], box_b[0]) and np.array_equal(box_a[1], box_b[1]) else 0.0
+    return inter / union
+
+
+_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: one lesion is one 26-connected component
+
+
+def _extent_mm(found: tuple[slice, ...], space: Space) -> tuple[np.ndarray, np.ndarray]:
+    """World (RAS mm) extent of the outer voxel edges of a voxel box, as :class:`BoundingBox` has it."""
+    edges = [(s.start - 0.5, s.stop - 0.5) for s in found]
+    corners = np.array(np.meshgrid(*edges, indexing="ij")).reshape(len(edges), -1).T
+    world = np.asarray(space.voxel_to_world(corners), dtype=np.float64)
+    return world.min(0), world.max(0)
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """How a predicted mask of one class agrees with the truth (see :func:`segmentation_scores`).
+
+    Attributes
+    ----------
+    dice, iou : float
+        Of the whole masks.
+    hd95 : float
+        :func:`hausdorff95` in mm (``nan`` when exactly one mask is empty).
+    box_ious : tuple of float
+        Per true lesion (26-connected component of the truth, in order of first voxel): the best
+        :func:`box_iou_mm` of its box with a predicted box (0.0 when nothing was predicted).
+    found : tuple of bool
+        Per true lesion: some predicted voxel lies inside it.
+    predicted_lesions, true_lesions : int
+        Number of predicted boxes and of true lesions.
+    """
+
+    dice: float
+    iou: float
+    hd95: float
+    box_ious: tuple[float, ...]
+    found: tuple[bool, ...]
+    predicted_lesions: int
+    true_lesions: int
+
+    @property
+    def box_iou(self) -> float:
+        """Mean of :attr:`box_ious` (``nan`` without a true lesion)."""
+        return float(np.mean(self.box_ious)) if self.box_ious else math.nan
+
+    @property
+    def lesions_found(self) -> float:
+        """Share of the true lesions that were found (``nan`` without a true lesion)."""
+        return float(np.mean(self.found)) if self.found else math.nan
+
+    def to_dict(self) -> dict:
+        """JSON-ready (strict: ``None`` where a value is undefined)."""
+        def plain(value: float) -> float | None:
+            return None if math.isnan(value) else float(value)
+
+        return {"dice": self.dice, "iou": self.iou, "hd95_mm": plain(self.hd95), "box_iou": plain(self.box_iou),
+                "box_ious": list(self.box_ious), "lesions_found": plain(self.lesions_found), "found": list(self.found),
+                "predicted_lesions": self.predicted_lesions, "true_lesions": self.true_lesions}
+
+
+def segmentation_scores(prediction: object, truth: object, space: Space, boxes: Sequence[object] | None = None
+                        ) -> SegmentationScores:
+    """Dice, IoU, HD95 (mm) and per-lesion box IoU (mm) of a predicted mask against the truth.
+
+    Parameters
+    ----------
+    prediction, truth : (I, J, K) bool array
+        One class's predicted and true masks on the grid ``space``.
+    space : Space
+        The grid of both masks (voxel size for HD95, world positions for the boxes).
+    boxes : sequence of BoundingBox (or what :func:`box_iou_mm` takes), optional
+        The predicted lesions' boxes (e.g. ``[l.box for l in segmentation.lesions if l.class_index == c]``);
+        default: the boxes of the 26-connected components of ``prediction``.
+
+    Returns
+    -------
+    SegmentationScores
+        Each true lesion (26-connected component of ``truth``) is scored by the best IoU of its
+        world box with a predicted box; an empty truth has no lesion to score (empty tuples).
+    """
+    from scipy import ndimage
+
+    predicted = _as_array(prediction, "prediction").astype(bool)
+    true = _as_array(truth, "truth").astype(bool)
+    if predicted.shape != true.shape or tuple(space.shape) != true.shape:
+        raise ValueError(f"prediction {predicted.shape}, truth {true.shape} and space {tuple(space.shape)} must have "
+                         "one shape: put both masks on the grid of space.")
+    structure = _FULL if true.ndim == 3 else np.ones((3, 3), dtype=bool)
+    if boxes is None:
+        components, _ = ndimage.label(predicted, structure=structure)
+        boxes = [_extent_mm(found, space) for found in ndimage.find_objects(components) if found is not None]
+    boxes = [box for box in boxes if box is not None]
+    components, count = ndimage.label(true, structure=structure)
+    box_ious, found_lesions = [], []
+    for number, found in enumerate(ndimage.find_objects(components), start=1):
+        if found is None:
+            continue
+        own = _extent_mm(found, space)
+        box_ious.append(max((box_iou_mm(own, box) for box in boxes), default=0.0))
+        found_lesions.append(bool(predicted[found][components[found] == number].any()))
+    return SegmentationScores(dice=dice(predicted, true), iou=iou(predicted, true),
+                              hd95=hausdorff95(predicted, true, space), box_ious=tuple(box_ious), found=tuple(found_lesions),
+                              predicted_lesions=len(boxes), true_lesions=int(count))
