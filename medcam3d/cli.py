@@ -213,9 +213,14 @@ def _peak_text(peak_mm) -> str:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .jobs.outputs import check_output_location
 
-    check_output_location(args.out, [args.image, args.mask])
+    check_output_location(args.out, [args.image, args.mask, args.region_mask])
+    if args.region_mask is not None and not Path(args.region_mask).exists():
+        raise UsageError(f"--region-mask {args.region_mask!r} does not exist; give a 0/1 mask file on the scan's grid.")
     runner = _runner(args)
-    result = runner.run_case(args.image, args.out, mask=args.mask, volume=args.volume, series=args.series)
+    if args.region_mask is not None:
+        runner.check_region_task()  # a classifier: a usage error before any work
+    result = runner.run_case(args.image, args.out, mask=args.mask, volume=args.volume, series=args.series,
+                             region_mask=args.region_mask)
     print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
     if result.probabilities:
         print("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()))
@@ -238,11 +243,15 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         case.volume = case.volume if case.volume is not None else args.volume
         case.series = case.series or args.series
     folder = [args.inputs] if Path(args.inputs).is_dir() else []  # --out inside a folder of scans is refused too
-    check_output_location(args.out, [*folder, *(p for case in cases for p in (case.image, case.mask))])
+    check_output_location(args.out, [*folder, *(p for case in cases for p in (case.image, case.mask, case.region_mask))])
     context = distributed_context(args.device)
     if context.distributed and args.device in ("auto", "cuda") and torch.cuda.is_available():
         args.device = f"cuda:{context.local_rank}"
     runner = _runner(args)
+    regions = {case.id: case.region_mask for case in cases if case.region_mask is not None}
+    if regions:
+        runner.check_region_task()  # a classifier: a usage error before any case is explained
+        runner.region_masks.update(regions)
     out = Path(args.out)
     rows, failures, skipped = run_cohort(runner, cases, out, resume=args.resume, workers=args.workers,
                                          progress=not args.quiet, context=context)
@@ -449,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what the network applies to its logits (default: the config's, auto = detect a trailing "
                               "Softmax/Sigmoid and explain the logits before it)")
     explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
+    explain.add_argument("--region-mask", metavar="PATH",
+                         help="segmentation networks: a 0/1 mask on the scan's grid; each class is explained by the sum "
+                              "of its logits inside it (default: inside the region the model predicts for the class)")
     scan_options(explain)
     compute_options(explain)
     output_options(explain)
@@ -457,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = add("batch", "explain a cohort (folder or CSV), resumable", _cmd_batch)
     model_options(batch)
     batch.add_argument("--inputs", required=True,
-                       help="folder of scans, or CSV with an image (or file) column and optional id, mask columns")
+                       help="folder of scans, or CSV with an image (or file) column and optional id, mask (ground "
+                            "truth), region_mask (segmentation: the region to explain), volume, series columns")
     batch.add_argument("--out", required=True)
     batch.add_argument("--method", help="method or comma list")
     batch.add_argument("--target", help="all | predicted | index | name | comma list")

@@ -226,6 +226,9 @@ class OutputConfig:
     boxes: bool = True  # <case>_<method>_<class>_box.json: box of the thresholded map and its peak
     # weakly-supervised segmentation (medcam3d.segment) of the first method's maps: label map + lesion boxes
     segment: bool = False
+    # segmentation (Region) targets: the mask/box is the smallest set of voxels inside the explained region
+    # (the given region mask, or the region the model predicts) that holds this share of the map's mass there
+    region_mass: float = 0.5
 
     def __post_init__(self) -> None:
         choices = {"scan_maps": ("all", "positive", "predicted", "none"), "scan_dtype": ("uint8", "int16", "float32"),
@@ -233,6 +236,9 @@ class OutputConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"output.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}.")
+        if not 0.0 < self.region_mass <= 1.0:  # also refuses nan
+            raise ConfigError(f"output.region_mass must be in (0, 1] (a share of the map's mass inside the region), "
+                              f"not {self.region_mass!r}.")
 
 
 @dataclass(frozen=True)

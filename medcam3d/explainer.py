@@ -31,7 +31,7 @@ from .modeling import (
     looks_like_probabilities,
     to_model_input,
 )
-from .targets import resolve_target
+from .targets import Region, resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
 
@@ -99,6 +99,20 @@ class Explanation:
         if self.class_names is None:
             return [str(i) for i in row]
         return [self.class_names[i] if i < len(self.class_names) else str(i) for i in row]
+
+
+def _input_space(x: object, target: object, inputs: torch.Tensor) -> object:
+    """The input grid, when the target needs it (a ``Region`` mask given on another grid) and ``x``
+    carries an affine (a MONAI ``MetaTensor``); None otherwise."""
+    if not isinstance(target, Region) or target.space is None or getattr(x, "affine", None) is None:
+        return None
+    from .space import Space, SpaceError
+
+    try:
+        space = Space.of(x, batch=True)
+    except SpaceError:  # an affine that does not describe the grid: resolve_target says what to pass
+        return None
+    return space if space.shape == tuple(inputs.shape[2:]) else None
 
 
 def _first(output: object) -> torch.Tensor | None:
@@ -227,7 +241,10 @@ class Explainer:
         ----------
         x : (B, C_in, *spatial) Tensor or MetaTensor
         target : int, str, list, "all", "predicted", Tensor, Region or Target
-            What to explain (see :mod:`medcam3d.targets`); default ``"predicted"``.
+            What to explain (see :mod:`medcam3d.targets`); default ``"predicted"``. A ``Region``
+            mask is given on the model's output grid, or on the scan's grid with
+            ``Region(classes, mask=m, space=scan_space)`` when ``x`` is a ``MetaTensor`` (its
+            affine places the input; the mask is resampled with nearest neighbour).
         relu : bool
             Apply ReLU to the maps (False: signed maps).
 
@@ -285,7 +302,7 @@ class Explainer:
                 raise LayerError(message)
             outputs = self._check_outputs(outputs, name)
             logits, undone = self._logits(outputs, capture, watch)
-            resolved = resolve_target(target, logits, self.class_names)
+            resolved = resolve_target(target, logits, self.class_names, input_space=_input_space(x, target, inputs))
             with torch.enable_grad():
                 scores = resolved.scores(logits)
                 gradients = self._gradients(scores, activations, name) if track else None
@@ -322,9 +339,9 @@ class Explainer:
         input_affine = None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
         dims = self._spatial_dims
         if isinstance(x, (torch.Tensor, np.ndarray)) and dims is not None:
-            message = rank_mismatch_message(dims, tuple(x.shape), batched=True)
-            if message is not None:  # before any cast, copy or forward
-                raise InputError(message)
+            mismatch = rank_mismatch_message(dims, tuple(x.shape), batched=True)
+            if mismatch is not None:  # before any cast, copy or forward
+                raise InputError(mismatch)
         inputs = to_model_input(x, self.model)
         if inputs.ndim < 3:
             message = f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}."

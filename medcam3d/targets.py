@@ -17,7 +17,12 @@ User-facing target specifications, resolved by :func:`resolve_target`:
 ``"predicted"``           each sample's top class (per sample, T = 1)
 ``tensor([3, 5])``        per-sample classes: a tensor/array of shape (B,)
                           or (B, T)
-``Region(2, mask=m)``     segmentation: class 2 inside mask ``m``
+``Region(2, mask=m)``     segmentation: class 2 inside mask ``m`` (on the
+                          model's output grid)
+``Region(2, mask=m,       segmentation: class 2 inside a mask ``m`` on
+space=scan_space)``       another grid (e.g. the scan's), resampled with
+                          nearest neighbour onto the output grid
+                          (:func:`region_from_scan_mask`)
 ========================  ===============================================
 """
 
@@ -31,9 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import TargetError, TargetIndexError
+from .errors import SpaceError, TargetError, TargetIndexError
 
-__all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabilities", "resolve_target"]
+__all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabilities", "resolve_target",
+           "check_region_mask", "nearest_resample", "output_grid", "region_from_scan_mask"]
 
 #: How probabilities come from logits (see :func:`probabilities`).
 TASKS = ("multiclass", "multilabel", "binary", "segmentation")
@@ -143,21 +149,33 @@ class Region:
         Region on the model's output grid. Default: the region the model
         predicts for each class (argmax over channels; logit > 0 for a
         single-channel output).
+    space : Space, (shape, affine) or nibabel image, optional
+        The grid ``mask`` is given on, when it is not the output grid: typically the scan's
+        (``medcam3d.io.read`` returns it). ``mask`` must then be one 0/1 volume of that grid's
+        shape, and ``x`` a MONAI ``MetaTensor`` whose affine places the model's input (what
+        :func:`medcam3d.preprocess.preprocess` returns); the mask is resampled with nearest
+        neighbour onto the output grid (:func:`region_from_scan_mask`).
 
     Examples
     --------
     >>> target = Region(1, mask=lesion_mask)          # doctest: +SKIP
     >>> explainer(x, target=target)                   # doctest: +SKIP
+    >>> scan, scan_space = medcam3d.io.read("scan.nii.gz")              # doctest: +SKIP
+    >>> x, _ = medcam3d.preprocess.preprocess((scan, scan_space), transforms)  # doctest: +SKIP
+    >>> explainer(x[None], Region(1, mask=lesion_on_scan, space=scan_space))  # doctest: +SKIP
     """
 
     classes: int | str | Sequence[int | str] = "all"
     mask: object = None
+    space: object = None
 
 
 def resolve_target(
     spec: object,
     outputs: torch.Tensor,
     class_names: Sequence[str] | None = None,
+    *,
+    input_space: object = None,
 ) -> Target:
     """Turn a user's target specification into a :class:`Target` for ``outputs``.
 
@@ -169,6 +187,9 @@ def resolve_target(
         The model's output for this batch (classification or segmentation).
     class_names : sequence of str, optional
         Names that string targets refer to.
+    input_space : Space, optional
+        The grid of the model's input; needed only for a ``Region`` whose mask is given on
+        another grid (``Region(..., space=...)``).
 
     Raises
     ------
@@ -189,14 +210,24 @@ def resolve_target(
     segmentation = outputs.ndim > 2
     mask = None
     if isinstance(spec, Region):
-        mask = spec.mask
-        spec = spec.classes
         if not segmentation:
             message = (
                 f"Region targets need a segmentation output (B, C, *spatial); this model returns "
                 f"{tuple(outputs.shape)}. Use a class index instead."
             )
             raise TargetError(message)
+        mask = spec.mask
+        if spec.space is not None and mask is not None:
+            if input_space is None:
+                message = (
+                    "Region(..., space=...) gives the mask on another grid (e.g. the scan's), but the input's grid "
+                    "is unknown: pass x as a MONAI MetaTensor with its affine (medcam3d.preprocess.preprocess returns "
+                    "one), or resample the mask yourself with medcam3d.targets.region_from_scan_mask(mask, "
+                    "scan_space, input_space, output_shape) and pass Region(classes, mask=that)."
+                )
+                raise TargetError(message)
+            mask = region_from_scan_mask(mask, spec.space, input_space, tuple(outputs.shape[2:]))
+        spec = spec.classes
     num_classes = 2 if channels == 1 else channels
     if spec is None:
         spec = "predicted"
@@ -315,7 +346,10 @@ def _regions(mask: object, outputs: torch.Tensor, indices: torch.Tensor, channel
     if tuple(regions.shape[-len(spatial):]) != spatial or regions.ndim > len(spatial) + 2:
         message = (
             f"The region mask has shape {tuple(regions.shape)}, but the model's output grid is {spatial}: "
-            f"give a mask of shape {spatial}, (B, *spatial) or (B, T, *spatial) on the output grid."
+            f"give a mask of shape {spatial}, (B, *spatial) or (B, T, *spatial) on the output grid. A mask on the "
+            "scan's grid is resampled for you: pass Region(classes, mask=m, space=scan_space) with x a MONAI "
+            "MetaTensor (as medcam3d.preprocess.preprocess returns), or m_out = "
+            "medcam3d.targets.region_from_scan_mask(m, scan_space, input_space, output_shape)."
         )
         raise TargetError(message)
     if not bool(torch.isfinite(regions).all()):
@@ -323,3 +357,188 @@ def _regions(mask: object, outputs: torch.Tensor, indices: torch.Tensor, channel
     while regions.ndim < len(spatial) + 2:
         regions = regions.unsqueeze(0 if regions.ndim == len(spatial) else 1)
     return regions.expand(batch, targets, *spatial).contiguous()
+
+
+# ---------------------------------------------------------------------------------- regions on other grids
+#: Slack (in source voxels) of the field-of-view test of :func:`nearest_resample`, so that rounding does
+#: not drop voxel centres lying exactly on the source grid's outer cell edge.
+_NEAREST_TOL = 1e-5
+
+
+def check_region_mask(mask: object, where: str = "The region mask") -> np.ndarray:
+    """A region mask as a boolean array, if it is one finite 0/1 volume with at least one voxel set.
+
+    Parameters
+    ----------
+    mask : array or Tensor
+    where : str
+        How messages name the mask (e.g. its file).
+
+    Raises
+    ------
+    TargetError
+        NaN/Inf values, values other than 0 and 1 (a label map: pick one label, ``labels == L``), or
+        no voxel set.
+    """
+    values = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if values.dtype == bool:
+        binary = values
+    else:
+        if values.dtype.kind not in "biuf":
+            raise TargetError(f"{where} has values of type {values.dtype}; give a 0/1 mask.")
+        if values.dtype.kind == "f" and not bool(np.isfinite(values).all()):
+            raise TargetError(f"{where} contains NaN or Inf; give a 0/1 mask.")
+        found = np.unique(values)
+        if not np.isin(found, (0, 1)).all():
+            shown = ", ".join(f"{v:g}" for v in found[:6].tolist()) + (", ..." if found.size > 6 else "")
+            raise TargetError(
+                f"{where} is not a binary mask: its values are {shown}. Give a mask of 0 (outside) and 1 (inside); "
+                "from a label map keep one label, e.g. (labels == 2).astype('uint8')."
+            )
+        binary = values.astype(bool)
+    if not binary.any():
+        raise TargetError(f"{where} is empty (no voxel is 1); give the region to explain.")
+    return binary
+
+
+def output_grid(input_space: object, output_shape: Sequence[int] | None = None):
+    """The grid of a segmentation network's output.
+
+    The input grid itself when ``output_shape`` is None or the input's shape; otherwise (an output
+    at a lower resolution) the grid whose cells tile the input grid, as for a layer's feature map
+    (:func:`medcam3d.space.feature_space`).
+    """
+    from .space import Space, feature_space
+
+    space = Space.of(input_space)
+    if output_shape is None or tuple(int(s) for s in output_shape) == space.shape:
+        return space
+    return feature_space(space, tuple(int(s) for s in output_shape))
+
+
+def nearest_resample(data: object, source: object, target: object, *, fill: object = 0,
+                     chunk_voxels: int = 2**20) -> np.ndarray:
+    """Nearest-neighbour pull-resampling of ``data`` from grid ``source`` onto grid ``target``.
+
+    Each target voxel takes the value of the source voxel whose centre is nearest to it in the
+    source's voxel coordinates: the target voxel centre is mapped to world mm by the target's affine
+    and back by the source's inverse affine (composed in float64), and rounded (``floor(c + 0.5)``:
+    a centre exactly half-way goes to the higher index). Target voxels whose centre lies outside the
+    source's field of view (beyond the outer cell edges ``[-0.5, n - 0.5]`` on any axis) get ``fill``.
+    This is exact for labels and masks: no value is interpolated, so a mask stays binary. When the
+    grids' axes are parallel (the usual case after Orientation, Spacing, crop, pad and resize) the
+    lookup is separable and costs the output's size; otherwise the target is processed in slabs of
+    about ``chunk_voxels`` voxels.
+
+    Parameters
+    ----------
+    data : (*source.shape) array or Tensor
+    source, target : Space or anything :meth:`medcam3d.space.Space.of` accepts
+        Both 3D or both 2D.
+    fill : scalar
+        Value outside the source's field of view.
+
+    Returns
+    -------
+    (*target.shape) ndarray of ``data``'s dtype
+    """
+    from .space import Space
+
+    src, dst = Space.of(source), Space.of(target)
+    values = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if tuple(values.shape) != src.shape:
+        raise SpaceError(f"The data have shape {tuple(values.shape)}, but the source grid is {src.shape}.")
+    if src.ndim != dst.ndim:
+        raise SpaceError(f"Cannot resample a {src.ndim}D grid onto a {dst.ndim}D grid.")
+    ndim = src.ndim
+    voxel_map = np.linalg.inv(src.affine) @ dst.affine  # target voxel -> source voxel
+    linear, offset = voxel_map[:ndim, :ndim], voxel_map[:ndim, 3]
+    sizes = np.asarray(src.shape)
+    out = np.empty(dst.shape, dtype=values.dtype)
+    scale = np.abs(linear).max()
+    parallel = all(int(np.count_nonzero(np.abs(linear[:, a]) > 1e-9 * scale)) == 1 for a in range(ndim)) and all(
+        int(np.count_nonzero(np.abs(linear[p]) > 1e-9 * scale)) == 1 for p in range(ndim))
+    if parallel:
+        index, valid = [], []
+        order = [int(np.argmax(np.abs(linear[:, a]))) for a in range(ndim)]  # the source axis of target axis a
+        for a, p in enumerate(order):
+            coords = linear[p, a] * np.arange(dst.shape[a]) + offset[p]
+            inside = (coords >= -0.5 - _NEAREST_TOL) & (coords < sizes[p] - 0.5 + _NEAREST_TOL)
+            index.append(np.clip(np.floor(coords + 0.5), 0, sizes[p] - 1).astype(np.int64))
+            valid.append(inside)
+        # source axes in target order: data transposed so that its axis a is the source axis order[a]
+        out[...] = np.transpose(values, order)[np.ix_(*index)]
+        if not all(v.all() for v in valid):
+            inside = np.ones(dst.shape, dtype=bool)
+            for a, v in enumerate(valid):
+                inside &= v.reshape([dst.shape[a] if b == a else 1 for b in range(ndim)])
+            out[~inside] = fill
+        return out
+    rest = dst.shape[1:]
+    rest_index = np.stack(np.meshgrid(*[np.arange(n) for n in rest], indexing="ij"), axis=-1).reshape(-1, ndim - 1)
+    per_plane = max(1, rest_index.shape[0])
+    step = max(1, int(chunk_voxels) // per_plane)
+    for start in range(0, dst.shape[0], step):
+        stop = min(dst.shape[0], start + step)
+        first = np.repeat(np.arange(start, stop), per_plane)[:, None]
+        voxels = np.concatenate([first, np.tile(rest_index, (stop - start, 1))], axis=1).astype(np.float64)
+        coords = voxels @ linear.T + offset
+        inside = np.all((coords >= -0.5 - _NEAREST_TOL) & (coords < sizes - 0.5 + _NEAREST_TOL), axis=1)
+        index = np.clip(np.floor(coords + 0.5), 0, sizes - 1).astype(np.int64)
+        picked = values[tuple(index.T)]
+        picked[~inside] = fill
+        out[start:stop] = picked.reshape(stop - start, *rest)
+    return out
+
+
+def region_from_scan_mask(mask: object, scan_space: object, input_space: object,
+                          output_shape: Sequence[int] | None = None) -> np.ndarray:
+    """A 0/1 region mask given on the scan's grid, on the model's output grid.
+
+    The output grid is the input grid (``input_space``: the affine of the preprocessed
+    ``MetaTensor``), or, when ``output_shape`` differs from the input's shape, the grid whose cells
+    tile it (:func:`output_grid`). Each output voxel's centre is placed in world mm by that grid's
+    affine and takes the value of the nearest scan voxel (:func:`nearest_resample`). This uses the
+    same geometry that places the heatmaps back on the scan (the input affine, which MONAI's
+    spatial transforms update exactly), and is exact: a mask stays binary, an output voxel is
+    inside the region exactly when the scan voxel nearest to its centre is; voxels outside the
+    scan's field of view (padding) are outside the region.
+
+    Parameters
+    ----------
+    mask : (*scan_space.shape) array or Tensor
+        0/1 (or bool) region on the scan's grid, at least one voxel set.
+    scan_space, input_space : Space or anything :meth:`medcam3d.space.Space.of` accepts
+        A MetaTensor works for ``input_space`` (channel-first ``(C, *spatial)``).
+    output_shape : sequence of int, optional
+        The output's spatial shape (default: the input's).
+
+    Returns
+    -------
+    (*output_shape) bool ndarray
+
+    Raises
+    ------
+    TargetError
+        The mask is not on the scan's grid, not binary, empty, or lies wholly outside what the
+        model sees (e.g. cropped away by the preprocessing).
+    """
+    from .space import Space
+
+    scan = Space.of(scan_space)
+    values = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if tuple(values.shape) != scan.shape:
+        raise TargetError(
+            f"The region mask has shape {tuple(values.shape)}, but its grid (the scan's) is {scan.shape}: give one "
+            "0/1 volume on that grid (the same shape and affine as the scan)."
+        )
+    binary = check_region_mask(values)
+    grid = output_grid(input_space, output_shape)
+    region = nearest_resample(binary, scan, grid, fill=False)
+    if not region.any():
+        raise TargetError(
+            f"The region mask has {int(binary.sum())} voxel(s) on the scan, but none of them is in the part of the scan "
+            "the model sees (the preprocessing crops it away, or the region is smaller than one output voxel); give a "
+            "region inside the model's field of view."
+        )
+    return region

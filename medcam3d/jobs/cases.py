@@ -40,6 +40,7 @@ _MASK_COLUMNS = ("mask", "mask_file", "label", "labelmap", "label_map", "segment
 _LABEL_COLUMNS = ("labels", "labels_present", "labels present", "present", "findings")
 _VOLUME_COLUMNS = ("volume", "volume_index", "timepoint")
 _SERIES_COLUMNS = ("series", "series_uid", "seriesinstanceuid")
+_REGION_COLUMNS = ("region_mask", "region_mask_file")
 _FORBIDDEN = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
 _CSV_MAX_BYTES = 64 * 1024 * 1024
 
@@ -64,6 +65,9 @@ class Case:
         The volume to explain in a 4D file (0-based).
     series : str, optional
         The SeriesInstanceUID to explain in a folder holding several DICOM series.
+    region_mask : Path, optional
+        Segmentation networks: a 0/1 region on the scan's grid that each class is explained in
+        (a CSV's ``region_mask`` column); ``mask`` stays the ground truth.
     """
 
     id: str
@@ -73,6 +77,7 @@ class Case:
     source: str = ""
     volume: int | None = None
     series: str | None = None
+    region_mask: Path | None = None
 
 
 def case_id_of(path: str | Path) -> str:
@@ -210,6 +215,7 @@ def _from_csv(path: Path) -> tuple[list[Case], list[bool]]:
             "with paths to scan files or DICOM folders, relative to the CSV's folder.")
     id_col, mask_col, label_col = (_column(header, c) for c in (_ID_COLUMNS, _MASK_COLUMNS, _LABEL_COLUMNS))
     volume_col, series_col = _column(header, _VOLUME_COLUMNS), _column(header, _SERIES_COLUMNS)
+    region_col = _column(header, _REGION_COLUMNS)
     cases: list[Case] = []
     given: list[bool] = []
 
@@ -237,8 +243,9 @@ def _from_csv(path: Path) -> tuple[list[Case], list[bool]]:
         if volume_text and not volume_text.isdigit():
             raise CohortError(f"{where}: {volume_col!r} must be a volume index (0, 1, ...), not {volume_text!r}.")
         series = (row.get(series_col, "").strip() if series_col else "") or None
+        region_text = row.get(region_col, "").strip() if region_col else ""
         cases.append(Case(case_id, image, local(mask_text) if mask_text else None, labels, where,
-                          int(volume_text) if volume_text else None, series))
+                          int(volume_text) if volume_text else None, series, local(region_text) if region_text else None))
         given.append(bool(case_id))
     return cases, given
 
@@ -268,8 +275,10 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
         folders; names containing ``_mask`` and hidden files are skipped); a CSV (UTF-8, a
         byte-order mark is fine) with an image column (``image``, ``file``, ``path`` or ``scan``)
         and optional ``id`` (or ``case_id``/``case``), ``mask``, ``labels``, ``volume`` (of a 4D
-        file) and ``series`` (a SeriesInstanceUID of a multi-series DICOM folder) columns, relative
-        paths being relative to the CSV's folder; or a single scan (file or DICOM folder).
+        file), ``series`` (a SeriesInstanceUID of a multi-series DICOM folder) and ``region_mask``
+        (a 0/1 region on the scan's grid to explain a segmentation network in; an empty cell: none)
+        columns, relative paths being relative to the CSV's folder; or a single scan (file or DICOM
+        folder).
     masks : path, optional
         A folder of masks named ``<case>_mask.nii.gz``; they override the CSV's.
     check_files : bool
@@ -314,7 +323,8 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
             if candidate.is_file():
                 case.mask = candidate
     if check_files:
-        missing = [f"{c.source or c.id}: {p}" for c in cases for p in (c.image, c.mask) if p is not None and not p.exists()]
+        missing = [f"{c.source or c.id}: {p}" for c in cases for p in (c.image, c.mask, c.region_mask)
+                   if p is not None and not p.exists()]
         if missing:
             shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise CohortError(f"{len(missing)} input file(s) do not exist: {shown}. Fix the paths (relative paths "

@@ -29,10 +29,10 @@ from ..config import Config, SlidingWindowConfig
 from ..explainer import Explainer
 from ..heatmap import Heatmap, save_heatmaps, to_scanner_space
 from ..masks import bounding_box, save_box, threshold_mask
-from ..errors import UsageError
+from ..errors import SpaceError, TargetError, UsageError
 from ..heatmap import unique_file_labels
 from ..preprocess import build_transforms, preprocess
-from ..targets import probabilities  # noqa: F401  (re-exported: the job layer's old home)
+from ..targets import Region, check_region_mask, probabilities  # noqa: F401  (probabilities: re-exported)
 from .cases import case_id_of, check_case_id
 from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
@@ -139,17 +139,46 @@ class CaseResult:
 
 @dataclass
 class LoadedCase:
-    """A scan read and preprocessed: the model input, the scan's grid and voxels, its labels."""
+    """A scan read and preprocessed: the model input, the scan's grid and voxels, its labels.
+
+    ``region`` is a region mask to explain (segmentation targets), boolean on the scan's grid.
+    """
 
     x: torch.Tensor
     scanner_space: object
     scan: np.ndarray
     labels: np.ndarray | None = None
+    region: np.ndarray | None = None
+
+
+def read_region_mask(path: str | Path, scanner_space: object, *, trust: bool = False, image: object = None) -> np.ndarray:
+    """A region mask file on the scan's grid, as a boolean array.
+
+    The file must hold one 0/1 volume with the scan's shape and affine (within 1e-3 mm) and at least
+    one voxel set; it is resampled onto the model's grid later, with nearest neighbour, when the
+    target is resolved (:func:`medcam3d.targets.region_from_scan_mask`).
+
+    Raises
+    ------
+    TargetError
+        Not on the scan's grid, not binary, or empty; and the I/O errors of :func:`medcam3d.io.read`
+        (a missing or unreadable file).
+    """
+    from .. import io
+    from ..space import Space
+
+    values, space = io.read(path, dtype=None, trust=trust)
+    scan = Space.of(scanner_space)
+    if not Space.of(space).isclose(scan, atol=1e-3):
+        of = f" of {image}" if image is not None else ""
+        raise TargetError(f"The region mask {path} is not on the grid{of} ({space} vs {scan}); give a 0/1 mask with "
+                          "the scan's shape and affine (e.g. drawn on that scan, or resampled onto it).")
+    return check_region_mask(values, f"The region mask {path}")
 
 
 def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, trust: bool = False,
               volume: int | None = None, series: str | None = None, reader=None,
-              model: torch.nn.Module | None = None) -> LoadedCase:
+              model: torch.nn.Module | None = None, region_mask: str | Path | None = None) -> LoadedCase:
     """Read a scan once, preprocess it, and read its ground-truth label map if given.
 
     ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
@@ -157,11 +186,15 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
     ``reader`` replaces ``transforms``: a callable ``reader(path, trust=...) -> (x, scanner_space)``
     such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`).
     ``model``, when given, is checked to take inputs of the scan's dimensionality (2D or 3D).
+    ``region_mask`` is a 0/1 region on the scan's grid to explain (see :func:`read_region_mask`).
 
     Raises
     ------
-    ValueError
-        When the mask is not on the scan's grid (and the I/O errors of :func:`medcam3d.io.read`).
+    SpaceError
+        When the mask is not on the scan's grid (a ``ValueError``; and the I/O errors of
+        :func:`medcam3d.io.read`).
+    TargetError
+        A region mask that is not on the scan's grid, not binary, or empty.
     """
     from .. import io
 
@@ -181,8 +214,10 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
     if mask is not None:
         labels, mask_space = io.read(mask, dtype=None, trust=trust)
         if not mask_space.isclose(scanner_space, atol=1e-3):
-            raise ValueError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}).")
-    return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels)
+            raise SpaceError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}); give "
+                             "a label map with the scan's shape and affine.")
+    region = None if region_mask is None else read_region_mask(region_mask, scanner_space, trust=trust, image=image)
+    return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels, region)
 
 
 class Runner:
@@ -207,6 +242,13 @@ class Runner:
         The model has random parameters on purpose; recorded in every case's summary.
     output_activation : str, optional
         Override the config's ``output_activation`` (``auto``, ``none``, ``softmax``, ``sigmoid``).
+
+    Attributes
+    ----------
+    region_masks : dict of str to Path
+        Region masks (0/1, on each scan's grid) by case id, for segmentation networks: a case
+        listed here is explained inside its region when :meth:`run_case` gets no ``region_mask``
+        (``medcam3d batch`` fills it from the cohort's ``region_mask`` column).
     """
 
     def __init__(self, config: Config, model: torch.nn.Module, *, methods: Sequence[str] | None = None,
@@ -226,6 +268,7 @@ class Runner:
         self.target = config.target if target is None else target
         self.layer = layer or config.layer
         self.transforms = build_transforms(config.preprocessing, trust=trust, source=config.source)
+        self.region_masks: dict[str, Path] = {}
         if config.class_names:
             unique_file_labels(config.class_names)  # clashing file labels are refused before any work
         self.explainers = [
@@ -249,24 +292,63 @@ class Runner:
         result = CaseResult.from_summary(summary) if summary is not None else None
         if result is None or result.status != "ok":
             return None
-        expected = json.loads(json.dumps(_finite(self.run_settings()), default=str))
+        expected = json.loads(json.dumps(_finite(self._case_settings(self.region_masks.get(case_id))), default=str))
         return result if result.run == expected else None
+
+    def _case_settings(self, region_mask: str | Path | None) -> dict:
+        """:meth:`run_settings`, plus the region mask of the case (its name and a digest of its bytes)."""
+        settings = self.run_settings()
+        if region_mask is not None:
+            digest = hashlib.sha256()
+            try:
+                with open(region_mask, "rb") as stream:
+                    for block in iter(lambda: stream.read(1 << 22), b""):
+                        digest.update(block)
+            except OSError:  # reported when the case is read
+                pass
+            settings["region_mask"] = {"file": Path(region_mask).name, "digest": digest.hexdigest()[:16]}
+        return settings
+
+    def check_region_task(self) -> None:
+        """Refuse region masks for a model that is not a segmentation network (before any work).
+
+        Raises
+        ------
+        UsageError
+            The config's task is not ``segmentation``.
+        """
+        if self.config.task != "segmentation":
+            raise UsageError(
+                f"A region mask (--region-mask, or a region_mask column) says where to explain a segmentation network's "
+                f"class, but this config's task is {self.config.task!r}: a classifier is explained per class over the "
+                "whole scan (use --target). If the network segments, set task: segmentation in the config."
+            )
 
     # ---------------------------------------------------------------- one case
     def run_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
                  mask: str | Path | None = None, overwrite: bool = True,
                  loaded: LoadedCase | None = None, volume: int | None = None,
-                 series: str | None = None) -> CaseResult:
+                 series: str | None = None, region_mask: str | Path | None = None) -> CaseResult:
         """Explain one scan and write its outputs to ``out_dir/<case_id>/``.
 
         ``mask`` is an optional ground-truth label map on the scan's grid: label ``c + 1`` marks
         the lesion of class ``c``; each map's peak is checked against it. ``loaded`` is the case
         already read and preprocessed (e.g. by a DataLoader worker, see :func:`load_case`).
         ``volume`` picks one volume of a 4D file, ``series`` one series of a DICOM folder.
+
+        ``region_mask`` (segmentation networks only; default: ``region_masks[case_id]`` if listed)
+        is a 0/1 mask on the scan's grid: each class is then scored by the sum of its logits inside
+        that region, and the mask is resampled onto the model's output grid with nearest neighbour
+        (:func:`medcam3d.targets.region_from_scan_mask`), through the same input affine that places
+        the maps. Without it each class is scored inside the region the model predicts for it.
         """
         case_id = check_case_id(case_id or case_id_of(image), "case id")
-        result = CaseResult(case_id=case_id, image=str(image), run=self.run_settings())
-        out_dir = check_output_location(out_dir, [image, mask])
+        if region_mask is None:
+            region_mask = self.region_masks.get(case_id)
+        if region_mask is not None:
+            self.check_region_task()
+        result = CaseResult(case_id=case_id, image=str(image), run=self._case_settings(region_mask))
+        out_dir = check_output_location(out_dir, [image, mask, region_mask])
         final = out_dir / case_id
         if final.exists() and not overwrite:
             raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")
@@ -274,11 +356,14 @@ class Runner:
         remove_stale_staging(out_dir, case_id)
         if loaded is None:
             loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series,
-                               reader=self.reader, model=self.model)
+                               reader=self.reader, model=self.model, region_mask=region_mask)
+        elif region_mask is not None and loaded.region is None:
+            loaded = dataclasses.replace(loaded, region=read_region_mask(region_mask, loaded.scanner_space,
+                                                                         trust=self.trust, image=image))
         x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
         staging = staging_folder(out_dir, case_id)
         try:
-            self._explain_into(x, scanner_space, scan, labels, staging, result, image)
+            self._explain_into(x, scanner_space, scan, labels, staging, result, image, region=loaded.region)
             result.files = [str(final / Path(f).name) for f in result.files if (staging / Path(f).name).is_file()]
             text = json.dumps(result.to_summary(), indent=2, allow_nan=False, ensure_ascii=False)
             (staging / "summary.json").write_text(text, encoding="utf-8")
@@ -288,14 +373,16 @@ class Runner:
             raise
         return result
 
-    def _explain_into(self, x, scanner_space, scan, labels, folder: Path, result: CaseResult, image) -> None:
+    def _explain_into(self, x, scanner_space, scan, labels, folder: Path, result: CaseResult, image, *,
+                      region: np.ndarray | None = None) -> None:
         """Explain one case and write its outputs into ``folder``, doing only what is stored or shown.
 
         The engine's maps stay on the feature grid (``_feature`` files, exact). Everything on the
         scan's grid is sampled from them where it is needed (:class:`~medcam3d.heatmap.ScanGridMap`):
         scan-grid maps are streamed slab by slab into quantised files, pictures sample three planes,
         peaks and boxes come from a few voxels or from runs (:func:`~medcam3d.masks.superlevel_runs`),
-        and a mask is formed only when it is written.
+        and a mask is formed only when it is written. ``region`` (boolean, scan grid) is the region
+        that segmentation classes are explained in (see :meth:`run_case`).
         """
         from ..heatmap import ScanGridMap, like_header, save_scan_maps
         from .report import SlicePainter
@@ -307,8 +394,12 @@ class Runner:
         ext = ".nii.gz" if output.compress else ".nii"
         painter = SlicePainter(scan, scanner_space) if output.pictures and scan.ndim == 3 else None  # laid out once
         present = _labels_present(labels)
+        target = self.target if region is None else self._region_target(region, scanner_space, x)
         for explainer in self.explainers:
-            explanation = self.explain(explainer, batch)
+            explanation = self.explain(explainer, batch, target=target)
+            regions = None
+            if explanation.logits.ndim > 2 and (output.masks or output.boxes):  # segmentation: boxes in the region
+                regions = _scan_regions(explanation, scanner_space, region)
             if not result.probabilities and explanation.logits.ndim == 2:
                 probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
                 result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
@@ -323,7 +414,7 @@ class Runner:
                 files += save_scan_maps([v for v in views if id(v) in chosen], folder, four_d=True, **options)
             for view in views:
                 files += self._localize(view, scan, labels, folder, prefix, result, output, like=like, painter=painter,
-                                        present=present)
+                                        present=present, region=None if regions is None else regions[view.class_index])
                 if id(view) in chosen and not output.four_d:
                     files += save_scan_maps([view], folder, **options)
                 view.release()
@@ -368,23 +459,52 @@ class Runner:
         wanted = {int(torch.argmax(probs))} if mode == "predicted" else set(torch.nonzero(probs >= 0.5).flatten().tolist())
         return [view for view in views if view.class_index in wanted]
 
-    def explain(self, explainer: Explainer, batch: torch.Tensor):
-        """One explanation of a batch: direct, or through sliding windows when configured."""
+    def explain(self, explainer: Explainer, batch: torch.Tensor, *, target: object = None):
+        """One explanation of a batch: direct, or through sliding windows when configured.
+
+        ``target`` replaces the runner's (e.g. a ``Region`` of one case); default: the runner's.
+        """
+        target = self.target if target is None else target
         window = self.sliding_window
         if window is None:
-            return explainer(batch, target=self.target)
+            return explainer(batch, target=target)
         from ..sliding import explain_sliding_window
 
-        return explain_sliding_window(explainer, batch, self.target, roi_size=window.roi, overlap=window.overlap,
+        return explain_sliding_window(explainer, batch, target, roi_size=window.roi, overlap=window.overlap,
                                       sw_batch_size=window.sw_batch, mode=window.mode)
 
+    def _region_target(self, region: np.ndarray, scanner_space, x) -> Region:
+        """The runner's classes inside ``region`` (boolean, scan grid).
+
+        Direct explanations resample the mask onto the output grid when the target is resolved
+        (``Region(..., space=scanner_space)``, exact for any output grid); sliding windows need it on
+        the input grid, where it is resampled here (the windows' output grid is the input grid).
+        """
+        classes: Any = self.target.classes if isinstance(self.target, Region) else self.target
+        classes = "all" if classes is None else classes
+        if self.sliding_window is None:
+            return Region(classes, mask=region, space=scanner_space)
+        from ..space import Space
+        from ..targets import region_from_scan_mask
+
+        try:
+            input_space = Space.of(x)
+        except SpaceError:
+            raise TargetError("A region mask needs the grid of the model's input, but the preprocessing returned a "
+                              "plain tensor without an affine; use medcam3d's (MONAI) preprocessing.") from None
+        return Region(classes, mask=region_from_scan_mask(region, scanner_space, input_space))
+
     def _localize(self, heat, scan, labels, folder: Path, prefix: str, result: CaseResult, output, *, like=None,
-                  painter=None, present: set | None = None) -> list[Path]:
+                  painter=None, present: set | None = None, region: tuple | None = None) -> list[Path]:
         """Peak, lesion check, box (and mask), picture of one map; records the finding.
 
         ``heat`` is a :class:`~medcam3d.heatmap.ScanGridMap`. The peak is the voxel of the
-        scan-grid map's maximum (None for a flat map); the box is that of the largest connected
-        component of the thresholded map, the mask that component.
+        scan-grid map's maximum (None for a flat map). For a class target the box is that of the
+        largest connected component of the thresholded map, the mask that component. For a
+        segmentation (Region) target, ``region`` is ``(source, mask)``: the explained region on the
+        scan's grid (``"given"``: the region mask; ``"predicted"``: where the model predicts the
+        class); the mask is then the smallest set of voxels inside it holding ``output.region_mass``
+        of the map's mass there (:func:`_region_top_mass`), the box that set's bounding box.
         """
         stem = f"{prefix}_{heat.method}_{heat.file_label}"
         found = heat.peak()
@@ -398,14 +518,35 @@ class Runner:
             finding["peak_in_lesion"] = (bool(labels[voxel] == heat.class_index + 1) if voxel is not None else False) \
                 if is_present else None
         if output.masks or output.boxes:
-            runs = _largest_region(heat, output.mask_method, output.mask_value)
+            if region is None or region[1] is None:  # a class target, or a region whose grid is unknown
+                region = None
+                runs = _largest_region(heat, output.mask_method, output.mask_value)
+                described: dict[str, Any] = {
+                    "kind": "largest_component",
+                    "threshold": {"method": output.mask_method, "value": output.mask_value},
+                    "comment": "The largest connected component of the map thresholded on the scan's grid.",
+                }
+            else:
+                source, where = region
+                runs = _region_top_mass(heat, where, output.region_mass)
+                inside = "the given region mask" if source == "given" else "the region the model predicts for this class"
+                described = {
+                    "kind": "region_top_mass",
+                    "region": source,
+                    "threshold": {"method": "region_mass", "value": output.region_mass},
+                    "comment": (f"The smallest set of voxels inside {inside} that holds {output.region_mass:.0%} of the "
+                                "map's mass there (highest values first), and its bounding box; it may span several "
+                                "blobs. None when the map is zero inside the region."),
+                }
             box = runs.box(heat.space)
             if output.masks:
                 files.append(_write_mask(folder / f"{stem}_mask{'.nii.gz' if output.compress else '.nii'}", runs, heat,
                                          like, output.compress))
             files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=finding["peak_voxel"], peak_mm=world,
-                                  threshold={"method": output.mask_method, "value": output.mask_value}))
+                                  **described))
             finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
+            if region is not None:
+                finding["box_kind"] = described["kind"]
         if painter is not None:  # a SlicePainter of this case's scan
             probability = result.probabilities.get(heat.label)
             p_text = f" (p = {probability:.2f})" if probability is not None else ""
@@ -442,6 +583,65 @@ def _largest_region(heat, method: str, value: float):
         return superlevel_runs(heat.resampler, heat.heatmap.data, value * top, fill=heat.fill).largest()
     mask = threshold_mask(heat.array(), method, value, keep_largest=True)
     return Runs.from_array(mask)
+
+
+def _scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict[int, tuple[str, np.ndarray | None]]:
+    """The explained region of each class of a segmentation explanation, on the scan's grid.
+
+    The given region (boolean, scan grid) for every class, or where the model predicts each class
+    (argmax over channels; logit > 0, or <= 0 for class 0, of a single-channel output), taken from
+    the explanation's logits on the output grid to the scan's grid with nearest neighbour. ``None``
+    for a class when the input grid is unknown (a plain tensor).
+    """
+    from ..heatmap import input_space_of
+    from ..space import Space
+    from ..targets import nearest_resample, output_grid
+
+    indices = [int(i) for i in explanation.class_indices[0].tolist()]
+    if region is not None:
+        return {c: ("given", region) for c in indices}
+    try:
+        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]))
+    except SpaceError:
+        return {c: ("predicted", None) for c in indices}
+    logits = explanation.logits[0].detach().float().cpu()
+    scan = Space.of(scanner_space)
+    regions: dict[int, tuple[str, np.ndarray | None]] = {}
+    labels = None if logits.shape[0] == 1 else logits.argmax(dim=0).numpy()
+    for c in indices:
+        if labels is None:
+            predicted = (logits[0] > 0).numpy() if c == 1 else (logits[0] <= 0).numpy()
+        else:
+            predicted = labels == c
+        regions[c] = ("predicted", nearest_resample(predicted, grid, scan, fill=False))
+    return regions
+
+
+def _region_top_mass(heat, region: np.ndarray, fraction: float):
+    """Runs of the smallest set of voxels inside ``region`` (boolean, scan grid) holding ``fraction``
+    of the scan-grid map's positive mass there, highest values first (ties at the threshold all kept).
+
+    Only the region's bounding box of the map is sampled. Empty when the region is empty or the map
+    has no positive value inside it.
+    """
+    from ..masks import Runs
+
+    shape = tuple(heat.space.shape)
+    found = np.nonzero(region)
+    if found[0].size == 0:
+        return Runs(shape, *(np.zeros(0, dtype=np.int64),) * 3)
+    low = [int(f.min()) for f in found]
+    high = [int(f.max()) + 1 for f in found]
+    crop = tuple(slice(lo, hi) for lo, hi in zip(low, high))
+    values = heat.sample([np.arange(lo, hi) for lo, hi in zip(low, high)]).numpy().astype(np.float64)
+    inside = np.asarray(region[crop], dtype=bool) & (values > 0)
+    chosen = np.zeros(shape, dtype=bool)
+    if inside.any():
+        ranked = np.sort(values[inside])[::-1]
+        mass = np.cumsum(ranked)
+        k = min(int(np.searchsorted(mass, fraction * mass[-1] * (1 - 1e-12))), ranked.size - 1)
+        chosen[crop] = inside & (values >= ranked[k])
+    return Runs.from_array(chosen)
 
 
 def _write_mask(path: Path, runs, heat, like, compress: bool) -> Path:
