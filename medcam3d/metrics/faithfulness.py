@@ -25,7 +25,7 @@ from torch import nn
 
 from ..hooks import ActivationCapture, model_lock, preserved_model_state
 from ..layers import linear_head
-from ..modeling import model_output, to_model_input
+from ..modeling import first_tensor, model_output, to_model_input
 from ..targets import probabilities
 
 __all__ = [
@@ -339,7 +339,9 @@ def completeness(model: nn.Module, x: torch.Tensor, target: object = "all", *, l
     Parameters
     ----------
     model : nn.Module
-        Never modified (hooks live for one forward).
+        Never modified (hooks live for one forward). TorchScript models (scripted, traced or
+        loaded) work too: the layer's output is captured as the Explainer captures it, by running
+        a copy of the scripted graph split at the layer (:mod:`medcam3d.torchscript`).
     x : (B, C_in, *spatial) Tensor
     target : as for :class:`medcam3d.Explainer`
     layer : str, nn.Module or "auto"
@@ -373,14 +375,25 @@ def completeness(model: nn.Module, x: torch.Tensor, target: object = "all", *, l
                         bias=bias, errors=map_sums - (logits - bias))
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, eager or scripted (a TorchScript module compiled from one)."""
+    from ..torchscript import is_scripted, module_type_name
+
+    return isinstance(module, nn.Linear) or (is_scripted(module) and module_type_name(module) == "Linear")
+
+
 def _head_of(model: nn.Module, name: str, module: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | str:
-    """``(kind, linear)`` if the logits are Linear(flatten/GAP(layer output)) on this batch, else a reason."""
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+    """``(kind, linear)`` if the logits are Linear(flatten/GAP(layer output)) on this batch, else a reason.
+
+    The layer's output is captured by :class:`~medcam3d.hooks.ActivationCapture` given the model, so
+    a layer inside a TorchScript model is reached by splitting its graph (no hooks exist there).
+    """
+    if not any(_is_linear(m) for m in model.modules()):
         return "the model has no nn.Linear."
     inputs = to_model_input(x, model)
-    capture = ActivationCapture(module, name, track_gradients=False, spatial_ndim=None)
+    capture = ActivationCapture(module, name, track_gradients=False, spatial_ndim=None, model=model)
     with model_lock(model), preserved_model_state(model, eval_mode=True), capture, torch.no_grad():
-        outputs = model_output(model, inputs)
+        outputs = first_tensor(capture.run(inputs))
     if capture.activations is None:
         return "the target layer did not run."
     found = linear_head(model, capture.activations, outputs, kinds=("flatten+linear", "gap+linear"))
