@@ -18,10 +18,10 @@ import re
 import tempfile
 import unicodedata
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
@@ -39,7 +39,12 @@ __all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "save_h
 logger = logging.getLogger(__name__)
 
 
-def normalize(maps: torch.Tensor, *, spatial_dims: int | None = None, eps: float = 1e-8) -> torch.Tensor:
+@overload
+def normalize(maps: torch.Tensor, *, spatial_dims: int | None = None, eps: float = 1e-8) -> torch.Tensor: ...
+@overload
+def normalize(maps: np.ndarray, *, spatial_dims: int | None = None, eps: float = 1e-8) -> np.ndarray: ...
+def normalize(maps: torch.Tensor | np.ndarray, *, spatial_dims: int | None = None,
+              eps: float = 1e-8) -> torch.Tensor | np.ndarray:
     """Min–max normalize each map to [0, 1].
 
     Never inverts (the minimum maps to 0, the maximum to 1) and never returns NaN:
@@ -395,8 +400,10 @@ class ScanGridMap:
         the map is multilinear on each box of candidates and its extremes over the voxels of a
         box are at the box's corners; the first voxel (C order) of the maximum is one as well.
         """
+        axes = self.resampler.axes
+        assert axes is not None  # callers check resampler.separable first
         out = []
-        for axis, spec in enumerate(self.resampler.axes):
+        for axis, spec in enumerate(axes):
             n_source = self.heatmap.space.shape[spec.source_axis]
             n = self.space.shape[axis]
             edges = np.concatenate([np.arange(n_source, dtype=np.float64), [-0.5, n_source - 0.5]])
@@ -551,7 +558,7 @@ class Volume:
         self._slabs = slabs
         self.background = background
 
-    def chunks(self):
+    def chunks(self) -> Iterator[memoryview | Constant]:
         """Segments in file order: buffers of stored bytes, or Constants (consecutive ones merged)."""
         waiting: Constant | None = None
         for slab in self._slabs():
@@ -698,7 +705,7 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
     :data:`COMPRESS_LEVEL` in worker threads while the next ones are computed, and a slab of
     one value is compressed once per file set.
     """
-    handles = []
+    handles: list[tuple[IO[bytes], str, Path]] = []
     pending: collections.deque = collections.deque()
 
     def write(data) -> None:
@@ -710,17 +717,17 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
         for path, header in targets:
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.chmod(temporary, default_mode())
-            stream = os.fdopen(handle, "wb")
+            stream: IO[bytes] = os.fdopen(handle, "wb")
             handles.append((stream, temporary, path))
             raw = _header_bytes(header)
             stream.write(_gzip_member(raw) if compress else raw)
         with concurrent.futures.ThreadPoolExecutor(max_workers=_COMPRESS_THREADS) as pool:
             for volume in volumes:
-                for chunk in volume.chunks():
+                for chunk in volume.chunks():  # merged: Constant or memoryview
                     if not compress:
-                        write(chunk.value * chunk.count if _is_constant(chunk) else chunk)
+                        write(chunk.value * chunk.count if isinstance(chunk, Constant) else chunk)
                         continue
-                    if _is_constant(chunk):
+                    if isinstance(chunk, Constant):
                         pending.append(_constant_members(chunk.value, chunk.count))
                     else:
                         pending.append(pool.submit(_gzip_member, chunk))  # a memoryview keeps its array alive

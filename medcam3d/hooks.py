@@ -111,7 +111,9 @@ def _scripted_hook(module: nn.Module, hook: Callable) -> torch.utils.hooks.Remov
             return hook(called, bind_arguments(called, inputs, kwargs) if kwargs else inputs, output)
         return None
 
-    return nn.modules.module.register_module_forward_hook(answer, with_kwargs=True)
+    # torch annotates the hook as returning None, but its docstring (and the call) let a returned value
+    # replace the module's output, which ActivationCapture relies on.
+    return nn.modules.module.register_module_forward_hook(answer, with_kwargs=True)  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -20,8 +20,9 @@ import re
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -423,7 +424,10 @@ def _resolves(model: nn.Module, name: str) -> bool:
 def _submodule(model: nn.Module, name: str) -> nn.Module:
     module = model
     for part in name.split("."):
-        module = module._modules[part]
+        child = module._modules[part]
+        if child is None:  # a slot registered as None (named_modules skips it): no layer there
+            raise AttributeError(f"submodule {part!r} of {name!r} is None")
+        module = child
     return module
 
 
@@ -460,7 +464,8 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
             for item in inner:
                 record(item.name, item.type, item.output)
         else:
-            hooks, roots = [], []
+            hooks: list[tuple[nn.Module, Callable]] = []
+            roots: list[str] = []
             for name, module in model.named_modules():
                 if not name or any(name.startswith(root + ".") for root in roots):
                     continue
@@ -502,14 +507,15 @@ def find_cam_head(model: nn.Module, channels: int) -> nn.Linear:
     return heads[-1]
 
 
-def _linears(model: nn.Module, in_features: int) -> list[nn.Module]:
+def _linears(model: nn.Module, in_features: int) -> list[nn.Linear]:
     """``nn.Linear`` modules (also scripted ones) taking ``in_features`` features, in module order."""
-    found = []
+    found: list[nn.Linear] = []
     for module in model.modules():
         if isinstance(module, nn.Linear) or (is_scripted(module) and module_type_name(module) == "Linear"):
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[1] == in_features:
-                found.append(module)
+                # a scripted Linear is not an nn.Linear, but has the same ``weight`` and ``bias``
+                found.append(cast(nn.Linear, module))
     return found
 
 

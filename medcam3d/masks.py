@@ -377,7 +377,7 @@ def superlevel_runs(resampler: Resampler, data: Any, threshold: float, *, fill: 
         The same voxels as ``resample(data, ...) >= threshold`` (a voxel whose value is within
         float32 rounding of the threshold may differ).
     """
-    if not resampler.separable:
+    if resampler.axes is None:  # not separable
         raise SpaceError("superlevel_runs needs grids with parallel axes; resample the map and threshold it instead.")
     shape = resampler.target.shape
     spec = resampler.axes[0]

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import TracebackType
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import InputError, ModelOutputError
 from .hooks import forward_hooks
@@ -240,7 +243,7 @@ class OutputActivationWatch:
             if not is_scripted(module) and type(module).__name__ in ACTIVATION_MODULES
         ]
         self._last: tuple[str, str, torch.Tensor, torch.Tensor] | None = None
-        self._hooks = None
+        self._hooks: AbstractContextManager[list[RemovableHandle]] | None = None
 
     def __enter__(self) -> OutputActivationWatch:
         self._last = None
@@ -248,9 +251,10 @@ class OutputActivationWatch:
         self._hooks.__enter__()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         if self._hooks is not None:
-            self._hooks.__exit__(*exc_info)
+            self._hooks.__exit__(exc_type, exc, traceback)
             self._hooks = None
 
     def _hook(self, name: str, kind: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -81,9 +82,9 @@ def explain_sliding_window(
     affine = getattr(x, "affine", None)
     dims = expected_spatial_dims(explainer.model)
     if dims is not None and isinstance(x, (torch.Tensor, np.ndarray)):
-        message = rank_mismatch_message(dims, tuple(x.shape), batched=True)
-        if message is not None:
-            raise InputError(message)
+        mismatch = rank_mismatch_message(dims, tuple(x.shape), batched=True)
+        if mismatch is not None:
+            raise InputError(mismatch)
     inputs = to_model_input(x, explainer.model)  # checked, on the model's device and dtype, once
     if inputs.ndim < 3:
         raise InputError(f"x must have shape (B, C_in, *spatial), not {tuple(inputs.shape)}.")
@@ -96,11 +97,11 @@ def explain_sliding_window(
 
     # One probe patch gives the feature stride of the target layer at this ROI.
     probe = explainer(inputs.new_zeros((1, inputs.shape[1], *roi)), target=_probe_target(target), relu=relu)
-    strides = [r / f for r, f in zip(roi, probe.feature_shape)]
-    if any(abs(s - round(s)) > 1e-9 for s in strides):
+    ratios = [r / f for r, f in zip(roi, probe.feature_shape)]
+    if any(abs(s - round(s)) > 1e-9 for s in ratios):
         message = f"roi_size {roi} is not a multiple of the feature stride (feature grid {probe.feature_shape}); pick a multiple."
         raise InputError(message)
-    strides = [int(round(s)) for s in strides]
+    strides = [int(round(s)) for s in ratios]
     padded = tuple(max(r, math.ceil(n / s) * s) for n, r, s in zip(spatial, roi, strides))
     pad = [p for n, q in zip(reversed(spatial), reversed(padded)) for p in (0, q - n)]
     inputs = torch.nn.functional.pad(inputs, pad)
@@ -115,9 +116,9 @@ def explain_sliding_window(
 
     def predictor(patch: torch.Tensor, coords: list) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         patch_target = target
-        if region_mask is not None:
+        if region_mask is not None and isinstance(target, Region):  # a mask comes from a Region only
             crops = [region_mask[(min(c[0].start, len(region_mask) - 1),) + tuple(c[2:])] for c in coords]
-            patch_target = Region(target.classes, mask=torch.stack(crops))  # type: ignore[union-attr]
+            patch_target = Region(target.classes, mask=torch.stack(crops))
         result = explainer(patch, target=patch_target, relu=relu)
         record["result"] = result
         if segmentation:
@@ -129,7 +130,12 @@ def explain_sliding_window(
     assembled = sliding_window_inference(
         inputs, roi, sw_batch_size, predictor, overlap=overlaps, mode=mode, with_coord=True, progress=progress
     )
-    logits, maps = (assembled if segmentation else (None, assembled))
+    # MONAI returns what the predictor returns: (logits, maps) for a segmentation network, else the maps
+    logits: torch.Tensor | None
+    if segmentation:
+        logits, maps = cast("tuple[torch.Tensor, torch.Tensor]", assembled)
+    else:
+        logits, maps = None, cast(torch.Tensor, assembled)
     last: Explanation = record["result"]
     if logits is None:
         logits = torch.stack([torch.stack(patch_logits[b]).mean(0) for b in range(inputs.shape[0])])
@@ -157,8 +163,8 @@ def _whole_target(target: object, logits: torch.Tensor, region_mask: torch.Tenso
         return resolve_target(target, logits, class_names)
     valid = torch.zeros(logits.shape[2:], device=logits.device)
     valid[tuple(slice(0, n) for n in spatial)] = 1
-    if region_mask is not None:
-        spec = Region(target.classes, mask=region_mask.to(logits.device) * valid)  # type: ignore[union-attr]
+    if region_mask is not None and isinstance(target, Region):  # a mask comes from a Region only
+        spec = Region(target.classes, mask=region_mask.to(logits.device) * valid)
         return resolve_target(spec, logits, class_names)
     resolved = resolve_target(target, logits, class_names)
     if isinstance(resolved, RegionTarget):

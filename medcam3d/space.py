@@ -792,7 +792,7 @@ def _separable(
         view = view[(slice(None),) * (a + 1) + (slice(lo, hi),)]
         target[(slice(None),) * (a + 1) + (slice(0, lo),)] = fill
         target[(slice(None),) * (a + 1) + (slice(hi, None),)] = fill
-    if plain:
+    if isinstance(view, np.ndarray):  # that is, plain
         view[...] = values.numpy()
     else:
         view.copy_(values)

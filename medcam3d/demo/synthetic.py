@@ -110,7 +110,7 @@ def model_grid(shape: Sequence[int] = MODEL_SHAPE, spacing: float = MODEL_SPACIN
     return Space(shape, affine)
 
 
-def _rotation(axis: Sequence[float], degrees: float) -> np.ndarray:
+def _rotation(axis: Sequence[float] | np.ndarray, degrees: float) -> np.ndarray:
     """Rotation matrix (3, 3) about ``axis`` by ``degrees`` (Rodrigues)."""
     a = np.asarray(axis, dtype=np.float64)
     a = a / np.linalg.norm(a)
@@ -432,9 +432,9 @@ def make_phantom(seed: int, present: Sequence[bool] | None = None) -> Phantom:
     """
     rng = np.random.default_rng([int(seed), 0])
     drawn_present = rng.random(2) < 0.5
-    present = drawn_present if present is None else np.asarray(present, dtype=bool)
-    if present.shape != (2,):
-        raise ValueError(f"present must be two booleans (bright_round, dark_elongated), got {present!r}.")
+    flags = drawn_present if present is None else np.asarray(present, dtype=bool)
+    if flags.shape != (2,):
+        raise ValueError(f"present must be two booleans (bright_round, dark_elongated), got {flags!r}.")
     body_centre = np.asarray(MODEL_CENTRE_MM) + rng.uniform(-3.0, 3.0, 3)
     body_semi_axes = np.array([48.0, 36.0, 50.0]) * rng.uniform(0.92, 1.05, 3)
     fat_mm = rng.uniform(4.0, 7.0)
@@ -468,7 +468,7 @@ def make_phantom(seed: int, present: Sequence[bool] | None = None) -> Phantom:
                 continue
             break
         lesions.append(Lesion(class_index, centre, rotation, np.asarray(semi_axes, dtype=np.float64), float(contrast)))
-    kept = tuple(lesion for lesion in lesions if present[lesion.class_index])
+    kept = tuple(lesion for lesion in lesions if flags[lesion.class_index])
     return Phantom(
         seed=int(seed),
         body_centre=body_centre,

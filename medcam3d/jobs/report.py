@@ -13,7 +13,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 
@@ -225,7 +225,7 @@ class SlicePainter:
             x += w + gap
             # rows: the higher RAS axis (up); columns: the lower one, reversed (radiological: R on the left)
             extent = (0, width, 0, height)
-            aspect = "auto" if stretched else "equal"
+            aspect: Literal["auto", "equal"] = "auto" if stretched else "equal"
             blank = np.zeros((shape[v_axis], shape[u_axis]), np.float32)
             grey = axis.imshow(blank, cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent,
                                interpolation="nearest", aspect=aspect)
@@ -239,7 +239,7 @@ class SlicePainter:
             # a figure text, not an axes title: titles re-measure the (hidden) tick labels on every draw
             label = figure.text(centre, (bottom + panel_height + 0.06) / fig_height, "", color="white",
                                 fontsize=8 if narrow else 10, ha="center", va="bottom")
-            style = dict(color="yellow", fontsize=12, fontweight="bold", transform=axis.transAxes)
+            style: dict[str, Any] = dict(color="yellow", fontsize=12, fontweight="bold", transform=axis.transAxes)
             (u_low, u_high), (v_low, v_high) = sides[int(orientation[u_axis, 0])], sides[int(orientation[v_axis, 0])]
             axis.text(0.02, 0.5, u_high, ha="left", va="center", **style)  # reversed columns: high end on the left
             axis.text(0.98, 0.5, u_low, ha="right", va="center", **style)
@@ -296,35 +296,37 @@ class SlicePainter:
             top = float(np.nanmax(heat)) if heat.size else 0.0
         top = float(top) if top is not None and np.isfinite(top) else 0.0
         note = ""
-        if peak_voxel is None and peak_mm is not None:
-            peak_voxel = tuple(int(v) for v in np.clip(np.rint(space.world_to_voxel(np.asarray(peak_mm, float))), 0,
-                                                       np.asarray(shape) - 1))
-        if peak_voxel is None and found is not None:
-            peak_voxel, peak_mm = found[0], tuple(float(v) for v in found[1])
-        if peak_voxel is None:
-            peak_voxel = tuple((n - 1) // 2 for n in shape)
+        voxel: tuple[int, ...] | None = peak_voxel
+        mm: tuple[float, ...] | None = peak_mm
+        if voxel is None and mm is not None:
+            voxel = tuple(int(v) for v in np.clip(np.rint(space.world_to_voxel(np.asarray(mm, float))), 0,
+                                                  np.asarray(shape) - 1))
+        if voxel is None and found is not None:
+            voxel, mm = found[0], tuple(float(v) for v in found[1])
+        if voxel is None:
+            voxel = tuple((n - 1) // 2 for n in shape)
             note = "no peak: the map is flat (all zero) · slices through the volume's centre"
-        peak_voxel = tuple(int(v) for v in peak_voxel)
+        voxel = tuple(int(v) for v in voxel)
         orientation = self.orientation
         for panel in self.panels:
             cut, shown, u_axis, v_axis = panel["cut"], panel["shown"], panel["u"], panel["v"]
-            key = (cut, peak_voxel[cut])
+            key = (cut, voxel[cut])
             if key not in self._grey:
-                self._grey[key] = self._plane(self.scan, cut, peak_voxel[cut], shown).T[:, ::-1]
-            hot = self._plane(heat, cut, peak_voxel[cut], shown)
+                self._grey[key] = self._plane(self.scan, cut, voxel[cut], shown).T[:, ::-1]
+            hot = self._plane(heat, cut, voxel[cut], shown)
             display = np.clip(hot / top, 0, 1) if top > 0 else np.zeros_like(hot)
             panel["grey"].set_data(self._grey[key])
             panel["hot"].set_data(display.T[:, ::-1])
-            u = peak_voxel[u_axis] if orientation[u_axis, 1] > 0 else shape[u_axis] - 1 - peak_voxel[u_axis]
-            v = peak_voxel[v_axis] if orientation[v_axis, 1] > 0 else shape[v_axis] - 1 - peak_voxel[v_axis]
+            u = voxel[u_axis] if orientation[u_axis, 1] > 0 else shape[u_axis] - 1 - voxel[u_axis]
+            v = voxel[v_axis] if orientation[v_axis, 1] > 0 else shape[v_axis] - 1 - voxel[v_axis]
             panel["marker"].set_data([(shape[u_axis] - 1 - u + 0.5) * panel["du"]], [(v + 0.5) * panel["dv"]])
             panel["marker"].set_visible(not note)
-            panel["label"].set_text(panel["name"].format(peak_voxel[cut]))
+            panel["label"].set_text(panel["name"].format(voxel[cut]))
         self.colorbar.set_label(f"heatmap / max (max = {top:.3g})", color="white")
         if note:
             second = note
         else:
-            where = peak_mm if peak_mm is not None else space.voxel_to_world(np.asarray(peak_voxel, float))
+            where = mm if mm is not None else space.voxel_to_world(np.asarray(voxel, float))
             second = "peak (RAS mm, +): ({:.1f}, {:.1f}, {:.1f}) · radiological view".format(*where)
         self.title.set_text(f"{title}\n{second}")
         return self.figure
