@@ -36,7 +36,7 @@ from ..targets import Region, check_region_mask, probabilities  # noqa: F401  (p
 from .cases import case_id_of, check_case_id
 from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
-__all__ = ["Runner", "CaseResult", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
+__all__ = ["Runner", "CaseResult", "ExplainedCase", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
            "config_digest"]
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,26 @@ class LoadedCase:
     scan: np.ndarray
     labels: np.ndarray | None = None
     region: np.ndarray | None = None
+
+
+@dataclass
+class ExplainedCase:
+    """A case explained but not yet written (see :meth:`Runner.explain_case`, :meth:`Runner.write_case`).
+
+    Picklable (tensors on the CPU), so that another process can write it.
+    """
+
+    result: CaseResult
+    image: str | Path
+    out_dir: Path
+    loaded: LoadedCase
+    explanations: list  # one Explanation per method, on the CPU
+
+
+def _on_cpu(explanation):
+    """An Explanation with its tensors on the CPU (a no-op on the CPU)."""
+    tensors = {name: getattr(explanation, name).cpu() for name in ("maps", "logits", "scores", "class_indices")}
+    return dataclasses.replace(explanation, **tensors)
 
 
 def read_region_mask(path: str | Path, scanner_space: object, *, trust: bool = False, image: object = None) -> np.ndarray:
@@ -341,6 +361,23 @@ class Runner:
         that region, and the mask is resampled onto the model's output grid with nearest neighbour
         (:func:`medcam3d.targets.region_from_scan_mask`), through the same input affine that places
         the maps. Without it each class is scored inside the region the model predicts for it.
+
+        The two halves, :meth:`explain_case` (the engine) and :meth:`write_case` (everything
+        written), can run in different processes: ``medcam3d batch`` writes one case while the
+        next is explained.
+        """
+        return self.write_case(self.explain_case(image, out_dir, case_id=case_id, mask=mask, overwrite=overwrite,
+                                                 loaded=loaded, volume=volume, series=series,
+                                                 region_mask=region_mask))
+
+    def explain_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
+                     mask: str | Path | None = None, overwrite: bool = True,
+                     loaded: LoadedCase | None = None, volume: int | None = None,
+                     series: str | None = None, region_mask: str | Path | None = None) -> ExplainedCase:
+        """The first half of :meth:`run_case`: checks, reading (unless ``loaded``) and the engine.
+
+        Nothing is written. The maps stay on the feature grid, on the CPU; :meth:`write_case`
+        writes them (in this process or another one).
         """
         case_id = check_case_id(case_id or case_id_of(image), "case id")
         if region_mask is None:
@@ -352,18 +389,31 @@ class Runner:
         final = out_dir / case_id
         if final.exists() and not overwrite:
             raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(out_dir, case_id)
         if loaded is None:
             loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series,
                                reader=self.reader, model=self.model, region_mask=region_mask)
         elif region_mask is not None and loaded.region is None:
             loaded = dataclasses.replace(loaded, region=read_region_mask(region_mask, loaded.scanner_space,
                                                                          trust=self.trust, image=image))
-        x, scanner_space, scan, labels = loaded.x, loaded.scanner_space, loaded.scan, loaded.labels
-        staging = staging_folder(out_dir, case_id)
+        batch = loaded.x[None].to(self.device)
+        target = self.target if loaded.region is None else self._region_target(loaded.region, loaded.scanner_space,
+                                                                                loaded.x)
+        explanations = [_on_cpu(self.explain(explainer, batch, target=target)) for explainer in self.explainers]
+        return ExplainedCase(result, image, out_dir, loaded, explanations)
+
+    def write_case(self, case: ExplainedCase) -> CaseResult:
+        """The second half of :meth:`run_case`: write a case's outputs and publish its folder.
+
+        The folder is written under a temporary name and renamed when complete (see
+        :mod:`medcam3d.jobs.outputs`); on any error nothing of it is left.
+        """
+        result, out_dir = case.result, case.out_dir
+        final = out_dir / result.case_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out_dir, result.case_id)
+        staging = staging_folder(out_dir, result.case_id)
         try:
-            self._explain_into(x, scanner_space, scan, labels, staging, result, image, region=loaded.region)
+            self._write_into(case.explanations, case.loaded, staging, result, case.image)
             result.files = [str(final / Path(f).name) for f in result.files if (staging / Path(f).name).is_file()]
             text = json.dumps(result.to_summary(), indent=2, allow_nan=False, ensure_ascii=False)
             (staging / "summary.json").write_text(text, encoding="utf-8")
@@ -373,30 +423,27 @@ class Runner:
             raise
         return result
 
-    def _explain_into(self, x, scanner_space, scan, labels, folder: Path, result: CaseResult, image, *,
-                      region: np.ndarray | None = None) -> None:
-        """Explain one case and write its outputs into ``folder``, doing only what is stored or shown.
+    def _write_into(self, explanations: list, loaded: LoadedCase, folder: Path, result: CaseResult, image) -> None:
+        """Write one case's outputs into ``folder``, doing only what is stored or shown.
 
         The engine's maps stay on the feature grid (``_feature`` files, exact). Everything on the
         scan's grid is sampled from them where it is needed (:class:`~medcam3d.heatmap.ScanGridMap`):
         scan-grid maps are streamed slab by slab into quantised files, pictures sample three planes,
         peaks and boxes come from a few voxels or from runs (:func:`~medcam3d.masks.superlevel_runs`),
-        and a mask is formed only when it is written. ``region`` (boolean, scan grid) is the region
-        that segmentation classes are explained in (see :meth:`run_case`).
+        and a mask is formed only when it is written. ``loaded.region`` (boolean, scan grid) is the
+        region that segmentation classes were explained in (see :meth:`run_case`).
         """
         from ..heatmap import ScanGridMap, like_header, save_scan_maps
         from .report import SlicePainter
 
+        scanner_space, scan, labels, region = loaded.scanner_space, loaded.scan, loaded.labels, loaded.region
         output = self.config.output
         names = self.config.class_names
-        batch = x[None].to(self.device)
         like = like_header(image) if _is_nifti(image) else None  # read once per case
         ext = ".nii.gz" if output.compress else ".nii"
         painter = SlicePainter(scan, scanner_space) if output.pictures and scan.ndim == 3 else None  # laid out once
         present = _labels_present(labels)
-        target = self.target if region is None else self._region_target(region, scanner_space, x)
-        for explainer in self.explainers:
-            explanation = self.explain(explainer, batch, target=target)
+        for number, explanation in enumerate(explanations):
             regions = None
             if explanation.logits.ndim > 2 and (output.masks or output.boxes):  # segmentation: boxes in the region
                 regions = _scan_regions(explanation, scanner_space, region)
@@ -405,7 +452,7 @@ class Runner:
                 result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
             native = to_scanner_space(explanation)  # the feature grid, exact affine
             prefix = result.case_id
-            files = [heat.save(folder / f"{prefix}_{explainer.method.name}_{heat.file_label}_feature{ext}") for heat in native]
+            files = [heat.save(folder / f"{prefix}_{explanation.method}_{heat.file_label}_feature{ext}") for heat in native]
             views = [ScanGridMap(heat, scanner_space, fill=output.fill) for heat in native]
             chosen = {id(view) for view in self._scan_map_choice(views, explanation)}
             options: dict[str, Any] = dict(prefix=prefix, like=like, normalized=output.normalized, dtype=output.scan_dtype,
@@ -418,7 +465,7 @@ class Runner:
                 if id(view) in chosen and not output.four_d:
                     files += save_scan_maps([view], folder, **options)
                 view.release()
-            if output.segment and explainer is self.explainers[0] and scan.ndim == 3:
+            if output.segment and number == 0 and scan.ndim == 3:
                 files += self._segment_into(scan, scanner_space, native, explanation, folder, prefix, result,
                                             image if _is_nifti(image) else None)
             result.files += [str(f) for f in files]
