@@ -492,9 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = add("evaluate", "score explanation methods on a cohort: localization, faithfulness, sanity; report + "
                    "failure gallery", _cmd_evaluate,
-                   description="Localization (pointing game, energy, Dice/IoU, box IoU), faithfulness (deletion/insertion, "
-                               "completeness) and the randomization sanity check per case, class and method; a summary "
-                               "table (CSV, Markdown), plots, and a gallery of the misclassified cases.")
+                   description="Localization (pointing game, energy, Dice/IoU, box IoU), weakly-supervised segmentation "
+                               "(threshold vs seed-expand-constrain: Dice, IoU, HD95, box IoU in mm), faithfulness "
+                               "(deletion/insertion, completeness) and the randomization sanity check per case, class and "
+                               "method; a summary table (CSV, Markdown, segmentation.json), plots, and a gallery of the "
+                               "misclassified cases.")
     evaluate.add_argument("--config", required=True, help="YAML config (model, classes, preprocessing)")
     evaluate.add_argument("--inputs", required=True, help="folder of scans, or CSV with columns image|file[, id, mask, labels]")
     evaluate.add_argument("--masks", help="folder of ground-truth label maps named <case>_mask.nii.gz (label c+1 = class c)")
@@ -507,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="perturbed volumes per forward pass (default: 8)")
     evaluate.add_argument("--randomization-cases", type=_non_negative_int, default=1,
                           help="cases for the randomization test (default: 1)")
+    evaluate.add_argument("--no-segmentation", dest="segmentation", action="store_false",
+                          help="skip the weakly-supervised segmentation scores (threshold and seed-expand-constrain "
+                               "per present lesion with a mask: Dice, IoU, HD95, box IoU in mm, pointing game)")
+    evaluate.add_argument("--fuse-layer", metavar="LAYER",
+                          help="also score segmentation of fused maps: LayerCAM on this finer layer gated by each "
+                               "method's map (e.g. features.relu0 for the demo model)")
     evaluate.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,7 @@ def test_run_end_to_end_from_a_folder_with_masks(cohort, tmp_path, capsys):
     for case, label, outcome, method in wrong:
         assert f"{case}_{label}_{outcome}_{method}.png" in pictures
     assert not [p for p in out.rglob(".*")]  # no temporary files left
+    _check_segmentation(out, rows, approaches=("threshold", "segment"))  # on by default, for both methods
 
 
 def test_evaluate_from_a_csv_with_labels_column(cohort, tmp_path):
@@ -142,20 +144,89 @@ def test_evaluate_on_the_shipped_demo_samples(tmp_path):
     assert len(hits) == 7 and sum(hits) >= 6  # the trained demo model finds its lesions (7/7 when measured)
     assert max(float(r["completeness_error"]) for r in rows) < 1e-4  # GAP + Linear head: exact decomposition
     assert (out / "summary.md").is_file() and (out / "curves.png").is_file()
+    _check_segmentation(out, rows, approaches=("threshold", "segment"))
+    present = [r for r in rows if r["present"] == "1"]
+    threshold = [float(r["threshold_dice"]) for r in present]
+    seeded = [float(r["segment_dice"]) for r in present]
+    # measured: threshold 0.04 ± 0.02, seed-expand-constrain 0.67 ± 0.46 (Dice >= 0.92 on 5 of the 7 lesions)
+    assert np.mean(seeded) > np.mean(threshold) + 0.3 and sum(d >= 0.85 for d in seeded) >= 4
+    assert all(r["fused_dice"] == "" for r in rows if "fused_dice" in r)
+    markdown = (out / "summary.md").read_text()
+    assert "## Weakly-supervised segmentation" in markdown and "| hirescam | segment |" in markdown
+    assert "| hirescam | threshold |" in markdown and "| hirescam | fused |" not in markdown
 
 
-def test_a_failing_case_is_recorded_and_the_cohort_goes_on(cohort, tmp_path, capsys):
-    root, config = cohort
-    wrong = tmp_path / "wrong_mask.nii.gz"
-    io.write(wrong, np.zeros((8, 8, 8), np.uint8), Space((8, 8, 8), np.eye(4)))
+def _strict_json(path: Path) -> dict:
+    def refuse(constant):
+        raise AssertionError(f"{path.name} holds {constant}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _check_segmentation(out: Path, rows: list[dict], approaches: tuple[str, ...]) -> None:
+    """metrics.csv's segmentation columns against segmentation.json, and what must hold between them."""
+    document = _strict_json(out / "segmentation.json")
+    assert [a["name"] for a in document["approaches"]] == list(approaches)
+    records = {(r["case"], r["class"], r["method"], r["approach"]): r for r in document["records"]}
+    present = [r for r in rows if r["present"] == "1"]
+    assert present and len(records) == len(present) * len(approaches)
+    for row in present:
+        for approach in approaches:
+            record = records[(row["case"], row["class"], row["method"], approach)]
+            dice, iou = float(row[f"{approach}_dice"]), float(row[f"{approach}_iou"])
+            assert 0 <= dice <= 1 and iou == pytest.approx(dice / (2 - dice), abs=1e-5)  # one pair of masks
+            assert dice == pytest.approx(record["dice"], abs=1e-5)
+            nothing = not record["lesions"]
+            # HD95 is undefined exactly when nothing was segmented: blank in CSV, null in JSON
+            assert (row[f"{approach}_hd95_mm"] == "") == nothing == (record["hd95_mm"] is None)
+            if not nothing:
+                assert float(row[f"{approach}_hd95_mm"]) == pytest.approx(record["hd95_mm"], rel=1e-4)
+                assert record["hd95_mm"] >= 0
+            assert record["true_lesions"] == len(record["box_ious"]) >= 1
+            assert float(row[f"{approach}_box_iou"]) == pytest.approx(np.mean(record["box_ious"]), abs=1e-5)
+            assert 0 <= record["box_iou"] <= 1 and record["predicted_lesions"] == len(record["lesions"])
+            for lesion in record["lesions"]:
+                assert lesion["class_index"] == int(row["class_index"])
+                assert all(a <= b for a, b in zip(lesion["box"]["world_min"], lesion["box"]["world_max"]))
+            expected = row["fused_pointing_game"] if approach == "fused" else row["pointing_game"]
+            assert record["pointing_game"] == int(expected)
+    summary = {(s["method"], s["metric"]): s for s in csv.DictReader((out / "summary.csv").open())}
+    for approach in approaches:
+        values = [float(r[f"{approach}_dice"]) for r in present if r["method"] == "hirescam"]
+        assert float(summary[("hirescam", f"{approach}_dice")]["mean"]) == pytest.approx(np.mean(values), abs=1e-3)
+    assert {s["metric"] for s in document["summary"]} >= {f"{a}_dice" for a in approaches}
+
+
+def test_fused_maps_and_no_segmentation_on_two_shipped_samples(tmp_path, capsys):
     table = tmp_path / "cases.csv"
-    table.write_text(f"id,image,mask\ngood,{root / 'scans' / 'case0.nii.gz'},{root / 'masks' / 'case0_mask.nii.gz'}\n"
-                     f"bad,{root / 'scans' / 'case1.nii.gz'},{wrong}\n")
-    out = tmp_path / "o"
-    args = _parse(["evaluate", "--config", str(config), "--inputs", str(table), "--methods", "hirescam", "--out", str(out),
-                   "--steps", "2", "--randomization-cases", "0", "--quiet"])
-    assert run(args) == 1
-    assert "bad: ValueError" in capsys.readouterr().err
-    cases = {c["case"]: c for c in csv.DictReader((out / "cases.csv").open())}
-    assert cases["good"]["status"] == "ok" and cases["bad"]["status"] == "error" and "not on the grid" in cases["bad"]["error"]
-    assert "## Cases that failed" in (out / "summary.md").read_text()
+    samples = REPO / "data_samples"
+    table.write_text("id,image,mask\n" + "".join(f"{n},{samples / n}.nii.gz,{samples / n}_mask.nii.gz\n"
+                                                  for n in ("case_02", "case_06")))
+    out = tmp_path / "fused"
+    assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--inputs", str(table), "--methods",
+                 "hirescam", "--out", str(out), "--steps", "2", "--randomization-cases", "0", "--fuse-layer",
+                 "features.relu0", "--quiet"]) == 0
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["method"] == "hirescam"]
+    _check_segmentation(out, rows, approaches=("threshold", "segment", "fused"))
+    assert _strict_json(out / "segmentation.json")["fuse_layer"] == "features.relu0"
+    present = [r for r in rows if r["present"] == "1"]
+    assert len(present) == 2 and all(float(r["fused_dice"]) > 0.8 for r in present)  # measured 0.94, 0.93
+    assert "| hirescam | fused |" in (out / "summary.md").read_text()
+    # an unknown fuse layer is a usage error
+    assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--inputs", str(table), "--out",
+                 str(tmp_path / "bad"), "--fuse-layer", "nope", "--quiet"]) == 2
+    assert "'nope' not found" in capsys.readouterr().err
+
+
+def test_no_segmentation_leaves_it_out(cohort, tmp_path):
+    root, config = cohort
+    plain = tmp_path / "plain"
+    args = _parse(["evaluate", "--config", str(config), "--inputs", str(root / "scans"), "--masks", str(root / "masks"),
+                   "--methods", "hirescam", "--out", str(plain), "--steps", "2", "--randomization-cases", "0",
+                   "--no-segmentation", "--quiet"])
+    assert args.segmentation is False and args.run(args) == 0
+    assert not (plain / "segmentation.json").exists()
+    header = (plain / "metrics.csv").read_text().splitlines()[0]
+    assert "best_dice" in header and "segment_dice" not in header and "threshold_dice" not in header
+    assert "Weakly-supervised segmentation" not in (plain / "summary.md").read_text()
+    assert _parse(["evaluate", "--config", "c", "--inputs", "i", "--out", "o"]).segmentation is True  # on by default

@@ -5,7 +5,14 @@ exists, the pointing game (exact and with a tolerance in mm), the energy-based p
 Dice/IoU over thresholds (best and area under the curve) and box IoU; on the model's input grid
 the deletion and insertion curves (their areas); and HiResCAM's completeness error where the
 head allows it. On the first case(s) it runs the cascading model-parameter randomization test,
-with Guided Backprop as the known failing reference. It writes into ``out_dir``:
+with Guided Backprop as the known failing reference. For each present lesion class with a mask it
+also scores weakly-supervised segmentation (:mod:`medcam3d.segment`, the class given and segmented
+on its own): the *threshold* baseline (the map at or above 0.5 x its maximum, the parts connected
+to its peaks), *seed-expand-constrain* (:func:`medcam3d.segment.segment` with its default
+settings) and, with ``fuse_layer``, seed-expand-constrain on the *fused* map (LayerCAM on that
+finer layer gated by the method's map, :func:`medcam3d.segment.gated_maps`): Dice, IoU, Hausdorff
+95 in mm (MONAI), box IoU in mm per lesion, lesions found and the pointing game
+(:func:`medcam3d.metrics.segmentation_scores`). It writes into ``out_dir``:
 
 ==========================  =========================================================================
 ``metrics.csv``             one row per (case, class, method)
@@ -18,6 +25,9 @@ with Guided Backprop as the known failing reference. It writes into ``out_dir``:
 ``failures/``               the failure gallery: a 3-plane picture per misclassified (case, class,
                             method), false positives and false negatives at p = 0.5, and
                             ``failures/README.md`` listing them
+``segmentation.json``       the segmentation scores per (case, class, method, approach) with the
+                            lesions' boxes in mm, the settings and the summary (strict JSON:
+                            ``null`` where a value is undefined, e.g. HD95 when nothing was found)
 ==========================  =========================================================================
 
 Ground truth: a mask is a label map on the scan's grid, label ``c + 1`` = class ``c``; without a
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import sys
@@ -47,7 +58,7 @@ from ..errors import CohortError  # noqa: F401  (re-exported)
 from .cases import Case, collect_cases
 from .report import save_figure as _save_figure, write_csv as _write_csv, write_text as _write_text
 
-__all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS"]
+__all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS", "APPROACHES", "SEGMENTATION_METRICS"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +78,31 @@ METRICS: tuple[tuple[str, str], ...] = (
 )
 _LOWER_IS_BETTER = {"deletion_auc", "completeness_error"}
 
+#: Weakly-supervised segmentation approaches: (name, description). ``fused`` needs ``fuse_layer``.
+APPROACHES: tuple[tuple[str, str], ...] = (
+    ("threshold", "the map at or above 0.5 x its maximum, the parts connected to its peaks (the baseline)"),
+    ("segment", "seed-expand-constrain: medcam3d.segment.segment with its default settings"),
+    ("fused", "seed-expand-constrain on the fused map: LayerCAM on the fuse layer gated by the method's map"),
+)
+_SCORES: tuple[tuple[str, str], ...] = (
+    ("dice", "Dice"), ("iou", "IoU"), ("hd95_mm", "Hausdorff 95 (mm; undefined when nothing is segmented)"),
+    ("box_iou", "box IoU in mm, per lesion (best predicted box)"), ("lesions_found", "share of the lesions hit"),
+)
+#: Segmentation columns of ``metrics.csv`` and ``summary.csv``: ``<approach>_<score>``, and the fused
+#: map's own pointing game (the other approaches use the method's map: ``pointing_game``).
+SEGMENTATION_METRICS: tuple[tuple[str, str], ...] = tuple(
+    (f"{approach}_{score}", f"{approach}: {text}") for approach, _ in APPROACHES for score, text in _SCORES
+) + (("fused_pointing_game", "peak of the fused map inside the lesion"),)
+_LOWER_IS_BETTER |= {f"{approach}_hd95_mm" for approach, _ in APPROACHES}
+
+
+def _approach_settings():
+    """The fixed :class:`medcam3d.segment.SegmentSettings` of each approach."""
+    from ..segment import SegmentSettings
+
+    return {"threshold": SegmentSettings(method="threshold", smooth_mm=0.0), "segment": SegmentSettings(),
+            "fused": SegmentSettings()}
+
 # ---------------------------------------------------------------------------------- writing
 # ----------------------------------------------------------------------------------- the job
 @dataclass
@@ -78,6 +114,7 @@ class _State:
     randomization: list = field(default_factory=list)  # (case, class, report)
     notes: list[str] = field(default_factory=list)
     references: list[dict] = field(default_factory=list)  # random-ranking deletion/insertion rows
+    segmentation: list[dict] = field(default_factory=list)  # one record per (case, class, method, approach)
 
     def add_curves(self, method: str, curves: dict) -> None:
         for mode, curve in curves.items():
@@ -102,6 +139,8 @@ def evaluate(
     randomization_steps: int = 5,
     trust: bool = False,
     seed: int = 0,
+    segmentation: bool = True,
+    fuse_layer: str | None = None,
 ) -> Path:
     """Evaluate explanation methods on a cohort and write the report into ``out_dir``.
 
@@ -136,6 +175,12 @@ def evaluate(
     trust : bool
         Allow model files that execute code (see :func:`medcam3d.models.load_model`).
     seed : int
+    segmentation : bool
+        Score weakly-supervised segmentation (:data:`APPROACHES`) for present lesions with a mask
+        (about 1 s per lesion and method on the demo samples).
+    fuse_layer : str, optional
+        A finer layer (e.g. ``features.relu0`` of the demo model): adds the ``fused`` approach,
+        LayerCAM on it gated by each method's map (one more explanation per case with a lesion).
 
     Returns
     -------
@@ -161,6 +206,13 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config, trust=trust)
     runner = Runner(config, model, methods=methods, target="all", device=device, trust=trust)
+    fine = None
+    if segmentation and fuse_layer:
+        from ..explainer import Explainer
+
+        first = runner.explainers[0]
+        fine = Explainer(runner.model, "layercam", layer=fuse_layer, class_names=config.class_names, amp=runner.amp,
+                         output_activation=first.output_activation)  # an unknown layer is refused here
     state = _State()
     chosen = _randomization_choice(cases, randomization_cases)
     bar = tqdm(cases, desc="evaluating", unit="case", file=sys.stderr, disable=not progress)
@@ -169,14 +221,16 @@ def evaluate(
         try:
             _evaluate_case(case, runner, out, state, steps=steps, batch_size=batch_size, baseline=baseline,
                            max_fraction=max_fraction, tolerance_mm=tolerance_mm, seed=seed,
-                           randomize=case.id in chosen, randomization_steps=randomization_steps)
+                           randomize=case.id in chosen, randomization_steps=randomization_steps,
+                           segmentation=segmentation, fine=fine)
         except Exception as error:  # recorded; the cohort goes on
             logger.warning("case %s failed: %s: %s", case.id, type(error).__name__, error)
             state.cases.append({"case": case.id, "image": str(case.image), "status": "error",
                                 "error": f"{type(error).__name__}: {error}"})
     bar.close()
     _write_outputs(out, state, runner, tolerance_mm=tolerance_mm, seconds=time.perf_counter() - started,
-                   baseline=baseline, steps=steps, max_fraction=max_fraction)
+                   baseline=baseline, steps=steps, max_fraction=max_fraction,
+                   segmentation={"fuse_layer": fuse_layer} if segmentation else None)
     return out
 
 
@@ -200,7 +254,7 @@ def _truth(case: Case, labels: np.ndarray | None, names: list[str]) -> list[bool
 
 def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, batch_size: int, baseline: object,
                    max_fraction: float, tolerance_mm: float, seed: int, randomize: bool,
-                   randomization_steps: int) -> None:
+                   randomization_steps: int, segmentation: bool = False, fine=None) -> None:
     from ..masks import threshold_mask
     from ..metrics import (
         Completeness,
@@ -212,6 +266,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
         pointing_game,
         randomization_test,
     )
+    from ..segment import gated_maps
     from .runner import load_case, probabilities
 
     config = runner.config
@@ -227,6 +282,8 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
     options = dict(steps=steps, baseline=baseline, batch_size=batch_size, task=config.task, seed=seed,
                    max_fraction=max_fraction)
     record: dict = {"case": case.id, "image": str(case.image), "status": "ok", "error": ""}
+    segment_here = segmentation and labels is not None and scan.ndim == 3 and bool(np.any(labels > 0))
+    fine_maps: list | None = None  # LayerCAM on the fuse layer, on its feature grid: once per case
     for explainer in runner.explainers:
         explanation = runner.explain(explainer, batch)  # target "all"; sliding windows when configured
         if explanation.logits.ndim != 2:
@@ -243,6 +300,8 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
         layer_name = explanation.layer
         if method == "hirescam" and complete is None:
             complete = completeness(runner.model, batch, target="all", layer=explanation.layer) or False
+        native = explanation.to_scanner_space(None) if segment_here else []  # the feature grid, exact
+        fused: list | None = None
         for t, heat in enumerate(heatmaps):
             c = heat.class_index
             p = float(probs[c]) if c < len(probs) else float("nan")
@@ -264,6 +323,16 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
                     best_iou=curve.best_iou, auc_iou=curve.auc_iou,
                     box_iou=box_iou(region, lesion),
                 )
+                if segment_here:
+                    if fine is not None and fused is None:
+                        if fine_maps is None:
+                            fine_maps = runner.explain(fine, batch).to_scanner_space(None)
+                        fused = gated_maps(fine_maps, native)
+                    maps = {"threshold": native, "segment": native, **({"fused": fused} if fused is not None else {})}
+                    for approach, found in _segmentations(scan, scanner_space, maps, c, lesion, row["pointing_game"]):
+                        row.update(found.pop("columns"))
+                        state.segmentation.append({"case": case.id, "class": heat.label, "class_index": c,
+                                                   "method": method, "approach": approach, **found})
             if present or predicted:
                 curves = perturbation_curves(runner.model, batch, explanation.maps[0, t], c, **options)
                 row.update(deletion_auc=curves["deletion"].auc, insertion_auc=curves["insertion"].auc)
@@ -299,6 +368,33 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
             state.notes.append(f"The randomization test on case {case.id} failed: {type(error).__name__}: {error}")
         else:
             state.randomization.append((case.id, label, report))
+
+
+def _segmentations(scan: np.ndarray, space, maps: dict, c: int, lesion: np.ndarray, pointing: int):
+    """Segment class ``c`` on its own with each approach's maps; yields ``(approach, record)``, the
+    record holding the scores (strict-JSON ready), the lesions found and ``columns`` for metrics.csv."""
+    from ..metrics import pointing_game, segmentation_scores
+    from ..segment import segment
+    from ..space import resample
+
+    settings = _approach_settings()
+    for approach, maps_c in maps.items():
+        start = time.perf_counter()
+        result = segment(scan, space, maps_c, classes=[c], settings=settings[approach])
+        seconds = time.perf_counter() - start
+        lesions = [found for found in result.lesions if found.class_index == c]
+        scores = segmentation_scores(result.mask(c), lesion, space, boxes=[found.box for found in lesions])
+        hit = pointing  # the method's map: the same for the threshold and seed-expand-constrain
+        if approach == "fused":
+            own = next(h for h in maps_c if h.class_index == c)
+            hit = int(pointing_game(resample(np.asarray(own.data, dtype=np.float32), own.space, space), lesion))
+        values = scores.to_dict()
+        columns = {f"{approach}_{score}": values[score] for score, _ in _SCORES}
+        if approach == "fused":
+            columns["fused_pointing_game"] = hit
+        yield approach, {**values, "pointing_game": hit, "seconds": round(seconds, 3),
+                         "lesions": [found.to_dict() for found in lesions],
+                         "columns": {k: ("" if v is None else v) for k, v in columns.items()}}
 
 
 def _outcome(present: bool | None, predicted: bool) -> str:
@@ -354,7 +450,7 @@ def _summary(rows: list[dict], methods: list[str]) -> list[dict]:
     table = []
     for method in methods:
         own = [r for r in rows if r["method"] == method]
-        for metric, _ in METRICS:
+        for metric, _ in METRICS + SEGMENTATION_METRICS:
             mean, std, n = _mean_std([r[metric] for r in own if metric in r and r[metric] != ""])
             if n:
                 table.append({"method": method, "metric": metric, "mean": round(mean, 4), "std": round(std, 4), "n": n})
@@ -392,6 +488,7 @@ def _markdown(state: _State, summary: list[dict], methods: list[str], *, toleran
         lines += ["", "Metrics: " + "; ".join(
             f"`{m}` {d}" + (" (↓)" if m in _LOWER_IS_BETTER else "") for m, d in METRICS if m in metrics)
             + f". Tolerance of `pointing_game_tol`: {tolerance_mm:g} mm.", ""]
+    lines += _segmentation_markdown(summary, methods, state)
     counts = _classification(state.rows, methods[0]) if methods else {}
     if any(counts.values()):
         lines += ["## Classification (threshold 0.5)", "",
@@ -419,6 +516,38 @@ def _markdown(state: _State, summary: list[dict], methods: list[str], *, toleran
     if state.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in state.notes]
     return "\n".join(lines) + "\n"
+
+
+def _segmentation_markdown(summary: list[dict], methods: list[str], state: _State) -> list[str]:
+    """The weakly-supervised segmentation table (mean ± std (n) per method and approach)."""
+    if not state.segmentation:
+        return []
+    cell = {(s["method"], s["metric"]): s for s in summary}
+
+    def show(method: str, metric: str) -> str:
+        found = cell.get((method, metric))
+        return f"{found['mean']:.3f} ± {found['std']:.3f} (n={found['n']})" if found else "–"
+
+    used = [name for name, _ in APPROACHES if any(r["approach"] == name for r in state.segmentation)]
+    lines = ["## Weakly-supervised segmentation", "",
+             "Each present class with a mask, the class given and segmented on its own from the method's map and the "
+             "scan (`medcam3d.segment`), scored on the scan's grid: Dice, IoU, Hausdorff 95 in mm (MONAI; undefined, "
+             "and left out of n, when nothing was segmented), box IoU in mm per lesion (the best predicted box), the "
+             "share of lesions hit, and the pointing game of the map. Details and each lesion's box: "
+             "[segmentation.json](segmentation.json).", "",
+             "| method | approach | Dice | IoU | HD95 (mm, ↓) | box IoU | lesions found | pointing game | s / class |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        for approach in used:
+            own = [r["seconds"] for r in state.segmentation if r["method"] == method and r["approach"] == approach]
+            if not own:
+                continue
+            pointing = "fused_pointing_game" if approach == "fused" else "pointing_game"
+            lines.append(f"| {method} | {approach} | " + " | ".join(
+                show(method, f"{approach}_{score}") for score, _ in _SCORES) + f" | {show(method, pointing)} | "
+                f"{float(np.median(own)):.2f} |")
+    lines += ["", "Approaches: " + "; ".join(f"`{name}` {text}" for name, text in APPROACHES if name in used) + ".", ""]
+    return lines
 
 
 def _plot_curves(path: Path, curves: dict[str, dict[str, list]]) -> Path:
@@ -474,7 +603,7 @@ def _plot_randomization(path: Path, reports: list) -> Path:
 
 
 def _write_outputs(out: Path, state: _State, runner, *, tolerance_mm: float, seconds: float, baseline: object,
-                   steps: int, max_fraction: float) -> None:
+                   steps: int, max_fraction: float, segmentation: dict | None = None) -> None:
     methods = [e.method.name for e in runner.explainers]
     rows = state.rows + state.references
     summary = _summary(rows, [*methods, "random"])
@@ -494,8 +623,41 @@ def _write_outputs(out: Path, state: _State, runner, *, tolerance_mm: float, sec
                 f"![{f['case']} {f['method']}]({Path(f['picture']).name})\n" for f in state.failures]
     if state.failures:
         _write_text(out / "failures" / "README.md", "\n".join(gallery))
+    if segmentation is not None:
+        _write_text(out / "segmentation.json", _segmentation_json(state, summary, segmentation["fuse_layer"]))
     _write_text(out / "summary.md", _markdown(state, summary, methods, tolerance_mm=tolerance_mm, seconds=seconds,
                                               baseline=baseline, steps=steps, max_fraction=max_fraction))
+
+
+def _segmentation_json(state: _State, summary: list[dict], fuse_layer: str | None) -> str:
+    """segmentation.json: settings, one record per (case, class, method, approach), the summary (strict JSON)."""
+    settings = _approach_settings()
+    used = [name for name, _ in APPROACHES if name != "fused" or fuse_layer]
+    names = {m for m, _ in SEGMENTATION_METRICS}
+    document = {
+        "approaches": [{"name": name, "description": text, "settings": settings[name].to_dict()}
+                       for name, text in APPROACHES if name in used],
+        "fuse_layer": fuse_layer,
+        "scope": "present classes with a mask; each class given and segmented on its own, on the scan's grid",
+        "records": [_finite_json(r) for r in state.segmentation],
+        "summary": [_finite_json(r) for r in summary if r["metric"] in names],
+    }
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"
+
+
+def _finite_json(value):
+    """``value`` with NaN/Inf as None and floats rounded to 6 significant digits (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(f"{float(value):.6g}") if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -505,7 +667,8 @@ def run(args: argparse.Namespace) -> int:
     out = evaluate(args.config, args.inputs, args.out, methods=methods, masks=args.masks, device=args.device,
                    progress=not getattr(args, "quiet", False), steps=getattr(args, "steps", 10),
                    batch_size=getattr(args, "batch_size", 8), max_fraction=getattr(args, "max_fraction", 0.05),
-                   randomization_cases=getattr(args, "randomization_cases", 1), trust=getattr(args, "trust", False))
+                   randomization_cases=getattr(args, "randomization_cases", 1), trust=getattr(args, "trust", False),
+                   segmentation=getattr(args, "segmentation", True), fuse_layer=getattr(args, "fuse_layer", None))
     cases = list(csv.DictReader((out / "cases.csv").open(newline="", encoding="utf-8")))
     failed = [c for c in cases if c.get("status") != "ok"]
     print(f"{len(cases) - len(failed)}/{len(cases)} cases evaluated. Report: {out / 'summary.md'}", file=sys.stderr)
