@@ -521,6 +521,7 @@ class Resampler:
         indices: Sequence[Any] | None = None,
         layout: str = "C",
         chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+        mode: str = "linear",
     ) -> Any:
         """Resample ``data`` onto the target grid, or onto the product of target ``indices``.
 
@@ -528,7 +529,8 @@ class Resampler:
         ----------
         data : numpy.ndarray or torch.Tensor, shape (..., *source.shape)
         fill : float
-            Value outside the source field of view (NaN allowed).
+            Value outside the source field of view (NaN allowed; for ``mode="nearest"``, cast to
+            the data's dtype).
         indices : sequence of (n_a,) int arrays, one per target axis, optional
             Evaluate only at these target indices along each axis (their product). Default: all.
         layout : {"C", "F"}
@@ -536,18 +538,29 @@ class Resampler:
             (column-major: the last spatial axis varies slowest, as NIfTI stores voxels), a view
             of shape (..., *target) either way.
         chunk_voxels : int
-            Oblique grids: output values computed per ``grid_sample`` step.
+            Oblique grids: output values computed per ``grid_sample`` step (target voxels per
+            step for ``mode="nearest"``).
+        mode : {"linear", "nearest"}
+            ``"linear"`` (default): trilinear interpolation, as :func:`resample` defines it.
+            ``"nearest"``: each target voxel takes the value of the source voxel whose cell holds
+            its centre (index ``floor(c + 0.5)`` of its source coordinate ``c``, clipped to the
+            grid), for label maps and masks: no value is blended and the dtype is kept. The field
+            of view is the same as for ``"linear"``.
 
         Returns
         -------
-        numpy.ndarray or torch.Tensor, shape (..., n_0, n_1[, n_2]), float32
-            Same kind as ``data``; a tensor stays on its device. Differentiable for a tensor that
-            requires grad.
+        numpy.ndarray or torch.Tensor, shape (..., n_0, n_1[, n_2])
+            Same kind as ``data``; a tensor stays on its device. float32 for ``"linear"``
+            (differentiable for a tensor that requires grad), ``data``'s dtype for ``"nearest"``.
         """
         if layout not in ("C", "F"):
             raise ValueError(f"layout must be 'C' or 'F', not {layout!r}.")
-        x, lead, is_numpy = _as_float_tensor(data, self.source)
+        if mode not in ("linear", "nearest"):
+            raise ValueError(f"mode must be 'linear' or 'nearest', not {mode!r}.")
         index = _target_indices(indices, self.target.shape)
+        if mode == "nearest":
+            return self._nearest(data, index, fill, layout, chunk_voxels)
+        x, lead, is_numpy = _as_float_tensor(data, self.source)
         shape = tuple(len(i) for i in index)
         x = x.reshape(math.prod(lead), *self.source.shape)
         if self.identity:
@@ -569,6 +582,41 @@ class Resampler:
             out = _with_layout(out, layout)
         out = _split_lead(out, lead)
         return out.numpy() if is_numpy else out
+
+    def _nearest(self, data: Any, index: list[np.ndarray], fill: float, layout: str, chunk_voxels: int) -> Any:
+        """``mode="nearest"`` of :meth:`__call__`: values picked by index, in ``data``'s kind and dtype."""
+        src, nd = self.source, self.source.ndim
+        values = data.as_subclass(torch.Tensor) if isinstance(data, torch.Tensor) else np.asarray(data)
+        lead = _check_trailing(tuple(values.shape), src)
+        x = values.reshape(math.prod(lead), *src.shape)
+        shape = tuple(len(i) for i in index)
+        if self.axes is not None:  # one index array per axis: the output costs its own size
+            coords = [spec.coordinates(i) for spec, i in zip(self.axes, index)]
+            sizes = [src.shape[spec.source_axis] for spec in self.axes]
+            order = (0, *[spec.source_axis + 1 for spec in self.axes])  # source axes in target order
+            moved = np.transpose(x, order) if isinstance(x, np.ndarray) else x.permute(*order)
+            out = _pick(moved, np.ix_(*[_nearest_index(c, n) for c, n in zip(coords, sizes)]))
+            for a, (c, n) in enumerate(zip(coords, sizes)):
+                outside = np.flatnonzero(~_in_view(c, n))
+                if outside.size:
+                    out[(slice(None),) * (a + 1) + (_like(out, outside),)] = fill
+        else:
+            m = _voxel_map(src, self.target)
+            out = _empty_like(x, shape)
+            rows = max(1, int(chunk_voxels) // max(1, math.prod(shape[1:])))
+            for start in range(0, shape[0], rows):
+                grid = np.ix_(index[0][start : start + rows].astype(np.float64), *(i.astype(np.float64) for i in index[1:]))
+                coords = [sum(m[p, b] * grid[b] for b in range(nd)) + m[p, nd] for p in range(nd)]
+                inside = np.logical_and.reduce([_in_view(c, n) for c, n in zip(coords, src.shape)])
+                part = _pick(x, tuple(_nearest_index(c, n) for c, n in zip(coords, src.shape)))
+                part[:, _like(part, ~inside)] = fill
+                out[:, start : start + rows] = part
+        if layout == "F" and isinstance(out, np.ndarray):
+            back = (0, *range(nd, 0, -1))
+            out = np.ascontiguousarray(np.transpose(out, back)).transpose(back)
+        elif layout == "F":
+            out = _with_layout(out, layout)
+        return out.reshape(*lead, *shape) if lead else out[0]
 
     def rows(self, data: Any, axis: int, *, fill: float = 0.0) -> Any:
         """Values along the source voxels of target ``axis``, for every target position on the other axes.
@@ -616,6 +664,7 @@ def resample(
     *,
     fill: float = 0.0,
     chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    mode: str = "linear",
 ) -> Any:
     """Trilinear (bilinear in 2D) pull-resampling of ``data`` from grid ``source`` onto ``target``.
 
@@ -637,11 +686,16 @@ def resample(
     chunk_voxels : int
         Oblique grids: upper bound on output values (target voxels x leading channels) computed
         per step; the target is processed in slabs along its first axis.
+    mode : {"linear", "nearest"}
+        ``"nearest"``: nearest neighbour instead, for label maps and masks (the value of the
+        source voxel whose cell holds the target voxel's centre; dtype kept, nothing blended;
+        same field of view); see :meth:`Resampler.__call__`.
 
     Returns
     -------
-    numpy.ndarray or torch.Tensor, shape (..., *target.shape), float32
-        Same kind as ``data``; a tensor stays on ``data``'s device.
+    numpy.ndarray or torch.Tensor, shape (..., *target.shape)
+        Same kind as ``data``; a tensor stays on ``data``'s device. float32, or ``data``'s dtype
+        for ``mode="nearest"``.
 
     Notes
     -----
@@ -656,12 +710,11 @@ def resample(
     If both grids coincide (same shape, voxel centres within 1e-4 voxel) the data are copied.
     The result is differentiable with respect to a ``data`` tensor that requires grad.
     """
-    return Resampler(source, target)(data, fill=fill, chunk_voxels=chunk_voxels)
+    return Resampler(source, target)(data, fill=fill, chunk_voxels=chunk_voxels, mode=mode)
 
 
 def _as_float_tensor(data: Any, src: Space) -> tuple[torch.Tensor, tuple[int, ...], bool]:
     """``data`` as a plain float32 tensor (no copy when possible), its leading shape, and whether it was numpy."""
-    nd = src.ndim
     is_numpy = not isinstance(data, torch.Tensor)
     if is_numpy:
         arr = np.asarray(data)
@@ -672,12 +725,45 @@ def _as_float_tensor(data: Any, src: Space) -> tuple[torch.Tensor, tuple[int, ..
     else:
         # plain tensor (a MetaTensor's metadata would only slow the interpolation down)
         x = data.as_subclass(torch.Tensor).to(torch.float32)
-    if x.ndim < nd or tuple(x.shape[x.ndim - nd :]) != src.shape:
+    return x, _check_trailing(tuple(x.shape), src), is_numpy
+
+
+def _check_trailing(shape: tuple[int, ...], src: Space) -> tuple[int, ...]:
+    """The leading shape of data of ``shape`` (..., *src.shape); raises when it does not end with the grid's."""
+    nd = src.ndim
+    if len(shape) < nd or shape[len(shape) - nd :] != src.shape:
         raise SpaceError(
-            f"data of shape {tuple(x.shape)} does not end with the source grid's shape {src.shape}; "
+            f"data of shape {shape} does not end with the source grid's shape {src.shape}; "
             "expected (..., *source.shape) with spatial axes last in (i, j, k) order."
         )
-    return x, tuple(x.shape[: x.ndim - nd]), is_numpy
+    return shape[: len(shape) - nd]
+
+
+def _in_view(coordinates: np.ndarray, n_source: int) -> np.ndarray:
+    """Source coordinates within the field of view ``[-0.5, n - 0.5]`` (as :class:`AxisWeights`)."""
+    return (coordinates >= -0.5 - _FOV_TOL) & (coordinates <= n_source - 0.5 + _FOV_TOL)
+
+
+def _nearest_index(coordinates: np.ndarray, n_source: int) -> np.ndarray:
+    """The source voxel whose cell holds each coordinate (``floor(c + 0.5)``), clipped to the axis."""
+    return np.clip(np.floor(coordinates + 0.5), 0, n_source - 1).astype(np.int64)
+
+
+def _like(data: Any, index: np.ndarray) -> Any:
+    """An index array for ``data``: itself for numpy, a tensor on ``data``'s device for a tensor."""
+    return torch.as_tensor(index, device=data.device) if isinstance(data, torch.Tensor) else index
+
+
+def _pick(x: Any, index: Sequence[np.ndarray]) -> Any:
+    """``x`` (C, *spatial) at the (broadcast) voxel ``index`` arrays, one per spatial axis: (C, *broadcast shape)."""
+    return x[(slice(None), *(_like(x, i) for i in index))]
+
+
+def _empty_like(x: Any, shape: tuple[int, ...]) -> Any:
+    """An uninitialised (C, *shape) array or tensor of ``x``'s kind, dtype (and device)."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty((x.shape[0], *shape), dtype=x.dtype, device=x.device)
+    return np.empty((x.shape[0], *shape), dtype=x.dtype)
 
 
 def _target_indices(indices: Sequence[Any] | None, shape: tuple[int, ...]) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
-from medcam3d.space import Space, SpaceError, feature_space, resample
+from medcam3d.space import Resampler, Space, SpaceError, feature_space, resample
 
 
 def _affine(rotation=None, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), flip=None):
@@ -452,3 +452,83 @@ def test_separable_fill_and_edge_band_2d_and_gradients():
     (Resampler(src, dst3)(x, fill=1.0) ** 2).sum().backward()
     (Resampler(src, dst3, separable=False)(y, fill=1.0) ** 2).sum().backward()
     torch.testing.assert_close(x.grad, y.grad, atol=1e-4, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ nearest neighbour
+
+
+def _nearest_reference(labels, src, dst, fill):
+    """Independent nearest-neighbour pull-resampling: scipy's order-0 lookup of each target voxel
+    centre (rounded to the nearest source voxel, the edge voxel beyond the outermost centres), ``fill``
+    outside the field of view ``[-0.5, n - 0.5]``; and each coordinate's distance to a cell edge."""
+    nd = len(src.shape)
+    m = np.linalg.inv(src.affine) @ dst.affine
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in dst.shape], indexing="ij")).reshape(nd, -1)
+    coords = m[:nd, :nd] @ idx + m[:nd, 3:4]
+    n = np.array(src.shape, dtype=float)[:, None]
+    inside = np.all((coords >= -0.5) & (coords <= n - 0.5), axis=0)
+    out = map_coordinates(labels, coords, order=0, mode="nearest")
+    out[~inside] = fill
+    edge = np.abs(coords - 0.5 - np.round(coords - 0.5))  # cell edges (and the field of view's) are at k + 0.5
+    return out.reshape(dst.shape), float(edge.min())
+
+
+def test_resample_nearest_oblique_anisotropic_equals_reference():
+    rng = np.random.default_rng(11)
+    src = Space((11, 9, 7), _affine(spacing=(0.8, 1.3, 2.5), origin=(-10.0, 5.0, 3.0)))
+    labels = rng.integers(0, 5, src.shape).astype(np.int16)
+    rotation = Rotation.from_euler("xyz", [17, -23, 31], degrees=True).as_matrix()
+    dst = Space((13, 10, 6), _affine(rotation, (1.1, 0.7, 1.9), (-9.3, 4.1, 1.7), flip=(1, -1, 1)))
+    expected, edge = _nearest_reference(labels, src, dst, fill=-1)
+    assert edge > 1e-6  # no centre on a cell edge: the rounding is unambiguous
+    assert (expected == -1).any() and (expected != -1).any()  # partly outside the source's view
+    resampler = Resampler(src, dst)
+    assert not resampler.separable  # oblique: the target is processed in slabs
+    out = resampler(labels, fill=-1, mode="nearest")
+    assert out.dtype == np.int16 and out.shape == dst.shape
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(resample(labels, src, dst, fill=-1, mode="nearest"), expected)
+    # slabs, leading axes, tensors, column-major layout and index subsets change nothing
+    np.testing.assert_array_equal(resampler(labels, fill=-1, mode="nearest", chunk_voxels=37), expected)
+    stacked = torch.from_numpy(np.stack([labels, labels + 5]))
+    tout = resampler(stacked, fill=-1, mode="nearest", chunk_voxels=100)
+    assert isinstance(tout, torch.Tensor) and tout.dtype == torch.int16 and tout.shape == (2, *dst.shape)
+    np.testing.assert_array_equal(tout[1].numpy(), np.where(expected == -1, -1, expected + 5))
+    f = resampler(labels, fill=-1, mode="nearest", layout="F")
+    assert f.flags.f_contiguous
+    np.testing.assert_array_equal(f, expected)
+    picks = [np.array([0, 5, 12]), np.array([9, 2]), np.arange(6)]
+    np.testing.assert_array_equal(resampler(labels, fill=-1, mode="nearest", indices=picks), expected[np.ix_(*picks)])
+
+
+def test_resample_nearest_axis_parallel_equals_reference():
+    rng = np.random.default_rng(12)
+    src = Space((11, 9, 7), _affine(spacing=(0.8, 1.3, 2.5), origin=(-10.0, 5.0, 3.0)))
+    labels = rng.integers(0, 200, src.shape).astype(np.uint8)
+    a = np.zeros((4, 4))  # target axes: world y, -x, z; anisotropic, partly outside the source
+    a[1, 0], a[0, 1], a[2, 2], a[3, 3] = 1.1, -0.6, 1.7, 1.0
+    a[:3, 3] = [-1.37, 3.73, 1.13]
+    dst = Space((12, 14, 9), a)
+    expected, edge = _nearest_reference(labels, src, dst, fill=0)
+    assert edge > 1e-6 and (expected == 0).any()
+    resampler = Resampler(src, dst)
+    assert resampler.separable
+    for out in (resampler(labels, mode="nearest"), Resampler(src, dst, separable=False)(labels, mode="nearest"),
+                resampler(torch.from_numpy(labels), mode="nearest").numpy()):
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expected)
+    # a mask stays a mask
+    mask = labels > 100
+    np.testing.assert_array_equal(resample(mask, src, dst, mode="nearest", fill=False), expected > 100)
+    # 2D grids, flipped and transposed
+    src2 = Space((5, 7), np.diag([3.0, 2.0, 1.0, 1.0]))
+    a2 = np.zeros((4, 4))
+    a2[0, 1], a2[1, 0], a2[2, 2], a2[3, 3] = -1.3, 0.7, 1.0, 1.0
+    a2[:2, 3] = [14.03, -1.02]
+    dst2 = Space((17, 11), a2)
+    labels2 = rng.integers(0, 9, src2.shape)
+    expected2, edge2 = _nearest_reference(labels2, src2, dst2, fill=-3)
+    assert edge2 > 1e-6
+    np.testing.assert_array_equal(resample(labels2, src2, dst2, mode="nearest", fill=-3), expected2)
+    with pytest.raises(ValueError, match="mode"):
+        resample(labels, src, dst, mode="cubic")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..space import Space
+from ..space import Space, resample
 
 __all__ = [
     "layer_grid",
@@ -156,41 +156,24 @@ def resample_labels(labels: np.ndarray, source: Space, target: Space, *, slab_vo
     """Nearest-neighbour resampling of a label map from ``source`` onto ``target``.
 
     Each target voxel takes the label of the source voxel whose cell holds its centre; target
-    voxels outside the source grid get 0. Labels are never blended (no new values appear).
+    voxels outside the source grid get 0. Labels are never blended (no new values appear). This is
+    :func:`medcam3d.space.resample` with ``mode="nearest"``.
 
     Parameters
     ----------
     labels : (*source.shape) integer ndarray
     source, target : Space
     slab_voxels : int
-        Target voxels mapped per step (bounds the memory of the coordinates).
+        Target voxels mapped per step on oblique grids (bounds the memory of the coordinates).
 
     Returns
     -------
     (*target.shape) ndarray
         Same dtype as ``labels``.
     """
-    labels = np.asarray(labels)
     if source.ndim != 3 or target.ndim != 3:
         raise ValueError(f"resample_labels takes 3D grids, not {source.ndim}D -> {target.ndim}D.")
-    out = np.zeros(target.shape, dtype=labels.dtype)
-    to_source = np.linalg.inv(source.affine) @ target.affine  # target voxel -> source voxel
-    plane = math.prod(target.shape[1:])
-    rows = max(1, slab_voxels // max(plane, 1))
-    j = np.arange(target.shape[1], dtype=np.float64)[None, :, None]
-    k = np.arange(target.shape[2], dtype=np.float64)[None, None, :]
-    for start in range(0, target.shape[0], rows):
-        stop = min(start + rows, target.shape[0])
-        i = np.arange(start, stop, dtype=np.float64)[:, None, None]
-        inside = np.ones((stop - start, *target.shape[1:]), dtype=bool)
-        index = []
-        for axis in range(3):
-            row = to_source[axis]
-            nearest = np.rint(row[0] * i + row[1] * j + row[2] * k + row[3]).astype(np.int64)
-            inside &= (nearest >= 0) & (nearest < source.shape[axis])
-            index.append(np.clip(nearest, 0, source.shape[axis] - 1))
-        out[start:stop] = np.where(inside, labels[tuple(index)], 0)
-    return out
+    return resample(np.asarray(labels), source, target, fill=0, chunk_voxels=slab_voxels, mode="nearest")
 
 
 def field_of_view(source: Space, target: Space, *, slab_voxels: int = 2**22) -> np.ndarray:
@@ -209,8 +192,6 @@ def field_of_view(source: Space, target: Space, *, slab_voxels: int = 2**22) -> 
     -------
     (*target.shape) bool ndarray
     """
-    from ..space import resample
-
     inside = np.empty(target.shape, dtype=bool)
     ones = np.ones(source.shape, dtype=np.float32)
     rows = max(1, slab_voxels // max(math.prod(target.shape[1:]), 1))
