@@ -8,9 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Modules that mypy passes without errors. Add the remaining ones as they become clean:
-# medcam3d/explainer.py, hooks.py, layers.py, modeling.py, sliding.py, torchscript.py, heatmap.py,
-# masks.py, space.py, segment.py, demo/synthetic.py and jobs/report.py.
+# Modules that mypy passes without errors: all of the package but PENDING.
 CLEAN = [
     "medcam3d/__init__.py",
     "medcam3d/__main__.py",
@@ -18,27 +16,25 @@ CLEAN = [
     "medcam3d/cli.py",
     "medcam3d/cohort.py",
     "medcam3d/config.py",
+    "medcam3d/demo/__init__.py",
+    "medcam3d/demo/synthetic.py",
+    "medcam3d/demo/train.py",
+    "medcam3d/dicom_export.py",
     "medcam3d/errors.py",
     "medcam3d/evaluate.py",
-    "medcam3d/io.py",
-    "medcam3d/models.py",
-    "medcam3d/monai_example.py",
-    "medcam3d/monai.py",
-    "medcam3d/dicom_export.py",
-    "medcam3d/orientation.py",
-    "medcam3d/pictures.py",
-    "medcam3d/pipeline.py",
-    "medcam3d/preprocess.py",
-    "medcam3d/targets.py",
-    "medcam3d/demo/__init__.py",
-    "medcam3d/demo/train.py",
     "medcam3d/explainers/__init__.py",
+    "medcam3d/heatmap.py",
+    "medcam3d/hooks.py",
+    "medcam3d/io.py",
     "medcam3d/jobs/__init__.py",
     "medcam3d/jobs/cases.py",
     "medcam3d/jobs/cohort.py",
     "medcam3d/jobs/evaluate.py",
     "medcam3d/jobs/outputs.py",
+    "medcam3d/jobs/report.py",
     "medcam3d/jobs/runner.py",
+    "medcam3d/layers.py",
+    "medcam3d/masks.py",
     "medcam3d/methods/__init__.py",
     "medcam3d/methods/base.py",
     "medcam3d/methods/cam.py",
@@ -52,6 +48,10 @@ CLEAN = [
     "medcam3d/metrics/faithfulness.py",
     "medcam3d/metrics/localization.py",
     "medcam3d/metrics/sanity.py",
+    "medcam3d/modeling.py",
+    "medcam3d/models.py",
+    "medcam3d/monai.py",
+    "medcam3d/monai_example.py",
     "medcam3d/napari/__init__.py",
     "medcam3d/napari/_grid.py",
     "medcam3d/napari/_reader.py",
@@ -59,7 +59,20 @@ CLEAN = [
     "medcam3d/napari/_view.py",
     "medcam3d/napari/_widget.py",
     "medcam3d/napari/_writer.py",
+    "medcam3d/orientation.py",
+    "medcam3d/pictures.py",
+    "medcam3d/pipeline.py",
+    "medcam3d/preprocess.py",
+    "medcam3d/segment.py",
+    "medcam3d/sliding.py",
+    "medcam3d/space.py",
+    "medcam3d/targets.py",
+    "medcam3d/torchscript.py",
 ]
+
+# Not clean yet (each one goes into CLEAN when it is). explainer.py: its one remaining error is being
+# fixed by its owner, who moves it to CLEAN.
+PENDING = ["medcam3d/explainer.py"]
 
 
 @pytest.mark.slow
@@ -67,6 +80,9 @@ def test_mypy_clean_modules() -> None:
     api = pytest.importorskip("mypy.api")
     missing = [name for name in CLEAN if not (ROOT / name).is_file()]
     assert not missing, f"listed modules that no longer exist: {missing}"
+    package = {path.relative_to(ROOT).as_posix() for path in (ROOT / "medcam3d").rglob("*.py")}
+    unlisted = sorted(package - set(CLEAN) - set(PENDING))
+    assert not unlisted, f"modules neither in CLEAN nor in PENDING (add them to CLEAN): {unlisted}"
     # Imported modules that are not clean yet are still analysed (their types are used), but only
     # errors in the listed files are reported.
     stdout, stderr, status = api.run([
