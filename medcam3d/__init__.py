@@ -40,21 +40,24 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from .errors import (
-        InputError,
-        LayerError,
-        LayerNotFoundError,
-        MethodNotFoundError,
-        TargetError,
-        TargetIndexError,
-    )
-    from .explainer import Explainer, Explanation
-    from .errors import Medcam3dError
-    from .methods import EXPLAINERS, METHODS, get_explainer, get_method
-    from .heatmap import normalize
-    from .layers import LayerInfo, list_layers
-    from .targets import Region
+if TYPE_CHECKING:  # for type checkers and IDEs (``import X as X``: a re-export); at run time the names load lazily
+    from .errors import InputError as InputError
+    from .errors import LayerError as LayerError
+    from .errors import LayerNotFoundError as LayerNotFoundError
+    from .errors import Medcam3dError as Medcam3dError
+    from .errors import MethodNotFoundError as MethodNotFoundError
+    from .errors import TargetError as TargetError
+    from .errors import TargetIndexError as TargetIndexError
+    from .explainer import Explainer as Explainer
+    from .explainer import Explanation as Explanation
+    from .heatmap import normalize as normalize
+    from .layers import LayerInfo as LayerInfo
+    from .layers import list_layers as list_layers
+    from .methods import EXPLAINERS as EXPLAINERS
+    from .methods import METHODS as METHODS
+    from .methods import get_explainer as get_explainer
+    from .methods import get_method as get_method
+    from .targets import Region as Region
 
 
 def __getattr__(name: str) -> Any:
