@@ -11,6 +11,23 @@ invalid config, an input that cannot be used, a refusal such as an untrusted mod
 
 from __future__ import annotations
 
+#: The errors of reading and writing images, which :mod:`medcam3d.io` exports as well.
+_IMAGE_ERRORS = (
+    "ImageReadError",
+    "ImageNotFoundError",
+    "UnsupportedFormatError",
+    "VolumeError",
+    "VolumeIndexError",
+    "NonFiniteError",
+    "GeometryError",
+    "ImageTooLargeError",
+    "UntrustedFileError",
+    "ImageWriteError",
+    "UnwritableImageError",
+    "OutputPermissionError",
+    "OutputDirectoryError",
+)
+
 __all__ = [
     "Medcam3dError",
     "UsageError",
@@ -32,19 +49,7 @@ __all__ = [
     "ConcurrentUseError",
     "SpaceError",
     "PreprocessingError",
-    "ImageReadError",
-    "ImageNotFoundError",
-    "UnsupportedFormatError",
-    "VolumeError",
-    "VolumeIndexError",
-    "NonFiniteError",
-    "GeometryError",
-    "ImageTooLargeError",
-    "UntrustedFileError",
-    "ImageWriteError",
-    "UnwritableImageError",
-    "OutputPermissionError",
-    "OutputDirectoryError",
+    *_IMAGE_ERRORS,
     "CohortError",
     "CaseIdError",
     "OutputConflictError",

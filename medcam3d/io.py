@@ -71,6 +71,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from .errors import _IMAGE_ERRORS
 from .errors import ImageReadError, ImageNotFoundError, UnsupportedFormatError, VolumeError, VolumeIndexError, NonFiniteError, ImageWriteError, UnwritableImageError, OutputPermissionError, OutputDirectoryError, ShearWarning, SpaceError, GeometryError, ImageTooLargeError, UntrustedFileError  # noqa: F401  (re-exported)
 from .orientation import lps_to_ras, ras_to_lps
 from .space import Space
@@ -89,20 +90,8 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "MIN_VOXEL_MM",
     "MAX_VOXEL_MM",
-    "ImageReadError",
-    "ImageNotFoundError",
-    "UnsupportedFormatError",
-    "VolumeError",
-    "VolumeIndexError",
-    "NonFiniteError",
-    "GeometryError",
-    "ImageTooLargeError",
-    "UntrustedFileError",
-    "ImageWriteError",
-    "UnwritableImageError",
-    "OutputPermissionError",
-    "OutputDirectoryError",
     "ShearWarning",
+    *_IMAGE_ERRORS,
 ]
 
 logger = logging.getLogger(__name__)
