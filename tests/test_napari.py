@@ -28,8 +28,12 @@ from medcam3d.napari import _widget
 from medcam3d.napari._grid import axis_aligned_grid, layer_grid, resample_labels
 from medcam3d.napari._reader import napari_get_reader, read_image
 from medcam3d.napari._sample_data import demo_case, oblique_case
+from medcam3d.napari._grid import napari_affine
+from medcam3d.napari._reader import checksum
 from medcam3d.napari._widget import (SCALES, ExplainWidget, colour_limits, explain_image, heatmap_name,
-                                     mask_from_heatmap, set_view, threshold_problem)
+                                     mask_from_heatmap, segment_from_heatmap, set_view, threshold_problem)
+from medcam3d.space import resample
+from _images import planted_scan
 from medcam3d.napari._writer import ascii_text, write_heatmap, write_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -809,4 +813,124 @@ def test_errors_become_notifications_and_the_viewer_stays_usable(make_napari_vie
     widget.run_button.native.click()
     name = heatmap_name("case_01", "hirescam", "class_layers.relu", "dark_elongated", 0.77)
     qtbot.waitUntil(lambda: name in viewer.layers and widget.run_button.enabled, timeout=60000)
+    _settle(qtbot, widget)
+
+
+# ------------------------------------------------------------------------------ Segment action
+PLANTED_SHAPE = (48, 44, 20)
+# LPS-stored, anisotropic (0.9 x 0.9 x 2.5 mm), off-origin: what a CT gives
+PLANTED_AFFINE = np.array([[-0.9, 0, 0, 30.0], [0, -0.9, 0, 25.0], [0, 0, 2.5, -10.0], [0, 0, 0, 1]])
+
+
+def _planted(viewer, *, foreign: bool = False):
+    """A scan with a bright ball (the lesion of class 1, 'dark' being class 0) and a medcam3d-style heatmap of
+    that class: a Gaussian on an 8 mm feature grid around the ball, shown on the scan's grid."""
+    centre = PLANTED_AFFINE @ [24, 20, 9, 1]
+    image, inside = planted_scan(PLANTED_SHAPE, PLANTED_AFFINE, centre[:3], radius_mm=7.0, seed=3)
+    space = Space(PLANTED_SHAPE, PLANTED_AFFINE)
+    feature = Space((8, 8, 8), np.array([[8.0, 0, 0, -30.0], [0, 8.0, 0, -35.0], [0, 0, 8.0, -12.0], [0, 0, 0, 1]]))
+    cells = feature.voxel_to_world(np.indices(feature.shape).reshape(3, -1).T.astype(float)).reshape(*feature.shape, 3)
+    feature_map = np.exp(-np.sum((cells - centre[:3]) ** 2, axis=-1) / (2 * 8.0 ** 2)).astype(np.float32)
+    shown = resample(feature_map, feature, space).astype(np.float32)
+    if foreign:  # opened by another reader: napari's scale and translate only
+        scan = viewer.add_image(image, name="planted", scale=np.diag(PLANTED_AFFINE)[:3], translate=PLANTED_AFFINE[:3, 3])
+    else:
+        scan = viewer.add_image(image, name="planted", affine=napari_affine(PLANTED_AFFINE, 3),
+                                metadata={"medcam3d": "scan", "affine": PLANTED_AFFINE.copy()})
+    meta = {"medcam3d": "heatmap", "method": "hirescam", "layer": "class_layers.relu", "class": "bright",
+            "class_index": 1, "affine": PLANTED_AFFINE.copy(), "source": "planted", "feature_map": feature_map,
+            "feature_affine": feature.affine.copy(), "checksum": checksum(shown)}
+    heat = viewer.add_image(shown, name="planted · hirescam · bright", affine=napari_affine(PLANTED_AFFINE, 3),
+                            metadata=meta)
+    return scan, heat, inside
+
+
+def _world_corners(layer, shape) -> np.ndarray:
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return np.asarray([layer.data_to_world(c) for c in corners], dtype=float)
+
+
+def _dice(a, b) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("foreign", [False, True], ids=["medcam3d placement", "napari scale and translate"])
+def test_segment_action_labels_the_planted_lesion_on_the_scan_grid(make_napari_viewer, qtbot, foreign, notifications,
+                                                                   tmp_path):
+    viewer = make_napari_viewer()
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explain")
+    scan, heat, inside = _planted(viewer, foreign=foreign)
+    widget.reset_choices()
+    widget.image_layer.value, widget.heatmap.value = scan, heat
+    assert widget.segment_button.text == "Segment" and widget.segment_button.parent is widget.mask_button.parent
+    count = len(viewer.layers)
+    widget.segment_button.native.click()  # the button beside "Threshold to mask"
+    assert len(viewer.layers) == count + 2
+    labels, boxes = viewer.layers[-2], viewer.layers[-1]
+    assert labels.name == "planted · segmentation bright" and boxes.name == "planted · lesion boxes bright"
+    assert labels.data.shape == scan.data.shape and set(np.unique(labels.data)) == {0, 2}  # label = class 1 + 1
+    assert _dice(labels.data == 2, inside) > 0.9  # the planted ball
+    # placed where the scan is: every corner voxel at the same world position (mm)
+    np.testing.assert_allclose(_world_corners(labels, scan.data.shape), _world_corners(scan, scan.data.shape), atol=1e-6)
+    np.testing.assert_allclose(_world_corners(boxes, scan.data.shape), _world_corners(scan, scan.data.shape), atol=1e-6)
+    [lesion] = labels.metadata["lesions"]
+    where = np.argwhere(inside)
+    assert np.all(np.abs(np.asarray(lesion["box"]["voxel_min"]) - where.min(0)) <= 1)
+    assert np.all(np.abs(np.asarray(lesion["box"]["voxel_max"]) - where.max(0)) <= 1)
+    centre_mm = PLANTED_AFFINE @ [24, 20, 9, 1]
+    np.testing.assert_allclose(lesion["box"]["centre_mm"], centre_mm[:3], atol=2.6)  # within a voxel
+    assert boxes.nshapes == 12 and labels.metadata["segmentation"]["method"] == "random_walker"
+    assert "1 lesion(s)" in widget.box.value and labels.name in widget.box.value
+    assert bool(foreign) == any("not opened by the medcam3d reader" in m for m in notifications)
+    if not foreign:  # saved as a mask on the scan's grid
+        viewer.layers.selection = {labels}
+        [saved] = viewer.layers.save(str(tmp_path / "segmentation.nii.gz"), selected=True, plugin="medcam3d")
+        written = nib.load(saved)
+        np.testing.assert_allclose(written.affine, PLANTED_AFFINE, atol=1e-6)
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels.data)
+
+
+def test_segment_again_adds_a_layer_and_keeps_edits_and_errors_are_notifications(make_napari_viewer, qtbot,
+                                                                                 monkeypatch, notifications):
+    viewer = make_napari_viewer()
+    widget = ExplainWidget(viewer)
+    assert widget.make_segmentation() == [] and "no heatmap layer" in notifications[-1]
+    scan, heat, inside = _planted(viewer)
+    widget.reset_choices()
+    widget.image_layer.value, widget.heatmap.value = scan, heat
+    labels, _boxes = widget.make_segmentation()
+    edit = tuple(int(v) for v in np.argwhere(labels.data == 0)[0])
+    labels.brush_size = 1
+    labels.paint(edit, 2)
+    edited = labels.data.copy()
+    again, again_boxes = widget.make_segmentation()
+    assert again is not labels and again.name == f"{labels.name} [2]" and again_boxes.name.endswith("[2]")
+    np.testing.assert_array_equal(labels.data, edited)  # the hand edit stays with the first layer
+    assert again.data[edit] == 0
+    fresh = again.data.copy()
+    again.undo()  # nothing stale comes back into the new layer
+    np.testing.assert_array_equal(again.data, fresh)
+    labels.undo()  # the hand edit only
+    np.testing.assert_array_equal(labels.data, fresh)
+
+    # without the feature map (the shown voxels changed), the layer's own data is segmented: the same lesion
+    heat.data = heat.data * 2.0
+    direct = segment_from_heatmap(scan.data, scan.metadata["affine"], heat.data, heat.metadata["affine"],
+                                  scan_name="planted", name=heat.name, metadata=heat.metadata)
+    assert _dice(direct[0][0] == 2, inside) > 0.9
+
+    # a flat map: no lesion, said so; a failure: a notification, no traceback, nothing added
+    flat = viewer.add_image(np.zeros(scan.data.shape, np.float32), name="flat", affine=napari_affine(PLANTED_AFFINE, 3),
+                            metadata={"medcam3d": "heatmap", "class": "bright", "class_index": 1,
+                                      "affine": PLANTED_AFFINE.copy()})
+    widget.reset_choices()
+    widget.heatmap.value = flat
+    [empty] = widget.make_segmentation()
+    assert not empty.data.any() and widget.box.value.endswith("no lesion found")
+    count = len(viewer.layers)
+    monkeypatch.setattr(_widget, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
+    assert widget.make_segmentation() == [] and widget.box.value == ""
+    assert "cannot segment planted" in notifications[-1] and "broken" in notifications[-1]
+    assert "Traceback" not in notifications[-1] and len(viewer.layers) == count
     _settle(qtbot, widget)

@@ -5,7 +5,8 @@ Two layers of code:
 - pure functions that do the work without Qt and return napari layer data tuples:
   :func:`explain_steps` (a generator: scan + config -> progress steps, then one heatmap layer per
   class and the model's field of view), :func:`explain_image` (the same, run to the end),
-  :func:`mask_from_heatmap` (heatmap -> labels layer + bounding box), :func:`candidate_layers`
+  :func:`mask_from_heatmap` (heatmap -> labels layer + bounding box), :func:`segment_from_heatmap`
+  (scan + heatmap -> weakly-supervised label map + lesion boxes, :mod:`medcam3d.segment`), :func:`candidate_layers`
   (cached per model and input shape), :func:`colour_limits`, :func:`layer_placement`;
 - :class:`ExplainWidget`, a thin magicgui container that runs them in worker threads
   (``napari.qt.threading.thread_worker``, cancellable between steps) and reports errors as napari
@@ -17,8 +18,8 @@ layer, class and probability (``case_01 · hirescam · class_layers.relu · brig
 Explaining the same thing again refreshes that heatmap in place; anything else gets its own layer.
 
 All maths goes through the library: :mod:`medcam3d.jobs.runner` (``Runner``, probabilities),
-:mod:`medcam3d.preprocess`, :mod:`medcam3d.heatmap`, :mod:`medcam3d.space` (``resample``) and
-:mod:`medcam3d.masks`.
+:mod:`medcam3d.preprocess`, :mod:`medcam3d.heatmap`, :mod:`medcam3d.space` (``resample``),
+:mod:`medcam3d.masks` and :mod:`medcam3d.segment`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "explain_steps",
     "explain_image",
     "mask_from_heatmap",
+    "segment_from_heatmap",
     "candidate_layers",
     "cached_layers",
     "colour_limits",
@@ -569,13 +571,109 @@ def mask_from_heatmap(
                                                     "opacity": 0.8, "colormap": colormap, "metadata": meta,
                                                     "axis_labels": AXIS_LABELS, "units": UNITS}, "labels")]
     if box is not None:
-        low, high = np.asarray(box.voxel_min, dtype=float), np.asarray(box.voxel_max, dtype=float)
-        corners = np.array([[(low, high)[a][0], (low, high)[b][1], (low, high)[c][2]]
-                            for a in (0, 1) for b in (0, 1) for c in (0, 1)])
-        edges = [corners[[n, n | bit]] for n in range(8) for bit in (4, 2, 1) if not n & bit]
-        layers.append((edges, {"name": f"{name} · box {setting}", "affine": placement, "shape_type": "line",
-                               "edge_color": "cyan", "edge_width": 0.5, "metadata": dict(meta),
-                               "axis_labels": AXIS_LABELS, "units": UNITS}, "shapes"))
+        layers.append((_box_edges(box.voxel_min, box.voxel_max), {
+            "name": f"{name} · box {setting}", "affine": placement, "shape_type": "line", "edge_color": "cyan",
+            "edge_width": 0.5, "metadata": dict(meta), "axis_labels": AXIS_LABELS, "units": UNITS}, "shapes"))
+    return layers
+
+
+def _box_edges(voxel_min: Sequence[int], voxel_max: Sequence[int]) -> list[np.ndarray]:
+    """The 12 edges (pairs of voxel positions) of a box: a wireframe in 3D, its faces' outlines in 2D."""
+    low, high = np.asarray(voxel_min, dtype=float), np.asarray(voxel_max, dtype=float)
+    corners = np.array([[(low, high)[a][0], (low, high)[b][1], (low, high)[c][2]]
+                        for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    return [corners[[n, n | bit]] for n in range(8) for bit in (4, 2, 1) if not n & bit]
+
+
+#: Colour of the segmentation labels and their lesion boxes (the threshold masks are cyan).
+SEGMENT_COLOUR = "magenta"
+
+
+def segment_from_heatmap(
+    scan: Any,
+    scan_affine: Any,
+    data: Any,
+    affine: Any,
+    *,
+    scan_name: str = "scan",
+    name: str = "heatmap",
+    metadata: dict | None = None,
+    settings: Any = None,
+) -> list[tuple]:
+    """Segment one class's lesions from the scan and its heatmap: seed, expand, constrain.
+
+    :func:`medcam3d.segment.segment` with its default settings (or ``settings``), the class given
+    by the heatmap and segmented on its own, on the scan's grid. A medcam3d heatmap is taken from
+    its feature grid (``metadata["feature_map"]``, exact, as ``medcam3d explain --segment`` does)
+    while its shown voxels are unchanged; otherwise from the layer's data on its own grid.
+
+    Parameters
+    ----------
+    scan : (I, J, K) array_like
+        The scan layer's data (e.g. HU).
+    scan_affine : (4, 4) array_like
+        Voxel -> RAS mm of ``scan`` (:func:`layer_placement`).
+    data : (I', J', K') array_like
+        The heatmap layer's data, on the grid ``affine`` (usually the scan's).
+    affine : (4, 4) array_like
+        Voxel -> RAS mm of ``data``.
+    scan_name, name : str
+        The scan and heatmap layers' names.
+    metadata : dict, optional
+        The heatmap layer's metadata: ``class_index`` and ``class`` (default 0 and ``name``),
+        grid keys and provenance (passed on), ``feature_map``/``feature_affine``/``checksum``.
+    settings : medcam3d.segment.SegmentSettings, optional
+
+    Returns
+    -------
+    list of layer data tuples
+        ``(labels, kwargs, "labels")`` (uint8) named ``<scan> · segmentation <class>`` on the scan's
+        grid (label ``class_index + 1`` as in :mod:`medcam3d.segment` and the demo masks), and,
+        when a lesion was found, ``(edges, kwargs, "shapes")``: the 12 edges of each lesion's box
+        (``<scan> · lesion boxes <class>``). Both have ``metadata["lesions"]`` (each lesion's
+        volume, peak and box in voxels and RAS mm) and ``metadata["segmentation"]`` (the settings).
+    """
+    from ..heatmap import Heatmap
+    from ..segment import segment
+    from ._reader import checksum
+
+    source = dict(metadata or {})
+    image = np.asarray(scan)
+    heat = np.asarray(data, dtype=np.float32)
+    if image.ndim != 3 or heat.ndim != 3:
+        raise ValueError(f"segmentation needs a 3D scan and a 3D heatmap, not {image.ndim}D and {heat.ndim}D.")
+    space = _space(image.shape, scan_affine)
+    index = int(source.get("class_index") or 0)
+    label = str(source.get("class") or name)
+    method, layer = str(source.get("method") or "map"), str(source.get("layer") or "")
+    feature = source.get("feature_map")
+    if feature is not None and source.get("feature_affine") is not None and source.get("checksum") == checksum(heat):
+        grid = _space(np.shape(feature), source["feature_affine"])
+        heat = np.asarray(feature, dtype=np.float32)
+    else:
+        grid = _space(heat.shape, affine)
+    result = segment(image, space, [Heatmap(heat, grid, method, layer, index, label)], classes=[index],
+                     settings=settings)
+    lesions = [lesion for lesion in result.lesions if lesion.class_index == index]
+    meta = {
+        **{k: source[k] for k in ("method", "layer", "class", "class_index", "path", "volume", "source", "config")
+           if k in source},
+        "medcam3d": "mask",
+        "affine": np.array(space.affine, dtype=np.float64),
+        "segmentation": result.settings.to_dict(),
+        "lesions": [lesion.to_dict() for lesion in lesions],
+        "descrip": ascii_text(f"medcam3d segment {result.settings.method} of {label}: {index + 1} {label}"),
+    }
+    placement = napari_affine(space.affine, 3)
+    colormap = {0: "transparent", index + 1: SEGMENT_COLOUR, None: SEGMENT_COLOUR}
+    layers: list[tuple] = [(result.labels, {
+        "name": f"{scan_name} · segmentation {label}", "affine": placement, "opacity": 0.8, "colormap": colormap,
+        "metadata": meta, "axis_labels": AXIS_LABELS, "units": UNITS}, "labels")]
+    if lesions:
+        edges = [edge for lesion in lesions for edge in _box_edges(lesion.box.voxel_min, lesion.box.voxel_max)]
+        layers.append((edges, {"name": f"{scan_name} · lesion boxes {label}", "affine": placement,
+                               "shape_type": "line", "edge_color": SEGMENT_COLOUR, "edge_width": 0.5,
+                               "metadata": dict(meta), "axis_labels": AXIS_LABELS, "units": UNITS}, "shapes"))
     return layers
 
 
@@ -739,8 +837,9 @@ class ExplainWidget(Container):
     progress bar, *Cancel* stops after the current step) and added as one heatmap layer per class
     on the grid the scan is shown on, coloured per class on the chosen colour scale, with the
     model's field of view as an outline when the model does not see the whole scan. *Threshold
-    to mask* turns the chosen heatmap into a new labels layer and a box (reported in mm). Errors
-    become napari notifications.
+    to mask* turns the chosen heatmap into a new labels layer and a box (reported in mm);
+    *Segment* segments the chosen heatmap's class from the scan (:func:`segment_from_heatmap`) into
+    a new labels layer and lesion boxes. Errors become napari notifications.
 
     Parameters
     ----------
@@ -785,13 +884,16 @@ class ExplainWidget(Container):
                                        tooltip="fraction of the maximum (0-1] or percentile (0-100)")
         keep_largest = CheckBox(text="largest component only", value=True)
         mask_button = PushButton(text="Threshold to mask")
+        segment_button = PushButton(text="Segment", tooltip="Seed, expand, constrain (medcam3d.segment): the chosen "
+                                                            "heatmap's class segmented from the scan, with lesion boxes.")
+        mask_row = Container(widgets=[mask_button, segment_button], layout="horizontal", labels=False)
         box = Label(value="")
         views = [PushButton(text=plane.capitalize(), name=plane) for plane in VIEWS]
         view_row = Container(widgets=views, layout="horizontal", label="view", labels=False)
         super().__init__(widgets=[
             image_layer, config, method, target_layer, target_class, trust, scale, buttons, progress, status,
             Label(value="Threshold a heatmap into a mask:"), heatmap, threshold_method, threshold_value,
-            keep_largest, mask_button, box, view_row,
+            keep_largest, mask_row, box, view_row,
         ])
         self._viewer = napari_viewer
         self._closed = False
@@ -806,7 +908,7 @@ class ExplainWidget(Container):
         self.target_layer, self.target_class, self.trust, self.scale = target_layer, target_class, trust, scale
         self.run_button, self.cancel_button, self.progress, self.status = run_button, cancel_button, progress, status
         self.heatmap, self.threshold_method, self.threshold_value = heatmap, threshold_method, threshold_value
-        self.keep_largest, self.mask_button, self.box = keep_largest, mask_button, box
+        self.keep_largest, self.mask_button, self.segment_button, self.box = keep_largest, mask_button, segment_button, box
         for label in (status, box):
             label.native.setWordWrap(True)  # long messages wrap instead of widening the dock
         # Choices are callables so that reset_choices() (napari calls it on layer events) keeps them.
@@ -829,6 +931,7 @@ class ExplainWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.mask_button.changed.connect(self.make_mask)
+        self.segment_button.changed.connect(self.make_segmentation)
         self.threshold_method.changed.connect(self._on_threshold_method)
         for button in views:
             button.changed.connect(lambda _=None, plane=button.name: set_view(self._viewer, plane))
@@ -1141,4 +1244,36 @@ class ExplainWidget(Container):
             size = " x ".join(f"{v:.1f}" for v in box["size_mm"])
             centre = ", ".join(f"{v:.1f}" for v in box["centre_mm"])
             self.box.value = f"{added[0].name}: box {size} mm, centre ({centre}) mm RAS, {box['voxels']} voxels"
+        return added
+
+    # ---------------------------------------------------------------- segment
+    def make_segmentation(self, _value=None) -> list:
+        """Segment the chosen heatmap's class from the chosen scan (:func:`segment_from_heatmap`) into a new
+        labels layer on the scan's grid, with a shapes layer of the lesion boxes; returns the new layers."""
+        from napari.utils.notifications import show_error
+
+        heat, scan = self.heatmap.value, self.image_layer.value
+        if heat is None or scan is None:
+            self.box.value = ""
+            show_error("medcam3d: no heatmap layer to segment from; run Explain first." if heat is None else
+                       "medcam3d: no 3D image layer to segment; open a scan first.")
+            return []
+        try:
+            scan_affine, _ = self._placement(scan)
+            affine, metadata = layer_placement(heat)
+            result = segment_from_heatmap(scan.data, scan_affine, heat.data, affine, scan_name=scan.name,
+                                          name=heat.name, metadata=metadata)
+        except Exception as error:
+            logger.debug("medcam3d segmentation failed", exc_info=True)
+            self.box.value = ""  # no stale report from an earlier mask
+            show_error(f"medcam3d: cannot segment {scan.name} from {heat.name}: {_message(error)}")
+            return []
+        added = [_add_result(self._viewer, *item) for item in result]
+        lesions = result[0][1]["metadata"]["lesions"]
+        if not lesions:
+            self.box.value = f"{added[0].name}: no lesion found"
+        else:
+            boxes = "; ".join(" x ".join(f"{v:.1f}" for v in lesion["box"]["size_mm"]) + " mm, centre (" +
+                              ", ".join(f"{v:.1f}" for v in lesion["box"]["centre_mm"]) + ") mm RAS" for lesion in lesions)
+            self.box.value = f"{added[0].name}: {len(lesions)} lesion(s): {boxes}"
         return added
