@@ -608,7 +608,8 @@ def _series_info(p: Path, uid: str, slices: list[_Slice]) -> SeriesInfo:
     return SeriesInfo(uid, first.description, first.modality, len(slices), shape, _voxel_sizes(affine, 3), _axcodes(affine, 3), affine, problem)
 
 
-def _describe_dicom(p: Path, trust: bool) -> ImageInfo:
+def _series_reader(p: Path) -> tuple[Any, list[str]]:
+    """SimpleITK's series reader for the DICOM folder ``p``, and the UIDs of the series it holds (at least one)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -618,6 +619,11 @@ def _describe_dicom(p: Path, trust: bool) -> ImageInfo:
             f"'{p}' is a directory but holds no DICOM series; expected a directory of DICOM files "
             f"of one series, or an image file ({', '.join(READ_FORMATS)})."
         )
+    return reader, ids
+
+
+def _describe_dicom(p: Path, trust: bool) -> ImageInfo:
+    reader, ids = _series_reader(p)
     series = []
     for uid in ids:
         files = list(reader.GetGDCMSeriesFileNames(str(p), uid))
@@ -1309,15 +1315,7 @@ def _check_dicom_links(p: Path, files: list[str], trust: bool) -> None:
 def _read_dicom(
     p: Path, dtype: Any, series: str | None, allow_uneven: bool, trust: bool, max_bytes: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    ids = list(reader.GetGDCMSeriesIDs(str(p)))
-    if not ids:
-        raise ImageReadError(
-            f"'{p}' is a directory but holds no DICOM series; expected a directory of DICOM files "
-            f"of one series, or an image file ({', '.join(READ_FORMATS)})."
-        )
+    reader, ids = _series_reader(p)
     if series is None:
         if len(ids) > 1:
             raise ImageReadError(

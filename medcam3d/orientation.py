@@ -46,14 +46,8 @@ def lps_to_ras(affine: Any) -> np.ndarray:
 
 
 def ras_to_lps(affine: Any) -> np.ndarray:
-    """Convert a voxel -> RAS+ mm affine to voxel -> LPS+ mm (the same flip as :func:`lps_to_ras`).
+    """Convert a voxel -> RAS+ mm affine to voxel -> LPS+ mm.
 
-    Parameters
-    ----------
-    affine : array_like, shape (4, 4)
-
-    Returns
-    -------
-    numpy.ndarray, shape (4, 4), float64
+    The flip is its own inverse: this is :func:`lps_to_ras` (same argument, result and errors).
     """
     return lps_to_ras(affine)
