@@ -1125,15 +1125,18 @@ def _sitk_to_numpy(img: Any, dtype: Any) -> np.ndarray:
 def _read_itk_file(p: Path, dtype: Any, trust: bool, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
     info = _itk_info(p, trust)
     _check_itk_size(p, info, dtype, max_bytes)
-    try:
-        img = info.reader.Execute()
-    except RuntimeError as e:
-        raise ImageReadError(
-            f"could not read '{p}': {_itk_reason(e)}. The file may be truncated, corrupt, or not "
-            "in the format its extension says."
-        ) from None
-    affine = _itk_affine(img.GetDimension(), img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    img, affine = _execute(info.reader, f"'{p}'",
+                           "The file may be truncated, corrupt, or not in the format its extension says.")
     return _sitk_to_numpy(img, dtype), affine
+
+
+def _execute(reader: Any, what: str, hint: str) -> tuple[Any, np.ndarray]:
+    """Run a SimpleITK reader: the image and its voxel -> RAS affine (``ImageReadError`` naming ``what``)."""
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise ImageReadError(f"could not read {what}: {_itk_reason(e)}. {hint}") from None
+    return img, _itk_affine(img.GetDimension(), img.GetDirection(), img.GetSpacing(), img.GetOrigin())
 
 
 # ------------------------------------------------------------------------------ DICOM series
@@ -1342,14 +1345,7 @@ def _read_dicom(
                 "positions in mm are approximate.", p, series, problem
             )
     reader.SetFileNames([s.file for s in slices])
-    try:
-        img = reader.Execute()
-    except RuntimeError as e:
-        raise ImageReadError(
-            f"could not read the DICOM series in '{p}': {_itk_reason(e)}. The files may be truncated "
-            "or corrupt."
-        ) from None
-    affine = _itk_affine(img.GetDimension(), img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    img, affine = _execute(reader, f"the DICOM series in '{p}'", "The files may be truncated or corrupt.")
     if len(slices) > 1 and problem is None:
         _check_dicom_placement(p, series, slices, ras_to_lps(affine))
     return _sitk_to_numpy(img, dtype), affine
