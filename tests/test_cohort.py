@@ -130,3 +130,64 @@ def test_two_process_batch_matches_single_process_and_resumes(cohort, tmp_path):
     assert all((interrupted / name / "summary.json").stat().st_mtime_ns == stamp for name, stamp in stamps.items())
     assert f"{len(finished)} already done" in output
     assert len(list(csv.DictReader((interrupted / "summary.csv").open()))) == CASES
+
+
+def _cohort_runner(root: Path):
+    from medcam3d.config import load_config
+    from medcam3d.jobs.cases import collect_cases
+    from medcam3d.jobs.runner import Runner
+    from medcam3d.models import load_model
+
+    config = load_config(root / "config.yaml")
+    return Runner(config, load_model(config), device="cpu"), collect_cases(root / "scans")
+
+
+def test_background_writer_writes_what_the_main_process_writes(cohort, tmp_path):
+    from medcam3d.jobs.cohort import run_cohort
+
+    runner, cases = _cohort_runner(cohort)
+    rows = {}
+    for background in (True, False):
+        out = tmp_path / f"background_{background}"
+        rows[background], failures, _ = run_cohort(runner, cases, out, workers=1, progress=False,
+                                                   background_writer=background)
+        assert failures == 0
+    assert rows[True] == rows[False]
+    first, second = tmp_path / "background_True", tmp_path / "background_False"
+    names = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file())
+    assert sum(name.endswith("/summary.json") for name in names) == CASES
+    assert sum(name.endswith(".nii.gz") for name in names) >= 2 * CASES
+    for name in names:
+        if name.endswith((".nii", ".nii.gz")):
+            one, two = nib.load(first / name), nib.load(second / name)
+            np.testing.assert_array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj))
+            np.testing.assert_array_equal(one.affine, two.affine)
+        elif name.endswith(".json") and not name.endswith("summary.json"):
+            assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_a_writer_process_that_dies_fails_its_cases_and_the_rest_are_written(cohort, tmp_path, monkeypatch):
+    from medcam3d.jobs import cohort as cohort_module
+    from medcam3d.jobs.runner import Runner
+
+    main_pid = os.getpid()
+    original = Runner.write_case
+
+    def dies_on_case1(self, explained):
+        if explained.result.case_id == "case1" and os.getpid() != main_pid:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+        return original(self, explained)
+
+    monkeypatch.setattr(Runner, "write_case", dies_on_case1)
+    runner, cases = _cohort_runner(cohort)
+    out = tmp_path / "out"
+    rows, failures, _ = cohort_module.run_cohort(runner, cases, out, workers=1, progress=False)
+    by_case = {row["case"]: row for row in rows}
+    assert [row["case"] for row in rows] == [f"case{n}" for n in range(CASES)]
+    assert by_case["case0"]["status"] == "ok" and by_case[f"case{CASES - 1}"]["status"] == "ok"
+    assert by_case["case1"]["status"] == "error" and "writer process ended (killed by signal 9" in by_case["case1"]["error"]
+    lost = [row for row in rows if row["status"] == "error"]
+    assert failures == len(lost) and all("--resume" in row["error"] for row in lost)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(r["case"] for r in rows if r["status"] == "ok")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging folder is left behind

@@ -1,8 +1,11 @@
 """Cohorts: many scans, resumable, across processes and machines (``torchrun``).
 
-Each process (rank) takes every ``world_size``-th case, reads and preprocesses in DataLoader
-workers so that I/O overlaps compute, and writes each case folder atomically (see
-:class:`~medcam3d.pipeline.Runner`); a case whose folder exists is skipped with ``resume``.
+Each process (rank) takes every ``world_size``-th case and runs three stages at once: DataLoader
+workers read and preprocess the next scans, the process itself runs the engine on the current
+one (:meth:`~medcam3d.jobs.runner.Runner.explain_case`), and a writer process writes the case
+before it (:meth:`~medcam3d.jobs.runner.Runner.write_case`: scan-grid maps, boxes, masks,
+pictures). Each case folder is written atomically; a case whose folder exists is skipped with
+``resume``.
 Rank 0 merges the rows of all ranks into one ``summary.csv`` in input order. Launch::
 
     torchrun --nproc_per_node 2 -m medcam3d batch --config C --inputs DIR --out OUT [--resume]
@@ -14,18 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import logging
+import multiprocessing
 import os
+import queue
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cases import Case
-from .outputs import check_output_location
+from .outputs import check_output_location, remove_stale_staging
 from .report import write_csv
 from .runner import Runner, load_case
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Case", "DistributedContext", "distributed_context", "run_cohort", "write_csv"]  # Case, write_csv: re-exported
 
@@ -78,29 +88,142 @@ class _CaseDataset(torch.utils.data.Dataset):
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
 
 
+_SCAN_ARRAYS = ("scan", "labels", "region")  # a LoadedCase's arrays on the scan's grid
+
+
 def _as_tensors(loaded):
-    """The case's arrays as tensors: a DataLoader hands tensors over in shared memory, while numpy
-    arrays are pickled through a pipe (about 2 s of the main process for a 512x512x300 float32 CT)."""
-    import dataclasses
+    """The case's arrays as tensors: a DataLoader (or a queue) hands tensors over in shared memory,
+    while numpy arrays are pickled through a pipe (about 2 s for a 512x512x300 float32 CT)."""
 
     def shared(array):
         try:
-            return torch.from_numpy(array) if array is not None else None
+            return torch.from_numpy(array) if isinstance(array, np.ndarray) else array
         except (TypeError, ValueError):  # a dtype torch lacks, or a read-only array: sent as is
             return array
 
-    return dataclasses.replace(loaded, scan=shared(loaded.scan), labels=shared(loaded.labels))
+    return dataclasses.replace(loaded, **{name: shared(getattr(loaded, name)) for name in _SCAN_ARRAYS})
 
 
 def _as_arrays(loaded):
     """Undo :func:`_as_tensors` (no copy: the arrays view the shared memory)."""
-    import dataclasses
-
     if loaded is None:
         return None
-    plain = {name: value.numpy() for name in ("scan", "labels")
+    plain = {name: value.numpy() for name in _SCAN_ARRAYS
              if isinstance(value := getattr(loaded, name), torch.Tensor)}
     return dataclasses.replace(loaded, **plain) if plain else loaded
+
+
+def _write_loop(runner: Runner, jobs, done, parent: int) -> None:
+    """The writer process: write the explained cases that ``jobs`` brings until ``None``; report each on ``done``.
+
+    Forked from the cohort's process, so it holds the same :class:`Runner` (its model is not used).
+    It leaves when its parent is gone. Ctrl-C interrupts the case it is writing (whose staging
+    folder is removed, as in the main process).
+    """
+    torch.set_num_threads(1)
+    try:
+        while True:
+            try:
+                job = jobs.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
+            if job is None:
+                return
+            index, explained = job
+            try:
+                row = runner.write_case(dataclasses.replace(explained, loaded=_as_arrays(explained.loaded))).row()
+                done.put((index, row, ""))
+            except Exception as error:  # reported by the main process, the cohort goes on
+                done.put((index, None, f"{type(error).__name__}: {error}"))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports it
+        return
+
+
+class _CaseWriter:
+    """Writes explained cases in a forked process while this process explains the next ones.
+
+    At most one case waits while another is written, so a slow disk holds back the engine instead
+    of filling memory. Without ``fork`` (Windows; macOS, where forking is unsafe) cases are written
+    here, one after the other.
+    """
+
+    def __init__(self, runner: Runner, background: bool) -> None:
+        self.runner = runner
+        self.finished: list[tuple[int, dict | None, str]] = []
+        self.pending: dict[int, tuple[Path, str]] = {}  # index -> (out_dir, case id) of queued cases
+        self.process = None
+        if background and sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+            import torch.multiprocessing  # noqa: F401  (tensors travel through queues in shared memory)
+
+            context = multiprocessing.get_context("fork")
+            self.jobs = context.Queue(maxsize=1)
+            self.done = context.Queue()
+            self.process = context.Process(target=_write_loop, args=(runner, self.jobs, self.done, os.getpid()),
+                                           name="medcam3d-writer", daemon=True)
+            self.process.start()
+
+    def submit(self, index: int, explained) -> None:
+        """Write ``explained`` (an :class:`~medcam3d.jobs.runner.ExplainedCase`) in the writer, or here
+        when there is none (or it has ended)."""
+        if self.process is not None:
+            job = (index, dataclasses.replace(explained, loaded=_as_tensors(explained.loaded)))
+            while self.process is not None:
+                try:
+                    self.jobs.put(job, timeout=1.0)
+                    self.pending[index] = (explained.out_dir, explained.result.case_id)
+                    return
+                except queue.Full:
+                    self._check_alive()
+        try:
+            self.finished.append((index, self.runner.write_case(explained).row(), ""))
+        except Exception as error:
+            self.finished.append((index, None, f"{type(error).__name__}: {error}"))
+
+    def collect(self, wait: bool = False) -> list[tuple[int, dict | None, str]]:
+        """The cases written since the last call; with ``wait``, every submitted case."""
+        if self.process is not None:
+            while self.pending:
+                try:
+                    index, row, error = self.done.get(timeout=1.0 if wait else 0.01)
+                except queue.Empty:
+                    self._check_alive()
+                    if not wait:
+                        break
+                    continue
+                self.pending.pop(index, None)
+                self.finished.append((index, row, error))
+        finished, self.finished = self.finished, []
+        return finished
+
+    def _check_alive(self) -> None:
+        if self.process is not None and not self.process.is_alive():
+            code = self.process.exitcode
+            why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            lost = sorted(self.pending)
+            for out_dir, case_id in self.pending.values():  # the staging folder of the case it was writing
+                remove_stale_staging(out_dir, case_id)
+            self.pending.clear()
+            self.finished += [(index, None, f"the writer process ended ({why}; out of memory?) before writing "
+                                            "this case; run the batch again with --resume") for index in lost]
+            logger.warning("The writer process ended (%s); the remaining cases are written by this process.", why)
+            for channel in (self.jobs, self.done):  # nothing will read them: don't wait for their buffers at exit
+                channel.cancel_join_thread()
+            self.process = None
+
+    def close(self) -> None:
+        """Let the writer finish and leave (or stop it, after an interruption)."""
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            with contextlib.suppress(Exception):
+                self.jobs.put(None, timeout=5.0)
+        self.process.join(timeout=30.0)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5.0)
+        self.process = None
 
 
 @contextlib.contextmanager
@@ -154,8 +277,12 @@ def run_cohort(
     workers: int = 1,
     progress: bool = True,
     context: DistributedContext | None = None,
+    background_writer: bool = True,
 ) -> tuple[list[dict], int, int]:
     """Explain this rank's share of ``cases`` into ``out``; merge the summary on rank 0.
+
+    ``background_writer`` writes each case in a second process while the next case is explained
+    (Linux; elsewhere, and with ``False``, cases are written in this process).
 
     Returns
     -------
@@ -186,20 +313,37 @@ def run_cohort(
     failures = 0
     bar = tqdm(total=len(todo), desc=f"explaining (rank {context.rank})" if context.distributed else "explaining",
                unit="case", file=sys.stderr, disable=not progress or context.rank != 0)
-    with _threads_beside_workers(workers):
-        for (index, case), item in zip(todo, loader):
-            try:
-                if item["error"]:
-                    raise RuntimeError(item["error"])
-                rows[index] = runner.run_case(case.image, out, case_id=case.id, mask=case.mask,
-                                              loaded=_as_arrays(item["loaded"])).row()
-            except Exception as error:  # recorded; the cohort goes on
+    ids = {index: case for index, case in todo}
+
+    def record(finished: list[tuple[int, dict | None, str]]) -> None:
+        nonlocal failures
+        for index, row, error in finished:
+            if row is None:
                 failures += 1
-                message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
-                rows[index] = {"case": case.id, "image": str(case.image), "status": "error", "error": message}
+                row = {"case": ids[index].id, "image": str(ids[index].image), "status": "error", "error": error}
+            rows[index] = row
             bar.update()
-            if not context.distributed:
-                write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
+        if finished and not context.distributed:
+            write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
+
+    writer = _CaseWriter(runner, background_writer)
+    try:
+        with _threads_beside_workers(workers):
+            for (index, case), item in zip(todo, loader):
+                try:
+                    if item["error"]:
+                        raise RuntimeError(item["error"])
+                    explained = runner.explain_case(case.image, out, case_id=case.id, mask=case.mask,
+                                                    loaded=_as_arrays(item["loaded"]))
+                except Exception as error:  # recorded; the cohort goes on
+                    message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
+                    record([(index, None, message)])
+                    continue
+                writer.submit(index, explained)
+                record(writer.collect())
+            record(writer.collect(wait=True))
+    finally:
+        writer.close()
     bar.close()
     if context.distributed:
         gathered: list = [None] * context.world_size
