@@ -216,6 +216,7 @@ def test_fused_maps_and_no_segmentation_on_two_shipped_samples(tmp_path, capsys)
     assert main(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--inputs", str(table), "--out",
                  str(tmp_path / "bad"), "--fuse-layer", "nope", "--quiet"]) == 2
     assert "'nope' not found" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_no_segmentation_leaves_it_out(cohort, tmp_path):

@@ -203,7 +203,6 @@ def evaluate(
         raise CohortError("Give at least one method, e.g. methods=('hirescam', 'gradcam').")
     cases = collect_cases(inputs, masks)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_model(config, trust=trust)
     runner = Runner(config, model, methods=methods, target="all", device=device, trust=trust)
     fine = None
@@ -213,6 +212,7 @@ def evaluate(
         first = runner.explainers[0]
         fine = Explainer(runner.model, "layercam", layer=fuse_layer, class_names=config.class_names, amp=runner.amp,
                          output_activation=first.output_activation)  # an unknown layer is refused here
+    out.mkdir(parents=True, exist_ok=True)  # only once the model, the cases and the layers are known to be good
     state = _State()
     chosen = _randomization_choice(cases, randomization_cases)
     bar = tqdm(cases, desc="evaluating", unit="case", file=sys.stderr, disable=not progress)
