@@ -138,6 +138,14 @@ def energy_pointing_game(heat: object, mask: object) -> float:
     return float(positive[mask].sum() / total)
 
 
+def _mask_pair(a: object, b: object) -> tuple[np.ndarray, np.ndarray]:
+    """Two masks as boolean arrays of one shape (a ValueError otherwise)."""
+    a, b = _as_array(a, "a").astype(bool), _as_array(b, "b").astype(bool)
+    if a.shape != b.shape:
+        raise ValueError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; put them on one grid.")
+    return a, b
+
+
 def dice(a: object, b: object) -> float:
     """Dice coefficient ``2|A∩B| / (|A| + |B|)`` of two binary masks.
 
@@ -151,9 +159,7 @@ def dice(a: object, b: object) -> float:
     float
         In [0, 1]; 1.0 when both are empty, 0.0 when only one is.
     """
-    a, b = _as_array(a, "a").astype(bool), _as_array(b, "b").astype(bool)
-    if a.shape != b.shape:
-        raise ValueError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; put them on one grid.")
+    a, b = _mask_pair(a, b)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
@@ -171,9 +177,7 @@ def iou(a: object, b: object) -> float:
     float
         In [0, 1]; 1.0 when both are empty, 0.0 when only one is.
     """
-    a, b = _as_array(a, "a").astype(bool), _as_array(b, "b").astype(bool)
-    if a.shape != b.shape:
-        raise ValueError(f"Masks of shapes {a.shape} and {b.shape} cannot be compared; put them on one grid.")
+    a, b = _mask_pair(a, b)
     union = int(np.logical_or(a, b).sum())
     return 1.0 if union == 0 else int(np.logical_and(a, b).sum()) / union
 
