@@ -165,17 +165,10 @@ def dice(a: object, b: object) -> float:
 
 
 def iou(a: object, b: object) -> float:
-    """Intersection over union (Jaccard index) ``|A∩B| / |A∪B|`` of two binary masks.
+    """Intersection over union (Jaccard index) ``|A∩B| / |A∪B|`` of two (*shape) binary masks on one grid.
 
-    Parameters
-    ----------
-    a, b : (*shape) bool array
-        Two masks on one grid (2D or 3D; any nonzero value counts as inside).
-
-    Returns
-    -------
-    float
-        In [0, 1]; 1.0 when both are empty, 0.0 when only one is.
+    Same inputs and empty-mask convention as :func:`dice` (1.0 when both are empty, 0.0 when only
+    one is); ``iou = dice / (2 - dice)``.
     """
     a, b = _mask_pair(a, b)
     union = int(np.logical_or(a, b).sum())
