@@ -27,11 +27,12 @@ import torch
 
 from ..config import Config, SlidingWindowConfig
 from ..explainer import Explainer
-from ..heatmap import Heatmap, save_heatmaps, to_scanner_space
-from ..masks import bounding_box, save_box, threshold_mask
+from ..heatmap import to_scanner_space
+from ..masks import save_box, threshold_mask
 from ..errors import SpaceError, TargetError, UsageError
 from ..heatmap import unique_file_labels
 from ..preprocess import build_transforms, preprocess
+from ..space import Space
 from ..targets import Region, check_region_mask, probabilities  # noqa: F401  (probabilities: re-exported)
 from .cases import case_id_of, check_case_id
 from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
@@ -145,7 +146,7 @@ class LoadedCase:
     """
 
     x: torch.Tensor
-    scanner_space: object
+    scanner_space: Space
     scan: np.ndarray
     labels: np.ndarray | None = None
     region: np.ndarray | None = None
@@ -619,7 +620,7 @@ def _largest_region(heat, method: str, value: float):
     On grids with parallel axes a fraction threshold is solved on the map's rows without forming
     the map; otherwise the whole map is resampled and thresholded.
     """
-    from ..masks import Runs, superlevel_runs, threshold_mask
+    from ..masks import Runs, superlevel_runs
 
     if method == "fraction" and not heat.dense:
         top = heat.value_range()[1]
