@@ -77,7 +77,7 @@ def bench_explainers(args, device: torch.device) -> None:
                 print(f"{name:<12}{size:>5}{amp or 'fp32':>6}{t_inf:>8.3f}{t_exp:>9.3f}{t_exp / t_inf:>8.2f}"
                       f"{m_inf:>9.2f}{m_exp:>10.2f}{m_exp / m_inf if m_inf == m_inf else float('nan'):>7.2f}")
                 print(f"{'':<12}batched VJP used: {explainer._batched_vjp}")
-        del model
+        model = None  # freed before the next network
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 import medcam3d
 from medcam3d import io

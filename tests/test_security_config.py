@@ -419,8 +419,8 @@ def _billion_laughs(levels: int = 9) -> str:
 @pytest.mark.parametrize(
     "text, message",
     [
-        (f"model: {{network: monai.networks.nets.DenseNet, args: {{x: &a [1, *a]}}}}", "anchor is used inside itself"),
-        (_billion_laughs() + f"\nmodel: {{network: monai.networks.nets.DenseNet, args: {{x: *l9}}}}\n", "expands to more than"),
+        ("model: {network: monai.networks.nets.DenseNet, args: {x: &a [1, *a]}}", "anchor is used inside itself"),
+        (_billion_laughs() + "\nmodel: {network: monai.networks.nets.DenseNet, args: {x: *l9}}\n", "expands to more than"),
         (_billion_laughs(6) + "\nclass_names: *l6\nmodel: {network: monai.networks.nets.DenseNet}\n", "expands to more than"),
         ("model: " + "[" * 5000 + "]" * 5000, "nested more than"),
         ("class_names: [" + ", ".join(["a"] * 60_000) + "]", "larger than"),
@@ -476,7 +476,7 @@ def _hostile_configs(tmp_path: Path, marker: Path) -> list[str]:
         f"model: {{network: {net}, args: {TINY}, weights: \"w\\0.pt\"}}",
         f"model: {{network: {net}, args: {TINY}, weights: garbage.pt}}",
         f"model: {{bundle: {tmp_path}}}",
-        f"model: {{torchscript: garbage.pt}}",
+        "model: {torchscript: garbage.pt}",
         f"model: {{network: {net}, bundle: {tmp_path}}}",
         f"model: {{network: {net}, args: {TINY}}}\ntask: [1]\nclass_names: {{a: 1}}\ntarget: {{x: 1}}\namp: [bf16]",
         f"model: {{network: {net}, args: {TINY}}}\noutput: {{fill: 1e999999, normalized: yes, four_d: 3}}",
