@@ -681,12 +681,12 @@ def _region_top_mass(heat, region: np.ndarray, fraction: float):
     low = [int(f.min()) for f in found]
     high = [int(f.max()) + 1 for f in found]
     crop = tuple(slice(lo, hi) for lo, hi in zip(low, high))
-    values = heat.sample([np.arange(lo, hi) for lo, hi in zip(low, high)]).numpy().astype(np.float64)
+    values = heat.sample([np.arange(lo, hi) for lo, hi in zip(low, high)]).numpy()  # float32, the crop only
     inside = np.asarray(region[crop], dtype=bool) & (values > 0)
     chosen = np.zeros(shape, dtype=bool)
     if inside.any():
         ranked = np.sort(values[inside])[::-1]
-        mass = np.cumsum(ranked)
+        mass = np.cumsum(ranked, dtype=np.float64)
         k = min(int(np.searchsorted(mass, fraction * mass[-1] * (1 - 1e-12))), ranked.size - 1)
         chosen[crop] = inside & (values >= ranked[k])
     return Runs.from_array(chosen)
