@@ -82,7 +82,7 @@ class _CaseDataset(torch.utils.data.Dataset):
         case = self.cases[index]
         try:
             loaded = load_case(case.image, self.transforms, case.mask, trust=self.trust, volume=case.volume,
-                               series=case.series, reader=self.reader, model=self.model)
+                               series=case.series, reader=self.reader, model=self.model, region_mask=case.region_mask)
             return {"case": case, "loaded": _as_tensors(loaded), "error": ""}
         except Exception as error:  # reported by the main process, the cohort goes on
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
@@ -294,7 +294,7 @@ def run_cohort(
     from tqdm import tqdm
 
     context = context or DistributedContext()
-    out = check_output_location(out, [p for case in cases for p in (case.image, case.mask)])
+    out = check_output_location(out, [p for case in cases for p in (case.image, case.mask, case.region_mask)])
     out.mkdir(parents=True, exist_ok=True)
     mine = [(index, case) for index, case in enumerate(cases) if index % context.world_size == context.rank]
     rows: dict[int, dict] = {}
@@ -334,7 +334,7 @@ def run_cohort(
                     if item["error"]:
                         raise RuntimeError(item["error"])
                     explained = runner.explain_case(case.image, out, case_id=case.id, mask=case.mask,
-                                                    loaded=_as_arrays(item["loaded"]))
+                                                    loaded=_as_arrays(item["loaded"]), region_mask=case.region_mask)
                 except Exception as error:  # recorded; the cohort goes on
                     message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
                     record([(index, None, message)])
