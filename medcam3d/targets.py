@@ -32,6 +32,7 @@ import difflib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -360,11 +361,6 @@ def _regions(mask: object, outputs: torch.Tensor, indices: torch.Tensor, channel
 
 
 # ---------------------------------------------------------------------------------- regions on other grids
-#: Slack (in source voxels) of the field-of-view test of :func:`nearest_resample`, so that rounding does
-#: not drop voxel centres lying exactly on the source grid's outer cell edge.
-_NEAREST_TOL = 1e-5
-
-
 def check_region_mask(mask: object, where: str = "The region mask") -> np.ndarray:
     """A region mask as a boolean array, if it is one finite 0/1 volume with at least one voxel set.
 
@@ -420,11 +416,21 @@ def nearest_resample(data: object, source: object, target: object, *, fill: obje
                      chunk_voxels: int = 2**20) -> np.ndarray:
     """Nearest-neighbour pull-resampling of ``data`` from grid ``source`` onto grid ``target``.
 
-    Each target voxel takes the value of the source voxel whose centre is nearest to it in the
-    source's voxel coordinates: the target voxel centre is mapped to world mm by the target's affine
-    and back by the source's inverse affine (composed in float64), and rounded (``floor(c + 0.5)``:
-    a centre exactly half-way goes to the higher index). Target voxels whose centre lies outside the
-    source's field of view (beyond the outer cell edges ``[-0.5, n - 0.5]`` on any axis) get ``fill``.
+    A thin call to :func:`medcam3d.space.resample` with ``mode="nearest"`` (one implementation for
+    the whole package), for one volume on the source grid. Each target voxel takes the value of the
+    source voxel whose centre is nearest to it in the source's voxel coordinates: the target voxel
+    centre is mapped to world mm by the target's affine and back by the source's inverse affine
+    (composed in float64), and rounded (``floor(c + 0.5)``: a centre exactly half-way goes to the
+    higher index). Target voxels whose centre lies outside the source's field of view get ``fill``.
+
+    The field of view is the closed interval ``[-0.5, n - 0.5]`` of the outer cell edges on every
+    axis (with a slack of 1e-5 voxel for rounding), the same as for trilinear resampling: a target
+    centre exactly on the far edge of the last source cell (``c = n - 0.5``) is inside and takes the
+    last voxel, ``n - 1``, just as one exactly on the near edge (``c = -0.5``) takes voxel 0. Both
+    edges are treated alike, so flipping an axis of either grid (LPS vs RAS) selects the same
+    voxels, and a mask resampled with nearest neighbour covers exactly the voxels a heatmap
+    resampled linearly covers.
+
     This is exact for labels and masks: no value is interpolated, so a mask stays binary. When the
     grids' axes are parallel (the usual case after Orientation, Spacing, crop, pad and resize) the
     lookup is separable and costs the output's size; otherwise the target is processed in slabs of
@@ -436,13 +442,15 @@ def nearest_resample(data: object, source: object, target: object, *, fill: obje
     source, target : Space or anything :meth:`medcam3d.space.Space.of` accepts
         Both 3D or both 2D.
     fill : scalar
-        Value outside the source's field of view.
+        Value outside the source's field of view (cast to ``data``'s dtype).
+    chunk_voxels : int
+        Oblique grids: target voxels looked up per step.
 
     Returns
     -------
     (*target.shape) ndarray of ``data``'s dtype
     """
-    from .space import Space
+    from .space import Space, resample
 
     src, dst = Space.of(source), Space.of(target)
     values = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
@@ -450,45 +458,7 @@ def nearest_resample(data: object, source: object, target: object, *, fill: obje
         raise SpaceError(f"The data have shape {tuple(values.shape)}, but the source grid is {src.shape}.")
     if src.ndim != dst.ndim:
         raise SpaceError(f"Cannot resample a {src.ndim}D grid onto a {dst.ndim}D grid.")
-    ndim = src.ndim
-    voxel_map = np.linalg.inv(src.affine) @ dst.affine  # target voxel -> source voxel
-    linear, offset = voxel_map[:ndim, :ndim], voxel_map[:ndim, 3]
-    sizes = np.asarray(src.shape)
-    out = np.empty(dst.shape, dtype=values.dtype)
-    scale = np.abs(linear).max()
-    parallel = all(int(np.count_nonzero(np.abs(linear[:, a]) > 1e-9 * scale)) == 1 for a in range(ndim)) and all(
-        int(np.count_nonzero(np.abs(linear[p]) > 1e-9 * scale)) == 1 for p in range(ndim))
-    if parallel:
-        index, valid = [], []
-        order = [int(np.argmax(np.abs(linear[:, a]))) for a in range(ndim)]  # the source axis of target axis a
-        for a, p in enumerate(order):
-            coords = linear[p, a] * np.arange(dst.shape[a]) + offset[p]
-            inside = (coords >= -0.5 - _NEAREST_TOL) & (coords < sizes[p] - 0.5 + _NEAREST_TOL)
-            index.append(np.clip(np.floor(coords + 0.5), 0, sizes[p] - 1).astype(np.int64))
-            valid.append(inside)
-        # source axes in target order: data transposed so that its axis a is the source axis order[a]
-        out[...] = np.transpose(values, order)[np.ix_(*index)]
-        if not all(v.all() for v in valid):
-            inside = np.ones(dst.shape, dtype=bool)
-            for a, v in enumerate(valid):
-                inside &= v.reshape([dst.shape[a] if b == a else 1 for b in range(ndim)])
-            out[~inside] = fill
-        return out
-    rest = dst.shape[1:]
-    rest_index = np.stack(np.meshgrid(*[np.arange(n) for n in rest], indexing="ij"), axis=-1).reshape(-1, ndim - 1)
-    per_plane = max(1, rest_index.shape[0])
-    step = max(1, int(chunk_voxels) // per_plane)
-    for start in range(0, dst.shape[0], step):
-        stop = min(dst.shape[0], start + step)
-        first = np.repeat(np.arange(start, stop), per_plane)[:, None]
-        voxels = np.concatenate([first, np.tile(rest_index, (stop - start, 1))], axis=1).astype(np.float64)
-        coords = voxels @ linear.T + offset
-        inside = np.all((coords >= -0.5 - _NEAREST_TOL) & (coords < sizes - 0.5 + _NEAREST_TOL), axis=1)
-        index = np.clip(np.floor(coords + 0.5), 0, sizes - 1).astype(np.int64)
-        picked = values[tuple(index.T)]
-        picked[~inside] = fill
-        out[start:stop] = picked.reshape(stop - start, *rest)
-    return out
+    return np.asarray(resample(values, src, dst, fill=cast(Any, fill), chunk_voxels=chunk_voxels, mode="nearest"))
 
 
 def region_from_scan_mask(mask: object, scan_space: object, input_space: object,

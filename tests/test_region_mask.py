@@ -19,7 +19,7 @@ import medcam3d
 from medcam3d.cli import main
 from medcam3d.errors import TargetError
 from medcam3d.preprocess import preprocess
-from medcam3d.space import Space
+from medcam3d.space import Resampler, Space
 from medcam3d.targets import Region, nearest_resample, output_grid, region_from_scan_mask
 from _images import oblique_lpi_affine, planted_scan
 
@@ -65,13 +65,14 @@ def _unet() -> nn.Module:
 
 
 def _brute_nearest(data, source: Space, target: Space, fill):
-    """Nearest neighbour by scipy (order=0 pull through the composed voxel map), outside -> fill."""
+    """Nearest neighbour by scipy (order=0 pull through the composed voxel map), outside the closed field of
+    view [-0.5, n - 0.5] -> fill."""
     voxel_map = np.linalg.inv(source.affine) @ target.affine
     pulled = ndimage.affine_transform(data.astype(np.float64), voxel_map[:3, :3], voxel_map[:3, 3],
                                       output_shape=target.shape, order=0, mode="nearest")
     coords = np.stack(np.meshgrid(*[np.arange(n) for n in target.shape], indexing="ij"), -1) @ voxel_map[:3, :3].T
     coords = coords + voxel_map[:3, 3]
-    inside = np.all((coords >= -0.5) & (coords < np.asarray(source.shape) - 0.5), axis=-1)
+    inside = np.all((coords >= -0.5) & (coords <= np.asarray(source.shape) - 0.5), axis=-1)
     return np.where(inside, pulled, fill)
 
 
@@ -98,6 +99,31 @@ def test_nearest_resample_is_an_exact_lookup_on_parallel_and_oblique_grids():
     result = nearest_resample(data, source, oblique, fill=-1, chunk_voxels=50)  # several slabs
     np.testing.assert_array_equal(result, _brute_nearest(data, source, oblique, -1))
     assert (result >= 0).any() and (result == -1).any()
+
+
+def test_nearest_resample_keeps_centres_on_either_outer_cell_edge_like_space_resample():
+    """The field of view is closed, [-0.5, n - 0.5]: a target centre exactly on the far edge of the last
+    source cell takes that cell's voxel, as one on the near edge takes voxel 0, whichever way the axis runs."""
+    data = np.arange(4 * 3 * 2).reshape(4, 3, 2) + 1
+    source = Space(data.shape, np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = -1.5  # target centres along i at -1.5, -0.5, 0.5, ..., 3.5 (= n - 0.5), 4.5
+    target = Space((7, 3, 2), shifted)
+    result = nearest_resample(data, source, target, fill=0)
+    np.testing.assert_array_equal(result[0], 0)
+    np.testing.assert_array_equal(result[1], data[0])  # on the near edge: inside, voxel 0
+    np.testing.assert_array_equal(result[2:5], data[1:4])  # half-way between two centres: the higher index
+    np.testing.assert_array_equal(result[5], data[3])  # on the far edge: inside, the last voxel (clipped)
+    np.testing.assert_array_equal(result[6], 0)
+    # the same centres with the target's i axis flipped (scale -1): the same values, in reverse order
+    flipped = shifted @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[0, 3] = 4.5
+    np.testing.assert_array_equal(nearest_resample(data, source, Space((7, 3, 2), flipped), fill=0), result[::-1])
+    # one implementation: space.resample(mode="nearest"), separable or in slabs
+    for separable in (None, False):
+        np.testing.assert_array_equal(Resampler(source, target, separable=separable)(data, mode="nearest"), result)
+    np.testing.assert_array_equal(result, _brute_nearest(data, source, target, 0))
+    assert nearest_resample(data.astype(bool), source, target, fill=False).dtype == bool
 
 
 def test_a_scan_grid_region_lands_on_the_expected_output_voxels(planted):
