@@ -14,6 +14,7 @@ origin and affine as the input), so :func:`medcam3d.heatmap.to_scanner_space` pl
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import cast
@@ -25,7 +26,7 @@ from .errors import InputError, TargetError
 from .explainer import Explainer, Explanation
 from .layers import expected_spatial_dims, rank_mismatch_message
 from .modeling import to_model_input
-from .targets import Region, RegionTarget, Target, resolve_target
+from .targets import Region, RegionTarget, Target, region_from_scan_mask, resolve_target
 
 __all__ = ["explain_sliding_window"]
 
@@ -52,7 +53,10 @@ def explain_sliding_window(
     target : int, str, list, "all" or Region
         The same targets for every patch (``"predicted"`` is refused: it differs between
         patches). For a segmentation network a ``Region`` mask is given on the whole input grid
-        and cropped per patch; without a mask each patch uses its own predicted region.
+        and cropped per patch; a mask on another grid (``Region(..., space=scan_space)``, ``x``
+        a MONAI ``MetaTensor`` with its affine) is first resampled onto the input grid with
+        nearest neighbour (:func:`medcam3d.targets.region_from_scan_mask`). Without a mask each
+        patch uses its own predicted region.
     roi_size : int or sequence of int
         Patch size; each entry a multiple of the network's feature stride.
     overlap : float
@@ -95,8 +99,12 @@ def explain_sliding_window(
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), not {overlap}.")
 
-    # One probe patch gives the feature stride of the target layer at this ROI.
-    probe = explainer(inputs.new_zeros((1, inputs.shape[1], *roi)), target=_probe_target(target), relu=relu)
+    # One probe patch gives the feature stride of the target layer at this ROI. Its all-zero input
+    # may predict no voxel of a class; that says nothing about a given region, so it is not reported.
+    with warnings.catch_warnings():
+        if isinstance(target, Region) and target.mask is not None:
+            warnings.filterwarnings("ignore", message="The model predicts no voxel", category=UserWarning)
+        probe = explainer(inputs.new_zeros((1, inputs.shape[1], *roi)), target=_probe_target(target), relu=relu)
     ratios = [r / f for r, f in zip(roi, probe.feature_shape)]
     if any(abs(s - round(s)) > 1e-9 for s in ratios):
         message = f"roi_size {roi} is not a multiple of the feature stride (feature grid {probe.feature_shape}); pick a multiple."
@@ -110,6 +118,8 @@ def explain_sliding_window(
     overlaps = [1 - step / r for step, r in zip(steps, roi)]
 
     segmentation = probe.logits.ndim > 2
+    if segmentation:
+        target = _on_input_grid(target, x, spatial)
     region_mask = _padded_mask(target, padded, spatial) if segmentation else None
     patch_logits: dict[int, list[torch.Tensor]] = {}
     record: dict = {}
@@ -170,6 +180,31 @@ def _whole_target(target: object, logits: torch.Tensor, region_mask: torch.Tenso
     if isinstance(resolved, RegionTarget):
         resolved = RegionTarget(resolved.class_indices, resolved.signs, resolved.regions * valid)
     return resolved
+
+
+def _on_input_grid(target: object, x: object, spatial: tuple[int, ...]) -> object:
+    """A ``Region`` whose mask is given on another grid (``space=``), with that mask resampled onto the
+    input grid (nearest neighbour); any other target as it is."""
+    if not isinstance(target, Region) or target.space is None or target.mask is None:
+        return target
+    from .space import Space, SpaceError
+
+    input_space = None
+    if getattr(x, "affine", None) is not None:
+        try:
+            input_space = Space.of(x, batch=True)
+        except SpaceError:  # an affine that does not describe the grid: said below
+            input_space = None
+    if input_space is None or input_space.shape != spatial:
+        message = (
+            "Region(..., space=...) gives the mask on another grid (e.g. the scan's), but the input's grid is "
+            "unknown: pass x as a MONAI MetaTensor with its affine (medcam3d.preprocess.preprocess returns one), "
+            "or resample the mask yourself with medcam3d.targets.region_from_scan_mask(mask, scan_space, "
+            "input_space) and pass Region(classes, mask=that)."
+        )
+        raise TargetError(message)
+    region = region_from_scan_mask(target.mask, target.space, input_space)
+    return Region(target.classes, mask=torch.from_numpy(region))
 
 
 def _probe_target(target: object) -> object:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ import medcam3d.errors
 from medcam3d.cli import _planted_lesion_case
 from medcam3d.sliding import explain_sliding_window
 from medcam3d.space import Space
-from _images import oblique_lpi_affine
+from medcam3d.targets import region_from_scan_mask
+from _images import oblique_lpi_affine, planted_scan
 
 
 def test_one_roi_covering_the_volume_equals_direct_classifier():
@@ -166,3 +169,41 @@ def test_rank_mismatch_is_refused_before_the_windows():
     _, model, _ = _planted_lesion_case(32, seed=0)
     with pytest.raises(medcam3d.errors.InputError, match="batch of 2D images"):
         explain_sliding_window(medcam3d.Explainer(model), torch.zeros(1, 1, 40, 40), 1, roi_size=32)
+
+
+def test_a_scan_grid_region_mask_equals_the_input_grid_mask_without_the_probe_warning(caplog, capsys):
+    """Region(..., space=scan_space): the mask is resampled onto the input grid first, then cropped per patch
+    as an input-grid mask; the all-zero probe patch's empty prediction is not reported when a mask is given."""
+    scan_shape, scan_affine = (31, 27, 13), oblique_lpi_affine()  # oblique, anisotropic, stored L-P-I
+    scan_space = Space(scan_shape, scan_affine)
+    centre_mm = (scan_affine @ np.array([15.0, 13.0, 6.0, 1.0]))[:3]
+    _, inside = planted_scan(scan_shape, scan_affine, centre_mm=centre_mm, radius_mm=6.0)
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in scan_shape], indexing="ij")).reshape(3, -1).T
+    input_affine = np.diag([1.0, 1.0, 1.5, 1.0])  # RAS, another spacing, cropping part of the scan
+    input_affine[:3, 3] = (corners @ scan_affine[:3, :3].T + scan_affine[:3, 3]).min(0)
+    x = MetaTensor(torch.randn(1, 1, 32, 32, 24, generator=torch.Generator().manual_seed(5)),
+                   affine=torch.as_tensor(input_affine))
+    on_input = region_from_scan_mask(inside, scan_space, Space.of(x, batch=True))
+    assert 100 < on_input.sum() < on_input.size // 10
+    explainer = medcam3d.Explainer(small_segresnet(), "hirescam")
+    options = {"roi_size": (24, 24, 16), "overlap": 0.5}
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from_scan = explain_sliding_window(explainer, x, medcam3d.Region([1, 2], mask=inside, space=scan_space), **options)
+        given = explain_sliding_window(explainer, x, medcam3d.Region([1, 2], mask=on_input), **options)
+    torch.testing.assert_close(from_scan.maps, given.maps, rtol=0, atol=0)
+    torch.testing.assert_close(from_scan.logits, given.logits, rtol=0, atol=0)
+    torch.testing.assert_close(from_scan.scores, given.scores, rtol=0, atol=0)
+    assert from_scan.maps.abs().sum() > 0 and from_scan.targets == [1, 2]
+    expected = (given.logits[0, 1:3] * torch.from_numpy(on_input)).flatten(1).sum(1)
+    torch.testing.assert_close(from_scan.scores[0], expected, rtol=1e-5, atol=1e-3)
+    out, err = capsys.readouterr()
+    reported = [str(w.message) for w in caught] + [caplog.text, out, err]
+    assert not any("predicts no voxel" in text for text in reported), reported
+    # without a mask the same probe patch predicts no voxel of class 1, and that is said
+    with pytest.warns(UserWarning, match="predicts no voxel"):
+        explain_sliding_window(explainer, x, medcam3d.Region([1, 2]), **options)
+    # a plain tensor has no affine: the mask's grid cannot be related to the input's
+    with pytest.raises(medcam3d.errors.TargetError, match="MetaTensor"):
+        explain_sliding_window(explainer, x.as_tensor(), medcam3d.Region(1, mask=inside, space=scan_space), **options)
