@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -85,6 +86,26 @@ def test_2d_box():
     mask[2:4, 1:6] = True
     box = bounding_box(mask, Space((9, 7), np.diag([2.0, 3.0, 1.0, 1.0])))
     assert box.voxel_min == (2, 1) and box.size_mm == (4.0, 15.0)
+
+
+def test_box_json_is_strict_with_nan_values(tmp_path):
+    """NaN/Inf (a degenerate box or peak) are written as null: strict JSON that any parser reads."""
+    box = bounding_box(np.ones((3, 4, 2), bool), Space((3, 4, 2), np.eye(4)))
+    box = replace(box, centre_mm=(float("nan"), 1.0, 2.0), size_mm=(3.0, float("inf"), 2.0),
+                  world_corners=[[float("-inf"), 0.0, 0.0], *box.world_corners[1:]])
+    path = save_box(tmp_path / "box.json", box, peak_mm=(np.float32("nan"), np.float64(2.5), 1.0),
+                    peak_voxel=np.array([1, 2, 0]), score=float("nan"), mass=np.float32(0.25))
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    loaded = json.loads(text, parse_constant=refuse)
+    assert loaded["box"]["centre_mm"] == [None, 1.0, 2.0] and loaded["box"]["size_mm"] == [3.0, None, 2.0]
+    assert loaded["box"]["world_corners"][0] == [None, 0.0, 0.0] and loaded["box"]["voxels"] == 24
+    assert loaded["peak_mm"] == [None, 2.5, 1.0] and loaded["peak_voxel"] == [1, 2, 0]
+    assert loaded["score"] is None and loaded["mass"] == 0.25
 
 
 def test_json_outputs_are_written_with_the_usual_permissions(tmp_path):
