@@ -94,7 +94,9 @@ def _holds_dicom(folder: Path, probe: int = 16) -> bool:
 def read_image(path: str | Sequence[str]) -> list[tuple]:
     """Read one or more images as napari layer data tuples.
 
-    A 4D file (e.g. one heatmap per class) gives one layer per volume.
+    A 4D file (e.g. one heatmap per class) gives one layer per volume. A map or mask that medcam3d
+    saved (recognised by its NIfTI ``descrip``) opens as a heatmap image layer or a mask labels
+    layer, as the *Explain* widget makes them (:mod:`._outputs`).
 
     Parameters
     ----------
@@ -102,7 +104,7 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
 
     Returns
     -------
-    list of (data, kwargs, "image")
+    list of (data, kwargs, "image" or "labels")
         ``data`` in the file's stored voxel type (float64 becomes float32), in (i, j, k) order
         (reordered for non-RAS axis orders, resampled for oblique files, see the module doc);
         ``kwargs["affine"]`` the voxel -> RAS placement, ``kwargs["metadata"]`` as the module doc says.
@@ -113,6 +115,7 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
         With a message that names the file and what was wrong (napari shows it).
     """
     from ..jobs.cases import case_id_of
+    from ._outputs import saved_output_layer
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers = []
@@ -130,7 +133,8 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
                     break
                 layers.append(image_layer_data(array, space, name=f"{name} [{volume}]", path=p, volume=volume))
             continue
-        layers.append(image_layer_data(array, space, name=name, path=p))
+        saved = saved_output_layer(array, space, p)  # a medcam3d map or mask: a heatmap or labels layer
+        layers.append(saved if saved is not None else image_layer_data(array, space, name=name, path=p))
     return layers
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "colour_limits",
     "heatmap_colormap",
     "heatmap_name",
+    "heatmap_layer_kwargs",
     "layer_placement",
     "is_foreign",
     "load_explainable",
@@ -174,6 +175,37 @@ def heatmap_name(scan: str, method: str, layer: str, label: str, probability: fl
     """``<scan> · <method> · <layer> · <class> (p=0.67)``: what a heatmap layer is called."""
     suffix = "" if probability is None else f" (p={probability:.2f})"
     return f"{scan} · {method} · {layer} · {label}{suffix}"
+
+
+def heatmap_layer_kwargs(name: str, affine: Any, class_index: int, top: float, metadata: dict) -> dict:
+    """The ``add_image`` arguments of a heatmap layer (what *Explain* makes, and the reader for saved maps).
+
+    Parameters
+    ----------
+    name : str
+        :func:`heatmap_name`.
+    affine : (4, 4) array_like
+        Voxel -> RAS mm of the map's data.
+    class_index : int
+        Picks :func:`heatmap_colormap`.
+    top : float
+        The map's maximum: contrast ``(0, top)`` (``(0, 1)`` when not positive).
+    metadata : dict
+        ``"medcam3d": "heatmap"`` and the map's provenance (see :func:`explain_steps`).
+    """
+    return {
+        "name": name,
+        "affine": napari_affine(np.asarray(affine, dtype=np.float64), 3),
+        "colormap": heatmap_colormap(class_index),
+        "opacity": 0.6,
+        "blending": "translucent",
+        "contrast_limits": (0.0, top if top > 0 else 1.0),
+        "interpolation2d": "linear",
+        "rendering": "mip",
+        "axis_labels": AXIS_LABELS,
+        "units": UNITS,
+        "metadata": metadata,
+    }
 
 
 def _space(shape: Sequence[int], affine: Any) -> Space:
@@ -408,19 +440,8 @@ def explain_steps(
             "fill": float(config.output.fill),
             "checksum": checksum(values),
         }
-        kwargs = {
-            "name": heatmap_name(name, heat.method, heat.layer, heat.label, probability),
-            "affine": napari_affine(shown.affine, 3),
-            "colormap": heatmap_colormap(heat.class_index),
-            "opacity": 0.6,
-            "blending": "translucent",
-            "contrast_limits": (0.0, top if top > 0 else 1.0),
-            "interpolation2d": "linear",
-            "rendering": "mip",
-            "axis_labels": AXIS_LABELS,
-            "units": UNITS,
-            "metadata": meta,
-        }
+        kwargs = heatmap_layer_kwargs(heatmap_name(name, heat.method, heat.layer, heat.label, probability),
+                                      shown.affine, heat.class_index, top, meta)
         layers.append((values, kwargs, "image"))
     yield Step(total - 1, total, "model field of view")
     inside = field_of_view(input_space_of(explanation), shown)
