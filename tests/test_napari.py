@@ -934,3 +934,160 @@ def test_segment_again_adds_a_layer_and_keeps_edits_and_errors_are_notifications
     assert "cannot segment planted" in notifications[-1] and "broken" in notifications[-1]
     assert "Traceback" not in notifications[-1] and len(viewer.layers) == count
     _settle(qtbot, widget)
+
+
+# ------------------------------------------------------------------------------ saved outputs
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``medcam3d explain`` of the shipped case_02 (RAS, bright_round present, p = 0.80): its saved files."""
+    from medcam3d.cli import main
+
+    out = tmp_path_factory.mktemp("explained")
+    code = main(["explain", "--config", str(CONFIG), "--image", str(SAMPLES / "case_02.nii.gz"), "--target",
+                 "bright_round", "--no-pictures", "--out", str(out)])
+    assert code == 0
+    stem = out / "case_02" / "case_02_hirescam_bright_round"
+    return SimpleNamespace(scan=SAMPLES / "case_02.nii.gz", map=Path(f"{stem}.nii.gz"), norm=Path(f"{stem}_norm.nii.gz"),
+                           feature=Path(f"{stem}_feature.nii.gz"), mask=Path(f"{stem}_mask.nii.gz"), name="case_02")
+
+
+def test_saved_map_opens_as_a_heatmap_and_segments_like_explain(make_napari_viewer, qtbot, saved, notifications):
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(saved.scan), plugin="medcam3d")
+    [heat] = viewer.open(str(saved.map), plugin="medcam3d")
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explain")
+    widget.reset_choices()
+    widget.heatmap.value = heat  # the picker accepts it (a ValueError before)
+    assert widget.image_layer.choices == (scan,)  # a map is no scan to explain
+    name = heatmap_name("case_02", "hirescam", "class_layers.relu", "bright_round", 0.80)
+    assert heat.name == name  # probability from the case's summary.json
+    meta = heat.metadata
+    assert meta["medcam3d"] == "heatmap" and meta["class"] == "bright_round" and meta["class_index"] == 0
+    assert meta["method"] == "hirescam" and meta["layer"] == "class_layers.relu" and meta["source"] == "case_02"
+    assert meta["probability"] == pytest.approx(0.8008, abs=1e-3) and meta["score"] > 0
+    assert heat.data.dtype == np.float32 and heat.data.shape == scan.data.shape
+    np.testing.assert_allclose(heat.metadata["affine"], scan.metadata["affine"], atol=1e-6)
+    np.testing.assert_allclose(_world_corners(heat, heat.data.shape), _world_corners(scan, scan.data.shape), atol=1e-6)
+    assert heat.colormap.name == _widget.heatmap_colormap(0).name and heat.blending == "translucent"
+    assert heat.opacity == pytest.approx(0.6) and heat.contrast_limits == [0.0, pytest.approx(meta["max"])]
+    assert meta["feature_map"].shape == (16, 16, 16) and meta["checksum"] == checksum(heat.data)
+
+    # Threshold to mask works on it
+    widget.threshold_method.value, widget.threshold_value.value = "fraction", 0.5
+    mask, _box = widget.make_mask()
+    assert mask.name == f"{name} · mask fraction 0.5" and mask.data.any()
+    saved_mask = io.read(saved.mask, dtype=None)[0]  # the file's own mask: the same threshold on the same map
+    assert _dice(mask.data > 0, layer_grid(saved_mask, io.read(saved.mask)[1])[0] > 0) > 0.98
+
+    # The widget's own Explain of the scan: the same metadata keys, the same feature-grid map
+    widget.image_layer.value, widget.target_class.value = scan, "bright_round"
+    [ours, explained] = _explain_with_widget(qtbot, widget)
+    assert ours is heat and explained.name == f"{name} [2]"  # nothing replaced
+    assert set(explained.metadata) <= set(meta)
+    np.testing.assert_allclose(meta["feature_map"], explained.metadata["feature_map"], atol=1e-6)
+    np.testing.assert_allclose(meta["feature_affine"], explained.metadata["feature_affine"], atol=1e-6)
+    np.testing.assert_allclose(heat.data, explained.data, atol=meta["max"] / 254)  # uint8 storage in the file
+
+    # Segment on the saved map labels the same lesion voxels as on the widget's map
+    widget.heatmap.value = heat
+    from_file, _ = widget.make_segmentation()
+    widget.heatmap.value = explained
+    from_explain, _ = widget.make_segmentation()
+    assert from_file.name == "case_02 · segmentation bright_round" and set(np.unique(from_file.data)) == {0, 1}
+    np.testing.assert_array_equal(from_file.data, from_explain.data)
+    truth = layer_grid(io.read(SAMPLES / "case_02_mask.nii.gz", dtype=None)[0] == 1, io.read(saved.scan)[1])[0]
+    assert _dice(from_file.data == 1, truth) > 0.5
+    assert not any("not opened by the medcam3d reader" in m for m in notifications)
+    _settle(qtbot, widget)
+
+
+def test_saved_norm_feature_and_mask_files(make_napari_viewer, saved, tmp_path):
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(saved.scan), plugin="medcam3d")
+    [norm] = viewer.open(str(saved.norm), plugin="medcam3d")
+    [feature] = viewer.open(str(saved.feature), plugin="medcam3d")
+    [mask] = viewer.open(str(saved.mask), plugin="medcam3d")
+    # the _norm copy: a heatmap on [0, 1] whose feature map is scaled the same way
+    assert norm.metadata["medcam3d"] == "heatmap" and norm.name.endswith(" · normalized")
+    assert norm.metadata["max"] == pytest.approx(1.0) and norm.metadata["feature_map"].max() == pytest.approx(1.0, abs=0.02)
+    # a _feature file: the exact map on its own 8 mm grid, with its own affine
+    file_map, grid = io.read(saved.feature)
+    assert feature.metadata["medcam3d"] == "heatmap" and feature.data.shape == (16, 16, 16)
+    np.testing.assert_allclose(feature.metadata["affine"], grid.affine, atol=1e-9)
+    np.testing.assert_allclose(feature.affine.affine_matrix, grid.affine, atol=1e-9)
+    np.testing.assert_array_equal(feature.data, file_map)
+    np.testing.assert_array_equal(feature.metadata["feature_map"], file_map)
+    # a _mask: uint8 labels on the scan's grid, where the scan is (corner voxels at the same mm)
+    from napari.layers import Labels
+
+    assert isinstance(mask, Labels) and mask.data.dtype == np.uint8 and mask.data.shape == scan.data.shape
+    assert mask.name == f"{heatmap_name('case_02', 'hirescam', 'class_layers.relu', 'bright_round', 0.80)} · mask fraction 0.5"
+    assert mask.metadata["medcam3d"] == "mask" and mask.metadata["threshold"]["method"] == "fraction"
+    np.testing.assert_allclose(_world_corners(mask, mask.data.shape), _world_corners(scan, scan.data.shape), atol=1e-6)
+    np.testing.assert_array_equal(mask.data, io.read(saved.mask, dtype=None)[0])
+    assert mask.metadata["box"]["voxels"] == int(mask.data.sum())
+    widget = ExplainWidget(viewer)
+    widget.reset_choices()
+    assert [layer for _, layer in widget._heatmap_choices()] == [norm, feature]
+    # saved again with the medcam3d writer: on the scan's grid and affine
+    [written] = write_mask(str(tmp_path / "again.nii.gz"), mask.data, {"metadata": mask.metadata})
+    np.testing.assert_allclose(nib.load(written).affine, nib.load(saved.scan).affine, atol=1e-5)
+
+
+def test_saved_mask_of_an_oblique_scan_is_on_the_scans_shown_grid(tmp_path):
+    """A _mask on an oblique scan's grid opens on the grid the scan is shown on (nearest neighbour)."""
+    ball = _tilted_ball(tmp_path)
+    descrip = "medcam3d hirescam layer=class_layers.relu class=1:ball"
+    inside = (ball.array >= 1000).astype(np.uint8)
+    io.write(tmp_path / "tilted_hirescam_ball_mask.nii.gz", inside, ball.space, descrip=descrip)
+    [(scan_data, scan_kwargs, _)] = read_image(str(ball.path))
+    [(data, kwargs, kind)] = read_image(str(tmp_path / "tilted_hirescam_ball_mask.nii.gz"))
+    assert kind == "labels" and data.dtype == np.uint8 and data.shape == scan_data.shape
+    assert kwargs["metadata"]["resampled"] and kwargs["name"] == "tilted · hirescam · class_layers.relu · ball · mask saved"
+    np.testing.assert_allclose(kwargs["metadata"]["affine"], scan_kwargs["metadata"]["affine"], atol=1e-9)
+    np.testing.assert_allclose(kwargs["affine"], scan_kwargs["affine"], atol=1e-9)
+    np.testing.assert_array_equal(data, resample_labels(inside, ball.space, Space(data.shape, kwargs["metadata"]["affine"])))
+    assert set(np.unique(data)) == {0, 1}
+
+
+def test_foreign_and_malformed_descrips_open_as_plain_images(tmp_path):
+    from medcam3d.napari._outputs import parse_descrip
+
+    space = grid_from_codes("LPS", (0.9, 0.9, 2.5), (12, 10, 6), centre=(5.0, -10.0, 20.0))
+    array = np.random.default_rng(2).random(space.shape, dtype=np.float32)
+    descrips = {
+        "foreign": "ITK-SNAP heatmap class=0:tumour",
+        "phantom": "medcam3d demo phantom seed=900002",  # the shipped scans' descrip
+        "segmentation": "medcam3d segment random_walker: 0 bg, 1 bright_round",
+        "widget_mask": "medcam3d mask fraction 0.5 of medcam3d hirescam layer=class_layers.relu class=0:a",
+        "no_index": "medcam3d hirescam layer=class_layers.relu class=a:bright",
+        "no_layer": "medcam3d hirescam layer= class=0:bright",
+        "no_label": "medcam3d hirescam layer=class_layers.relu class=0:",
+        "truncated": "medcam3d hirescam layer=class_lay",
+        "huge_index": "medcam3d hirescam layer=x class=99999999999999999999:a",
+    }
+    for key, text in descrips.items():
+        for suffix in ("", "_mask", "_feature"):
+            name = f"{key}_hirescam_bright{suffix}"
+            io.write(tmp_path / f"{name}.nii.gz", array, space, descrip=text)
+            [(data, kwargs, kind)] = read_image(str(tmp_path / f"{name}.nii.gz"))
+            assert kind == "image" and kwargs["metadata"]["medcam3d"] == "scan", text
+            assert kwargs["name"] == name and kwargs["colormap"] == "gray"
+            np.testing.assert_allclose(data, array)
+    # not ASCII, control characters, NUL padding: no crash, plain
+    image = nib.Nifti1Image(array, space.affine)
+    image.header["descrip"] = b"medcam3d hirescam layer=x class=0:\xff\xfe"
+    nib.save(image, tmp_path / "bytes_mask.nii.gz")
+    [(_, kwargs, kind)] = read_image(str(tmp_path / "bytes_mask.nii.gz"))
+    assert kind == "image" and kwargs["metadata"]["medcam3d"] == "scan"
+    assert parse_descrip(None) is None and parse_descrip(b"medcam3d a layer=b class=0:c\x01") is None
+    assert parse_descrip(b"medcam3d a layer=b class=2:c d\x00\x00").label == "c d"
+    # a valid map beside a broken summary.json and a feature file of another class: a heatmap without them
+    (tmp_path / "summary.json").write_text("{not json")
+    io.write(tmp_path / "c_hirescam_bright.nii.gz", array, space, descrip="medcam3d hirescam layer=l class=0:bright")
+    io.write(tmp_path / "c_hirescam_bright_feature.nii.gz", array[:4, :4, :4], Space((4, 4, 4), space.affine),
+             descrip="medcam3d hirescam layer=l class=1:other")
+    [(data, kwargs, kind)] = read_image(str(tmp_path / "c_hirescam_bright.nii.gz"))
+    assert kind == "image" and kwargs["metadata"]["medcam3d"] == "heatmap" and kwargs["name"] == "c · hirescam · l · bright"
+    assert "feature_map" not in kwargs["metadata"] and kwargs["metadata"]["probability"] is None
