@@ -429,22 +429,10 @@ def _check_nodes(root: object, path: Path) -> None:
 def parse_config(data: object, *, source: Path | None = None) -> Config:
     """Validate a config given as a mapping (paths are relative to ``source``'s folder).
 
-    Parameters
-    ----------
-    data : mapping
-        The parsed YAML (or an equivalent dict).
-    source : Path, optional
-        The file it came from: named in errors, and the base of relative paths.
-
-    Returns
-    -------
-    Config
-
-    Raises
-    ------
-    ConfigError
-        Unknown key (with did-you-mean), wrong type or value, missing file; the message names the
-        file and the key.
+    ``data`` is the parsed YAML (or an equivalent dict); ``source``, the file it came from, is
+    named in errors and is the base of relative paths. Returns a :class:`Config`; raises
+    :class:`ConfigError` for an unknown key (with did-you-mean), a wrong type or value or a missing
+    file, with a message that names the file and the key.
     """
     if source is not None and not isinstance(source, Path):
         source = Path(source)

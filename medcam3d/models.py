@@ -908,14 +908,8 @@ def load_bundle(
 def bundle_preprocessing(directory: str | Path, *, trust: bool = False, device: str | torch.device = "cpu") -> BundlePreprocessing:
     """The ``preprocessing`` chain of a MONAI bundle, without loading its network.
 
-    Parameters
-    ----------
-    directory : str or Path
-        The bundle folder.
-    trust : bool
-        Required: a bundle's configs run code.
-    device : str or torch.device
-        Given to the config's ``device`` (transforms such as ``EnsureTyped`` may use it).
+    ``directory`` and ``trust`` are as for :func:`load_bundle`; ``device`` is given to the
+    config's ``device`` (transforms such as ``EnsureTyped`` may use it).
 
     Returns
     -------

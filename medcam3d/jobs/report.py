@@ -13,14 +13,14 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypedDict, Unpack
 
 import numpy as np
 
 from .._files import atomic_write, atomic_write_text
 from ..space import Space
 
-__all__ = ["save_slices", "slices_figure", "SlicePainter", "alpha_colormap", "default_window", "save_figure", "write_csv", "write_text", "print_table"]
+__all__ = ["save_slices", "slices_figure", "PictureOptions", "SlicePainter", "alpha_colormap", "default_window", "save_figure", "write_csv", "write_text", "print_table"]
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -115,41 +115,41 @@ def _canonical_plane(plane: np.ndarray, axes: tuple[int, int], orientation: np.n
     return out
 
 
-def save_slices(
-    path: str | Path,
-    scan: np.ndarray,
-    heat,
-    space: Space,
-    *,
-    title: str = "",
-    peak_mm: tuple[float, float, float] | None = None,
-    peak_voxel: tuple[int, int, int] | None = None,
-    window: tuple[float, float] | None = None,
-    colormap: str = "inferno",
-    dpi: int = 80,
-) -> Path:
+class PictureOptions(TypedDict, total=False):
+    """Keyword options of :func:`save_slices` and :func:`slices_figure` (see :class:`SlicePainter`).
+
+    title : str — the first title line; peak_mm / peak_voxel : (3,) — where to cut (default: the
+    map's peak); window : (low, high) — the scan's grey window; colormap : str (default "inferno").
+    """
+
+    title: str
+    peak_mm: tuple[float, float, float] | None
+    peak_voxel: tuple[int, int, int] | None
+    window: tuple[float, float] | None
+    colormap: str
+
+
+def save_slices(path: str | Path, scan: np.ndarray, heat, space: Space, *, dpi: int = 80,
+                **options: Unpack[PictureOptions]) -> Path:
     """Write a PNG with axial, coronal and sagittal slices through the heatmap's peak.
 
     See :class:`SlicePainter` (which draws many maps over one scan faster) for the parameters.
     """
-    painter = SlicePainter(scan, space, window=window, colormap=colormap)
-    return painter.save(path, heat, title=title, peak_mm=peak_mm, peak_voxel=peak_voxel, dpi=dpi)
+    painter, cut = _painter_and_cut(scan, space, options)
+    return painter.save(path, heat, dpi=dpi, **cut)
 
 
-def slices_figure(
-    scan: np.ndarray,
-    heat,
-    space: Space,
-    *,
-    title: str = "",
-    peak_mm: tuple[float, float, float] | None = None,
-    peak_voxel: tuple[int, int, int] | None = None,
-    window: tuple[float, float] | None = None,
-    colormap: str = "inferno",
-):
+def slices_figure(scan: np.ndarray, heat, space: Space, **options: Unpack[PictureOptions]):
     """The matplotlib Figure of :func:`save_slices` (object API, no pyplot); see :class:`SlicePainter`."""
-    painter = SlicePainter(scan, space, window=window, colormap=colormap)
-    return painter.paint(heat, title=title, peak_mm=peak_mm, peak_voxel=peak_voxel)
+    painter, cut = _painter_and_cut(scan, space, options)
+    return painter.paint(heat, **cut)
+
+
+def _painter_and_cut(scan: np.ndarray, space: Space, options: PictureOptions) -> tuple[SlicePainter, dict[str, Any]]:
+    """A painter for one picture, and the options that say where to cut and what to title."""
+    painter = SlicePainter(scan, space, window=options.get("window"), colormap=options.get("colormap", "inferno"))
+    cut: dict[str, Any] = {key: value for key, value in options.items() if key in ("title", "peak_mm", "peak_voxel")}
+    return painter, cut
 
 
 class SlicePainter:

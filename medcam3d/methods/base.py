@@ -23,16 +23,10 @@ def spatial_axes(tensor: torch.Tensor) -> tuple[int, ...]:
 class MethodContext:
     """What a method may need besides activations and gradients.
 
-    Attributes
-    ----------
-    class_indices : (B, T) LongTensor
-        The class explained by each map.
-    signs : (B, T) Tensor
-        +1, or −1 where the score is the negated logit (the negative class of a
-        single-logit binary model).
-    head_weight : (C, K) Tensor or None
-        Weight of the Linear layer that follows global average pooling
-        (only for :class:`~medcam3d.explainers.cam.CAM`).
+    ``class_indices`` and ``signs`` ((B, T) each) are those of the resolved
+    :class:`~medcam3d.targets.Target`: the class of each map, and −1 where its score is a negated
+    logit. ``head_weight`` ((C, K) or None) is the weight of the Linear layer after global average
+    pooling, which only :class:`~medcam3d.methods.cam.CAM` uses.
     """
 
     class_indices: torch.Tensor
