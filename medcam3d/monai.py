@@ -37,6 +37,7 @@ on. ``torch.inference_mode()`` cannot be left from inside, so it is refused with
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -548,11 +551,22 @@ class SaveHeatmapsd(MapTransform):
     meta_key : str
         Metadata key of the maps.
     allow_missing_keys : bool
+    background : bool
+        Write in a background thread, so that the evaluator goes on with the next batch while the
+        maps are resampled, quantised and compressed (gzip and numpy release the GIL). The maps are
+        taken from the prediction at once, so the data may change afterwards. At most
+        ``max_pending`` samples wait; an error of a background write is raised by the next call or
+        by :meth:`wait`. Call :meth:`wait` after the run (for example in an ``Events.COMPLETED``
+        handler) to be sure that every file is on disk; at interpreter exit pending writes are
+        finished and their errors logged.
+    max_pending : int
+        With ``background``: how many samples may wait to be written before a call blocks.
 
     Attributes
     ----------
     written : list of Path
-        The files written by the last call.
+        The files written by the last call (with ``background``: by the writes finished since the
+        last call or :meth:`wait`).
 
     Raises
     ------
@@ -583,8 +597,12 @@ class SaveHeatmapsd(MapTransform):
         overwrite: bool | None = None,
         meta_key: str = HEATMAP_KEY,
         allow_missing_keys: bool = False,
+        background: bool = False,
+        max_pending: int = 2,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if int(max_pending) < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending!r}.")
         ext = (output_ext if output_ext.startswith(".") else f".{output_ext}").lower()
         if ext not in (".nii.gz", ".nii", ".nrrd", ".mha"):
             raise ValueError(f"output_ext must be .nii.gz, .nii, .nrrd or .mha, not {output_ext!r}.")
@@ -611,6 +629,10 @@ class SaveHeatmapsd(MapTransform):
         self.meta_key = meta_key
         self._data_index = 0  # the subject name of inputs without a file name, as SaveImage counts
         self.written: list[Path] = []
+        self.background = bool(background)
+        self.max_pending = int(max_pending)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, Future]] = []  # (subject, write) in submission order
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -619,9 +641,55 @@ class SaveHeatmapsd(MapTransform):
             pred = d[key]
             source = d[self.orig_key] if self.orig_key is not None else pred
             meta = dict(getattr(source, "meta", None) or {})
-            self.written += self.save(pred, meta)
+            if self.background:
+                self._submit(self._plan(pred, meta))
+            else:
+                self.written += self.save(pred, meta)
             self._data_index += 1
         return d
+
+    def wait(self) -> list[Path]:
+        """Block until every background write has finished; return their files.
+
+        Raises the first error of those writes (the others are logged). A no-op without ``background``.
+        """
+        written = self._collect(until=0)
+        self.written = written
+        return written
+
+    def _submit(self, plan: _WritePlan) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcam3d-heatmaps")
+            atexit.register(self._report_at_exit)
+        self.written = self._collect(until=self.max_pending - 1)
+        future = self._pool.submit(self._write, plan)
+        self._pending.append((plan.subject, future))
+
+    def _report_at_exit(self) -> None:
+        """Log the errors of writes that nobody waited for (their threads have finished by now)."""
+        for subject, future in self._pending:
+            error = future.exception() if future.done() and not future.cancelled() else None
+            if error is not None:
+                logger.error("SaveHeatmapsd: the heatmaps of %r could not be written: %s: %s", subject,
+                             type(error).__name__, error)
+        self._pending = []
+
+    def _collect(self, until: int) -> list[Path]:
+        """Files of the finished writes, waiting for the oldest until at most ``until`` are pending."""
+        written: list[Path] = []
+        error: BaseException | None = None
+        while self._pending and (len(self._pending) > until or self._pending[0][1].done()):
+            subject, future = self._pending.pop(0)
+            try:
+                written += future.result()
+            except Exception as failure:
+                if error is None:
+                    error = failure
+                else:
+                    logger.error("SaveHeatmapsd: the heatmaps of %r were not written: %s", subject, failure)
+        if error is not None:
+            raise error
+        return written
 
     def views(self, pred: Any, meta: Mapping | None = None) -> list[ScanGridMap]:
         """The maps of one decollated prediction as seen on the file's grid (nothing resampled yet)."""
@@ -651,22 +719,30 @@ class SaveHeatmapsd(MapTransform):
 
     def save(self, pred: Any, meta: Mapping) -> list[Path]:
         """Write the maps of one decollated prediction; ``meta`` names the subject and gives its grid."""
+        return self._write(self._plan(pred, meta))
+
+    def _plan(self, pred: Any, meta: Mapping) -> _WritePlan:
+        """What :meth:`save` writes and where, taken from the prediction now (nothing written yet)."""
         views = self.views(pred, meta)
-        if not views:
-            return []
         names = dict(self.fname_formatter(dict(meta), self))
         subject, index = names.pop("subject", self._data_index), names.pop("idx", None)
         layout = FolderLayout(output_dir=self.output_dir, postfix=self.output_postfix, extension="",
                               parent=self.separate_folder, makedirs=False, data_root_dir=self.data_root_dir)
         stem = Path(layout.filename(subject=f"{subject}", idx=index, **names))
         folder = self._inside_output(stem.parent, subject)
+        return _WritePlan(str(subject), views, folder, stem.name, _nifti_source(meta))
+
+    def _write(self, plan: _WritePlan) -> list[Path]:
+        views, folder = plan.views, plan.folder
+        if not views:
+            return []
         folder.mkdir(parents=True, exist_ok=True)
         if self.output_ext in (".nrrd", ".mha"):
-            return self._save_dense(views, folder, stem.name)
+            return self._save_dense(views, folder, plan.stem)
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medcam3d-"))
         try:
             dtype = "float32" if self.grid == "feature" else self.output_dtype  # tiny: exact
-            staged = save_scan_maps(views, staging, prefix=stem.name, like=_nifti_source(meta),
+            staged = save_scan_maps(views, staging, prefix=plan.stem, like=plan.like,
                                     normalized=self.normalized, four_d=self.four_d, dtype=dtype,
                                     compress=self.output_ext == ".nii.gz")
             targets = [folder / path.name for path in staged]
@@ -712,6 +788,17 @@ class SaveHeatmapsd(MapTransform):
             "or output_postfix, or pass overwrite=True to replace it."
         )
         raise FileExistsError(message)
+
+
+@dataclass(frozen=True)
+class _WritePlan:
+    """One sample's maps for :class:`SaveHeatmapsd` to write, and where."""
+
+    subject: str
+    views: list[ScanGridMap]
+    folder: Path
+    stem: str
+    like: str | None  # the loaded NIfTI, whose header codes the maps copy
 
 
 def _nifti_source(meta: Mapping) -> str | None:

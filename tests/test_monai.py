@@ -370,6 +370,54 @@ def test_saver_refuses_foreign_files_and_paths_outside_output_dir(batch, tmp_pat
         outside(item)
 
 
+def test_background_saver_writes_the_same_files_and_raises_its_errors(batch, tmp_path, monkeypatch):
+    import threading
+
+    import medcam3d.monai as monai_module
+
+    network, _ = batch
+    item, scan, _, _ = _sample(tmp_path, network)
+    plain = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "plain", normalized=True)
+    plain(item)
+    background = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "bg", normalized=True, background=True, max_pending=1)
+    assert background(item) is not item
+    written = background.wait()
+    assert sorted(p.name for p in written) == sorted(p.name for p in plain.written)
+    for path in plain.written:
+        other = tmp_path / "bg" / "scan" / path.name
+        np.testing.assert_array_equal(np.asanyarray(nib.load(other).dataobj), np.asanyarray(nib.load(path).dataobj))
+        np.testing.assert_array_equal(nib.load(other).affine, nib.load(path).affine)
+    assert not [p for p in (tmp_path / "bg" / "scan").iterdir() if p.name.startswith(".")]  # no staging left
+    assert background.wait() == []  # nothing pending
+
+    # the maps are taken when the call returns: a slow write blocks the next call only past max_pending
+    release, started = threading.Event(), threading.Event()
+    original = monai_module.save_scan_maps
+
+    def slow(*args, **kwargs):
+        started.set()
+        assert release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monai_module, "save_scan_maps", slow)
+    slow_saver = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "slow", background=True, max_pending=1)
+    slow_saver(item)  # returns while the write waits
+    assert started.wait(30) and not (tmp_path / "slow" / "scan" / "scan_heatmap_hirescam_a.nii.gz").exists()
+    release.set()
+    assert len(slow_saver.wait()) == 3
+    monkeypatch.setattr(monai_module, "save_scan_maps", original)
+
+    # an error of a background write (a file medcam3d did not write) is raised by wait(), and nothing is replaced
+    foreign = tmp_path / "bg" / "scan" / "scan_heatmap_hirescam_a.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(foreign))
+    background(item)
+    with pytest.raises(FileExistsError, match="not written by medcam3d"):
+        background.wait()
+    assert nib.load(foreign).shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="max_pending"):
+        SaveHeatmapsd(keys="pred", background=True, max_pending=0)
+
+
 def test_saver_without_maps_or_grid_says_what_to_do(batch, tmp_path):
     network, x = batch
     with torch.no_grad():
