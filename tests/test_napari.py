@@ -1,4 +1,4 @@
-"""The napari plugin: manifest, reader, oblique scans, Explain widget, colour, masks, writers, teardown.
+"""The napari plugin: manifest, reader, oblique scans, Explain widget, colour, masks, writers, teardown, saved outputs.
 
 Runs under Xvfb (pytest-xvfb starts it). Every scenario takes screenshots into its ``tmp_path``;
 set ``MEDCAM3D_SCREENSHOT_DIR=<folder>`` to keep a copy of each for review, and
