@@ -55,6 +55,7 @@ CLEAN = [
     "medcam3d/monai_example.py",
     "medcam3d/napari/__init__.py",
     "medcam3d/napari/_grid.py",
+    "medcam3d/napari/_outputs.py",
     "medcam3d/napari/_reader.py",
     "medcam3d/napari/_sample_data.py",
     "medcam3d/napari/_view.py",
