@@ -47,7 +47,7 @@ def test_a_config_without_weights_is_refused_unless_random_weights(scan, tmp_pat
     write_tiny_model(tmp_path)
     config = write_tiny_config(tmp_path / "config.yaml", size=16, spacing=None)
     template = tmp_path / "template.yaml"
-    template.write_text(config.read_text().replace(f"  weights: weights.pt\n", ""))
+    template.write_text(config.read_text().replace("  weights: weights.pt\n", ""))
     args = ["explain", "--config", str(template), "--image", str(scan), "--out", str(tmp_path / "out")]
     assert main(args) == 2
     assert "model.weights is missing" in capsys.readouterr().err
