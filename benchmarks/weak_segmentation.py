@@ -580,7 +580,8 @@ def _report(args, table, tuning_log, breakdown, accuracies, pointings, best_key,
         "",
         ("One pass of coordinate search from `SegmentSettings()` over `SWEEPS` (a change is kept when it raises the "
          "mean Dice on the demo set). The library default (`SegmentSettings()`: random walker, smooth_mm 8, "
-         "background 0.05, beta 1) was chosen on the demo set for the weakly-supervised model's fused maps."),
+         "background 0.05, beta 1) is where every row's search starts; it was chosen on the demo set with an "
+         "earlier weakly-supervised model, and the rows below say where each search ended."),
         "",
         "| model | map | method | setting | demo-set Dice |",
         "|---|---|---|---|---|",
