@@ -130,7 +130,8 @@ def child(bundle: Path, config: str, runs: int, threads: int, device: str, save_
     evaluator.logger.setLevel("WARNING")
     from medcam3d.monai import SaveHeatmapsd
 
-    savers = [t for t in getattr(evaluator.postprocessing, "transforms", ()) if isinstance(t, SaveHeatmapsd)]
+    postprocessing = parser.get_parsed_content("postprocessing")  # the evaluator's own (parsed once, cached)
+    savers = [t for t in getattr(postprocessing, "transforms", ()) if isinstance(t, SaveHeatmapsd)]
 
     def run() -> None:
         evaluator.run()

@@ -175,7 +175,9 @@ def to_model_input(x: object, model: nn.Module, *, check_finite: bool = True) ->
     if cast:
         logger.debug("Input of dtype %s cast to the model's %s.", inputs.dtype, dtype)
     inputs = inputs.to(device=device if device is not None else inputs.device, dtype=dtype)
-    if check_finite:
+    # One sum first (NaN and Inf propagate into it; no mask is allocated); the exact check only when it is not
+    # finite, which also catches finite values whose sum overflows.
+    if check_finite and not bool(torch.isfinite(inputs.sum())):
         finite = torch.isfinite(inputs)
         if not bool(finite.all()):
             bad = int((~finite).sum())
