@@ -1,4 +1,4 @@
-"""Tiny seeded models and the independent reference used by the explainer tests."""
+"""Tiny seeded models (hand-made and MONAI networks) and the independent reference used by the explainer tests."""
 
 from __future__ import annotations
 
@@ -40,6 +40,38 @@ def flatten_linear_cnn(feature_shape: tuple[int, ...], classes: int = 4, seed: i
         nn.Flatten(),
         nn.Linear(7 * numel, classes),
     ).eval()
+
+
+def resnet18_3d(classes: int = 4) -> nn.Module:
+    """MONAI's 3D resnet18 (1 input channel), seeded."""
+    from monai.networks.nets import resnet18
+
+    torch.manual_seed(0)
+    return resnet18(spatial_dims=3, n_input_channels=1, num_classes=classes).eval()
+
+
+def densenet121_3d(classes: int = 3) -> nn.Module:
+    """MONAI's 3D DenseNet121 (1 input channel), seeded."""
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=classes).eval()
+
+
+def small_unet() -> nn.Module:
+    """A small MONAI UNet segmenting 3 classes, seeded."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+
+
+def small_segresnet() -> nn.Module:
+    """A small MONAI SegResNet segmenting 3 classes, seeded."""
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)).eval()
 
 
 class Failing(nn.Module):

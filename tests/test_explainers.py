@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import DenseNet121, SEResNet50, resnet18
+from monai.networks.nets import SEResNet50
 from torch import nn
 
 import medcam3d
 from medcam3d.explainers import EXPLAINERS, get_explainer
-from _models import flatten_linear_cnn, gap_linear_cnn, reference_activations_and_gradients
+from _models import densenet121_3d, flatten_linear_cnn, gap_linear_cnn, reference_activations_and_gradients, resnet18_3d
 
 
 def spatial(t: torch.Tensor) -> tuple[int, ...]:
@@ -84,13 +84,11 @@ def reference_map(method: str, A: torch.Tensor, G: torch.Tensor, head_row: torch
 
 
 def densenet121():
-    torch.manual_seed(0)
-    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=6).eval()
+    return densenet121_3d(classes=6)
 
 
-def resnet18_3d():
-    torch.manual_seed(0)
-    return resnet18(spatial_dims=3, n_input_channels=1, num_classes=6).eval()
+def resnet18():
+    return resnet18_3d(classes=6)
 
 
 def seresnet50_3d():
@@ -102,7 +100,7 @@ NETWORKS = {
     # name: (factory, target layer, input shape, head attribute for CAM)
     "densenet121-norm5": (densenet121, "features.norm5", (1, 1, 67, 75, 61), None),
     "densenet121-relu": (densenet121, "class_layers.relu", (1, 1, 67, 75, 61), "class_layers.out"),
-    "resnet18": (resnet18_3d, "layer4", (1, 1, 37, 45, 29), "fc"),
+    "resnet18": (resnet18, "layer4", (1, 1, 37, 45, 29), "fc"),
     "seresnet50": (seresnet50_3d, "layer4", (1, 1, 37, 45, 29), "last_linear"),
 }
 
@@ -158,7 +156,7 @@ def test_inplace_relu_after_layer_uses_the_layers_own_output():
 # ---------------------------------------------------- all classes, batches
 @pytest.mark.parametrize("method", ["hirescam", "gradcam", "gradcam++", "layercam", "xgradcam", "cam"])
 def test_all_classes_equal_one_by_one(method):
-    model = resnet18_3d()
+    model = resnet18()
     x = torch.randn(2, 1, 37, 45, 29, generator=torch.Generator().manual_seed(5))
     explainer = medcam3d.Explainer(model, method)
     together = explainer(x, target="all", relu=False)
@@ -169,7 +167,7 @@ def test_all_classes_equal_one_by_one(method):
 
 
 def test_batched_vjp_equals_loop():
-    model = resnet18_3d()
+    model = resnet18()
     x = torch.randn(2, 1, 37, 45, 29, generator=torch.Generator().manual_seed(6))
     batched = medcam3d.Explainer(model)
     looped = medcam3d.Explainer(model)
@@ -179,7 +177,7 @@ def test_batched_vjp_equals_loop():
 
 
 def test_per_sample_targets_equal_samples_one_by_one():
-    model = resnet18_3d()
+    model = resnet18()
     x = torch.randn(3, 1, 37, 45, 29, generator=torch.Generator().manual_seed(7))
     explainer = medcam3d.Explainer(model, "gradcam")
     classes = torch.tensor([5, 0, 3])
@@ -192,7 +190,7 @@ def test_per_sample_targets_equal_samples_one_by_one():
 
 
 def test_predicted_target_is_argmax_per_sample():
-    model = resnet18_3d()
+    model = resnet18()
     x = torch.randn(3, 1, 37, 45, 29, generator=torch.Generator().manual_seed(8))
     result = medcam3d.Explainer(model)(x, target="predicted")
     assert result.class_indices[:, 0].tolist() == result.logits.argmax(1).tolist()
@@ -209,7 +207,7 @@ def test_class_names_resolve():
 
 
 def test_eigencam_is_class_agnostic_and_positive():
-    model = resnet18_3d()
+    model = resnet18()
     x = torch.randn(1, 1, 37, 45, 29, generator=torch.Generator().manual_seed(9))
     result = medcam3d.Explainer(model, "eigencam")(x, target="all", relu=False)
     assert torch.equal(result.maps[:, 0], result.maps[:, 5])

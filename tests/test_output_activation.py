@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
-from monai.networks.nets import UNet
 from torch import nn
 
 import medcam3d
 from medcam3d.errors import ProbabilityOutputWarning
 from medcam3d.modeling import logits_from_probabilities, looks_like_probabilities
-from _models import flatten_linear_cnn, gap_linear_cnn
+from _models import flatten_linear_cnn, gap_linear_cnn, small_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated
 
@@ -138,8 +137,7 @@ def test_auto_warns_about_values_that_look_like_probabilities_and_keeps_them():
 
 
 def test_segmentation_network_ending_in_softmax():
-    torch.manual_seed(0)
-    unet = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+    unet = small_unet()
     x = torch.randn(1, 1, 24, 28, 20, generator=torch.Generator().manual_seed(6))
     mask = torch.zeros(24, 28, 20)
     mask[4:16, 6:20, 3:12] = 1

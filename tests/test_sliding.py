@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.networks.nets import SegResNet, UNet, resnet18
+from monai.networks.nets import resnet18
 from torch import nn
 
 import medcam3d
@@ -23,6 +23,7 @@ from medcam3d.sliding import explain_sliding_window
 from medcam3d.space import Space
 from medcam3d.targets import region_from_scan_mask
 from _images import oblique_lpi_affine, planted_scan
+from _models import small_segresnet, small_unet
 
 
 def test_one_roi_covering_the_volume_equals_direct_classifier():
@@ -38,8 +39,7 @@ def test_one_roi_covering_the_volume_equals_direct_classifier():
 
 
 def test_one_roi_covering_the_volume_equals_direct_segmentation_region():
-    torch.manual_seed(0)
-    model = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+    model = small_unet()
     x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
     mask = torch.zeros(32, 32, 32)
     mask[4:20, 8:16, 10:30] = 1
@@ -120,10 +120,6 @@ def test_sliding_window_memory_is_bounded_by_the_patch_batch():
     assert direct > 2 * bound, direct
     assert windowed < bound, windowed
 
-
-def small_segresnet():
-    torch.manual_seed(0)
-    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)).eval()
 
 
 def test_segmentation_scores_are_finite_with_and_without_windows():

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import SegResNet, UNet
 
 import medcam3d
 from medcam3d.targets import RegionTarget, resolve_target
-from _models import gap_linear_cnn, reference_activations_and_gradients
+from _models import gap_linear_cnn, reference_activations_and_gradients, small_segresnet, small_unet
 
 
 def test_resolution_rules():
@@ -57,14 +56,6 @@ def test_out_of_range_through_explainer():
 
 
 # ------------------------------------------------------------- segmentation
-def small_unet():
-    torch.manual_seed(0)
-    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
-
-
-def small_segresnet():
-    torch.manual_seed(0)
-    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)).eval()
 
 
 @pytest.mark.parametrize("factory, layer", [(small_unet, "model.1"), (small_segresnet, "down_layers.2")])

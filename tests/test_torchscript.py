@@ -12,10 +12,10 @@ from typing import Optional
 
 import pytest
 import torch
-from monai.networks.nets import DenseNet121, SegResNet, UNet, resnet18
 from torch import nn
 
 import medcam3d
+from _models import densenet121_3d, resnet18_3d, small_segresnet, small_unet
 from medcam3d.errors import InputError
 from medcam3d.layers import expected_spatial_dims
 from medcam3d.torchscript import ScriptSplit, is_scripted, module_type_name, script_layer_names
@@ -23,24 +23,8 @@ from medcam3d.torchscript import ScriptSplit, is_scripted, module_type_name, scr
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/trace are deprecated
 
 
-def resnet18_3d():
-    torch.manual_seed(0)
-    return resnet18(spatial_dims=3, n_input_channels=1, num_classes=4).eval()
 
 
-def densenet121_3d():
-    torch.manual_seed(0)
-    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=3).eval()
-
-
-def small_unet():
-    torch.manual_seed(0)
-    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
-
-
-def small_segresnet():
-    torch.manual_seed(0)
-    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)).eval()
 
 
 def to_torchscript(model: nn.Module, how: str, x: torch.Tensor, path) -> torch.jit.ScriptModule:
