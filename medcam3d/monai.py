@@ -43,6 +43,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -660,13 +661,13 @@ class SaveHeatmapsd(MapTransform):
     def _submit(self, plan: _WritePlan) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcam3d-heatmaps")
-            atexit.register(self._report_at_exit)
+            atexit.register(_report_at_exit, weakref.ref(self))  # a weak reference: savers can be collected
         self.written = self._collect(until=self.max_pending - 1)
         future = self._pool.submit(self._write, plan)
         self._pending.append((plan.subject, future))
 
-    def _report_at_exit(self) -> None:
-        """Log the errors of writes that nobody waited for (their threads have finished by now)."""
+    def _report_errors(self) -> None:
+        """Log the errors of writes that nobody waited for (at exit their threads have finished)."""
         for subject, future in self._pending:
             error = future.exception() if future.done() and not future.cancelled() else None
             if error is not None:
@@ -799,6 +800,13 @@ class _WritePlan:
     folder: Path
     stem: str
     like: str | None  # the loaded NIfTI, whose header codes the maps copy
+
+
+def _report_at_exit(saver: weakref.ref) -> None:
+    """At interpreter exit: the unreported write errors of a :class:`SaveHeatmapsd` still alive."""
+    alive = saver()
+    if alive is not None:
+        alive._report_errors()
 
 
 def _nifti_source(meta: Mapping) -> str | None:

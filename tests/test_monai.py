@@ -370,7 +370,7 @@ def test_saver_refuses_foreign_files_and_paths_outside_output_dir(batch, tmp_pat
         outside(item)
 
 
-def test_background_saver_writes_the_same_files_and_raises_its_errors(batch, tmp_path, monkeypatch):
+def test_background_saver_writes_the_same_files_and_raises_its_errors(batch, tmp_path, monkeypatch, caplog):
     import threading
 
     import medcam3d.monai as monai_module
@@ -410,6 +410,15 @@ def test_background_saver_writes_the_same_files_and_raises_its_errors(batch, tmp
     # an error of a background write (a file medcam3d did not write) is raised by wait(), and nothing is replaced
     foreign = tmp_path / "bg" / "scan" / "scan_heatmap_hirescam_a.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(foreign))
+    background(item)
+    import concurrent.futures
+    import logging
+    import weakref
+
+    concurrent.futures.wait([future for _, future in background._pending])
+    with caplog.at_level(logging.ERROR, logger="medcam3d.monai"):
+        monai_module._report_at_exit(weakref.ref(background))  # what runs at exit when nobody waited
+    assert "could not be written: FileExistsError" in caplog.text
     background(item)
     with pytest.raises(FileExistsError, match="not written by medcam3d"):
         background.wait()
