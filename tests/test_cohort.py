@@ -191,3 +191,21 @@ def test_a_writer_process_that_dies_fails_its_cases_and_the_rest_are_written(coh
     assert failures == len(lost) and all("--resume" in row["error"] for row in lost)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(r["case"] for r in rows if r["status"] == "ok")
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging folder is left behind
+
+
+def test_scans_go_to_the_writer_in_the_shared_memory_the_reader_filled():
+    import torch
+
+    from medcam3d.jobs.cohort import _as_arrays, _as_tensors
+    from medcam3d.jobs.runner import LoadedCase
+
+    scan = torch.arange(120, dtype=torch.float32).reshape(4, 5, 6).share_memory_()
+    handed = LoadedCase(torch.zeros(1, 2, 2, 2), Space((4, 5, 6), np.eye(4)), scan, None, None)
+    arrays = _as_arrays(handed)
+    assert isinstance(arrays.scan, np.ndarray) and np.shares_memory(arrays.scan, scan.numpy())
+    assert _as_tensors(arrays, handed).scan is scan  # no copy into fresh shared memory
+    other = _as_tensors(arrays)  # without the original: a tensor over the same memory, not yet shared
+    assert other.scan is not scan and torch.equal(other.scan, scan)
+    edited = np.array(arrays.scan) + 1  # an array the explain step replaced is sent as itself
+    sent = _as_tensors(LoadedCase(handed.x, handed.scanner_space, edited, None, None), handed).scan
+    assert sent is not scan and torch.equal(sent, scan + 1)

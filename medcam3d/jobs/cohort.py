@@ -91,17 +91,29 @@ class _CaseDataset(torch.utils.data.Dataset):
 _SCAN_ARRAYS = ("scan", "labels", "region")  # a LoadedCase's arrays on the scan's grid
 
 
-def _as_tensors(loaded):
+def _as_tensors(loaded, shared=None):
     """The case's arrays as tensors: a DataLoader (or a queue) hands tensors over in shared memory,
-    while numpy arrays are pickled through a pipe (about 2 s for a 512x512x300 float32 CT)."""
+    while numpy arrays are pickled through a pipe (about 2 s for a 512x512x300 float32 CT).
 
-    def shared(array):
+    ``shared`` is the same case as the DataLoader handed it over: an array that views one of its
+    tensors is sent as that tensor, already in shared memory (a new tensor over the same memory
+    would be copied into fresh shared memory, 300 MB for a CT).
+    """
+
+    def as_tensor(name: str):
+        array = getattr(loaded, name)
+        if not isinstance(array, np.ndarray):
+            return array
+        original = getattr(shared, name, None)
+        if isinstance(original, torch.Tensor) and original.is_shared() and array.size \
+                and array.__array_interface__["data"][0] == original.data_ptr() and array.shape == tuple(original.shape):
+            return original
         try:
-            return torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+            return torch.from_numpy(array)
         except (TypeError, ValueError):  # a dtype torch lacks, or a read-only array: sent as is
             return array
 
-    return dataclasses.replace(loaded, **{name: shared(getattr(loaded, name)) for name in _SCAN_ARRAYS})
+    return dataclasses.replace(loaded, **{name: as_tensor(name) for name in _SCAN_ARRAYS})
 
 
 def _as_arrays(loaded):
@@ -164,11 +176,11 @@ class _CaseWriter:
                                            name="medcam3d-writer", daemon=True)
             self.process.start()
 
-    def submit(self, index: int, explained) -> None:
+    def submit(self, index: int, explained, shared=None) -> None:
         """Write ``explained`` (an :class:`~medcam3d.jobs.runner.ExplainedCase`) in the writer, or here
-        when there is none (or it has ended)."""
+        when there is none (or it has ended). ``shared``: its case as the DataLoader handed it over."""
         if self.process is not None:
-            job = (index, dataclasses.replace(explained, loaded=_as_tensors(explained.loaded)))
+            job = (index, dataclasses.replace(explained, loaded=_as_tensors(explained.loaded, shared)))
             while self.process is not None:
                 try:
                     self.jobs.put(job, timeout=1.0)
@@ -339,7 +351,7 @@ def run_cohort(
                     message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
                     record([(index, None, message)])
                     continue
-                writer.submit(index, explained)
+                writer.submit(index, explained, shared=item["loaded"])
                 record(writer.collect())
             record(writer.collect(wait=True))
     finally:
