@@ -336,7 +336,8 @@ class Explainer:
             message = "Explaining needs autograd: call the explainer outside torch.inference_mode()."
             raise RuntimeError(message)
         affine = getattr(x, "affine", None)
-        input_affine = None if affine is None else np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
+        # a copy: a view would change with the MetaTensor's affine (e.g. when its storage moves to shared memory)
+        input_affine = None if affine is None else np.array(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
         dims = self._spatial_dims
         if isinstance(x, (torch.Tensor, np.ndarray)) and dims is not None:
             mismatch = rank_mismatch_message(dims, tuple(x.shape), batched=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import SEResNet50
@@ -239,6 +240,12 @@ def test_metatensor_input_keeps_affine():
     assert isinstance(result.maps, torch.Tensor) and not hasattr(result.maps, "affine")
     assert result.input_affine is not None
     assert (result.input_affine.reshape(-1, 4, 4)[0] == affine.numpy()).all()
+    # the explanation owns its affine: moving the input's affine to shared memory (as a queue to another
+    # process does) or editing it in place must not change it
+    recorded = result.input_affine.copy()
+    x.affine.share_memory_()
+    x.affine.mul_(0)
+    np.testing.assert_array_equal(result.input_affine, recorded)
 
 
 def test_registry_names_and_did_you_mean():
