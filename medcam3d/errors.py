@@ -55,6 +55,7 @@ __all__ = [
     "OutputConflictError",
     "ShearWarning",
     "ProbabilityOutputWarning",
+    "ConcurrentUseWarning",
     "exit_code",
     "EXIT_OK",
     "EXIT_FAILURE",
@@ -233,6 +234,10 @@ class ShearWarning(UserWarning):
 
 class ProbabilityOutputWarning(UserWarning):
     """The model returns probabilities (a trailing softmax/sigmoid), not logits: what was explained instead."""
+
+
+class ConcurrentUseWarning(RuntimeWarning):
+    """Another thread called a model while medcam3d had part of it (a TorchScript or compiled module) in eval mode."""
 
 
 def exit_code(error: BaseException) -> int:

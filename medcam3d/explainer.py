@@ -20,7 +20,7 @@ from torch import nn
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
 from .errors import InputError, LayerError, ModelOutputError, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
-from .hooks import ActivationCapture, model_lock, preserved_model_state
+from .hooks import ActivationCapture, counterpart, isolated_model, model_lock
 from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
 from .modeling import (
     OUTPUT_ACTIVATIONS,
@@ -287,10 +287,17 @@ class Explainer:
         name, module = self._target_layer(inputs)
         autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
-        capture = ActivationCapture(module, name, track_gradients=track, spatial_ndim=inputs.ndim, model=self.model)
-        watch = OutputActivationWatch(self.model) if self.output_activation != "none" else contextlib.nullcontext()
-        state = preserved_model_state(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats)
-        with state, capture, watch, autocast:
+        # The forward runs through a view of the model (shallow copies of its modules sharing its tensors):
+        # the view's eval mode and hooks stay invisible to other threads calling the model meanwhile.
+        state = isolated_model(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats)
+        with contextlib.ExitStack() as stack:
+            view = stack.enter_context(state)
+            layer = counterpart(view, name, module)
+            capture = ActivationCapture(layer, name, track_gradients=track, spatial_ndim=inputs.ndim, model=view)
+            watch = OutputActivationWatch(view) if self.output_activation != "none" else contextlib.nullcontext()
+            stack.enter_context(capture)
+            stack.enter_context(watch)
+            stack.enter_context(autocast)
             with torch.no_grad():  # no graph before the target layer; the capture re-enables it
                 outputs = capture.run(inputs)
             activations = capture.activations

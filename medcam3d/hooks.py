@@ -20,22 +20,44 @@ Concurrency: everything that installs hooks on a model or flips its flags holds
 :func:`model_lock` for the whole forward/backward/restore, so calls from several
 threads on one model (or on models that share submodules) run one after the
 other, and each restores exactly the state it found.
+
+Other threads that call the model themselves (training it, or running inference) while medcam3d
+explains it take no lock and are not disturbed: medcam3d runs its forward pass through
+:func:`isolated_model`, a view of the model whose modules are shallow copies (the *same*
+parameter and buffer tensors, their own ``training`` flags and hook tables), so the user's modules
+never carry medcam3d's hooks or its eval mode. Every hook of :func:`forward_hooks` answers for the
+thread that installed it only, so where hooks do sit on the user's modules (metrics, a TorchScript
+model) another thread's call passes through untouched. Only what cannot be copied (TorchScript and
+``torch.compile``-d modules, ``DistributedDataParallel``) is switched to eval mode in place; another
+thread's call into such a module meanwhile gets a :class:`~medcam3d.errors.ConcurrentUseWarning`.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import cast
 
 import torch
 from torch import nn
 
-from .errors import LayerError
+from .errors import ConcurrentUseWarning, LayerError
 from .torchscript import TrailingActivation, bind_arguments, is_scripted, script_split, scripted_ancestor
 
-__all__ = ["preserved_model_state", "ActivationCapture", "forward_hooks", "model_lock", "check_layer_output"]
+__all__ = [
+    "preserved_model_state",
+    "isolated_model",
+    "counterpart",
+    "ActivationCapture",
+    "forward_hooks",
+    "model_lock",
+    "check_layer_output",
+]
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -79,6 +101,10 @@ def model_lock(model: nn.Module) -> Iterator[None]:
 def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
     """Register forward hooks for the duration of a ``with`` block; all removed on exit.
 
+    Every hook answers for the thread that entered the block only: a forward pass that another
+    thread runs through the same modules meanwhile (the user training or predicting with the model)
+    passes through untouched, neither recorded nor changed.
+
     Parameters
     ----------
     hooks : iterable of (module, hook)
@@ -92,13 +118,28 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[list[
     list of RemovableHandle
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
+    owner = threading.get_ident()
     try:
         for module, hook in hooks:
-            handles.append(_scripted_hook(module, hook) if is_scripted(module) else module.register_forward_hook(hook))
+            if is_scripted(module):
+                handles.append(_scripted_hook(module, hook))
+            else:
+                handles.append(module.register_forward_hook(_own_thread(hook, owner)))
         yield handles
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+def _own_thread(hook: Callable, owner: int) -> Callable:
+    """``hook`` for calls made by thread ``owner``; other threads' calls pass through untouched."""
+
+    def answer(module: nn.Module, inputs: object, output: object) -> object:
+        if threading.get_ident() != owner:
+            return None
+        return hook(module, inputs, output)
+
+    return answer
 
 
 def _scripted_hook(module: nn.Module, hook: Callable) -> torch.utils.hooks.RemovableHandle:
@@ -156,6 +197,194 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True, restore_b
             for module, name, tensor, saved in buffers:
                 module._buffers[name] = tensor
                 tensor.copy_(saved)
+
+
+#: The tables ``nn.Module.__init__`` puts in a module's ``__dict__`` (parameters, buffers, children, hook
+#: dictionaries): a copy in :func:`isolated_model` gets its own table holding the same entries.
+_MODULE_TABLES = frozenset(key for key, value in vars(nn.Module()).items() if isinstance(value, (dict, set)))
+
+
+def _copyable(module: nn.Module) -> bool:
+    """Whether a shallow copy of ``module`` computes what the module computes, through the copy.
+
+    Not for a TorchScript module (its flags and submodules live in its C++ object), a
+    ``torch.compile``-d one (the compiled code is bound to the original), or
+    ``DistributedDataParallel`` (its reducer holds the original's parameters and hooks).
+    """
+    if is_scripted(module) or getattr(module, "_compiled_call_impl", None) is not None:
+        return False
+    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        return False
+    return not isinstance(module, nn.parallel.DistributedDataParallel)
+
+
+def _remap(value: object, copies: dict[int, nn.Module]) -> object:
+    """``value`` with every module of the model it refers to replaced by that module's copy: the module
+    itself, a method bound to it, a ``functools.partial`` or a plain list/tuple/dict holding one."""
+    if isinstance(value, nn.Module):
+        return copies.get(id(value), value)
+    if isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module):
+        owner = copies.get(id(value.__self__))
+        return value if owner is None else types.MethodType(value.__func__, owner)
+    if isinstance(value, functools.partial):
+        func = _remap(value.func, copies)
+        args = _remap(value.args, copies)
+        keywords = _remap(value.keywords, copies)
+        if func is value.func and args is value.args and keywords is value.keywords:
+            return value
+        return functools.partial(cast(Callable, func), *cast(tuple, args), **cast(dict, keywords))
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        items = [_remap(item, copies) for item in value]
+        changed = any(new is not old for new, old in zip(items, value))
+        return type(value)(items) if changed else value
+    if isinstance(value, dict) and type(value) is dict:
+        entries = {key: _remap(item, copies) for key, item in value.items()}
+        return entries if any(entries[key] is not item for key, item in value.items()) else value
+    return value
+
+
+def _shallow_copies(model: nn.Module) -> tuple[dict[int, nn.Module], list[nn.Module]]:
+    """A copy of every module of ``model`` that can be copied, sharing its tensors.
+
+    Returns
+    -------
+    copies : dict
+        ``id(original) -> copy``. A copy has the original's attributes, its own tables (the same
+        parameters, buffers and hooks in them), and its children and attributes point to the copies.
+    kept : list of nn.Module
+        The modules that cannot be copied (see :func:`_copyable`); their subtrees are used as they are.
+    """
+    copies: dict[int, nn.Module] = {}
+    kept: dict[int, nn.Module] = {}
+    pending = [model]
+    while pending:
+        module = pending.pop()
+        if id(module) in copies or id(module) in kept:
+            continue
+        if not _copyable(module):
+            kept[id(module)] = module
+            continue
+        copy = object.__new__(type(module))
+        state = dict(module.__dict__)
+        for key in _MODULE_TABLES.intersection(state):
+            state[key] = state[key].copy()  # the same entries, in a table of the copy's own
+        copy.__dict__.update(state)
+        copies[id(module)] = copy
+        pending.extend(child for child in module._modules.values() if child is not None)
+    for copy in copies.values():
+        state = copy.__dict__
+        state["_modules"] = {name: None if child is None else copies.get(id(child), child)
+                             for name, child in state["_modules"].items()}
+        for key, value in state.items():
+            if key not in _MODULE_TABLES:
+                state[key] = _remap(value, copies)
+    return copies, list(kept.values())
+
+
+@contextmanager
+def isolated_model(model: nn.Module, *, eval_mode: bool = True, restore_buffers: bool = True) -> Iterator[nn.Module]:
+    """A view of ``model`` to run medcam3d's forward passes through, leaving the model itself alone.
+
+    The view is a tree of shallow copies of the model's modules: the *same* parameter and buffer
+    tensors (no memory, no copy of any weight), the same user hooks, but each copy has its own
+    ``training`` flag, hook tables and attributes. Hooks installed on the view's modules and its
+    eval mode are therefore invisible to the model: another thread that trains or runs the model
+    meanwhile sees its own flags and no medcam3d hook. Modules that cannot be copied (TorchScript,
+    ``torch.compile``, ``DistributedDataParallel``) are part of the view as they are and, with
+    ``eval_mode``, put in eval mode in place for the block (as :func:`preserved_model_state` does);
+    another thread calling one of them meanwhile gets a :class:`~medcam3d.errors.ConcurrentUseWarning`.
+
+    Parameters
+    ----------
+    model : nn.Module
+    eval_mode : bool
+        The view runs in eval mode (False: with the modules' own flags).
+    restore_buffers : bool
+        For every module in training mode in the view, its buffers (BatchNorm running statistics ...)
+        are written back bitwise on exit, into the same tensors. False: updates are kept, in place or
+        (a buffer the forward replaced in a copy) put into the model's module.
+
+    Yields
+    ------
+    nn.Module
+        The view of ``model``: call it instead of the model; ``view.get_submodule(name)`` is the copy
+        of ``model.get_submodule(name)``. Valid inside the block only.
+
+    Anything else a forward assigns to a module (an attribute, a replaced buffer when restoring) lands
+    in the copy and is dropped with the view. Hold :func:`model_lock` around it when other medcam3d
+    calls may use the model (the buffers are shared).
+    """
+    copies, kept = _shallow_copies(model)
+    for original in list(model.modules()):
+        copy = copies.get(id(original))
+        if copy is not None:
+            copy.training = False if eval_mode else original.training
+    flags = [(module, module.training) for root in kept for module in root.modules()]
+    buffers: list[tuple[nn.Module | None, str, torch.Tensor, torch.Tensor]] = []
+    handle = None
+    try:
+        if eval_mode:
+            for root in kept:
+                root.eval()
+            flipped = {id(module) for module, training in flags if training}
+            if flipped:
+                handle = nn.modules.module.register_module_forward_pre_hook(_warn_foreign(flipped, threading.get_ident()))
+        if restore_buffers:
+            for copy in copies.values():
+                if copy.training:
+                    buffers.extend((None, name, tensor, tensor.detach().clone())
+                                   for name, tensor in copy._buffers.items() if tensor is not None)
+            for module, _ in flags:
+                if module.training:
+                    buffers.extend((module, name, tensor, tensor.detach().clone())
+                                   for name, tensor in module._buffers.items() if tensor is not None)
+        yield copies.get(id(model), model)
+    finally:
+        if handle is not None:
+            handle.remove()
+        for module, training in flags:
+            if module.training != training:
+                module.training = training
+        with torch.no_grad():
+            for owner, name, tensor, saved in buffers:
+                if owner is not None:  # a module of the model itself: a buffer it replaced is put back
+                    owner._buffers[name] = tensor
+                tensor.copy_(saved)
+        if not restore_buffers:  # buffers the forward replaced in a copy: the update the caller asked to keep
+            for original in list(model.modules()):
+                copy = copies.get(id(original))
+                if copy is not None:
+                    for name, replaced in copy._buffers.items():
+                        if name in original._buffers and original._buffers[name] is not replaced:
+                            original._buffers[name] = replaced
+
+
+def counterpart(view: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """The module of an :func:`isolated_model` view that stands for the model's ``module``, named ``name``:
+    its copy, or ``module`` itself where it was not copied (inside a TorchScript module, say)."""
+    found = view
+    for part in name.split(".") if name else ():
+        child = None if is_scripted(found) else found._modules.get(part)
+        if child is None:  # inside a module used as it is (or not reachable by name): not copied
+            return module
+        found = child
+    return found if type(found) is type(module) else module
+
+
+def _warn_foreign(flipped: set[int], owner: int) -> Callable:
+    """A global forward pre-hook: warn when another thread calls a module put in eval mode in place."""
+
+    def warn(module: nn.Module, inputs: object) -> None:
+        if id(module) in flipped and threading.get_ident() != owner:
+            message = (
+                f"Thread {threading.current_thread().name!r} called {type(module).__name__} while medcam3d was "
+                "explaining the same model in another thread; a TorchScript, torch.compile or DistributedDataParallel "
+                "module cannot be explained through a copy, so this call ran in eval mode. Do not call the model "
+                "from another thread during an explanation, or explain a copy (copy.deepcopy(model))."
+            )
+            warnings.warn(message, ConcurrentUseWarning, stacklevel=2)
+
+    return warn
 
 
 def check_layer_output(name: str, output: object, spatial_ndim: int | None) -> torch.Tensor:
@@ -342,3 +571,4 @@ class ActivationCapture:
         if self.activations is not None:
             self._more_than_once()
         return self._accept(output)
+

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, LayerError, LayerNotFoundError, ModelOutputError
-from .hooks import forward_hooks, model_lock, preserved_model_state
+from .hooks import forward_hooks, isolated_model, model_lock
 from .modeling import first_tensor, model_device_dtype
 from .torchscript import is_scripted, module_type_name, probe_script
 
@@ -458,15 +458,16 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
         return hook
 
     # One-shot probes: the TorchScript executor need not profile and optimize them (thread-local flag).
-    with model_lock(model), preserved_model_state(model), torch.no_grad(), torch.jit.optimized_execution(False):
-        if is_scripted(model):
-            inner, output = probe_script(model, (x,))
+    # Through a view of the model (hooks and eval mode invisible to other threads calling the model meanwhile).
+    with model_lock(model), isolated_model(model) as view, torch.no_grad(), torch.jit.optimized_execution(False):
+        if is_scripted(view):
+            inner, output = probe_script(view, (x,))
             for item in inner:
                 record(item.name, item.type, item.output)
         else:
             hooks: list[tuple[nn.Module, Callable]] = []
             roots: list[str] = []
-            for name, module in model.named_modules():
+            for name, module in view.named_modules():
                 if not name or any(name.startswith(root + ".") for root in roots):
                     continue
                 if is_scripted(module):
@@ -475,7 +476,7 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
                 else:
                     hooks.append((module, plain(name)))
             with forward_hooks(hooks):
-                output = model(x)
+                output = view(x)
         try:
             output_shape: tuple[int, ...] | None = tuple(first_tensor(output).shape)
         except ModelOutputError:

@@ -4,6 +4,7 @@ model exactly as they found it (training flags, requires_grad, hooks, .grad, buf
 from __future__ import annotations
 
 import threading
+from typing import cast
 
 import pytest
 import torch
@@ -198,3 +199,83 @@ def test_batchnorm_statistics_are_updated_only_when_asked():
     assert int(model.bn2.num_batches_tracked) == count + 1
     assert not torch.equal(model.bn2.running_mean, mean)
     assert not model.bn1.training and model.bn2.training  # flags still restored
+
+
+# ---------------------------------------------------------------------------- issue 25 item 7
+class ModeProbe(nn.Module):
+    """Doubles its input in train mode, passes it in eval mode: a deterministic train/eval difference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0 if self.training else x
+
+
+class Gate(nn.Module):
+    """Holds the explaining thread inside the model's forward (hooks installed, flags as medcam3d set
+    them) until another thread has made its calls; any other thread passes straight through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.explaining: int | None = None
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if threading.get_ident() == self.explaining:
+            self.entered.set()
+            assert self.release.wait(timeout=60), "the other thread never finished"
+        return x
+
+
+def gated_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Gate(), nn.Conv3d(1, 4, 3, padding=1), ModeProbe(), nn.ReLU(), nn.Conv3d(4, 6, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 3),
+    ).train()
+
+
+@pytest.mark.parametrize("layer", ["4", "auto"])
+def test_another_thread_calling_the_model_during_an_explanation_is_untouched(layer):
+    """Issue 25 item 7: while medcam3d explains (held inside the model's forward: hooks in place), another
+    thread calls the same train-mode model 12 times. Every call succeeds with the train-mode output (none
+    is recorded by medcam3d's hooks, none runs in eval mode) and the explanation equals the one made
+    alone. ``"auto"`` on a fresh model: the calls land in the layer-choosing probe's forward instead."""
+    x, other = inputs(2)
+    alone = gated_net()
+    reference = medcam3d.Explainer(alone, layer=layer)(x, "all").maps
+    with torch.no_grad():
+        expected = alone(other)
+    model = gated_net()  # fresh: nothing cached for it
+    gate = cast(Gate, model[0])
+    before = snapshot(model)
+    errors: list[BaseException] = []
+    outputs: list[torch.Tensor] = []
+
+    def user_thread() -> None:
+        try:
+            assert gate.entered.wait(timeout=60)
+            for _ in range(12):
+                try:
+                    with torch.no_grad():
+                        outputs.append(model(other))
+                except Exception as error:  # noqa: BLE001 - counted below
+                    errors.append(error)
+        finally:
+            gate.release.set()
+
+    thread = threading.Thread(target=user_thread)
+    gate.explaining = threading.get_ident()
+    thread.start()
+    try:
+        maps = medcam3d.Explainer(model, layer=layer)(x, "all").maps
+    finally:
+        gate.explaining = None
+        gate.release.set()
+        thread.join(timeout=60)
+    assert gate.entered.is_set()
+    assert errors == []
+    assert len(outputs) == 12
+    for output in outputs:  # the other thread ran in its own (train) mode, not medcam3d's eval mode
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    torch.testing.assert_close(maps, reference, rtol=0, atol=0)
+    assert_same_state(model, before)
