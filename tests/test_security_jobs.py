@@ -248,9 +248,9 @@ def test_damaged_or_foreign_summaries_do_not_crash_the_cohort(setup, tmp_path):
 def test_stale_staging_folders_of_dead_runs_are_removed(setup, tmp_path):
     root, config = setup
     out = tmp_path / "out"
-    stale = out / ".scan.partial-999999-dead"
+    stale = out / ".scan.partial-999999-0000dead"  # the name and mark that medcam3d makes (pid-token)
     stale.mkdir(parents=True)
-    (stale / ".medcam3d-staging").write_text("999999")
+    (stale / ".medcam3d-staging").write_text("999999-0000dead")
     foreign = out / ".scan.partial-999999-notours"
     foreign.mkdir()
     assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out)]) == 0

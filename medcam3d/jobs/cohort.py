@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from .cases import Case
-from .outputs import check_output_location, remove_stale_staging
-from .report import write_csv
+from .lock import output_lock
+from .outputs import check_output_location, check_own_files, own_file_kind, record_own_files, remove_stale_staging
+from .report import unescape_row, write_csv
 from .runner import Runner, load_case
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,10 @@ class _CaseDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         try:
+            inputs = case.identity()  # before reading: recorded for resume
             loaded = load_case(case.image, self.transforms, case.mask, trust=self.trust, volume=case.volume,
                                series=case.series, reader=self.reader, model=self.model, region_mask=case.region_mask)
-            return {"case": case, "loaded": _as_tensors(loaded), "error": ""}
+            return {"case": case, "loaded": _as_tensors(loaded), "error": "", "inputs": inputs}
         except Exception as error:  # reported by the main process, the cohort goes on
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
 
@@ -268,16 +270,26 @@ def _first(items: list) -> object:
 
 
 def _merge_summary(path: Path, rows: list[dict]) -> list[dict]:
-    """This run's rows after the rows of an earlier run's ``summary.csv`` for other cases (kept in order)."""
-    if not path.is_file():
+    """This run's rows after the rows of an earlier run's ``summary.csv`` for other cases (kept in order).
+
+    Only a ``summary.csv`` that ``batch`` wrote (listed unchanged in the output folder's manifest,
+    see :func:`~medcam3d.jobs.outputs.own_file_kind`) is merged; a user's own is never read.
+    """
+    if own_file_kind(path.parent, path.name) != "batch":
         return rows
     ours = {row.get("case") for row in rows}
     try:
         with path.open(newline="", encoding="utf-8-sig") as stream:
-            earlier = [row for row in csv.DictReader(stream) if row.get("case") not in ours]
+            earlier = [row for row in map(unescape_row, csv.DictReader(stream)) if row.get("case") not in ours]
     except (OSError, UnicodeDecodeError, csv.Error):
         return rows
     return earlier + rows
+
+
+def _write_summary(out: Path, rows: list[dict]) -> None:
+    """``OUT/summary.csv``: the earlier run's rows of other cases, then ``rows``; listed as medcam3d's own."""
+    write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", rows))
+    record_own_files(out, ["summary.csv"], "batch")
 
 
 def run_cohort(
@@ -301,19 +313,34 @@ def run_cohort(
     (rows, failures, skipped)
         On rank 0 the rows of all ranks in input order (other ranks: their own), the number of
         failed cases and of cases skipped by ``resume`` (over all ranks).
+
+    Raises
+    ------
+    OutputConflictError
+        ``out`` contains an input or lies inside an input folder, another medcam3d job is writing
+        into it (see :mod:`medcam3d.jobs.lock`), or it holds a ``summary.csv`` that medcam3d did
+        not write; nothing is written then.
     """
+    context = context or DistributedContext()
+    out = check_output_location(out, [p for case in cases for p in (case.image, case.mask, case.region_mask)])
+    with output_lock(out, "batch", context=context, check=lambda: check_own_files(out, ["summary.csv"])):
+        return _run_cohort(runner, cases, out, resume=resume, workers=workers, progress=progress, context=context,
+                           background_writer=background_writer)
+
+
+def _run_cohort(runner: Runner, cases: Sequence[Case], out: Path, *, resume: bool, workers: int, progress: bool,
+                context: DistributedContext, background_writer: bool) -> tuple[list[dict], int, int]:
+    """:func:`run_cohort` under the output lock, ``out`` checked and created."""
     from monai.data import DataLoader
     from tqdm import tqdm
 
-    context = context or DistributedContext()
-    out = check_output_location(out, [p for case in cases for p in (case.image, case.mask, case.region_mask)])
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # made by rank 0; other ranks may be on other machines
     mine = [(index, case) for index, case in enumerate(cases) if index % context.world_size == context.rank]
     rows: dict[int, dict] = {}
     skipped = 0
     todo = []
     for index, case in mine:
-        done = runner.is_done(out, case.id) if resume else None
+        done = runner.is_done(out, case) if resume else None
         if done is not None:
             rows[index] = done.row()
             skipped += 1
@@ -336,7 +363,7 @@ def run_cohort(
             rows[index] = row
             bar.update()
         if finished and not context.distributed:
-            write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
+            _write_summary(out, [rows[i] for i in sorted(rows)])
 
     writer = _CaseWriter(runner, background_writer)
     try:
@@ -346,7 +373,8 @@ def run_cohort(
                     if item["error"]:
                         raise RuntimeError(item["error"])
                     explained = runner.explain_case(case.image, out, case_id=case.id, mask=case.mask,
-                                                    loaded=_as_arrays(item["loaded"]), region_mask=case.region_mask)
+                                                    loaded=_as_arrays(item["loaded"]), region_mask=case.region_mask,
+                                                    volume=case.volume, series=case.series, inputs=item["inputs"])
                 except Exception as error:  # recorded; the cohort goes on
                     message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
                     record([(index, None, message)])
@@ -364,8 +392,8 @@ def run_cohort(
         failures = sum(part[1] for part in gathered)
         skipped = sum(part[2] for part in gathered)
         if context.rank == 0:
-            write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
+            _write_summary(out, [rows[i] for i in sorted(rows)])
         torch.distributed.barrier()
     else:
-        write_csv(out / "summary.csv", _merge_summary(out / "summary.csv", [rows[i] for i in sorted(rows)]))
+        _write_summary(out, [rows[i] for i in sorted(rows)])
     return [rows[i] for i in sorted(rows)], failures, skipped
