@@ -151,7 +151,7 @@ def _runner(args: argparse.Namespace, methods=None):
     from .jobs.runner import Runner
     from .models import load_model
 
-    config = _with_output_options(load_config(args.config), args)
+    config = _with_limits(_with_output_options(load_config(args.config), args), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
                 or config.model.torchscript, config.task)
     trust = getattr(args, "trust", False)
@@ -160,7 +160,8 @@ def _runner(args: argparse.Namespace, methods=None):
     if config.model.bundle is not None:
         from .models import load_bundle
 
-        bundle = load_bundle(config.model.bundle, trust=trust, random_weights=random_weights, source=config.source)
+        bundle = load_bundle(config.model.bundle, trust=trust, random_weights=random_weights, source=config.source,
+                             max_activation_bytes=config.model.max_activation_bytes)
         model = bundle.network
         random_weights = random_weights or bundle.random_weights
         if config.class_names is None and bundle.class_names:
@@ -283,7 +284,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from .layers import list_layers
     from .models import load_model
 
-    config = load_config(args.config)
+    config = _with_limits(load_config(args.config), args)
     # the layers do not depend on the weights: a template without weights can be listed as it is
     model = load_model(config, trust=args.trust, random_weights=config.model.weights is None)
     shape = _input_shape(args, config)
@@ -381,6 +382,34 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _with_limits(config, args: argparse.Namespace):
+    """The config with the resource limits given on the command line (absent: the defaults)."""
+    from .config import with_limits
+
+    chosen = {key: getattr(args, flag) for flag, key in (("max_voxels", "max_voxels"),
+                                                          ("max_activation_memory", "max_activation_bytes"))
+              if hasattr(args, flag)}
+    return with_limits(config, **chosen) if chosen else config
+
+
+def _voxel_limit(text: str) -> int | None:
+    from .config import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _memory_limit(text: str) -> int | None:
+    from .config import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _open_fraction(text: str) -> float:
     value = _fraction(text)
     if value <= 0.0:
@@ -410,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="explain the network with random parameters on purpose (a sanity check); outputs say so")
         sub.add_argument("--trust", action="store_true",
                          help="allow configs and model files that run code (bundles, TorchScript, any class)")
+        limit_options(sub)
+
+    def limit_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--max-voxels", type=_voxel_limit, default=argparse.SUPPRESS, metavar="N",
+                         help="largest grid (voxels) a preprocessing step may make, checked before it runs "
+                              "(default 2**30; none: no limit)")
+        sub.add_argument("--max-activation-memory", type=_memory_limit, default=argparse.SUPPRESS, metavar="SIZE",
+                         help="most memory the network's layer outputs may need at once, estimated before each new "
+                              "input size runs (default 4GiB; e.g. 16GiB; none: no limit)")
 
     def scan_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--volume", type=_non_negative_int,
@@ -516,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also score segmentation of fused maps: LayerCAM on this finer layer gated by each "
                                "method's map (e.g. features.relu0 for the demo model)")
     evaluate.add_argument("--trust", action="store_true", help="allow model files that run code (bundles, TorchScript)")
+    limit_options(evaluate)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     info = add("info", "print versions for bug reports, or describe a scan (--image)", _cmd_info)
@@ -528,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .jobs.evaluate import run
 
+    if hasattr(args, "max_voxels") or hasattr(args, "max_activation_memory"):
+        from .config import load_config
+
+        args.config = _with_limits(load_config(args.config), args)
     return run(args)
 
 

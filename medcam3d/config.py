@@ -33,8 +33,11 @@ PyYAML's safe loader (no Python tags), at most :data:`MAX_CONFIG_BYTES` bytes an
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import os
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +60,11 @@ __all__ = [
     "MAX_CONFIG_NODES",
     "MAX_CONFIG_DEPTH",
     "NO_WEIGHTS",
+    "DEFAULT_MAX_VOXELS",
+    "DEFAULT_MAX_ACTIVATION_BYTES",
+    "with_limits",
+    "parse_count",
+    "parse_size",
 ]
 
 TASKS = ("multilabel", "multiclass", "binary", "segmentation")
@@ -71,6 +79,12 @@ MAX_CONFIG_DEPTH = 50
 #: ``model.weights: none``: the network is explained with its random initial weights, on purpose
 #: (a template, a sanity check); without it a network without weights is refused.
 NO_WEIGHTS = "none"
+#: Default of the largest grid (voxels) preprocessing may make (:data:`medcam3d.preprocess.MAX_VOXELS`;
+#: CLI ``--max-voxels``): 2^30 voxels, 4 GiB in float32 per channel.
+DEFAULT_MAX_VOXELS = 1 << 30
+#: Default of the most memory the outputs of a network's layers may need at once during one forward
+#: pass (:data:`medcam3d.models.MAX_ACTIVATION_BYTES`; CLI ``--max-activation-memory``): 4 GiB.
+DEFAULT_MAX_ACTIVATION_BYTES = 4 << 30
 
 #: Leading characters that MONAI's ConfigParser evaluates: ``$`` Python expression, ``@`` reference,
 #: ``%`` macro (another file's content).
@@ -89,6 +103,101 @@ def _short(value: object) -> str:
         return _SHORT.repr(value)
     except Exception:  # a hostile __repr__ from a Python caller
         return f"<{type(value).__name__}>"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """``"Type: message"`` of the root cause of ``error``, on one line, for an error message.
+
+    The chain of causes (``raise ... from``, or the exception being handled) is followed to its
+    end, so a wrapper such as MONAI's ``RuntimeError("applying transform <...object at 0x...>")``
+    gives way to what went wrong. Terminal colour codes are removed; a message that embeds a
+    traceback (MONAI's ``LoadImage`` does) keeps its first line and the traceback's last line (the
+    exception); other line breaks become spaces. At most ``limit`` characters.
+    """
+    root, seen = error, {id(error)}
+    while True:
+        cause = root.__cause__ if root.__cause__ is not None else (None if root.__suppress_context__ else root.__context__)
+        if cause is None or id(cause) in seen:
+            break
+        seen.add(id(cause))
+        root = cause
+    try:
+        text = _ANSI.sub("", str(root))
+    except Exception:  # a hostile __str__
+        text = ""
+    if _TRACEBACK in text:
+        head = text.split(_TRACEBACK, 1)[0].strip().splitlines()
+        tail = [line.strip() for line in text.splitlines() if line.strip()]
+        text = f"{head[0].strip() if head else ''} ... {tail[-1]}".strip(" .") if tail else (head[0] if head else "")
+    text = " ".join(text.split())
+    if not text:
+        text = "(no message)"
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(root).__name__}: {text}"
+
+
+def parse_count(text: str | int | None) -> int | None:
+    """A limit given as a count: a positive int (``1073741824``, ``1e9``, ``2**30``), or ``none``/``0`` for no limit.
+
+    Raises
+    ------
+    ValueError
+        Anything else (the message says what is accepted).
+    """
+    if text is None or (isinstance(text, int) and not isinstance(text, bool)):
+        value = text
+    else:
+        word = str(text).strip().lower().replace("_", "").replace(",", "")
+        if word in ("none", "0", "off", "unlimited"):
+            return None
+        try:
+            if word.startswith("2**"):
+                value = 2 ** int(word[3:])
+            else:
+                number = float(word)
+                value = int(number) if number == int(number) else -1
+        except (ValueError, OverflowError):
+            raise ValueError(f"expected a positive whole number (e.g. 1073741824, 1e9 or 2**30) or 'none', not {_short(text)}") from None
+    if value is None or value == 0:
+        return None
+    if value < 0:
+        raise ValueError(f"expected a positive whole number (e.g. 1073741824, 1e9 or 2**30) or 'none', not {_short(text)}")
+    return int(value)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 1000**2,
+               "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3, "t": 1 << 40, "tib": 1 << 40, "tb": 1000**4}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """A memory limit in bytes: ``16GiB``, ``16G`` (both 2^30-based), ``16GB`` (10^9), ``512MiB``, a
+    number of bytes, or ``none``/``0`` for no limit.
+
+    Raises
+    ------
+    ValueError
+        Anything else (the message says what is accepted).
+    """
+    if text is None or (isinstance(text, int) and not isinstance(text, bool)):
+        return None if not text else _positive_size(text, text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if str(text).strip().lower() in ("none", "off", "unlimited"):
+        return None
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 16GiB, 16G, 500MB or a number of bytes, or 'none', not {_short(text)}")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    return None if value == 0 else _positive_size(int(value), text)
+
+
+def _positive_size(value: int, text: object) -> int:
+    if value < 1:
+        raise ValueError(f"expected a positive size such as 16GiB, or 'none', not {_short(text)}")
+    return int(value)
 
 
 def plain_data_problem(value: object, key: str) -> tuple[str, str] | None:
@@ -183,6 +292,12 @@ class ModelConfig:
         A TorchScript file.
     source : Path or None
         The config file it came from (named in error messages), if any.
+    max_activation_bytes : int or None
+        The most memory the outputs of the network's layers may need at once during one forward
+        pass, estimated on PyTorch's meta device for each input shape before the pass runs (see
+        :func:`medcam3d.models.limit_activations`); None: no limit. Not a YAML key (a config may
+        not lift its own limits): set by the caller, e.g. CLI ``--max-activation-memory``, through
+        :func:`with_limits`.
     """
 
     network: str | None = None
@@ -192,18 +307,22 @@ class ModelConfig:
     torchscript: Path | None = None
     source: Path | None = None
     random_weights: bool = False
+    max_activation_bytes: int | None = DEFAULT_MAX_ACTIVATION_BYTES
 
 
 class PreprocessingSteps(list):
     """The ``preprocessing`` list of a config, which remembers the file it came from.
 
     A plain ``list`` of mappings in every other respect; :func:`medcam3d.preprocess.build_transforms`
-    reads ``source`` to name the file in its errors.
+    reads ``source`` to name the file in its errors, and ``max_voxels``, the largest grid (voxels)
+    the transforms may make (None: no limit; not a YAML key: set by the caller, e.g. CLI
+    ``--max-voxels``, through :func:`with_limits`).
     """
 
-    def __init__(self, steps=(), source: Path | None = None):
+    def __init__(self, steps=(), source: Path | None = None, max_voxels: int | None = DEFAULT_MAX_VOXELS):
         super().__init__(steps)
         self.source = source
+        self.max_voxels = max_voxels
 
 
 @dataclass(frozen=True)
@@ -239,6 +358,16 @@ class OutputConfig:
         if not 0.0 < self.region_mass <= 1.0:  # also refuses nan
             raise ConfigError(f"output.region_mass must be in (0, 1] (a share of the map's mass inside the region), "
                               f"not {self.region_mass!r}.")
+        value = self.mask_value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"output.mask_value must be a finite number (the threshold of mask_method "
+                              f"{self.mask_method}), not {_short(value)}.")
+        if self.mask_method == "fraction" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"output.mask_value must be in (0, 1] with mask_method fraction (the share of the map's "
+                              f"maximum a voxel needs to be in the mask, e.g. 0.5), not {value!r}.")
+        if self.mask_method == "percentile" and not 0.0 <= value <= 100.0:
+            raise ConfigError(f"output.mask_value must be in [0, 100] with mask_method percentile (the percentile of "
+                              f"the map's values a voxel needs to reach, e.g. 95), not {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -253,7 +382,12 @@ class SlidingWindowConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A validated run configuration."""
+    """A validated run configuration.
+
+    Two resource limits ride on it, set by whoever runs the config (never by the YAML, see
+    :func:`with_limits`): ``preprocessing.max_voxels`` (:class:`PreprocessingSteps`) and
+    ``model.max_activation_bytes`` (:class:`ModelConfig`).
+    """
 
     model: ModelConfig
     task: str = "multiclass"
@@ -273,6 +407,48 @@ OUTPUT_ACTIVATIONS = ("auto", "none", "softmax", "sigmoid")
 _TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
              "output_activation"}
 _MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"}
+
+
+_UNCHANGED: Any = object()
+
+
+def with_limits(config: Config, *, max_voxels: Any = _UNCHANGED, max_activation_bytes: Any = _UNCHANGED) -> Config:
+    """``config`` with other resource limits (the CLI's ``--max-voxels`` and ``--max-activation-memory``).
+
+    The limits are not YAML keys: a config, which may come from anyone, cannot lift them; whoever
+    runs it can.
+
+    Parameters
+    ----------
+    config : Config
+    max_voxels : int or None, optional
+        The largest grid (voxels, per channel) preprocessing may make, checked before each
+        transform runs (:func:`medcam3d.preprocess.build_transforms`); None: no limit. Default:
+        unchanged (:data:`DEFAULT_MAX_VOXELS` for a parsed config).
+    max_activation_bytes : int or None, optional
+        The most memory the network's layer outputs may need at once in one forward pass
+        (:func:`medcam3d.models.limit_activations`); None: no limit. Default: unchanged
+        (:data:`DEFAULT_MAX_ACTIVATION_BYTES` for a parsed config).
+
+    Returns
+    -------
+    Config
+        A new config; ``config`` is not changed.
+
+    Raises
+    ------
+    ConfigError
+        A limit that is not a positive int or None.
+    """
+    for name, value in (("max_voxels", max_voxels), ("max_activation_bytes", max_activation_bytes)):
+        if value is not _UNCHANGED and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive int or None (no limit), not {_short(value)}.")
+    model, steps = config.model, config.preprocessing
+    if max_activation_bytes is not _UNCHANGED:
+        model = dataclasses.replace(model, max_activation_bytes=max_activation_bytes)
+    if max_voxels is not _UNCHANGED and steps is not None:
+        steps = PreprocessingSteps(steps, source=getattr(steps, "source", config.source), max_voxels=max_voxels)
+    return dataclasses.replace(config, model=model, preprocessing=steps)
 
 
 def load_config(path: str | Path) -> Config:
@@ -596,7 +772,10 @@ def _output(section: object, where: str) -> OutputConfig:
     for key in allowed:
         default = getattr(defaults, key)
         values[key] = _typed(section, key, type(default), where, default, prefix="output.")
-    return OutputConfig(**values)
+    try:
+        return OutputConfig(**values)
+    except ConfigError as error:  # name the file, as every other config error does
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _sliding_window(section: object, where: str) -> SlidingWindowConfig | None:

@@ -10,8 +10,18 @@ subclasses ``torch.nn.Module`` and is defined in :data:`NETWORK_NAMESPACES` (MON
 factories (:data:`NETWORK_FACTORIES`, e.g. ``monai.networks.nets.resnet50``). Its arguments must be
 plain data (:func:`medcam3d.config.plain_data_problem`), may not make it download or read files
 (:data:`ARGUMENTS_NEEDING_TRUST`), and it may have at most :data:`MAX_PARAMETERS` parameters
-(counted on the ``meta`` device before anything is allocated). With trust, any importable callable
-that returns an ``nn.Module`` is built, as before.
+(counted on the ``meta`` device before anything is allocated). A constructor argument the config
+leaves out whose default would download or read weights (``EfficientNetBN``'s and
+``ResNetFeatures``' ``pretrained=True`` ...; found from the constructor's signature, see
+:func:`download_defaults`) is set to false/None. With trust, any importable callable that returns an
+``nn.Module`` is built, as before.
+
+Activation limit (with or without trust): a network built from a config (or a bundle's
+``network_def``) refuses an input whose layer outputs would need more than
+:data:`MAX_ACTIVATION_BYTES` (4 GiB) at once, estimated before the first forward pass of each
+input shape by a forward pass on PyTorch's meta device (:func:`estimate_activation_bytes`,
+:func:`limit_activations`; ``max_activation_bytes=``, CLI ``--max-activation-memory``): a
+``Conv3d`` with ``padding: 600`` has a few parameters and would need 7 GiB.
 
 No silent random weights: a network without a weights file is refused unless the config says
 ``weights: none`` or the caller passes ``random_weights=True`` (:func:`load_model`).
@@ -28,24 +38,28 @@ MetaTensor with its affine, so maps go back to scanner space as with a medcam3d 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import importlib
 import inspect
 import logging
 import os
 import pickle
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError, UntrustedModelError, UntrustedNetworkError  # noqa: F401  (re-exported)
-from .config import Config, ModelConfig, _short, plain_data_problem
+from .errors import ConfigError, InputError, ModelLoadError, UntrustedModelError, UntrustedNetworkError  # noqa: F401  (re-exported)
+from .config import DEFAULT_MAX_ACTIVATION_BYTES, Config, ModelConfig, _one_line, _short, plain_data_problem
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +75,14 @@ __all__ = [
     "MAX_MODULES",
     "MAX_BUILD_SECONDS",
     "MAX_ARGUMENT_INT",
+    "MAX_ACTIVATION_BYTES",
     "BUNDLE_CONFIGS",
     "Bundle",
     "BundlePreprocessing",
     "build_network",
+    "download_defaults",
+    "estimate_activation_bytes",
+    "limit_activations",
     "load_weights",
     "load_model",
     "load_bundle",
@@ -108,6 +126,10 @@ MAX_BUILD_SECONDS = 60.0
 #: Largest integer (in absolute value) an untrusted config may give as a network argument; a
 #: small config must not make a constructor loop or allocate without bound.
 MAX_ARGUMENT_INT = 1 << 20
+
+#: Most memory the outputs of a network's layers may need at once in one forward pass (estimated per
+#: input shape on the meta device; default of ``max_activation_bytes``, CLI ``--max-activation-memory``).
+MAX_ACTIVATION_BYTES = DEFAULT_MAX_ACTIVATION_BYTES
 
 _TRUST_HINT = "If you trust the config's author, pass --trust (Python: trust=True)"
 
@@ -196,6 +218,56 @@ def _check_untrusted_args(args: Mapping, source) -> None:
             )
 
 
+#: Constructor parameter names that may make a network download or read weights, besides
+#: :data:`ARGUMENTS_NEEDING_TRUST`: any name with one of these words (``pretrained``, ``load_url``,
+#: ``checkpoint_path``, ``hub_repo`` ...).
+_DOWNLOAD_WORDS = re.compile(r"(^|_)(pretrained|pretrain|download|url|urls|hub|repo|checkpoint|ckpt|weights|path)(_|$)")
+
+
+def _off(default: object) -> object:
+    return False if isinstance(default, bool) else None
+
+
+def download_defaults(factory: Callable[..., object], args: Mapping | None = None) -> dict[str, object]:
+    """Constructor arguments that ``args`` leaves out and whose defaults could download or read weights.
+
+    Read from the effective signature of ``factory`` (a class's ``__init__``, or a function): a
+    parameter named in :data:`ARGUMENTS_NEEDING_TRUST` or with a word such as ``pretrained``,
+    ``url``, ``hub``, ``repo``, ``checkpoint``, ``weights`` or ``path`` in its name, or whose default
+    is a URL, and whose default is not false, None, empty or 0 (``EfficientNetBN``,
+    ``ResNetFeatures`` ... default to ``pretrained=True``).
+
+    Parameters
+    ----------
+    factory : callable
+        A network class or factory function.
+    args : mapping, optional
+        The arguments the config gives (those are checked by themselves, not here).
+
+    Returns
+    -------
+    dict of str to object
+        Parameter name -> the value that turns it off (``False`` for a bool default, else
+        ``None``); without trust, :func:`build_network` passes these.
+    """
+    given = set(args or ())
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): nothing to read
+        return {}
+    found: dict[str, object] = {}
+    for name, parameter in parameters.items():
+        if name in given or parameter.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            continue
+        default = parameter.default
+        if default is inspect.Parameter.empty or default in (None, False, "", 0):
+            continue
+        url = isinstance(default, str) and re.match(r"^[a-z][a-z0-9+.-]*://", default, re.IGNORECASE) is not None
+        if name in ARGUMENTS_NEEDING_TRUST or _DOWNLOAD_WORDS.search(name.lower()) or url:
+            found[name] = _off(default)
+    return found
+
+
 def _big_int(value: object, key: str) -> tuple[str, int] | None:
     """The first int in plain data ``value`` above :data:`MAX_ARGUMENT_INT` in absolute value."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -236,6 +308,7 @@ class _Budget:
 _BUDGET = threading.local()
 _HOOKS: list = []
 _HOOKS_LOCK = threading.Lock()
+_HOOK_USERS = 0  # builds under a budget now running, in any thread; the hooks exist only while > 0
 
 
 def _on_tensor(module, name, tensor):
@@ -267,22 +340,30 @@ def _budget(max_elements: int, *, to_meta: bool = False):
     """Abort a network's constructor (in this thread) once it registers too many tensors or modules.
 
     With ``to_meta``, every parameter and buffer is moved to the meta device as it is registered
-    (its memory is freed at once). torch's global registration hooks are installed once; they do
-    nothing outside this context.
+    (its memory is freed at once). torch's registration hooks are process-wide: they are installed
+    when the first build under a budget starts and removed when the last one ends (they do nothing
+    for threads that are not building under a budget).
     """
+    global _HOOK_USERS
     from torch.nn.modules import module as torch_module
 
     with _HOOKS_LOCK:
-        if not _HOOKS:
+        if _HOOK_USERS == 0:
             _HOOKS.append(torch_module.register_module_parameter_registration_hook(_on_tensor))
             _HOOKS.append(torch_module.register_module_buffer_registration_hook(_on_tensor))
             _HOOKS.append(torch_module.register_module_module_registration_hook(_on_module))
+        _HOOK_USERS += 1
     previous = getattr(_BUDGET, "current", None)
-    budget = _BUDGET.current = _Budget(max_elements, MAX_MODULES, to_meta)
     try:
+        budget = _BUDGET.current = _Budget(max_elements, MAX_MODULES, to_meta)
         yield budget
     finally:
         _BUDGET.current = previous
+        with _HOOKS_LOCK:
+            _HOOK_USERS -= 1
+            if _HOOK_USERS == 0:
+                while _HOOKS:
+                    _HOOKS.pop().remove()
 
 
 def _count_parameters(factory, args: dict, max_parameters: int) -> int | None:
@@ -335,6 +416,213 @@ def _over_budget(network: str, error: _OverBudget, source, max_parameters: int |
     return ModelLoadError(message)
 
 
+# ----------------------------------------------------------------------------- activation limit
+
+#: Per-module dicts of hooks that a meta copy must not share with the model (the explainer's own
+#: hooks, user hooks holding locks or tensors).
+_HOOK_TABLES = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+class _NoEstimate(Exception):
+    """The model cannot be run on the meta device (TorchScript, ...)."""
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers are on the meta device.
+
+    Each module is a shallow copy (its other attributes are shared, nothing is copied but the
+    tree) with meta versions of its tensors (no memory), no hooks, in eval mode. The model is left
+    as it is.
+    """
+    copies: dict[int, nn.Module] = {}
+    tensors: dict[int, torch.Tensor] = {}
+
+    def meta(tensor):
+        if tensor is None:
+            return None
+        if id(tensor) not in tensors:
+            moved = tensor.detach().to("meta")
+            tensors[id(tensor)] = nn.Parameter(moved, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+        return tensors[id(tensor)]
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in copies:  # a module used twice stays one module
+            return copies[id(module)]
+        if isinstance(module, torch.jit.ScriptModule):
+            raise _NoEstimate("TorchScript")
+        new = copy.copy(module)
+        copies[id(module)] = new
+        state = new.__dict__
+        for table in _HOOK_TABLES:
+            if isinstance(state.get(table), dict):
+                state[table] = type(state[table])()
+        state["_parameters"] = type(module._parameters)((k, meta(v)) for k, v in module._parameters.items())
+        state["_buffers"] = type(module._buffers)((k, meta(v)) for k, v in module._buffers.items())
+        state["_modules"] = type(module._modules)((k, clone(v) if v is not None else None) for k, v in module._modules.items())
+        state["training"] = False
+        return new
+
+    return clone(model)
+
+
+def estimate_activation_bytes(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int | None:
+    """Memory the outputs of ``model``'s modules need at once in one forward pass, estimated without running it.
+
+    The forward pass runs on a copy of the model on PyTorch's meta device (tensors with a shape and
+    no data: nothing is allocated or computed), with a forward hook on every module. Each module
+    output's storage counts from when it is made until it is freed (a tensor returned again by a
+    container or an in-place op counts once), as in inference; the largest total is the estimate.
+    The hooks live on the copy only and are removed when the pass ends, whatever happens. Measured
+    against real runs: MONAI ResNet50 at 256^3 estimates 8.1 GiB (8.3 GB measured on a GPU).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not changed, not run (an eager module; TorchScript cannot run on the meta device).
+    input_shape : sequence of int
+        The full input shape ``(B, C, *spatial)``.
+    dtype : torch.dtype
+        The input's floating dtype.
+
+    Returns
+    -------
+    int or None
+        Bytes (the input included), or None when the model cannot run on the meta device (a
+        TorchScript module, an operation without a meta implementation, a forward that reads
+        tensor values).
+    """
+    try:
+        meta_model = _meta_copy(model)
+    except _NoEstimate:
+        return None
+    except Exception as error:  # a module that cannot be copied
+        logger.debug("activation estimate: cannot copy %s to the meta device: %s", type(model).__name__, _one_line(error))
+        return None
+    live: dict[int, int] = {}
+    totals = {"live": 0, "peak": 0}
+
+    def release(key: int) -> None:
+        totals["live"] -= live.pop(key, 0)
+
+    def count(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in live:
+            return
+        live[key] = int(storage.nbytes())
+        totals["live"] += live[key]
+        totals["peak"] = max(totals["peak"], totals["live"])
+        weakref.finalize(tensor, release, key)
+
+    def walk(value: object, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            count(value)
+        elif depth < 4 and isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, depth + 1)
+        elif depth < 4 and isinstance(value, Mapping):
+            for item in value.values():
+                walk(item, depth + 1)
+
+    handles = []
+    try:
+        for module in meta_model.modules():
+            handles.append(module.register_forward_hook(lambda _module, _args, output: walk(output)))
+        x = torch.empty(tuple(int(n) for n in input_shape), dtype=dtype, device="meta")
+        count(x)
+        with torch.no_grad():
+            meta_model(x)
+    except Exception as error:  # no meta kernel, a forward that reads values (.item()), a shape the model refuses
+        logger.debug("activation estimate: %s cannot run on the meta device for %s: %s", type(model).__name__,
+                     tuple(input_shape), _one_line(error))
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(totals["peak"])
+
+
+def _bytes_text(count: int) -> str:
+    return f"{count / (1 << 30):.1f} GiB" if count >= (1 << 30) else f"{count / (1 << 20):.0f} MiB"
+
+
+class _ActivationGuard:
+    """A forward pre-hook: before a model's first pass at each input shape, refuse one whose
+    layer outputs would need more than ``max_bytes`` (:func:`estimate_activation_bytes`)."""
+
+    def __init__(self, max_bytes: int, source: str | None = None) -> None:
+        self.max_bytes, self.source = int(max_bytes), source
+        self.checked: dict[tuple[int, ...], int | None] = {}  # shapes already accepted
+
+    def _covered(self, shape: tuple[int, ...]) -> bool:
+        # a network's outputs do not grow when its input shrinks: a smaller input than an accepted one passes
+        return shape in self.checked or any(
+            len(done) == len(shape) and done[:2] == shape[:2] and all(a >= b for a, b in zip(done[2:], shape[2:]))
+            for done in list(self.checked)
+        )
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or x.is_meta or x.ndim < 3:
+            return None
+        shape = tuple(int(n) for n in x.shape)
+        if self._covered(shape):
+            return None
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        needed = estimate_activation_bytes(module, shape, dtype)
+        if needed is not None and needed > self.max_bytes:
+            message = (
+                f"{_where(self.source)}the network's layer outputs for an input of shape {shape} would need about "
+                f"{_bytes_text(needed)} at once (estimated by a forward pass on PyTorch's meta device, which allocates "
+                f"nothing), more than the {_bytes_text(self.max_bytes)} allowed. Check model.args (paddings, channels, "
+                "upsampling) and the preprocessing's output size, explain through sliding windows (--roi), or raise the "
+                "limit with --max-activation-memory (Python: max_activation_bytes=...; none for no limit)."
+            )
+            raise InputError(message)
+        self.checked[shape] = needed
+        return None
+
+
+def limit_activations(model: nn.Module, max_bytes: int | None = MAX_ACTIVATION_BYTES, *, source: str | Path | None = None) -> nn.Module:
+    """Make ``model`` refuse inputs whose layer outputs would need more than ``max_bytes`` at once.
+
+    A forward pre-hook on ``model`` estimates, before the first pass of each input shape, the
+    memory its module outputs need (:func:`estimate_activation_bytes`, on the meta device: a few
+    tenths of a second, once per shape; a shape no larger than an accepted one is not estimated
+    again) and raises :class:`~medcam3d.errors.InputError` over ``max_bytes``. Models that cannot
+    run on the meta device (TorchScript ...) are not limited. Calling it again replaces the limit;
+    ``max_bytes=None`` removes it.
+
+    Parameters
+    ----------
+    model : nn.Module
+    max_bytes : int or None
+        Default :data:`MAX_ACTIVATION_BYTES`; None: no limit.
+    source : str or Path, optional
+        The config the model came from (named in the error).
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+    """
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ModelLoadError(f"max_activation_bytes must be a positive int (bytes) or None (no limit), not {_short(max_bytes)}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        return model
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _ActivationGuard):
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    if max_bytes is not None:
+        model.register_forward_pre_hook(_ActivationGuard(max_bytes, str(source) if source else None))
+    return model
+
+
 def build_network(
     network: str,
     args: Mapping | None = None,
@@ -342,6 +630,7 @@ def build_network(
     trust: bool = False,
     source: str | Path | None = None,
     max_parameters: int | None = MAX_PARAMETERS,
+    max_activation_bytes: int | None = MAX_ACTIVATION_BYTES,
 ) -> nn.Module:
     """Instantiate ``network`` (a dotted class path) with ``args``.
 
@@ -360,6 +649,9 @@ def build_network(
         Without trust, refuse networks with more parameters (and buffers) than this, counted before
         anything is allocated, and stop builds that register more than :data:`MAX_MODULES`
         submodules or take longer than :data:`MAX_BUILD_SECONDS`. None: no limits.
+    max_activation_bytes : int or None
+        The network refuses inputs whose layer outputs would need more memory at once
+        (:func:`limit_activations`), with or without trust. None: no limit.
 
     Returns
     -------
@@ -386,6 +678,10 @@ def build_network(
     if not trust:
         factory = _resolve_untrusted(network, source)
         _check_untrusted_args(args, source)
+        for name, value in download_defaults(factory, args).items():  # e.g. EfficientNetBN's pretrained=True
+            logger.info("%smodel.args.%s is not given and %s's default would download or read weights; building with "
+                        "%s=%r (give the weights as model.weights)", _where(source), name, network, name, value)
+            args[name] = value
         if max_parameters is not None:
             try:
                 count = _count_parameters(factory, args, max_parameters)
@@ -421,12 +717,12 @@ def build_network(
             raise _over_budget(network, _OverBudget(limits.exceeded), source, max_parameters) from None
         message = (
             f"{_where(source)}model.args: cannot build {network} with args {_short(args)}: "
-            f"{type(error).__name__}: {error}. Check the argument names and values against the class's documentation."
+            f"{_one_line(error)}. Check the argument names and values against the class's documentation."
         )
         raise ModelLoadError(message) from error
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{_where(source)}model.network: {network} did not build a torch.nn.Module (got {type(model).__name__}).")
-    return model
+    return limit_activations(model, max_activation_bytes, source=source)
 
 
 def _state_dict(loaded: object, path: Path) -> Mapping:
@@ -470,6 +766,24 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True, tru
     return _load_state(model, _read_state(path, trust=trust), path, strict=strict)
 
 
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _weights_only_reason(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line (torch's message spans 8)."""
+    text = str(error)
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        return (
+            f"the file holds a pickled object of type {found.group(1)}, not only tensors, and torch.load(weights_only=True) "
+            "refuses it because unpickling it could run code"
+        )
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:
+        return f"it is not a PyTorch weights file (pickle opcode {operand.group(1)} is not one torch.save writes)"
+    return f"torch.load(weights_only=True) refused it ({_one_line(error)})"
+
+
 def _read_state(path: Path, *, trust: bool) -> Mapping:
     """The state_dict in ``path``, read with ``weights_only=True`` (in full only with ``trust``)."""
     try:
@@ -481,16 +795,18 @@ def _read_state(path: Path, *, trust: bool) -> Mapping:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as full_error:
-                raise ModelLoadError(f"Cannot read weights from {path} (full unpickling, trusted): {full_error}") from None
+                raise ModelLoadError(f"Cannot read weights from {path} (full unpickling, trusted): {_one_line(full_error)}") from None
+        elif isinstance(error, pickle.UnpicklingError):
+            message = (
+                f"Cannot read weights from {path}: {_weights_only_reason(error)}. Save the weights with "
+                "torch.save(model.state_dict(), path); or, if you trust the file (unpickling runs code from it), pass "
+                "--trust (Python: trust=True)."
+            )
+            raise ModelLoadError(message) from None
         else:
             message = (
-                f"Cannot read weights from {path} safely (torch.load(weights_only=True)): {error}. Save weights with "
-                "torch.save(model.state_dict(), path)"
-                + (
-                    "; or, if the file is a full pickle you trust (unpickling runs code from it), pass --trust "
-                    "(Python: trust=True)."
-                    if isinstance(error, pickle.UnpicklingError) else "."
-                )
+                f"Cannot read weights from {path} (torch.load(weights_only=True)): {_one_line(error)}. Save the weights "
+                "with torch.save(model.state_dict(), path)."
             )
             raise ModelLoadError(message) from None
     return _state_dict(loaded, path)
@@ -518,7 +834,7 @@ def _load_state(model: nn.Module, state: Mapping, path: Path, *, strict: bool = 
     try:
         model.load_state_dict(state, strict=strict)
     except Exception as error:  # e.g. a tensor that cannot be copied into the parameter
-        raise ModelLoadError(f"Cannot load the weights in {path} into {type(model).__name__}: {error}") from None
+        raise ModelLoadError(f"Cannot load the weights in {path} into {type(model).__name__}: {_one_line(error)}") from None
     return model
 
 
@@ -570,7 +886,7 @@ def _bundle_parser(directory: str | Path, *, source=None, device: str | torch.de
             parser.read_meta(str(meta_file))
         parser.read_config(str(config_file))
     except Exception as error:  # JSON/YAML syntax, unreadable files
-        raise ModelLoadError(f"{_where(source)}model.bundle: cannot read {config_file} or {meta_file.name}: {type(error).__name__}: {error}") from None
+        raise ModelLoadError(f"{_where(source)}model.bundle: cannot read {config_file} or {meta_file.name}: {_one_line(error)}") from None
     parser["bundle_root"] = str(directory)
     if "device" in parser:
         parser["device"] = torch.device(device)
@@ -616,7 +932,7 @@ def _bundle_network(parser, directory: Path, config_file: Path, *, source, rando
         try:
             network = parser.get_parsed_content(key)
         except Exception as error:
-            raise ModelLoadError(f"{_where(source)}model.bundle: cannot build {key!r} from {config_file}: {type(error).__name__}: {error}") from error
+            raise ModelLoadError(f"{_where(source)}model.bundle: cannot build {key!r} from {config_file}: {_one_line(error)}") from error
         if not isinstance(network, nn.Module):
             raise ModelLoadError(f"{_where(source)}model.bundle: {key!r} in {config_file} built a {type(network).__name__}, not a torch.nn.Module.")
     if random_weights:
@@ -639,7 +955,7 @@ def _bundle_network(parser, directory: Path, config_file: Path, *, source, rando
         try:
             scripted, _, _ = load_net_with_metadata(str(scripted_file), map_location=torch.device("cpu"))
         except Exception as error:
-            raise ModelLoadError(f"{_where(source)}model.bundle: cannot load the TorchScript file {scripted_file}: {type(error).__name__}: {error}") from None
+            raise ModelLoadError(f"{_where(source)}model.bundle: cannot load the TorchScript file {scripted_file}: {_one_line(error)}") from None
         if network is not None:
             try:
                 _load_state(network, scripted.state_dict(), scripted_file, hint=_BUNDLE_WEIGHTS_HINT)
@@ -737,7 +1053,7 @@ class BundlePreprocessing:
         try:
             data = self.transform({self.key: str(path)})
         except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name
-            raise PreprocessingError(f"{where} failed on '{path}': {type(error).__name__}: {error}") from error
+            raise PreprocessingError(f"{where} failed on '{path}': {_one_line(error)}") from error
         if isinstance(data, (list, tuple)):
             message = (
                 f"{where} returned {len(data)} samples for '{path}' (a random or patch crop?); medcam3d explains one "
@@ -800,7 +1116,7 @@ def _bundle_preprocessing(parser, config_file: Path, metadata: Mapping) -> Bundl
     try:
         transform = parser.get_parsed_content("preprocessing")
     except Exception as error:
-        raise PreprocessingError(f"{config_file}: cannot build 'preprocessing': {type(error).__name__}: {error}") from error
+        raise PreprocessingError(f"{config_file}: cannot build 'preprocessing': {_one_line(error)}") from error
     if not callable(transform):
         raise PreprocessingError(f"{config_file}: 'preprocessing' built a {type(transform).__name__}, not a transform.")
     return BundlePreprocessing(transform, _input_key(transform, metadata, config_file), config_file)
@@ -852,6 +1168,7 @@ def load_bundle(
     device: str | torch.device = "cpu",
     random_weights: bool = False,
     source: str | Path | None = None,
+    max_activation_bytes: int | None = MAX_ACTIVATION_BYTES,
 ) -> Bundle:
     """Load a MONAI bundle: its network with its weights, and its preprocessing.
 
@@ -875,6 +1192,9 @@ def load_bundle(
         on purpose, e.g. for a sanity check.
     source : str or Path, optional
         The medcam3d config naming the bundle (named in errors).
+    max_activation_bytes : int or None
+        The network (unless it is TorchScript) refuses inputs whose layer outputs would need more
+        memory at once (:func:`limit_activations`). None: no limit.
 
     Returns
     -------
@@ -898,6 +1218,8 @@ def load_bundle(
     with _seeded(random_weights):
         network, weights, scripted = _bundle_network(parser, directory, config_file, source=source, random_weights=random_weights)
     preprocessing = _bundle_preprocessing(parser, config_file, metadata)
+    if not scripted:
+        limit_activations(network, max_activation_bytes, source=source or directory)
     return Bundle(
         directory=directory, network=network.to(device).eval(), weights=weights, torchscript=scripted,
         random_weights=random_weights, preprocessing=preprocessing, class_names=_class_names(metadata),
@@ -962,6 +1284,7 @@ def load_model(
     trust: bool = False,
     device: str | torch.device = "cpu",
     random_weights: bool = False,
+    max_activation_bytes: Any = "config",
 ) -> nn.Module:
     """Build the configured model, load its weights, move it to ``device``, in eval mode.
 
@@ -985,6 +1308,11 @@ def load_model(
         Explain the network with its random initial parameters, on purpose (a template, a
         sanity check): a missing ``model.weights`` is accepted and a given one (or a bundle's) is
         not loaded. Label what is made with it as such.
+    max_activation_bytes : int, None or "config"
+        The model refuses inputs whose layer outputs would need more memory at once
+        (:func:`limit_activations`; TorchScript models are not limited); None: no limit. Default:
+        the config's ``model.max_activation_bytes`` (:data:`MAX_ACTIVATION_BYTES` unless changed
+        with :func:`medcam3d.config.with_limits`).
 
     Returns
     -------
@@ -1003,8 +1331,10 @@ def load_model(
     """
     spec = config.model if isinstance(config, Config) else config
     random_weights = bool(random_weights or spec.random_weights)
+    limit = spec.max_activation_bytes if isinstance(max_activation_bytes, str) and max_activation_bytes == "config" else max_activation_bytes
     if spec.bundle is not None:
-        return load_bundle(spec.bundle, trust=trust, device=device, random_weights=random_weights, source=spec.source).network
+        return load_bundle(spec.bundle, trust=trust, device=device, random_weights=random_weights, source=spec.source,
+                           max_activation_bytes=limit).network
     if spec.torchscript is not None:
         if not trust:
             message = (
@@ -1019,7 +1349,7 @@ def load_model(
         if spec.network is None:
             raise ModelLoadError("The model config names no network, bundle or torchscript file.")
         with _seeded(random_weights):
-            model = build_network(spec.network, spec.args, trust=trust, source=spec.source)
+            model = build_network(spec.network, spec.args, trust=trust, source=spec.source, max_activation_bytes=limit)
         if random_weights:
             if spec.weights is not None:
                 logger.warning("random weights requested: %s is not loaded; %s keeps its random initial parameters.", spec.weights, spec.network)

@@ -13,30 +13,42 @@ Images are read by :mod:`medcam3d.io` (the only place that converts LPS to RAS);
 are not built). Only array classes from ``monai.transforms`` are built (no imports, no
 expressions). Without trust (CLI ``--trust``) a config may only name the side-effect-free
 transforms in :data:`SAFE_TRANSFORMS` (no file I/O, no callables), with plain-data arguments (see
-:func:`medcam3d.config.plain_data_problem`) and output sizes of at most :data:`MAX_VOXELS`. Every
-spatial MONAI transform updates the MetaTensor's affine, so the result's affine is the input grid's
-affine and heatmaps go back to the scan without replaying the transforms.
+:func:`medcam3d.config.plain_data_problem`). Every spatial MONAI transform updates the MetaTensor's
+affine, so the result's affine is the input grid's affine and heatmaps go back to the scan without
+replaying the transforms.
+
+Size limit (with or without trust): no transform may make a grid of more than :data:`MAX_VOXELS`
+voxels (2^30; ``max_voxels=``, CLI ``--max-voxels``) unless the image it is given is already that
+large. The transforms run one at a time (:class:`CheckedCompose`), and before each runs, the grid it
+would make is computed from the image's shape and voxel size and the transform's arguments (MONAI's
+lazy mode: metadata only, nothing is resampled), so a 35 kB scan with 40 mm voxels resampled to
+1 mm, or ``BorderPad`` of 600 voxels, is refused in milliseconds instead of allocating gigabytes.
+A failing transform is named by its place and name in the config (``preprocessing[1] (Spacing)``),
+with the root cause on one line.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from .config import _short, plain_data_problem
-from .errors import PreprocessingError, UntrustedTransformError  # noqa: F401  (re-exported)
+from .config import DEFAULT_MAX_VOXELS, _one_line, _short, plain_data_problem
+from .errors import Medcam3dError, PreprocessingError, UntrustedTransformError  # noqa: F401  (re-exported)
 from .space import Space
 
 __all__ = [
     "DEFAULT_TRANSFORMS",
     "SAFE_TRANSFORMS",
     "MAX_VOXELS",
+    "CheckedCompose",
     "PreprocessingError",
     "UntrustedTransformError",
     "build_transforms",
@@ -67,11 +79,14 @@ SAFE_TRANSFORMS = frozenset(
     }
 )
 
-#: Without trust, the largest output a size argument (``spatial_size``, ``roi_size``) may ask for.
-MAX_VOXELS = 1 << 30
+#: The largest grid (voxels per channel) a transform may make, unless its input is already larger
+#: (default of ``max_voxels``; CLI ``--max-voxels``). 2^30 voxels: 4 GiB per channel in float32.
+MAX_VOXELS = DEFAULT_MAX_VOXELS
 
-_SIZE_ARGUMENTS = ("spatial_size", "roi_size")
+_SIZE_ARGUMENTS = ("spatial_size",)
 _TRUST_HINT = "If you trust the config's author, pass --trust (Python: trust=True)"
+_VOXELS_HINT = "or raise the limit with --max-voxels (Python: max_voxels=...; none for no limit)"
+_DEFAULT: Any = object()
 
 
 #: Resampling transforms that MONAI runs in float64 unless told otherwise; medcam3d uses float32.
@@ -99,8 +114,198 @@ def _voxels(size: object) -> int | None:
     return count
 
 
-def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = False, source: str | Path | None = None):
-    """Build a ``monai.transforms.Compose`` from a config list.
+def _grid_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(n)) for n in shape)
+
+
+def _spatial_shape(data: object) -> tuple[int, ...] | None:
+    shape = getattr(data, "shape", None)
+    return tuple(int(n) for n in shape[1:]) if shape is not None and len(shape) >= 2 else None
+
+
+def _voxel_size_text(data: object) -> str:
+    """`` with voxels of 40 x 40 x 40 mm`` from a MetaTensor's affine ('' without one)."""
+    affine = getattr(data, "affine", None)
+    try:
+        matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+        sizes = np.linalg.norm(matrix[:-1, :-1], axis=0)
+    except Exception:
+        return ""
+    if sizes.ndim != 1 or not np.all(np.isfinite(sizes)):
+        return ""
+    return " with voxels of " + " x ".join(f"{size:.3g}" for size in sizes) + " mm"
+
+
+def _check_grid(shape: Sequence[int], data: object, label: str, where: str, max_voxels: int | None, *, made: bool) -> None:
+    """Refuse a transform whose output grid ``shape`` is over ``max_voxels`` and larger than its input's."""
+    if max_voxels is None:
+        return
+    voxels = math.prod(int(n) for n in shape)
+    before = _spatial_shape(data)
+    if voxels <= max_voxels or (before is not None and voxels <= math.prod(before)):
+        return
+    given = f"the {_grid_text(before)} image{_voxel_size_text(data)}" if before is not None else "its input"
+    message = (
+        f"{where}{label} {'made' if made else 'would make'} a grid of {_grid_text(shape)} = {voxels:,} voxels from "
+        f"{given}, more than the {max_voxels:,} allowed. Check the scan's voxel size and the transform's arguments "
+        f"(sizes and spacings the model was trained with), {_VOXELS_HINT}."
+    )
+    raise PreprocessingError(message)
+
+
+def _lazy_shape(transform: object, data: object) -> tuple[int, ...] | None:
+    """The spatial shape ``transform`` would give ``data``, from metadata only (MONAI's lazy mode), or None.
+
+    MONAI's lazy transforms (Spacing, Resize, pads, crops, Zoom, Rotate, Orientation ...) then only
+    record the operation and the output shape; ``data`` itself is not changed.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import LazyTrait
+
+    if not isinstance(transform, LazyTrait) or not isinstance(data, MetaTensor):
+        return None
+    try:
+        if "lazy" not in inspect.signature(transform.__call__).parameters:  # type: ignore[operator]
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = transform(data, lazy=True)  # type: ignore[operator]
+    except Exception:  # the real call reports it
+        return None
+    if isinstance(out, MetaTensor) and out.pending_operations:
+        return tuple(int(n) for n in out.peek_pending_shape())
+    return _spatial_shape(out)
+
+
+def _working_shape(transform: object, data: object) -> tuple[int, ...] | None:
+    """The grid a transform makes on its way, when larger than its output, or None.
+
+    ``Zoom(keep_size=True)`` interpolates the whole zoomed image (the input's shape times the
+    zoom) and only then crops it back to the input's shape.
+    """
+    from monai.transforms import Zoom
+    from monai.utils import ensure_tuple_rep
+
+    shape = _spatial_shape(data)
+    if not isinstance(transform, Zoom) or not transform.keep_size or shape is None:
+        return None
+    try:
+        factors = ensure_tuple_rep(transform.zoom, len(shape))
+        return tuple(int(math.floor(float(n) * float(z))) for n, z in zip(shape, factors))
+    except Exception:  # the real call reports it
+        return None
+
+
+def _run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max_voxels: int | None, where: str) -> object:
+    """Apply ``transforms`` in turn, refusing a grid over ``max_voxels`` before it is made.
+
+    Each error names the step (``labels[i]``) and gives its root cause on one line.
+    """
+    from monai.transforms import LazyTrait
+
+    for transform, label in zip(transforms, labels):
+        working = _working_shape(transform, data)
+        if working is not None:
+            _check_grid(working, data, label, where, max_voxels, made=False)
+        predicted = _lazy_shape(transform, data)
+        if predicted is not None:
+            _check_grid(predicted, data, label, where, max_voxels, made=False)
+        shape = tuple(getattr(data, "shape", ()))
+        try:
+            eager = isinstance(transform, LazyTrait) and "lazy" in inspect.signature(transform.__call__).parameters  # type: ignore[operator]
+            result = transform(data, lazy=False) if eager else transform(data)  # like Compose(lazy=False)
+        except Medcam3dError:
+            raise
+        except MemoryError as error:
+            message = (
+                f"{where}{label} ran out of memory on an image of shape {shape}: {_one_line(error)}. Check the "
+                f"transform's arguments, or lower --max-voxels (Python: max_voxels=...)."
+            )
+            raise PreprocessingError(message) from None
+        except Exception as error:
+            raise PreprocessingError(f"{where}{label} failed on an image of shape {shape}: {_one_line(error)}") from error
+        after = _spatial_shape(result)
+        if predicted is None and after is not None:  # a transform without lazy mode: checked once made
+            _check_grid(after, data, label, where, max_voxels, made=True)
+        data = result
+    return data
+
+
+_COMPOSE: Any = None
+
+
+def _compose_class() -> Any:
+    """:class:`CheckedCompose`, defined on first use (importing MONAI's transforms takes seconds)."""
+    global _COMPOSE
+    if _COMPOSE is None:
+        from monai.transforms import Compose
+
+        class CheckedCompose(Compose):
+            """A ``monai.transforms.Compose`` that runs its transforms one at a time, under a size limit.
+
+            Before each transform runs, the grid it would make is computed from metadata (MONAI's
+            lazy mode) and refused if it has more than ``max_voxels`` voxels and more than its input
+            (transforms without a lazy mode are checked once they ran). Errors name the step by
+            ``labels[i]`` (``preprocessing[1] (Spacing)``) with the root cause on one line.
+
+            Parameters
+            ----------
+            transforms : sequence of callables
+            labels : sequence of str, optional
+                One per transform; default ``transform <i> (<class name>)``.
+            max_voxels : int or None
+                None: no limit.
+            where : str
+                Prefix of every error message (the config file, ``"path: "``).
+            """
+
+            def __init__(self, transforms=None, labels: Sequence[str] | None = None, *,
+                         max_voxels: int | None = MAX_VOXELS, where: str = "") -> None:
+                super().__init__(transforms)
+                self.labels = (list(labels) if labels is not None
+                               else [f"transform {i} ({type(t).__name__})" for i, t in enumerate(self.transforms)])
+                if len(self.labels) != len(self.transforms):
+                    raise ValueError(f"{len(self.labels)} labels for {len(self.transforms)} transforms.")
+                self.max_voxels, self.where = max_voxels, where
+
+            def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+                return _run_steps(self.transforms[start:end], self.labels[start:end], input_,
+                                  max_voxels=self.max_voxels, where=self.where)
+
+        CheckedCompose.__module__ = __name__
+        CheckedCompose.__qualname__ = "CheckedCompose"
+        _COMPOSE = CheckedCompose
+    return _COMPOSE
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CheckedCompose":
+        return _compose_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_device(value: object, where: str, key: str, name: str) -> None:
+    """A transform's ``device`` argument: a real device (not ``meta``, which holds no data)."""
+    if value is None:
+        return
+    try:
+        device = torch.device(value) if isinstance(value, (str, torch.device)) else None
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None:
+        message = f"{where}{key} ({name}): {_short(value)} is not a device; give cpu or cuda[:i], or leave device out."
+        raise PreprocessingError(message)
+    if device.type == "meta":
+        message = (
+            f"{where}{key} ({name}): 'meta' is PyTorch's device without data, so the scan would be lost. Leave device "
+            "out (medcam3d moves the input to the model's device), or give cpu or cuda[:i]."
+        )
+        raise PreprocessingError(message)
+
+
+def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = False, source: str | Path | None = None,
+                     max_voxels: Any = _DEFAULT):
+    """Build a :class:`CheckedCompose` (a ``monai.transforms.Compose``) from a config list.
 
     Parameters
     ----------
@@ -112,31 +317,42 @@ def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = F
     source : str or Path, optional
         The config file, named in errors. Defaults to ``config.source`` when ``config`` is the
         :class:`medcam3d.config.PreprocessingSteps` of a loaded config.
+    max_voxels : int or None, optional
+        The largest grid (voxels per channel) a transform may make unless its input is already
+        larger, checked before each transform runs; None: no limit. Default: ``config.max_voxels``
+        for the :class:`~medcam3d.config.PreprocessingSteps` of a loaded config, else
+        :data:`MAX_VOXELS`.
 
     Returns
     -------
-    monai.transforms.Compose
+    CheckedCompose
+        A ``monai.transforms.Compose``; call it with a channel-first MetaTensor.
 
     Raises
     ------
     UntrustedTransformError
         Without ``trust``: a transform outside :data:`SAFE_TRANSFORMS`, an argument that is not plain
-        data or takes a callable, a size over :data:`MAX_VOXELS`. Subclasses :class:`PreprocessingError`.
+        data or takes a callable. Subclasses :class:`PreprocessingError`.
     PreprocessingError
         Unknown transform (with the closest names), dictionary transforms, unknown or invalid
-        arguments; the message names the file and the entry.
+        arguments, a ``device`` that is not a real device (``meta``), a ``spatial_size`` list over
+        ``max_voxels``; the message names the file and the entry.
     """
     import monai.transforms as mt
 
     if source is None:
         source = getattr(config, "source", None)
+    if max_voxels is _DEFAULT:
+        max_voxels = getattr(config, "max_voxels", MAX_VOXELS)
+    if max_voxels is not None and (isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < 1):
+        raise PreprocessingError(f"max_voxels must be a positive int or None (no limit), not {_short(max_voxels)}.")
     where = f"{source}: " if source else ""
     if config is None:
         config = DEFAULT_TRANSFORMS
     if isinstance(config, (str, bytes)) or not isinstance(config, Sequence):
         message = f"{where}preprocessing must be a list of transforms (mappings with a 'name'), not {type(config).__name__}."
         raise PreprocessingError(message)
-    transforms = []
+    transforms, labels = [], []
     for position, entry in enumerate(config):
         item = f"preprocessing[{position}]"
         if not isinstance(entry, Mapping):
@@ -204,25 +420,28 @@ def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = F
                         where, f"{item}.{key}", f"{name}'s {key} takes a function",
                         f"Without --trust, leave {key} out to use the default.",
                     )
-            for key in _SIZE_ARGUMENTS:
-                voxels = _voxels(arguments.get(key))
-                if voxels is not None and voxels > MAX_VOXELS:
-                    message = (
-                        f"{where}{item}.{key}: {_short(arguments[key])} asks for {voxels:,} voxels, more than the "
-                        f"{MAX_VOXELS:,} allowed. Give the size the model was trained on. {_TRUST_HINT}."
-                    )
-                    raise PreprocessingError(message)
+        for key in _SIZE_ARGUMENTS:  # a list names the size; an int's meaning (every axis?) is checked when run
+            voxels = _voxels(arguments.get(key)) if isinstance(arguments.get(key), (list, tuple)) else None
+            if max_voxels is not None and voxels is not None and voxels > max_voxels:
+                message = (
+                    f"{where}{item}.{key}: {_short(arguments[key])} asks for {voxels:,} voxels, more than the "
+                    f"{max_voxels:,} allowed. Give the size the model was trained on, {_VOXELS_HINT}."
+                )
+                raise PreprocessingError(message)
+        if "device" in arguments:
+            _check_device(arguments["device"], where, f"{item}.device", name)
         if "dtype" in parameters and "dtype" not in arguments and name.rsplit(".", 1)[-1] in _FLOAT64_BY_DEFAULT:
             arguments = {**arguments, "dtype": "float32"}  # MONAI computes these in float64: twice the memory, no gain
         try:
             transforms.append(cls(**arguments))
         except Exception as error:  # TypeError, ValueError, IndexError, ... from the constructor
-            message = f"{where}{item} ({name}): invalid arguments {_short(arguments)}: {type(error).__name__}: {error}"
+            message = f"{where}{item} ({name}): invalid arguments {_short(arguments)}: {_one_line(error)}"
             raise PreprocessingError(message) from error
+        labels.append(f"{item} ({name})")
     try:
-        return mt.Compose(transforms)
+        return _compose_class()(transforms, labels, max_voxels=max_voxels, where=where)
     except Exception as error:
-        raise PreprocessingError(f"{where}preprocessing: cannot compose the transforms: {error}") from error
+        raise PreprocessingError(f"{where}preprocessing: cannot compose the transforms: {_one_line(error)}") from error
 
 
 def load_image(image: str | Path | tuple[np.ndarray, Space], *, volume: int | None = None):
@@ -257,7 +476,8 @@ def load_image(image: str | Path | tuple[np.ndarray, Space], *, volume: int | No
     return tensor, scanner_space
 
 
-def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool = False, source: str | Path | None = None):
+def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool = False, source: str | Path | None = None,
+               max_voxels: Any = _DEFAULT):
     """Read (if needed) and preprocess one image.
 
     Parameters
@@ -265,17 +485,28 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
     image : path, (array, Space) or MetaTensor
         A channel-first MetaTensor is used as is (its affine must be set).
     transforms : config list, ``monai.transforms.Compose`` or None
-        ``None`` uses :data:`DEFAULT_TRANSFORMS`.
+        ``None`` uses :data:`DEFAULT_TRANSFORMS`. A Compose of your own runs one transform at a
+        time under the same size limit (one built with ``lazy=True`` runs as it is, checked once
+        it ran).
     volume : int, optional
         Volume index of a 4D file.
     trust, source
         Passed to :func:`build_transforms` when ``transforms`` is a config list.
+    max_voxels : int or None, optional
+        The largest grid a transform may make (see :func:`build_transforms`); None: no limit.
+        Default: the limit ``transforms`` was built with, else :data:`MAX_VOXELS`.
 
     Returns
     -------
     (MetaTensor, Space)
         The model's input ``(C, *input_shape)`` (add the batch axis with ``x[None]``), whose
         ``.affine`` is the input grid's affine, and the scan's own ``scanner_space``.
+
+    Raises
+    ------
+    PreprocessingError
+        A transform that fails (named, with the root cause), would make a grid over ``max_voxels``,
+        or a result that is not a MetaTensor holding data.
     """
     from monai.data import MetaTensor
     from monai.transforms import Compose
@@ -285,14 +516,34 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
         scanner_space = Space(tuple(tensor.shape[1:]), np.asarray(tensor.affine, dtype=np.float64))
     else:
         tensor, scanner_space = load_image(image, volume=volume)
-    pipeline = transforms if isinstance(transforms, Compose) else build_transforms(transforms, trust=trust, source=source)
-    try:
+    checked = _compose_class()
+    where_source = source or getattr(transforms, "source", None)
+    where = f"{where_source}: " if where_source else ""
+    if isinstance(transforms, checked):
+        limit = transforms.max_voxels if max_voxels is _DEFAULT else max_voxels
+        result = _run_steps(transforms.transforms, transforms.labels, tensor, max_voxels=limit, where=transforms.where)
+    elif isinstance(transforms, Compose):
+        limit = MAX_VOXELS if max_voxels is _DEFAULT else max_voxels
+        if getattr(transforms, "lazy", False):  # lazy resampling fuses steps: run it as it is, check the result
+            result = _run_steps([transforms], ["the preprocessing (a lazy Compose)"], tensor, max_voxels=limit, where=where)
+        else:
+            steps = transforms.flatten().transforms
+            result = _run_steps(steps, [f"transform {i} ({type(t).__name__})" for i, t in enumerate(steps)], tensor,
+                                max_voxels=limit, where=where)
+    else:
+        pipeline = build_transforms(transforms, trust=trust, source=source, max_voxels=max_voxels)
         result = pipeline(tensor)
-    except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name
-        where = source or getattr(transforms, "source", None)
-        message = f"{f'{where}: ' if where else ''}Preprocessing failed on an image of shape {tuple(tensor.shape)}: {error}"
-        raise PreprocessingError(message) from error
     if not isinstance(result, MetaTensor):
-        message = "The preprocessing returned a plain tensor without an affine; use MONAI array transforms only."
+        message = (
+            f"{where}the preprocessing returned a {type(result).__name__}, not a MONAI MetaTensor with an affine, so the "
+            "maps could not be placed; use MONAI array transforms that keep the metadata (no EnsureType data_type: "
+            "numpy or track_meta: false)."
+        )
+        raise PreprocessingError(message)
+    if result.is_meta:
+        message = (
+            f"{where}the preprocessing moved the image to PyTorch's 'meta' device, which holds no data; remove the "
+            "device argument (medcam3d moves the input to the model's device)."
+        )
         raise PreprocessingError(message)
     return result.float(), scanner_space
