@@ -56,9 +56,17 @@ import torch
 
 from ..errors import CohortError  # noqa: F401  (re-exported)
 from .cases import Case, collect_cases
+from .lock import output_lock
+from .outputs import check_output_location, check_own_files, record_own_files
 from .report import save_figure as _save_figure, write_csv as _write_csv, write_text as _write_text
 
-__all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS", "APPROACHES", "SEGMENTATION_METRICS"]
+__all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS", "APPROACHES", "SEGMENTATION_METRICS",
+           "REPORT_FILES"]
+
+#: The report's files in ``out_dir`` (besides ``failures/<case>_<class>_<FP|FN>_<method>.png``): each
+#: is replaced only when medcam3d wrote it there (see :func:`medcam3d.jobs.outputs.check_own_files`).
+REPORT_FILES = ("metrics.csv", "cases.csv", "summary.csv", "summary.md", "curves.png", "randomization.csv",
+                "randomization.png", "segmentation.json", "failures/README.md")
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +159,10 @@ def evaluate(
     inputs : path
         Folder of scans or CSV (see :func:`collect_cases`).
     out_dir : path
-        Created if needed; nothing is written outside it.
+        Created if needed; nothing is written outside it. It may not contain or lie inside an
+        input (the scans, masks, the CSV or folder ``inputs``, ``masks``), another medcam3d job
+        may not be writing into it (:mod:`medcam3d.jobs.lock`), and the report's files
+        (:data:`REPORT_FILES`) in it must be absent or medcam3d's own from an earlier run.
     methods : sequence of str
         Explanation methods to compare.
     masks : path, optional
@@ -186,6 +197,12 @@ def evaluate(
     -------
     Path
         ``out_dir``, holding ``summary.md`` and the files listed in the module docstring.
+
+    Raises
+    ------
+    OutputConflictError
+        ``out_dir`` over an input, in use by another medcam3d job, or holding a report file that
+        medcam3d did not write (named in the message); nothing is written then.
     """
     from tqdm import tqdm
 
@@ -203,6 +220,8 @@ def evaluate(
         raise CohortError("Give at least one method, e.g. methods=('hirescam', 'gradcam').")
     cases = collect_cases(inputs, masks)
     out = Path(out_dir)
+    listed = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)  # the CSV or folder is an input too
+    check_output_location(out, [*listed, masks, *(p for case in cases for p in (case.image, case.mask, case.region_mask))])
     model = load_model(config, trust=trust)
     runner = Runner(config, model, methods=methods, target="all", device=device, trust=trust)
     fine = None
@@ -212,25 +231,27 @@ def evaluate(
         first = runner.explainers[0]
         fine = Explainer(runner.model, "layercam", layer=fuse_layer, class_names=config.class_names, amp=runner.amp,
                          output_activation=first.output_activation)  # an unknown layer is refused here
-    out.mkdir(parents=True, exist_ok=True)  # only once the model, the cases and the layers are known to be good
-    state = _State()
-    chosen = _randomization_choice(cases, randomization_cases)
-    bar = tqdm(cases, desc="evaluating", unit="case", file=sys.stderr, disable=not progress)
-    for case in bar:
-        bar.set_postfix_str(case.id)
-        try:
-            _evaluate_case(case, runner, out, state, steps=steps, batch_size=batch_size, baseline=baseline,
-                           max_fraction=max_fraction, tolerance_mm=tolerance_mm, seed=seed,
-                           randomize=case.id in chosen, randomization_steps=randomization_steps,
-                           segmentation=segmentation, fine=fine)
-        except Exception as error:  # recorded; the cohort goes on
-            logger.warning("case %s failed: %s: %s", case.id, type(error).__name__, error)
-            state.cases.append({"case": case.id, "image": str(case.image), "status": "error",
-                                "error": f"{type(error).__name__}: {error}"})
-    bar.close()
-    _write_outputs(out, state, runner, tolerance_mm=tolerance_mm, seconds=time.perf_counter() - started,
-                   baseline=baseline, steps=steps, max_fraction=max_fraction,
-                   segmentation={"fuse_layer": fuse_layer} if segmentation else None)
+    # created only once the model, the cases and the layers are known to be good; one job at a time in it, and
+    # none of the report's files may be a user's own (checked before any work)
+    with output_lock(out, "evaluate", check=lambda: check_own_files(out, REPORT_FILES)):
+        state = _State()
+        chosen = _randomization_choice(cases, randomization_cases)
+        bar = tqdm(cases, desc="evaluating", unit="case", file=sys.stderr, disable=not progress)
+        for case in bar:
+            bar.set_postfix_str(case.id)
+            try:
+                _evaluate_case(case, runner, out, state, steps=steps, batch_size=batch_size, baseline=baseline,
+                               max_fraction=max_fraction, tolerance_mm=tolerance_mm, seed=seed,
+                               randomize=case.id in chosen, randomization_steps=randomization_steps,
+                               segmentation=segmentation, fine=fine)
+            except Exception as error:  # recorded; the cohort goes on
+                logger.warning("case %s failed: %s: %s", case.id, type(error).__name__, error)
+                state.cases.append({"case": case.id, "image": str(case.image), "status": "error",
+                                    "error": f"{type(error).__name__}: {error}"})
+        bar.close()
+        _write_outputs(out, state, runner, tolerance_mm=tolerance_mm, seconds=time.perf_counter() - started,
+                       baseline=baseline, steps=steps, max_fraction=max_fraction,
+                       segmentation={"fuse_layer": fuse_layer} if segmentation else None)
     return out
 
 
@@ -415,9 +436,10 @@ def _failure_picture(out: Path, case: Case, heat, scan: np.ndarray, row: dict, l
     from .report import save_slices
 
     folder = out / "failures"
-    folder.mkdir(parents=True, exist_ok=True)
     kind = {"FP": "false positive", "FN": "false negative"}[row["outcome"]]
     name = f"{case.id}_{heat.file_label}_{row['outcome']}_{heat.method}.png"
+    check_own_files(out, [f"failures/{name}"])  # a user's file of that name is not replaced
+    folder.mkdir(parents=True, exist_ok=True)
     title = f"{case.id} · {heat.label}: {kind} (p = {row['probability']:.2f}) · {heat.method}"
     data = heat.data
     if float(data.max()) > 0:
@@ -610,23 +632,29 @@ def _write_outputs(out: Path, state: _State, runner, *, tolerance_mm: float, sec
     _write_csv(out / "metrics.csv", rows)
     _write_csv(out / "cases.csv", state.cases)
     _write_csv(out / "summary.csv", summary)
+    written = ["metrics.csv", "cases.csv", "summary.csv", "summary.md"] + [f["picture"] for f in state.failures]
     if state.curves:
         _plot_curves(out / "curves.png", state.curves)
+        written.append("curves.png")
     if state.randomization:
         rows = [{"case": case_id, "class": label, **row} for case_id, label, report in state.randomization
                 for row in report.rows()]
         _write_csv(out / "randomization.csv", rows)
         _plot_randomization(out / "randomization.png", state.randomization)
+        written += ["randomization.csv", "randomization.png"]
     gallery = ["# Failure gallery", "", "False positives (FP) and false negatives (FN) at p = 0.5, with the map of "
                "each method: what the model looked at when it was wrong.", ""]
     gallery += [f"## {f['case']} · {f['class']} · {f['outcome']} (p = {f['probability']:.2f}) · {f['method']}\n\n"
                 f"![{f['case']} {f['method']}]({Path(f['picture']).name})\n" for f in state.failures]
     if state.failures:
         _write_text(out / "failures" / "README.md", "\n".join(gallery))
+        written.append("failures/README.md")
     if segmentation is not None:
         _write_text(out / "segmentation.json", _segmentation_json(state, summary, segmentation["fuse_layer"]))
+        written.append("segmentation.json")
     _write_text(out / "summary.md", _markdown(state, summary, methods, tolerance_mm=tolerance_mm, seconds=seconds,
                                               baseline=baseline, steps=steps, max_fraction=max_fraction))
+    record_own_files(out, written, "evaluate")  # a later run may replace these, and only these
 
 
 def _segmentation_json(state: _State, summary: list[dict], fuse_layer: str | None) -> str:
