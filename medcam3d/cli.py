@@ -212,6 +212,7 @@ def _peak_text(peak_mm) -> str:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from .jobs.lock import output_lock
     from .jobs.outputs import check_output_location
 
     check_output_location(args.out, [args.image, args.mask, args.region_mask])
@@ -220,8 +221,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     runner = _runner(args)
     if args.region_mask is not None:
         runner.check_region_task()  # a classifier: a usage error before any work
-    result = runner.run_case(args.image, args.out, mask=args.mask, volume=args.volume, series=args.series,
-                             region_mask=args.region_mask)
+    with output_lock(args.out, "explain"):  # one medcam3d job at a time in --out
+        result = runner.run_case(args.image, args.out, mask=args.mask, volume=args.volume, series=args.series,
+                                 region_mask=args.region_mask)
     print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
     if result.probabilities:
         print("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()))
@@ -243,8 +245,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     for case in cases:  # --volume/--series apply where the CSV gives none
         case.volume = case.volume if case.volume is not None else args.volume
         case.series = case.series or args.series
-    folder = [args.inputs] if Path(args.inputs).is_dir() else []  # --out inside a folder of scans is refused too
-    check_output_location(args.out, [*folder, *(p for case in cases for p in (case.image, case.mask, case.region_mask))])
+    # the folder or CSV of --inputs is an input too: --out may not hold it or lie inside it
+    check_output_location(args.out, [args.inputs, *(p for case in cases for p in (case.image, case.mask, case.region_mask))])
     context = distributed_context(args.device)
     if context.distributed and args.device in ("auto", "cuda") and torch.cuda.is_available():
         args.device = f"cuda:{context.local_rank}"
@@ -306,13 +308,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _synthetic_demo(args)
     from .config import load_config
     from .jobs.cases import collect_cases
-    from .jobs.outputs import check_output_location
+    from .jobs.outputs import check_output_location, check_own_files, record_own_files
     from .jobs.report import write_csv
     from .jobs.runner import Runner
     from .models import load_model
 
     cases = collect_cases(DEMO_CASES)
     out = check_output_location(args.out, [p for case in cases for p in (case.image, case.mask)])
+    check_own_files(out, ["summary.csv"])  # a summary.csv of the user's is never replaced
     config = load_config(DEMO_CONFIG)
     runner = Runner(config, load_model(config), methods=["hirescam", "gradcam"], target="all", device=args.device)
     rows, summary = [], []
@@ -331,6 +334,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 "peak in lesion": {True: "yes", False: "NO", None: "-"}[finding.get("peak_in_lesion")],
             })
     write_csv(out / "summary.csv", summary)
+    record_own_files(out, ["summary.csv"], "demo")
     _print_table(rows)
     hits = [r for r in rows if r["peak in lesion"] in ("yes", "NO")]
     for method in runner.methods:
