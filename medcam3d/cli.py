@@ -589,6 +589,14 @@ def _configure_logging(verbosity: int) -> None:
     root.propagate = False
 
 
+def _check_path_options(args: argparse.Namespace) -> None:
+    """An empty path (``--image ''``) is a usage error, not the current folder."""
+    for name in ("image", "mask", "region_mask", "inputs", "out", "config"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"--{name.replace('_', '-')} is empty ({value!r}); expected the path of a file or folder.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medcam3d`` console script; returns the exit code."""
     parser = build_parser()
@@ -596,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity = getattr(args, "verbose", 0)
     _configure_logging(verbosity)
     try:
+        _check_path_options(args)
         return int(args.run(args))
     except KeyboardInterrupt:
         print(f"medcam3d {args.command}: interrupted.", file=sys.stderr)

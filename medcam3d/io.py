@@ -27,18 +27,33 @@ geometry. :func:`read` therefore checks every file before it loads voxels:
   (``data file``) header must lie in the header's own folder (or below it); absolute paths,
   ``..`` traversal, symbolic links leading out of the folder, and lists or patterns of several
   data files are refused unless ``trust=True``. The header text is parsed here, before
-  SimpleITK opens anything. DICOM files reached through links leading out of the folder are
-  refused the same way.
-- **Size.** The voxel bytes a header claims are compared with what the file can hold (its size
-  for raw data, 1032 times its size for gzip/zlib data, the most deflate can expand) before
-  anything is allocated, and reading more than ``max_bytes`` (16 GiB by default) is refused:
-  :class:`ImageTooLargeError`.
+  SimpleITK opens anything. Lines end where the readers end them (``\n`` or ``\r\n``); a header
+  holding a bare carriage return (``\r``, which ends a line for the NRRD reader and for MetaIO's
+  keys but not for MetaIO's values) or a NUL byte is refused: readers would disagree on its lines,
+  so no check could see every line each reader sees. DICOM files reached through links leading
+  out of the folder are refused the same way.
+- **Size.** The voxel bytes a header claims are compared with what the file can hold before
+  anything is allocated: its size for raw data (NIfTI, MetaImage, NRRD, each file of a DICOM
+  series in a native transfer syntax), 1032 times its size for gzip/zlib data (the most deflate
+  can expand). Reading more than ``max_bytes`` (16 GiB by default) is refused, and so is a
+  compressed file (gzip NIfTI, compressed MetaImage/NRRD, DICOM in a compressed transfer syntax)
+  that would make reading allocate more than ``max_expansion`` (100) times its own size, beyond
+  the first :data:`EXPANSION_FREE_BYTES` (1 GiB): a tiny file that expands to gigabytes is a
+  decompression bomb far more often than a scan. A DICOM folder may hold at most ``max_slices``
+  (5000) files, counted before any is opened (every file's header is read, a few ms each). A
+  4D file read with ``volume=`` loads only that volume. All: :class:`ImageTooLargeError`.
 - **Geometry.** DICOM slices must share one orientation, one in-plane size and spacing, and lie
   evenly spaced along the slice normal, without duplicates, gaps or in-plane drift (tolerance 1 %
   of the slice spacing plus 1e-3 mm); otherwise :class:`GeometryError`, unless
-  ``allow_uneven_slices=True``. Voxel sizes must be finite, positive and between
-  :data:`MIN_VOXEL_MM` and :data:`MAX_VOXEL_MM`; NIfTI ``pixdim`` values that nibabel would
-  silently replace (0, -0, negative) are refused when the qform or the default affine uses them.
+  ``allow_uneven_slices=True``. Each file's PixelSpacing must hold two positive sizes, and its
+  ImageOrientationPatient six numbers: two unit vectors (within 1e-3) at right angles (cosine
+  within 1e-3), never silently replaced or orthonormalised (:class:`GeometryError` always). The
+  grid of a DICOM series is built from these headers by one function, for :func:`read` and
+  :func:`describe` alike. Voxel sizes must be finite, positive and between :data:`MIN_VOXEL_MM`
+  and ``max_voxel_mm`` (:data:`MAX_VOXEL_MM`, 100 mm: real scans have slices of at most a few
+  cm); NIfTI ``pixdim`` values that nibabel would silently replace (0, -0, negative) are refused
+  when the qform or the default affine uses them. A singular voxel -> world matrix (a zero
+  TransformMatrix or NRRD space directions) is refused by name.
 - **Voxel types.** Complex and RGB (structured) voxels are refused (:class:`ImageReadError`):
   medcam3d explains scalar intensity images.
 
@@ -59,19 +74,28 @@ The same rule applies to every image written (heatmaps, masks, copies of scans).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
 import logging
 import math
 import os
 import re
 import secrets
+import struct
+import sys
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from .errors import _IMAGE_ERRORS
+from .errors import _IMAGE_ERRORS, UsageError
 from .errors import ImageReadError, ImageNotFoundError, UnsupportedFormatError, VolumeError, VolumeIndexError, NonFiniteError, ImageWriteError, UnwritableImageError, OutputPermissionError, OutputDirectoryError, ShearWarning, SpaceError, GeometryError, ImageTooLargeError, UntrustedFileError  # noqa: F401  (re-exported)
 from .orientation import lps_to_ras, ras_to_lps
 from .space import Space
@@ -79,6 +103,7 @@ from .space import Space
 __all__ = [
     "read",
     "read_space",
+    "read_volumes",
     "describe",
     "ImageInfo",
     "SeriesInfo",
@@ -88,6 +113,9 @@ __all__ = [
     "READ_FORMATS",
     "WRITE_FORMATS",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_EXPANSION",
+    "EXPANSION_FREE_BYTES",
+    "DEFAULT_MAX_SLICES",
     "MIN_VOXEL_MM",
     "MAX_VOXEL_MM",
     "ShearWarning",
@@ -106,10 +134,19 @@ WRITE_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 #: Default ceiling on the memory :func:`read` may allocate for voxel data (16 GiB).
 DEFAULT_MAX_BYTES = 16 * 1024**3
+#: Default ceiling on the memory reading a compressed file may take, as a multiple of the file's
+#: size (beyond :data:`EXPANSION_FREE_BYTES`).
+DEFAULT_MAX_EXPANSION = 100.0
+#: Memory any compressed file may take whatever its size (1 GiB): empty masks and maps compress
+#: more than 100:1 and are read without question up to this size.
+EXPANSION_FREE_BYTES = 1024**3
+#: Default ceiling on the number of files in a DICOM folder (each file's header is read).
+DEFAULT_MAX_SLICES = 5000
 #: Smallest voxel size (mm) accepted on reading (0.1 micrometre).
 MIN_VOXEL_MM = 1e-4
-#: Largest voxel size (mm) accepted on reading (10 metres).
-MAX_VOXEL_MM = 1e4
+#: Default largest voxel size (mm) accepted on reading: 100 mm. Clinical scans have voxels of at
+#: most ~10-20 mm (thick CT slices), thick MR slabs reach a few cm.
+MAX_VOXEL_MM = 100.0
 
 # deflate (gzip, zlib) cannot expand data more than 1032:1; a little slack for headers.
 _DEFLATE_MAX_RATIO = 1032
@@ -121,6 +158,8 @@ _MAX_HEADER_BYTES = 1024 * 1024
 _SLICE_REL_TOL = 0.01
 _SLICE_ABS_TOL_MM = 1e-3
 _IOP_TOL = 1e-4
+# each ImageOrientationPatient vector must have length 1 and the two a dot product of 0, within this
+_IOP_UNIT_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,28 +177,69 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """The ceilings of one :func:`read` (see its parameters); ``None`` lifts one."""
+
+    max_bytes: int | None = DEFAULT_MAX_BYTES
+    max_expansion: float | None = DEFAULT_MAX_EXPANSION
+    max_voxel_mm: float | None = MAX_VOXEL_MM
+    max_slices: int | None = DEFAULT_MAX_SLICES
+
+
+def _limits(max_bytes: Any = DEFAULT_MAX_BYTES, max_expansion: Any = DEFAULT_MAX_EXPANSION,
+            max_voxel_mm: Any = MAX_VOXEL_MM, max_slices: Any = DEFAULT_MAX_SLICES) -> _Limits:
+    """Check the limit arguments of :func:`read` (a :class:`UsageError` names a wrong one)."""
+
+    def positive(name: str, value: Any, integer: bool) -> Any:
+        if value is None:
+            return None
+        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+            what = "a positive int" if integer else "a positive number"
+            raise UsageError(f"{name} must be {what} or None (no limit), got {value!r}.")
+        return int(value) if integer else float(value)
+
+    voxel = positive("max_voxel_mm", max_voxel_mm, False)
+    if voxel is not None and voxel < MIN_VOXEL_MM:
+        raise UsageError(f"max_voxel_mm must be at least MIN_VOXEL_MM={MIN_VOXEL_MM:g}, got {max_voxel_mm!r}.")
+    return _Limits(positive("max_bytes", max_bytes, True), positive("max_expansion", max_expansion, False),
+                   voxel, positive("max_slices", max_slices, True))
+
+
 def _check_max_bytes(max_bytes: Any) -> int | None:
-    if max_bytes is None:
-        return None
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive int (bytes) or None, got {max_bytes!r}")
-    return int(max_bytes)
+    return _limits(max_bytes=max_bytes).max_bytes
 
 
 def _out_itemsize(dtype: Any, stored_itemsize: int) -> int:
     return stored_itemsize if dtype is None else np.dtype(dtype).itemsize
 
 
-def _check_allocation(p: Path, need: int, what: str, max_bytes: int | None) -> None:
-    """Refuse to read when about ``need`` bytes would be allocated and that exceeds ``max_bytes``."""
-    if max_bytes is None or need <= max_bytes:
+def _check_allocation(p: Path, need: int, what: str, limits: _Limits, compressed: int | None = None) -> None:
+    """Refuse to read when about ``need`` bytes would be allocated and that exceeds a limit.
+
+    ``compressed`` is the size (bytes) of the compressed data the voxels come from (None for raw
+    data): reading it may take at most ``max(EXPANSION_FREE_BYTES, max_expansion * compressed)``.
+    """
+    max_bytes = limits.max_bytes
+    if max_bytes is not None and need > max_bytes:
+        suggestion = 1 << max(int(need - 1).bit_length(), 0)
+        raise ImageTooLargeError(
+            f"reading '{p}' would allocate about {need} bytes ({_fmt_bytes(need)}) for {what}, more than "
+            f"max_bytes={max_bytes} ({_fmt_bytes(max_bytes)}). If the image is that large and you have the "
+            f"memory, pass a larger max_bytes to medcam3d.io.read (e.g. max_bytes={suggestion}), or "
+            "max_bytes=None for no limit; otherwise the header is wrong: export the image again."
+        )
+    ratio = limits.max_expansion
+    if compressed is None or ratio is None or need <= max(EXPANSION_FREE_BYTES, ratio * max(compressed, 1)):
         return
-    suggestion = 1 << max(int(need - 1).bit_length(), 0)
+    factor = need / max(compressed, 1)
     raise ImageTooLargeError(
-        f"reading '{p}' would allocate about {need} bytes ({_fmt_bytes(need)}) for {what}, more than "
-        f"max_bytes={max_bytes} ({_fmt_bytes(max_bytes)}). If the image is that large and you have the "
-        f"memory, pass a larger max_bytes to medcam3d.io.read (e.g. max_bytes={suggestion}), or "
-        "max_bytes=None for no limit; otherwise the header is wrong: export the image again."
+        f"reading '{p}' would allocate about {_fmt_bytes(need)} for {what} from {_fmt_bytes(compressed)} of "
+        f"compressed data ({factor:.0f} times its size), more than max_expansion={ratio:g} times its size "
+        f"(and more than {_fmt_bytes(EXPANSION_FREE_BYTES)}): such a small file that expands this much is "
+        "more often a decompression bomb than a scan. If you trust the file and have the memory, pass "
+        f"max_expansion=None (or max_expansion={math.ceil(factor)}) to medcam3d.io.read."
     )
 
 
@@ -176,8 +256,9 @@ def _too_large_for_file(p: Path, claimed: int, what: str, holds: int, expands_to
     )
 
 
-def _check_voxel_sizes(p: Path, sizes: Any, source: str) -> None:
+def _check_voxel_sizes(p: Path, sizes: Any, source: str, max_mm: float | None = MAX_VOXEL_MM) -> None:
     """Refuse voxel sizes that are not finite, not positive, or outside the accepted range."""
+    top = math.inf if max_mm is None else float(max_mm)
     for axis, v in enumerate(np.asarray(sizes, dtype=np.float64).ravel()):
         if not math.isfinite(v):
             reason = f"is {v}"
@@ -187,13 +268,18 @@ def _check_voxel_sizes(p: Path, sizes: Any, source: str) -> None:
             reason = f"is negative ({v:g}); a voxel size must be positive (the direction carries the sign)"
         elif v < MIN_VOXEL_MM:
             reason = f"is {v:g} mm, below {MIN_VOXEL_MM:g} mm"
-        elif v > MAX_VOXEL_MM:
-            reason = f"is {v:g} mm, above {MAX_VOXEL_MM:g} mm"
+        elif v > top:
+            raise GeometryError(
+                f"'{p}': the voxel size along axis {axis} ({source}) is {v:g} mm, more than max_voxel_mm={top:g}. "
+                f"Expected a finite size between {MIN_VOXEL_MM:g} and {top:g} mm: real scans have voxels of at most "
+                "a few cm, so the header is wrong (or not in mm). Fix the spacing in the header, or if the size "
+                "is right pass a larger max_voxel_mm (or None) to medcam3d.io.read."
+            )
         else:
             continue
         raise GeometryError(
             f"'{p}': the voxel size along axis {axis} ({source}) {reason}. Expected a finite size "
-            f"between {MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm, so positions in mm cannot be trusted "
+            f"between {MIN_VOXEL_MM:g} and {top:g} mm, so positions in mm cannot be trusted "
             "(a voxel size of 0 also makes the voxel -> world matrix singular: determinant 0). "
             "Fix the spacing in the header or export the image again."
         )
@@ -213,6 +299,11 @@ def _suffix(path: Path) -> str:
 
 
 def _check_exists(path: Any) -> Path:
+    if isinstance(path, (str, bytes)) and not path.strip():
+        raise ImageNotFoundError(
+            f"no image path given (the path is {'empty' if not path else repr(path)}); expected an image "
+            f"file ({', '.join(READ_FORMATS)}) or a DICOM folder."
+        )
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
         alt = p.with_name(p.name[:-3] if p.name.endswith(".gz") else p.name + ".gz")
@@ -246,6 +337,9 @@ def read(
     allow_uneven_slices: bool = False,
     trust: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    max_expansion: float | None = DEFAULT_MAX_EXPANSION,
+    max_voxel_mm: float | None = MAX_VOXEL_MM,
+    max_slices: int | None = DEFAULT_MAX_SLICES,
 ) -> tuple[np.ndarray, Space]:
     """Read an image as an ``(i, j, k)`` array and its voxel -> RAS+ mm grid.
 
@@ -261,6 +355,8 @@ def read(
     volume : int, optional
         For a 4D image (``(I, J, K, T)``, e.g. several classes or time points), the volume to
         return. Required for 4D images with T > 1; trailing singleton axes are dropped first.
+        Checked against the header before anything is read; only that volume is loaded (NIfTI,
+        MetaImage; NRRD files are decoded whole). :func:`read_volumes` reads every volume at once.
     dtype : numpy dtype or None
         Type of the returned array, float32 by default (NIfTI scaling ``scl_slope/inter`` and
         DICOM rescale are applied). ``None`` keeps the stored type where possible (integer label
@@ -273,7 +369,8 @@ def read(
         DICOM only: read a series whose slices are duplicated, missing, unevenly spaced, drift in
         plane or differ in orientation as SimpleITK assembles it (one average slice spacing), with
         a logged warning, instead of raising :class:`GeometryError`. Only for users who know the
-        geometry is good enough for their purpose.
+        geometry is good enough for their purpose. Malformed PixelSpacing or orientation tags are
+        refused even so.
     trust : bool
         MetaImage/NRRD only: allow a header whose data file lies outside the header's folder (an
         absolute path, ``..``, a link leading out) or that names a list or pattern of data files;
@@ -283,6 +380,17 @@ def read(
         Largest amount of memory (bytes) the voxel data may need, 16 GiB by default
         (:data:`DEFAULT_MAX_BYTES`); ``None`` for no limit. The comparison of the header's claim
         with the file's size is always made.
+    max_expansion : float or None
+        Compressed files (``.nii.gz``, compressed MetaImage/NRRD, compressed DICOM transfer
+        syntaxes): the most memory reading may take as a multiple of the compressed data's size,
+        beyond the first :data:`EXPANSION_FREE_BYTES` (1 GiB); 100 by default
+        (:data:`DEFAULT_MAX_EXPANSION`), ``None`` for no limit.
+    max_voxel_mm : float or None
+        Largest voxel size (mm) accepted, 100 by default (:data:`MAX_VOXEL_MM`); ``None`` for no
+        upper bound (sizes must still be finite, positive and at least :data:`MIN_VOXEL_MM`).
+    max_slices : int or None
+        DICOM only: the most files the folder may hold (each is opened to find the series), 5000
+        by default (:data:`DEFAULT_MAX_SLICES`); ``None`` for no limit.
 
     Returns
     -------
@@ -293,49 +401,172 @@ def read(
     Raises
     ------
     ImageNotFoundError
-        (FileNotFoundError) the path does not exist.
+        (FileNotFoundError) the path does not exist (or is empty).
     UnsupportedFormatError
         (ValueError) unknown extension; the message lists the supported ones.
     ImageReadError
-        (ValueError) corrupt or truncated file, unreadable header, singular affine, complex or
-        RGB voxels, 4D image without ``volume`` (:class:`VolumeError`), NaN voxels
-        (:class:`NonFiniteError`).
+        (ValueError) corrupt or truncated file, unreadable header, complex or RGB voxels, 4D image
+        without ``volume`` (:class:`VolumeError`), NaN voxels (:class:`NonFiniteError`). Messages
+        of the C++ readers (ITK, GDCM, MetaIO) are folded into the error's one-line message, or
+        logged as one-line warnings when the file was read.
     GeometryError
-        (ImageReadError) uneven, duplicated or missing DICOM slices, mixed orientations, voxel
-        sizes that are 0, negative, not finite or absurd.
+        (ImageReadError) uneven, duplicated or missing DICOM slices, mixed orientations, malformed
+        PixelSpacing or ImageOrientationPatient, a singular voxel -> world matrix, voxel sizes
+        that are 0, negative, not finite or above ``max_voxel_mm``.
     ImageTooLargeError
         (ImageReadError, MemoryError) the header claims more voxel data than the file holds, or
-        more than ``max_bytes``.
+        more than ``max_bytes`` or ``max_expansion`` allow, or a DICOM folder holds more than
+        ``max_slices`` files.
     UntrustedFileError
         (PermissionError) a detached header points outside its folder, or at several files,
         without ``trust=True``.
+    UsageError
+        (ValueError) a limit that is not a positive number or None.
 
     Warns
     -----
     ShearWarning
         The affine is sheared (allowed for NIfTI, but not representable in SimpleITK formats).
     """
-    max_bytes = _check_max_bytes(max_bytes)
+    limits = _limits(max_bytes, max_expansion, max_voxel_mm, max_slices)
+    if isinstance(volume, str) or (volume is not None and not isinstance(volume, (int, np.integer))):
+        raise UsageError(f"volume must be an int (0-based) or None, got {volume!r}.")
+    return _read(path, "one" if volume is None else int(volume), dtype, allow_nan, series, allow_uneven_slices,
+                 trust, limits)
+
+
+def read_volumes(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = np.float32,
+    allow_nan: bool = False,
+    trust: bool = False,
+    max_volumes: int | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    max_expansion: float | None = DEFAULT_MAX_EXPANSION,
+    max_voxel_mm: float | None = MAX_VOXEL_MM,
+) -> tuple[np.ndarray, Space]:
+    """Every volume of an image file, read once, channel-first.
+
+    For a 4D file this reads the whole file once (instead of :func:`read` once per volume, which
+    decodes a compressed file again each time); a 3D file gives one volume.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` (a DICOM series is one
+        volume: use :func:`read`).
+    dtype, allow_nan, trust, max_bytes, max_expansion, max_voxel_mm
+        As for :func:`read` (``max_bytes`` and ``max_expansion`` apply to all volumes together).
+    max_volumes : int, optional
+        Refuse (:class:`VolumeError`, before reading voxels) a file of more volumes than this.
+
+    Returns
+    -------
+    array : numpy.ndarray, shape (T, I, J, K)
+        ``array[t]`` is what ``read(path, volume=t)`` returns (a view into one array).
+    space : Space
+        The grid of one volume, ``space.shape == array.shape[1:]``.
+
+    Raises
+    ------
+    As :func:`read`; :class:`VolumeError` for more than ``max_volumes`` volumes or a DICOM folder.
+    """
+    limits = _limits(max_bytes, max_expansion, max_voxel_mm)
+    if max_volumes is not None and (isinstance(max_volumes, bool) or not isinstance(max_volumes, (int, np.integer))
+                                    or max_volumes < 1):
+        raise UsageError(f"max_volumes must be a positive int or None, got {max_volumes!r}.")
+    p = _check_exists(path)
+    if _kind(p) == "dicom":
+        raise VolumeError(f"'{p}' is a DICOM folder, which holds one volume per series; read it with medcam3d.io.read.")
+    arr, space = _read(p, "all", dtype, allow_nan, None, False, trust, limits, max_volumes=max_volumes)
+    return arr, space
+
+
+def _read(path: Any, volume: int | str, dtype: Any, allow_nan: bool, series: str | None, allow_uneven: bool,
+          trust: bool, limits: _Limits, max_volumes: int | None = None) -> tuple[np.ndarray, Space]:
+    """:func:`read` (``volume`` an index or ``"one"``) and :func:`read_volumes` (``"all"``)."""
     p = _check_exists(path)
     kind = _kind(p)
     logger.debug("reading %s (%s)", p, kind)
-    if kind == "nifti":
-        arr, affine = _read_nifti(p, dtype, max_bytes)
-    elif kind == "dicom":
-        arr, affine = _read_dicom(p, dtype, series, allow_uneven_slices, trust, max_bytes)
-    else:
-        arr, affine = _read_itk_file(p, dtype, trust, max_bytes)
-    arr = _select_volume(arr, volume, p)
-    space = _space_for(p, arr.shape, affine)
-    if arr.dtype.kind in "fc" and not allow_nan and not np.isfinite(arr).all():
-        n_nan = int(np.isnan(arr).sum())
-        n_inf = int(np.isinf(arr).sum())
-        raise NonFiniteError(
-            f"'{p}' contains {n_nan} NaN and {n_inf} infinite voxel(s) out of {arr.size}; expected "
-            "finite values. Pass allow_nan=True to read them anyway (then replace them, e.g. with "
-            "numpy.nan_to_num)."
-        )
+    with _native_messages(p):
+        if kind == "nifti":
+            arr, affine = _read_nifti(p, dtype, volume, limits, max_volumes)
+        elif kind == "dicom":
+            if volume not in ("one", 0, -1):
+                raise VolumeIndexError(
+                    f"volume={volume} was given but '{p}' is a DICOM folder, whose series is a single volume; "
+                    "omit volume= (or pass 0)."
+                )
+            arr, affine = _read_dicom(p, dtype, series, allow_uneven, trust, limits)
+        else:
+            arr, affine = _read_itk_file(p, dtype, volume, trust, limits, max_volumes)
+    spatial = arr.shape[1:] if volume == "all" else arr.shape
+    space = _space_for(p, spatial, affine, limits.max_voxel_mm)
+    if arr.dtype.kind in "fc" and not allow_nan:
+        _check_finite(p, arr)
     return arr, space
+
+
+def _check_finite(p: Path, arr: np.ndarray) -> None:
+    if np.isfinite(arr).all():
+        return
+    n_nan = int(np.isnan(arr).sum())
+    n_inf = int(np.isinf(arr).sum())
+    raise NonFiniteError(
+        f"'{p}' contains {n_nan} NaN and {n_inf} infinite voxel(s) out of {arr.size}; expected "
+        "finite values. Pass allow_nan=True to read them anyway (then replace them, e.g. with "
+        "numpy.nan_to_num)."
+    )
+
+
+def _volume_index(p: Path, shape: tuple[int, ...], volume: int | str, max_volumes: int | None = None) -> int | None:
+    """Check ``volume`` against a header's full shape before any voxel is read.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(I, J[, K][, ...])`` with any axes beyond the third (4D volumes, vector components).
+    volume : int, "one" or "all"
+        An index, "one" (``read(volume=None)``: a single volume is required) or "all".
+
+    Returns
+    -------
+    int or None
+        The non-negative index of the volume to read, or None for a single volume (or "all").
+    """
+    extra = [n for n in shape[3:] if n != 1]
+    if len(extra) > 1:
+        raise ImageReadError(
+            f"'{p}' has shape {tuple(shape)}; expected a 3D image or a 4D image (I, J, K, T)."
+        )
+    n = extra[0] if extra else 1
+    if volume == "all":
+        if max_volumes is not None and n > max_volumes:
+            raise VolumeError(
+                f"'{p}' holds {n} volumes, more than max_volumes={max_volumes}; expected at most {max_volumes}. "
+                "Read one volume with medcam3d.io.read(path, volume=<index>), or pass a larger max_volumes."
+            )
+        return None
+    if extra:
+        if volume == "one":
+            raise VolumeError(
+                f"'{p}' is 4D with shape {tuple(shape)} ({n} volumes) but a 3D image is needed; "
+                f"pass volume=<index> (0 to {n - 1}) to choose one."
+            )
+        assert isinstance(volume, int)
+        if not -n <= volume < n:
+            raise VolumeIndexError(
+                f"volume={volume} is out of range for '{p}', which has {n} volumes "
+                f"(shape {tuple(shape)}); expected 0 to {n - 1}."
+            )
+        return volume % n
+    if volume not in ("one", 0, -1):
+        raise VolumeIndexError(
+            f"volume={volume} was given but '{p}' is a single volume of shape {tuple(shape)}; "
+            "omit volume= (or pass 0)."
+        )
+    return None
 
 
 def read_space(
@@ -344,11 +575,13 @@ def read_space(
     series: str | None = None,
     allow_uneven_slices: bool = False,
     trust: bool = False,
+    max_voxel_mm: float | None = MAX_VOXEL_MM,
+    max_slices: int | None = DEFAULT_MAX_SLICES,
 ) -> Space:
     """The grid of an image file without loading its voxels (4D files: the spatial grid).
 
-    The same header checks as :func:`read` apply (DICOM series are read in full, with the
-    default ``max_bytes``).
+    The same header checks as :func:`read` apply. A DICOM series' grid comes from its files'
+    headers, as :func:`read` builds it (no pixel data is read).
 
     Parameters
     ----------
@@ -360,32 +593,43 @@ def read_space(
         DICOM only, as for :func:`read`.
     trust : bool
         As for :func:`read`.
+    max_voxel_mm, max_slices : optional
+        As for :func:`read`.
 
     Returns
     -------
     Space
     """
+    limits = _limits(max_voxel_mm=max_voxel_mm, max_slices=max_slices)
     p = _check_exists(path)
     kind = _kind(p)
-    if kind == "nifti":
-        img = _load_nifti(p)
-        affine = _nifti_affine(p, img)
-        return _space_for(p, _spatial_shape(img.shape), affine)
-    if kind == "dicom":
-        arr, affine = _read_dicom(p, None, series, allow_uneven_slices, trust, DEFAULT_MAX_BYTES)
-        return _space_for(p, _spatial_shape(arr.shape), affine)
-    info = _itk_info(p, trust)
-    return _space_for(p, info.size[: min(info.dim, 3)], info.affine)
+    with _native_messages(p):
+        if kind == "nifti":
+            img = _load_nifti(p)
+            affine = _nifti_affine(p, img, limits.max_voxel_mm)
+            return _space_for(p, _spatial_shape(img.shape), affine, limits.max_voxel_mm)
+        if kind == "dicom":
+            headers_only = dataclasses.replace(limits, max_bytes=None, max_expansion=None)  # no pixels are read
+            _, _, slices, grid, problem = _dicom_series(p, series, allow_uneven_slices, trust, headers_only, None)
+            if problem is not None or grid is None:  # allow_uneven_slices: the grid SimpleITK assembles
+                arr, assembled = _read_dicom(p, None, series, allow_uneven_slices, trust, limits)
+                return _space_for(p, _spatial_shape(arr.shape), assembled, limits.max_voxel_mm)
+            affine = grid
+            depth = sum(int(s.size[2]) if len(s.size) > 2 else 1 for s in slices)
+            return _space_for(p, (int(slices[0].size[0]), int(slices[0].size[1]), depth), affine, limits.max_voxel_mm)
+        info = _itk_info(p, trust, limits.max_voxel_mm)
+        return _space_for(p, info.size[: min(info.dim, 3)], info.affine, limits.max_voxel_mm)
 
 
 def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[:3]) if len(shape) >= 3 else tuple(shape)
 
 
-def _space_for(p: Path, shape: tuple[int, ...], affine: np.ndarray) -> Space:
+def _space_for(p: Path, shape: tuple[int, ...], affine: np.ndarray, max_voxel_mm: float | None = MAX_VOXEL_MM) -> Space:
     a = np.asarray(affine, dtype=np.float64)
     if a.shape == (4, 4) and np.all(np.isfinite(a)):
-        _check_voxel_sizes(p, np.linalg.norm(a[:3, : min(len(shape), 3)], axis=0), "from the voxel -> world matrix")
+        _check_voxel_sizes(p, np.linalg.norm(a[:3, : min(len(shape), 3)], axis=0), "from the voxel -> world matrix",
+                           max_voxel_mm)
     try:
         space = Space(tuple(shape), affine)
     except SpaceError as e:
@@ -581,39 +825,35 @@ def _image_info(p: Path, fmt: str, shape: tuple[int, ...], dtype: str | None, af
     return ImageInfo(p, fmt, shape, dtype, int(volumes), _voxel_sizes(affine, ndim), _axcodes(affine, ndim), affine)
 
 
-def _series_info(p: Path, uid: str, slices: list[_Slice]) -> SeriesInfo:
+def _series_info(p: Path, uid: str, slices: list[_Slice], max_voxel_mm: float | None, alone: bool) -> SeriesInfo:
+    """One series for :func:`describe`: its grid from :func:`_dicom_geometry` (what :func:`read` uses).
+
+    A series whose headers :func:`read` would refuse outright (malformed tags, absurd voxel sizes)
+    raises when it is the folder's only series (``alone``), else its ``problem`` says why.
+    """
     first = slices[0]
-    problem = next((s.colour for s in slices if s.colour), None)
-    ordered, geometry = _check_dicom_geometry(p, slices) if len(slices) > 1 else (slices, None)
-    problem = problem or geometry
     depth = sum(int(s.size[2]) if len(s.size) > 2 else 1 for s in slices)
     shape = (int(first.size[0]), int(first.size[1]), depth)
-    affine = None
-    placed = [s for s in ordered if s.position is not None and s.orientation is not None]
-    if placed and len(first.spacing) >= 2:
-        orientation, first_position, last_position = placed[0].orientation, placed[0].position, placed[-1].position
-        assert orientation is not None and first_position is not None and last_position is not None  # filtered above
-        row, col = orientation[:3], orientation[3:]
-        normal = np.cross(row, col)
-        if np.linalg.norm(normal) > 1e-6:
-            normal = normal / np.linalg.norm(normal)
-            if len(placed) > 1:
-                step = normal * float((last_position - first_position) @ normal) / (len(placed) - 1)
-            else:
-                step = normal * (float(first.spacing[2]) if len(first.spacing) > 2 else 1.0)
-            lps = np.eye(4)
-            lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * first.spacing[0], col * first.spacing[1], step
-            lps[:3, 3] = first_position
-            affine = lps_to_ras(lps)
-    return SeriesInfo(uid, first.description, first.modality, len(slices), shape, _voxel_sizes(affine, 3), _axcodes(affine, 3), affine, problem)
+    colour = next((s.colour for s in slices if s.colour), None)
+    try:
+        _, affine, problem = _dicom_geometry(p, uid, slices, max_voxel_mm)
+        if affine is not None:
+            _check_voxel_sizes(p, np.linalg.norm(affine[:3, :3], axis=0), f"series {uid}, from its headers", max_voxel_mm)
+    except GeometryError as e:
+        if alone and colour is None:
+            raise
+        affine, problem = None, str(e)
+    return SeriesInfo(uid, first.description, first.modality, len(slices), shape, _voxel_sizes(affine, 3),
+                      _axcodes(affine, 3), affine, colour or problem)
 
 
-def _series_reader(p: Path) -> tuple[Any, list[str]]:
+def _series_reader(p: Path, limits: _Limits) -> tuple[Any, list[str]]:
     """SimpleITK's series reader for the DICOM folder ``p``, and the UIDs of the series it holds (at least one)."""
     import SimpleITK as sitk
 
+    _check_dicom_folder_size(p, limits.max_slices)
     reader = sitk.ImageSeriesReader()
-    ids = list(reader.GetGDCMSeriesIDs(str(p)))
+    ids = list(_sitk_run(lambda: reader.GetGDCMSeriesIDs(str(p))))
     if not ids:
         raise ImageReadError(
             f"'{p}' is a directory but holds no DICOM series; expected a directory of DICOM files "
@@ -622,35 +862,78 @@ def _series_reader(p: Path) -> tuple[Any, list[str]]:
     return reader, ids
 
 
-def _describe_dicom(p: Path, trust: bool) -> ImageInfo:
-    reader, ids = _series_reader(p)
+def _series_files(reader: Any, p: Path, uid: str) -> list[str]:
+    """The files of series ``uid`` in folder ``p``, as GDCM sorts them."""
+    return list(_sitk_run(lambda: reader.GetGDCMSeriesFileNames(str(p), uid)))
+
+
+def _check_dicom_folder_size(p: Path, max_slices: int | None) -> None:
+    """Refuse a folder of more than ``max_slices`` files before GDCM opens each of them."""
+    if max_slices is None:
+        return
+    count = 0
+    try:
+        with os.scandir(p) as entries:
+            for entry in entries:
+                try:
+                    count += entry.is_file()
+                except OSError:
+                    continue
+    except OSError as e:
+        if isinstance(e, PermissionError):
+            raise
+        raise ImageReadError(f"could not list the DICOM folder '{p}': {e.strerror or e}") from None
+    if count > max_slices:
+        raise ImageTooLargeError(
+            f"'{p}' holds {count} files, more than max_slices={max_slices}: reading a DICOM folder opens "
+            "every file in it (a few ms each), and a 3D series has at most a few thousand slices. Put each "
+            "series in its own folder; if this really is one series, pass max_slices=None (or a larger "
+            "number) to medcam3d.io.read."
+        )
+
+
+def _describe_dicom(p: Path, trust: bool, limits: _Limits) -> ImageInfo:
+    reader, ids = _series_reader(p, limits)
+    header_reader = _dicom_header_reader()
     series = []
     for uid in ids:
-        files = list(reader.GetGDCMSeriesFileNames(str(p), uid))
+        files = _series_files(reader, p, uid)
         _check_dicom_links(p, files, trust)
-        series.append(_series_info(p, uid, [_dicom_slice(p, f, strict=False) for f in files]))
+        slices = [_dicom_slice(p, f, header_reader, False, limits.max_voxel_mm) for f in files]
+        _check_dicom_sizes(p, uid, slices, None, limits)
+        series.append(_series_info(p, uid, slices, limits.max_voxel_mm, alone=len(ids) == 1))
     if len(series) == 1:
         one = series[0]
         return ImageInfo(p, "DICOM", one.shape, None, 1, one.spacing, one.orientation, one.affine, tuple(series))
     return ImageInfo(p, "DICOM", None, None, 1, None, None, None, tuple(series))
 
 
-def describe(path: str | os.PathLike, *, trust: bool = False) -> ImageInfo:
+def describe(
+    path: str | os.PathLike,
+    *,
+    trust: bool = False,
+    max_expansion: float | None = DEFAULT_MAX_EXPANSION,
+    max_voxel_mm: float | None = MAX_VOXEL_MM,
+    max_slices: int | None = DEFAULT_MAX_SLICES,
+) -> ImageInfo:
     """What an image file or DICOM folder holds, from its headers, without reading voxels.
 
     The header checks of :func:`read` that guard against hostile files apply (detached data
     files must stay in the header's folder, the header may not claim more data than the file
-    holds, DICOM files may not be links out of the folder, voxel sizes must make sense), so a
-    file that passes can be handed to another reader (a MONAI bundle's ``LoadImaged``). Problems
+    holds, a compressed file may not expand beyond ``max_expansion``, DICOM files may not be links
+    out of the folder, DICOM folders hold at most ``max_slices`` files, voxel sizes must make
+    sense), so a file that passes can be handed to another reader (a MONAI bundle's
+    ``LoadImaged``). A DICOM series' grid is built by the same code as :func:`read`'s. Problems
     that only stop :func:`read` from assembling a DICOM series (uneven slices, colour pixels) are
-    reported in :attr:`SeriesInfo.problem` instead of raised.
+    reported in :attr:`SeriesInfo.problem` instead of raised, and so are malformed headers of one
+    series of a folder that holds several (a folder of one such series raises, as :func:`read`).
 
     Parameters
     ----------
     path : str or os.PathLike
         As for :func:`read`.
-    trust : bool
-        As for :func:`read`.
+    trust, max_expansion, max_voxel_mm, max_slices : optional
+        As for :func:`read` (``max_expansion`` counts the stored voxels plus a float32 copy).
 
     Returns
     -------
@@ -663,22 +946,24 @@ def describe(path: str | os.PathLike, *, trust: bool = False) -> ImageInfo:
     ImageTooLargeError, UntrustedFileError
         As :func:`read` would, for what a header shows (no size limit ``max_bytes``).
     """
+    limits = dataclasses.replace(_limits(None, max_expansion, max_voxel_mm, max_slices), max_bytes=None)
     p = _check_exists(path)
     kind = _kind(p)
-    if kind == "dicom":
-        return _describe_dicom(p, trust)
-    if kind == "nifti":
-        img = _load_nifti(p)
-        affine = _nifti_affine(p, img)
-        _check_nifti_size(p, img, None, None)
-        _space_for(p, _spatial_shape(tuple(img.shape)), affine)
-        return _image_info(p, "NIfTI", tuple(img.shape), str(np.dtype(img.header.get_data_dtype())), affine)
-    info = _itk_info(p, trust)
-    _check_itk_size(p, info, None, None)
-    _space_for(p, info.size[: min(info.dim, 3)], info.affine)
-    shape = info.size + ((info.components,) if info.components > 1 else ())
-    fmt = "MetaImage" if _suffix(p) in (".mha", ".mhd") else "NRRD"
-    return _image_info(p, fmt, shape, _itk_dtype(int(info.reader.GetPixelID())), info.affine)
+    with _native_messages(p):
+        if kind == "dicom":
+            return _describe_dicom(p, trust, limits)
+        if kind == "nifti":
+            img = _load_nifti(p)
+            affine = _nifti_affine(p, img, limits.max_voxel_mm)
+            _check_nifti_size(p, img, np.float32, limits, None)
+            _space_for(p, _spatial_shape(tuple(img.shape)), affine, limits.max_voxel_mm)
+            return _image_info(p, "NIfTI", tuple(img.shape), str(np.dtype(img.header.get_data_dtype())), affine)
+        info = _itk_info(p, trust, limits.max_voxel_mm)
+        _check_itk_size(p, info, np.float32, limits, None)
+        _space_for(p, info.size[: min(info.dim, 3)], info.affine, limits.max_voxel_mm)
+        shape = info.size + ((info.components,) if info.components > 1 else ())
+        fmt = "MetaImage" if _suffix(p) in (".mha", ".mhd") else "NRRD"
+        return _image_info(p, fmt, shape, _itk_dtype(int(info.reader.GetPixelID())), info.affine)
 
 
 # ------------------------------------------------------------------------------ NIfTI
@@ -724,7 +1009,7 @@ def _placement_tolerance(affine: np.ndarray, ndim: int) -> float:
     return _SLICE_ABS_TOL_MM + _SLICE_REL_TOL * float(np.min(sizes)) if sizes.size else _SLICE_ABS_TOL_MM
 
 
-def _nifti_affine(p: Path, img: Any) -> np.ndarray:
+def _nifti_affine(p: Path, img: Any, max_voxel_mm: float | None = MAX_VOXEL_MM) -> np.ndarray:
     """nibabel's affine, after checking the pixdim it may use and the sform/qform agreement."""
     hdr = img.header
     shape = _spatial_shape(tuple(img.shape))
@@ -735,7 +1020,7 @@ def _nifti_affine(p: Path, img: Any) -> np.ndarray:
     if scode == 0:  # nibabel uses the qform (pixdim + quaternion) or pixdim alone
         raw = _raw_nifti_header(p, img)
         source = "pixdim of the qform" if qcode > 0 else "pixdim; sform and qform codes are both 0"
-        _check_voxel_sizes(p, np.asarray(raw["pixdim"], dtype=np.float64)[1 : 1 + nd], source)
+        _check_voxel_sizes(p, np.asarray(raw["pixdim"], dtype=np.float64)[1 : 1 + nd], source, max_voxel_mm)
     affine = np.asarray(img.affine, dtype=np.float64)
     if scode > 0 and qcode > 0:
         sform = np.asarray(hdr.get_sform(), dtype=np.float64)
@@ -746,10 +1031,10 @@ def _nifti_affine(p: Path, img: Any) -> np.ndarray:
                 logger.warning(
                     "'%s': the sform (code %d) and the qform (code %d) disagree: the grid's corners "
                     "differ by up to %.3g mm. Using the sform, as nibabel does; viewers that read the "
-                    "qform (ITK-based ones such as 3D Slicer) place the image elsewhere. "
-                    "sform:\n%s\nqform:\n%s\nRewrite the file with medcam3d.io.write (or fix the "
-                    "header) so that both hold the same affine.",
-                    p, scode, qcode, dist, np.array2string(sform, precision=4), np.array2string(qform, precision=4),
+                    "qform (ITK-based ones such as 3D Slicer) place the image elsewhere (sform %s, "
+                    "qform %s). Rewrite the file with medcam3d.io.write (or fix the header) so that "
+                    "both hold the same affine.",
+                    p, scode, qcode, dist, _fmt_matrix(sform), _fmt_matrix(qform),
                 )
     return affine
 
@@ -767,8 +1052,16 @@ def _check_nifti_voxel_type(p: Path, stored: np.dtype) -> None:
         )
 
 
-def _check_nifti_size(p: Path, img: Any, dtype: Any, max_bytes: int | None) -> None:
-    """Refuse a header that claims more voxel bytes than the file can hold or than ``max_bytes``."""
+def _fmt_matrix(matrix: np.ndarray) -> str:
+    """A matrix on one line: ``[[1, 0, 0, 0]; [0, 1, 0, 0]; ...]``."""
+    return "[" + "; ".join("[" + ", ".join(f"{float(v):.4g}" for v in row) + "]" for row in np.asarray(matrix)) + "]"
+
+
+def _check_nifti_size(p: Path, img: Any, dtype: Any, limits: _Limits, volume: int | None) -> None:
+    """Refuse a header that claims more voxel bytes than the file can hold or than the limits allow.
+
+    ``volume`` is the one volume of a 4D file that will be read (None: all of it).
+    """
     from nibabel.spatialimages import HeaderDataError
 
     hdr = img.header
@@ -778,7 +1071,8 @@ def _check_nifti_size(p: Path, img: Any, dtype: Any, max_bytes: int | None) -> N
     what = f"shape {tuple(img.shape)}, {stored}"
     offset = int(hdr.get_data_offset())
     size = p.stat().st_size
-    if _suffix(p) == ".nii.gz":
+    compressed = _suffix(p) == ".nii.gz"
+    if compressed:
         if offset + claimed > size * _DEFLATE_MAX_RATIO + _DEFLATE_SLACK:
             raise _too_large_for_file(p, claimed, what, size, size * _DEFLATE_MAX_RATIO)
     elif offset + claimed > size:
@@ -792,18 +1086,37 @@ def _check_nifti_size(p: Path, img: Any, dtype: Any, max_bytes: int | None) -> N
         out_dtype = np.dtype(np.float64) if scaled and stored.kind in "iub" else stored
     else:
         out_dtype = np.dtype(dtype)
-    # the stored bytes, plus the converted copy when the type changes or scaling applies
-    need = claimed if (out_dtype == stored and not scaled) else claimed + n * out_dtype.itemsize
-    _check_allocation(p, need, what, max_bytes)
+    if volume is not None:  # one volume of a 4D file is read (nibabel slices the file)
+        n = math.prod(int(v) for v in img.shape[:3])
+        what = f"volume {volume} of shape {tuple(img.shape)}, {stored}"
+    read = n * stored.itemsize
+    # the stored bytes, plus the converted copy when the type changes or scaling applies (in float64 for a slice)
+    if out_dtype == stored and not scaled:
+        need = read
+    else:
+        need = read + n * out_dtype.itemsize + (n * 8 if scaled and volume is not None else 0)
+    _check_allocation(p, need, what, limits, size if compressed else None)
 
 
-def _read_nifti(p: Path, dtype: Any, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _nifti_volume_slicer(shape: tuple[int, ...], index: int) -> tuple[Any, ...]:
+    """The index of volume ``index`` along the one non-singleton axis beyond the third."""
+    return (slice(None),) * 3 + tuple(index if n != 1 else 0 for n in shape[3:])
+
+
+def _read_nifti(p: Path, dtype: Any, volume: int | str, limits: _Limits,
+                max_volumes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels (one volume, or every volume channel-first for ``volume="all"``) and the affine."""
     img = _load_nifti(p)
+    shape = tuple(int(n) for n in img.shape)
     _check_nifti_voxel_type(p, np.dtype(img.header.get_data_dtype()))
-    affine = _nifti_affine(p, img)
-    _check_nifti_size(p, img, dtype, max_bytes)
+    affine = _nifti_affine(p, img, limits.max_voxel_mm)
+    index = _volume_index(p, shape, volume, max_volumes)
+    _check_nifti_size(p, img, dtype, limits, index)
     try:
-        if dtype is None:
+        if index is not None:
+            part = img.dataobj[_nifti_volume_slicer(shape, index)]
+            arr = np.asanyarray(part) if dtype is None else np.asarray(part, dtype=np.dtype(dtype))
+        elif dtype is None:
             arr = np.asanyarray(img.dataobj)
         elif np.dtype(dtype).kind == "f":
             arr = img.get_fdata(dtype=np.dtype(dtype))
@@ -816,7 +1129,13 @@ def _read_nifti(p: Path, dtype: Any, max_bytes: int | None) -> tuple[np.ndarray,
             f"could not read the voxel data of '{p}' (shape {img.shape}, "
             f"{img.get_data_dtype()}): {type(e).__name__}: {e}. The file may be truncated or corrupt."
         ) from e
-    return np.asarray(arr), affine
+    arr = np.asarray(arr)
+    if index is None and arr.ndim > 3:  # drop singleton axes beyond the spatial ones, e.g. (I, J, K, 1, C)
+        arr = arr.reshape(arr.shape[:3] + tuple(n for n in arr.shape[3:] if n != 1))
+    if volume == "all":
+        arr = arr[..., np.newaxis] if arr.ndim == 3 else arr
+        arr = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[np.newaxis]
+    return arr, affine
 
 
 # ------------------------------------------------------------------------------ MetaImage / NRRD headers
@@ -878,17 +1197,93 @@ def _too_long_header(p: Path, what: str) -> ImageReadError:
     )
 
 
-def _ambiguous_header(p: Path, what: str) -> ImageReadError:
+def _ambiguous_header(p: Path, what: str, expected: str = "one plain data-file line") -> ImageReadError:
     return ImageReadError(
-        f"'{p}': {what}. Expected one plain data-file line; a header that different readers could "
+        f"'{p}': {what}. Expected {expected}; a header that different readers could "
         "understand differently is refused. Export the image again (or write it as .nii.gz)."
     )
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def _check_line_ends(p: Path, header: bytes) -> None:
+    """Refuse a header holding a bare CR or a NUL byte (see the module docstring)."""
+    cr = _BARE_CR.search(header)
+    if cr is not None:
+        line = header.count(b"\n", 0, cr.start()) + 1
+        raise _ambiguous_header(
+            p, f"line {line} of its header holds a bare carriage return (CR, byte {cr.start()}), not followed by "
+            "a line feed; the NRRD reader ends a line there, MetaIO ends a key but not a value there, and "
+            "medcam3d's check would see other lines than the reader", "lines ending in LF or CR LF")
+    if b"\0" in header:
+        raise _ambiguous_header(p, f"its header holds a NUL byte (byte {header.index(0)})",
+                                "a text header: C readers end a value at a NUL byte, medcam3d would not")
 
 
 # MetaIO reads keys case-sensitively, skips any run of '=', ':', spaces and tabs after the key and
 # takes the rest of that line as the value; it stops reading the header at ElementDataFile.
 _META_DATAFILE = re.compile(rb"(?i)elementdatafile")
 _META_VALUE = re.compile(rb"[ \t]*[=:][ \t=:]*([^\r\n]*)")
+_META_FIELD = re.compile(r"\s*(\w+)\s*[=:][\s=:]*(.*)$")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# MetaIO fields holding one number per dimension, or a dimension x dimension matrix
+_META_PER_AXIS = ("DimSize", "ElementSpacing", "ElementSize", "Offset", "Position", "Origin", "CenterOfRotation")
+_META_MATRIX = ("TransformMatrix", "Rotation", "Orientation")
+
+
+def _metaimage_fields(header: bytes) -> dict[str, str]:
+    fields = {}
+    for line in header.decode("latin-1").split("\n"):
+        m = _META_FIELD.match(line)
+        if m:
+            fields[m.group(1)] = m.group(2).strip()
+    return fields
+
+
+def _check_metaimage_fields(p: Path, fields: dict[str, str]) -> None:
+    """Name what is wrong with NDims, per-axis fields and the direction matrix (MetaIO only says
+    'No such file or directory' when it cannot parse a header)."""
+    text = fields.get("NDims")
+    if text is None:
+        raise ImageReadError(f"'{p}' has no NDims line; expected a MetaImage header with 'NDims = 3' (or 2, 4).")
+    if not re.fullmatch(r"\d+", text) or not 2 <= int(text) <= 5:
+        raise ImageReadError(
+            f"'{p}': NDims = {text[:40]}; expected 2 to 5 dimensions (medcam3d reads 2D and 3D images and "
+            "4D stacks of volumes). The header is corrupt or not a MetaImage image header."
+        )
+    ndims = int(text)
+    for key in _META_PER_AXIS + _META_MATRIX:
+        if key not in fields:
+            continue
+        values = fields[key].split()
+        expected = ndims * ndims if key in _META_MATRIX else ndims
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            numbers = []
+        if len(values) != expected or len(numbers) != expected:  # (finiteness: the voxel size and direction checks)
+            raise ImageReadError(
+                f"'{p}': {key} = {fields[key][:80]!r} but NDims = {ndims}; expected {expected} numbers "
+                f"({'a ' + str(ndims) + ' x ' + str(ndims) + ' matrix' if key in _META_MATRIX else 'one per dimension'}). "
+                "The header is corrupt: export the image again."
+            )
+        if key == "DimSize" and not all(math.isfinite(v) and v >= 1 and v == int(v) for v in numbers):
+            raise ImageReadError(f"'{p}': DimSize = {fields[key][:80]!r}; expected {ndims} positive whole numbers.")
+        if key in _META_MATRIX:
+            _check_direction(p, np.array(numbers).reshape(ndims, ndims), f"{key} = {fields[key][:80]}")
+
+
+def _check_direction(p: Path, direction: np.ndarray, what: str) -> None:
+    """Refuse a singular direction matrix (a zero or repeated axis): no voxel -> world mapping."""
+    d = np.asarray(direction, dtype=np.float64)
+    norms = np.linalg.norm(d, axis=0)
+    if not np.all(np.isfinite(d)) or np.any(norms < 1e-6) or abs(np.linalg.det(d / np.where(norms > 0, norms, 1))) < 1e-6:
+        raise GeometryError(
+            f"'{p}': the direction matrix ({what}) is singular (determinant 0): some voxel axis has no "
+            "direction or repeats another, so voxels have no place in space. Expected independent axis "
+            "directions (e.g. the identity, '1 0 0 0 1 0 0 0 1'); fix the header or export the image again."
+        )
 
 
 def _parse_metaimage(p: Path, trust: bool) -> _DataFile:
@@ -901,6 +1296,9 @@ def _parse_metaimage(p: Path, trust: bool) -> _DataFile:
             f"'{p}' has no ElementDataFile line; expected a MetaImage header ending with "
             "'ElementDataFile = LOCAL' or the name of its data file."
         )
+    line_end = head.find(b"\n", match.end())
+    offset = len(head) if line_end < 0 else line_end + 1
+    _check_line_ends(p, head[:offset])  # MetaIO reads no further than the ElementDataFile line
     line_start = head.rfind(b"\n", 0, match.start()) + 1
     if head[match.start() : match.end()] != b"ElementDataFile" or head[line_start : match.start()].strip():
         shown = head[line_start : match.end()].decode("latin-1").strip()
@@ -908,14 +1306,12 @@ def _parse_metaimage(p: Path, trust: bool) -> _DataFile:
     value_match = _META_VALUE.match(head, match.end())
     if value_match is None:
         raise _ambiguous_header(p, "the ElementDataFile key has no '=' on its line")
-    value = value_match.group(1).decode("latin-1").strip()
-    line_end = head.find(b"\n", value_match.end())
-    offset = len(head) if line_end < 0 else line_end + 1
-    fields = {}
-    for line in head[:line_start].decode("latin-1").splitlines():
-        m = re.match(r"\s*(\w+)\s*[=:][\s=:]*(.*)$", line)
-        if m:
-            fields[m.group(1)] = m.group(2).strip()
+    raw = value_match.group(1)
+    if _CONTROL.search(raw):
+        raise _ambiguous_header(p, f"the ElementDataFile value {raw.decode('latin-1')!r} holds control characters")
+    value = os.fsdecode(raw.strip(b" \t"))
+    fields = _metaimage_fields(head[:line_start])
+    _check_metaimage_fields(p, fields)
     encoding = "deflate" if fields.get("CompressedData", "").lower() in ("true", "1") else "raw"
     if value.upper() == "LOCAL":
         return _DataFile(None, offset, False, encoding)
@@ -943,31 +1339,51 @@ _NRRD_ENCODINGS = {
 }
 # teem reads field names case-insensitively ("data file" or "datafile"); any such line counts.
 _NRRD_DATAFILE = re.compile(r"(?i)^\s*data\s*file\s*:[\s=]*(.*)$")
+# teem (airOneLine) ends a line at LF, CR LF or a bare CR
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+
+
+def _nrrd_lines(p: Path, head: bytes) -> Iterator[tuple[str, int]]:
+    """The header lines of a NRRD file as teem reads them, each with the offset after its line end.
+
+    A bare CR (which teem takes as a line end) or a NUL byte in a line is refused, so every line
+    seen here is a line teem sees, and the other way round.
+    """
+    pos = 0
+    while pos < len(head):
+        m = _LINE_END.search(head, pos)
+        if m is None:
+            if len(head) > _MAX_HEADER_BYTES:
+                raise _too_long_header(p, "end of the NRRD header (a blank line)")
+            line, end = head[pos:], len(head)
+        else:
+            line, end = head[pos : m.start()], m.end()
+            if m.group() == b"\r":
+                _check_line_ends(p, head[: m.end() + 1])
+        _check_line_ends(p, line)
+        yield line.decode("latin-1"), end
+        pos = end
 
 
 def _parse_nrrd(p: Path, trust: bool) -> _DataFile:
     head = _header_bytes(p)
     if not head.startswith(b"NRRD"):
         raise ImageReadError(f"'{p}' does not start with 'NRRD'; expected a NRRD header. The file is corrupt or not NRRD.")
-    pos = head.find(b"\n") + 1 if b"\n" in head else len(head)
+    lines = _nrrd_lines(p, head)
+    _, pos = next(lines)  # the magic line, NRRD000<n>
     encoding = "raw"
     colour: str | None = None
     values: list[str] = []
-    while pos < len(head):
-        end = head.find(b"\n", pos)
-        if end < 0:
-            if len(head) > _MAX_HEADER_BYTES:
-                raise _too_long_header(p, "end of the NRRD header (a blank line)")
-            end = len(head)
-        line = head[pos:end].decode("latin-1").rstrip("\r")
-        pos = end + 1
+    for line, pos in lines:
         if not line:
             break  # the blank line ending the header; attached data follows
         if line.startswith("#"):
             continue
         m = _NRRD_DATAFILE.match(line)
         if m:
-            values.append(m.group(1).strip())
+            if _CONTROL.search(m.group(1).encode("latin-1")):
+                raise _ambiguous_header(p, f"the 'data file' value {m.group(1)!r} holds control characters")
+            values.append(os.fsdecode(m.group(1).encode("latin-1").strip(b" \t\x0b\x0c")))
             if values[-1].upper().startswith("LIST"):
                 break  # file names follow, one per line, to the end of the file
             continue
@@ -1020,10 +1436,174 @@ class _ItkInfo:
     data: _DataFile
 
 
-def _itk_reason(e: BaseException) -> str:
-    # ITK messages are long multi-line traces; keep the informative tail line.
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+# ------------------------------------------------------------------------------ what the C++ readers print
+
+
+class _NativeStderr:
+    """The process's stderr (file descriptor 2) sent to a temporary file while SimpleITK runs.
+
+    ITK, GDCM and MetaIO print warnings and errors straight to stderr (``std::cerr``), unseen by
+    Python's logging and several lines each. While one or more threads are inside
+    :func:`_sitk_run`, fd 2 points to one temporary file, and each call reads back what was
+    written while it ran. Re-entrant and thread-safe: the first call in redirects, the last one
+    out restores (Python's own logging between calls goes to the real stderr).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: int | None = None
+        self._file: Any = None  # the temporary file, kept open for the life of the process
+        self._fd: int | None = None
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:  # a child forked mid-call: give it its stderr back
+        self._lock = threading.Lock()
+        if self._saved is not None:
+            try:
+                os.dup2(self._saved, 2)
+                os.close(self._saved)
+            except OSError:  # pragma: no cover
+                pass
+        self._saved, self._depth = None, 0
+
+    def enter(self) -> int | None:
+        """Start (or join) the redirection: the file offset where this call's output starts (None: not captured)."""
+        with self._lock:
+            if self._depth == 0:
+                self._start()
+            self._depth += 1
+            if self._saved is None or self._fd is None:
+                return None
+            return os.lseek(self._fd, 0, os.SEEK_END)
+
+    def leave(self, mark: int | None) -> str:
+        """What was written since ``mark``; the last call out restores stderr."""
+        with self._lock:
+            text = b""
+            if mark is not None and self._saved is not None and self._fd is not None:
+                end = os.lseek(self._fd, 0, os.SEEK_END)
+                os.lseek(self._fd, mark, os.SEEK_SET)
+                while len(text) < end - mark:
+                    chunk = os.read(self._fd, end - mark - len(text))
+                    if not chunk:
+                        break
+                    text += chunk
+                os.lseek(self._fd, end, os.SEEK_SET)
+            self._depth -= 1
+            if self._depth == 0:
+                self._stop()
+            return text.decode("utf-8", "replace")
+
+    def _start(self) -> None:
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            if self._fd is None:
+                self._file = tempfile.TemporaryFile(prefix="medcam3d-itk-")  # deleted when closed
+                self._fd = self._file.fileno()
+            self._saved = os.dup(2)
+            os.dup2(self._fd, 2)
+        except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. pythonw): messages stay where they go
+            if self._saved is not None:
+                os.close(self._saved)
+            self._saved = None
+
+    def _stop(self) -> None:
+        if self._saved is None:
+            return
+        try:
+            os.dup2(self._saved, 2)
+        finally:
+            os.close(self._saved)
+            self._saved = None
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+                os.lseek(self._fd, 0, os.SEEK_SET)
+
+
+_STDERR = _NativeStderr()
+# messages of the C++ readers collected while one image is read (see _native_messages)
+_COLLECTED: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("medcam3d_io_native", default=None)
+# what ITK says about things medcam3d checks itself (and warns about in its own words)
+_HANDLED = ("Non uniform sampling or missing slices detected",)
+_LOCATION_LINE = re.compile(r"^(?:WARNING|Warning|ERROR|Error|Debug)\s*:\s*In\s+\S.*\bline\s+\d+")
+_ADDRESS = re.compile(r"\s*\(0x[0-9a-fA-F]+\)")
+_T = TypeVar("_T")
+
+
+def _native_lines(text: str) -> list[str]:
+    """The messages in what ITK/GDCM/MetaIO printed, one line each (source locations and addresses dropped)."""
+    lines = []
+    for raw in text.splitlines():
+        if _LOCATION_LINE.match(raw.strip()):
+            continue
+        line = " ".join(_ADDRESS.sub("", raw).split())
+        if line and line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _sitk_run(call: Callable[[], _T]) -> _T:
+    """Run one SimpleITK call with its stderr captured.
+
+    A ``RuntimeError`` is raised again with a one-line message that includes what the C++ readers
+    printed; after a successful call their messages are kept for :func:`_native_messages` (or
+    logged as one warning when no image read is under way).
+    """
+    mark = _STDERR.enter()
+    try:
+        result = call()
+    except RuntimeError as e:
+        raise RuntimeError(_itk_reason(e, _native_lines(_STDERR.leave(mark)))) from None
+    except BaseException:
+        _STDERR.leave(mark)
+        raise
+    lines = _native_lines(_STDERR.leave(mark))
+    if lines:
+        collected = _COLLECTED.get()
+        if collected is None:
+            logger.warning("SimpleITK: %s", "; ".join(lines))
+        else:
+            for line in lines:
+                collected[line] = collected.get(line, 0) + 1
+    return result
+
+
+@contextlib.contextmanager
+def _native_messages(p: Path) -> Iterator[None]:
+    """Collect what the C++ readers print while ``p`` is read; log it as one warning at the end."""
+    collected: dict[str, int] = {}
+    token = _COLLECTED.set(collected)
+    try:
+        yield
+    finally:
+        _COLLECTED.reset(token)
+        shown = [f"{line} (x{n})" if n > 1 else line for line, n in collected.items()
+                 if not any(h in line for h in _HANDLED)]
+        if shown:
+            logger.warning("'%s': the image reader (ITK/GDCM/MetaIO) said: %s", p, "; ".join(shown)[:2000])
+        elif collected:
+            logger.debug("'%s': the image reader said: %s", p, "; ".join(collected))
+
+
+def _itk_reason(e: BaseException, printed: list[str] | tuple[str, ...] = ()) -> str:
+    """One line from a SimpleITK exception (and what the readers printed), without the C++ trace."""
+    text = str(e)
+    m = re.search(r"ITK ERROR:\s*(?:[\w:]+\s*\(0x[0-9a-fA-F]+\)\s*:\s*)?(.*)", text, re.S)
+    if m:
+        reason = m.group(1)
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = lines[-1] if lines else type(e).__name__
+    reason = " ".join(reason.split()).rstrip(".")
+    if printed:
+        said = "; ".join(ln.rstrip(".") for ln in printed)
+        if "No such file or directory" in reason and "Cannot parse file" in said:  # MetaIO's errno is stale
+            reason = "MetaIO could not parse the header"
+        reason = f"{reason} (the reader said: {said})"
+    return reason if len(reason) <= 600 else reason[:597] + "..."
 
 
 def _itk_affine(dim: int, direction: Any, spacing: Any, origin: Any) -> np.ndarray:
@@ -1035,6 +1615,7 @@ def _itk_affine(dim: int, direction: Any, spacing: Any, origin: Any) -> np.ndarr
     return lps_to_ras(lps)
 
 
+@functools.lru_cache(maxsize=64)
 def _itk_component_bytes(pixel_id: int, components: int) -> int:
     import SimpleITK as sitk
 
@@ -1054,36 +1635,54 @@ def _check_itk_voxel_type(p: Path, pixel_id: int) -> None:
         )
 
 
-def _itk_info(p: Path, trust: bool) -> _ItkInfo:
-    """Check a MetaImage/NRRD header (data file, voxel type, sizes) without loading voxels."""
+def _itk_info(p: Path, trust: bool, max_voxel_mm: float | None = MAX_VOXEL_MM) -> _ItkInfo:
+    """Check a MetaImage/NRRD header (data file, voxel type, sizes, direction) without loading voxels."""
     import SimpleITK as sitk
 
     data = _data_file(p, trust)  # before SimpleITK opens anything
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        reader.ReadImageInformation()
+        _sitk_run(reader.ReadImageInformation)
     except RuntimeError as e:
         raise ImageReadError(
-            f"could not read the header of '{p}': {_itk_reason(e)}. The file may be truncated, "
+            f"could not read the header of '{p}': {e}. The file may be truncated, "
             "corrupt, or not in the format its extension says."
         ) from None
     dim = int(reader.GetDimension())
     size = tuple(int(v) for v in reader.GetSize())
+    if dim > 5 or len(_without_extra_singletons(size)) > 4:
+        raise ImageReadError(
+            f"'{p}' has {dim} dimensions of sizes {size}; expected a 2D or 3D image or a 4D image of "
+            "volumes (I, J, K, T). Export one 3D volume (or a 4D stack) instead."
+        )
     pixel_id = int(reader.GetPixelID())
     _check_itk_voxel_type(p, pixel_id)
     spacing = tuple(reader.GetSpacing())
-    _check_voxel_sizes(p, spacing[: min(dim, 3)], "the header's spacing")
+    _check_voxel_sizes(p, spacing[: min(dim, 3)], "the header's spacing", max_voxel_mm)
+    sd = min(dim, 3)
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    _check_direction(p, direction[:sd, :sd], "TransformMatrix" if _suffix(p) in (".mha", ".mhd") else "space directions")
     components = int(reader.GetNumberOfComponents())
     affine = _itk_affine(dim, reader.GetDirection(), spacing, reader.GetOrigin())
     return _ItkInfo(reader, dim, size, components, _itk_component_bytes(pixel_id, components), affine, data)
 
 
-def _check_itk_size(p: Path, info: _ItkInfo, dtype: Any, max_bytes: int | None) -> None:
+def _itk_shape(info: _ItkInfo) -> tuple[int, ...]:
+    """The file's full shape as :func:`_sitk_to_numpy` orders it: ``(I, J, K[, T...][, C])``."""
+    return info.size + ((info.components,) if info.components > 1 else ())
+
+
+def _check_itk_size(p: Path, info: _ItkInfo, dtype: Any, limits: _Limits, volume: int | None) -> None:
+    """Refuse a header claiming more bytes than its data file can hold, or than the limits allow.
+
+    ``volume`` is the one volume of a 4D file that will be handed back (None: all of it).
+    """
     n_values = math.prod(info.size) * max(info.components, 1)
     claimed = n_values * info.component_bytes
     what = f"size {info.size}, {max(info.components, 1)} x {info.component_bytes}-byte values per voxel"
     data = info.data
+    compressed: int | None = None
     if not data.multiple:
         if data.path is None:
             holds = max(p.stat().st_size - data.offset, 0)
@@ -1103,9 +1702,12 @@ def _check_itk_size(p: Path, info: _ItkInfo, dtype: Any, max_bytes: int | None) 
             raise _too_large_for_file(p, claimed, what, holds)
         if data.encoding == "ascii" and n_values > holds:  # at least one character per value
             raise _too_large_for_file(p, claimed, what, holds)
-    # SimpleITK's buffer plus the numpy array handed back
-    need = claimed + n_values * _out_itemsize(dtype, info.component_bytes)
-    _check_allocation(p, need, what, max_bytes)
+        if data.encoding in ("deflate", "bzip2", "other"):
+            compressed = holds
+    # SimpleITK's buffer (the whole file: not every reader can read one volume) plus the numpy array
+    handed = n_values if volume is None else math.prod(info.size[:3])
+    need = claimed + handed * (_out_itemsize(dtype, info.component_bytes) + (0 if volume is None else info.component_bytes))
+    _check_allocation(p, need, what, limits, compressed)
 
 
 def _sitk_to_numpy(img: Any, dtype: Any) -> np.ndarray:
@@ -1122,20 +1724,34 @@ def _sitk_to_numpy(img: Any, dtype: Any) -> np.ndarray:
     return arr
 
 
-def _read_itk_file(p: Path, dtype: Any, trust: bool, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    info = _itk_info(p, trust)
-    _check_itk_size(p, info, dtype, max_bytes)
+def _read_itk_file(p: Path, dtype: Any, volume: int | str, trust: bool, limits: _Limits,
+                   max_volumes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels (one volume, or every volume channel-first for ``volume="all"``) and the affine."""
+    info = _itk_info(p, trust, limits.max_voxel_mm)
+    index = _volume_index(p, _itk_shape(info), volume, max_volumes)
+    _check_itk_size(p, info, dtype, limits, index)
+    extract = index is not None and info.components == 1 and info.dim > 3
+    if extract:  # one volume: SimpleITK extracts it (collapsing the axes beyond the third)
+        info.reader.SetExtractSize([n if axis < 3 else 0 for axis, n in enumerate(info.size)])
+        info.reader.SetExtractIndex([0, 0, 0] + [index if n != 1 else 0 for n in info.size[3:]])
     img, affine = _execute(info.reader, f"'{p}'",
                            "The file may be truncated, corrupt, or not in the format its extension says.")
-    return _sitk_to_numpy(img, dtype), affine
+    arr = _sitk_to_numpy(img, dtype)
+    if arr.ndim > 3:  # drop singleton axes beyond the spatial ones
+        arr = arr.reshape(arr.shape[:3] + tuple(n for n in arr.shape[3:] if n != 1))
+    if index is not None and not extract:
+        arr = np.ascontiguousarray(arr[..., index]) if arr.ndim == 4 else arr
+    if volume == "all":
+        arr = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[np.newaxis]
+    return arr, affine if not extract else info.affine
 
 
 def _execute(reader: Any, what: str, hint: str) -> tuple[Any, np.ndarray]:
     """Run a SimpleITK reader: the image and its voxel -> RAS affine (``ImageReadError`` naming ``what``)."""
     try:
-        img = reader.Execute()
+        img = _sitk_run(reader.Execute)
     except RuntimeError as e:
-        raise ImageReadError(f"could not read {what}: {_itk_reason(e)}. {hint}") from None
+        raise ImageReadError(f"could not read {what}: {e}. {hint}") from None
     return img, _itk_affine(img.GetDimension(), img.GetDirection(), img.GetSpacing(), img.GetOrigin())
 
 
@@ -1146,40 +1762,130 @@ def _execute(reader: Any, what: str, hint: str) -> tuple[Any, np.ndarray]:
 class _Slice:
     file: str
     position: np.ndarray | None  # ImagePositionPatient (LPS mm)
-    orientation: np.ndarray | None  # ImageOrientationPatient (row and column cosines)
+    orientation: np.ndarray | None  # ImageOrientationPatient (row and column cosines), orthonormalised
     size: tuple[int, ...]
-    spacing: tuple[float, ...]
+    spacing: tuple[float, ...]  # SimpleITK's (x, y[, z])
     components: int
     component_bytes: int
     modality: str | None = None  # (0008,0060)
     description: str | None = None  # SeriesDescription (0008,103e)
     colour: str | None = None  # why the pixels are not greyscale (read only with strict=False)
+    pixel_spacing: tuple[float, float] | None = None  # PixelSpacing as (between columns, between rows) = (x, y)
+    malformed: str | None = None  # why a geometry tag cannot be used (GeometryError)
+    itk_affine: np.ndarray | None = None  # SimpleITK's voxel -> RAS for this file alone
+    pixel_bytes: int = 0  # bytes of pixel data the header claims
+    file_bytes: int = 0  # the file's size
+    native: bool = True  # an uncompressed transfer syntax (the pixel data must fit the file)
 
 
-def _ds_values(text: str, n: int) -> np.ndarray | None:
-    parts = [t for t in (s.strip() for s in text.replace("\x00", "").split("\\")) if t]
+# Uncompressed transfer syntaxes: implicit VR little endian, explicit little endian, explicit big endian.
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def _transfer_syntax(file: str) -> str | None:
+    """The TransferSyntaxUID (0002,0010) of a DICOM Part 10 file; ``""`` without a file meta header
+    (implicit VR little endian, native), None when the meta header names none."""
+    with open(file, "rb") as f:
+        head = f.read(132 + 8192)
+    if head[128:132] != b"DICM":
+        return ""
+    pos = 132
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 2:
+            break
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            length, value = struct.unpack_from("<I", head, pos + 8)[0], pos + 12
+        else:
+            length, value = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
+        if element == 0x0010:
+            return head[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos = value + length
+    return None
+
+
+def _ds_numbers(text: str, n: int, name: str) -> tuple[np.ndarray | None, str | None]:
+    """``n`` finite numbers from a DICOM multi-value string, or None and what is wrong with it."""
+    parts = [t.strip() for t in text.replace("\x00", "").strip().split("\\")]
+    shown = "[" + ", ".join(parts) + "]"
     try:
         values = np.array([float(t) for t in parts], dtype=np.float64)
     except ValueError:
-        return None
-    return values if values.size == n and np.all(np.isfinite(values)) else None
+        return None, f"{name} is {shown[:80]}: expected {n} numbers"
+    if values.size != n:
+        return None, f"{name} is {shown[:80]}, {values.size} value(s): expected {n} numbers"
+    if not np.all(np.isfinite(values)):
+        return None, f"{name} is {shown[:80]}: expected {n} finite numbers"
+    return values, None
 
 
-def _dicom_slice(p: Path, file: str, strict: bool = True) -> _Slice:
-    """The header of one DICOM file; colour pixels raise, or with ``strict=False`` are recorded."""
+def _orientation(text: str) -> tuple[np.ndarray | None, str | None]:
+    """ImageOrientationPatient, checked (two unit vectors at right angles, within 1e-3) and orthonormalised."""
+    name = "ImageOrientationPatient (0020,0037)"
+    values, wrong = _ds_numbers(text, 6, name)
+    if values is None:
+        return None, f"{wrong} (the row and column direction cosines)"
+    row, col = values[:3], values[3:]
+    lengths = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if max(abs(lengths[0] - 1.0), abs(lengths[1] - 1.0)) > _IOP_UNIT_TOL:
+        return None, (f"{name} is ({_fmt_mm(values)}): the row and column directions have lengths "
+                      f"{lengths[0]:.6g} and {lengths[1]:.6g}, expected unit vectors (length 1 within {_IOP_UNIT_TOL:g})")
+    cosine = float(row @ col) / (lengths[0] * lengths[1])
+    if abs(cosine) > _IOP_UNIT_TOL:
+        angle = math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
+        return None, (f"{name} is ({_fmt_mm(values)}): the row and column directions are {angle:.4g} degrees apart "
+                      f"(cosine {cosine:.3g}), expected a right angle (cosine within {_IOP_UNIT_TOL:g} of 0): the pixels "
+                      "would be sheared, and SimpleITK would silently straighten them")
+    row = row / lengths[0]
+    col = col - (col @ row) * row
+    return np.concatenate([row, col / np.linalg.norm(col)]), None
+
+
+def _pixel_spacing(text: str, max_voxel_mm: float | None) -> tuple[tuple[float, float] | None, str | None]:
+    """PixelSpacing as (x, y) = (between columns, between rows), checked, or None and what is wrong."""
+    name = "PixelSpacing (0028,0030)"
+    values, wrong = _ds_numbers(text, 2, name)
+    if values is None:
+        return None, f"{wrong} (between rows, between columns, in mm)"
+    top = math.inf if max_voxel_mm is None else max_voxel_mm
+    for v in values:
+        if v <= 0 or v < MIN_VOXEL_MM or v > top:
+            what = "0 (SimpleITK would read 1 mm)" if v == 0 else (
+                f"negative ({v:g} mm)" if v < 0 else f"{v:g} mm, outside {MIN_VOXEL_MM:g} to {top:g} mm (max_voxel_mm)")
+            return None, f"{name} is [{_fmt_mm(values)}]: a pixel size is {what}; expected two positive sizes in mm"
+    return (float(values[1]), float(values[0])), None
+
+
+def _dicom_header_reader() -> Any:
+    """One SimpleITK reader for many DICOM headers (GDCM named at once: no search of every image IO)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
+    try:
+        reader.SetImageIO("GDCMImageIO")
+    except RuntimeError:  # pragma: no cover - a SimpleITK built without GDCM
+        pass
+    return reader
+
+
+def _dicom_slice(p: Path, file: str, reader: Any = None, strict: bool = True,
+                 max_voxel_mm: float | None = MAX_VOXEL_MM) -> _Slice:
+    """The header of one DICOM file; colour pixels raise, or with ``strict=False`` are recorded.
+
+    Malformed geometry tags are recorded in ``malformed`` (:func:`_dicom_geometry` raises).
+    """
+    reader = _dicom_header_reader() if reader is None else reader
     reader.SetFileName(file)
     try:
-        reader.ReadImageInformation()
+        _sitk_run(reader.ReadImageInformation)
     except RuntimeError as e:
-        raise ImageReadError(f"could not read the DICOM header of '{file}' in '{p}': {_itk_reason(e)}") from None
+        raise ImageReadError(f"could not read the DICOM header of '{file}' in '{p}': {e}") from None
 
     def tag(key: str) -> str | None:
         return reader.GetMetaData(key) if reader.HasMetaDataKey(key) else None
 
-    ipp, iop = tag("0020|0032"), tag("0020|0037")
+    ipp, iop, pixel_spacing = tag("0020|0032"), tag("0020|0037"), tag("0028|0030")
     samples = tag("0028|0002")
     photometric = (tag("0028|0004") or "").strip().upper()
     colour = None
@@ -1195,19 +1901,59 @@ def _dicom_slice(p: Path, file: str, strict: bool = True) -> _Slice:
     if strict:
         _check_itk_voxel_type(Path(file), pixel_id)
     components = int(reader.GetNumberOfComponents())
+    size = tuple(int(v) for v in reader.GetSize())
+    spacing = tuple(float(v) for v in reader.GetSpacing())
     text = {key: (value.replace("\x00", "").strip() or None) if value is not None else None
             for key, value in (("modality", tag("0008|0060")), ("description", tag("0008|103e")))}
+    problems = []
+    position = orientation = None
+    if ipp is not None:
+        position, wrong = _ds_numbers(ipp, 3, "ImagePositionPatient (0020,0032)")
+        problems.append(wrong)
+    if iop is not None:
+        orientation, wrong = _orientation(iop)
+        problems.append(wrong)
+    ps = None
+    if pixel_spacing is not None:
+        ps, wrong = _pixel_spacing(pixel_spacing, max_voxel_mm)
+        problems.append(wrong)
+    elif ipp is not None and iop is not None:
+        problems.append("there is no PixelSpacing (0028,0030), so the pixel size in mm is unknown (SimpleITK would "
+                        "assume 1 mm); expected it with ImagePositionPatient and ImageOrientationPatient")
+    malformed = next((f"'{os.path.basename(file)}': {w}" for w in problems if w), None)
+    component_bytes = _itk_component_bytes(pixel_id, components)
+    bits = tag("0028|0100")
+    try:
+        bits_allocated = int(bits.strip()) if bits is not None else component_bytes * 8
+    except ValueError:
+        bits_allocated = component_bytes * 8
+    values = math.prod(size) * max(components, 1)
+    try:
+        syntax = _transfer_syntax(file)
+        file_bytes = os.path.getsize(file)
+    except OSError as e:
+        raise ImageReadError(f"could not read '{file}' in '{p}': {e.strerror or e}") from None
+    try:
+        itk_affine = _itk_affine(len(size), reader.GetDirection(), spacing, reader.GetOrigin())
+    except (ValueError, SpaceError):  # pragma: no cover - SimpleITK's own geometry is always complete
+        itk_affine = None
     return _Slice(
         file=file,
-        position=_ds_values(ipp, 3) if ipp is not None else None,
-        orientation=_ds_values(iop, 6) if iop is not None else None,
-        size=tuple(int(v) for v in reader.GetSize()),
-        spacing=tuple(float(v) for v in reader.GetSpacing()),
+        position=position,
+        orientation=orientation,
+        size=size,
+        spacing=spacing,
         components=components,
-        component_bytes=_itk_component_bytes(pixel_id, components),
+        component_bytes=component_bytes,
         modality=text["modality"],
         description=text["description"],
         colour=colour,
+        pixel_spacing=ps,
+        malformed=malformed,
+        itk_affine=itk_affine,
+        pixel_bytes=(values * max(bits_allocated, 1) + 7) // 8,
+        file_bytes=file_bytes,
+        native=syntax == "" or syntax in _NATIVE_SYNTAXES,
     )
 
 
@@ -1228,7 +1974,8 @@ def _check_dicom_geometry(p: Path, slices: list[_Slice]) -> tuple[list[_Slice], 
     names = [os.path.basename(s.file) for s in slices]
     first = slices[0]
     for s, name in zip(slices, names):
-        if s.size[:2] != first.size[:2] or not np.allclose(s.spacing[:2], first.spacing[:2], rtol=1e-4, atol=1e-6):
+        if s.size[:2] != first.size[:2] or not np.allclose(s.pixel_spacing or s.spacing[:2],
+                                                           first.pixel_spacing or first.spacing[:2], rtol=1e-4, atol=1e-6):
             return slices, (
                 f"slice '{name}' has {s.size[0]}x{s.size[1]} pixels of {_fmt_mm(s.spacing[:2])} mm but "
                 f"'{names[0]}' has {first.size[0]}x{first.size[1]} pixels of {_fmt_mm(first.spacing[:2])} mm; "
@@ -1304,21 +2051,90 @@ def _check_dicom_geometry(p: Path, slices: list[_Slice]) -> tuple[list[_Slice], 
     return slices, None
 
 
+def _dicom_geometry(p: Path, uid: str, slices: list[_Slice],
+                    max_voxel_mm: float | None = MAX_VOXEL_MM) -> tuple[list[_Slice], np.ndarray | None, str | None]:
+    """The one place a DICOM series' grid is built from its headers (:func:`read`, :func:`read_space`
+    and :func:`describe` all use it).
+
+    Returns
+    -------
+    slices : list of _Slice
+        Sorted along the slice normal (as given when they cannot be sorted).
+    affine : (4, 4) ndarray or None
+        Voxel -> RAS mm: columns along the row direction times the spacing between columns, rows
+        along the column direction times the spacing between rows, slices along the normal at
+        the mean step between the first and last slice (one file: SimpleITK's slice spacing), the
+        origin at the first slice's ImagePositionPatient. A file without position tags has
+        SimpleITK's own geometry; None when several files cannot be placed.
+    problem : str or None
+        Why the stack is not evenly spaced (see :func:`_check_dicom_geometry`), or None.
+
+    Raises
+    ------
+    GeometryError
+        A file with a malformed PixelSpacing, ImageOrientationPatient or ImagePositionPatient.
+    """
+    bad = next((s.malformed for s in slices if s.malformed), None)
+    if bad is not None:
+        raise GeometryError(
+            f"'{p}' (series {uid}): {bad}. The geometry of this series cannot be trusted; export the series "
+            "again from the scanner or PACS (or fix the tag)."
+        )
+    ordered, problem = _check_dicom_geometry(p, slices) if len(slices) > 1 else (list(slices), None)
+    first = ordered[0]
+    if not all(s.position is not None and s.orientation is not None and s.pixel_spacing is not None for s in ordered):
+        return ordered, (first.itk_affine if len(ordered) == 1 else None), problem
+    orientation, origin, last = cast(np.ndarray, first.orientation), cast(np.ndarray, first.position), ordered[-1]
+    row, col = orientation[:3], orientation[3:]
+    normal = np.cross(row, col)
+    if len(ordered) > 1:
+        step = normal * float((cast(np.ndarray, last.position) - origin) @ normal) / (len(ordered) - 1)
+    else:
+        step = normal * (float(first.spacing[2]) if len(first.spacing) > 2 else 1.0)
+    x, y = cast(tuple, first.pixel_spacing)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * x, col * y, step, origin
+    return ordered, lps_to_ras(lps), problem
+
+
 def _check_dicom_links(p: Path, files: list[str], trust: bool) -> None:
-    if not trust:
-        for f in files:
-            if not _inside(p, Path(f)):
-                raise UntrustedFileError(
-                    f"'{f}' in '{p}' is a link to '{os.path.realpath(f)}', outside the DICOM folder; "
-                    "expected the series' files inside the folder you named. Copy the files into the "
-                    "folder, or pass trust=True to medcam3d.io.read if you trust where the links lead."
-                )
+    if trust:
+        return
+    folder = os.path.realpath(p)
+    plain: dict[str, bool] = {}  # directory as given -> it is the folder itself (no link on the way)
+    for f in files:
+        parent = os.path.dirname(f)
+        if parent not in plain:
+            plain[parent] = os.path.realpath(parent) == folder
+        if plain[parent] and not os.path.islink(f):
+            continue  # a plain file of the folder
+        if not _inside(p, Path(f)):
+            raise UntrustedFileError(
+                f"'{f}' in '{p}' is a link to '{os.path.realpath(f)}', outside the DICOM folder; "
+                "expected the series' files inside the folder you named. Copy the files into the "
+                "folder, or pass trust=True to medcam3d.io.read if you trust where the links lead."
+            )
 
 
-def _read_dicom(
-    p: Path, dtype: Any, series: str | None, allow_uneven: bool, trust: bool, max_bytes: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    reader, ids = _series_reader(p)
+def _check_dicom_sizes(p: Path, uid: str, slices: list[_Slice], dtype: Any, limits: _Limits) -> None:
+    """Each file must hold the pixel data its header claims (uncompressed files), and the series
+    must fit ``limits`` (``max_bytes``; ``max_expansion`` for compressed files)."""
+    for s in slices:
+        if s.native and s.pixel_bytes > s.file_bytes:
+            what = f"{' x '.join(str(n) for n in s.size)} pixels x {max(s.components, 1)} samples"
+            raise _too_large_for_file(Path(s.file), s.pixel_bytes, what, s.file_bytes)
+    n_values = sum(math.prod(s.size) * max(s.components, 1) for s in slices)
+    stored = sum(math.prod(s.size) * max(s.components, 1) * s.component_bytes for s in slices)
+    out = n_values * _out_itemsize(dtype, max(s.component_bytes for s in slices))
+    compressed = [s.file_bytes for s in slices if not s.native]
+    what = f"{len(slices)} DICOM slices of {slices[0].size[:2]} pixels (series {uid})"
+    _check_allocation(p, stored + out, what, limits, sum(compressed) if compressed else None)
+
+
+def _dicom_series(p: Path, series: str | None, allow_uneven: bool, trust: bool, limits: _Limits,
+                  dtype: Any) -> tuple[Any, str, list[_Slice], np.ndarray | None, str | None]:
+    """Find one series, check its files and headers, build its grid: (reader, uid, ordered slices, affine, problem)."""
+    reader, ids = _series_reader(p, limits)
     if series is None:
         if len(ids) > 1:
             raise ImageReadError(
@@ -1327,35 +2143,48 @@ def _read_dicom(
         series = ids[0]
     elif series not in ids:
         raise ImageReadError(f"series '{series}' is not in '{p}'; found: {', '.join(ids)}")
-    files = list(reader.GetGDCMSeriesFileNames(str(p), series))
+    uid = series
+    files = _series_files(reader, p, uid)
     _check_dicom_links(p, files, trust)
-    slices = [_dicom_slice(p, f) for f in files]
-    n_values = sum(math.prod(s.size) * max(s.components, 1) for s in slices)
-    stored = sum(math.prod(s.size) * max(s.components, 1) * s.component_bytes for s in slices)
-    out = n_values * _out_itemsize(dtype, max(s.component_bytes for s in slices))
-    _check_allocation(p, stored + out, f"{len(slices)} DICOM slices of {slices[0].size[:2]} pixels", max_bytes)
-    problem = None
-    if len(slices) > 1:
-        slices, problem = _check_dicom_geometry(p, slices)
-        if problem is not None:
-            if not allow_uneven:
-                raise GeometryError(f"'{p}' (series {series}): {problem}{_dicom_fix_hint()}")
-            logger.warning(
-                "'%s' (series %s): %s Reading it as is because allow_uneven_slices=True: slice "
-                "positions in mm are approximate.", p, series, problem
-            )
+    header_reader = _dicom_header_reader()
+    slices = [_dicom_slice(p, f, header_reader, True, limits.max_voxel_mm) for f in files]
+    _check_dicom_sizes(p, uid, slices, dtype, limits)
+    slices, affine, problem = _dicom_geometry(p, uid, slices, limits.max_voxel_mm)
+    if problem is not None:
+        if not allow_uneven:
+            raise GeometryError(f"'{p}' (series {uid}): {problem}{_dicom_fix_hint()}")
+        logger.warning(
+            "'%s' (series %s): %s Reading it as is because allow_uneven_slices=True: slice "
+            "positions in mm are approximate.", p, uid, problem
+        )
+    return reader, uid, slices, affine, problem
+
+
+def _read_dicom(
+    p: Path, dtype: Any, series: str | None, allow_uneven: bool, trust: bool, limits: _Limits
+) -> tuple[np.ndarray, np.ndarray]:
+    reader, uid, slices, affine, problem = _dicom_series(p, series, allow_uneven, trust, limits, dtype)
+    try:
+        reader.SetImageIO("GDCMImageIO")
+    except RuntimeError:  # pragma: no cover - a SimpleITK built without GDCM
+        pass
     reader.SetFileNames([s.file for s in slices])
-    img, affine = _execute(reader, f"the DICOM series in '{p}'", "The files may be truncated or corrupt.")
-    if len(slices) > 1 and problem is None:
-        _check_dicom_placement(p, series, slices, ras_to_lps(affine))
-    return _sitk_to_numpy(img, dtype), affine
+    img, itk_affine = _execute(reader, f"the DICOM series in '{p}'", "The files may be truncated or corrupt.")
+    arr = _sitk_to_numpy(img, dtype)
+    if problem is not None or affine is None:
+        return arr, itk_affine  # allow_uneven_slices: as SimpleITK assembles the series
+    _check_dicom_placement(p, uid, slices, ras_to_lps(itk_affine), ras_to_lps(affine))
+    return arr, affine
 
 
-def _check_dicom_placement(p: Path, series: str, slices: list[_Slice], lps: np.ndarray) -> None:
-    """The assembled volume must put slice k where its own header says (guards SimpleITK's sorting)."""
-    spacing = float(np.linalg.norm(lps[:3, 2]))
+def _check_dicom_placement(p: Path, series: str, slices: list[_Slice], lps: np.ndarray, header_lps: np.ndarray) -> None:
+    """SimpleITK's volume must lie where the headers put it: slice k at its ImagePositionPatient, the
+    in-plane axes as :func:`_dicom_geometry` built them (guards SimpleITK's sorting and GDCM's fixes)."""
+    spacing = float(np.linalg.norm(header_lps[:3, 2]))
     tol = _SLICE_REL_TOL * spacing + _SLICE_ABS_TOL_MM
     for k, s in enumerate(slices):
+        if s.position is None:
+            continue
         placed = lps[:3, 3] + k * lps[:3, 2]
         if np.linalg.norm(placed - s.position) > tol:
             raise GeometryError(
@@ -1363,34 +2192,15 @@ def _check_dicom_placement(p: Path, series: str, slices: list[_Slice], lps: np.n
                 f"({_fmt_mm(placed)}) mm (LPS) but its ImagePositionPatient is ({_fmt_mm(s.position)}); "
                 f"expected them to agree within {tol:.3g} mm.{_dicom_fix_hint()}"
             )
-
-
-def _select_volume(arr: np.ndarray, volume: int | None, p: Path) -> np.ndarray:
-    if arr.ndim > 3:  # drop singleton axes beyond the spatial ones, e.g. NIfTI (I, J, K, 1, C)
-        arr = arr.reshape(arr.shape[:3] + tuple(n for n in arr.shape[3:] if n != 1))
-    if arr.ndim > 4:
-        raise ImageReadError(
-            f"'{p}' has shape {arr.shape}; expected a 3D image or a 4D image (I, J, K, T)."
-        )
-    if arr.ndim == 4:
-        n = arr.shape[3]
-        if volume is None:
-            raise VolumeError(
-                f"'{p}' is 4D with shape {arr.shape} ({n} volumes) but a 3D image is needed; "
-                f"pass volume=<index> (0 to {n - 1}) to choose one."
+    extent = np.asarray(slices[0].size[:2], dtype=np.float64)
+    for axis in range(2):  # the far edge of the slice, along each in-plane axis
+        gap = float(np.linalg.norm((lps[:3, axis] - header_lps[:3, axis]) * extent[axis]))
+        if gap > _SLICE_REL_TOL * float(np.linalg.norm(header_lps[:3, axis])) + _SLICE_ABS_TOL_MM:
+            raise GeometryError(
+                f"'{p}' (series {series}): SimpleITK's voxel axis {axis} ({_fmt_mm(lps[:3, axis])}) differs from the "
+                f"one PixelSpacing and ImageOrientationPatient give ({_fmt_mm(header_lps[:3, axis])}) by {gap:.3g} mm "
+                f"across the slice; expected the same grid.{_dicom_fix_hint()}"
             )
-        if not -n <= int(volume) < n:
-            raise VolumeIndexError(
-                f"volume={volume} is out of range for '{p}', which has {n} volumes "
-                f"(shape {arr.shape}); expected 0 to {n - 1}."
-            )
-        return arr[..., int(volume)]
-    if volume not in (None, 0, -1):
-        raise VolumeIndexError(
-            f"volume={volume} was given but '{p}' is a single volume of shape {arr.shape}; "
-            "omit volume= (or pass 0)."
-        )
-    return arr
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import gzip
 import logging
+import math
 import struct
 import subprocess
 import sys
@@ -600,3 +601,420 @@ def test_lps_metatensor_does_not_need_medcam3d_io():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ issue 25: helpers
+
+
+def pydicom_series(folder, n=3, rows=4, cols=5, pixel_spacing=("0.5", "0.5"), orientation=("1", "0", "0", "0", "1", "0"),
+                   step=2.0, pixel_data=None):
+    """A CT series written with pydicom, header values as given (strings, so malformed ones stay as they are).
+
+    Slice k lies at (0, 0, k * step) mm (LPS) and holds the value k + 1; ``None`` leaves a tag out.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.90.{k + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.91", "1.2.826.0.1.3680043.8.498.92"
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.93"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
+        ds.ImagePositionPatient = ["0", "0", f"{k * step:g}"]
+        if orientation is not None:
+            ds.ImageOrientationPatient = list(orientation)
+        if pixel_spacing is not None:
+            ds.PixelSpacing = list(pixel_spacing)
+        ds.SliceThickness = f"{step:g}"
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = pixel_data if pixel_data is not None else np.full((rows, cols), k + 1, np.int16).tobytes()
+        ds.save_as(folder / f"s{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def _refused_fast_and_small(call, error, match, seconds=5.0, peak_bytes=100 * 1024**2):
+    """``call()`` raises ``error`` matching ``match``, within ``seconds`` and ``peak_bytes`` of traced memory."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(error, match=match) as info:
+            call()
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < seconds, elapsed
+    assert peak < peak_bytes, peak
+    return info.value
+
+
+def _one_line(text):
+    return "\n" not in str(text).strip()
+
+
+# ------------------------------------------------------------------------------ issue 25, item 1: header line ends
+
+
+def _nrrd_cr_headers(secret):
+    return {
+        "cr": f"NRRD0004\rtype: uchar\rdimension: 3\rsizes: 4 4 2\rencoding: raw\rdata file: {secret}\r",
+        "mixed": f"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 4 2\nencoding: raw\rdata file: {secret}\n",
+        "cr cr lf": f"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 4 2\nencoding: raw\r\r\ndata file: {secret}\n",
+    }
+
+
+@pytest.mark.parametrize("kind", ["cr", "mixed", "cr cr lf"])
+def test_nrrd_header_with_a_bare_cr_is_refused(tmp_path, secret, kind):
+    """The NRRD reader ends a line at a bare CR: such a header hides a data file outside the folder."""
+    path = tmp_path / "scans" / "scan.nhdr"
+    path.write_bytes(_nrrd_cr_headers(secret)[kind].encode())
+    if kind != "cr cr lf":  # SimpleITK itself follows the hidden line to the secret
+        assert bytes(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).ravel()) == secret.read_bytes()
+    for call in (io.read, io.read_space, io.describe):
+        with pytest.raises(errors.ImageReadError, match="bare carriage return.*lines ending in LF or CR LF") as info:
+            call(path)
+        assert _one_line(info.value)
+    with pytest.raises(errors.ImageReadError, match="bare carriage return"):
+        io.read(path, trust=True)
+    # the same header with CR LF line ends (Windows) reads, and is checked like any other
+    crlf = tmp_path / "scans" / "crlf.nhdr"
+    crlf.write_bytes(f"NRRD0004\r\ntype: uchar\r\ndimension: 3\r\nsizes: 4 4 2\r\nencoding: raw\r\ndata file: {secret}\r\n".encode())
+    with pytest.raises(errors.UntrustedFileError, match="absolute path"):
+        io.read(crlf)
+    (tmp_path / "scans" / "scan.raw").write_bytes(bytes(range(32)))
+    crlf.write_bytes(b"NRRD0004\r\ntype: uchar\r\ndimension: 3\r\nsizes: 4 4 2\r\nencoding: raw\r\ndata file: scan.raw\r\n")
+    assert io.read(crlf, dtype=None)[0][1, 0, 0] == 1
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"ElementType = MET_UCHAR\rElementDataFile = SECRET\n",  # a key after a CR
+        b"ElementType = MET_UCHAR\nElementDataFile = scan.raw\r/../../private/secret.raw\n",  # MetaIO's value goes on
+    ],
+)
+def test_metaimage_header_with_a_bare_cr_is_refused(tmp_path, secret, header):
+    scans = tmp_path / "scans"
+    (scans / "scan.raw").write_bytes(bytes(32))
+    (scans / "scan.raw\r").mkdir()  # so that MetaIO's value 'scan.raw<CR>/../../private/secret.raw' resolves
+    path = scans / "scan.mhd"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 2\n" + header.replace(b"SECRET", str(secret).encode()))
+    for call in (io.read, io.read_space, io.describe):
+        with pytest.raises(errors.ImageReadError, match="bare carriage return"):
+            call(path)
+
+
+def test_cli_info_and_explain_refuse_a_cr_header(tmp_path, secret, capsys):
+    from conftest import write_tiny_config, write_tiny_model
+    from medcam3d.cli import main
+
+    path = tmp_path / "scans" / "scan.nhdr"
+    path.write_bytes(_nrrd_cr_headers(secret)["mixed"].encode())
+    assert main(["info", "--image", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bare carriage return" in err and _one_line(err)
+    write_tiny_model(tmp_path)
+    config = write_tiny_config(tmp_path / "config.yaml")
+    assert main(["explain", "--config", str(config), "--image", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "bare carriage return" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ issue 25, item 5: tiny files that cost gigabytes
+
+
+def test_dicom_header_claiming_more_pixels_than_the_file_holds_is_refused(tmp_path):
+    """Rows = Columns = 40000 with 10 bytes of pixel data: compared with the file's size, as for NIfTI."""
+    folder = pydicom_series(tmp_path / "big", n=1, rows=40000, cols=40000, pixel_data=bytes(10))
+    for call in (io.read, io.read_space, io.describe):
+        error = _refused_fast_and_small(lambda: call(folder), errors.ImageTooLargeError,
+                                        r"s000.dcm': the header claims 3200000000 bytes.*the file holds \d+ bytes")
+        assert isinstance(error, MemoryError) and _one_line(error)
+
+
+def _gzip_nifti_of_zeros(path, shape, dtype=np.uint8):
+    """A .nii.gz whose gzip stream really holds ``shape`` zeros, compressed at level 9 (~1000:1)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    header.set_data_shape(shape)
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=1)
+    buffer = __import__("io").BytesIO()
+    header.write_to(buffer)
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(buffer.getvalue() + bytes(4))  # the header and its 4 extension bytes (vox_offset 352)
+        left, chunk = math.prod(shape) * np.dtype(dtype).itemsize, bytes(1 << 24)
+        while left > 0:
+            f.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+    return path
+
+
+def test_gzip_nifti_that_expands_to_gigabytes_is_refused(tmp_path):
+    """A 0.3 MB .nii.gz whose stream really holds 650^3 bytes: reading it as float32 would take 1.4 GB."""
+    path = _gzip_nifti_of_zeros(tmp_path / "bomb.nii.gz", (650, 650, 650))
+    assert path.stat().st_size < 400_000
+    for call in (io.read, io.describe):
+        error = _refused_fast_and_small(lambda: call(path), errors.ImageTooLargeError,
+                                        r"compressed data \(\d+ times its size\), more than max_expansion=100.*max_expansion=None")
+        assert _one_line(error)
+    assert io.DEFAULT_MAX_EXPANSION == 100 and io.EXPANSION_FREE_BYTES == 1024**3
+    # the same kind of file below 1 GiB (an empty mask) reads
+    small = _gzip_nifti_of_zeros(tmp_path / "mask.nii.gz", (256, 256, 64))
+    assert io.read(small, dtype=None)[0].shape == (256, 256, 64)
+
+
+def test_bzip2_nrrd_claiming_gigabytes_is_refused(tmp_path):
+    """bzip2 has no fixed ratio bound: the expansion limit catches it before SimpleITK allocates."""
+    path = tmp_path / "bomb.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 1200 1200 1200\nendian: little\nencoding: bzip2\n\n" + bz2_bytes())
+    _refused_fast_and_small(lambda: io.read(path), errors.ImageTooLargeError, "more than max_expansion=100")
+
+
+def bz2_bytes():
+    import bz2
+
+    return bz2.compress(bytes(1 << 20))
+
+
+def test_4d_nifti_volume_reads_only_that_volume(tmp_path):
+    data = np.arange(24 * 24 * 24 * 120, dtype=np.int16).reshape(24, 24, 24, 120) % 1000
+    path = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    one_volume = 24**3 * 4  # float32
+    tracemalloc.start()
+    try:
+        arr, space = io.read(path, volume=7)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        with pytest.raises(errors.VolumeError, match="120 volumes.*pass volume=<index>"):
+            io.read(path)  # found from the header: nothing is read
+        _, refused_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(arr, data[..., 7].astype(np.float32))
+    assert space.shape == (24, 24, 24)
+    assert peak < 8 * one_volume, peak  # the whole file as float32 is 120 volumes
+    assert refused_peak < 120 * one_volume / 10, refused_peak
+    arr, _ = io.read(path, volume=-1, dtype=None)
+    assert arr.dtype == np.int16 and np.array_equal(arr, data[..., -1])
+
+
+def test_read_volumes_reads_a_4d_file_once(tmp_path):
+    data = np.random.default_rng(0).integers(0, 100, (5, 4, 3, 6)).astype(np.int16)
+    for name in ("maps.nii.gz", "maps.nrrd"):
+        path = tmp_path / name
+        if name.endswith(".nii.gz"):
+            nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+        else:
+            sitk.WriteImage(sitk.GetImageFromArray(data.transpose(3, 2, 1, 0).copy(), isVector=False), str(path))
+        volumes, space = io.read_volumes(path, dtype=None)
+        assert volumes.shape == (6, 5, 4, 3) and space.shape == (5, 4, 3)
+        for t in range(6):
+            np.testing.assert_array_equal(volumes[t], data[..., t])
+            np.testing.assert_array_equal(io.read(path, volume=t, dtype=None)[0], data[..., t])
+        with pytest.raises(errors.VolumeError, match="6 volumes, more than max_volumes=5"):
+            io.read_volumes(path, max_volumes=5)
+
+
+def test_napari_reader_opens_a_4d_file_once_and_caps_its_layers(tmp_path, monkeypatch):
+    pytest.importorskip("napari")
+    from medcam3d.napari import _reader
+
+    reads = []
+    read = io.read
+    monkeypatch.setattr(io, "read", lambda *args, **kwargs: reads.append(kwargs) or read(*args, **kwargs))
+    data = np.random.default_rng(1).integers(0, 100, (6, 5, 4, 3)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "maps.nii.gz")
+    layers = _reader.read_image(str(tmp_path / "maps.nii.gz"))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["maps [0]", "maps [1]", "maps [2]"]
+    for t, (layer, kwargs, _) in enumerate(layers):
+        np.testing.assert_array_equal(layer, data[..., t])
+        assert kwargs["metadata"]["volume"] == t
+    assert len(reads) <= 1, reads  # not once more per volume
+    # a time series of 300 volumes (the issue's 64^3 x 300 took 349 s): refused at once, naming what to do
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 300), np.uint8), np.eye(4)), tmp_path / "series.nii.gz")
+    error = _refused_fast_and_small(lambda: _reader.read_image(str(tmp_path / "series.nii.gz")), errors.VolumeError,
+                                    f"300 volumes.*at most {_reader.MAX_VOLUME_LAYERS}.*--volume")
+    assert _one_line(error)
+
+
+def test_dicom_folder_of_too_many_files_is_refused_before_any_is_opened(tmp_path, monkeypatch):
+    """10,000 slices of 2x2 pixels took 75-149 s: a folder of more than max_slices files is refused at once."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(io.DEFAULT_MAX_SLICES + 1):
+        (folder / f"{k:05d}.dcm").touch()
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("GDCM scanned the folder")
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesIDs", staticmethod(no_scan))
+    for call in (io.read, io.read_space, io.describe):
+        error = _refused_fast_and_small(lambda: call(folder), errors.ImageTooLargeError,
+                                        f"holds {io.DEFAULT_MAX_SLICES + 1} files, more than max_slices=5000.*max_slices=None")
+        assert _one_line(error)
+    monkeypatch.undo()
+    write_series(tmp_path / "s", axial_positions([0.0, 1.0, 2.0]))
+    with pytest.raises(errors.ImageTooLargeError, match="holds 3 files, more than max_slices=2"):
+        io.read(tmp_path / "s", max_slices=2)
+    assert io.read(tmp_path / "s", max_slices=3)[0].shape == (4, 5, 3)
+    assert io.read(tmp_path / "s", max_slices=None)[0].shape == (4, 5, 3)
+
+
+@pytest.mark.parametrize("size", [150.0, 1e4])
+def test_absurd_voxel_sizes_are_refused_with_an_override(tmp_path, size):
+    """Real scans have voxels of at most a few cm; 10 m was accepted."""
+    assert io.MAX_VOXEL_MM == 100.0
+    affine = np.diag([1.0, 1.0, size, 1.0])
+    path = io.write(tmp_path / "scan.nii.gz", np.zeros((4, 4, 4), np.float32), Space((4, 4, 4), affine))
+    for call in (io.read, io.read_space, io.describe):
+        with pytest.raises(errors.GeometryError, match=f"axis 2 .* is {size:g} mm, more than max_voxel_mm=100.*max_voxel_mm") as info:
+            call(path)
+        assert _one_line(info.value)
+    assert io.read(path, max_voxel_mm=None)[1].spacing[2] == pytest.approx(size)
+    assert io.read(path, max_voxel_mm=2 * size)[1].spacing[2] == pytest.approx(size)
+    thick = io.write(tmp_path / "thick.nii.gz", np.zeros((4, 4, 4), np.float32), Space((4, 4, 4), np.diag([1, 1, 40.0, 1])))
+    assert io.read(thick)[1].spacing[2] == pytest.approx(40.0)  # thick slabs (a few cm) still read
+    mha = tmp_path / "scan.mha"
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(mha))
+    mha.write_bytes(mha.read_bytes().replace(b"ElementSpacing = 1 1 1", f"ElementSpacing = 1 1 {size:g}".encode()))
+    with pytest.raises(errors.GeometryError, match="max_voxel_mm=100"):
+        io.read(mha)
+    folder = pydicom_series(tmp_path / "dicom", pixel_spacing=(f"{size:g}", "0.5"))
+    with pytest.raises(errors.GeometryError, match="PixelSpacing.*max_voxel_mm"):
+        io.read(folder)
+
+
+def test_limits_must_be_positive_or_none(tmp_path):
+    path = io.write(tmp_path / "scan.nii.gz", np.zeros((4, 4, 4), np.float32), Space((4, 4, 4), np.eye(4)))
+    for name, bad in [("max_expansion", 0), ("max_voxel_mm", -1.0), ("max_slices", 2.5), ("max_bytes", True)]:
+        with pytest.raises(errors.UsageError, match=f"{name} must be a positive"):
+            io.read(path, **{name: bad})
+
+
+# ------------------------------------------------------------------------------ issue 25, item 6: DICOM geometry
+
+
+@pytest.mark.parametrize(
+    "tags, match",
+    [
+        ({"pixel_spacing": ("0", "0")}, r"PixelSpacing \(0028,0030\) is \[0, 0\]: a pixel size is 0"),
+        ({"pixel_spacing": ("0.5", "0")}, r"PixelSpacing .* is 0 \(SimpleITK would read 1 mm\)"),
+        ({"pixel_spacing": ("-0.5", "0.5")}, r"PixelSpacing .* a pixel size is negative \(-0.5 mm\)"),
+        ({"pixel_spacing": ("0.7",)}, r"PixelSpacing .* 1 value\(s\): expected 2 numbers"),
+        ({"pixel_spacing": None}, r"no PixelSpacing .* would assume 1 mm"),
+        ({"orientation": ("1", "0", "0", "0.0871557", "0.9961947", "0")}, r"5 degrees apart .* expected a right angle"),
+        ({"orientation": ("2", "0", "0", "0", "2", "0")}, r"lengths 2 and 2, expected unit vectors"),
+        ({"orientation": ("1", "0")}, r"ImageOrientationPatient \(0020,0037\) is \[1, 0\], 2 value\(s\): expected 6"),
+        ({"orientation": ("1", "0"), "n": 1}, r"2 value\(s\): expected 6"),
+        ({"orientation": ("1", "0", "0", "0", "1", "nan")}, r"expected 6 finite numbers"),
+    ],
+)
+def test_malformed_dicom_geometry_is_refused_everywhere(tmp_path, tags, match):
+    from medcam3d.cli import main
+
+    folder = pydicom_series(tmp_path / "series", **tags)
+    calls = [io.read, io.read_space, io.describe, lambda f: io.read(f, allow_uneven_slices=True)]
+    for call in calls:
+        with pytest.raises(errors.GeometryError, match=match) as info:
+            call(folder)
+        assert _one_line(info.value)
+    assert main(["info", "--image", str(folder)]) == 2
+
+
+def test_dicom_grid_of_read_and_describe_is_one(tmp_path):
+    """One function builds the grid from the headers: read, read_space and describe give the same affine,
+    for an orientation within the tolerance (rounded to 4 decimals) and for one slice."""
+    row = np.array([0.9848, 0.1736, 0.0])  # 10 degrees, rounded as some scanners write it
+    col = np.array([-0.1736, 0.9848, 0.0])
+    orientation = tuple(f"{v:.4f}" for v in (*row, *col))
+    for n in (4, 1):
+        folder = pydicom_series(tmp_path / f"s{n}", n=n, orientation=orientation, pixel_spacing=("0.8", "0.6"), step=2.5)
+        _, space = io.read(folder)
+        info = io.describe(folder)
+        np.testing.assert_array_equal(info.affine, space.affine)
+        np.testing.assert_array_equal(io.read_space(folder).affine, space.affine)
+        assert not space.is_sheared
+        np.testing.assert_allclose(space.spacing, [0.6, 0.8, 2.5 if n > 1 else space.spacing[2]], rtol=1e-6)
+
+
+def test_describe_of_a_folder_of_several_series_reports_a_malformed_one(tmp_path):
+    folder = tmp_path / "study"
+    write_series(folder, axial_positions([0.0, 1.0, 2.0]))
+    pydicom_series(folder, pixel_spacing=("0", "0"))
+    info = io.describe(folder)
+    problems = {s.uid: s.problem for s in info.series}
+    assert problems[SERIES_UID] is None
+    assert "PixelSpacing" in problems["1.2.826.0.1.3680043.8.498.92"]
+    with pytest.raises(errors.GeometryError, match="PixelSpacing"):
+        io.read(folder, series="1.2.826.0.1.3680043.8.498.92")
+    assert io.read(folder, series=SERIES_UID)[0].shape == (4, 5, 3)
+
+
+# ------------------------------------------------------------------------------ issue 25, item 9: messages of reading
+
+
+def test_metaimage_ndims_10_says_what_is_wrong(tmp_path):
+    (tmp_path / "scan.raw").write_bytes(bytes(32))
+    for dims in ("4 4 2", "4 4 2 1 1 1 1 1 1 1"):
+        path = mhd(tmp_path / "scan.mhd", "scan.raw").read_text().replace("NDims = 3", "NDims = 10").replace("4 4 2", dims)
+        (tmp_path / "scan.mhd").write_text(path)
+        with pytest.raises(errors.ImageReadError, match="NDims = 10; expected 2 to 5 dimensions") as info:
+            io.read(tmp_path / "scan.mhd")
+        assert "No such file" not in str(info.value) and _one_line(info.value)
+    (tmp_path / "scan.mhd").write_text(mhd(tmp_path / "scan.mhd", "scan.raw").read_text().replace("4 4 2", "4 4"))
+    with pytest.raises(errors.ImageReadError, match="DimSize = '4 4' but NDims = 3; expected 3 numbers"):
+        io.read(tmp_path / "scan.mhd")
+
+
+def test_singular_transform_matrix_is_named(tmp_path):
+    (tmp_path / "scan.raw").write_bytes(bytes(32))
+    for matrix in ("0 0 0 0 0 0 0 0 0", "1 0 0 1 0 0 0 0 1"):
+        path = mhd(tmp_path / "scan.mhd", "scan.raw", extra=f"TransformMatrix = {matrix}\n")
+        for call in (io.read, io.describe, io.read_space):
+            with pytest.raises(errors.GeometryError, match=r"direction matrix \(TransformMatrix = .*\) is singular") as info:
+                call(path)
+            assert _one_line(info.value)
+
+
+def test_messages_of_the_cpp_readers_are_caught(tmp_path, capfd, caplog):
+    """MetaIO and ITK print to the process's stderr; they become one line of medcam3d's error or log."""
+    (tmp_path / "scan.raw").write_bytes(bytes(32))
+    path = tmp_path / "scan.mhd"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 2\nElementTypo = MET_UCHAR\nElementDataFile = scan.raw\n")
+    capfd.readouterr()
+    with pytest.raises(errors.ImageReadError, match="could not parse the header .*ElementType required and not defined") as info:
+        io.read(path)
+    assert _one_line(info.value) and "No such file" not in str(info.value)
+    write_series(tmp_path / "uneven", axial_positions([0.0, 1.0, 2.0, 4.5]))
+    with caplog.at_level(logging.WARNING, logger="medcam3d.io"):
+        io.read(tmp_path / "uneven", allow_uneven_slices=True)
+    out, err = capfd.readouterr()
+    assert "ElementType required" not in err and "WARNING: In" not in err and "Non uniform sampling" not in err, err
+    assert any("uneven slice spacing" in r.getMessage() and _one_line(r.getMessage()) for r in caplog.records)
+    print("stderr works again", file=sys.stderr)
+    assert "stderr works again" in capfd.readouterr().err
+
+
+def test_an_empty_image_path_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from medcam3d.cli import main
+
+    monkeypatch.chdir(tmp_path)  # '' used to mean the current folder, read as a DICOM folder
+    for call in (io.read, io.describe, io.read_space):
+        with pytest.raises(errors.ImageNotFoundError, match="no image path given"):
+            call("")
+    assert main(["info", "--image", ""]) == 2
+    assert "--image is empty" in capsys.readouterr().err
+    assert main(["explain", "--config", "c.yaml", "--image", "", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "--image is empty" in err and "lies inside" not in err

@@ -94,7 +94,8 @@ def _holds_dicom(folder: Path, probe: int = 16) -> bool:
 def read_image(path: str | Sequence[str]) -> list[tuple]:
     """Read one or more images as napari layer data tuples.
 
-    A 4D file (e.g. one heatmap per class) gives one layer per volume. A map or mask that medcam3d
+    A 4D file (e.g. one heatmap per class) gives one layer per volume, read once; a file of more
+    than :data:`MAX_VOLUME_LAYERS` volumes is refused (see :func:`_volume_layers`). A map or mask that medcam3d
     saved (recognised by its NIfTI ``descrip``) opens as a heatmap image layer or a mask labels
     layer, as the *Explain* widget makes them (:mod:`._outputs`).
 
@@ -125,17 +126,35 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
         name = case_id_of(p)
         try:
             array, space = io.read(p, dtype=None)
-        except io.VolumeError:  # 4D: one layer per volume
-            for volume in range(10_000):
-                try:
-                    array, space = io.read(p, volume=volume, dtype=None)
-                except io.VolumeIndexError:
-                    break
-                layers.append(image_layer_data(array, space, name=f"{name} [{volume}]", path=p, volume=volume))
+        except io.VolumeError:  # 4D (found from the header, before any voxel is read): one layer per volume
+            layers.extend(_volume_layers(p, name))
             continue
         saved = saved_output_layer(array, space, p)  # a medcam3d map or mask: a heatmap or labels layer
         layers.append(saved if saved is not None else image_layer_data(array, space, name=name, path=p))
     return layers
+
+
+#: The most volumes of a 4D file the reader opens (one 3D layer each).
+MAX_VOLUME_LAYERS = 128
+
+
+def _volume_layers(path: Path, name: str) -> list[tuple]:
+    """One image layer per volume of a 4D file, read once (:func:`medcam3d.io.read_volumes`).
+
+    Each volume is a 3D layer (``"<name> [t]"``, ``metadata["volume"] = t``), so the Explain and
+    Segment widgets can use it and a 4D map of a few classes shows one toggleable layer per class.
+    A file of more than :data:`MAX_VOLUME_LAYERS` volumes (a time series) is refused, naming how to
+    open one volume, before its voxels are read.
+    """
+    volumes = io.describe(path).volumes
+    if volumes > MAX_VOLUME_LAYERS:
+        raise io.VolumeError(
+            f"'{path}' holds {volumes} volumes; medcam3d's napari reader opens a 4D file as one layer per volume, "
+            f"at most {MAX_VOLUME_LAYERS}. Open one volume instead: save it as its own file (medcam3d.io.read(path, "
+            "volume=<index>) then medcam3d.io.write), or explain it with 'medcam3d explain --volume <index>'."
+        )
+    data, space = io.read_volumes(path, dtype=None, max_volumes=MAX_VOLUME_LAYERS)
+    return [image_layer_data(data[t], space, name=f"{name} [{t}]", path=path, volume=t) for t in range(len(data))]
 
 
 #: CT soft-tissue window (level 40 HU, width 400 HU), used for scans that look like CT.
