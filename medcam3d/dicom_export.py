@@ -135,6 +135,32 @@ def _source(source: str | os.PathLike | Sequence[Dataset], series: str | None, t
     return datasets
 
 
+def _series_folders(source: str | os.PathLike | Sequence[Dataset], datasets: Sequence[Dataset]) -> list[Path]:
+    """The folders the source series lives in: the folder given, and each slice file's folder."""
+    folders = {Path(source).expanduser().resolve()} if isinstance(source, (str, os.PathLike)) else set()
+    for dataset in datasets:
+        filename = getattr(dataset, "filename", None)
+        if isinstance(filename, (str, os.PathLike)) and str(filename):
+            folders.add(Path(filename).expanduser().resolve().parent)
+    return sorted(folders)
+
+
+def _check_out_dir(out_dir: str | os.PathLike, folders: Sequence[Path], *, containing: bool = True) -> None:
+    """Refuse an output folder that is, lies inside or (``containing``) contains a source series folder.
+
+    DICOM objects written among the slices become part of the folder a reader scans: it would then
+    read two series (or refuse the folder), as ``medcam3d explain --out`` refuses an output folder
+    over its inputs.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for folder in folders:
+        if out == folder or folder in out.parents or (containing and out in folder.parents):
+            where = "is" if out == folder else ("lies inside" if folder in out.parents else "contains")
+            raise OutputConflictError(
+                f"The output folder {str(out_dir)!r} {where} the source series folder '{folder}'; DICOM objects "
+                "written there would be read as part of the series. Choose a folder outside it, e.g. 'export/'.")
+
+
 def _floats(dataset: Dataset, keyword: str, n: int) -> np.ndarray:
     values = np.asarray([float(v) for v in getattr(dataset, keyword, [])], dtype=np.float64)
     if values.shape != (n,) or not np.all(np.isfinite(values)):
@@ -300,14 +326,16 @@ def write_parametric_map(
     SpaceError
         The map is not on the source series' grid.
     OutputConflictError
-        (FileExistsError) ``path`` exists and may not be replaced.
+        (FileExistsError) ``path`` exists and may not be replaced, or lies in the source series' folder.
     """
     hd = _require_highdicom()
     from pydicom.sr.codedict import codes
 
     from . import __version__
 
-    datasets = _slice_order(heatmap.space, _source(source, series, trust))
+    slices = _source(source, series, trust)
+    _check_out_dir(Path(path).parent, _series_folders(source, slices), containing=False)
+    datasets = _slice_order(heatmap.space, slices)
     values = heatmap.normalized() if normalized else np.asarray(heatmap.data, dtype=np.float32)
     if not np.all(np.isfinite(values)):
         raise ValueError("The heatmap has NaN/Inf voxels (a NaN fill?); DICOM float maps need finite values. "
@@ -393,7 +421,9 @@ def write_segmentation(
     for mask in stack:
         if mask.shape != space.shape:
             raise SpaceError(f"A mask has shape {mask.shape}, the grid {space.shape}; expected masks on the grid.")
-    datasets = _slice_order(space, _source(source, series, trust))
+    slices = _source(source, series, trust)
+    _check_out_dir(Path(path).parent, _series_folders(source, slices), containing=False)
+    datasets = _slice_order(space, slices)
     pixels = _frames(np.stack([m.astype(bool) for m in stack], axis=-1))
     identification = hd.AlgorithmIdentificationSequence(name=algorithm[:64], version=__version__,
                                                         family=codes.cid7162.ArtificialIntelligence)
@@ -450,7 +480,8 @@ def export_dicom(
         The source series.
     out_dir : path
         Created if needed. Files: ``<prefix>_<method>_<class>.dcm`` (Parametric Maps) and
-        ``<prefix>_<method>_seg.dcm`` (the Segmentation, a segment per class).
+        ``<prefix>_<method>_seg.dcm`` (the Segmentation, a segment per class). It may not be, lie
+        inside or contain the source series' folder (the objects would be read as part of it).
     threshold : float
         The mask of a class: voxels >= ``threshold`` x the map's maximum
         (:func:`medcam3d.masks.threshold_mask` with ``"fraction"``).
@@ -460,6 +491,12 @@ def export_dicom(
     Returns
     -------
     list of Path
+
+    Raises
+    ------
+    OutputConflictError
+        ``out_dir`` is, lies inside or contains the source series' folder (nothing is written), or
+        a file exists that may not be replaced.
     """
     from .masks import threshold_mask
 
@@ -468,6 +505,7 @@ def export_dicom(
     if not re.fullmatch(r"[\w.+-]+", prefix) or prefix.startswith("."):
         raise ValueError(f"prefix must be a plain file-name part (letters, digits, '._+-'), not {prefix!r}.")
     datasets = _source(source, series, trust)
+    _check_out_dir(out_dir, _series_folders(source, datasets))
     out = Path(out_dir)
     first = heatmaps[0]
     if any(h.space != first.space or h.method != first.method for h in heatmaps):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -18,7 +19,7 @@ from medcam3d import io
 from medcam3d.cli import main
 from medcam3d.errors import CaseIdError, OutputConflictError
 from medcam3d.jobs.cases import check_case_id, collect_cases, derive_case_ids
-from medcam3d.jobs.outputs import check_output_location, is_own_case_folder
+from medcam3d.jobs.outputs import check_output_location, fingerprint, is_own_case_folder, remove_stale_staging
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
 from conftest import write_tiny_config, write_tiny_model
@@ -313,3 +314,294 @@ def test_a_corrupt_scan_is_a_usage_error_for_explain(setup, tmp_path, capsys):
     bad.write_bytes((root / "scan.nii.gz").read_bytes()[:200])
     assert main(["explain", "--config", str(config), "--image", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.nii.gz" in capsys.readouterr().err
+
+
+# issue 25 item 2
+# Data loss: outputs over the inputs' CSV, a user's summary.csv, files added to a case folder, forged or linked
+# ownership markers, look-alike staging folders, DICOM export into its series, two jobs into one --out.
+def _evaluate(config, inputs, out, *extra):
+    return main(["evaluate", "--config", str(config), "--inputs", str(inputs), "--out", str(out), "--quiet",
+                 "--methods", "hirescam", "--steps", "2", "--randomization-cases", "0", "--no-segmentation", *extra])
+
+
+def _explain(config, image, out):
+    return main(["explain", "--config", str(config), "--image", str(image), "--out", str(out)])
+
+
+def test_evaluate_refuses_an_out_that_holds_its_inputs_csv_or_scans(setup, tmp_path, capsys):
+    root, config = setup
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "p1.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    (data / "cases.csv").write_text("id,image\np1,p1.nii.gz\n")
+    lists = tmp_path / "lists"  # a CSV alone in its folder, naming scans elsewhere
+    lists.mkdir()
+    (lists / "cases.csv").write_text(f"id,image\np1,{root / 'scan.nii.gz'}\n")
+    before = _tree(tmp_path)
+    assert _evaluate(config, data / "cases.csv", data) == 2
+    assert "contains the input" in capsys.readouterr().err
+    assert _evaluate(config, lists / "cases.csv", lists) == 2
+    assert "contains the input" in capsys.readouterr().err
+    assert _evaluate(config, data, data / "report") == 2  # inside the folder of scans
+    assert _tree(tmp_path) == before
+
+
+def test_batch_refuses_an_out_that_holds_its_inputs_csv(setup, tmp_path, capsys):
+    root, config = setup
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    table = lists / "summary.csv"
+    table.write_text(f"id,image\np1,{root / 'scan.nii.gz'}\n")
+    before = _tree(tmp_path)
+    assert _batch(config, table, lists) == 2
+    err = capsys.readouterr().err
+    assert "contains the input" in err and "summary.csv" in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_a_users_summary_csv_in_out_is_neither_merged_nor_replaced(setup, tmp_path, capsys, encoding):
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = "case,grade\nold_patient,3\n".encode(encoding)
+    (out / "summary.csv").write_bytes(mine)
+    assert _batch(config, scans, out) == 2
+    err = capsys.readouterr().err
+    assert "summary.csv (not written by medcam3d)" in err and "Traceback" not in err
+    assert (out / "summary.csv").read_bytes() == mine
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # no case written, no lock left
+
+
+def test_batch_replaces_and_merges_only_its_own_unchanged_summary_csv(setup, tmp_path, capsys):
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert _batch(config, scans, out) == 0
+    (scans / "b.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    assert _batch(config, scans, out, "--resume") == 0  # its own summary.csv: merged and replaced
+    assert [r["case"] for r in csv.DictReader((out / "summary.csv").open(encoding="utf-8"))] == ["a", "b"]
+    with (out / "summary.csv").open("a", encoding="utf-8") as stream:
+        stream.write("b,my note\n")  # the user edits it: no longer medcam3d's to replace
+    edited = (out / "summary.csv").read_bytes()
+    assert _batch(config, scans, out, "--resume") == 2
+    assert "summary.csv (changed since medcam3d wrote it)" in capsys.readouterr().err
+    assert (out / "summary.csv").read_bytes() == edited
+
+
+def test_a_file_the_user_added_to_a_case_folder_is_kept_and_named(setup, tmp_path, capsys):
+    root, config = setup
+    out = tmp_path / "out"
+    assert _explain(config, root / "scan.nii.gz", out) == 0
+    (out / "scan" / "thesis.docx").write_bytes(b"PK\x03\x04 four years of work")
+    before = _tree(tmp_path)
+    assert _explain(config, root / "scan.nii.gz", out) == 2
+    err = capsys.readouterr().err
+    assert "thesis.docx (not written by medcam3d)" in err and "nothing was deleted" in err
+    assert _tree(tmp_path) == before  # nothing deleted, no staging folder left
+
+
+def test_a_changed_result_file_is_not_replaced(setup, tmp_path, capsys):
+    root, config = setup
+    out = tmp_path / "out"
+    assert _explain(config, root / "scan.nii.gz", out) == 0
+    edited = out / "scan" / "scan_hirescam_bright_box.json"
+    edited.write_text(edited.read_text(encoding="utf-8").replace("{", "{\"reviewed\": true, ", 1), encoding="utf-8")
+    before = _tree(tmp_path)
+    assert _explain(config, root / "scan.nii.gz", out) == 2
+    assert "scan_hirescam_bright_box.json (changed since medcam3d wrote it)" in capsys.readouterr().err
+    assert _tree(tmp_path) == before and "reviewed" in edited.read_text(encoding="utf-8")
+    edited.unlink()  # a listed file the user deleted is no obstacle
+    assert _explain(config, root / "scan.nii.gz", out) == 0 and edited.is_file()
+
+
+def test_a_forged_marker_does_not_make_a_folder_medcam3d_s(setup, tmp_path, capsys):
+    root, config = setup
+    out = tmp_path / "out"
+    (out / "scan").mkdir(parents=True)
+    (out / "scan" / "summary.json").write_text(json.dumps({"medcam3d": {"kind": "case"}}))
+    (out / "scan" / "thesis.docx").write_bytes(b"years of work")
+    assert not is_own_case_folder(out / "scan")
+    assert _explain(config, root / "scan.nii.gz", out) == 2
+    assert "was not written by medcam3d" in capsys.readouterr().err
+    assert (out / "scan" / "thesis.docx").read_bytes() == b"years of work"
+
+
+def test_a_symlinked_summary_json_does_not_count(setup, tmp_path, capsys):
+    root, config = setup
+    real = tmp_path / "real"
+    assert _explain(config, root / "scan.nii.gz", real) == 0  # a genuine summary.json, manifest and all
+    out = tmp_path / "out"
+    (out / "scan").mkdir(parents=True)
+    (out / "scan" / "summary.json").symlink_to(real / "scan" / "summary.json")
+    (out / "scan" / "notes.txt").write_text("keep")
+    assert not is_own_case_folder(out / "scan")
+    before = _tree(tmp_path)
+    assert _explain(config, root / "scan.nii.gz", out) == 2
+    assert "was not written by medcam3d" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+
+
+def test_only_staging_folders_with_medcam3d_s_own_name_and_mark_are_removed(setup, tmp_path):
+    root, config = setup
+    out = tmp_path / "out"
+    assert _explain(config, root / "scan.nii.gz", out) == 0
+    forged = {".scan.old-999999-x": json.dumps({"medcam3d": {"kind": "case"}}),  # the issue's folder
+              ".scan.old-999999-0badcafe": json.dumps({"medcam3d": {"kind": "case"}}),  # right name, no manifest
+              ".scan.partial-999999-0badcafe": None}  # right name, no staging mark
+    for name, summary in forged.items():
+        (out / name).mkdir()
+        (out / name / "thesis.docx").write_text("keep")
+        if summary is not None:
+            (out / name / "summary.json").write_text(summary)
+    wrong_mark = out / ".scan.partial-999999-feedf00d"
+    wrong_mark.mkdir()
+    (wrong_mark / ".medcam3d-staging").write_text("999999-0badcafe")  # the mark of another folder
+    genuine_old = out / ".scan.old-999999-0000beef"  # a replaced folder of a killed run: medcam3d's own
+    genuine_old.mkdir()
+    for path in (out / "scan").iterdir():
+        (genuine_old / path.name).write_bytes(path.read_bytes())
+    (genuine_old / "summary.json").touch()
+    own_but_added = out / ".scan.old-999999-1111beef"  # medcam3d's, but the user put a file in it
+    shutil.copytree(genuine_old, own_but_added)
+    (own_but_added / "thesis.docx").write_text("keep")
+    before = {name: _tree(out / name) for name in [*forged, wrong_mark.name, own_but_added.name]}
+    assert remove_stale_staging(out, "scan") == [genuine_old]
+    assert {name: _tree(out / name) for name in before} == before
+
+
+def test_fingerprints_hash_small_files_and_the_edges_and_time_of_big_ones(tmp_path, monkeypatch):
+    import medcam3d.jobs.outputs as outputs
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"a" * 1000)
+    recorded = fingerprint(small)
+    small.write_bytes(b"a" * 499 + b"b" + b"a" * 500)  # same size, one byte in the middle
+    assert recorded is not None and "sha256" in recorded and fingerprint(small) != recorded
+    monkeypatch.setattr(outputs, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(outputs, "EDGE_BYTES", 100)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(5000))
+    recorded = outputs.fingerprint(big)
+    assert recorded is not None and set(recorded) == {"size", "mtime_ns", "sha256_edges"}
+    os.utime(big, ns=(recorded["mtime_ns"] + 10**9, recorded["mtime_ns"] + 10**9))  # saved again, same bytes
+    assert outputs.fingerprint(big) != recorded
+    big.write_bytes(bytes(4999) + b"x")  # a changed tail
+    os.utime(big, ns=(recorded["mtime_ns"], recorded["mtime_ns"]))
+    assert outputs.fingerprint(big) != recorded
+    (tmp_path / "link").symlink_to(small)
+    assert outputs.fingerprint(tmp_path / "link") is None  # a link is never taken for the file it points to
+
+
+def test_export_dicom_refuses_the_source_series_folder(tmp_path):
+    from test_dicom_export import SHAPE as DICOM_SHAPE, write_ct_series
+
+    from medcam3d.dicom_export import export_dicom, write_parametric_map
+    from medcam3d.heatmap import Heatmap
+
+    folder = tmp_path / "ct"
+    write_ct_series(folder, np.zeros(DICOM_SHAPE, np.float32))
+    space = io.read_space(folder)
+    heatmap = Heatmap(np.linspace(0, 1, int(np.prod(DICOM_SHAPE)), dtype=np.float32).reshape(DICOM_SHAPE), space,
+                      "hirescam", "l", 0)
+    before = _tree(tmp_path)
+    for out_dir in (folder, folder / "maps", tmp_path):  # the series folder, inside it, around it
+        with pytest.raises(OutputConflictError, match="source series folder"):
+            export_dicom([heatmap], folder, out_dir)
+    with pytest.raises(OutputConflictError, match="source series folder"):
+        write_parametric_map(heatmap, folder, folder / "map.dcm")
+    assert _tree(tmp_path) == before
+    assert len(export_dicom([heatmap], folder, tmp_path / "export")) == 2  # beside the series: fine
+
+
+_HOLDER = """
+import sys
+from medcam3d.jobs.lock import OutputLock
+lock = OutputLock(sys.argv[1], "batch").acquire()
+print("held", flush=True)
+sys.stdin.read()  # until the test lets go
+lock.release()
+"""
+
+
+@pytest.fixture()
+def held_out(tmp_path):
+    """An output folder whose lock another process holds (as a running batch does)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    yield out, holder.pid
+    holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not (out / ".medcam3d.lock").exists()
+
+
+def test_a_second_job_into_a_locked_out_fails_at_once_and_names_the_holder(setup, held_out, capsys):
+    root, config = setup
+    out, pid = held_out
+    scans = out.parent / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes((root / "scan.nii.gz").read_bytes())
+    before = _tree(out.parent)
+    for job in (lambda: _batch(config, scans, out), lambda: _explain(config, root / "scan.nii.gz", out),
+                lambda: _evaluate(config, scans, out)):
+        code = job()
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"is being written by medcam3d batch (pid {pid}, started " in err and "choose another --out" in err
+    assert _tree(out.parent) == before
+
+
+def test_a_lock_file_left_by_a_dead_run_does_not_block(setup, tmp_path):
+    root, config = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".medcam3d.lock").write_text(json.dumps({"pid": 999999, "command": "batch", "started": "yesterday"}))
+    assert _explain(config, root / "scan.nii.gz", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scan"]  # the lock file is gone with the lock
+
+
+def test_locks_nest_within_a_process_and_exclude_other_descriptors(tmp_path):
+    from medcam3d.jobs.lock import OutputLock
+
+    outer = OutputLock(tmp_path, "batch").acquire()
+    inner = OutputLock(tmp_path, "evaluate").acquire()  # evaluate() called inside a locked job: no self-deadlock
+    inner.release()
+    assert (tmp_path / ".medcam3d.lock").exists()
+    outer.release()
+    assert not (tmp_path / ".medcam3d.lock").exists()
+    (tmp_path / ".medcam3d.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputConflictError, match="not a file"):
+        OutputLock(tmp_path, "batch").acquire()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_all_refuse_a_locked_out_without_hanging(setup, held_out):
+    import socket
+    import subprocess
+    import sys
+
+    root, config = setup
+    out, pid = held_out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "medcam3d", "batch", "--config", str(config), "--inputs", str(root),
+               "--out", str(out), "--device", "cpu", "--quiet", "--workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert done.stdout.count(f"is being written by medcam3d batch (pid {pid}") + \
+        done.stderr.count(f"is being written by medcam3d batch (pid {pid}") == 2  # both ranks say why
+    assert sorted(p.name for p in out.iterdir()) == [".medcam3d.lock"]

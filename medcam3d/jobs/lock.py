@@ -239,6 +239,7 @@ def output_lock(out: str | Path, command: str, *, context: Any = None,
     rank = getattr(context, "rank", 0)
     distributed = bool(getattr(context, "distributed", False))
     lock = None
+    created = rank == 0 and not os.path.lexists(out)  # removed again when the job leaves it empty
     if rank == 0:
         try:
             Path(out).mkdir(parents=True, exist_ok=True)
@@ -248,6 +249,9 @@ def output_lock(out: str | Path, command: str, *, context: Any = None,
         except Exception as error:  # under torchrun every rank must learn of it, or they would wait forever
             if lock is not None:
                 lock.release()
+            if created:
+                with contextlib.suppress(OSError):
+                    Path(out).rmdir()
             if distributed:
                 torch_broadcast([f"{error}" or type(error).__name__])
             raise
@@ -261,3 +265,6 @@ def output_lock(out: str | Path, command: str, *, context: Any = None,
     finally:
         if lock is not None:
             lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                Path(out).rmdir()  # only when empty: a job that failed before writing leaves no folder
