@@ -28,6 +28,7 @@ _LAZY = {
     "Medcam3dError": "errors",
     "list_layers": "layers",
     "LayerInfo": "layers",
+    "ReceptiveField": "receptive_field",  # the function is medcam3d.layers.receptive_field (this name is its module)
     "normalize": "heatmap",
     "Region": "targets",
     "InputError": "errors",
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (``import X as X``: a re-export)
     from .heatmap import normalize as normalize
     from .layers import LayerInfo as LayerInfo
     from .layers import list_layers as list_layers
+    from .receptive_field import ReceptiveField as ReceptiveField
     from .methods import EXPLAINERS as EXPLAINERS
     from .methods import METHODS as METHODS
     from .methods import get_explainer as get_explainer

@@ -184,7 +184,8 @@ def _runner(args: argparse.Namespace, methods=None):
     return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
                   layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
                   sliding_window=window, amp=getattr(args, "amp", None), trust=trust, reader=reader,
-                  random_weights=random_weights, output_activation=getattr(args, "output_activation", None))
+                  random_weights=random_weights, output_activation=getattr(args, "output_activation", None),
+                  placement=getattr(args, "placement", None))
 
 
 _OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized", "segment")
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--output-activation", choices=["auto", "none", "softmax", "sigmoid"],
                          help="what the network applies to its logits (default: the config's, auto = detect a trailing "
                               "Softmax/Sigmoid and explain the logits before it)")
+    explain.add_argument("--placement", choices=["receptive_field", "align_corners"],
+                         help="where the maps' cells sit on the scan (default: the config's, receptive_field = the centre "
+                              "of each cell's receptive field; align_corners = the convention, up to half a cell off)")
     explain.add_argument("--mask", help="optional ground-truth label map (label c+1 = class c) to check peaks")
     explain.add_argument("--region-mask", metavar="PATH",
                          help="segmentation networks: a 0/1 mask on the scan's grid; each class is explained by the sum "
@@ -519,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--layer")
     batch.add_argument("--output-activation", choices=["auto", "none", "softmax", "sigmoid"],
                        help="what the network applies to its logits (default: the config's)")
+    batch.add_argument("--placement", choices=["receptive_field", "align_corners"],
+                       help="where the maps' cells sit on the scan (default: the config's, receptive_field)")
     scan_options(batch)
     batch.add_argument("--resume", action="store_true",
                        help="skip cases already explained with the same methods, target, layer and config")

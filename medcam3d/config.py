@@ -401,11 +401,13 @@ class Config:
     amp: str | None = None
     source: Path | None = None
     output_activation: str = "auto"
+    placement: str = "receptive_field"
 
 
 OUTPUT_ACTIVATIONS = ("auto", "none", "softmax", "sigmoid")
+PLACEMENTS = ("receptive_field", "align_corners")
 _TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
-             "output_activation"}
+             "output_activation", "placement"}
 _MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"}
 
 
@@ -638,7 +640,12 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
     if activation not in OUTPUT_ACTIVATIONS:
         raise ConfigError(f"{where}: output_activation must be one of {OUTPUT_ACTIVATIONS} (what the network applies to "
                           f"its logits; auto detects a trailing Softmax/Sigmoid), not {_short(activation)}.")
+    placement = data.get("placement", "receptive_field")
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"{where}: placement must be one of {PLACEMENTS} (where the maps' cells sit: the centres of their "
+                          f"receptive fields, or the align_corners=False convention), not {_short(placement)}.")
     return Config(
+        placement=placement,
         output_activation=activation,
         sliding_window=_sliding_window(data.get("sliding_window"), where),
         amp=amp,

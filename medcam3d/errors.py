@@ -55,6 +55,7 @@ __all__ = [
     "OutputConflictError",
     "ShearWarning",
     "ProbabilityOutputWarning",
+    "PlacementWarning",
     "ConcurrentUseWarning",
     "exit_code",
     "EXIT_OK",
@@ -234,6 +235,10 @@ class ShearWarning(UserWarning):
 
 class ProbabilityOutputWarning(UserWarning):
     """The model returns probabilities (a trailing softmax/sigmoid), not logits: what was explained instead."""
+
+
+class PlacementWarning(UserWarning):
+    """A layer's receptive field could not be found: its maps are placed by the align_corners convention."""
 
 
 class ConcurrentUseWarning(RuntimeWarning):

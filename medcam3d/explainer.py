@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import InputError, LayerError, ModelOutputError, ProbabilityOutputWarning
+from .errors import InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
 from .hooks import ActivationCapture, counterpart, isolated_model, model_lock
 from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
@@ -31,6 +31,7 @@ from .modeling import (
     looks_like_probabilities,
     to_model_input,
 )
+from .receptive_field import PLACEMENTS, ReceptiveField, receptive_field
 from .targets import Region, resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
@@ -68,6 +69,13 @@ class Explanation:
     output_activation : {"none", "softmax", "log_softmax", "sigmoid"}
         The activation of the model's output that was undone before scoring ("none": the output
         was explained as it is).
+    placement : {"receptive_field", "align_corners"}
+        How the feature grid is placed on the input grid (:func:`medcam3d.space.feature_space`):
+        each cell at the centre of its receptive field (``receptive_field``), or by the
+        ``align_corners=False`` convention.
+    receptive_field : ReceptiveField or None
+        The target layer's receptive field for this input (:func:`medcam3d.layers.receptive_field`),
+        with ``placement="receptive_field"``; None otherwise.
     """
 
     maps: torch.Tensor
@@ -83,6 +91,8 @@ class Explanation:
     input_affine: np.ndarray | None = None
     class_names: list[str] | None = None
     output_activation: str = "none"
+    placement: str = "align_corners"
+    receptive_field: ReceptiveField | None = None
 
     def to_scanner_space(self, scanner_space=None, *, input_space=None, sample: int = 0, fill: float = 0.0):
         """Each map of one sample as a :class:`~medcam3d.heatmap.Heatmap` on the scan's grid.
@@ -180,6 +190,13 @@ class Explainer:
           one class becomes its logit's map minus the probability-weighted mean of all classes'
           maps (:func:`medcam3d.modeling.logits_from_probabilities`).
         * ``"none"``: explain the output as it is.
+    placement : {"receptive_field", "align_corners"}
+        Where the maps' cells are placed on the input (and so in the scanner's space):
+        ``"receptive_field"`` (default) at the centre of each cell's receptive field, computed from
+        the network (:func:`medcam3d.layers.receptive_field`: its kernels, strides, paddings and
+        dilations, or a gradient probe where the graph cannot be read), once per model, layer and
+        input shape; ``"align_corners"`` by the ``F.interpolate(align_corners=False)`` convention
+        that other libraries use, which can be off by up to half a cell.
 
         Why: HiResCAM's faithfulness (the map is the element-wise gradient × activation
         decomposition of the score; it sums to ``logit − bias`` for a flatten + Linear head) is a
@@ -206,6 +223,7 @@ class Explainer:
         update_batchnorm_stats: bool = False,
         amp: str | None = None,
         output_activation: str = "auto",
+        placement: str = "receptive_field",
     ) -> None:
         if not isinstance(model, nn.Module):
             message = f"model must be a torch.nn.Module, not {type(model).__name__}."
@@ -216,6 +234,10 @@ class Explainer:
         if output_activation not in OUTPUT_ACTIVATIONS:
             message = f"output_activation must be one of {list(OUTPUT_ACTIVATIONS)}, not {output_activation!r}."
             raise ValueError(message)
+        if placement not in PLACEMENTS:
+            message = f"placement must be one of {list(PLACEMENTS)}, not {placement!r}."
+            raise ValueError(message)
+        self.placement = placement
         self.output_activation = output_activation
         self.amp = amp
         self.model = model
@@ -321,6 +343,7 @@ class Explainer:
                     maps = maps.expand(-1, resolved.num_targets, *maps.shape[2:])
                 if relu:
                     maps = maps.clamp_min(0)
+        placement, placed = self._placement(name, inputs)
         return Explanation(
             maps=maps.float().contiguous(),
             targets=resolved.labels(),
@@ -335,9 +358,31 @@ class Explainer:
             input_affine=input_affine,
             class_names=self.class_names,
             output_activation=undone,
+            placement=placement,
+            receptive_field=placed,
         )
 
     # --------------------------------------------------------------- helpers
+    def _placement(self, layer: str, inputs: torch.Tensor) -> tuple[str, ReceptiveField | None]:
+        """The placement of the layer's maps, and its receptive field (cached per model, layer and shape).
+
+        Where the receptive field cannot be found (the layer's output does not depend on the input
+        through gradients), the convention is used, with a :class:`PlacementWarning`.
+        """
+        if self.placement == "align_corners":
+            return "align_corners", None
+        try:
+            found = receptive_field(self.model, layer, tuple(inputs.shape[1:]), device=inputs.device)
+        except LayerError as error:
+            message = (
+                f"The receptive field of layer {layer!r} could not be found ({error}); its maps are placed by the "
+                "align_corners=False convention, which can be off by up to half a cell. Pass "
+                "placement='align_corners' to choose that explicitly."
+            )
+            warnings.warn(message, PlacementWarning, stacklevel=4)
+            return "align_corners", None
+        return "receptive_field", found
+
     def _prepare_input(self, x: object) -> tuple[torch.Tensor, np.ndarray | None]:
         if torch.is_inference_mode_enabled():
             message = "Explaining needs autograd: call the explainer outside torch.inference_mode()."

@@ -32,7 +32,7 @@ from .space import Resampler, Space, SpaceError, feature_space, resample
 if TYPE_CHECKING:
     from .explainer import Explanation
 
-__all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "save_heatmaps", "ScanGridMap", "Scaling",
+__all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "feature_space_of", "save_heatmaps", "ScanGridMap", "Scaling",
            "save_scan_maps", "STORAGE_DTYPES", "Volume", "write_nifti_files", "nifti_header", "like_header",
            "slab_ranges", "Constant"]
 
@@ -96,6 +96,9 @@ class Heatmap:
     class_name : str or None
     score : float or None
         The explained score (logit or region sum).
+    placement : {"receptive_field", "align_corners"} or None
+        How the feature grid was placed on the input (:attr:`Explanation.placement`); recorded in
+        :attr:`descrip` as ``place=rf`` or ``place=ac``.
     """
 
     data: np.ndarray
@@ -105,6 +108,7 @@ class Heatmap:
     class_index: int
     class_name: str | None = None
     score: float | None = None
+    placement: str | None = None
 
     @property
     def label(self) -> str:
@@ -118,9 +122,12 @@ class Heatmap:
 
     @property
     def descrip(self) -> str:
-        """Text for the NIfTI ``descrip`` field (at most 80 bytes)."""
+        """Text for the NIfTI ``descrip`` field (at most 80 bytes): method, layer, class and placement
+        (``place=rf``: receptive-field centres, ``place=ac``: the align_corners convention; kept when the
+        text is cut to 80 bytes)."""
         text = f"medcam3d {self.method} layer={self.layer} class={self.class_index}:{self.label}"
-        return text.encode("ascii", "replace")[:80].decode("ascii")
+        suffix = f" place={_PLACEMENT_CODES[self.placement]}" if self.placement in _PLACEMENT_CODES else ""
+        return text.encode("ascii", "replace")[: 80 - len(suffix)].decode("ascii") + suffix
 
     def normalized(self) -> np.ndarray:
         """The map min–max scaled to [0, 1] (zeros when flat)."""
@@ -143,6 +150,30 @@ class Heatmap:
         data = self.normalized() if normalized else self.data
         io.write(path, data.astype(np.float32), self.space, like=like, descrip=self.descrip)
         return Path(path)
+
+
+#: The placement codes written in ``descrip`` (see :attr:`Heatmap.descrip`).
+_PLACEMENT_CODES = {"receptive_field": "rf", "align_corners": "ac"}
+
+
+def feature_space_of(result: Explanation, input_space: Space | None = None, sample: int = 0) -> Space:
+    """The feature grid of an explanation's maps: placed by its receptive field (``placement=
+    "receptive_field"``) or by the align_corners convention (:func:`medcam3d.space.feature_space`).
+
+    Parameters
+    ----------
+    result : Explanation
+    input_space : Space, optional
+        The model input's grid; default: from the MetaTensor the explainer saw.
+    sample : int
+    """
+    if input_space is None:
+        input_space = input_space_of(result, sample)
+    if tuple(input_space.shape) != tuple(result.input_shape):
+        message = f"input_space has shape {input_space.shape}, but the explained input was {result.input_shape}."
+        raise SpaceError(message)
+    placed = getattr(result, "receptive_field", None) if getattr(result, "placement", None) == "receptive_field" else None
+    return feature_space(input_space, result.feature_shape, receptive_field=placed)
 
 
 def input_space_of(result: Explanation, sample: int = 0) -> Space:
@@ -195,12 +226,7 @@ def to_scanner_space(
     list of Heatmap
         One per target, in ``result`` order.
     """
-    if input_space is None:
-        input_space = input_space_of(result, sample)
-    if tuple(input_space.shape) != tuple(result.input_shape):
-        message = f"input_space has shape {input_space.shape}, but the explained input was {result.input_shape}."
-        raise SpaceError(message)
-    grid = feature_space(input_space, result.feature_shape)
+    grid = feature_space_of(result, input_space, sample)
     maps = result.maps[sample].detach().float().cpu()
     data = maps.numpy() if scanner_space is None else resample(maps, grid, scanner_space, fill=fill).numpy()
     target_space = grid if scanner_space is None else scanner_space
@@ -215,6 +241,7 @@ def to_scanner_space(
             class_index=int(index),
             class_name=names[index] if names is not None and index < len(names) else None,
             score=float(result.scores[sample, t]),
+            placement=getattr(result, "placement", None),
         )
         for t, index in enumerate(indices)
     ]
@@ -320,7 +347,7 @@ class ScanGridMap:
         """The whole map as a scan-grid :class:`Heatmap` (what :func:`to_scanner_space` gives)."""
         h = self.heatmap
         return Heatmap(np.ascontiguousarray(self.array()), self.space, h.method, h.layer, h.class_index,
-                       h.class_name, h.score)
+                       h.class_name, h.score, h.placement)
 
     def sample(self, indices: Sequence[Any] | None = None, *, scale: float = 1.0, offset: float = 0.0,
                layout: str = "C") -> torch.Tensor:

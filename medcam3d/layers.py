@@ -30,10 +30,13 @@ from torch import nn
 from .errors import InputError, LayerError, LayerNotFoundError, ModelOutputError
 from .hooks import forward_hooks, isolated_model, model_lock
 from .modeling import first_tensor, model_device_dtype
+from .receptive_field import ReceptiveField, receptive_field  # noqa: F401  (re-exported: where a layer's cells look)
 from .torchscript import is_scripted, module_type_name, probe_script
 
 __all__ = [
     "LayerInfo",
+    "ReceptiveField",
+    "receptive_field",
     "resolve_layer",
     "list_layers",
     "auto_layer",

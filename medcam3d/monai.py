@@ -63,6 +63,7 @@ from torch import nn
 from .errors import Medcam3dError, SpaceError
 from .explainer import Explainer, Explanation
 from .heatmap import Heatmap, ScanGridMap, save_scan_maps, to_scanner_space
+from .receptive_field import ReceptiveField
 from .hooks import forward_hooks, model_lock
 from .modeling import first_tensor
 from .orientation import lps_to_ras
@@ -333,6 +334,8 @@ def _meta_entry(result: Explanation, inputs: torch.Tensor) -> dict[str, Any]:
         "input_shape": list(result.input_shape),
         "feature_shape": list(result.feature_shape),
         "class_names": result.class_names,
+        "placement": result.placement,
+        "receptive_field": None if result.receptive_field is None else result.receptive_field.to_dict(),
     }
     entry: dict[str, Any] = {
         "maps": result.maps.detach(),
@@ -433,6 +436,8 @@ def explanation_of(pred: Any, *, sample: int | None = None, meta_key: str = HEAT
         feature_shape=tuple(info["feature_shape"]),
         input_affine=affine,
         class_names=info["class_names"],
+        placement=info.get("placement", "align_corners"),
+        receptive_field=None if info.get("receptive_field") is None else ReceptiveField.from_dict(info["receptive_field"]),
     )
 
 

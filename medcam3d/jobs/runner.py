@@ -104,6 +104,9 @@ class CaseResult:
     files: list[str] = field(default_factory=list)
     run: dict = field(default_factory=dict)  # the settings that produced it (see Runner.run_settings)
     segmentation: dict | None = None  # output.segment: the lesions found (see medcam3d.segment)
+    # per method: how its feature grid was placed on the input ("receptive_field" or "align_corners"),
+    # the layer, and the receptive field's step/offset/size in input voxels (None for align_corners)
+    placement: dict = field(default_factory=dict)
 
     @classmethod
     def from_summary(cls, data: dict) -> CaseResult | None:
@@ -263,6 +266,8 @@ class Runner:
         The model has random parameters on purpose; recorded in every case's summary.
     output_activation : str, optional
         Override the config's ``output_activation`` (``auto``, ``none``, ``softmax``, ``sigmoid``).
+    placement : {"receptive_field", "align_corners"}, optional
+        Override the config's ``placement`` of the feature grid (see :class:`~medcam3d.Explainer`).
 
     Attributes
     ----------
@@ -276,7 +281,7 @@ class Runner:
                  target: object = None, layer: str | None = None, device: str = "auto",
                  sliding_window: SlidingWindowConfig | None = None, amp: str | None = None,
                  trust: bool = False, reader=None, random_weights: bool = False,
-                 output_activation: str | None = None) -> None:
+                 output_activation: str | None = None, placement: str | None = None) -> None:
         self.config = config
         self.trust = trust
         self.reader = reader
@@ -294,7 +299,8 @@ class Runner:
             unique_file_labels(config.class_names)  # clashing file labels are refused before any work
         self.explainers = [
             Explainer(self.model, method, layer=self.layer, class_names=config.class_names, amp=self.amp,
-                      output_activation=output_activation or config.output_activation)
+                      output_activation=output_activation or config.output_activation,
+                      placement=placement or config.placement)
             for method in self.methods
         ]
 
@@ -304,6 +310,7 @@ class Runner:
         return {"methods": list(self.methods), "target": self.target, "layer": self.layer,
                 "random_weights": self.random_weights,
                 "output_activation": self.explainers[0].output_activation if self.explainers else None,
+                "placement": self.explainers[0].placement if self.explainers else None,
                 "config_digest": config_digest(self.config), "amp": self.amp,
                 "sliding_window": None if window is None else dataclasses.asdict(window)}
 
@@ -451,6 +458,10 @@ class Runner:
             if not result.probabilities and explanation.logits.ndim == 2:
                 probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
                 result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
+            field_ = explanation.receptive_field
+            result.placement[explanation.method] = {
+                "placement": explanation.placement, "layer": explanation.layer,
+                "receptive_field": None if field_ is None else field_.to_dict()}
             native = to_scanner_space(explanation)  # the feature grid, exact affine
             prefix = result.case_id
             files = [heat.save(folder / f"{prefix}_{explanation.method}_{heat.file_label}_feature{ext}") for heat in native]

@@ -52,7 +52,8 @@ KINDS = ("map", "norm", "feature", "mask")
 _SUFFIXES = (("_feature", "feature"), ("_mask", "mask"), ("_norm", "norm"))
 _NIFTI = (".nii.gz", ".nii")
 # medcam3d <method> layer=<layer> class=<index>:<label>; the label is the rest (it may hold spaces)
-_DESCRIP = re.compile(r"medcam3d (?P<method>[^\s=:]+) layer=(?P<layer>[^\s=]+) class=(?P<index>\d{1,9}):(?P<label>\S.*)")
+_DESCRIP = re.compile(r"medcam3d (?P<method>[^\s=:]+) layer=(?P<layer>[^\s=]+) class=(?P<index>\d{1,9}):(?P<label>\S.*?)"
+                      r"(?: place=(?:rf|ac))?")  # the placement of the feature grid (Heatmap.descrip)
 _SIDECAR_BYTES = 4 << 20  # summary.json / _box.json read at most this large
 
 
