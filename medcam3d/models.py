@@ -547,7 +547,10 @@ def estimate_activation_bytes(model: nn.Module, input_shape: Sequence[int], dtyp
 
 
 def _bytes_text(count: int) -> str:
-    return f"{count / (1 << 30):.1f} GiB" if count >= (1 << 30) else f"{count / (1 << 20):.0f} MiB"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
 
 
 class _ActivationGuard:
@@ -796,11 +799,17 @@ def _read_state(path: Path, *, trust: bool) -> Mapping:
                 loaded = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as full_error:
                 raise ModelLoadError(f"Cannot read weights from {path} (full unpickling, trusted): {_one_line(full_error)}") from None
-        elif isinstance(error, pickle.UnpicklingError):
+        elif isinstance(error, pickle.UnpicklingError) and not re.search(r"Unsupported operand \d+", str(error)):
             message = (
                 f"Cannot read weights from {path}: {_weights_only_reason(error)}. Save the weights with "
                 "torch.save(model.state_dict(), path); or, if you trust the file (unpickling runs code from it), pass "
                 "--trust (Python: trust=True)."
+            )
+            raise ModelLoadError(message) from None
+        elif isinstance(error, pickle.UnpicklingError):  # not a pickle torch.save writes: --trust would not help
+            message = (
+                f"Cannot read weights from {path}: {_weights_only_reason(error)}. Give the state_dict file written by "
+                "torch.save(model.state_dict(), path)."
             )
             raise ModelLoadError(message) from None
         else:

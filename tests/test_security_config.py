@@ -6,8 +6,10 @@ it never appears. Hostile and garbage configs may only raise medcam3d errors.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import random
+import re
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from medcam3d.cli import main
 from medcam3d.config import ModelConfig, PreprocessingSteps, load_config, parse_config, plain_data_problem
 from medcam3d.errors import (
     ConfigError,
+    InputError,
     Medcam3dError,
     ModelLoadError,
     PreprocessingError,
@@ -586,3 +589,393 @@ def test_randomly_mutated_configs_raise_only_medcam3d_errors(tmp_path, monkeypat
             pass
         assert not marker.exists()
 
+
+
+# ============================================================================ issue 25
+# ----------------------------------------------------------------------------- item 4: no network access without --trust
+_COULD_DOWNLOAD = re.compile(r"pretrain|download|url|hub|repo|checkpoint|ckpt|weights|filename|cache_dir|model_dir")
+
+
+def _allowed_networks():
+    """Every constructor a config may name without --trust: nn.Module classes of the network namespaces and the factories."""
+    import monai.networks.nets as nets
+
+    for namespace in models.NETWORK_NAMESPACES:
+        module = importlib.import_module(namespace)
+        for name in sorted(dir(module)):
+            obj = getattr(module, name)
+            owner = getattr(obj, "__module__", "") or ""
+            if inspect.isclass(obj) and issubclass(obj, nn.Module) and (owner == namespace or owner.startswith(namespace + ".")):
+                if name not in models.NETWORKS_NEEDING_TRUST:
+                    yield f"{namespace}.{name}", obj
+    for name in sorted(models.NETWORK_FACTORIES):
+        if hasattr(nets, name):
+            yield f"monai.networks.nets.{name}", getattr(nets, name)
+
+
+def test_no_allowed_network_downloads_through_its_defaults(monkeypatch):
+    """A config that names a network and leaves its download arguments out builds it with them off."""
+    checked = 0
+    for path, factory in _allowed_networks():
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):
+            continue
+        risky = [name for name, p in signature.parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and (_COULD_DOWNLOAD.search(name.lower()) or (isinstance(p.default, str) and "://" in p.default))]
+        if not risky:
+            continue
+        received: dict = {}
+
+        def fake(**kwargs):
+            received.update(kwargs)
+            return nn.Identity()
+
+        fake.__signature__ = signature  # type: ignore[attr-defined]
+        monkeypatch.setattr(models, "_resolve_untrusted", lambda network, source, fake=fake: fake)
+        build_network(path, {}, max_parameters=None)
+        bound = signature.bind_partial(**received)
+        bound.apply_defaults()
+        for name in risky:
+            assert not bound.arguments.get(name), f"{path}: {name}={bound.arguments.get(name)!r} would download or read weights"
+        checked += 1
+    assert checked >= 6  # EfficientNetBN, EfficientNetBNFeatures, EfficientNetEncoder, ResNetFeatures, ResNetEncoder, DenseNet121 ...
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every way MONAI and torch reach the internet fails loudly; the attempts are recorded."""
+    import socket
+    import urllib.request
+
+    import monai.networks.nets.resnet as monai_resnet
+    import torch.hub
+    import torch.utils.model_zoo
+
+    attempts: list[str] = []
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            attempts.append(what)
+            raise OSError(f"test: network access ({what}) is not allowed")
+        return call
+
+    for owner, name in [(socket.socket, "connect"), (socket, "create_connection"), (socket, "getaddrinfo"),
+                        (urllib.request, "urlopen"), (torch.hub, "load_state_dict_from_url"),
+                        (torch.hub, "download_url_to_file"), (torch.utils.model_zoo, "load_url"),
+                        (monai_resnet, "get_pretrained_resnet_medicalnet")]:
+        monkeypatch.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+    return attempts
+
+
+@pytest.mark.parametrize(
+    "network, args",
+    [
+        ("EfficientNetBN", {"model_name": "efficientnet-b0", "num_classes": 2}),  # 2D by default: pretrained=True downloads
+        ("EfficientNetBNFeatures", {"model_name": "efficientnet-b0"}),
+        ("EfficientNetEncoder", {"model_name": "efficientnet-b0"}),
+        ("ResNetFeatures", {"model_name": "resnet10"}),
+        ("ResNetEncoder", {"model_name": "resnet10"}),
+    ],
+)
+def test_networks_that_default_to_pretrained_weights_build_without_network_access(no_network, network, args):
+    model = build_network(f"monai.networks.nets.{network}", args)
+    assert isinstance(model, nn.Module)
+    assert no_network == []
+    if network == "EfficientNetBN":  # the block is real: with --trust the default stays and the download is attempted
+        with pytest.raises(ModelLoadError, match="network access"):
+            build_network(f"monai.networks.nets.{network}", args, trust=True)
+        assert no_network
+
+
+# ----------------------------------------------------------------------------- item 5: preprocessing under the voxel limit
+@pytest.fixture
+def no_eager_transforms(monkeypatch):
+    """Running a transform for real (not its lazy, metadata-only prediction) raises: proves a refusal came first."""
+    import monai.transforms as mt
+
+    ran: list[str] = []
+    for name in ("SpatialPad", "BorderPad", "DivisiblePad", "Zoom", "Resize", "ResizeWithPadOrCrop", "Spacing"):
+        cls = getattr(mt, name)
+        original = cls.__call__
+
+        def call(self, *args, _original=original, _name=name, **kwargs):
+            if not kwargs.get("lazy"):
+                ran.append(_name)
+                raise AssertionError(f"{_name} ran for real")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", call)
+    return ran
+
+
+def _grid(shape, spacing=1.0) -> tuple[np.ndarray, Space]:
+    return np.zeros(shape, np.float32), Space(shape, np.diag([spacing, spacing, spacing, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "step, shape",
+    [
+        ({"name": "SpatialPad", "spatial_size": 2048}, (8, 8, 8)),  # an int size applies to every axis: 2048^3
+        ({"name": "ResizeWithPadOrCrop", "spatial_size": 1100}, (8, 8, 8)),
+        ({"name": "BorderPad", "spatial_border": 600}, (8, 8, 8)),
+        ({"name": "DivisiblePad", "k": 2000}, (8, 8, 8)),
+        ({"name": "Zoom", "zoom": 12}, (96, 96, 96)),  # keep_size: the whole 1152^3 zoom is made, then cropped
+        ({"name": "Zoom", "zoom": 12, "keep_size": False}, (96, 96, 96)),
+        ({"name": "Resize", "spatial_size": 2048, "size_mode": "longest"}, (8, 8, 8)),
+    ],
+)
+def test_preprocessing_that_would_make_a_huge_grid_is_refused_before_it_runs(no_eager_transforms, step, shape):
+    started = time.perf_counter()
+    with pytest.raises(PreprocessingError) as info:
+        preprocess(_grid(shape), [step])
+    message = str(info.value)
+    assert f"preprocessing[0] ({step['name']}) would make a grid of" in message, message
+    assert f"more than the {MAX_VOXELS:,} allowed" in message and "--max-voxels" in message and "\n" not in message
+    assert no_eager_transforms == [] and time.perf_counter() - started < 5
+
+
+def test_a_small_scan_with_huge_voxels_is_refused_before_it_is_resampled(tmp_path, no_eager_transforms):
+    import nibabel as nib
+
+    path = tmp_path / "tiny_40mm.nii.gz"  # 35 kB on disk; resampled to 1 mm: 1241^3 voxels, 7 GiB
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.diag([40.0, 40.0, 40.0, 1.0])), path)
+    steps = [{"name": "Orientation", "axcodes": "RAS"}, {"name": "Spacing", "pixdim": [1.0, 1.0, 1.0]}]
+    with pytest.raises(PreprocessingError, match=r"preprocessing\[1\] \(Spacing\) would make a grid of 1241x1241x1241 .*"
+                                                 r"32x32x32 image with voxels of 40 x 40 x 40 mm.*--max-voxels"):
+        preprocess(path, steps)
+    assert no_eager_transforms == []
+
+
+def test_the_voxel_limit_can_be_lowered_and_lifted():
+    steps = [{"name": "BorderPad", "spatial_border": 2}]  # 8^3 -> 12^3 = 1728 voxels
+    with pytest.raises(PreprocessingError, match="more than the 1,000 allowed"):
+        preprocess(_image(), steps, max_voxels=1000)
+    assert preprocess(_image(), steps, max_voxels=None)[0].shape[1:] == (12, 12, 12)
+    compose = build_transforms(steps, max_voxels=1000)
+    with pytest.raises(PreprocessingError, match="more than the 1,000 allowed"):
+        preprocess(_image(), compose)
+    assert preprocess(_image(), compose, max_voxels=2000)[0].shape[1:] == (12, 12, 12)
+    with pytest.raises(PreprocessingError, match="max_voxels must be a positive int"):
+        build_transforms(steps, max_voxels=-1)
+    # a trusted config is limited too, and so is a Compose built by the caller
+    import monai.transforms as mt
+
+    with pytest.raises(PreprocessingError, match=r"transform 0 \(BorderPad\) would make"):
+        preprocess(_image(), mt.Compose([mt.BorderPad(2)]), max_voxels=1000)
+    with pytest.raises(PreprocessingError, match="would make"):
+        preprocess(_image(), steps, trust=True, max_voxels=1000)
+    # an input already over the limit may still go through transforms that do not enlarge it
+    assert preprocess(_image(), [{"name": "Flip", "spatial_axis": 0}], max_voxels=10)[0].shape[1:] == (8, 8, 8)
+
+
+def test_the_voxel_limit_rides_on_the_config_and_the_cli_flag(tmp_path, capsys):
+    from medcam3d import io
+    from medcam3d.config import with_limits
+
+    path = _write(tmp_path, f"""
+model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: none}}
+preprocessing:
+  - {{name: BorderPad, spatial_border: 2}}
+""")
+    config = load_config(path)
+    assert config.preprocessing.max_voxels == MAX_VOXELS
+    lowered = with_limits(config, max_voxels=1000)
+    assert lowered.preprocessing.max_voxels == 1000 and config.preprocessing.max_voxels == MAX_VOXELS
+    with pytest.raises(PreprocessingError, match=f"{path}: preprocessing\\[0\\] \\(BorderPad\\) would make"):
+        preprocess(_image(), lowered.preprocessing)
+    scan = tmp_path / "scan.nii.gz"
+    io.write(scan, *_image())
+    assert main(["layers", "--config", str(path), "--image", str(scan), "--max-voxels", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessing[0] (BorderPad) would make a grid of 12x12x12 = 1,728 voxels" in err and "--max-voxels" in err
+    assert main(["layers", "--config", str(path), "--image", str(scan), "--max-voxels", "none"]) == 0
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- item 5: networks under the activation limit
+def test_a_network_with_few_parameters_and_huge_activations_is_refused_before_it_runs(tmp_path, monkeypatch):
+    path = _write(tmp_path, "model: {network: torch.nn.Conv3d, args: {in_channels: 1, out_channels: 1, kernel_size: 3, "
+                            "padding: 600}, weights: none}\n")
+    model = load_model(load_config(path))
+    assert sum(p.numel() for p in model.parameters()) == 28  # far inside the parameter budget
+    convolved: list = []
+    original = nn.Conv3d._conv_forward
+
+    def conv_forward(self, x, weight, bias):
+        if x.device.type != "meta":
+            convolved.append(tuple(x.shape))
+        return original(self, x, weight, bias)
+
+    monkeypatch.setattr(nn.Conv3d, "_conv_forward", conv_forward)
+    started = time.perf_counter()
+    with pytest.raises(InputError) as info:  # 1232^3 outputs: 7 GiB
+        model(torch.zeros(1, 1, 32, 32, 32))
+    message = str(info.value)
+    assert time.perf_counter() - started < 5 and convolved == []
+    assert message.startswith(f"{path}: the network's layer outputs for an input of shape (1, 1, 32, 32, 32) would need about 6.9 GiB")
+    assert "more than the 4.0 GiB allowed" in message and "--max-activation-memory" in message and "\n" not in message
+    assert main(["layers", "--config", str(path), "--shape", "1", "32", "32", "32"]) == 2
+
+
+def test_the_activation_estimate_counts_what_is_alive_at_once():
+    conv = nn.Conv3d(1, 2, 3, padding=1)
+    assert models.estimate_activation_bytes(conv, (1, 1, 8, 8, 8)) == 4 * (512 + 2 * 512)  # input + output
+    chain = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Conv3d(2, 1, 1), nn.ReLU())
+    # the in-place ReLU's and the Sequential's outputs are storages counted already; the peak is while the second conv
+    # runs (input, first conv's output, second conv's output); the first conv's output is freed before the last ReLU
+    assert models.estimate_activation_bytes(chain, (1, 1, 8, 8, 8)) == 4 * (512 + 2 * 512 + 512)
+    assert models.estimate_activation_bytes(torch.jit.script(nn.Conv3d(1, 1, 1)), (1, 1, 4, 4, 4)) is None
+    assert all(t.device.type == "cpu" for t in conv.parameters()) and not conv._forward_hooks and not chain[0]._forward_hooks
+
+
+def test_the_activation_limit_can_be_lowered_lifted_and_works_through_the_explainer(tmp_path):
+    from medcam3d import Explainer
+    from medcam3d.config import with_limits
+
+    net = build_network("monai.networks.nets.DenseNet", TINY_ARGS, max_activation_bytes=20_000)
+    x = torch.rand(1, 1, 16, 16, 16)  # the input alone is 16 KiB; with the layer outputs 32 KiB
+    with pytest.raises(InputError, match=r"would need about 32.0 KiB at once .*more than the 19.5 KiB allowed"):
+        net(x)
+    with pytest.raises(InputError, match="would need about"):  # the explainer runs a view of the model: still limited
+        Explainer(net.eval(), "gradcam")(x, target=0)
+    models.limit_activations(net, None)
+    assert net(x).shape == (1, 2)
+    models.limit_activations(net, 20_000)
+    with pytest.raises(InputError):
+        net(x)
+    assert len(net._forward_pre_hooks) == 1  # replaced, not stacked
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: none}}\n")
+    config = with_limits(load_config(path), max_activation_bytes=20_000)
+    with pytest.raises(InputError, match=f"{path}: the network's layer outputs"):
+        load_model(config)(x)
+    assert load_model(config, max_activation_bytes=None)(x).shape == (1, 2)
+    assert load_model(with_limits(config, max_activation_bytes=None))(x).shape == (1, 2)
+    assert load_model(load_config(path))(x).shape == (1, 2)  # the default (4 GiB) lets a real network through
+    with pytest.raises(ConfigError, match="max_activation_bytes must be a positive int"):
+        with_limits(config, max_activation_bytes=0)
+
+
+def test_building_under_the_budget_leaves_no_process_wide_hooks():
+    from torch.nn.modules import module as torch_module
+
+    tables = ("_global_parameter_registration_hooks", "_global_buffer_registration_hooks", "_global_module_registration_hooks")
+
+    def medcam3d_hooks() -> list:
+        return [hook for table in tables for hook in getattr(torch_module, table).values()
+                if getattr(hook, "__module__", "").startswith("medcam3d")]
+
+    build_network("monai.networks.nets.DenseNet", TINY_ARGS)
+    assert medcam3d_hooks() == []
+    with pytest.raises(ModelLoadError):
+        build_network("monai.networks.nets.DenseNet", TINY_ARGS, max_parameters=1000)
+    assert medcam3d_hooks() == []
+    net = build_network("monai.networks.nets.DenseNet", TINY_ARGS)
+    net(torch.rand(1, 1, 16, 16, 16))  # the activation estimate's hooks live on a meta copy and are gone too
+    assert all(not m._forward_hooks for m in net.modules())
+    assert [type(h).__name__ for h in net._forward_pre_hooks.values()] == ["_ActivationGuard"]
+
+
+# ----------------------------------------------------------------------------- item 9: one-line messages, user errors
+def test_ensuretype_to_the_meta_device_is_a_user_error(tmp_path, capsys):
+    from medcam3d import io
+
+    with pytest.raises(PreprocessingError, match=r"preprocessing\[0\]\.device \(EnsureType\): 'meta' is PyTorch's device without data"):
+        build_transforms([{"name": "EnsureType", "device": "meta"}])
+    with pytest.raises(PreprocessingError, match=r"preprocessing\[0\]\.device \(EnsureType\): 'gpu7' is not a device"):
+        build_transforms([{"name": "EnsureType", "device": "gpu7"}])
+    import monai.transforms as mt
+
+    with pytest.raises(PreprocessingError, match="moved the image to PyTorch's 'meta' device"):
+        preprocess(_image(), mt.Compose([mt.EnsureType(device="meta")]))
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: none}}\n"
+                            "preprocessing: [{name: EnsureType, device: meta}]\n")
+    scan = tmp_path / "scan.nii.gz"
+    io.write(scan, *_image())
+    assert main(["layers", "--config", str(path), "--image", str(scan)]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessing[0].device (EnsureType): 'meta'" in err and "internal error" not in err
+
+
+def test_a_failing_transform_is_named_by_its_config_entry_with_the_root_cause(tmp_path):
+    path = _write(tmp_path, f"""
+model: {{network: monai.networks.nets.DenseNet, args: {TINY}}}
+preprocessing:
+  - {{name: ScaleIntensity}}
+  - {{name: Orientation, axcodes: QQQ}}
+""")
+    with pytest.raises(PreprocessingError) as info:
+        preprocess(_image(), load_config(path).preprocessing)
+    message = str(info.value)
+    assert message.startswith(f"{path}: preprocessing[1] (Orientation) failed on an image of shape (1, 8, 8, 8): ValueError: "
+                              "Not all axis codes"), message
+    assert "object at 0x" not in message and "applying transform" not in message and "\n" not in message
+
+
+def test_monai_errors_that_embed_a_traceback_become_one_line(tmp_path, monkeypatch):
+    import monai.networks.nets.resnet as monai_resnet
+    import nibabel as nib
+    from monai.utils import optional_import
+
+    from medcam3d.models import bundle_preprocessing
+    from test_bundles import BUNDLE_STEPS, write_bundle
+
+    # MONAI's optional imports put the import's whole traceback into the message of the error they raise when used
+    missing, _ = optional_import("medcam3d_no_such_module", name="hf_hub_download")
+    monkeypatch.setattr(monai_resnet, "hf_hub_download", missing)
+    with pytest.raises(ModelLoadError) as info:
+        build_network("monai.networks.nets.ResNetFeatures", {"model_name": "resnet10", "pretrained": True}, trust=True)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "File \"" not in message, message
+    assert "OptionalImportError: from medcam3d_no_such_module import hf_hub_download" in message
+    assert "ModuleNotFoundError: No module named 'medcam3d_no_such_module'" in message
+    # a bundle's transform that fails with a multi-line message, wrapped by MONAI's Compose ("applying transform <...>")
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), scan)
+    fails = {"_target_": "Lambdad", "keys": "image",
+             "func": "$lambda x: (_ for _ in ()).throw(ValueError('first line\\n  second line'))"}
+    root = write_bundle(tmp_path / "bundle", steps=[*BUNDLE_STEPS[:2], fails])
+    with pytest.raises(PreprocessingError) as info:
+        bundle_preprocessing(root, trust=True)(scan)
+    message = str(info.value)
+    assert message.endswith("preprocessing failed on '" + str(scan) + "': ValueError: first line second line"), message
+    assert "object at 0x" not in message and "\n" not in message
+
+
+def test_weights_only_refusals_are_one_line_and_name_the_pickled_type(tmp_path):
+    import argparse
+
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil.pt")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "namespace.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage")
+    expected = {"evil.pt": r"pickled object of type \w+\.system", "namespace.pt": "pickled object of type argparse.Namespace",
+                "garbage.pt": "not a PyTorch weights file"}
+    for name, pattern in expected.items():
+        path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: {name}}}\n")
+        with pytest.raises(ModelLoadError) as info:
+            load_model(load_config(path))
+        message = str(info.value)
+        assert re.search(pattern, message) and "\n" not in message and "\x1b" not in message, message
+        assert ("--trust" in message) == (name != "garbage.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("{mask_value: .nan}", "output.mask_value must be a finite number"),
+        ("{mask_value: -5}", r"output.mask_value must be in \(0, 1\] with mask_method fraction"),
+        ("{mask_value: 1.5}", r"output.mask_value must be in \(0, 1\]"),
+        ("{mask_method: percentile, mask_value: 150}", r"output.mask_value must be in \[0, 100\] with mask_method percentile"),
+        ("{mask_method: otsu, mask_value: .inf}", "output.mask_value must be a finite number"),
+    ],
+)
+def test_mask_value_is_checked_when_the_config_is_read(tmp_path, output, message):
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}}}\noutput: {output}\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: {message}"):
+        load_config(path)
+    for valid in ("{mask_method: percentile, mask_value: 95}", "{mask_method: otsu}", "{mask_value: 1}"):
+        kept = load_config(_write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}}}\noutput: {valid}\n"))
+        assert kept.output.mask_value == yaml.safe_load(valid).get("mask_value", 0.5)
