@@ -37,10 +37,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from .errors import SpaceError, TargetError, TargetIndexError
+from .errors import ConfigError, SpaceError, TargetError, TargetIndexError
 
 __all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabilities", "resolve_target",
-           "check_region_mask", "nearest_resample", "output_grid", "region_from_scan_mask"]
+           "check_region_mask", "check_class_names", "nearest_resample", "output_grid", "region_from_scan_mask"]
 
 #: How probabilities come from logits (see :func:`probabilities`).
 TASKS = ("multiclass", "multilabel", "binary", "segmentation")
@@ -198,7 +198,12 @@ def resolve_target(
         A class index outside ``[0, C)`` (``{0, 1}`` for a single-logit model).
     TargetError
         Anything else that does not fit the output.
+    ConfigError
+        ``class_names`` that do not name every class of the output, one name each (see
+        :func:`check_class_names`).
     """
+    if outputs.ndim >= 2:
+        check_class_names(class_names, int(outputs.shape[1]))
     if isinstance(spec, Target):
         return spec
     if outputs.ndim < 2:
@@ -283,6 +288,34 @@ def resolve_target(
         return ClassTarget(indices, signs)
     regions = _regions(mask, outputs, indices, indices_into_output)
     return RegionTarget(indices, signs, regions)
+
+
+def check_class_names(class_names: Sequence[str] | None, channels: int) -> None:
+    """Refuse class names that do not name the model's classes one to one.
+
+    Parameters
+    ----------
+    class_names : sequence of str or None
+        ``None``: no names (classes are shown by index); nothing to check.
+    channels : int
+        The model's output channels ``C`` (logits ``(B, C)`` or ``(B, C, *spatial)``); a single
+        logit (``C = 1``) has two classes, 0 (negative) and 1 (positive).
+
+    Raises
+    ------
+    ConfigError
+        Not one name per class: with fewer, some classes would be shown as numbers; with more,
+        some names belong to no output.
+    """
+    if class_names is None:
+        return
+    expected = 2 if channels == 1 else channels
+    if len(class_names) != expected:
+        output = ("a single logit, i.e. 2 classes (0: negative, 1: positive)" if channels == 1
+                  else f"{channels} output channels, i.e. {channels} classes")
+        raise ConfigError(
+            f"class_names has {len(class_names)} names but the model gives {output}; give exactly {expected} names, "
+            "one per class in the model's output order (config 'class_names', or class_names=[...]), or none.")
 
 
 def _class_index(item: object, class_names: Sequence[str] | None) -> int:

@@ -1,16 +1,24 @@
 """Cases: the one place where a path, a folder or a CSV becomes a list of scans to explain.
 
 A case id names the case's output folder (``OUT/<id>/``) and prefixes its files, so it must be
-one safe path component: no path separators, not ``.``/``..``, no leading dot, no control
-characters, at most :data:`MAX_ID_LENGTH` characters (:func:`check_case_id`). Ids given by the
-user (a CSV's ``id`` column) are checked and must be unique; ids derived from file names are
-cleaned and made unique by construction (:func:`derive_case_ids`). Every problem is reported
-before any work starts, naming the CSV line.
+one safe path component (:func:`check_case_id`): no path separators, not ``.``/``..``, no leading
+dot, no control or invisible formatting characters (zero-width spaces, bidi overrides), at most
+:data:`MAX_ID_BYTES` bytes in UTF-8, and not the name of a file that medcam3d writes at the top of
+``--out`` (:data:`RESERVED_IDS`). Ids are normalised to Unicode NFC and compared ignoring case
+(:func:`case_id_key`), so two spellings of one name (NFC/NFD, upper/lower case) are one id, as
+they are one folder on macOS and Windows. Ids given by the user (a CSV's ``id`` column) are
+checked and must be unique; ids derived from file names are cleaned and made unique by
+construction (:func:`derive_case_ids`). Every problem is reported before any work starts, naming
+the CSV line; cheap checks (columns, ids, row count) come before the file system is asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import os
+import stat
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -26,13 +34,33 @@ __all__ = [
     "check_case_id",
     "derive_case_ids",
     "safe_component",
+    "case_id_key",
+    "input_identity",
+    "case_identity",
     "IMAGE_SUFFIXES",
+    "MAX_ID_BYTES",
     "MAX_ID_LENGTH",
+    "MAX_CASES",
+    "RESERVED_IDS",
 ]
 
 #: File endings read as scans in folder mode (DICOM series are folders).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-MAX_ID_LENGTH = 100
+#: A case id's limit in UTF-8 bytes (100 ASCII letters, 33 CJK characters). File names are limited
+#: to 255 bytes (NAME_MAX) and medcam3d adds up to ~26 bytes to a case folder's name while it is
+#: written (``.<id>.partial-<pid>-<8 hex>``) and ``_<method>_<class>_feature.nii.gz`` to its files,
+#: which leaves the method and class label about 130 bytes.
+MAX_ID_BYTES = 100
+MAX_ID_LENGTH = MAX_ID_BYTES  # the same limit, under its earlier name
+#: At most this many cases in one list (CSV rows, scans in a folder); ``max_cases`` lifts it.
+MAX_CASES = 100_000
+#: Names that medcam3d writes at the top of an output folder (compared ignoring case): a case
+#: folder of that name would collide with them. Names starting with a dot (the lock, the manifest,
+#: staging folders) are refused for every id anyway.
+RESERVED_IDS = frozenset({
+    "summary.csv", "summary.json", "summary.md", "metrics.csv", "cases.csv", "randomization.csv",
+    "randomization.png", "curves.png", "segmentation.json", "failures",
+})
 
 _IMAGE_COLUMNS = ("image", "file", "path", "scan", "filename")
 _ID_COLUMNS = ("id", "case_id", "case", "name", "subject", "patient")
@@ -42,6 +70,8 @@ _VOLUME_COLUMNS = ("volume", "volume_index", "timepoint")
 _SERIES_COLUMNS = ("series", "series_uid", "seriesinstanceuid")
 _REGION_COLUMNS = ("region_mask", "region_mask_file")
 _FORBIDDEN = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
+# control (C0/C1), format (zero-width, bidi, soft hyphen, BOM), surrogate and line/paragraph separators
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _CSV_MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -79,6 +109,10 @@ class Case:
     series: str | None = None
     region_mask: Path | None = None
 
+    def identity(self) -> dict:
+        """Its inputs' identity (see :func:`case_identity`), what ``batch --resume`` compares."""
+        return case_identity(self.image, self.mask, self.region_mask, self.volume, self.series)
+
 
 def case_id_of(path: str | Path) -> str:
     """The file or folder name without its image suffix (``scan.nii.gz`` → ``scan``); not cleaned."""
@@ -89,35 +123,118 @@ def case_id_of(path: str | Path) -> str:
     return name
 
 
-def check_case_id(text: str, where: str = "case id") -> str:
-    """Return ``text`` if it is one safe path component, else raise :class:`CaseIdError`.
+def case_id_key(text: str) -> str:
+    """The form in which case ids are compared: Unicode NFC, ignoring case.
 
-    Safe: 1 to :data:`MAX_ID_LENGTH` characters, no ``/ \\ : * ? " < > |`` or control characters,
-    not starting with ``.`` or a space, not ending with a space or ``.``.
+    ``'Émile'`` (NFC), ``'E\u0301mile'`` (NFD) and ``'émile'`` have one key: they are one folder on
+    macOS (which normalises names) and on case-insensitive file systems.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
+
+
+_RESERVED_KEYS = frozenset(case_id_key(name) for name in RESERVED_IDS)
+
+
+def _code_point(char: str) -> str:
+    """``U+202E RIGHT-TO-LEFT OVERRIDE``: a character by its code point and name."""
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" {name}" if name else "")
+
+
+def _invisible(text: str) -> list[str]:
+    """The distinct control, format (zero-width, bidi) and separator characters of ``text``, in order."""
+    if text.isascii():
+        return list(dict.fromkeys(c for c in text if c < " " or c == "\x7f"))
+    return list(dict.fromkeys(c for c in text if unicodedata.category(c) in _INVISIBLE_CATEGORIES))
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` for a one-line message: quoted, escaped, long texts cut (with their length)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_case_id(text: str, where: str = "case id") -> str:
+    """Return ``text`` in Unicode NFC if it is one safe path component, else raise :class:`CaseIdError`.
+
+    Safe: 1 to :data:`MAX_ID_BYTES` bytes in UTF-8; no ``/ \\ : * ? " < > |``; no control,
+    invisible formatting (Unicode category Cf: zero-width spaces and joiners, bidi embeddings,
+    overrides and isolates, the byte-order mark ...) or line/paragraph separator characters; not
+    starting with ``.`` or whitespace, not ending with whitespace or ``.``; not one of
+    :data:`RESERVED_IDS` (ignoring case).
+
+    Returns
+    -------
+    str
+        ``text`` normalised to NFC (the form medcam3d names folders and files with).
     """
     problem = None
-    if not text:
+    if isinstance(text, str):
+        text = unicodedata.normalize("NFC", text)
+    if not isinstance(text, str) or not text:
         problem = "it is empty"
-    elif len(text) > MAX_ID_LENGTH:
-        problem = f"it has {len(text)} characters (at most {MAX_ID_LENGTH})"
     elif _FORBIDDEN.search(text):
         bad = sorted({repr(c) for c in _FORBIDDEN.findall(text)})
         problem = f"it contains {', '.join(bad)} (path separators and control characters are not allowed)"
-    elif text.startswith((".", " ")) or text.endswith((" ", ".")):
+    elif invisible := _invisible(text):
+        shown = ", ".join(f"{_code_point(c)} at character {text.index(c) + 1}" for c in invisible[:3])
+        problem = (f"it contains {shown} (invisible control and formatting characters such as zero-width spaces "
+                   "and right-to-left overrides are not allowed: they make different ids look the same)")
+    elif _utf8_length(text) > MAX_ID_BYTES:
+        problem = (f"it is {_utf8_length(text)} bytes long in UTF-8 ({len(text)} characters; at most "
+                   f"{MAX_ID_BYTES} bytes, i.e. {MAX_ID_BYTES} ASCII or about {MAX_ID_BYTES // 3} CJK characters, "
+                   "so that the file names made from it fit the file system's 255-byte limit)")
+    elif text.startswith(".") or text[0].isspace() or text[-1].isspace() or text.endswith("."):
         problem = "it starts with a dot or a space, or ends with a space or a dot"
+    elif case_id_key(text) in _RESERVED_KEYS:
+        problem = (f"OUT/{text} is a file that medcam3d writes into the output folder itself (reserved, ignoring "
+                   f"case: {', '.join(sorted(RESERVED_IDS))})")
     if problem:
+        shown_text = _shown(text) if isinstance(text, str) else repr(text)
         raise CaseIdError(
-            f"{where}: {text!r} cannot be a case id because {problem}. A case id names the output folder "
+            f"{where}: {shown_text} cannot be a case id because {problem}. A case id names the output folder "
             f"OUT/<id>/, so it must be a single plain name such as 'patient_001'; fix the id (or the file name)."
         )
     return text
 
 
+def _truncate(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, at a character boundary, in NFC."""
+    while _utf8_length(text) > limit:
+        text = unicodedata.normalize("NFC", text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore"))
+    return text
+
+
+_EDGES = re.compile(r"^[\s.]+|[\s.]+$")
+
+
 def safe_component(text: str, fallback: str = "case") -> str:
-    """``text`` cleaned into a safe path component (forbidden characters → ``_``, no leading dots)."""
+    """``text`` cleaned into a valid case id (one that :func:`check_case_id` accepts).
+
+    NFC; invisible formatting characters (category Cf) dropped; path separators, control and
+    separator characters → ``_``; no leading dots or whitespace, no trailing ones; cut to
+    :data:`MAX_ID_BYTES` bytes; ``fallback`` when nothing is left; ``_case`` appended to a
+    reserved name (:data:`RESERVED_IDS`).
+    """
     text = unicodedata.normalize("NFC", text)
-    text = _FORBIDDEN.sub("_", text).strip(" .")
-    return text[:MAX_ID_LENGTH].rstrip(" .") or fallback
+    if not text.isascii():
+        text = "".join("" if (kind := unicodedata.category(c)) == "Cf" else "_" if kind in _INVISIBLE_CATEGORIES
+                       else c for c in text)
+    text = _EDGES.sub("", _FORBIDDEN.sub("_", text))
+    text = _EDGES.sub("", _truncate(text, MAX_ID_BYTES)) or fallback
+    if case_id_key(text) in _RESERVED_KEYS:
+        text = f"{text}_case"
+    return text
+
+
+def _with_suffix(text: str, suffix: str) -> str:
+    """``text`` + ``suffix`` as a valid case id, ``text`` cut so that the suffix is kept."""
+    return safe_component(_truncate(text, MAX_ID_BYTES - _utf8_length(suffix)) + suffix)
 
 
 def derive_case_ids(images: Sequence[Path]) -> list[str]:
@@ -127,11 +244,10 @@ def derive_case_ids(images: Sequence[Path]) -> list[str]:
     (``p1.nii.gz`` and ``p1.nrrd``; ``p1/scan.nii.gz`` and ``p2/scan.nii.gz``), each gets a longer
     one (the first in input order keeps the plain id): with its format where the formats differ
     (``p1_nrrd``), with its parent folder where the names are the same (``p2_scan``), then numbered.
-    Comparison ignores case, so ids also stay distinct on case-insensitive file systems.
+    Ids are compared as :func:`case_id_key` does (NFC, ignoring case), so they also stay distinct
+    on case-insensitive and normalising file systems.
     """
-    def key(text: str) -> str:
-        return text.casefold()
-
+    key = case_id_key
     ids = [safe_component(case_id_of(p)) for p in images]
     for attempt in range(3):
         groups: dict[str, list[int]] = {}
@@ -146,26 +262,20 @@ def derive_case_ids(images: Sequence[Path]) -> list[str]:
             fmt = image.name[len(case_id_of(image)):].lstrip(".").replace(".", "_") or "dicom"
             same_format = image.name.casefold() == Path(images[first]).name.casefold()
             if attempt == 0 and not same_format:
-                ids[n] = safe_component(f"{ids[n]}_{fmt}")
+                ids[n] = _with_suffix(ids[n], f"_{fmt}")
             elif attempt <= 1:
                 ids[n] = safe_component(f"{image.parent.name}_{ids[n]}")
             else:
-                ids[n] = safe_component(f"{ids[n]}_{n + 1}")
+                ids[n] = _with_suffix(ids[n], f"_{n + 1}")
     seen: set[str] = set()
-    for n, i in enumerate(ids):  # last resort, cannot clash any more
+    for n, i in enumerate(ids):  # last resort: numbered, until it is free
+        number = 1
         while key(i) in seen:
-            i = safe_component(f"{i}_{n + 1}")
+            number += 1
+            i = _with_suffix(ids[n], f"_{n + 1}_{number}")
         seen.add(key(i))
         ids[n] = i
     return ids
-
-
-def _column(header: Sequence[str], candidates: Sequence[str]) -> str | None:
-    lowered = {h.strip().lower(): h for h in header if h is not None}
-    for name in candidates:
-        if name in lowered:
-            return lowered[name]
-    return None
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -189,25 +299,59 @@ def _is_dicom_folder(path: Path) -> bool:
     return any(_is_dicom_file(p) for p in files[:50])
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+def _read_csv(path: Path, max_cases: int) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows (with the line each starts on) of a cohort CSV.
+
+    Read with the ``csv`` module from the file itself (``newline=''``), so quoted fields keep their
+    line breaks and split at nothing else (U+0085, U+2028 are text); a UTF-8 byte-order mark is
+    dropped. Stops at the first row beyond ``max_cases``.
+    """
     size = path.stat().st_size
     if size > _CSV_MAX_BYTES:
-        raise CohortError(f"{path}: {size} bytes is too large for a cohort list (at most {_CSV_MAX_BYTES}).")
+        raise CohortError(f"{path}: {size} bytes is too large for a cohort list (at most {_CSV_MAX_BYTES}); split it "
+                          "into several lists.")
+    rows: list[tuple[int, list[str]]] = []
+    line = 1
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark from Excel is not part of a column name
-    except UnicodeDecodeError as error:
-        raise CohortError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 CSV.") from None
-    try:
-        reader = csv.DictReader(text.splitlines(), restkey="__extra__")
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [(n, row) for n, row in enumerate(reader, start=2)]
+        with path.open(encoding="utf-8-sig", newline="") as stream:  # a byte-order mark from Excel is not a column name
+            reader = csv.reader(stream)
+            first = next(reader, [])
+            header = [h.strip() for h in first]
+            done = reader.line_num
+            for row in reader:
+                line, done = done + 1, reader.line_num  # the line the row starts on (quoted fields may span lines)
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line
+                if len(rows) >= max_cases:
+                    raise CohortError(
+                        f"{path}, line {line}: the list has more than {max_cases} cases, the limit for one run. Split "
+                        "it into several lists, or raise the limit with --max-cases N (collect_cases(max_cases=N)).")
+                rows.append((line, row))
+    except UnicodeDecodeError:
+        try:
+            path.read_bytes().decode("utf-8-sig")
+            reason, at = "not UTF-8", "?"
+        except UnicodeDecodeError as error:
+            reason, at = error.reason, str(error.start)
+        raise CohortError(f"{path} is not UTF-8 text ({reason} at byte {at}); save it as UTF-8 CSV.") from None
     except csv.Error as error:
-        raise CohortError(f"{path}: not a valid CSV file: {error}.") from None
+        raise CohortError(f"{path}, line {line}: not a valid CSV file: {error}.") from None
     return header, rows
 
 
-def _from_csv(path: Path) -> tuple[list[Case], list[bool]]:
-    header, rows = _read_csv(path)
+def _column(header: Sequence[str], candidates: Sequence[str]) -> int | None:
+    """The index of the first column named like one of ``candidates`` (in their order; ignoring case)."""
+    lowered: dict[str, int] = {}
+    for index, name in enumerate(header):
+        lowered.setdefault(name.strip().lower(), index)
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    return None
+
+
+def _from_csv(path: Path, max_cases: int = MAX_CASES) -> tuple[list[Case], list[bool]]:
+    header, rows = _read_csv(path, max_cases)
     image_col = _column(header, _IMAGE_COLUMNS)
     if image_col is None:
         raise CohortError(
@@ -218,39 +362,40 @@ def _from_csv(path: Path) -> tuple[list[Case], list[bool]]:
     region_col = _column(header, _REGION_COLUMNS)
     cases: list[Case] = []
     given: list[bool] = []
+    base = str(path.parent)
 
-    def local(text: str) -> Path:
-        candidate = Path(text.strip()).expanduser()
-        return candidate if candidate.is_absolute() else path.parent / candidate
+    def local(text: str) -> Path:  # plain string work: this runs once per row of lists with 100,000 rows
+        text = os.path.expanduser(text) if text.startswith("~") else text
+        return Path(text if os.path.isabs(text) else os.path.join(base, text))
 
-    for number, raw in rows:
-        row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in raw.items()}
+    def cell(row: list[str], column: int | None) -> str:
+        return row[column].strip() if column is not None and column < len(row) else ""
+
+    for number, row in rows:
         where = f"{path}, line {number}"
-        if not any(v.strip() for v in row.values()):
-            continue  # blank line
-        text = row.get(image_col, "").strip()
+        text = cell(row, image_col)
         if not text:
-            raise CohortError(f"{where}: empty {image_col!r}; every row needs a scan path.")
-        image = local(text)
-        mask_text = row.get(mask_col, "").strip() if mask_col else ""
+            raise CohortError(f"{where}: empty {header[image_col]!r}; every row needs a scan path.")
+        mask_text = cell(row, mask_col)
         labels = None  # no labels column: presence unknown; an empty cell: no class present
         if label_col is not None:
-            labels = [t for t in re.split(r"[;,|\s]+", row.get(label_col, "").strip()) if t and t.lower() not in ("none", "-")]
-        case_id = row.get(id_col, "").strip() if id_col else ""
+            labels = [t for t in re.split(r"[;,|\s]+", cell(row, label_col)) if t and t.lower() not in ("none", "-")]
+        case_id = cell(row, id_col)
         if case_id:
-            check_case_id(case_id, f"{where}, column {id_col!r}")
-        volume_text = row.get(volume_col, "").strip() if volume_col else ""
-        if volume_text and not volume_text.isdigit():
-            raise CohortError(f"{where}: {volume_col!r} must be a volume index (0, 1, ...), not {volume_text!r}.")
-        series = (row.get(series_col, "").strip() if series_col else "") or None
-        region_text = row.get(region_col, "").strip() if region_col else ""
-        cases.append(Case(case_id, image, local(mask_text) if mask_text else None, labels, where,
+            case_id = check_case_id(case_id, f"{where}, column {header[id_col]!r}")  # type: ignore[index]
+        volume_text = cell(row, volume_col)
+        if volume_text and not (volume_text.isascii() and volume_text.isdigit()):
+            raise CohortError(f"{where}: {header[volume_col]!r} must be a volume index (0, 1, ...), "  # type: ignore[index]
+                              f"not {_shown(volume_text)}.")
+        series = cell(row, series_col) or None
+        region_text = cell(row, region_col)
+        cases.append(Case(case_id, local(text), local(mask_text) if mask_text else None, labels, where,
                           int(volume_text) if volume_text else None, series, local(region_text) if region_text else None))
         given.append(bool(case_id))
     return cases, given
 
 
-def _from_folder(folder: Path) -> list[Case]:
+def _from_folder(folder: Path, max_cases: int = MAX_CASES) -> list[Case]:
     cases = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
@@ -259,54 +404,68 @@ def _from_folder(folder: Path) -> list[Case]:
             cases.append(Case("", path, source=str(path)))
         elif path.is_dir() and _is_dicom_folder(path):
             cases.append(Case("", path, source=str(path)))
+        if len(cases) > max_cases:
+            raise CohortError(f"{folder} holds more than {max_cases} scans, the limit for one run. Split them into "
+                              "several folders, or raise the limit with --max-cases N (collect_cases(max_cases=N)).")
     if not cases:
         raise CohortError(f"{folder} holds no scans ({', '.join(IMAGE_SUFFIXES)} files or DICOM folders).")
     return cases
 
 
 def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path | None = None, *,
-                  check_files: bool = True) -> list[Case]:
+                  check_files: bool = True, max_cases: int = MAX_CASES) -> list[Case]:
     """Cases from a folder of scans, a CSV, one scan path, or a list of scan paths.
+
+    Everything that needs no file system is checked first (the CSV's columns, every id, volume
+    index and the number of cases), then that the files exist, so a bad list fails in about a
+    second even with :data:`MAX_CASES` rows.
 
     Parameters
     ----------
     inputs : path or list of paths
         A folder (image files ``.nii[.gz]``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` and DICOM
         folders; names containing ``_mask`` and hidden files are skipped); a CSV (UTF-8, a
-        byte-order mark is fine) with an image column (``image``, ``file``, ``path`` or ``scan``)
-        and optional ``id`` (or ``case_id``/``case``), ``mask``, ``labels``, ``volume`` (of a 4D
-        file), ``series`` (a SeriesInstanceUID of a multi-series DICOM folder) and ``region_mask``
-        (a 0/1 region on the scan's grid to explain a segmentation network in; an empty cell: none)
-        columns, relative paths being relative to the CSV's folder; or a single scan (file or DICOM
-        folder).
+        byte-order mark is fine; quoted fields may hold commas and line breaks) with an image
+        column (``image``, ``file``, ``path`` or ``scan``) and optional ``id`` (or
+        ``case_id``/``case``), ``mask``, ``labels``, ``volume`` (of a 4D file), ``series`` (a
+        SeriesInstanceUID of a multi-series DICOM folder) and ``region_mask`` (a 0/1 region on the
+        scan's grid to explain a segmentation network in; an empty cell: none) columns, relative
+        paths being relative to the CSV's folder; or a single scan (file or DICOM folder).
     masks : path, optional
         A folder of masks named ``<case>_mask.nii.gz``; they override the CSV's.
     check_files : bool
         Refuse cases whose scan (or mask) does not exist, up front.
+    max_cases : int
+        Refuse lists (CSV rows, scans of a folder) of more cases (default :data:`MAX_CASES`).
 
     Returns
     -------
     list of Case
-        With safe, unique ids, in input order.
+        With safe, unique ids (NFC), in input order.
 
     Raises
     ------
     CohortError
-        No scans, a CSV without an image column, missing files (all listed at once).
+        No scans, more than ``max_cases``, a CSV that is not UTF-8 CSV or has no image column,
+        missing files (all listed at once).
     CaseIdError
-        A given id that is not a safe path component, or given ids that repeat (all listed).
+        A given id that is not a safe path component (see :func:`check_case_id`), or given ids
+        that repeat (ignoring case and Unicode normalisation; all listed).
     """
     if not isinstance(inputs, (str, Path)):
         paths = [Path(p) for p in inputs]
+        if len(paths) > max_cases:
+            raise CohortError(f"{len(paths)} scans is more than {max_cases}, the limit for one run; split them, or "
+                              "raise the limit with --max-cases N (collect_cases(max_cases=N)).")
         cases, given = [Case("", p, source=str(p)) for p in paths], [False] * len(paths)
     else:
         inputs = Path(inputs)
         if inputs.is_file() and inputs.suffix.lower() in (".csv", ".tsv", ".txt"):
-            cases, given = _from_csv(inputs)
+            cases, given = _from_csv(inputs, max_cases)
             if not cases:
                 raise CohortError(f"{inputs} lists no cases (only a header or blank lines).")
         elif inputs.is_dir() and not _is_dicom_folder(inputs):
-            cases = _from_folder(inputs)
+            cases = _from_folder(inputs, max_cases)
             given = [False] * len(cases)
         elif inputs.exists():
             cases, given = [Case("", inputs, source=str(inputs))], [False]
@@ -323,8 +482,9 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
             if candidate.is_file():
                 case.mask = candidate
     if check_files:
-        missing = [f"{c.source or c.id}: {p}" for c in cases for p in (c.image, c.mask, c.region_mask)
-                   if p is not None and not p.exists()]
+        exists: dict[Path, bool] = {}  # a mask or scan listed by many rows is asked about once
+        missing = [f"{c.source or c.id}: {_shown(str(p), 200)}" for c in cases for p in (c.image, c.mask, c.region_mask)
+                   if p is not None and not exists.setdefault(p, os.path.exists(p))]
         if missing:
             shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise CohortError(f"{len(missing)} input file(s) do not exist: {shown}. Fix the paths (relative paths "
@@ -333,23 +493,88 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
 
 
 def _assign_ids(cases: list[Case], given: list[bool]) -> None:
-    """Fill in derived ids; refuse given ids that repeat (ignoring case) or clash with derived ones."""
-    key = str.casefold
+    """Fill in derived ids; refuse given ids that repeat (ignoring case and Unicode normalisation) or
+    clash with derived ones."""
+    key = case_id_key
     taken: dict[str, list[str]] = {}
     for case, is_given in zip(cases, given):
         if is_given:
             taken.setdefault(key(case.id), []).append(case.source)
     repeated = {k: v for k, v in taken.items() if len(v) > 1}
     if repeated:
-        listed = "; ".join(f"{k!r} at {', '.join(v)}" for k, v in list(repeated.items())[:10])
-        raise CaseIdError(f"Case ids must be unique (ignoring upper/lower case), but these repeat: {listed}. "
-                          "Each case writes to OUT/<id>/; give every row its own id.")
+        listed = "; ".join(f"{_shown(k)} at {', '.join(v[:5])}" + (f" and {len(v) - 5} more" if len(v) > 5 else "")
+                           for k, v in list(repeated.items())[:10])
+        raise CaseIdError(f"Case ids must be unique (ignoring upper/lower case and Unicode normalisation), but "
+                          f"{len(repeated)} repeat: {listed}. Each case writes to OUT/<id>/; give every row its own id.")
     derived = [n for n, is_given in enumerate(given) if not is_given]
     ids = derive_case_ids([cases[n].image for n in derived])
     for n, case_id in zip(derived, ids):
         candidate, suffix = case_id, 2
         while key(candidate) in taken:  # a derived id never takes a given one
-            candidate = safe_component(f"{case_id}_{suffix}")
+            candidate = _with_suffix(case_id, f"_{suffix}")
             suffix += 1
         taken[key(candidate)] = [cases[n].source]
         cases[n].id = candidate
+
+
+# --------------------------------------------------------------------------------- resume
+def input_identity(path: str | Path | None) -> dict | None:
+    """What ``batch --resume`` compares of one input: its resolved path, size and modification time.
+
+    A file: ``{"path", "size", "mtime_ns"}``; a MetaImage/NRRD header with a detached data file
+    also its data file's identity (``"data_file"``). A folder (a DICOM series): ``{"path",
+    "files", "listing"}``, the listing being a digest of the name, size and modification time of
+    every file directly in it. A path that cannot be read: ``{"path", "missing": True}``.
+    Replacing, editing, adding or removing a file changes the identity; only the file system's
+    metadata is read (no voxel data), so checking a cohort costs one ``stat`` per file.
+
+    Parameters
+    ----------
+    path : path or None
+
+    Returns
+    -------
+    dict or None
+        JSON-ready; ``None`` for ``None``.
+    """
+    if path is None:
+        return None
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    try:
+        info = os.stat(real)
+    except (OSError, ValueError):
+        return {"path": real, "missing": True}
+    if stat.S_ISDIR(info.st_mode):
+        digest, count = hashlib.sha256(), 0
+        try:
+            with os.scandir(real) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        found = entry.stat()
+                        digest.update(os.fsencode(entry.name) + f"\0{found.st_size}\0{found.st_mtime_ns}\n".encode())
+                        count += 1
+        except OSError:
+            return {"path": real, "missing": True}
+        return {"path": real, "files": count, "listing": digest.hexdigest()[:16]}
+    identity: dict = {"path": real, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    if real.lower().endswith((".nhdr", ".mhd")):
+        from .. import io
+
+        try:
+            data_file = io._data_file(Path(real), True).path  # the header as the reader parses it
+        except Exception:  # an unreadable header: reading the case reports it
+            data_file = None
+        if data_file is not None and os.path.realpath(data_file) != real:
+            identity["data_file"] = input_identity(data_file)
+    return identity
+
+
+def case_identity(image: str | Path, mask: str | Path | None = None, region_mask: str | Path | None = None,
+                  volume: int | None = None, series: str | None = None) -> dict:
+    """The identity of a case's inputs, as ``batch --resume`` compares them: each file's
+    :func:`input_identity` (``None`` where there is no mask or region mask), the volume and the
+    series."""
+    return {"image": input_identity(image), "mask": input_identity(mask), "region_mask": input_identity(region_mask),
+            "volume": volume, "series": series}

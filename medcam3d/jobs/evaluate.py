@@ -58,7 +58,7 @@ from ..errors import CohortError  # noqa: F401  (re-exported)
 from .cases import Case, collect_cases
 from .lock import output_lock
 from .outputs import check_output_location, check_own_files, record_own_files
-from .report import save_figure as _save_figure, write_csv as _write_csv, write_text as _write_text
+from .report import save_figure as _save_figure, unescape_row as _unescape_row, write_csv as _write_csv, write_text as _write_text
 
 __all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS", "APPROACHES", "SEGMENTATION_METRICS",
            "REPORT_FILES"]
@@ -697,7 +697,8 @@ def run(args: argparse.Namespace) -> int:
                    batch_size=getattr(args, "batch_size", 8), max_fraction=getattr(args, "max_fraction", 0.05),
                    randomization_cases=getattr(args, "randomization_cases", 1), trust=getattr(args, "trust", False),
                    segmentation=getattr(args, "segmentation", True), fuse_layer=getattr(args, "fuse_layer", None))
-    cases = list(csv.DictReader((out / "cases.csv").open(newline="", encoding="utf-8")))
+    with (out / "cases.csv").open(newline="", encoding="utf-8") as stream:
+        cases = [_unescape_row(row) for row in csv.DictReader(stream)]
     failed = [c for c in cases if c.get("status") != "ok"]
     print(f"{len(cases) - len(failed)}/{len(cases)} cases evaluated. Report: {out / 'summary.md'}", file=sys.stderr)
     for case in failed:

@@ -283,8 +283,20 @@ def is_own_case_folder(folder: str | Path) -> bool:
     return read_case_summary(folder) is not None
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
+def _inside(path: Path | str, folder: Path | str) -> bool:
+    path, folder = os.fspath(path), os.fspath(folder)
+    return path == folder or path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
+
+
+def _real(text: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath(text)``, resolving each folder once (a cohort lists thousands of files in a few folders)."""
+    absolute = os.path.abspath(text) if ".." not in text.split(os.sep) else None  # '..' after a link: realpath's job
+    if absolute is None or os.path.islink(absolute):
+        return os.path.realpath(text)
+    folder, name = os.path.split(absolute)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name) if name else folders[folder]
 
 
 def check_output_location(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
@@ -306,16 +318,22 @@ def check_output_location(out: str | Path, inputs: Iterable[str | Path | None]) 
     if out.exists() and not out.is_dir():
         raise OutputConflictError(f"--out {str(out)!r} is a file; give a folder (it is created if needed).")
     resolved = out.resolve()
+    seen: set[str] = set()
+    folders: dict[str, str] = {}
     for item in inputs:
         if item is None:
             continue
-        source = Path(item).expanduser().resolve()
+        text = os.path.expanduser(os.fspath(item))
+        if text in seen:
+            continue
+        seen.add(text)
+        source = _real(text, folders)
         if _inside(source, resolved):
             raise OutputConflictError(
                 f"The output folder {str(out)!r} contains the input {str(item)!r}; medcam3d writes OUT/<case>/ folders "
                 "and must never write over or beside its inputs. Choose an output folder outside the input data, "
                 "e.g. --out results/.")
-        if source.is_dir() and _inside(resolved, source):
+        if _inside(resolved, source) and os.path.isdir(source):
             raise OutputConflictError(
                 f"The output folder {str(out)!r} lies inside the input folder {str(item)!r}. Choose an output folder "
                 "outside the input data, e.g. --out results/.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, TextIO, TypedDict, Unpack
@@ -20,7 +21,8 @@ import numpy as np
 from .._files import atomic_write, atomic_write_text
 from ..space import Space
 
-__all__ = ["save_slices", "slices_figure", "PictureOptions", "SlicePainter", "alpha_colormap", "default_window", "save_figure", "write_csv", "write_text", "print_table"]
+__all__ = ["save_slices", "slices_figure", "PictureOptions", "SlicePainter", "alpha_colormap", "default_window", "save_figure", "write_csv", "write_text", "print_table",
+           "escape_cell", "unescape_cell", "unescape_row"]
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -30,13 +32,56 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write_text(path, text)
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula (=HYPERLINK(...), @SUM(...),
+# +cmd|...; full-width forms too, which some locales accept); OWASP's "CSV injection" advice.
+_FORMULA_START = "=+-@\t\r\n\uff1d\uff0b\uff0d\uff20"
+_NUMBERS = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?: [+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)*")
+
+
+def _formula_like(text: str) -> bool:
+    core = text.lstrip("'")
+    return bool(core) and core[0] in _FORMULA_START and _NUMBERS.fullmatch(core) is None
+
+
+def escape_cell(value: object) -> object:
+    """A CSV cell that no spreadsheet runs as a formula.
+
+    Text starting with ``= + - @``, a tab, CR or LF (or their full-width forms) gets a leading
+    single quote (``'=1+1``), as OWASP advises against formula injection; numbers, and text that
+    is only numbers (``-3.5``, ``-12.0 4.5 7.25``), stay as they are. Text that already starts with
+    quotes before such a character gets one more, so :func:`unescape_cell` gives back exactly the
+    original. Other values are returned unchanged.
+    """
+    if isinstance(value, str) and _formula_like(value):
+        return "'" + value
+    return value
+
+
+def unescape_cell(text: str) -> str:
+    """The original text of a cell written by :func:`escape_cell` (its inverse)."""
+    if text.startswith("'") and _formula_like(text[1:]):
+        return text[1:]
+    return text
+
+
+def unescape_row(row: dict) -> dict:
+    """A row read back (e.g. with ``csv.DictReader``) from a CSV that medcam3d wrote: keys and values unescaped."""
+    return {(unescape_cell(k) if isinstance(k, str) else k): (unescape_cell(v) if isinstance(v, str) else v)
+            for k, v in row.items()}
+
+
 def write_csv(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows (the union of their keys, in order of appearance, as columns) to CSV atomically."""
+    """Write rows (the union of their keys, in order of appearance, as columns) to CSV atomically.
+
+    Every cell, the header's too, goes through :func:`escape_cell`, so a case id, a class name or
+    an error message such as ``=HYPERLINK(...)`` is shown as text, never run, when the file is
+    opened in a spreadsheet; :func:`unescape_row` reads it back.
+    """
     columns = list(dict.fromkeys(key for row in rows for key in row)) or ["empty"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([escape_cell(column) for column in columns])
+    writer.writerows([escape_cell(row.get(column, "")) for column in columns] for row in rows)
     return write_text(path, buffer.getvalue())
 
 

@@ -5,8 +5,10 @@ with one or more methods and writes everything for that case into ``out/<case_id
 folder is first written under a temporary name and renamed when complete, so an interrupted run
 never leaves a half-written case; only folders that medcam3d wrote are ever replaced, and an
 output folder over an input is refused (see :mod:`medcam3d.jobs.outputs`). Each case's
-``summary.json`` records what produced it (methods, target, layer, config digest), so
-``batch --resume`` skips a case only when it was made by the same run settings.
+``summary.json`` records what produced it (methods, target, layer, config and weights digest) and
+from what (each input's resolved path, size and modification time, the mask and region mask, the
+volume and series: :func:`~medcam3d.jobs.cases.case_identity`), so ``batch --resume`` skips a case
+only when the same settings made it from the same inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from ..heatmap import unique_file_labels
 from ..preprocess import build_transforms, preprocess
 from ..space import Space
 from ..targets import Region, check_region_mask, probabilities  # noqa: F401  (probabilities: re-exported)
-from .cases import case_id_of, check_case_id
+from .cases import Case, case_id_of, case_identity, check_case_id
 from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
 __all__ = ["Runner", "CaseResult", "ExplainedCase", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
@@ -60,6 +63,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+_FILE_DIGESTS: dict[tuple, str] = {}  # (resolved path, size, mtime_ns) -> sha256 of the bytes
+
+
+def _file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes, remembered while its size and modification time stay the same
+    (resume asks for the config's digest once per case; a weights file is read once)."""
+    real = os.path.realpath(path)
+    info = os.stat(real)
+    key = (real, info.st_size, info.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(real, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+        if len(_FILE_DIGESTS) > 64:
+            _FILE_DIGESTS.clear()
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
 def config_digest(config: Config) -> str:
     """A short digest of everything in the config that shapes the outputs (and of the weights file)."""
     def plain(value: object) -> object:
@@ -74,9 +97,7 @@ def config_digest(config: Config) -> str:
     digest = hashlib.sha256(json.dumps(plain(config), sort_keys=True).encode())
     for path in (config.model.weights, config.model.torchscript):
         if path is not None and Path(path).is_file():
-            with open(path, "rb") as stream:
-                for block in iter(lambda: stream.read(1 << 22), b""):
-                    digest.update(block)
+            digest.update(bytes.fromhex(_file_digest(path)))
     return digest.hexdigest()[:16]
 
 
@@ -314,28 +335,29 @@ class Runner:
                 "config_digest": config_digest(self.config), "amp": self.amp,
                 "sliding_window": None if window is None else dataclasses.asdict(window)}
 
-    def is_done(self, out_dir: str | Path, case_id: str) -> CaseResult | None:
-        """The recorded result when ``out_dir/case_id`` was written by medcam3d with these run settings."""
-        summary = read_case_summary(Path(out_dir) / case_id)
+    def is_done(self, out_dir: str | Path, case: Case) -> CaseResult | None:
+        """The recorded result when ``out_dir/<case.id>`` was written by medcam3d with these run
+        settings from these inputs, else ``None``.
+
+        The inputs are compared by identity (:meth:`Case.identity
+        <medcam3d.jobs.cases.Case.identity>`): a scan replaced at its path, a CSV row pointing the
+        id at another scan, a mask or region mask added, removed or changed, another volume or
+        series: the case is done again. The region mask is the case's own, else
+        ``region_masks[case.id]``.
+        """
+        summary = read_case_summary(Path(out_dir) / case.id)
         result = CaseResult.from_summary(summary) if summary is not None else None
         if result is None or result.status != "ok":
             return None
-        expected = json.loads(json.dumps(_finite(self._case_settings(self.region_masks.get(case_id))), default=str))
+        region_mask = case.region_mask if case.region_mask is not None else self.region_masks.get(case.id)
+        inputs = case_identity(case.image, case.mask, region_mask, case.volume, case.series)
+        expected = json.loads(json.dumps(_finite(self._case_settings(inputs)), default=str))
         return result if result.run == expected else None
 
-    def _case_settings(self, region_mask: str | Path | None) -> dict:
-        """:meth:`run_settings`, plus the region mask of the case (its name and a digest of its bytes)."""
-        settings = self.run_settings()
-        if region_mask is not None:
-            digest = hashlib.sha256()
-            try:
-                with open(region_mask, "rb") as stream:
-                    for block in iter(lambda: stream.read(1 << 22), b""):
-                        digest.update(block)
-            except OSError:  # reported when the case is read
-                pass
-            settings["region_mask"] = {"file": Path(region_mask).name, "digest": digest.hexdigest()[:16]}
-        return settings
+    def _case_settings(self, inputs: dict) -> dict:
+        """:meth:`run_settings`, plus the identity of the case's inputs (see
+        :func:`~medcam3d.jobs.cases.case_identity`)."""
+        return {**self.run_settings(), "inputs": inputs}
 
     def check_region_task(self) -> None:
         """Refuse region masks for a model that is not a segmentation network (before any work).
@@ -381,18 +403,24 @@ class Runner:
     def explain_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
                      mask: str | Path | None = None, overwrite: bool = True,
                      loaded: LoadedCase | None = None, volume: int | None = None,
-                     series: str | None = None, region_mask: str | Path | None = None) -> ExplainedCase:
+                     series: str | None = None, region_mask: str | Path | None = None,
+                     inputs: dict | None = None) -> ExplainedCase:
         """The first half of :meth:`run_case`: checks, reading (unless ``loaded``) and the engine.
 
         Nothing is written. The maps stay on the feature grid, on the CPU; :meth:`write_case`
-        writes them (in this process or another one).
+        writes them (in this process or another one). ``inputs`` is the identity of the inputs
+        that ``loaded`` was read from, taken before they were read
+        (:func:`~medcam3d.jobs.cases.case_identity`, recorded for resume); default: taken now,
+        before reading. With ``loaded``, give ``volume`` and ``series`` as it was read.
         """
         case_id = check_case_id(case_id or case_id_of(image), "case id")
         if region_mask is None:
             region_mask = self.region_masks.get(case_id)
         if region_mask is not None:
             self.check_region_task()
-        result = CaseResult(case_id=case_id, image=str(image), run=self._case_settings(region_mask))
+        if inputs is None:  # before reading: a file replaced meanwhile is done again by the next resume
+            inputs = case_identity(image, mask, region_mask, volume, series)
+        result = CaseResult(case_id=case_id, image=str(image), run=self._case_settings(inputs))
         out_dir = check_output_location(out_dir, [image, mask, region_mask])
         final = out_dir / case_id
         if final.exists() and not overwrite:
