@@ -207,10 +207,6 @@ def _limits(max_bytes: Any = DEFAULT_MAX_BYTES, max_expansion: Any = DEFAULT_MAX
                    voxel, positive("max_slices", max_slices, True))
 
 
-def _check_max_bytes(max_bytes: Any) -> int | None:
-    return _limits(max_bytes=max_bytes).max_bytes
-
-
 def _out_itemsize(dtype: Any, stored_itemsize: int) -> int:
     return stored_itemsize if dtype is None else np.dtype(dtype).itemsize
 
