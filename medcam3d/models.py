@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError, ModelLoadError, UntrustedModelError, UntrustedNetworkError  # noqa: F401  (re-exported)
-from .config import DEFAULT_MAX_ACTIVATION_BYTES, Config, ModelConfig, _one_line, _short, plain_data_problem
+from .config import DEFAULT_MAX_ACTIVATION_BYTES, DEFAULT_MAX_VOXELS, Config, ModelConfig, _one_line, _short, plain_data_problem
 
 logger = logging.getLogger(__name__)
 
@@ -1001,10 +1001,37 @@ class BundlePreprocessing:
         key.
     config_file : Path
         The bundle config it came from (named in errors).
+    max_voxels : int or None
+        The largest grid (voxels) a step of the chain may make unless its input is already larger
+        (default :data:`medcam3d.preprocess.MAX_VOXELS`; None: no limit). The steps of a
+        ``Compose`` run one at a time, as MONAI's ``Compose`` runs them, and each step's output
+        grid is computed from metadata before it runs (see :mod:`medcam3d.preprocess`).
     """
 
-    def __init__(self, transform, key: str, config_file: Path) -> None:
+    def __init__(self, transform, key: str, config_file: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
         self.transform, self.key, self.config_file = transform, key, Path(config_file)
+        self.max_voxels = max_voxels
+
+    def _apply(self, data: Any, where: str) -> Any:
+        """The chain on ``data``, step by step (as MONAI's Compose runs it), refusing a grid over ``max_voxels``."""
+        from monai.transforms import Compose, apply_transform
+
+        from .preprocess import _check_grid, _lazy_shape, _working_shape
+
+        chain = self.transform
+        if not isinstance(chain, Compose) or chain.lazy:
+            return chain(data)
+        for index, step in enumerate(chain.flatten().transforms):
+            image = data.get(self.key) if isinstance(data, Mapping) else None
+            if image is not None:
+                label = f"step {index} ({type(step).__name__})"
+                working = _working_shape(getattr(step, "zoomer", step), image)  # Zoomd zooms with a Zoom
+                for shape in (working, _lazy_shape(step, data, self.key)):
+                    if shape is not None:
+                        _check_grid(shape, image, label, where + " ", self.max_voxels, made=False)
+            data = apply_transform(step, data, chain.map_items, chain.unpack_items, lazy=chain.lazy,
+                                   overrides=chain.overrides, log_stats=chain.log_stats)
+        return data
 
     def __repr__(self) -> str:
         return f"BundlePreprocessing(key={self.key!r}, config_file={str(self.config_file)!r})"
@@ -1060,7 +1087,9 @@ class BundlePreprocessing:
             raise GeometryError(f"'{path}': the headers do not say where the voxels are, so the maps could not be placed.")
         where = f"{self.config_file}: preprocessing"
         try:
-            data = self.transform({self.key: str(path)})
+            data = self._apply({self.key: str(path)}, where)
+        except PreprocessingError:
+            raise
         except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name
             raise PreprocessingError(f"{where} failed on '{path}': {_one_line(error)}") from error
         if isinstance(data, (list, tuple)):
@@ -1117,7 +1146,7 @@ def _input_key(transform, metadata: Mapping, config_file: Path) -> str:
     return keys[0]
 
 
-def _bundle_preprocessing(parser, config_file: Path, metadata: Mapping) -> BundlePreprocessing | None:
+def _bundle_preprocessing(parser, config_file: Path, metadata: Mapping, max_voxels: int | None) -> BundlePreprocessing | None:
     from .errors import PreprocessingError
 
     if "preprocessing" not in parser:
@@ -1128,7 +1157,7 @@ def _bundle_preprocessing(parser, config_file: Path, metadata: Mapping) -> Bundl
         raise PreprocessingError(f"{config_file}: cannot build 'preprocessing': {_one_line(error)}") from error
     if not callable(transform):
         raise PreprocessingError(f"{config_file}: 'preprocessing' built a {type(transform).__name__}, not a transform.")
-    return BundlePreprocessing(transform, _input_key(transform, metadata, config_file), config_file)
+    return BundlePreprocessing(transform, _input_key(transform, metadata, config_file), config_file, max_voxels)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1178,6 +1207,7 @@ def load_bundle(
     random_weights: bool = False,
     source: str | Path | None = None,
     max_activation_bytes: int | None = MAX_ACTIVATION_BYTES,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
 ) -> Bundle:
     """Load a MONAI bundle: its network with its weights, and its preprocessing.
 
@@ -1204,6 +1234,9 @@ def load_bundle(
     max_activation_bytes : int or None
         The network (unless it is TorchScript) refuses inputs whose layer outputs would need more
         memory at once (:func:`limit_activations`). None: no limit.
+    max_voxels : int or None
+        The largest grid a step of the bundle's preprocessing may make (see
+        :class:`BundlePreprocessing`). None: no limit.
 
     Returns
     -------
@@ -1226,7 +1259,7 @@ def load_bundle(
     parser, config_file, metadata = _bundle_parser(directory, source=source, device=device)
     with _seeded(random_weights):
         network, weights, scripted = _bundle_network(parser, directory, config_file, source=source, random_weights=random_weights)
-    preprocessing = _bundle_preprocessing(parser, config_file, metadata)
+    preprocessing = _bundle_preprocessing(parser, config_file, metadata, max_voxels)
     if not scripted:
         limit_activations(network, max_activation_bytes, source=source or directory)
     return Bundle(
@@ -1236,11 +1269,12 @@ def load_bundle(
     )
 
 
-def bundle_preprocessing(directory: str | Path, *, trust: bool = False, device: str | torch.device = "cpu") -> BundlePreprocessing:
+def bundle_preprocessing(directory: str | Path, *, trust: bool = False, device: str | torch.device = "cpu",
+                         max_voxels: int | None = DEFAULT_MAX_VOXELS) -> BundlePreprocessing:
     """The ``preprocessing`` chain of a MONAI bundle, without loading its network.
 
-    ``directory`` and ``trust`` are as for :func:`load_bundle`; ``device`` is given to the
-    config's ``device`` (transforms such as ``EnsureTyped`` may use it).
+    ``directory``, ``trust`` and ``max_voxels`` are as for :func:`load_bundle`; ``device`` is given
+    to the config's ``device`` (transforms such as ``EnsureTyped`` may use it).
 
     Returns
     -------
@@ -1262,7 +1296,7 @@ def bundle_preprocessing(directory: str | Path, *, trust: bool = False, device: 
     if not trust:
         raise _refuse_bundle(directory, None)
     parser, config_file, metadata = _bundle_parser(directory, device=device)
-    preprocessing = _bundle_preprocessing(parser, config_file, metadata)
+    preprocessing = _bundle_preprocessing(parser, config_file, metadata, max_voxels)
     if preprocessing is None:
         raise PreprocessingError(f"{config_file} defines no 'preprocessing'; give preprocessing in the medcam3d config.")
     return preprocessing

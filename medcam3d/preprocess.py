@@ -153,25 +153,40 @@ def _check_grid(shape: Sequence[int], data: object, label: str, where: str, max_
     raise PreprocessingError(message)
 
 
-def _lazy_shape(transform: object, data: object) -> tuple[int, ...] | None:
+def _takes_lazy(transform: object) -> bool:
+    """A MONAI lazy transform whose call takes ``lazy=`` (MONAI's array transforms do)."""
+    from monai.transforms import LazyTrait
+
+    if not isinstance(transform, LazyTrait):
+        return False
+    try:
+        parameters = inspect.signature(transform.__call__).parameters  # type: ignore[operator]
+    except (TypeError, ValueError):
+        return False
+    return "lazy" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _lazy_shape(transform: object, data: object, key: str | None = None) -> tuple[int, ...] | None:
     """The spatial shape ``transform`` would give ``data``, from metadata only (MONAI's lazy mode), or None.
 
     MONAI's lazy transforms (Spacing, Resize, pads, crops, Zoom, Rotate, Orientation ...) then only
-    record the operation and the output shape; ``data`` itself is not changed.
+    record the operation and the output shape; ``data`` itself is not changed. With ``key``,
+    ``data`` is a dictionary and ``transform`` a dictionary transform; the shape is the one under
+    ``key``.
     """
     from monai.data import MetaTensor
-    from monai.transforms import LazyTrait
 
-    if not isinstance(transform, LazyTrait) or not isinstance(data, MetaTensor):
+    image = data.get(key) if key is not None and isinstance(data, Mapping) else data
+    if not isinstance(image, MetaTensor) or not _takes_lazy(transform):
         return None
     try:
-        if "lazy" not in inspect.signature(transform.__call__).parameters:  # type: ignore[operator]
-            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = transform(data, lazy=True)  # type: ignore[operator]
     except Exception:  # the real call reports it
         return None
+    if key is not None:
+        out = out.get(key) if isinstance(out, Mapping) else None
     if isinstance(out, MetaTensor) and out.pending_operations:
         return tuple(int(n) for n in out.peek_pending_shape())
     return _spatial_shape(out)
@@ -201,8 +216,6 @@ def _run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max
 
     Each error names the step (``labels[i]``) and gives its root cause on one line.
     """
-    from monai.transforms import LazyTrait
-
     for transform, label in zip(transforms, labels):
         working = _working_shape(transform, data)
         if working is not None:
@@ -212,8 +225,7 @@ def _run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max
             _check_grid(predicted, data, label, where, max_voxels, made=False)
         shape = tuple(getattr(data, "shape", ()))
         try:
-            eager = isinstance(transform, LazyTrait) and "lazy" in inspect.signature(transform.__call__).parameters  # type: ignore[operator]
-            result = transform(data, lazy=False) if eager else transform(data)  # like Compose(lazy=False)
+            result = transform(data, lazy=False) if _takes_lazy(transform) else transform(data)  # like Compose(lazy=False)
         except Medcam3dError:
             raise
         except MemoryError as error:

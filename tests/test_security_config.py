@@ -794,6 +794,39 @@ preprocessing:
     capsys.readouterr()
 
 
+def test_a_bundles_preprocessing_is_limited_too(tmp_path, monkeypatch):
+    import monai.transforms as mt
+    import nibabel as nib
+
+    from medcam3d.models import bundle_preprocessing
+    from test_bundles import BUNDLE_STEPS, write_bundle
+
+    original = mt.Spacing.__call__
+    ran: list = []
+
+    def spacing(self, *args, **kwargs):
+        if not kwargs.get("lazy"):
+            ran.append(True)
+            raise AssertionError("Spacing ran for real")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(mt.Spacing, "__call__", spacing)
+    scan = tmp_path / "tiny_40mm.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.diag([40.0, 40.0, 40.0, 1.0])), scan)
+    steps = [*BUNDLE_STEPS[:3], {"_target_": "Spacingd", "keys": "@image_key", "pixdim": [1.0, 1.0, 1.0]}]
+    root = write_bundle(tmp_path / "bundle", steps=steps)
+    with pytest.raises(PreprocessingError, match=r"inference.json: preprocessing step 3 \(Spacingd\) would make a grid of "
+                                                 r"1241x1241x1241 .*--max-voxels"):
+        bundle_preprocessing(root, trust=True)(scan)
+    assert ran == []
+    monkeypatch.setattr(mt.Spacing, "__call__", original)
+    steps = [*BUNDLE_STEPS[:3], {"_target_": "Spacingd", "keys": "@image_key", "pixdim": [20.0, 20.0, 20.0]}]
+    root = write_bundle(tmp_path / "small", steps=steps)  # 63^3 from 32^3 (MONAI keeps the field of view): over 1000
+    with pytest.raises(PreprocessingError, match="more than the 1,000 allowed"):
+        bundle_preprocessing(root, trust=True, max_voxels=1000)(scan)
+    assert bundle_preprocessing(root, trust=True, max_voxels=None)(scan)[0].shape[1:] == (63, 63, 63)
+
+
 # ----------------------------------------------------------------------------- item 5: networks under the activation limit
 def test_a_network_with_few_parameters_and_huge_activations_is_refused_before_it_runs(tmp_path, monkeypatch):
     path = _write(tmp_path, "model: {network: torch.nn.Conv3d, args: {in_channels: 1, out_channels: 1, kernel_size: 3, "
