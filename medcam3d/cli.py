@@ -161,8 +161,7 @@ def _runner(args: argparse.Namespace, methods=None):
         from .models import load_bundle
 
         bundle = load_bundle(config.model.bundle, trust=trust, random_weights=random_weights, source=config.source,
-                             max_activation_bytes=config.model.max_activation_bytes,
-                             **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
+                             max_activation_bytes=config.model.max_activation_bytes)
         model = bundle.network
         random_weights = random_weights or bundle.random_weights
         if config.class_names is None and bundle.class_names:
@@ -243,7 +242,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from .jobs.cohort import distributed_context, run_cohort
     from .jobs.outputs import check_output_location
 
-    cases = collect_cases(args.inputs)
+    cases = collect_cases(args.inputs, max_cases=args.max_cases)
     for case in cases:  # --volume/--series apply where the CSV gives none
         case.volume = case.volume if case.volume is not None else args.volume
         case.series = case.series or args.series
@@ -528,7 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the maps' cells sit on the scan (default: the config's, receptive_field)")
     scan_options(batch)
     batch.add_argument("--resume", action="store_true",
-                       help="skip cases already explained with the same methods, target, layer and config")
+                       help="skip cases already explained with the same methods, target, layer and config from the same "
+                            "inputs (each scan's, mask's and region mask's path, size and modification time; volume, "
+                            "series)")
+    batch.add_argument("--max-cases", type=_positive_int, default=100_000, metavar="N",
+                       help="refuse lists of more than N cases (default 100000)")
     compute_options(batch)
     output_options(batch)
     batch.add_argument("--workers", type=_non_negative_int, default=1, help="DataLoader worker processes reading scans (0: none)")

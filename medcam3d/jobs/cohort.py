@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .cases import Case
 from .lock import output_lock
 from .outputs import check_output_location, check_own_files, own_file_kind, record_own_files, remove_stale_staging
@@ -375,6 +376,8 @@ def _run_cohort(runner: Runner, cases: Sequence[Case], out: Path, *, resume: boo
                     explained = runner.explain_case(case.image, out, case_id=case.id, mask=case.mask,
                                                     loaded=_as_arrays(item["loaded"]), region_mask=case.region_mask,
                                                     volume=case.volume, series=case.series, inputs=item["inputs"])
+                except ConfigError:  # the config does not fit the model (e.g. class_names): every case would fail
+                    raise
                 except Exception as error:  # recorded; the cohort goes on
                     message = str(error) if isinstance(error, RuntimeError) and item["error"] else f"{type(error).__name__}: {error}"
                     record([(index, None, message)])

@@ -79,7 +79,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     """
     columns = list(dict.fromkeys(key for row in rows for key in row)) or ["empty"]
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer)  # CRLF line ends (RFC 4180): a cell holding a CR or LF is quoted, so it reads back
     writer.writerow([escape_cell(column) for column in columns])
     writer.writerows([escape_cell(row.get(column, "")) for column in columns] for row in rows)
     return write_text(path, buffer.getvalue())
