@@ -161,7 +161,8 @@ def _runner(args: argparse.Namespace, methods=None):
         from .models import load_bundle
 
         bundle = load_bundle(config.model.bundle, trust=trust, random_weights=random_weights, source=config.source,
-                             max_activation_bytes=config.model.max_activation_bytes)
+                             max_activation_bytes=config.model.max_activation_bytes,
+                             **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
         model = bundle.network
         random_weights = random_weights or bundle.random_weights
         if config.class_names is None and bundle.class_names:
