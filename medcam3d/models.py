@@ -431,6 +431,28 @@ class _NoEstimate(Exception):
     """The model cannot be run on the meta device (TorchScript, ...)."""
 
 
+#: torch.nn classes (exactly these, not subclasses) whose output has their input's shape and dtype:
+#: in a meta copy they return an empty tensor of that shape at once (PyTorch's meta batch norm is an
+#: elementwise decomposition in Python, the slowest part of a meta forward pass).
+_SAME_SHAPE = tuple(
+    getattr(nn, name) for name in (
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm",
+        "LayerNorm", "LocalResponseNorm", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU",
+        "Mish", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Dropout", "Dropout1d",
+        "Dropout2d", "Dropout3d", "AlphaDropout", "Identity",
+    ) if hasattr(nn, name)
+)
+
+
+def _same_shape_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
+    inplace = bool(getattr(module, "inplace", False))
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x if inplace or type(module) is nn.Identity else torch.empty_like(x)
+
+    return forward
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree whose parameters and buffers are on the meta device.
 
@@ -464,6 +486,8 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         state["_buffers"] = type(module._buffers)((k, meta(v)) for k, v in module._buffers.items())
         state["_modules"] = type(module._modules)((k, clone(v) if v is not None else None) for k, v in module._modules.items())
         state["training"] = False
+        if type(module) in _SAME_SHAPE:
+            state["forward"] = _same_shape_forward(new)
         return new
 
     return clone(model)
