@@ -311,7 +311,8 @@ class Explainer:
         track = self.method.needs_gradients
         # The forward runs through a view of the model (shallow copies of its modules sharing its tensors):
         # the view's eval mode and hooks stay invisible to other threads calling the model meanwhile.
-        state = isolated_model(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats)
+        state = isolated_model(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats,
+                               hooked=[module])
         with contextlib.ExitStack() as stack:
             view = stack.enter_context(state)
             layer = counterpart(view, name, module)

@@ -200,8 +200,10 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True, restore_b
 
 
 #: The tables ``nn.Module.__init__`` puts in a module's ``__dict__`` (parameters, buffers, children, hook
-#: dictionaries): a copy in :func:`isolated_model` gets its own table holding the same entries.
+#: dictionaries). A copy in :func:`isolated_model` shares them with the original, except its children
+#: (when one of them is copied) and, for a module that medcam3d hooks, the hook tables.
 _MODULE_TABLES = frozenset(key for key, value in vars(nn.Module()).items() if isinstance(value, (dict, set)))
+_HOOK_TABLES = frozenset(key for key in _MODULE_TABLES if "hooks" in key)
 
 
 def _copyable(module: nn.Module) -> bool:
@@ -211,21 +213,36 @@ def _copyable(module: nn.Module) -> bool:
     ``torch.compile``-d one (the compiled code is bound to the original), or
     ``DistributedDataParallel`` (its reducer holds the original's parameters and hooks).
     """
-    if is_scripted(module) or getattr(module, "_compiled_call_impl", None) is not None:
+    if module.__dict__.get("_compiled_call_impl") is not None:  # nn.Module.compile()
         return False
-    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
-        return False
-    return not isinstance(module, nn.parallel.DistributedDataParallel)
+    kind = type(module)
+    known = _COPYABLE_TYPES.get(kind)
+    if known is None:
+        scripted = issubclass(kind, torch.jit.ScriptModule)
+        known = _COPYABLE_TYPES[kind] = not (
+            scripted or issubclass(kind, nn.parallel.DistributedDataParallel) or kind.__name__ == "OptimizedModule"
+        )
+    return known
+
+
+_COPYABLE_TYPES: dict[type, bool] = {}
+
+
+#: Attribute values that never refer to a module (checked by exact type, before anything else).
+_PLAIN_TYPES = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter})
 
 
 def _remap(value: object, copies: dict[int, nn.Module]) -> object:
     """``value`` with every module of the model it refers to replaced by that module's copy: the module
     itself, a method bound to it, a ``functools.partial`` or a plain list/tuple/dict holding one."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return value
     if isinstance(value, nn.Module):
         return copies.get(id(value), value)
-    if isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module):
-        owner = copies.get(id(value.__self__))
-        return value if owner is None else types.MethodType(value.__func__, owner)
+    if kind is types.MethodType and isinstance(value.__self__, nn.Module):  # type: ignore[attr-defined]
+        owner = copies.get(id(value.__self__))  # type: ignore[attr-defined]
+        return value if owner is None else types.MethodType(value.__func__, owner)  # type: ignore[attr-defined]
     if isinstance(value, functools.partial):
         func = _remap(value.func, copies)
         args = _remap(value.args, copies)
@@ -233,66 +250,100 @@ def _remap(value: object, copies: dict[int, nn.Module]) -> object:
         if func is value.func and args is value.args and keywords is value.keywords:
             return value
         return functools.partial(cast(Callable, func), *cast(tuple, args), **cast(dict, keywords))
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if isinstance(value, (list, tuple)) and kind in (list, tuple):
         items = [_remap(item, copies) for item in value]
         changed = any(new is not old for new, old in zip(items, value))
-        return type(value)(items) if changed else value
-    if isinstance(value, dict) and type(value) is dict:
+        return kind(items) if changed else value
+    if isinstance(value, dict) and kind is dict:
         entries = {key: _remap(item, copies) for key, item in value.items()}
         return entries if any(entries[key] is not item for key, item in value.items()) else value
     return value
 
 
-def _shallow_copies(model: nn.Module) -> tuple[dict[int, nn.Module], list[nn.Module]]:
-    """A copy of every module of ``model`` that can be copied, sharing its tensors.
+def _shallow_copies(
+    model: nn.Module, *, eval_mode: bool, hooked: Iterable[nn.Module] = ()
+) -> tuple[dict[int, nn.Module], list[nn.Module]]:
+    """Copies of the modules of ``model`` that a forward pass must not run as they are, sharing their tensors.
+
+    A module is copied when it can be (see :func:`_copyable`) and its ``training`` flag must change
+    for the pass (``eval_mode`` and the module in training mode), or it is in ``hooked``, or one of its
+    children is copied (so that the forward reaches the copy). Everything else is used as it is: for
+    a model already in eval mode only the hooked modules and their ancestors are copied.
 
     Returns
     -------
     copies : dict
-        ``id(original) -> copy``. A copy has the original's attributes, its own tables (the same
-        parameters, buffers and hooks in them), and its children and attributes point to the copies.
+        ``id(original) -> copy``, in eval mode when ``eval_mode``. A copy has the original's
+        attributes, its own tables (the same parameters, buffers and hooks in them), and its children
+        and attributes (a module, a bound method, a list of modules ...) point to the copies.
     kept : list of nn.Module
-        The modules that cannot be copied (see :func:`_copyable`); their subtrees are used as they are.
+        The modules that cannot be copied and hold a module in training mode (``eval_mode`` only):
+        these subtrees are switched to eval mode in place.
     """
-    copies: dict[int, nn.Module] = {}
+    wanted = {id(module) for module in hooked}
+    needs: dict[int, bool] = {}
     kept: dict[int, nn.Module] = {}
-    pending = [model]
-    while pending:
-        module = pending.pop()
-        if id(module) in copies or id(module) in kept:
-            continue
+    modules: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module) -> bool:  # recursive, as nn.Module.named_modules is
+        key = id(module)
+        known = needs.get(key)
+        if known is not None:  # a module shared by several parents: visited once
+            return known
         if not _copyable(module):
-            kept[id(module)] = module
-            continue
+            needs[key] = False
+            if eval_mode and any(inner.training for inner in module.modules()):
+                kept[key] = module
+            return False
+        need = (eval_mode and module.training) or key in wanted
+        for child in module._modules.values():
+            if child is not None and visit(child):
+                need = True
+        needs[key] = need
+        if need:
+            modules[key] = module
+        return need
+
+    visit(model)
+    copies: dict[int, nn.Module] = {}
+    for key, module in modules.items():
         copy = object.__new__(type(module))
-        state = dict(module.__dict__)
-        for key in _MODULE_TABLES.intersection(state):
-            state[key] = state[key].copy()  # the same entries, in a table of the copy's own
-        copy.__dict__.update(state)
-        copies[id(module)] = copy
-        pending.extend(child for child in module._modules.values() if child is not None)
+        state = copy.__dict__
+        state.update(module.__dict__)
+        if key in wanted:  # hook tables of its own (the same hooks in them): medcam3d's hooks stay off the model
+            for name in _HOOK_TABLES.intersection(state):
+                state[name] = state[name].copy()
+        if eval_mode:
+            state["training"] = False
+        copies[key] = copy
     for copy in copies.values():
         state = copy.__dict__
-        state["_modules"] = {name: None if child is None else copies.get(id(child), child)
-                             for name, child in state["_modules"].items()}
-        for key, value in state.items():
-            if key not in _MODULE_TABLES:
-                state[key] = _remap(value, copies)
+        children = state["_modules"]
+        if any(child is not None and id(child) in copies for child in children.values()):
+            state["_modules"] = {name: None if child is None else copies.get(id(child), child)
+                                 for name, child in children.items()}
+        for name, value in state.items():
+            if name not in _MODULE_TABLES:
+                state[name] = _remap(value, copies)
     return copies, list(kept.values())
 
 
 @contextmanager
-def isolated_model(model: nn.Module, *, eval_mode: bool = True, restore_buffers: bool = True) -> Iterator[nn.Module]:
+def isolated_model(
+    model: nn.Module, *, eval_mode: bool = True, restore_buffers: bool = True, hooked: Iterable[nn.Module] = ()
+) -> Iterator[nn.Module]:
     """A view of ``model`` to run medcam3d's forward passes through, leaving the model itself alone.
 
-    The view is a tree of shallow copies of the model's modules: the *same* parameter and buffer
-    tensors (no memory, no copy of any weight), the same user hooks, but each copy has its own
-    ``training`` flag, hook tables and attributes. Hooks installed on the view's modules and its
-    eval mode are therefore invisible to the model: another thread that trains or runs the model
-    meanwhile sees its own flags and no medcam3d hook. Modules that cannot be copied (TorchScript,
-    ``torch.compile``, ``DistributedDataParallel``) are part of the view as they are and, with
-    ``eval_mode``, put in eval mode in place for the block (as :func:`preserved_model_state` does);
-    another thread calling one of them meanwhile gets a :class:`~medcam3d.errors.ConcurrentUseWarning`.
+    The view shares the model's parameters and buffers (no weight is copied) and its structure, but
+    every module whose ``training`` flag must change for the pass, every module in ``hooked``, and
+    their ancestors are shallow copies: the same tensors and user hooks, their own ``training`` flag,
+    hook tables and attributes. The view's eval mode and the hooks put on its copies are therefore
+    invisible to the model: another thread that trains or runs the model meanwhile sees its own
+    flags and no medcam3d hook. A model already in eval mode costs only the copies of ``hooked`` and
+    their ancestors. Modules that cannot be copied (TorchScript, ``torch.compile``,
+    ``DistributedDataParallel``) are part of the view as they are and, with ``eval_mode``, put in eval
+    mode in place for the block (as :func:`preserved_model_state` does); another thread calling one
+    of them meanwhile gets a :class:`~medcam3d.errors.ConcurrentUseWarning`.
 
     Parameters
     ----------
@@ -300,45 +351,43 @@ def isolated_model(model: nn.Module, *, eval_mode: bool = True, restore_buffers:
     eval_mode : bool
         The view runs in eval mode (False: with the modules' own flags).
     restore_buffers : bool
-        For every module in training mode in the view, its buffers (BatchNorm running statistics ...)
+        For every module that runs in training mode, its buffers (BatchNorm running statistics ...)
         are written back bitwise on exit, into the same tensors. False: updates are kept, in place or
         (a buffer the forward replaced in a copy) put into the model's module.
+    hooked : iterable of nn.Module
+        Modules of ``model`` that the caller will put hooks on: copied, so that the hooks stay off
+        the model (see :func:`counterpart`).
 
     Yields
     ------
     nn.Module
-        The view of ``model``: call it instead of the model; ``view.get_submodule(name)`` is the copy
-        of ``model.get_submodule(name)``. Valid inside the block only.
+        The view of ``model``: call it instead of the model; :func:`counterpart` gives the module of
+        the view that stands for a module of the model. Valid inside the block only.
 
-    Anything else a forward assigns to a module (an attribute, a replaced buffer when restoring) lands
-    in the copy and is dropped with the view. Hold :func:`model_lock` around it when other medcam3d
-    calls may use the model (the buffers are shared).
+    Anything else a forward assigns to a copied module (an attribute, a replaced buffer when
+    restoring) lands in the copy and is dropped with the view. Hold :func:`model_lock` around it when
+    other medcam3d calls may use the model (the buffers are shared).
     """
-    copies, kept = _shallow_copies(model)
-    for original in list(model.modules()):
-        copy = copies.get(id(original))
-        if copy is not None:
-            copy.training = False if eval_mode else original.training
+    copies, kept = _shallow_copies(model, eval_mode=eval_mode, hooked=hooked)
+    view = copies.get(id(model), model)
     flags = [(module, module.training) for root in kept for module in root.modules()]
-    buffers: list[tuple[nn.Module | None, str, torch.Tensor, torch.Tensor]] = []
+    buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     handle = None
     try:
-        if eval_mode:
-            for root in kept:
-                root.eval()
-            flipped = {id(module) for module, training in flags if training}
-            if flipped:
-                handle = nn.modules.module.register_module_forward_pre_hook(_warn_foreign(flipped, threading.get_ident()))
-        if restore_buffers:
-            for copy in copies.values():
-                if copy.training:
-                    buffers.extend((None, name, tensor, tensor.detach().clone())
-                                   for name, tensor in copy._buffers.items() if tensor is not None)
-            for module, _ in flags:
-                if module.training:
-                    buffers.extend((module, name, tensor, tensor.detach().clone())
-                                   for name, tensor in module._buffers.items() if tensor is not None)
-        yield copies.get(id(model), model)
+        for root in kept:
+            root.eval()
+        flipped = {id(module) for module, training in flags if training}
+        if flipped:
+            handle = nn.modules.module.register_module_forward_pre_hook(_warn_foreign(flipped, threading.get_ident()))
+        if restore_buffers and not eval_mode:  # in eval mode nothing runs in training mode: no update to undo
+            seen: set[int] = set()
+            for original in model.modules():
+                runs = copies.get(id(original), original)
+                if runs.training and id(original) not in seen:
+                    seen.add(id(original))
+                    buffers.extend((original, name, tensor, tensor.detach().clone())
+                                   for name, tensor in original._buffers.items() if tensor is not None)
+        yield view
     finally:
         if handle is not None:
             handle.remove()
@@ -346,12 +395,11 @@ def isolated_model(model: nn.Module, *, eval_mode: bool = True, restore_buffers:
             if module.training != training:
                 module.training = training
         with torch.no_grad():
-            for owner, name, tensor, saved in buffers:
-                if owner is not None:  # a module of the model itself: a buffer it replaced is put back
-                    owner._buffers[name] = tensor
+            for original, name, tensor, saved in buffers:
+                original._buffers[name] = tensor  # a buffer the forward replaced (in the model itself) is put back
                 tensor.copy_(saved)
         if not restore_buffers:  # buffers the forward replaced in a copy: the update the caller asked to keep
-            for original in list(model.modules()):
+            for original in model.modules():
                 copy = copies.get(id(original))
                 if copy is not None:
                     for name, replaced in copy._buffers.items():

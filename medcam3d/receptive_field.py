@@ -61,7 +61,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import LayerError
-from .hooks import forward_hooks, model_lock, preserved_model_state
+from .hooks import counterpart, forward_hooks, isolated_model, model_lock
 from .torchscript import is_scripted, script_split, scripted_ancestor
 
 __all__ = ["ReceptiveField", "receptive_field", "clear_cache", "PLACEMENTS"]
@@ -757,9 +757,10 @@ def _graph(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
     x = torch.zeros(shape, device="meta")
     tracer.note(x, _Field((1.0,) * nd, (0.0,) * nd, (1.0,) * nd))
     try:
-        with model_lock(model), preserved_model_state(model), torch.no_grad(), forward_hooks([(module, hook)]):
-            with tracer:
-                model(x)
+        # through a view of the model: its eval mode and hook stay invisible to other threads calling the model
+        with model_lock(model), isolated_model(model, hooked=[module]) as view, torch.no_grad():
+            with forward_hooks([(counterpart(view, name, module), hook)]), tracer:
+                view(x)
     except _Stop:
         pass
     except Exception as error:  # noqa: BLE001  anything a meta forward cannot run (values read, custom code)
@@ -865,8 +866,10 @@ def _probe(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
     generator = torch.Generator().manual_seed(PROBE_SEED)
     x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype or torch.float32).requires_grad_(True)
     nd = len(shape) - 2
-    with model_lock(model), preserved_model_state(model), torch.enable_grad(), torch.jit.optimized_execution(False):
-        activations = _layer_output(model, name, module, x)
+    # through a view of the model: its eval mode and hooks stay invisible to other threads calling the model
+    with model_lock(model), isolated_model(model, hooked=[module]) as view, torch.enable_grad(), \
+            torch.jit.optimized_execution(False):
+        activations = _layer_output(view, name, counterpart(view, name, module), x)
         if activations.ndim != len(shape) or not activations.requires_grad:
             raise LayerError(f"Layer {name!r} outputs shape {tuple(activations.shape)}"
                              f"{'' if activations.requires_grad else ' that does not depend on the input'}; its "

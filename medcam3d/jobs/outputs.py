@@ -21,7 +21,7 @@ their contents are its own: a staging folder must hold its staging mark (with th
 its name), a renamed-aside folder a manifest that matches every entry in it.
 
 Files that medcam3d writes directly into ``OUT`` (``summary.csv`` of ``batch``, the report of
-``evaluate``) are listed the same way in ``OUT/.medcam3d-manifest.json``; a file of that name that
+``evaluate``) are listed the same way in ``OUT/medcam3d-manifest.json``; a file of that name that
 medcam3d did not write is never replaced or merged into (:func:`check_own_files`,
 :func:`record_own_files`).
 """
@@ -66,7 +66,8 @@ logger = logging.getLogger(__name__)
 #: Key of the marker object in every case's summary.json and every manifest.
 MARKER = "medcam3d"
 #: The manifest of the files medcam3d writes directly into OUT (a case folder's is in its summary.json).
-MANIFEST = ".medcam3d-manifest.json"
+#: Not a dot-file: names starting with a dot are medcam3d's temporaries (staging folders, the lock).
+MANIFEST = "medcam3d-manifest.json"
 _STAGING_MARK = ".medcam3d-staging"
 _TOKEN = re.compile(r"[0-9a-f]{8}")
 #: Files up to this size are fingerprinted by the SHA-256 of their whole content.
@@ -158,7 +159,7 @@ def read_manifest(folder: str | Path, kind: str = "case") -> dict[str, dict] | N
 
     ``kind`` ``"case"``: a case folder, whose manifest is the ``manifest`` of the marker object in
     its ``summary.json``; ``"out"``: the files written directly into ``OUT``, listed in
-    ``OUT/.medcam3d-manifest.json``. ``None`` when the folder is a link, or the manifest file is
+    ``OUT/medcam3d-manifest.json``. ``None`` when the folder is a link, or the manifest file is
     missing, a link, not JSON, not marked as medcam3d's of this kind, or lists a path that leaves
     the folder.
     """
@@ -182,7 +183,7 @@ def read_manifest(folder: str | Path, kind: str = "case") -> dict[str, dict] | N
 
 
 def _write_manifest(folder: Path, kind: str, files: dict[str, dict]) -> None:
-    """Write the manifest of ``folder``: into its ``summary.json``'s marker (a case), or ``OUT/.medcam3d-manifest.json``."""
+    """Write the manifest of ``folder``: into its ``summary.json``'s marker (a case), or ``OUT/medcam3d-manifest.json``."""
     from .. import __version__
 
     path = folder / _manifest_file(kind)
@@ -516,8 +517,11 @@ def check_own_files(out: str | Path, names: Iterable[str]) -> None:
         Naming every such file.
     """
     out = Path(out)
-    listed = read_manifest(out, "out") or {}
+    listed = read_manifest(out, "out")
     conflicts = []
+    if listed is None and os.path.lexists(out / MANIFEST):  # a file of that name that is not medcam3d's manifest
+        conflicts.append(f"{MANIFEST} (not written by medcam3d)")
+    listed = listed or {}
     for name in names:
         _check_parents(out, name)
         path = out / name
@@ -534,7 +538,7 @@ def check_own_files(out: str | Path, names: Iterable[str]) -> None:
 
 
 def record_own_files(out: str | Path, names: Iterable[str], kind: str) -> None:
-    """List files that medcam3d has just written into ``out`` in ``OUT/.medcam3d-manifest.json``.
+    """List files that medcam3d has just written into ``out`` in ``OUT/medcam3d-manifest.json``.
 
     ``kind`` says what wrote them (``"batch"``, ``"evaluate"``, ``"demo"``): ``batch`` merges an
     earlier ``summary.csv`` only when ``batch`` wrote it (:func:`own_file_kind`). The caller holds
