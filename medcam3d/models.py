@@ -606,8 +606,8 @@ class _ActivationGuard:
                 f"{_where(self.source)}the network's layer outputs for an input of shape {shape} would need about "
                 f"{_bytes_text(needed)} at once (estimated by a forward pass on PyTorch's meta device, which allocates "
                 f"nothing), more than the {_bytes_text(self.max_bytes)} allowed. Check model.args (paddings, channels, "
-                "upsampling) and the preprocessing's output size, explain through sliding windows (--roi), or raise the "
-                "limit with --max-activation-memory (Python: max_activation_bytes=...; none for no limit)."
+                "upsampling) and the preprocessing's output size, use a smaller batch or sliding windows (--roi), or raise "
+                "the limit with --max-activation-memory (Python: max_activation_bytes=...; none for no limit)."
             )
             raise InputError(message)
         self.checked[shape] = needed
