@@ -346,6 +346,19 @@ def test_evaluate_refuses_an_out_that_holds_its_inputs_csv_or_scans(setup, tmp_p
     assert _tree(tmp_path) == before
 
 
+def test_evaluate_never_replaces_a_report_file_it_did_not_write(setup, tmp_path, capsys):
+    root, config = setup
+    out = tmp_path / "results"
+    (out / "failures").mkdir(parents=True)
+    (out / "summary.md").write_text("# my own write-up")
+    (out / "failures" / "README.md").write_text("my list")
+    before = _tree(tmp_path)
+    assert _evaluate(config, root / "scan.nii.gz", out) == 2
+    err = capsys.readouterr().err
+    assert "summary.md (not written by medcam3d)" in err and "failures/README.md (not written by medcam3d)" in err
+    assert _tree(tmp_path) == before
+
+
 def test_batch_refuses_an_out_that_holds_its_inputs_csv(setup, tmp_path, capsys):
     root, config = setup
     lists = tmp_path / "lists"

@@ -82,7 +82,7 @@ class OutputLock:
     """
 
     def __init__(self, out: str | Path, command: str) -> None:
-        self.out = Path(out)
+        self.out = Path(out).expanduser()
         self.path = self.out / LOCK_NAME
         self.command = command
         self.descriptor: int | None = None
@@ -236,6 +236,7 @@ def output_lock(out: str | Path, command: str, *, context: Any = None,
     OutputConflictError
         Another job holds the lock, or ``check`` refused.
     """
+    out = Path(out).expanduser()
     rank = getattr(context, "rank", 0)
     distributed = bool(getattr(context, "distributed", False))
     lock = None

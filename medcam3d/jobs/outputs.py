@@ -169,7 +169,11 @@ def read_manifest(folder: str | Path, kind: str = "case") -> dict[str, dict] | N
             return None
     except OSError:
         return None
-    data = _read_json_file(folder / _manifest_file(kind))
+    return _listing(_read_json_file(folder / _manifest_file(kind)), kind)
+
+
+def _listing(data: object, kind: str) -> dict[str, dict] | None:
+    """The manifest held by ``data`` (a parsed manifest file), or ``None``."""
     marker = data.get(MARKER) if isinstance(data, dict) else None
     if not (isinstance(marker, dict) and marker.get("kind") == kind and isinstance(marker.get("manifest"), dict)):
         return None
@@ -273,10 +277,13 @@ def read_case_summary(folder: str | Path) -> dict | None:
     whose marker holds the manifest of the files medcam3d wrote (:func:`read_manifest`); a marker
     alone is not enough. Never raises for a missing, empty, corrupt or foreign ``summary.json``.
     """
-    if read_manifest(folder, "case") is None:
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return None
+    except OSError:
         return None
     data = _read_json_file(Path(folder) / "summary.json")
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and _listing(data, "case") is not None else None
 
 
 def is_own_case_folder(folder: str | Path) -> bool:
