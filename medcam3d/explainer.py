@@ -141,10 +141,21 @@ class Explainer:
         A classifier returning logits ``(B, C)`` (``C = 1``: binary), or a
         segmentation network returning ``(B, C, *spatial)`` (a tuple, list or
         dict output is unwrapped by :func:`medcam3d.modeling.first_tensor`).
-        Never modified: hooks live for one call, ``training`` flags and buffers
-        are restored, no ``.grad`` is written, ``requires_grad`` is untouched.
+        Never modified: the forward passes run through a view of the model
+        (:func:`medcam3d.hooks.isolated_model`: shallow copies of the modules whose mode must
+        change and of the target layer, sharing every parameter and buffer), so neither the
+        eval mode nor the hooks ever reach the model's own modules; train-mode buffer updates
+        are undone, no ``.grad`` is written, ``requires_grad`` is untouched.
         Calls from several threads on one model (or on models sharing
-        submodules) are safe: they run one at a time.
+        submodules) are safe: they run one at a time. Another thread may call
+        the model itself meanwhile (training it, or predicting): its calls run
+        in their own mode and are neither seen nor changed by medcam3d. They
+        share the weights, though: an optimizer step or a train-mode BatchNorm
+        update made during an explanation is read by it mid-pass (hold
+        :func:`medcam3d.hooks.model_lock` around such steps, or explain a copy).
+        Modules that cannot be viewed (TorchScript, ``torch.compile``,
+        ``DistributedDataParallel``) are put in eval mode in place for the call;
+        another thread calling one then gets a :class:`~medcam3d.errors.ConcurrentUseWarning`.
 
         TorchScript models (``torch.jit.script``/``trace``, ``torch.jit.load``) work too: a layer
         inside a scripted graph is reached by running a copy of the graph split at that layer
