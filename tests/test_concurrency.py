@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from typing import cast
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 import medcam3d
+from medcam3d.errors import ConcurrentUseWarning
 from medcam3d.hooks import model_lock
 from medcam3d.metrics import completeness, deletion_curve
 
@@ -227,26 +229,28 @@ class Gate(nn.Module):
         return x
 
 
-def gated_net() -> nn.Sequential:
+def gated_net(mode: str = "train", probe: nn.Module | None = None) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(
-        Gate(), nn.Conv3d(1, 4, 3, padding=1), ModeProbe(), nn.ReLU(), nn.Conv3d(4, 6, 3, stride=2, padding=1),
+    model = nn.Sequential(
+        Gate(), nn.Conv3d(1, 4, 3, padding=1), probe or ModeProbe(), nn.ReLU(), nn.Conv3d(4, 6, 3, stride=2, padding=1),
         nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 3),
-    ).train()
+    )
+    return model.train(mode == "train")
 
 
-@pytest.mark.parametrize("layer", ["4", "auto"])
-def test_another_thread_calling_the_model_during_an_explanation_is_untouched(layer):
+@pytest.mark.parametrize("layer, mode", [("4", "train"), ("auto", "train"), ("auto", "eval")])
+def test_another_thread_calling_the_model_during_an_explanation_is_untouched(layer, mode):
     """Issue 25 item 7: while medcam3d explains, another thread calls the same train-mode model, 6 times
     inside each of medcam3d's forward passes (the layer choice, the explanation, the receptive-field
     probe: hooks in place). Every call succeeds with the train-mode output (none is recorded by
-    medcam3d's hooks, none runs in eval mode) and the explanation equals the one made alone."""
+    medcam3d's hooks, none runs in eval mode) and the explanation equals the one made alone. An eval-mode
+    model is used as it is (only the target layer is copied): the layer probe's hooks sit on its modules."""
     x, other = inputs(2)
-    alone = gated_net()
+    alone = gated_net(mode)
     reference = medcam3d.Explainer(alone, layer=layer)(x, "all").maps
     with torch.no_grad():
         expected = alone(other)
-    model = gated_net()  # fresh: nothing cached for it
+    model = gated_net(mode)  # fresh: nothing cached for it
     gate = cast(Gate, model[0])
     before = snapshot(model)
     errors: list[BaseException] = []
@@ -279,7 +283,41 @@ def test_another_thread_calling_the_model_during_an_explanation_is_untouched(lay
     assert len(pauses) >= (3 if layer == "auto" else 2), pauses  # every forward pass medcam3d made
     assert errors == []
     assert len(outputs) == 6 * len(pauses) >= 12
-    for output in outputs:  # the other thread ran in its own (train) mode, not medcam3d's eval mode
+    for output in outputs:  # the other thread ran in its own mode (train: not medcam3d's eval mode)
         torch.testing.assert_close(output, expected, rtol=0, atol=0)
     torch.testing.assert_close(maps, reference, rtol=0, atol=0)
     assert_same_state(model, before)
+
+
+def test_a_module_that_cannot_be_copied_warns_the_other_thread():
+    """A TorchScript submodule cannot be run through a copy: it is put in eval mode in place for the
+    explanation, and a call from another thread that reaches it meanwhile gets a ConcurrentUseWarning."""
+    model = gated_net("train", probe=torch.jit.script(ModeProbe()))
+    gate = cast(Gate, model[0])
+    x, other = inputs(2)
+    outputs: list[torch.Tensor] = []
+
+    def user_thread() -> None:
+        while gate.paused.get(timeout=60) is not None:
+            with torch.no_grad():
+                outputs.append(model(other))
+            gate.resume.put(None)
+
+    thread = threading.Thread(target=user_thread)
+    gate.explaining = threading.get_ident()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        thread.start()
+        try:
+            medcam3d.Explainer(model, layer="4", placement="align_corners")(x, "all")
+        finally:
+            gate.explaining = None
+            gate.paused.put(None)
+            thread.join(timeout=60)
+        assert outputs
+        with torch.no_grad():
+            model(other)  # after the explanation: no warning
+    concurrent = [w for w in caught if issubclass(w.category, ConcurrentUseWarning)]
+    assert len(concurrent) == len(outputs)
+    assert "RecursiveScriptModule" in str(concurrent[0].message) and "eval mode" in str(concurrent[0].message)
+    assert model[2].training  # restored
