@@ -426,7 +426,10 @@ def with_limits(config: Config, *, max_voxels: Any = _UNCHANGED, max_activation_
     max_voxels : int or None, optional
         The largest grid (voxels, per channel) preprocessing may make, checked before each
         transform runs (:func:`medcam3d.preprocess.build_transforms`); None: no limit. Default:
-        unchanged (:data:`DEFAULT_MAX_VOXELS` for a parsed config).
+        unchanged (:data:`DEFAULT_MAX_VOXELS` for a parsed config). A config without
+        ``preprocessing`` keeps none: its default transform (``Orientation``) never enlarges the
+        grid. A MONAI bundle's own preprocessing takes the limit from
+        :func:`medcam3d.models.load_bundle` (``max_voxels=``).
     max_activation_bytes : int or None, optional
         The most memory the network's layer outputs may need at once in one forward pass
         (:func:`medcam3d.models.limit_activations`); None: no limit. Default: unchanged
