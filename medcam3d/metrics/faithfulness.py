@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import ActivationCapture, model_lock, preserved_model_state
+from ..hooks import ActivationCapture, counterpart, isolated_model, model_lock
 from ..layers import linear_head
 from ..modeling import first_tensor, model_output, to_model_input
 from ..targets import probabilities
@@ -198,7 +198,8 @@ def perturbation_curves(
     ----------
     model : nn.Module
         A classifier returning ``(B, C)`` logits. Run in eval mode under ``torch.no_grad()``,
-        holding :func:`medcam3d.hooks.model_lock`; its flags and buffers are restored afterwards.
+        holding :func:`medcam3d.hooks.model_lock`, through :func:`medcam3d.hooks.isolated_model`
+        (the model's own flags never change: another thread may use it meanwhile).
     x : (C_in, *spatial) or (1, C_in, *spatial) Tensor
         The preprocessed input (a MetaTensor is fine); moved to the model's device and dtype
         (:func:`medcam3d.modeling.to_model_input`).
@@ -257,7 +258,8 @@ def perturbation_curves(
     jobs = [(mode, k) for mode in modes for k in range(steps + 1)]
     measure = _score_fn(score, task)
     values = np.empty(len(jobs), dtype=np.float64)
-    with model_lock(model), preserved_model_state(model, eval_mode=True), torch.no_grad():
+    # through a view of the model in eval mode: other threads calling the model keep their own mode
+    with model_lock(model), isolated_model(model) as view, torch.no_grad():
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             n = counts[[k for _, k in chunk]].view(-1, *([1] * (inputs.ndim)))
@@ -266,7 +268,7 @@ def perturbation_curves(
             deleting = deleting.view(-1, *([1] * inputs.ndim))
             use_base = torch.where(deleting, chosen, ~chosen)
             batch = torch.where(use_base, base.unsqueeze(0), inputs.unsqueeze(0))
-            logits = model_output(model, batch)
+            logits = model_output(view, batch)
             if logits.ndim != 2:
                 raise ValueError(f"Faithfulness curves need a classifier with (B, C) logits; the model returned "
                                  f"{tuple(logits.shape)}.")
@@ -391,9 +393,11 @@ def _head_of(model: nn.Module, name: str, module: nn.Module, x: torch.Tensor) ->
     if not any(_is_linear(m) for m in model.modules()):
         return "the model has no nn.Linear."
     inputs = to_model_input(x, model)
-    capture = ActivationCapture(module, name, track_gradients=False, spatial_ndim=None, model=model)
-    with model_lock(model), preserved_model_state(model, eval_mode=True), capture, torch.no_grad():
-        outputs = first_tensor(capture.run(inputs))
+    with model_lock(model), isolated_model(model, hooked=[module]) as view, torch.no_grad():
+        capture = ActivationCapture(counterpart(view, name, module), name, track_gradients=False, spatial_ndim=None,
+                                    model=view)
+        with capture:
+            outputs = first_tensor(capture.run(inputs))
     if capture.activations is None:
         return "the target layer did not run."
     found = linear_head(model, capture.activations, outputs, kinds=("flatten+linear", "gap+linear"))
