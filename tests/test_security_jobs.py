@@ -930,3 +930,304 @@ def test_class_names_that_do_not_fit_the_model_are_refused(setup, tmp_path, caps
     with pytest.raises(ConfigError, match="1 names but the model gives a single logit"):
         Explainer(model, layer="0", class_names=["lesion"])(torch.randn(1, 1, 8, 8, 8), "all")
     assert Explainer(model, layer="0", class_names=["no", "yes"])(torch.randn(1, 1, 8, 8, 8), "all").maps.shape[1] == 2
+
+
+# issue 25 items 3 and 8
+# Resume compares each input's identity (a scan replaced at its path, a CSV row pointing its id at another scan, a
+# mask added), and ids and CSVs: reserved names, byte limits, Unicode normalisation, invisible characters, formula
+# injection into summary.csv, quoted line breaks, very long lists, class names that do not fit the model.
+def _stamp(out, case):
+    return (out / case / "summary.json").stat().st_mtime_ns
+
+
+def _other_scan(root, path):
+    """A scan on the same grid as root/scan.nii.gz with the lesion elsewhere, written at ``path``."""
+    space = io.read_space(root / "scan.nii.gz")
+    image, _ = planted_scan(SHAPE, space.affine, (space.affine @ [6, 6, 4, 1])[:3], radius_mm=4)
+    io.write(path, image, space)
+
+
+def test_resume_redoes_a_case_whose_scan_was_replaced_at_its_path(setup, tmp_path):
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(root / "scan.nii.gz", scans / "a.nii.gz")
+    out = tmp_path / "out"
+    assert _batch(config, scans, out) == 0
+    stamp = _stamp(out, "a")
+    assert _batch(config, scans, out, "--resume") == 0
+    assert _stamp(out, "a") == stamp  # unchanged: skipped
+    _other_scan(root, tmp_path / "new.nii.gz")
+    os.replace(tmp_path / "new.nii.gz", scans / "a.nii.gz")  # another scan at the same path
+    assert _batch(config, scans, out, "--resume") == 0
+    assert _stamp(out, "a") != stamp
+    recorded = json.loads((out / "a" / "summary.json").read_text(encoding="utf-8"))["run"]["inputs"]["image"]
+    assert recorded["size"] == (scans / "a.nii.gz").stat().st_size
+    assert recorded["mtime_ns"] == (scans / "a.nii.gz").stat().st_mtime_ns
+    stamp = _stamp(out, "a")
+    assert _batch(config, scans, out, "--resume") == 0
+    assert _stamp(out, "a") == stamp
+
+
+def test_resume_redoes_a_case_whose_csv_row_points_at_another_scan(setup, tmp_path):
+    root, config = setup
+    shutil.copy(root / "scan.nii.gz", tmp_path / "one.nii.gz")
+    shutil.copy(root / "scan.nii.gz", tmp_path / "two.nii.gz")  # the same bytes: still another input
+    table = tmp_path / "cases.csv"
+    table.write_text("id,image\nA,one.nii.gz\n")
+    out = tmp_path / "out"
+    assert _batch(config, table, out) == 0
+    stamp = _stamp(out, "A")
+    assert _batch(config, table, out, "--resume") == 0
+    assert _stamp(out, "A") == stamp
+    table.write_text("id,image\nA,two.nii.gz\n")
+    assert _batch(config, table, out, "--resume") == 0
+    assert _stamp(out, "A") != stamp
+    summary = json.loads((out / "A" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["image"].endswith("two.nii.gz")
+    assert summary["run"]["inputs"]["image"]["path"] == os.path.realpath(tmp_path / "two.nii.gz")
+
+
+def test_resume_redoes_a_case_when_a_mask_is_added(setup, tmp_path):
+    root, config = setup
+    table = tmp_path / "cases.csv"
+    table.write_text(f"id,image\nA,{root / 'scan.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert _batch(config, table, out) == 0
+    stamp = _stamp(out, "A")
+    assert all("lesion_present" not in f for f in json.loads((out / "A" / "summary.json").read_text())["findings"])
+    table.write_text(f"id,image,mask\nA,{root / 'scan.nii.gz'},{root / 'scan_mask.nii.gz'}\n")
+    assert _batch(config, table, out, "--resume") == 0
+    assert _stamp(out, "A") != stamp
+    findings = json.loads((out / "A" / "summary.json").read_text(encoding="utf-8"))["findings"]
+    assert findings and all("lesion_present" in f for f in findings)
+    stamp = _stamp(out, "A")
+    assert _batch(config, table, out, "--resume") == 0
+    assert _stamp(out, "A") == stamp
+
+
+def test_input_identity_follows_files_and_dicom_folder_listings(tmp_path):
+    from medcam3d.jobs.cases import case_identity, input_identity
+
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"x" * 10)
+    before = input_identity(series)
+    assert input_identity(series) == before
+    (series / "2.dcm").write_bytes(b"y" * 10)  # a slice added
+    after = input_identity(series)
+    assert after != before and after["files"] == 2
+    os.utime(series / "1.dcm", ns=(1, 1))  # a slice touched
+    assert input_identity(series) != after
+    header = tmp_path / "scan.nhdr"
+    header.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndata file: scan.raw\n\n")
+    (tmp_path / "scan.raw").write_bytes(b"\0" * 16)
+    identity = input_identity(header)
+    (tmp_path / "scan.raw").write_bytes(b"\1" * 17)  # the detached data replaced, the header not
+    assert input_identity(header) != identity
+    assert input_identity(tmp_path / "gone.nii.gz")["missing"] is True
+    plain = case_identity(tmp_path / "scan.raw")
+    assert case_identity(tmp_path / "scan.raw", volume=1) != plain
+    assert case_identity(tmp_path / "scan.raw", series="1.2.3") != plain
+    assert case_identity(tmp_path / "scan.raw", region_mask=tmp_path / "scan.raw") != plain
+
+
+@pytest.mark.parametrize("reserved", ["summary.csv", "Summary.CSV", "summary.json", "metrics.csv", "cases.csv"])
+def test_an_id_named_like_a_file_medcam3d_writes_in_out_is_refused_up_front(setup, tmp_path, capsys, reserved):
+    root, config = setup
+    table = tmp_path / "cases.csv"
+    table.write_text(f"id,image\nok,{root / 'scan.nii.gz'}\n{reserved},{root / 'scan.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert _batch(config, table, out) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and reserved in err and "reserved" in err and "Traceback" not in err
+    assert not out.exists()
+    assert derive_case_ids([tmp_path / f"{reserved}.nii.gz"])[0].casefold() != reserved.casefold()
+
+
+def test_every_name_medcam3d_writes_at_the_top_of_out_is_a_reserved_id():
+    from medcam3d.jobs.cases import RESERVED_IDS
+    from medcam3d.jobs.outputs import MANIFEST
+
+    assert {MANIFEST, "summary.csv", "summary.json", "summary.md", "metrics.csv", "cases.csv",
+            "randomization.csv", "segmentation.json", "failures"} <= RESERVED_IDS
+    with pytest.raises(CaseIdError, match="reserved"):
+        check_case_id(MANIFEST.upper())
+
+
+def test_case_ids_are_limited_in_utf8_bytes(tmp_path):
+    assert check_case_id("x" * 100) == "x" * 100
+    assert check_case_id("肺" * 33) == "肺" * 33  # 99 bytes
+    with pytest.raises(CaseIdError, match="102 bytes"):
+        check_case_id("肺" * 34)
+    with pytest.raises(CaseIdError, match="300 bytes"):
+        check_case_id("肺" * 100)
+    derived = derive_case_ids([tmp_path / ("肺" * 100 + ".nii.gz"), tmp_path / "sub" / ("肺" * 100 + ".nii.gz")])
+    assert all(len(i.encode()) <= 100 for i in derived) and derived[0] != derived[1]
+    for text in derived:
+        assert check_case_id(text) == text
+
+
+def test_nfc_and_nfd_forms_of_one_name_are_one_id(setup, tmp_path, capsys):
+    root, config = setup
+    nfc, nfd = "\u00c9mile", "E\u0301mile"
+    assert check_case_id(nfd) == nfc
+    table = tmp_path / "cases.csv"
+    table.write_text(f"id,image\n{nfc},{root / 'scan.nii.gz'}\n{nfd.lower()},{root / 'scan.nii.gz'}\n", encoding="utf-8")
+    with pytest.raises(CaseIdError, match="repeat"):
+        collect_cases(table)
+    table.write_text(f"id,image\n{nfd},{root / 'scan.nii.gz'}\n", encoding="utf-8")
+    assert [c.id for c in collect_cases(table)] == [nfc]
+    assert derive_case_ids([tmp_path / f"{nfc}.nii.gz", tmp_path / "b" / f"{nfd}.nii.gz"])[1] != nfc
+
+
+@pytest.mark.parametrize("char", ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u202a", "\u202e", "\u2066",
+                                  "\u2069", "\u00ad", "\u061c", "\u2028", "\u2029", "\x85"])
+def test_invisible_and_bidi_characters_in_ids_are_refused_naming_the_code_point(char):
+    with pytest.raises(CaseIdError, match=f"U\\+{ord(char):04X}") as info:
+        check_case_id(f"case{char}001")
+    assert "\n" not in str(info.value)
+    assert char not in derive_case_ids([f"case{char}001.nii.gz"])[0]
+
+
+def test_formula_like_cells_are_escaped_in_summary_csv_and_read_back(setup, tmp_path):
+    from medcam3d.jobs.report import unescape_row
+
+    root, config = setup
+    ids = ["=1+1", "@SUM(A1)", "+cmd", "-2", "'=x"]
+    table = tmp_path / "cases.csv"
+    table.write_text("id,image\n" + "".join(f'"{i}",{root / "scan.nii.gz"}\n' for i in ids), encoding="utf-8")
+    out = tmp_path / "out"
+    assert _batch(config, table, out) == 0
+    for _ in range(2):  # the second run merges the first run's rows into its own: no double escaping
+        with (out / "summary.csv").open(newline="", encoding="utf-8") as stream:
+            raw = list(csv.reader(stream))
+        assert sorted(row[0] for row in raw[1:]) == sorted(["'=1+1", "'@SUM(A1)", "'+cmd", "-2", "''=x"])
+        with (out / "summary.csv").open(newline="", encoding="utf-8") as stream:
+            rows = [unescape_row(row) for row in csv.DictReader(stream)]
+        assert sorted(row["case"] for row in rows) == sorted(ids)
+        table.write_text(f'id,image\n"=1+1",{root / "scan.nii.gz"}\n', encoding="utf-8")
+        assert _batch(config, table, out) == 0  # one case again, the others' rows merged from summary.csv
+
+
+def test_write_csv_escapes_every_formula_start_and_keeps_numbers(tmp_path):
+    from medcam3d.jobs.report import unescape_row, write_csv
+
+    cells = ["=HYPERLINK(\"http://x\")", "@SUM(A1)", "+", "-", "\t=1", "\r=1", "\n=1", "\uff1d1+1", "'=1", "''@x",
+             "plain", "'quoted", "-3.5", "-12.0 4.5 7.25", "1e-5"]
+    rows = [{"value": cell, "=header": 1} for cell in cells] + [{"value": -2.5, "=header": -1}]
+    write_csv(tmp_path / "t.csv", rows)
+    with (tmp_path / "t.csv").open(newline="", encoding="utf-8") as stream:
+        raw = list(csv.reader(stream))
+    assert raw[0] == ["'=header", "value"] or raw[0] == ["value", "'=header"]
+    column = raw[0].index("value")
+    written = [row[column] for row in raw[1:]]
+    for cell, text in zip(cells[:10], written):
+        assert text == "'" + cell
+    assert written[10:] == ["plain", "'quoted", "-3.5", "-12.0 4.5 7.25", "1e-5", "-2.5"]
+    with (tmp_path / "t.csv").open(newline="", encoding="utf-8") as stream:
+        back = [unescape_row(row) for row in csv.DictReader(stream)]
+    assert [row["value"] for row in back] == cells + ["-2.5"]
+    assert all(set(row) == {"value", "=header"} for row in back)
+
+
+def test_csv_quoted_fields_keep_line_breaks_and_unicode_separators(setup, tmp_path):
+    root, config = setup
+    name = "scan\u2028two\x85.nii.gz"
+    shutil.copy(root / "scan.nii.gz", tmp_path / name)
+    table = tmp_path / "cases.csv"
+    table.write_bytes(("\ufeffid,image,labels\n"
+                       f'A,"{name}","bright\ndark"\n'
+                       f'B,scan.nii.gz,bright\n').encode("utf-8"))
+    shutil.copy(root / "scan.nii.gz", tmp_path / "scan.nii.gz")
+    cases = collect_cases(table)
+    assert [c.id for c in cases] == ["A", "B"]
+    assert cases[0].image.name == name
+    assert cases[0].labels == ["bright", "dark"]
+    assert cases[1].source.endswith("line 4")  # row B starts on line 4: row A spans lines 2 and 3
+    table.write_text(f'id,image\n"A\nB",scan.nii.gz\n"ok\u2028",scan.nii.gz\n', encoding="utf-8")
+    with pytest.raises(CaseIdError, match="line 2") as info:
+        collect_cases(table)
+    assert "\n" not in str(info.value)
+    table.write_text(f'id,image\nC,scan.nii.gz\n"D\u2028x",scan.nii.gz\n', encoding="utf-8")
+    with pytest.raises(CaseIdError, match="line 3.*U\\+2028"):
+        collect_cases(table)
+
+
+def test_a_long_case_list_is_refused_at_the_limit_naming_the_flag(setup, tmp_path, capsys):
+    from medcam3d.errors import CohortError
+
+    root, config = setup
+    table = tmp_path / "cases.csv"
+    table.write_text("id,image\n" + "".join(f"c{n},missing{n}.nii.gz\n" for n in range(6)))
+    with pytest.raises(CohortError, match="line 7: .*more than 5 cases.*--max-cases"):
+        collect_cases(table, max_cases=5)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for n in range(3):
+        shutil.copy(root / "scan.nii.gz", scans / f"s{n}.nii.gz")
+    with pytest.raises(CohortError, match="more than 2 scans"):
+        collect_cases(scans, max_cases=2)
+    assert _batch(config, table, tmp_path / "out", "--max-cases", "5") == 2
+    err = capsys.readouterr().err
+    assert "--max-cases" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert _batch(config, scans, tmp_path / "out", "--max-cases", "3") == 0
+
+
+def test_a_csv_of_300k_rows_fails_within_seconds_before_any_file_is_looked_at(tmp_path, monkeypatch):
+    import time
+
+    from medcam3d.errors import CohortError
+    from medcam3d.jobs.cases import MAX_CASES
+
+    table = tmp_path / "cases.csv"
+    table.write_text("id,image\n" + "".join(f"c{n},sub{n}/scan.nii.gz\n" for n in range(300_000)))  # 6.5 MB
+    asked = []
+    monkeypatch.setattr(os.path, "exists", lambda path: asked.append(path) or True)
+    started = time.perf_counter()
+    with pytest.raises(CohortError, match=f"line {MAX_CASES + 2}: .*more than {MAX_CASES} cases.*--max-cases"):
+        collect_cases(table)
+    assert time.perf_counter() - started < 30  # measured: about 1 s (163 s before, with a trivial error at the end)
+    assert not asked  # the list is refused before the file system is asked about its paths
+
+
+def test_check_output_location_resolves_each_folder_once(tmp_path, monkeypatch):
+    inputs = [tmp_path / "data" / f"s{n}.nii.gz" for n in range(2000)]
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda path, **kw: calls.append(path) or real(path, **kw))
+    check_output_location(tmp_path / "out", inputs + inputs)
+    assert len(calls) < 10
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link.nii.gz").symlink_to(tmp_path / "out" / "x.nii.gz")
+    with pytest.raises(OutputConflictError, match="contains the input"):
+        check_output_location(tmp_path / "out", inputs + [tmp_path / "data" / "link.nii.gz"])
+    with pytest.raises(OutputConflictError, match="contains the input"):
+        check_output_location(tmp_path / "out", [tmp_path / "data" / ".." / "out" / "x.nii.gz"])
+
+
+@pytest.mark.parametrize("names", [["bright"], ["bright", "dark", "extra"]])
+def test_class_names_that_do_not_fit_the_model_are_refused(setup, tmp_path, capsys, names):
+    import torch
+
+    from medcam3d import Explainer
+    from medcam3d.errors import ConfigError
+
+    root, config = setup
+    wrong = tmp_path / "config.yaml"
+    wrong.write_text(config.read_text().replace("class_names: [bright, dark]", f"class_names: [{', '.join(names)}]"))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(root / "scan.nii.gz", scans / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    assert _batch(wrong, scans, out) == 2
+    err = capsys.readouterr().err
+    assert f"class_names has {len(names)} names" in err and "2 output channels" in err and "Traceback" not in err
+    assert not (out / "a").exists() and not (out / "b").exists()
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(2, 1))  # a single logit: two classes
+    with pytest.raises(ConfigError, match="1 names but the model gives a single logit"):
+        Explainer(model, layer="0", class_names=["lesion"])(torch.randn(1, 1, 8, 8, 8), "all")
+    assert Explainer(model, layer="0", class_names=["no", "yes"])(torch.randn(1, 1, 8, 8, 8), "all").maps.shape[1] == 2

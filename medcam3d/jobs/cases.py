@@ -55,11 +55,11 @@ MAX_ID_LENGTH = MAX_ID_BYTES  # the same limit, under its earlier name
 #: At most this many cases in one list (CSV rows, scans in a folder); ``max_cases`` lifts it.
 MAX_CASES = 100_000
 #: Names that medcam3d writes at the top of an output folder (compared ignoring case): a case
-#: folder of that name would collide with them. Names starting with a dot (the lock, the manifest,
-#: staging folders) are refused for every id anyway.
+#: folder of that name would collide with them. Names starting with a dot (the lock, staging
+#: folders) are refused for every id anyway.
 RESERVED_IDS = frozenset({
     "summary.csv", "summary.json", "summary.md", "metrics.csv", "cases.csv", "randomization.csv",
-    "randomization.png", "curves.png", "segmentation.json", "failures",
+    "randomization.png", "curves.png", "segmentation.json", "failures", "medcam3d-manifest.json",
 })
 
 _IMAGE_COLUMNS = ("image", "file", "path", "scan", "filename")
@@ -126,7 +126,7 @@ def case_id_of(path: str | Path) -> str:
 def case_id_key(text: str) -> str:
     """The form in which case ids are compared: Unicode NFC, ignoring case.
 
-    ``'Émile'`` (NFC), ``'E\u0301mile'`` (NFD) and ``'émile'`` have one key: they are one folder on
+    ``'Émile'`` (NFC), ``'E\\u0301mile'`` (NFD) and ``'émile'`` have one key: they are one folder on
     macOS (which normalises names) and on case-insensitive file systems.
     """
     return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())

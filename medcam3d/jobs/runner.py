@@ -351,13 +351,23 @@ class Runner:
             return None
         region_mask = case.region_mask if case.region_mask is not None else self.region_masks.get(case.id)
         inputs = case_identity(case.image, case.mask, region_mask, case.volume, case.series)
-        expected = json.loads(json.dumps(_finite(self._case_settings(inputs)), default=str))
+        expected = json.loads(json.dumps(_finite(self._case_settings(inputs, region_mask)), default=str))
         return result if result.run == expected else None
 
-    def _case_settings(self, inputs: dict) -> dict:
+    def _case_settings(self, inputs: dict, region_mask: str | Path | None) -> dict:
         """:meth:`run_settings`, plus the identity of the case's inputs (see
-        :func:`~medcam3d.jobs.cases.case_identity`)."""
-        return {**self.run_settings(), "inputs": inputs}
+        :func:`~medcam3d.jobs.cases.case_identity`) and the region mask (its name and a digest of its bytes)."""
+        settings = {**self.run_settings(), "inputs": inputs}
+        if region_mask is not None:
+            digest = hashlib.sha256()
+            try:
+                with open(region_mask, "rb") as stream:
+                    for block in iter(lambda: stream.read(1 << 22), b""):
+                        digest.update(block)
+            except OSError:  # reported when the case is read
+                pass
+            settings["region_mask"] = {"file": Path(region_mask).name, "digest": digest.hexdigest()[:16]}
+        return settings
 
     def check_region_task(self) -> None:
         """Refuse region masks for a model that is not a segmentation network (before any work).
@@ -420,7 +430,7 @@ class Runner:
             self.check_region_task()
         if inputs is None:  # before reading: a file replaced meanwhile is done again by the next resume
             inputs = case_identity(image, mask, region_mask, volume, series)
-        result = CaseResult(case_id=case_id, image=str(image), run=self._case_settings(inputs))
+        result = CaseResult(case_id=case_id, image=str(image), run=self._case_settings(inputs, region_mask))
         out_dir = check_output_location(out_dir, [image, mask, region_mask])
         final = out_dir / case_id
         if final.exists() and not overwrite:
