@@ -72,6 +72,7 @@ _REGION_COLUMNS = ("region_mask", "region_mask_file")
 _FORBIDDEN = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
 # control (C0/C1), format (zero-width, bidi, soft hyphen, BOM), surrogate and line/paragraph separators
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_ASCII_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _CSV_MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -116,7 +117,7 @@ class Case:
 
 def case_id_of(path: str | Path) -> str:
     """The file or folder name without its image suffix (``scan.nii.gz`` → ``scan``); not cleaned."""
-    name = Path(path).name
+    name = os.path.basename(os.fspath(path).rstrip("/" + os.sep))
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -129,6 +130,8 @@ def case_id_key(text: str) -> str:
     ``'Émile'`` (NFC), ``'E\\u0301mile'`` (NFD) and ``'émile'`` have one key: they are one folder on
     macOS (which normalises names) and on case-insensitive file systems.
     """
+    if text.isascii():
+        return text.lower()
     return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
@@ -144,7 +147,7 @@ def _code_point(char: str) -> str:
 def _invisible(text: str) -> list[str]:
     """The distinct control, format (zero-width, bidi) and separator characters of ``text``, in order."""
     if text.isascii():
-        return list(dict.fromkeys(c for c in text if c < " " or c == "\x7f"))
+        return list(dict.fromkeys(_ASCII_CONTROLS.findall(text))) if _ASCII_CONTROLS.search(text) else []
     return list(dict.fromkeys(c for c in text if unicodedata.category(c) in _INVISIBLE_CATEGORIES))
 
 
@@ -156,7 +159,7 @@ def _shown(text: str, limit: int = 80) -> str:
 
 
 def _utf8_length(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def check_case_id(text: str, where: str = "case id") -> str:
@@ -174,7 +177,7 @@ def check_case_id(text: str, where: str = "case id") -> str:
         ``text`` normalised to NFC (the form medcam3d names folders and files with).
     """
     problem = None
-    if isinstance(text, str):
+    if isinstance(text, str) and not text.isascii():
         text = unicodedata.normalize("NFC", text)
     if not isinstance(text, str) or not text:
         problem = "it is empty"
@@ -248,7 +251,9 @@ def derive_case_ids(images: Sequence[Path]) -> list[str]:
     on case-insensitive and normalising file systems.
     """
     key = case_id_key
-    ids = [safe_component(case_id_of(p)) for p in images]
+    paths = [os.fspath(p).rstrip("/" + os.sep) for p in images]  # plain strings: lists have up to 100,000 scans
+    names = [os.path.basename(p) for p in paths]
+    ids = [safe_component(case_id_of(name)) for name in names]
     for attempt in range(3):
         groups: dict[str, list[int]] = {}
         for n, i in enumerate(ids):
@@ -258,13 +263,13 @@ def derive_case_ids(images: Sequence[Path]) -> list[str]:
         if not clashing:
             return ids
         for n, first in clashing:
-            image = Path(images[n])
-            fmt = image.name[len(case_id_of(image)):].lstrip(".").replace(".", "_") or "dicom"
-            same_format = image.name.casefold() == Path(images[first]).name.casefold()
+            name = names[n]
+            fmt = name[len(case_id_of(name)):].lstrip(".").replace(".", "_") or "dicom"
+            same_format = name.casefold() == names[first].casefold()
             if attempt == 0 and not same_format:
                 ids[n] = _with_suffix(ids[n], f"_{fmt}")
             elif attempt <= 1:
-                ids[n] = safe_component(f"{image.parent.name}_{ids[n]}")
+                ids[n] = safe_component(f"{os.path.basename(os.path.dirname(paths[n]))}_{ids[n]}")
             else:
                 ids[n] = _with_suffix(ids[n], f"_{n + 1}")
     seen: set[str] = set()
@@ -482,9 +487,9 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
             if candidate.is_file():
                 case.mask = candidate
     if check_files:
-        exists: dict[Path, bool] = {}  # a mask or scan listed by many rows is asked about once
-        missing = [f"{c.source or c.id}: {_shown(str(p), 200)}" for c in cases for p in (c.image, c.mask, c.region_mask)
-                   if p is not None and not exists.setdefault(p, os.path.exists(p))]
+        exists: dict[str, bool] = {}  # a mask or scan listed by many rows is asked about once
+        missing = [f"{c.source or c.id}: {_shown(text, 200)}" for c in cases for p in (c.image, c.mask, c.region_mask)
+                   if p is not None and not exists.setdefault(text := str(p), os.path.exists(text))]
         if missing:
             shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise CohortError(f"{len(missing)} input file(s) do not exist: {shown}. Fix the paths (relative paths "
