@@ -107,7 +107,8 @@ def _synthetic_demo(args: argparse.Namespace) -> int:
     print("Model: a seeded 3D CNN built to respond to bright blobs (class 0 'background', 1 'lesion').\n")
     errors = {}
     print(f"{'method':<11}{'layer':<7}{'map grid':<12}{'peak voxel (input grid)':<26}{'error vox':>10}{'ms':>8}")
-    for method in medcam3d.EXPLAINERS:
+    layer_methods = [name for name, cls in medcam3d.EXPLAINERS.items() if cls.level == "layer"]  # the CAM family
+    for method in layer_methods:
         explainer = medcam3d.Explainer(model, method=method, class_names=["background", "lesion"])
         started = time.perf_counter()
         result = explainer(x, target="lesion")
@@ -176,7 +177,10 @@ def _runner(args: argparse.Namespace, methods=None):
     if random_weights:
         logger.warning("the model has random parameters (weights: none / --random-weights): its maps explain an "
                        "untrained network; every output is labelled so")
-    methods = methods or ([m.strip() for m in args.method.split(",")] if getattr(args, "method", None) else None)
+    if not methods and getattr(args, "method", None):
+        from .methods import split_methods
+
+        methods = split_methods(args.method)
     window = None
     if getattr(args, "roi", None):
         from .config import SlidingWindowConfig
@@ -495,7 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain = add("explain", "explain one scan", _cmd_explain)
     model_options(explain)
     explain.add_argument("--image", required=True, help="NIfTI, NRRD, MHA/MHD file or DICOM folder")
-    explain.add_argument("--method", help="method or comma list (default: the config's); e.g. hirescam,gradcam")
+    explain.add_argument("--method", help="method or comma list (default: the config's), e.g. hirescam,gradcam; where "
+                         "the model's evidence is: hirescam gradcam cam gradcam++ xgradcam layercam eigencam fused scorecam; "
+                         "where in the patient (input voxels): gradxinput smoothgrad integrated_gradients occlusion; "
+                         "parameters in parentheses, e.g. 'occlusion(patch=16, stride=8)'")
     explain.add_argument("--target", help="all | predicted | class index | class name | comma list")
     explain.add_argument("--layer", help="target layer name or 'auto' (default: the config's)")
     explain.add_argument("--output-activation", choices=["auto", "none", "softmax", "sigmoid"],
@@ -519,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of scans, or CSV with an image (or file) column and optional id, mask (ground "
                             "truth), region_mask (segmentation: the region to explain), volume, series columns")
     batch.add_argument("--out", required=True)
-    batch.add_argument("--method", help="method or comma list")
+    batch.add_argument("--method", help="method or comma list, as for explain (e.g. hirescam,integrated_gradients)")
     batch.add_argument("--target", help="all | predicted | index | name | comma list")
     batch.add_argument("--layer")
     batch.add_argument("--output-activation", choices=["auto", "none", "softmax", "sigmoid"],

@@ -46,6 +46,7 @@ __all__ = [
     "ModelOutputError",
     "InputError",
     "ExplainerMemoryError",
+    "MethodBudgetError",
     "ConcurrentUseError",
     "SpaceError",
     "PreprocessingError",
@@ -140,6 +141,10 @@ class ModelOutputError(TargetError):
 
 class InputError(Medcam3dError, ValueError):
     """An input tensor with the wrong shape, dtype or non-finite values."""
+
+
+class MethodBudgetError(Medcam3dError, ValueError):
+    """A perturbation method (occlusion, Score-CAM) that would run more forward passes than its budget."""
 
 
 class ExplainerMemoryError(Medcam3dError, MemoryError):

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
 from .errors import InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
-from .hooks import ActivationCapture, counterpart, isolated_model, model_lock
+from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
 from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
 from .modeling import (
     OUTPUT_ACTIVATIONS,
@@ -32,7 +32,7 @@ from .modeling import (
     to_model_input,
 )
 from .receptive_field import PLACEMENTS, ReceptiveField, receptive_field
-from .targets import Region, resolve_target
+from .targets import Region, Target, resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
 
@@ -76,6 +76,9 @@ class Explanation:
     receptive_field : ReceptiveField or None
         The target layer's receptive field for this input (:func:`medcam3d.layers.receptive_field`),
         with ``placement="receptive_field"``; None otherwise.
+    diagnostics : dict
+        What a method measured about its own maps, e.g. Integrated Gradients' completeness error,
+        the patches of occlusion or the channels Score-CAM used (empty for the CAM family).
     """
 
     maps: torch.Tensor
@@ -93,6 +96,7 @@ class Explanation:
     output_activation: str = "none"
     placement: str = "align_corners"
     receptive_field: ReceptiveField | None = None
+    diagnostics: dict = field(default_factory=dict)
 
     def to_scanner_space(self, scanner_space=None, *, input_space=None, sample: int = 0, fill: float = 0.0):
         """Each map of one sample as a :class:`~medcam3d.heatmap.Heatmap` on the scan's grid.
@@ -109,6 +113,34 @@ class Explanation:
         if self.class_names is None:
             return [str(i) for i in row]
         return [self.class_names[i] if i < len(self.class_names) else str(i) for i in row]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one pass of :meth:`Explainer._pass` gives (the methods beyond one layer build on it).
+
+    Attributes
+    ----------
+    activations : list of Tensor
+        The captured tensors, detached: each layer's output ``(B, K, *spatial)``, or the input.
+    gradients : list of (B, T, *tensor.shape[1:]) float32 Tensor, or None
+        ``∂ score_t / ∂ tensor`` for each captured tensor (None without tracking).
+    logits : Tensor
+        Detached; as :attr:`Explanation.logits`.
+    undone : str
+        The output activation undone (:attr:`Explanation.output_activation`).
+    target : Target
+        The resolved target (pass it on to passes over perturbed copies).
+    scores : (B, T) Tensor
+        Detached.
+    """
+
+    activations: list[torch.Tensor]
+    gradients: list[torch.Tensor] | None
+    logits: torch.Tensor
+    undone: str
+    target: Target
+    scores: torch.Tensor
 
 
 def _input_space(x: object, target: object, inputs: torch.Tensor) -> object:
@@ -165,8 +197,13 @@ class Explainer:
         *scripted submodule* that contains the target layer, that submodule runs twice (once as
         the model calls it, once split), as PyTorch offers no way to intercept it otherwise.
     method : str or Method
-        ``"hirescam"`` (default), ``"gradcam"``, ``"cam"``, ``"gradcam++"``,
-        ``"xgradcam"``, ``"layercam"``, ``"eigencam"``.
+        Where the model's evidence is, on a layer's grid: ``"hirescam"`` (default), ``"gradcam"``,
+        ``"cam"``, ``"gradcam++"``, ``"xgradcam"``, ``"layercam"``, ``"eigencam"``, ``"fused"``
+        (several stages combined on the finest), ``"scorecam"`` (gradient-free). Where in the
+        patient, class by class on the input's voxels: ``"gradxinput"``, ``"smoothgrad"``,
+        ``"integrated_gradients"``, ``"occlusion"`` (gradient-free); ``layer`` does not apply to
+        them. A name may carry parameters (``"smoothgrad(samples=32)"``) or be a
+        :class:`~medcam3d.methods.Method` instance (:mod:`medcam3d.methods`).
     layer : str, nn.Module or "auto"
         Target layer. ``"auto"``: :func:`medcam3d.layers.auto_layer`, the last module with a
         spatial output (for segmentation networks: before the layers that produce the logits),
@@ -317,6 +354,8 @@ class Explainer:
 
     def _explain(self, x: torch.Tensor, target: object, relu: bool) -> Explanation:
         inputs, input_affine = self._prepare_input(x)
+        if self.method.level != "layer":  # input-level, multi-layer and perturbation methods: their own passes
+            return self.method.explain(self, inputs, x, target, relu=relu, input_affine=input_affine)
         name, module = self._target_layer(inputs)
         autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
@@ -374,6 +413,93 @@ class Explainer:
             receptive_field=placed,
         )
 
+    def _pass(self, inputs: torch.Tensor, layers: Sequence[tuple[str, nn.Module]], target: object, *,
+              x: object = None, track: bool = True, perturbed: bool = False) -> Pass:
+        """One forward pass (and, with ``track``, one batched backward) for the methods beyond one layer.
+
+        The same lean pass as for the CAM family: through a view of the model (its eval mode and hooks
+        invisible to other threads), no graph before the first captured tensor, the output activation
+        undone, the target resolved, all T gradients from one batched vector–Jacobian product.
+
+        Parameters
+        ----------
+        inputs : (N, C_in, *spatial) Tensor
+            On the model's device and dtype (a prepared input, or perturbed copies of it).
+        layers : sequence of (name, module)
+            Layers to capture (several: each stays in the graph of the earlier ones, so every gradient
+            is the total derivative); empty: capture the input itself (input-level maps).
+        target : object
+            A target specification, or a resolved :class:`~medcam3d.targets.Target` (for perturbed
+            copies: :func:`medcam3d.methods.passes.repeat_target` of the clean pass's).
+        x : object, optional
+            What the user passed, for a ``Region`` mask given on the scan's grid.
+        track : bool
+            Take gradients (False: a plain inference with the captures).
+        perturbed : bool
+            ``inputs`` are perturbed copies of an input already explained (noisy, occluded, masked,
+            on a path from a baseline): the warnings about the output activation were given for that
+            input, and are not repeated for its copies (whose outputs may look like probabilities).
+        """
+        autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
+        state = isolated_model(self.model, eval_mode=self.eval_mode, restore_buffers=not self.update_batchnorm_stats,
+                               hooked=[module for _, module in layers])
+        with contextlib.ExitStack() as stack:
+            view = stack.enter_context(state)
+            captures: list[ActivationCapture] | list[InputCapture]
+            if layers:
+                captures = [
+                    ActivationCapture(counterpart(view, name, module), name, track_gradients=track,
+                                      spatial_ndim=inputs.ndim, model=view, keep_graph=len(layers) > 1)
+                    for name, module in layers
+                ]
+                if len(captures) > 1 and any(capture._script is not None for capture in captures):
+                    message = (
+                        f"Layers {[name for name, _ in layers]} include a layer inside a TorchScript graph; several layers "
+                        "can be captured in one pass only where Python calls them. Name plain (non-scripted) layers."
+                    )
+                    raise LayerError(message)
+            else:
+                captures = [InputCapture(view, track_gradients=track)]
+            watch = OutputActivationWatch(view) if self.output_activation != "none" else contextlib.nullcontext()
+            for capture in captures:
+                stack.enter_context(capture)
+            stack.enter_context(watch)
+            stack.enter_context(autocast)
+            with torch.no_grad():  # no graph before the first capture; the captures re-enable it
+                outputs = captures[0].run(inputs)
+            for capture in captures:
+                if capture.activations is None:
+                    message = (
+                        f"Layer {capture.name!r} did not run during the forward pass, so it cannot be explained. "
+                        "Choose a layer on the path from input to output (see medcam3d.list_layers)."
+                    )
+                    raise LayerError(message)
+            outputs = self._check_outputs(outputs, captures[0].name, track)
+            with warnings.catch_warnings():
+                if perturbed:
+                    warnings.simplefilter("ignore", ProbabilityOutputWarning)
+                logits, undone = self._logits(outputs, captures[0], watch, track)
+            space = _input_space(x, target, inputs) if x is not None else None
+            resolved = resolve_target(target, logits, self.class_names, input_space=space)
+            tensors = [capture.activations for capture in captures if capture.activations is not None]
+            with torch.enable_grad():
+                scores = resolved.scores(logits)
+                names = "+".join(capture.name for capture in captures)
+                gradients = self._gradients_of(scores, tensors, names) if track else None
+        return Pass(
+            activations=[tensor.detach() for tensor in tensors],
+            gradients=None if gradients is None else [gradient.float() for gradient in gradients],
+            logits=logits.detach(),
+            undone=undone,
+            target=resolved,
+            scores=scores.detach(),
+        )
+
+    def _result(self, **fields: object) -> Explanation:
+        """An :class:`Explanation` of this explainer's method and class names (for the methods that run
+        their own passes: they build their results here rather than import this module)."""
+        return Explanation(method=self.method.name, class_names=self.class_names, **fields)  # type: ignore[arg-type]
+
     # --------------------------------------------------------------- helpers
     def _placement(self, layer: str, inputs: torch.Tensor) -> tuple[str, ReceptiveField | None]:
         """The placement of the layer's maps, and its receptive field (cached per model, layer and shape).
@@ -426,12 +552,12 @@ class Explainer:
             logger.info("layer='auto' uses %r (%s) for inputs %s", info.name, info.type, shape)
         return resolve_layer(self.model, info.name)
 
-    def _check_outputs(self, outputs: object, layer: str) -> torch.Tensor:
+    def _check_outputs(self, outputs: object, layer: str, track: bool | None = None) -> torch.Tensor:
         outputs = first_tensor(outputs)
         if not bool(torch.isfinite(outputs.detach()).all()):
             message = "The model produced NaN/Inf outputs for this input; check the weights and the preprocessing."
             raise InputError(message)
-        if self.method.needs_gradients and not outputs.requires_grad:
+        if (self.method.needs_gradients if track is None else track) and not outputs.requires_grad:
             message = (
                 f"The model's output does not depend on layer {layer!r} through differentiable operations "
                 "(or the model detaches it), so there is no gradient to explain. Choose a layer on the path "
@@ -440,7 +566,8 @@ class Explainer:
             raise LayerError(message)
         return outputs
 
-    def _logits(self, outputs: torch.Tensor, capture: ActivationCapture, watch: object) -> tuple[torch.Tensor, str]:
+    def _logits(self, outputs: torch.Tensor, capture: ActivationCapture | InputCapture, watch: object,
+                track: bool | None = None) -> tuple[torch.Tensor, str]:
         """The tensor to score, and the activation undone (``"none"`` when the output is kept).
 
         See ``output_activation`` in the class docstring.
@@ -453,7 +580,8 @@ class Explainer:
             found = OutputActivation(capture.trailing.kind, capture.trailing.name, capture.logits)
         elif isinstance(watch, OutputActivationWatch):
             found = watch.trailing(outputs)
-        usable = found is not None and (found.logits.requires_grad or not self.method.needs_gradients)
+        track = self.method.needs_gradients if track is None else track
+        usable = found is not None and (found.logits.requires_grad or not track)
         if found is not None and usable:
             logits = first_tensor(found.logits)
             if mode == "auto":
@@ -506,31 +634,48 @@ class Explainer:
         All T vector–Jacobian products in one batched backward through the head
         (``is_grads_batched``); a loop where the network does not support it.
         """
+        return self._gradients_of(scores, (activations,), layer)[0]
+
+    def _gradients_of(self, scores: torch.Tensor, tensors: Sequence[torch.Tensor], layer: str) -> list[torch.Tensor]:
+        """``∂ scores[:, t] / ∂ tensor`` for every t and every tensor (several captured layers, or the
+        input): each ``(B, T, *tensor.shape[1:])``, from one (batched) backward for all of them. With
+        several tensors, one that the scores do not depend on gets zeros."""
         targets = scores.shape[1]
+        inputs = tuple(tensors)
+        unused = len(inputs) > 1
         if not scores.requires_grad:
             message = f"The scores do not depend on layer {layer!r}; choose a layer on the path to the output."
             raise LayerError(message)
+
+        def complete(found: Sequence[torch.Tensor | None], batched: bool) -> list[torch.Tensor]:
+            out = []
+            for tensor, gradient in zip(inputs, found):
+                if gradient is None:
+                    gradient = tensor.new_zeros(((targets,) if batched else ()) + tuple(tensor.shape))
+                out.append(gradient)
+            return out
+
         if targets == 1:
-            (gradients,) = torch.autograd.grad(scores[:, 0].sum(), activations)
-            return gradients.unsqueeze(1)
+            found = torch.autograd.grad(scores[:, 0].sum(), inputs, allow_unused=unused)
+            return [g.unsqueeze(1) for g in complete(found, False)]
         if self._batched_vjp:
             basis = torch.eye(targets, device=scores.device, dtype=scores.dtype)
             grad_outputs = basis.unsqueeze(1).expand(targets, scores.shape[0], targets)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # vmap fallback notices
-                    (gradients,) = torch.autograd.grad(
-                        scores, activations, grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=True
-                    )
-                return gradients.transpose(0, 1)
+                    found = torch.autograd.grad(scores, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
+                                                retain_graph=True, allow_unused=unused)
+                return [g.transpose(0, 1) for g in complete(found, True)]
             except RuntimeError as error:
                 self._batched_vjp = False
                 logger.info("Batched VJP not supported by this network (%s); looping over %d targets.", error, targets)
-        rows = []
+        rows: list[list[torch.Tensor]] = [[] for _ in inputs]
         for t in range(targets):
-            (gradient,) = torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=t < targets - 1)
-            rows.append(gradient)
-        return torch.stack(rows, dim=1)
+            found = torch.autograd.grad(scores[:, t].sum(), inputs, retain_graph=t < targets - 1, allow_unused=unused)
+            for row, gradient in zip(rows, complete(found, False)):
+                row.append(gradient)
+        return [torch.stack(row, dim=1) for row in rows]
 
     def _head_weight(self, activations: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         if not self.method.needs_head:

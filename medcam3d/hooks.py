@@ -54,6 +54,7 @@ __all__ = [
     "isolated_model",
     "counterpart",
     "ActivationCapture",
+    "InputCapture",
     "forward_hooks",
     "model_lock",
     "check_layer_output",
@@ -484,6 +485,11 @@ class ActivationCapture:
         The model that :meth:`run` calls. Needed for a layer inside a TorchScript module (no hooks
         exist there; see :mod:`medcam3d.torchscript`); without it only a layer that Python calls
         (any plain module, or a scripted module called by a plain parent) can be captured.
+    keep_graph : bool
+        For one of several captures in one pass (multi-layer maps): when the layer's output already
+        depends on an earlier captured layer (autograd is on there), keep that output as a node of
+        the graph instead of detaching it, so that gradients with respect to the earlier layer still
+        flow through this one. The network gets a clone either way.
 
     Attributes
     ----------
@@ -511,8 +517,10 @@ class ActivationCapture:
         track_gradients: bool,
         spatial_ndim: int | None,
         model: nn.Module | None = None,
+        keep_graph: bool = False,
     ) -> None:
         self.module = module
+        self.keep_graph = keep_graph
         self.name = name
         self.track_gradients = track_gradients
         self.spatial_ndim = spatial_ndim
@@ -610,7 +618,10 @@ class ActivationCapture:
             # Function form: stays on for the rest of this forward; the caller's
             # `torch.no_grad()` block restores the previous mode when it exits.
             torch.set_grad_enabled(True)
-            self.activations = output.detach().requires_grad_(True)
+            if self.keep_graph and output.requires_grad:  # after an earlier captured layer: stay in its graph
+                self.activations = output
+            else:
+                self.activations = output.detach().requires_grad_(True)
         else:
             self.activations = output.detach()
         return self.activations.clone()
@@ -620,3 +631,50 @@ class ActivationCapture:
             self._more_than_once()
         return self._accept(output)
 
+
+class InputCapture:
+    """The model's input as the "target layer" of a pass (input-level maps; a context manager).
+
+    The same interface as :class:`ActivationCapture`, for a capture at the very start of the
+    network: :meth:`run` keeps a leaf copy of the input that requires grad (:attr:`activations`),
+    hands the model a non-leaf clone (which it may modify in place) and runs it with autograd on,
+    so that gradients of the outputs with respect to the input can be taken. Nothing is hooked:
+    any model, TorchScript included, runs as it is.
+
+    Parameters
+    ----------
+    model : nn.Module
+    track_gradients : bool
+        False: a plain forward (perturbation passes), the input kept without grad.
+
+    Attributes
+    ----------
+    activations : (B, C_in, *spatial) Tensor
+        The input (a leaf that requires grad when tracking).
+    logits, trailing, produced : None
+        As for :class:`ActivationCapture` (a scripted graph is not split here; a trailing softmax or
+        sigmoid module of a plain model is found by :class:`medcam3d.modeling.OutputActivationWatch`).
+    """
+
+    name = "input"
+
+    def __init__(self, model: nn.Module, *, track_gradients: bool) -> None:
+        self.model = model
+        self.track_gradients = track_gradients
+        self.activations: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.trailing: TrailingActivation | None = None
+        self.produced: object = None
+
+    def __enter__(self) -> InputCapture:
+        self.activations = None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def run(self, inputs: torch.Tensor) -> object:
+        """``model(inputs)``, with autograd from the input on when tracking gradients."""
+        self.activations = inputs.detach().requires_grad_(True) if self.track_gradients else inputs.detach()
+        with torch.set_grad_enabled(self.track_gradients):
+            return self.model(self.activations.clone())

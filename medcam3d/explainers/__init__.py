@@ -8,7 +8,9 @@ import sys as _sys
 
 from .. import methods as _methods
 from ..methods import base, cam, eigen_cam, grad_cam, grad_cam_pp, hires_cam, layer_cam, xgrad_cam  # noqa: F401
+from ..methods import fused, gradxinput, integrated_gradients, occlusion, passes, scorecam, smoothgrad  # noqa: F401
 
-for _name in ("base", "cam", "eigen_cam", "grad_cam", "grad_cam_pp", "hires_cam", "layer_cam", "xgrad_cam"):
+for _name in ("base", "cam", "eigen_cam", "grad_cam", "grad_cam_pp", "hires_cam", "layer_cam", "xgrad_cam",
+              "fused", "gradxinput", "integrated_gradients", "occlusion", "passes", "scorecam", "smoothgrad"):
     _sys.modules[f"{__name__}.{_name}"] = getattr(_methods, _name)
 _sys.modules[__name__] = _methods

@@ -318,7 +318,8 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
                 record[f"p_{name}"] = round(float(p), 4)
                 record[f"true_{name}"] = "" if present is None else int(present)
         method = explainer.method.name
-        layer_name = explanation.layer
+        if explainer.method.level == "layer":  # the randomization test's CAM layer (input-level maps have none)
+            layer_name = explanation.layer
         if method == "hirescam" and complete is None:
             complete = completeness(runner.model, batch, target="all", layer=explanation.layer) or False
         native = explanation.to_scanner_space(None) if segment_here else []  # the feature grid, exact
@@ -691,7 +692,9 @@ def _finite_json(value):
 # ----------------------------------------------------------------------------------------- CLI
 def run(args: argparse.Namespace) -> int:
     """Run ``medcam3d evaluate``; 0 when every case was evaluated, 1 when some failed, 2 for bad inputs."""
-    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    from ..methods import split_methods
+
+    methods = split_methods(str(args.methods))
     out = evaluate(args.config, args.inputs, args.out, methods=methods, masks=args.masks, device=args.device,
                    progress=not getattr(args, "quiet", False), steps=getattr(args, "steps", 10),
                    batch_size=getattr(args, "batch_size", 8), max_fraction=getattr(args, "max_fraction", 0.05),

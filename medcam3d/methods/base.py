@@ -8,6 +8,7 @@ Shapes are rank-free: the same code serves 3D ``(D, V, U)`` and 2D ``(V, U)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,12 +51,17 @@ class Method:
         True when :meth:`weights` needs ``context.head_weight``.
     class_specific : bool
         False for methods whose map is the same for every class (Eigen-CAM).
+    level : {"layer", "input", "layers", "perturbation"}
+        ``"layer"`` (the CAM family): the engine runs one pass, captures the target layer and calls
+        :meth:`combine`. Any other level: the engine hands the call to :meth:`explain`, which runs
+        its own passes through the engine (input-level gradients, several layers, perturbations).
     """
 
     name: str = ""
     needs_gradients: bool = True
     needs_head: bool = False
     class_specific: bool = True
+    level: str = "layer"
 
     def weights(
         self,
@@ -90,6 +96,29 @@ class Method:
         """Signed maps ``Σ_k W_k ⊙ A_k`` of shape ``(B, T, *spatial)``."""
         weights = self.weights(activations, gradients, context)
         return (weights * activations).sum(dim=2)
+
+    def explain(self, engine: Any, inputs: torch.Tensor, x: object, target: object, *, relu: bool,
+                input_affine: Any) -> Any:
+        """The whole explanation, for methods whose :attr:`level` is not ``"layer"``.
+
+        Parameters
+        ----------
+        engine : Explainer
+            The calling explainer (its model lock is held); passes run through ``engine._pass``.
+        inputs : (B, C_in, *spatial) Tensor
+            The checked input on the model's device and dtype.
+        x : object
+            What the user passed (a MetaTensor carries the input grid's affine).
+        target : object
+            The user's target specification.
+        relu : bool
+        input_affine : ndarray or None
+
+        Returns
+        -------
+        Explanation
+        """
+        raise NotImplementedError(f"{type(self).__name__} is a layer method: the engine combines its weights.")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

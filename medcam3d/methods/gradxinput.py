@@ -1,0 +1,72 @@
+"""Gradient × input against a local-contrast baseline: class-specific maps on the input's voxels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Method
+from .passes import baseline_of, check_baseline, check_sigma, explanation
+
+
+class GradientXInput(Method):
+    r"""Gradient × (input − baseline): ``map^c = Σ_channels ∂y^c/∂x ⊙ (x − x̄)``, on the input grid.
+
+    The first-order Taylor decomposition of the logit's change from the baseline ``x̄`` to ``x``:
+    ``Σ_voxels map^c ≈ y^c(x) − y^c(x̄)`` (exact for a model that is linear in its input). The
+    default baseline is the input blurred at lesion scale (a Gaussian of ``sigma`` voxels), so
+    ``x − x̄`` is the local contrast: the map is the gradient weighted by how much each voxel stands
+    out from its neighbourhood, and a flat region (however bright) carries no evidence. Signed
+    before the ReLU: positive where the voxel's contrast raises the class logit (a dark lesion, whose
+    contrast is negative, is positive evidence for a class whose logit falls as the voxel brightens).
+
+    All T class maps come from one forward pass from the input and one batched vector–Jacobian
+    product (``is_grads_batched``). Memory: that of a training forward (the graph covers the whole
+    network) plus the ``(B, T, C_in, *spatial)`` gradients.
+
+    Why this baseline (measured, ``data_samples/demo_model_weak.pt``, the label-only demo model, 40
+    cases of the demo generator per set, peak on the 64³ model grid, class given): the zero
+    baseline (plain gradient × input) points at the lesion in 0.10 (demo set) / 0.32 (harder held-out
+    set) of the present lesions, because the strongest products lie on the bright bone and the body
+    outline; local contrast with ``sigma`` = 2 voxels: 0.43 / 0.83, 3 voxels: 0.52 / 0.78 (median
+    peak-to-centre distance 3.8 mm on the harder set for 2 voxels). The magnitude
+    ``|∂y/∂x| · |x − x̄|`` finds the bright lesions as well but loses the dark ones (their sign is
+    what tells them from the edges around them): 0.75 with ``sigma`` 2 on the harder set, dark 0.48.
+    ``sigma`` should be about the radius of the lesions to find, in voxels of the model's input.
+
+    Parameters
+    ----------
+    baseline : {"blur", "zero", "mean"} or float
+        The reference input (:func:`medcam3d.methods.passes.baseline_of`); ``"zero"`` gives plain
+        gradient × input.
+    sigma : float or sequence of float
+        Width of the ``"blur"`` baseline, in input voxels (per axis when a sequence).
+
+    References
+    ----------
+    Shrikumar et al., "Not Just a Black Box: Learning Important Features Through Propagating
+    Activation Differences", arXiv:1605.01713; Ancona et al., "Towards better understanding of
+    gradient-based attribution methods for deep neural networks", ICLR 2018.
+    """
+
+    name = "gradxinput"
+    level = "input"
+
+    def __init__(self, baseline: str | float = "blur", sigma: float = 2.0) -> None:
+        self.baseline = check_baseline(baseline, self.name)
+        self.sigma = check_sigma(sigma, "sigma", self.name)
+
+    def explain(self, engine: Any, inputs: torch.Tensor, x: object, target: object, *, relu: bool,
+                input_affine: Any) -> Any:
+        run = engine._pass(inputs, (), target, x=x)
+        assert run.gradients is not None
+        gradients = run.gradients[0]  # (B, T, C_in, *spatial), float32
+        with torch.no_grad():
+            reference = baseline_of(inputs.float(), self.baseline, self.sigma)
+            maps = (gradients * (inputs.float() - reference).unsqueeze(1)).sum(dim=2)
+        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=run.target,
+                           logits=run.logits, scores=run.scores, layer="input", relu=relu, undone=run.undone)
+
+    def __repr__(self) -> str:
+        return f"GradientXInput(baseline={self.baseline!r}, sigma={self.sigma:g})"
