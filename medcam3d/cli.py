@@ -11,14 +11,28 @@ error (bad arguments, an invalid config, an unusable input, a refused model or o
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, Medcam3dError, UsageError, exit_code
+from ._signals import sigterm_as_interrupt
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    Medcam3dError,
+    OutputPermissionError,
+    Terminated,
+    UsageError,
+    exit_code,
+    one_line,
+)
 
 logger = logging.getLogger("medcam3d")
 
@@ -287,6 +301,29 @@ def _input_shape(args: argparse.Namespace, config) -> tuple[int, ...]:
     raise UsageError("Cannot tell the model's input size: pass --image PATH or --shape C D H W.")
 
 
+def _check_shape_option(given: Sequence[int], shape: tuple[int, ...], model, config) -> None:
+    """``layers --shape``: the rank the model takes and a grid under the voxel limit, before any tensor is made."""
+    from .config import DEFAULT_MAX_VOXELS
+    from .layers import expected_spatial_dims
+
+    text = " ".join(map(str, given))
+    dims = expected_spatial_dims(model)
+    if dims is not None and len(shape) != dims + 1:
+        axes = " ".join("DHW"[-dims:]) if dims <= 3 else " ".join(f"S{i}" for i in range(dims))
+        message = (f"--shape {text} has {len(shape)} numbers, but this model takes {dims}D inputs: give C {axes} "
+                   f"({dims + 1} numbers: the input channels, then the spatial size).")
+        raise UsageError(message)
+    limit = getattr(config.preprocessing, "max_voxels", DEFAULT_MAX_VOXELS)
+    voxels = 1
+    for n in shape:
+        voxels *= int(n)
+    if limit is not None and voxels > limit:
+        message = (f"--shape {text} makes an input of {voxels:,} voxels, more than the {limit:,} allowed; give the size "
+                   "the model takes (e.g. the preprocessing's spatial_size), or raise the limit with --max-voxels N "
+                   "(none: no limit).")
+        raise UsageError(message)
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
     from .config import load_config
     from .layers import list_layers
@@ -296,7 +333,20 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     # the layers do not depend on the weights: a template without weights can be listed as it is
     model = load_model(config, trust=args.trust, random_weights=config.model.weights is None)
     shape = _input_shape(args, config)
-    layers = list_layers(model, shape)
+    if args.shape and not args.image:
+        _check_shape_option(args.shape, shape, model, config)
+    try:
+        layers = list_layers(model, shape)
+    except RuntimeError as error:  # the network refuses this shape (channels, a size below its kernels ...)
+        if not args.shape or args.image:
+            raise
+        text = " ".join(map(str, args.shape))
+        message = (
+            f"--shape {text}: the model cannot run on an input of shape {(1, *shape)} ({one_line(str(error), 300)}). "
+            "Give the number of input channels the model takes, then a spatial size its layers accept (e.g. the "
+            "preprocessing's spatial_size), or pass --image to use a scan's preprocessed size."
+        )
+        raise UsageError(message) from None
     print(f"Candidate target layers of {type(model).__name__} for input {shape} (execution order):")
     for info in layers:
         print(f"  {info}{'   <- auto' if getattr(info, 'auto', False) else ''}")
@@ -435,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcam3d", description="Class activation maps for 3D medical CNNs, in scanner space.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[verbosity])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,batch,layers,evaluate,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,batch,layers,evaluate,weak-train,segment,info}")
 
     def add(name: str, help: str, run, description: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=description or help, epilog=EXAMPLES,
@@ -579,11 +629,91 @@ def build_parser() -> argparse.ArgumentParser:
     limit_options(evaluate)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    weak_train = add("weak-train", "train a weakly-supervised segmenter from a classifier and image labels (SEC)",
+                     _cmd_weak_train,
+                     description="Seed, expand, constrain: seeds from the classifier's class maps (local maxima above a "
+                                 "level calibrated on the scans without each class), a MONAI UNet/SegResNet trained on "
+                                 "them with global weighted rank pooling against the image labels and a CRF constraint; "
+                                 "writes OUT/<name>.yaml, .pt (state_dict) and .json (how it was made).")
+    weak_train.add_argument("--config", required=True, help="the classifier's YAML config (e.g. configs/demo.yaml)")
+    source = weak_train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", help="CSV with image (or file) and labels columns (class names present, ';'-separated), "
+                                         "or a folder of scans")
+    source.add_argument("--demo-cases", type=_positive_int, metavar="N",
+                        help="instead: N scans of the demo generator, image labels only (for configs/demo.yaml)")
+    weak_train.add_argument("--out", required=True, help="output folder")
+    weak_train.add_argument("--train-cases", type=_positive_int, metavar="N", help="use only the first N cases of --inputs")
+    weak_train.add_argument("--seed-method", help="the classifier's map that gives the seeds: any --method of explain "
+                                                  "(default: gradxinput, chosen on the demo set)")
+    weak_train.add_argument("--layer", help="the classifier's layer for layer-level seed methods (default: the config's)")
+    weak_train.add_argument("--network", choices=["unet", "segresnet"], default="unet", help="MONAI network (default unet)")
+    weak_train.add_argument("--channels", type=_positive_int, nargs="+", metavar="C",
+                            help="UNet channels per level (default 8 16 32 64); SegResNet: its init_filters")
+    weak_train.add_argument("--epochs", type=_positive_int, default=6, help="passes over the training scans (default 6)")
+    weak_train.add_argument("--batch-size", type=_positive_int, default=4, help="scans per step (default 4)")
+    weak_train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, one-cycle AdamW (default 3e-3)")
+    weak_train.add_argument("--decay", type=_unit_interval, default=0.98,
+                            help="expand loss: rank-pooling decay, 0 max .. 1 mean (default 0.98, about 50 voxels)")
+    weak_train.add_argument("--constrain-weight", type=float, default=1.0, help="weight of the CRF constraint (0: off)")
+    weak_train.add_argument("--seed", type=int, default=0, help="torch seed (initialisation, batch order, flips)")
+    weak_train.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    weak_train.add_argument("--name", default="weak_segmenter", help="file stem of the outputs (default weak_segmenter)")
+    weak_train.add_argument("--trust", action="store_true", help="allow configs and model files that run code")
+
+    segment = add("segment", "segment scans with a trained segmenter: label maps and lesion boxes in scanner space",
+                  _cmd_segment)
+    segment.add_argument("--config", required=True, help="a segmenter config (task: segmentation), e.g. from weak-train")
+    scans = segment.add_mutually_exclusive_group(required=True)
+    scans.add_argument("--image", help="one scan (NIfTI, NRRD, MHA/MHD file or DICOM folder)")
+    scans.add_argument("--inputs", help="a folder of scans or a CSV with an image (or file) column")
+    segment.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
+    segment.add_argument("--min-volume", type=float, default=20.0, metavar="MM3",
+                         help="drop components smaller than this (default 20 mm^3)")
+    segment.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    segment.add_argument("--trust", action="store_true", help="allow configs and model files that run code")
+
     info = add("info", "print versions for bug reports, or describe a scan (--image)", _cmd_info)
     info.add_argument("--image", help="describe this scan from its headers: grid, volumes of a 4D file, DICOM series")
     info.add_argument("--json", action="store_true", help="with --image: print JSON")
     info.add_argument("--trust", action="store_true", help="with --image: allow headers that point to files elsewhere")
     return parser
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
+    return value
+
+
+def _cmd_weak_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .jobs.weak import weak_train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = weak_train(args.config, args.out, inputs=args.inputs, demo_cases=args.demo_cases,
+                       train_cases=args.train_cases, seed_method=args.seed_method, layer=args.layer,
+                       network=args.network, channels=args.channels, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, decay=args.decay, constrain_weight=args.constrain_weight, seed=args.seed,
+                       name=args.name, trust=args.trust, log=lambda text: print(text, file=sys.stderr, flush=True))
+    print(f"segmenter: {paths[0]} (weights {paths[1].name}, record {paths[2].name}); use it with: "
+          f"medcam3d segment --config {paths[0]} --image SCAN --out OUT")
+    return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .jobs.weak import segment_cases
+
+    rows = segment_cases(args.config, args.out, image=args.image, inputs=args.inputs, device=args.device,
+                         trust=args.trust, min_volume_mm3=args.min_volume)
+    _print_table([{"case": r["case"], "lesions": r["lesions"], "classes": ", ".join(r["classes"]) or "-"} for r in rows])
+    print(f"{len(rows)} case(s) segmented: label maps and lesion boxes in {Path(args.out)}/<case>/")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -615,31 +745,95 @@ def _check_path_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} is empty ({value!r}); expected the path of a file or folder.")
 
 
+def _check_out_folder(args: argparse.Namespace) -> None:
+    """``--out`` must be a folder that medcam3d can create or write in: refused before any work otherwise."""
+    text = getattr(args, "out", None)
+    if not isinstance(text, str) or not text.strip():
+        return
+    out = Path(text)
+    existing = out
+    while not existing.exists() and existing.parent != existing:  # the deepest part of the path that exists
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == out:
+            raise UsageError(f"--out {text!r} is a file, not a folder; give a folder (it is created if missing).")
+        raise UsageError(f"--out {text!r} cannot be created: {str(existing)!r} is a file, not a folder; choose another "
+                         "--out.")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPermissionError(
+            f"--out {text!r}: medcam3d cannot write in {str(existing)!r} (permission denied, or a read-only file "
+            "system); choose a folder you can write to, or change its permissions."
+        )
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device``: a device this machine has (``mps`` without Apple's GPU, ``cuda:7`` on two GPUs ... are
+    usage errors here, before the model is loaded)."""
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device != "auto":
+        from .jobs.runner import resolve_device
+
+        resolve_device(device)
+
+
+#: OS errors that the user's paths cause (exit 2, with the path), not medcam3d.
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _path_error_text(error: OSError) -> str:
+    where = " and ".join(repr(str(name)) for name in (error.filename, error.filename2) if name is not None)
+    reason = error.strerror or str(error)
+    return (f"{reason}: {where or 'a path'} (errno {error.errno}). Check that the path exists as a folder or file, "
+            "and its permissions; for outputs, choose an --out you can write to.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``medcam3d`` console script; returns the exit code."""
+    """Entry point of the ``medcam3d`` console script; returns the exit code.
+
+    Every failure prints one line on stderr (:func:`medcam3d.errors.one_line`): ``medcam3d COMMAND: error:
+    ...``; SIGTERM prints ``medcam3d COMMAND: terminated.`` and exits 143, Ctrl-C ``interrupted.`` and 130.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = getattr(args, "verbose", 0)
     _configure_logging(verbosity)
+    command = f"medcam3d {args.command}"
     try:
-        _check_path_options(args)
-        return int(args.run(args))
+        with sigterm_as_interrupt():
+            _check_path_options(args)
+            _check_out_folder(args)
+            _check_device(args)
+            return int(args.run(args))
+    except Terminated:
+        print(f"{command}: terminated.", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print(f"medcam3d {args.command}: interrupted.", file=sys.stderr)
+        print(f"{command}: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Medcam3dError as error:
-        print(f"medcam3d {args.command}: error: {error}", file=sys.stderr)
+        print(f"{command}: error: {one_line(str(error))}", file=sys.stderr)
         return exit_code(error)
     except MemoryError as error:
-        print(f"medcam3d {args.command}: error: out of memory ({error or 'no details'}). Try --roi for sliding windows, "
-              "--amp bf16 on a GPU, or a machine with more memory.", file=sys.stderr)
+        print(f"{command}: error: out of memory ({one_line(str(error), 500) if str(error) else 'no details'}). Try --roi "
+              "for sliding windows, --amp bf16 on a GPU, or a machine with more memory.", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as error:  # a bug or an environment failure: one line, traceback only with -vv
+    except OSError as error:
+        if error.errno not in _PATH_ERRNOS:
+            return _internal_error(command, error, verbosity)
         if verbosity >= 2:
-            logger.exception("internal error")
-        print(f"medcam3d {args.command}: error: {type(error).__name__}: {error}"
-              + ("" if verbosity >= 2 else " (run with -vv for the traceback)"), file=sys.stderr)
-        return EXIT_FAILURE
+            logger.exception("path error")
+        print(f"{command}: error: {one_line(_path_error_text(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # a bug or an environment failure: one line, traceback only with -vv
+        return _internal_error(command, error, verbosity)
+
+
+def _internal_error(command: str, error: BaseException, verbosity: int) -> int:
+    if verbosity >= 2:
+        logger.exception("internal error")
+    print(f"{command}: error: {type(error).__name__}: {one_line(str(error))}"
+          + ("" if verbosity >= 2 else " (run with -vv for the traceback)"), file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@ Every error subclasses both the root and a builtin, so callers can catch the usu
 
 Exit codes of the ``medcam3d`` command (see :func:`exit_code`): 0 success; 1 a failure while
 running (a case of a cohort that failed, an internal error); 2 a usage error (bad arguments, an
-invalid config, an input that cannot be used, a refusal such as an untrusted model); 130 Ctrl-C.
+invalid config, an input that cannot be used, a refusal such as an untrusted model); 130 Ctrl-C;
+143 SIGTERM (handled as Ctrl-C is: see :class:`Terminated`). :func:`one_line` makes any message
+one line for the command's single error line.
 """
 
 from __future__ import annotations
+
+import re
 
 #: The errors of reading and writing images, which :mod:`medcam3d.io` exports as well.
 _IMAGE_ERRORS = (
@@ -58,17 +62,21 @@ __all__ = [
     "ProbabilityOutputWarning",
     "PlacementWarning",
     "ConcurrentUseWarning",
+    "Terminated",
     "exit_code",
+    "one_line",
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
 ]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 
 
 class Medcam3dError(Exception):
@@ -250,14 +258,65 @@ class ConcurrentUseWarning(RuntimeWarning):
     """Another thread called a model while medcam3d had part of it (a TorchScript or compiled module) in eval mode."""
 
 
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (``kill``, ``docker stop``, a scheduler's time limit).
+
+    The ``medcam3d`` command raises it from its SIGTERM handler, in the main process and in the
+    processes it forked (DataLoader workers, the batch writer). A ``KeyboardInterrupt``, so that it
+    stops everything exactly as Ctrl-C does (partial case folders are removed, the output lock is
+    released); the command then exits with :data:`EXIT_TERMINATED`.
+    """
+
+
 def exit_code(error: BaseException) -> int:
     """The ``medcam3d`` exit status for an exception that ended a command.
 
-    Medcam3d errors carry their own code (2 for usage errors and unusable inputs); Ctrl-C gives 130;
-    anything else is an unexpected failure (1).
+    Medcam3d errors carry their own code (2 for usage errors and unusable inputs); SIGTERM gives 143,
+    Ctrl-C 130; anything else is an unexpected failure (1).
     """
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     if isinstance(error, Medcam3dError):
         return int(error.exit_code)
     return EXIT_FAILURE
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_BANNER = re.compile(r"=+[^=]*=+")
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """A message on one line, for the command's one error line.
+
+    A message that embeds a traceback (MONAI's transforms and readers do) keeps its text before the
+    traceback and the traceback's last line (the exception that caused it), joined by `` ... ``; the
+    frames are dropped. Other line breaks and runs of white space become one space, terminal colour
+    codes and control characters are removed, and a message longer than ``limit`` characters ends in
+    ``...``.
+
+    Parameters
+    ----------
+    text : str
+    limit : int
+
+    Returns
+    -------
+    str
+        Never empty (``"(no message)"``).
+    """
+    text = _ANSI.sub("", str(text)).replace("\r\n", "\n").replace("\r", "\n")
+    if _TRACEBACK in text:
+        head, _, trace = text.partition(_TRACEBACK)
+        frames = [line.strip() for line in trace.splitlines() if line.strip()]
+        cause = frames[-1] if frames else ""
+        lines = [line for line in head.splitlines() if not _BANNER.fullmatch(line.strip())]  # MONAI's "=== ... ==="
+        head = " ".join(" ".join(lines).split()).rstrip(" .:")
+        text = f"{head} ... {cause}" if head and cause else head or cause
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if len(text) > limit:
+        text = text[: max(0, limit - 3)].rstrip() + "..."
+    return text or "(no message)"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from medcam3d import io
 from medcam3d.cli import main
+from medcam3d.errors import ConfigError, UntrustedModelError
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
 from conftest import write_tiny_config, write_tiny_model
@@ -176,3 +180,173 @@ def test_a_4d_file_needs_a_volume_and_explains_the_chosen_one(setup, tmp_path, c
     table = tmp_path / "cases.csv"
     table.write_text("id,image,volume\nlate,four.nii.gz,1\n")
     assert main(["batch", "--config", str(config), "--inputs", str(table), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+
+
+# issue 25 item 9
+def one_line_error(err: str, command: str) -> str:
+    """The single line a failed command printed (nothing else on stderr, no internal-error hint)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"medcam3d {command}: error: "), err
+    assert "-vv" not in lines[0] and "Traceback" not in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["explain", "batch"])
+def test_an_out_folder_under_a_file_is_a_usage_error(setup, tmp_path, capsys, command):
+    root, config = setup
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    inputs = ["--image", str(root / "scan.nii.gz")] if command == "explain" else ["--inputs", str(root / "scan.nii.gz")]
+    for out in (blocker / "sub", blocker / "sub" / "deeper", blocker):
+        assert main([command, "--config", str(config), *inputs, "--out", str(out)]) == 2
+        line = one_line_error(capsys.readouterr().err, command)
+        assert str(blocker) in line and "file, not a folder" in line
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_read_only_out_folder_is_a_usage_error(setup, tmp_path, capsys, monkeypatch):
+    root, config = setup
+    args = ["explain", "--config", str(config), "--image", str(root / "scan.nii.gz")]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # as root a chmod does not stop writing: the folder answers like a read-only file system does
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked else real_access(path, mode, **kw))
+    assert main([*args, "--out", str(locked / "out")]) == 2
+    line = one_line_error(capsys.readouterr().err, "explain")
+    assert str(locked) in line and "cannot write" in line
+    monkeypatch.setattr(os, "access", real_access)
+
+    # a PermissionError raised later, while writing, is a usage error too, with the path it concerns
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main([*args, "--out", str(tmp_path / "elsewhere")]) == 2
+    line = one_line_error(capsys.readouterr().err, "explain")
+    assert "Permission denied" in line and "elsewhere" in line
+
+
+def _unavailable_devices() -> list:
+    import torch
+
+    devices = [] if torch.backends.mps.is_available() else ["mps", "mps:0"]
+    if not torch.cuda.is_available():
+        devices += ["cuda", "cuda:0"]
+    if torch.cuda.device_count() < 8:
+        devices.append("cuda:7")
+    return devices + ["tpu", "banana", "cuda:-1"]
+
+
+@pytest.mark.parametrize("device", _unavailable_devices())
+def test_an_unavailable_device_is_a_usage_error(setup, tmp_path, capsys, device):
+    root, config = setup
+    out = tmp_path / "out"
+    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(out),
+                 "--device", device]) == 2
+    line = one_line_error(capsys.readouterr().err, "explain")
+    assert device.split(":")[0] in line and "--device" in line
+    assert not out.exists()  # refused before anything was written
+    assert main(["demo", "--out", str(out), "--device", device]) == 2
+    one_line_error(capsys.readouterr().err, "demo")
+
+
+@pytest.mark.parametrize("shape, words", [
+    (["3", "24", "24", "24"], "3 channels"),  # the model takes 1 channel (torch's reason is quoted)
+    (["1", "2", "2", "2"], "kernel"),  # smaller than the network's kernels
+    (["1", "100000", "100000", "100000"], "voxels"),  # 10^15 voxels
+    (["24", "24", "24"], "3D inputs"),  # a spatial shape without the channels
+])
+def test_a_shape_the_model_cannot_take_is_a_usage_error(setup, capsys, shape, words):
+    root, config = setup
+    assert main(["layers", "--config", str(config), "--shape", *shape]) == 2
+    line = one_line_error(capsys.readouterr().err, "layers")
+    assert words in line and "--shape" in line
+
+
+def test_an_empty_image_path_is_a_usage_error(setup, tmp_path, capsys):
+    root, config = setup
+    assert main(["explain", "--config", str(config), "--image", "", "--out", str(tmp_path / "o")]) == 2
+    assert "--image is empty" in one_line_error(capsys.readouterr().err, "explain")
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("Preprocessing failed: LoadImage could not read it.\n\n=== Transform input info ===\n"
+                "Traceback (most recent call last):\n  File \"/x/monai/transforms/io/array.py\", line 266, in __call__\n"
+                "    img = reader.read(filename)\nRuntimeError: itk could not find a suitable ImageIO"),
+    UntrustedModelError("Weights only load failed. This file can still be loaded, to do so you have two options\n"
+                        "\t(1) In PyTorch 2.6, we changed the default value of the `weights_only` argument\n\n"
+                        "\t(2) Alternatively, to load with `weights_only=True` please check the recommended steps"),
+    RuntimeError("internal: something\nbroke\n\nhere"),
+])
+def test_every_error_is_printed_on_one_line(monkeypatch, capsys, error):
+    import medcam3d.cli as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_info", fail)
+    code = main(["info"])
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    first = str(error).splitlines()[0].rstrip(".")
+    assert first in err
+    if "Traceback" in str(error):  # the traceback's own last line: the cause
+        assert "RuntimeError: itk could not find a suitable ImageIO" in err and "array.py" not in err
+    assert code == (1 if isinstance(error, RuntimeError) else 2)
+
+
+def test_sigterm_in_process_is_handled_like_ctrl_c(monkeypatch, capsys):
+    import signal
+
+    import medcam3d.cli as cli
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return 0
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_cmd_info", killed)
+    assert main(["info"]) == 143
+    assert capsys.readouterr().err.strip() == "medcam3d info: terminated."
+    assert signal.getsignal(signal.SIGTERM) == previous  # restored for the caller
+
+
+def test_sigterm_stops_a_batch_like_ctrl_c(setup, tmp_path):
+    """SIGTERM to the whole process group (as systemd, docker stop and schedulers send it): one line,
+    exit 143, no staging folder left by the main process, the DataLoader worker or the writer."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(40):
+        shutil.copy(root / "scan.nii.gz", scans / f"case{i:02d}.nii.gz")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "medcam3d", "batch", "--config", str(config), "--inputs", str(scans),
+                                "--out", str(out), "--quiet", "--workers", "1", "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if out.is_dir() and sum(1 for p in out.iterdir() if (p / "summary.json").is_file()) >= 2:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "medcam3d batch: terminated.", err
+    assert "Traceback" not in err
+    left = [p.name for p in out.iterdir() if p.name.startswith(".")]  # staging folders, temporary files, the lock
+    assert not left, left
+    done = [p for p in out.iterdir() if (p / "summary.json").is_file()]
+    assert 2 <= len(done) < 40

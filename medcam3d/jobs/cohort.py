@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .._signals import worker_init
 from .cases import Case
 from .lock import output_lock
 from .outputs import check_output_location, check_own_files, own_file_kind, record_own_files, remove_stale_staging
@@ -152,7 +153,8 @@ def _write_loop(runner: Runner, jobs, done, parent: int) -> None:
                 done.put((index, row, ""))
             except Exception as error:  # reported by the main process, the cohort goes on
                 done.put((index, None, f"{type(error).__name__}: {error}"))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports it
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, see medcam3d._signals) reaches the whole process group
+        done.cancel_join_thread()  # leave now: the main process reports the interruption, nobody reads `done`
         return
 
 
@@ -238,6 +240,11 @@ class _CaseWriter:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=5.0)
+        if self.process.is_alive():  # it ignores SIGTERM once it is stopping: don't let the exit wait for it
+            self.process.kill()
+            self.process.join(timeout=5.0)
+        for channel in (self.jobs, self.done):  # nothing more is read or written: exit without flushing them
+            channel.cancel_join_thread()
         self.process = None
 
 
@@ -349,7 +356,7 @@ def _run_cohort(runner: Runner, cases: Sequence[Case], out: Path, *, resume: boo
             todo.append((index, case))
     loader = DataLoader(_CaseDataset([case for _, case in todo], runner.transforms, runner.trust, runner.reader,
                                      runner.model), batch_size=1,
-                        num_workers=workers, collate_fn=_first)
+                        num_workers=workers, collate_fn=_first, worker_init_fn=worker_init)
     failures = 0
     bar = tqdm(total=len(todo), desc=f"explaining (rank {context.rank})" if context.distributed else "explaining",
                unit="case", file=sys.stderr, disable=not progress or context.rank != 0)

@@ -57,9 +57,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device} was requested but CUDA is not available here; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        count = torch.cuda.device_count()
+        raise UsageError(f"device {device} does not exist: this machine has {count} CUDA device(s); use --device "
+                         f"cuda:0{f' to cuda:{count - 1}' if count > 1 else ''} (or auto).")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise UsageError(f"device {device} is not supported; use auto, cpu or cuda[:<index>].")
+        raise UsageError(f"device {device} is not supported; use --device auto, cpu or cuda[:<index>].")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device} was requested but MPS (Apple's GPU) is not available here; use --device cpu.")
+    xpu = getattr(torch, "xpu", None)
+    if device.type == "xpu" and (xpu is None or not xpu.is_available()):
+        raise UsageError(f"device {device} was requested but no Intel XPU is available here; use --device cpu.")
     return device
 
 
