@@ -231,3 +231,22 @@ def test_no_segmentation_leaves_it_out(cohort, tmp_path):
     assert "best_dice" in header and "segment_dice" not in header and "threshold_dice" not in header
     assert "Weakly-supervised segmentation" not in (plain / "summary.md").read_text()
     assert _parse(["evaluate", "--config", "c", "--inputs", "i", "--out", "o"]).segmentation is True  # on by default
+
+
+def test_evaluate_runs_the_sanity_check_on_input_level_and_perturbation_methods(cohort, tmp_path):
+    """Methods with parameters (a comma inside parentheses) and input-level methods, whose maps have no layer:
+    the randomization test still runs on the CAM layer and reports every method."""
+    root, config = cohort
+    out = tmp_path / "report"
+    methods = "hirescam,gradxinput,occlusion(patch=8, stride=8),fused"
+    args = _parse(["evaluate", "--config", str(config), "--inputs", str(root / "cases.csv"), "--methods", methods,
+                   "--out", str(out), "--steps", "2", "--no-segmentation", "--quiet"])
+    assert args.run(args) == 0
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["method"] != "random"]
+    assert {r["method"] for r in rows} == {"hirescam", "gradxinput", "occlusion", "fused"}
+    randomized = list(csv.DictReader((out / "randomization.csv").open()))
+    assert {r["method"] for r in randomized} == {"hirescam", "gradxinput", "occlusion(patch=8, stride=8)", "fused",
+                                                 "guided_backprop"}
+    summary = (out / "summary.md").read_text()
+    assert "randomization test on case" not in summary  # no failure note
+    assert "| gradxinput |" in summary

@@ -83,7 +83,7 @@ class Occlusion(Method):
     needs_gradients = False
 
     def __init__(self, patch: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
-                 baseline: str | float = "blur", sigma: float | None = None, batch_size: int = 8,
+                 baseline: str | float = "blur", sigma: float | None = None, batch_size: int = 4,
                  max_forwards: int = 4096) -> None:
         for value, label in ((patch, "patch"), (stride, "stride")):
             if value is not None:

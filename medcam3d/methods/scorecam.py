@@ -66,7 +66,7 @@ class ScoreCAM(Method):
     needs_gradients = False
 
     def __init__(self, channels: int | None = 64, baseline: str | float = "zero", sigma: float = 2.0,
-                 batch_size: int = 8, max_forwards: int = 4096) -> None:
+                 batch_size: int = 4, max_forwards: int = 4096) -> None:
         self.channels = None if channels is None else check_positive_int(channels, "channels", self.name)
         self.baseline = check_baseline(baseline, self.name)
         self.sigma = check_sigma(sigma, "sigma", self.name)
