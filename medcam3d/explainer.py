@@ -455,7 +455,8 @@ class Explainer:
                 if len(captures) > 1 and any(capture._script is not None for capture in captures):
                     message = (
                         f"Layers {[name for name, _ in layers]} include a layer inside a TorchScript graph; several layers "
-                        "can be captured in one pass only where Python calls them. Name plain (non-scripted) layers."
+                        "can be captured in one pass only where Python calls them. Explain the model before it is "
+                        "scripted, or use one layer (e.g. method='hirescam')."
                     )
                     raise LayerError(message)
             else:

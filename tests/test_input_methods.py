@@ -446,6 +446,22 @@ def test_fused_refuses_an_unknown_layer():
         medcam3d.Explainer(small_cnn(), FusedCAM(layers=["1", "nope"]))(inputs(1, 1, 8, 8, 8), 0)
 
 
+@pytest.mark.parametrize("name", ["gradxinput", "occlusion", "scorecam"])
+def test_a_torchscript_model_gives_the_plain_models_maps(name):
+    model = small_cnn(classes=3, seed=8)
+    scripted = torch.jit.script(small_cnn(classes=3, seed=8))
+    x = inputs(1, 1, 8, 8, 8, seed=16)
+    plain = medcam3d.Explainer(model, fast(name))(x, "all", relu=False)
+    ours = medcam3d.Explainer(scripted, fast(name))(x, "all", relu=False)
+    torch.testing.assert_close(ours.maps, plain.maps, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_refuses_several_layers_inside_a_torchscript_graph():
+    scripted = torch.jit.script(small_cnn())
+    with pytest.raises(medcam3d.LayerError, match="inside a TorchScript graph.*Explain the model before it is scripted"):
+        medcam3d.Explainer(scripted, "fused", layer="3")(inputs(1, 1, 8, 8, 8), 0)
+
+
 def test_the_user_model_is_left_as_it_was():
     model = small_cnn(classes=3, seed=7).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
