@@ -323,6 +323,17 @@ def test_all_classes_equal_one_by_one(name):
         torch.testing.assert_close(together.scores[:, c], alone.scores[:, 0])
 
 
+@pytest.mark.parametrize("name", ["gradxinput", "integrated_gradients", "fused"])
+def test_one_batched_backward_equals_the_loop_over_classes(name):
+    model = small_cnn(classes=4, seed=9)
+    x = inputs(2, 1, 8, 8, 8, seed=17)
+    batched = medcam3d.Explainer(model, fast(name))
+    looped = medcam3d.Explainer(model, fast(name))
+    looped._batched_vjp = False
+    torch.testing.assert_close(batched(x, "all", relu=False).maps, looped(x, "all", relu=False).maps, rtol=1e-5, atol=1e-6)
+    assert batched._batched_vjp  # the batched path was taken
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_per_sample_targets_equal_samples_one_by_one(name):
     model = small_cnn(classes=3, seed=3)
