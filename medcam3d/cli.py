@@ -470,6 +470,28 @@ def _memory_limit(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _expansion_limit(text: str) -> float | None:
+    """A positive number, or ``none`` (no limit)."""
+    if text.strip().lower() in ("none", "inf", "unlimited"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', not {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', not {text!r}")
+    return value
+
+
+def _apply_read_limits(args: argparse.Namespace) -> None:
+    """The reading limits given on the command line, for this run (:func:`medcam3d.io.set_read_limits`)."""
+    chosen = {name: getattr(args, name) for name in ("max_bytes", "max_expansion", "max_voxel_mm", "max_slices")
+              if hasattr(args, name)}
+    from .io import set_read_limits
+
+    set_read_limits(**chosen)  # none given: the defaults (a process running main() twice starts afresh)
+
+
 def _open_fraction(text: str) -> float:
     value = _fraction(text)
     if value <= 0.0:
@@ -482,6 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = argparse.ArgumentParser(add_help=False)
     verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                            help="say what was chosen (layer, device, outputs); -vv: debug details")
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument("--max-image-bytes", dest="max_bytes", type=_memory_limit, default=argparse.SUPPRESS,
+                         metavar="SIZE", help="most memory one scan's voxels may take when read (default 16GiB; none: no limit)")
+    reading.add_argument("--max-expansion", type=_expansion_limit, default=argparse.SUPPRESS, metavar="X",
+                         help="a compressed scan may expand to at most X times its file size beyond 1 GiB "
+                              "(default 100; none: no limit)")
+    reading.add_argument("--max-voxel-mm", type=_expansion_limit, default=argparse.SUPPRESS, metavar="MM",
+                         help="largest voxel size accepted in a scan's header (default 100 mm; none: no limit)")
+    reading.add_argument("--max-slices", type=_voxel_limit, default=argparse.SUPPRESS, metavar="N",
+                         help="most files a DICOM folder may hold (default 5000; none: no limit)")
     parser = argparse.ArgumentParser(prog="medcam3d", description="Class activation maps for 3D medical CNNs, in scanner space.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[verbosity])
@@ -489,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str, run, description: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=description or help, epilog=EXAMPLES,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter, parents=[verbosity])
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, parents=[verbosity, reading])
         sub.set_defaults(run=run)
         return sub
 
@@ -803,6 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_path_options(args)
             _check_out_folder(args)
             _check_device(args)
+            _apply_read_limits(args)
             return int(args.run(args))
     except Terminated:
         print(f"{command}: terminated.", file=sys.stderr)
@@ -826,6 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception as error:  # a bug or an environment failure: one line, traceback only with -vv
         return _internal_error(command, error, verbosity)
+    finally:
+        if "medcam3d.io" in sys.modules:
+            sys.modules["medcam3d.io"].set_read_limits()  # the flags were for this run only
 
 
 def _internal_error(command: str, error: BaseException, verbosity: int) -> int:

@@ -113,6 +113,8 @@ __all__ = [
     "READ_FORMATS",
     "WRITE_FORMATS",
     "DEFAULT_MAX_BYTES",
+    "LIMIT_FLAGS",
+    "set_read_limits",
     "DEFAULT_MAX_EXPANSION",
     "EXPANSION_FREE_BYTES",
     "DEFAULT_MAX_SLICES",
@@ -187,9 +189,65 @@ class _Limits:
     max_slices: int | None = DEFAULT_MAX_SLICES
 
 
+#: The command-line flag that sets each reading limit for a whole run (:func:`set_read_limits`).
+LIMIT_FLAGS = {"max_bytes": "--max-image-bytes", "max_expansion": "--max-expansion",
+               "max_voxel_mm": "--max-voxel-mm", "max_slices": "--max-slices"}
+_DEFAULTS = {"max_bytes": DEFAULT_MAX_BYTES, "max_expansion": DEFAULT_MAX_EXPANSION,
+             "max_voxel_mm": MAX_VOXEL_MM, "max_slices": DEFAULT_MAX_SLICES}
+# Limits set for this process (the CLI's flags); they replace the defaults, not explicit arguments.
+_RUN_LIMITS: dict[str, Any] = {}
+
+
+def set_read_limits(**limits: Any) -> dict[str, Any]:
+    """Set this process's default reading limits (what the CLI's ``--max-image-bytes``,
+    ``--max-expansion``, ``--max-voxel-mm`` and ``--max-slices`` do).
+
+    Every later :func:`read`, :func:`read_space`, :func:`describe` and :func:`read_volumes` call of
+    this process (and of the DataLoader workers it forks) that leaves a limit at its default uses the
+    value given here; ``None`` lifts that limit. Call with no arguments to go back to the defaults.
+
+    Parameters
+    ----------
+    **limits
+        Any of ``max_bytes``, ``max_expansion``, ``max_voxel_mm``, ``max_slices``.
+
+    Returns
+    -------
+    dict
+        The limits set before (pass them back to restore them).
+
+    Raises
+    ------
+    UsageError
+        An unknown name or a value that is not positive (or None).
+    """
+    unknown = sorted(set(limits) - set(_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown reading limit(s) {unknown}; expected any of {sorted(_DEFAULTS)}.")
+    _limits(**limits)  # validates
+    before = dict(_RUN_LIMITS)
+    _RUN_LIMITS.clear()
+    _RUN_LIMITS.update(limits)
+    return before
+
+
+def _run_limit(name: str, value: Any) -> Any:
+    """``value``, or this run's limit where ``value`` is the default (:func:`set_read_limits`)."""
+    if name in _RUN_LIMITS and value is not None and not isinstance(value, bool) and value == _DEFAULTS[name]:
+        return _RUN_LIMITS[name]
+    return value
+
+
+def _lift(name: str) -> str:
+    """How to lift one limit: the CLI flag and the Python argument."""
+    return f"{LIMIT_FLAGS[name]} on the command line, {name}= to medcam3d.io.read"
+
+
 def _limits(max_bytes: Any = DEFAULT_MAX_BYTES, max_expansion: Any = DEFAULT_MAX_EXPANSION,
             max_voxel_mm: Any = MAX_VOXEL_MM, max_slices: Any = DEFAULT_MAX_SLICES) -> _Limits:
     """Check the limit arguments of :func:`read` (a :class:`UsageError` names a wrong one)."""
+    max_bytes, max_expansion = _run_limit("max_bytes", max_bytes), _run_limit("max_expansion", max_expansion)
+    max_voxel_mm, max_slices = _run_limit("max_voxel_mm", max_voxel_mm), _run_limit("max_slices", max_slices)
 
     def positive(name: str, value: Any, integer: bool) -> Any:
         if value is None:
@@ -223,8 +281,8 @@ def _check_allocation(p: Path, need: int, what: str, limits: _Limits, compressed
         raise ImageTooLargeError(
             f"reading '{p}' would allocate about {need} bytes ({_fmt_bytes(need)}) for {what}, more than "
             f"max_bytes={max_bytes} ({_fmt_bytes(max_bytes)}). If the image is that large and you have the "
-            f"memory, pass a larger max_bytes to medcam3d.io.read (e.g. max_bytes={suggestion}), or "
-            "max_bytes=None for no limit; otherwise the header is wrong: export the image again."
+            f"memory, raise the limit ({_lift('max_bytes')}; e.g. {suggestion}), or set it to none for no "
+            "limit; otherwise the header is wrong: export the image again."
         )
     ratio = limits.max_expansion
     if compressed is None or ratio is None or need <= max(EXPANSION_FREE_BYTES, ratio * max(compressed, 1)):
@@ -235,7 +293,7 @@ def _check_allocation(p: Path, need: int, what: str, limits: _Limits, compressed
         f"compressed data ({factor:.0f} times its size), more than max_expansion={ratio:g} times its size "
         f"(and more than {_fmt_bytes(EXPANSION_FREE_BYTES)}): such a small file that expands this much is "
         "more often a decompression bomb than a scan. If you trust the file and have the memory, pass "
-        f"max_expansion=None (or max_expansion={math.ceil(factor)}) to medcam3d.io.read."
+        f"raise the limit to {math.ceil(factor)} or none ({_lift('max_expansion')})."
     )
 
 
@@ -254,6 +312,7 @@ def _too_large_for_file(p: Path, claimed: int, what: str, holds: int, expands_to
 
 def _check_voxel_sizes(p: Path, sizes: Any, source: str, max_mm: float | None = MAX_VOXEL_MM) -> None:
     """Refuse voxel sizes that are not finite, not positive, or outside the accepted range."""
+    max_mm = _run_limit("max_voxel_mm", max_mm)
     top = math.inf if max_mm is None else float(max_mm)
     for axis, v in enumerate(np.asarray(sizes, dtype=np.float64).ravel()):
         if not math.isfinite(v):
@@ -269,7 +328,7 @@ def _check_voxel_sizes(p: Path, sizes: Any, source: str, max_mm: float | None = 
                 f"'{p}': the voxel size along axis {axis} ({source}) is {v:g} mm, more than max_voxel_mm={top:g}. "
                 f"Expected a finite size between {MIN_VOXEL_MM:g} and {top:g} mm: real scans have voxels of at most "
                 "a few cm, so the header is wrong (or not in mm). Fix the spacing in the header, or if the size "
-                "is right pass a larger max_voxel_mm (or None) to medcam3d.io.read."
+                f"is right raise the limit ({_lift('max_voxel_mm')}; none lifts it)."
             )
         else:
             continue
@@ -883,8 +942,8 @@ def _check_dicom_folder_size(p: Path, max_slices: int | None) -> None:
         raise ImageTooLargeError(
             f"'{p}' holds {count} files, more than max_slices={max_slices}: reading a DICOM folder opens "
             "every file in it (a few ms each), and a 3D series has at most a few thousand slices. Put each "
-            "series in its own folder; if this really is one series, pass max_slices=None (or a larger "
-            "number) to medcam3d.io.read."
+            "series in its own folder; if this really is one series, raise the limit "
+            f"({_lift('max_slices')}; none lifts it)."
         )
 
 

@@ -549,7 +549,7 @@ def test_max_bytes_caps_what_is_read(tmp_path):
     data = np.ones((16, 16, 16), np.int16)
     for ext in (".nii.gz", ".nrrd"):
         path = io.write(tmp_path / f"scan{ext}", data, Space(data.shape, np.eye(4)))
-        with pytest.raises(errors.ImageTooLargeError, match=r"more than max_bytes=4096.*pass a larger max_bytes.*max_bytes=None"):
+        with pytest.raises(errors.ImageTooLargeError, match=r"more than max_bytes=4096.*raise the limit \(--max-image-bytes on the command line, max_bytes= to medcam3d.io.read.*none"):
             io.read(path, max_bytes=4096)
         assert io.read(path, max_bytes=None)[0].shape == (16, 16, 16)
         assert io.read(path, max_bytes=10**6)[0].shape == (16, 16, 16)
@@ -765,7 +765,7 @@ def test_gzip_nifti_that_expands_to_gigabytes_is_refused(tmp_path):
     assert path.stat().st_size < 400_000
     for call in (io.read, io.describe):
         error = _refused_fast_and_small(lambda: call(path), errors.ImageTooLargeError,
-                                        r"compressed data \(\d+ times its size\), more than max_expansion=100.*max_expansion=None")
+                                        r"compressed data \(\d+ times its size\), more than max_expansion=100.*or none \(--max-expansion on the command line, max_expansion= to")
         assert _one_line(error)
     assert io.DEFAULT_MAX_EXPANSION == 100 and io.EXPANSION_FREE_BYTES == 1024**3
     # the same kind of file below 1 GiB (an empty mask) reads
@@ -861,7 +861,7 @@ def test_dicom_folder_of_too_many_files_is_refused_before_any_is_opened(tmp_path
     monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesIDs", staticmethod(no_scan))
     for call in (io.read, io.read_space, io.describe):
         error = _refused_fast_and_small(lambda: call(folder), errors.ImageTooLargeError,
-                                        f"holds {io.DEFAULT_MAX_SLICES + 1} files, more than max_slices=5000.*max_slices=None")
+                                        f"holds {io.DEFAULT_MAX_SLICES + 1} files, more than max_slices=5000.*--max-slices on the command line, max_slices= to medcam3d.io.read; none lifts it")
         assert _one_line(error)
     monkeypatch.undo()
     write_series(tmp_path / "s", axial_positions([0.0, 1.0, 2.0]))
@@ -893,6 +893,29 @@ def test_absurd_voxel_sizes_are_refused_with_an_override(tmp_path, size):
     folder = pydicom_series(tmp_path / "dicom", pixel_spacing=(f"{size:g}", "0.5"))
     with pytest.raises(errors.GeometryError, match="PixelSpacing.*max_voxel_mm"):
         io.read(folder)
+
+
+def test_reading_limits_name_their_flag_and_the_flag_lifts_them(tmp_path, capsys):
+    """Each reading limit's message names the command-line flag that lifts it, and the flag works."""
+    from medcam3d import cli
+
+    path = io.write(tmp_path / "scan.nii.gz", np.zeros((4, 4, 4), np.float32), Space((4, 4, 4), np.diag([1, 1, 150.0, 1])))
+    try:
+        assert cli.main(["info", "--image", str(path)]) == 2
+        assert "--max-voxel-mm on the command line" in capsys.readouterr().err
+        assert cli.main(["info", "--image", str(path), "--max-voxel-mm", "200"]) == 0
+        assert "150" in capsys.readouterr().out
+        assert cli.main(["info", "--image", str(path), "--max-voxel-mm", "none"]) == 0
+        with pytest.raises(SystemExit):
+            cli.main(["info", "--image", str(path), "--max-voxel-mm", "-3"])
+        io.set_read_limits(max_voxel_mm=120.0)
+        with pytest.raises(errors.GeometryError, match="max_voxel_mm=120"):
+            io.read(path)
+        assert io.read(path, max_voxel_mm=None)[1].spacing[2] == pytest.approx(150.0)  # an explicit argument wins
+    finally:
+        io.set_read_limits()
+    with pytest.raises(errors.UsageError, match="unknown reading limit"):
+        io.set_read_limits(max_files=3)
 
 
 def test_limits_must_be_positive_or_none(tmp_path):
