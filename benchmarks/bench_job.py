@@ -24,6 +24,10 @@ exclusively (a stage's time excludes the stages it calls), so the rows add up to
     python benchmarks/bench_job.py                       # all scenarios, about 30 minutes on 2 cores
     python benchmarks/bench_job.py --scenarios ct --repeats 3
     python benchmarks/bench_job.py --quick               # small scans, 3 cases: a smoke run
+    python benchmarks/bench_job.py --scenarios ct --no-batch --method 'occlusion(patch=16)' --keep /tmp/ct
+
+``--method`` is the job's method (``medcam3d explain``/``batch --method``; any method spec the CLI
+takes, parameters included); without it the config's method is used. The floor does not change.
 """
 
 from __future__ import annotations
@@ -323,6 +327,8 @@ def main() -> int:
     parser.add_argument("--no-batch", action="store_true", help="explain only")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (the job's --device; the floor uses the CPU model)")
     parser.add_argument("--layer", help="the job's --layer (default: the config's, auto)")
+    parser.add_argument("--method", help="the job's --method, e.g. smoothgrad or 'occlusion(patch=16)' (default: the "
+                        "config's method)")
     parser.add_argument("--keep", help="keep the generated scans and outputs in this folder (and reuse its scans)")
     args = parser.parse_args()
     cases = min(args.cases, 3) if args.quick else args.cases
@@ -337,11 +343,12 @@ def main() -> int:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; device {args.device}; "
               f"repeats {args.repeats}{'; quick' if args.quick else ''}", flush=True)
         summary = []
+        tag = "-" + "".join(c if c.isalnum() else "_" for c in args.method).strip("_") if args.method else ""
         for name in chosen:
             description, config, images, masks, cohort, cohort_masks = all_scenarios[name]
             floors, jobs = [], []
             for repeat in range(args.repeats):
-                out = work / f"out-{name}-{repeat}"
+                out = work / f"out-{name}{tag}-{repeat}"  # one folder per method: nothing is reused
                 floors.append(run(driver, "floor", {"config": str(config), "images": images, "masks": masks}))
                 argv = ["explain", "--config", str(config), "--image", images[0], "--target", "all", "--out", str(out),
                         "--device", args.device]
@@ -349,22 +356,27 @@ def main() -> int:
                     argv += ["--mask", masks[0]]
                 if args.layer:
                     argv += ["--layer", args.layer]
+                if args.method:
+                    argv += ["--method", args.method]
                 jobs.append(run(driver, "job", {"argv": argv}))
             floor, job = median_run(floors), median_run(jobs)
-            print_table(f"== {name}: {description}\n   explain --target all, default outputs", {"floor": floor, "explain": job})
+            method = f"--method {args.method}" if args.method else "the config's method"
+            print_table(f"== {name}: {description}\n   explain --target all, {method}, default outputs",
+                        {"floor": floor, "explain": job})
             ratios = {"explain wall": job["wall"] / floor["wall"], "explain RSS": job["rss"] / floor["rss"]}
             print(f"explain / floor: wall {ratios['explain wall']:.2f}x, peak RSS {ratios['explain RSS']:.2f}x")
             if not args.no_batch:
                 loops, batches, shares = [], [], []
                 for repeat in range(args.repeats):
-                    out = work / f"batch-{name}-{repeat}"
+                    out = work / f"batch-{name}{tag}-{repeat}"
                     events = work / f"events-{name}-{repeat}.txt"
                     table = work / f"{name}-cases.csv"
                     table.write_text("id,image,mask\n" + "".join(
                         f"{Path(i).name.split('.')[0]}{repeat},{i},{m or ''}\n" for i, m in zip(cohort, cohort_masks)))
                     loops.append(run(driver, "floor", {"config": str(config), "images": cohort, "masks": cohort_masks}))
                     argv = ["batch", "--config", str(config), "--inputs", str(table), "--out", str(out), "--device",
-                            args.device, "--quiet"] + (["--layer", args.layer] if args.layer else [])
+                            args.device, "--quiet"] + (["--layer", args.layer] if args.layer else []) + (
+                               ["--method", args.method] if args.method else [])
                     batches.append(run(driver, "job", {"argv": argv}, events=events))
                     shares.append(overlap(events))
                 loop, batch = median_run(loops), median_run(batches)
