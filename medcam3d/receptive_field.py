@@ -51,6 +51,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -61,7 +62,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import LayerError
-from .hooks import counterpart, forward_hooks, isolated_model, model_lock
+from .hooks import _HOOK_TABLES, counterpart, forward_hooks, isolated_model, model_lock
 from .torchscript import is_scripted, script_split, scripted_ancestor
 
 __all__ = ["ReceptiveField", "receptive_field", "clear_cache", "PLACEMENTS"]
@@ -263,6 +264,24 @@ def receptive_field(
     with _CACHE_GUARD:
         _CACHE.setdefault(model, {})[general if invariant else exact] = result
     return result
+
+
+# ------------------------------------------------------------------------------------------ view
+@contextmanager
+def _hookless_view(model: nn.Module) -> Iterator[nn.Module]:
+    """An eval-mode view of ``model`` (:func:`~medcam3d.hooks.isolated_model`) in which no hook of the
+    user's runs: every module that can be copied is a shallow copy (the same parameters and buffers)
+    with empty hook tables, so the trace's meta tensors and the probe's noise never reach the user's
+    forward or backward hooks. Global hooks (``nn.modules.module.register_module_forward_hook``) and
+    modules that cannot be copied (TorchScript) keep theirs."""
+    with isolated_model(model, hooked=list(model.modules())) as view:
+        originals = {id(module) for module in model.modules()}
+        for module in view.modules():
+            if id(module) not in originals:  # a copy: its hook tables are its own
+                state = module.__dict__
+                for table in _HOOK_TABLES.intersection(state):
+                    state[table] = type(state[table])()
+        yield view
 
 
 # ------------------------------------------------------------------------------------------ graph
@@ -758,7 +777,7 @@ def _graph(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
     tracer.note(x, _Field((1.0,) * nd, (0.0,) * nd, (1.0,) * nd))
     try:
         # through a view of the model: its eval mode and hook stay invisible to other threads calling the model
-        with model_lock(model), isolated_model(model, hooked=[module]) as view, torch.no_grad():
+        with model_lock(model), _hookless_view(model) as view, torch.no_grad():
             with forward_hooks([(counterpart(view, name, module), hook)]), tracer:
                 view(x)
     except _Stop:
@@ -867,7 +886,7 @@ def _probe(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
     x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype or torch.float32).requires_grad_(True)
     nd = len(shape) - 2
     # through a view of the model: its eval mode and hooks stay invisible to other threads calling the model
-    with model_lock(model), isolated_model(model, hooked=[module]) as view, torch.enable_grad(), \
+    with model_lock(model), _hookless_view(model) as view, torch.enable_grad(), \
             torch.jit.optimized_execution(False):
         activations = _layer_output(view, name, counterpart(view, name, module), x)
         if activations.ndim != len(shape) or not activations.requires_grad:

@@ -121,8 +121,8 @@ def test_no_graph_before_target_layer():
         explainer(torch.randn(1, 1, 24, 20, 22), target=0)
     finally:
         handle.remove()
-    # the explanation's pass, then the receptive-field trace (on meta tensors): neither keeps a graph there
-    assert seen == [False, False]
+    # the explanation's pass only: the receptive-field trace runs on a view of the model without the user's hooks
+    assert seen == [False]
 
 
 class CountingNet(nn.Module):

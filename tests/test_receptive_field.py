@@ -159,7 +159,8 @@ def _networks():
                                                           num_classes=2, pretrained=False), "_blocks.1.1"),
         "UNet": (lambda: nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), "model.0"),
         "BasicUNet": (lambda: nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)), "conv_0"),
-        "SegResNet": (lambda: nets.SegResNet(3, init_filters=4, in_channels=1, out_channels=2), "down_layers.1"),
+        "SegResNet": (lambda: nets.SegResNet(3, init_filters=4, in_channels=1, out_channels=2,
+                                             norm=("GROUP", {"num_groups": 2})), "down_layers.1"),
         "DynUNet": (lambda: nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
                                          upsample_kernel_size=[2, 2]), "downsamples.0"),
         "AttentionUnet": (lambda: nets.AttentionUnet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), "model.0"),
@@ -375,4 +376,33 @@ def test_probe_never_changes_the_model():
     receptive_field(model, "3", (1, 16, 16, 16), method="graph")
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_trace_and_probe_never_call_the_users_hooks():
+    """The meta-device trace and the gradient probe run on a view of the model without the user's
+    hooks: a user's hook is never handed meta tensors or the probe's noise, and stays on the model."""
+    model = _shifted_classifier()
+    calls: list[str] = []
+    model[2].register_forward_hook(lambda _m, _i, output: calls.append(f"forward {output.device.type}"))
+    model[0].register_forward_pre_hook(lambda _m, inputs: calls.append(f"pre {inputs[0].device.type}"))
+    model[2].register_full_backward_hook(lambda _m, _gi, _go: calls.append("backward"))
+    for method in ("graph", "probe"):
+        clear_cache(model)
+        receptive_field(model, "3", (1, 16, 16, 16), method=method)
+    assert calls == []
+    model(torch.randn(1, 1, 8, 8, 8, requires_grad=True))[0, 0].backward()
+    assert calls == ["pre cpu", "forward cpu", "backward"]  # the hooks are still the model's, and run
+
+
+def test_receptive_field_leaves_flags_grads_and_hooks_and_is_cached():
+    model = _shifted_classifier()
+    model[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    tables = [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()]
+    clear_cache(model)
+    first = receptive_field(model, "3", (1, 16, 16, 16), method="probe")
+    assert receptive_field(model, "3", (1, 16, 16, 16), method="probe") is first  # cached
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()] == tables
     assert all(p.grad is None for p in model.parameters())
