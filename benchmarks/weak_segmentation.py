@@ -2,6 +2,7 @@
 
     python benchmarks/weak_segmentation.py                 # writes docs/weak_segmentation.md/.png
     python benchmarks/weak_segmentation.py --quick         # a few cases, for a smoke run
+    python benchmarks/weak_segmentation.py --parts seeds,learned --train-reference   # only the learned segmenter's sections
 
 No peeking: every setting is chosen on the *demo set* (the demo generator's own held-out cases,
 seeds 2 000 000+, on the five scanner grids in turn) and then reported, unchanged, on the *held-out
@@ -21,6 +22,18 @@ given: "ground-truth-known" localization), on the scan's grid, with the library'
 lesion (best predicted box of that class; boxes in RAS mm), lesions found (a predicted component
 overlaps it), and :func:`medcam3d.metrics.pointing_game` of the map. The scans, maps and tables are
 generated on demand into a cache folder (default: a temporary folder); nothing large is committed.
+
+Two more parts (``--parts``), for the learned segmenter of :mod:`medcam3d.weak` (``medcam3d weak-train``):
+
+- *seeds*: the seed methods compared on the demo set (model grid, seeds 2 000 000+; the levels are
+  calibrated on training scans 0+, image labels only): the precision of the seed voxels against the
+  masks, the share of lesions seeded, the background seeds' precision; this is how
+  :data:`medcam3d.weak.DEFAULT_SEED_METHOD` and its settings were chosen.
+- *learned*: the shipped segmenter (``data_samples/weak_segmenter/``, trained on the demo generator with
+  image labels only) and the fully supervised reference (the same network and cases, trained on the
+  masks: ``--train-reference``) on the held-out harder set, one lesion and two lesions per class apart.
+
+A run with only some parts replaces those sections of the existing report and keeps the rest.
 """
 
 from __future__ import annotations
@@ -345,9 +358,23 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--quick", action="store_true", help="4 tuning and 5 held-out cases, no sweep (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", default="maps,seeds,learned",
+                        help="comma list of maps (the map-based methods), seeds (seed methods), learned (the learned segmenter)")
+    parser.add_argument("--segmenter", type=Path, default=SEGMENTER, help="the weakly-supervised segmenter's config")
+    parser.add_argument("--reference", type=Path, help="the fully supervised reference's config (default: --cache/reference)")
+    parser.add_argument("--train-reference", action="store_true",
+                        help="train the fully supervised reference into --cache (the segmenter's network, cases and epochs)")
+    parser.add_argument("--cache", type=Path, default=None, help="folder for seed maps and the reference (kept)")
+    parser.add_argument("--seed-cases", type=int, nargs=2, default=(40, 30), metavar=("CALIBRATION", "DEMO"),
+                        help="seed methods: training scans for the levels, demo-set scans measured (default 40 30)")
+    parser.add_argument("--seed-methods", default=",".join(SEED_METHODS), help="comma list of seed methods compared")
     args = parser.parse_args(argv)
     if args.quick:
         args.tune_cases, args.cases = 4, 5
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"maps", "seeds", "learned"}
+    if unknown:
+        parser.error(f"unknown --parts {sorted(unknown)}; use maps, seeds, learned")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="The probability range is outside")
     started = time.perf_counter()
@@ -355,6 +382,8 @@ def main(argv=None) -> int:
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {text}", flush=True)
 
+    if "maps" not in parts:
+        return _update_sections(args, parts, log)
     models = {name: load_model(path) for name, path in MODELS.items() if path.exists()}
     missing = [str(path) for name, path in MODELS.items() if not path.exists()]
     if missing:
@@ -416,7 +445,8 @@ def main(argv=None) -> int:
                    len(hard), time.perf_counter() - started)
     from medcam3d._files import atomic_write_text
 
-    atomic_write_text(args.out / "weak_segmentation.md", text)
+    sections = _new_sections(args, parts, log, hard=hard)
+    atomic_write_text(args.out / "weak_segmentation.md", _with_sections(text, sections))
     log(f"wrote {args.out / 'weak_segmentation.md'}")
     return 0
 
@@ -603,6 +633,301 @@ def _report(args, table, tuning_log, breakdown, accuracies, pointings, best_key,
         "",
     ]
     return "\n".join(lines)
+
+
+
+# ============================================================================================
+# The learned segmenter (medcam3d.weak): seed methods and held-out scores
+# ============================================================================================
+
+SECTION_MARK = "<!-- {name}:{edge} -->"
+
+
+def _with_sections(text: str, sections: dict[str, list[str]]) -> str:
+    """``text`` with each named section (between its marks) replaced, or appended before the speed section."""
+    for name, lines in sections.items():
+        start, end = SECTION_MARK.format(name=name, edge="start"), SECTION_MARK.format(name=name, edge="end")
+        block = "\n".join([start, *lines, end])
+        if start in text and end in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        elif "\n## Settings chosen on the demo set" in text:
+            at = text.index("\n## Settings chosen on the demo set")
+            text = text[:at] + "\n" + block + "\n" + text[at:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    return text
+
+
+def _update_sections(args, parts: set[str], log) -> int:
+    """Recompute only ``parts`` (seeds, learned) and replace their sections of the existing report."""
+    from medcam3d._files import atomic_write_text
+
+    path = args.out / "weak_segmentation.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Weakly-supervised localization and segmentation\n"
+    hard = make_cases("hard", args.cases) if "learned" in parts else None
+    sections = _new_sections(args, parts, log, hard=hard)
+    atomic_write_text(path, _with_sections(text, sections))
+    log(f"updated {sorted(sections)} in {path}")
+    return 0
+
+
+def _new_sections(args, parts: set[str], log, *, hard) -> dict[str, list[str]]:
+    import tempfile
+
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="medcam3d-weak-"))
+    cache.mkdir(parents=True, exist_ok=True)
+    sections: dict[str, list[str]] = {}
+    if "seeds" in parts:
+        sections["seeds"] = seed_section(args, cache, log)
+    if "learned" in parts:
+        sections["learned"] = learned_section(args, cache, hard, log)
+    return sections
+
+
+# ---------------------------------------------------------------------------------- seed methods
+
+#: Seed methods compared (the Explainer's ``method=``; ``a*b`` multiplies their maps, medcam3d.weak.seed_maps).
+SEED_METHODS = ("hirescam", "layercam", "fused", "scorecam", "gradxinput", "smoothgrad", "integrated_gradients",
+                "gradxinput*fused")
+#: Seed settings tried per method on the demo set (the rest: SeedSettings() defaults).
+SEED_SWEEP = {"smooth": [1.0, 2.5], "quantile": [0.8, 0.95], "max_peaks": [1, 2], "region_radius": [1.0]}
+WEAK_MODEL = ROOT / "data_samples" / "demo_model_weak.pt"
+SEGMENTER = ROOT / "data_samples" / "weak_segmenter" / "weak_segmenter.yaml"
+
+
+def seed_maps_cached(method: str, calibration: int, demo: int, cache: Path, log) -> dict:
+    """Class maps of ``method`` (label-only model) on the model grid: ``calibration`` training scans (seeds 0+,
+    image labels) and ``demo`` demo-set scans (seeds 2 000 000+, with masks); cached as ``seedmaps_<method>.npz``."""
+    from medcam3d.weak import seed_maps as combine, seed_methods
+
+    path = cache / f"seedmaps_{method.replace('*', '_x_')}_{calibration}_{demo}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    model = load_model(WEAK_MODEL)
+    grid = synthetic.model_grid()
+    explainers = [medcam3d.Explainer(model, method=m, layer="auto", class_names=list(synthetic.CLASS_NAMES))
+                  for m in seed_methods(method)]
+    out = {}
+    for name, seeds in (("cal", range(0, calibration)), ("demo", range(DEMO_SEED0, DEMO_SEED0 + demo))):
+        images, labels, masks = [], [], []
+        for seed in seeds:
+            phantom = synthetic.make_phantom(seed)
+            image, truth = phantom.sample(grid)
+            images.append(synthetic.scale_intensity(image))
+            labels.append(phantom.present)
+            masks.append(truth)
+        x = torch.from_numpy(np.stack(images)[:, None])
+        started = time.perf_counter()
+        maps = np.concatenate([combine(explainers, x[i:i + 4], grid) for i in range(0, len(x), 4)])
+        out[f"{name}_maps"], out[f"{name}_labels"], out[f"{name}_masks"] = maps, np.asarray(labels), np.stack(masks)
+        out[f"{name}_seconds"] = np.asarray(time.perf_counter() - started)
+    np.savez_compressed(path, **out)
+    log(f"seed maps of {method}: {float(out['cal_seconds']) + float(out['demo_seconds']):.0f} s")
+    return out
+
+
+def seed_scores(maps: dict, settings) -> dict:
+    """Seed precision on the demo set: levels calibrated on the calibration scans without each class."""
+    from medcam3d.weak import calibrate_levels, find_seeds, smooth_map
+
+    classes = len(synthetic.CLASS_NAMES)
+    cal, cal_labels = maps["cal_maps"], maps["cal_labels"]
+    maxima = [[float(smooth_map(cal[i, c], settings.smooth).max()) for i in range(len(cal)) if not cal_labels[i, c]]
+              for c in range(classes)]
+    levels = calibrate_levels(maxima, settings.quantile)
+    inside, total, seeded, lesions = np.zeros(classes), np.zeros(classes), np.zeros(classes), np.zeros(classes)
+    background_in, background = 0, 0
+    for i in range(len(maps["demo_maps"])):
+        present, truth = maps["demo_labels"][i], maps["demo_masks"][i]
+        found = find_seeds(maps["demo_maps"][i], present, levels.tolist(), settings)
+        for c in range(classes):
+            if present[c]:
+                mine = found.labels == c + 1
+                total[c] += mine.sum()
+                inside[c] += (mine & (truth == c + 1)).sum()
+                lesions[c] += 1
+                seeded[c] += bool((mine & (truth == c + 1)).any())
+        bg = found.labels == 0
+        background += int(bg.sum())
+        background_in += int((bg & (truth == 0)).sum())
+    precision = np.where(total > 0, inside / np.maximum(total, 1), 0.0)
+    found_share = seeded / np.maximum(lesions, 1)
+    return {"precision": precision.tolist(), "seeded": found_share.tolist(), "voxels": (total / np.maximum(lesions, 1)).tolist(),
+            "background": background_in / max(background, 1), "score": float(np.mean(precision * found_share))}
+
+
+def seed_section(args, cache: Path, log) -> list[str]:
+    import itertools
+
+    from medcam3d.weak import DEFAULT_SEED_METHOD, SeedSettings
+
+    calibration, demo = args.seed_cases
+    rows, best_overall = [], None
+    for method in [m.strip() for m in args.seed_methods.split(",") if m.strip()]:
+        maps = seed_maps_cached(method, calibration, demo, cache, log)
+        seconds = (float(maps["cal_seconds"]) + float(maps["demo_seconds"])) / (calibration + demo)
+        best = None
+        for values in itertools.product(*SEED_SWEEP.values()):
+            settings = SeedSettings(**dict(zip(SEED_SWEEP, values)))
+            scores = seed_scores(maps, settings)
+            if best is None or scores["score"] > best[1]["score"] + 1e-9:
+                best = (settings, scores)
+        assert best is not None
+        settings, scores = best
+        log(f"seeds {method}: {scores}")
+        rows.append((method, settings, scores, seconds))
+        if best_overall is None or scores["score"] > best_overall[2]["score"]:
+            best_overall = (method, settings, scores)
+    names = synthetic.CLASS_NAMES
+    lines = [
+        "## Seed methods (learned segmenter, chosen on the demo set)",
+        "",
+        (f"Generated by `python benchmarks/weak_segmentation.py --parts seeds`. The label-only model's maps of each "
+         f"method on the model grid; the absolute seed level of each class is the chosen quantile of its smoothed map's "
+         f"maximum over {calibration} training scans (seeds 0+) labelled without it (image labels only); the seeds of "
+         f"{demo} demo-set scans (seeds {DEMO_SEED0}+, one lesion per present class) are then compared with the masks. "
+         "*Precision*: seed voxels of a class inside that class's lesion; *seeded*: lesions with at least one seed voxel "
+         "inside; *background*: background seeds outside every lesion. Each method with its best setting of "
+         f"`{SEED_SWEEP}` (score: mean over classes of precision x seeded). Seconds per scan on this machine, "
+         f"{torch.get_num_threads()} threads."),
+        "",
+        "| seed method | setting (smooth, quantile, peaks, radius) | precision " + " / ".join(names) + " | seeded "
+        + " / ".join(names) + " | seed voxels per lesion | background precision | score | s / scan |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, settings, scores, seconds in rows:
+        mark = " **(default)**" if method == DEFAULT_SEED_METHOD else ""
+        lines.append(f"| `{method}`{mark} | {settings.smooth:g}, {settings.quantile:g}, {settings.max_peaks}, "
+                     f"{settings.region_radius:g} | " + " / ".join(f"{v:.2f}" for v in scores["precision"]) + " | "
+                     + " / ".join(f"{v:.2f}" for v in scores["seeded"]) + " | "
+                     + " / ".join(f"{v:.1f}" for v in scores["voxels"]) + f" | {scores['background']:.4f} | "
+                     f"{scores['score']:.2f} | {seconds:.1f} |")
+    if best_overall is not None:
+        method, settings, scores = best_overall
+        lines += ["", (f"Best: `{method}` (smooth {settings.smooth:g}, quantile {settings.quantile:g}, max_peaks "
+                       f"{settings.max_peaks}, region_radius {settings.region_radius:g}); the library default "
+                       f"(`medcam3d.weak.DEFAULT_SEED_METHOD`) is `{DEFAULT_SEED_METHOD}`.")]
+    lines += ["", ("Occlusion is not in the table: at its default lesion-scale patch it needs about 3,400 forward passes "
+                   "per scan, hours for the 70 scans of this comparison on 2 CPU cores.")]
+    return lines
+
+
+# ---------------------------------------------------------------------------------- learned segmenter
+
+
+def train_reference(segmenter_config: Path, cache: Path, log) -> Path:
+    """The fully supervised reference: the segmenter's network, cases and epochs, trained on the masks."""
+    from medcam3d import weak
+
+    record = json.loads(segmenter_config.with_suffix(".json").read_text())
+    path = cache / "reference" / "reference.yaml"
+    if path.exists():
+        return path
+    count = int(record["demo_generator"]["cases"])
+    data = weak.demo_training_set(count, with_masks=True)
+    settings = weak.TrainSettings(**{k: v for k, v in record["settings"].items() if k in ("epochs", "batch_size", "lr",
+                                                                                           "weight_decay", "seed")})
+    options = {k: v for k, v in record["args"].items() if k not in ("out_channels",)}
+    segmenter = weak.train_segmenter(data, supervised=True, settings=settings, network=record["network"],
+                                     network_options=options, log=log, log_every=50)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weak.save_segmenter(segmenter, path, preprocessing=synthetic.PREPROCESSING)
+    return path
+
+
+def score_segmenter(config_path: Path, cases: list[dict]) -> dict:
+    """Per (case, present class) scores of a segmenter on scanner-grid cases."""
+    from medcam3d.weak import load_segmenter, segment_scan
+
+    config, model = load_segmenter(config_path)
+    names = list(config.class_names)[1:]
+    rows = []
+    for case in cases:
+        x, _ = preprocess((case["image"], case["space"]), config.preprocessing)
+        started = time.perf_counter()
+        result = segment_scan(model, x, case["space"], names)
+        seconds = time.perf_counter() - started
+        for c in present(case):
+            boxes = [l.box for l in result.lesions if l.class_index == c]
+            s = score(result.mask(c), case["labels"] == c + 1, boxes, case["space"])
+            lesions = [entry for entry in case["lesions"] if entry[0] == c]
+            rows.append({"case": case["id"], "class": c, "lesions": len(lesions), "seconds": seconds, **s})
+    return {"rows": rows}
+
+
+def _summary(rows: list[dict]) -> dict:
+    boxes = [b for r in rows for b in r["box_ious"]]
+    found = [f for r in rows for f in r["found"]]
+    return {"n": len(rows), "dice": _fmt([r["dice"] for r in rows]), "iou": _fmt([r["iou"] for r in rows]),
+            "hd95": _median([r["hd95"] for r in rows]), "box": _fmt(boxes), "found": float(np.mean(found)) if found else math.nan,
+            "extra": float(np.mean([max(r["predicted_lesions"] - sum(r["found"]), 0) for r in rows])) if rows else math.nan,
+            "dice_mean": float(np.mean([r["dice"] for r in rows])) if rows else math.nan,
+            "box_mean": float(np.mean(boxes)) if boxes else math.nan}
+
+
+def learned_section(args, cache: Path, hard: list[dict], log) -> list[str]:
+    segmenters = {}
+    if args.segmenter.exists():
+        segmenters["learned, weakly supervised (image labels only)"] = args.segmenter
+    else:
+        log(f"no segmenter at {args.segmenter}: train one with medcam3d weak-train (see data_samples/README.md)")
+    reference = args.reference
+    if reference is None and args.train_reference and args.segmenter.exists():
+        reference = train_reference(args.segmenter, cache, log)
+    elif reference is None and (cache / "reference" / "reference.yaml").exists():
+        reference = cache / "reference" / "reference.yaml"
+    if reference is not None:
+        segmenters["same network, fully supervised (masks; **upper bound**)"] = reference
+    names = synthetic.CLASS_NAMES
+    lines = [
+        "## Learned segmenter (`medcam3d weak-train`): held-out harder set",
+        "",
+        (f"Generated by `python benchmarks/weak_segmentation.py --parts learned`. The same {len(hard)} held-out cases "
+         "on their scanner grids; each scan is preprocessed as the classifier's config says, the segmenter's "
+         "probabilities are resampled onto the scan (`medcam3d.weak.segment_scan`, the `medcam3d segment` command) "
+         "and every lesion of the label map is scored, the class given as above. No setting of the learned segmenter "
+         "was chosen on this set."),
+        "",
+        "| segmenter | lesions per class | class instances | Dice | Dice " + " / ".join(names) + " | IoU | HD95 (mm, median) "
+        "| box IoU | lesions found | extra components | s / case |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    goal = None
+    for label, path in segmenters.items():
+        rows = score_segmenter(path, hard)["rows"]
+        for group, chosen in (("all", rows), ("one", [r for r in rows if r["lesions"] == 1]),
+                              ("two", [r for r in rows if r["lesions"] == 2])):
+            if not chosen:
+                continue
+            summary = _summary(chosen)
+            per_class = [_fmt([r["dice"] for r in chosen if r["class"] == c]) for c in range(len(names))]
+            seconds = np.median([r["seconds"] for r in chosen])
+            lines.append(f"| {label} | {group} | {summary['n']} | {summary['dice']} | {' / '.join(per_class)} | "
+                         f"{summary['iou']} | {summary['hd95']} | {summary['box']} | {summary['found']:.2f} | "
+                         f"{summary['extra']:.2f} | {seconds:.2f} |")
+            if group == "all" and "weakly" in label:
+                goal = summary
+            log(f"learned {label} {group}: Dice {summary['dice']}, box IoU {summary['box']}, found {summary['found']:.2f}")
+    if goal is not None:
+        record = json.loads(args.segmenter.with_suffix(".json").read_text())
+        met = goal["dice_mean"] >= 0.8 and goal["box_mean"] >= 0.6 and goal["found"] >= 0.9
+        seeds = record.get("seeds", {})
+        lines += [
+            "",
+            (f"Goal (Dice ≥ 0.8, box IoU ≥ 0.6, lesions found ≥ 0.9): Dice **{goal['dice_mean']:.2f}**, box IoU "
+             f"**{goal['box_mean']:.2f}**, lesions found **{goal['found']:.2f}**: "
+             + ("met." if met else f"not met (short by {max(0.8 - goal['dice_mean'], 0):.2f} Dice, "
+                                   f"{max(0.6 - goal['box_mean'], 0):.2f} box IoU, {max(0.9 - goal['found'], 0):.2f} "
+                                   "lesions found).")),
+            "",
+            (f"The segmenter: `{record.get('network')}` {record.get('args')}, trained by `medcam3d weak-train` on "
+             f"{record.get('train_cases')} scans of the demo generator (image labels only) for {record.get('steps')} "
+             f"steps in {record.get('wall_time_s', record.get('seconds'))} s wall time ({record.get('threads')} threads); "
+             f"seeds from `{seeds.get('method')}` (levels {[round(v, 6) for v in seeds.get('levels', [])]}; training scans "
+             f"with seeds per class {[None if v is None else round(v, 2) for v in seeds.get('scans_with_seeds', [])]}). "
+             "The record of the run is `data_samples/weak_segmenter/weak_segmenter.json`."),
+        ]
+    return lines
 
 
 if __name__ == "__main__":

@@ -676,8 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
     weak_train.add_argument("--out", required=True, help="output folder")
     weak_train.add_argument("--train-cases", type=_positive_int, metavar="N", help="use only the first N cases of --inputs")
     weak_train.add_argument("--seed-method", help="the classifier's map that gives the seeds: any --method of explain "
-                                                  "(default: gradxinput, chosen on the demo set)")
+                                                  "(default: gradxinput*fused, chosen on the demo set; a*b multiplies maps)")
     weak_train.add_argument("--layer", help="the classifier's layer for layer-level seed methods (default: the config's)")
+    weak_train.add_argument("--seed-smooth", type=float, metavar="VOXELS",
+                            help="Gaussian blur of the maps before peaks are sought (default 2.5 input voxels)")
+    weak_train.add_argument("--seed-quantile", type=float, metavar="Q",
+                            help="seed level: this quantile of a class map's maximum over the scans without the class "
+                                 "(default 0.8)")
+    weak_train.add_argument("--max-peaks", type=_positive_int, metavar="N",
+                            help="seeded peaks per class and scan (default 1; raise it for several lesions of a class)")
     weak_train.add_argument("--network", choices=["unet", "segresnet"], default="unet", help="MONAI network (default unet)")
     weak_train.add_argument("--channels", type=_positive_int, nargs="+", metavar="C",
                             help="UNet channels per level (default 8 16 32 64); SegResNet: its init_filters")
@@ -728,11 +735,14 @@ def _cmd_weak_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    seeds = {key: value for key, value in (("smooth", args.seed_smooth), ("quantile", args.seed_quantile),
+                                           ("max_peaks", args.max_peaks)) if value is not None}
     paths = weak_train(args.config, args.out, inputs=args.inputs, demo_cases=args.demo_cases,
                        train_cases=args.train_cases, seed_method=args.seed_method, layer=args.layer,
                        network=args.network, channels=args.channels, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, decay=args.decay, constrain_weight=args.constrain_weight, seed=args.seed,
-                       name=args.name, trust=args.trust, log=lambda text: print(text, file=sys.stderr, flush=True))
+                       name=args.name, trust=args.trust, seed_settings=seeds,
+                       log=lambda text: print(text, file=sys.stderr, flush=True))
     print(f"segmenter: {paths[0]} (weights {paths[1].name}, record {paths[2].name}); use it with: "
           f"medcam3d segment --config {paths[0]} --image SCAN --out OUT")
     return 0

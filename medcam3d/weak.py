@@ -94,7 +94,7 @@ IGNORE = 255
 #: The seed method used when none is given: chosen on the demo set (seeds 2 000 000+) by the
 #: precision of its seed voxels against the masks (``benchmarks/weak_segmentation.py``, "Seed
 #: methods"; ``docs/weak_segmentation.md``).
-DEFAULT_SEED_METHOD = "gradxinput"
+DEFAULT_SEED_METHOD = "gradxinput*fused"
 
 #: The segmentation networks :func:`train_segmenter` builds by name, and their default arguments
 #: (``out_channels`` is set to the number of classes + 1).
@@ -118,6 +118,9 @@ _EPS = 1e-6
 class SeedSettings:
     """How seeds are found in the class maps (distances in voxels of the model's input grid).
 
+    The defaults were chosen with :data:`DEFAULT_SEED_METHOD` on the demo set (the precision of the
+    seed voxels against the masks, ``benchmarks/weak_segmentation.py --parts seeds``).
+
     Attributes
     ----------
     smooth : float
@@ -130,7 +133,9 @@ class SeedSettings:
     peak_distance : int
         Local maxima: the largest value within this many voxels (a ``2 r + 1`` cube).
     max_peaks : int
-        At most this many seeded peaks per class and scan (the highest).
+        At most this many seeded peaks per class and scan (the highest). The default, 1, was the
+        most precise on the demo set, whose scans hold one lesion per class; raise it for data
+        with several lesions of a class per scan (every peak above the level is then a seed).
     region_radius : float
         A peak's seed region lies within this distance (voxels) of the peak ...
     region_fraction : float in (0, 1]
@@ -142,11 +147,11 @@ class SeedSettings:
         ... and farther than this (voxels) from every foreground seed.
     """
 
-    smooth: float = 1.5
-    quantile: float = 0.9
+    smooth: float = 2.5
+    quantile: float = 0.8
     peak_distance: int = 3
-    max_peaks: int = 4
-    region_radius: float = 2.0
+    max_peaks: int = 1
+    region_radius: float = 1.0
     region_fraction: float = 0.6
     background_fraction: float = 0.25
     background_distance: float = 5.0
@@ -840,17 +845,19 @@ def _flip(tensors: Sequence[torch.Tensor], axes: Sequence[int]) -> list[torch.Te
 
 def compute_seeds(data: TrainingSet, classifier: torch.nn.Module, *, method: Any = DEFAULT_SEED_METHOD,
                   layer: str = "auto", settings: SeedSettings = SeedSettings(), chunk: int = 4,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  placement: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Seed every scan of ``data`` (fills ``data.seeds``); returns the calibration and statistics.
 
     The classifier's maps (``method``) are computed once per scan and smoothed; the level of each
     class is calibrated on the scans labelled without it (:func:`calibrate_levels`); then each
-    scan's seeds are found (:func:`find_seeds`). Only the image labels are used.
+    scan's seeds are found (:func:`find_seeds`). Only the image labels are used. ``placement``
+    is the Explainer's (default: its own).
     """
     from .explainer import Explainer
 
-    explainers = [Explainer(classifier.eval(), method=part, layer=layer, class_names=data.class_names)
-                   for part in seed_methods(method)]
+    options: dict[str, Any] = {} if placement is None else {"placement": placement}
+    explainers = [Explainer(classifier.eval(), method=part, layer=layer, class_names=data.class_names, **options)
+                  for part in seed_methods(method)]
     count, classes = len(data), data.labels.shape[1]
     kept: list[dict[int, np.ndarray]] = []  # smoothed maps of the present classes, per scan
     maxima: list[list[float]] = [[] for _ in range(classes)]
@@ -902,7 +909,8 @@ def compute_seeds(data: TrainingSet, classifier: torch.nn.Module, *, method: Any
 def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None, *, method: Any = DEFAULT_SEED_METHOD,
                     layer: str = "auto", seed_settings: SeedSettings = SeedSettings(),
                     settings: TrainSettings = TrainSettings(), network: str = "unet", network_options: dict | None = None,
-                    supervised: bool = False, log: Callable[[str], None] | None = None, log_every: int = 25) -> WeakSegmenter:
+                    supervised: bool = False, placement: str | None = None, log: Callable[[str], None] | None = None,
+                    log_every: int = 25) -> WeakSegmenter:
     """Train a segmentation network with SEC's losses from image labels only.
 
     Parameters
@@ -924,6 +932,8 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
     supervised : bool
         The fully supervised reference: cross-entropy + Dice on ``data.masks`` instead of SEC (the
         benchmark's upper bound; never what ``weak-train`` does).
+    placement : str, optional
+        The Explainer's placement of feature grids (default: its own).
     log : callable, optional
         Receives progress lines.
 
@@ -943,7 +953,8 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
         if classifier is None:
             raise UsageError("train_segmenter needs the classifier whose maps give the seeds.")
         if data.seeds is None:
-            provenance["seeds"] = compute_seeds(data, classifier, method=method, layer=layer, settings=seed_settings, log=say)
+            provenance["seeds"] = compute_seeds(data, classifier, method=method, layer=layer, settings=seed_settings,
+                                                placement=placement, log=say)
             say(f"seeds: levels {provenance['seeds']['levels']}, scans with seeds {provenance['seeds']['scans_with_seeds']} "
                 f"({provenance['seeds']['seconds']:.0f} s)")
     torch.manual_seed(settings.seed)

@@ -161,8 +161,8 @@ def test_seeds_at_an_absolute_level_find_both_lesions_of_one_class():
     shape = (32, 32, 32)
     strong, weaker = (8, 8, 8), (22, 24, 20)
     maps = np.stack([_bump(shape, strong, 2.0, 1.0) + _bump(shape, weaker, 2.0, 0.4), np.zeros(shape)]).astype(np.float32)
-    settings = weak.SeedSettings(smooth=0.0, region_radius=1.5, region_fraction=0.6, background_fraction=0.25,
-                                 background_distance=5.0)
+    settings = weak.SeedSettings(smooth=0.0, max_peaks=2, region_radius=1.5, region_fraction=0.6,
+                                 background_fraction=0.25, background_distance=5.0)
     seeds = weak.find_seeds(maps, [True, False], [0.3, 1.0], settings)
     assert sorted(p[1] for p in seeds.peaks) == [strong, weaker]  # 0.4 < 0.5 x the maximum: a relative rule misses it
     for centre in (strong, weaker):

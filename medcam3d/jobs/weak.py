@@ -45,7 +45,7 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
                layer: str | None = None, network: str = "unet", channels: Sequence[int] | None = None,
                epochs: int = 6, batch_size: int = 4, lr: float = 3e-3, decay: float = 0.98,
                constrain_weight: float = 1.0, seed: int = 0, name: str = "weak_segmenter", trust: bool = False,
-               log: Callable[[str], None] | None = None) -> tuple[Path, Path, Path]:
+               seed_settings: dict | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, Path, Path]:
     """Train a segmenter from a classifier and image-labelled scans; write its config, weights and record.
 
     Parameters
@@ -73,6 +73,8 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
         :class:`medcam3d.weak.TrainSettings`.
     name : str
         File stem of the outputs.
+    seed_settings : dict, optional
+        Fields of :class:`medcam3d.weak.SeedSettings` to change from its defaults.
 
     Returns
     -------
@@ -106,6 +108,7 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
     settings = weak.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, decay=decay,
                                   constrain_weight=constrain_weight, seed=seed)
     weak.network_args(network, 1)  # an unknown network: a usage error before any work
+    seeding = weak.SeedSettings(**(seed_settings or {}))
     with output_lock(out, "weak-train", check=lambda: check_own_files(out, names)):
         classifier = load_model(config, trust=trust)
         started = time.perf_counter()
@@ -118,8 +121,9 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
             source = {"demo_generator": {"cases": demo_cases, "seeds": [0, demo_cases - 1]}}
         say(f"{len(data)} training scans on the grid {data.space.shape} ({time.perf_counter() - started:.0f} s)")
         segmenter = weak.train_segmenter(data, classifier, method=seed_method or weak.DEFAULT_SEED_METHOD,
-                                         layer=layer or config.layer, settings=settings, network=network,
-                                         network_options=network_options or None, log=say)
+                                         layer=layer or config.layer, seed_settings=seeding, settings=settings,
+                                         network=network,
+                                         network_options=network_options or None, placement=config.placement, log=say)
         segmenter.provenance.update({"classifier_config": str(Path(config_path).resolve()), **source,
                                      "wall_time_s": round(time.perf_counter() - started, 1),
                                      "threads": torch.get_num_threads()})
