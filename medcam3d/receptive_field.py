@@ -52,7 +52,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -287,11 +287,19 @@ def _hookless_view(model: nn.Module) -> Iterator[nn.Module]:
 # ------------------------------------------------------------------------------------------ graph
 @dataclass(frozen=True)
 class _Field:
-    """A tensor whose last ``ndim`` axes are the input's spatial axes, with its cells' placement."""
+    """A tensor some of whose axes are the input's spatial axes, with its cells' placement.
+
+    ``axes``: the tensor's dimensions (negative: counted from the end) that hold the spatial axes,
+    in the input's order; empty for the last ``ndim`` dimensions (a channel-first map, the common
+    case). ``grid``: for a token sequence, the spatial grid's shape whose cells are flattened
+    (row-major) into the one dimension ``axes[0]``.
+    """
 
     step: tuple[float, ...]
     offset: tuple[float, ...]
     size: tuple[float, ...]
+    axes: tuple[int, ...] = ()
+    grid: tuple[int, ...] = ()
 
 
 _CONST = "const"  # does not depend on the input (parameters, buffers, created tensors)
@@ -310,10 +318,14 @@ class _Stop(Exception):
     """Raised by the target layer's hook: the rest of the forward pass is not needed."""
 
 
+def _same_step(a: _Field, b: _Field) -> bool:
+    return a.axes == b.axes and a.grid == b.grid and all(
+        math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a.step, b.step))
+
+
 def _agree(a: _Field, b: _Field) -> bool:
     scale = max(1.0, *(abs(s) for s in a.step))
-    return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a.step, b.step)) and all(
-        abs(x - y) <= 1e-6 * scale for x, y in zip(a.offset, b.offset))
+    return _same_step(a, b) and all(abs(x - y) <= 1e-6 * scale for x, y in zip(a.offset, b.offset))
 
 
 # Operations that act on each spatial position alone (or pool over channels, or normalize) and
@@ -343,12 +355,18 @@ _POINTWISE = {
     # copies and casts
     "clone", "contiguous", "detach", "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
     "requires_grad", "zero", "fill", "copy", "new_zeros_like", "zeros_like", "ones_like", "empty_like", "full_like",
-    "rand_like", "randn_like", "view_as", "reshape_as", "expand_as", "data",
+    "rand_like", "randn_like", "data",
 }
 
 # Reshapes that keep the last axes in row-major order when those axes keep their sizes.
 _LAYOUT = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "repeat", "unbind", "select",
-           "split", "chunk", "tensor_split", "split_with_sizes", "cat", "concat", "concatenate", "stack", "narrow"}
+           "split", "chunk", "tensor_split", "split_with_sizes", "cat", "concat", "concatenate", "stack", "narrow",
+           "view_as", "reshape_as", "expand_as"}
+# Products of two tensors: of two input-dependent ones (attention), or of a map and a constant matrix.
+_MATMUL = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "einsum", "bilinear",
+           "scaled_dot_product_attention", "tensordot", "inner", "outer", "dot", "mv"}
+#: Distinct sizes that show where a permutation puts each dimension.
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53)
 _PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nanmean",
            "nansum", "argmax", "argmin", "std_mean", "var_mean", "softmax", "log_softmax", "cumsum", "any", "all",
@@ -468,6 +486,39 @@ class _Tracer(TorchFunctionMode):
             self.note(tensor, annotation)
         return out
 
+    # -- layouts: where a field's spatial axes are among a tensor's dimensions
+    def _standard(self, field: _Field) -> bool:
+        """Whether the spatial axes are the tensor's last ``ndim`` dimensions (a channel-first map)."""
+        return not field.grid and (not field.axes or field.axes == tuple(range(-self.ndim, 0)))
+
+    def _dims(self, field: _Field, rank: int) -> list[int] | None:
+        """The (non-negative) dimensions of a rank-``rank`` tensor that hold the field's spatial axes."""
+        axes = field.axes or tuple(range(-self.ndim, 0))
+        if any(a < -rank for a in axes):
+            return None
+        return [rank + a for a in axes]
+
+    def _fits(self, field: _Field, tensor: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether ``out`` has the field's spatial dimensions where ``tensor`` has them, with the same sizes."""
+        dims, into = self._dims(field, tensor.ndim), self._dims(field, out.ndim)
+        return dims is not None and into is not None and all(
+            int(tensor.shape[d]) == int(out.shape[e]) for d, e in zip(dims, into))
+
+    def _moved(self, field: _Field, tensor: torch.Tensor, out: torch.Tensor, where: Callable[[int], int | None],
+               what: str) -> _Annotation:
+        """The field on ``out``, whose dimension ``where(d)`` is ``tensor``'s dimension ``d`` (None: gone)."""
+        dims = self._dims(field, tensor.ndim)
+        if dims is None:
+            return _Unknown(f"{what} on a tensor of fewer dimensions than its spatial axes")
+        moved = [where(d) for d in dims]
+        if any(m is None or m < 0 or m >= out.ndim or int(out.shape[m]) != int(tensor.shape[d])
+               for m, d in zip(moved, dims)):
+            return _Unknown(f"{what} changes the spatial layout")
+        axes = tuple(int(m) - out.ndim for m in moved if m is not None)
+        if not field.grid and axes == tuple(range(-self.ndim, 0)):
+            axes = ()
+        return replace(field, axes=axes)
+
     # -- rules
     def _setitem(self, inputs: list) -> _Annotation:
         target = inputs[0][1] if inputs else _CONST
@@ -484,6 +535,10 @@ class _Tracer(TorchFunctionMode):
         first, main = inputs[0] if inputs else (None, None)
         out = outputs[0]
         nd = self.ndim
+        if name in _MATMUL and sum(a != _CONST for a in annotations) >= 2:
+            # attention, Gram matrices: every position mixed with every other by content, like a gate
+            # computed from the whole image; the residual path that adds it back keeps the cells' places
+            return _GLOBAL
         if name.endswith("d_with_indices"):  # max_pool3d_with_indices
             name = name[: -len("_with_indices")]
         base = name[:-2] if name[-2:] in ("1d", "2d", "3d") else name
@@ -495,52 +550,92 @@ class _Tracer(TorchFunctionMode):
         if any(isinstance(a, _Unknown) for a in annotations):
             return next(a for a in annotations if isinstance(a, _Unknown))
         if name in _POINTWISE or name in ("cat", "concat", "concatenate", "stack"):
-            return self._combine(name, inputs, out)
+            return self._combine(name, args, kwargs, inputs, out)
         if not isinstance(main, _Field) or first is None:
-            return _Unknown(f"{name} with a spatial map that is not its first operand")
+            return self._second_operand(name, inputs, out)
         if base in ("conv", "conv_transpose", "max_pool", "avg_pool", "lp_pool"):
-            if rank != nd or first.ndim < nd:
+            if rank != nd or first.ndim < nd or not self._standard(main):
                 return _Unknown(f"{name} on a tensor whose last axes are not the input's spatial axes")
             return self._window(base, args, kwargs, main, first)
         if name in ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"):
+            if not self._standard(main):
+                return _Unknown(f"{name} on a tensor whose last axes are not the input's spatial axes")
             return self._interpolate(name, args, kwargs, main, first, out)
+        if name in ("linear", *_MATMUL):
+            return self._linear(name, main, first, out)
         if name == "pad":
             return self._pad(args, kwargs, main, first)
         if name == "__getitem__":
             return self._getitem(args, main, first, out)
+        if name == "roll":
+            return self._roll(args, kwargs, main, first, out)
         if name in _PERMUTE:
-            return self._permute(name, args, kwargs, main, first, out)
+            return self._permute(name, func, args, kwargs, main, first, out)
         if name in _REDUCE:
             return self._reduce(name, args, kwargs, main, first, out)
         if name in _LAYOUT:
             return self._layout(name, args, kwargs, main, first, out)
         return _Unknown(f"the operation {name!r}")
 
-    def _trailing_same(self, tensor: torch.Tensor, out: torch.Tensor) -> bool:
-        nd = self.ndim
-        return tensor.ndim >= nd and out.ndim >= nd and tuple(tensor.shape[-nd:]) == tuple(out.shape[-nd:])
-
-    def _combine(self, name: str, inputs: list, out: torch.Tensor) -> _Annotation:
-        """Operands broadcast position by position: their fields must agree."""
+    def _combine(self, name: str, args: tuple, kwargs: dict, inputs: list, out: torch.Tensor) -> _Annotation:
+        """Operands broadcast position by position (or are joined along another axis): their fields must
+        agree; fields of equal step and extent joined along channels (a patch merging, a space-to-depth)
+        make one field over their union."""
         fields: list[_Field] = []
         for tensor, annotation in inputs:
             if not isinstance(annotation, _Field):
                 continue
-            if self._trailing_same(tensor, out):
+            if name == "stack":  # a new dimension: those after it move by one
+                at = int(kwargs.get("dim", args[1] if len(args) > 1 else 0)) % out.ndim
+
+                def shifted(d: int) -> int:
+                    return d if d < at else d + 1
+
+                annotation = self._moved(annotation, tensor, out, shifted, name)
+                if isinstance(annotation, _Unknown):
+                    return annotation
                 fields.append(annotation)
-            elif tensor.ndim >= self.ndim and all(s == 1 for s in tensor.shape[-self.ndim:]):
+            elif self._fits(annotation, tensor, out):
+                fields.append(annotation)
+            elif (dims := self._dims(annotation, tensor.ndim)) is not None and all(tensor.shape[d] == 1 for d in dims):
                 continue  # one value per image, broadcast over space
             else:
                 return _Unknown(f"{name} of tensors on different grids")
         if not fields:
             return _GLOBAL
         first = fields[0]
-        for other in fields[1:]:
-            if not _agree(first, other):
-                return _Unknown(f"{name} joins paths whose cells are placed differently "
-                                f"({first.offset} vs {other.offset}, steps {first.step} vs {other.step})")
-        size = tuple(max(f.size[i] for f in fields) for i in range(self.ndim))
-        return _Field(first.step, first.offset, size)
+        if all(_agree(first, other) for other in fields[1:]):
+            size = tuple(max(f.size[i] for f in fields) for i in range(self.ndim))
+            return replace(first, size=size)
+        if name in ("cat", "concat", "concatenate", "stack") and all(
+                _same_step(first, other) and other.size == first.size for other in fields[1:]):
+            low = [min(f.offset[i] for f in fields) for i in range(self.ndim)]
+            high = [max(f.offset[i] for f in fields) for i in range(self.ndim)]
+            return replace(first, offset=tuple((a + b) / 2 for a, b in zip(low, high)),
+                           size=tuple(s + b - a for s, a, b in zip(first.size, low, high)))
+        other = next(f for f in fields[1:] if not _agree(first, f))
+        return _Unknown(f"{name} joins paths whose cells are placed differently "
+                        f"({first.offset} vs {other.offset}, steps {first.step} vs {other.step})")
+
+    def _second_operand(self, name: str, inputs: list, out: torch.Tensor) -> _Annotation:
+        """``W @ x``: a constant matrix times a map, over its second-to-last dimension."""
+        if name in ("matmul", "__matmul__", "__rmatmul__") and len(inputs) == 2:
+            (left, a), (right, b) = inputs
+            if name == "__rmatmul__":
+                (left, a), (right, b) = (right, b), (left, a)
+            if a == _CONST and isinstance(b, _Field) and right.ndim >= 2 and out.ndim == right.ndim:
+                dims = self._dims(b, right.ndim)
+                if dims is not None and right.ndim - 2 not in dims:
+                    return self._moved(b, right, out, lambda d: d, name)
+        return _Unknown(f"{name} with a spatial map that is not its first operand")
+
+    def _linear(self, name: str, field: _Field, tensor: torch.Tensor, out: torch.Tensor) -> _Annotation:
+        """``x @ W`` (``F.linear``, ``matmul`` by a constant): mixes the last dimension only."""
+        if name in ("linear", "matmul", "__matmul__", "mm", "bmm") and out.ndim == tensor.ndim:
+            dims = self._dims(field, tensor.ndim)
+            if dims is not None and tensor.ndim - 1 not in dims:
+                return self._moved(field, tensor, out, lambda d: d, name)
+        return _Unknown(f"{name} over a spatial axis")
 
     def _window(self, base: str, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor) -> _Annotation:
         nd = self.ndim
@@ -586,10 +681,12 @@ class _Tracer(TorchFunctionMode):
     def _adaptive(self, tensor: torch.Tensor, out: torch.Tensor, field: _Annotation) -> _Annotation:
         nd = self.ndim
         sizes_in, sizes_out = tuple(tensor.shape[-nd:]), tuple(out.shape[-nd:])
-        if all(n == 1 for n in sizes_out):
+        if all(n == 1 for n in sizes_out) and (not isinstance(field, _Field) or self._standard(field)):
             return _GLOBAL
         if isinstance(field, _Unknown):
             return field
+        if not self._standard(field):
+            return _Unknown("adaptive pooling of a tensor whose last axes are not the input's spatial axes")
         self.shape_dependent = True
         step, offset, size = [], [], []
         for axis in range(nd):
@@ -648,112 +745,174 @@ class _Tracer(TorchFunctionMode):
     def _pad(self, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor) -> _Annotation:
         bound = _bind(_PAD, args, kwargs)
         pads = [int(p) for p in bound["pad"]]
-        nd = self.ndim
+        dims = self._dims(field, tensor.ndim)
+        if dims is None:
+            return _Unknown("pad of a tensor of fewer dimensions than its spatial axes")
         offset = list(field.offset)
-        for pair in range(min(nd, len(pads) // 2)):  # (left, right) per axis, from the last axis backwards
-            axis, left, right = nd - 1 - pair, pads[2 * pair], pads[2 * pair + 1]
-            if left or right:
-                self.shape_dependent = True
+        for pair in range(len(pads) // 2):  # (left, right) per dimension, from the last one backwards
+            dim, left, right = tensor.ndim - 1 - pair, pads[2 * pair], pads[2 * pair + 1]
+            if not (left or right) or dim not in dims:
+                continue
+            if field.grid:
+                return _Unknown("padding of a token sequence")
+            axis = dims.index(dim)
+            self.shape_dependent = True
             offset[axis] -= left * field.step[axis]
-        return _Field(field.step, tuple(offset), field.size)
+        return replace(field, offset=tuple(offset))
 
     def _getitem(self, args: tuple, field: _Field, tensor: torch.Tensor, out: torch.Tensor) -> _Annotation:
         index = args[1] if len(args) > 1 else ()
         items = list(index) if isinstance(index, tuple) else [index]
-        if any(item is None for item in items):
-            return _Unknown("indexing with None")
-        if any(isinstance(item, (torch.Tensor, list, np.ndarray)) for item in items):
-            return field if self._trailing_same(tensor, out) and self._lead_only(items, tensor.ndim) else \
+        dims = self._dims(field, tensor.ndim)
+        if dims is None:
+            return _Unknown("indexing a tensor of fewer dimensions than its spatial axes")
+        if any(isinstance(item, (torch.Tensor, list, np.ndarray, bool)) for item in items):
+            # advanced indexing: of dimensions before the spatial ones only (their places from the end stay)
+            simple = not any(item is Ellipsis or item is None for item in items)
+            return field if simple and len(items) <= min(dims) and self._fits(field, tensor, out) else \
                 _Unknown("advanced indexing of spatial axes")
         ellipsis = [i for i, item in enumerate(items) if item is Ellipsis]
         if len(ellipsis) > 1:
             return _Unknown("indexing with several ellipses")
+        consumed = sum(item is not None and item is not Ellipsis for item in items)
         if ellipsis:
             at = ellipsis[0]
-            fill = tensor.ndim - (len(items) - 1)
-            items = items[:at] + [slice(None)] * fill + items[at + 1:]
-        items = items + [slice(None)] * (tensor.ndim - len(items))
-        nd = self.ndim
+            items = items[:at] + [slice(None)] * (tensor.ndim - consumed) + items[at + 1:]
+        items = items + [slice(None)] * (tensor.ndim - sum(item is not None for item in items))
         step, offset = list(field.step), list(field.offset)
-        for dim, item in enumerate(items):
-            axis = dim - (tensor.ndim - nd)
-            if axis < 0:
+        where: dict[int, int] = {}
+        dim = position = 0
+        for item in items:
+            if item is None:  # a new dimension of size 1
+                position += 1
                 continue
-            if not isinstance(item, slice):
+            if isinstance(item, slice):
+                if dim in dims:
+                    start, stop, stride = item.indices(int(tensor.shape[dim]))
+                    if stride < 1:
+                        return _Unknown("reversed spatial axis")
+                    if field.grid:
+                        if (start, stop, stride) != (0, int(tensor.shape[dim]), 1):
+                            return _Unknown("slicing of a token sequence")
+                    else:
+                        axis = dims.index(dim)
+                        if start or stride != 1:
+                            self.shape_dependent = True
+                        offset[axis] += start * step[axis]
+                        step[axis] *= stride
+                where[dim] = position
+                position += 1
+            elif dim in dims:
                 return _Unknown("integer index of a spatial axis")
-            start, _, stride = item.indices(int(tensor.shape[dim]))
-            if stride < 1:
-                return _Unknown("reversed spatial axis")
-            if start or stride != 1:
-                self.shape_dependent = True
-            offset[axis] += start * step[axis]
-            step[axis] *= stride
-        return _Field(tuple(step), tuple(offset), field.size)
+            dim += 1
+        axes = tuple(where[d] - out.ndim for d in dims)
+        if not field.grid and axes == tuple(range(-self.ndim, 0)):
+            axes = ()
+        return replace(field, step=tuple(step), offset=tuple(offset), axes=axes)
 
-    def _lead_only(self, items: list, ndim: int) -> bool:
-        if any(item is Ellipsis for item in items):
-            return False
-        return len(items) <= ndim - self.ndim
-
-    def _dims(self, value: Any, ndim: int) -> list[int]:
+    def _dim_list(self, value: Any, ndim: int) -> list[int]:
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         return [int(v) % ndim for v in values]
 
-    def _permute(self, name: str, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor,
+    def _roll(self, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor, out: torch.Tensor) -> _Annotation:
+        rolled = kwargs.get("dims", args[2] if len(args) > 2 else None)
+        dims = self._dims(field, tensor.ndim)
+        if rolled is None or dims is None or set(self._dim_list(rolled, tensor.ndim)) & set(dims):
+            return _Unknown("roll (a cyclic shift) of a spatial axis")
+        return field
+
+    def _permute(self, name: str, func: Any, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor,
                  out: torch.Tensor) -> _Annotation:
-        ndim, nd = tensor.ndim, self.ndim
-        lead = ndim - nd
-        if name == "permute":
-            dims = args[1:] if len(args) > 2 else args[1] if len(args) > 1 else kwargs["dims"]
-            order = self._dims(dims, ndim)
-            keeps = order[lead:] == list(range(lead, ndim))
-        elif name in ("transpose", "swapaxes", "swapdims"):
-            a = args[1] if len(args) > 1 else kwargs.get("dim0", kwargs.get("axis0"))
-            b = args[2] if len(args) > 2 else kwargs.get("dim1", kwargs.get("axis1"))
-            moved = self._dims([a, b], ndim)
-            keeps = moved[0] == moved[1] or all(d < lead for d in moved)
-        elif name in ("movedim", "moveaxis"):
-            source = args[1] if len(args) > 1 else kwargs["source"]
-            destination = args[2] if len(args) > 2 else kwargs["destination"]
-            keeps = all(d < lead for d in self._dims(source, ndim) + self._dims(destination, ndim))
-        else:  # t
-            keeps = ndim < 2
-        if keeps and self._trailing_same(tensor, out):
-            return field
-        return _Unknown(f"{name} moves the spatial axes")
+        if tensor.ndim > len(_PRIMES):
+            return _Unknown(f"{name} of a tensor of {tensor.ndim} dimensions")
+        # the same operation on a tensor whose sizes are distinct primes tells where each dimension goes
+        moved = func(torch.empty(_PRIMES[:tensor.ndim], device="meta"), *args[1:], **kwargs)
+        position = {int(n): i for i, n in enumerate(moved.shape)}
+        return self._moved(field, tensor, out, lambda d: position.get(_PRIMES[d]), name)
 
     def _reduce(self, name: str, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor,
                 out: torch.Tensor) -> _Annotation:
-        dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
         if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            return self._combine(name, [(t, self.annotation(t)) for t in args[:2] if isinstance(t, torch.Tensor)],
-                                 out)  # the element-wise maximum of two tensors
+            # the element-wise maximum of two tensors
+            return self._combine(name, args, kwargs, [(t, self.annotation(t)) for t in args[:2]], out)
+        position = 2 if name == "norm" else 1
+        dim = kwargs.get("dim", args[position] if len(args) > position else None)
         if dim is None:
             return _GLOBAL
-        lead = tensor.ndim - self.ndim
-        dims = self._dims(dim, tensor.ndim)
-        spatial = set(range(lead, tensor.ndim))
-        if name in ("softmax", "log_softmax", "cumsum") and spatial & set(dims):
-            return _Unknown(f"{name} along a spatial axis")
-        if spatial <= set(dims):
+        dims = self._dims(field, tensor.ndim)
+        if dims is None:
+            return _Unknown(f"{name} of a tensor of fewer dimensions than its spatial axes")
+        reduced = set(self._dim_list(dim, tensor.ndim))
+        spatial = set(dims)
+        if name in ("softmax", "log_softmax", "cumsum"):
+            if spatial & reduced:
+                return _Unknown(f"{name} along a spatial axis")
+            return self._moved(field, tensor, out, lambda d: d, name)
+        if spatial <= reduced:
             return _GLOBAL
-        if all(d < lead for d in dims) and self._trailing_same(tensor, out):
-            return field
-        return _Unknown(f"{name} over some of the spatial axes")
+        if spatial & reduced:
+            return _Unknown(f"{name} over some of the spatial axes")
+        if out.ndim == tensor.ndim:  # keepdim
+            return self._moved(field, tensor, out, lambda d: d, name)
+        return self._moved(field, tensor, out, lambda d: d - sum(r < d for r in reduced), name)
 
     def _layout(self, name: str, args: tuple, kwargs: dict, field: _Field, tensor: torch.Tensor,
                 out: torch.Tensor) -> _Annotation:
-        if name in ("select", "narrow", "split", "chunk", "tensor_split", "split_with_sizes", "unbind"):
+        if name in ("select", "unbind"):
+            gone = int(kwargs.get("dim", args[1] if len(args) > 1 else 0)) % tensor.ndim
+            return self._moved(field, tensor, out, lambda d: None if d == gone else d if d < gone else d - 1, name)
+        if name in ("narrow", "split", "chunk", "tensor_split", "split_with_sizes"):
             dim = kwargs.get("dim")
             if dim is None:
-                position = {"select": 1, "narrow": 1, "unbind": 1}.get(name, 2)
+                position = 1 if name == "narrow" else 2
                 dim = args[position] if len(args) > position else 0
-            if int(dim) % tensor.ndim >= tensor.ndim - self.ndim:
+            dims = self._dims(field, tensor.ndim)
+            if dims is None or int(dim) % tensor.ndim in dims:
                 return _Unknown(f"{name} along a spatial axis")
-        if self._trailing_same(tensor, out):
-            return field
-        if tensor.ndim >= self.ndim and all(s == 1 for s in tensor.shape[-self.ndim:]):
-            return _GLOBAL
+            return self._moved(field, tensor, out, lambda d: d, name)
+        if name in ("expand", "expand_as", "repeat"):  # dimensions added in front; the others keep their sizes
+            return self._moved(field, tensor, out, lambda d: d + out.ndim - tensor.ndim, name)
+        return self._reshape(name, field, tensor, out)
+
+    def _reshape(self, name: str, field: _Field, tensor: torch.Tensor, out: torch.Tensor) -> _Annotation:
+        """A reshape (view, flatten, unflatten, squeeze ...): a dimension of the output with the size of a
+        spatial dimension and as many elements after it indexes the same positions; spatial dimensions
+        in a row flattened into one make a token sequence, and a token sequence unflattened into its
+        grid is a spatial map again."""
+        shape_in, shape_out = [int(n) for n in tensor.shape], [int(n) for n in out.shape]
+        dims = self._dims(field, tensor.ndim)
+        if dims is None or math.prod(shape_in) != math.prod(shape_out):
+            return _Unknown(f"{name} changes the spatial layout")
+        rank = len(shape_out)
+        standard = tuple(range(-self.ndim, 0))
+
+        def after(shape: list[int], at: int) -> int:
+            return math.prod(shape[at + 1:])
+
+        def find(size: int, behind: int, near: int) -> int | None:
+            found = [j for j in range(rank) if shape_out[j] == size and after(shape_out, j) == behind]
+            return min(found, key=lambda j: abs(j - rank - near)) if found else None
+
+        if field.grid:
+            dim = dims[0]
+            behind = after(shape_in, dim)
+            kept = find(shape_in[dim], behind, dim - len(shape_in))
+            if kept is not None:
+                return replace(field, axes=(kept - rank,))
+            grid = list(field.grid)
+            for j in range(rank - len(grid) + 1):
+                if shape_out[j:j + len(grid)] == grid and after(shape_out, j + len(grid) - 1) == behind:
+                    axes = tuple(j + i - rank for i in range(len(grid)))
+                    return replace(field, axes=() if axes == standard else axes, grid=())
+            return _Unknown(f"{name} changes the spatial layout of a token sequence")
+        moved = [find(shape_in[d], after(shape_in, d), d - len(shape_in)) for d in dims]
+        if all(m is not None for m in moved) and all(a < b for a, b in zip(moved, moved[1:])):  # type: ignore[operator]
+            axes = tuple(int(m) - rank for m in moved if m is not None)
+            return replace(field, axes=() if axes == standard else axes)
+        if dims == list(range(dims[0], dims[0] + len(dims))):  # the spatial dimensions in a row, flattened
+            flat = find(math.prod(shape_in[d] for d in dims), after(shape_in, dims[-1]), dims[0] - len(shape_in))
+            if flat is not None:
+                return replace(field, axes=(flat - rank,), grid=tuple(shape_in[d] for d in dims))
         return _Unknown(f"{name} changes the spatial layout")
 
 
@@ -789,8 +948,9 @@ def _graph(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
         return f"layer {name!r} did not run"
     if isinstance(annotation, _Unknown):
         return annotation.reason
-    if not isinstance(annotation, _Field) or found["shape"] is None or len(found["shape"]) != len(shape):
-        return "the layer's output is not a spatial map on the input's axes"
+    if not isinstance(annotation, _Field) or found["shape"] is None or len(found["shape"]) != len(shape) \
+            or not tracer._standard(annotation):
+        return "the layer's output is not a channel-first map on the input's spatial axes"
     return ReceptiveField(annotation.step, annotation.offset, annotation.size, "graph"), not tracer.shape_dependent
 
 
