@@ -29,9 +29,11 @@ Two more parts (``--parts``), for the learned segmenter of :mod:`medcam3d.weak` 
   calibrated on training scans 0+, image labels only): the precision of the seed voxels against the
   masks, the share of lesions seeded, the background seeds' precision; this is how
   :data:`medcam3d.weak.DEFAULT_SEED_METHOD` and its settings were chosen.
-- *learned*: the shipped segmenter (``data_samples/weak_segmenter/``, trained on the demo generator with
-  image labels only) and the fully supervised reference (the same network and cases, trained on the
-  masks: ``--train-reference``) on the held-out harder set, one lesion and two lesions per class apart.
+- *learned*: a segmenter trained on the demo generator with image labels only (``--segmenter``, default
+  ``data_samples/weak_segmenter/weak_segmenter.yaml``, written by ``medcam3d weak-train --config
+  configs/demo_weak.yaml --demo-cases 300 --epochs 3 --out data_samples/weak_segmenter``) and the fully
+  supervised reference (the same network and cases, trained on the masks: ``--train-reference``) on the
+  held-out harder set, one lesion and two lesions per class apart.
 
 A run with only some parts replaces those sections of the existing report and keeps the rest.
 """
@@ -763,13 +765,19 @@ def seed_section(args, cache: Path, log) -> list[str]:
 
     calibration, demo = args.seed_cases
     rows, best_overall = [], None
+    known_file = cache / f"seedscores_{calibration}_{demo}.json"  # scores of (method, setting), reused
+    known = json.loads(known_file.read_text()) if known_file.exists() else {}
     for method in [m.strip() for m in args.seed_methods.split(",") if m.strip()]:
         maps = seed_maps_cached(method, calibration, demo, cache, log)
         seconds = (float(maps["cal_seconds"]) + float(maps["demo_seconds"])) / (calibration + demo)
         best = None
         for values in itertools.product(*SEED_SWEEP.values()):
             settings = SeedSettings(**dict(zip(SEED_SWEEP, values)))
-            scores = seed_scores(maps, settings)
+            key = f"{method} {json.dumps(settings.to_dict(), sort_keys=True)}"
+            if key not in known:
+                known[key] = seed_scores(maps, settings)
+                known_file.write_text(json.dumps(known))
+            scores = known[key]
             if best is None or scores["score"] > best[1]["score"] + 1e-9:
                 best = (settings, scores)
         assert best is not None
@@ -788,8 +796,8 @@ def seed_section(args, cache: Path, log) -> list[str]:
          f"{demo} demo-set scans (seeds {DEMO_SEED0}+, one lesion per present class) are then compared with the masks. "
          "*Precision*: seed voxels of a class inside that class's lesion; *seeded*: lesions with at least one seed voxel "
          "inside; *background*: background seeds outside every lesion. Each method with its best setting of "
-         f"`{SEED_SWEEP}` (score: mean over classes of precision x seeded). Seconds per scan on this machine, "
-         f"{torch.get_num_threads()} threads."),
+         f"`{SEED_SWEEP}` (score: mean over classes of precision x seeded). *s / scan*: wall-clock seconds per "
+         "scan of the maps when they were computed, on 2 CPU cores shared with other jobs: relative costs only."),
         "",
         "| seed method | setting (smooth, quantile, peaks, radius) | precision " + " / ".join(names) + " | seeded "
         + " / ".join(names) + " | seed voxels per lesion | background precision | score | s / scan |",
@@ -807,8 +815,12 @@ def seed_section(args, cache: Path, log) -> list[str]:
         lines += ["", (f"Best: `{method}` (smooth {settings.smooth:g}, quantile {settings.quantile:g}, max_peaks "
                        f"{settings.max_peaks}, region_radius {settings.region_radius:g}); the library default "
                        f"(`medcam3d.weak.DEFAULT_SEED_METHOD`) is `{DEFAULT_SEED_METHOD}`.")]
-    lines += ["", ("Occlusion is not in the table: at its default lesion-scale patch it needs about 3,400 forward passes "
-                   "per scan, hours for the 70 scans of this comparison on 2 CPU cores.")]
+    measured = {m.strip() for m in args.seed_methods.split(",")}
+    missing = [m for m in ("occlusion", *SEED_METHODS) if m not in measured]
+    if missing:
+        lines += ["", (f"Not measured in this run: {', '.join(f'`{m}`' for m in missing)} (cost: occlusion at its default "
+                       "lesion-scale patch needs about 3,400 forward passes per scan, SmoothGrad 16 gradient passes; "
+                       "hours for the 70 scans of this comparison on 2 shared CPU cores).")]
     return lines
 
 
@@ -888,10 +900,24 @@ def learned_section(args, cache: Path, hard: list[dict], log) -> list[str]:
          "and every lesion of the label map is scored, the class given as above. No setting of the learned segmenter "
          "was chosen on this set."),
         "",
-        "| segmenter | lesions per class | class instances | Dice | Dice " + " / ".join(names) + " | IoU | HD95 (mm, median) "
-        "| box IoU | lesions found | extra components | s / case |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        ("How it is trained (`medcam3d.weak`): a MONAI network with one output per class plus background, from image "
+         "labels only, with SEC's three losses in 3D. *Seed*: cross-entropy on the seed voxels only (each seeded class "
+         "weighing the same), seeds being the local maxima of the classifier's smoothed maps at or above a level "
+         "calibrated on the training scans without the class (a quantile of the map's maximum there, not a fraction "
+         "of each scan's own maximum), grown to a few voxels; background seeds where every present class's map is "
+         "low, far from the seeds, and everywhere in a scan labelled with no class. *Expand*: global weighted rank "
+         "pooling of each class's probability (decay 0.98, about the 50 highest voxels) against the image labels, "
+         "absent classes max-pooled towards 0. *Constrain*: KL divergence from a local mean-field CRF refinement of "
+         "the output on the scan (Gaussian appearance and smoothness kernels over the 26 neighbours, 3 iterations, on "
+         "the box where a class may be present). A 3D dense CRF from the package registry did not install here "
+         "(SimpleCRF 0.2.1.1 is source-only and does not build against NumPy 2; pydensecrf is 2D), and the random "
+         "walker costs about a second per volume and step, so the refinement is computed in torch."),
+        "",
     ]
+    if segmenters:
+        lines += ["| segmenter | lesions per class | class instances | Dice | Dice " + " / ".join(names) + " | IoU | "
+                  "HD95 (mm, median) | box IoU | lesions found | extra components | s / case |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     goal = None
     for label, path in segmenters.items():
         rows = score_segmenter(path, hard)["rows"]
@@ -925,8 +951,12 @@ def learned_section(args, cache: Path, hard: list[dict], log) -> list[str]:
              f"steps in {record.get('wall_time_s', record.get('seconds'))} s wall time ({record.get('threads')} threads); "
              f"seeds from `{seeds.get('method')}` (levels {[round(v, 6) for v in seeds.get('levels', [])]}; training scans "
              f"with seeds per class {[None if v is None else round(v, 2) for v in seeds.get('scans_with_seeds', [])]}). "
-             "The record of the run is `data_samples/weak_segmenter/weak_segmenter.json`."),
+             f"The record of the run is `{args.segmenter.with_suffix('.json').name}` beside its config."),
         ]
+    if not segmenters:
+        lines += [(f"No segmenter was found at `{args.segmenter}`: train one with `medcam3d weak-train --config "
+                       "configs/demo_weak.yaml --demo-cases 300 --epochs 3 --out data_samples/weak_segmenter` and run "
+                       "`python benchmarks/weak_segmentation.py --parts learned --train-reference`.")]
     return lines
 
 
