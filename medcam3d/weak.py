@@ -1022,8 +1022,11 @@ def _supervised_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, t
     onehot = F.one_hot(masks, logits.shape[1]).movedim(-1, 1).float()
     dims = tuple(range(2, logits.ndim))
     overlap = (probabilities * onehot).sum(dims)
-    dice = 1.0 - (2 * overlap + 1.0) / (probabilities.sum(dims) + onehot.sum(dims) + 1.0)
-    return {"ce": F.cross_entropy(logits.float(), masks), "dice": dice[:, 1:].mean()}
+    truth = onehot.sum(dims)
+    dice = 1.0 - (2 * overlap + 1.0) / (probabilities.sum(dims) + truth + 1.0)
+    present = truth[:, 1:] > 0  # Dice of the classes in each scan (an absent class's is ~1 whatever the output)
+    term = dice[:, 1:][present].mean() if bool(present.any()) else logits.sum() * 0.0
+    return {"ce": F.cross_entropy(logits.float(), masks), "dice": term}
 
 
 # --------------------------------------------------------------------------------------------
