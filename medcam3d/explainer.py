@@ -21,7 +21,8 @@ from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
 from .errors import InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
-from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
+from .layers import (auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, receptive_field,
+                     resolve_layer)
 from .modeling import (
     OUTPUT_ACTIVATIONS,
     OutputActivation,
@@ -31,7 +32,7 @@ from .modeling import (
     looks_like_probabilities,
     to_model_input,
 )
-from .receptive_field import PLACEMENTS, ReceptiveField, receptive_field
+from .receptive_field import PLACEMENTS, ReceptiveField
 from .targets import Region, Target, resolve_target
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]

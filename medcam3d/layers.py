@@ -30,7 +30,7 @@ from torch import nn
 from .errors import InputError, LayerError, LayerNotFoundError, ModelOutputError
 from .hooks import forward_hooks, isolated_model, model_lock
 from .modeling import first_tensor, model_device_dtype
-from .receptive_field import ReceptiveField, receptive_field  # noqa: F401  (re-exported: where a layer's cells look)
+from .receptive_field import ReceptiveField, measure as _measure_receptive_field
 from .torchscript import is_scripted, module_type_name, probe_script
 
 __all__ = [
@@ -594,3 +594,59 @@ def _spatial_size(shape: Sequence[int] | torch.Tensor) -> int:
     for s in shape[2:]:
         size *= int(s)
     return size
+
+
+def receptive_field(
+    model: nn.Module,
+    layer: str | nn.Module,
+    input_shape: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    method: str = "auto",
+) -> ReceptiveField:
+    """Step, centre offset and size of the receptive fields of ``layer``'s output cells.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A plain model, a TorchScript model, or a plain model with scripted submodules. Never
+        modified: the graph path runs on meta tensors, the probe in eval mode with the flags restored.
+    layer : str, nn.Module or "auto"
+        The target layer (as for :class:`~medcam3d.Explainer`).
+    input_shape : sequence of int
+        ``(C_in, *spatial)`` or ``(B, C_in, *spatial)``: the model input's shape (placement can
+        depend on the size, e.g. where a network pads or crops to match its branches).
+    device : optional
+        Where the probe runs (default: the model's device).
+    method : {"auto", "graph", "probe"}
+        ``"auto"``: the graph, and the probe where the graph cannot be read. ``"graph"`` raises
+        where the graph cannot be read; ``"probe"`` always probes.
+
+    Returns
+    -------
+    ReceptiveField
+        ``step``, ``offset`` and ``size`` per spatial axis, in input voxels; ``source`` says how
+        they were found. Cached per model, layer and input shape.
+
+    Raises
+    ------
+    LayerError
+        The layer does not run for this input, does not output a spatial map, or (``method="graph"``)
+        the graph cannot be read; with ``"auto"``/``"probe"``: the layer's output does not depend on
+        the input through gradients.
+
+    Examples
+    --------
+    >>> rf = receptive_field(model, "layer4", (1, 96, 96, 96))   # doctest: +SKIP
+    >>> rf.step, rf.offset                                       # doctest: +SKIP
+    ((16.0, 16.0, 16.0), (0.0, 0.0, 0.0))
+    """
+    if method not in ("auto", "graph", "probe"):
+        raise ValueError(f"method must be 'auto', 'graph' or 'probe', not {method!r}.")
+    dims = expected_spatial_dims(model)
+    batched = dims is not None and len(input_shape) == dims + 2
+    shape = tuple(int(s) for s in _zeros(model, input_shape, device, shape_only=True, batched=batched))
+    if isinstance(layer, str) and layer == "auto":
+        layer = auto_layer(model, shape[1:], device=device).name
+    name, module = resolve_layer(model, layer)
+    return _measure_receptive_field(model, name, module, shape, device=device, method=method)

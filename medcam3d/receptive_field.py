@@ -183,61 +183,13 @@ def clear_cache(model: nn.Module | None = None) -> None:
             _CACHE.pop(model, None)
 
 
-def receptive_field(
-    model: nn.Module,
-    layer: str | nn.Module,
-    input_shape: Sequence[int],
-    *,
-    device: torch.device | str | None = None,
-    method: str = "auto",
-) -> ReceptiveField:
-    """Step, centre offset and size of the receptive fields of ``layer``'s output cells.
-
-    Parameters
-    ----------
-    model : nn.Module
-        A plain model, a TorchScript model, or a plain model with scripted submodules. Never
-        modified: the graph path runs on meta tensors, the probe in eval mode with the flags restored.
-    layer : str, nn.Module or "auto"
-        The target layer (as for :class:`~medcam3d.Explainer`).
-    input_shape : sequence of int
-        ``(C_in, *spatial)`` or ``(B, C_in, *spatial)``: the model input's shape (placement can
-        depend on the size, e.g. where a network pads or crops to match its branches).
-    device : optional
-        Where the probe runs (default: the model's device).
-    method : {"auto", "graph", "probe"}
-        ``"auto"``: the graph, and the probe where the graph cannot be read. ``"graph"`` raises
-        where the graph cannot be read; ``"probe"`` always probes.
-
-    Returns
-    -------
-    ReceptiveField
-        ``step``, ``offset`` and ``size`` per spatial axis, in input voxels; ``source`` says how
-        they were found. Cached per model, layer and input shape.
-
-    Raises
-    ------
-    LayerError
-        The layer does not run for this input, does not output a spatial map, or (``method="graph"``)
-        the graph cannot be read; with ``"auto"``/``"probe"``: the layer's output does not depend on
-        the input through gradients.
-
-    Examples
-    --------
-    >>> rf = receptive_field(model, "layer4", (1, 96, 96, 96))   # doctest: +SKIP
-    >>> rf.step, rf.offset                                       # doctest: +SKIP
-    ((16.0, 16.0, 16.0), (0.0, 0.0, 0.0))
-    """
-    from .layers import _zeros, auto_layer, expected_spatial_dims, resolve_layer
-
+def measure(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...], *,
+            device: torch.device | str | None = None, method: str = "auto") -> ReceptiveField:
+    """The receptive field of ``module`` (named ``name`` in ``model``) for a batched input ``shape``
+    ``(1, C_in, *spatial)``, cached: what :func:`medcam3d.layers.receptive_field` computes once it has
+    resolved the layer and the shape (see there)."""
     if method not in ("auto", "graph", "probe"):
         raise ValueError(f"method must be 'auto', 'graph' or 'probe', not {method!r}.")
-    dims = expected_spatial_dims(model)
-    batched = dims is not None and len(input_shape) == dims + 2
-    shape = tuple(int(s) for s in _zeros(model, input_shape, device, shape_only=True, batched=batched))
-    if isinstance(layer, str) and layer == "auto":
-        layer = auto_layer(model, shape[1:], device=device).name
-    name, module = resolve_layer(model, layer)
     exact = (name, method, shape)
     general = (name, method, shape[1], len(shape))
     with _CACHE_GUARD:
