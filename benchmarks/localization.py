@@ -318,6 +318,7 @@ def figure(model, case: dict, methods: tuple[str, str], path: Path) -> None:
 
     c = present(case)[0]
     truth = case["labels"] == c + 1
+    ax_labels = truth.astype(np.uint8)
     image, _ = synthetic.make_hard_phantom(int(case["id"].split("-")[1]))[0].sample(case["space"])
     centre = ndimage.center_of_mass(truth)
     k = int(round(centre[2]))
@@ -332,7 +333,7 @@ def figure(model, case: dict, methods: tuple[str, str], path: Path) -> None:
             ax.imshow(np.rot90(np.ma.masked_less(heat, 0.05)), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
             voxel = np.unravel_index(int(np.argmax(maps[c])), maps[c].shape)
             ax.set_xlabel(f"maximum at slice {voxel[2]} (lesion slice {k})")
-        ax.contour(np.rot90(truth[:, :, k]), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.contour(np.rot90(ax_labels[:, :, k].astype(float)), levels=[0.5], colors="cyan", linewidths=1.2)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
     rows = results["label-only"]
     best = max((r for r in rows if r.get("input_grid")), key=lambda r: r["pointing_game"], default=None)
     if best is not None:
-        case = next(case for case in hard if present(case) and case["grid"] != "lip_coronal")
+        case = next(case for case in hard if present(case) and present(case)[0] == 0 and case["grid"] != "lip_coronal")
         figure(load_model(MODELS["label-only"]), case, ("hirescam", best["method"]), args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.md')}")
     return 0
