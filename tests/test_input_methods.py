@@ -213,7 +213,7 @@ def test_occlusion_refuses_a_budget_overrun_before_any_work():
     with pytest.raises(MethodBudgetError, match=r"would run 3375 forward passes .* max_forwards=1000: use a larger patch"):
         medcam3d.Explainer(model, Occlusion(max_forwards=1000))(inputs(1, 1, 16, 16, 16), "all")
     assert calls == []
-    medcam3d.Explainer(model, Occlusion(patch=8, stride=8))(inputs(1, 1, 16, 16, 16), "all")
+    medcam3d.Explainer(model, Occlusion(patch=8, stride=8, batch_size=8))(inputs(1, 1, 16, 16, 16), "all")
     assert len(calls) == 2  # the hook sees the passes: the clean one, then the 8 occluded copies in one batch
 
 
