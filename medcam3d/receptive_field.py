@@ -30,14 +30,18 @@ Two ways to find it, both in :func:`receptive_field`:
     the whole image (squeeze-and-excitation) do not move a cell.
 
 ``"probe"`` (the fallback, and the reference)
-    Where the graph cannot be read (TorchScript, a custom op, attention over tokens, paths that
-    disagree), the gradient of a few cells' sums over channels with respect to a seeded noise
-    input (eval mode, the model's own weights, never modified): a cell's centre is the midpoint of
-    the gradient's support where that support lies inside the input (exact), else the
-    ``|gradient|``-weighted mean position; step and offset are fitted per axis by least squares
-    over the cells (a fitted step within 15 % of a whole number, or of one over a whole number, is
-    taken as that number), ``size`` is the support's extent (a lower bound where it reaches the
-    input's borders). It costs one forward pass up to the layer and one backward pass per cell.
+    Where the graph cannot be read (TorchScript, a custom op, paths that disagree, such as a U-Net
+    decoder adding an upsampled path to a skip whose cells sit elsewhere), the gradient of a few
+    cells' sums over channels with respect to seeded noise inputs (``PROBE_INPUTS`` of them, added
+    up; eval mode, the model's own weights, never modified, none of the user's hooks run): a
+    cell's centre is the midpoint of the gradient's support where that support lies inside the
+    input (exact), else the ``|gradient|``-weighted mean position over the widest window symmetric
+    about it inside the input; step and offset are fitted per axis by least squares over the cells
+    (a fitted step within 15 % of a whole number, or of one over a whole number, is taken as that
+    number), ``size`` is the support's extent (a lower bound where it reaches the input's borders).
+    Where paths disagree, this is where this model's gradient looks (a mix of the paths' places,
+    weighted by the model's weights). It costs ``PROBE_INPUTS`` forward passes up to the layer,
+    one at a time, and one backward pass per cell and input.
 
 Results are cached per model (weakly), layer and input shape; a graph result that no
 shape-dependent operation (interpolation to a size, padding, cropping, adaptive pooling) took part
@@ -907,8 +911,10 @@ def _graph(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
 
 
 # ------------------------------------------------------------------------------------------ probe
-#: Seed of the probe's noise input (fixed: the probe gives the same answer every time).
+#: Seed of the probe's first noise input (fixed: the probe gives the same answer every time).
 PROBE_SEED = 20
+#: Noise inputs whose gradients the probe adds up (one input's centroid strays by ~0.3 voxel).
+PROBE_INPUTS = 4
 _SNAP = 0.15
 
 
@@ -994,30 +1000,50 @@ def _probe(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
 
     model_device, dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device or torch.device("cpu")
-    generator = torch.Generator().manual_seed(PROBE_SEED)
-    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype or torch.float32).requires_grad_(True)
     nd = len(shape) - 2
+    cells: list[tuple[int, ...]] = []
+    sums: list[list[np.ndarray] | None] = []
+    grid: tuple[int, ...] = ()
     # through a view of the model: its eval mode and hooks stay invisible to other threads calling the model
     with model_lock(model), _hookless_view(model) as view, torch.enable_grad(), \
             torch.jit.optimized_execution(False):
-        activations = _layer_output(view, name, counterpart(view, name, module), x)
-        if activations.ndim != len(shape) or not activations.requires_grad:
-            raise LayerError(f"Layer {name!r} outputs shape {tuple(activations.shape)}"
-                             f"{'' if activations.requires_grad else ' that does not depend on the input'}; its "
-                             "receptive field cannot be probed. Choose a convolutional layer (see medcam3d.list_layers).")
-        grid = tuple(int(n) for n in activations.shape[2:])
-        cells = _cells(grid)
-        profiles: list[list[np.ndarray]] = []
-        for number, cell in enumerate(cells):
-            index: tuple[int | slice, ...] = (0, slice(None), *cell)
-            score = activations[index].float().sum()
-            (gradient,) = torch.autograd.grad(score, x, retain_graph=number < len(cells) - 1, allow_unused=True)
-            if gradient is None or not bool(torch.isfinite(gradient).all()) or not bool(gradient.abs().sum() > 0):
-                raise LayerError(f"The output of layer {name!r} has no gradient with respect to the input at cell "
-                                 f"{cell}, so its receptive field cannot be probed; pass placement='align_corners'.")
-            weight = gradient.detach().abs().double().sum(dim=(0, 1))
-            profiles.append([(weight.sum(dim=tuple(a for a in range(nd) if a != axis)) if nd > 1 else weight)
-                             .cpu().numpy() for axis in range(nd)])
+        target = counterpart(view, name, module)
+        for draw in range(PROBE_INPUTS):  # one at a time: the memory of one pass
+            generator = torch.Generator().manual_seed(PROBE_SEED + draw)
+            x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype or torch.float32)
+            x.requires_grad_(True)
+            activations = _layer_output(view, name, target, x)
+            if activations.ndim != len(shape) or not activations.requires_grad:
+                raise LayerError(
+                    f"Layer {name!r} outputs shape {tuple(activations.shape)}"
+                    f"{'' if activations.requires_grad else ' that does not depend on the input'}; its receptive "
+                    "field cannot be probed. Choose a convolutional layer (see medcam3d.list_layers).")
+            if not cells:
+                grid = tuple(int(n) for n in activations.shape[2:])
+                cells = _cells(grid)
+                sums = [None] * len(cells)
+            for number, cell in enumerate(cells):
+                index: tuple[int | slice, ...] = (0, slice(None), *cell)
+                score = activations[index].float().sum()
+                (gradient,) = torch.autograd.grad(score, x, retain_graph=number < len(cells) - 1, allow_unused=True)
+                if gradient is None or not bool(torch.isfinite(gradient).all()):
+                    raise LayerError(f"The output of layer {name!r} has no finite gradient with respect to the input "
+                                     f"at cell {cell}, so its receptive field cannot be probed; pass "
+                                     "placement='align_corners'.")
+                weight = gradient.detach().abs().double().sum(dim=(0, 1))
+                if not bool(weight.sum() > 0):
+                    continue  # no gradient for this input (e.g. every channel of the cell is cut by a ReLU)
+                lines = [(weight.sum(dim=tuple(a for a in range(nd) if a != axis)) if nd > 1 else weight)
+                         .cpu().numpy() for axis in range(nd)]
+                previous = sums[number]
+                sums[number] = lines if previous is None else [p + q for p, q in zip(previous, lines)]
+            del activations
+    found = [number for number, lines in enumerate(sums) if lines is not None]
+    if not found:
+        raise LayerError(f"The output of layer {name!r} has no gradient with respect to the input at cells {cells}, "
+                         "so its receptive field cannot be probed; pass placement='align_corners'.")
+    cells = [cells[number] for number in found]
+    profiles = [lines for lines in sums if lines is not None]
     step, offset, size = [], [], []
     for axis in range(nd):
         n_in = shape[2 + axis]
@@ -1031,7 +1057,7 @@ def _probe(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...
             positions.append(cell[axis])
             centres.append(centre)
             exact.append(inside)
-        central = cells.index(tuple((n - 1) // 2 for n in grid)) if tuple((n - 1) // 2 for n in grid) in cells else 0
+        central = min(range(len(cells)), key=lambda i: sum(abs(u - (n - 1) / 2) for u, n in zip(cells[i], grid)))
         line = profiles[central][axis]
         support = np.flatnonzero(line > 0)
         size.append(float(support[-1] - support[0] + 1))

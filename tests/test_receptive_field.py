@@ -8,6 +8,7 @@ respect to a seeded noise input, computed here with a plain forward hook; its su
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import warnings
@@ -142,50 +143,229 @@ def test_branches_that_disagree_fall_back_to_the_probe():
     assert all(0 <= o <= 0.5 for o in field.offset)  # between the two paths (the union of their supports)
 
 
+class _TokenNet(nn.Module):
+    """Patches of 4 voxels (step 4, offset 1.5), a token sequence with self-attention and an MLP, each
+    added back to its tokens, then the tokens as a map again, channel-last in between."""
+
+    def __init__(self, attention: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Conv3d(1, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.attention = attention
+        self.out = nn.Conv3d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        features = self.embed(x)                                  # (B, 8, d, h, w)
+        b, c, *grid = features.shape
+        tokens = features.flatten(2).transpose(-1, -2)            # (B, N, 8)
+        if self.attention:
+            q, k, v = self.qkv(self.norm(tokens)).reshape(b, -1, 3, c).permute(2, 0, 1, 3)
+            tokens = tokens + torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        tokens = tokens + self.mlp(tokens)
+        last = tokens.view(b, *grid, c)                           # channel-last map
+        last = last + self.mlp(self.norm(last))
+        return self.out(last.permute(0, 4, 1, 2, 3))
+
+
+def test_token_sequences_and_channel_last_maps_are_read_from_the_graph():
+    torch.manual_seed(0)
+    for attention in (False, True):
+        model = _TokenNet(attention).eval()
+        field = receptive_field(model, "out", (1, 32, 32, 32))
+        assert field == ReceptiveField((4.0,) * 3, (1.5,) * 3, (12.0,) * 3, "graph"), (attention, field)
+    # without attention every cell's gradient support lies in its 3x3x3 patches: the probe agrees
+    probed = receptive_field(_TokenNet(False).eval(), "out", (1, 32, 32, 32), method="probe")
+    assert probed.step == (4.0,) * 3 and np.allclose(probed.offset, 1.5)
+
+
+def test_patch_merging_is_a_two_voxel_window_and_a_roll_is_not_read():
+    class Merge(nn.Module):  # Swin's patch merging on a channel-last map: 8 strided slices, joined along channels
+        def __init__(self, roll: bool = False) -> None:
+            super().__init__()
+            self.embed = nn.Conv3d(1, 4, 3, padding=1)
+            self.reduce = nn.Linear(32, 4)
+            self.out = nn.Conv3d(4, 2, 1)
+            self.roll = roll
+
+        def forward(self, x):
+            x = self.embed(x).permute(0, 2, 3, 4, 1)
+            if self.roll:
+                x = torch.roll(x, shifts=(1, 1, 1), dims=(1, 2, 3))
+            x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in itertools.product(range(2), repeat=3)], -1)
+            return self.out(self.reduce(x).permute(0, 4, 1, 2, 3))
+
+    torch.manual_seed(0)
+    # a 3-voxel conv, then a 2-voxel window of stride 2: step 2, offset 0.5, size 4
+    field = receptive_field(Merge().eval(), "out", (1, 16, 16, 16))
+    assert field == ReceptiveField((2.0,) * 3, (0.5,) * 3, (4.0,) * 3, "graph")
+    probed = receptive_field(Merge().eval(), "out", (1, 16, 16, 16), method="probe")
+    assert probed.step == field.step and np.allclose(probed.offset, field.offset)
+    assert receptive_field(Merge(roll=True).eval(), "out", (1, 16, 16, 16)).source == "probe"  # a cyclic shift
+
+
 # ------------------------------------------------------------------------------ MONAI networks
 def _networks():
     from monai.networks import nets
 
     return {
-        # name: (constructor, an earlier layer whose receptive field fits in the input)
-        "DenseNet121": (lambda: nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, init_features=8,
-                                                 growth_rate=4, bn_size=2), "features.denseblock1.denselayer1"),
-        "resnet18": (lambda: nets.ResNet("basic", [2, 2, 2, 2], [4, 8, 16, 32], spatial_dims=3, n_input_channels=1,
-                                         num_classes=2), "layer1"),
-        "resnet50": (lambda: nets.ResNet("bottleneck", [3, 4, 6, 3], [4, 8, 16, 32], spatial_dims=3,
-                                         n_input_channels=1, num_classes=2), "layer1.0"),
-        "SEResNet50": (lambda: nets.SEResNet50(spatial_dims=3, in_channels=1, num_classes=2), "layer0"),
-        "EfficientNetBN-b0": (lambda: nets.EfficientNetBN("efficientnet-b0", spatial_dims=3, in_channels=1,
-                                                          num_classes=2, pretrained=False), "_blocks.1.1"),
-        "UNet": (lambda: nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), "model.0"),
-        "BasicUNet": (lambda: nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)), "conv_0"),
-        "SegResNet": (lambda: nets.SegResNet(3, init_filters=4, in_channels=1, out_channels=2,
-                                             norm=("GROUP", {"num_groups": 2})), "down_layers.1"),
-        "DynUNet": (lambda: nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
-                                         upsample_kernel_size=[2, 2]), "downsamples.0"),
-        "AttentionUnet": (lambda: nets.AttentionUnet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), "model.0"),
-        "VNet": (lambda: nets.VNet(3, 1, 2), "down_tr32"),
-        "UNETR": (lambda: nets.UNETR(1, 2, img_size=32, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2),
+        # name: (constructor of the input size, an earlier layer whose receptive field fits in the input)
+        "DenseNet121": (lambda n: nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, init_features=8,
+                                                   growth_rate=4, bn_size=2), "features.denseblock1.denselayer1"),
+        "resnet18": (lambda n: nets.ResNet("basic", [2, 2, 2, 2], [4, 8, 16, 32], spatial_dims=3, n_input_channels=1,
+                                           num_classes=2), "layer1"),
+        "resnet50": (lambda n: nets.ResNet("bottleneck", [3, 4, 6, 3], [4, 8, 16, 32], spatial_dims=3,
+                                           n_input_channels=1, num_classes=2), "layer1.0"),
+        "SEResNet50": (lambda n: nets.SEResNet50(spatial_dims=3, in_channels=1, num_classes=2), "layer0"),
+        "EfficientNetBN-b0": (lambda n: nets.EfficientNetBN("efficientnet-b0", spatial_dims=3, in_channels=1,
+                                                            num_classes=2, pretrained=False), "_blocks.1.1"),
+        "UNet": (lambda n: nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), "model.0"),
+        "BasicUNet": (lambda n: nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)), "conv_0"),
+        "SegResNet": (lambda n: nets.SegResNet(3, init_filters=4, in_channels=1, out_channels=2,
+                                               norm=("GROUP", {"num_groups": 2})), "down_layers.1"),
+        "DynUNet": (lambda n: nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                                           upsample_kernel_size=[2, 2]), "downsamples.0"),
+        "AttentionUnet": (lambda n: nets.AttentionUnet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), "model.0"),
+        "VNet": (lambda n: nets.VNet(3, 1, 2), "down_tr32"),
+        "UNETR": (lambda n: nets.UNETR(1, 2, img_size=n, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2),
                   "encoder1"),
-        "SwinUNETR": (lambda: nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3),
-                      "encoder1"),
+        "SwinUNETR": (lambda n: nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3,
+                                               depths=(2, 2, 1, 1), num_heads=(1, 1, 1, 1)), "encoder1"),
     }
 
 
-_SIZES = {"UNETR": (32, 32), "VNet": (32, 48), "SwinUNETR": (32, 64)}  # sizes these networks take
+# Sizes these networks take, the second not a multiple of the total stride where the network allows it.
+# The classifiers' second size centres their deep layer's middle cell in every feature map (see the
+# test): ResNets (stride 16, offset 0): 33; DenseNet121's transition3 (stride 16, offset 6): 45;
+# SEResNet50's layer4 (stride 32, offset 2): 69. U-Nets need a multiple of their stride, VNet of
+# 16, SwinUNETR of 32 (and more than one voxel at its bottleneck), UNETR its img_size (a multiple
+# of its 16-voxel patches). EfficientNet at 32 voxels has one cell left at its last stage.
+_SIZES = {"DenseNet121": (32, 45), "resnet18": (32, 33), "resnet50": (32, 33), "SEResNet50": (32, 69),
+          "EfficientNetBN-b0": (64, 72), "VNet": (32, 48), "UNETR": (48, 80), "SwinUNETR": (64, 96)}
 _NAMES = list(_networks())
+#: Weight seeds, and noise inputs per model, that the reference gradients are averaged over.
+_SEEDS, _BATCH = 2, 2
+
+
+def _mirrored(model: nn.Module) -> nn.Module:
+    """The model with every convolution kernel flipped along its spatial axes: as likely a draw of
+    random weights as the model itself, whose kernels lean the other way (an antithetic sample: one
+    random model's gradient centroid strays by ~0.6 voxel, the pair's mean hardly at all)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in twin.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                   nn.ConvTranspose3d)):
+                module.weight.copy_(module.weight.flip(dims=tuple(range(2, module.weight.ndim))))
+    return twin
+
+
+def _mean_profiles(make, size: int, target: str, cells: list, source: str) -> dict:
+    """Per cell, per axis: the |d sum_k A[b, k, cell] / d x| profile (summed over the other axes),
+    added up over seeded noise inputs (``_BATCH`` per model; the forward pass stops at the target layer).
+
+    ``source="graph"``: over ``_SEEDS`` random weight seeds (seed 0 is the model under test) and each
+    model's mirrored twin: the geometry, which does not depend on the weights. ``"probe"``: over the
+    model under test alone (4 batches of inputs other than the probe's): the probe reports where this
+    model's gradient looks, which depends on its weights where paths of different places are added.
+    """
+
+    class Stop(Exception):
+        pass
+
+    models = []
+    for seed in range(_SEEDS if source == "graph" else 1):
+        torch.manual_seed(seed)
+        model = make(size).eval()
+        models += [model, _mirrored(model)] if source == "graph" else [model] * 4
+    totals = {cell: [0.0, 0.0, 0.0] for cell in cells}
+    for number, net in enumerate(models):
+        kept = {}
+
+        def hook(_m, _i, output):
+            kept["a"] = output
+            raise Stop
+
+        handle = dict(net.named_modules())[target].register_forward_hook(hook)
+        x = torch.randn((_BATCH, 1, size, size, size), generator=torch.Generator().manual_seed(100 + number))
+        x.requires_grad_(True)
+        try:
+            net(x)
+        except Stop:
+            pass
+        finally:
+            handle.remove()
+        for k, cell in enumerate(cells):
+            (g,) = torch.autograd.grad(kept["a"][(slice(None), slice(None), *cell)].sum(), x,
+                                       retain_graph=k < len(cells) - 1)
+            for axis, line in enumerate(_profiles(g.abs().sum(dim=(0, 1)).double().numpy())):
+                totals[cell][axis] = totals[cell][axis] + line
+    return totals
+
+
+def _window_centroid(line: np.ndarray) -> float:
+    """The centroid of a profile over the widest window symmetric about it that lies inside the input
+    (found by iterating from the plain centroid): where the borders clip a profile, its plain centroid
+    is pulled toward the input's centre; a symmetric window is not."""
+    index = np.arange(line.size, dtype=np.float64)
+    centre = _centroid(line)
+    for _ in range(500):
+        half = min(centre, line.size - 1 - centre)
+        inside = np.abs(index - centre) <= half + 1e-9
+        moved = float((line[inside] * index[inside]).sum() / line[inside].sum())
+        if abs(moved - centre) < 1e-9:
+            break
+        centre = moved
+    return centre
+
+
+def _middle_cells(field: ReceptiveField, grid: tuple[int, ...], size: int) -> tuple[list, bool]:
+    """The cells placed nearest the input's centre: one, or two mirror images (per axis the two cells
+    equally near), and whether they are placed symmetrically about the centre."""
+    middle = (size - 1) / 2
+    near = []
+    for axis, n in enumerate(grid):
+        distance = [abs(field.offset[axis] + field.step[axis] * u - middle) for u in range(n)]
+        near.append([u for u in range(n) if distance[u] <= min(distance) + 1e-9])
+    cells = sorted({tuple(choice[0] for choice in near), tuple(choice[-1] for choice in near)})
+    symmetric = all(abs(np.mean([field.offset[a] + field.step[a] * u for u in (c[0], c[-1])]) - middle) <= 1e-6
+                    for a, c in enumerate(near))
+    return cells, symmetric
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _NAMES)
 @pytest.mark.parametrize("which", [0, 1])
 def test_monai_networks_place_cells_where_the_gradient_looks(name, which):
-    """The auto layer and an earlier one, at two input sizes (the second not a multiple of the stride,
-    where the network allows): each cell whose gradient support lies inside the input is placed at
-    the support's midpoint (within 0.5 voxel) and within 0.5 voxel of its gradient centroid; for the
-    auto layer, whose receptive field is larger than these small inputs, the cell nearest the input's
-    centre is placed nearer its gradient centroid than the align_corners convention places it, or
-    within 0.5 voxel of it."""
+    """The auto layer and an earlier one, at two input sizes, on the model made with seed 0: each
+    checked cell's placed centre is within 0.5 input voxel of where its gradient looks.
+
+    The reference: the gradient of a cell's sum over channels with respect to the input, its
+    ``|gradient|`` profile along each axis added up over noise inputs and, for placements read from
+    the graph (geometry, the same for any weights), over 2 random weight seeds each with its mirrored
+    twin (every kernel flipped: an antithetic sample; one random model's kernels lean, and its
+    centroid strays by ~0.6 voxel); a probed placement is where this model's gradient looks, so it is
+    compared with this model over other noise inputs than the probe's.
+
+    - Every sampled cell of the earlier layer and the middle cells of the auto layer whose gradient
+      support lies inside the input along an axis: within 0.5 voxel of the support's midpoint and of
+      the gradient's centroid.
+    - The middle cells (nearest the input's centre: one, or two mirror images) whose support reaches
+      the input's borders (normalization or attention couples every voxel, or the layer is deep):
+      their mean placed centre within 0.5 voxel of the mean centroid over the widest windows
+      symmetric about them inside the input (a clipped profile's plain centroid is pulled toward the
+      input's centre). Mirror cells also cancel the staircase of 2-voxel transposed convolutions
+      (UNETR's and SwinUNETR's decoders place a cell's two halves on either side).
+    - Not compared: a deep cell whose receptive field is larger than the input and that is not at the
+      centre of every feature map. Its gradient leans toward the larger part of the feature maps, by
+      1 to 9 voxels at these sizes, whatever the placement (measured with the placement above:
+      resnet50 layer4 at 32 voxels 1.9, DenseNet121 transition3 5, EfficientNet-b0's last stage at
+      64 voxels 7.5); so the classifiers' deep layers are compared at their second size, where the
+      middle cell is at the centre of every feature map, except EfficientNet-b0, whose static
+      padding (built for 224 voxels) is lopsided at any size.
+    Cells on padding (EfficientNet's static padding) have no gradient and are skipped.
+    """
     if name == "SwinUNETR":
         pytest.importorskip("einops")
     from medcam3d.layers import auto_layer
@@ -193,43 +373,41 @@ def test_monai_networks_place_cells_where_the_gradient_looks(name, which):
     make, early = _networks()[name]
     size = _SIZES.get(name, (32, 40))[which]
     torch.manual_seed(0)
-    model = make().eval()
+    model = make(size).eval()
     shape = (1, 1, size, size, size)
     layer = auto_layer(model, shape[1:]).name
+    compared = 0
     for target in (early, layer):
         field = receptive_field(model, target, shape[1:])
         grid = _feature_shape(model, target, shape)
+        middle, symmetric = _middle_cells(field, grid, size)
+        cells = list(middle)
         if target == early:
-            cells = [c for c in itertools.product(*[sorted({0, n // 3, n // 2, n - 1}) for n in grid])][::5]
-            checked = 0
-            for cell in cells:
-                profiles = _profiles(_gradient(model, target, shape, cell))
-                placed = field.centres(cell)
-                for axis, line in enumerate(profiles):
-                    lo, hi = _support(line)
-                    if lo == 0 or hi == size - 1:
-                        continue  # clipped by the input's borders, or coupled to the whole image (normalization)
-                    checked += 1
-                    assert abs(placed[axis] - (lo + hi) / 2) <= 0.5, (name, target, cell, axis, field)
-                    # random kernels are not symmetric: their |gradient| centroid strays from the centre (seen: 0.58)
-                    assert abs(placed[axis] - _centroid(line)) <= 1.0, (name, target, cell, axis, field)
-            if checked == 0:  # every support reaches the borders: global normalization; the centroid then
-                cell = tuple(n // 2 for n in grid)
-                profiles = _profiles(_gradient(model, target, shape, cell))
-                placed = field.centres(cell)
-                assert all(abs(placed[a] - _centroid(line)) <= 0.5 for a, line in enumerate(profiles)), (
-                    name, target, cell, field, [_centroid(line) for line in profiles])
-        else:
-            centre = (size - 1) / 2
-            cell = min(itertools.product(*[range(n) for n in grid]),
-                       key=lambda u: float(np.abs(field.centres(u) - centre).max()))
-            profiles = _profiles(_gradient(model, target, shape, cell))
+            cells += [c for c in itertools.product(*[sorted({0, n // 3, n // 2, n - 1}) for n in grid])][::5]
+        profiles = _mean_profiles(make, size, target, cells, field.source)
+        clipped: list[list[tuple[float, float]]] = [[], [], []]
+        for cell in cells:
             placed = field.centres(cell)
-            convention = np.array([(u + 0.5) * size / n - 0.5 for u, n in zip(cell, grid)])
-            for axis, line in enumerate(profiles):
-                looked = _centroid(line)
-                assert abs(placed[axis] - looked) <= max(0.5, abs(convention[axis] - looked)), (
-                    name, target, cell, axis, field, looked, convention)
+            for axis, line in enumerate(profiles[cell]):
+                if not line.sum() > 0:
+                    assert cell not in middle, (name, target, cell, field)
+                    continue  # a padding cell
+                lo, hi = _support(line)
+                where = (name, size, target, field, cell, axis)
+                if 0 < lo and hi < size - 1:
+                    assert abs(placed[axis] - (lo + hi) / 2) <= 0.5, (*where, lo, hi)
+                    assert abs(placed[axis] - _centroid(line)) <= 0.5, (*where, _centroid(line))
+                    compared += 1
+                elif cell in middle:
+                    clipped[axis].append((float(placed[axis]), _window_centroid(line)))
+        if not symmetric and max(field.size) > size:
+            continue  # a deep cell off the centre of its feature maps: see the docstring
+        for axis, pairs in enumerate(clipped):
+            if pairs:
+                placed_mean, looked_mean = np.mean(pairs, axis=0)
+                assert abs(placed_mean - looked_mean) <= 0.5, (name, size, target, field, middle, axis, pairs)
+                compared += 1
+    assert compared >= 3
 
 
 def test_resnet18_layer4_at_96_is_placed_where_the_issue_measured():
