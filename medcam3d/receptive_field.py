@@ -17,7 +17,13 @@ Two ways to find it, both in :func:`receptive_field`:
     ``padding="same"``), max/average/Lp pooling, adaptive pooling where it is a plain pooling,
     ``F.interpolate``/``nn.Upsample``, ``F.pad`` and crops, and every operation that keeps the
     spatial axes in place (activations, normalization, dropout, arithmetic, concatenation along
-    channels, reshapes that keep the spatial axes). For a layer with kernel ``k``, stride ``s``,
+    channels, linear layers over the channels). The spatial axes may move: permutes and reshapes
+    are followed (channel-last maps, a grid flattened into a token sequence and back, as in
+    UNETR's and SwinUNETR's transformers), and so are strided slices (Swin's patch merging, whose
+    eight shifted slices joined along channels make one 2-voxel window). A product of two
+    input-dependent tensors (attention) mixes every position with every other by content: like a
+    gate computed from the whole image, it does not move a cell, and the residual path that adds
+    it back places it. For a layer with kernel ``k``, stride ``s``,
     left padding ``p`` and dilation ``d`` (``ke = d (k - 1) + 1``)::
 
         step'   = step * s
@@ -27,7 +33,13 @@ Two ways to find it, both in :func:`receptive_field`:
     and for a transposed convolution ``step' = step / s``,
     ``offset' = offset + step * (p - d (k - 1) / 2) / s``. Paths that meet (residual additions,
     dense concatenations, U-Net skips) must agree on step and offset; channel gates computed from
-    the whole image (squeeze-and-excitation) do not move a cell.
+    the whole image (squeeze-and-excitation) do not move a cell. The trace runs on a view of the
+    model with none of the user's hooks (they never see meta tensors).
+
+    This is the centre of the cell's receptive field. Far from the input's borders it is where the
+    cell's gradient looks; a deep cell whose field is clipped by the borders leans toward the
+    larger part of its feature maps (MONAI's DenseNet121 ``transition3`` on a 32-voxel input: 5
+    voxels), which no placement of a regular grid follows.
 
 ``"probe"`` (the fallback, and the reference)
     Where the graph cannot be read (TorchScript, a custom op, paths that disagree, such as a U-Net

@@ -584,3 +584,18 @@ def test_receptive_field_leaves_flags_grads_and_hooks_and_is_cached():
     assert [p.requires_grad for p in model.parameters()] == flags
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()] == tables
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_probe_skips_cells_that_a_relu_cuts_off_for_some_inputs():
+    """One channel after a ReLU: a probed cell has no gradient for about half of the noise inputs.
+    The probe adds up the inputs where it has one (it used to give up at the first dead cell)."""
+    model = nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), nn.ReLU(), nn.Conv3d(1, 1, 3, stride=2, padding=1),
+                          nn.ReLU()).eval()
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight.fill_(1.0 / 27)
+            conv.bias.zero_()
+        model[2].bias.fill_(-0.08)  # with the probe's seeds: each cell alive for 1 to 2 of its 4 inputs
+    clear_cache(model)
+    field = receptive_field(model, "3", (1, 20, 20, 20), method="probe")
+    assert (field.step, field.offset, field.source) == ((2.0,) * 3, (0.0,) * 3, "probe")
