@@ -66,7 +66,7 @@ def demo_bundle(folder: Path) -> Path:
     preprocessing = [{"_target_": f"{t['name']}d", "keys": "image", **{k: v for k, v in t.items() if k != "name"}}
                      for t in config["preprocessing"]]
     write_bundle(folder, network, weights, preprocessing, config["class_names"], input_shape=(64, 64, 64),
-                 batch_size=1)
+                 batch_size=1, inferer_args={"placement": config.get("placement", "receptive_field")})
     data = folder / "data"
     data.mkdir(exist_ok=True)
     for scan in sorted((ROOT / "data_samples").glob("case_0?.nii.gz")):

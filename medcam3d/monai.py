@@ -145,6 +145,9 @@ class HeatmapInferer(Inferer):
         the caller set (evaluators set eval mode), exactly as with ``SimpleInferer``.
     meta_key : str
         Metadata key of the maps.
+    placement : {"receptive_field", "align_corners"}
+        Where the feature cells sit in the input (see :class:`~medcam3d.explainer.Explainer`):
+        the centres of their receptive fields (default), or the ``align_corners=False`` convention.
 
     Notes
     -----
@@ -183,6 +186,7 @@ class HeatmapInferer(Inferer):
         amp: str | None = "auto",
         eval_mode: bool = False,
         meta_key: str = HEATMAP_KEY,
+        placement: str = "receptive_field",
     ) -> None:
         super().__init__()
         if amp not in ("auto", None, "bf16", "fp16"):
@@ -201,6 +205,7 @@ class HeatmapInferer(Inferer):
         self.amp = amp
         self.eval_mode = bool(eval_mode)
         self.meta_key = str(meta_key)
+        self.placement = placement
         #: The explanation of the last batch (its maps on the feature grid), or None.
         self.last: Explanation | None = None
         self._explainers: dict[int, Explainer] = {}  # one per network (an EnsembleEvaluator passes several)
@@ -214,7 +219,7 @@ class HeatmapInferer(Inferer):
         explainer = self._explainers.get(id(network))
         if explainer is None or explainer.model is not network:
             explainer = Explainer(network, method=self.method, layer=self.layer, class_names=self.class_names,
-                                  eval_mode=self.eval_mode)
+                                  eval_mode=self.eval_mode, placement=self.placement)
             self._explainers[id(network)] = explainer
         return explainer
 

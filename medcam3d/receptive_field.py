@@ -7,7 +7,7 @@ Cell ``u`` of a target layer's output (per spatial axis) is centred on input vox
 which is off by up to half a cell: on MONAI's ``resnet18`` ``layer4`` (stride 16) the convention
 places cell 3 at input voxel 55.5, the network centres it on voxel 48.
 
-Two ways to find it, both in :func:`receptive_field`:
+Two ways to find it, both in :func:`measure` (behind :func:`medcam3d.layers.receptive_field`):
 
 ``"graph"`` (the fast path)
     One forward pass on *meta* tensors (shapes only: no computation, no memory, the model's

@@ -13,6 +13,7 @@ CLEAN = [
     "medcam3d/__init__.py",
     "medcam3d/__main__.py",
     "medcam3d/_files.py",
+    "medcam3d/_signals.py",
     "medcam3d/cli.py",
     "medcam3d/cohort.py",
     "medcam3d/config.py",
@@ -31,9 +32,11 @@ CLEAN = [
     "medcam3d/jobs/cases.py",
     "medcam3d/jobs/cohort.py",
     "medcam3d/jobs/evaluate.py",
+    "medcam3d/jobs/lock.py",
     "medcam3d/jobs/outputs.py",
     "medcam3d/jobs/report.py",
     "medcam3d/jobs/runner.py",
+    "medcam3d/jobs/weak.py",
     "medcam3d/layers.py",
     "medcam3d/masks.py",
     "medcam3d/methods/__init__.py",
@@ -72,11 +75,13 @@ CLEAN = [
     "medcam3d/pictures.py",
     "medcam3d/pipeline.py",
     "medcam3d/preprocess.py",
+    "medcam3d/receptive_field.py",
     "medcam3d/segment.py",
     "medcam3d/sliding.py",
     "medcam3d/space.py",
     "medcam3d/targets.py",
     "medcam3d/torchscript.py",
+    "medcam3d/weak.py",
 ]
 
 # Not clean yet (each one goes into CLEAN when it is).
