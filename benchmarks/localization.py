@@ -343,6 +343,24 @@ def figure(model, case: dict, methods: tuple[str, str], path: Path) -> None:
     plt.close(fig)
 
 
+def measured_rows(path: Path) -> dict[str, list[dict]]:
+    """The rows of an earlier report (``--resume``), per model; none when there is no report."""
+    if not path.is_file():
+        return {}
+    return {name: list(rows) for name, rows in json.loads(path.read_text(encoding="utf-8")).items()}
+
+
+def same_row(row: dict, method: str, layer: str) -> bool:
+    """Whether a measured row answers the (method, layer) entry of ``ROWS``. Rows written before
+    ``requested_layer`` was recorded: an explicit layer by name, ``auto`` by elimination."""
+    if row["method"] != method:
+        return False
+    if "requested_layer" in row:
+        return row["requested_layer"] == layer
+    explicit = {name for _, name in ROWS if name != "auto"}
+    return row["layer"] == layer if layer != "auto" else row["layer"] not in explicit
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-cases", type=int, default=20)
@@ -352,6 +370,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 + 5 cases, no files in docs/")
     parser.add_argument("--methods", nargs="*", help="only these methods")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "localization")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in OUT.json (measured with the same case counts) and measure "
+                             "only the missing ones")
     args = parser.parse_args(argv)
     if args.quick:
         args.demo_cases, args.hard_cases, args.perturbation_cases, args.sanity_cases = 3, 5, 2, 1
@@ -359,6 +380,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     demo, hard = make_cases("demo", args.demo_cases), make_cases("hard", args.hard_cases)
     results: dict[str, list[dict]] = {}
+    measured = measured_rows(args.out.with_suffix(".json")) if args.resume else {}
     for model_name, path in MODELS.items():
         model = load_model(path)
         results[model_name] = []
@@ -368,12 +390,17 @@ def main(argv=None) -> int:
             if not args.methods and ((method, layer) in SKIPPED_ROWS or
                                      (model_name == "localization-trained" and (method, layer) not in TRAINED_ROWS)):
                 continue
+            kept = [row for row in measured.get(model_name, []) if same_row(row, method, layer)]
+            if kept:
+                results[model_name] += kept
+                continue
             for placement in PLACEMENTS:
                 start = time.perf_counter()
                 row = run_row(model, method, layer, placement, demo, hard, args.perturbation_cases, args.sanity_cases)
                 if row is None:
                     results[model_name][-1]["input_grid"] = True
                     continue
+                row["requested_layer"] = layer
                 results[model_name].append(row)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 if "label-only" in results and results["label-only"]:
