@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ._json import json_values
 from .errors import ConfigError, InputError, UsageError
 from .space import Resampler, Space
 
@@ -1061,7 +1062,7 @@ def save_segmenter(segmenter: WeakSegmenter, config_path: str | Path, *, preproc
     state = {k: v.detach().cpu().contiguous() for k, v in segmenter.model.state_dict().items()}
     atomic_write(weights_path, lambda temp: torch.save(state, temp))
     config = {
-        "model": {"network": segmenter.network, "args": _plain(segmenter.args), "weights": weights_path.name},
+        "model": {"network": segmenter.network, "args": json_values(segmenter.args), "weights": weights_path.name},
         "task": "segmentation",
         "class_names": ["background", *segmenter.class_names],
         "layer": "auto",
@@ -1070,26 +1071,16 @@ def save_segmenter(segmenter: WeakSegmenter, config_path: str | Path, *, preproc
         "output_activation": "none",
     }
     if preprocessing is not None:
-        config["preprocessing"] = _plain(list(preprocessing))
+        config["preprocessing"] = json_values(list(preprocessing))
     head = ("# A weakly-supervised segmenter trained by `medcam3d weak-train` (seed, expand, constrain; image labels\n"
             f"# only). How it was made: {info_path.name}. Use: medcam3d segment --config {config_path.name} --image SCAN --out OUT\n")
     atomic_write_text(config_path, head + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120))
-    info = {"network": segmenter.network, "args": _plain(segmenter.args), "class_names": segmenter.class_names,
+    info = {"network": segmenter.network, "args": json_values(segmenter.args), "class_names": segmenter.class_names,
             "input_space": {"shape": list(segmenter.input_space.shape),
                             "affine": np.asarray(segmenter.input_space.affine).round(6).tolist()},
-            **_plain(segmenter.provenance), "history": segmenter.history}
+            **json_values(segmenter.provenance), "history": segmenter.history}
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     return config_path, weights_path, info_path
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    return value
 
 
 def load_segmenter(config_path: str | Path, *, trust: bool = False) -> tuple[Any, torch.nn.Module]:

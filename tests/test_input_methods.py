@@ -509,3 +509,10 @@ def test_cli_explain_with_every_new_method_on_a_sample(tmp_path, capsys):
         assert np.asarray(heat.dataobj).max() > 0, name
     summary = json.loads((folder / "summary.json").read_text())
     assert {f["method"] for f in summary["findings"]} == set(NEW)
+    # what each method reports about its run is kept in summary.json, as plain JSON values
+    diagnostics = summary["diagnostics"]
+    assert diagnostics["occlusion"]["patch"] == [32, 32, 32] and diagnostics["occlusion"]["forwards"] > 1
+    assert diagnostics["scorecam"]["channels_used"] <= 4
+    (errors,) = diagnostics["integrated_gradients"]["completeness_error"]  # one input, one class
+    assert len(errors) == 1 and isinstance(errors[0], float)
+    assert len(diagnostics["fused"]["stages"]) >= 2

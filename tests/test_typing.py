@@ -13,6 +13,7 @@ CLEAN = [
     "medcam3d/__init__.py",
     "medcam3d/__main__.py",
     "medcam3d/_files.py",
+    "medcam3d/_json.py",
     "medcam3d/_signals.py",
     "medcam3d/cli.py",
     "medcam3d/cohort.py",

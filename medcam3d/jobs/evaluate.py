@@ -54,6 +54,7 @@ import numpy as np
 from scipy.integrate import trapezoid
 import torch
 
+from .._json import json_values
 from ..errors import CohortError  # noqa: F401  (re-exported)
 from .cases import Case, collect_cases
 from .lock import output_lock
@@ -668,25 +669,10 @@ def _segmentation_json(state: _State, summary: list[dict], fuse_layer: str | Non
                        for name, text in APPROACHES if name in used],
         "fuse_layer": fuse_layer,
         "scope": "present classes with a mask; each class given and segmented on its own, on the scan's grid",
-        "records": [_finite_json(r) for r in state.segmentation],
-        "summary": [_finite_json(r) for r in summary if r["metric"] in names],
+        "records": [json_values(r, 6) for r in state.segmentation],
+        "summary": [json_values(r, 6) for r in summary if r["metric"] in names],
     }
     return json.dumps(document, indent=2, allow_nan=False) + "\n"
-
-
-def _finite_json(value):
-    """``value`` with NaN/Inf as None and floats rounded to 6 significant digits (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(f"{float(value):.6g}") if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 # ----------------------------------------------------------------------------------------- CLI

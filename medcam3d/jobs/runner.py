@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._json import json_values
 from ..config import Config, SlidingWindowConfig
 from ..explainer import Explainer
 from ..heatmap import to_scanner_space
@@ -135,6 +136,10 @@ class CaseResult:
     # per method: how its feature grid was placed on the input ("receptive_field" or "align_corners"),
     # the layer, and the receptive field's step/offset/size in input voxels (None for align_corners)
     placement: dict = field(default_factory=dict)
+    # per method: what the method reports about its own run (Explanation.diagnostics as JSON values):
+    # Integrated Gradients' completeness error per class, the forward passes occlusion and Score-CAM
+    # spent, the stages a fused map combined
+    diagnostics: dict = field(default_factory=dict)
 
     @classmethod
     def from_summary(cls, data: dict) -> CaseResult | None:
@@ -507,6 +512,8 @@ class Runner:
             result.placement[explanation.method] = {
                 "placement": explanation.placement, "layer": explanation.layer,
                 "receptive_field": None if field_ is None else field_.to_dict()}
+            if explanation.diagnostics:
+                result.diagnostics[explanation.method] = json_values(explanation.diagnostics)
             native = to_scanner_space(explanation)  # the feature grid, exact affine
             prefix = result.case_id
             files = [heat.save(folder / f"{prefix}_{explanation.method}_{heat.file_label}_feature{ext}") for heat in native]
