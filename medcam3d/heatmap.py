@@ -666,29 +666,23 @@ def nifti_header(shape: tuple[int, ...], dtype: str, space: Space, *, like_heade
                  scaling: Scaling | None = None, display: tuple[float, float] | None = None):
     """A single-file NIfTI-1 header for voxels ``shape`` of ``dtype`` on ``space``.
 
-    The affine goes to both sform and qform; their codes and the xyzt units come from
-    ``like_header`` (a source NIfTI's header) or are 1 (scanner) and mm, as :func:`medcam3d.io.write`
-    does. ``scaling`` sets ``scl_slope``/``scl_inter`` (none for float32 or a slope of 1 and
+    The affine, the sform/qform codes and the xyzt units are set by :func:`medcam3d.io.set_nifti_geometry`,
+    the rule of every NIfTI medcam3d writes (:func:`medcam3d.io.write` included): the affine in both
+    sform and qform (the sform only for a grid the qform cannot hold, e.g. a sheared one), with
+    ``like_header``'s codes (a source NIfTI's header; a code 0 takes the other) or 1 (scanner), and
+    its units or mm. ``scaling`` sets ``scl_slope``/``scl_inter`` (none for float32 or a slope of 1 and
     intercept of 0); ``display`` sets ``cal_min``/``cal_max``.
     """
     import nibabel as nib
 
+    from .io import _descrip_bytes, set_nifti_geometry
+
     header = nib.Nifti1Header()
     header.set_data_dtype(np.dtype(dtype))
     header.set_data_shape(shape)
-    scode, qcode = 1, 1
-    units: tuple = ("mm", None)
-    if like_header is not None and "sform_code" in like_header:
-        scode, qcode = int(like_header["sform_code"]), int(like_header["qform_code"])
-        units = like_header.get_xyzt_units()
-    if scode == 0 and (qcode == 0 or space.is_sheared):
-        scode = max(qcode, 1)
-    header.set_sform(space.affine, code=scode)
-    header.set_qform(space.affine, code=qcode)
-    header.set_xyzt_units(xyz=units[0] or "unknown", t=units[1] or "unknown")
+    set_nifti_geometry(header, space, like_header)
     if descrip is not None:
-        raw = str(descrip).encode("utf-8")[:80].decode("utf-8", errors="ignore").encode("utf-8")
-        header["descrip"] = raw
+        header["descrip"] = _descrip_bytes(descrip)
     if scaling is not None and scaling.dtype != "float32" and (scaling.slope != 1.0 or scaling.inter != 0.0):
         header.set_slope_inter(scaling.slope, scaling.inter)
     else:

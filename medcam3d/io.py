@@ -61,15 +61,19 @@ NIfTI header codes written
 --------------------------
 :func:`write` stores the grid's affine in both the sform and the qform, so that every viewer
 (nibabel prefers the sform, ITK-based viewers may read the qform) places the image in the same
-place. The codes are chosen in one place (:func:`_output_codes`):
+place. The affine, the codes and the units are set in one place, :func:`set_nifti_geometry`, which
+every NIfTI writer of medcam3d calls (the codes come from :func:`_output_codes`):
 
 - without ``like`` (or a ``like`` that is not NIfTI): sform code 1 and qform code 1 (scanner);
 - with a NIfTI ``like``: its codes are copied; a code of 0 in the source takes the other code
   (an affine stored under code 0 is ignored by viewers); both 0 become 1 and 1;
 - the qform cannot hold shear: for a sheared grid (or one the quaternion cannot reproduce within
-  1e-3 mm plus 1 % of a voxel) the qform code is 0 and only the sform carries the affine.
+  1e-3 mm plus 1 % of a voxel) the qform code is 0 and only the sform carries the affine;
+- the xyzt units are copied from a NIfTI ``like``, else mm.
 
-The same rule applies to every image written (heatmaps, masks, copies of scans).
+The same rule applies to every image written (heatmaps streamed by
+:func:`medcam3d.heatmap.save_scan_maps` and their ``_norm`` copies, feature-grid maps, masks,
+segmentations, copies of scans, the napari writers, :class:`medcam3d.monai.SaveHeatmapsd`).
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ __all__ = [
     "ImageInfo",
     "SeriesInfo",
     "write",
+    "set_nifti_geometry",
     "lps_to_ras",
     "ras_to_lps",
     "READ_FORMATS",
@@ -2321,10 +2326,12 @@ def _cast(arr: np.ndarray, dtype: Any, p: Path) -> np.ndarray:
 
 
 def _like_header(like: Any) -> Any:
-    """The NIfTI header of ``like`` (a path or nibabel image), or None when it has none."""
+    """The NIfTI header of ``like`` (a path, a nibabel image or header), or None when it has none."""
     if like is None:
         return None
-    if hasattr(like, "header") and hasattr(like, "affine"):
+    if hasattr(like, "get_xyzt_units"):  # a header already read (e.g. once per case)
+        hdr = like
+    elif hasattr(like, "header") and hasattr(like, "affine"):
         hdr = like.header
     else:
         p = _check_exists(like)
@@ -2368,33 +2375,63 @@ def _output_codes(like_header: Any) -> tuple[int, int]:
     return (scode or qcode), (qcode or scode)
 
 
-def _nifti_image(arr: np.ndarray, space: Space, like: Any, descrip: str | None) -> Any:
-    import nibabel as nib
+def set_nifti_geometry(header: Any, space: Any, like_header: Any = None) -> tuple[int, int]:
+    """Store ``space``'s affine in a NIfTI header with the codes and units of the one rule (module docstring).
 
-    affine = space.affine
-    img = nib.Nifti1Image(arr, affine)
-    hdr = img.header
-    units: tuple[Any, Any] = ("mm", None)
-    lh = _like_header(like)
-    if lh is not None:
-        units = lh.get_xyzt_units()
-    scode, qcode = _output_codes(lh)
-    img.set_sform(affine, code=scode)
+    Every NIfTI medcam3d writes gets its sform, qform, their codes and its xyzt units from here
+    (:func:`write`, the streamed maps and masks of :func:`medcam3d.heatmap.nifti_header`, and
+    through them the napari writers and :class:`medcam3d.monai.SaveHeatmapsd`):
+
+    - the affine goes to the sform, with the code :func:`_output_codes` gives (``like_header``'s
+      codes, a 0 replaced by the other code, both 0 or no ``like_header`` giving 1);
+    - the same affine goes to the qform with the other code, unless the qform cannot hold it (a
+      sheared grid, or one the quaternion does not reproduce within 1e-3 mm plus 1 % of a voxel
+      at the grid's corners): then the qform code is 0 and only the sform carries it;
+    - the xyzt units are ``like_header``'s, else mm (and no time unit).
+
+    Parameters
+    ----------
+    header : nibabel Nifti1Header (or Nifti2Header)
+        Changed in place (an image's ``img.header``; ``img.affine`` should be ``space.affine``).
+    space : Space or anything :meth:`Space.of` accepts
+        The grid; its shape's first three axes give the corners checked.
+    like_header : nibabel NIfTI header, optional
+        The source's header (see :func:`write`'s ``like``).
+
+    Returns
+    -------
+    (int, int)
+        The ``(sform_code, qform_code)`` written.
+    """
+    space = Space.of(space)
+    affine = np.asarray(space.affine, dtype=np.float64)
+    if like_header is not None and "sform_code" not in like_header:
+        like_header = None
+    scode, qcode = _output_codes(like_header)
+    header.set_sform(affine, code=scode)
     if not space.is_sheared:
-        img.set_qform(affine, code=qcode)
-        qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+        header.set_qform(affine, code=qcode)
+        qform = np.asarray(header.get_qform(), dtype=np.float64)
         if _corner_distance(qform, affine, space.shape) > _placement_tolerance(affine, space.ndim):
             qcode = 0  # nearly sheared: the quaternion cannot reproduce the affine
     else:
         qcode = 0
     if qcode == 0:
         # the qform cannot hold this affine: only the sform carries it (viewers then use the sform)
-        img.set_qform(None, code=0)
+        header.set_qform(None, code=0)
         logger.debug("sheared affine: stored in the sform only (qform code 0)")
-    xyz, t = units
-    hdr.set_xyzt_units(xyz=xyz if xyz is not None else "unknown", t=t if t is not None else "unknown")
+    xyz, t = like_header.get_xyzt_units() if like_header is not None else ("mm", None)
+    header.set_xyzt_units(xyz=xyz if xyz is not None else "unknown", t=t if t is not None else "unknown")
+    return scode, qcode
+
+
+def _nifti_image(arr: np.ndarray, space: Space, like: Any, descrip: str | None) -> Any:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(arr, space.affine)
+    set_nifti_geometry(img.header, space, _like_header(like))
     if descrip is not None:
-        hdr["descrip"] = _descrip_bytes(descrip)
+        img.header["descrip"] = _descrip_bytes(descrip)
     return img
 
 
@@ -2446,7 +2483,7 @@ def write(
         Grid of ``array``; its affine becomes both sform and qform (NIfTI), so that every viewer
         places the image in the same place. A sheared affine, which the qform cannot hold, is
         stored in the sform only (qform code 0).
-    like : str, os.PathLike or nibabel image, optional
+    like : str, os.PathLike, nibabel image or NIfTI header, optional
         NIfTI whose sform/qform codes and xyzt units are copied (its affine is not used). Without
         it (or for a ``like`` that is not NIfTI), both codes are 1 (scanner) and units mm. A code
         of 0 in ``like`` takes the other code (an affine under code 0 is ignored by viewers); both

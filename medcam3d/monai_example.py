@@ -220,7 +220,8 @@ def write_scans(folder: str | Path, count: int = 2, *, seed: int = 0) -> list[Pa
     -------
     list of Path
     """
-    import nibabel as nib
+    from . import io
+    from .space import Space
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -242,7 +243,7 @@ def write_scans(folder: str | Path, count: int = 2, *, seed: int = 0) -> list[Pa
             centre = np.array(shape) * spacing * rng.uniform(0.3, 0.7, 3)
             volume += value * np.exp(-np.sum((grid - centre) ** 2, axis=-1) / (2 * radius**2))
         path = folder / f"case_{n}.nii.gz"
-        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(path))
+        io.write(path, volume.astype(np.float32), Space(shape, affine))  # codes 1, 1: one affine in both forms
         paths.append(path)
     return paths
 

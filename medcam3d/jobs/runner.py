@@ -516,7 +516,8 @@ class Runner:
                 result.diagnostics[explanation.method] = json_values(explanation.diagnostics)
             native = to_scanner_space(explanation)  # the feature grid, exact affine
             prefix = result.case_id
-            files = [heat.save(folder / f"{prefix}_{explanation.method}_{heat.file_label}_feature{ext}") for heat in native]
+            files = [heat.save(folder / f"{prefix}_{explanation.method}_{heat.file_label}_feature{ext}", like=like)
+                     for heat in native]  # the source's codes and units, as the scan-grid maps
             views = [ScanGridMap(heat, scanner_space, fill=output.fill) for heat in native]
             chosen = {id(view) for view in self._scan_map_choice(views, explanation)}
             options: dict[str, Any] = dict(prefix=prefix, like=like, normalized=output.normalized, dtype=output.scan_dtype,
