@@ -245,17 +245,38 @@ def table(rows: list[dict]) -> list[str]:
 def placement_lines(rows: list[dict]) -> list[str]:
     """Receptive-field vs align-corners placement, row by row."""
     lines = []
-    by_key = {(r["method"], r["layer"], r["placement"]): r for r in rows}
-    for (method, layer, placement), r in by_key.items():
-        if placement != "receptive_field" or r.get("input_grid"):
-            continue
-        other = by_key.get((method, layer, "align_corners"))
-        if other is None:
-            continue
-        lines.append(f"| {method} | `{layer}` | {_f(r['pointing_game'])} / {_f(other['pointing_game'])} "
+    for r, other in placement_pairs(rows):
+        lines.append(f"| {r['method']} | `{r['layer']}` | {_f(r['pointing_game'])} / {_f(other['pointing_game'])} "
                      f"| {_f(r['median_distance_mm'], 1)} / {_f(other['median_distance_mm'], 1)} "
                      f"| {_f(r['dice'])} / {_f(other['dice'])} |")
     return lines
+
+
+def placement_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(receptive-field row, align-corners row) of each method and layer measured both ways."""
+    by_key = {(r["method"], r["layer"], r["placement"]): r for r in rows}
+    return [(r, by_key[(m, layer, "align_corners")]) for (m, layer, placement), r in by_key.items()
+            if placement == "receptive_field" and not r.get("input_grid") and (m, layer, "align_corners") in by_key]
+
+
+def placement_verdict(model_name: str, rows: list[dict]) -> str | None:
+    """One sentence: in how many method/layer pairs receptive-field placement is at least as good as
+    the convention (pointing game no lower and median distance no larger)."""
+    pairs = placement_pairs(rows)
+    if not pairs:
+        return None
+    good = [rf for rf, ac in pairs if rf["pointing_game"] >= ac["pointing_game"] - 1e-9
+            and np.nan_to_num(rf["median_distance_mm"], nan=1e9) <= np.nan_to_num(ac["median_distance_mm"], nan=1e9) + 1e-9]
+    text = (f"- Placement on the {model_name} model: the receptive-field placement is at least as good as the "
+            f"`align_corners` convention (pointing game no lower, median distance no larger) for {len(good)} of "
+            f"{len(pairs)} method/layer pairs.")
+    if model_name == "localization-trained" and len(good) < len(pairs):
+        text += (" This model was trained with a localization term whose per-cell targets were the masks "
+                 "average-pooled over 4³-voxel blocks (`medcam3d.demo.train.localization_loss`): cells placed "
+                 "by the convention. It learned to put each cell's evidence where the convention places the "
+                 "cell, so the convention is its right placement (`configs/demo.yaml` says "
+                 "`placement: align_corners`). A model trained with image labels only has no such target.")
+    return text
 
 
 def write_report(results: dict, args, out: Path) -> None:
@@ -295,6 +316,7 @@ def write_report(results: dict, args, out: Path) -> None:
         f"- On the label-only model the best row is **{best['method']}** (`{best['layer']}`): pointing game "
         f"{_f(best['pointing_game'])}, median distance {_f(best['median_distance_mm'], 1)} mm "
         f"(goal: ≥ 0.80 and ≤ 5 mm).",
+        *[verdict for name, rows in results.items() if (verdict := placement_verdict(name, rows))],
         "- Last-layer CAM maps (HiResCAM, Grad-CAM, LayerCAM on `class_layers.relu`) answer *which feature "
         "cells carried the evidence*: exactly, for HiResCAM. A label-only model with a global-average-pooling "
         "head is free to put that evidence in cells beside the lesion, so these maps are faithful to the "
@@ -328,10 +350,15 @@ def figure(model, case: dict, methods: tuple[str, str], path: Path) -> None:
         ax.imshow(np.rot90(image[:, :, k]), cmap="gray", vmin=-200, vmax=300)
         if method is not None:
             _, maps, _ = explain(model, method, "auto", "receptive_field", case)
-            heat = maps[c][:, :, k]
-            heat = heat / max(float(maps[c].max()), 1e-12)
-            ax.imshow(np.rot90(np.ma.masked_less(heat, 0.05)), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+            # input-level maps are sparse (a few voxels carry most of the score): the colour scale
+            # saturates at the 99.5th percentile of the positive values so that they can be seen
+            positive = maps[c][maps[c] > 0]
+            top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
+            heat = np.clip(maps[c][:, :, k] / max(top, 1e-12), 0.0, 1.0)
+            ax.imshow(np.rot90(np.ma.masked_less(heat, 0.1)), cmap="inferno", alpha=0.7, vmin=0, vmax=1)
             voxel = np.unravel_index(int(np.argmax(maps[c])), maps[c].shape)
+            if voxel[2] == k:  # the maximum, where it is on this slice (np.rot90: column x, row n_y - 1 - y)
+                ax.plot(voxel[0], image.shape[1] - 1 - voxel[1], "+", color="lime", markersize=12, mew=2)
             ax.set_xlabel(f"maximum at slice {voxel[2]} (lesion slice {k})")
         ax.contour(np.rot90(ax_labels[:, :, k].astype(float)), levels=[0.5], colors="cyan", linewidths=1.2)
         ax.set_title(title, fontsize=9)
@@ -412,7 +439,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(results, args, args.out)
     rows = results["label-only"]
-    best = max((r for r in rows if r.get("input_grid")), key=lambda r: r["pointing_game"], default=None)
+    best = max((r for r in rows if r.get("input_grid")),
+               key=lambda r: (r["pointing_game"], -np.nan_to_num(r["median_distance_mm"], nan=1e9)), default=None)
     if best is not None:
         case = next(case for case in hard if present(case) and present(case)[0] == 0 and case["grid"] != "lip_coronal")
         figure(load_model(MODELS["label-only"]), case, ("hirescam", best["method"]), args.out.with_suffix(".png"))
