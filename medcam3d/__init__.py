@@ -23,8 +23,6 @@ _LAZY = {
     "Explanation": "explainer",
     "METHODS": "methods",
     "get_method": "methods",
-    "EXPLAINERS": "methods",
-    "get_explainer": "methods",
     "Medcam3dError": "errors",
     "list_layers": "layers",
     "LayerInfo": "layers",
@@ -55,9 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (``import X as X``: a re-export)
     from .layers import LayerInfo as LayerInfo
     from .layers import list_layers as list_layers
     from .receptive_field import ReceptiveField as ReceptiveField
-    from .methods import EXPLAINERS as EXPLAINERS
     from .methods import METHODS as METHODS
-    from .methods import get_explainer as get_explainer
     from .methods import get_method as get_method
     from .targets import Region as Region
 

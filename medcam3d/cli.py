@@ -67,7 +67,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "SimpleITK": SimpleITK.Version_VersionString(),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
-        "methods": ", ".join(medcam3d.EXPLAINERS),
+        "methods": ", ".join(medcam3d.METHODS),
     }
     for key, value in rows.items():
         print(f"{key:<16} {value}")
@@ -121,7 +121,7 @@ def _synthetic_demo(args: argparse.Namespace) -> int:
     print("Model: a seeded 3D CNN built to respond to bright blobs (class 0 'background', 1 'lesion').\n")
     errors = {}
     print(f"{'method':<11}{'layer':<7}{'map grid':<12}{'peak voxel (input grid)':<26}{'error vox':>10}{'ms':>8}")
-    layer_methods = [name for name, cls in medcam3d.EXPLAINERS.items() if cls.level == "layer"]  # the CAM family
+    layer_methods = [name for name, cls in medcam3d.METHODS.items() if cls.level == "layer"]  # the CAM family
     for method in layer_methods:
         explainer = medcam3d.Explainer(model, method=method, class_names=["background", "lesion"])
         started = time.perf_counter()

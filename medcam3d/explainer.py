@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
 from .errors import InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
-from .methods import DEFAULT_METHOD, Method, MethodContext, get_method as get_explainer
+from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
 from .layers import (auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, receptive_field,
                      resolve_layer)
@@ -290,7 +290,7 @@ class Explainer:
         self.output_activation = output_activation
         self.amp = amp
         self.model = model
-        self.method = get_explainer(method)
+        self.method = get_method(method)
         self.class_names = list(class_names) if class_names is not None else None
         self.eval_mode = eval_mode
         self.update_batchnorm_stats = update_batchnorm_stats

@@ -9,7 +9,7 @@ from monai.networks.nets import SEResNet50
 from torch import nn
 
 import medcam3d
-from medcam3d.explainers import EXPLAINERS, get_explainer
+from medcam3d.methods import METHODS, get_method
 from _models import densenet121_3d, flatten_linear_cnn, gap_linear_cnn, reference_activations_and_gradients, resnet18_3d
 
 
@@ -115,7 +115,7 @@ def network(request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [name for name, cls in EXPLAINERS.items() if cls.level == "layer"])  # the CAM family
+@pytest.mark.parametrize("method", [name for name, cls in METHODS.items() if cls.level == "layer"])  # the CAM family
 def test_each_method_matches_reference_on_monai_networks(network, method):
     name, model, layer, x, head = network
     if method == "cam" and head is None:
@@ -249,13 +249,13 @@ def test_metatensor_input_keeps_affine():
 
 
 def test_registry_names_and_did_you_mean():
-    assert set(EXPLAINERS) == {"cam", "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "eigencam",
-                               "fused", "gradxinput", "smoothgrad", "integrated_gradients", "occlusion", "scorecam"}
-    assert {name for name, cls in EXPLAINERS.items() if cls.level == "layer"} == {
+    assert set(METHODS) == {"cam", "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "eigencam",
+                            "fused", "gradxinput", "smoothgrad", "integrated_gradients", "occlusion", "scorecam"}
+    assert {name for name, cls in METHODS.items() if cls.level == "layer"} == {
         "cam", "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "eigencam"}
-    assert get_explainer("Grad-CAM++").name == "gradcam++"
-    assert get_explainer("HiResCAM").name == "hirescam"
+    assert get_method("Grad-CAM++").name == "gradcam++"
+    assert get_method("HiResCAM").name == "hirescam"
     with pytest.raises(medcam3d.MethodNotFoundError, match="Did you mean 'hirescam'"):
-        get_explainer("hirescan")
+        get_method("hirescan")
     with pytest.raises(ValueError, match="Available methods"):
         medcam3d.Explainer(gap_linear_cnn(), method="nonsense")

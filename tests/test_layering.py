@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
-#: Old module paths kept as thin aliases of the jobs layer; they are not part of the graph.
-ALIASES = {"medcam3d.pipeline", "medcam3d.cohort", "medcam3d.evaluate", "medcam3d.pictures", "medcam3d.explainers"}
-
 ENGINE = ("medcam3d.explainer", "medcam3d.methods", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
           "medcam3d.torchscript", "medcam3d.sliding",
           "medcam3d.modeling")
 GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.masks", "medcam3d.orientation")
 UI = ("medcam3d.cli", "medcam3d.napari", "medcam3d.__main__")
-JOBS = ("medcam3d.jobs",) + tuple(ALIASES)
+JOBS = ("medcam3d.jobs",)
 
 
 def _module_name(path: Path) -> str:
@@ -56,8 +53,6 @@ def _graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        if name in ALIASES:
-            continue
         targets = set()
         for imported in _imports(path):
             while imported and imported not in modules:  # `medcam3d.io.read` → `medcam3d.io`

@@ -146,8 +146,8 @@ def test_probabilities_by_task():
 
 # ------------------------------------------------------------------------------- import rule
 ENGINE = ["explainer.py", "hooks.py", "targets.py", "layers.py", "modeling.py", "sliding.py", "torchscript.py", "metrics",
-          "explainers", "methods"]  # the method strategies' package, under either name
-FORBIDDEN = {"pipeline", "cohort", "evaluate", "cli", "napari", "pictures", "jobs"}
+          "methods"]  # methods: the method strategies' package
+FORBIDDEN = {"cli", "napari", "jobs"}
 
 
 def _imported_modules(path: Path) -> set[str]:

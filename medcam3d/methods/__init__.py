@@ -1,6 +1,5 @@
 """Explanation methods (the strategies the :class:`~medcam3d.explainer.Explainer` runs), one file each,
-and the registry that names them. ``EXPLAINERS``/``get_explainer`` are the older names of
-``METHODS``/``get_method``.
+and the registry that names them (``METHODS``, ``get_method``).
 
 Two kinds answer two questions:
 
@@ -38,9 +37,7 @@ __all__ = [
     "METHODS",
     "get_method",
     "split_methods",
-    "EXPLAINERS",
     "DEFAULT_METHOD",
-    "get_explainer",
     "Method",
     "MethodContext",
     "CAM",
@@ -64,7 +61,6 @@ METHODS: dict[str, type[Method]] = {
     for cls in (HiResCAM, GradCAM, CAM, GradCAMPlusPlus, XGradCAM, LayerCAM, EigenCAM,
                 FusedCAM, GradientXInput, SmoothGrad, IntegratedGradients, Occlusion, ScoreCAM)
 }
-EXPLAINERS = METHODS  # the older name
 DEFAULT_METHOD = "hirescam"
 
 
@@ -127,7 +123,7 @@ def get_method(name: str | Method) -> Method:
     Parameters
     ----------
     name : str or Method
-        One of :data:`EXPLAINERS` (case, spaces, ``-`` and ``_`` are ignored), optionally with
+        One of :data:`METHODS` (case, spaces, ``-`` and ``_`` are ignored), optionally with
         parameters of its constructor as Python literals, e.g. ``"smoothgrad(samples=32)"`` or
         ``"occlusion(patch=16, stride=8)"`` (what the CLI's ``--method`` accepts); or a
         :class:`Method` instance, which is returned as is.
@@ -150,7 +146,7 @@ def get_method(name: str | Method) -> Method:
         text, _, arguments = text[:-1].partition("(")
         options = _parameters(text.strip(), arguments)
     found = _lookup(text)
-    cls = EXPLAINERS[found]
+    cls = METHODS[found]
     if not options:
         return cls()
     signature = inspect.signature(cls.__init__).parameters.values()
@@ -168,14 +164,11 @@ def get_method(name: str | Method) -> Method:
 def _lookup(name: str) -> str:
     """The registry key for a method name as typed (see :func:`get_method`)."""
     key = _normal(name)
-    names = {_normal(registered): registered for registered in EXPLAINERS}
+    names = {_normal(registered): registered for registered in METHODS}
     found = names.get(key) or _ALIASES.get(key)
     if found is not None:
         return found
-    close = difflib.get_close_matches(name.strip().lower(), list(EXPLAINERS), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name.strip().lower(), list(METHODS), n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    message = f"Unknown method {name!r}.{hint} Available methods: {', '.join(EXPLAINERS)}."
+    message = f"Unknown method {name!r}.{hint} Available methods: {', '.join(METHODS)}."
     raise MethodNotFoundError(message)
-
-
-get_explainer = get_method  # the older name

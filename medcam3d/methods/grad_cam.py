@@ -11,7 +11,7 @@ class GradCAM(Method):
     r"""Grad-CAM: ``α_k = mean_{d,v,u} ∂y^c/∂A_k``, ``map = Σ_k α_k A_k``.
 
     The spatial averaging of the gradients can move credit to regions the
-    model did not use; prefer :class:`~medcam3d.explainers.hires_cam.HiResCAM`.
+    model did not use; prefer :class:`~medcam3d.methods.hires_cam.HiResCAM`.
 
     References
     ----------

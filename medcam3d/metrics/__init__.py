@@ -10,7 +10,7 @@ Plain functions on arrays and tensors, for one map at a time:
 * :mod:`~medcam3d.metrics.sanity` — the cascading model-parameter randomization test with
   Spearman and SSIM, and Guided Backprop / Guided Grad-CAM for comparison only.
 
-:func:`medcam3d.evaluate.evaluate` runs them all over a cohort.
+:func:`medcam3d.jobs.evaluate.evaluate` runs them all over a cohort.
 """
 
 from __future__ import annotations

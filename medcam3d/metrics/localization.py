@@ -12,7 +12,7 @@ Conventions for degenerate inputs (never NaN, never an exception):
 * an empty ground-truth mask (no lesion): pointing game ``False``, energy ``0.0``; Dice, IoU and
   box IoU are ``1.0`` when the thresholded map is empty too (both agree there is nothing) and
   ``0.0`` otherwise. Cohort statistics usually skip cases without a lesion
-  (:func:`medcam3d.evaluate.evaluate` does);
+  (:func:`medcam3d.jobs.evaluate.evaluate` does);
 * the one exception to "never NaN": :func:`hausdorff95` is ``0.0`` when both masks are empty and
   ``nan`` when exactly one is (there is no distance to an empty set); averages skip it and say
   how many were undefined.

@@ -343,7 +343,7 @@ def explain_steps(
     config_path : path
         Model, class names and preprocessing (e.g. ``configs/demo.yaml``).
     method : str
-        A key of :data:`medcam3d.EXPLAINERS`.
+        A key of :data:`medcam3d.METHODS`.
     layer : str
         Target layer name, or ``"auto"``.
     target : "all", class name or index
@@ -886,7 +886,7 @@ class ExplainWidget(Container):
         config = FileEdit(label="config", mode=FileDialogMode.EXISTING_FILE, filter="*.yaml *.yml",
                           value=DEMO_CONFIG if DEMO_CONFIG.is_file() else None,
                           tooltip="medcam3d YAML config: model, class names, preprocessing.")
-        method = ComboBox(label="method", choices=list(medcam3d.EXPLAINERS), value="hirescam")
+        method = ComboBox(label="method", choices=list(medcam3d.METHODS), value="hirescam")
         target_layer = ComboBox(label="target layer", choices=[AUTO],
                                 tooltip="'auto': the last layer with a spatial output.")
         target_class = ComboBox(label="class", choices=[ALL_CLASSES])
