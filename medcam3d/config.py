@@ -404,7 +404,6 @@ class Config:
     placement: str = "receptive_field"
 
 
-OUTPUT_ACTIVATIONS = ("auto", "none", "softmax", "sigmoid")
 PLACEMENTS = ("receptive_field", "align_corners")
 _TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
              "output_activation", "placement"}
@@ -640,6 +639,8 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
     if amp not in (None, "bf16", "fp16"):
         raise ConfigError(f"{where}: amp must be bf16, fp16 or null, not {_short(amp)}.")
     activation = data.get("output_activation", "auto")
+    from .modeling import OUTPUT_ACTIVATIONS  # its one definition, with the engine that applies it
+
     if activation not in OUTPUT_ACTIVATIONS:
         raise ConfigError(f"{where}: output_activation must be one of {OUTPUT_ACTIVATIONS} (what the network applies to "
                           f"its logits; auto detects a trailing Softmax/Sigmoid), not {_short(activation)}.")

@@ -23,14 +23,13 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._files import default_mode
+from ._files import MARK, atomic_write, is_inside, written_by_medcam3d
 from .errors import ImageReadError, OutputConflictError, SpaceError, UntrustedFileError
 from .orientation import ras_to_lps
 from .space import Space
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["MANUFACTURER", "export_dicom", "read_series", "write_parametric_map", "write_segmentation"]
 
 #: Manufacturer of the objects medcam3d writes (it recognises its own files by it).
-MANUFACTURER = "medcam3d"
+MANUFACTURER = MARK
 
 # Slice positions must match within 1 % of the slice spacing plus 1e-3 mm (as medcam3d.io reads
 # series); orientations within 1e-4 (cosines); pixel spacings within 1e-4 relative.
@@ -101,10 +100,9 @@ def read_series(folder: str | os.PathLike, *, series: str | None = None, trust: 
         raise ImageReadError(f"'{root}' is not a folder; expected the folder of a DICOM series.")
     found: dict[str, list[Dataset]] = {}
     for path in sorted(p for p in root.iterdir() if p.is_file()):
-        real = Path(os.path.realpath(path))
-        if not trust and Path(os.path.realpath(root)) not in real.parents:
+        if not trust and not is_inside(path, root):
             message = (
-                f"'{path}' is a link to '{real}', outside the DICOM folder; copy the files into the folder, "
+                f"'{path}' is a link to '{os.path.realpath(path)}', outside the DICOM folder; copy the files into the folder, "
                 "or pass trust=True if you trust where the links lead."
             )
             raise UntrustedFileError(message)
@@ -154,8 +152,9 @@ def _check_out_dir(out_dir: str | os.PathLike, folders: Sequence[Path], *, conta
     """
     out = Path(out_dir).expanduser().resolve()
     for folder in folders:
-        if out == folder or folder in out.parents or (containing and out in folder.parents):
-            where = "is" if out == folder else ("lies inside" if folder in out.parents else "contains")
+        inside = is_inside(out, folder)
+        if inside or (containing and is_inside(folder, out)):
+            where = "is" if out == folder else ("lies inside" if inside else "contains")
             raise OutputConflictError(
                 f"The output folder {str(out_dir)!r} {where} the source series folder '{folder}'; DICOM objects "
                 "written there would be read as part of the series. Choose a folder outside it, e.g. 'export/'.")
@@ -252,34 +251,15 @@ def _series_number(datasets: list[Dataset], offset: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _written_by_medcam3d(path: Path) -> bool:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True).get("Manufacturer", "")) == MANUFACTURER
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):  # not DICOM: not ours
-        return False
-
-
 def _save(dataset: Any, path: str | os.PathLike, overwrite: bool | None) -> Path:
     """Write ``dataset`` atomically; replace an existing file only if medcam3d wrote it (or ``overwrite``)."""
     path = Path(path)
-    if path.exists() and overwrite is not True and not (overwrite is None and _written_by_medcam3d(path)):
+    if path.exists() and overwrite is not True and not (overwrite is None and written_by_medcam3d(path)):
         message = (f"{path} exists and was not written by medcam3d; it is not replaced. Choose another file name, "
                    "or pass overwrite=True.")
         raise OutputConflictError(message)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        os.chmod(temporary, default_mode())
-        dataset.save_as(temporary, enforce_file_format=True)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda temporary: dataset.save_as(temporary, enforce_file_format=True), suffix=".tmp")
 
 
 def write_parametric_map(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
 import re
-import tempfile
 import unicodedata
 import zlib
 from collections.abc import Iterator, Sequence
@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any, overload
 import numpy as np
 import torch
 
-from ._files import default_mode
+from ._files import atomic_paths
 from .space import Resampler, Space, SpaceError, feature_space, resample
 
 if TYPE_CHECKING:
@@ -133,15 +133,22 @@ class Heatmap:
         """The map min–max scaled to [0, 1] (zeros when flat)."""
         return normalize(self.data, spatial_dims=self.data.ndim)
 
-    def peak(self) -> tuple[tuple[int, ...], np.ndarray]:
+    def peak(self) -> tuple[tuple[int, ...], np.ndarray] | None:
         """Voxel index of the maximum (the first in C order) and its world position (RAS mm, shape (3,)).
 
-        A flat map (all zero, say) has no peak, yet this returns its first voxel; where "no
-        peak" matters use :func:`medcam3d.masks.peak` or :meth:`ScanGridMap.peak`, which return
-        None for it.
+        ``None`` when the map is flat (all values equal: all zero, say, a ReLU'd negative map): a
+        flat map has no peak. The same rule as :meth:`ScanGridMap.peak` and
+        :func:`medcam3d.masks.peak` (NaN values are ignored).
+
+        Returns
+        -------
+        (voxel, world) or None
+            ``voxel``: tuple of int; ``world``: (3,) RAS mm of that voxel's centre.
         """
-        voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(self.data)), self.data.shape))
-        return voxel, self.space.voxel_to_world(np.asarray(voxel, dtype=float))
+        from .masks import peak
+
+        found = peak(self.data, self.space)
+        return None if found is None else (found[0], np.asarray(found[1], dtype=np.float64))
 
     def save(self, path: str | Path, *, like=None, normalized: bool = False) -> Path:
         """Write the map (raw float32, or normalized) as NIfTI on its grid; atomic."""
@@ -726,20 +733,18 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
     :data:`COMPRESS_LEVEL` in worker threads while the next ones are computed, and a slab of
     one value is compressed once per file set.
     """
-    handles: list[tuple[IO[bytes], str, Path]] = []
+    handles: list[IO[bytes]] = []
     pending: collections.deque = collections.deque()
 
     def write(data) -> None:
-        for stream, _, _ in handles:
+        for stream in handles:
             stream.write(data)
 
-
-    try:
-        for path, header in targets:
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.chmod(temporary, default_mode())
-            stream: IO[bytes] = os.fdopen(handle, "wb")
-            handles.append((stream, temporary, path))
+    # Closed (streams first), then renamed onto the targets; removed on any error.
+    with atomic_paths([path for path, _ in targets], suffix=".tmp") as temporaries, contextlib.ExitStack() as streams:
+        for temporary, (_, header) in zip(temporaries, targets):
+            stream: IO[bytes] = streams.enter_context(open(temporary, "wb"))
+            handles.append(stream)
             raw = _header_bytes(header)
             stream.write(_gzip_member(raw) if compress else raw)
         with concurrent.futures.ThreadPoolExecutor(max_workers=_COMPRESS_THREADS) as pool:
@@ -758,14 +763,6 @@ def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Vol
             while pending:
                 done = pending.popleft()
                 write(done if isinstance(done, bytes) else done.result())
-        for stream, temporary, path in handles:
-            stream.close()
-            os.replace(temporary, path)
-    except BaseException:
-        for stream, temporary, _ in handles:
-            stream.close()
-            Path(temporary).unlink(missing_ok=True)
-        raise
     return [path for path, _ in targets]
 
 

@@ -86,7 +86,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import struct
 import sys
 import tempfile
@@ -99,6 +98,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from ._files import atomic_write, is_inside
 from .errors import _IMAGE_ERRORS, UsageError
 from .errors import ImageReadError, ImageNotFoundError, UnsupportedFormatError, VolumeError, VolumeIndexError, NonFiniteError, ImageWriteError, UnwritableImageError, OutputPermissionError, OutputDirectoryError, ShearWarning, SpaceError, GeometryError, ImageTooLargeError, UntrustedFileError  # noqa: F401  (re-exported)
 from .orientation import lps_to_ras, ras_to_lps
@@ -1211,15 +1211,6 @@ class _DataFile:
     encoding: str  # "raw", "deflate" (gzip/zlib), "bzip2", "ascii", "hex" or "other"
 
 
-def _inside(folder: Path, target: Path) -> bool:
-    try:
-        folder_real = os.path.realpath(folder)
-        target_real = os.path.realpath(target)
-        return os.path.commonpath([folder_real, target_real]) == folder_real
-    except ValueError:  # different drives (Windows)
-        return False
-
-
 def _untrusted_data_file(p: Path, value: str, reason: str) -> UntrustedFileError:
     return UntrustedFileError(
         f"'{p}' names its voxel data file as '{value}', {reason}. Expected a data file in the "
@@ -1238,7 +1229,7 @@ def _resolve_data_file(p: Path, value: str, multiple: bool, trust: bool) -> Path
     if not trust:
         if os.path.isabs(value) or value.startswith("\\") or re.match(r"^[A-Za-z]:", value):
             raise _untrusted_data_file(p, value, "an absolute path")
-        if not _inside(p.parent, target):
+        if not is_inside(target, p.parent):
             raise _untrusted_data_file(p, value, "which leads out of the header's folder ('..' or a link)")
     return target
 
@@ -2168,7 +2159,7 @@ def _check_dicom_links(p: Path, files: list[str], trust: bool) -> None:
             plain[parent] = os.path.realpath(parent) == folder
         if plain[parent] and not os.path.islink(f):
             continue  # a plain file of the folder
-        if not _inside(p, Path(f)):
+        if not is_inside(f, p):
             raise UntrustedFileError(
                 f"'{f}' in '{p}' is a link to '{os.path.realpath(f)}', outside the DICOM folder; "
                 "expected the series' files inside the folder you named. Copy the files into the "
@@ -2532,30 +2523,30 @@ def write(
     if like is not None and ext not in _NIFTI:
         logger.debug("like= is ignored for %s output", ext)
 
-    tmp = parent / f".{p.name}.{secrets.token_hex(4)}.tmp{ext}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-        os.close(fd)
-    except PermissionError as e:
-        raise OutputPermissionError(
-            f"cannot write '{p}': no permission to create files in '{parent}' ({e.strerror}); "
-            "choose another output directory or fix its permissions."
-        ) from None
-    try:
+    created = False  # whether the temporary file was made (then a failure is the library's or the rename's)
+
+    def save(temporary: str) -> None:
+        nonlocal created
+        created = True
         if ext in _NIFTI:
             import nibabel as nib
 
-            nib.save(img, str(tmp))
+            nib.save(img, temporary)
         else:
             import SimpleITK as sitk
 
-            sitk.WriteImage(img, str(tmp), True)
-        os.replace(tmp, p)
+            sitk.WriteImage(img, temporary, True)
+
+    try:
+        atomic_write(p, save, suffix=ext)  # nibabel and SimpleITK pick the format from the suffix
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if not created:
+            if isinstance(e, PermissionError):
+                raise OutputPermissionError(
+                    f"cannot write '{p}': no permission to create files in '{parent}' ({e.strerror}); "
+                    "choose another output directory or fix its permissions."
+                ) from None
+            raise
         if isinstance(e, PermissionError):
             raise OutputPermissionError(f"cannot write '{p}': {e}") from e
         if isinstance(e, Exception) and not isinstance(e, ImageWriteError):

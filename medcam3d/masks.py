@@ -28,20 +28,18 @@ _METHODS = ("fraction", "percentile", "otsu")
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold: maximizes the between-class variance of a 256-bin histogram."""
+    """Otsu's threshold (:func:`skimage.filters.threshold_otsu` on a ``bins``-bin histogram):
+    maximizes the between-class variance; the upper class is ``values > threshold``.
+
+    Constant ``values`` have no threshold to find: their value is returned (nothing lies above it).
+    """
+    from skimage.filters import threshold_otsu
+
     values = np.asarray(values, dtype=np.float64).ravel()
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return high
-    counts, edges = np.histogram(values, bins=bins, range=(low, high))
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(counts)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(counts * centres)
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    return float(threshold_otsu(values, nbins=bins))
 
 
 def threshold_mask(

@@ -44,7 +44,6 @@ import os
 import shutil
 import tempfile
 import weakref
-import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import nn
 
+from ._files import is_inside, written_by_medcam3d
 from .errors import Medcam3dError, SpaceError
 from .explainer import Explainer, Explanation
 from .heatmap import Heatmap, ScanGridMap, save_scan_maps, to_scanner_space
@@ -778,9 +778,7 @@ class SaveHeatmapsd(MapTransform):
         return written
 
     def _inside_output(self, folder: Path, subject: Any) -> Path:
-        root = self.output_dir.resolve()
-        resolved = folder.resolve()
-        if resolved != root and root not in resolved.parents:
+        if not is_inside(folder, self.output_dir):
             message = (
                 f"The heatmaps of {subject!r} would be written to {folder}, outside output_dir {self.output_dir} "
                 "(data_root_dir does not contain the input?). Set data_root_dir to a folder above the inputs, "
@@ -792,7 +790,7 @@ class SaveHeatmapsd(MapTransform):
     def _check_replace(self, path: Path) -> None:
         if not path.exists() or self.overwrite is True:
             return
-        if self.overwrite is None and _written_by_medcam3d(path):
+        if self.overwrite is None and written_by_medcam3d(path):
             return
         message = (
             f"{path} exists and was not written by medcam3d; it is not replaced. Choose another output_dir "
@@ -825,18 +823,3 @@ def _nifti_source(meta: Mapping) -> str | None:
     if isinstance(name, (str, os.PathLike)) and str(name).lower().endswith((".nii", ".nii.gz")) and Path(name).is_file():
         return str(name)
     return None
-
-
-def _written_by_medcam3d(path: Path) -> bool:
-    """Whether ``path`` is a NIfTI file whose description says medcam3d wrote it."""
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        return False
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-
-    try:
-        header: Any = nib.load(str(path)).header
-        descrip = header["descrip"].tobytes().split(b"\0")[0]
-    except (ImageFileError, OSError, EOFError, ValueError, zlib.error):  # unreadable: not ours
-        return False
-    return descrip.startswith(b"medcam3d")

@@ -198,7 +198,9 @@ class Space:
     @property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size in mm along each voxel axis (the affine's column norms)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, : self.ndim], axis=0))
+        from nibabel.affines import voxel_sizes
+
+        return tuple(float(v) for v in voxel_sizes(self.affine)[: self.ndim])
 
     @property
     def origin(self) -> tuple[float, float, float]:
@@ -239,7 +241,9 @@ class Space:
             p = np.concatenate([p, np.zeros((len(p), 1))], axis=1)
         if p.ndim != 2 or p.shape[1] != 3:
             raise SpaceError(f"voxel coordinates must have shape (N, {self.ndim}), got {p.shape}")
-        xyz = p @ self.affine[:3, :3].T + self.affine[:3, 3]
+        from nibabel.affines import apply_affine
+
+        xyz = apply_affine(self.affine, p)
         return xyz[0] if single else xyz
 
     def world_to_voxel(self, xyz: Any) -> np.ndarray:
@@ -258,8 +262,9 @@ class Space:
         p = np.atleast_2d(p)
         if p.ndim != 2 or p.shape[1] != 3:
             raise SpaceError(f"world coordinates must have shape (N, 3), got {p.shape}")
-        inv = np.linalg.inv(self.affine)
-        ijk = (p @ inv[:3, :3].T + inv[:3, 3])[:, : self.ndim]
+        from nibabel.affines import apply_affine
+
+        ijk = apply_affine(np.linalg.inv(self.affine), p)[:, : self.ndim]
         return ijk[0] if single else ijk
 
     def isclose(self, other: Any, *, atol: float = 1e-5, rtol: float = 1e-6) -> bool:

@@ -89,6 +89,12 @@ def test_flat_map_has_no_peak():
     assert ScanGridMap(heat, scan, fill=0.0).value_range() == (0.0, 0.0)
     negative, _ = _case(values=-np.ones((3, 4, 3)))
     assert ScanGridMap(negative, scan, fill=-1.0).peak() is None  # -1 everywhere, the fill included
+    # Heatmap.peak follows the same rule (it returned the first voxel of a flat map before).
+    assert heat.peak() is None and negative.peak() is None
+    peaked, _ = _case(values=np.where(np.arange(36).reshape(3, 4, 3) == 7, 2.0, 1.0))
+    voxel, world = peaked.peak()
+    assert voxel == (0, 2, 1) and world.shape == (3,)
+    np.testing.assert_allclose(world, peaked.space.voxel_to_world(np.asarray(voxel, float)))
 
 
 def _read_all(path):

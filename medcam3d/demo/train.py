@@ -233,11 +233,12 @@ def peak_in_lesion(model: torch.nn.Module, seeds: Sequence[int], grids: dict | N
         x, scanner_space = preprocess((image, space), synthetic.PREPROCESSING)
         heatmaps = explainer(x[None], target="all").to_scanner_space(scanner_space)
         for lesion in phantom.lesions:
-            voxel, world = heatmaps[lesion.class_index].peak()
-            inside = bool(labels[voxel] == lesion.label)
+            found = heatmaps[lesion.class_index].peak()  # None for a flat map: no peak, a miss
+            inside = found is not None and bool(labels[found[0]] == lesion.label)
             hits[lesion.name].append(inside)
             per_grid[grid_name].append(inside)
-            distances.append(float(np.linalg.norm(world - lesion.centre)))
+            if found is not None:
+                distances.append(float(np.linalg.norm(found[1] - lesion.centre)))
     every = [h for values in hits.values() for h in values]
     return {
         "rate": float(np.mean(every)) if every else math.nan,
@@ -416,7 +417,8 @@ def write_samples(out: Path, model: torch.nn.Module | None = None) -> list[dict]
             heatmaps = result.to_scanner_space(scanner_space)
             for c, name in enumerate(synthetic.CLASS_NAMES):
                 row[f"p_{name}"] = f"{probabilities[c]:.3f}"
-                row[f"peak_in_{name}"] = int(labels[heatmaps[c].peak()[0]] == c + 1) if present[c] else ""
+                found = heatmaps[c].peak()  # None for a flat map: no peak, not in the lesion
+                row[f"peak_in_{name}"] = int(found is not None and labels[found[0]] == c + 1) if present[c] else ""
         rows.append(row)
     with open(out / "cases.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -444,19 +444,21 @@ def _failure_picture(out: Path, case: Case, heat, scan: np.ndarray, row: dict, l
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{case.id} · {heat.label}: {kind} (p = {row['probability']:.2f}) · {heat.method}"
     data = heat.data
-    if float(data.max()) > 0:
-        _, peak_mm = heat.peak()
+    found = heat.peak() if float(data.max()) > 0 else None
+    if found is not None:
+        _, peak_mm = found
     else:
-        # Nothing to show: the model gave this class no positive evidence anywhere. save_slices cuts
-        # through the map's maximum, so mark one voxel (the lesion's centre, else the volume's) to
-        # get slices through it; the title says so.
+        # Nothing to show: the model gave this class no positive evidence anywhere (or the same
+        # everywhere: a flat map has no peak). save_slices cuts through the map's maximum, so mark
+        # one voxel (the lesion's centre, else the volume's) to get slices through it; the title says so.
+        flat = float(data.max()) > 0
         centre = np.argwhere(lesion).mean(0) if lesion is not None and lesion.any() else (np.asarray(data.shape) - 1) / 2
         voxel = tuple(int(round(v)) for v in centre)
         data = np.zeros_like(data)
         data[voxel] = 1.0
         peak_mm = heat.space.voxel_to_world(np.asarray(voxel, dtype=float))
         where = "the lesion's centre" if lesion is not None and lesion.any() else "the volume's centre"
-        title += f" — map zero everywhere; slices through {where} (marked)"
+        title += f" — map {'flat' if flat else 'zero everywhere'}; slices through {where} (marked)"
     save_slices(folder / name, scan, data, heat.space, title=title, peak_mm=cast("tuple[float, float, float]", tuple(float(v) for v in peak_mm)))  # a 3D scan
     return {"case": case.id, "class": heat.label, "outcome": row["outcome"], "probability": row["probability"],
             "method": heat.method, "picture": f"failures/{name}"}

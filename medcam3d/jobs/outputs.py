@@ -40,7 +40,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .._files import atomic_write_text, default_mode
+from .._files import MARK, atomic_write_text, default_mode, is_inside
 from ..errors import OutputConflictError
 from .cases import check_case_id
 
@@ -64,7 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Key of the marker object in every case's summary.json and every manifest.
-MARKER = "medcam3d"
+MARKER = MARK
 #: The manifest of the files medcam3d writes directly into OUT (a case folder's is in its summary.json).
 #: Not a dot-file: names starting with a dot are medcam3d's temporaries (staging folders, the lock).
 MANIFEST = "medcam3d-manifest.json"
@@ -291,11 +291,6 @@ def is_own_case_folder(folder: str | Path) -> bool:
     return read_case_summary(folder) is not None
 
 
-def _inside(path: Path | str, folder: Path | str) -> bool:
-    path, folder = os.fspath(path), os.fspath(folder)
-    return path == folder or path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
-
-
 def _real(text: str, folders: dict[str, str]) -> str:
     """``os.path.realpath(text)``, resolving each folder once (a cohort lists thousands of files in a few folders)."""
     absolute = os.path.abspath(text) if ".." not in text.split(os.sep) else None  # '..' after a link: realpath's job
@@ -328,6 +323,10 @@ def check_output_location(out: str | Path, inputs: Iterable[str | Path | None]) 
     resolved = out.resolve()
     seen: set[str] = set()
     folders: dict[str, str] = {}
+
+    def real(text: str) -> str:
+        return _real(text, folders)
+
     for item in inputs:
         if item is None:
             continue
@@ -336,12 +335,12 @@ def check_output_location(out: str | Path, inputs: Iterable[str | Path | None]) 
             continue
         seen.add(text)
         source = _real(text, folders)
-        if _inside(source, resolved):
+        if is_inside(source, resolved, realpath=real):
             raise OutputConflictError(
                 f"The output folder {str(out)!r} contains the input {str(item)!r}; medcam3d writes OUT/<case>/ folders "
                 "and must never write over or beside its inputs. Choose an output folder outside the input data, "
                 "e.g. --out results/.")
-        if _inside(resolved, source) and os.path.isdir(source):
+        if is_inside(resolved, source, realpath=real) and os.path.isdir(source):
             raise OutputConflictError(
                 f"The output folder {str(out)!r} lies inside the input folder {str(item)!r}. Choose an output folder "
                 "outside the input data, e.g. --out results/.")
