@@ -682,14 +682,14 @@ def nifti_header(shape: tuple[int, ...], dtype: str, space: Space, *, like_heade
     """
     import nibabel as nib
 
-    from .io import _descrip_bytes, set_nifti_geometry
+    from .io import descrip_bytes, set_nifti_geometry
 
     header = nib.Nifti1Header()
     header.set_data_dtype(np.dtype(dtype))
     header.set_data_shape(shape)
     set_nifti_geometry(header, space, like_header)
     if descrip is not None:
-        header["descrip"] = _descrip_bytes(descrip)
+        header["descrip"] = descrip_bytes(descrip)
     if scaling is not None and scaling.dtype != "float32" and (scaling.slope != 1.0 or scaling.inter != 0.0):
         header.set_slope_inter(scaling.slope, scaling.inter)
     else:

@@ -14,6 +14,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from medcam3d import io
+from medcam3d.io import writing
 from medcam3d.space import Space
 from _images import write_dicom_series
 
@@ -316,17 +317,17 @@ def test_write_permission_error(tmp_path, io_scan, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(io.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    monkeypatch.setattr(writing.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     with pytest.raises(PermissionError, match="locked.*not writable"):
         io.write(locked / "h.nii.gz", data, space)
     assert _files(locked) == []
     # access() may say yes while creating the file fails (ACLs, read-only mounts)
-    monkeypatch.setattr(io.os, "access", real_access)
+    monkeypatch.setattr(writing.os, "access", real_access)
 
     def no_create(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(io.os, "open", no_create)
+    monkeypatch.setattr(writing.os, "open", no_create)  # (one os module) creating the temporary file fails
     with pytest.raises(io.OutputPermissionError, match="locked"):
         io.write(locked / "h.nii.gz", data, space)
     assert _files(locked) == []

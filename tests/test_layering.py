@@ -83,6 +83,18 @@ def test_imports_go_one_way(layer, forbidden):
     assert not wrong, "\n".join(wrong)
 
 
+# medcam3d.io, one concept per module: each imports only those before it (the package last).
+IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.nifti", "medcam3d.io.itk", "medcam3d.io.dicom",
+            "medcam3d.io.reading", "medcam3d.io.info", "medcam3d.io.writing", "medcam3d.io")
+
+
+def test_io_modules_import_one_way():
+    assert set(IO_ORDER) == {m for m in GRAPH if _within(m, ("medcam3d.io",))}, "place each io module in IO_ORDER"
+    wrong = [f"{module} imports {target}" for i, module in enumerate(IO_ORDER)
+             for target in sorted(GRAPH[module]) if target in IO_ORDER and target not in IO_ORDER[:i]]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_import_cycles():
     cycles = []
     state: dict[str, int] = {}

@@ -568,7 +568,7 @@ def input_identity(path: str | Path | None) -> dict | None:
         from .. import io
 
         try:
-            data_file = io._data_file(Path(real), True).path  # the header as the reader parses it
+            data_file = io.detached_data_file(real, trust=True)  # the header as the reader parses it
         except Exception:  # an unreadable header: reading the case reports it
             data_file = None
         if data_file is not None and os.path.realpath(data_file) != real:
