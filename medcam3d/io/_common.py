@@ -18,8 +18,8 @@ READ_FORMATS = _NIFTI + _ITK
 #: atomically, since the header names its data file).
 WRITE_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
-# DICOM geometry tolerances: along the normal, 1 % of the spacing plus 1e-3 mm; orientation
-# cosines 1e-4.
+# Geometry tolerances: 1 % of the spacing plus 1e-3 mm (DICOM slices along the normal, and the
+# sform and qform of one NIfTI grid).
 _SLICE_REL_TOL = 0.01
 _SLICE_ABS_TOL_MM = 1e-3
 

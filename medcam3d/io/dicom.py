@@ -24,6 +24,7 @@ from .itk import _check_itk_voxel_type, _execute, _itk_affine, _itk_component_by
 logger = logging.getLogger(__name__)
 
 
+# orientation cosines of the slices of one DICOM series may differ by this much
 _IOP_TOL = 1e-4
 # each ImageOrientationPatient vector must have length 1 and the two a dot product of 0, within this
 _IOP_UNIT_TOL = 1e-3
