@@ -326,6 +326,9 @@ _POINTWISE = {
     "rand_like", "randn_like", "data",
 }
 
+# Normalizations: the output has the input's shape and dtype (the trace does not compute them).
+_SAME_SHAPE = {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "local_response_norm"}
+
 # Reshapes that keep the last axes in row-major order when those axes keep their sizes.
 _LAYOUT = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "repeat", "unbind", "select",
            "split", "chunk", "tensor_split", "split_with_sizes", "cat", "concat", "concatenate", "stack", "narrow",
@@ -439,7 +442,12 @@ class _Tracer(TorchFunctionMode):
         name = _name_of(func)
         inputs = [(t, self.annotation(t)) for t in _tensors((args, kwargs))]
         args, kwargs = _map(args, self._to_meta), _map(kwargs, self._to_meta)
-        out = func(*args, **kwargs)
+        if name in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            # a normalization's output has its input's shape and dtype: no need to run it (on meta
+            # tensors PyTorch runs batch_norm through its Python decompositions, ~10 ms a call)
+            out = torch.empty_like(args[0])
+        else:
+            out = func(*args, **kwargs)
         if name == "__setitem__" and args and isinstance(args[0], torch.Tensor):
             self.note(args[0], self._setitem(inputs))
             return out
