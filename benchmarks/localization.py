@@ -134,7 +134,7 @@ def explain(model, method: str, layer: str, placement: str, case: dict):
         warnings.simplefilter("ignore")
         start = time.perf_counter()
         explanation = explainer(case["x"][None], target="all")
-        heatmaps = explanation.to_scanner_space(case["space"])
+        heatmaps = explanation.to_scanner_space(case["space"]).values()
         seconds = time.perf_counter() - start
     return explanation, [h.data for h in heatmaps], seconds
 

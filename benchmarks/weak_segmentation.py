@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import medcam3d
 from medcam3d.demo import synthetic, train
+from medcam3d.heatmap import heatmaps_of
 from medcam3d.metrics import dice, dice_iou_curve, pointing_game, segmentation_scores
 from medcam3d.preprocess import preprocess
 from medcam3d.segment import SegmentSettings, gated_maps, segment
@@ -123,8 +124,8 @@ def explain(models: dict, cases: list[dict]) -> None:
         for model_name, model in models.items():
             last = medcam3d.Explainer(model, method="hirescam", layer="auto", class_names=names)(x[None], target="all")
             fine = medcam3d.Explainer(model, method="layercam", layer=FINE_LAYER, class_names=names)(x[None], target="all")
-            coarse = last.to_scanner_space(None)
-            case["maps"][model_name] = {"hirescam": coarse, "fused": gated_maps(fine.to_scanner_space(None), coarse)}
+            coarse = heatmaps_of(last)
+            case["maps"][model_name] = {"hirescam": coarse, "fused": gated_maps(heatmaps_of(fine), coarse)}
             case["probability"][model_name] = torch.sigmoid(last.logits[0]).tolist()
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -440,7 +440,7 @@ def write_segmentation(
 
 
 def export_dicom(
-    heatmaps: Sequence[Heatmap],
+    heatmaps: Sequence[Heatmap] | Mapping[Any, Heatmap],
     source: str | os.PathLike | Sequence[Dataset],
     out_dir: str | os.PathLike,
     *,
@@ -454,7 +454,7 @@ def export_dicom(
 
     Parameters
     ----------
-    heatmaps : sequence of Heatmap
+    heatmaps : ClassMaps or sequence of Heatmap
         On the source series' grid (``to_scanner_space(result, medcam3d.io.read_space(folder))``).
     source : path or sequence of pydicom.Dataset
         The source series.
@@ -478,8 +478,10 @@ def export_dicom(
         ``out_dir`` is, lies inside or contains the source series' folder (nothing is written), or
         a file exists that may not be replaced.
     """
+    from .heatmap import heatmap_list
     from .masks import threshold_mask
 
+    heatmaps = heatmap_list(heatmaps)
     if not heatmaps:
         return []
     if not re.fullmatch(r"[\w.+-]+", prefix) or prefix.startswith("."):

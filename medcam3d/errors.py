@@ -50,6 +50,7 @@ __all__ = [
     "ModelOutputError",
     "InputError",
     "ExplainerMemoryError",
+    "InferenceModeError",
     "MethodBudgetError",
     "ConcurrentUseError",
     "SpaceError",
@@ -157,6 +158,10 @@ class MethodBudgetError(Medcam3dError, ValueError):
 
 class ExplainerMemoryError(Medcam3dError, MemoryError):
     """Out of (GPU) memory while explaining; the message lists what to change."""
+
+
+class InferenceModeError(Medcam3dError, RuntimeError):
+    """Explaining was asked for under ``torch.inference_mode()``, which forbids the gradients it needs."""
 
 
 class ConcurrentUseError(Medcam3dError, RuntimeError):

@@ -11,14 +11,16 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
+from .errors import InferenceModeError, InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
 from .layers import (auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, receptive_field,
@@ -34,6 +36,9 @@ from .modeling import (
 )
 from .receptive_field import PLACEMENTS, ReceptiveField
 from .targets import Region, Target, resolve_target
+
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
 
@@ -99,14 +104,24 @@ class Explanation:
     receptive_field: ReceptiveField | None = None
     diagnostics: dict = field(default_factory=dict)
 
-    def to_scanner_space(self, scanner_space=None, *, input_space=None, sample: int = 0, fill: float = 0.0):
-        """Each map of one sample as a :class:`~medcam3d.heatmap.Heatmap` on the scan's grid.
+    def to_scanner_space(self, scanner_space, *, input_space=None, sample: int = 0, fill: float = 0.0):
+        """Each explained class's map of one sample on the scan's grid, by class name (or index).
 
-        See :func:`medcam3d.heatmap.to_scanner_space`.
+        ``result.to_scanner_space(scan_space)["nodule"]`` is a :class:`~medcam3d.heatmap.Heatmap`;
+        see :func:`medcam3d.heatmap.to_scanner_space` and :class:`~medcam3d.heatmap.ClassMaps`.
         """
         from .heatmap import to_scanner_space
 
         return to_scanner_space(self, scanner_space, input_space=input_space, sample=sample, fill=fill)
+
+    def feature_maps(self, *, input_space=None, sample: int = 0):
+        """Each explained class's map of one sample on its feature grid (exact affine), by class name.
+
+        See :func:`medcam3d.heatmap.feature_maps`.
+        """
+        from .heatmap import feature_maps
+
+        return feature_maps(self, input_space=input_space, sample=sample)
 
     def target_names(self) -> list[str]:
         """Names of the explained classes (their indices as text without class names)."""
@@ -299,6 +314,84 @@ class Explainer:
         self._auto_logged: set[str] = set()
         self._spatial_dims = expected_spatial_dims(model)
         self._batched_vjp = True
+        self.target: object = None  # what a call without target explains (None: "predicted")
+        self.config: Config | None = None
+
+    @classmethod
+    def from_config(cls, config: str | Path | Config, model: nn.Module | None = None, *, trust: bool = False,
+                    **overrides: object) -> Explainer:
+        """An explainer set up as a config says: its model, method, layer, classes and options.
+
+        Parameters
+        ----------
+        config : path or Config
+            A YAML config (:func:`medcam3d.config.load_config`) or a loaded one.
+        model : nn.Module, optional
+            The network, already loaded; default: the config's (its weights loaded with
+            ``torch.load(weights_only=True)``, :func:`medcam3d.models.load_model`; a MONAI bundle's
+            network with :func:`medcam3d.models.load_bundle`).
+        trust : bool
+            Passed to the model loader (code the config names that is not on the allow-list).
+        **overrides
+            Any :class:`Explainer` argument, over the config's (e.g. ``method="gradcam"``).
+
+        Returns
+        -------
+        Explainer
+            ``method``, ``layer``, ``class_names``, ``amp``, ``output_activation`` and ``placement``
+            from the config; :attr:`target` (what a call without ``target`` explains) is the
+            config's ``target``; :attr:`config` keeps the config (:meth:`preprocess` uses it).
+        """
+        from .config import Config, load_config
+
+        loaded = config if isinstance(config, Config) else load_config(config)
+        if model is None:
+            if loaded.model.bundle is not None:
+                from .models import load_bundle
+
+                bundle = load_bundle(loaded.model.bundle, trust=trust, source=loaded.source,
+                                     max_activation_bytes=loaded.model.max_activation_bytes)
+                model = bundle.network
+                if loaded.class_names is None and bundle.class_names:
+                    loaded = replace(loaded, class_names=list(bundle.class_names))
+            else:
+                from .models import load_model
+
+                model = load_model(loaded, trust=trust)
+        options: dict[str, object] = dict(method=loaded.method, layer=loaded.layer, class_names=loaded.class_names,
+                                          amp=loaded.amp, output_activation=loaded.output_activation,
+                                          placement=loaded.placement)
+        options.update(overrides)
+        explainer = cls(model, **options)  # type: ignore[arg-type]
+        explainer.target = loaded.target
+        explainer.config = loaded
+        return explainer
+
+    def preprocess(self, image: object, *, volume: int | None = None, trust: bool = False):
+        """Read and preprocess a scan as this explainer's config says (see :meth:`from_config`).
+
+        Parameters
+        ----------
+        image : path, (array, Space) or MetaTensor
+            As :func:`medcam3d.preprocess.preprocess` takes it.
+        volume : int, optional
+            Volume index of a 4D file.
+        trust : bool
+            Read headers that point to data files elsewhere; transforms not on the allow-list.
+
+        Returns
+        -------
+        (MetaTensor, Space)
+            The model's input ``(C, *input_shape)`` (a call takes it with or without the batch
+            axis) and the scan's own grid, ``scanner_space``.
+        """
+        from .preprocess import preprocess
+
+        if self.config is None:
+            message = ("this explainer has no config to preprocess with: make it with Explainer.from_config(...), "
+                       "or call medcam3d.preprocess.preprocess(image, transforms) yourself.")
+            raise InputError(message)
+        return preprocess(image, self.config.preprocessing, volume=volume, trust=trust, source=self.config.source)
 
     def __repr__(self) -> str:
         layer = "auto" if self._auto else self._layer[0]  # type: ignore[index]
@@ -311,8 +404,11 @@ class Explainer:
         Parameters
         ----------
         x : (B, C_in, *spatial) Tensor or MetaTensor
+            Or one sample ``(C_in, *spatial)`` (as :meth:`preprocess` gives it) for a model whose
+            spatial rank is known (:func:`medcam3d.layers.expected_spatial_dims`).
         target : int, str, list, "all", "predicted", Tensor, Region or Target
-            What to explain (see :mod:`medcam3d.targets`); default ``"predicted"``. A ``Region``
+            What to explain (see :mod:`medcam3d.targets`); default :attr:`target` (the config's
+            with :meth:`from_config`), else ``"predicted"``. A ``Region``
             mask is given on the model's output grid, or on the scan's grid with
             ``Region(classes, mask=m, space=scan_space)`` when ``x`` is a ``MetaTensor`` (its
             affine places the input; the mask is resampled with nearest neighbour).
@@ -331,6 +427,11 @@ class Explainer:
             another dtype or on another device are cast and moved to the model's
             (:func:`medcam3d.modeling.to_model_input`).
         """
+        dims = self._spatial_dims
+        if isinstance(x, torch.Tensor) and dims is not None and x.ndim == dims + 1:
+            x = x[None]  # one sample: the batch axis
+        if target is None:
+            target = self.target
         try:
             # The whole forward/backward/restore holds the model: concurrent calls serialize.
             with model_lock(self.model):
@@ -348,7 +449,7 @@ class Explainer:
         except torch.OutOfMemoryError as error:
             message = (
                 f"Out of memory while explaining an input of shape {tuple(x.shape)} on {x.device}: {error}. "
-                "Options: explain through sliding windows (medcam3d.sliding_window / CLI --roi), use mixed precision "
+                "Options: explain through sliding windows (medcam3d.sliding.explain_sliding_window / CLI --roi), use mixed precision "
                 "(amp='bf16' / --amp bf16), a smaller batch, or the CPU (--device cpu)."
             )
             raise ExplainerMemoryError(message) from None
@@ -526,7 +627,7 @@ class Explainer:
     def _prepare_input(self, x: object) -> tuple[torch.Tensor, np.ndarray | None]:
         if torch.is_inference_mode_enabled():
             message = "Explaining needs autograd: call the explainer outside torch.inference_mode()."
-            raise RuntimeError(message)
+            raise InferenceModeError(message)
         affine = getattr(x, "affine", None)
         # a copy: a view would change with the MetaTensor's affine (e.g. when its storage moves to shared memory)
         input_affine = None if affine is None else np.array(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)

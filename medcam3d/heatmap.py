@@ -18,7 +18,7 @@ import os
 import re
 import unicodedata
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, overload
@@ -32,7 +32,7 @@ from .space import Resampler, Space, SpaceError, feature_space, resample
 if TYPE_CHECKING:
     from .explainer import Explanation
 
-__all__ = ["Heatmap", "normalize", "to_scanner_space", "input_space_of", "feature_space_of", "save_heatmaps", "ScanGridMap", "Scaling",
+__all__ = ["Heatmap", "ClassMaps", "normalize", "to_scanner_space", "feature_maps", "heatmaps_of", "heatmap_list", "input_space_of", "feature_space_of", "save_heatmaps", "ScanGridMap", "Scaling",
            "save_scan_maps", "STORAGE_DTYPES", "Volume", "write_nifti_files", "nifti_header", "like_header",
            "slab_ranges", "Constant"]
 
@@ -204,7 +204,71 @@ def input_space_of(result: Explanation, sample: int = 0) -> Space:
     return Space(tuple(result.input_shape), affine)
 
 
-def to_scanner_space(
+class ClassMaps(Mapping):
+    """One sample's heatmaps by class: ``maps["nodule"]`` or ``maps[5]`` (the class index).
+
+    What :func:`to_scanner_space` and :meth:`Explanation.to_scanner_space
+    <medcam3d.explainer.Explanation.to_scanner_space>` return. Keys are the class names (the class
+    indices as ``int`` where the explanation has no names); an ``int`` always means the class
+    index, never a position in the target list. Iterating gives the keys in the order the classes
+    were explained; :meth:`values` gives the :class:`Heatmap` objects in that order. A class
+    explained twice in one target list appears once (the last).
+
+    Parameters
+    ----------
+    heatmaps : sequence of Heatmap
+    """
+
+    def __init__(self, heatmaps: Sequence[Heatmap]) -> None:
+        self._by_index: dict[int, Heatmap] = {}
+        for heat in heatmaps:
+            self._by_index.pop(heat.class_index, None)
+            self._by_index[heat.class_index] = heat
+        self._by_name = {heat.class_name: heat for heat in self._by_index.values() if heat.class_name}
+        self._named = len(self._by_name) == len(self._by_index)
+
+    def __getitem__(self, key: object) -> Heatmap:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if int(key) in self._by_index:
+                return self._by_index[int(key)]
+        elif isinstance(key, str) and key in self._by_name:
+            return self._by_name[key]
+        shown = ", ".join(repr(k) for k in self) or "none"
+        message = (
+            f"no map for class {key!r}: these maps are for {shown} (a class name, or its index as an int; "
+            "explain it with target=... to get its map)."
+        )
+        raise KeyError(message)
+
+    def __iter__(self) -> Iterator:
+        if self._named:
+            return iter([heat.class_name for heat in self._by_index.values()])
+        return iter(list(self._by_index))
+
+    def __len__(self) -> int:
+        return len(self._by_index)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"ClassMaps({list(self)!r})"
+
+    def list(self) -> list[Heatmap]:
+        """The heatmaps in the order the classes were explained."""
+        return list(self._by_index.values())
+
+
+def heatmap_list(heatmaps: Sequence[Heatmap] | Mapping[Any, Heatmap]) -> list[Heatmap]:
+    """The heatmaps of a :class:`ClassMaps` (or any mapping) in order, or of a sequence, as a list."""
+    return list(heatmaps.values()) if isinstance(heatmaps, Mapping) else list(heatmaps)
+
+
+def heatmaps_of(
     result: Explanation,
     scanner_space: Space | None = None,
     *,
@@ -212,7 +276,7 @@ def to_scanner_space(
     sample: int = 0,
     fill: float = 0.0,
 ) -> list[Heatmap]:
-    """Each explained map of one sample as a :class:`Heatmap` on the scan's grid.
+    """Each explained map of one sample as a :class:`Heatmap`, in target order.
 
     Parameters
     ----------
@@ -231,7 +295,7 @@ def to_scanner_space(
     Returns
     -------
     list of Heatmap
-        One per target, in ``result`` order.
+        One per target, in ``result`` order (a class explained twice appears twice).
     """
     grid = feature_space_of(result, input_space, sample)
     maps = result.maps[sample].detach().float().cpu()
@@ -252,6 +316,56 @@ def to_scanner_space(
         )
         for t, index in enumerate(indices)
     ]
+
+
+def to_scanner_space(
+    result: Explanation,
+    scanner_space: Space,
+    *,
+    input_space: Space | None = None,
+    sample: int = 0,
+    fill: float = 0.0,
+) -> ClassMaps:
+    """Each explained class's map of one sample on the scan's own grid and affine.
+
+    One trilinear step from the feature grid (placed at the receptive-field centres, or by the
+    convention the explanation names) to the scan's grid.
+
+    Parameters
+    ----------
+    result : Explanation
+    scanner_space : Space
+        The scan's grid (``medcam3d.io.read_space``, ``medcam3d.io.read`` or
+        ``medcam3d.preprocess.preprocess`` give it). For the maps on the feature grid instead,
+        use :func:`feature_maps`.
+    input_space : Space, optional
+        The model input's grid; default: from the MetaTensor the explainer saw.
+    sample : int
+        Which sample of the batch.
+    fill : float
+        Value of scan voxels outside the model's field of view.
+
+    Returns
+    -------
+    ClassMaps
+        ``maps["class name"]`` or ``maps[class_index]``: a :class:`Heatmap` on ``scanner_space``.
+    """
+    if scanner_space is None:
+        message = (
+            "to_scanner_space needs the scan's grid (a Space: medcam3d.io.read_space(path), or the second value "
+            "of medcam3d.preprocess.preprocess); for the maps on the feature grid use feature_maps() instead."
+        )
+        raise TypeError(message)
+    return ClassMaps(heatmaps_of(result, Space.of(scanner_space), input_space=input_space, sample=sample, fill=fill))
+
+
+def feature_maps(result: Explanation, *, input_space: Space | None = None, sample: int = 0) -> ClassMaps:
+    """Each explained class's map of one sample on its feature grid, with that grid's exact affine.
+
+    Tiny arrays (``(d, v, u)``) that any viewer places correctly in the world; see
+    :func:`to_scanner_space` for the parameters.
+    """
+    return ClassMaps(heatmaps_of(result, input_space=input_space, sample=sample))
 
 
 # --------------------------------------------------------------------------------------------
@@ -953,7 +1067,7 @@ def unique_file_labels(class_names: Sequence[str]) -> list[str]:
 
 
 def save_heatmaps(
-    heatmaps: Sequence[Heatmap],
+    heatmaps: Sequence[Heatmap] | Mapping[Any, Heatmap],
     out_dir: str | Path,
     *,
     prefix: str = "heatmap",
@@ -976,6 +1090,7 @@ def save_heatmaps(
     list of Path
         The files written.
     """
+    heatmaps = heatmap_list(heatmaps)
     if not heatmaps:
         return []
     first = heatmaps[0]

@@ -60,9 +60,9 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from ._files import is_inside, written_by_medcam3d
-from .errors import Medcam3dError, SpaceError
+from .errors import InferenceModeError, Medcam3dError, SpaceError
 from .explainer import Explainer, Explanation
-from .heatmap import Heatmap, ScanGridMap, save_scan_maps, to_scanner_space
+from .heatmap import Heatmap, ScanGridMap, heatmaps_of, save_scan_maps
 from .receptive_field import ReceptiveField
 from .hooks import forward_hooks, model_lock
 from .modeling import first_tensor
@@ -85,10 +85,6 @@ logger = logging.getLogger(__name__)
 HEATMAP_KEY = "medcam3d"
 
 _AMP_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-class InferenceModeError(Medcam3dError, RuntimeError):
-    """The inferer was called under ``torch.inference_mode()``, which forbids the gradients it needs."""
 
 
 class MissingHeatmapsError(Medcam3dError, KeyError):
@@ -717,7 +713,7 @@ class SaveHeatmapsd(MapTransform):
                 "be placed. Preprocess with MONAI transforms that keep MetaTensors (LoadImaged ...)."
             )
             raise SpaceError(message)
-        native = to_scanner_space(result)  # on the feature grid, with its exact affine
+        native = heatmaps_of(result)  # on the feature grid, with its exact affine
         if self.grid == "feature":
             return [ScanGridMap.of_array(h) for h in native]
         meta = dict(meta if meta is not None else getattr(pred, "meta", {}))

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from ._files import atomic_write_text
 from .errors import InputError, SpaceError, UsageError
-from .heatmap import Heatmap
+from .heatmap import Heatmap, heatmap_list
 from .masks import BoundingBox, bounding_box
 from .space import Resampler, Space
 
@@ -325,7 +325,7 @@ def _maps(heatmaps: Any, space: Space, class_names: Sequence[str | None] | None,
                              f"got {array.shape}; or pass Heatmap objects on any grid.")
         entries = [(c, None, array[c], space) for c in range(array.shape[0])]
     else:
-        heatmaps = list(heatmaps)
+        heatmaps = heatmap_list(heatmaps)
         for position, heat in enumerate(heatmaps):
             if not isinstance(heat, Heatmap):
                 raise InputError(f"heatmaps[{position}] is a {type(heat).__name__}; expected medcam3d Heatmap objects "
@@ -385,9 +385,9 @@ def segment(
         The scan on its own grid (e.g. HU), as :func:`medcam3d.io.read` gives it.
     space : Space or (shape, affine)
         The scan's grid (``scanner_space``); its shape must equal ``image.shape``.
-    heatmaps : sequence of Heatmap, or (C, I, J, K) array
+    heatmaps : ClassMaps, sequence of Heatmap, or (C, I, J, K) array
         One map per class. Heatmaps may lie on any grid: pass them on the feature grid
-        (``explanation.to_scanner_space(None)``) for speed on big scans, or on the scan's grid.
+        (``explanation.feature_maps()``) for speed on big scans, or on the scan's grid.
         An array holds maps on the scan's grid, class ``c`` at position ``c``.
     classes : sequence of int, optional
         Class indices to segment, e.g. those predicted present (default: every map). Only these
@@ -772,7 +772,7 @@ def _lesions(labels: np.ndarray, space: Space, regions: list[Region], by_index: 
 # --------------------------------------------------------------------------------------------
 
 
-def gated_maps(fine: Sequence[Heatmap], gate: Sequence[Heatmap]) -> list[Heatmap]:
+def gated_maps(fine: Sequence[Heatmap] | Mapping[Any, Heatmap], gate: Sequence[Heatmap] | Mapping[Any, Heatmap]) -> list[Heatmap]:
     """Fused maps: each finer map (e.g. LayerCAM on an early layer) times the coarse map (e.g. the
     last layer's HiResCAM) divided by its maximum, on the finer map's grid.
 
@@ -781,9 +781,9 @@ def gated_maps(fine: Sequence[Heatmap], gate: Sequence[Heatmap]) -> list[Heatmap
 
     Parameters
     ----------
-    fine : sequence of Heatmap
-        One per class, on one grid (``explanation.to_scanner_space(None)`` of the early layer).
-    gate : sequence of Heatmap
+    fine : ClassMaps or sequence of Heatmap
+        One per class, on one grid (``explanation.feature_maps()`` of the early layer).
+    gate : ClassMaps or sequence of Heatmap
         The same classes in the same order, on any grid; resampled (trilinear) onto ``fine``'s.
 
     Returns
@@ -794,7 +794,7 @@ def gated_maps(fine: Sequence[Heatmap], gate: Sequence[Heatmap]) -> list[Heatmap
     """
     from .space import resample
 
-    fine, gate = list(fine), list(gate)
+    fine, gate = heatmap_list(fine), heatmap_list(gate)
     if len(fine) != len(gate) or not fine:
         raise InputError(f"gated_maps needs one gate per finer map; got {len(fine)} finer and {len(gate)} gate maps.")
     out = []

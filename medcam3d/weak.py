@@ -55,6 +55,7 @@ from scipy import ndimage
 
 from ._json import json_values
 from .errors import ConfigError, InputError, UsageError
+from .heatmap import heatmaps_of
 from .space import Resampler, Space
 
 __all__ = [
@@ -381,7 +382,7 @@ def class_maps(explainer: Any, x: torch.Tensor, input_space: Space) -> np.ndarra
         if tuple(explanation.feature_shape) == tuple(input_space.shape) and explanation.layer == "input":
             out[b] = explanation.maps[b].float().cpu().numpy()
             continue
-        heatmaps = explanation.to_scanner_space(input_space, input_space=input_space, sample=b)
+        heatmaps = heatmaps_of(explanation, input_space, input_space=input_space, sample=b)
         for t, heat in enumerate(heatmaps):
             out[b, t] = np.asarray(heat.data, dtype=np.float32)
     return out

@@ -192,7 +192,7 @@ def test_export_dicom_of_an_engine_explanation(series, tmp_path):
     files = export_dicom(heatmaps, folder, tmp_path / "dicom", threshold=0.5)
     assert [f.name for f in files] == ["heatmap_hirescam_bright.dcm", "heatmap_hirescam_dark.dcm",
                                        "heatmap_hirescam_seg.dcm"]
-    for h, path in zip(heatmaps, files[:2]):
+    for h, path in zip(heatmaps.values(), files[:2]):
         pm = pydicom.dcmread(path)
         ks = _check_geometry(pm, datasets, space)
         np.testing.assert_allclose(pm.pixel_array, np.stack([h.data[:, :, k].T for k in ks]), rtol=1e-6)

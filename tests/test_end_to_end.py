@@ -126,7 +126,7 @@ def test_saved_heatmaps_overlay_the_source(case, tmp_path):
 def test_native_feature_resolution_heatmap_is_placed_exactly(case, tmp_path):
     x, _ = preprocess(case["path"], TRANSFORMS)
     result = medcam3d.Explainer(case["model"], layer="pool")(x[None], "all")
-    native = to_scanner_space(result)  # no scanner space: the feature grid, its exact affine
+    native = result.feature_maps()  # the feature grid, its exact affine
     assert native[1].data.shape == FEATURE_SHAPE
     # The feature cell with the largest value is a planted cell; its world centre matches.
     voxel, world = native[1].peak()
@@ -183,6 +183,6 @@ def test_plain_tensor_needs_input_space(case):
     with pytest.raises(ValueError, match="input_space=Space"):
         to_scanner_space(result, scanner_space)
     given = Space(tuple(x.shape[1:]), np.asarray(x.affine))
-    heat = to_scanner_space(result, scanner_space, input_space=given)[0]
-    with_meta = medcam3d.Explainer(case["model"], layer="pool")(x[None], 1).to_scanner_space(scanner_space)[0]
+    heat = to_scanner_space(result, scanner_space, input_space=given)[1]
+    with_meta = medcam3d.Explainer(case["model"], layer="pool")(x[None], 1).to_scanner_space(scanner_space)[1]
     np.testing.assert_array_equal(heat.data, with_meta.data)

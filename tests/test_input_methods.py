@@ -380,7 +380,7 @@ def test_input_level_maps_land_in_scanner_space_through_the_input_affine():
     x = torch.zeros(1, 1, 8, 12, 10)
     x[0, 0, 3, 7, 6] = 1.0  # one bright voxel inside region 0 only
     result = medcam3d.Explainer(model, GradientXInput(baseline="zero"))(MetaTensor(x, affine=affine), 0)
-    heat = result.to_scanner_space(None)[0]
+    heat = result.feature_maps()[0]
     np.testing.assert_allclose(heat.space.affine, affine.numpy())  # the input grid itself: no shift, no scaling
     voxel, world = heat.peak()
     assert voxel == (3, 7, 6)

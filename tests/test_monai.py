@@ -267,7 +267,7 @@ def test_saver_inverts_to_the_scan_grid_as_the_engine_and_as_monai_invertd(batch
     assert all(p.parent == tmp_path / "out" / "scan" for p in saver.written)
     assert sorted(p.name for p in (tmp_path / "out" / "scan").iterdir()) == names  # no staging left
     expected = to_scanner_space(Explainer(network, class_names=["a", "b", "c"])(x, "all"), io.read_space(scan))
-    for h in expected:
+    for h in expected.values():
         data, space = io.read(tmp_path / "out" / "scan" / f"scan_cam_hirescam_{h.label}.nii.gz")
         assert space == io.read_space(scan)
         np.testing.assert_allclose(data, h.data, rtol=1e-5, atol=1e-7)
@@ -296,7 +296,7 @@ def test_saver_inverts_to_the_scan_grid_as_the_engine_and_as_monai_invertd(batch
     from dataclasses import replace
 
     convention = to_scanner_space(replace(result, placement="align_corners", receptive_field=None), io.read_space(scan))
-    for t, h in enumerate(convention):
+    for t, h in enumerate(convention.values()):
         r = np.corrcoef(np.asarray(inverted[t]).ravel(), h.data.ravel())[0, 1]
         assert r > 0.99  # two interpolations there, one here: close, not equal
 
@@ -344,7 +344,7 @@ def test_saver_naming_conventions_and_four_d(batch, tmp_path):
     feature = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "feature", grid="feature")
     feature(item)
     result = explanation_of(item["pred"])
-    for h, path in zip(to_scanner_space(result), feature.written, strict=True):  # the exact feature-grid maps
+    for h, path in zip(result.feature_maps().values(), feature.written, strict=True):  # the exact feature-grid maps
         data, space = io.read(path)
         assert space == h.space and data.shape == result.feature_shape
         np.testing.assert_allclose(data, h.data, rtol=1e-6)

@@ -501,13 +501,13 @@ def test_explainer_default_placement_and_align_corners():
     result = Explainer(model, layer="3")(x, target=1)
     assert result.placement == "receptive_field"
     assert result.receptive_field == ReceptiveField((4.0,) * 3, (0.0,) * 3, (7.0,) * 3, "graph")
-    native = result.to_scanner_space()[0]
+    native = result.feature_maps()[1]
     assert np.allclose(native.space.affine, affine @ np.diag([4.0, 4.0, 4.0, 1.0]))
     old = Explainer(model, layer="3", placement="align_corners")(x, target=1)
     assert old.placement == "align_corners" and old.receptive_field is None
     expected = feature_space(Space((32, 32, 16), affine), (8, 8, 4))  # today's convention
-    assert np.allclose(old.to_scanner_space()[0].space.affine, expected.affine)
-    assert native.descrip.endswith(" place=rf") and old.to_scanner_space()[0].descrip.endswith(" place=ac")
+    assert np.allclose(old.feature_maps()[1].space.affine, expected.affine)
+    assert native.descrip.endswith(" place=rf") and old.feature_maps()[1].descrip.endswith(" place=ac")
     with pytest.raises(ValueError, match="placement must be one of"):
         Explainer(model, placement="centre")
 

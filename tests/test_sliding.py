@@ -63,7 +63,7 @@ def test_overlapping_windows_find_the_planted_lesion_in_world_mm():
     explainer = medcam3d.Explainer(model, "hirescam", class_names=["background", "lesion"])
     result = explain_sliding_window(explainer, x, "lesion", roi_size=32, overlap=0.5)
     assert result.input_shape == (92, 76, 68) and result.feature_shape == (23, 19, 17)
-    heat = result.to_scanner_space(Space(shape, affine))[0]
+    heat = result.to_scanner_space(Space(shape, affine))["lesion"]
     assert heat.data.shape == shape
     _, peak_mm = heat.peak()
     centre_mm = (affine @ np.append(centre_voxel, 1))[:3]

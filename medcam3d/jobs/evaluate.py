@@ -55,6 +55,7 @@ from scipy.integrate import trapezoid
 import torch
 
 from .._json import json_values
+from ..heatmap import heatmaps_of
 from ..errors import CohortError  # noqa: F401  (re-exported)
 from .cases import Case, collect_cases
 from .lock import output_lock
@@ -311,7 +312,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
         if explanation.logits.ndim != 2:
             raise CohortError(f"The model returned {tuple(explanation.logits.shape)}; evaluate needs (B, C) class logits.")
         probs = probabilities(explanation.logits.float(), config.task)[0].cpu().numpy()
-        heatmaps = explanation.to_scanner_space(scanner_space)
+        heatmaps = heatmaps_of(explanation, scanner_space)  # in target order
         names = [h.label for h in heatmaps]
         truth = _truth(case, labels, names)
         if "p_" + names[0] not in record:
@@ -323,7 +324,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
             layer_name = explanation.layer
         if method == "hirescam" and complete is None:
             complete = completeness(runner.model, batch, target="all", layer=explanation.layer) or False
-        native = explanation.to_scanner_space(None) if segment_here else []  # the feature grid, exact
+        native = heatmaps_of(explanation) if segment_here else []  # the feature grid, exact
         fused: list | None = None
         for t, heat in enumerate(heatmaps):
             c = heat.class_index
@@ -349,7 +350,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
                 if segment_here:
                     if fine is not None and fused is None:
                         if fine_maps is None:
-                            fine_maps = runner.explain(fine, batch).to_scanner_space(None)
+                            fine_maps = heatmaps_of(runner.explain(fine, batch))
                         fused = gated_maps(fine_maps, native)
                     maps = {"threshold": native, "segment": native, **({"fused": fused} if fused is not None else {})}
                     for approach, found in _segmentations(scan, scanner_space, maps, c, lesion, row["pointing_game"]):

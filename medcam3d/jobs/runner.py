@@ -31,7 +31,7 @@ import torch
 from .._json import json_values
 from ..config import Config, SlidingWindowConfig
 from ..explainer import Explainer
-from ..heatmap import to_scanner_space
+from ..heatmap import heatmaps_of
 from ..masks import save_box, threshold_mask
 from ..errors import SpaceError, TargetError, UsageError
 from ..heatmap import unique_file_labels
@@ -514,7 +514,7 @@ class Runner:
                 "receptive_field": None if field_ is None else field_.to_dict()}
             if explanation.diagnostics:
                 result.diagnostics[explanation.method] = json_values(explanation.diagnostics)
-            native = to_scanner_space(explanation)  # the feature grid, exact affine
+            native = heatmaps_of(explanation)  # the feature grid, exact affine
             prefix = result.case_id
             files = [heat.save(folder / f"{prefix}_{explanation.method}_{heat.file_label}_feature{ext}", like=like)
                      for heat in native]  # the source's codes and units, as the scan-grid maps

@@ -373,7 +373,7 @@ def explain_steps(
         model's input does not cover the whole scan, a ``"labels"`` layer of the model's field of
         view (1 inside, drawn as an outline).
     """
-    from ..heatmap import input_space_of
+    from ..heatmap import heatmaps_of, input_space_of
     from ..jobs.runner import Runner, probabilities
     from ..masks import peak
     from ..preprocess import preprocess
@@ -404,7 +404,7 @@ def explain_steps(
         key = _config_key(config_path, trust)
         _INPUT_SHAPES[key, _grid_key(shown.shape, shown.affine)] = input_shape
         _listing(key, input_shape, model)
-    features = explanation.to_scanner_space()  # each class on the feature grid, exact affine
+    features = heatmaps_of(explanation)  # each class on the feature grid, exact affine
     probs = None
     if explanation.logits.ndim == 2:
         probs = probabilities(explanation.logits.float(), config.task)[0].tolist()
