@@ -800,6 +800,10 @@ def _check_out_folder(args: argparse.Namespace) -> None:
     out = Path(text)
     existing = out
     while not existing.exists() and existing.parent != existing:  # the deepest part of the path that exists
+        if existing.is_symlink():  # a link to nothing (or a loop): it cannot be created as a folder
+            raise UsageError(f"--out {text!r} cannot be created: {str(existing)!r} is a symbolic link to "
+                             f"{os.readlink(existing)!r}, which does not exist (or is a loop); create the link's target, "
+                             "remove the link, or choose another --out.")
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         if existing == out:

@@ -292,6 +292,23 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_weights_that_are_not_a_regular_file_are_refused_unopened(tmp_path, kind):
+    """``weights: /dev/zero``, a FIFO or a folder: named for what it is (was: 'does not exist'), never opened."""
+    import os
+
+    target = tmp_path / "w"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target = Path("/dev/zero")
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: {target}}}\n")
+    with pytest.raises(ConfigError, match=f"model.weights '{target}' is not a regular file .not a folder, FIFO or device"):
+        load_config(path)
+
+
 def test_weights_that_are_full_pickles_need_trust(tmp_path):
     marker = tmp_path / "marker"
     torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil.pt")

@@ -392,6 +392,8 @@ class Runner:
         if region_mask is not None:
             digest = hashlib.sha256()
             try:
+                if not os.path.isfile(region_mask):  # a FIFO would wait for a writer: reading the case reports it
+                    raise OSError(f"not a regular file: {region_mask}")
                 with open(region_mask, "rb") as stream:
                     for block in iter(lambda: stream.read(1 << 22), b""):
                         digest.update(block)
