@@ -286,11 +286,15 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _input_shape(args: argparse.Namespace, config) -> tuple[int, ...]:
+def _input_shape(args: argparse.Namespace, config, model) -> tuple[int, ...]:
     if args.image:
+        import functools
+
+        from .jobs.runner import check_model_input
         from .preprocess import preprocess
 
-        x, _ = preprocess(args.image, config.preprocessing, trust=args.trust, source=config.source)
+        x, _ = preprocess(args.image, config.preprocessing, trust=args.trust, source=config.source,
+                          check_input=functools.partial(check_model_input, model))  # refused before it is made
         return tuple(x.shape)
     if args.shape:
         return tuple(args.shape)
@@ -332,7 +336,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     config = _with_limits(load_config(args.config), args)
     # the layers do not depend on the weights: a template without weights can be listed as it is
     model = load_model(config, trust=args.trust, random_weights=config.model.weights is None)
-    shape = _input_shape(args, config)
+    shape = _input_shape(args, config, model)
     if args.shape and not args.image:
         _check_shape_option(args.shape, shape, model, config)
     try:
@@ -536,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     def limit_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--max-voxels", type=_voxel_limit, default=argparse.SUPPRESS, metavar="N",
                          help="largest grid (voxels) a preprocessing step may make, checked before it runs "
-                              "(default 2**30; none: no limit)")
+                              "(default 2**30; above 2**24 voxels also at most N / 2**24 times the scan's voxels; "
+                              "none: no limit)")
         sub.add_argument("--max-activation-memory", type=_memory_limit, default=argparse.SUPPRESS, metavar="SIZE",
                          help="most memory the network's layer outputs may need at once, estimated before each new "
                               "input size runs (default 4GiB; e.g. 16GiB; none: no limit)")
@@ -795,6 +800,10 @@ def _check_out_folder(args: argparse.Namespace) -> None:
     out = Path(text)
     existing = out
     while not existing.exists() and existing.parent != existing:  # the deepest part of the path that exists
+        if existing.is_symlink():  # a link to nothing (or a loop): it cannot be created as a folder
+            raise UsageError(f"--out {text!r} cannot be created: {str(existing)!r} is a symbolic link to "
+                             f"{os.readlink(existing)!r}, which does not exist (or is a loop); create the link's target, "
+                             "remove the link, or choose another --out.")
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         if existing == out:

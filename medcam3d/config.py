@@ -696,6 +696,13 @@ def _existing(value: object, where: str, key: str, base: Path, directory: bool =
         raise ConfigError(f"{where}: {key} {_short(value)} is not a usable path: {error}.") from None
     if not ok:
         kind = "directory" if directory else "file"
+        try:
+            exists = path.exists()
+        except (OSError, ValueError):
+            exists = False
+        if exists:  # a folder, FIFO or device (/dev/zero): never opened
+            expected = "a directory" if directory else "a regular file (not a folder, FIFO or device)"
+            raise ConfigError(f"{where}: {key} {str(path)!r} is not {expected}.")
         raise ConfigError(f"{where}: {key} {kind} {str(path)!r} does not exist (paths are relative to the config file).")
     return path
 

@@ -83,6 +83,7 @@ __all__ = [
     "download_defaults",
     "estimate_activation_bytes",
     "limit_activations",
+    "check_activations",
     "load_weights",
     "load_model",
     "load_bundle",
@@ -596,10 +597,13 @@ class _ActivationGuard:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if x is None or x.is_meta or x.ndim < 3:
             return None
-        shape = tuple(int(n) for n in x.shape)
+        self.check(module, tuple(int(n) for n in x.shape), x.dtype if x.is_floating_point() else torch.float32)
+        return None
+
+    def check(self, module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        """Raise :class:`~medcam3d.errors.InputError` if an input of ``shape`` would need too much memory."""
         if self._covered(shape):
             return None
-        dtype = x.dtype if x.is_floating_point() else torch.float32
         needed = estimate_activation_bytes(module, shape, dtype)
         if needed is not None and needed > self.max_bytes:
             message = (
@@ -648,6 +652,33 @@ def limit_activations(model: nn.Module, max_bytes: int | None = MAX_ACTIVATION_B
     if max_bytes is not None:
         model.register_forward_pre_hook(_ActivationGuard(max_bytes, str(source) if source else None))
     return model
+
+
+def check_activations(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, now, an input shape that ``model``'s activation limit would refuse at its forward pass.
+
+    Lets a caller that knows the shape of the model's input before making it (the preprocessing's
+    output, predicted from metadata: :func:`medcam3d.preprocess.predict_shape`) refuse it before
+    allocating it. An accepted shape is remembered: the forward pass does not estimate it again.
+    Nothing is checked for a model without a limit (see :func:`limit_activations`).
+
+    Parameters
+    ----------
+    model : nn.Module
+    input_shape : sequence of int
+        The full input shape ``(B, C, *spatial)``.
+    dtype : torch.dtype
+        The input's floating dtype.
+
+    Raises
+    ------
+    InputError
+        The model's layer outputs for this shape would need more than its limit.
+    """
+    shape = tuple(int(n) for n in input_shape)
+    for hook in list(getattr(model, "_forward_pre_hooks", {}).values()):
+        if isinstance(hook, _ActivationGuard):
+            hook.check(model, shape, dtype)
 
 
 def build_network(
@@ -1045,14 +1076,17 @@ class BundlePreprocessing:
         chain = self.transform
         if not isinstance(chain, Compose) or chain.lazy:
             return chain(data)
+        scan_voxels: int | None = None  # the image as the chain's loading step read it
         for index, step in enumerate(chain.flatten().transforms):
             image = data.get(self.key) if isinstance(data, Mapping) else None
             if image is not None:
+                if scan_voxels is None and getattr(image, "ndim", 0) >= 2:
+                    scan_voxels = int(np.prod(image.shape))  # all its values: with or without a channel axis
                 label = f"step {index} ({type(step).__name__})"
                 working = _working_shape(getattr(step, "zoomer", step), image)  # Zoomd zooms with a Zoom
                 for shape in (working, _lazy_shape(step, data, self.key)):
                     if shape is not None:
-                        _check_grid(shape, image, label, where + " ", self.max_voxels, made=False)
+                        _check_grid(shape, image, label, where + " ", self.max_voxels, made=False, scan_voxels=scan_voxels)
             data = apply_transform(step, data, chain.map_items, chain.unpack_items, lazy=chain.lazy,
                                    overrides=chain.overrides, log_stats=chain.log_stats)
         return data

@@ -19,7 +19,10 @@ replaying the transforms.
 
 Size limit (with or without trust): no transform may make a grid of more than :data:`MAX_VOXELS`
 voxels (2^30; ``max_voxels=``, CLI ``--max-voxels``) unless the image it is given is already that
-large. The transforms run one at a time (:class:`CheckedCompose`), and before each runs, the grid it
+large; nor, above :data:`GROWTH_FLOOR` voxels (256^3), a grid more than ``max_voxels /
+GROWTH_FLOOR`` times (64 at the default) the voxels of the scan the preprocessing was given: a
+35 kB scan of 32^3 voxels of 40 mm resampled to the demo's 2 mm makes 640^3 voxels, within 2^30,
+but its resampling took 7 GB and 90 s. The transforms run one at a time (:class:`CheckedCompose`), and before each runs, the grid it
 would make is computed from the image's shape and voxel size and the transform's arguments (MONAI's
 lazy mode: metadata only, nothing is resampled), so a 35 kB scan with 40 mm voxels resampled to
 1 mm, or ``BorderPad`` of 600 voxels, is refused in milliseconds instead of allocating gigabytes.
@@ -33,7 +36,7 @@ import difflib
 import inspect
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,11 +51,13 @@ __all__ = [
     "DEFAULT_TRANSFORMS",
     "SAFE_TRANSFORMS",
     "MAX_VOXELS",
+    "GROWTH_FLOOR",
     "CheckedCompose",
     "PreprocessingError",
     "UntrustedTransformError",
     "build_transforms",
     "load_image",
+    "predict_shape",
     "preprocess",
 ]
 
@@ -82,6 +87,12 @@ SAFE_TRANSFORMS = frozenset(
 #: The largest grid (voxels per channel) a transform may make, unless its input is already larger
 #: (default of ``max_voxels``; CLI ``--max-voxels``). 2^30 voxels: 4 GiB per channel in float32.
 MAX_VOXELS = DEFAULT_MAX_VOXELS
+
+#: Above this many voxels (256^3), a transform's grid may be at most ``max_voxels / GROWTH_FLOOR``
+#: times (64 at the default) the voxels of the scan the preprocessing was given: a small scan with
+#: huge voxels resampled to fine ones costs gigabytes (a resampling needs about 7 times 4 bytes per
+#: output voxel), however far below ``max_voxels`` the grid stays.
+GROWTH_FLOOR = 1 << 24
 
 _SIZE_ARGUMENTS = ("spatial_size",)
 _TRUST_HINT = "If you trust the config's author, pass --trust (Python: trust=True)"
@@ -136,20 +147,32 @@ def _voxel_size_text(data: object) -> str:
     return " with voxels of " + " x ".join(f"{size:.3g}" for size in sizes) + " mm"
 
 
-def _check_grid(shape: Sequence[int], data: object, label: str, where: str, max_voxels: int | None, *, made: bool) -> None:
-    """Refuse a transform whose output grid ``shape`` is over ``max_voxels`` and larger than its input's."""
+def _check_grid(shape: Sequence[int], data: object, label: str, where: str, max_voxels: int | None, *, made: bool,
+                scan_voxels: int | None = None) -> None:
+    """Refuse a transform whose output grid ``shape`` is larger than its input's and over ``max_voxels``,
+    or over :data:`GROWTH_FLOOR` and more than ``max_voxels / GROWTH_FLOOR`` times ``scan_voxels``
+    (the voxels of the scan the preprocessing was given)."""
     if max_voxels is None:
         return
     voxels = math.prod(int(n) for n in shape)
     before = _spatial_shape(data)
-    if voxels <= max_voxels or (before is not None and voxels <= math.prod(before)):
+    if before is not None and voxels <= math.prod(before):
+        return
+    growth = max_voxels / GROWTH_FLOOR
+    grows = (scan_voxels is not None and scan_voxels > 0 and growth >= 1 and voxels > GROWTH_FLOOR
+             and voxels > growth * scan_voxels)
+    if voxels <= max_voxels and not grows:
         return
     given = f"the {_grid_text(before)} image{_voxel_size_text(data)}" if before is not None else "its input"
-    message = (
-        f"{where}{label} {'made' if made else 'would make'} a grid of {_grid_text(shape)} = {voxels:,} voxels from "
-        f"{given}, more than the {max_voxels:,} allowed. Check the scan's voxel size and the transform's arguments "
-        f"(sizes and spacings the model was trained with), {_VOXELS_HINT}."
-    )
+    made_text = f"{where}{label} {'made' if made else 'would make'} a grid of {_grid_text(shape)} = {voxels:,} voxels from {given}"
+    if voxels > max_voxels:
+        limit = f"more than the {max_voxels:,} allowed"
+    else:
+        limit = (f"{voxels / cast(int, scan_voxels):,.0f} times the {scan_voxels:,} voxels of the scan given to the "
+                 f"preprocessing, more than the {growth:g} times allowed for a grid over {GROWTH_FLOOR:,} voxels "
+                 f"(max_voxels / {GROWTH_FLOOR:,})")
+    message = (f"{made_text}, {limit}. Check the scan's voxel size and the transform's arguments (sizes and spacings "
+               f"the model was trained with), {_VOXELS_HINT}.")
     raise PreprocessingError(message)
 
 
@@ -211,18 +234,85 @@ def _working_shape(transform: object, data: object) -> tuple[int, ...] | None:
         return None
 
 
-def _run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max_voxels: int | None, where: str) -> object:
+#: MONAI array transforms without a lazy mode that keep the image's shape (voxel-wise maps, filters,
+#: type casts): :func:`predict_shape` passes over them.
+_SHAPE_KEEPING = frozenset({
+    "CastToType", "ClipIntensityPercentiles", "EnsureType", "GaussianSmooth", "HistogramNormalize", "Identity",
+    "MedianSmooth", "NormalizeIntensity", "ScaleIntensity", "ScaleIntensityFixedMean", "ScaleIntensityRange",
+    "ScaleIntensityRangePercentiles", "ShiftIntensity", "StdShiftIntensity", "ThresholdIntensity",
+})
+#: Lazy transforms whose output shape depends on the voxel values (MONAI does not mark them as
+#: needing current data): after a pending lazy step, :func:`predict_shape` cannot tell their shape.
+_VALUE_DEPENDENT = frozenset({"CropForeground"})
+
+
+def predict_shape(transforms: Sequence, data: object) -> tuple[int, ...] | None:
+    """The shape ``(C, *spatial)`` that applying ``transforms`` to ``data`` in turn would give, from
+    metadata only, or None where it cannot be told without running them.
+
+    The lazy transforms (Spacing, Resize, pads, crops, Zoom, Orientation ...) run in MONAI's lazy
+    mode, one after the other, as a lazy ``Compose`` would run them before resampling: they only
+    record their operation and output shape, nothing is resampled or padded. The intensity
+    transforms in :data:`_SHAPE_KEEPING` keep the shape. Any other transform, a ``Compose``, or a
+    transform that needs the resampled data (``CropForeground`` after a lazy step) ends the
+    prediction: None.
+
+    Parameters
+    ----------
+    transforms : sequence of callables
+        MONAI array transforms, applied in turn.
+    data : MetaTensor
+        Channel-first ``(C, *spatial)``; not changed.
+
+    Returns
+    -------
+    tuple of int or None
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    current = data
+    for transform in transforms:
+        if not isinstance(current, MetaTensor) or isinstance(transform, Compose):
+            return None
+        if _takes_lazy(transform):
+            needs_values = getattr(transform, "requires_current_data", False) or type(transform).__name__ in _VALUE_DEPENDENT
+            if current.pending_operations and needs_values:
+                return None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    current = transform(current, lazy=True)
+            except Exception:  # the real call reports it
+                return None
+        elif not (type(transform).__name__ in _SHAPE_KEEPING and type(transform).__module__.startswith("monai.transforms")):
+            return None
+    if not isinstance(current, MetaTensor) or current.ndim < 2:
+        return None
+    spatial = current.peek_pending_shape() if current.pending_operations else current.shape[1:]
+    return (int(current.shape[0]), *(int(n) for n in spatial))
+
+
+def _run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max_voxels: int | None, where: str,
+               check_input: Callable[[tuple[int, ...]], None] | None = None) -> object:
     """Apply ``transforms`` in turn, refusing a grid over ``max_voxels`` before it is made.
 
-    Each error names the step (``labels[i]``) and gives its root cause on one line.
+    Each error names the step (``labels[i]``) and gives its root cause on one line. ``check_input``
+    is called first with the shape the steps will give (:func:`predict_shape`), when it can be told.
     """
+    if check_input is not None:
+        predicted_output = predict_shape(transforms, data)
+        if predicted_output is not None:
+            check_input(predicted_output)
+    scan_shape = _spatial_shape(data)
+    scan_voxels = math.prod(scan_shape) if scan_shape is not None else None
     for transform, label in zip(transforms, labels):
         working = _working_shape(transform, data)
         if working is not None:
-            _check_grid(working, data, label, where, max_voxels, made=False)
+            _check_grid(working, data, label, where, max_voxels, made=False, scan_voxels=scan_voxels)
         predicted = _lazy_shape(transform, data)
         if predicted is not None:
-            _check_grid(predicted, data, label, where, max_voxels, made=False)
+            _check_grid(predicted, data, label, where, max_voxels, made=False, scan_voxels=scan_voxels)
         shape = tuple(getattr(data, "shape", ()))
         try:
             result = transform(data, lazy=False) if _takes_lazy(transform) else transform(data)  # like Compose(lazy=False)
@@ -238,7 +328,7 @@ def _run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max
             raise PreprocessingError(f"{where}{label} failed on an image of shape {shape}: {_one_line(error)}") from error
         after = _spatial_shape(result)
         if predicted is None and after is not None:  # a transform without lazy mode: checked once made
-            _check_grid(after, data, label, where, max_voxels, made=True)
+            _check_grid(after, data, label, where, max_voxels, made=True, scan_voxels=scan_voxels)
         data = result
     return data
 
@@ -489,7 +579,7 @@ def load_image(image: str | Path | tuple[np.ndarray, Space], *, volume: int | No
 
 
 def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool = False, source: str | Path | None = None,
-               max_voxels: Any = _DEFAULT):
+               max_voxels: Any = _DEFAULT, check_input: Callable[[tuple[int, ...]], None] | None = None):
     """Read (if needed) and preprocess one image.
 
     Parameters
@@ -507,6 +597,11 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
     max_voxels : int or None, optional
         The largest grid a transform may make (see :func:`build_transforms`); None: no limit.
         Default: the limit ``transforms`` was built with, else :data:`MAX_VOXELS`.
+    check_input : callable, optional
+        Called with the shape ``(C, *input_shape)`` the preprocessing will give, before any
+        transform runs, when that shape can be told from metadata (:func:`predict_shape`); it may
+        raise to refuse the input before it is made (e.g. the model's activation limit:
+        :func:`medcam3d.models.check_activations`).
 
     Returns
     -------
@@ -533,7 +628,8 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
     where = f"{where_source}: " if where_source else ""
     if isinstance(transforms, checked):
         limit = transforms.max_voxels if max_voxels is _DEFAULT else max_voxels
-        result = _run_steps(transforms.transforms, transforms.labels, tensor, max_voxels=limit, where=transforms.where)
+        result = _run_steps(transforms.transforms, transforms.labels, tensor, max_voxels=limit, where=transforms.where,
+                            check_input=check_input)
     elif isinstance(transforms, Compose):
         limit = MAX_VOXELS if max_voxels is _DEFAULT else max_voxels
         if getattr(transforms, "lazy", False):  # lazy resampling fuses steps: run it as it is, check the result
@@ -541,10 +637,11 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
         else:
             steps = transforms.flatten().transforms
             result = _run_steps(steps, [f"transform {i} ({type(t).__name__})" for i, t in enumerate(steps)], tensor,
-                                max_voxels=limit, where=where)
+                                max_voxels=limit, where=where, check_input=check_input)
     else:
         pipeline = build_transforms(transforms, trust=trust, source=source, max_voxels=max_voxels)
-        result = pipeline(tensor)
+        result = _run_steps(pipeline.transforms, pipeline.labels, tensor, max_voxels=pipeline.max_voxels,
+                            where=pipeline.where, check_input=check_input)
     if not isinstance(result, MetaTensor):
         message = (
             f"{where}the preprocessing returned a {type(result).__name__}, not a MONAI MetaTensor with an affine, so the "

@@ -20,6 +20,19 @@ QT_FIXTURES = {"qapp", "qtbot", "make_napari_viewer", "make_napari_viewer_proxy"
 FIX = "scripts/install-system-deps.sh installs them (needs apt-get and root or sudo)"
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_c_locale():
+    """GDCM's DICOM writer (SimpleITK, used by some tests to make series) sets the C library's locale to "C"
+    and leaves it so: text opened without an explicit encoding in later tests (and subprocess output) would be
+    ASCII. Put back the locale each test started with."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != before:
+        locale.setlocale(locale.LC_ALL, before)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xvfb_disable(config: pytest.Config) -> bool:
     """Tell pytest-xvfb not to start an X server that is not installed (the Qt tests are skipped)."""

@@ -292,6 +292,23 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_weights_that_are_not_a_regular_file_are_refused_unopened(tmp_path, kind):
+    """``weights: /dev/zero``, a FIFO or a folder: named for what it is (was: 'does not exist'), never opened."""
+    import os
+
+    target = tmp_path / "w"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target = Path("/dev/zero")
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: {target}}}\n")
+    with pytest.raises(ConfigError, match=f"model.weights '{target}' is not a regular file .not a folder, FIFO or device"):
+        load_config(path)
+
+
 def test_weights_that_are_full_pickles_need_trust(tmp_path):
     marker = tmp_path / "marker"
     torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil.pt")
@@ -748,6 +765,36 @@ def test_a_small_scan_with_huge_voxels_is_refused_before_it_is_resampled(tmp_pat
     assert no_eager_transforms == []
 
 
+def test_a_small_scan_with_huge_voxels_is_refused_under_the_demo_config(tmp_path, no_eager_transforms):
+    """32^3 voxels of 40 mm (35 kB): the demo's Spacing to 2 mm makes 621^3 voxels, within 2^30, but the resampling
+    took 90 s and 7 GB. Above 256^3 voxels a step may enlarge the scan at most max_voxels / 2^24 times (64)."""
+    import nibabel as nib
+
+    from medcam3d.preprocess import GROWTH_FLOOR
+
+    path = tmp_path / "tiny_40mm.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.diag([40.0, 40.0, 40.0, 1.0])), path)
+    demo = load_config(ROOT / "configs" / "demo.yaml").preprocessing
+    started = time.perf_counter()
+    with pytest.raises(PreprocessingError) as info:
+        preprocess(path, demo)
+    message = str(info.value)
+    assert time.perf_counter() - started < 5 and no_eager_transforms == [] and "\n" not in message
+    assert ("preprocessing[1] (Spacing) would make a grid of 621x621x621 = 239,483,061 voxels from the 32x32x32 image with "
+            "voxels of 40 x 40 x 40 mm, 7,308 times the 32,768 voxels of the scan given to the preprocessing, more than the "
+            "64 times allowed for a grid over 16,777,216 voxels") in message and "--max-voxels" in message
+    assert GROWTH_FLOOR == 1 << 24 and MAX_VOXELS // GROWTH_FLOOR == 64
+    with pytest.raises(PreprocessingError, match="more than the 4096 times allowed"):  # the factor follows the limit
+        preprocess(path, demo, max_voxels=1 << 36)
+    # passing the checks: the step then runs (here: refused by the fixture, which shows it was reached)
+    with pytest.raises(PreprocessingError, match="Spacing ran for real"):
+        preprocess(path, demo, max_voxels=None)
+    fine = tmp_path / "pet_4mm.nii.gz"  # 80^3 of 4 mm to 1 mm: 317^3 voxels, over 2^24 but 61 times the scan: allowed
+    nib.save(nib.Nifti1Image(np.zeros((80, 80, 80), np.float32), np.diag([4.0, 4.0, 4.0, 1.0])), fine)
+    with pytest.raises(PreprocessingError, match="Spacing ran for real"):
+        preprocess(fine, [{"name": "Spacing", "pixdim": [1.0, 1.0, 1.0]}])
+
+
 def test_the_voxel_limit_can_be_lowered_and_lifted():
     steps = [{"name": "BorderPad", "spatial_border": 2}]  # 8^3 -> 12^3 = 1728 voxels
     with pytest.raises(PreprocessingError, match="more than the 1,000 allowed"):
@@ -888,6 +935,65 @@ def test_the_activation_limit_can_be_lowered_lifted_and_works_through_the_explai
     assert load_model(load_config(path))(x).shape == (1, 2)  # the default (4 GiB) lets a real network through
     with pytest.raises(ConfigError, match="max_activation_bytes must be a positive int"):
         with_limits(config, max_activation_bytes=0)
+
+
+def test_a_grid_under_the_voxel_limit_that_the_network_refuses_is_refused_before_it_is_made(tmp_path, no_eager_transforms,
+                                                                                            capsys):
+    """DivisiblePad k: 1000 on an 8^3 scan makes 1000^3 voxels, under 2^30: the preprocessing allocated 4 GB (25-38 s)
+    before the network's activation limit refused its input. The input shape, predicted from metadata, is checked first."""
+    import tracemalloc
+
+    from medcam3d import io
+    from medcam3d.config import SlidingWindowConfig
+    from medcam3d.jobs.runner import Runner, load_case
+
+    path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: none}}\n"
+                            "preprocessing:\n  - {name: Orientation, axcodes: RAS}\n  - {name: DivisiblePad, k: 1000}\n"
+                            "  - {name: ScaleIntensity}\n")
+    scan = tmp_path / "scan.nii.gz"
+    io.write(scan, *_image())
+    config = load_config(path)
+    runner = Runner(config, load_model(config), device="cpu")
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(InputError, match=r"input of shape \(1, 1, 1000, 1000, 1000\) would need about 7.5 GiB") as info:
+            load_case(scan, runner.transforms, model=runner.model, input_check=runner.input_check)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 5 and peak < 100 * 1024**2, peak
+    assert no_eager_transforms == [] and "--max-activation-memory" in str(info.value) and "\n" not in str(info.value)
+    assert main(["layers", "--config", str(path), "--image", str(scan)]) == 2
+    assert "would need about 7.5 GiB" in capsys.readouterr().err and no_eager_transforms == []
+    # a sliding window feeds the network windows, not the whole grid: nothing to check before preprocessing
+    windowed = Runner(config, runner.model, device="cpu", sliding_window=SlidingWindowConfig(roi=(16, 16, 16)))
+    assert windowed.input_check is None
+
+
+def test_the_predicted_input_shape_is_the_one_the_preprocessing_makes():
+    from medcam3d.preprocess import predict_shape
+
+    image = preprocess(_image(), [])[0]  # a channel-first MetaTensor
+    steps = [{"name": "Orientation", "axcodes": "LPS"}, {"name": "Spacing", "pixdim": [0.7, 1.3, 2.0]},
+             {"name": "ScaleIntensityRange", "a_min": 0, "a_max": 1, "b_min": 0, "b_max": 1},
+             {"name": "DivisiblePad", "k": 4}, {"name": "Zoom", "zoom": 1.5, "keep_size": False},
+             {"name": "CenterSpatialCrop", "roi_size": [9, 7, 5]}]
+    compose = build_transforms(steps)
+    predicted = predict_shape(compose.transforms, image)
+    assert predicted == tuple(preprocess(image, compose)[0].shape) == (1, 9, 7, 5)
+    assert image.pending_operations == [] and tuple(image.shape) == (1, 8, 8, 8)  # metadata only: the input untouched
+    # a transform that needs the resampled data after a lazy step, or one that is not known, ends the prediction
+    assert predict_shape(build_transforms([*steps[:2], {"name": "CropForeground"}]).transforms, image) is None
+    assert predict_shape([lambda x: x], image) is None
+    block = np.zeros((8, 8, 8), np.float32)
+    block[2:6, 1:4, 3:8] = 1
+    block = preprocess((block, Space((8, 8, 8), np.eye(4))), [])[0]
+    crop = build_transforms([{"name": "CropForeground"}])  # on the data as they are: predicted from the values
+    assert predict_shape(crop.transforms, block) == tuple(preprocess(block, crop)[0].shape) == (1, 4, 3, 5)
+    checked = []
+    preprocess(image, compose, check_input=checked.append)
+    assert checked == [(1, 9, 7, 5)]
 
 
 def test_building_under_the_budget_leaves_no_process_wide_hooks():

@@ -1041,3 +1041,59 @@ def test_an_empty_image_path_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert main(["explain", "--config", "c.yaml", "--image", "", "--out", "out"]) == 2
     err = capsys.readouterr().err
     assert "--image is empty" in err and "lies inside" not in err
+
+
+def unblock_fifo_later(fifo, seconds=10.0):
+    """If something opens ``fifo`` for reading and waits for a writer, let it go after ``seconds`` (it then reads
+    nothing): a test of a reader that waits fails on its time limit instead of hanging the test run."""
+    import os
+    import threading
+
+    def release():
+        time.sleep(seconds)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
+        except OSError:
+            pass
+
+    threading.Thread(target=release, daemon=True).start()
+
+
+@pytest.mark.parametrize("name", ["scan.nrrd", "scan.mha", "scan.nhdr", "scan.nii.gz", "scan.nii"])
+def test_a_fifo_or_device_named_like_an_image_is_refused_unopened(tmp_path, name):
+    """A FIFO named scan.nrrd made info wait forever for a writer; a link to /dev/zero reads without end."""
+    import os
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    unblock_fifo_later(fifo)
+    device = tmp_path / f"zero_{name}"
+    device.symlink_to("/dev/zero")
+    for path in (fifo, device):
+        for call in (io.read, io.read_space, io.describe):
+            started = time.perf_counter()
+            with pytest.raises(errors.ImageReadError, match="is not a regular file .a FIFO, socket or device") as info:
+                call(path)
+            assert time.perf_counter() - started < 5 and _one_line(info.value)
+
+
+def test_napari_reader_refuses_a_cr_header(tmp_path, secret):
+    pytest.importorskip("napari")
+    from medcam3d.napari import _reader
+
+    path = tmp_path / "scans" / "scan.nhdr"
+    for kind in ("cr", "mixed"):
+        path.write_bytes(_nrrd_cr_headers(secret)[kind].encode())
+        with pytest.raises(errors.ImageReadError, match="bare carriage return"):
+            _reader.read_image(str(path))
+
+
+def test_a_read_that_fails_prints_its_error_line_alone(tmp_path, capsys):
+    """A folder without DICOM printed GDCM's 'No Series were found' as a warning line above the error."""
+    from medcam3d.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a scan")
+    assert main(["info", "--image", str(tmp_path / "notes")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no DICOM series" in err, err

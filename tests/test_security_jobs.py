@@ -130,7 +130,8 @@ def test_class_names_that_clash_as_file_labels_are_refused(setup, tmp_path, caps
     assert main(["explain", "--config", str(clash), "--image", str(root / "scan.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     assert "overwrite each other" in capsys.readouterr().err
     cjk = tmp_path / "cjk.yaml"
-    cjk.write_text(config.read_text().replace("class_names: [bright, dark]", "class_names: [肺结节, 肿块]"))
+    # (encoding given: GDCM's writer, used by other test files, leaves the C library's locale at "C")
+    cjk.write_text(config.read_text().replace("class_names: [bright, dark]", "class_names: [肺结节, 肿块]"), encoding="utf-8")
     assert main(["explain", "--config", str(cjk), "--image", str(root / "scan.nii.gz"), "--out", str(tmp_path / "c")]) == 0
     names = {p.name for p in (tmp_path / "c" / "scan").iterdir()}
     assert "scan_hirescam_肺结节.nii.gz" in names and "scan_hirescam_肿块.nii.gz" in names
@@ -165,6 +166,79 @@ def test_an_out_that_is_a_file_exits_2(setup, tmp_path, capsys):
     target.write_text("x")
     assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(target)]) == 2
     assert "is a file" in capsys.readouterr().err and target.read_text() == "x"
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_an_out_through_a_link_to_nothing_exits_2_naming_the_link(setup, tmp_path, capsys, link):
+    """A dangling --out link made mkdir raise FileExistsError: exit 1, 'internal error'."""
+    root, config = setup
+    out = tmp_path / "results"
+    out.symlink_to(tmp_path / "gone" if link == "dangling" else out)
+    for given in (out, out / "sub"):
+        assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--out", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert f"'{out}' is a symbolic link to" in err and "which does not exist" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_an_inputs_path_that_is_a_fifo_is_refused_unopened(tmp_path):
+    from medcam3d.errors import CohortError
+
+    fifo = tmp_path / "cases.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(CohortError, match="is not a regular file or folder"):
+        collect_cases(fifo)
+
+
+def test_a_region_mask_that_is_a_fifo_is_not_opened_for_the_run_settings(setup, tmp_path):
+    import time
+
+    from medcam3d.config import load_config
+    from medcam3d.jobs.runner import Runner
+    from medcam3d.models import load_model
+    from test_security_io import unblock_fifo_later
+
+    root, config = setup
+    fifo = tmp_path / "region.nii.gz"
+    os.mkfifo(fifo)
+    unblock_fifo_later(fifo)
+    runner = Runner(load_config(config), load_model(load_config(config)), device="cpu")
+    started = time.perf_counter()
+    settings = runner._case_settings({}, fifo)  # the digest of a region mask: read before the case
+    assert time.perf_counter() - started < 5 and settings["region_mask"]["file"] == "region.nii.gz"
+
+
+@pytest.mark.parametrize("where", ["result file", "case summary.json", "top manifest", "lock file"])
+def test_fifos_in_out_are_never_opened(setup, tmp_path, capsys, where):
+    """A FIFO in place of a file medcam3d reads in --out (a result it listed, a case's summary.json, the top manifest,
+    the lock file) made the job wait for a writer forever."""
+    import time
+
+    from test_security_io import unblock_fifo_later
+
+    root, config = setup
+    out = tmp_path / "out"
+    if where == "result file":
+        assert _explain(config, root / "scan.nii.gz", out) == 0
+        fifo = out / "scan" / "scan_hirescam_bright_box.json"
+        fifo.unlink()
+    else:
+        fifo = out / {"case summary.json": "scan/summary.json", "top manifest": "medcam3d-manifest.json",
+                      "lock file": ".medcam3d.lock"}[where]
+        fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    unblock_fifo_later(fifo)
+    capsys.readouterr()
+    started = time.perf_counter()
+    code = _batch(config, root / "scan.nii.gz", out)
+    err = capsys.readouterr().err
+    assert time.perf_counter() - started < 8, err
+    assert code == {"result file": 1, "case summary.json": 1, "top manifest": 2, "lock file": 0}[where], err
+    if where != "lock file":  # (the lock file is medcam3d's own name: removed when the job ends)
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left as it is
+    if code == 1:
+        rows = list(csv.DictReader((out / "summary.csv").open(encoding="utf-8")))
+        assert "not written by medcam3d" in rows[0]["error"] or "changed since" in rows[0]["error"]
 
 
 def test_a_folder_medcam3d_did_not_write_is_never_replaced(setup, tmp_path, capsys):
@@ -844,11 +918,11 @@ def test_csv_quoted_fields_keep_line_breaks_and_unicode_separators(setup, tmp_pa
     assert cases[0].image.name == name
     assert cases[0].labels == ["bright", "dark"]
     assert cases[1].source.endswith("line 4")  # row B starts on line 4: row A spans lines 2 and 3
-    table.write_text(f'id,image\n"A\nB",scan.nii.gz\n"ok\u2028",scan.nii.gz\n', encoding="utf-8")
+    table.write_text('id,image\n"A\nB",scan.nii.gz\n"ok\u2028",scan.nii.gz\n', encoding="utf-8")
     with pytest.raises(CaseIdError, match="line 2") as info:
         collect_cases(table)
     assert "\n" not in str(info.value)
-    table.write_text(f'id,image\nC,scan.nii.gz\n"D\u2028x",scan.nii.gz\n', encoding="utf-8")
+    table.write_text('id,image\nC,scan.nii.gz\n"D\u2028x",scan.nii.gz\n', encoding="utf-8")
     with pytest.raises(CaseIdError, match="line 3.*U\\+2028"):
         collect_cases(table)
 

@@ -63,6 +63,11 @@ def _check_exists(path: Any) -> Path:
 def _kind(p: Path) -> str:
     if p.is_dir():
         return "dicom"
+    if not p.is_file():  # opening a FIFO waits for a writer forever; a device never ends
+        raise ImageReadError(
+            f"'{p}' is not a regular file (a FIFO, socket or device); expected an image file "
+            f"({', '.join(READ_FORMATS)}) or a DICOM folder."
+        )
     ext = _suffix(p)
     if ext in _NIFTI:
         return "nifti"

@@ -482,16 +482,24 @@ def _sitk_run(call: Callable[[], _T]) -> _T:
 
 @contextlib.contextmanager
 def _native_messages(p: Path) -> Iterator[None]:
-    """Collect what the C++ readers print while ``p`` is read; log it as one warning at the end."""
+    """Collect what the C++ readers print while ``p`` is read; log it as one warning at the end.
+
+    When the read fails, medcam3d's one-line error says what is wrong: the readers' messages are
+    then logged at debug level only (stderr holds the error's line alone).
+    """
     collected: dict[str, int] = {}
     token = _COLLECTED.set(collected)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         _COLLECTED.reset(token)
         shown = [f"{line} (x{n})" if n > 1 else line for line, n in collected.items()
                  if not any(h in line for h in _HANDLED)]
-        if shown:
+        if shown and not failed:
             logger.warning("'%s': the image reader (ITK/GDCM/MetaIO) said: %s", p, "; ".join(shown)[:2000])
         elif collected:
             logger.debug("'%s': the image reader said: %s", p, "; ".join(collected))

@@ -472,6 +472,9 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
         elif inputs.is_dir() and not _is_dicom_folder(inputs):
             cases = _from_folder(inputs, max_cases)
             given = [False] * len(cases)
+        elif inputs.exists() and not inputs.is_dir() and not inputs.is_file():
+            raise CohortError(f"--inputs {str(inputs)!r} is not a regular file or folder (a FIFO, socket or device); "
+                              "give a folder of scans, a CSV with an 'image' column, or a scan.")
         elif inputs.exists():
             cases, given = [Case("", inputs, source=str(inputs))], [False]
         else:

@@ -71,12 +71,14 @@ def distributed_context(device: str = "auto") -> DistributedContext:
 class _CaseDataset(torch.utils.data.Dataset):
     """Reads and preprocesses one case per item, in a worker; errors are returned, not raised."""
 
-    def __init__(self, cases: Sequence[Case], transforms, trust: bool = False, reader=None, model=None) -> None:
+    def __init__(self, cases: Sequence[Case], transforms, trust: bool = False, reader=None, model=None,
+                 input_check=None) -> None:
         self.cases = list(cases)
         self.transforms = transforms
         self.trust = trust
         self.reader = reader
         self.model = model
+        self.input_check = input_check
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -86,7 +88,8 @@ class _CaseDataset(torch.utils.data.Dataset):
         try:
             inputs = case.identity()  # before reading: recorded for resume
             loaded = load_case(case.image, self.transforms, case.mask, trust=self.trust, volume=case.volume,
-                               series=case.series, reader=self.reader, model=self.model, region_mask=case.region_mask)
+                               series=case.series, reader=self.reader, model=self.model, region_mask=case.region_mask,
+                               input_check=self.input_check)
             return {"case": case, "loaded": _as_tensors(loaded), "error": "", "inputs": inputs}
         except Exception as error:  # reported by the main process, the cohort goes on
             return {"case": case, "loaded": None, "error": f"{type(error).__name__}: {error}"}
@@ -355,7 +358,7 @@ def _run_cohort(runner: Runner, cases: Sequence[Case], out: Path, *, resume: boo
         else:
             todo.append((index, case))
     loader = DataLoader(_CaseDataset([case for _, case in todo], runner.transforms, runner.trust, runner.reader,
-                                     runner.model), batch_size=1,
+                                     runner.model, runner.input_check), batch_size=1,
                         num_workers=workers, collate_fn=_first, worker_init_fn=worker_init)
     failures = 0
     bar = tqdm(total=len(todo), desc=f"explaining (rank {context.rank})" if context.distributed else "explaining",

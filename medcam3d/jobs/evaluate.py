@@ -294,7 +294,8 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
 
     config = runner.config
     loaded = load_case(case.image, runner.transforms, case.mask, trust=runner.trust, volume=case.volume,
-                       series=case.series, reader=runner.reader, model=runner.model)  # scan read once; mask checked against its grid
+                       series=case.series, reader=runner.reader, model=runner.model,
+                       input_check=runner.input_check)  # scan read once; mask checked against its grid
     scanner_space, scan = loaded.scanner_space, loaded.scan
     batch = loaded.x[None].to(runner.device)
     labels = None if loaded.labels is None else np.rint(np.asarray(loaded.labels)).astype(np.int64)

@@ -26,6 +26,7 @@ import logging
 import os
 import shlex
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,11 +47,13 @@ _HELD: dict[str, OutputLock] = {}  # output folders this process holds, by path:
 
 def lock_holder(out: str | Path) -> dict | None:
     """What the lock file of ``out`` says about its holder (pid, host, started, command), if readable."""
-    try:
-        descriptor = os.open(Path(out) / LOCK_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:  # without blocking: a FIFO named like the lock file would wait for a writer forever
+        descriptor = os.open(Path(out) / LOCK_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
         data = json.loads(os.read(descriptor, 64 * 1024).decode("utf-8"))
     except (OSError, ValueError):
         return None

@@ -80,14 +80,22 @@ _SHOWN = 5  # files named in a message, then "and N more"
 
 # --------------------------------------------------------------------------- fingerprints
 def _open_regular(path: Path) -> int | None:
-    """A read-only descriptor of ``path`` when it is a regular file reached without following a link."""
+    """A read-only descriptor of ``path`` when it is a regular file reached without following a link.
+
+    Opened without blocking: a FIFO put in place of a file would otherwise wait for a writer forever.
+    """
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a device or FIFO is not even opened
+            return None
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+                             | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # replaced between lstat and open
         os.close(descriptor)
         return None
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(descriptor, True)
     return descriptor
 
 

@@ -14,13 +14,14 @@ only when the same settings made it from the same inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,8 @@ def read_region_mask(path: str | Path, scanner_space: object, *, trust: bool = F
 
 def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, trust: bool = False,
               volume: int | None = None, series: str | None = None, reader=None,
-              model: torch.nn.Module | None = None, region_mask: str | Path | None = None) -> LoadedCase:
+              model: torch.nn.Module | None = None, region_mask: str | Path | None = None,
+              input_check: Callable[[tuple[int, ...]], None] | None = None) -> LoadedCase:
     """Read a scan once, preprocess it, and read its ground-truth label map if given.
 
     ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
@@ -244,6 +246,9 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
     such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`).
     ``model``, when given, is checked to take inputs of the scan's dimensionality (2D or 3D).
     ``region_mask`` is a 0/1 region on the scan's grid to explain (see :func:`read_region_mask`).
+    ``input_check`` is called with the shape ``(C, *input_shape)`` the preprocessing will give,
+    before it runs, when that can be told from metadata (see :func:`medcam3d.preprocess.preprocess`;
+    :attr:`Runner.input_check` refuses an input the model's activation limit would refuse).
 
     Raises
     ------
@@ -266,7 +271,7 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
                              "file); give the config a preprocessing list instead.")
         x, _ = reader(image, trust=trust)
     else:
-        x, _ = preprocess((scan, scanner_space), transforms)
+        x, _ = preprocess((scan, scanner_space), transforms, check_input=input_check)
     labels = None
     if mask is not None:
         labels, mask_space = io.read(mask, dtype=None, trust=trust)
@@ -275,6 +280,14 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
                              "a label map with the scan's shape and affine.")
     region = None if region_mask is None else read_region_mask(region_mask, scanner_space, trust=trust, image=image)
     return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels, region)
+
+
+def check_model_input(model: torch.nn.Module, shape: Sequence[int]) -> None:
+    """Refuse a preprocessed input of ``shape`` ``(C, *spatial)`` (one case, batch axis added) that
+    ``model``'s activation limit would refuse (:func:`medcam3d.models.check_activations`)."""
+    from ..models import check_activations
+
+    check_activations(model, (1, *(int(n) for n in shape)))
 
 
 class Runner:
@@ -304,6 +317,10 @@ class Runner:
 
     Attributes
     ----------
+    input_check : callable or None
+        Refuses a preprocessed input the model's activation limit would refuse, before the
+        preprocessing makes it (see :func:`load_case`); None with a sliding window (the model
+        then sees windows, not the whole input).
     region_masks : dict of str to Path
         Region masks (0/1, on each scan's grid) by case id, for segmentation networks: a case
         listed here is explained inside its region when :meth:`run_case` gets no ``region_mask``
@@ -327,6 +344,8 @@ class Runner:
         self.target = config.target if target is None else target
         self.layer = layer or config.layer
         self.transforms = build_transforms(config.preprocessing, trust=trust, source=config.source)
+        self.input_check = (None if self.sliding_window is not None
+                            else functools.partial(check_model_input, self.model))  # picklable: DataLoader workers
         self.region_masks: dict[str, Path] = {}
         if config.class_names:
             unique_file_labels(config.class_names)  # clashing file labels are refused before any work
@@ -373,6 +392,8 @@ class Runner:
         if region_mask is not None:
             digest = hashlib.sha256()
             try:
+                if not os.path.isfile(region_mask):  # a FIFO would wait for a writer: reading the case reports it
+                    raise OSError(f"not a regular file: {region_mask}")
                 with open(region_mask, "rb") as stream:
                     for block in iter(lambda: stream.read(1 << 22), b""):
                         digest.update(block)
@@ -449,7 +470,8 @@ class Runner:
             raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")
         if loaded is None:
             loaded = load_case(image, self.transforms, mask, trust=self.trust, volume=volume, series=series,
-                               reader=self.reader, model=self.model, region_mask=region_mask)
+                               reader=self.reader, model=self.model, region_mask=region_mask,
+                               input_check=self.input_check)
         elif region_mask is not None and loaded.region is None:
             loaded = dataclasses.replace(loaded, region=read_region_mask(region_mask, loaded.scanner_space,
                                                                          trust=self.trust, image=image))

@@ -394,7 +394,7 @@ def explain_steps(
     yield Step(2, total, "preprocessing")
     with _MODEL_LOCK:
         runner = Runner(config, model, methods=[method], target=target, layer=layer, device=device)
-        x, _ = preprocess(tensor, runner.transforms)
+        x, _ = preprocess(tensor, runner.transforms, check_input=runner.input_check)
         del tensor
         input_shape = tuple(int(n) for n in x.shape)
     yield Step(3, total, f"explaining ({method})")
