@@ -20,6 +20,7 @@ import unicodedata
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, overload
 
@@ -792,11 +793,13 @@ def nifti_header(shape: tuple[int, ...], dtype: str, space: Space, *, like_heade
     sform and qform (the sform only for a grid the qform cannot hold, e.g. a sheared one), with
     ``like_header``'s codes (a source NIfTI's header; a code 0 takes the other) or 1 (scanner), and
     its units or mm. ``scaling`` sets ``scl_slope``/``scl_inter`` (none for float32 or a slope of 1 and
-    intercept of 0); ``display`` sets ``cal_min``/``cal_max``.
+    intercept of 0); ``display`` sets ``cal_min``/``cal_max``. A ``descrip`` longer than the 80-byte
+    field (e.g. a 4D map's class list) is also kept whole in a header extension
+    (:func:`medcam3d.io.descrip_extensions`; ``vox_offset`` follows it).
     """
     import nibabel as nib
 
-    from .io import descrip_bytes, set_nifti_geometry
+    from .io import descrip_bytes, descrip_extensions, set_nifti_geometry
 
     header = nib.Nifti1Header()
     header.set_data_dtype(np.dtype(dtype))
@@ -804,13 +807,14 @@ def nifti_header(shape: tuple[int, ...], dtype: str, space: Space, *, like_heade
     set_nifti_geometry(header, space, like_header)
     if descrip is not None:
         header["descrip"] = descrip_bytes(descrip)
+        header.extensions.extend(descrip_extensions(descrip))
     if scaling is not None and scaling.dtype != "float32" and (scaling.slope != 1.0 or scaling.inter != 0.0):
         header.set_slope_inter(scaling.slope, scaling.inter)
     else:
         header.set_slope_inter(None, None)
     if display is not None and all(np.isfinite(display)):
         header["cal_min"], header["cal_max"] = display
-    header["vox_offset"] = 352
+    header["vox_offset"] = 352 + header.extensions.get_sizeondisk()
     return header
 
 
@@ -833,7 +837,10 @@ def like_header(like: Any):
 
 
 def _header_bytes(header) -> bytes:
-    return header.binaryblock + b"\0\0\0\0"  # 348 bytes, then "no extensions"
+    """348 bytes, the extension flag and the extensions (none: ``\\0\\0\\0\\0``), up to ``vox_offset``."""
+    buffer = BytesIO()
+    header.write_to(buffer)
+    return buffer.getvalue()
 
 
 def write_nifti_files(targets: Sequence[tuple[Path, Any]], volumes: Sequence[Volume], *, compress: bool = True) -> list[Path]:

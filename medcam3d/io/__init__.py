@@ -68,7 +68,8 @@ One concept per module; every public name is importable from ``medcam3d.io``:
 - :mod:`medcam3d.io.writing`: :func:`write`;
 - :mod:`medcam3d.io.info`: :func:`describe`, :class:`ImageInfo`, :class:`SeriesInfo`;
 - :mod:`medcam3d.io.nifti`: NIfTI reading and the header rule (:func:`set_nifti_geometry`,
-  :func:`descrip_bytes`);
+  :func:`descrip_bytes`; a descrip longer than 80 bytes is kept whole in a header extension,
+  :func:`descrip_extensions`, read back by :func:`full_descrip`);
 - :mod:`medcam3d.io.itk`: NRRD and MetaImage headers (:func:`detached_data_file`), SimpleITK
   reading and what its C++ readers print;
 - :mod:`medcam3d.io.dicom`: DICOM series (listing, header geometry, reading);
@@ -87,7 +88,7 @@ from ..orientation import lps_to_ras, ras_to_lps
 from ._common import READ_FORMATS, WRITE_FORMATS
 from .limits import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION, DEFAULT_MAX_SLICES, EXPANSION_FREE_BYTES, LIMIT_FLAGS,
                      MAX_VOXEL_MM, MIN_VOXEL_MM, set_read_limits)
-from .nifti import descrip_bytes, set_nifti_geometry
+from .nifti import descrip_bytes, descrip_extensions, full_descrip, set_nifti_geometry
 from .itk import detached_data_file
 from .reading import read, read_space, read_volumes
 from .info import ImageInfo, SeriesInfo, describe
@@ -103,6 +104,8 @@ __all__ = [
     "write",
     "set_nifti_geometry",
     "descrip_bytes",
+    "descrip_extensions",
+    "full_descrip",
     "detached_data_file",
     "lps_to_ras",
     "ras_to_lps",

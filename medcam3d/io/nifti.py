@@ -233,6 +233,69 @@ def descrip_bytes(descrip: str) -> bytes:
     return raw
 
 
+#: NIfTI extension code (NIFTI_ECODE_COMMENT) of the whole descrip when it is longer than the 80-byte field.
+DESCRIP_ECODE = 6
+_DESCRIP_KEY = "medcam3d_descrip"
+
+
+def descrip_extensions(descrip: str | None) -> list[Any]:
+    """NIfTI header extensions that keep a ``descrip`` longer than 80 bytes whole.
+
+    The 80-byte ``descrip`` field holds its start (:func:`descrip_bytes`); the whole text goes into
+    one comment extension (code :data:`DESCRIP_ECODE`) holding ``{"medcam3d_descrip": text}`` as
+    UTF-8 JSON, which :func:`full_descrip` reads back (other tools skip extensions they do not
+    know). A text that fits the field needs none.
+
+    Parameters
+    ----------
+    descrip : str or None
+
+    Returns
+    -------
+    list of nibabel.nifti1.Nifti1Extension
+        Empty, or one extension.
+    """
+    import json
+
+    from nibabel.nifti1 import Nifti1Extension
+
+    if descrip is None or len(str(descrip).encode("utf-8")) <= 80:
+        return []
+    content = json.dumps({_DESCRIP_KEY: str(descrip)}, ensure_ascii=False).encode("utf-8")
+    return [Nifti1Extension(DESCRIP_ECODE, content)]
+
+
+def full_descrip(header: Any) -> str | None:
+    """A NIfTI header's description, whole: the :func:`descrip_extensions` comment when there is one,
+    else the ``descrip`` field (up to its first NUL, UTF-8).
+
+    Parameters
+    ----------
+    header : nibabel NIfTI header
+
+    Returns
+    -------
+    str or None
+        None for an empty field, or bytes that are not UTF-8.
+    """
+    import json
+
+    for extension in getattr(header, "extensions", None) or []:
+        if extension.get_code() != DESCRIP_ECODE:
+            continue
+        try:
+            value = json.loads(bytes(extension.get_content()).rstrip(b"\x00").decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):  # another program's comment
+            continue
+        if isinstance(value, dict) and isinstance(value.get(_DESCRIP_KEY), str):
+            return value[_DESCRIP_KEY]
+    try:
+        raw = bytes(np.asarray(header["descrip"]).item()).split(b"\x00", 1)[0]
+        return raw.decode("utf-8") or None
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def _output_codes(like_header: Any) -> tuple[int, int]:
     """The sform and qform codes of a written NIfTI, before the shear rule (see the module docstring).
 
@@ -315,4 +378,5 @@ def _nifti_image(arr: np.ndarray, space: Space, like: Any, descrip: str | None) 
     set_nifti_geometry(img.header, space, _like_header(like))
     if descrip is not None:
         img.header["descrip"] = descrip_bytes(descrip)
+        img.header.extensions.extend(descrip_extensions(descrip))
     return img

@@ -13,16 +13,23 @@ scaled to [0, 1]), ``..._feature`` (the map on the model's feature grid, exact) 
   (``metadata["medcam3d"] == "heatmap"``, method, layer, class, class_index, max, peak...), so that
   *Threshold to mask* and *Segment* work on it. The ``<stem>_feature`` file next to a map becomes
   ``metadata["feature_map"]``/``["feature_affine"]`` (scaled like the ``_norm`` copy for one), so
-  that *Segment* and the writers work from the exact feature grid as after *Explain*; the class's
+  that *Segment* and the writers work from the exact feature grid as after *Explain* (and an
+  oblique scan's map is shown resampled once from it, as *Explain* shows it); the class's
   probability and score come from the case's ``summary.json`` when it is there;
 - **masks**: a uint8 labels layer on the grid the scan is shown on (nearest neighbour when that
   grid is resampled), named like the widget's masks (``... · mask fraction 0.5``, the threshold
   read from the ``_box.json`` beside it).
 
+A ``--four-d`` file (``<case>_<method>.nii.gz`` and its ``_norm`` copy, descrip ``medcam3d <method>
+layer=<layer> classes=<label>,<label>...``; a list longer than the 80-byte field is read whole
+from the header extension, :func:`medcam3d.io.full_descrip`) opens as one such heatmap per class
+(:func:`saved_map_volumes`), named by its class, with the class's ``_feature`` file and
+probability when they are beside it.
+
 Placement is the reader's (:func:`._reader.image_layer_data`): reordered axes, oblique files
 resampled onto the same axis-aligned grid as their scan. Anything else, a file whose descrip is
-another program's, or medcam3d's in another form (a 4D file, a segmentation), a malformed one,
-a 2D or 4D map, opens as a plain image.
+another program's, or medcam3d's in another form (a segmentation), a malformed one, a 2D map,
+opens as the reader decides (a label map as labels, :mod:`._labels`; else a plain image).
 """
 
 from __future__ import annotations
@@ -37,13 +44,14 @@ from typing import Any
 import numpy as np
 
 from .. import io
-from ..space import Space
+from ..space import Space, resample
 from ._grid import axis_aligned_grid, layer_grid, napari_affine, needs_display_grid, resample_labels
 from ._reader import checksum, image_layer_data
 from ._view import AXIS_LABELS, UNITS
 from ._writer import ascii_text
 
-__all__ = ["Provenance", "parse_descrip", "read_descrip", "output_kind", "saved_output_layer", "KINDS"]
+__all__ = ["Provenance", "parse_descrip", "read_descrip", "output_kind", "saved_output_layer", "saved_map_volumes",
+           "KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,8 @@ _NIFTI = (".nii.gz", ".nii")
 # medcam3d <method> layer=<layer> class=<index>:<label>; the label is the rest (it may hold spaces)
 _DESCRIP = re.compile(r"medcam3d (?P<method>[^\s=:]+) layer=(?P<layer>[^\s=]+) class=(?P<index>\d{1,9}):(?P<label>\S.*?)"
                       r"(?: place=(?:rf|ac))?")  # the placement of the feature grid (Heatmap.descrip)
+# medcam3d <method> layer=<layer> classes=<label>,<label>...: a --four-d file (one volume per class)
+_DESCRIP_4D = re.compile(r"medcam3d (?P<method>[^\s=:]+) layer=(?P<layer>[^\s=]+) classes=(?P<labels>\S.*)")
 _SIDECAR_BYTES = 4 << 20  # summary.json / _box.json read at most this large
 
 
@@ -89,18 +99,19 @@ def parse_descrip(text: str | bytes | None) -> Provenance | None:
 
 
 def read_descrip(path: str | Path) -> str | None:
-    """The ``descrip`` of a NIfTI file's header (ASCII), or None (not NIfTI, unreadable, not ASCII)."""
+    """The description of a NIfTI file (ASCII), whole (:func:`medcam3d.io.full_descrip`: a text longer
+    than the 80-byte ``descrip`` field is kept in a header extension); None when the file is not
+    NIfTI, is unreadable or its description is not ASCII."""
     if not str(path).lower().endswith(_NIFTI):
         return None
     try:
         import nibabel as nib
 
-        header: Any = nib.load(str(path)).header
-        raw = np.asarray(header["descrip"]).item()
-        return bytes(raw).split(b"\x00", 1)[0].decode("ascii")
+        text = io.full_descrip(nib.load(str(path)).header)
     except Exception:  # any header problem: not ours
         logger.debug("no descrip in %s", path, exc_info=True)
         return None
+    return text if text is not None and text.isascii() else None
 
 
 def _stem(path: Path) -> str:
@@ -187,7 +198,7 @@ def _feature_map(path: Path, base: str, kind: str, found: Provenance, space: Spa
 
 
 def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base: str, found: Provenance,
-                   descrip: str) -> tuple:
+                   descrip: str, volume: int | None = None) -> tuple:
     from ..masks import peak
     from ._widget import heatmap_layer_kwargs, heatmap_name
 
@@ -195,10 +206,17 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
     fill = float("nan") if np.isnan(values).any() else 0.0
     case = _case_of(base, found)
     source = case or base
-    data, options, _ = image_layer_data(values, space, name=source, path=path)
+    data, options, _ = image_layer_data(values, space, name=source, path=path, volume=volume)
     data = np.asarray(data, dtype=np.float32)
     scan_meta = options["metadata"]
     shown = Space(data.shape, scan_meta["affine"])
+    if kind == "feature":  # the exact map itself, on its own grid
+        feature: tuple[np.ndarray, np.ndarray] | None = (np.ascontiguousarray(values),
+                                                         np.array(space.affine, dtype=np.float64))
+    else:
+        feature = _feature_map(path, base, kind, found, space, fill)
+        if feature is not None and scan_meta["resampled"]:  # shown once from the feature grid, as Explain does
+            data = resample(feature[0], Space(feature[0].shape, feature[1]), shown, fill=fill).astype(np.float32)
     top_voxel = peak(data, shown)
     top = float(np.nanmax(data)) if data.size and not np.isnan(data).all() else 0.0
     probability, score = _from_summary(path.parent, case, found)
@@ -223,13 +241,9 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
         "fill": fill,
         "checksum": checksum(data),
         "fov_covers_scan": None,
+        "output_activation": None,  # not recorded in the file
         "output": kind,
     }
-    if kind == "feature":  # the exact map itself, on its own grid
-        feature: tuple[np.ndarray, np.ndarray] | None = (np.ascontiguousarray(values),
-                                                         np.array(space.affine, dtype=np.float64))
-    else:
-        feature = _feature_map(path, base, kind, found, space, fill)
     if feature is not None:
         meta["feature_map"], meta["feature_affine"] = feature
     name = heatmap_name(source, found.method, found.layer, found.label, probability)
@@ -281,6 +295,67 @@ def _mask_layer(array: np.ndarray, space: Space, path: Path, base: str, found: P
     colormap = {0: "transparent", 1: "cyan", None: "cyan"}  # as the widget's masks
     return data, {"name": name, "affine": napari_affine(shown.affine, 3), "opacity": 0.8, "colormap": colormap,
                   "metadata": meta, "axis_labels": AXIS_LABELS, "units": UNITS}, "labels"
+
+
+def _class_index(folder: Path, case: str | None, method: str, label: str, default: int) -> int:
+    """The class index of ``label`` from the case's ``summary.json`` findings (``default`` when not there)."""
+    summary = _json(folder / "summary.json") if case is not None else {}
+    if summary.get("case_id") == case:
+        for finding in summary.get("findings") or []:
+            if isinstance(finding, dict) and finding.get("method") == method and finding.get("class") == label and \
+                    isinstance(finding.get("class_index"), int) and not isinstance(finding.get("class_index"), bool):
+                return int(finding["class_index"])
+    return default
+
+
+def saved_map_volumes(volumes: np.ndarray, space: Space, path: str | Path) -> list[tuple] | None:
+    """A ``medcam3d explain --four-d`` file (one map per class) as one heatmap layer per class.
+
+    Parameters
+    ----------
+    volumes : (T, *space.shape) ndarray
+        The file's volumes (:func:`medcam3d.io.read_volumes`).
+    space : Space
+        The grid of one volume.
+    path : path
+        ``<case>_<method>.nii.gz`` or its ``_norm`` copy; its descrip lists the classes in order.
+
+    Returns
+    -------
+    list of (data, kwargs, "image") or None
+        Heatmap layers like :func:`saved_output_layer`'s (``metadata["volume"]`` the volume),
+        named by their class (``case_04 · hirescam · class_layers.relu · bright_round (p=0.83)``,
+        ``· normalized`` for the ``_norm`` copy); None when the file is no medcam3d 4D map (the
+        reader then opens one plain image per volume).
+    """
+    from ..heatmap import _safe
+
+    path = Path(path)
+    descrip = read_descrip(path)
+    matched = _DESCRIP_4D.fullmatch(descrip.strip()) if descrip is not None and len(space.shape) == 3 else None
+    if matched is None or np.ndim(volumes) != 4:
+        return None
+    labels = [label.strip() for label in matched["labels"].split(",")]
+    method, layer = matched["method"], matched["layer"]
+    if len(labels) != len(volumes) or not all(label and label.isprintable() for label in labels):
+        logger.warning("%s: its descrip names %d classes for %d volumes; classes are numbered instead",
+                       path.name, len(labels), len(volumes))
+        labels = [f"class{t}" for t in range(len(volumes))]
+    stem = _stem(path)
+    kind, base = ("norm", stem[: -len("_norm")]) if stem.endswith("_norm") and len(stem) > 5 else ("map", stem)
+    case = base[: -len(f"_{_safe(method)}")] if base.endswith(f"_{_safe(method)}") else None
+    layers = []
+    try:
+        for t, label in enumerate(labels):
+            index = _class_index(path.parent, case, method, label, t)
+            found = Provenance(method, layer, index, label)
+            per_class = f"{base}_{_safe(label)}"  # as the class's own files are named (its _feature file)
+            layers.append(_heatmap_layer(volumes[t], space, path, kind, per_class, found,
+                                         f"medcam3d {method} layer={layer} class={index}:{label}", volume=t))
+    except Exception:  # never fail to open a file because it looks like ours
+        logger.warning("medcam3d: %s opened as plain images (not readable as medcam3d maps)", path.name, exc_info=True)
+        return None
+    return layers
 
 
 def saved_output_layer(array: np.ndarray, space: Space, path: str | Path) -> tuple | None:

@@ -1,4 +1,16 @@
-"""Reader: medical images as napari image layers placed in scanner space (RAS mm).
+"""Reader: medical images as napari image or labels layers placed in scanner space (RAS mm).
+
+What a file opens as:
+
+- a medcam3d **heatmap** (a map that ``medcam3d explain`` wrote, its ``_norm`` or ``_feature``
+  copy, or one heatmap per class of a ``--four-d`` file, named by its class) or a medcam3d
+  ``_mask`` (:mod:`._outputs`, recognised by the NIfTI descrip);
+- a **label map** (ground truth such as ``case_04_mask.nii.gz``, ``..._segmentation.nii.gz``,
+  masks saved by the plugin, any file of few whole non-negative values): a napari Labels layer in
+  its own colours (:mod:`._labels` states the rule: whole non-negative values, at most 256 distinct
+  ones when the name, NIfTI intent or descrip says labels, at most 64 otherwise, then an integer
+  voxel type);
+- anything else: a grey **scan** image.
 
 A layer's world coordinates are RAS+ millimetres, with the axes labelled R, A, S and the units
 mm; a scan opens in the axial view (anterior up, the patient's right on the screen's left).
@@ -8,7 +20,8 @@ napari draws a 2D slice only along data axes that match world axes, so:
   shown with its voxel axes reordered, never resampled: ``layer.data = file_array.transpose(axes)``
   and the affine's columns follow (:func:`._grid.layer_grid`); flips are kept;
 - an **oblique** file (voxel axes tilted from the world axes, so that napari would draw it more
-  than a tenth of a voxel away from its true place) is shown **resampled** (trilinear) onto an
+  than a tenth of a voxel away from its true place) is shown **resampled** (trilinear; label maps
+  by nearest neighbour) onto an
   axis-aligned grid with the scan's own voxel size that covers its whole extent
   (:func:`._grid.axis_aligned_grid`); a notification says so once. The file's own grid is kept in
   the metadata and writers save on it.
@@ -35,11 +48,12 @@ import numpy as np
 from .. import io
 from ..space import Space, resample
 from ._grid import axis_aligned_grid, drawing_error_mm, file_grid, layer_grid, napari_affine, needs_display_grid, tilt_degrees
+from ._labels import FEW_LABELS, MAX_LABELS, label_hint, label_values, labels_layer_data
 from ._view import AXIS_LABELS, UNITS, open_axial_when_added
 from ._writer import prefer_medcam3d_writers
 
-__all__ = ["napari_get_reader", "read_image", "image_layer_data", "layer_grid", "file_grid", "napari_affine",
-           "checksum", "file_stamp"]
+__all__ = ["napari_get_reader", "read_image", "image_layer_data", "label_layer", "layer_grid", "file_grid",
+           "napari_affine", "checksum", "file_stamp"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +108,12 @@ def _holds_dicom(folder: Path, probe: int = 16) -> bool:
 def read_image(path: str | Sequence[str]) -> list[tuple]:
     """Read one or more images as napari layer data tuples.
 
-    A 4D file (e.g. one heatmap per class) gives one layer per volume, read once; a file of more
-    than :data:`MAX_VOLUME_LAYERS` volumes is refused (see :func:`_volume_layers`). A map or mask that medcam3d
-    saved (recognised by its NIfTI ``descrip``) opens as a heatmap image layer or a mask labels
-    layer, as the *Explain* widget makes them (:mod:`._outputs`).
+    A 4D file gives one layer per volume, read once (a ``--four-d`` map of medcam3d: one heatmap
+    per class, named by its class); a file of more than :data:`MAX_VOLUME_LAYERS` volumes is
+    refused (see :func:`_volume_layers`). A map or mask that medcam3d saved (recognised by its
+    NIfTI ``descrip``) opens as a heatmap image layer or a mask labels layer, as the *Explain*
+    widget makes them (:mod:`._outputs`); any other label map (:func:`label_layer`) as a labels
+    layer; the rest as scans (:func:`image_layer_data`).
 
     Parameters
     ----------
@@ -106,8 +122,9 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
     Returns
     -------
     list of (data, kwargs, "image" or "labels")
-        ``data`` in the file's stored voxel type (float64 becomes float32), in (i, j, k) order
-        (reordered for non-RAS axis orders, resampled for oblique files, see the module doc);
+        ``data`` in the file's stored voxel type (float64 becomes float32; labels uint8 or
+        uint16), in (i, j, k) order (reordered for non-RAS axis orders, resampled for oblique
+        files, see the module doc);
         ``kwargs["affine"]`` the voxel -> RAS placement, ``kwargs["metadata"]`` as the module doc says.
 
     Raises
@@ -129,9 +146,58 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
         except io.VolumeError:  # 4D (found from the header, before any voxel is read): one layer per volume
             layers.extend(_volume_layers(p, name))
             continue
-        saved = saved_output_layer(array, space, p)  # a medcam3d map or mask: a heatmap or labels layer
-        layers.append(saved if saved is not None else image_layer_data(array, space, name=name, path=p))
+        found = saved_output_layer(array, space, p)  # a medcam3d map or mask: a heatmap or labels layer
+        if found is None:
+            found = label_layer(array, space, name=name, path=p)
+        layers.append(found if found is not None else image_layer_data(array, space, name=name, path=p))
     return layers
+
+
+def _nifti_header(path: Path) -> Any:
+    """The NIfTI header of ``path`` (None for other formats or an unreadable header)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        import nibabel as nib
+
+        return nib.load(str(path)).header
+    except Exception:  # the voxels were read already; a header problem only means no hint
+        logger.debug("no NIfTI header in %s", path, exc_info=True)
+        return None
+
+
+def label_layer(array: np.ndarray, space: Space, *, name: str, path: str | Path | None = None) -> tuple | None:
+    """A 3D label map as a napari Labels layer data tuple, or None when ``array`` is no label map.
+
+    The rule (:mod:`._labels`): whole non-negative values (at most 65535), at most
+    :data:`._labels.MAX_LABELS` (256) distinct ones when the file says it holds labels
+    (:func:`._labels.label_hint`: its name, NIfTI intent or descrip), else an integer voxel type
+    and at most :data:`._labels.FEW_LABELS` (64). A scan is turned down after a strided sample.
+
+    Parameters
+    ----------
+    array : (*space.shape) ndarray
+        As :func:`medcam3d.io.read` gives it (``dtype=None``).
+    space : Space
+    name : str
+    path : path, optional
+
+    Returns
+    -------
+    (data, kwargs, "labels") or None
+        :func:`._labels.labels_layer_data` (nearest neighbour onto the display grid when oblique).
+    """
+    if np.ndim(array) != 3:
+        return None
+    header = _nifti_header(Path(path)) if path is not None else None
+    hint = label_hint(path, header)
+    if hint is None and np.asarray(array).dtype.kind not in "biu":
+        return None
+    values = label_values(array, MAX_LABELS if hint else FEW_LABELS)
+    if values is None:
+        return None
+    descrip = io.full_descrip(header) if header is not None else None
+    return labels_layer_data(array, space, name=name, path=path, values=values, descrip=descrip)
 
 
 #: The most volumes of a 4D file the reader opens (one 3D layer each).
@@ -154,6 +220,11 @@ def _volume_layers(path: Path, name: str) -> list[tuple]:
             "volume=<index>) then medcam3d.io.write), or explain it with 'medcam3d explain --volume <index>'."
         )
     data, space = io.read_volumes(path, dtype=None, max_volumes=MAX_VOLUME_LAYERS)
+    from ._outputs import saved_map_volumes
+
+    maps = saved_map_volumes(data, space, path)  # medcam3d explain --four-d: one heatmap per class
+    if maps is not None:
+        return maps
     return [image_layer_data(data[t], space, name=f"{name} [{t}]", path=path, volume=t) for t in range(len(data))]
 
 

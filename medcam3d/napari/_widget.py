@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import threading
 import weakref
 from collections.abc import Generator, Sequence
@@ -56,6 +57,7 @@ __all__ = [
     "colour_limits",
     "heatmap_colormap",
     "heatmap_name",
+    "probability_text",
     "heatmap_layer_kwargs",
     "layer_placement",
     "is_foreign",
@@ -171,9 +173,26 @@ def heatmap_colormap(class_index: int = 0):
     return Colormap(colors=colors, controls=[0.0, 0.1, 0.35, 0.65, 1.0], name=name, interpolation="linear")
 
 
+def probability_text(p: float) -> str:
+    """A probability with two decimals, or as many more as it takes not to round onto 0, 0.5 or 1.
+
+    ``0.67`` -> ``"0.67"``, ``0.496`` -> ``"0.496"`` (not ``0.50``: which side of 0.5 a class lies on is
+    what the reader looks for), ``0.997`` -> ``"0.997"``, ``0.5`` -> ``"0.50"``.
+    """
+    p = float(p)
+    if not math.isfinite(p):
+        return str(p)
+    for decimals in range(2, 7):
+        text = f"{p:.{decimals}f}"
+        shown = float(text)
+        if all((shown == mark) == (p == mark) and (shown >= mark) == (p >= mark) for mark in (0.0, 0.5, 1.0)):
+            return text
+    return f"{p:.6g}"
+
+
 def heatmap_name(scan: str, method: str, layer: str, label: str, probability: float | None = None) -> str:
-    """``<scan> · <method> · <layer> · <class> (p=0.67)``: what a heatmap layer is called."""
-    suffix = "" if probability is None else f" (p={probability:.2f})"
+    """``<scan> · <method> · <layer> · <class> (p=0.67)``: what a heatmap layer is called (:func:`probability_text`)."""
+    suffix = "" if probability is None else f" (p={probability_text(probability)})"
     return f"{scan} · {method} · {layer} · {label}{suffix}"
 
 
@@ -327,6 +346,7 @@ def explain_steps(
     metadata: dict | None = None,
     trust: bool = False,
     device: str = "cpu",
+    output_activation: str | None = None,
 ) -> Generator[Step, None, list[tuple]]:
     """Explain one scan step by step; yields :class:`Step` before each step, returns the layers.
 
@@ -355,6 +375,9 @@ def explain_steps(
         Allow models that execute code.
     device : str
         ``cpu``, ``cuda``, ``auto``...
+    output_activation : str, optional
+        What the network applies to its logits (``auto``, ``none``, ``softmax``, ``sigmoid``);
+        default the config's, as for ``medcam3d explain``.
 
     Yields
     ------
@@ -393,7 +416,8 @@ def explain_steps(
     del voxels
     yield Step(2, total, "preprocessing")
     with _MODEL_LOCK:
-        runner = Runner(config, model, methods=[method], target=target, layer=layer, device=device)
+        runner = Runner(config, model, methods=[method], target=target, layer=layer, device=device,
+                        output_activation=output_activation)
         x, _ = preprocess(tensor, runner.transforms, check_input=runner.input_check)
         del tensor
         input_shape = tuple(int(n) for n in x.shape)
@@ -439,6 +463,7 @@ def explain_steps(
             "feature_affine": np.array(heat.space.affine, dtype=np.float64),
             "fill": float(config.output.fill),
             "checksum": checksum(values),
+            "output_activation": runner.explainers[0].output_activation,
         }
         kwargs = heatmap_layer_kwargs(heatmap_name(name, heat.method, heat.layer, heat.label, probability),
                                       shown.affine, heat.class_index, top, meta)
@@ -620,6 +645,7 @@ def segment_from_heatmap(
     name: str = "heatmap",
     metadata: dict | None = None,
     settings: Any = None,
+    scan_metadata: dict | None = None,
 ) -> list[tuple]:
     """Segment one class's lesions from the scan and its heatmap: seed, expand, constrain.
 
@@ -644,6 +670,11 @@ def segment_from_heatmap(
         The heatmap layer's metadata: ``class_index`` and ``class`` (default 0 and ``name``),
         grid keys and provenance (passed on), ``feature_map``/``feature_affine``/``checksum``.
     settings : medcam3d.segment.SegmentSettings, optional
+    scan_metadata : dict, optional
+        The scan layer's metadata: its file's grid (``axes``, ``resampled``, ``file_shape``,
+        ``file_affine``), ``path`` and ``volume`` go into the labels' metadata, so that the writer
+        saves them on the scan's own grid and affine (nearest neighbour back from an oblique
+        scan's display grid, axes back into the file's order), as it saves the scan.
 
     Returns
     -------
@@ -676,9 +707,12 @@ def segment_from_heatmap(
     result = segment(image, space, [Heatmap(heat, grid, method, layer, index, label)], classes=[index],
                      settings=settings)
     lesions = [lesion for lesion in result.lesions if lesion.class_index == index]
+    scan_meta = dict(scan_metadata or {})
     meta = {
         **{k: source[k] for k in ("method", "layer", "class", "class_index", "path", "volume", "source", "config")
            if k in source},
+        **{k: scan_meta[k] for k in ("axes", "resampled", "file_shape", "file_affine", "path", "volume")
+           if scan_meta.get(k) is not None},  # the scan's file grid, where the labels are saved
         "medcam3d": "mask",
         "affine": np.array(space.affine, dtype=np.float64),
         "segmentation": result.settings.to_dict(),
@@ -853,8 +887,10 @@ def _message(error: BaseException) -> str:
 class ExplainWidget(Container):
     """The *Explain* dock widget.
 
-    Pick a scan (image layer), a config (the demo config when present), a method, a target layer
-    and a class, then *Explain*: the maps are computed in a worker thread (steps shown in the
+    Pick a scan (image layer), a config (the demo config when present), a method, a target layer,
+    a class and the network's output activation (each defaults to the config's ``method``,
+    ``layer``, ``target`` and ``output_activation``, as for ``medcam3d explain``; a layer or method
+    the model lacks is refused with the command line's error), then *Explain*: the maps are computed in a worker thread (steps shown in the
     progress bar, *Cancel* stops after the current step) and added as one heatmap layer per class
     on the grid the scan is shown on, coloured per class on the chosen colour scale, with the
     model's field of view as an outline when the model does not see the whole scan. *Threshold
@@ -886,10 +922,16 @@ class ExplainWidget(Container):
         config = FileEdit(label="config", mode=FileDialogMode.EXISTING_FILE, filter="*.yaml *.yml",
                           value=DEMO_CONFIG if DEMO_CONFIG.is_file() else None,
                           tooltip="medcam3d YAML config: model, class names, preprocessing.")
-        method = ComboBox(label="method", choices=list(medcam3d.METHODS), value="hirescam")
+        from ..modeling import OUTPUT_ACTIVATIONS
+
+        method = ComboBox(label="method", choices=list(medcam3d.METHODS), value="hirescam",
+                          tooltip="Default: the config's method.")
         target_layer = ComboBox(label="target layer", choices=[AUTO],
-                                tooltip="'auto': the last layer with a spatial output.")
-        target_class = ComboBox(label="class", choices=[ALL_CLASSES])
+                                tooltip="Default: the config's layer. 'auto': the last layer with a spatial output.")
+        target_class = ComboBox(label="class", choices=[ALL_CLASSES], tooltip="Default: the config's target.")
+        output_activation = ComboBox(label="output activation", choices=list(OUTPUT_ACTIVATIONS), value="auto",
+                                     tooltip="What the network applies to its logits (default: the config's "
+                                             "output_activation; auto detects a trailing Softmax/Sigmoid).")
         trust = CheckBox(text="trust model code (bundles, TorchScript)", value=False)
         scale = ComboBox(label="colour scale", choices=list(SCALES), value=SCALES[0],
                          tooltip="Shared scales make a faint map mean a weak map: compare classes and cases.")
@@ -912,7 +954,8 @@ class ExplainWidget(Container):
         views = [PushButton(text=plane.capitalize(), name=plane) for plane in VIEWS]
         view_row = Container(widgets=views, layout="horizontal", label="view", labels=False)
         super().__init__(widgets=[
-            image_layer, config, method, target_layer, target_class, trust, scale, buttons, progress, status,
+            image_layer, config, method, target_layer, target_class, output_activation, trust, scale, buttons,
+            progress, status,
             Label(value="Threshold a heatmap into a mask:"), heatmap, threshold_method, threshold_value,
             keep_largest, mask_row, box, view_row,
         ])
@@ -927,6 +970,7 @@ class ExplainWidget(Container):
         self._warned: weakref.WeakSet = weakref.WeakSet()  # foreign layers already warned about
         self.image_layer, self.config, self.method = image_layer, config, method
         self.target_layer, self.target_class, self.trust, self.scale = target_layer, target_class, trust, scale
+        self.output_activation = output_activation
         self.run_button, self.cancel_button, self.progress, self.status = run_button, cancel_button, progress, status
         self.heatmap, self.threshold_method, self.threshold_value = heatmap, threshold_method, threshold_value
         self.keep_largest, self.mask_button, self.segment_button, self.box = keep_largest, mask_button, segment_button, box
@@ -935,7 +979,13 @@ class ExplainWidget(Container):
         # Choices are callables so that reset_choices() (napari calls it on layer events) keeps them.
         self._classes: list[str] = [ALL_CLASSES]
         self._layers: list[str] = [AUTO]
+        # The config's defaults (medcam3d explain's): a method or layer the model lacks is offered as
+        # it is, so that Explain refuses it as the command line does; targets that are no class name.
+        self._methods: list[str] = list(medcam3d.METHODS)
+        self._config_layer = AUTO
+        self._targets: dict[str, object] = {}
         self.image_layer.choices = self._scan_choices
+        self.method.choices = self._method_choices
         self.heatmap.choices = self._heatmap_choices
         self.target_class.choices = self._class_choices
         self.target_layer.choices = self._layer_choices
@@ -1008,6 +1058,9 @@ class ExplainWidget(Container):
     def _class_choices(self, _widget=None) -> list[str]:
         return self._classes
 
+    def _method_choices(self, _widget=None) -> list[str]:
+        return self._methods
+
     def _layer_choices(self, _widget=None) -> list[str]:
         return self._layers
 
@@ -1045,22 +1098,52 @@ class ExplainWidget(Container):
 
         self._status_token += 1
         names: list[str] = []
+        config = None
         path = self._config_path()
         if path is None:
             self._set_status("choose a config file (a .yaml with the model, e.g. configs/demo.yaml)")
         else:
             try:
-                names = list(load_config(path).class_names or [])
+                config = load_config(path)
+                names = list(config.class_names or [])
                 self._set_status("")
             except Exception as error:
                 text = f"medcam3d: {_message(error)}"
                 self._set_status(text)
                 if notify:
                     show_error(text)
-        self._classes = [ALL_CLASSES, *names]
+        self._targets = {}
+        target = self._target_choice("all" if config is None else config.target, names)
+        self._classes = [ALL_CLASSES, *names, *self._targets]
         self.target_class.reset_choices()
-        self.target_class.value = ALL_CLASSES
+        self.target_class.value = target
+        if config is not None:  # the config's defaults, as medcam3d explain takes them
+            self._methods = list(medcam3d.METHODS) + ([config.method] if config.method not in medcam3d.METHODS else [])
+            self.method.reset_choices()
+            self.method.value = config.method
+            self.output_activation.value = config.output_activation
+            self._config_layer = config.layer
+            self._layers = self._base_layers()
+            self.target_layer.reset_choices()
+            self.target_layer.value = config.layer
         self._schedule_refresh()
+
+    def _target_choice(self, target: object, names: list[str]) -> str:
+        """The class choice showing a config's ``target``; one that is no class name is added to
+        :attr:`_targets` as it is (``predicted``, a list, an unknown class), for Explain to take or refuse."""
+        if target in ("all", None):
+            return ALL_CLASSES
+        if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(names):
+            return names[target]
+        if isinstance(target, str) and target in names:
+            return target
+        text = ", ".join(map(str, target)) if isinstance(target, list) else str(target)
+        self._targets[text] = target
+        return text
+
+    def _base_layers(self) -> list[str]:
+        """``auto`` and the config's layer: the choices before the model's layers are listed."""
+        return [AUTO] + ([self._config_layer] if self._config_layer != AUTO else [])
 
     def _placement(self, layer) -> tuple[np.ndarray, dict]:
         """:func:`layer_placement`, with a warning (once per layer) for layers from elsewhere."""
@@ -1080,8 +1163,10 @@ class ExplainWidget(Container):
 
         layer, path = self.image_layer.value, self._config_path()
         current = self.target_layer.value
-        self._layers = [AUTO]
+        self._layers = self._base_layers()
         self.target_layer.reset_choices()
+        if current in self._layers:
+            self.target_layer.value = current
         if layer is None or path is None or self._closed:
             return
         affine = layer_placement(layer)[0]
@@ -1106,9 +1191,9 @@ class ExplainWidget(Container):
         self._show_layers(result, self.target_layer.value)
 
     def _show_layers(self, names: list[str], current: str) -> None:
-        self._layers = [AUTO, *names]
+        self._layers = [AUTO, *names, *[name for name in self._base_layers()[1:] if name not in names]]
         self.target_layer.reset_choices()
-        self.target_layer.value = current if current in names else AUTO
+        self.target_layer.value = current if current in self._layers else AUTO
 
     def _on_threshold_method(self, method: str) -> None:
         low, high, step, default = _THRESHOLD_RANGE[method]
@@ -1136,10 +1221,12 @@ class ExplainWidget(Container):
             show_error("medcam3d: choose a config file (a .yaml with the model, e.g. configs/demo.yaml).")
             return None
         affine, metadata = self._placement(layer)
-        target = "all" if self.target_class.value == ALL_CLASSES else self.target_class.value
+        choice = self.target_class.value
+        target = "all" if choice == ALL_CLASSES else self._targets.get(choice, choice)
         worker = thread_worker(_guarded, start_thread=False)(
             explain_steps, layer.data, affine, path, method=self.method.value, layer=self.target_layer.value,
             target=target, name=layer.name, metadata=metadata, trust=self.trust.value, device="auto",
+            output_activation=self.output_activation.value,
         )
         self._status_token += 1
         token = self._run_token = self._status_token
@@ -1231,7 +1318,7 @@ class ExplainWidget(Container):
             p = meta.get("probability")
             peak = "no peak (flat map)" if meta["peak_mm"] is None else \
                 "peak (" + ", ".join(f"{v:.0f}" for v in meta["peak_mm"]) + ") mm"
-            probability = "" if p is None else f"p={p:.2f}, "
+            probability = "" if p is None else f"p={probability_text(p)}, "
             parts.append(f"{meta['class']}: {probability}{peak}")
         where = "" if not heatmaps or heatmaps[0].metadata.get("fov_covers_scan") else \
             "; outline: the model's field of view (no map outside it)"
@@ -1280,10 +1367,10 @@ class ExplainWidget(Container):
                        "medcam3d: no 3D image layer to segment; open a scan first.")
             return []
         try:
-            scan_affine, _ = self._placement(scan)
+            scan_affine, scan_metadata = self._placement(scan)
             affine, metadata = layer_placement(heat)
             result = segment_from_heatmap(scan.data, scan_affine, heat.data, affine, scan_name=scan.name,
-                                          name=heat.name, metadata=metadata)
+                                          name=heat.name, metadata=metadata, scan_metadata=scan_metadata)
         except Exception as error:
             logger.debug("medcam3d segmentation failed", exc_info=True)
             self.box.value = ""  # no stale report from an earlier mask
