@@ -60,6 +60,7 @@ __all__ = [
     "script_logits",
     "script_split",
     "scripted_ancestor",
+    "script_error_reason",
 ]
 
 #: Leaf modules (by class name) and graph operators whose output is an activation of logits.
@@ -119,6 +120,14 @@ def scripted_ancestor(model: nn.Module, name: str) -> tuple[str, nn.Module] | No
         if is_scripted(module):
             return ".".join(parts), module
     return None
+
+
+def script_error_reason(error: BaseException) -> str:
+    """The reason a TorchScript run failed, in one line: the error the graph raised
+    (``ValueError: Expected more than 1 spatial element ...``), without the TorchScript traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    return reason.removeprefix("builtins.")
 
 
 @dataclass(frozen=True)
