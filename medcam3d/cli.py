@@ -172,6 +172,7 @@ def _runner(args: argparse.Namespace, methods=None):
     target = _parse_target(getattr(args, "target", None))
     if config.model.bundle is None or config.class_names is not None:  # a bundle's names: checked once it is read
         _check_target(target, config)
+    _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False))
     trust = getattr(args, "trust", False)
     random_weights = getattr(args, "random_weights", False)
     reader = None
@@ -216,6 +217,28 @@ def _check_target(target: object, config) -> None:
     from .targets import check_target_spec
 
     check_target_spec(config.target if target is None else target, config.class_names, task=config.task)
+
+
+def _check_layer_name(config, layer: str, trust: bool) -> None:
+    """A named target layer of a ``model.network`` config, checked on the network built on the meta device
+    (no memory, no weights read) before the model is loaded. TorchScript files and bundles are checked once
+    loaded (before any scan is read), as is a network whose constructor cannot run on the meta device."""
+    if not layer or layer == "auto" or config.model.network is None:
+        return
+    import torch
+
+    from .layers import resolve_layer
+    from .models import build_network
+
+    try:
+        with torch.device("meta"):
+            skeleton = build_network(config.model.network, config.model.args, trust=trust, source=config.source,
+                                     max_activation_bytes=None)
+    except Exception as error:  # noqa: BLE001  (the real build reports it)
+        logger.debug("layer %r not checked before loading: the network cannot be built on the meta device (%s)",
+                     layer, error)
+        return
+    resolve_layer(skeleton, layer)
 
 
 _OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized", "segment")

@@ -292,7 +292,9 @@ class OutputActivationWatch:
     Inside TorchScript no Python hook or mode sees a call. A scripted *submodule* of a plain model
     whose graph ends in a softmax/sigmoid is rerun, when called, as its graph with the activation's
     input as a second output (:func:`medcam3d.torchscript.script_logits`; one extra pass through that
-    submodule). The model itself, when scripted, is left to the captures
+    submodule). Function calls are not watched in a model with ``torch.compile``-d parts (Dynamo
+    would trace the watcher itself, again and again): there only modules count. The model itself,
+    when scripted, is left to the captures
     (:class:`medcam3d.hooks.ActivationCapture` splits its graph, :class:`medcam3d.hooks.InputCapture`
     runs it with that second output), and so are the submodules in ``skip``.
 
@@ -311,6 +313,8 @@ class OutputActivationWatch:
             for name, module in model.named_modules()
             if not is_scripted(module) and type(module).__name__ in ACTIVATION_MODULES
         ]
+        self._functions = not any(type(module).__name__ == "OptimizedModule"
+                                  or module.__dict__.get("_compiled_call_impl") is not None for module in model.modules())
         skipped = {id(module) for module in skip if module is not None}
         self._scripts = []
         if not is_scripted(model):
@@ -328,9 +332,12 @@ class OutputActivationWatch:
 
     def __enter__(self) -> OutputActivationWatch:
         self._last = None
+        self._calls = None
         self._hooks = forward_hooks([(module, self._hook(name, kind)) for name, module, kind in self._modules]
                                     + [(module, self._rerun(name, peeled)) for name, module, peeled in self._scripts])
         self._hooks.__enter__()
+        if not self._functions:
+            return self
         try:
             self._calls = _ActivationCalls()
             self._calls.__enter__()

@@ -34,6 +34,7 @@ top level of the graph flattened down to the leaves.
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import threading
 import weakref
@@ -74,6 +75,7 @@ _FORWARD = re.compile(r"^forward\d*$")
 _NAMES = itertools.count()
 _NO_DEFAULT = object()
 _CACHE_GUARD = threading.Lock()
+logger = logging.getLogger(__name__)
 _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[str, ScriptSplit]] = weakref.WeakKeyDictionary()
 _PROBES: weakref.WeakKeyDictionary[nn.Module, _ProbePlan] = weakref.WeakKeyDictionary()
 _LOGITS: weakref.WeakKeyDictionary[nn.Module, ScriptLogits | None] = weakref.WeakKeyDictionary()
@@ -515,9 +517,13 @@ def script_logits(root: nn.Module) -> ScriptLogits | None:
     with _CACHE_GUARD:
         if root in _LOGITS:
             return _LOGITS[root]
-    flat = _flatten(root, lambda path, method, module: path == "")
-    trailing, logits = _peel_output(flat, "")
-    found = None if trailing is None or logits is None else ScriptLogits(root, trailing, _with_output(flat.graph, logits))
+    try:
+        flat = _flatten(root, lambda path, method, module: path == "")
+        trailing, logits = _peel_output(flat, "")
+        found = None if trailing is None or logits is None else ScriptLogits(root, trailing, _with_output(flat.graph, logits))
+    except (LayerError, RuntimeError) as error:  # a graph that cannot be rewritten: run as it is, output as it is
+        logger.debug("The output activation of %s could not be found in its graph: %s", module_type_name(root), error)
+        found = None
     with _CACHE_GUARD:
         _LOGITS[root] = found
     return found

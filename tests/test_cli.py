@@ -401,6 +401,7 @@ def test_explain_never_replaces_the_maps_of_another_scan(setup, tmp_path, capsys
     (["--target", "bright,7"], "Class index 7 is out of range"),
     (["--image", "missing.nii.gz"], "--image 'missing.nii.gz' does not exist"),
     (["--mask", "missing_mask.nii.gz"], "--mask 'missing_mask.nii.gz' does not exist"),
+    (["--layer", "features.nrom5"], "Layer 'features.nrom5' not found in DenseNet. Did you mean 'features.norm5'"),
 ])
 def test_mistakes_are_reported_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, option, words):
     import medcam3d.models
@@ -414,23 +415,9 @@ def test_mistakes_are_reported_before_the_model_loads(setup, tmp_path, capsys, m
     image = [] if option[0] == "--image" else ["--image", str(root / "scan.nii.gz")]
     assert main(["explain", "--config", str(config), *image, *option, "--out", str(tmp_path / "o")]) == 2
     assert words in one_line_error(capsys.readouterr().err, "explain")
-    if option[0] == "--target":
+    if option[0] in ("--target", "--layer"):
         assert main(["batch", "--config", str(config), "--inputs", str(root), *option, "--out", str(tmp_path / "b")]) == 2
         assert words in one_line_error(capsys.readouterr().err, "batch")
-
-
-def test_an_unknown_layer_is_reported_before_any_scan_is_read(setup, tmp_path, capsys, monkeypatch):
-    import medcam3d.jobs.runner
-
-    def never(*args, **kwargs):
-        raise AssertionError("the scan was read")
-
-    monkeypatch.setattr(medcam3d.jobs.runner, "load_case", never)
-    root, config = setup
-    assert main(["explain", "--config", str(config), "--image", str(root / "scan.nii.gz"), "--layer", "features.nrom5",
-                 "--out", str(tmp_path / "o")]) == 2
-    assert "Layer 'features.nrom5' not found in DenseNet. Did you mean 'features.norm5'" in one_line_error(
-        capsys.readouterr().err, "explain")
 
 
 def test_info_names_the_files_of_a_dicom_folder_that_gdcm_cannot_parse(tmp_path, capsys):

@@ -305,9 +305,12 @@ def check_case_slot(out_dir: str | Path, case_id: str, image: str | Path, *, vol
     summary = read_case_summary(Path(out_dir) / case_id)
     if summary is None:
         return
-    run = summary.get("run") if isinstance(summary.get("run"), dict) else {}
-    recorded = run.get("inputs") if isinstance(run.get("inputs"), dict) else {}
-    before = recorded.get("image") if isinstance(recorded.get("image"), dict) else {}
+    def entry(record: dict, key: str) -> dict:
+        value = record.get(key)
+        return value if isinstance(value, dict) else {}
+
+    recorded = entry(entry(summary, "run"), "inputs")
+    before = entry(recorded, "image")
     previous = before.get("path") or summary.get("image")
     now = (input_identity(image) or {}).get("path")
     if not isinstance(previous, str) or now is None:
