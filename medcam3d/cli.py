@@ -169,6 +169,10 @@ def _runner(args: argparse.Namespace, methods=None):
     config = _with_limits(_with_output_options(load_config(args.config), args), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
                 or config.model.torchscript, config.task)
+    target = _parse_target(getattr(args, "target", None))
+    if config.model.bundle is None or config.class_names is not None:  # a bundle's names: checked once it is read
+        _check_target(target, config)
+    _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False))
     trust = getattr(args, "trust", False)
     random_weights = getattr(args, "random_weights", False)
     reader = None
@@ -182,6 +186,7 @@ def _runner(args: argparse.Namespace, methods=None):
         random_weights = random_weights or bundle.random_weights
         if config.class_names is None and bundle.class_names:
             config = dataclasses.replace(config, class_names=list(bundle.class_names))
+        _check_target(target, config)
         if config.preprocessing is None:  # the config's own preprocessing list overrides the bundle's
             reader = bundle.preprocessing
             logger.info("preprocessing: the bundle's own (%s)", bundle.config_file)
@@ -200,11 +205,40 @@ def _runner(args: argparse.Namespace, methods=None):
         from .config import SlidingWindowConfig
 
         window = SlidingWindowConfig(tuple(args.roi), args.overlap, args.sw_batch)
-    return Runner(config, model, methods=methods, target=_parse_target(getattr(args, "target", None)),
+    return Runner(config, model, methods=methods, target=target,
                   layer=getattr(args, "layer", None), device=getattr(args, "device", "auto"),
                   sliding_window=window, amp=getattr(args, "amp", None), trust=trust, reader=reader,
                   random_weights=random_weights, output_activation=getattr(args, "output_activation", None),
                   placement=getattr(args, "placement", None))
+
+
+def _check_target(target: object, config) -> None:
+    """``--target`` (or the config's target) against the config's classes, before the model runs."""
+    from .targets import check_target_spec
+
+    check_target_spec(config.target if target is None else target, config.class_names, task=config.task)
+
+
+def _check_layer_name(config, layer: str, trust: bool) -> None:
+    """A named target layer of a ``model.network`` config, checked on the network built on the meta device
+    (no memory, no weights read) before the model is loaded. TorchScript files and bundles are checked once
+    loaded (before any scan is read), as is a network whose constructor cannot run on the meta device."""
+    if not layer or layer == "auto" or config.model.network is None:
+        return
+    import torch
+
+    from .layers import resolve_layer
+    from .models import build_network
+
+    try:
+        with torch.device("meta"):
+            skeleton = build_network(config.model.network, config.model.args, trust=trust, source=config.source,
+                                     max_activation_bytes=None)
+    except Exception as error:  # noqa: BLE001  (the real build reports it)
+        logger.debug("layer %r not checked before loading: the network cannot be built on the meta device (%s)",
+                     layer, error)
+        return
+    resolve_layer(skeleton, layer)
 
 
 _OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized", "segment")
@@ -231,19 +265,34 @@ def _peak_text(peak_mm) -> str:
     return "none (flat map)" if peak_mm is None else "({:.1f}, {:.1f}, {:.1f})".format(*peak_mm)
 
 
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from .jobs.lock import output_lock
-    from .jobs.outputs import check_output_location
+def _check_exists(option: str, path: str | None, what: str) -> None:
+    """A missing input is a usage error at once, before the model is loaded."""
+    if path is not None and not os.path.lexists(os.path.expanduser(path)):
+        from .errors import ImageNotFoundError
 
+        raise ImageNotFoundError(f"{option} {path!r} does not exist; give {what}.")
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .jobs.cases import case_id_of, check_case_id
+    from .jobs.lock import output_lock
+    from .jobs.outputs import check_case_slot, check_output_location
+
+    # everything that needs no model first: a mistake is reported in seconds, not after the model ran
+    _check_exists("--image", args.image, "an image file (NIfTI, NRRD, MHA/MHD) or a DICOM folder")
+    _check_exists("--mask", args.mask, "a label map on the scan's grid")
     check_output_location(args.out, [args.image, args.mask, args.region_mask])
     if args.region_mask is not None and not Path(args.region_mask).exists():
         raise UsageError(f"--region-mask {args.region_mask!r} does not exist; give a 0/1 mask file on the scan's grid.")
+    case_id = check_case_id(args.id if args.id is not None else case_id_of(args.image), "--id")
+    check_case_slot(args.out, case_id, args.image, volume=args.volume, series=args.series)
     runner = _runner(args)
     if args.region_mask is not None:
         runner.check_region_task()  # a classifier: a usage error before any work
     with output_lock(args.out, "explain"):  # one medcam3d job at a time in --out
-        result = runner.run_case(args.image, args.out, mask=args.mask, volume=args.volume, series=args.series,
-                                 region_mask=args.region_mask)
+        check_case_slot(args.out, case_id, args.image, volume=args.volume, series=args.series)  # written meanwhile?
+        result = runner.run_case(args.image, args.out, case_id=case_id, mask=args.mask, volume=args.volume,
+                                 series=args.series, region_mask=args.region_mask)
     print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
     if result.probabilities:
         print("probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()))
@@ -286,15 +335,20 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _input_shape(args: argparse.Namespace, config, model) -> tuple[int, ...]:
+def _input_shape(args: argparse.Namespace, config, model, bundle=None) -> tuple[int, ...]:
+    """``layers``: the model's input shape ``(C_in, *spatial)``, from --image (preprocessed as the model's
+    inputs are), --shape, the config's last sized preprocessing step, or a bundle's metadata.json."""
     if args.image:
-        import functools
+        if bundle is not None and config.preprocessing is None and bundle.preprocessing is not None:
+            x, _ = bundle.preprocessing(args.image, trust=args.trust)
+        else:
+            import functools
 
-        from .jobs.runner import check_model_input
-        from .preprocess import preprocess
+            from .jobs.runner import check_model_input
+            from .preprocess import preprocess
 
-        x, _ = preprocess(args.image, config.preprocessing, trust=args.trust, source=config.source,
-                          check_input=functools.partial(check_model_input, model))  # refused before it is made
+            x, _ = preprocess(args.image, config.preprocessing, trust=args.trust, source=config.source,
+                              check_input=functools.partial(check_model_input, model))  # refused before it is made
         return tuple(x.shape)
     if args.shape:
         return tuple(args.shape)
@@ -302,6 +356,15 @@ def _input_shape(args: argparse.Namespace, config, model) -> tuple[int, ...]:
         size = step.get("spatial_size") or step.get("roi_size")
         if size is not None:
             return (int(config.model.args.get("in_channels", 1)), *[int(s) for s in size])
+    if bundle is not None:
+        from .models import bundle_input_shape
+
+        shape = bundle_input_shape(bundle.metadata)
+        if shape is not None:
+            logger.info("input shape %s from %s", shape, bundle.directory / "configs" / "metadata.json")
+            return shape
+        raise UsageError("Cannot tell the model's input size: the bundle's configs/metadata.json gives no whole-number "
+                         "network_data_format.inputs spatial_shape; pass --image PATH or --shape C D H W.")
     raise UsageError("Cannot tell the model's input size: pass --image PATH or --shape C D H W.")
 
 
@@ -334,9 +397,22 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from .models import load_model
 
     config = _with_limits(load_config(args.config), args)
-    # the layers do not depend on the weights: a template without weights can be listed as it is
-    model = load_model(config, trust=args.trust, random_weights=config.model.weights is None)
-    shape = _input_shape(args, config, model)
+    spec = config.model
+    bundle = None
+    # the layers do not depend on the weights: a template without weights (a network with weights: none,
+    # a bundle without models/) is listed with random ones; TorchScript always comes with its own
+    if spec.bundle is not None:
+        from .models import bundle_has_weights, load_bundle
+
+        bundle = load_bundle(spec.bundle, trust=args.trust, source=config.source,
+                             random_weights=args.random_weights or not bundle_has_weights(spec.bundle),
+                             max_activation_bytes=spec.max_activation_bytes,
+                             **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
+        model = bundle.network
+    else:
+        random_weights = args.random_weights or (spec.network is not None and spec.weights is None)
+        model = load_model(config, trust=args.trust, random_weights=random_weights)
+    shape = _input_shape(args, config, model, bundle)
     if args.shape and not args.image:
         _check_shape_option(args.shape, shape, model, config)
     try:
@@ -606,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     compute_options(explain)
     output_options(explain)
     explain.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
+    explain.add_argument("--id", help="the case id, i.e. the folder OUT/<id>/ (default: the scan's file name without "
+                                      "its suffix); a folder written from another scan is never replaced")
 
     batch = add("batch", "explain a cohort (folder or CSV), resumable", _cmd_batch)
     model_options(batch)

@@ -241,13 +241,17 @@ class Explainer:
     output_activation : {"auto", "none", "softmax", "sigmoid"}
         What the model's output is, so that the *logits* are explained:
 
-        * ``"auto"`` (default): when the output is produced by a trailing ``nn.Softmax``,
-          ``nn.LogSoftmax`` or ``nn.Sigmoid`` module (or, in a TorchScript graph, by a softmax/sigmoid
-          operator), its input is explained instead, with a :class:`ProbabilityOutputWarning`; when
-          the values merely look like probabilities (:func:`medcam3d.modeling.looks_like_probabilities`),
+        * ``"auto"`` (default): when the output is produced by a softmax, log-softmax or sigmoid
+          applied last — an ``nn.Softmax``/``nn.LogSoftmax``/``nn.Sigmoid`` module, a function call
+          in ``forward`` (``torch.softmax(y, 1)``, ``F.sigmoid(y)``, ``y.softmax(1)`` ...), or, in a
+          TorchScript graph, the operator — its input (the logits) is explained instead, with a
+          :class:`ProbabilityOutputWarning`. The same weights give the same maps as an eager module,
+          an eager function call, a scripted or a traced model. When no such activation is found but
+          the values look like probabilities (:func:`medcam3d.modeling.looks_like_probabilities`),
           the output is explained as it is, with a warning that says which option to pass.
-        * ``"softmax"``/``"sigmoid"``: the output is that activation of logits. A trailing module's
-          input is explained; without one the activation is inverted (a warning says so):
+        * ``"softmax"``/``"sigmoid"``: the output is that activation of logits. A trailing activation's
+          input is explained (as with ``"auto"``, without the warning); where none can be found (the
+          activation is written out, e.g. ``e / e.sum(1)``), it is inverted (a warning says so):
           ``logit(p)`` for sigmoid, which recovers the logit exactly except where the sigmoid
           saturated; ``log p`` for softmax, which is the logit minus ``logsumexp`` — equal for all
           classes of a sample, so maps of *differences* between classes are exact, but the map of
@@ -469,7 +473,8 @@ class Explainer:
             view = stack.enter_context(state)
             layer = counterpart(view, name, module)
             capture = ActivationCapture(layer, name, track_gradients=track, spatial_ndim=inputs.ndim, model=view)
-            watch = OutputActivationWatch(view) if self.output_activation != "none" else contextlib.nullcontext()
+            watch = (OutputActivationWatch(view, skip=[capture.intercepted]) if self.output_activation != "none"
+                     else contextlib.nullcontext())
             stack.enter_context(capture)
             stack.enter_context(watch)
             stack.enter_context(autocast)
@@ -563,7 +568,9 @@ class Explainer:
                     raise LayerError(message)
             else:
                 captures = [InputCapture(view, track_gradients=track)]
-            watch = OutputActivationWatch(view) if self.output_activation != "none" else contextlib.nullcontext()
+            intercepted = [capture.intercepted for capture in captures if isinstance(capture, ActivationCapture)]
+            watch = (OutputActivationWatch(view, skip=intercepted) if self.output_activation != "none"
+                     else contextlib.nullcontext())
             for capture in captures:
                 stack.enter_context(capture)
             stack.enter_context(watch)
@@ -706,8 +713,8 @@ class Explainer:
             if guess is not None:
                 message = (
                     f"The model's outputs look like {guess} probabilities (all in [0, 1]"
-                    f"{', summing to 1 over the classes' if guess == 'softmax' else ''}), but no trailing "
-                    f"{guess} module was found, so they are explained as they are. If the model applies a {guess}, "
+                    f"{', summing to 1 over the classes' if guess == 'softmax' else ''}), but no {guess} "
+                    "module or function call produced them, so they are explained as they are. If the model applies a {guess}, "
                     f"pass output_activation={guess!r} (the activation is then inverted) or explain the model "
                     "without it; if these are logits, pass output_activation='none'."
                 )
@@ -716,7 +723,7 @@ class Explainer:
         logits, clamped = logits_from_probabilities(outputs, mode)
         inverse = "logit(p)" if mode == "sigmoid" else "log(p), the logits up to a constant per sample"
         message = (
-            f"output_activation={mode!r} and no trailing {mode} module was found: the model's output was inverted "
+            f"output_activation={mode!r} and no {mode} module or function call produced the output: the model's output was inverted "
             f"({inverse}) and that is explained."
         )
         if mode == "softmax":

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .errors import ConcurrentUseWarning, LayerError
-from .torchscript import TrailingActivation, bind_arguments, is_scripted, script_split, scripted_ancestor
+from .torchscript import TrailingActivation, bind_arguments, is_scripted, script_logits, script_split, scripted_ancestor
 
 __all__ = [
     "preserved_model_state",
@@ -537,6 +537,13 @@ class ActivationCapture:
             root_name, root = found
             self._script = (root_name, root, name[len(root_name) + 1 :] if root_name else name)
 
+    @property
+    def intercepted(self) -> nn.Module | None:
+        """The scripted submodule whose calls this capture recomputes through a split (None: none)."""
+        if self._script is None or self._script[1] is self.model:
+            return None
+        return self._script[1]
+
     def __enter__(self) -> ActivationCapture:
         self.activations = None
         self.logits = None
@@ -651,9 +658,10 @@ class InputCapture:
     ----------
     activations : (B, C_in, *spatial) Tensor
         The input (a leaf that requires grad when tracking).
-    logits, trailing, produced : None
-        As for :class:`ActivationCapture` (a scripted graph is not split here; a trailing softmax or
-        sigmoid module of a plain model is found by :class:`medcam3d.modeling.OutputActivationWatch`).
+    logits, trailing, produced
+        As for :class:`ActivationCapture`, for a TorchScript model whose graph ends in a softmax or
+        sigmoid (None otherwise; a plain model's trailing activation is found by
+        :class:`medcam3d.modeling.OutputActivationWatch`).
     """
 
     name = "input"
@@ -668,13 +676,26 @@ class InputCapture:
 
     def __enter__(self) -> InputCapture:
         self.activations = None
+        self.logits = None
+        self.trailing = None
+        self.produced = None
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         return None
 
     def run(self, inputs: torch.Tensor) -> object:
-        """``model(inputs)``, with autograd from the input on when tracking gradients."""
+        """``model(inputs)``, with autograd from the input on when tracking gradients.
+
+        A TorchScript model whose graph ends in a softmax/sigmoid runs as its graph with that
+        activation's input as a second output (:func:`medcam3d.torchscript.script_logits`; one pass):
+        :attr:`logits` and :attr:`trailing` are then set, as :class:`ActivationCapture` sets them.
+        """
         self.activations = inputs.detach().requires_grad_(True) if self.track_gradients else inputs.detach()
         with torch.set_grad_enabled(self.track_gradients):
-            return self.model(self.activations.clone())
+            peeled = script_logits(self.model) if is_scripted(self.model) else None
+            if peeled is None:
+                return self.model(self.activations.clone())
+            outputs, logits = peeled(self.model, (self.activations.clone(),))
+            self.logits, self.trailing, self.produced = logits, peeled.trailing, outputs
+            return outputs

@@ -14,13 +14,14 @@ the modules they were made from (``"Conv3d"``).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import re
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -31,7 +32,7 @@ from .errors import InputError, LayerError, LayerNotFoundError, ModelOutputError
 from .hooks import forward_hooks, isolated_model, model_lock
 from .modeling import first_tensor, model_device_dtype
 from .receptive_field import ReceptiveField, measure as _measure_receptive_field
-from .torchscript import is_scripted, module_type_name, probe_script
+from .torchscript import is_scripted, module_type_name, probe_script, script_error_reason
 
 __all__ = [
     "LayerInfo",
@@ -42,6 +43,8 @@ __all__ = [
     "auto_layer",
     "select_auto_layer",
     "find_cam_head",
+    "token_blocks",
+    "TOKEN_BLOCKS",
     "linear_head",
     "head_tolerance",
     "expected_spatial_dims",
@@ -58,6 +61,14 @@ _CONV_SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose
 _RANK_LAYER = re.compile(
     r"^(Lazy)?(Conv|ConvTranspose|MaxPool|AvgPool|AdaptiveAvgPool|AdaptiveMaxPool|LPPool|FractionalMaxPool|"
     r"MaxUnpool)([123])d$"
+)
+#: Transformer blocks (by class name, TorchScript modules by the name of their original class): the outputs
+#: of the modules inside them hold tokens — ``(B, tokens, dims)``, ``(qkv, B, heads, tokens, dims)``,
+#: attention ``(B, heads, tokens, tokens)``, or Swin's channels-last windows — not a channels-first grid of
+#: the scan, so they are never target layers (MONAI's ViT/UNETR/SwinUNETR blocks, torch.nn's transformers).
+TOKEN_BLOCKS = re.compile(
+    r"^(SABlock|CrossAttentionBlock|TransformerBlock|SwinTransformerBlock|WindowAttention|PatchMerging(V2)?|"
+    r"MultiheadAttention|Transformer(Encoder|Decoder)?(Layer)?|\w*SelfAttention|\w*MultiHeadAttention)$"
 )
 #: Smallest probe edge for ``layer="auto"`` (voxels); doubled while a later layer collapses.
 AUTO_PROBE_SIZE = 32
@@ -210,6 +221,7 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     if isinstance(layer, nn.Module):
         for name, module in modules.items():
             if module is layer:
+                _refuse_token_layer(model, name, modules)
                 return name, module
         message = (
             f"The module {type(layer).__name__} passed as layer is not a submodule of this "
@@ -220,6 +232,7 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
         message = f"layer must be a name (str), a module, or 'auto', not {type(layer).__name__}."
         raise TypeError(message)
     if layer in modules and layer != "":
+        _refuse_token_layer(model, layer, modules)
         return layer, modules[layer]
     names = [name for name in modules if name]
     close = difflib.get_close_matches(layer, names, n=3, cutoff=0.6)
@@ -229,6 +242,34 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
         "List candidate layers with medcam3d.list_layers(model, input_shape) or `medcam3d layers`."
     )
     raise LayerNotFoundError(message)
+
+
+def token_blocks(model: nn.Module) -> dict[str, str]:
+    """The transformer blocks of a model (:data:`TOKEN_BLOCKS`): ``{dotted name: class name}``."""
+    return {name: module_type_name(module) for name, module in model.named_modules()
+            if name and TOKEN_BLOCKS.match(module_type_name(module))}
+
+
+def _token_block_of(name: str, blocks: dict[str, str]) -> str | None:
+    """The outermost transformer block holding the layer ``name`` (or being it), or None."""
+    return next((block for block in blocks if name == block or name.startswith(block + ".")), None)
+
+
+def _refuse_token_layer(model: nn.Module, name: str, modules: dict[str, nn.Module]) -> None:
+    blocks = token_blocks(model)
+    block = _token_block_of(name, blocks)
+    if block is None:
+        return
+    grids = [n for n, m in modules.items() if n and _token_block_of(n, blocks) is None
+             and re.match(r"^(Conv|ConvTranspose)[123]d$", module_type_name(m))]
+    instead = f"e.g. {grids[-1]!r}, " if grids else ""
+    message = (
+        f"Layer {name!r} is inside the transformer block {block!r} ({blocks[block]}): its output holds tokens "
+        "(tokens x features, or heads x tokens x ...), not a grid of the scan, so a map of it cannot be placed in the "
+        f"image. Choose a convolutional layer ({instead}the patch embedding of a ViT; `medcam3d layers` lists the "
+        "candidates), or a method on the input's voxels (gradxinput, smoothgrad, integrated_gradients, occlusion)."
+    )
+    raise LayerError(message)
 
 
 def list_layers(
@@ -346,7 +387,7 @@ def _choose_on_probes(model: nn.Module, shape: tuple[int, ...], device, *, exact
         x = _zeros(model, (shape[1], *size), device, batched=False)
         try:
             records, output_shape = _probe_with_output(model, x)
-        except (RuntimeError, ValueError, IndexError) as error:
+        except (RuntimeError, ValueError, IndexError) as error:  # a TorchScript error arrives as a RuntimeError
             if size == spatial:
                 raise
             logger.debug("auto-layer probe %s failed (%s); trying a larger one", size, error)
@@ -434,6 +475,18 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
+@contextlib.contextmanager
+def _script_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """A failure inside TorchScript (``torch.jit.Error``, not a ``RuntimeError``, with the graph's traceback
+    as its text) as a one-line ``RuntimeError``, as eager modules fail (an InstanceNorm given one voxel ...)."""
+    try:
+        yield
+    except torch.jit.Error as error:
+        message = (f"{module_type_name(model)} failed in TorchScript on an input of shape {tuple(x.shape)}: "
+                   f"{script_error_reason(error)}")
+        raise RuntimeError(message) from None
+
+
 def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInfo], tuple[int, ...] | None]:
     """Modules whose output has the rank of ``x`` (any size), in completion order; the output shape.
 
@@ -441,9 +494,12 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
     :func:`medcam3d.torchscript.probe_script` reaches.
     """
     records: list[LayerInfo] = []
+    blocks = token_blocks(model)
 
     def record(name: str, kind: str, output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.ndim == x.ndim:
+        # a tensor of the input's rank whose first axis is the batch's, outside transformer blocks (tokens)
+        if isinstance(output, torch.Tensor) and output.ndim == x.ndim and output.shape[0] == x.shape[0] \
+                and _token_block_of(name, blocks) is None:
             records.append(LayerInfo(name, kind, tuple(output.shape)))
 
     def plain(name: str):
@@ -462,7 +518,8 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
 
     # One-shot probes: the TorchScript executor need not profile and optimize them (thread-local flag).
     # Through a view of the model (hooks and eval mode invisible to other threads calling the model meanwhile).
-    with model_lock(model), isolated_model(model) as view, torch.no_grad(), torch.jit.optimized_execution(False):
+    with model_lock(model), isolated_model(model) as view, torch.no_grad(), torch.jit.optimized_execution(False), \
+            _script_errors(model, x):
         if is_scripted(view):
             inner, output = probe_script(view, (x,))
             for item in inner:

@@ -10,7 +10,8 @@ One implementation of each, so that every caller agrees:
   entry of a tuple/list such as deep supervision, ``["logits"]`` of a dict);
 * :func:`model_output` — ``first_tensor(model(x))``;
 * outputs that are not logits (§4): :class:`OutputActivationWatch` finds a trailing
-  ``nn.Softmax``/``nn.Sigmoid``/``nn.LogSoftmax`` module and its input (the logits),
+  ``nn.Softmax``/``nn.Sigmoid``/``nn.LogSoftmax`` module, or a softmax/sigmoid function called
+  last in a ``forward``, and its input (the logits),
   :func:`looks_like_probabilities` recognises probabilities by their values, and
   :func:`logits_from_probabilities` inverts an activation the model applies functionally.
 
@@ -20,7 +21,8 @@ Hooks, locks and train/eval hygiene live in :mod:`medcam3d.hooks`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -28,13 +30,15 @@ from types import TracebackType
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .errors import InputError, ModelOutputError
 from .hooks import forward_hooks
-from .torchscript import ACTIVATION_MODULES, is_scripted
+from .torchscript import ACTIVATION_MODULES, ScriptLogits, is_scripted, script_logits
 
 __all__ = [
+    "ACTIVATION_FUNCTIONS",
     "OUTPUT_ACTIVATIONS",
     "OutputActivation",
     "OutputActivationWatch",
@@ -97,6 +101,13 @@ def first_tensor(output: object) -> torch.Tensor:
         "so that its forward returns (B, C) or (B, C, *spatial) logits."
     )
     raise ModelOutputError(message)
+
+
+def _first_or_none(output: object) -> torch.Tensor | None:
+    try:
+        return first_tensor(output)
+    except ModelOutputError:
+        return None
 
 
 def model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -224,40 +235,128 @@ class OutputActivation:
     logits: torch.Tensor
 
 
-class OutputActivationWatch:
-    """Forward hooks on a model's softmax/sigmoid modules for one forward pass (a context manager).
+#: ``__name__`` of the torch functions (and ``Tensor`` methods) that apply an output activation, and its kind.
+#: ``F.softmax``, ``torch.softmax`` and ``Tensor.softmax`` are all named ``softmax``; in-place forms
+#: (``sigmoid_``) overwrite their input and are never taken.
+ACTIVATION_FUNCTIONS = {"softmax": "softmax", "special_softmax": "softmax", "log_softmax": "log_softmax",
+                        "special_log_softmax": "log_softmax", "sigmoid": "sigmoid", "special_expit": "sigmoid"}
 
-    Afterwards :meth:`trailing` says whether one of them produced the model's output (the very
-    tensor the model returned, or the first entry of a tuple/list/dict output), and gives its input.
-    Modules inside a TorchScript module are not seen here (see
-    :class:`medcam3d.hooks.ActivationCapture`, which finds them in the graph).
+
+def _function_name(func: object) -> str:
+    """``torch.softmax``, ``Tensor.softmax``, ``torch.nn.functional.softmax`` ... for messages."""
+    name = getattr(func, "__name__", "activation")
+    if getattr(func, "__objclass__", None) is not None:  # a method of torch._C.TensorBase
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None) or "torch"
+    if name.startswith("special_"):
+        return f"torch.special.{name[len('special_'):]}"
+    return f"{module if module.startswith('torch.') else 'torch'}.{name}"
+
+
+class _ActivationCalls(TorchFunctionMode):
+    """Sees every torch function called on this thread (a ``TorchFunctionMode`` is thread-local) and keeps
+    the last softmax/log_softmax/sigmoid call: its kind, name, input and (weakly) output.
+
+    The record lives only while that output does: an activation inside the network (an attention
+    softmax) is dropped when its output is freed, so its input is not kept alive for nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: tuple[str, str, torch.Tensor, weakref.ref] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        kind = ACTIVATION_FUNCTIONS.get(getattr(func, "__name__", ""))
+        if kind is not None and args and isinstance(args[0], torch.Tensor) and isinstance(result, torch.Tensor) \
+                and result is not args[0]:
+            self.last = (kind, _function_name(func), args[0], weakref.ref(result, self._forget))
+        return result
+
+    def _forget(self, dead: weakref.ref) -> None:
+        if self.last is not None and self.last[3] is dead:
+            self.last = None
+
+
+class OutputActivationWatch:
+    """Watches one forward pass for the softmax/sigmoid that produces the model's output (a context manager).
+
+    Two watchers: forward hooks on the model's ``nn.Softmax``/``nn.Sigmoid``/``nn.LogSoftmax``
+    modules (for their names), and a :class:`torch.overrides.TorchFunctionMode` that sees the
+    functional calls too (``torch.softmax(y, 1)``, ``F.sigmoid``, ``y.log_softmax(1)`` ... in a
+    ``forward``). Afterwards :meth:`trailing` says whether one of them produced the model's output
+    (the very tensor the model returned, or the first entry of a tuple/list/dict output): only then,
+    i.e. when the activation is the model's last operation, and gives its input (the logits). A
+    softmax inside the network (attention) never produces the output and is never taken.
+
+    Inside TorchScript no Python hook or mode sees a call. A scripted *submodule* of a plain model
+    whose graph ends in a softmax/sigmoid is rerun, when called, as its graph with the activation's
+    input as a second output (:func:`medcam3d.torchscript.script_logits`; one extra pass through that
+    submodule). Function calls are not watched in a model with ``torch.compile``-d parts (Dynamo
+    would trace the watcher itself, again and again): there only modules count. The model itself,
+    when scripted, is left to the captures
+    (:class:`medcam3d.hooks.ActivationCapture` splits its graph, :class:`medcam3d.hooks.InputCapture`
+    runs it with that second output), and so are the submodules in ``skip``.
 
     Parameters
     ----------
     model : nn.Module
+    skip : iterable of nn.Module
+        Scripted submodules that a capture already recomputes (see
+        :attr:`medcam3d.hooks.ActivationCapture.intercepted`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, skip: Iterable[nn.Module | None] = ()) -> None:
         self.model = model
         self._modules = [
             (name, module, ACTIVATION_MODULES[type(module).__name__])
             for name, module in model.named_modules()
             if not is_scripted(module) and type(module).__name__ in ACTIVATION_MODULES
         ]
+        self._functions = not any(type(module).__name__ == "OptimizedModule"
+                                  or module.__dict__.get("_compiled_call_impl") is not None for module in model.modules())
+        skipped = {id(module) for module in skip if module is not None}
+        self._scripts = []
+        if not is_scripted(model):
+            roots: list[str] = []
+            for name, module in model.named_modules():
+                if not name or not is_scripted(module) or any(name.startswith(root + ".") for root in roots):
+                    continue
+                roots.append(name)
+                peeled = script_logits(module) if id(module) not in skipped else None
+                if peeled is not None:
+                    self._scripts.append((name, module, peeled))
         self._last: tuple[str, str, torch.Tensor, torch.Tensor] | None = None
         self._hooks: AbstractContextManager[list[RemovableHandle]] | None = None
+        self._calls: _ActivationCalls | None = None
 
     def __enter__(self) -> OutputActivationWatch:
         self._last = None
-        self._hooks = forward_hooks([(module, self._hook(name, kind)) for name, module, kind in self._modules])
+        self._calls = None
+        self._hooks = forward_hooks([(module, self._hook(name, kind)) for name, module, kind in self._modules]
+                                    + [(module, self._rerun(name, peeled)) for name, module, peeled in self._scripts])
         self._hooks.__enter__()
+        if not self._functions:
+            return self
+        try:
+            self._calls = _ActivationCalls()
+            self._calls.__enter__()
+        except BaseException:
+            self._calls = None
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(exc_type, exc, traceback)
-            self._hooks = None
+        try:
+            if self._calls is not None:
+                self._calls.__exit__(exc_type, exc, traceback)  # keeps its record for trailing()
+        finally:
+            if self._hooks is not None:
+                self._hooks.__exit__(exc_type, exc, traceback)
+                self._hooks = None
 
     def _hook(self, name: str, kind: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
@@ -268,10 +367,25 @@ class OutputActivationWatch:
 
         return hook
 
+    def _rerun(self, name: str, peeled: ScriptLogits):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> object:
+            outputs, logits = peeled(module, inputs)
+            produced = _first_or_none(outputs)
+            if produced is not None:
+                self._last = (f"{name}: {peeled.trailing.name}", peeled.trailing.kind, logits, produced)
+            return outputs
+
+        return hook
+
     def trailing(self, outputs: torch.Tensor) -> OutputActivation | None:
-        """The activation whose output is ``outputs`` (the model's logits tensor), if any."""
+        """The activation whose output is ``outputs`` (the model's logits tensor), if any: a module
+        (named by its dotted name) or a function call (named ``torch.softmax``, ``Tensor.sigmoid`` ...)."""
         if self._last is not None and self._last[3] is outputs:
             name, kind, logits, _ = self._last
+            return OutputActivation(kind, name, logits)
+        last = self._calls.last if self._calls is not None else None
+        if last is not None and last[3]() is outputs:
+            kind, name, logits, _ = last
             return OutputActivation(kind, name, logits)
         return None
 

@@ -88,6 +88,8 @@ __all__ = [
     "load_model",
     "load_bundle",
     "bundle_preprocessing",
+    "bundle_input_shape",
+    "bundle_has_weights",
     "check_input_rank",
 ]
 
@@ -976,6 +978,66 @@ def _class_names(metadata: Mapping) -> tuple[str, ...] | None:
     return tuple(named[index] for index in range(len(named)))
 
 
+def bundle_input_shape(metadata: Mapping) -> tuple[int, ...] | None:
+    """The network's input shape ``(C_in, *spatial)`` from a bundle's ``metadata.json``, if it gives one.
+
+    Read from ``network_data_format.inputs.<first>``: ``num_channels`` (default 1) and
+    ``spatial_shape``, when every entry of the latter is a whole number (a size such as ``"16*n"``,
+    which only says what the network accepts, gives None).
+    """
+    inputs = (metadata.get("network_data_format") or {}).get("inputs") or {}
+    first = next(iter(inputs.values()), None) if isinstance(inputs, Mapping) else None
+    if not isinstance(first, Mapping):
+        return None
+    spatial, channels = first.get("spatial_shape"), first.get("num_channels", 1)
+    if not isinstance(spatial, (list, tuple)) or not spatial:
+        return None
+    try:
+        shape = tuple(int(str(n).strip()) for n in (channels, *spatial))
+    except (TypeError, ValueError):
+        return None
+    return shape if all(n > 0 for n in shape) else None
+
+
+def bundle_has_weights(directory: str | Path) -> bool:
+    """Whether a bundle folder holds trained weights (``models/model.pt`` or ``models/model.ts``)."""
+    models = Path(directory) / "models"
+    return (models / "model.pt").is_file() or (models / "model.ts").is_file()
+
+
+@contextlib.contextmanager
+def _bundle_imports(directory: Path) -> Any:
+    """The bundle's root first on ``sys.path`` while its configs are parsed, as MONAI's own runner does
+    (``monai.bundle`` workflows add it), so that ``$import scripts`` and ``scripts.net.Net`` in a
+    bundle's configs find the bundle's own ``scripts/`` package.
+
+    A ``scripts`` package already imported from elsewhere (another bundle, or a folder of that name
+    on the path) is set aside for the load, so that the bundle gets its own; the modules the bundle
+    imports stay loaded (its network and transforms need them), and the path entry is removed again.
+    Only called for a trusted bundle (parsing its configs runs code anyway).
+    """
+    import sys
+
+    root = str(directory.resolve())
+    own = (directory / "scripts").is_dir()
+    clashing = {}
+    if own:
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            where = getattr(sys.modules[name], "__file__", None) or ""
+            if not os.path.realpath(where).startswith(root + os.sep):
+                clashing[name] = sys.modules.pop(name)
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(root)
+        except ValueError:  # the bundle's code removed it itself
+            pass
+        for name, module in clashing.items():
+            sys.modules.setdefault(name, module)
+
+
 def _bundle_network(parser, directory: Path, config_file: Path, *, source, random_weights: bool) -> tuple[nn.Module, Path | None, bool]:
     """The bundle's network and where its weights came from.
 
@@ -1315,9 +1377,11 @@ def load_bundle(
     if not trust:
         raise _refuse_bundle(directory, source)
     parser, config_file, metadata = _bundle_parser(directory, source=source, device=device)
-    with _seeded(random_weights):
-        network, weights, scripted = _bundle_network(parser, directory, config_file, source=source, random_weights=random_weights)
-    preprocessing = _bundle_preprocessing(parser, config_file, metadata, max_voxels)
+    with _bundle_imports(directory):
+        with _seeded(random_weights):
+            network, weights, scripted = _bundle_network(parser, directory, config_file, source=source,
+                                                         random_weights=random_weights)
+        preprocessing = _bundle_preprocessing(parser, config_file, metadata, max_voxels)
     if not scripted:
         limit_activations(network, max_activation_bytes, source=source or directory)
     return Bundle(
@@ -1354,7 +1418,8 @@ def bundle_preprocessing(directory: str | Path, *, trust: bool = False, device: 
     if not trust:
         raise _refuse_bundle(directory, None)
     parser, config_file, metadata = _bundle_parser(directory, device=device)
-    preprocessing = _bundle_preprocessing(parser, config_file, metadata, max_voxels)
+    with _bundle_imports(directory):
+        preprocessing = _bundle_preprocessing(parser, config_file, metadata, max_voxels)
     if preprocessing is None:
         raise PreprocessingError(f"{config_file} defines no 'preprocessing'; give preprocessing in the medcam3d config.")
     return preprocessing

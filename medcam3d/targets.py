@@ -40,7 +40,7 @@ import torch
 from .errors import ConfigError, SpaceError, TargetError, TargetIndexError
 
 __all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabilities", "resolve_target",
-           "check_region_mask", "check_class_names", "nearest_resample", "output_grid", "region_from_scan_mask"]
+           "check_target_spec", "check_region_mask", "check_class_names", "nearest_resample", "output_grid", "region_from_scan_mask"]
 
 #: How probabilities come from logits (see :func:`probabilities`).
 TASKS = ("multiclass", "multilabel", "binary", "segmentation")
@@ -288,6 +288,47 @@ def resolve_target(
         return ClassTarget(indices, signs)
     regions = _regions(mask, outputs, indices, indices_into_output)
     return RegionTarget(indices, signs, regions)
+
+
+def check_target_spec(spec: object, class_names: Sequence[str] | None, *, task: str | None = None) -> None:
+    """Refuse a target specification that cannot fit, before any model runs (the CLI's ``--target``).
+
+    Checks what needs no output: class names against ``class_names``, negative indices, indices
+    beyond the named classes, ``"predicted"`` for a segmentation network. :func:`resolve_target`
+    checks the rest on the model's output (indices beyond its classes when no names are given).
+
+    Parameters
+    ----------
+    spec : int, str or sequence of them
+        As given to :func:`resolve_target` (``None``: ``"predicted"``); tensors, regions and resolved
+        targets are not checked here.
+    class_names : sequence of str or None
+    task : str, optional
+        The config's task (``"segmentation"`` refuses ``"predicted"``).
+
+    Raises
+    ------
+    TargetError, TargetIndexError
+        With the same messages :func:`resolve_target` gives.
+    """
+    if spec is None or isinstance(spec, (Target, Region, torch.Tensor, np.ndarray)):
+        return
+    if isinstance(spec, str) and spec.lower() in ("all", "predicted"):
+        if spec.lower() == "predicted" and task == "segmentation":
+            raise TargetError("target='predicted' is ambiguous for a segmentation output; give a class index, a list of "
+                              "classes or 'all' (each class is scored inside its predicted region).")
+        return
+    items = [spec] if isinstance(spec, (int, np.integer, str)) else spec
+    if not isinstance(items, Sequence) or len(items) == 0:
+        return  # resolve_target says what is supported
+    for item in items:
+        index = _class_index(item, class_names)
+        if index < 0 or (class_names is not None and len(class_names) > 1 and index >= len(class_names)):
+            count = len(class_names) if class_names is not None else 0
+            valid = f"0..{count - 1} ({', '.join(class_names)})" if class_names is not None else "0 or more"
+            message = (f"Class index {index} is out of range: valid indices are {valid}. Pick a valid class or use "
+                       "target='all'.")
+            raise TargetIndexError(message)
 
 
 def check_class_names(class_names: Sequence[str] | None, channels: int) -> None:

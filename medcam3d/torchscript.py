@@ -34,6 +34,7 @@ top level of the graph flattened down to the leaves.
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import threading
 import weakref
@@ -49,6 +50,7 @@ from .errors import LayerError
 
 __all__ = [
     "bind_arguments",
+    "ScriptLogits",
     "ScriptRecord",
     "ScriptSplit",
     "TrailingActivation",
@@ -56,8 +58,10 @@ __all__ = [
     "module_type_name",
     "probe_script",
     "script_layer_names",
+    "script_logits",
     "script_split",
     "scripted_ancestor",
+    "script_error_reason",
 ]
 
 #: Leaf modules (by class name) and graph operators whose output is an activation of logits.
@@ -71,8 +75,10 @@ _FORWARD = re.compile(r"^forward\d*$")
 _NAMES = itertools.count()
 _NO_DEFAULT = object()
 _CACHE_GUARD = threading.Lock()
+logger = logging.getLogger(__name__)
 _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[str, ScriptSplit]] = weakref.WeakKeyDictionary()
 _PROBES: weakref.WeakKeyDictionary[nn.Module, _ProbePlan] = weakref.WeakKeyDictionary()
+_LOGITS: weakref.WeakKeyDictionary[nn.Module, ScriptLogits | None] = weakref.WeakKeyDictionary()
 
 
 def is_scripted(module: object) -> bool:
@@ -116,6 +122,14 @@ def scripted_ancestor(model: nn.Module, name: str) -> tuple[str, nn.Module] | No
         if is_scripted(module):
             return ".".join(parts), module
     return None
+
+
+def script_error_reason(error: BaseException) -> str:
+    """The reason a TorchScript run failed, in one line: the error the graph raised
+    (``ValueError: Expected more than 1 spatial element ...``), without the TorchScript traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    return reason.removeprefix("builtins.")
 
 
 @dataclass(frozen=True)
@@ -472,6 +486,52 @@ def script_split(root: nn.Module, layer: str) -> ScriptSplit:
     with _CACHE_GUARD:
         _SPLITS.setdefault(root, {})[layer] = split
     return split
+
+
+class ScriptLogits:
+    """A TorchScript module's whole forward that also returns the input of its trailing activation.
+
+    For a scripted model that ends in a softmax/sigmoid (module or operator) and is explained
+    without a split (input-level methods, or a scripted submodule after the target layer): built by
+    :func:`script_logits` (cached per module). Holds no reference to the module.
+
+    Attributes
+    ----------
+    trailing : TrailingActivation
+    """
+
+    def __init__(self, root: nn.Module, trailing: TrailingActivation, graph: torch._C.Graph) -> None:
+        self.trailing = trailing
+        self._defaults = _forward_defaults(root)
+        self._function = _compile(graph, "logits")
+
+    def __call__(self, root: nn.Module, args: Sequence[object]) -> tuple[object, torch.Tensor]:
+        """``(root(*args), logits)``: the model's output and its activation's input, from one run."""
+        output, logits = self._function(root._c, *_complete(args, self._defaults))
+        return output, logits
+
+
+def script_logits(root: nn.Module) -> ScriptLogits | None:
+    """The :class:`ScriptLogits` of a TorchScript module, or None when its graph does not end in a
+    softmax/sigmoid (built once, cached per module)."""
+    with _CACHE_GUARD:
+        if root in _LOGITS:
+            return _LOGITS[root]
+    try:
+        flat = _flatten(root, lambda path, method, module: path == "")
+        trailing, logits = _peel_output(flat, "")
+        found = None if trailing is None or logits is None else ScriptLogits(root, trailing, _with_output(flat.graph, logits))
+    except (LayerError, RuntimeError) as error:  # a graph that cannot be rewritten: run as it is, output as it is
+        logger.debug("The output activation of %s could not be found in its graph: %s", module_type_name(root), error)
+        found = None
+    with _CACHE_GUARD:
+        _LOGITS[root] = found
+    return found
+
+
+def _with_output(graph: torch._C.Graph, value) -> torch._C.Graph:
+    graph.registerOutput(value)
+    return graph
 
 
 def _unreachable_message(root: nn.Module, layer: str, *, calls: int, nested: bool) -> str:

@@ -206,6 +206,69 @@ def test_not_a_bundle(tmp_path):
         parse_config({"model": {"bundle": str(tmp_path / "empty"), "weights": "w.pt"}})
 
 
+def test_layers_takes_the_input_shape_from_the_bundle_metadata(tmp_path, capsys):
+    from medcam3d.cli import main
+    from medcam3d.models import bundle_input_shape
+
+    write_bundle(tmp_path / "bundle")
+    (tmp_path / "run.yaml").write_text("model: {bundle: bundle}\n")
+    assert main(["layers", "--config", str(tmp_path / "run.yaml"), "--trust"]) == 0  # no --shape needed
+    out = capsys.readouterr().out
+    assert "input (1, 16, 16, 16)" in out and "layer='auto' selects: class_layers.relu" in out
+    # a bundle without weights is listed too (the layers do not depend on them)
+    write_bundle(tmp_path / "empty", pt=False)
+    (tmp_path / "empty.yaml").write_text("model: {bundle: empty}\n")
+    assert main(["layers", "--config", str(tmp_path / "empty.yaml"), "--trust", "--shape", "1", "24", "24", "24"]) == 0
+    assert "input (1, 24, 24, 24)" in capsys.readouterr().out
+    assert bundle_input_shape({"network_data_format": {"inputs": {"image": {"num_channels": 4, "spatial_shape": [96, "96", 64]}}}}) == (4, 96, 96, 64)
+    assert bundle_input_shape({"network_data_format": {"inputs": {"image": {"spatial_shape": ["16*n", "16*n", "16*n"]}}}}) is None
+    assert bundle_input_shape({}) is None
+
+
+SCRIPTS_NET = """
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, channels: int = 4, classes: int = 2):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv3d(1, channels, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3, 4)))
+"""
+
+
+def test_bundle_with_its_own_scripts_package_loads_without_pythonpath(tmp_path, monkeypatch):
+    """network_def: scripts.net.TinyNet, as many bundles have: the bundle root is on sys.path while it loads."""
+    import sys
+
+    for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+        monkeypatch.delitem(sys.modules, name)  # e.g. a `scripts` folder of the current directory
+    root = write_bundle(tmp_path / "bundle", network_def={"_target_": "scripts.net.TinyNet", "channels": 4})
+    (root / "scripts").mkdir()
+    (root / "scripts" / "__init__.py").write_text("")
+    (root / "scripts" / "net.py").write_text(SCRIPTS_NET)
+    torch.manual_seed(3)
+    state = {"features.0.weight": torch.randn(4, 1, 3, 3, 3), "features.0.bias": torch.randn(4),
+             "head.weight": torch.randn(2, 4), "head.bias": torch.randn(2)}
+    torch.save(state, root / "models" / "model.pt")
+    path = list(sys.path)
+    try:
+        bundle = load_bundle(root, trust=True)
+        assert type(bundle.network).__name__ == "TinyNet"
+        _assert_same_parameters(bundle.network, state)
+        assert sys.path == path  # the bundle root is not left on the path
+        assert bundle.network(torch.zeros(1, 1, 8, 8, 8)).shape == (1, 2)
+    finally:
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]
+    with pytest.raises(UntrustedModelError):  # its code is imported only under trust
+        load_bundle(root)
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 def test_bundle_preprocessing_equals_medcam3d_preprocess(tmp_path, scan):

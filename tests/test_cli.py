@@ -350,3 +350,110 @@ def test_sigterm_stops_a_batch_like_ctrl_c(setup, tmp_path):
     assert not left, left
     done = [p for p in out.iterdir() if (p / "summary.json").is_file()]
     assert 2 <= len(done) < 40
+
+
+def test_layers_on_a_torchscript_config(setup, tmp_path, capsys):
+    """A TorchScript config is listed with its own weights (it was always refused as 'cannot be re-initialised')."""
+    import torch
+    from monai.networks.nets import DenseNet
+
+    from conftest import TINY_NETWORK_ARGS
+
+    root, _ = setup
+    net = DenseNet(**{**TINY_NETWORK_ARGS, "block_config": tuple(TINY_NETWORK_ARGS["block_config"])})
+    net.load_state_dict(torch.load(root / "weights.pt", weights_only=True))
+    torch.jit.save(torch.jit.script(net.eval()), str(tmp_path / "tiny.ts"))
+    config = tmp_path / "ts.yaml"
+    config.write_text("model: {torchscript: tiny.ts}\ntask: multilabel\nclass_names: [bright, dark]\n"
+                      "preprocessing:\n  - {name: ResizeWithPadOrCrop, spatial_size: [24, 24, 24]}\n")
+    assert main(["layers", "--config", str(config), "--trust"]) == 0
+    out = capsys.readouterr().out
+    assert "input (1, 24, 24, 24)" in out and "layer='auto' selects: class_layers.relu" in out
+    assert main(["layers", "--config", str(config)]) == 2  # TorchScript still needs --trust
+    assert "--trust" in one_line_error(capsys.readouterr().err, "layers")
+
+
+def test_explain_never_replaces_the_maps_of_another_scan(setup, tmp_path, capsys):
+    """t1.nii.gz and t1.nrrd both make case id t1: the second is refused with the id to give it."""
+    root, config = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    values, space = io.read(root / "scan.nii.gz")
+    io.write(scans / "t1.nii.gz", values, space)
+    io.write(scans / "t1.nrrd", values, space)
+    out = tmp_path / "out"
+    command = ["explain", "--config", str(config), "--out", str(out), "--no-pictures"]
+    assert main([*command, "--image", str(scans / "t1.nii.gz")]) == 0
+    first = (out / "t1" / "summary.json").read_text()
+    capsys.readouterr()
+    assert main([*command, "--image", str(scans / "t1.nrrd")]) == 2
+    line = one_line_error(capsys.readouterr().err, "explain")
+    assert "t1.nii.gz" in line and "--id t1_nrrd" in line and "another --out" in line
+    assert (out / "t1" / "summary.json").read_text() == first  # untouched
+    assert main([*command, "--image", str(scans / "t1.nrrd"), "--id", "t1_nrrd"]) == 0
+    assert json.loads((out / "t1_nrrd" / "summary.json").read_text())["image"] == str(scans / "t1.nrrd")
+    assert main([*command, "--image", str(scans / "t1.nii.gz")]) == 0  # the same scan again: its folder is redone
+    assert main([*command, "--image", str(scans / "t1.nii.gz"), "--id", "../x"]) == 2
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--target", "brigth"], "Unknown class name 'brigth'. Did you mean 'bright'?"),
+    (["--target", "bright,7"], "Class index 7 is out of range"),
+    (["--image", "missing.nii.gz"], "--image 'missing.nii.gz' does not exist"),
+    (["--mask", "missing_mask.nii.gz"], "--mask 'missing_mask.nii.gz' does not exist"),
+    (["--layer", "features.nrom5"], "Layer 'features.nrom5' not found in DenseNet. Did you mean 'features.norm5'"),
+])
+def test_mistakes_are_reported_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, option, words):
+    import medcam3d.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(medcam3d.models, "load_model", never)
+    monkeypatch.setattr(medcam3d.models, "load_bundle", never)
+    root, config = setup
+    image = [] if option[0] == "--image" else ["--image", str(root / "scan.nii.gz")]
+    assert main(["explain", "--config", str(config), *image, *option, "--out", str(tmp_path / "o")]) == 2
+    assert words in one_line_error(capsys.readouterr().err, "explain")
+    if option[0] in ("--target", "--layer"):
+        assert main(["batch", "--config", str(config), "--inputs", str(root), *option, "--out", str(tmp_path / "b")]) == 2
+        assert words in one_line_error(capsys.readouterr().err, "batch")
+
+
+def test_info_names_the_files_of_a_dicom_folder_that_gdcm_cannot_parse(tmp_path, capsys):
+    """GDCM's series scan stops at a malformed file with a raw error and no file name (exit 1 before)."""
+    pydicom = pytest.importorskip("pydicom")
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+    from _images import write_dicom_series
+
+    folder = tmp_path / "study"
+    image = sitk.Image([4, 5, 6], sitk.sitkInt16)
+    image.SetSpacing((0.8, 0.8, 2.0))
+    write_dicom_series(image, folder)
+    # an RT dose whose 15 frames (GridFrameOffsetVector) hold more bytes than its pixel data
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    dose = Dataset()
+    dose.file_meta = meta
+    dose.SOPClassUID, dose.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dose.Modality, dose.SeriesInstanceUID, dose.StudyInstanceUID = "RTDOSE", generate_uid(), generate_uid()
+    dose.Rows = dose.Columns = 10
+    dose.BitsAllocated = dose.BitsStored = 32
+    dose.HighBit, dose.PixelRepresentation, dose.SamplesPerPixel = 31, 0, 1
+    dose.PhotometricInterpretation = "MONOCHROME2"
+    dose.FrameIncrementPointer = pydicom.tag.Tag(0x3004, 0x000C)
+    dose.GridFrameOffsetVector = [float(i) for i in range(15)]
+    dose.PixelData = bytes(800)
+    dose.save_as(folder / "dose.dcm", enforce_file_format=True)
+    assert main(["info", "--image", str(folder)]) == 2
+    err = capsys.readouterr().err
+    line = one_line_error(err, "info")
+    assert "'dose.dcm'" in line and "Move them out of the folder" in line
+    assert "RuntimeError" not in err and "invalid logic" not in err and "ITK" not in err
+    (folder / "dose.dcm").unlink()
+    assert main(["info", "--image", str(folder)]) == 0

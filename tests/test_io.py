@@ -455,6 +455,26 @@ def test_describe_dicom_folder_with_two_series(tmp_path):
     assert single.shape == (4, 5, 6) and Space(single.shape, single.affine) == io.read_space(tmp_path / "single")
 
 
+def test_describe_says_when_a_grid_is_oblique(tmp_path):
+    """A DICOM series tilted 10-20 degrees was shown as plain 'LPS', without its matrix (NIfTI showed the matrix)."""
+    oblique = sitk.Image([3, 4, 5], sitk.sitkInt16)
+    oblique.SetSpacing((0.8, 0.9, 2.5))
+    oblique.SetDirection(tuple(Rotation.from_euler("z", 20, degrees=True).as_matrix().reshape(-1)))
+    write_dicom_series(oblique, tmp_path / "oblique")
+    write_dicom_series(_hand_built_lps_image(), tmp_path / "axial")
+    (series,) = io.describe(tmp_path / "oblique").series
+    assert series.oblique_degrees == pytest.approx(20, abs=1e-3)
+    text = str(series)
+    assert "LPS (oblique: axes up to 20° from the scanner's" in text and "voxel -> RAS mm: " in text
+    assert io.describe(tmp_path / "oblique").to_dict()["oblique_degrees"] == pytest.approx(20, abs=1e-3)
+    (axial,) = io.describe(tmp_path / "axial").series
+    assert axial.oblique_degrees == pytest.approx(0, abs=1e-6) and "oblique" not in str(axial)
+    affine = np.diag([0.9, 0.9, 2.5, 1.0])
+    affine[:3, :3] = Rotation.from_euler("x", 7, degrees=True).as_matrix() @ affine[:3, :3]
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), affine), tmp_path / "tilted.nii.gz")
+    assert "(oblique: axes up to 7° from the scanner's" in str(io.describe(tmp_path / "tilted.nii.gz"))
+
+
 def test_describe_reports_what_read_would_refuse_and_refuses_hostile_headers(tmp_path):
     write_dicom_series(_hand_built_lps_image(), tmp_path / "gap")
     os.remove(tmp_path / "gap" / "1_slice003.dcm")

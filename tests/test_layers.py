@@ -240,3 +240,50 @@ def test_list_layers_marks_the_layer_auto_uses_for_segmentation_networks(factory
     assert marked[0].name == used == auto_layer(model, shape).name
     assert layers[-1].name != used  # the last listed layer produces the logits: not what auto uses
     assert "<- auto" in str(marked[0]) and "<- auto" not in str(layers[-1])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_auto_on_a_freshly_scripted_network_with_instance_norm():
+    """The 32-voxel probe collapses to one voxel before an InstanceNorm: TorchScript raises torch.jit.Error
+    (not a RuntimeError), which the probe retries with a larger input like an eager failure."""
+
+    def network():
+        torch.manual_seed(0)
+        layers: list[nn.Module] = [nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.ReLU()]
+        for _ in range(5):
+            layers += [nn.Conv3d(4, 4, 3, stride=2, padding=1), nn.InstanceNorm3d(4), nn.ReLU()]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+    eager, scripted = network(), torch.jit.script(network())
+    shape = (1, 64, 64, 64)
+    assert auto_layer(scripted, shape).name == auto_layer(eager, shape).name == "17"
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(medcam3d.Explainer(scripted)(x, "all").maps, medcam3d.Explainer(eager)(x, "all").maps)
+    # a size the network cannot take at all: one line, the graph's own reason
+    with pytest.raises(RuntimeError, match=r"failed in TorchScript on an input of shape \(1, 1, 8, 8, 8\): "
+                                           r"ValueError: Expected more than 1 spatial element") as info:
+        medcam3d.list_layers(scripted, (1, 8, 8, 8))
+    assert "\n" not in str(info.value)
+
+
+def test_transformer_token_layers_are_never_target_layers():
+    """MONAI's ViT: `auto` took blocks.1.attn.input_rearrange, a (qkv, B, heads, tokens, dims) tensor, and placed
+    it in the scan as if it were a grid; token layers are not candidates and are refused by name."""
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(in_channels=1, img_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=48, mlp_dim=96, num_layers=2,
+              num_heads=4, classification=True, num_classes=3).eval()
+    listed = medcam3d.list_layers(vit, (1, 32, 32, 32))
+    assert [(info.name, info.auto) for info in listed] == [("patch_embedding.patch_embeddings", True)]
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = medcam3d.Explainer(vit)(x, "all")
+    assert result.layer == "patch_embedding.patch_embeddings" and result.maps.shape == (2, 3, 4, 4, 4)
+    for name in ("blocks.1.attn.input_rearrange", "blocks.0.attn.drop_weights", "blocks.1"):
+        with pytest.raises(medcam3d.LayerError, match="inside the transformer block 'blocks.[01]'.*holds tokens.*"
+                                                     "'patch_embedding.patch_embeddings'"):
+            medcam3d.Explainer(vit, layer=name)
+    # 2D: the attention weights (B, heads, tokens, tokens) have the input's rank and batch axis, and are refused too
+    vit2d = ViT(in_channels=1, img_size=(32, 32), patch_size=(8, 8), hidden_size=48, mlp_dim=96, num_layers=2,
+                num_heads=4, classification=True, num_classes=3, spatial_dims=2).eval()
+    assert [info.name for info in medcam3d.list_layers(vit2d, (1, 32, 32))] == ["patch_embedding.patch_embeddings"]

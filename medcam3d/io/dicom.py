@@ -19,7 +19,7 @@ from ..errors import GeometryError, ImageReadError, ImageTooLargeError, SpaceErr
 from ..orientation import lps_to_ras, ras_to_lps
 from ._common import READ_FORMATS, _SLICE_ABS_TOL_MM, _SLICE_REL_TOL, _fmt_mm
 from .limits import MAX_VOXEL_MM, MIN_VOXEL_MM, _Limits, _check_allocation, _lift, _out_itemsize, _too_large_for_file
-from .itk import _check_itk_voxel_type, _execute, _itk_affine, _itk_component_bytes, _sitk_run, _sitk_to_numpy
+from .itk import _COLLECTED, _check_itk_voxel_type, _execute, _itk_affine, _itk_component_bytes, _sitk_run, _sitk_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,10 @@ def _series_reader(p: Path, limits: _Limits) -> tuple[Any, list[str]]:
 
     _check_dicom_folder_size(p, limits.max_slices)
     reader = sitk.ImageSeriesReader()
-    ids = list(_sitk_run(lambda: reader.GetGDCMSeriesIDs(str(p))))
+    try:
+        ids = list(_sitk_run(lambda: reader.GetGDCMSeriesIDs(str(p))))
+    except RuntimeError as error:
+        raise _unreadable_folder(p, error) from None
     if not ids:
         raise ImageReadError(
             f"'{p}' is a directory but holds no DICOM series; expected a directory of DICOM files "
@@ -72,7 +75,57 @@ def _series_reader(p: Path, limits: _Limits) -> tuple[Any, list[str]]:
 
 def _series_files(reader: Any, p: Path, uid: str) -> list[str]:
     """The files of series ``uid`` in folder ``p``, as GDCM sorts them."""
-    return list(_sitk_run(lambda: reader.GetGDCMSeriesFileNames(str(p), uid)))
+    try:
+        return list(_sitk_run(lambda: reader.GetGDCMSeriesFileNames(str(p), uid)))
+    except RuntimeError as error:
+        raise _unreadable_folder(p, error) from None
+
+
+#: Files named in the message about a folder GDCM cannot list.
+_NAMED_FILES = 3
+
+
+def _unreadable_folder(p: Path, error: BaseException) -> ImageReadError:
+    """Why GDCM could not list the series of folder ``p``: its scanner stops at a file it cannot parse,
+    without naming it. Each file is listed alone (through a link in a temporary folder) to find it."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    logger.debug("GDCM could not list the series of '%s': %s", p, error)
+    with os.scandir(p) as entries:
+        files = sorted(entry.path for entry in entries if entry.is_file())
+    bad: list[str] = []
+    quiet = _COLLECTED.set({})  # what GDCM prints about each file alone is not news: the message names them
+    try:
+        with tempfile.TemporaryDirectory(prefix="medcam3d-dicom-") as alone:
+            link = os.path.join(alone, "file")
+            for file in files:
+                try:
+                    os.symlink(os.path.abspath(file), link)
+                except OSError:  # no links here: the folder is reported as a whole
+                    bad = []
+                    break
+                try:
+                    _sitk_run(lambda: sitk.ImageSeriesReader.GetGDCMSeriesIDs(alone))
+                except RuntimeError:
+                    bad.append(os.path.basename(file))
+                finally:
+                    os.unlink(link)
+    finally:
+        _COLLECTED.reset(quiet)
+    if not bad:
+        return ImageReadError(
+            f"'{p}': GDCM could not sort its files into DICOM series (one of them is malformed). Give a folder holding "
+            "the DICOM files of one series only."
+        )
+    named = ", ".join(f"'{name}'" for name in bad[:_NAMED_FILES])
+    more = f" and {len(bad) - _NAMED_FILES} more" if len(bad) > _NAMED_FILES else ""
+    return ImageReadError(
+        f"'{p}' holds {len(bad)} file(s) that GDCM cannot parse ({named}{more}: damaged, or a DICOM object that "
+        "is not an image series, e.g. an RT dose), so its series cannot be listed. Move them out of the folder, or give "
+        "a folder holding the DICOM files of one series only."
+    )
 
 
 def _check_dicom_folder_size(p: Path, max_slices: int | None) -> None:

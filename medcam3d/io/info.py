@@ -44,6 +44,30 @@ def _voxel_sizes(affine: np.ndarray | None, ndim: int) -> tuple[float, ...] | No
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :ndim], axis=0))
 
 
+#: Axes tilted less than this (degrees) from the scanner's axes count as aligned.
+_OBLIQUE_DEGREES = 0.01
+
+
+def _obliquity(affine: np.ndarray | None, ndim: int) -> float | None:
+    """The largest angle (degrees) between a voxel axis and its nearest scanner axis; None without an affine."""
+    if affine is None:
+        return None
+    axes = np.asarray(affine, dtype=np.float64)[:3, :ndim]
+    norms = np.linalg.norm(axes, axis=0)
+    if not np.all(norms > 0):
+        return None
+    cosines = np.abs(axes / norms).max(axis=0).clip(-1.0, 1.0)
+    return float(np.degrees(np.arccos(cosines)).max())
+
+
+def _oblique_text(affine: np.ndarray | None, ndim: int) -> str:
+    """``" (oblique: axes up to 21.3° from the scanner's)"`` for a tilted grid, else ``""``."""
+    angle = _obliquity(affine, ndim)
+    if angle is None or angle < _OBLIQUE_DEGREES:
+        return ""
+    return f" (oblique: axes up to {angle:.3g}° from the scanner's; the orientation names the nearest axes)"
+
+
 def _fmt_shape(shape: tuple[int, ...]) -> str:
     return " x ".join(str(n) for n in shape)
 
@@ -90,20 +114,28 @@ class SeriesInfo:
     affine: np.ndarray | None
     problem: str | None = None
 
+    @property
+    def oblique_degrees(self) -> float | None:
+        """The largest angle (degrees) between a voxel axis and the nearest scanner axis (0 for an
+        axis-aligned series; None when the headers cannot place it)."""
+        return _obliquity(self.affine, 3)
+
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (the affine as a nested list)."""
         return {
             "uid": self.uid, "description": self.description, "modality": self.modality, "slices": self.slices,
             "shape": list(self.shape), "spacing": list(self.spacing) if self.spacing else None,
             "orientation": "".join(self.orientation) if self.orientation else None,
-            "affine": _plain_affine(self.affine), "problem": self.problem,
+            "affine": _plain_affine(self.affine), "oblique_degrees": self.oblique_degrees, "problem": self.problem,
         }
 
     def __str__(self) -> str:
         name = f' "{self.description}"' if self.description else ""
         spacing = f", {_fmt_size(self.spacing)} mm" if self.spacing else ""
-        orientation = f", {''.join(self.orientation)}" if self.orientation else ""
+        orientation = f", {''.join(self.orientation)}{_oblique_text(self.affine, 3)}" if self.orientation else ""
         text = f"series {self.uid}{name} ({self.modality or 'modality ?'}): {self.slices} slices, {_fmt_shape(self.shape)} voxels{spacing}{orientation}"
+        if self.affine is not None:
+            text += "\n    voxel -> RAS mm: " + "; ".join(_fmt_mm(row) for row in np.asarray(self.affine)[:3])
         return text + (f"\n    problem: {self.problem}" if self.problem else "")
 
 
@@ -149,6 +181,13 @@ class ImageInfo:
         """The shape of one volume, ``(I, J[, K])`` (None for a folder of several series)."""
         return None if self.shape is None else _spatial_shape(self.shape)
 
+    @property
+    def oblique_degrees(self) -> float | None:
+        """The largest angle (degrees) between a voxel axis and the nearest scanner axis (0 for an
+        axis-aligned grid; None without a grid, e.g. a folder of several DICOM series)."""
+        spatial = self.spatial_shape
+        return None if spatial is None else _obliquity(self.affine, len(spatial))
+
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (paths as str, the affine as a nested list)."""
         return {
@@ -156,7 +195,8 @@ class ImageInfo:
             "spatial_shape": list(self.spatial_shape) if self.spatial_shape else None, "dtype": self.dtype,
             "volumes": self.volumes, "spacing": list(self.spacing) if self.spacing else None,
             "orientation": "".join(self.orientation) if self.orientation else None,
-            "affine": _plain_affine(self.affine), "series": [s.to_dict() for s in self.series],
+            "affine": _plain_affine(self.affine), "oblique_degrees": self.oblique_degrees,
+            "series": [s.to_dict() for s in self.series],
         }
 
     def __str__(self) -> str:
@@ -171,7 +211,8 @@ class ImageInfo:
                 if self.volumes > 1 else f"{_fmt_shape(spatial)} voxels")
         lines = [f"{self.path}: {self.format}, {len(spatial)}D, {what}, {self.dtype}"]
         if self.spacing:
-            lines.append(f"  spacing {_fmt_size(self.spacing)} mm, orientation {''.join(self.orientation or '?')}")
+            lines.append(f"  spacing {_fmt_size(self.spacing)} mm, orientation {''.join(self.orientation or '?')}"
+                         f"{_oblique_text(self.affine, len(spatial))}")
         if self.affine is not None:
             lines.append("  voxel -> RAS mm: " + "; ".join(_fmt_mm(row) for row in np.asarray(self.affine)[:3]))
         return "\n".join(lines)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .._files import MARK, atomic_write_text, default_mode, is_inside
 from ..errors import OutputConflictError
-from .cases import check_case_id
+from .cases import check_case_id, derive_case_ids, input_identity
 
 __all__ = [
     "MARKER",
@@ -50,6 +50,7 @@ __all__ = [
     "fingerprint",
     "is_own_case_folder",
     "read_case_summary",
+    "check_case_slot",
     "read_manifest",
     "foreign_entries",
     "check_output_location",
@@ -292,6 +293,55 @@ def read_case_summary(folder: str | Path) -> dict | None:
         return None
     data = _read_json_file(Path(folder) / "summary.json")
     return data if isinstance(data, dict) and _listing(data, "case") is not None else None
+
+
+def check_case_slot(out_dir: str | Path, case_id: str, image: str | Path, *, volume: int | None = None,
+                    series: str | None = None, id_option: str = "--id") -> None:
+    """Refuse to replace a case folder that medcam3d wrote from *another* input (``medcam3d explain``).
+
+    ``explain --image t1.nrrd --out O`` and then ``--image t1.mha --out O`` would both write
+    ``O/t1/``: the second run would replace the first one's maps. A folder written from the same
+    scan (the same resolved path, volume and series: a rerun) may be replaced; one written from
+    another is refused, before any work, with the id to use instead (the one ``batch`` would derive,
+    :func:`~medcam3d.jobs.cases.derive_case_ids`).
+
+    Raises
+    ------
+    OutputConflictError
+        ``out_dir/case_id`` holds the results of another scan, volume or series.
+    """
+    summary = read_case_summary(Path(out_dir) / case_id)
+    if summary is None:
+        return
+    def entry(record: dict, key: str) -> dict:
+        value = record.get(key)
+        return value if isinstance(value, dict) else {}
+
+    recorded = entry(entry(summary, "run"), "inputs")
+    before = entry(recorded, "image")
+    previous = before.get("path") or summary.get("image")
+    now = (input_identity(image) or {}).get("path")
+    if not isinstance(previous, str) or now is None:
+        return
+    same_scan = os.path.realpath(previous) == now
+    if same_scan and recorded.get("volume") == volume and recorded.get("series") == series:
+        return
+    what = []
+    if recorded.get("volume") is not None:
+        what.append(f"volume {recorded['volume']}")
+    if recorded.get("series"):
+        what.append(f"series {recorded['series']}")
+    of = f" ({', '.join(what)})" if what else ""
+    if same_scan:
+        suggestion = f"{case_id}_{'v' + str(volume) if volume is not None else 'series'}"
+    else:
+        suggestion = derive_case_ids([Path(previous), Path(now)])[1]
+    message = (
+        f"{Path(out_dir) / case_id} holds the results of {previous}{of}; explaining {image} there would replace them. "
+        f"Give this scan its own case id ({id_option} {suggestion}) or another --out (or remove that folder to "
+        "replace it)."
+    )
+    raise OutputConflictError(message)
 
 
 def is_own_case_folder(folder: str | Path) -> bool:
