@@ -391,7 +391,7 @@ class ScanGridMap:
     Parameters
     ----------
     heatmap : Heatmap
-        On its feature grid (``to_scanner_space(explanation)`` without a scanner space), or any
+        On its feature grid (``feature_maps(explanation)``), or any
         grid.
     scanner_space : Space
         The scan's grid.
