@@ -277,21 +277,9 @@ def heatmaps_of(
     sample: int = 0,
     fill: float = 0.0,
 ) -> list[Heatmap]:
-    """Each explained map of one sample as a :class:`Heatmap`, in target order.
-
-    Parameters
-    ----------
-    result : Explanation
-    scanner_space : Space, optional
-        The scan's grid (``medcam3d.io.read`` or ``medcam3d.preprocess.preprocess`` give it).
-        ``None`` keeps the maps on the feature grid, with its exact affine (tiny files that any
-        viewer places correctly).
-    input_space : Space, optional
-        The model input's grid; default: from the MetaTensor the explainer saw.
-    sample : int
-        Which sample of the batch.
-    fill : float
-        Value of scan voxels outside the model's field of view.
+    """Each explained map of one sample as a :class:`Heatmap`, in target order: the list behind
+    :func:`to_scanner_space` (same parameters) and :func:`feature_maps` (``scanner_space=None``:
+    the feature grid, with its exact affine).
 
     Returns
     -------

@@ -7,6 +7,8 @@ class 1 is non-zero only there: its peak in the scan's own grid must land there 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from medcam3d.heatmap import save_heatmaps, to_scanner_space
 from medcam3d.preprocess import preprocess
 from medcam3d.space import Space, resample
 from _images import PlantedModel, cells_near, oblique_lpi_affine, planted_scan, write_dicom_series
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = (41, 37, 23)
 TRANSFORMS = [
@@ -186,3 +190,30 @@ def test_plain_tensor_needs_input_space(case):
     heat = to_scanner_space(result, scanner_space, input_space=given)[1]
     with_meta = medcam3d.Explainer(case["model"], layer="pool")(x[None], 1).to_scanner_space(scanner_space)[1]
     np.testing.assert_array_equal(heat.data, with_meta.data)
+
+
+def test_explainer_from_config_gives_the_maps_of_the_steps_by_hand(tmp_path):
+    """The README's quick-start: from_config + preprocess + one sample equals the steps by hand; maps by class."""
+    from medcam3d.config import load_config
+    from medcam3d.models import load_model
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    scan = ROOT / "data_samples" / "case_04.nii.gz"
+    explainer = medcam3d.Explainer.from_config(config)
+    assert (explainer.method.name, explainer.class_names, explainer.target) == (config.method, config.class_names, "all")
+    x, scanner_space = explainer.preprocess(scan)
+    maps = explainer(x).to_scanner_space(scanner_space)  # one sample, no batch axis; the config's target
+    assert list(maps) == ["bright_round", "dark_elongated"] and len(maps) == 2
+    by_hand_x, by_hand_space = preprocess(scan, config.preprocessing)
+    by_hand = medcam3d.Explainer(load_model(config), class_names=config.class_names,
+                                 placement=config.placement)(by_hand_x[None], "all")
+    for index, name in enumerate(config.class_names):
+        assert maps[name] is maps[index]
+        np.testing.assert_array_equal(maps[name].data, by_hand.to_scanner_space(by_hand_space)[index].data)
+    only = explainer(x, target="dark_elongated")
+    assert list(only.to_scanner_space(scanner_space)) == ["dark_elongated"]
+    assert only.feature_maps()[1].class_name == "dark_elongated"  # an int is the class index, not a position
+    with pytest.raises(KeyError, match="no map for class 0"):
+        only.to_scanner_space(scanner_space)[0]
+    with pytest.raises(TypeError, match="feature_maps"):
+        only.to_scanner_space(None)
