@@ -404,7 +404,6 @@ class Config:
     placement: str = "receptive_field"
 
 
-PLACEMENTS = ("receptive_field", "align_corners")
 _TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
              "output_activation", "placement"}
 _MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"}
@@ -645,6 +644,8 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
         raise ConfigError(f"{where}: output_activation must be one of {OUTPUT_ACTIVATIONS} (what the network applies to "
                           f"its logits; auto detects a trailing Softmax/Sigmoid), not {_short(activation)}.")
     placement = data.get("placement", "receptive_field")
+    from .receptive_field import PLACEMENTS  # its one definition, with the geometry that places the cells
+
     if placement not in PLACEMENTS:
         raise ConfigError(f"{where}: placement must be one of {PLACEMENTS} (where the maps' cells sit: the centres of their "
                           f"receptive fields, or the align_corners=False convention), not {_short(placement)}.")
