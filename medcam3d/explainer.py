@@ -408,8 +408,9 @@ class Explainer:
         Parameters
         ----------
         x : (B, C_in, *spatial) Tensor or MetaTensor
-            Or one sample ``(C_in, *spatial)`` (as :meth:`preprocess` gives it) for a model whose
-            spatial rank is known (:func:`medcam3d.layers.expected_spatial_dims`).
+            Or one sample ``(C_in, *spatial)`` as a MetaTensor that is not a batch (``is_batch``
+            False, as :meth:`preprocess` gives it) for a model whose spatial rank is known
+            (:func:`medcam3d.layers.expected_spatial_dims`); a plain tensor needs its batch axis.
         target : int, str, list, "all", "predicted", Tensor, Region or Target
             What to explain (see :mod:`medcam3d.targets`); default :attr:`target` (the config's
             with :meth:`from_config`), else ``"predicted"``. A ``Region``
@@ -432,8 +433,8 @@ class Explainer:
             (:func:`medcam3d.modeling.to_model_input`).
         """
         dims = self._spatial_dims
-        if isinstance(x, torch.Tensor) and dims is not None and x.ndim == dims + 1:
-            x = x[None]  # one sample: the batch axis
+        if dims is not None and getattr(x, "is_batch", True) is False and getattr(x, "ndim", 0) == dims + 1:
+            x = x[None]  # one MetaTensor sample (MONAI's is_batch False, as preprocess gives it): the batch axis
         if target is None:
             target = self.target
         try:

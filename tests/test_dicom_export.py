@@ -200,7 +200,7 @@ def test_export_dicom_of_an_engine_explanation(series, tmp_path):
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets], segment_numbers=[1, 2],
         combine_segments=False)
-    for s, h in enumerate(heatmaps):
+    for s, h in enumerate(heatmaps.values()):
         np.testing.assert_array_equal(pixels[..., s].astype(bool), np.swapaxes(threshold_mask(h.data, "fraction", 0.5), 0, 2))
 
 

@@ -96,7 +96,7 @@ def test_bundle_run_with_monai_runner_writes_the_engines_maps(tmp_path):
         # the inferer's output is the network's: the saved probabilities are sigmoid(logits)
         np.testing.assert_allclose(probabilities[str(scan)], torch.sigmoid(result.logits[0]).tolist(), rtol=1e-5)
         stem = scan.name[: -len(".nii.gz")]
-        for heatmap in expected:
+        for heatmap in expected.values():
             data, space = io.read(out / stem / f"{stem}_heatmap_hirescam_{heatmap.label}.nii.gz")
             assert space == io.read_space(scan)  # on the scan's own grid
             assert heatmap.data.max() > 0
@@ -276,7 +276,7 @@ def test_saver_inverts_to_the_scan_grid_as_the_engine_and_as_monai_invertd(batch
     # the default storage: uint8 with the raw scale in scl_slope/scl_inter, within half a step
     quantised = SaveHeatmapsd(keys="pred", output_dir=tmp_path / "q")
     quantised(item)
-    for h, path in zip(expected, quantised.written):
+    for h, path in zip(expected.values(), quantised.written):
         assert nib.load(path).get_data_dtype() == np.uint8
         data, _ = io.read(path)
         step = float(h.data.max() - h.data.min()) / 255
