@@ -17,6 +17,7 @@ from medcam3d import io
 from medcam3d.cli import main
 from medcam3d.config import load_config
 from medcam3d.jobs.runner import Runner
+from medcam3d.models import load_model
 from medcam3d.masks import bounding_box, threshold_mask
 from medcam3d.space import Resampler, Space, resample
 from _images import oblique_lpi_affine, planted_scan
@@ -260,3 +261,46 @@ def test_scan_maps_for_positive_or_predicted_classes(setup, tmp_path, mode, expe
                      if not p.name.endswith(("_feature.nii.gz", "_norm.nii.gz", "_mask.nii.gz")))
     assert written == expected
     assert len(list(folder.glob("*_feature.nii.gz"))) == 2  # the quantitative record is always written
+
+
+def test_pictures_drawn_beside_the_writing_equal_those_drawn_in_line(setup, tmp_path):
+    """The picture thread draws the same PNGs (byte for byte) as one painter in the main thread."""
+    from medcam3d.heatmap import ScanGridMap, heatmaps_of
+    from medcam3d.jobs.report import SlicePainter
+
+    root, configs = setup
+    config = load_config(configs["oblique"])
+    runner = Runner(config, load_model(config), device="cpu")
+    runner.run_case(root / "scan.nii.gz", tmp_path)
+    folder = tmp_path / "scan"
+    summary = json.loads((folder / "summary.json").read_text())
+    case = runner.explain_case(root / "scan.nii.gz", tmp_path / "again")
+    painter = SlicePainter(case.loaded.scan, case.loaded.scanner_space)
+    for heat, finding in zip(heatmaps_of(case.explanations[0]), summary["findings"], strict=True):
+        view = ScanGridMap(heat, case.loaded.scanner_space)
+        p = summary["probabilities"][heat.label]
+        expected = painter.save(tmp_path / f"{heat.label}.png", view, peak_voxel=finding["peak_voxel"],
+                                title=f"scan · hirescam · {heat.label} (p = {p:.2f})")
+        assert (folder / f"scan_hirescam_{heat.label}.png").read_bytes() == expected.read_bytes()
+
+
+def test_a_failing_picture_publishes_nothing(setup, tmp_path, monkeypatch):
+    """An error in the picture thread fails the case: no case folder, no staging folder left."""
+    from medcam3d.jobs.report import SlicePainter
+
+    root, configs = setup
+    config = load_config(configs["parallel"])
+    runner = Runner(config, load_model(config), device="cpu")
+    calls = []
+
+    def failing_save(self, path, heat, **options):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full while drawing")
+        return original(self, path, heat, **options)
+
+    original = SlicePainter.save
+    monkeypatch.setattr(SlicePainter, "save", failing_save)
+    with pytest.raises(OSError, match="disk full while drawing"):
+        runner.run_case(root / "scan.nii.gz", tmp_path)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
