@@ -223,3 +223,25 @@ def test_shipped_cases_reach_the_model_on_its_training_grid(demo_model):
         assert tuple(x.shape) == (1, *target.shape)
         np.testing.assert_allclose(np.asarray(x.affine, dtype=np.float64), target.affine, atol=1e-4)
         assert scanner_space.shape == EXPECTED_HEADERS[row["case_id"]][2]
+
+
+def test_localization_targets_sit_at_the_cells_receptive_field_centres():
+    """train.cell_fractions: blocks centred on offset + step·u (the placement the config uses)."""
+    from medcam3d.layers import receptive_field
+
+    field = receptive_field(train.build_model(), "class_layers.relu", (1, *synthetic.MODEL_SHAPE))
+    assert (field.step, field.offset) == ((4, 4, 4), (0, 0, 0))
+    labels = torch.zeros(1, 64, 64, 64, dtype=torch.uint8)
+    labels[0, 20, 34, 8] = 2  # one voxel of class 1: [33.5, 34.5] along axis 1, on the edge of cells 8 and 9
+    fractions = train.cell_fractions(labels, 2, 4, field.offset)
+    assert fractions.shape == (1, 2, 16, 16, 16) and float(fractions[0, 0].sum()) == 0.0
+    cells = fractions[0, 1]
+    np.testing.assert_allclose(float(cells.sum()), 1 / 64)  # the voxel's volume over a cell's
+    np.testing.assert_allclose(cells[5, 8, 2] * 64, 0.5)  # half in cell 8's block [30, 34] ...
+    np.testing.assert_allclose(cells[5, 9, 2] * 64, 0.5)  # ... half in cell 9's [34, 38]; cell 2's is [6, 10]
+    # The align_corners convention (cell centres 4u + 1.5) is plain 4^3 average pooling.
+    rng = torch.Generator().manual_seed(0)
+    random = torch.randint(0, 3, (2, 64, 64, 64), generator=rng).to(torch.uint8)
+    onehot = torch.stack([random == 1, random == 2], dim=1).float()
+    torch.testing.assert_close(train.cell_fractions(random, 2, 4, (1.5, 1.5, 1.5)),
+                               torch.nn.functional.avg_pool3d(onehot, 4))

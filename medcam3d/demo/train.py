@@ -42,6 +42,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from ..layers import receptive_field
 from . import synthetic
 
 __all__ = [
@@ -93,8 +94,50 @@ def build_model() -> torch.nn.Module:
     return DenseNet(**MODEL_ARGS)
 
 
+def cell_weights(n_voxels: int, step: int, offset: float) -> np.ndarray:
+    """Overlap of each feature cell's block with each input voxel, along one axis.
+
+    Cell ``u``'s block is ``step`` voxels wide and centred on ``offset + step·u``: with ``offset``
+    ``(step - 1) / 2`` the align_corners convention (plain average pooling), with
+    ``receptive_field(...).offset`` (:func:`medcam3d.layers.receptive_field`) the centres of the
+    cells' receptive fields. Voxel ``i`` covers ``[i - 0.5, i + 0.5]``; its weight is the length of the overlap
+    divided by ``step``, so the weights of a cell sum to 1 where its block lies inside the volume.
+
+    Returns
+    -------
+    (n_voxels // step, n_voxels) float32 ndarray
+    """
+    centres = offset + step * np.arange(n_voxels // step, dtype=np.float64)
+    edges = np.arange(n_voxels, dtype=np.float64)
+    low = np.maximum(centres[:, None] - step / 2, edges[None, :] - 0.5)
+    high = np.minimum(centres[:, None] + step / 2, edges[None, :] + 0.5)
+    return (np.clip(high - low, 0.0, None) / step).astype(np.float32)
+
+
+def cell_fractions(labels: torch.Tensor, n_classes: int, step: int, offset: Sequence[float]) -> torch.Tensor:
+    """Each class's lesion fraction in each feature cell's block (blocks centred as :func:`cell_weights` says).
+
+    Parameters
+    ----------
+    labels : (B, D, V, U) integer Tensor
+        0 background, ``c + 1`` class ``c``.
+    step, offset
+        The feature grid's step and cell 0's centre per axis, in input voxels.
+
+    Returns
+    -------
+    (B, n_classes, D / step, V / step, U / step) float32 Tensor
+    """
+    onehot = torch.stack([labels == c + 1 for c in range(n_classes)], dim=1).float()
+    wd, wv, wu = (torch.from_numpy(cell_weights(n, step, o)) for n, o in zip(labels.shape[1:], offset))
+    out = onehot @ wu.T  # (B, C, D, V, u): one axis at a time
+    out = (out.transpose(-1, -2) @ wv.T).transpose(-1, -2)  # (B, C, D, v, u)
+    return (out.movedim(2, -1) @ wd.T).movedim(-1, 2)  # (B, C, d, v, u)
+
+
 def generate_batch(
-    seeds: Iterable[int], present: Sequence[bool] | None = None, *, cell: int | None = None
+    seeds: Iterable[int], present: Sequence[bool] | None = None, *, cell: int | None = None,
+    cell_offset: Sequence[float] = (1.5, 1.5, 1.5), labels: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Cases on the model grid, scaled for the model.
 
@@ -105,7 +148,14 @@ def generate_batch(
         Force the classes present; default drawn per seed.
     cell : int, optional
         Also return each class's lesion fraction per ``cell^3`` block of voxels (the feature grid
-        of a network with stride ``cell``).
+        of a network with stride ``cell``), each block centred on ``cell_offset + cell·u``
+        (:func:`cell_fractions`).
+    cell_offset : (3,) floats
+        Cell 0's centre in input voxels: ``(cell - 1) / 2`` (the default for ``cell`` 4) is the
+        align_corners convention (plain ``cell^3`` average pooling); ``receptive_field(...).offset``
+        centres the blocks on the receptive fields.
+    labels : bool
+        Also return the label maps ``(N, 64, 64, 64)`` uint8 (after the fractions, if any).
 
     Returns
     -------
@@ -117,17 +167,21 @@ def generate_batch(
         Only with ``cell``.
     """
     grid = synthetic.model_grid()
-    images, targets, fractions = [], [], []
+    images, targets, label_maps = [], [], []
     for seed in seeds:
         phantom = synthetic.make_phantom(seed, present)
-        image, labels = phantom.sample(grid)
+        image, label_map = phantom.sample(grid)
         images.append(synthetic.scale_intensity(image))
         targets.append(np.asarray(phantom.present, dtype=np.float32))
-        if cell is not None:
-            onehot = torch.from_numpy(np.stack([labels == c + 1 for c in range(len(synthetic.CLASS_NAMES))]).astype(np.float32))
-            fractions.append(torch.nn.functional.avg_pool3d(onehot[None], cell)[0])
-    x, y = torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(targets))
-    return (x, y, torch.stack(fractions)) if cell is not None else (x, y)
+        label_maps.append(label_map.astype(np.uint8))
+    out: tuple[torch.Tensor, ...] = (torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(targets)))
+    stacked = torch.from_numpy(np.stack(label_maps))
+    if cell is not None and all(o == (cell - 1) / 2 for o in cell_offset):  # the convention: plain average pooling
+        onehot = torch.stack([stacked == c + 1 for c in range(len(synthetic.CLASS_NAMES))], dim=1).float()
+        out += (torch.nn.functional.avg_pool3d(onehot, cell),)
+    elif cell is not None:
+        out += (cell_fractions(stacked, len(synthetic.CLASS_NAMES), cell, cell_offset),)
+    return out + (stacked,) if labels else out
 
 
 def class_evidence(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,13 +335,16 @@ def train(
     lr: float,
     seed: int,
     localization_weight: float = 0.0,
+    target_placement: str = "align_corners",
     zero_mean: bool = False,
     log_every: int = 25,
 ) -> tuple[torch.nn.Module, dict]:
     """Train the demo network; returns the model (eval mode) and a training summary.
 
     The loss is ``BCEWithLogits(logits, labels)`` plus ``localization_weight`` times
-    :func:`localization_loss` (which uses the training masks) when it is positive. With
+    :func:`localization_loss` (which uses the training masks) when it is positive; its per-cell
+    targets are the lesion fractions of 4^3 blocks placed by ``target_placement`` (see
+    :func:`cell_fractions`). With
     ``zero_mean``, the stem's kernels are kept zero-sum (:func:`zero_mean_stem`).
     """
     _set_determinism(seed, torch.get_num_threads())
@@ -295,20 +352,32 @@ def train(
     model = build_model()
     if zero_mean:
         zero_mean_stem(model)
-    with torch.no_grad():
+    # Where each cell's localization target sits: its 4^3 block of the align_corners convention
+    # (cell centres 4u + 1.5; the shipped weights), or a block centred on the cell's receptive field.
+    centred = target_placement == "receptive_field"
+    with torch.no_grad():  # in train mode: also one update of the batch-norm running statistics, which
+        # the shipped weights had (kept so that they reproduce bit for bit)
         stride = synthetic.MODEL_SHAPE[0] // cast(torch.nn.Module, model.features)(torch.zeros(1, 1, *synthetic.MODEL_SHAPE)).shape[-1]
+    offset = ((stride - 1) / 2,) * 3  # the convention
+    if centred:
+        offset = tuple(float(o) for o in receptive_field(model, "class_layers.relu", (1, *synthetic.MODEL_SHAPE)).offset)
     # The training pool, generated once; images kept as uint8 (steps of 2 HU; the noise is ~10 HU).
     print(f"generating {train_cases} training cases on the model grid ...", flush=True)
     pool = torch.empty((train_cases, 1, *synthetic.MODEL_SHAPE), dtype=torch.uint8)
     cells = tuple(n // stride for n in synthetic.MODEL_SHAPE)
     fractions = torch.empty((train_cases, 2, *cells), dtype=torch.float16)
+    # Receptive-field centres are not symmetric under a flip (cell 0 at voxel 0, the last cell 3
+    # voxels from the far edge): their targets are computed per batch, after its flips.
+    label_pool = torch.empty((train_cases if centred else 0, *synthetic.MODEL_SHAPE), dtype=torch.uint8)
     targets = torch.empty((train_cases, 2))
     for begin in range(0, train_cases, 64):
         seeds = range(TRAIN_SEED0 + begin, TRAIN_SEED0 + min(begin + 64, train_cases))
-        x, y, f = generate_batch(seeds, cell=stride)
+        x, y, f, labels = generate_batch(seeds, cell=stride, labels=True)
         pool[begin : begin + len(x)] = (x * 255.0).round().to(torch.uint8)
         targets[begin : begin + len(x)] = y
         fractions[begin : begin + len(x)] = f.half()
+        if centred:
+            label_pool[begin : begin + len(x)] = labels
     generation_s = time.perf_counter() - start
     print(f"  {generation_s:.0f} s; class frequencies {targets.mean(0).tolist()}", flush=True)
 
@@ -331,6 +400,10 @@ def train(
             flips = [axis + 2 for axis in range(3) if torch.rand(1, generator=generator).item() < 0.5]
             if flips:
                 x, f = torch.flip(x, flips), torch.flip(f, flips)
+            if centred:
+                labels = label_pool[index]
+                labels = torch.flip(labels, [axis - 1 for axis in flips]) if flips else labels
+                f = cell_fractions(labels, 2, stride, offset)
             optimizer.zero_grad(set_to_none=True)
             logits, cell_logits = class_evidence(model, x)
             classification = bce(logits, targets[index])
@@ -360,6 +433,7 @@ def train(
         "steps": total_steps,
         "lr": lr,
         "localization_weight": localization_weight,
+        "target_placement": target_placement,
         "zero_mean_stem": zero_mean,
         "seed": seed,
         "generation_s": round(generation_s, 1),
@@ -486,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--localization-weight", type=float, default=0.5, help="weight of the mask-based localization term (0: labels only)")
+    parser.add_argument("--target-placement", choices=("align_corners", "receptive_field"), default="align_corners",
+                        help="where each feature cell's localization target block sits: the align_corners convention "
+                             "(the shipped weights) or centred on the cell's receptive field")
     parser.add_argument("--seed", type=int, default=0, help="torch seed (initialisation, batch order, flips)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accuracy-cases", type=int, default=200, help="held-out cases for accuracy")
@@ -523,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.eval()
         summary = json.loads(metrics_file.read_text())["training"] if metrics_file.exists() else {}
     else:
-        model, summary = train(train_cases=args.train_cases, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, localization_weight=args.localization_weight, zero_mean=args.zero_mean_stem)
+        model, summary = train(train_cases=args.train_cases, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, localization_weight=args.localization_weight, target_placement=args.target_placement, zero_mean=args.zero_mean_stem)
         torch.save(model.state_dict(), weights)
         print(f"trained in {summary['wall_time_s']:.0f} s; weights -> {weights} ({weights.stat().st_size / 1024:.0f} KiB)", flush=True)
 
