@@ -49,6 +49,7 @@ __all__ = [
     "TargetIndexError",
     "ModelOutputError",
     "InputError",
+    "ModelForwardError",
     "ExplainerMemoryError",
     "InferenceModeError",
     "MethodBudgetError",
@@ -150,6 +151,11 @@ class ModelOutputError(TargetError):
 
 class InputError(Medcam3dError, ValueError):
     """An input tensor with the wrong shape, dtype or non-finite values."""
+
+
+class ModelForwardError(InputError, RuntimeError):
+    """The model's forward pass failed on the (preprocessed) input: a size, channel count, dtype or device
+    it does not take. Also a ``RuntimeError``, as the model's own error was; the message holds its reason."""
 
 
 class MethodBudgetError(Medcam3dError, ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import InferenceModeError, InputError, LayerError, ModelOutputError, PlacementWarning, ProbabilityOutputWarning
+from .errors import (InferenceModeError, InputError, LayerError, Medcam3dError, ModelForwardError, ModelOutputError,
+                     PlacementWarning, ProbabilityOutputWarning)
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
 from .layers import (auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, receptive_field,
@@ -178,6 +179,29 @@ def _first(output: object) -> torch.Tensor | None:
         return first_tensor(output)
     except ModelOutputError:
         return None
+
+
+@contextlib.contextmanager
+def forward_errors(model: torch.nn.Module, inputs: torch.Tensor) -> Iterator[None]:
+    """The model's own failure in its forward pass (a ``RuntimeError``, ``ValueError`` or TorchScript's
+    ``torch.jit.Error``) as a one-line :class:`~medcam3d.errors.ModelForwardError` that names the input's
+    shape and what to check. Out-of-memory errors and medcam3d's own errors pass through unchanged."""
+    try:
+        yield
+    except (Medcam3dError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, ValueError, torch.jit.Error) as error:
+        if isinstance(error, RuntimeError) and "allocate" in str(error):  # the CPU allocator: out of memory
+            raise
+        from .torchscript import script_error_reason
+
+        scripted = isinstance(error, torch.jit.Error) or "Traceback of TorchScript" in str(error)
+        reason = script_error_reason(error) if scripted else " ".join(str(error).split())  # without the graph's traceback
+        message = (f"{type(model).__name__} failed on an input of shape {tuple(inputs.shape)} "
+                   f"({inputs.dtype}, {inputs.device}): {reason[:400]}. Check that the preprocessing gives the "
+                   "input the model was built for (its spatial size, e.g. ResizeWithPadOrCrop's spatial_size, "
+                   "and its channels), and the device.")
+        raise ModelForwardError(message) from error
 
 
 class Explainer:
@@ -479,8 +503,8 @@ class Explainer:
             stack.enter_context(capture)
             stack.enter_context(watch)
             stack.enter_context(autocast)
-            with torch.no_grad():  # no graph before the target layer; the capture re-enables it
-                outputs = capture.run(inputs)
+            with torch.no_grad(), forward_errors(self.model, inputs):  # no graph before the target layer; the
+                outputs = capture.run(inputs)  # capture re-enables it
             activations = capture.activations
             if activations is None:
                 message = (
@@ -576,8 +600,8 @@ class Explainer:
                 stack.enter_context(capture)
             stack.enter_context(watch)
             stack.enter_context(autocast)
-            with torch.no_grad():  # no graph before the first capture; the captures re-enable it
-                outputs = captures[0].run(inputs)
+            with torch.no_grad(), forward_errors(self.model, inputs):  # no graph before the first capture; the
+                outputs = captures[0].run(inputs)  # captures re-enable it
             for capture in captures:
                 if capture.activations is None:
                     message = (

@@ -131,3 +131,45 @@ def test_input_on_another_device_is_moved_to_the_model():
     torch.testing.assert_close(result.maps.cpu(), reference.maps, rtol=1e-4, atol=1e-5)
     on_gpu = medcam3d.Explainer(gap_linear_cnn(), layer="3")(x.cuda(), target="all")  # CUDA input, CPU model
     assert on_gpu.maps.device.type == "cpu"
+
+
+class _FixedSize(torch.nn.Module):
+    """Takes 16³ inputs only (its Linear is sized for them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).reshape(x.shape[0], 4 * 8 * 8 * 8))
+
+
+@pytest.mark.parametrize("scripted", [False, True])
+def test_a_model_that_refuses_the_input_size_is_a_one_line_input_error(scripted, tmp_path, capsys):
+    from medcam3d.cli import main
+    from medcam3d.errors import InputError, ModelForwardError
+
+    torch.manual_seed(0)
+    model = _FixedSize().eval()
+    model = torch.jit.script(model) if scripted else model
+    explainer = medcam3d.Explainer(model, layer="conv")
+    assert explainer(torch.rand(1, 1, 16, 16, 16), target=0).maps.shape[-3:] == (8, 8, 8)
+    with pytest.raises(ModelForwardError, match=r"input of shape \(1, 1, 24, 24, 24\).*shape '\[1, 2048\]' is invalid") as caught:
+        explainer(torch.rand(1, 1, 24, 24, 24), target=0)
+    assert isinstance(caught.value, InputError) and isinstance(caught.value, RuntimeError)
+    assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
+    if scripted:  # the CLI: exit 2, one line that says what to check
+        torch.jit.save(model, tmp_path / "net.pt")
+        (tmp_path / "net.yaml").write_text(
+            "model: {torchscript: net.pt}\ntask: multilabel\nclass_names: [a, b]\nlayer: conv\n"
+            "preprocessing:\n  - {name: ResizeWithPadOrCrop, spatial_size: [24, 24, 24]}\n")
+        from medcam3d import io
+        from medcam3d.space import Space
+
+        io.write(tmp_path / "scan.nii.gz", np.zeros((20, 20, 20), np.float32), Space((20, 20, 20), np.eye(4)))
+        code = main(["explain", "--trust", "--config", str(tmp_path / "net.yaml"), "--image",
+                     str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "spatial_size" in err[0] and "2048" in err[0], err
+        assert not (tmp_path / "out" / "scan").exists()
