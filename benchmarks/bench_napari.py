@@ -6,7 +6,8 @@ in a real napari viewer (under Xvfb when there is no display) through the medcam
 explained with the Explain widget (default: the shipped demo config) and thresholded into a mask,
 then shown in 3D. Printed for each step:
 
-- **time**: open = until the first slice is drawn (the reader, adding the layer, one draw);
+- **time** (wall clock, and the process's CPU time, all threads: on a shared machine the CPU time
+  is the steadier number): open = until the first slice is drawn (the reader, adding the layer, one draw);
   explain = from *Explain* until its layers are added; threshold = *Threshold to mask*;
   3D = switching to the 3D display and drawing it;
 - **stall**: the longest time the Qt event loop did not run during the step, measured with a
@@ -19,6 +20,7 @@ then shown in 3D. Printed for each step:
 Usage::
 
     python benchmarks/bench_napari.py [--scan CT.nii.gz] [--config configs/demo.yaml] [--no-3d] [--json out.json]
+                                      [--screenshots docs]     # also docs/napari_ct_2d.png, napari_ct_3d.png
     python benchmarks/bench_napari.py --make CT.nii.gz          # only write the synthetic CT
 
 Runs itself under ``xvfb-run -a`` when ``DISPLAY`` is not set. Without ``--scan`` the CT is made
@@ -162,7 +164,15 @@ def _layer_bytes(layer) -> int:
     return int(held if held is not None else (nbytes or 0))
 
 
-def run(scan: Path, config: Path, three_d: bool) -> dict:
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(pixels)[..., :3]).save(path)
+    print(f"screenshot {path}")
+
+
+def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None) -> dict:
     import torch  # noqa: F401  imported before the baseline: the explanation needs it anyway
     import monai  # noqa: F401
     import napari
@@ -188,19 +198,19 @@ def run(scan: Path, config: Path, three_d: bool) -> dict:
     def step(name: str, action, done=None) -> None:
         _reset_peak()
         beat.reset()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         action()
         if done is not None:
             _wait(app, done)
         app.processEvents()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         _pump(app, 0.3)  # the heartbeat sees the end of a stall
         peak = _status_kib("VmHWM")
-        results["steps"][name] = {"seconds": round(seconds, 2), "stall_s": round(beat.longest, 2),
+        results["steps"][name] = {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "stall_s": round(beat.longest, 2),
                                   "peak_rss_mb": round(peak / 1024, 1),
                                   "peak_growth_mb": round((peak - baseline_kib) / 1024, 1),
                                   "growth_vs_scan_f32": round((peak - baseline_kib) * 1024 / scan_f32, 2)}
-        print(f"{name:>10}: {seconds:7.2f} s, longest UI stall {beat.longest:6.2f} s, peak RSS {peak / 1024:7.0f} MB "
+        print(f"{name:>10}: {seconds:7.2f} s ({cpu:6.2f} s CPU), longest UI stall {beat.longest:6.2f} s, peak RSS {peak / 1024:7.0f} MB "
               f"(+{(peak - baseline_kib) / 1024:.0f} MB = {(peak - baseline_kib) * 1024 / scan_f32:.2f} x the scan's "
               f"float32 {scan_f32 / 2**20:.0f} MB)", flush=True)
 
@@ -231,12 +241,28 @@ def run(scan: Path, config: Path, three_d: bool) -> dict:
         widget.heatmap.value = heatmaps[0]
         step("threshold", widget.make_mask)
     results["layers"] = {layer.name: round(_layer_bytes(layer) / 2**20, 2) for layer in viewer.layers}
+    if screenshots is not None and heatmaps:  # axial through the first map's peak, the masks hidden
+        for layer in viewer.layers:
+            if (layer.metadata or {}).get("medcam3d") == "mask":
+                layer.visible = False
+        viewer.window.resize(1500, 950)
+        peak = heatmaps[0].metadata.get("peak_mm")
+        if peak is not None:
+            viewer.dims.set_point(2, peak[2])
+        viewer.layers.selection.active = heatmaps[0]
+        _pump(app, 0.5)
+        viewer.reset_view()
+        _save_png(screenshots / "napari_ct_2d.png", viewer.screenshot(canvas_only=False, flash=False))
     if three_d:
         def show_3d() -> None:
             viewer.dims.ndisplay = 3
             viewer.screenshot(canvas_only=True, flash=False)
 
         step("3D", show_3d)
+        if screenshots is not None:
+            viewer.scene.camera.angles = (-15, 30, 150)
+            _pump(app, 0.5)
+            _save_png(screenshots / "napari_ct_3d.png", viewer.screenshot(canvas_only=True, flash=False))
     for row in results["heatmap_layers"]:
         print(f"heatmap layer {row['name']!r}: data {row['data_shape']}, {row['mb']:.2f} MB")
     print(f"scan layer: data {results['scan_layer']['data_shape']}, holds {results['scan_layer']['mb']:.0f} MB, "
@@ -253,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--no-3d", dest="three_d", action="store_false", help="skip the 3D display step")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--screenshots", type=Path, help="save napari_ct_2d.png / napari_ct_3d.png in this folder")
     args = parser.parse_args(argv)
     if args.make is not None:
         started = time.perf_counter()
@@ -269,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--make", str(scan)], check=True)
             print(f"(synthetic CT made in {time.perf_counter() - started:.1f} s)")
-        results = run(scan, args.config, args.three_d)
+        results = run(scan, args.config, args.three_d, args.screenshots)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     print(json.dumps(results["steps"], indent=1))

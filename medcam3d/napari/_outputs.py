@@ -206,7 +206,7 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
     fill = float("nan") if np.isnan(values).any() else 0.0
     case = _case_of(base, found)
     source = case or base
-    data, options, _ = image_layer_data(values, space, name=source, path=path, volume=volume)
+    data, options, _ = image_layer_data(values, space, name=source, path=path, volume=volume, lazy=False)
     data = np.asarray(data, dtype=np.float32)
     scan_meta = options["metadata"]
     shown = Space(data.shape, scan_meta["affine"])
