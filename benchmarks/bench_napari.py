@@ -156,7 +156,12 @@ def _wait(app, done, limit: float = 3600.0) -> None:
 
 
 def _layer_bytes(layer) -> int:
+    from medcam3d.napari._lazy import source_of
+
     data = layer.data
+    lazy = source_of(data)
+    if lazy is not None:  # an oblique scan shown lazily: it holds the file's voxels only
+        return int(lazy[0].nbytes)
     if isinstance(data, (list, tuple)):  # multiscale or shapes
         return int(sum(getattr(level, "nbytes", 0) for level in data))
     nbytes = getattr(data, "nbytes", None)

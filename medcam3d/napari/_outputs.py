@@ -233,6 +233,8 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
         "max": top if np.isfinite(top) else 0.0,
         **{k: scan_meta[k] for k in ("axes", "path", "volume", "resampled", "file_shape", "file_affine")},
         "affine": np.array(shown.affine, dtype=np.float64),
+        "scan_shape": tuple(int(n) for n in shown.shape),
+        "scan_affine": np.array(shown.affine, dtype=np.float64),
         "source": source,
         "config": None,
         "descrip": ascii_text(descrip),

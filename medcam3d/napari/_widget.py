@@ -602,7 +602,8 @@ def mask_from_heatmap(
     -------
     list of layer data tuples
         ``(mask uint8, kwargs, "labels")`` named ``<name> · mask <method> <value>``, on the heatmap's
-        grid with each voxel split until it is at most :data:`MASK_CELL_MM` (a map on the model's
+        grid, a coarse one (voxels above twice :data:`MASK_CELL_MM`) with each voxel split until it
+        is at most :data:`MASK_CELL_MM` (a map on the model's
         8 mm feature grid is thresholded on 2 mm voxels, resampled trilinearly from the exact
         ``metadata["feature_map"]`` while the layer is unchanged: the mask follows what the screen
         shows, at a fraction of the scan's voxels; the writer saves it on the scan's grid), and, when the
@@ -626,7 +627,7 @@ def mask_from_heatmap(
     heat = np.asarray(data, dtype=np.float32)
     space = _space(heat.shape, affine)
     source = dict(metadata or {})
-    fine, factor = refined(space, MASK_CELL_MM)
+    fine, factor = refined(space, MASK_CELL_MM) if max(space.spacing) > 2 * MASK_CELL_MM else (space, 1)
     if factor > 1:  # a coarse map (the feature grid): thresholded on a finer grid, trilinearly, like the screen
         feature = source.get("feature_map")
         if feature is not None and source.get("feature_affine") is not None and source.get("checksum") == checksum(heat):
