@@ -587,7 +587,11 @@ def test_save_from_the_default_dialog_filter(make_napari_viewer, qtbot, case, tm
         saved = nib.load(tmp_path / name)
         assert saved.get_data_dtype() == dtype and saved.shape == source.shape
         np.testing.assert_allclose(saved.affine, source.affine, atol=1e-5)
-        np.testing.assert_array_equal(np.asanyarray(saved.dataobj), layer.data)
+        # the layer's own grid (the feature grid; the mask's 2 mm grid) onto the scan's, as the writers do it
+        grid, scan_grid = Space(layer.data.shape, layer.metadata["affine"]), Space(source.shape, source.affine)
+        expected = resample_labels(layer.data, grid, scan_grid) if layer is mask else \
+            resample(heat.metadata["feature_map"], Space((16, 16, 16), heat.metadata["feature_affine"]), scan_grid)
+        np.testing.assert_allclose(np.asanyarray(saved.dataobj), expected, atol=1e-6)
     viewer.layers.selection = {heat}
     save_dialog(tmp_path / "heat.tif")  # another file type: napari's own writer, through the same entry
     viewer.window._qt_viewer._save_layers_dialog(selected=True)
