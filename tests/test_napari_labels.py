@@ -22,6 +22,7 @@ from medcam3d.demo.synthetic import grid_from_codes  # noqa: E402
 from medcam3d.errors import LayerNotFoundError  # noqa: E402
 from medcam3d.heatmap import Heatmap, save_heatmaps  # noqa: E402
 from medcam3d.space import Space, resample  # noqa: E402
+from medcam3d.napari._grid import resample_labels  # noqa: E402
 from medcam3d.napari._reader import checksum, read_image  # noqa: E402
 from medcam3d.napari._widget import ExplainWidget, explain_image, heatmap_name  # noqa: E402
 
@@ -165,8 +166,10 @@ def test_ground_truth_segmentation_and_saved_masks_open_as_labels(make_napari_vi
     mask, _box = widget.make_mask()
     _save(viewer, mask, tmp_path / "reviewed.nii.gz")
     [again] = viewer.open(str(tmp_path / "reviewed.nii.gz"), plugin="medcam3d")
-    assert isinstance(again, Labels)
-    np.testing.assert_array_equal(again.data, mask.data)
+    assert isinstance(again, Labels)  # saved on the scan's grid (the mask itself is on the map's 2 mm grid)
+    on_scan = resample_labels(mask.data, Space(mask.data.shape, mask.metadata["affine"]),
+                              Space(again.data.shape, again.metadata["affine"]))
+    np.testing.assert_array_equal(again.data, on_scan)
     assert not [layer for _, layer in widget._scan_choices() if layer is not scan and layer is not scan4]
 
 
@@ -283,8 +286,12 @@ def test_segment_and_masks_are_saved_on_the_scans_own_grid(make_napari_viewer, q
             assert written.get_data_dtype() == np.uint8 and set(np.unique(saved)) <= set(np.unique(layer.data))
             if (truth == 1).any() and layer is labels:  # the lesion it found is the true one, on the file's grid
                 assert (saved[truth == 1] == 1).mean() > 0.5
-            if not scan.metadata["resampled"]:  # reordered only: the same voxels, in the file's axis order
+            if not scan.metadata["resampled"] and layer is labels:  # reordered only: the same voxels, in the file's order
                 np.testing.assert_array_equal(saved.transpose(scan.metadata["axes"]), layer.data)
+            if layer is mask:  # on the map's 2 mm grid: saved by nearest neighbour onto the file's grid
+                expected = resample_labels(layer.data, Space(layer.data.shape, layer.metadata["affine"]),
+                                           Space(source.shape, source.affine))
+                np.testing.assert_array_equal(saved, expected)
     np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "scan.nii.gz").dataobj), np.asanyarray(source.dataobj))
     _settle(qtbot, widget)
 

@@ -13,6 +13,9 @@ world axes is drawn exactly. Hence:
   own voxel size along each axis, covering the scan's whole extent;
 - :func:`resample_labels` moves a label map onto another grid by nearest neighbour (images and
   heatmaps use :func:`medcam3d.space.resample`, trilinear);
+- :func:`drawable` places a small map (a heatmap on the model's feature grid, the model's field of
+  view) so that napari draws it where it is, on its own grid whenever possible: napari draws it
+  through the layer's affine, with no scan-sized copy;
 - :func:`field_of_view` marks the voxels of a grid that another grid (the model's input) covers.
 """
 
@@ -35,6 +38,9 @@ __all__ = [
     "resample_labels",
     "needs_display_grid",
     "field_of_view",
+    "drawable",
+    "covers",
+    "refined",
 ]
 
 # World axis (0 = R/L, 1 = A/P, 2 = S/I) of each axis code.
@@ -202,3 +208,70 @@ def field_of_view(source: Space, target: Space, *, slab_voxels: int = 2**22) -> 
         slab = Space((stop - start, *target.shape[1:]), target.affine @ shift)
         inside[start:stop] = resample(ones, source, slab, fill=0.0) > 0.5
     return inside
+
+
+def drawable(data: np.ndarray, space: Space, *, labels: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A map on the grid napari draws it on: its own grid (axes in R-A-S order) when napari draws
+    that exactly, else resampled onto :func:`axis_aligned_grid` of it (the same voxel size).
+
+    Meant for maps much smaller than the scan (a heatmap on the model's feature grid, the model's
+    input grid): the layer holds the map at its own resolution and napari draws it with the
+    layer's affine (``interpolation2d="linear"`` smooths it on screen), instead of a scan-sized
+    float32 copy.
+
+    Parameters
+    ----------
+    data : (*space.shape) ndarray
+    space : Space
+        A 3D grid.
+    labels : bool
+        Resample by nearest neighbour (labels keep their values), else trilinearly (outside: 0).
+
+    Returns
+    -------
+    data : ndarray
+        ``data`` reordered (a view), or resampled (float32 or, for labels, ``data``'s dtype).
+    affine : (4, 4) float64 ndarray
+        Voxel -> RAS mm of the returned data.
+    resampled : bool
+        True when the map was resampled (an oblique grid).
+    """
+    shown, affine, _ = layer_grid(np.asarray(data), space)
+    if not needs_display_grid(Space(shown.shape, affine)):
+        return shown, affine, False
+    display = axis_aligned_grid(Space(shown.shape, affine))
+    if labels:
+        return resample_labels(np.asarray(data), space, display), np.array(display.affine, dtype=np.float64), True
+    values = resample(np.asarray(data, dtype=np.float32), space, display, fill=0.0)
+    return values, np.array(display.affine, dtype=np.float64), True
+
+
+def covers(source: Space, target: Space, *, tolerance: float = 1e-3) -> bool:
+    """True when every voxel centre of ``target`` lies in ``source``'s field of view (both are boxes:
+    checking ``target``'s corners is enough)."""
+    inside = source.world_to_voxel(target.voxel_to_world(_corners(target.shape)))
+    upper = np.asarray(source.shape, dtype=np.float64) - 0.5 + tolerance
+    return bool(np.all(inside >= -0.5 - tolerance) and np.all(inside <= upper))
+
+
+def refined(space: Space, cell_mm: float) -> tuple[Space, int]:
+    """``space`` with each voxel split into ``f`` x ``f`` x ``f`` so that voxels are at most ``cell_mm``.
+
+    The fine grid covers the same box (its outer cell edges are the coarse grid's); ``f`` is the
+    smallest integer that brings the largest voxel size to ``cell_mm`` or below (1: ``space`` itself).
+
+    Returns
+    -------
+    (Space, int)
+        The fine grid and ``f``.
+    """
+    factor = max(1, math.ceil(max(space.spacing) / float(cell_mm) - 1e-9))
+    if factor == 1:
+        return space, 1
+    local = np.diag([1.0 / factor] * space.ndim + [1.0])
+    local[: space.ndim, space.ndim] = (1.0 / factor - 1.0) / 2.0  # fine voxel 0 at coarse coordinate -0.5 + 1/(2f)
+    affine = np.asarray(space.affine, dtype=np.float64)
+    full = np.eye(4)
+    full[: space.ndim, : space.ndim] = local[: space.ndim, : space.ndim]
+    full[: space.ndim, 3] = local[: space.ndim, space.ndim]
+    return Space(tuple(int(n) * factor for n in space.shape), affine @ full), factor

@@ -206,7 +206,7 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
     fill = float("nan") if np.isnan(values).any() else 0.0
     case = _case_of(base, found)
     source = case or base
-    data, options, _ = image_layer_data(values, space, name=source, path=path, volume=volume)
+    data, options, _ = image_layer_data(values, space, name=source, path=path, volume=volume, lazy=False)
     data = np.asarray(data, dtype=np.float32)
     scan_meta = options["metadata"]
     shown = Space(data.shape, scan_meta["affine"])
@@ -233,6 +233,8 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
         "max": top if np.isfinite(top) else 0.0,
         **{k: scan_meta[k] for k in ("axes", "path", "volume", "resampled", "file_shape", "file_affine")},
         "affine": np.array(shown.affine, dtype=np.float64),
+        "scan_shape": tuple(int(n) for n in shown.shape),
+        "scan_affine": np.array(shown.affine, dtype=np.float64),
         "source": source,
         "config": None,
         "descrip": ascii_text(descrip),

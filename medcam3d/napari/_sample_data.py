@@ -91,7 +91,8 @@ def _lesions_layer(labels: np.ndarray, space: Space, name: str, path: str | None
     scan_meta = scan[1]["metadata"]
     labels = np.asarray(labels).astype(np.uint8)
     if scan_meta["resampled"]:
-        display = Space(scan[0].shape, scan_meta["affine"])
+        shape = scan[0][0].shape if isinstance(scan[0], list) else scan[0].shape  # a multiscale scan: level 0
+        display = Space(shape, scan_meta["affine"])
         data, axes = resample_labels(labels, space, display), None
     else:
         data, _, axes = layer_grid(labels, space)

@@ -5,6 +5,8 @@
 - :func:`open_axial_when_added` makes a viewer open a scan in the axial view (the reader and the
   sample data call it): napari's default for a 3D layer is to slice along the first world axis,
   which for RAS coordinates is a sideways sagittal view.
+- :func:`show_reading_aids` turns on a scale bar (in mm) and the axes with their R/A/S labels
+  (in the canvas corner), once per viewer, when a scan opens;
 - :func:`follow_ndisplay` switches heatmap layers between translucent blending (2D, the scan
   shows through) and additive blending with maximum-intensity rendering (3D, several classes
   add up in their own colours instead of hiding each other), shows scans at half opacity in 3D
@@ -18,7 +20,8 @@ import logging
 import weakref
 from typing import Any
 
-__all__ = ["set_view", "open_axial_when_added", "follow_ndisplay", "VIEWS", "AXIS_LABELS", "UNITS"]
+__all__ = ["set_view", "open_axial_when_added", "follow_ndisplay", "show_reading_aids", "VIEWS", "AXIS_LABELS",
+           "UNITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,31 @@ def set_view(viewer: Any, plane: str = "axial") -> None:
     camera.orientation2d = ("up", "left")
 
 
+# Viewers whose reading aids were turned on (once: the user may turn them off again).
+_AIDED: weakref.WeakSet = weakref.WeakSet()
+
+
+def show_reading_aids(viewer: Any) -> None:
+    """Turn on the scale bar (mm, boxed) and the canvas axes labelled R, A, S, once per viewer.
+
+    napari >= 0.9 keeps them in ``viewer.canvas.overlays`` (``scale_bar``, ``axes``); older
+    versions as ``viewer.scale_bar``/``viewer.axes``. Missing overlays are skipped.
+    """
+    if viewer in _AIDED:
+        return
+    _AIDED.add(viewer)
+    canvas = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    scale_bar = getattr(canvas, "scale_bar", None) if canvas is not None else getattr(viewer, "scale_bar", None)
+    axes = getattr(canvas, "axes", None) if canvas is not None else getattr(viewer, "axes", None)
+    try:
+        if scale_bar is not None:
+            scale_bar.visible, scale_bar.box = True, True
+        if axes is not None:
+            axes.visible, axes.labels, axes.colored = True, True, True
+    except (AttributeError, ValueError):  # another napari's overlays
+        logger.debug("cannot show napari's scale bar or axes", exc_info=True)
+
+
 def _is_scan(layer: Any) -> bool:
     return (getattr(layer, "metadata", None) or {}).get("medcam3d") == "scan"
 
@@ -85,6 +113,7 @@ def open_axial_when_added() -> None:
         if not _is_scan(layer):
             return
         viewer.layers.events.inserted.disconnect(added)
+        show_reading_aids(viewer)
         if layer.ndim == 3 and not any(other.ndim >= 3 for other in viewer.layers if other is not layer):
             set_view(viewer, "axial")
             viewer.reset_view()

@@ -41,7 +41,8 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinB
 
 import medcam3d
 from ..space import Space
-from ._grid import field_of_view, napari_affine
+from ._grid import covers, drawable, napari_affine, refined, resample_labels
+from ._lazy import shape_of, source_of
 from ._view import AXIS_LABELS, UNITS, VIEWS, apply_display_style, follow_ndisplay, set_view
 from ._writer import ascii_text, prefer_medcam3d_writers
 
@@ -77,6 +78,8 @@ AUTO = "auto"
 #: The demo config of a source checkout (preselected in the widget when present).
 DEMO_CONFIG = Path(medcam3d.__file__).parent.parent / "configs" / "demo.yaml"
 THRESHOLD_METHODS = ("fraction", "percentile", "otsu")
+#: Voxel size (mm) a coarse heatmap (on the model's feature grid) is thresholded at (:func:`mask_from_heatmap`).
+MASK_CELL_MM = 2.0
 # method: (smallest, largest, step, default) of the threshold value
 _THRESHOLD_RANGE = {"fraction": (0.01, 1.0, 0.05, 0.5), "percentile": (0.1, 99.9, 0.5, 99.0),
                     "otsu": (0.01, 1.0, 0.05, 0.5)}
@@ -305,9 +308,10 @@ def candidate_layers(data: Any, affine: Any, config_path: str | Path, *, trust: 
 
     config, model = load_explainable(config_path, trust=trust)
     key = _config_key(config_path, trust)
-    grid = _grid_key(np.shape(data), affine)
+    grid = _grid_key(shape_of(data), affine)
     if (key, grid) not in _INPUT_SHAPES:
-        x, _ = preprocess(_model_input(data, _space(np.shape(data), affine)), build_transforms(config.preprocessing))
+        voxels, space = source_of(data) or (data, _space(shape_of(data), affine))  # a lazy scan: its own voxels
+        x, _ = preprocess(_model_input(voxels, space), build_transforms(config.preprocessing))
         _INPUT_SHAPES[key, grid] = tuple(int(n) for n in x.shape)
         del x
     return _listing(key, _INPUT_SHAPES[key, grid], model)
@@ -327,6 +331,9 @@ def _source_voxels(data: Any, shown: Space, metadata: dict) -> tuple[Any, Space,
     from .. import io
     from ._reader import file_stamp
 
+    lazy = source_of(data)
+    if lazy is not None:  # an oblique scan shown through lazy views: its own voxels, no reading
+        return lazy[0], lazy[1], "file grid"
     path = metadata.get("path")
     if metadata.get("resampled") and path and metadata.get("stamp") and file_stamp(path) == metadata["stamp"]:
         array, space = io.read(path, volume=metadata.get("volume"), dtype=None)
@@ -350,9 +357,11 @@ def explain_steps(
 ) -> Generator[Step, None, list[tuple]]:
     """Explain one scan step by step; yields :class:`Step` before each step, returns the layers.
 
-    The model sees the scan's own voxels: for a scan shown resampled (oblique), the file is read
-    again on its original grid. Each class's map goes once from the feature grid onto the grid
-    the scan is shown on (:func:`medcam3d.space.resample`).
+    The model sees the scan's own voxels: for an oblique scan shown lazily, the voxels behind the
+    view (:mod:`._lazy`); for one shown resampled, the file read again on its original grid. Each
+    class's map stays on the model's feature grid (:func:`._grid.drawable`: napari draws it
+    through the layer's affine; an oblique feature grid goes onto an axis-aligned grid of its own
+    cell size), so a map costs kilobytes, not a scan-sized float32 copy.
 
     Parameters
     ----------
@@ -388,23 +397,25 @@ def explain_steps(
     Returns
     -------
     list of (data, kwargs, kind)
-        One ``"image"`` heatmap per class (float32, shape of ``data``, the same placement, the
-        class's colormap, translucent, contrast ``(0, max)``, ``metadata`` with method, layer,
-        class, class_index, score, probability, peak_voxel and peak_mm (None for a flat map), max,
-        the grid keys of the
-        scan, ``feature_map``/``feature_affine`` and ``checksum`` for the writer); then, when the
-        model's input does not cover the whole scan, a ``"labels"`` layer of the model's field of
-        view (1 inside, drawn as an outline).
+        One ``"image"`` heatmap per class (float32, on the feature grid as :func:`._grid.drawable`
+        places it, ``metadata["affine"]`` its voxel -> RAS placement and ``"resampled"`` True: it
+        is not on the scan's grid, the writer resamples it there), the class's colormap,
+        translucent, contrast ``(0, max)``, ``metadata`` with method, layer, class, class_index,
+        score, probability, peak_voxel (of the layer's grid) and peak_mm (None for a flat map),
+        max, the grid keys of the scan's file (``file_shape``, ``file_affine``, ``path``...) and
+        the grid it is shown on (``scan_shape``, ``scan_affine``), ``feature_map``/``feature_affine``
+        and ``checksum`` for the writer); then, when the model's input does not cover the whole
+        scan, a ``"labels"`` layer of the model's field of view (its input grid, 1 inside, drawn
+        as an outline).
     """
     from ..heatmap import heatmaps_of, input_space_of
     from ..jobs.runner import Runner, probabilities
     from ..masks import peak
     from ..preprocess import preprocess
-    from ..space import resample
     from ._reader import checksum
 
     source_meta = dict(metadata or {})
-    shown = _space(np.shape(data), affine)
+    shown = _space(shape_of(data), affine)
     total = 7
     yield Step(0, total, "loading the model")
     config, model = load_explainable(config_path, trust=trust)
@@ -437,8 +448,12 @@ def explain_steps(
     layers: list[tuple] = []
     for number, heat in enumerate(features):
         yield Step(4 + number, total, f"map {number + 1}/{len(features)}: {heat.label}")
-        values = resample(heat.data, heat.space, shown, fill=config.output.fill)
-        top_voxel = peak(values, shown)  # None for a flat map (e.g. a ReLU'd negative class)
+        # The map stays on the feature grid: napari draws it through the layer's affine (no
+        # scan-sized copy); an oblique feature grid is put on an axis-aligned one of its own cell size.
+        values, map_affine, _ = drawable(np.asarray(heat.data, dtype=np.float32), heat.space)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        map_space = Space(values.shape, map_affine)
+        top_voxel = peak(values, map_space)  # None for a flat map (e.g. a ReLU'd negative class)
         top = float(values.max()) if values.size else 0.0
         probability = None if probs is None or heat.class_index >= len(probs) else float(probs[heat.class_index])
         meta = {
@@ -453,7 +468,11 @@ def explain_steps(
             "peak_mm": None if top_voxel is None else top_voxel[1],
             "max": top,
             **grid_meta,
-            "affine": np.array(shown.affine, dtype=np.float64),
+            "affine": map_affine,
+            "axes": None,
+            "resampled": True,  # not on the scan's file grid: the writer resamples it there (from feature_map)
+            "scan_affine": np.array(shown.affine, dtype=np.float64),
+            "scan_shape": tuple(shown.shape),
             "source": name,
             "config": str(config_path),
             "descrip": ascii_text(heat.descrip),
@@ -466,19 +485,20 @@ def explain_steps(
             "output_activation": runner.explainers[0].output_activation,
         }
         kwargs = heatmap_layer_kwargs(heatmap_name(name, heat.method, heat.layer, heat.label, probability),
-                                      shown.affine, heat.class_index, top, meta)
+                                      map_affine, heat.class_index, top, meta)
         layers.append((values, kwargs, "image"))
     yield Step(total - 1, total, "model field of view")
-    inside = field_of_view(input_space_of(explanation), shown)
-    covered = bool(inside.all())
+    input_space = input_space_of(explanation)
+    covered = covers(input_space, shown)
     for _, kwargs, _ in layers:
         kwargs["metadata"]["fov_covers_scan"] = covered
-    if not covered:
-        fov_meta = {"medcam3d": "fov", **grid_meta, "affine": np.array(shown.affine, dtype=np.float64), "source": name,
-                    "config": str(config_path), "input_shape": input_shape,
+    if not covered:  # the model's input grid, drawn as an outline (on its own grid, not the scan's)
+        inside, fov_affine, _ = drawable(np.ones(input_space.shape, dtype=np.uint8), input_space, labels=True)
+        fov_meta = {"medcam3d": "fov", **grid_meta, "affine": fov_affine, "axes": None, "resampled": True,
+                    "source": name, "config": str(config_path), "input_shape": input_shape,
                     "descrip": ascii_text(f"medcam3d model field of view of {name}")}
-        layers.append((inside.view(np.uint8), {
-            "name": f"{name} · model field of view", "affine": napari_affine(shown.affine, 3), "opacity": 0.9,
+        layers.append((np.ascontiguousarray(inside, dtype=np.uint8), {
+            "name": f"{name} · model field of view", "affine": napari_affine(fov_affine, 3), "opacity": 0.9,
             "colormap": {0: "transparent", 1: "white", None: "white"}, "metadata": fov_meta,
             "axis_labels": AXIS_LABELS, "units": UNITS}, "labels"))
     return layers
@@ -581,7 +601,12 @@ def mask_from_heatmap(
     Returns
     -------
     list of layer data tuples
-        ``(mask uint8, kwargs, "labels")`` named ``<name> · mask <method> <value>``, and, when the
+        ``(mask uint8, kwargs, "labels")`` named ``<name> · mask <method> <value>``, on the heatmap's
+        grid, a coarse one (voxels above twice :data:`MASK_CELL_MM`) with each voxel split until it
+        is at most :data:`MASK_CELL_MM` (a map on the model's
+        8 mm feature grid is thresholded on 2 mm voxels, resampled trilinearly from the exact
+        ``metadata["feature_map"]`` while the layer is unchanged: the mask follows what the screen
+        shows, at a fraction of the scan's voxels; the writer saves it on the scan's grid), and, when the
         mask is not empty, ``(edges, kwargs, "shapes")``: the box's 12 edges (``... · box``; a
         wireframe in the 3D view, its faces' outlines on the box's first and last slices in 2D).
         Both have ``metadata["box"]`` (:meth:`medcam3d.masks.BoundingBox.to_dict`, or None).
@@ -596,15 +621,28 @@ def mask_from_heatmap(
     problem = threshold_problem(method, value)
     if problem is not None:
         raise ValueError(problem)
+    from ..space import resample
+    from ._reader import checksum
+
     heat = np.asarray(data, dtype=np.float32)
     space = _space(heat.shape, affine)
+    source = dict(metadata or {})
+    fine, factor = refined(space, MASK_CELL_MM) if max(space.spacing) > 2 * MASK_CELL_MM else (space, 1)
+    if factor > 1:  # a coarse map (the feature grid): thresholded on a finer grid, trilinearly, like the screen
+        feature = source.get("feature_map")
+        if feature is not None and source.get("feature_affine") is not None and source.get("checksum") == checksum(heat):
+            heat = resample(np.asarray(feature, dtype=np.float32), _space(np.shape(feature), source["feature_affine"]),
+                            fine, fill=0.0)
+        else:
+            heat = resample(heat, space, fine, fill=0.0)
+        space = fine
     mask = threshold_mask(heat, method, value, keep_largest=keep_largest)
     box = bounding_box(mask, space)
-    source = dict(metadata or {})
     setting = "otsu" if method == "otsu" else f"{method} {value:g}"
     meta = {
         **{k: source[k] for k in ("method", "layer", "class", "class_index", "axes", "path", "volume", "source",
-                                  "resampled", "file_shape", "file_affine", "config") if k in source},
+                                  "resampled", "file_shape", "file_affine", "scan_shape", "scan_affine", "config")
+           if k in source},
         "medcam3d": "mask",
         "affine": np.array(space.affine, dtype=np.float64),
         "threshold": {"method": method, "value": float(value), "keep_largest": bool(keep_largest)},
@@ -690,11 +728,13 @@ def segment_from_heatmap(
     from ._reader import checksum
 
     source = dict(metadata or {})
-    image = np.asarray(scan)
+    lazy = source_of(scan)  # an oblique scan shown lazily: segmented on its own voxels
+    image = np.asarray(scan) if lazy is None else lazy[0]
     heat = np.asarray(data, dtype=np.float32)
     if image.ndim != 3 or heat.ndim != 3:
         raise ValueError(f"segmentation needs a 3D scan and a 3D heatmap, not {image.ndim}D and {heat.ndim}D.")
-    space = _space(image.shape, scan_affine)
+    space = _space(image.shape, scan_affine) if lazy is None else lazy[1]
+    shown = _space(shape_of(scan), scan_affine)
     index = int(source.get("class_index") or 0)
     label = str(source.get("class") or name)
     method, layer = str(source.get("method") or "map"), str(source.get("layer") or "")
@@ -707,6 +747,9 @@ def segment_from_heatmap(
     result = segment(image, space, [Heatmap(heat, grid, method, layer, index, label)], classes=[index],
                      settings=settings)
     lesions = [lesion for lesion in result.lesions if lesion.class_index == index]
+    labels = result.labels
+    if lazy is not None:  # onto the grid the scan is shown on (nearest neighbour)
+        labels = resample_labels(labels, space, shown)
     scan_meta = dict(scan_metadata or {})
     meta = {
         **{k: source[k] for k in ("method", "layer", "class", "class_index", "path", "volume", "source", "config")
@@ -714,18 +757,20 @@ def segment_from_heatmap(
         **{k: scan_meta[k] for k in ("axes", "resampled", "file_shape", "file_affine", "path", "volume")
            if scan_meta.get(k) is not None},  # the scan's file grid, where the labels are saved
         "medcam3d": "mask",
-        "affine": np.array(space.affine, dtype=np.float64),
+        "affine": np.array(shown.affine, dtype=np.float64),
         "segmentation": result.settings.to_dict(),
         "lesions": [lesion.to_dict() for lesion in lesions],
         "descrip": ascii_text(f"medcam3d segment {result.settings.method} of {label}: {index + 1} {label}"),
     }
-    placement = napari_affine(space.affine, 3)
+    placement = napari_affine(shown.affine, 3)
     colormap = {0: "transparent", index + 1: SEGMENT_COLOUR, None: SEGMENT_COLOUR}
-    layers: list[tuple] = [(result.labels, {
+    layers: list[tuple] = [(labels, {
         "name": f"{scan_name} · segmentation {label}", "affine": placement, "opacity": 0.8, "colormap": colormap,
         "metadata": meta, "axis_labels": AXIS_LABELS, "units": UNITS}, "labels")]
     if lesions:
         edges = [edge for lesion in lesions for edge in _box_edges(lesion.box.voxel_min, lesion.box.voxel_max)]
+        if lazy is not None:  # the box corners in the shown grid's voxels
+            edges = [shown.world_to_voxel(space.voxel_to_world(edge)) for edge in edges]
         layers.append((edges, {"name": f"{scan_name} · lesion boxes {label}", "affine": placement,
                                "shape_type": "line", "edge_color": SEGMENT_COLOUR, "edge_width": 0.5,
                                "metadata": dict(meta), "axis_labels": AXIS_LABELS, "units": UNITS}, "shapes"))

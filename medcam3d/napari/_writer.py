@@ -4,8 +4,9 @@ The grid comes from the layer's metadata (see :mod:`._reader`):
 
 - a layer shown on its file's grid (reordered at most) is saved in the file's voxel order with
   its affine;
-- a layer shown **resampled** (an oblique scan and everything computed on it) is saved on the
-  file's original grid: a scan whose shown voxels are unchanged is copied from its file (exact, in
+- a layer shown **resampled** (an oblique scan and what was drawn on its display grid) or on a
+  grid of its own (a heatmap on the model's feature grid, a mask thresholded from it) is saved on
+  the scan file's original grid: a scan whose shown voxels are unchanged is copied from its file (exact, in
   its stored type); a heatmap is resampled once from the model's feature grid (exact, as
   ``medcam3d explain`` writes it); a mask by nearest neighbour; anything edited since, trilinearly
   from what is shown.
@@ -77,6 +78,12 @@ def write_image(path: str, data: Any, attributes: dict) -> list[str]:
     if not _ours(path):
         return _napari_writer("image", path, data, attributes)
     metadata = attributes.get("metadata") or {}
+    from ._lazy import source_of
+
+    lazy = source_of(data)
+    if lazy is not None:  # an oblique scan shown lazily: its own voxels on its own grid, exact
+        array, space = lazy
+        return [str(_save(path, array, space, metadata, np.dtype(metadata.get("dtype") or array.dtype)))]
     data = np.asarray(data)
     if metadata.get("medcam3d") == "heatmap" or data.dtype.kind not in "iuf":
         dtype = np.dtype(np.float32)
@@ -143,6 +150,10 @@ def _write(path: str, data: np.ndarray, attributes: dict, dtype: np.dtype, *, la
     if dtype.kind in "iu" and np.asarray(array).dtype.kind == "f":
         info = np.iinfo(dtype)
         array = np.clip(np.rint(array), info.min, info.max)
+    return _save(path, array, space, metadata, dtype)
+
+
+def _save(path: str, array: Any, space: Space, metadata: dict, dtype: np.dtype) -> Path:
     source = metadata.get("path")
     like = source if source and str(source).lower().endswith((".nii", ".nii.gz")) and Path(source).is_file() else None
     descrip = metadata.get("descrip")
@@ -154,7 +165,9 @@ def _on_file_grid(data: np.ndarray, metadata: dict, *, labels: bool) -> tuple[np
     from ._reader import checksum, file_stamp
 
     shown = Space(data.shape, metadata["affine"])
-    target = Space(tuple(metadata["file_shape"]), metadata["file_affine"])
+    target = _scan_grid(metadata)
+    if target is None:  # a result of a scan without a known file grid: its own grid
+        return file_grid(data, metadata["affine"], None)
     if labels:
         return resample_labels(data, shown, target), target
     unchanged = metadata.get("checksum") is not None and checksum(data) == metadata["checksum"]
@@ -169,6 +182,14 @@ def _on_file_grid(data: np.ndarray, metadata: dict, *, labels: bool) -> tuple[np
     logger.warning("saving %s resampled back from the axis-aligned view onto its original grid (trilinear)",
                    metadata.get("name") or path or "a layer")
     return resample(data, shown, target, fill=float(data.min()) if data.size else 0.0), target
+
+
+def _scan_grid(metadata: dict) -> Space | None:
+    """The grid a layer is saved on: its scan's file grid, else the grid its scan was shown on (None: unknown)."""
+    for shape, affine in (("file_shape", "file_affine"), ("scan_shape", "scan_affine")):
+        if metadata.get(shape) is not None and metadata.get(affine) is not None:
+            return Space(tuple(int(n) for n in metadata[shape]), np.asarray(metadata[affine], dtype=np.float64))
+    return None
 
 
 def _napari_placement(attributes: dict, ndim: int) -> np.ndarray:
