@@ -21,6 +21,17 @@ with the three losses of SEC (Kolesnikov & Lampert, "Seed, Expand and Constrain"
 3. **constrain loss** (:func:`constrain_loss`): the Kullback-Leibler divergence from a
    boundary-aware refinement of the network's own output (:func:`refine`) to that output.
 
+A **size prior** (:func:`size_loss`, ``TrainSettings.size_weight``) keeps a present class
+lesion-sized: its mean probability over the scan may not exceed a bound calibrated on the training
+scans (:func:`size_bounds`: the median extent of the seeded peaks in the smoothed maps,
+:func:`map_extent`). Without it nothing in the three losses keeps a present class small: the
+seed loss weighs the ~7 seed voxels of a class as much as the whole background, the expand loss
+asks only that a present class's top voxels be high and pushes an absent class down at its
+maximum alone, and the CRF sharpens edges without shrinking; a network trained so labels a fixed
+blob of tens of thousands of voxels in every scan, with or without the class
+(``docs/weak_segmentation.md``). Optionally (``SeedSettings.background_reach``) every voxel far
+from all seeds of a fully seeded scan is background too.
+
 The refinement is a local mean-field CRF (a "convolutional CRF": the dense CRF's mean-field update
 of Krähenbühl & Koltun with its Gaussian appearance and smoothness kernels restricted to a window
 of neighbours), written here in torch. A 3D dense CRF from the package registry was the first
@@ -86,6 +97,7 @@ __all__ = [
     "seed_maps",
     "seed_methods",
     "segment_scan",
+    "set_prior_bias",
     "size_bounds",
     "smooth_map",
     "train_segmenter",
@@ -828,6 +840,12 @@ class TrainSettings:
         Weight of the constrain loss (0: off).
     size_weight : float
         Weight of the size prior (:func:`size_loss`; 0: off).
+    prior_bias : bool
+        With the size prior: start the network at it, the output layer's bias set so that each
+        class's probability is its bound everywhere and the background the rest
+        (:func:`set_prior_bias`). The losses then raise a class where its evidence is, instead of
+        having to lower it everywhere else: AdamW moves a bias by about ``lr`` per step, so from
+        an unbiased start a few hundred steps cannot bring a class from 1/K to a lesion's share.
     size_factor : float
         The size prior's bound of a class: this many times the map extent of its seeded peaks
         (the median voxel count of the connected region around a peak where the smoothed map is
@@ -848,6 +866,7 @@ class TrainSettings:
     constrain_weight: float = 1.0
     size_weight: float = 0.0
     size_factor: float = 1.0
+    prior_bias: bool = True
     crf: dict = field(default_factory=dict)
     seed: int = 0
 
@@ -863,6 +882,9 @@ class TrainSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} must be a finite number >= 0, not {value!r}.")
+        if not self.size_factor > 0:
+            raise UsageError(f"size_factor must be > 0 (the size prior's bound is size_factor x the map extent), "
+                             f"not {self.size_factor!r}.")
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -1049,10 +1071,14 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
         if settings.size_weight > 0:
             bounds = size_bounds(provenance.get("seeds"), settings.size_factor, int(np.prod(data.space.shape)))
             provenance["size_bounds"] = bounds
+            if bounds is None:
+                say("size prior off: no class has a seeded peak in the training scans to calibrate it")
     torch.manual_seed(settings.seed)
     path, args = network_args(network, classes, network_options)
     args = {**args, "in_channels": int(data.images.shape[1])}
     model = _build(path, args)
+    if not supervised and provenance.get("size_bounds") and settings.prior_bias:
+        provenance["prior_bias_layer"] = set_prior_bias(model, provenance["size_bounds"])
     generator = torch.Generator().manual_seed(settings.seed)
     bounds = provenance.get("size_bounds")
     steps_per_epoch = max(len(data) // settings.batch_size, 1)
@@ -1099,14 +1125,50 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
     return WeakSegmenter(model, path, args, list(data.class_names), data.space, history, provenance)
 
 
-def size_bounds(seed_record: dict | None, factor: float, voxels: int) -> list[float]:
+def size_bounds(seed_record: dict | None, factor: float, voxels: int) -> list[float] | None:
     """The size prior's bound of each class (:func:`size_loss`): ``factor`` x the median map extent of
-    its seeded peaks (``seed_record["map_extent_voxels"]``, :func:`compute_seeds`) over the scan's voxels."""
-    extents = (seed_record or {}).get("map_extent_voxels")
-    if not extents or any(e is None or e <= 0 for e in extents):
-        raise InputError("the size prior is calibrated on the seeded peaks' map extent, and a class has no seeded peak "
-                         "in the training scans; turn the size prior off (size_weight 0) or add scans where it is seeded.")
-    return [float(min(max(factor * e / voxels, 1.0 / voxels), 1.0)) for e in extents]
+    its seeded peaks (``seed_record["map_extent_voxels"]``, :func:`compute_seeds`) over the scan's voxels.
+
+    A class with no seeded peak in the training scans takes the largest bound of the others; None
+    when no class has one (no size prior can be calibrated).
+    """
+    extents = [e if e is not None and e > 0 else None for e in (seed_record or {}).get("map_extent_voxels") or []]
+    known = [e for e in extents if e is not None]
+    if not known:
+        return None
+    largest = max(known)
+    return [float(min(max(factor * (largest if e is None else e) / voxels, 1.0 / voxels), 0.5)) for e in extents]
+
+
+def set_prior_bias(model: torch.nn.Module, bounds: Sequence[float]) -> str | None:
+    """Set the bias of a segmenter's output layer so that it starts at the size prior.
+
+    The last module (in :meth:`~torch.nn.Module.named_modules` order) with a bias of ``K`` =
+    ``len(bounds) + 1`` values is taken as the output layer (the last convolution of MONAI's
+    ``UNet`` and ``SegResNet``, whose output adds to it); its bias becomes ``0`` for the
+    background and ``log(bound_c / (1 - sum(bounds)))`` for class ``c``, so that with the rest
+    of the logits equal the softmax gives each class its bound.
+
+    Returns
+    -------
+    str or None
+        The module's name; None if no module has such a bias (nothing is changed).
+    """
+    bounds = [float(b) for b in bounds]
+    rest = 1.0 - sum(bounds)
+    if not all(0 < b < 1 for b in bounds) or rest <= 0:
+        raise InputError(f"prior bias: each bound must lie in (0, 1) and their sum below 1, not {bounds}.")
+    found = None
+    for name, module in model.named_modules():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (len(bounds) + 1,):
+            found = (name, bias)
+    if found is None:
+        return None
+    values = torch.tensor([0.0, *[math.log(b / rest) for b in bounds]], dtype=found[1].dtype)
+    with torch.no_grad():
+        found[1].copy_(values.to(found[1].device))
+    return found[0]
 
 
 def _sec_losses(logits: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, labels: torch.Tensor,

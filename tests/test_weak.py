@@ -146,8 +146,8 @@ def test_size_loss_shrinks_an_oversized_class_and_leaves_a_lesion_sized_one():
 def test_size_bounds_come_from_the_seeded_map_extent():
     record = {"map_extent_voxels": [100.0, 400.0]}
     assert weak.size_bounds(record, 2.0, 10_000) == pytest.approx([0.02, 0.08])
-    with pytest.raises(InputError, match="no seeded peak"):
-        weak.size_bounds({"map_extent_voxels": [100.0, None]}, 1.0, 10_000)
+    assert weak.size_bounds({"map_extent_voxels": [100.0, None]}, 1.0, 10_000) == pytest.approx([0.01, 0.01])
+    assert weak.size_bounds({"map_extent_voxels": [None, None]}, 1.0, 10_000) is None
     ball = _bump((21, 21, 21), (10, 10, 10), 3.0, 1.0)
     inside = int((ball >= 0.5).sum())  # a Gaussian's half-maximum region: one connected ball
     assert weak.map_extent(ball, (10, 10, 10), 0.5) == inside
@@ -380,3 +380,47 @@ def test_cli_weak_train_then_segment_on_the_samples(tmp_path, capsys):
     assert space.isclose(scan_space, atol=1e-3) and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1, 2}
     assert json.loads((folder / "summary.json").read_text())["segmentation"]["method"] == "learned"
+
+
+SHIPPED = ROOT / "data_samples" / "weak_segmenter" / "weak_segmenter.yaml"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped segmenter is not present")
+def test_cli_segment_with_the_shipped_segmenter(tmp_path, capsys):
+    """`medcam3d segment` end to end with the shipped weights on a sample with both classes."""
+    from medcam3d import io
+    from medcam3d.cli import main
+
+    scan = ROOT / "data_samples" / "case_04.nii.gz"
+    code = main(["segment", "--config", str(SHIPPED), "--image", str(scan), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    folder = tmp_path / "out" / "case_04"
+    labels, space = io.read(folder / "case_04_learned_segmentation.nii.gz", dtype=None)
+    _, scan_space = io.read(scan)
+    assert space.isclose(scan_space, atol=1e-3) and labels.shape == scan_space.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 1, 2}  # background and both classes of the sample
+    lesions = json.loads((folder / "case_04_learned_lesions.json").read_text())
+    assert lesions["settings"]["method"] == "learned"
+    found = lesions["lesions"]
+    assert {entry["class_name"] for entry in found} == {"bright_round", "dark_elongated"}
+    for entry in found:  # every box lies on the scan's grid
+        low, high = np.asarray(entry["box"]["voxel_min"]), np.asarray(entry["box"]["voxel_max"])
+        assert np.all(low >= 0) and np.all(high < np.asarray(scan_space.shape)) and np.all(low <= high)
+
+
+def test_prior_bias_starts_the_network_at_the_size_prior():
+    path, args = weak.network_args("unet", 2, {"channels": [4, 8], "strides": [2], "num_res_units": 1})
+    torch.manual_seed(0)
+    model = weak._build(path, args)
+    name = weak.set_prior_bias(model, [0.001, 0.004])
+    assert name is not None
+    bias = dict(model.named_modules())[name].bias
+    assert torch.allclose(bias, torch.tensor([0.0, math.log(0.001 / 0.995), math.log(0.004 / 0.995)]))
+    with torch.no_grad():
+        p = torch.softmax(model(torch.rand(2, 1, 16, 16, 16)), 1)
+    mean = p.flatten(2).mean(-1).mean(0)
+    # the rest of the logits are small at initialisation: each class starts near its bound, far below 1/3
+    assert 0.0002 < mean[1] < 0.005 and 0.001 < mean[2] < 0.02 and mean[0] > 0.97
+    assert weak.set_prior_bias(torch.nn.Linear(2, 5), [0.01, 0.01]) is None  # no output layer with 3 biases
+    with pytest.raises(InputError, match="bound"):
+        weak.set_prior_bias(model, [0.6, 0.6])
