@@ -954,11 +954,11 @@ def learned_section(args, cache: Path, hard: list[dict], log) -> list[str]:
              f"{record.get('train_cases')} scans of the demo generator (image labels only) for {record.get('steps')} "
              f"steps in {record.get('wall_time_s', record.get('seconds'))} s wall time ({record.get('threads')} threads); "
              f"seeds from `{seeds.get('method')}` (levels {[round(v, 6) for v in seeds.get('levels', [])]}; training scans "
-             f"with seeds per class {[None if v is None else round(v, 2) for v in seeds.get('scans_with_seeds', [])]}; "
-             f"background reach {seeds.get('settings', {}).get('background_reach')}; size prior weight "
-             f"{record.get('settings', {}).get('size_weight', 0)}, bounds "
-             f"{[round(v, 5) for v in record.get('size_bounds') or []]} of the scan, from map extents "
-             f"{seeds.get('map_extent_voxels')} voxels). "
+             f"with seeds per class {[None if v is None else round(v, 2) for v in seeds.get('scans_with_seeds', [])]}"
+             + (f"; background reach {seeds.get('settings', {}).get('background_reach')}; size prior weight "
+                f"{record.get('settings', {}).get('size_weight')}, bounds {[round(v, 5) for v in record['size_bounds']]} "
+                f"of the scan, from map extents {seeds.get('map_extent_voxels')} voxels" if record.get("size_bounds") else "")
+             + "). "
              f"The record of the run is `{args.segmenter.with_suffix('.json').name}` beside its config."),
         ]
     if not segmenters:

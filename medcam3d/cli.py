@@ -770,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seeded peaks per class and scan (default 1; raise it for several lesions of a class)")
     weak_train.add_argument("--background-reach", type=_reach, metavar="VOXELS|none",
                             help="dense background: where every present class is seeded, voxels farther than this from "
-                                 "all seeds are background (default 8 input voxels; none: only where the maps are low)")
+                                 "all seeds are background too (default none: only where the maps are low)")
     weak_train.add_argument("--size-weight", type=float, metavar="W",
                             help="weight of the size prior that keeps a present class lesion-sized (default 1; 0: off)")
     weak_train.add_argument("--size-factor", type=float, metavar="F",

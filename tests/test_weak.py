@@ -424,3 +424,18 @@ def test_prior_bias_starts_the_network_at_the_size_prior():
     assert weak.set_prior_bias(torch.nn.Linear(2, 5), [0.01, 0.01]) is None  # no output layer with 3 biases
     with pytest.raises(InputError, match="bound"):
         weak.set_prior_bias(model, [0.6, 0.6])
+
+
+def test_cli_weak_train_refuses_bad_size_prior_options(tmp_path, capsys):
+    from medcam3d.cli import main
+
+    base = ["weak-train", "--config", str(ROOT / "configs" / "demo_weak.yaml"), "--demo-cases", "2", "--out",
+            str(tmp_path / "out")]
+    assert main([*base, "--size-factor", "0"]) == 2
+    assert "size_factor must be > 0" in capsys.readouterr().err
+    assert main([*base, "--background-reach", "1", "--seed-quantile", "0.5"]) == 2  # below background_distance (5)
+    assert "background_reach" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--background-reach", "far"])
+    assert stop.value.code == 2 and "'none'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "weak_segmenter.pt").exists()
