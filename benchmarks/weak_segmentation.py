@@ -908,7 +908,10 @@ def learned_section(args, cache: Path, hard: list[dict], log) -> list[str]:
          "of each scan's own maximum), grown to a few voxels; background seeds where every present class's map is "
          "low, far from the seeds, and everywhere in a scan labelled with no class. *Expand*: global weighted rank "
          "pooling of each class's probability (decay 0.98, about the 50 highest voxels) against the image labels, "
-         "absent classes max-pooled towards 0. *Constrain*: KL divergence from a local mean-field CRF refinement of "
+         "absent classes max-pooled towards 0. *Size prior* (when the record has `size_bounds`): a present class's mean "
+         "probability over the scan may not exceed its bound, the median extent of its seeded peaks in the classifier's "
+         "smoothed map (the connected region at half the peak), measured on the training scans; above it the loss is "
+         "the log of the excess ratio. *Constrain*: KL divergence from a local mean-field CRF refinement of "
          "the output on the scan (Gaussian appearance and smoothness kernels over the 26 neighbours, 3 iterations, on "
          "the box where a class may be present). A 3D dense CRF from the package registry did not install here "
          "(SimpleCRF 0.2.1.1 is source-only and does not build against NumPy 2; pydensecrf is 2D), and the random "
@@ -951,7 +954,11 @@ def learned_section(args, cache: Path, hard: list[dict], log) -> list[str]:
              f"{record.get('train_cases')} scans of the demo generator (image labels only) for {record.get('steps')} "
              f"steps in {record.get('wall_time_s', record.get('seconds'))} s wall time ({record.get('threads')} threads); "
              f"seeds from `{seeds.get('method')}` (levels {[round(v, 6) for v in seeds.get('levels', [])]}; training scans "
-             f"with seeds per class {[None if v is None else round(v, 2) for v in seeds.get('scans_with_seeds', [])]}). "
+             f"with seeds per class {[None if v is None else round(v, 2) for v in seeds.get('scans_with_seeds', [])]}"
+             + (f"; background reach {seeds.get('settings', {}).get('background_reach')}; size prior weight "
+                f"{record.get('settings', {}).get('size_weight')}, bounds {[round(v, 5) for v in record['size_bounds']]} "
+                f"of the scan, from map extents {seeds.get('map_extent_voxels')} voxels" if record.get("size_bounds") else "")
+             + "). "
              f"The record of the run is `{args.segmenter.with_suffix('.json').name}` beside its config."),
         ]
     if not segmenters:

@@ -768,6 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default 0.8)")
     weak_train.add_argument("--max-peaks", type=_positive_int, metavar="N",
                             help="seeded peaks per class and scan (default 1; raise it for several lesions of a class)")
+    weak_train.add_argument("--background-reach", type=_reach, metavar="VOXELS|none",
+                            help="dense background: where every present class is seeded, voxels farther than this from "
+                                 "all seeds are background too (default none: only where the maps are low)")
+    weak_train.add_argument("--size-weight", type=float, metavar="W",
+                            help="weight of the size prior that keeps a present class lesion-sized (default 1; 0: off)")
+    weak_train.add_argument("--size-factor", type=float, metavar="F",
+                            help="size prior bound: F x the seeded peaks' median map extent (default 1)")
     weak_train.add_argument("--network", choices=["unet", "segresnet"], default="unet", help="MONAI network (default unet)")
     weak_train.add_argument("--channels", type=_positive_int, nargs="+", metavar="C",
                             help="UNet channels per level (default 8 16 32 64); SegResNet: its init_filters")
@@ -811,6 +818,22 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+_NO_REACH = "none"
+
+
+def _reach(text: str) -> float | str:
+    """``--background-reach``: a number of voxels >= 0, or ``none``."""
+    if text.strip().lower() == _NO_REACH:
+        return _NO_REACH
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of voxels or 'none', not {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number of voxels >= 0 or 'none', not {text!r}")
+    return value
+
+
 def _cmd_weak_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -819,12 +842,16 @@ def _cmd_weak_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = {key: value for key, value in (("smooth", args.seed_smooth), ("quantile", args.seed_quantile),
-                                           ("max_peaks", args.max_peaks)) if value is not None}
+                                           ("max_peaks", args.max_peaks), ("background_reach", args.background_reach))
+             if value is not None}
+    seeds.update({"background_reach": None} if args.background_reach == _NO_REACH else {})
+    size = {key: value for key, value in (("size_weight", args.size_weight), ("size_factor", args.size_factor))
+            if value is not None}
     paths = weak_train(args.config, args.out, inputs=args.inputs, demo_cases=args.demo_cases,
                        train_cases=args.train_cases, seed_method=args.seed_method, layer=args.layer,
                        network=args.network, channels=args.channels, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, decay=args.decay, constrain_weight=args.constrain_weight, seed=args.seed,
-                       name=args.name, trust=args.trust, seed_settings=seeds,
+                       name=args.name, trust=args.trust, seed_settings=seeds, **size,
                        log=lambda text: print(text, file=sys.stderr, flush=True))
     print(f"segmenter: {paths[0]} (weights {paths[1].name}, record {paths[2].name}); use it with: "
           f"medcam3d segment --config {paths[0]} --image SCAN --out OUT")

@@ -21,6 +21,17 @@ with the three losses of SEC (Kolesnikov & Lampert, "Seed, Expand and Constrain"
 3. **constrain loss** (:func:`constrain_loss`): the Kullback-Leibler divergence from a
    boundary-aware refinement of the network's own output (:func:`refine`) to that output.
 
+A **size prior** (:func:`size_loss`, ``TrainSettings.size_weight``) keeps a present class
+lesion-sized: its mean probability over the scan may not exceed a bound calibrated on the training
+scans (:func:`size_bounds`: the median extent of the seeded peaks in the smoothed maps,
+:func:`map_extent`). Without it nothing in the three losses keeps a present class small: the
+seed loss weighs the ~7 seed voxels of a class as much as the whole background, the expand loss
+asks only that a present class's top voxels be high and pushes an absent class down at its
+maximum alone, and the CRF sharpens edges without shrinking; a network trained so labels a fixed
+blob of tens of thousands of voxels in every scan, with or without the class
+(``docs/weak_segmentation.md``). Optionally (``SeedSettings.background_reach``) every voxel far
+from all seeds of a fully seeded scan is background too.
+
 The refinement is a local mean-field CRF (a "convolutional CRF": the dense CRF's mean-field update
 of Krähenbühl & Koltun with its Gaussian appearance and smoothness kernels restricted to a window
 of neighbours), written here in torch. A 3D dense CRF from the package registry was the first
@@ -77,13 +88,17 @@ __all__ = [
     "find_seeds",
     "gwrp",
     "load_segmenter",
+    "map_extent",
     "network_args",
     "refine",
     "save_segmenter",
     "seed_loss",
+    "size_loss",
     "seed_maps",
     "seed_methods",
     "segment_scan",
+    "set_prior_bias",
+    "size_bounds",
     "smooth_map",
     "train_segmenter",
 ]
@@ -147,6 +162,11 @@ class SeedSettings:
         Confident background: every present class's smoothed map below this fraction of its level ...
     background_distance : float
         ... and farther than this (voxels) from every foreground seed.
+    background_reach : float or None
+        Dense background: in a scan where every present class has a seed, every voxel farther
+        than this (voxels) from all its foreground seeds is confident background too, whatever
+        the maps say (a lesion lies around its peak, not across the body). None: off (background
+        only where the maps are low).
     """
 
     smooth: float = 2.5
@@ -157,12 +177,18 @@ class SeedSettings:
     region_fraction: float = 0.6
     background_fraction: float = 0.25
     background_distance: float = 5.0
+    background_reach: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("smooth", "region_radius", "background_distance"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UsageError(f"seed setting {name} must be a finite number >= 0, not {value!r}.")
+        reach = self.background_reach
+        if reach is not None and not (isinstance(reach, (int, float)) and math.isfinite(reach)
+                                      and reach >= self.background_distance):
+            raise UsageError(f"seed setting background_reach must be None or a finite number >= background_distance "
+                             f"({self.background_distance}), not {reach!r}.")
         if not 0 < self.quantile < 1:
             raise UsageError(f"seed setting quantile must lie in (0, 1), not {self.quantile!r} (e.g. 0.9).")
         if not 0 < self.region_fraction <= 1:
@@ -254,8 +280,10 @@ def find_seeds(maps: np.ndarray, present: Sequence[bool], levels: Sequence[float
     highest), each grown to the connected voxels within ``region_radius`` of it whose map is at
     least ``region_fraction`` x the peak's value. A voxel claimed by two classes is left unlabelled.
     Confident background: where every present class's map is below ``background_fraction`` x its
-    level and no foreground seed lies within ``background_distance``; a scan with no class present
-    is background everywhere. The rest is :data:`IGNORE`.
+    level and no foreground seed lies within ``background_distance``; with ``background_reach``, in
+    a scan where every present class has a seed, also every voxel farther than that from all
+    foreground seeds; a scan with no class present is background everywhere. The rest is
+    :data:`IGNORE`.
 
     Parameters
     ----------
@@ -319,11 +347,26 @@ def find_seeds(maps: np.ndarray, present: Sequence[bool], levels: Sequence[float
     for c in range(len(present)):
         labels[claimed == c + 1] = c + 1
     if foreground.any():
-        far = ndimage.distance_transform_edt(~foreground) > settings.background_distance
+        distance = ndimage.distance_transform_edt(~foreground)
+        far = distance > settings.background_distance
     else:
         far = np.ones(shape, dtype=bool)
     labels[low & far] = 0
+    seeded = {c for c, _, _ in peaks}
+    if settings.background_reach is not None and foreground.any() and \
+            all(c in seeded for c, p in enumerate(present) if p):
+        labels[distance > settings.background_reach] = 0
     return Seeds(labels, peaks)
+
+
+def map_extent(values: np.ndarray, voxel: Sequence[int], level: float) -> int:
+    """Voxels of the connected region (26-connectivity) around ``voxel`` where ``values >= level``
+    (0 if the voxel itself is below): the extent of one peak of a class map."""
+    above = np.asarray(values) >= level
+    if not above[tuple(voxel)]:
+        return 0
+    parts, _ = ndimage.label(above, structure=_FULL)
+    return int((parts == parts[tuple(voxel)]).sum())
 
 
 def seed_methods(method: Any) -> list[Any]:
@@ -493,6 +536,42 @@ def expand_loss(probabilities: torch.Tensor, labels: torch.Tensor, decay: float 
     return term_present + term_absent + term_background
 
 
+def size_loss(probabilities: torch.Tensor, labels: torch.Tensor, bounds: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """A size prior: a present class may not cover more of the scan than its bound.
+
+    ``log(mean_voxels p_c / bound_c)`` where the mean probability of a present class exceeds its
+    bound, 0 below it, averaged over the (scan, present class) pairs. The expand loss only asks
+    that a present class's *top* voxels be high; this term keeps the rest low, so a present class
+    cannot grow over the body. Absent classes are not counted (the expand loss pushes them to 0).
+
+    Parameters
+    ----------
+    probabilities : (B, K, *S) Tensor
+        Softmax output, channel 0 background.
+    labels : (B, K - 1) Tensor
+        1 where the class is present in the image.
+    bounds : (K - 1,) floats in (0, 1]
+        The largest mean probability (share of the scan's voxels) of each class where present.
+
+    Returns
+    -------
+    () Tensor
+        0 when no class is present or every present class is within its bound.
+    """
+    bounds = torch.as_tensor(bounds, dtype=torch.float32, device=probabilities.device).flatten()
+    if labels.shape != (probabilities.shape[0], probabilities.shape[1] - 1) or bounds.numel() != probabilities.shape[1] - 1:
+        raise InputError(f"size_loss needs labels (B, K - 1) = {(probabilities.shape[0], probabilities.shape[1] - 1)} and "
+                         f"K - 1 bounds; got labels {tuple(labels.shape)} and {bounds.numel()} bounds.")
+    if not bool(((bounds > 0) & (bounds <= 1)).all()):
+        raise InputError(f"size_loss bounds must lie in (0, 1], not {bounds.tolist()}.")
+    mean = probabilities.float().flatten(2)[:, 1:].mean(-1)
+    excess = torch.relu(torch.log(mean.clamp_min(1e-12)) - torch.log(bounds))
+    present = labels.to(mean.dtype) > 0.5
+    if not bool(present.any()):
+        return probabilities.sum() * 0.0
+    return (excess * present).sum() / present.sum()
+
+
 def _offsets(radius: int) -> list[tuple[int, int, int]]:
     r = range(-radius, radius + 1)
     return [(a, b, c) for a in r for b in r for c in r if (a, b, c) != (0, 0, 0)]
@@ -642,6 +721,9 @@ class TrainingSet:
         reference of the benchmark; never used by weakly-supervised training.
     seeds : (N, *S) uint8 Tensor or None
         Filled by :func:`train_segmenter` (0, ``c + 1`` or :data:`IGNORE`).
+    seed_record : dict or None
+        What :func:`compute_seeds` returned when it filled ``seeds`` (levels, statistics, the
+        map extent that calibrates the size prior).
     """
 
     images: torch.Tensor
@@ -650,6 +732,7 @@ class TrainingSet:
     class_names: list[str]
     masks: torch.Tensor | None = None
     seeds: torch.Tensor | None = None
+    seed_record: dict | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -755,6 +838,19 @@ class TrainSettings:
         GWRP decay of the background.
     constrain_weight : float
         Weight of the constrain loss (0: off).
+    size_weight : float
+        Weight of the size prior (:func:`size_loss`; 0: off).
+    prior_bias : bool
+        With the size prior: start the network at it, the output layer's bias set so that each
+        class's probability is its bound everywhere and the background the rest
+        (:func:`set_prior_bias`). The losses then raise a class where its evidence is, instead of
+        having to lower it everywhere else: AdamW moves a bias by about ``lr`` per step, so from
+        an unbiased start a few hundred steps cannot bring a class from 1/K to a lesion's share.
+    size_factor : float
+        The size prior's bound of a class: this many times the map extent of its seeded peaks
+        (the median voxel count of the connected region around a peak where the smoothed map is
+        at least half the peak, over the training scans; :func:`compute_seeds`), as a share of
+        the scan.
     crf : dict
         Keyword arguments of :func:`refine`.
     seed : int
@@ -768,6 +864,9 @@ class TrainSettings:
     decay: float = 0.98
     background_decay: float = 0.9999
     constrain_weight: float = 1.0
+    size_weight: float = 0.0
+    size_factor: float = 1.0
+    prior_bias: bool = True
     crf: dict = field(default_factory=dict)
     seed: int = 0
 
@@ -779,10 +878,13 @@ class TrainSettings:
         for name in ("decay", "background_decay"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{name} must lie in [0, 1] (0: max pooling, 1: mean), not {getattr(self, name)!r}.")
-        for name in ("lr", "weight_decay", "constrain_weight"):
+        for name in ("lr", "weight_decay", "constrain_weight", "size_weight", "size_factor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} must be a finite number >= 0, not {value!r}.")
+        if not self.size_factor > 0:
+            raise UsageError(f"size_factor must be > 0 (the size prior's bound is size_factor x the map extent), "
+                             f"not {self.size_factor!r}.")
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -848,7 +950,7 @@ def _flip(tensors: Sequence[torch.Tensor], axes: Sequence[int]) -> list[torch.Te
 def compute_seeds(data: TrainingSet, classifier: torch.nn.Module, *, method: Any = DEFAULT_SEED_METHOD,
                   layer: str = "auto", settings: SeedSettings = SeedSettings(), chunk: int = 4,
                   placement: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Seed every scan of ``data`` (fills ``data.seeds``); returns the calibration and statistics.
+    """Seed every scan of ``data`` (fills ``data.seeds`` and ``data.seed_record``); returns the calibration and statistics.
 
     The classifier's maps (``method``) are computed once per scan and smoothed; the level of each
     class is calibrated on the scans labelled without it (:func:`calibrate_levels`); then each
@@ -885,6 +987,7 @@ def compute_seeds(data: TrainingSet, classifier: torch.nn.Module, *, method: Any
     seeds = torch.empty((count, *data.space.shape), dtype=torch.uint8)
     peaks_per_class = np.zeros(classes)
     seeded_scans = np.zeros(classes)
+    extents: list[list[int]] = [[] for _ in range(classes)]
     for i, entry in enumerate(kept):
         present = [c in entry for c in range(classes)]
         maps = np.zeros((classes, *data.space.shape), dtype=np.float32)
@@ -896,16 +999,20 @@ def compute_seeds(data: TrainingSet, classifier: torch.nn.Module, *, method: Any
             n = sum(1 for peak in found.peaks if peak[0] == c)
             peaks_per_class[c] += n
             seeded_scans[c] += n > 0
+        for c, voxel, top in found.peaks:
+            extents[c].append(map_extent(maps[c], voxel, 0.5 * top))
     data.seeds = seeds
     positives = data.labels.sum(0).numpy()
-    return {
+    data.seed_record = {
         "method": "*".join(str(getattr(m, "name", m)) for m in seed_methods(method)),
         "method_repr": "*".join(repr(m) for m in seed_methods(method)), "layer": layer,
         "settings": settings.to_dict(), "levels": [float(v) for v in levels],
         "scans_with_seeds": [float(seeded_scans[c] / positives[c]) if positives[c] else None for c in range(classes)],
         "peaks_per_positive_scan": [float(peaks_per_class[c] / positives[c]) if positives[c] else None for c in range(classes)],
+        "map_extent_voxels": [float(np.median(extents[c])) if extents[c] else None for c in range(classes)],
         "seconds": round(time.perf_counter() - started, 1),
     }
+    return data.seed_record
 
 
 def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None, *, method: Any = DEFAULT_SEED_METHOD,
@@ -952,18 +1059,28 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
         if data.masks is None:
             raise InputError("the supervised reference needs masks (demo_training_set(with_masks=True)).")
     else:
-        if classifier is None:
+        if data.seeds is None and classifier is None:
             raise UsageError("train_segmenter needs the classifier whose maps give the seeds.")
         if data.seeds is None:
             provenance["seeds"] = compute_seeds(data, classifier, method=method, layer=layer, settings=seed_settings,
                                                 placement=placement, log=say)
             say(f"seeds: levels {provenance['seeds']['levels']}, scans with seeds {provenance['seeds']['scans_with_seeds']} "
                 f"({provenance['seeds']['seconds']:.0f} s)")
+        elif data.seed_record is not None:
+            provenance["seeds"] = data.seed_record
+        if settings.size_weight > 0:
+            bounds = size_bounds(provenance.get("seeds"), settings.size_factor, int(np.prod(data.space.shape)))
+            provenance["size_bounds"] = bounds
+            if bounds is None:
+                say("size prior off: no class has a seeded peak in the training scans to calibrate it")
     torch.manual_seed(settings.seed)
     path, args = network_args(network, classes, network_options)
     args = {**args, "in_channels": int(data.images.shape[1])}
     model = _build(path, args)
+    if not supervised and provenance.get("size_bounds") and settings.prior_bias:
+        provenance["prior_bias_layer"] = set_prior_bias(model, provenance["size_bounds"])
     generator = torch.Generator().manual_seed(settings.seed)
+    bounds = provenance.get("size_bounds")
     steps_per_epoch = max(len(data) // settings.batch_size, 1)
     total = settings.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -986,7 +1103,7 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
             if supervised:
                 losses = _supervised_losses(logits, y)
             else:
-                losses = _sec_losses(logits, x, y, data.labels[index], settings)
+                losses = _sec_losses(logits, x, y, data.labels[index], settings, bounds)
             loss = sum(losses.values(), logits.new_zeros(()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -1008,11 +1125,59 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
     return WeakSegmenter(model, path, args, list(data.class_names), data.space, history, provenance)
 
 
+def size_bounds(seed_record: dict | None, factor: float, voxels: int) -> list[float] | None:
+    """The size prior's bound of each class (:func:`size_loss`): ``factor`` x the median map extent of
+    its seeded peaks (``seed_record["map_extent_voxels"]``, :func:`compute_seeds`) over the scan's voxels.
+
+    A class with no seeded peak in the training scans takes the largest bound of the others; None
+    when no class has one (no size prior can be calibrated).
+    """
+    extents = [e if e is not None and e > 0 else None for e in (seed_record or {}).get("map_extent_voxels") or []]
+    known = [e for e in extents if e is not None]
+    if not known:
+        return None
+    largest = max(known)
+    return [float(min(max(factor * (largest if e is None else e) / voxels, 1.0 / voxels), 0.5)) for e in extents]
+
+
+def set_prior_bias(model: torch.nn.Module, bounds: Sequence[float]) -> str | None:
+    """Set the bias of a segmenter's output layer so that it starts at the size prior.
+
+    The last module (in :meth:`~torch.nn.Module.named_modules` order) with a bias of ``K`` =
+    ``len(bounds) + 1`` values is taken as the output layer (the last convolution of MONAI's
+    ``UNet`` and ``SegResNet``, whose output adds to it); its bias becomes ``0`` for the
+    background and ``log(bound_c / (1 - sum(bounds)))`` for class ``c``, so that with the rest
+    of the logits equal the softmax gives each class its bound.
+
+    Returns
+    -------
+    str or None
+        The module's name; None if no module has such a bias (nothing is changed).
+    """
+    bounds = [float(b) for b in bounds]
+    rest = 1.0 - sum(bounds)
+    if not all(0 < b < 1 for b in bounds) or rest <= 0:
+        raise InputError(f"prior bias: each bound must lie in (0, 1) and their sum below 1, not {bounds}.")
+    found = None
+    for name, module in model.named_modules():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (len(bounds) + 1,):
+            found = (name, bias)
+    if found is None:
+        return None
+    values = torch.tensor([0.0, *[math.log(b / rest) for b in bounds]], dtype=found[1].dtype)
+    with torch.no_grad():
+        found[1].copy_(values.to(found[1].device))
+    return found[0]
+
+
 def _sec_losses(logits: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, labels: torch.Tensor,
-                settings: TrainSettings) -> dict[str, torch.Tensor]:
+                settings: TrainSettings, bounds: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     probabilities = torch.softmax(logits.float(), dim=1)
     losses = {"seed": seed_loss(logits, seeds),
               "expand": expand_loss(probabilities, labels, settings.decay, settings.background_decay)}
+    if settings.size_weight > 0 and bounds is not None:
+        losses["size"] = settings.size_weight * size_loss(probabilities, labels, bounds)
     if settings.constrain_weight > 0:
         refined = refine(probabilities.detach(), x, **settings.crf)
         losses["constrain"] = settings.constrain_weight * constrain_loss(probabilities, refined)

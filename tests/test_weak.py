@@ -100,6 +100,62 @@ def test_expand_loss_rewards_present_classes_and_punishes_absent_ones():
     assert weak.expand_loss(output(0.9), absent, 0.5) > weak.expand_loss(output(0.2), absent, 0.5)
 
 
+# ------------------------------------------------------------------------------------------ size prior
+
+
+def _sized(voxels: int, value: float = 1.0, shape=(10, 10, 10)) -> torch.Tensor:
+    """Two classes: class 0 is ``value`` on the first ``voxels`` voxels (in raster order), background elsewhere."""
+    p = torch.zeros(1, 2, *shape)
+    p[0, 1].view(-1)[:voxels] = value
+    p[0, 0] = 1 - p[0, 1]
+    return p
+
+
+def test_size_loss_known_answer_zero_within_the_bound():
+    present = torch.tensor([[1.0]])
+    # 100 of 1000 voxels at 1: mean 0.1; bound 0.02 -> log(0.1 / 0.02) = log 5
+    assert weak.size_loss(_sized(100), present, [0.02]).item() == pytest.approx(math.log(5.0), rel=1e-5)
+    assert weak.size_loss(_sized(100, 0.5), present, [0.02]).item() == pytest.approx(math.log(2.5), rel=1e-5)
+    assert weak.size_loss(_sized(20), present, [0.02]).item() == 0.0  # at the bound: no penalty
+    assert weak.size_loss(_sized(5), present, [0.02]).item() == 0.0  # below it: none either (no pull to grow)
+    assert weak.size_loss(_sized(100), torch.tensor([[0.0]]), [0.02]).item() == 0.0  # absent: the expand loss's job
+    # the mean over (scan, present class) pairs
+    two = torch.cat([_sized(100), _sized(40)])
+    assert weak.size_loss(two, torch.tensor([[1.0], [1.0]]), [0.02]).item() == pytest.approx(
+        (math.log(5.0) + math.log(2.0)) / 2, rel=1e-5)
+    with pytest.raises(InputError, match="bounds"):
+        weak.size_loss(_sized(10), present, [0.0])
+    with pytest.raises(InputError, match="K - 1 bounds"):
+        weak.size_loss(_sized(10), present, [0.1, 0.1])
+
+
+def test_size_loss_shrinks_an_oversized_class_and_leaves_a_lesion_sized_one():
+    logits = torch.zeros(1, 2, 10, 10, 10)
+    logits[0, 1].view(-1)[:300] = 4.0  # class 0 wins on 300 voxels ...
+    logits.requires_grad_(True)
+    weak.size_loss(torch.softmax(logits, 1), torch.tensor([[1.0]]), [0.05]).backward()  # ... where 50 are allowed
+    assert logits.grad is not None and torch.all(logits.grad[0, 1] > 0)  # descent lowers class 0 everywhere
+    small = torch.zeros(1, 2, 10, 10, 10)
+    small[0, 0] = 10.0
+    small[0, 1].view(-1)[:40] = 20.0  # 40 voxels at ~1, the rest at ~5e-5: within the bound of 50
+    small.requires_grad_(True)
+    loss = weak.size_loss(torch.softmax(small, 1), torch.tensor([[1.0]]), [0.05])
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_size_bounds_come_from_the_seeded_map_extent():
+    record = {"map_extent_voxels": [100.0, 400.0]}
+    assert weak.size_bounds(record, 2.0, 10_000) == pytest.approx([0.02, 0.08])
+    assert weak.size_bounds({"map_extent_voxels": [100.0, None]}, 1.0, 10_000) == pytest.approx([0.01, 0.01])
+    assert weak.size_bounds({"map_extent_voxels": [None, None]}, 1.0, 10_000) is None
+    ball = _bump((21, 21, 21), (10, 10, 10), 3.0, 1.0)
+    inside = int((ball >= 0.5).sum())  # a Gaussian's half-maximum region: one connected ball
+    assert weak.map_extent(ball, (10, 10, 10), 0.5) == inside
+    twin = ball + _bump((21, 21, 21), (3, 3, 3), 0.5, 1.0)  # a separate peak is not counted
+    assert weak.map_extent(twin, (10, 10, 10), 0.5) == inside
+    assert weak.map_extent(ball, (0, 0, 0), 0.5) == 0
+
+
 # ------------------------------------------------------------------------------------------ constrain
 
 
@@ -173,6 +229,29 @@ def test_seeds_at_an_absolute_level_find_both_lesions_of_one_class():
     assert all(min(np.linalg.norm(v - np.array(c)) for c in (strong, weaker)) <= 1.5 for v in labelled)
     # a level above the weaker peak keeps only the strong one
     assert [p[1] for p in weak.find_seeds(maps, [True, False], [0.5, 1.0], settings).peaks] == [strong]
+
+
+def test_dense_background_beyond_the_reach_of_every_seed():
+    shape = (32, 32, 32)
+    peak = (10, 10, 10)
+    # a broad map (sigma 8): low nowhere near the lesion, so the low-map rule leaves most of the scan unlabelled
+    maps = np.stack([_bump(shape, peak, 8.0, 1.0), np.zeros(shape)]).astype(np.float32)
+    base = dict(smooth=0.0, region_radius=1.0, background_fraction=0.25, background_distance=3.0)
+    sparse = weak.find_seeds(maps, [True, False], [0.5, 1.0], weak.SeedSettings(**base))
+    dense = weak.find_seeds(maps, [True, False], [0.5, 1.0], weak.SeedSettings(**base, background_reach=6.0))
+    distance = np.linalg.norm(np.indices(shape) - np.array(peak)[:, None, None, None], axis=0)
+    assert sparse.labels[peak] == dense.labels[peak] == 1
+    assert sparse.labels[20, 10, 10] == weak.IGNORE  # 10 voxels away, the map still high: unlabelled ...
+    assert dense.labels[20, 10, 10] == 0  # ... but beyond the reach of the seed: background
+    far = distance > 6.0 + 1.0 + 1e-6  # beyond the reach of every seed voxel (seed region radius 1)
+    assert (dense.labels[far] == 0).all()
+    assert (dense.labels[(distance <= 6.0) & (distance > 1.0)] == weak.IGNORE).all()  # within the reach: left to the losses
+    assert (dense.labels == 0).sum() > 1.5 * (sparse.labels == 0).sum()
+    # a present class without a seed (its peak below the level): no dense background, the lesion may be anywhere
+    unseeded = weak.find_seeds(maps, [True, True], [0.5, 1.0], weak.SeedSettings(**base, background_reach=6.0))
+    assert unseeded.labels[20, 10, 10] == weak.IGNORE
+    with pytest.raises(UsageError, match="background_reach"):
+        weak.SeedSettings(background_distance=5.0, background_reach=2.0)
 
 
 def test_a_scan_without_classes_is_background_everywhere_and_levels_need_negatives():
@@ -301,3 +380,62 @@ def test_cli_weak_train_then_segment_on_the_samples(tmp_path, capsys):
     assert space.isclose(scan_space, atol=1e-3) and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1, 2}
     assert json.loads((folder / "summary.json").read_text())["segmentation"]["method"] == "learned"
+
+
+SHIPPED = ROOT / "data_samples" / "weak_segmenter" / "weak_segmenter.yaml"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped segmenter is not present")
+def test_cli_segment_with_the_shipped_segmenter(tmp_path, capsys):
+    """`medcam3d segment` end to end with the shipped weights on a sample with both classes."""
+    from medcam3d import io
+    from medcam3d.cli import main
+
+    scan = ROOT / "data_samples" / "case_04.nii.gz"
+    code = main(["segment", "--config", str(SHIPPED), "--image", str(scan), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    folder = tmp_path / "out" / "case_04"
+    labels, space = io.read(folder / "case_04_learned_segmentation.nii.gz", dtype=None)
+    _, scan_space = io.read(scan)
+    assert space.isclose(scan_space, atol=1e-3) and labels.shape == scan_space.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 1, 2}  # background and both classes of the sample
+    lesions = json.loads((folder / "case_04_learned_lesions.json").read_text())
+    assert lesions["settings"]["method"] == "learned"
+    found = lesions["lesions"]
+    assert {entry["class_name"] for entry in found} == {"bright_round", "dark_elongated"}
+    for entry in found:  # every box lies on the scan's grid
+        low, high = np.asarray(entry["box"]["voxel_min"]), np.asarray(entry["box"]["voxel_max"])
+        assert np.all(low >= 0) and np.all(high < np.asarray(scan_space.shape)) and np.all(low <= high)
+
+
+def test_prior_bias_starts_the_network_at_the_size_prior():
+    path, args = weak.network_args("unet", 2, {"channels": [4, 8], "strides": [2], "num_res_units": 1})
+    torch.manual_seed(0)
+    model = weak._build(path, args)
+    name = weak.set_prior_bias(model, [0.001, 0.004])
+    assert name is not None
+    bias = dict(model.named_modules())[name].bias
+    assert torch.allclose(bias, torch.tensor([0.0, math.log(0.001 / 0.995), math.log(0.004 / 0.995)]))
+    with torch.no_grad():
+        p = torch.softmax(model(torch.rand(2, 1, 16, 16, 16)), 1)
+    mean = p.flatten(2).mean(-1).mean(0)
+    # the rest of the logits are small at initialisation: each class starts near its bound, far below 1/3
+    assert 0.0002 < mean[1] < 0.005 and 0.001 < mean[2] < 0.02 and mean[0] > 0.97
+    assert weak.set_prior_bias(torch.nn.Linear(2, 5), [0.01, 0.01]) is None  # no output layer with 3 biases
+    with pytest.raises(InputError, match="bound"):
+        weak.set_prior_bias(model, [0.6, 0.6])
+
+
+def test_cli_weak_train_refuses_bad_size_prior_options(tmp_path, capsys):
+    from medcam3d.cli import main
+
+    base = ["weak-train", "--config", str(ROOT / "configs" / "demo_weak.yaml"), "--demo-cases", "2", "--out",
+            str(tmp_path / "out")]
+    assert main([*base, "--size-factor", "0"]) == 2
+    assert "size_factor must be > 0" in capsys.readouterr().err
+    assert main([*base, "--background-reach", "1", "--seed-quantile", "0.5"]) == 2  # below background_distance (5)
+    assert "background_reach" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--background-reach", "far"])
+    assert stop.value.code == 2 and "'none'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "weak_segmenter.pt").exists()

@@ -44,7 +44,8 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
                demo_cases: int | None = None, train_cases: int | None = None, seed_method: str | None = None,
                layer: str | None = None, network: str = "unet", channels: Sequence[int] | None = None,
                epochs: int = 6, batch_size: int = 4, lr: float = 3e-3, decay: float = 0.98,
-               constrain_weight: float = 1.0, seed: int = 0, name: str = "weak_segmenter", trust: bool = False,
+               constrain_weight: float = 1.0, size_weight: float | None = None, size_factor: float | None = None,
+               seed: int = 0, name: str = "weak_segmenter", trust: bool = False,
                seed_settings: dict | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, Path, Path]:
     """Train a segmenter from a classifier and image-labelled scans; write its config, weights and record.
 
@@ -71,6 +72,8 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
         UNet ``channels`` (one stride-2 level fewer than channels); SegResNet ``init_filters`` (the first).
     epochs, batch_size, lr, decay, constrain_weight, seed
         :class:`medcam3d.weak.TrainSettings`.
+    size_weight, size_factor : float, optional
+        The size prior (:class:`medcam3d.weak.TrainSettings`; default: its defaults).
     name : str
         File stem of the outputs.
     seed_settings : dict, optional
@@ -105,8 +108,9 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
             network_options = {"channels": list(channels), "strides": [2] * (len(channels) - 1)}
         else:
             network_options = {"init_filters": int(channels[0])}
+    size = {key: value for key, value in (("size_weight", size_weight), ("size_factor", size_factor)) if value is not None}
     settings = weak.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, decay=decay,
-                                  constrain_weight=constrain_weight, seed=seed)
+                                  constrain_weight=constrain_weight, seed=seed, **size)
     weak.network_args(network, 1)  # an unknown network: a usage error before any work
     seeding = weak.SeedSettings(**(seed_settings or {}))
     with output_lock(out, "weak-train", check=lambda: check_own_files(out, names)):
