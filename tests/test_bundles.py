@@ -362,3 +362,30 @@ def test_bundle_preprocessing_checks_the_header_before_monai_reads_it(tmp_path):
     (tmp_path / "gap" / "1_slice002.dcm").unlink()
     with pytest.raises(GeometryError, match="1 missing slice"):
         pipeline(tmp_path / "gap")
+
+
+def test_explainer_preprocesses_with_the_bundles_own_chain_as_the_cli_does(tmp_path, scan):
+    from medcam3d import Explainer
+    from medcam3d.errors import InputError
+
+    root = write_bundle(tmp_path / "bundle")
+    (tmp_path / "run.yaml").write_text("model: {bundle: bundle}\n")
+    expected, expected_space = bundle_preprocessing(root, trust=True)(scan)
+    assert tuple(expected.shape) == (1, *SIZE)  # not the default transforms' (1, 30, 26, 12)
+    explainer = Explainer.from_config(tmp_path / "run.yaml", trust=True)
+    assert explainer.class_names == ["bright", "dark"]
+    x, scanner_space = explainer.preprocess(scan)
+    assert torch.equal(x.as_tensor(), expected.as_tensor()) and torch.equal(x.affine, expected.affine)
+    assert scanner_space == expected_space
+    with pytest.raises(InputError, match="volume cannot be used with a bundle's own preprocessing"):
+        explainer.preprocess(scan, volume=0)
+    # a model given by hand: the chain is read from the bundle on first use (its configs run code: trust)
+    given = Explainer.from_config(tmp_path / "run.yaml", model=load_bundle(root, trust=True).network)
+    with pytest.raises(UntrustedModelError):
+        given.preprocess(scan)
+    y, _ = given.preprocess(scan, trust=True)
+    assert torch.equal(y.as_tensor(), expected.as_tensor())
+    # the config's own preprocessing list overrides the bundle's
+    (tmp_path / "own.yaml").write_text("model: {bundle: bundle}\npreprocessing: [{name: Orientation, axcodes: RAS}]\n")
+    own, _ = Explainer.from_config(tmp_path / "own.yaml", trust=True).preprocess(scan)
+    assert tuple(own.shape) == (1, 30, 26, 12)
