@@ -11,7 +11,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -334,8 +334,8 @@ class Explainer:
             A YAML config (:func:`medcam3d.config.load_config`) or a loaded one.
         model : nn.Module, optional
             The network, already loaded; default: the config's (its weights loaded with
-            ``torch.load(weights_only=True)``, :func:`medcam3d.models.load_model`; a MONAI bundle's
-            network with :func:`medcam3d.models.load_bundle`).
+            ``torch.load(weights_only=True)``; a MONAI bundle's network, class names and
+            preprocessing), read by :func:`medcam3d.models.load_configured`, as the CLI reads it.
         trust : bool
             Passed to the model loader (code the config names that is not on the allow-list).
         **overrides
@@ -354,19 +354,12 @@ class Explainer:
         loaded = config if isinstance(config, Config) else load_config(config)
         chain = None
         if model is None:
+            from .models import load_configured
+
+            configured = load_configured(loaded, trust=trust)
+            loaded, model = configured.config, configured.model
             if loaded.model.bundle is not None:
-                from .models import load_bundle
-
-                bundle = load_bundle(loaded.model.bundle, trust=trust, source=loaded.source,
-                                     max_activation_bytes=loaded.model.max_activation_bytes)
-                model = bundle.network
-                if loaded.class_names is None and bundle.class_names:
-                    loaded = replace(loaded, class_names=list(bundle.class_names))
-                chain = (bundle.preprocessing,)
-            else:
-                from .models import load_model
-
-                model = load_model(loaded, trust=trust)
+                chain = (configured.preprocessing,)
         options: dict[str, object] = dict(method=loaded.method, layer=loaded.layer, class_names=loaded.class_names,
                                           amp=loaded.amp, output_activation=loaded.output_activation,
                                           placement=loaded.placement)

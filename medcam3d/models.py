@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -87,6 +88,8 @@ __all__ = [
     "load_weights",
     "load_model",
     "load_bundle",
+    "ConfiguredModel",
+    "load_configured",
     "bundle_preprocessing",
     "bundle_input_shape",
     "bundle_has_weights",
@@ -1524,6 +1527,79 @@ def load_model(
         else:
             load_weights(model, spec.weights, trust=trust)
     return model.to(device).eval()
+
+
+@dataclass(frozen=True, eq=False)
+class ConfiguredModel:
+    """A config's model, loaded (:func:`load_configured`).
+
+    Attributes
+    ----------
+    config : Config
+        The config, with ``class_names`` from a MONAI bundle's metadata when it gives none.
+    model : torch.nn.Module
+        In eval mode.
+    random_weights : bool
+        The model has random parameters on purpose (asked for, ``weights: none``, or a bundle
+        loaded with ``random_weights``): what is made with it must say so.
+    preprocessing : BundlePreprocessing or None
+        A MONAI bundle's own ``preprocessing`` chain when the config gives no ``preprocessing``
+        list (that list overrides the bundle's); None otherwise (then the config's list, or
+        :data:`medcam3d.preprocess.DEFAULT_TRANSFORMS`, applies).
+    """
+
+    config: Config
+    model: nn.Module
+    random_weights: bool
+    preprocessing: BundlePreprocessing | None
+
+
+def load_configured(
+    config: Config,
+    *,
+    trust: bool = False,
+    random_weights: bool = False,
+    device: str | torch.device = "cpu",
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
+) -> ConfiguredModel:
+    """Load a config's model as the CLI, :meth:`medcam3d.Explainer.from_config` and napari do.
+
+    A MONAI bundle (:func:`load_bundle`) gives its network, its class names (when the config gives
+    none) and its own preprocessing (when the config gives no ``preprocessing`` list); any other
+    model comes from :func:`load_model`.
+
+    Parameters
+    ----------
+    config : Config
+        From :func:`medcam3d.config.load_config` (its limits from :func:`medcam3d.config.with_limits`).
+    trust, random_weights, device
+        As for :func:`load_model`.
+    max_voxels : int or None
+        The largest grid a step of a bundle's own preprocessing may make (:func:`load_bundle`).
+
+    Returns
+    -------
+    ConfiguredModel
+
+    Raises
+    ------
+    UntrustedModelError, ModelLoadError, ConfigError, PreprocessingError
+        As :func:`load_model` and :func:`load_bundle` raise them.
+    """
+    spec = config.model
+    if spec.bundle is None:
+        model = load_model(config, trust=trust, device=device, random_weights=random_weights)
+        return ConfiguredModel(config, model, bool(random_weights or spec.random_weights), None)
+    bundle = load_bundle(spec.bundle, trust=trust, device=device, random_weights=random_weights, source=config.source,
+                         max_activation_bytes=spec.max_activation_bytes, max_voxels=max_voxels)
+    if config.class_names is None and bundle.class_names:
+        config = dataclasses.replace(config, class_names=list(bundle.class_names))
+    preprocessing = None
+    if config.preprocessing is None:  # the config's own preprocessing list overrides the bundle's
+        preprocessing = bundle.preprocessing
+        if preprocessing is not None:
+            logger.info("preprocessing: the bundle's own (%s)", bundle.config_file)
+    return ConfiguredModel(config, bundle.network, bool(random_weights or bundle.random_weights), preprocessing)
 
 
 # ----------------------------------------------------------------------------- input rank

@@ -389,3 +389,41 @@ def test_explainer_preprocesses_with_the_bundles_own_chain_as_the_cli_does(tmp_p
     (tmp_path / "own.yaml").write_text("model: {bundle: bundle}\npreprocessing: [{name: Orientation, axcodes: RAS}]\n")
     own, _ = Explainer.from_config(tmp_path / "own.yaml", trust=True).preprocess(scan)
     assert tuple(own.shape) == (1, 30, 26, 12)
+
+
+def test_one_loader_for_the_cli_the_explainer_and_napari(tmp_path, monkeypatch):
+    import argparse
+
+    import medcam3d.models
+    from medcam3d import Explainer, cli
+    from medcam3d.config import load_config
+    from medcam3d.models import ConfiguredModel, load_configured
+
+    root = write_bundle(tmp_path / "bundle")
+    (tmp_path / "run.yaml").write_text("model: {bundle: bundle}\n")
+    (tmp_path / "own.yaml").write_text("model: {bundle: bundle}\nclass_names: [a, b]\n"
+                                       "preprocessing: [{name: Orientation, axcodes: RAS}]\n")
+    loaded = load_configured(load_config(tmp_path / "run.yaml"), trust=True)
+    assert isinstance(loaded, ConfiguredModel) and not loaded.random_weights
+    assert loaded.config.class_names == ["bright", "dark"] and isinstance(loaded.preprocessing, BundlePreprocessing)
+    _assert_same_parameters(loaded.model, _saved_state(root))
+    own = load_configured(load_config(tmp_path / "own.yaml"), trust=True)
+    assert own.config.class_names == ["a", "b"] and own.preprocessing is None  # the config's own win
+    assert load_configured(load_config(tmp_path / "run.yaml"), trust=True, random_weights=True).random_weights
+    with pytest.raises(UntrustedModelError):
+        load_configured(load_config(tmp_path / "run.yaml"))
+    # the CLI, Explainer.from_config and napari's loader all read the model through it
+    calls = []
+
+    def spy(config, **kwargs):
+        calls.append(config.source)
+        return load_configured(config, **kwargs)
+
+    monkeypatch.setattr(medcam3d.models, "load_configured", spy)
+    assert Explainer.from_config(tmp_path / "run.yaml", trust=True).class_names == ["bright", "dark"]
+    runner = cli._runner(argparse.Namespace(config=str(tmp_path / "run.yaml"), trust=True))
+    assert runner.reader is not None and runner.config.class_names == ["bright", "dark"]
+    widget = pytest.importorskip("medcam3d.napari._widget")
+    config, _ = widget.load_explainable(tmp_path / "run.yaml", trust=True)
+    assert config.class_names == ["bright", "dark"]
+    assert calls == [tmp_path / "run.yaml"] * 3
