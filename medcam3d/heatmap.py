@@ -209,11 +209,16 @@ class ClassMaps(Mapping):
     """One sample's heatmaps by class: ``maps["nodule"]`` or ``maps[5]`` (the class index).
 
     What :func:`to_scanner_space` and :meth:`Explanation.to_scanner_space
-    <medcam3d.explainer.Explanation.to_scanner_space>` return. Keys are the class names (the class
-    indices as ``int`` where the explanation has no names); an ``int`` always means the class
-    index, never a position in the target list. Iterating gives the keys in the order the classes
-    were explained; :meth:`values` gives the :class:`Heatmap` objects in that order. A class
-    explained twice in one target list appears once (the last).
+    <medcam3d.explainer.Explanation.to_scanner_space>` return: a mapping, so **iterating yields
+    keys, not heatmaps** (``for name in maps``, ``list(maps)``); use ``maps.values()`` or
+    :meth:`list` for the :class:`Heatmap` objects, ``maps.items()`` for both, all in the order the
+    classes were explained.
+
+    Keys are the class names when every explained class has its own name, else the class indices
+    as ``int`` (no names, or only some classes named, or two with one name). Lookup takes either in
+    every case: a class's name where it has one, and its index as an ``int`` (always the class
+    index, never a position in the target list). A class explained twice in one target list
+    appears once (the last).
 
     Parameters
     ----------
@@ -225,15 +230,22 @@ class ClassMaps(Mapping):
         for heat in heatmaps:
             self._by_index.pop(heat.class_index, None)
             self._by_index[heat.class_index] = heat
-        self._by_name = {heat.class_name: heat for heat in self._by_index.values() if heat.class_name}
-        self._named = len(self._by_name) == len(self._by_index)
+
+    def _names(self) -> list[str] | None:
+        """The class names in order, when every class has its own name; else None (keys are indices)."""
+        names = [heat.class_name for heat in self._by_index.values()]
+        if not all(names) or len(set(names)) != len(names):
+            return None
+        return names  # type: ignore[return-value]
 
     def __getitem__(self, key: object) -> Heatmap:
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             if int(key) in self._by_index:
                 return self._by_index[int(key)]
-        elif isinstance(key, str) and key in self._by_name:
-            return self._by_name[key]
+        elif isinstance(key, str):
+            named = [heat for heat in self._by_index.values() if heat.class_name == key]
+            if named:
+                return named[-1]
         shown = ", ".join(repr(k) for k in self) or "none"
         message = (
             f"no map for class {key!r}: these maps are for {shown} (a class name, or its index as an int; "
@@ -242,9 +254,8 @@ class ClassMaps(Mapping):
         raise KeyError(message)
 
     def __iter__(self) -> Iterator:
-        if self._named:
-            return iter([heat.class_name for heat in self._by_index.values()])
-        return iter(list(self._by_index))
+        names = self._names()
+        return iter(list(self._by_index) if names is None else names)
 
     def __len__(self) -> int:
         return len(self._by_index)
