@@ -95,6 +95,19 @@ def test_io_modules_import_one_way():
     assert not wrong, "\n".join(wrong)
 
 
+# medcam3d.models, one concept per module: each imports only those before it (the package last).
+MODELS_ORDER = ("medcam3d.models.rules", "medcam3d.models.budget", "medcam3d.models.activations", "medcam3d.models.build",
+                "medcam3d.models.weights", "medcam3d.models.rank", "medcam3d.models.bundles", "medcam3d.models.loading",
+                "medcam3d.models")
+
+
+def test_models_modules_import_one_way():
+    assert set(MODELS_ORDER) == {m for m in GRAPH if _within(m, ("medcam3d.models",))}, "place each module in MODELS_ORDER"
+    wrong = [f"{module} imports {target}" for i, module in enumerate(MODELS_ORDER)
+             for target in sorted(GRAPH[module]) if target in MODELS_ORDER and target not in MODELS_ORDER[:i]]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_import_cycles():
     cycles = []
     state: dict[str, int] = {}
