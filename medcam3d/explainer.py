@@ -374,7 +374,7 @@ class Explainer:
         """Read and preprocess a scan as this explainer's config says (see :meth:`from_config`).
 
         The config's ``preprocessing`` list; without one, when the model is a MONAI bundle, the
-        bundle's own ``preprocessing`` chain, as the CLI does (:class:`medcam3d.models.BundlePreprocessing`:
+        bundle's own ``preprocessing`` chain, as the CLI does (:class:`medcam3d.preprocess.BundlePreprocessing`:
         read with the bundle's network, or here with ``trust`` when :meth:`from_config` was given the
         model); otherwise (or for a bundle read with its network that defines none)
         :data:`medcam3d.preprocess.DEFAULT_TRANSFORMS`.
