@@ -666,6 +666,8 @@ def _allowed_networks():
 
 def test_no_allowed_network_downloads_through_its_defaults(monkeypatch):
     """A config that names a network and leaves its download arguments out builds it with them off."""
+    from medcam3d.models import build as building
+
     checked = 0
     for path, factory in _allowed_networks():
         try:
@@ -684,7 +686,7 @@ def test_no_allowed_network_downloads_through_its_defaults(monkeypatch):
             return nn.Identity()
 
         fake.__signature__ = signature  # type: ignore[attr-defined]
-        monkeypatch.setattr(models, "_resolve_untrusted", lambda network, source, fake=fake: fake)
+        monkeypatch.setattr(building, "resolve_untrusted", lambda network, source, fake=fake: fake)
         build_network(path, {}, max_parameters=None)
         bound = signature.bind_partial(**received)
         bound.apply_defaults()
