@@ -161,10 +161,9 @@ def _parse_target(text: str | None):
 
 
 def _runner(args: argparse.Namespace, methods=None):
-    import dataclasses
     from .config import load_config
     from .jobs.runner import Runner
-    from .models import load_model
+    from .models import load_configured
 
     config = _with_limits(_with_output_options(load_config(args.config), args), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
@@ -174,25 +173,11 @@ def _runner(args: argparse.Namespace, methods=None):
         _check_target(target, config)
     _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False))
     trust = getattr(args, "trust", False)
-    random_weights = getattr(args, "random_weights", False)
-    reader = None
-    if config.model.bundle is not None:
-        from .models import load_bundle
-
-        bundle = load_bundle(config.model.bundle, trust=trust, random_weights=random_weights, source=config.source,
-                             max_activation_bytes=config.model.max_activation_bytes,
+    loaded = load_configured(config, trust=trust, random_weights=getattr(args, "random_weights", False),
                              **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
-        model = bundle.network
-        random_weights = random_weights or bundle.random_weights
-        if config.class_names is None and bundle.class_names:
-            config = dataclasses.replace(config, class_names=list(bundle.class_names))
+    config, model, random_weights, reader = loaded.config, loaded.model, loaded.random_weights, loaded.preprocessing
+    if config.model.bundle is not None:
         _check_target(target, config)
-        if config.preprocessing is None:  # the config's own preprocessing list overrides the bundle's
-            reader = bundle.preprocessing
-            logger.info("preprocessing: the bundle's own (%s)", bundle.config_file)
-    else:
-        model = load_model(config, trust=trust, random_weights=random_weights)
-        random_weights = random_weights or config.model.random_weights
     if random_weights:
         logger.warning("the model has random parameters (weights: none / --random-weights): its maps explain an "
                        "untrained network; every output is labelled so")

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -344,6 +344,8 @@ class Explainer:
         self._batched_vjp = True
         self.target: object = None  # what a call without target explains (None: "predicted")
         self.config: Config | None = None
+        # a MONAI bundle's own preprocessing chain (or None: it defines none), once read; None: not read yet
+        self._bundle_chain: tuple[object] | None = None
 
     @classmethod
     def from_config(cls, config: str | Path | Config, model: nn.Module | None = None, *, trust: bool = False,
@@ -356,8 +358,8 @@ class Explainer:
             A YAML config (:func:`medcam3d.config.load_config`) or a loaded one.
         model : nn.Module, optional
             The network, already loaded; default: the config's (its weights loaded with
-            ``torch.load(weights_only=True)``, :func:`medcam3d.models.load_model`; a MONAI bundle's
-            network with :func:`medcam3d.models.load_bundle`).
+            ``torch.load(weights_only=True)``; a MONAI bundle's network, class names and
+            preprocessing), read by :func:`medcam3d.models.load_configured`, as the CLI reads it.
         trust : bool
             Passed to the model loader (code the config names that is not on the allow-list).
         **overrides
@@ -368,24 +370,20 @@ class Explainer:
         Explainer
             ``method``, ``layer``, ``class_names``, ``amp``, ``output_activation`` and ``placement``
             from the config; :attr:`target` (what a call without ``target`` explains) is the
-            config's ``target``; :attr:`config` keeps the config (:meth:`preprocess` uses it).
+            config's ``target``; :attr:`config` keeps the config (:meth:`preprocess` uses it, with
+            a MONAI bundle's own preprocessing when the config gives no ``preprocessing`` list).
         """
         from .config import Config, load_config
 
         loaded = config if isinstance(config, Config) else load_config(config)
+        chain = None
         if model is None:
+            from .models import load_configured
+
+            configured = load_configured(loaded, trust=trust)
+            loaded, model = configured.config, configured.model
             if loaded.model.bundle is not None:
-                from .models import load_bundle
-
-                bundle = load_bundle(loaded.model.bundle, trust=trust, source=loaded.source,
-                                     max_activation_bytes=loaded.model.max_activation_bytes)
-                model = bundle.network
-                if loaded.class_names is None and bundle.class_names:
-                    loaded = replace(loaded, class_names=list(bundle.class_names))
-            else:
-                from .models import load_model
-
-                model = load_model(loaded, trust=trust)
+                chain = (configured.preprocessing,)
         options: dict[str, object] = dict(method=loaded.method, layer=loaded.layer, class_names=loaded.class_names,
                                           amp=loaded.amp, output_activation=loaded.output_activation,
                                           placement=loaded.placement)
@@ -393,19 +391,27 @@ class Explainer:
         explainer = cls(model, **options)  # type: ignore[arg-type]
         explainer.target = loaded.target
         explainer.config = loaded
+        explainer._bundle_chain = chain
         return explainer
 
     def preprocess(self, image: object, *, volume: int | None = None, trust: bool = False):
         """Read and preprocess a scan as this explainer's config says (see :meth:`from_config`).
 
+        The config's ``preprocessing`` list; without one, when the model is a MONAI bundle, the
+        bundle's own ``preprocessing`` chain, as the CLI does (:class:`medcam3d.preprocess.BundlePreprocessing`:
+        read with the bundle's network, or here with ``trust`` when :meth:`from_config` was given the
+        model); otherwise (or for a bundle read with its network that defines none)
+        :data:`medcam3d.preprocess.DEFAULT_TRANSFORMS`.
+
         Parameters
         ----------
         image : path, (array, Space) or MetaTensor
-            As :func:`medcam3d.preprocess.preprocess` takes it.
+            As :func:`medcam3d.preprocess.preprocess` takes it (a bundle's chain takes a path only).
         volume : int, optional
-            Volume index of a 4D file.
+            Volume index of a 4D file (not with a bundle's chain, which reads the whole file).
         trust : bool
-            Read headers that point to data files elsewhere; transforms not on the allow-list.
+            Read headers that point to data files elsewhere; transforms not on the allow-list; a
+            bundle's configs (they run code).
 
         Returns
         -------
@@ -415,11 +421,23 @@ class Explainer:
         """
         from .preprocess import preprocess
 
-        if self.config is None:
+        config = self.config
+        if config is None:
             message = ("this explainer has no config to preprocess with: make it with Explainer.from_config(...), "
                        "or call medcam3d.preprocess.preprocess(image, transforms) yourself.")
             raise InputError(message)
-        return preprocess(image, self.config.preprocessing, volume=volume, trust=trust, source=self.config.source)
+        if config.preprocessing is None and config.model.bundle is not None and self._bundle_chain is None:
+            from .models import bundle_preprocessing
+
+            self._bundle_chain = (bundle_preprocessing(config.model.bundle, trust=trust),)
+        reader = self._bundle_chain[0] if config.preprocessing is None and self._bundle_chain is not None else None
+        if reader is not None:
+            if volume is not None:
+                message = ("volume cannot be used with a bundle's own preprocessing (it reads the whole file); give the "
+                           "config a preprocessing list instead.")
+                raise InputError(message)
+            return reader(image, trust=trust)  # type: ignore[operator]
+        return preprocess(image, config.preprocessing, volume=volume, trust=trust, source=config.source)
 
     def __repr__(self) -> str:
         layer = "auto" if self._auto else self._layer[0]  # type: ignore[index]

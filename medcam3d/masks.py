@@ -343,7 +343,7 @@ class Runs:
         Returns
         -------
         (shape[0], ..., stop - start) uint8 ndarray, Fortran-contiguous; or, when no voxel of the
-        slab is set, a :class:`medcam3d.heatmap.Constant`-like ``(value=b"\\0", count)`` record.
+        slab is set, a :class:`medcam3d.io.streaming.Constant`-like ``(value=b"\\0", count)`` record.
         """
         shape = (*self.shape[:-1], stop - start)
         others = np.unravel_index(self.row, self.shape[1:]) if len(self.row) else [np.zeros(0, np.int64)]
@@ -365,7 +365,7 @@ class Runs:
 
 @dataclass(frozen=True)
 class _Zeros:
-    """An all-zero slab (the shape of :class:`medcam3d.heatmap.Constant`, without importing it)."""
+    """An all-zero slab (the shape of :class:`medcam3d.io.streaming.Constant`, without importing it)."""
 
     value: bytes
     count: int

@@ -28,6 +28,10 @@ lazy mode: metadata only, nothing is resampled), so a 35 kB scan with 40 mm voxe
 1 mm, or ``BorderPad`` of 600 voxels, is refused in milliseconds instead of allocating gigabytes.
 A failing transform is named by its place and name in the config (``preprocessing[1] (Spacing)``),
 with the root cause on one line.
+
+A MONAI bundle's own ``preprocessing`` chain (built by :func:`medcam3d.models.load_bundle`) runs
+as a :class:`BundlePreprocessing`: under the same size limit, on a file checked as
+:func:`medcam3d.io.read` checks it, returning what :func:`preprocess` returns.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +58,7 @@ __all__ = [
     "MAX_VOXELS",
     "GROWTH_FLOOR",
     "CheckedCompose",
+    "BundlePreprocessing",
     "PreprocessingError",
     "UntrustedTransformError",
     "build_transforms",
@@ -656,3 +662,150 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
         )
         raise PreprocessingError(message)
     return result.float(), scanner_space
+
+
+# ----------------------------------------------------------------------------- a MONAI bundle's own chain
+
+class BundlePreprocessing:
+    """A MONAI bundle's ``preprocessing`` chain, applied to one image file.
+
+    The chain is the bundle's own, built by MONAI's ``ConfigParser`` (usually ``LoadImaged``,
+    ``EnsureChannelFirstd``, ``Orientationd``, ``Spacingd``, intensity scaling, cropping). It is
+    given ``{key: path}`` and its result under ``key`` is the model input. Before the bundle's
+    reader opens the file, :func:`medcam3d.io.describe` checks its header as
+    :func:`medcam3d.io.read` would (data files stay in the header's folder, the header claims no
+    more data than the file holds); afterwards the grid the bundle's reader saw is compared with
+    the one medcam3d reads, so that maps go back to the right place in the scan.
+
+    Attributes
+    ----------
+    transform : callable
+        The chain (usually a ``monai.transforms.Compose``).
+    key : str
+        The dictionary key of the image (``image`` in most bundles): the first key of the chain's
+        ``LoadImaged`` that the metadata lists as a network input, else ``image``, else its first
+        key.
+    config_file : Path
+        The bundle config it came from (named in errors).
+    max_voxels : int or None
+        The largest grid (voxels) a step of the chain may make unless its input is already larger
+        (default :data:`medcam3d.preprocess.MAX_VOXELS`; None: no limit). The steps of a
+        ``Compose`` run one at a time, as MONAI's ``Compose`` runs them, and each step's output
+        grid is computed from metadata before it runs (see :mod:`medcam3d.preprocess`).
+    """
+
+    def __init__(self, transform, key: str, config_file: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
+        self.transform, self.key, self.config_file = transform, key, Path(config_file)
+        self.max_voxels = max_voxels
+
+    def _apply(self, data: Any, where: str) -> Any:
+        """The chain on ``data``, step by step (as MONAI's Compose runs it), refusing a grid over ``max_voxels``."""
+        from monai.transforms import Compose, apply_transform
+
+        chain = self.transform
+        if not isinstance(chain, Compose) or chain.lazy:
+            return chain(data)
+        scan_voxels: int | None = None  # the image as the chain's loading step read it
+        for index, step in enumerate(chain.flatten().transforms):
+            image = data.get(self.key) if isinstance(data, Mapping) else None
+            if image is not None:
+                if scan_voxels is None and getattr(image, "ndim", 0) >= 2:
+                    scan_voxels = int(np.prod(image.shape))  # all its values: with or without a channel axis
+                label = f"step {index} ({type(step).__name__})"
+                working = _working_shape(getattr(step, "zoomer", step), image)  # Zoomd zooms with a Zoom
+                for shape in (working, _lazy_shape(step, data, self.key)):
+                    if shape is not None:
+                        _check_grid(shape, image, label, where + " ", self.max_voxels, made=False, scan_voxels=scan_voxels)
+            data = apply_transform(step, data, chain.map_items, chain.unpack_items, lazy=chain.lazy,
+                                   overrides=chain.overrides, log_stats=chain.log_stats)
+        return data
+
+    def __repr__(self) -> str:
+        return f"BundlePreprocessing(key={self.key!r}, config_file={str(self.config_file)!r})"
+
+    def __call__(self, image: str | Path, *, trust: bool = False):
+        """Read and preprocess one image as the bundle does.
+
+        Parameters
+        ----------
+        image : str or Path
+            An image file or a folder holding one DICOM series.
+        trust : bool
+            As for :func:`medcam3d.io.read`: allow headers whose data files lie elsewhere.
+
+        Returns
+        -------
+        (MetaTensor, Space)
+            The model input ``(C, *input_shape)`` (add the batch axis with ``x[None]``), whose
+            ``.affine`` is the input grid's voxel -> RAS mm affine, and the scan's own
+            ``scanner_space``, as :func:`medcam3d.preprocess.preprocess` returns them.
+
+        Raises
+        ------
+        ImageReadError
+            The file's header is refused (see :func:`medcam3d.io.describe`), a folder holds
+            several DICOM series (a bundle's reader takes one series per folder), or a series'
+            slices cannot be placed (:class:`~medcam3d.errors.GeometryError`, as
+            :func:`medcam3d.io.read` would raise).
+        PreprocessingError
+            The chain fails, returns several samples or no MetaTensor, or its reader placed the scan
+            elsewhere than medcam3d's reader does.
+        """
+        from monai.data import MetaTensor
+
+        from . import io
+        from .errors import GeometryError, ImageReadError, SpaceError
+
+        if not isinstance(image, (str, os.PathLike)):
+            raise PreprocessingError(f"A bundle's preprocessing reads an image file or DICOM folder; got a {type(image).__name__}.")
+        path = Path(image)
+        info = io.describe(path, trust=trust)
+        if len(info.series) > 1:
+            uids = ", ".join(series.uid for series in info.series)
+            message = (
+                f"'{path}' holds {len(info.series)} DICOM series ({uids}); the bundle's reader takes one series per "
+                "folder. Copy the series to explain into a folder of its own."
+            )
+            raise ImageReadError(message)
+        if info.series and info.series[0].problem:  # what medcam3d.io.read refuses, the bundle's reader may not
+            raise GeometryError(f"'{path}' (series {info.series[0].uid}): {info.series[0].problem}")
+        if info.affine is None:
+            raise GeometryError(f"'{path}': the headers do not say where the voxels are, so the maps could not be placed.")
+        where = f"{self.config_file}: preprocessing"
+        try:
+            data = self._apply({self.key: str(path)}, where)
+        except PreprocessingError:
+            raise
+        except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name
+            raise PreprocessingError(f"{where} failed on '{path}': {_one_line(error)}") from error
+        if isinstance(data, (list, tuple)):
+            message = (
+                f"{where} returned {len(data)} samples for '{path}' (a random or patch crop?); medcam3d explains one "
+                "input per scan. Remove the cropping transform (large scans: use sliding_window)."
+            )
+            raise PreprocessingError(message)
+        result = data.get(self.key) if isinstance(data, Mapping) else data
+        if not isinstance(result, MetaTensor):
+            message = (
+                f"{where} gave a {type(result).__name__} under {self.key!r}, not a MONAI MetaTensor with an affine; "
+                "medcam3d needs the input grid to place the maps."
+            )
+            raise PreprocessingError(message)
+        assert info.spatial_shape is not None  # a single image or series (several series were refused above)
+        scanner_space = Space(info.spatial_shape, info.affine)
+        seen = result.meta.get("original_affine")  # the file's grid as the bundle's reader saw it
+        if seen is not None:
+            seen = np.asarray(seen.cpu() if isinstance(seen, torch.Tensor) else seen, dtype=np.float64)
+            try:
+                same = scanner_space.isclose(Space(scanner_space.shape, seen), atol=1e-3, rtol=1e-5)
+            except SpaceError:  # not a 4x4 voxel -> world matrix
+                same = False
+            if not same:
+                message = (
+                    f"{where}: the bundle's reader placed '{path}' with the voxel -> world affine "
+                    f"{np.array2string(seen, precision=4)}, but medcam3d reads it as {scanner_space}; the maps could not "
+                    "be placed reliably. Check the reader arguments of LoadImaged (e.g. ITKReader's affine_lps_to_ras "
+                    "must stay true)."
+                )
+                raise PreprocessingError(message)
+        return result.float(), scanner_space

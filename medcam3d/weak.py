@@ -1059,9 +1059,9 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
         if data.masks is None:
             raise InputError("the supervised reference needs masks (demo_training_set(with_masks=True)).")
     else:
-        if data.seeds is None and classifier is None:
-            raise UsageError("train_segmenter needs the classifier whose maps give the seeds.")
         if data.seeds is None:
+            if classifier is None:
+                raise UsageError("train_segmenter needs the classifier whose maps give the seeds.")
             provenance["seeds"] = compute_seeds(data, classifier, method=method, layer=layer, settings=seed_settings,
                                                 placement=placement, log=say)
             say(f"seeds: levels {provenance['seeds']['levels']}, scans with seeds {provenance['seeds']['scans_with_seeds']} "

@@ -13,14 +13,8 @@ import torch
 
 from medcam3d.config import ConfigError, parse_config
 from medcam3d.errors import GeometryError, ImageReadError, PreprocessingError, UntrustedModelError
-from medcam3d.models import (
-    Bundle,
-    BundlePreprocessing,
-    bundle_preprocessing,
-    load_bundle,
-    load_model,
-)
-from medcam3d.preprocess import preprocess
+from medcam3d.models import Bundle, bundle_preprocessing, load_bundle, load_model
+from medcam3d.preprocess import BundlePreprocessing, preprocess
 from _images import oblique_lpi_affine, planted_scan
 from conftest import TINY_NETWORK_ARGS, write_tiny_model
 
@@ -362,3 +356,68 @@ def test_bundle_preprocessing_checks_the_header_before_monai_reads_it(tmp_path):
     (tmp_path / "gap" / "1_slice002.dcm").unlink()
     with pytest.raises(GeometryError, match="1 missing slice"):
         pipeline(tmp_path / "gap")
+
+
+def test_explainer_preprocesses_with_the_bundles_own_chain_as_the_cli_does(tmp_path, scan):
+    from medcam3d import Explainer
+    from medcam3d.errors import InputError
+
+    root = write_bundle(tmp_path / "bundle")
+    (tmp_path / "run.yaml").write_text("model: {bundle: bundle}\n")
+    expected, expected_space = bundle_preprocessing(root, trust=True)(scan)
+    assert tuple(expected.shape) == (1, *SIZE)  # not the default transforms' (1, 30, 26, 12)
+    explainer = Explainer.from_config(tmp_path / "run.yaml", trust=True)
+    assert explainer.class_names == ["bright", "dark"]
+    x, scanner_space = explainer.preprocess(scan)
+    assert torch.equal(x.as_tensor(), expected.as_tensor()) and torch.equal(x.affine, expected.affine)
+    assert scanner_space == expected_space
+    with pytest.raises(InputError, match="volume cannot be used with a bundle's own preprocessing"):
+        explainer.preprocess(scan, volume=0)
+    # a model given by hand: the chain is read from the bundle on first use (its configs run code: trust)
+    given = Explainer.from_config(tmp_path / "run.yaml", model=load_bundle(root, trust=True).network)
+    with pytest.raises(UntrustedModelError):
+        given.preprocess(scan)
+    y, _ = given.preprocess(scan, trust=True)
+    assert torch.equal(y.as_tensor(), expected.as_tensor())
+    # the config's own preprocessing list overrides the bundle's
+    (tmp_path / "own.yaml").write_text("model: {bundle: bundle}\npreprocessing: [{name: Orientation, axcodes: RAS}]\n")
+    own, _ = Explainer.from_config(tmp_path / "own.yaml", trust=True).preprocess(scan)
+    assert tuple(own.shape) == (1, 30, 26, 12)
+
+
+def test_one_loader_for_the_cli_the_explainer_and_napari(tmp_path, monkeypatch):
+    import argparse
+
+    import medcam3d.models
+    from medcam3d import Explainer, cli
+    from medcam3d.config import load_config
+    from medcam3d.models import ConfiguredModel, load_configured
+
+    root = write_bundle(tmp_path / "bundle")
+    (tmp_path / "run.yaml").write_text("model: {bundle: bundle}\n")
+    (tmp_path / "own.yaml").write_text("model: {bundle: bundle}\nclass_names: [a, b]\n"
+                                       "preprocessing: [{name: Orientation, axcodes: RAS}]\n")
+    loaded = load_configured(load_config(tmp_path / "run.yaml"), trust=True)
+    assert isinstance(loaded, ConfiguredModel) and not loaded.random_weights
+    assert loaded.config.class_names == ["bright", "dark"] and isinstance(loaded.preprocessing, BundlePreprocessing)
+    _assert_same_parameters(loaded.model, _saved_state(root))
+    own = load_configured(load_config(tmp_path / "own.yaml"), trust=True)
+    assert own.config.class_names == ["a", "b"] and own.preprocessing is None  # the config's own win
+    assert load_configured(load_config(tmp_path / "run.yaml"), trust=True, random_weights=True).random_weights
+    with pytest.raises(UntrustedModelError):
+        load_configured(load_config(tmp_path / "run.yaml"))
+    # the CLI, Explainer.from_config and napari's loader all read the model through it
+    calls = []
+
+    def spy(config, **kwargs):
+        calls.append(config.source)
+        return load_configured(config, **kwargs)
+
+    monkeypatch.setattr(medcam3d.models, "load_configured", spy)
+    assert Explainer.from_config(tmp_path / "run.yaml", trust=True).class_names == ["bright", "dark"]
+    runner = cli._runner(argparse.Namespace(config=str(tmp_path / "run.yaml"), trust=True))
+    assert runner.reader is not None and runner.config.class_names == ["bright", "dark"]
+    widget = pytest.importorskip("medcam3d.napari._widget")
+    config, _ = widget.load_explainable(tmp_path / "run.yaml", trust=True)
+    assert config.class_names == ["bright", "dark"]
+    assert calls == [tmp_path / "run.yaml"] * 3

@@ -404,13 +404,13 @@ def test_explain_never_replaces_the_maps_of_another_scan(setup, tmp_path, capsys
     (["--layer", "features.nrom5"], "Layer 'features.nrom5' not found in DenseNet. Did you mean 'features.norm5'"),
 ])
 def test_mistakes_are_reported_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, option, words):
-    import medcam3d.models
+    import medcam3d.models.loading
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(medcam3d.models, "load_model", never)
-    monkeypatch.setattr(medcam3d.models, "load_bundle", never)
+    monkeypatch.setattr(medcam3d.models.loading, "load_model", never)
+    monkeypatch.setattr(medcam3d.models.loading, "load_bundle", never)
     root, config = setup
     image = [] if option[0] == "--image" else ["--image", str(root / "scan.nii.gz")]
     assert main(["explain", "--config", str(config), *image, *option, "--out", str(tmp_path / "o")]) == 2

@@ -41,7 +41,8 @@ import pytest  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from medcam3d import io  # noqa: E402
-from medcam3d.heatmap import Heatmap, Scaling, ScanGridMap, save_heatmaps, save_scan_maps  # noqa: E402
+from medcam3d.heatmap import Heatmap, ScanGridMap, save_heatmaps, save_scan_maps  # noqa: E402
+from medcam3d.io import Scaling  # noqa: E402
 from medcam3d.space import Space, feature_space, resample  # noqa: E402
 
 
@@ -172,3 +173,31 @@ def test_save_heatmaps_of_arrays_keeps_float32_and_quantises_on_request(tmp_path
     np.testing.assert_array_equal(nib.load(exact[0]).get_fdata(), whole.data)
     small = save_heatmaps([whole], tmp_path / "q", prefix="a", dtype="int16", normalized=False)
     assert np.abs(nib.load(small[0]).get_fdata() - whole.data).max() <= (whole.data.max() - whole.data.min()) / 131068 + 1e-7
+
+
+# ----------------------------------------------------------- maps by class
+def _heat(index: int, name: str | None) -> medcam3d.heatmap.Heatmap:
+    from medcam3d.heatmap import Heatmap
+    from medcam3d.space import Space
+
+    return Heatmap(data=np.full((2, 2, 2), float(index), np.float32), space=Space((2, 2, 2), np.eye(4)),
+                   method="hirescam", layer="features", class_index=index, class_name=name)
+
+
+def test_class_maps_with_some_classes_named_are_keyed_by_index_and_found_by_both():
+    from medcam3d.heatmap import ClassMaps
+
+    maps = ClassMaps([_heat(3, "nodule"), _heat(7, None), _heat(5, "effusion")])
+    assert list(maps) == [3, 7, 5]  # not every class named: the keys are the class indices, in target order
+    assert [heat.class_index for heat in maps.values()] == [3, 7, 5] == [heat.class_index for heat in maps.list()]
+    assert maps["nodule"] is maps[3] and maps["effusion"] is maps[np.int64(5)] and maps[7].class_name is None
+    assert "nodule" in maps and 7 in maps and "7" not in maps and 0 not in maps and True not in maps
+    for key in ("7", 0, "lesion"):
+        with pytest.raises(KeyError, match=f"no map for class {key!r}: these maps are for 3, 7, 5 "):
+            maps[key]
+    named = ClassMaps([_heat(3, "nodule"), _heat(5, "effusion"), _heat(3, "nodule")])
+    assert list(named) == ["effusion", "nodule"] and named[3] is named["nodule"]  # a repeat: once, the last
+    with pytest.raises(KeyError, match="these maps are for 'effusion', 'nodule' "):
+        named[0]
+    same = ClassMaps([_heat(1, "x"), _heat(2, "x")])  # one name for two classes: keyed by index
+    assert list(same) == [1, 2] and same["x"] is same[2]

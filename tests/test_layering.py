@@ -84,7 +84,7 @@ def test_imports_go_one_way(layer, forbidden):
 
 
 # medcam3d.io, one concept per module: each imports only those before it (the package last).
-IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.nifti", "medcam3d.io.itk", "medcam3d.io.dicom",
+IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.streaming", "medcam3d.io.nifti", "medcam3d.io.itk", "medcam3d.io.dicom",
             "medcam3d.io.reading", "medcam3d.io.info", "medcam3d.io.writing", "medcam3d.io")
 
 
@@ -92,6 +92,19 @@ def test_io_modules_import_one_way():
     assert set(IO_ORDER) == {m for m in GRAPH if _within(m, ("medcam3d.io",))}, "place each io module in IO_ORDER"
     wrong = [f"{module} imports {target}" for i, module in enumerate(IO_ORDER)
              for target in sorted(GRAPH[module]) if target in IO_ORDER and target not in IO_ORDER[:i]]
+    assert not wrong, "\n".join(wrong)
+
+
+# medcam3d.models, one concept per module: each imports only those before it (the package last).
+MODELS_ORDER = ("medcam3d.models.rules", "medcam3d.models.budget", "medcam3d.models.activations", "medcam3d.models.build",
+                "medcam3d.models.weights", "medcam3d.models.rank", "medcam3d.models.bundles", "medcam3d.models.loading",
+                "medcam3d.models")
+
+
+def test_models_modules_import_one_way():
+    assert set(MODELS_ORDER) == {m for m in GRAPH if _within(m, ("medcam3d.models",))}, "place each module in MODELS_ORDER"
+    wrong = [f"{module} imports {target}" for i, module in enumerate(MODELS_ORDER)
+             for target in sorted(GRAPH[module]) if target in MODELS_ORDER and target not in MODELS_ORDER[:i]]
     assert not wrong, "\n".join(wrong)
 
 

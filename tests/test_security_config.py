@@ -245,18 +245,52 @@ def test_bad_network_arguments_are_model_load_errors(args, text):
         build_network("monai.networks.nets.DenseNet121" if "block_config" not in args else "monai.networks.nets.DenseNet", args)
 
 
+def _registration_hooks() -> list[int]:
+    """How many process-wide module registration hooks torch holds (parameters, buffers, submodules)."""
+    from torch.nn.modules import module
+
+    return [len(module._global_parameter_registration_hooks), len(module._global_buffer_registration_hooks),
+            len(module._global_module_registration_hooks)]
+
+
 def test_too_large_networks_are_stopped_before_they_are_allocated(monkeypatch):
+    from medcam3d.models import budget
+
+    before = _registration_hooks()
     with pytest.raises(ModelLoadError, match="more than 1,000 parameters and buffers"):
         build_network("monai.networks.nets.DenseNet", TINY_ARGS, max_parameters=1000)
-    monkeypatch.setattr(models, "MAX_MODULES", 5)
+    assert _registration_hooks() == before  # the build budget's hooks are removed after a stopped build
+    monkeypatch.setattr(budget, "MAX_MODULES", 5)
     with pytest.raises(ModelLoadError, match="more than 5 submodules"):
         build_network("monai.networks.nets.DenseNet", TINY_ARGS)
-    monkeypatch.setattr(models, "MAX_MODULES", 50_000)
-    monkeypatch.setattr(models, "MAX_BUILD_SECONDS", -1.0)
+    monkeypatch.setattr(budget, "MAX_MODULES", 50_000)
+    monkeypatch.setattr(budget, "MAX_BUILD_SECONDS", -1.0)
     with pytest.raises(ModelLoadError, match="s of construction"):
         build_network("monai.networks.nets.DenseNet", TINY_ARGS)
-    monkeypatch.setattr(models, "MAX_BUILD_SECONDS", 60.0)
+    monkeypatch.setattr(budget, "MAX_BUILD_SECONDS", 60.0)
     assert isinstance(build_network("monai.networks.nets.DenseNet", TINY_ARGS, trust=True, max_parameters=1000), nn.Module)
+    assert _registration_hooks() == before
+
+
+def test_the_build_budget_hooks_exist_only_while_a_build_runs():
+    from medcam3d.models.budget import build_budget
+
+    before = _registration_hooks()
+    seen = []
+    with build_budget(10_000) as outer:
+        seen.append(_registration_hooks())
+        with build_budget(10_000):  # a nested (or concurrent) build shares the hooks
+            seen.append(_registration_hooks())
+        seen.append(_registration_hooks())
+        nn.Conv3d(1, 2, 3)
+    assert seen == [[n + 1 for n in before]] * 3 and outer.elements == 2 * 27 + 2 and outer.modules == 0
+    assert _registration_hooks() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with build_budget(10_000):
+            raise RuntimeError("inside")
+    assert _registration_hooks() == before  # removed when the build fails too
+    assert isinstance(build_network("monai.networks.nets.DenseNet", TINY_ARGS), nn.Module)  # untrusted: under a budget
+    assert _registration_hooks() == before
 
 
 def test_networks_that_cannot_be_built_on_the_meta_device_are_counted_on_the_cpu():
@@ -632,6 +666,8 @@ def _allowed_networks():
 
 def test_no_allowed_network_downloads_through_its_defaults(monkeypatch):
     """A config that names a network and leaves its download arguments out builds it with them off."""
+    from medcam3d.models import build as building
+
     checked = 0
     for path, factory in _allowed_networks():
         try:
@@ -650,7 +686,7 @@ def test_no_allowed_network_downloads_through_its_defaults(monkeypatch):
             return nn.Identity()
 
         fake.__signature__ = signature  # type: ignore[attr-defined]
-        monkeypatch.setattr(models, "_resolve_untrusted", lambda network, source, fake=fake: fake)
+        monkeypatch.setattr(building, "resolve_untrusted", lambda network, source, fake=fake: fake)
         build_network(path, {}, max_parameters=None)
         bound = signature.bind_partial(**received)
         bound.apply_defaults()

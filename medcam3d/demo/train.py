@@ -358,7 +358,7 @@ def train(
     with torch.no_grad():  # in train mode: also one update of the batch-norm running statistics, which
         # the shipped weights had (kept so that they reproduce bit for bit)
         stride = synthetic.MODEL_SHAPE[0] // cast(torch.nn.Module, model.features)(torch.zeros(1, 1, *synthetic.MODEL_SHAPE)).shape[-1]
-    offset = ((stride - 1) / 2,) * 3  # the convention
+    offset: tuple[float, ...] = ((stride - 1) / 2,) * 3  # the convention
     if centred:
         offset = tuple(float(o) for o in receptive_field(model, "class_layers.relu", (1, *synthetic.MODEL_SHAPE)).offset)
     # The training pool, generated once; images kept as uint8 (steps of 2 HU; the noise is ~10 HU).

@@ -68,16 +68,20 @@ One concept per module; every public name is importable from ``medcam3d.io``:
 - :mod:`medcam3d.io.writing`: :func:`write`;
 - :mod:`medcam3d.io.info`: :func:`describe`, :class:`ImageInfo`, :class:`SeriesInfo`;
 - :mod:`medcam3d.io.nifti`: NIfTI reading and the header rule (:func:`set_nifti_geometry`,
-  :func:`descrip_bytes`; a descrip longer than 80 bytes is kept whole in a header extension,
-  :func:`descrip_extensions`, read back by :func:`full_descrip`);
+  :func:`nifti_header` for streamed files, :func:`like_header`, :func:`descrip_bytes`; a descrip
+  longer than 80 bytes is kept whole in a header extension, :func:`descrip_extensions`, read back
+  by :func:`full_descrip`);
+- :mod:`medcam3d.io.streaming`: volumes streamed into NIfTI files slab by slab, gzip members
+  compressed in threads, written atomically (:func:`write_nifti_files`, :class:`Volume`,
+  :class:`Scaling`);
 - :mod:`medcam3d.io.itk`: NRRD and MetaImage headers (:func:`detached_data_file`), SimpleITK
   reading and what its C++ readers print;
 - :mod:`medcam3d.io.dicom`: DICOM series (listing, header geometry, reading);
 - :mod:`medcam3d.io.limits`: the size, voxel and slice limits (:func:`set_read_limits`);
 - ``medcam3d.io._common``: the formats and the helpers the others share.
 
-Imports go one way: ``_common`` <- ``limits`` <- ``nifti``, ``itk`` <- ``dicom`` <- ``reading`` <-
-``info``; ``writing`` uses ``nifti`` and ``itk``; this package imports them all.
+Imports go one way: ``_common`` <- ``limits`` <- ``streaming`` <- ``nifti``, ``itk`` <- ``dicom`` <-
+``reading`` <- ``info``; ``writing`` uses ``nifti`` and ``itk``; this package imports them all.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ from ..orientation import lps_to_ras, ras_to_lps
 from ._common import READ_FORMATS, WRITE_FORMATS
 from .limits import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION, DEFAULT_MAX_SLICES, EXPANSION_FREE_BYTES, LIMIT_FLAGS,
                      MAX_VOXEL_MM, MIN_VOXEL_MM, set_read_limits)
-from .nifti import descrip_bytes, descrip_extensions, full_descrip, set_nifti_geometry
+from .streaming import COMPRESS_LEVEL, STORAGE_DTYPES, Constant, Scaling, Volume, slab_ranges, write_nifti_files
+from .nifti import descrip_bytes, descrip_extensions, full_descrip, like_header, nifti_header, set_nifti_geometry
 from .itk import detached_data_file
 from .reading import read, read_space, read_volumes
 from .info import ImageInfo, SeriesInfo, describe
@@ -103,6 +108,15 @@ __all__ = [
     "SeriesInfo",
     "write",
     "set_nifti_geometry",
+    "nifti_header",
+    "like_header",
+    "write_nifti_files",
+    "Volume",
+    "Constant",
+    "Scaling",
+    "slab_ranges",
+    "STORAGE_DTYPES",
+    "COMPRESS_LEVEL",
     "descrip_bytes",
     "descrip_extensions",
     "full_descrip",

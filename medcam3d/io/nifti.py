@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..space import Space
 from ._common import _NIFTI, _SLICE_ABS_TOL_MM, _SLICE_REL_TOL, _check_exists, _spatial_shape, _suffix, _volume_index
 from .limits import (MAX_VOXEL_MM, _DEFLATE_MAX_RATIO, _DEFLATE_SLACK, _Limits, _check_allocation, _check_voxel_sizes,
                      _too_large_for_file)
+from .streaming import Scaling
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +209,9 @@ def _read_nifti(p: Path, dtype: Any, volume: int | str, limits: _Limits,
     return arr, affine
 
 
-def _like_header(like: Any) -> Any:
-    """The NIfTI header of ``like`` (a path, a nibabel image or header), or None when it has none."""
+def like_header(like: Any) -> Any:
+    """The NIfTI header of ``like`` (a path to a NIfTI file, a nibabel image or header), or None when it
+    has none (another format, a folder, a path that is no file)."""
     if like is None:
         return None
     if hasattr(like, "get_xyzt_units"):  # a header already read (e.g. once per case)
@@ -216,12 +219,19 @@ def _like_header(like: Any) -> Any:
     elif hasattr(like, "header") and hasattr(like, "affine"):
         hdr = like.header
     else:
-        p = _check_exists(like)
-        if p.is_dir() or _suffix(p) not in _NIFTI:
-            logger.debug("like=%s is not NIfTI; using default sform/qform codes", p)
+        p = Path(os.fspath(like)).expanduser()
+        if not p.is_file() or _suffix(p) not in _NIFTI:
+            logger.debug("like=%s is not a NIfTI file; using default sform/qform codes", p)
             return None
         hdr = _load_nifti(p).header
     return hdr if "sform_code" in hdr else None
+
+
+def _like_header(like: Any) -> Any:
+    """:func:`like_header`, for :func:`medcam3d.io.write`: a path given as ``like`` must exist."""
+    if like is not None and not hasattr(like, "get_xyzt_units") and not (hasattr(like, "header") and hasattr(like, "affine")):
+        _check_exists(like)
+    return like_header(like)
 
 
 def descrip_bytes(descrip: str) -> bytes:
@@ -325,7 +335,7 @@ def set_nifti_geometry(header: Any, space: Any, like_header: Any = None) -> tupl
     """Store ``space``'s affine in a NIfTI header with the codes and units of the one rule (module docstring).
 
     Every NIfTI medcam3d writes gets its sform, qform, their codes and its xyzt units from here
-    (:func:`write`, the streamed maps and masks of :func:`medcam3d.heatmap.nifti_header`, and
+    (:func:`write`, the streamed maps and masks of :func:`nifti_header`, and
     through them the napari writers and :class:`medcam3d.monai.SaveHeatmapsd`):
 
     - the affine goes to the sform, with the code :func:`_output_codes` gives (``like_header``'s
@@ -380,3 +390,35 @@ def _nifti_image(arr: np.ndarray, space: Space, like: Any, descrip: str | None) 
         img.header["descrip"] = descrip_bytes(descrip)
         img.header.extensions.extend(descrip_extensions(descrip))
     return img
+
+
+def nifti_header(shape: tuple[int, ...], dtype: str, space: Space, *, like_header: Any = None, descrip: str | None = None,
+                 scaling: Scaling | None = None, display: tuple[float, float] | None = None) -> Any:
+    """A single-file NIfTI-1 header for voxels ``shape`` of ``dtype`` on ``space``.
+
+    The affine, the sform/qform codes and the xyzt units are set by :func:`medcam3d.io.set_nifti_geometry`,
+    the rule of every NIfTI medcam3d writes (:func:`medcam3d.io.write` included): the affine in both
+    sform and qform (the sform only for a grid the qform cannot hold, e.g. a sheared one), with
+    ``like_header``'s codes (a source NIfTI's header; a code 0 takes the other) or 1 (scanner), and
+    its units or mm. ``scaling`` sets ``scl_slope``/``scl_inter`` (none for float32 or a slope of 1 and
+    intercept of 0); ``display`` sets ``cal_min``/``cal_max``. A ``descrip`` longer than the 80-byte
+    field (e.g. a 4D map's class list) is also kept whole in a header extension
+    (:func:`medcam3d.io.descrip_extensions`; ``vox_offset`` follows it).
+    """
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.dtype(dtype))
+    header.set_data_shape(shape)
+    set_nifti_geometry(header, space, like_header)
+    if descrip is not None:
+        header["descrip"] = descrip_bytes(descrip)
+        header.extensions.extend(descrip_extensions(descrip))
+    if scaling is not None and scaling.dtype != "float32" and (scaling.slope != 1.0 or scaling.inter != 0.0):
+        header.set_slope_inter(scaling.slope, scaling.inter)
+    else:
+        header.set_slope_inter(None, None)
+    if display is not None and all(np.isfinite(display)):
+        header["cal_min"], header["cal_max"] = display
+    header["vox_offset"] = 352 + header.extensions.get_sizeondisk()
+    return header

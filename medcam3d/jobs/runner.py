@@ -513,7 +513,7 @@ class Runner:
         and a mask is formed only when it is written. ``loaded.region`` (boolean, scan grid) is the
         region that segmentation classes were explained in (see :meth:`run_case`).
         """
-        from ..heatmap import like_header
+        from ..io.nifti import like_header
         from .report import SlicePainter
 
         scan, output = loaded.scan, self.config.output
@@ -834,7 +834,8 @@ def _region_top_mass(heat, region: np.ndarray, fraction: float):
 
 def _write_mask(path: Path, runs, heat, like, compress: bool) -> Path:
     """The mask of ``runs`` as a uint8 NIfTI on the scan's grid, streamed in slabs."""
-    from ..heatmap import Volume, nifti_header, slab_ranges, write_nifti_files
+    from ..io.nifti import nifti_header
+    from ..io.streaming import Volume, slab_ranges, write_nifti_files
 
     shape = tuple(heat.space.shape)
     header = nifti_header(shape, "uint8", heat.space, like_header=like, descrip=heat.descrip)

@@ -108,7 +108,8 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
             network_options = {"channels": list(channels), "strides": [2] * (len(channels) - 1)}
         else:
             network_options = {"init_filters": int(channels[0])}
-    size = {key: value for key, value in (("size_weight", size_weight), ("size_factor", size_factor)) if value is not None}
+    size: dict[str, Any] = {key: value for key, value in (("size_weight", size_weight), ("size_factor", size_factor))
+                            if value is not None}
     settings = weak.TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, decay=decay,
                                   constrain_weight=constrain_weight, seed=seed, **size)
     weak.network_args(network, 1)  # an unknown network: a usage error before any work

@@ -131,7 +131,7 @@ def load_explainable(config_path: str | Path, *, trust: bool = False):
     medcam3d.config.ConfigError, medcam3d.models.ModelLoadError, medcam3d.models.UntrustedModelError
     """
     from ..config import load_config
-    from ..models import load_model
+    from ..models import load_configured
 
     path = Path(config_path).expanduser().resolve()
     config = load_config(path)
@@ -141,8 +141,9 @@ def load_explainable(config_path: str | Path, *, trust: bool = False):
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
             _MODEL_CACHE.clear()  # keep one model in memory
-            _MODEL_CACHE[key] = load_model(config, trust=trust)
-        return config, _MODEL_CACHE[key]
+            _MODEL_CACHE[key] = load_configured(config, trust=trust)
+        loaded = _MODEL_CACHE[key]
+        return loaded.config, loaded.model
 
 
 # Colours of the alpha-ramped colormaps, one per class (class index modulo their number): at 35 %,

@@ -1,0 +1,96 @@
+"""Refuse a 2D image for a 3D model (and the reverse) before preprocessing: :func:`check_input_rank`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["check_input_rank"]
+
+_CONV_DIMS_BY_NAME = {
+    f"{kind}{dims}d": dims for kind in ("Conv", "ConvTranspose", "LazyConv", "LazyConvTranspose") for dims in (1, 2, 3)
+}
+
+
+def _spatial_dims(model: nn.Module) -> int | None:
+    """Spatial dimensionality of the model's first convolution (TorchScript modules too), or None."""
+    try:  # the engine's answer, where it has one
+        from ..layers import expected_spatial_dims
+    except ImportError:
+        pass
+    else:
+        return expected_spatial_dims(model)
+    from torch.nn.modules.conv import _ConvNd
+
+    for module in model.modules():
+        if isinstance(module, _ConvNd):
+            return len(module.kernel_size)
+        if isinstance(module, torch.jit.ScriptModule):
+            dims = _CONV_DIMS_BY_NAME.get(getattr(module, "original_name", ""))
+            if dims is not None:
+                return dims
+    return None
+
+
+def check_input_rank(scan_shape, model: nn.Module, *, path: str | Path | None = None) -> int | None:
+    """Refuse a scan whose dimensionality is not the model's, before any preprocessing runs.
+
+    A 2D image (shape ``(I, J)``, or ``(I, J, 1)``: one slice stored as a volume) cannot go through
+    a 3D network, nor a volume through a 2D one; without this check the mismatch surfaces later as
+    an obscure error from a transform or a convolution.
+
+    Parameters
+    ----------
+    scan_shape : sequence of int
+        The scan's spatial shape (``medcam3d.io.describe(path).spatial_shape``, or
+        ``Space.shape``): 2 or 3 values.
+    model : torch.nn.Module
+        The network (eager or TorchScript); its first convolution tells its dimensionality.
+    path : str or Path, optional
+        The scan, named in the error.
+
+    Returns
+    -------
+    int or None
+        The model's spatial dimensionality, or None if it has no convolution (then nothing is
+        checked).
+
+    Raises
+    ------
+    InputError
+        The scan is 2D and the model 3D, or the reverse, or ``scan_shape`` is not a spatial shape.
+    """
+    from ..errors import InputError
+
+    shape = tuple(int(n) for n in scan_shape)
+    name = f"'{path}'" if path is not None else "the scan"
+    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
+        raise InputError(f"{name}: expected a spatial shape of 2 or 3 positive sizes, got {shape}; for a 4D file pick one volume first.")
+    dims = _spatial_dims(model)
+    if dims is None:
+        return None
+    flat = [axis for axis, n in enumerate(shape) if n == 1]
+    if dims == 3 and len(shape) == 2:
+        message = (
+            f"{name} is a 2D image (shape {shape}); the model takes 3D volumes (its first convolution is 3D). "
+            "Give a 3D scan, or a model for 2D images."
+        )
+        raise InputError(message)
+    if dims == 3 and flat:
+        message = (
+            f"{name} is a single slice (shape {shape}: one voxel along axis {'ijk'[flat[0]]}), a 2D image stored as a "
+            "volume; the model takes 3D volumes (its first convolution is 3D). Give the whole 3D scan."
+        )
+        raise InputError(message)
+    if dims == 2 and len(shape) == 3:
+        what = "one slice stored as a volume" if flat else "a 3D volume"
+        message = (
+            f"{name} is {what} (shape {shape}); the model takes 2D images (its first convolution is 2D). "
+            + ("Save the slice as a 2D image (shape (I, J))." if flat else "Give a 2D image (one slice), or a model for 3D volumes.")
+        )
+        raise InputError(message)
+    if dims not in (2, 3) or (dims == 2 and len(shape) != 2):
+        raise InputError(f"{name} has shape {shape}, but the model's first convolution is {dims}D.")
+    return dims
