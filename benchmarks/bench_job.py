@@ -95,6 +95,7 @@ DRIVER = textwrap.dedent(
     import medcam3d.config, medcam3d.models, medcam3d.preprocess, medcam3d.jobs.runner as runner  # noqa: E401
     imports = time.perf_counter() - begin
     patch(medcam3d.models, "load_model", "load model")
+    patch(medcam3d.models, "load_configured", "load model")  # what the CLI calls
     patch(runner, "load_case", "read + preprocess")
     if mode == "floor":
         config = medcam3d.config.load_config(spec["config"])

@@ -513,34 +513,17 @@ class Runner:
         and a mask is formed only when it is written. ``loaded.region`` (boolean, scan grid) is the
         region that segmentation classes were explained in (see :meth:`run_case`).
         """
+        from ..heatmap import ScanGridMap, save_scan_maps
         from ..io.nifti import like_header
         from .report import SlicePainter
-
-        scan, output = loaded.scan, self.config.output
-        like = like_header(image) if _is_nifti(image) else None  # read once per case
-        ext = ".nii.gz" if output.compress else ".nii"
-        present = _labels_present(loaded.labels)
-        if not (output.pictures and scan.ndim == 3):
-            self._write_views(explanations, loaded, folder, result, image, like, ext, None, present)
-            return
-        # Pictures are drawn in a second thread while this one writes the maps, masks and boxes
-        # (their compression and resampling release the GIL): two cores instead of one.
-        lane = PictureLane(SlicePainter(scan, loaded.scanner_space))  # laid out once per case
-        try:
-            self._write_views(explanations, loaded, folder, result, image, like, ext, lane, present)
-        except BaseException:
-            lane.close(cancel=True)
-            raise
-        lane.close()
-
-    def _write_views(self, explanations: list, loaded: LoadedCase, folder: Path, result: CaseResult, image, like,
-                     ext: str, lane: PictureLane | None, present: set) -> None:
-        """The per-explanation, per-class part of :meth:`_write_into`."""
-        from ..heatmap import ScanGridMap, save_scan_maps
 
         scanner_space, scan, labels, region = loaded.scanner_space, loaded.scan, loaded.labels, loaded.region
         output = self.config.output
         names = self.config.class_names
+        like = like_header(image) if _is_nifti(image) else None  # read once per case
+        ext = ".nii.gz" if output.compress else ".nii"
+        painter = SlicePainter(scan, scanner_space) if output.pictures and scan.ndim == 3 else None  # laid out once
+        present = _labels_present(labels)
         for number, explanation in enumerate(explanations):
             regions = None
             if explanation.logits.ndim > 2 and (output.masks or output.boxes):  # segmentation: boxes in the region
@@ -565,14 +548,11 @@ class Runner:
             if output.four_d:
                 files += save_scan_maps([v for v in views if id(v) in chosen], folder, four_d=True, **options)
             for view in views:
-                files += self._localize(view, scan, labels, folder, prefix, result, output, like=like, lane=lane,
+                files += self._localize(view, scan, labels, folder, prefix, result, output, like=like, painter=painter,
                                         present=present, region=None if regions is None else regions[view.class_index])
                 if id(view) in chosen and not output.four_d:
                     files += save_scan_maps([view], folder, **options)
-                if lane is None:
-                    view.release()
-                else:
-                    lane.release_after(view)  # its picture may still be drawing
+                view.release()
             if output.segment and number == 0 and scan.ndim == 3:
                 files += self._segment_into(scan, scanner_space, native, explanation, folder, prefix, result,
                                             image if _is_nifti(image) else None)
@@ -650,7 +630,7 @@ class Runner:
         return Region(classes, mask=region_from_scan_mask(region, scanner_space, input_space))
 
     def _localize(self, heat, scan, labels, folder: Path, prefix: str, result: CaseResult, output, *, like=None,
-                  lane: PictureLane | None = None, present: set | None = None, region: tuple | None = None) -> list[Path]:
+                  painter=None, present: set | None = None, region: tuple | None = None) -> list[Path]:
         """Peak, lesion check, box (and mask), picture of one map; records the finding.
 
         ``heat`` is a :class:`~medcam3d.heatmap.ScanGridMap`. The peak is the voxel of the
@@ -702,46 +682,13 @@ class Runner:
             finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
             if region is not None:
                 finding["box_kind"] = described["kind"]
-        if lane is not None:  # draws with a SlicePainter of this case's scan
+        if painter is not None:  # a SlicePainter of this case's scan
             probability = result.probabilities.get(heat.label)
             p_text = f" (p = {probability:.2f})" if probability is not None else ""
             title = f"{prefix} · {heat.method} · {heat.label}{p_text}"
-            files.append(lane.save(folder / f"{stem}.png", heat, title=title, peak_voxel=voxel))
+            files.append(painter.save(folder / f"{stem}.png", heat, title=title, peak_voxel=voxel))
         result.findings.append(finding)
         return files
-
-
-class PictureLane:
-    """Draws a case's pictures in one background thread, in order, while the caller writes the rest.
-
-    One :class:`~medcam3d.jobs.report.SlicePainter` (matplotlib's object API, one figure) is used
-    by that thread only. :meth:`save` returns the picture's path at once; :meth:`close` waits for
-    every picture and raises the first error, so a case is published only with all its pictures.
-    A map handed to :meth:`release_after` is released once its picture is drawn.
-    """
-
-    def __init__(self, painter) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.painter = painter
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcam3d-pictures")
-        self._futures: list = []
-
-    def save(self, path: Path, heat, **options) -> Path:
-        """Queue ``painter.save(path, heat, **options)``; returns ``path``."""
-        self._futures.append(self._pool.submit(self.painter.save, path, heat, **options))
-        return path
-
-    def release_after(self, view) -> None:
-        """Release ``view`` (a ScanGridMap) after the pictures queued so far are drawn."""
-        self._futures.append(self._pool.submit(view.release))
-
-    def close(self, *, cancel: bool = False) -> None:
-        """Wait for the queued pictures and raise the first error; ``cancel``: drop those not started, raise nothing."""
-        self._pool.shutdown(wait=True, cancel_futures=cancel)
-        if not cancel:
-            for future in self._futures:
-                future.result()
 
 
 def _labels_present(labels: np.ndarray | None) -> set[int]:
