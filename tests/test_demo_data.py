@@ -77,6 +77,7 @@ def test_config_describes_the_trained_model_and_its_preprocessing():
     assert config["class_names"] == list(synthetic.CLASS_NAMES)
     assert config["task"] == "multilabel"
     assert (config["layer"], config["method"], config["target"]) == ("auto", "hirescam", "all")
+    assert config["placement"] == train.PLACEMENT  # where the shipped measurements place the cells
     assert config["preprocessing"] == synthetic.PREPROCESSING
     assert set(config["output"]) == {"normalized", "four_d", "fill"}
 

@@ -48,6 +48,7 @@ from . import synthetic
 __all__ = [
     "MODEL_ARGS",
     "NETWORK",
+    "PLACEMENT",
     "SAMPLE_CASES",
     "build_model",
     "evaluate_accuracy",
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 NETWORK = "monai.networks.nets.DenseNet"
+#: Where the shipped measurements (``metrics.json``, ``metrics_weak.json``, ``cases.csv``) place the
+#: feature cells: the convention the shipped weights were trained for (``configs/demo.yaml`` says so).
+PLACEMENT = "align_corners"
 #: Arguments of the demo network (``configs/demo.yaml`` holds the same).
 MODEL_ARGS: dict = {
     "spatial_dims": 3,
@@ -261,7 +265,8 @@ def peak_in_lesion(model: torch.nn.Module, seeds: Sequence[int], grids: dict | N
     """How often each present lesion's HiResCAM peak (in scanner space) lies in its mask.
 
     Each seed is sampled on one of the realistic scanner grids (in turn), preprocessed with
-    :data:`synthetic.PREPROCESSING`, explained (HiResCAM, layer ``auto``, target ``"all"``) and
+    :data:`synthetic.PREPROCESSING`, explained (HiResCAM, layer ``auto``, target ``"all"``,
+    placement :data:`PLACEMENT`, as ``configs/demo.yaml`` explains the shipped model) and
     mapped back with ``to_scanner_space``.
 
     Returns
@@ -275,7 +280,8 @@ def peak_in_lesion(model: torch.nn.Module, seeds: Sequence[int], grids: dict | N
 
     grids = synthetic.sample_grids() if grids is None else grids
     names = list(grids)
-    explainer = medcam3d.Explainer(model.eval(), method="hirescam", layer="auto", class_names=list(synthetic.CLASS_NAMES))
+    explainer = medcam3d.Explainer(model.eval(), method="hirescam", layer="auto", class_names=list(synthetic.CLASS_NAMES),
+                                   placement=PLACEMENT)
     hits: dict[str, list[bool]] = {name: [] for name in synthetic.CLASS_NAMES}
     per_grid: dict[str, list[bool]] = {name: [] for name in names}
     distances = []
@@ -455,7 +461,8 @@ def write_samples(out: Path, model: torch.nn.Module | None = None) -> list[dict]
     if model is not None:
         import medcam3d
 
-        explainer = medcam3d.Explainer(model.eval(), method="hirescam", layer="auto", class_names=list(synthetic.CLASS_NAMES))
+        explainer = medcam3d.Explainer(model.eval(), method="hirescam", layer="auto", class_names=list(synthetic.CLASS_NAMES),
+                                       placement=PLACEMENT)
     rows = []
     for case_id, grid_name, seed, present in SAMPLE_CASES:
         space = grids[grid_name]
