@@ -7,6 +7,7 @@ functions), so a lazy import cannot hide an inversion.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,39 @@ def test_the_readme_layout_maps_every_module():
         if not named:
             missing.append(relative.as_posix())
     assert not missing, f"README's Layout section does not mention: {missing}"
+
+
+def _tiers_from_architecture() -> dict[str, int]:
+    """``{module: tier}`` from the picture in docs/architecture.md ("What imports what")."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text.split("### What imports what", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    tiers: dict[str, int] = {}
+    for line in block.splitlines():
+        words = re.sub(r"\[[^]]*\]", " ", line).split()  # [the tier's name] is not a module
+        if len(words) < 3 or words[0] != "tier":
+            continue
+        level = int(words[1])
+        for word in words[2:]:
+            module = "medcam3d." + word
+            if module in GRAPH or any(m.startswith(module + ".") for m in GRAPH):
+                assert module not in tiers, f"{word} is drawn in two tiers"
+                tiers[module] = level
+    return tiers
+
+
+def test_the_architecture_picture_is_the_import_graph():
+    tiers = _tiers_from_architecture()
+
+    def tier(module: str) -> int | None:
+        for prefix, level in tiers.items():
+            if _within(module, (prefix,)):
+                return level
+        return None
+
+    unplaced = sorted(m for m in GRAPH if m != "medcam3d" and tier(m) is None)
+    assert not unplaced, f"draw these modules in docs/architecture.md's picture: {unplaced}"
+    upward = sorted(f"{module} (tier {tier(module)}) imports {target} (tier {tier(target)})"
+                    for module, targets in GRAPH.items() if module != "medcam3d"
+                    for target in targets if (tier(target) or 0) > (tier(module) or 0))
+    assert not upward, "\n".join(upward)
+    assert tiers["medcam3d.space"] < tiers["medcam3d.heatmap"] < tiers["medcam3d.explainer"] < tiers["medcam3d.cli"]
