@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import medcam3d
-from medcam3d.targets import RegionTarget, resolve_target
+from medcam3d.targets import RegionTarget, channel_argmax, resolve_target
 from _models import gap_linear_cnn, reference_activations_and_gradients, small_segresnet, small_unet
 
 
@@ -109,3 +109,11 @@ def test_empty_predicted_region_warns():
     outputs[:, 0] = 1  # class 1 predicted nowhere
     with pytest.warns(UserWarning, match="predicts no voxel"):
         resolve_target(1, outputs)
+
+
+@pytest.mark.parametrize("shape, dim", [((2, 3, 7, 5, 4), 1), ((4, 9, 6), 0), ((3, 1, 8), 1), ((2, 5), 1)])
+def test_channel_argmax_equals_argmax_first_of_ties(shape, dim):
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    values = torch.round(values * 2) / 2  # many ties: the first channel of the largest value wins, as argmax
+    np.testing.assert_array_equal(channel_argmax(values, dim).numpy(), values.argmax(dim).numpy())
+    np.testing.assert_array_equal(channel_argmax(values.to(torch.float64), dim).numpy(), values.argmax(dim).numpy())

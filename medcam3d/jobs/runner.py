@@ -730,7 +730,7 @@ def _scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict
     """
     from ..heatmap import input_space_of
     from ..space import Space
-    from ..targets import nearest_resample, output_grid
+    from ..targets import channel_argmax, nearest_resample, output_grid
 
     indices = [int(i) for i in explanation.class_indices[0].tolist()]
     if region is not None:
@@ -742,7 +742,7 @@ def _scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict
     logits = explanation.logits[0].detach().float().cpu()
     scan = Space.of(scanner_space)
     regions: dict[int, tuple[str, np.ndarray | None]] = {}
-    labels = None if logits.shape[0] == 1 else logits.argmax(dim=0).numpy()
+    labels = None if logits.shape[0] == 1 else channel_argmax(logits, dim=0).numpy()
     for c in indices:
         if labels is None:
             predicted = (logits[0] > 0).numpy() if c == 1 else (logits[0] <= 0).numpy()
