@@ -753,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default 0.8)")
     weak_train.add_argument("--max-peaks", type=_positive_int, metavar="N",
                             help="seeded peaks per class and scan (default 1; raise it for several lesions of a class)")
+    weak_train.add_argument("--seed-radius", type=float, metavar="VOXELS",
+                            help="a seeded peak's region: voxels within this distance of it where the map is at least "
+                                 "0.6 x the peak (default 1)")
     weak_train.add_argument("--background-reach", type=_reach, metavar="VOXELS|none",
                             help="dense background: where every present class is seeded, voxels farther than this from "
                                  "all seeds are background too (default none: only where the maps are low)")
@@ -827,7 +830,8 @@ def _cmd_weak_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = {key: value for key, value in (("smooth", args.seed_smooth), ("quantile", args.seed_quantile),
-                                           ("max_peaks", args.max_peaks), ("background_reach", args.background_reach))
+                                           ("max_peaks", args.max_peaks), ("background_reach", args.background_reach),
+                                           ("region_radius", args.seed_radius))
              if value is not None}
     seeds.update({"background_reach": None} if args.background_reach == _NO_REACH else {})
     size = {key: value for key, value in (("size_weight", args.size_weight), ("size_factor", args.size_factor))

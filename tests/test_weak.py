@@ -435,6 +435,8 @@ def test_cli_weak_train_refuses_bad_size_prior_options(tmp_path, capsys):
     assert "size_factor must be > 0" in capsys.readouterr().err
     assert main([*base, "--background-reach", "1", "--seed-quantile", "0.5"]) == 2  # below background_distance (5)
     assert "background_reach" in capsys.readouterr().err
+    assert main([*base, "--seed-radius", "-1"]) == 2
+    assert "region_radius must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main([*base, "--background-reach", "far"])
     assert stop.value.code == 2 and "'none'" in capsys.readouterr().err
