@@ -3,12 +3,14 @@
 A 512 x 512 x 300 int16 CT, tilted 25 degrees about R and 25 degrees about A, with voxels of
 0.7 x 0.7 x 2.5 mm (``--make`` writes one with nibabel; ``--scan`` takes another file), is opened
 in a real napari viewer (under Xvfb when there is no display) through the medcam3d reader, then
-explained with the Explain widget (default: the shipped demo config) and thresholded into a mask,
-then shown in 3D. Printed for each step:
+explained with the Explain widget (default: the shipped demo config), thresholded into a mask and
+segmented, then shown in 3D. Printed for each step:
 
 - **time** (wall clock, and the process's CPU time, all threads: on a shared machine the CPU time
-  is the steadier number): open = until the first slice is drawn (the reader, adding the layer, one draw);
+  is the steadier number): open = until the first slice is drawn (the reader hands the file to a
+  worker thread, which reads it and builds the lazy pyramid; the layer is added and one slice drawn);
   explain = from *Explain* until its layers are added; threshold = *Threshold to mask*;
+  segment = *Segment* (in a worker thread) until its layers are added;
   3D = switching to the 3D display and drawing it;
 - **stall**: the longest time the Qt event loop did not run during the step, measured with a
   ``QTimer`` heartbeat every 50 ms (what a user feels as a frozen window);
@@ -200,13 +202,15 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
     results: dict = {"scan": str(scan), "scan_shape": list(scan_shape), "scan_float32_mb": scan_f32 / 2**20,
                      "baseline_rss_mb": baseline_kib / 1024, "steps": {}}
 
-    def step(name: str, action, done=None) -> None:
+    def step(name: str, action, done=None, after=None) -> None:
         _reset_peak()
         beat.reset()
         start, cpu = time.perf_counter(), time.process_time()
         action()
         if done is not None:
             _wait(app, done)
+        if after is not None:
+            after()
         app.processEvents()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         _pump(app, 0.3)  # the heartbeat sees the end of a stall
@@ -219,11 +223,10 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
               f"(+{(peak - baseline_kib) / 1024:.0f} MB = {(peak - baseline_kib) * 1024 / scan_f32:.2f} x the scan's "
               f"float32 {scan_f32 / 2**20:.0f} MB)", flush=True)
 
-    def open_scan() -> None:
-        viewer.open(str(scan), plugin="medcam3d")
+    def first_slice() -> None:
         viewer.screenshot(canvas_only=True, flash=False)  # the first slice, drawn
 
-    step("open", open_scan)
+    step("open", lambda: viewer.open(str(scan), plugin="medcam3d"), lambda: len(viewer.layers) > 0, first_slice)
     scan_layer = viewer.layers[-1]
     results["scan_layer"] = {"data_shape": list(np.shape(scan_layer.data[0] if scan_layer.multiscale else scan_layer.data)),
                              "multiscale": bool(scan_layer.multiscale), "mb": _layer_bytes(scan_layer) / 2**20,
@@ -245,6 +248,13 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
     if heatmaps:
         widget.heatmap.value = heatmaps[0]
         step("threshold", widget.make_mask)
+        segmented: list = []
+
+        def segment() -> None:
+            worker = widget.make_segmentation()
+            worker.finished.connect(lambda: segmented.append(True))
+
+        step("segment", segment, lambda: bool(segmented))
     results["layers"] = {layer.name: round(_layer_bytes(layer) / 2**20, 2) for layer in viewer.layers}
     if screenshots is not None and heatmaps:  # axial through the first map's peak, the masks hidden
         for layer in viewer.layers:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .explainer import Explanation
 
 __all__ = ["Heatmap", "ClassMaps", "normalize", "to_scanner_space", "feature_maps", "heatmaps_of", "heatmap_list",
-           "input_space_of", "feature_space_of", "save_heatmaps", "ScanGridMap", "save_scan_maps"]
+           "input_space_of", "feature_space_of", "save_heatmaps", "ScanGridMap", "save_scan_maps", "file_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Heatmap:
     @property
     def file_label(self) -> str:
         """:attr:`label` made safe for file names."""
-        return _safe(self.label)
+        return file_label(self.label)
 
     @property
     def descrip(self) -> str:
@@ -682,7 +682,7 @@ def save_scan_maps(
         raise SpaceError("save_scan_maps needs all maps on one grid; got several.")
     header_of = like_header(like)
     ext = ".nii.gz" if compress else ".nii"
-    stem = f"{_safe(prefix)}_{_safe(first.method)}"
+    stem = f"{file_label(prefix)}_{file_label(first.method)}"
     shape = first.space.shape
     written: list[Path] = []
     if four_d:
@@ -732,7 +732,7 @@ def save_scan_maps(
     return written
 
 
-def _safe(text: str) -> str:
+def file_label(text: str) -> str:
     """Letters (any script), digits and ``._+-``; other runs become ``-``; never starts with a dot."""
     return re.sub(r"[^\w.+-]+", "-", unicodedata.normalize("NFC", text)).strip("-.") or "map"
 
@@ -747,7 +747,7 @@ def unique_file_labels(class_names: Sequence[str]) -> list[str]:
     """
     from .errors import ConfigError
 
-    labels = [_safe(name) if name else f"class{i}" for i, name in enumerate(class_names)]
+    labels = [file_label(name) if name else f"class{i}" for i, name in enumerate(class_names)]
     seen: dict[str, list[str]] = {}
     for name, label in zip(class_names, labels):
         seen.setdefault(label.casefold(), []).append(name)

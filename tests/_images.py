@@ -73,8 +73,8 @@ def cells_near(input_affine: np.ndarray, feature_shape, stride: int, centre_mm, 
 
 
 def write_dicom_series(image: sitk.Image, directory, series_uid: str = "1.2.826.0.1.3680043.8.498.1", *,
-                       modality: str = "CT", description: str | None = None) -> None:
-    """Write a 3D SimpleITK image as a DICOM series, one file per slice, with geometry tags."""
+                       modality: str = "CT", description: str | None = None, tags: dict[str, str] | None = None) -> None:
+    """Write a 3D SimpleITK image as a DICOM series, one file per slice, with geometry tags (and ``tags``)."""
     directory.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -90,5 +90,7 @@ def write_dicom_series(image: sitk.Image, directory, series_uid: str = "1.2.826.
         piece.SetMetaData("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])))
         piece.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
         piece.SetMetaData("0020|0013", str(k + 1))
+        for key, value in (tags or {}).items():
+            piece.SetMetaData(key, value)
         writer.SetFileName(str(directory / f"{series_uid.rsplit('.', 1)[-1]}_slice{k:03d}.dcm"))
         writer.Execute(piece)

@@ -417,7 +417,7 @@ def test_one_loader_for_the_cli_the_explainer_and_napari(tmp_path, monkeypatch):
     assert Explainer.from_config(tmp_path / "run.yaml", trust=True).class_names == ["bright", "dark"]
     runner = cli._runner(argparse.Namespace(config=str(tmp_path / "run.yaml"), trust=True))
     assert runner.reader is not None and runner.config.class_names == ["bright", "dark"]
-    widget = pytest.importorskip("medcam3d.napari._widget")
-    config, _ = widget.load_explainable(tmp_path / "run.yaml", trust=True)
+    service = pytest.importorskip("medcam3d.napari._service")
+    config, _ = service.load_explainable(tmp_path / "run.yaml", trust=True)
     assert config.class_names == ["bright", "dark"]
     assert calls == [tmp_path / "run.yaml"] * 3

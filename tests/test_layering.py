@@ -118,7 +118,7 @@ def test_no_import_cycles():
         state[node] = 1
         stack.append(node)
         for target in sorted(GRAPH.get(node, ())):
-            if target.startswith("medcam3d.napari") or target == "medcam3d.__init__":
+            if target == "medcam3d.__init__":
                 continue
             if state.get(target) == 1:
                 cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
@@ -131,6 +131,63 @@ def test_no_import_cycles():
         if node not in state:
             visit(node)
     assert not cycles, "\n".join(cycles)
+
+
+# medcam3d.napari, one concept per module: each imports only those before it (the package last), so that the
+# reader, writer, saved outputs, service and widget form no circle, not even through imports inside functions.
+NAPARI_ORDER = ("medcam3d.napari._view", "medcam3d.napari._grid", "medcam3d.napari._lazy", "medcam3d.napari._shared",
+                "medcam3d.napari._labels", "medcam3d.napari._scan", "medcam3d.napari._outputs", "medcam3d.napari._writer",
+                "medcam3d.napari._workers", "medcam3d.napari._reader", "medcam3d.napari._sample_data",
+                "medcam3d.napari._service", "medcam3d.napari._widget", "medcam3d.napari")
+
+
+def test_napari_modules_import_one_way():
+    assert set(NAPARI_ORDER) == {m for m in GRAPH if _within(m, ("medcam3d.napari",))}, "place each module in NAPARI_ORDER"
+    wrong = [f"{module} imports {target}" for i, module in enumerate(NAPARI_ORDER)
+             for target in sorted(GRAPH[module]) if target in NAPARI_ORDER and target not in NAPARI_ORDER[:i]]
+    assert not wrong, "\n".join(wrong)
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from <another module> import _name`` in ``path`` (a private name used across modules)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("medcam3d")):
+            found.extend(f"{_module_name(path)}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+                         for alias in node.names if alias.name.startswith("_") and alias.name != "__version__")
+    return found
+
+
+def test_napari_imports_no_private_names():
+    found = [text for path in sorted((PACKAGE / "napari").glob("*.py")) for text in _private_imports(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_import_checks_see_lazy_imports(tmp_path):
+    """A function-level import counts: the checks above would see a circle hidden inside a function."""
+    lazy = tmp_path / "medcam3d" / "napari" / "_late.py"
+    lazy.parent.mkdir(parents=True)
+    lazy.write_text("def f():\n    from ._widget import _secret\n    from ..heatmap import _hidden\n")
+    assert "medcam3d.napari._widget" in {m.rpartition(".")[0] for m in _imports_at(lazy, tmp_path)}
+    assert len(_private_imports_at(lazy, tmp_path)) == 2
+
+
+def _imports_at(path: Path, root: Path) -> set[str]:
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, root / "medcam3d"
+    try:
+        return _imports(path)
+    finally:
+        PACKAGE = saved
+
+
+def _private_imports_at(path: Path, root: Path) -> list[str]:
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, root / "medcam3d"
+    try:
+        return _private_imports(path)
+    finally:
+        PACKAGE = saved
 
 
 def test_the_graph_is_read():

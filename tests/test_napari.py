@@ -24,18 +24,20 @@ from medcam3d import io
 from medcam3d.demo.synthetic import grid_from_codes
 from medcam3d.masks import threshold_mask
 from medcam3d.space import Space
-from medcam3d.napari import _widget
+from medcam3d.napari import _service, _widget
 from medcam3d.napari._grid import axis_aligned_grid, layer_grid, resample_labels
 from medcam3d.napari._reader import napari_get_reader, read_image
 from medcam3d.napari._sample_data import demo_case, oblique_case
 from medcam3d.napari._grid import napari_affine
 from medcam3d.napari._lazy import shape_of
-from medcam3d.napari._reader import checksum
-from medcam3d.napari._widget import (SCALES, ExplainWidget, colour_limits, explain_image, heatmap_name,
-                                     mask_from_heatmap, segment_from_heatmap, set_view, threshold_problem)
+from medcam3d.napari._shared import ascii_text, checksum, heatmap_colormap, heatmap_name
+from medcam3d.napari._service import (SCALES, colour_limits, explain_image, mask_from_heatmap, segment_from_heatmap,
+                                      threshold_problem)
+from medcam3d.napari._view import set_view
+from medcam3d.napari._widget import ExplainWidget
 from medcam3d.space import resample
 from _images import planted_scan
-from medcam3d.napari._writer import ascii_text, write_heatmap, write_mask
+from medcam3d.napari._writer import write_heatmap, write_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data_samples"
@@ -97,8 +99,8 @@ def notifications():
 @pytest.fixture
 def fresh_listings(monkeypatch):
     """Empty target-layer caches, so that a test sees what a new napari session does."""
-    monkeypatch.setattr(_widget, "_LISTINGS", {})
-    monkeypatch.setattr(_widget, "_INPUT_SHAPES", {})
+    monkeypatch.setattr(_service, "_LISTINGS", {})
+    monkeypatch.setattr(_service, "_INPUT_SHAPES", {})
 
 
 def _settle(qtbot, widget) -> None:
@@ -113,6 +115,16 @@ def _explain_with_widget(qtbot, widget) -> list:
     assert widget.worker is not None and not widget.run_button.enabled  # running in the background
     qtbot.waitUntil(lambda: widget.run_button.enabled and not widget.busy, timeout=60000)
     return [layer for layer in widget._viewer.layers if (layer.metadata or {}).get("medcam3d") == "heatmap"]
+
+
+def _segment(qtbot, widget) -> list:
+    """Press Segment (in a worker thread) and wait for it: the layers it added ([] when it refused or failed)."""
+    worker = widget.make_segmentation()
+    if worker is None:
+        return []
+    assert not widget.segment_button.enabled  # running in the background, the viewer stays usable
+    qtbot.waitUntil(lambda: widget.segment_button.enabled and not widget.busy, timeout=60000)
+    return list(widget.segmented)
 
 
 def _shot(path: Path, pixels: np.ndarray) -> None:
@@ -676,7 +688,7 @@ def test_cancel_progress_and_cached_layer_listing(make_napari_viewer, qtbot, fre
     assert texts == ["loading the model", "preparing case_02", "preprocessing", "explaining (hirescam)",
                      "map 1/2: bright_round", "map 2/2: dark_elongated", "model field of view"]
     assert [step.done for step in widget.steps] == list(range(7)) and widget.steps[-1].total == 7
-    assert _widget.cached_layers(other_grid.data.shape, other_grid.metadata["affine"], CONFIG) is not None
+    assert _service.cached_layers(other_grid.data.shape, other_grid.metadata["affine"], CONFIG) is not None
     _settle(qtbot, widget)
 
 
@@ -685,7 +697,7 @@ import sys
 import tracemalloc
 import numpy as np
 from medcam3d.demo.synthetic import grid_from_codes
-from medcam3d.napari._widget import explain_steps, load_explainable
+from medcam3d.napari._service import explain_steps, load_explainable
 
 def rss(key):
     with open("/proc/self/status") as status:
@@ -900,7 +912,9 @@ def test_segment_action_labels_the_planted_lesion_on_the_scan_grid(make_napari_v
     widget.image_layer.value, widget.heatmap.value = scan, heat
     assert widget.segment_button.text == "Segment" and widget.segment_button.parent is widget.mask_button.parent
     count = len(viewer.layers)
-    widget.segment_button.native.click()  # the button beside "Threshold to mask"
+    widget.segment_button.native.click()  # the button beside "Threshold to mask": a worker thread
+    assert widget.segment_worker is not None and not widget.segment_button.enabled
+    qtbot.waitUntil(lambda: widget.segment_button.enabled and not widget.busy, timeout=60000)
     assert len(viewer.layers) == count + 2
     labels, boxes = viewer.layers[-2], viewer.layers[-1]
     assert labels.name == "planted · segmentation bright" and boxes.name == "planted · lesion boxes bright"
@@ -930,16 +944,16 @@ def test_segment_again_adds_a_layer_and_keeps_edits_and_errors_are_notifications
                                                                                  monkeypatch, notifications):
     viewer = make_napari_viewer()
     widget = ExplainWidget(viewer)
-    assert widget.make_segmentation() == [] and "no heatmap layer" in notifications[-1]
+    assert widget.make_segmentation() is None and "no heatmap layer" in notifications[-1]
     scan, heat, inside = _planted(viewer)
     widget.reset_choices()
     widget.image_layer.value, widget.heatmap.value = scan, heat
-    labels, _boxes = widget.make_segmentation()
+    labels, _boxes = _segment(qtbot, widget)
     edit = tuple(int(v) for v in np.argwhere(labels.data == 0)[0])
     labels.brush_size = 1
     labels.paint(edit, 2)
     edited = labels.data.copy()
-    again, again_boxes = widget.make_segmentation()
+    again, again_boxes = _segment(qtbot, widget)
     assert again is not labels and again.name == f"{labels.name} [2]" and again_boxes.name.endswith("[2]")
     np.testing.assert_array_equal(labels.data, edited)  # the hand edit stays with the first layer
     assert again.data[edit] == 0
@@ -961,11 +975,11 @@ def test_segment_again_adds_a_layer_and_keeps_edits_and_errors_are_notifications
                                       "affine": PLANTED_AFFINE.copy()})
     widget.reset_choices()
     widget.heatmap.value = flat
-    [empty] = widget.make_segmentation()
+    [empty] = _segment(qtbot, widget)
     assert not empty.data.any() and widget.box.value.endswith("no lesion found")
     count = len(viewer.layers)
-    monkeypatch.setattr(_widget, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
-    assert widget.make_segmentation() == [] and widget.box.value == ""
+    monkeypatch.setattr(_service, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
+    assert _segment(qtbot, widget) == [] and widget.box.value == ""
     assert "cannot segment planted" in notifications[-1] and "broken" in notifications[-1]
     assert "Traceback" not in notifications[-1] and len(viewer.layers) == count
     _settle(qtbot, widget)
@@ -1004,7 +1018,7 @@ def test_saved_map_opens_as_a_heatmap_and_segments_like_explain(make_napari_view
     assert heat.data.dtype == np.float32 and heat.data.shape == scan.data.shape
     np.testing.assert_allclose(heat.metadata["affine"], scan.metadata["affine"], atol=1e-6)
     np.testing.assert_allclose(_world_corners(heat, heat.data.shape), _world_corners(scan, scan.data.shape), atol=1e-6)
-    assert heat.colormap.name == _widget.heatmap_colormap(0).name and heat.blending == "translucent"
+    assert heat.colormap.name == heatmap_colormap(0).name and heat.blending == "translucent"
     assert heat.opacity == pytest.approx(0.6) and heat.contrast_limits == [0.0, pytest.approx(meta["max"])]
     assert meta["feature_map"].shape == (16, 16, 16) and meta["checksum"] == checksum(heat.data)
 
@@ -1029,9 +1043,9 @@ def test_saved_map_opens_as_a_heatmap_and_segments_like_explain(make_napari_view
 
     # Segment on the saved map labels the same lesion voxels as on the widget's map
     widget.heatmap.value = heat
-    from_file, _ = widget.make_segmentation()
+    from_file, _ = _segment(qtbot, widget)
     widget.heatmap.value = explained
-    from_explain, _ = widget.make_segmentation()
+    from_explain, _ = _segment(qtbot, widget)
     assert from_file.name == "case_02 · segmentation bright_round" and set(np.unique(from_file.data)) == {0, 1}
     np.testing.assert_array_equal(from_file.data, from_explain.data)
     truth = layer_grid(io.read(SAMPLES / "case_02_mask.nii.gz", dtype=None)[0] == 1, io.read(saved.scan)[1])[0]

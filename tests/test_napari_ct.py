@@ -18,8 +18,9 @@ from medcam3d import io
 from medcam3d.space import Space, resample
 from medcam3d.napari._grid import axis_aligned_grid, layer_grid, refined
 from medcam3d.napari._lazy import ResampledView, pyramid, source_of
-from medcam3d.napari._reader import CT_WINDOW, display_window, read_image
-from medcam3d.napari._widget import explain_image, mask_from_heatmap
+from medcam3d.napari._reader import read_image
+from medcam3d.napari._scan import CT_WINDOW, display_window
+from medcam3d.napari._service import explain_image, mask_from_heatmap
 from medcam3d.napari._writer import write_heatmap, write_image, write_mask
 from test_napari import CONFIG
 

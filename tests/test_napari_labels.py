@@ -23,8 +23,11 @@ from medcam3d.errors import LayerNotFoundError  # noqa: E402
 from medcam3d.heatmap import Heatmap, save_heatmaps  # noqa: E402
 from medcam3d.space import Space, resample  # noqa: E402
 from medcam3d.napari._grid import resample_labels  # noqa: E402
-from medcam3d.napari._reader import checksum, read_image  # noqa: E402
-from medcam3d.napari._widget import ExplainWidget, explain_image, heatmap_name  # noqa: E402
+from medcam3d.napari._reader import read_image  # noqa: E402
+from medcam3d.napari._service import explain_image  # noqa: E402
+from medcam3d.napari._shared import checksum, heatmap_name  # noqa: E402
+from medcam3d.napari._widget import ExplainWidget  # noqa: E402
+from test_napari import _segment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data_samples"
@@ -274,7 +277,7 @@ def test_segment_and_masks_are_saved_on_the_scans_own_grid(make_napari_viewer, q
             heat = viewer.add_image(data, **kwargs)
     widget.reset_choices()
     widget.image_layer.value, widget.heatmap.value = scan, heat
-    labels, *_ = widget.make_segmentation()
+    labels, *_ = _segment(qtbot, widget)
     mask, *_ = widget.make_mask()
     truth = np.asanyarray(nib.load(SAMPLES / f"{case}_mask.nii.gz").dataobj)
     for layer, name in ((labels, "segmentation.nii.gz"), (mask, "mask.nii.gz"), (scan, "scan.nii.gz")):
@@ -300,7 +303,7 @@ def test_segment_and_masks_are_saved_on_the_scans_own_grid(make_napari_viewer, q
 
 
 def test_probability_text_keeps_the_side_of_one_half():
-    from medcam3d.napari._widget import probability_text
+    from medcam3d.napari._shared import probability_text
 
     assert [probability_text(p) for p in (0.67, 0.496, 0.504, 0.5, 0.07, 0.004, 0.997, 1.0, 0.0, 0.4996)] == [
         "0.67", "0.496", "0.504", "0.50", "0.07", "0.004", "0.997", "1.00", "0.00", "0.4996"]
@@ -310,7 +313,7 @@ def test_probability_text_keeps_the_side_of_one_half():
 def test_widget_takes_the_configs_defaults_and_refuses_a_missing_layer_like_the_cli(make_napari_viewer, qtbot,
                                                                                     tmp_path, capsys):
     from medcam3d.cli import main
-    from medcam3d.napari._widget import probability_text
+    from medcam3d.napari._shared import probability_text
 
     viewer = make_napari_viewer()
     [scan] = viewer.open(str(SAMPLES / "case_02.nii.gz"), plugin="medcam3d")

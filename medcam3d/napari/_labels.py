@@ -18,7 +18,7 @@ million voxels, so the check costs little; a label map is then checked whole, in
 A label map opens as a napari **Labels** layer (:func:`labels_layer_data`) in napari's label
 colours (one per value, 0 transparent), half transparent, with the label names when its descrip
 lists them (``labels 0 bg 1 bright_round 2 dark_elongated``, ``medcam3d segment ...: 0 bg,
-1 bright_round``). It is placed like a scan (:func:`._reader.image_layer_data`): axes reordered
+1 bright_round``). It is placed like a scan (:func:`._scan.image_layer_data`): axes reordered
 into R-A-S order, and an oblique one **resampled by nearest neighbour** onto the same axis-aligned
 grid as its scan (:func:`._grid.resample_labels`: no label is blended away or invented). Its
 metadata keeps the file's grid, so that the writers save it there.

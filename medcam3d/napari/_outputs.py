@@ -26,7 +26,7 @@ from the header extension, :func:`medcam3d.io.full_descrip`) opens as one such h
 (:func:`saved_map_volumes`), named by its class, with the class's ``_feature`` file and
 probability when they are beside it.
 
-Placement is the reader's (:func:`._reader.image_layer_data`): reordered axes, oblique files
+Placement is the reader's (:func:`._scan.image_layer_data`): reordered axes, oblique files
 resampled onto the same axis-aligned grid as their scan. Anything else, a file whose descrip is
 another program's, or medcam3d's in another form (a segmentation), a malformed one, a 2D map,
 opens as the reader decides (a label map as labels, :mod:`._labels`; else a plain image).
@@ -44,11 +44,12 @@ from typing import Any
 import numpy as np
 
 from .. import io
+from ..heatmap import file_label
 from ..space import Space, resample
 from ._grid import axis_aligned_grid, layer_grid, napari_affine, needs_display_grid, resample_labels
-from ._reader import checksum, image_layer_data
+from ._scan import image_layer_data
+from ._shared import ascii_text, checksum, heatmap_layer_kwargs, heatmap_name
 from ._view import AXIS_LABELS, UNITS
-from ._writer import ascii_text
 
 __all__ = ["Provenance", "parse_descrip", "read_descrip", "output_kind", "saved_output_layer", "saved_map_volumes",
            "KINDS"]
@@ -133,9 +134,7 @@ def output_kind(path: str | Path) -> tuple[str, str]:
 
 def _case_of(base: str, found: Provenance) -> str | None:
     """The case id in ``<case>_<method>_<label>``, or None when the name is not in that form."""
-    from ..heatmap import _safe
-
-    tail = f"_{_safe(found.method)}_{_safe(found.label)}"
+    tail = f"_{file_label(found.method)}_{file_label(found.label)}"
     return base[: -len(tail)] if base.endswith(tail) and len(base) > len(tail) else None
 
 
@@ -200,7 +199,6 @@ def _feature_map(path: Path, base: str, kind: str, found: Provenance, space: Spa
 def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base: str, found: Provenance,
                    descrip: str, volume: int | None = None) -> tuple:
     from ..masks import peak
-    from ._widget import heatmap_layer_kwargs, heatmap_name
 
     values = np.asarray(array, dtype=np.float32)
     fill = float("nan") if np.isnan(values).any() else 0.0
@@ -256,7 +254,6 @@ def _heatmap_layer(array: np.ndarray, space: Space, path: Path, kind: str, base:
 def _mask_layer(array: np.ndarray, space: Space, path: Path, base: str, found: Provenance,
                 descrip: str) -> tuple | None:
     from ..masks import bounding_box
-    from ._widget import heatmap_name
 
     labels = np.asarray(array)
     if labels.dtype.kind not in "iub" or (labels.size and (labels.min() < 0 or labels.max() > 255)):
@@ -330,8 +327,6 @@ def saved_map_volumes(volumes: np.ndarray, space: Space, path: str | Path) -> li
         ``· normalized`` for the ``_norm`` copy); None when the file is no medcam3d 4D map (the
         reader then opens one plain image per volume).
     """
-    from ..heatmap import _safe
-
     path = Path(path)
     descrip = read_descrip(path)
     matched = _DESCRIP_4D.fullmatch(descrip.strip()) if descrip is not None and len(space.shape) == 3 else None
@@ -345,13 +340,13 @@ def saved_map_volumes(volumes: np.ndarray, space: Space, path: str | Path) -> li
         labels = [f"class{t}" for t in range(len(volumes))]
     stem = _stem(path)
     kind, base = ("norm", stem[: -len("_norm")]) if stem.endswith("_norm") and len(stem) > 5 else ("map", stem)
-    case = base[: -len(f"_{_safe(method)}")] if base.endswith(f"_{_safe(method)}") else None
+    case = base[: -len(f"_{file_label(method)}")] if base.endswith(f"_{file_label(method)}") else None
     layers = []
     try:
         for t, label in enumerate(labels):
             index = _class_index(path.parent, case, method, label, t)
             found = Provenance(method, layer, index, label)
-            per_class = f"{base}_{_safe(label)}"  # as the class's own files are named (its _feature file)
+            per_class = f"{base}_{file_label(label)}"  # as the class's own files are named (its _feature file)
             layers.append(_heatmap_layer(volumes[t], space, path, kind, per_class, found,
                                          f"medcam3d {method} layer={layer} class={index}:{label}", volume=t))
     except Exception:  # never fail to open a file because it looks like ours

@@ -37,23 +37,24 @@ modification time and size).
 from __future__ import annotations
 
 import logging
-import os
-import zlib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import io
-from ..space import Space, resample
-from ._grid import axis_aligned_grid, drawing_error_mm, file_grid, layer_grid, napari_affine, needs_display_grid, tilt_degrees
+from ..space import Space
 from ._labels import FEW_LABELS, MAX_LABELS, label_hint, label_values, labels_layer_data
-from ._view import AXIS_LABELS, UNITS, open_axial_when_added
+from ._outputs import saved_map_volumes, saved_output_layer
+from ._scan import image_layer_data
+from ._shared import Step
+from ._view import open_axial_when_added
 from ._writer import prefer_medcam3d_writers
 
-__all__ = ["napari_get_reader", "read_image", "image_layer_data", "label_layer", "layer_grid", "file_grid",
-           "napari_affine", "checksum", "file_stamp", "display_window", "CT_WINDOW"]
+__all__ = ["napari_get_reader", "read_image", "read_steps", "label_layer", "dicom_window", "BACKGROUND_VOXELS",
+           "MAX_VOLUME_LAYERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +106,25 @@ def _holds_dicom(folder: Path, probe: int = 16) -> bool:
     return False
 
 
+#: From this many voxels (all files of one call together; e.g. a 512 x 512 x 300 CT has 79M), a
+#: reader called by a running napari viewer reads in a worker thread (:mod:`._workers`).
+BACKGROUND_VOXELS = 16 * 2**20
+
+
 def read_image(path: str | Sequence[str]) -> list[tuple]:
-    """Read one or more images as napari layer data tuples.
+    """Read one or more images as napari layer data tuples (large files: in the background).
 
     A 4D file gives one layer per volume, read once (a ``--four-d`` map of medcam3d: one heatmap
     per class, named by its class); a file of more than :data:`MAX_VOLUME_LAYERS` volumes is
     refused (see :func:`_volume_layers`). A map or mask that medcam3d saved (recognised by its
     NIfTI ``descrip``) opens as a heatmap image layer or a mask labels layer, as the *Explain*
     widget makes them (:mod:`._outputs`); any other label map (:func:`label_layer`) as a labels
-    layer; the rest as scans (:func:`image_layer_data`).
+    layer; the rest as scans (:func:`._scan.image_layer_data`).
+
+    Called by a running napari viewer for files of at least :data:`BACKGROUND_VOXELS` voxels (told
+    from their headers), the files are read in a worker thread (:func:`._workers.open_in_background`:
+    progress and *Cancel* in a panel, the layers added when read) and napari gets ``[(None,)]``
+    (its sentinel for "no layer now") at once, so that the window never freezes while a CT is read.
 
     Parameters
     ----------
@@ -125,33 +136,126 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
         ``data`` in the file's stored voxel type (float64 becomes float32; labels uint8 or
         uint16), in (i, j, k) order (reordered for non-RAS axis orders, resampled for oblique
         files, see the module doc);
-        ``kwargs["affine"]`` the voxel -> RAS placement, ``kwargs["metadata"]`` as the module doc says.
+        ``kwargs["affine"]`` the voxel -> RAS placement, ``kwargs["metadata"]`` as the module doc says;
+        or ``[(None,)]`` when the files are read in the background.
 
     Raises
     ------
     medcam3d.io.ImageReadError, FileNotFoundError
         With a message that names the file and what was wrong (napari shows it).
     """
-    from ..jobs.cases import case_id_of
-    from ._outputs import saved_output_layer
-
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
-    layers = []
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     open_axial_when_added()
     prefer_medcam3d_writers()
-    for p in map(Path, paths):
+    viewer = _viewer_for_background(paths)
+    if viewer is not None:
+        from ._workers import open_in_background
+
+        open_in_background(viewer, read_steps(paths), ", ".join(p.name for p in paths))
+        return [(None,)]
+    steps = read_steps(paths)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _voxels(path: Path) -> int:
+    """The voxels a file's header promises (0 when it cannot be told without reading)."""
+    try:
+        info = io.describe(path)
+    except Exception:  # read_steps reports the problem
+        logger.debug("no header for %s", path, exc_info=True)
+        return 0
+    if info.shape is None:  # a folder of several DICOM series
+        return sum(math.prod(series.shape) for series in info.series if getattr(series, "shape", None))
+    return math.prod(int(n) for n in info.shape)
+
+
+def _viewer_for_background(paths: Sequence[Path]) -> Any:
+    """The current napari viewer when ``paths`` are large enough to read in the background, else None.
+
+    Only from the Qt main thread of a running napari (a script calling :func:`read_image` gets
+    layer tuples back as before).
+    """
+    if sum(_voxels(p) for p in paths) < BACKGROUND_VOXELS:
+        return None
+    try:
+        from napari import current_viewer
+        from qtpy.QtCore import QThread
+        from qtpy.QtWidgets import QApplication
+    except ImportError:
+        return None
+    app = QApplication.instance()
+    if app is None or QThread.currentThread() is not app.thread():
+        return None
+    return current_viewer()
+
+
+def read_steps(paths: Sequence[str | Path]) -> Generator[Step, None, list[tuple]]:
+    """Read files into layer data tuples step by step (:func:`read_image`'s work, no Qt).
+
+    Yields a :class:`Step` before reading each file and before making its layers, so that a worker
+    can report progress and stop between steps; returns what :func:`read_image` returns.
+    """
+    from ..jobs.cases import case_id_of
+
+    files = [Path(p) for p in paths]
+    layers: list[tuple] = []
+    total = 2 * len(files)
+    for number, p in enumerate(files):
         name = case_id_of(p)
+        yield Step(2 * number, total, f"reading {p.name}")
         try:
             array, space = io.read(p, dtype=None)
         except io.VolumeError:  # 4D (found from the header, before any voxel is read): one layer per volume
+            yield Step(2 * number + 1, total, f"reading the volumes of {p.name}")
             layers.extend(_volume_layers(p, name))
             continue
+        yield Step(2 * number + 1, total, f"placing {p.name} in RAS mm")
         found = saved_output_layer(array, space, p)  # a medcam3d map or mask: a heatmap or labels layer
         if found is None:
             found = label_layer(array, space, name=name, path=p)
         layers.append(found if found is not None else
-                      image_layer_data(array, space, name=name, path=p, header=_nifti_header(p)))
+                      image_layer_data(array, space, name=name, path=p, header=_nifti_header(p),
+                                       window=dicom_window(p) if p.is_dir() else None))
     return layers
+
+
+#: DICOM tags of the window a series was meant to be read in (the first value when several are given).
+WINDOW_CENTER, WINDOW_WIDTH = "0028|1050", "0028|1051"
+
+
+def dicom_window(folder: Path) -> tuple[float, float] | None:
+    """The display window a DICOM series' first slice names (WindowCenter ± WindowWidth / 2, in HU), or None.
+
+    Read from one file's header (SimpleITK, no pixels); a series without the tags, or with values
+    that are not numbers, gives None (the scan then opens in :func:`._scan.display_window`'s window).
+    """
+    import SimpleITK as sitk
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(_DICOM_SUFFIXES)) or \
+        sorted(p for p in folder.iterdir() if p.is_file())
+    for file in files[:4]:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        reader.LoadPrivateTagsOff()
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:  # not a DICOM file: try the next
+            continue
+        if not (reader.HasMetaDataKey(WINDOW_CENTER) and reader.HasMetaDataKey(WINDOW_WIDTH)):
+            return None
+        try:
+            centre = float(reader.GetMetaData(WINDOW_CENTER).split("\\")[0])
+            width = float(reader.GetMetaData(WINDOW_WIDTH).split("\\")[0])
+        except ValueError:
+            return None
+        if not (np.isfinite(centre) and np.isfinite(width) and width > 0):
+            return None
+        return (centre - width / 2.0, centre + width / 2.0)
+    return None
 
 
 def _nifti_header(path: Path) -> Any:
@@ -221,155 +325,7 @@ def _volume_layers(path: Path, name: str) -> list[tuple]:
             "volume=<index>) then medcam3d.io.write), or explain it with 'medcam3d explain --volume <index>'."
         )
     data, space = io.read_volumes(path, dtype=None, max_volumes=MAX_VOLUME_LAYERS)
-    from ._outputs import saved_map_volumes
-
     maps = saved_map_volumes(data, space, path)  # medcam3d explain --four-d: one heatmap per class
     if maps is not None:
         return maps
     return [image_layer_data(data[t], space, name=f"{name} [{t}]", path=path, volume=t) for t in range(len(data))]
-
-
-#: CT soft-tissue window (level 40 HU, width 400 HU), used for scans that look like CT.
-CT_WINDOW = (-160.0, 240.0)
-#: A scan is taken as CT in HU when it holds values this low (air is -1000 HU) ...
-CT_AIR = -500.0
-#: ... and this high (water is 0 HU), however few voxels of either there are.
-CT_TISSUE = 0.0
-
-
-def display_window(data: np.ndarray, header: Any = None) -> tuple[float, float] | None:
-    """Initial contrast limits of a scan: the file's own window, a CT window, else percentiles.
-
-    In this order: the NIfTI header's ``cal_min``/``cal_max`` when set (the window its writer
-    chose); :data:`CT_WINDOW` (soft tissue, W400/L40) when the scan holds air and tissue
-    (values below :data:`CT_AIR` and above :data:`CT_TISSUE`, whatever fraction of the voxels
-    each is: a body filling 0.1 % of the volume still opens in the soft-tissue window); else the
-    0.5-99.5 percentiles. Taken on a strided sample of at most ~1M voxels (its minimum and maximum
-    widened by the whole array's, which NumPy finds without a copy).
-    """
-    if header is not None:
-        try:
-            low, high = float(header["cal_min"]), float(header["cal_max"])
-        except (KeyError, TypeError, ValueError):
-            low = high = 0.0
-        if np.isfinite(low) and np.isfinite(high) and high > low:
-            return (low, high)
-    data = np.asarray(data)
-    if data.size == 0:
-        return None
-    step = max(1, round((data.size / 1e6) ** (1 / max(data.ndim, 1))))
-    sample = np.asarray(data[(slice(None, None, step),) * data.ndim], dtype=np.float64)
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        return None
-    if float(sample.min()) < CT_AIR and float(sample.max()) > CT_TISSUE:
-        return CT_WINDOW
-    if data.dtype.kind in "iu" and data.size <= 64 * 2**20:  # a body too small for the sample
-        if float(data.min()) < CT_AIR and float(data.max()) > CT_TISSUE:
-            return CT_WINDOW
-    low, high = np.percentile(sample, [0.5, 99.5])
-    if not high > low:
-        low, high = float(sample.min()), float(sample.max())
-    return (float(low), float(high)) if high > low else None
-
-
-def checksum(data: np.ndarray) -> int:
-    """CRC-32 of an array's bytes (C order): tells a writer whether shown voxels were changed."""
-    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1).data)
-
-
-def file_stamp(path: str | Path | None) -> tuple[int, int] | None:
-    """A file's modification time (ns) and size, or None when there is no such file."""
-    try:
-        info = os.stat(path) if path is not None else None
-    except OSError:
-        return None
-    return None if info is None else (int(info.st_mtime_ns), int(info.st_size))
-
-
-_TOLD: set[str] = set()  # scans already announced as resampled
-
-
-def _tell_resampled(name: str, key: str, source: Space, display: Space) -> None:
-    """Say once per scan that an oblique scan is shown resampled (a napari notification)."""
-    if key in _TOLD:
-        return
-    _TOLD.add(key)
-    from napari.utils.notifications import show_info
-
-    size = " x ".join(f"{v:g}" for v in display.spacing)
-    show_info(f"medcam3d: {name} is oblique (voxel axes up to {tilt_degrees(source):.1f} degrees from R/A/S; napari "
-              f"would draw its 2D slices up to {drawing_error_mm(source):.0f} mm off), so it is shown resampled onto "
-              f"an axis-aligned {size} mm grid, slice by slice as you look. Positions read true RAS mm; files are "
-              "saved on the original grid.")
-
-
-def image_layer_data(array: np.ndarray, space: Space, *, name: str, path: str | Path | None = None,
-                     volume: int | None = None, lazy: bool = True, header: Any = None, **kwargs: Any) -> tuple:
-    """A scan as a napari image layer data tuple, placed in RAS mm (an oblique one on a display grid).
-
-    Parameters
-    ----------
-    array : (*space.shape) ndarray
-        In the file's (i, j, k) order.
-    space : Space
-    name : str
-    path : path, optional
-        Source file, kept in ``metadata["path"]``.
-    volume : int, optional
-        Volume index of a 4D file, kept in ``metadata["volume"]``.
-    lazy : bool
-        An oblique scan is shown through a multiscale pyramid of :class:`._lazy.ResampledView`
-        (resampled where napari looks, nothing copied; the default), or, with False, resampled
-        once onto the display grid (an ndarray, for maps read from files).
-    header : nibabel header, optional
-        Its ``cal_min``/``cal_max`` (when set) are the initial window (:func:`display_window`).
-    **kwargs
-        More napari ``add_image`` arguments.
-
-    Returns
-    -------
-    (data, kwargs, "image")
-        ``data`` has ``array``'s type (float64 becomes float32) in R-A-S axis order (a view); for
-        an oblique scan a list of :class:`._lazy.ResampledView` levels on :func:`._grid.axis_aligned_grid`
-        (``kwargs["multiscale"]`` True; outside the scan: its minimum, e.g. air), or with
-        ``lazy=False`` that grid's voxels resampled trilinearly and rounded back to an integer type.
-    """
-    from ._lazy import pyramid
-
-    array = np.asarray(array)
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    data: Any
-    data, affine, axes = layer_grid(array, space)
-    metadata: dict[str, Any] = {
-        "medcam3d": "scan", "affine": affine, "axes": axes, "path": None if path is None else str(path),
-        "volume": None if volume is None else int(volume), "dtype": array.dtype.str, "resampled": False,
-        "file_shape": tuple(space.shape), "file_affine": np.array(space.affine, dtype=np.float64),
-    }
-    options: dict[str, Any] = {}
-    shown = Space(data.shape, affine)
-    limits = display_window(array, header)
-    if needs_display_grid(shown):
-        display = axis_aligned_grid(shown)
-        fill = float(array.min()) if array.size else 0.0
-        if lazy and array.ndim == 3:
-            data = pyramid(array, space, display, fill=fill)
-            options["multiscale"] = True
-            metadata.update(affine=np.array(display.affine, dtype=np.float64), axes=None, resampled=True, lazy=True,
-                            stamp=file_stamp(path))
-        else:
-            data = resample(array, space, display, fill=fill)  # float32, straight from the file's grid
-            if array.dtype.kind in "iub":
-                data = np.rint(data, out=data).astype(array.dtype)
-            metadata.update(affine=np.array(display.affine, dtype=np.float64), axes=None, resampled=True,
-                            checksum=checksum(data), stamp=file_stamp(path))
-        _tell_resampled(name, str(path) if path is not None else name, shown, display)
-    ndim = len(space.shape)
-    options.update({"name": name, "affine": napari_affine(metadata["affine"], ndim), "metadata": metadata,
-                    "colormap": "gray", "axis_labels": AXIS_LABELS[:ndim], "units": UNITS[:ndim],
-                    "rendering": "attenuated_mip", "attenuation": 2.0})  # 3D: the nearer tissue in front
-    if limits is not None:
-        options["contrast_limits"] = limits
-    options.update(kwargs)
-    return data, options, "image"

@@ -21,7 +21,7 @@ import medcam3d
 from .. import io
 from ..space import Space
 from ._grid import layer_grid, napari_affine, resample_labels
-from ._reader import image_layer_data
+from ._scan import image_layer_data
 from ._view import AXIS_LABELS, UNITS, open_axial_when_added
 from ._writer import prefer_medcam3d_writers
 

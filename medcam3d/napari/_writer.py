@@ -24,7 +24,6 @@ writers, so that the medcam3d entry, first in napari's *Save* dialog (see
 from __future__ import annotations
 
 import logging
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +32,16 @@ import numpy as np
 from .. import io
 from ..space import Space, resample
 from ._grid import file_grid, resample_labels
+from ._lazy import source_of
+from ._shared import ascii_text, checksum, file_stamp
 
-__all__ = ["write_image", "write_heatmap", "write_mask", "prefer_medcam3d_writers", "ascii_text", "EXTENSIONS"]
+__all__ = ["write_image", "write_heatmap", "write_mask", "prefer_medcam3d_writers", "EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
 #: What the medcam3d writers write themselves; other names go to napari's writers.
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 PLUGIN = "medcam3d"
-
-
-def ascii_text(text: str, limit: int = 80) -> str:
-    """``text`` as printable ASCII, at most ``limit`` characters (for NIfTI ``descrip``).
-
-    Accents are dropped (``é`` -> ``e``), other non-ASCII characters (``·``) become ``-``, and
-    runs of white space one space.
-    """
-    kept = []
-    for char in unicodedata.normalize("NFKD", str(text)):
-        if unicodedata.combining(char):
-            continue
-        kept.append(char if " " <= char <= "~" else " " if char.isspace() or char < " " else "-")
-    return " ".join("".join(kept).split())[:limit]
 
 
 def write_image(path: str, data: Any, attributes: dict) -> list[str]:
@@ -78,8 +65,6 @@ def write_image(path: str, data: Any, attributes: dict) -> list[str]:
     if not _ours(path):
         return _napari_writer("image", path, data, attributes)
     metadata = attributes.get("metadata") or {}
-    from ._lazy import source_of
-
     lazy = source_of(data)
     if lazy is not None:  # an oblique scan shown lazily: its own voxels on its own grid, exact
         array, space = lazy
@@ -162,8 +147,6 @@ def _save(path: str, array: Any, space: Space, metadata: dict, dtype: np.dtype) 
 
 def _on_file_grid(data: np.ndarray, metadata: dict, *, labels: bool) -> tuple[np.ndarray, Space]:
     """A resampled layer's voxels on the file's own grid (see the module doc)."""
-    from ._reader import checksum, file_stamp
-
     shown = Space(data.shape, metadata["affine"])
     target = _scan_grid(metadata)
     if target is None:  # a result of a scan without a known file grid: its own grid
