@@ -552,35 +552,49 @@ def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = F
         raise PreprocessingError(f"{where}preprocessing: cannot compose the transforms: {_one_line(error)}") from error
 
 
-def load_image(image: str | Path | tuple[np.ndarray, Space], *, volume: int | None = None):
-    """Read an image into a channel-first ``MetaTensor`` ``(1, *shape)`` with its RAS affine.
+def load_image(image: str | Path | Sequence[str | Path] | tuple[np.ndarray, Space], *, volume: int | None = None,
+               trust: bool = False):
+    """Read an image into a channel-first ``MetaTensor`` ``(C, *shape)`` with its RAS affine.
 
     Parameters
     ----------
-    image : path or (array, Space)
-        A file or DICOM folder readable by :func:`medcam3d.io.read`, or an array with its grid.
+    image : path, list of paths, or (array, Space)
+        A file or DICOM folder readable by :func:`medcam3d.io.read` (one channel); a list of them,
+        one per channel (MR sequences), stacked in order on the first one's grid by
+        :func:`medcam3d.io.read_channels`; or an array with its grid, ``(*shape)`` (one channel) or
+        ``(C, *shape)`` (channels first).
     volume : int, optional
-        Volume index of a 4D file.
+        Volume index of a 4D file (of every channel).
+    trust : bool
+        As for :func:`medcam3d.io.read`, for a list of channel paths.
 
     Returns
     -------
     (MetaTensor, Space)
-        The image and its scanner space.
+        The image and its scanner space (the first channel's grid).
     """
     from monai.data import MetaTensor
 
     from . import io
 
-    if isinstance(image, tuple):
+    channels = io.as_channel_paths(image)
+    if channels is not None:
+        array, scanner_space = io.read_channels(channels, volume=volume, trust=trust)
+    elif isinstance(image, tuple):
         array, scanner_space = image
         scanner_space = Space.of(scanner_space)
     else:
-        array, scanner_space = io.read(image, volume=volume)
+        array, scanner_space = io.read(image, volume=volume)  # type: ignore[arg-type]
     array = np.asarray(array, dtype=np.float32)
-    if tuple(array.shape) != tuple(scanner_space.shape):
-        message = f"The array has shape {array.shape} but its space has shape {scanner_space.shape}."
+    spatial = tuple(scanner_space.shape)
+    if tuple(array.shape) == spatial:
+        array = array[None]
+    elif array.ndim != len(spatial) + 1 or tuple(array.shape[1:]) != spatial:
+        message = (f"The array has shape {array.shape} but its space has shape {scanner_space.shape}; give (*shape) or "
+                   "(C, *shape) with the channels first.")
         raise PreprocessingError(message)
-    tensor = MetaTensor(torch.from_numpy(np.array(array, dtype=np.float32, copy=True))[None], affine=torch.tensor(np.array(scanner_space.affine)))
+    tensor = MetaTensor(torch.from_numpy(np.array(array, dtype=np.float32, copy=True)),
+                        affine=torch.tensor(np.array(scanner_space.affine)))
     return tensor, scanner_space
 
 
@@ -590,8 +604,10 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
 
     Parameters
     ----------
-    image : path, (array, Space) or MetaTensor
-        A channel-first MetaTensor is used as is (its affine must be set).
+    image : path, list of paths, (array, Space) or MetaTensor
+        A list of paths is one scan per channel (MR sequences), stacked in order on the first
+        one's grid (:func:`medcam3d.io.read_channels`: a channel on another grid is resampled onto
+        it, with a warning). A channel-first MetaTensor is used as is (its affine must be set).
     transforms : config list, ``monai.transforms.Compose`` or None
         ``None`` uses :data:`DEFAULT_TRANSFORMS`. A Compose of your own runs one transform at a
         time under the same size limit (one built with ``lazy=True`` runs as it is, checked once
@@ -628,7 +644,7 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
         tensor = image
         scanner_space = Space(tuple(tensor.shape[1:]), np.asarray(tensor.affine, dtype=np.float64))
     else:
-        tensor, scanner_space = load_image(image, volume=volume)
+        tensor, scanner_space = load_image(image, volume=volume, trust=trust)
     checked = _compose_class()
     where_source = source or getattr(transforms, "source", None)
     where = f"{where_source}: " if where_source else ""
