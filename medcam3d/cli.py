@@ -294,8 +294,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not images:
         raise UsageError("give the scan with --image PATH (one per input channel: --image t1.nii.gz --image "
                          "t1c.nii.gz ...) or --channels PATH [PATH ...].")
-    for image in images:
-        _check_exists("--image", image, "an image file (NIfTI, NRRD, MHA/MHD) or a DICOM folder")
+    for path in images:
+        _check_exists("--image", path, "an image file (NIfTI, NRRD, MHA/MHD) or a DICOM folder")
     if len(images) > 1 and args.series is not None:
         raise UsageError(f"--series names one DICOM series, but {len(images)} scans (channels) were given; copy each "
                          "channel's series into a folder of its own and give the folders.")

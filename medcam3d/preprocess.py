@@ -744,8 +744,11 @@ class BundlePreprocessing:
 
         Parameters
         ----------
-        image : str or Path
-            An image file or a folder holding one DICOM series.
+        image : str or Path, or a list of them
+            An image file or a folder holding one DICOM series; or one per channel (MR sequences),
+            which the bundle's ``LoadImaged`` stacks in order (a channel not on the first one's grid
+            is first resampled onto it, with a :class:`~medcam3d.errors.ChannelGridWarning`); the
+            scanner space is the first channel's.
         trust : bool
             As for :func:`medcam3d.io.read`: allow headers whose data files lie elsewhere.
 
@@ -767,14 +770,32 @@ class BundlePreprocessing:
             The chain fails, returns several samples or no MetaTensor, or its reader placed the scan
             elsewhere than medcam3d's reader does.
         """
+        import tempfile
+
         from monai.data import MetaTensor
 
         from . import io
-        from .errors import GeometryError, ImageReadError, SpaceError
 
-        if not isinstance(image, (str, os.PathLike)):
-            raise PreprocessingError(f"A bundle's preprocessing reads an image file or DICOM folder; got a {type(image).__name__}.")
-        path = Path(image)
+        channels = io.as_channel_paths(image)
+        if channels is None and not isinstance(image, (str, os.PathLike)):
+            raise PreprocessingError(f"A bundle's preprocessing reads an image file or DICOM folder (or a list of them, "
+                                     f"one per channel); got a {type(image).__name__}.")
+        paths = [Path(p) for p in (channels or [image])]
+        infos = [self._checked_info(p, trust) for p in paths]
+        path, info = paths[0], infos[0]
+        where = f"{self.config_file}: preprocessing"
+        with tempfile.TemporaryDirectory(prefix="medcam3d-channels-") as folder:
+            given: Any = str(path)
+            if len(paths) > 1:  # the bundle's LoadImaged stacks a list of files as channels (original_channel_dim 0)
+                given = [str(p) for p in self._on_first_grid(paths, infos, Path(folder), trust)]
+            return self._run(given, path, info, where)
+
+    @staticmethod
+    def _checked_info(path: Path, trust: bool):
+        """:func:`medcam3d.io.describe` of one file, refusing what :func:`medcam3d.io.read` refuses."""
+        from . import io
+        from .errors import GeometryError, ImageReadError
+
         info = io.describe(path, trust=trust)
         if len(info.series) > 1:
             uids = ", ".join(series.uid for series in info.series)
@@ -787,9 +808,42 @@ class BundlePreprocessing:
             raise GeometryError(f"'{path}' (series {info.series[0].uid}): {info.series[0].problem}")
         if info.affine is None:
             raise GeometryError(f"'{path}': the headers do not say where the voxels are, so the maps could not be placed.")
-        where = f"{self.config_file}: preprocessing"
+        return info
+
+    @staticmethod
+    def _on_first_grid(paths: list[Path], infos: list, folder: Path, trust: bool) -> list[Path]:
+        """The channel files, those not on the first one's grid replaced by a resampled copy in ``folder``
+        (NIfTI on the first channel's grid, as :func:`medcam3d.io.read_channels` resamples them, with its
+        :class:`~medcam3d.errors.ChannelGridWarning`)."""
+        from . import io
+        from .io.channels import CHANNEL_ATOL_MM
+
+        first = Space(infos[0].spatial_shape, infos[0].affine)
+        given = [paths[0]]
+        for index, (path, info) in enumerate(zip(paths[1:], infos[1:]), 1):
+            if Space(info.spatial_shape, info.affine).isclose(first, atol=CHANNEL_ATOL_MM, rtol=1e-5):
+                given.append(path)
+                continue
+            from .errors import ChannelGridWarning
+            from .space import resample
+
+            values, grid = io.read(path, trust=trust)
+            warnings.warn(f"channel {index} ('{path}', {grid}) is not on the grid of channel 0 ('{paths[0]}', {first}); "
+                          "it was resampled onto channel 0's grid (linear, 0 outside its field of view)",
+                          ChannelGridWarning, stacklevel=3)
+            copy = folder / f"channel_{index:04d}.nii.gz"
+            io.write(copy, resample(values, grid, first, mode="linear"), first)
+            given.append(copy)
+        return given
+
+    def _run(self, given: Any, path: Path, info: Any, where: str):
+        """The chain on ``{key: given}`` (a path, or a list of channel paths) and the checks of its result."""
+        from monai.data import MetaTensor
+
+        from .errors import SpaceError
+
         try:
-            data = self._apply({self.key: str(path)}, where)
+            data = self._apply({self.key: given}, where)
         except PreprocessingError:
             raise
         except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name

@@ -24,6 +24,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import CaseIdError, CohortError
 
@@ -720,7 +721,7 @@ def case_identity(image: str | Path | Sequence[str | Path], mask: str | Path | N
     series. A case of several channels (``image`` a list of paths) also has ``channels``, the
     identity of each channel in order; ``image`` is then the first channel's."""
     paths = image_paths(image)
-    identity = {"image": input_identity(first_image(image)), "mask": input_identity(mask),
+    identity: dict[str, Any] = {"image": input_identity(first_image(image)), "mask": input_identity(mask),
                 "region_mask": input_identity(region_mask), "volume": volume, "series": series}
     if len(paths) > 1:
         identity["channels"] = [input_identity(p) for p in paths]

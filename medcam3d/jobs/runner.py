@@ -13,6 +13,7 @@ only when the same settings made it from the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,7 +22,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,7 @@ class ExplainedCase:
     """
 
     result: CaseResult
-    image: str | Path | list  # a scan, or a list of channel scans
+    image: str | Path | Sequence[str | Path]  # a scan, or a list of channel scans
     out_dir: Path
     loaded: LoadedCase
     explanations: list  # one Explanation per method, on the CPU
@@ -280,19 +281,12 @@ def load_case(image: str | Path | Sequence[str | Path], transforms, mask: str | 
             from ..models import check_input_channels
 
             check_input_channels(len(paths), model, what=f"the case of {', '.join(repr(str(p)) for p in paths)}")
-        import warnings
-
-        from ..errors import ChannelGridWarning
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ChannelGridWarning)
-            stacked, scanner_space = io.read_channels(paths, trust=trust, volume=volume, series=series)
-        for warning in caught:  # one logged line each (the CLI shows them as "medcam3d: ...")
-            if issubclass(warning.category, ChannelGridWarning):
-                logger.warning("%s", warning.message)
-            else:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        scan = stacked[0]
+        if reader is None:
+            with _logged_channel_warnings():
+                stacked, scanner_space = io.read_channels(paths, trust=trust, volume=volume, series=series)
+            scan = stacked[0]
+        else:  # the bundle's chain stacks them (resampling those on another grid): read the first for its grid
+            scan, scanner_space = io.read(first, trust=trust, volume=volume, series=series)
     else:
         scan, scanner_space = io.read(first, trust=trust, volume=volume, series=series)
     if model is not None:
@@ -303,7 +297,8 @@ def load_case(image: str | Path | Sequence[str | Path], transforms, mask: str | 
         if volume is not None or series is not None:
             raise UsageError("--volume/--series cannot be used with a bundle's own preprocessing (it reads the whole "
                              "file); give the config a preprocessing list instead.")
-        x, _ = reader(first if stacked is None else paths, trust=trust)
+        with _logged_channel_warnings():
+            x, _ = reader(first if len(paths) == 1 else paths, trust=trust)
     else:
         x, _ = preprocess((scan if stacked is None else stacked, scanner_space), transforms, check_input=input_check)
     if model is not None:
@@ -318,6 +313,24 @@ def load_case(image: str | Path | Sequence[str | Path], transforms, mask: str | 
                              "a label map with the scan's shape and affine.")
     region = None if region_mask is None else read_region_mask(region_mask, scanner_space, trust=trust, image=first)
     return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels, region)
+
+
+@contextlib.contextmanager
+def _logged_channel_warnings() -> Iterator[None]:
+    """:class:`~medcam3d.errors.ChannelGridWarning` (a channel resampled onto the first one's grid) as one
+    logged line each (the CLI shows ``medcam3d: channel 1 ... was resampled ...``); other warnings pass on."""
+    import warnings
+
+    from ..errors import ChannelGridWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ChannelGridWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, ChannelGridWarning):
+            logger.warning("%s", warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def check_model_input(model: torch.nn.Module, shape: Sequence[int]) -> None:

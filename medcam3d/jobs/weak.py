@@ -171,7 +171,8 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
     if inputs is not None:
         cases = collect_cases(inputs)
     else:
-        channels = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]  # type: ignore[union-attr]
+        given: list = list(image) if isinstance(image, (list, tuple)) else [image]
+        channels = [Path(p) for p in given]
         cases = collect_cases(channels[:1])
         missing = [str(p) for p in channels[1:] if not p.exists()]
         if missing:
