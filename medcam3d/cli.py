@@ -271,19 +271,6 @@ def _images(args: argparse.Namespace) -> list[str]:
     return [*(getattr(args, "image", None) or []), *(getattr(args, "channels", None) or [])]
 
 
-def _check_channel_count(runner, count: int, what: str) -> None:
-    """Several scans of one case against the model's input channels, before any scan is read.
-
-    One scan is checked only where medcam3d's own preprocessing reads it (a bundle's chain may make
-    several channels of one file); the preprocessed input is checked again before the model runs.
-    """
-    if count == 1 and runner.reader is not None:
-        return
-    from .models import check_input_channels
-
-    check_input_channels(count, runner.model, what=what)
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .jobs.cases import case_id_of, check_case_id
     from .jobs.lock import output_lock
@@ -307,7 +294,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     case_id = check_case_id(args.id if args.id is not None else case_id_of(images[0]), "--id")
     check_case_slot(args.out, case_id, images[0], volume=args.volume, series=args.series)
     runner = _runner(args, channels=len(images))
-    _check_channel_count(runner, len(images), f"--image ({len(images)} given)")
+    runner.check_channels(len(images), f"--image ({len(images)} given)")  # before any scan is read
     if args.region_mask is not None:
         runner.check_region_task()  # a classifier: a usage error before any work
     with output_lock(args.out, "explain"):  # one medcam3d job at a time in --out
@@ -342,9 +329,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         args.device = f"cuda:{context.local_rank}"
     counts = sorted({len(case.inputs) for case in cases})
     runner = _runner(args, channels=counts[-1] if len(counts) == 1 else None)
-    for count in counts:  # every case's scans against the model's input channels, before any case is read
-        example = next(case for case in cases if len(case.inputs) == count)
-        _check_channel_count(runner, count, f"case {example.id!r} ({example.source})")
+    runner.check_cases_channels(cases)  # every case's scans against the model's input channels, before any is read
     regions = {case.id: case.region_mask for case in cases if case.region_mask is not None}
     if regions:
         runner.check_region_task()  # a classifier: a usage error before any case is explained

@@ -270,3 +270,15 @@ def test_a_folder_of_plain_scans_is_not_grouped(scans, tmp_path):
     one = _folder(tmp_path / "single", ["p_0000.nii.gz", "q_0000.nii.gz"], scans["root"] / "t1.nii.gz")
     cases = collect_cases(one)  # nnU-Net naming with one channel: cases p and q of one scan each
     assert [c.id for c in cases] == ["p", "q"] and not any(c.channels for c in cases)
+
+
+@pytest.mark.parametrize("command", ["batch", "evaluate"])
+def test_a_cohort_of_the_wrong_channel_count_is_refused_before_any_case_runs(scans, tmp_path, capsys, command):
+    root = scans["root"]
+    table = _csv(root / f"two_for_one_{command}.csv", ["image_0000", "image_0001"], [["t1.nii.gz", "t2.nii.gz"]])
+    extra = ["--quiet"] + (["--methods", "hirescam"] if command == "evaluate" else [])
+    assert main([command, "--config", str(scans["one"]), "--inputs", str(table), "--out", str(tmp_path / "o"),
+                 *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "has 2 channels, but the model takes 1 channel" in err[0], err
+    assert not (tmp_path / "o").exists()

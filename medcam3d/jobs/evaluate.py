@@ -226,6 +226,7 @@ def evaluate(
     check_output_location(out, [*listed, masks, *(p for case in cases for p in (*case.inputs, case.mask, case.region_mask))])
     model = load_model(config, trust=trust)
     runner = Runner(config, model, methods=methods, target="all", device=device, trust=trust)
+    runner.check_cases_channels(cases)  # scans per case against the model's input channels, before any is read
     fine = None
     if segmentation and fuse_layer:
         from ..explainer import Explainer

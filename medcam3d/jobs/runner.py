@@ -453,6 +453,30 @@ class Runner:
             settings["region_mask"] = {"file": Path(region_mask).name, "digest": digest.hexdigest()[:16]}
         return settings
 
+    def check_channels(self, count: int, what: str) -> None:
+        """Refuse ``count`` scans per case when the model takes another number of input channels,
+        before any scan is read (:func:`medcam3d.models.check_input_channels`).
+
+        One scan is checked only where medcam3d's own preprocessing reads it (a bundle's chain may
+        make several channels of one file); :func:`load_case` checks the preprocessed input again
+        before the model runs.
+
+        Raises
+        ------
+        InputError
+        """
+        if count == 1 and self.reader is not None:
+            return
+        from ..models import check_input_channels
+
+        check_input_channels(count, self.model, what=what)
+
+    def check_cases_channels(self, cases: Sequence[Case]) -> None:
+        """:meth:`check_channels` for every number of scans per case of a cohort (naming a case of each)."""
+        for count in sorted({len(case.inputs) for case in cases}):
+            example = next(case for case in cases if len(case.inputs) == count)
+            self.check_channels(count, f"case {example.id!r} ({example.source or example.image})")
+
     def check_region_task(self) -> None:
         """Refuse region masks for a model that is not a segmentation network (before any work).
 
