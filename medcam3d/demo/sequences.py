@@ -51,22 +51,23 @@ def second_sequence(values: np.ndarray, space, *, coarsen: float = 1.5):
 def write_sequences(out: str | Path, *, cases: int = 2, samples: str | Path = SAMPLES) -> list[Path]:
     """Write the two-channel cases (see the module) into ``out``; returns ``[cases.csv]``."""
     from .. import io
-    from ..jobs.cases import collect_cases
 
-    out = Path(out)
+    out, samples = Path(out), Path(samples)
     out.mkdir(parents=True, exist_ok=True)
+    with (samples / "cases.csv").open(encoding="utf-8", newline="") as stream:
+        shipped = list(csv.DictReader(stream))[:cases]  # columns case_id, file, mask (data_samples/README.md)
     rows = []
-    for case in collect_cases(Path(samples) / "cases.csv")[:cases]:
-        first = out / f"{case.id}_0000.nii.gz"
-        second = out / f"{case.id}_0001.nii.gz"
-        shutil.copyfile(case.image, first)
-        values, space = io.read(case.image)
+    for case in shipped:
+        name, image = case["case_id"], samples / case["file"]
+        first, second = out / f"{name}_0000.nii.gz", out / f"{name}_0001.nii.gz"
+        shutil.copyfile(image, first)
+        values, space = io.read(image)
         io.write(second, *second_sequence(values, space))
         mask = ""
-        if case.mask is not None:  # named *_mask: a folder of these files still groups the two channels
-            mask = f"{case.id}_mask.nii.gz"
-            shutil.copyfile(case.mask, out / mask)
-        rows.append({"id": case.id, "image_0000": first.name, "image_0001": second.name, "mask": mask})
+        if case.get("mask"):  # named *_mask: a folder of these files still groups the two channels
+            mask = f"{name}_mask.nii.gz"
+            shutil.copyfile(samples / case["mask"], out / mask)
+        rows.append({"id": name, "image_0000": first.name, "image_0001": second.name, "mask": mask})
     table = out / "cases.csv"
     with table.open("w", encoding="utf-8", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=["id", "image_0000", "image_0001", "mask"])
