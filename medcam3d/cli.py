@@ -160,7 +160,7 @@ def _parse_target(text: str | None):
     return parsed[0] if len(parsed) == 1 else parsed
 
 
-def _runner(args: argparse.Namespace, methods=None):
+def _runner(args: argparse.Namespace, methods=None, channels: int | None = None):
     from .config import load_config
     from .jobs.runner import Runner
     from .models import load_configured
@@ -171,7 +171,8 @@ def _runner(args: argparse.Namespace, methods=None):
     target = _parse_target(getattr(args, "target", None))
     if config.model.bundle is None or config.class_names is not None:  # a bundle's names: checked once it is read
         _check_target(target, config)
-    _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False))
+    _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False),
+                      channels=channels)
     trust = getattr(args, "trust", False)
     loaded = load_configured(config, trust=trust, random_weights=getattr(args, "random_weights", False),
                              **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
@@ -204,16 +205,20 @@ def _check_target(target: object, config) -> None:
     check_target_spec(config.target if target is None else target, config.class_names, task=config.task)
 
 
-def _check_layer_name(config, layer: str, trust: bool) -> None:
+def _check_layer_name(config, layer: str, trust: bool, channels: int | None = None) -> None:
     """A named target layer of a ``model.network`` config, checked on the network built on the meta device
     (no memory, no weights read) before the model is loaded. TorchScript files and bundles are checked once
-    loaded (before any scan is read), as is a network whose constructor cannot run on the meta device."""
-    if not layer or layer == "auto" or config.model.network is None:
+    loaded (before any scan is read), as is a network whose constructor cannot run on the meta device.
+
+    ``channels`` (several scans per case: their number) is checked against the network's input channels
+    on the same skeleton (:func:`medcam3d.models.check_input_channels`)."""
+    check_layer = bool(layer) and layer != "auto"
+    if config.model.network is None or not (check_layer or (channels is not None and channels > 1)):
         return
     import torch
 
     from .layers import resolve_layer
-    from .models import build_network
+    from .models import build_network, check_input_channels
 
     try:
         with torch.device("meta"):
@@ -223,7 +228,10 @@ def _check_layer_name(config, layer: str, trust: bool) -> None:
         logger.debug("layer %r not checked before loading: the network cannot be built on the meta device (%s)",
                      layer, error)
         return
-    resolve_layer(skeleton, layer)
+    if channels is not None and channels > 1:
+        check_input_channels(channels, skeleton, what=f"--image ({channels} given)")
+    if check_layer:
+        resolve_layer(skeleton, layer)
 
 
 _OUTPUT_FLAGS = ("scan_maps", "scan_dtype", "pictures", "masks", "boxes", "four_d", "compress", "normalized", "segment")
@@ -258,25 +266,40 @@ def _check_exists(option: str, path: str | None, what: str) -> None:
         raise ImageNotFoundError(f"{option} {path!r} does not exist; give {what}.")
 
 
+def _images(args: argparse.Namespace) -> list[str]:
+    """``--image`` (repeated) and ``--channels``: the case's scans, one per input channel, in order."""
+    return [*(getattr(args, "image", None) or []), *(getattr(args, "channels", None) or [])]
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .jobs.cases import case_id_of, check_case_id
     from .jobs.lock import output_lock
     from .jobs.outputs import check_case_slot, check_output_location
 
     # everything that needs no model first: a mistake is reported in seconds, not after the model ran
-    _check_exists("--image", args.image, "an image file (NIfTI, NRRD, MHA/MHD) or a DICOM folder")
+    images = _images(args)
+    if not images:
+        raise UsageError("give the scan with --image PATH (one per input channel: --image t1.nii.gz --image "
+                         "t1c.nii.gz ...) or --channels PATH [PATH ...].")
+    for path in images:
+        _check_exists("--image", path, "an image file (NIfTI, NRRD, MHA/MHD) or a DICOM folder")
+    if len(images) > 1 and args.series is not None:
+        raise UsageError(f"--series names one DICOM series, but {len(images)} scans (channels) were given; copy each "
+                         "channel's series into a folder of its own and give the folders.")
     _check_exists("--mask", args.mask, "a label map on the scan's grid")
-    check_output_location(args.out, [args.image, args.mask, args.region_mask])
+    check_output_location(args.out, [*images, args.mask, args.region_mask])
     if args.region_mask is not None and not Path(args.region_mask).exists():
         raise UsageError(f"--region-mask {args.region_mask!r} does not exist; give a 0/1 mask file on the scan's grid.")
-    case_id = check_case_id(args.id if args.id is not None else case_id_of(args.image), "--id")
-    check_case_slot(args.out, case_id, args.image, volume=args.volume, series=args.series)
-    runner = _runner(args)
+    image = images[0] if len(images) == 1 else images
+    case_id = check_case_id(args.id if args.id is not None else case_id_of(images[0]), "--id")
+    check_case_slot(args.out, case_id, images[0], volume=args.volume, series=args.series)
+    runner = _runner(args, channels=len(images))
+    runner.check_channels(len(images), f"--image ({len(images)} given)")  # before any scan is read
     if args.region_mask is not None:
         runner.check_region_task()  # a classifier: a usage error before any work
     with output_lock(args.out, "explain"):  # one medcam3d job at a time in --out
-        check_case_slot(args.out, case_id, args.image, volume=args.volume, series=args.series)  # written meanwhile?
-        result = runner.run_case(args.image, args.out, case_id=case_id, mask=args.mask, volume=args.volume,
+        check_case_slot(args.out, case_id, images[0], volume=args.volume, series=args.series)  # written meanwhile?
+        result = runner.run_case(image, args.out, case_id=case_id, mask=args.mask, volume=args.volume,
                                  series=args.series, region_mask=args.region_mask)
     print(f"{result.case_id}: wrote {len(result.files)} files to {Path(args.out) / result.case_id}")
     if result.probabilities:
@@ -300,11 +323,13 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         case.volume = case.volume if case.volume is not None else args.volume
         case.series = case.series or args.series
     # the folder or CSV of --inputs is an input too: --out may not hold it or lie inside it
-    check_output_location(args.out, [args.inputs, *(p for case in cases for p in (case.image, case.mask, case.region_mask))])
+    check_output_location(args.out, [args.inputs, *(p for case in cases for p in (*case.inputs, case.mask, case.region_mask))])
     context = distributed_context(args.device)
     if context.distributed and args.device in ("auto", "cuda") and torch.cuda.is_available():
         args.device = f"cuda:{context.local_rank}"
-    runner = _runner(args)
+    counts = sorted({len(case.inputs) for case in cases})
+    runner = _runner(args, channels=counts[-1] if len(counts) == 1 else None)
+    runner.check_cases_channels(cases)  # every case's scans against the model's input channels, before any is read
     regions = {case.id: case.region_mask for case in cases if case.region_mask is not None}
     if regions:
         runner.check_region_task()  # a classifier: a usage error before any case is explained
@@ -646,7 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = add("explain", "explain one scan", _cmd_explain)
     model_options(explain)
-    explain.add_argument("--image", required=True, help="NIfTI, NRRD, MHA/MHD file or DICOM folder")
+    scans = explain.add_mutually_exclusive_group(required=True)
+    scans.add_argument("--image", action="append", metavar="PATH",
+                       help="NIfTI, NRRD, MHA/MHD file or DICOM folder; repeat it for a model of several input channels "
+                            "(--image t1.nii.gz --image t1c.nii.gz, in the model's channel order): they are stacked on "
+                            "the first one's grid (another grid is resampled onto it, with a warning), and the outputs "
+                            "lie on that grid and are named after it")
+    scans.add_argument("--channels", nargs="+", metavar="PATH",
+                       help="the case's scans, one per input channel in order (the same as --image repeated)")
     explain.add_argument("--method", help="method or comma list (default: the config's), e.g. hirescam,gradcam; where "
                          "the model's evidence is: hirescam gradcam cam gradcam++ xgradcam layercam eigencam fused scorecam; "
                          "where in the patient (input voxels): gradxinput smoothgrad integrated_gradients occlusion; "
@@ -674,7 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(batch)
     batch.add_argument("--inputs", required=True,
                        help="folder of scans, or CSV with an image (or file) column and optional id, mask (ground "
-                            "truth), region_mask (segmentation: the region to explain), volume, series columns")
+                            "truth), region_mask (segmentation: the region to explain), volume, series columns; several "
+                            "channels per case: CSV columns image_0000, image_0001, ... or nnU-Net's CASE_0000.nii.gz, "
+                            "CASE_0001.nii.gz ... files in the folder")
     batch.add_argument("--out", required=True)
     batch.add_argument("--method", help="method or comma list, as for explain (e.g. hirescam,integrated_gradients)")
     batch.add_argument("--target", help="all | predicted | index | name | comma list")
@@ -781,8 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
                   _cmd_segment)
     segment.add_argument("--config", required=True, help="a segmenter config (task: segmentation), e.g. from weak-train")
     scans = segment.add_mutually_exclusive_group(required=True)
-    scans.add_argument("--image", help="one scan (NIfTI, NRRD, MHA/MHD file or DICOM folder)")
-    scans.add_argument("--inputs", help="a folder of scans or a CSV with an image (or file) column")
+    scans.add_argument("--image", action="append", metavar="PATH",
+                       help="one scan (NIfTI, NRRD, MHA/MHD file or DICOM folder); repeat it for a segmenter of several "
+                            "input channels (one scan each, in order, stacked on the first one's grid)")
+    scans.add_argument("--inputs", help="a folder of scans (nnU-Net's CASE_0000, CASE_0001 ... files: one case of "
+                                        "several channels) or a CSV with an image (or file) column, or image_0000, "
+                                        "image_0001 ... columns")
     segment.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
     segment.add_argument("--min-volume", type=float, default=20.0, metavar="MM3",
                          help="drop components smaller than this (default 20 mm^3)")
@@ -850,7 +888,8 @@ def _cmd_weak_train(args: argparse.Namespace) -> int:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .jobs.weak import segment_cases
 
-    rows = segment_cases(args.config, args.out, image=args.image, inputs=args.inputs, device=args.device,
+    image = None if not args.image else args.image[0] if len(args.image) == 1 else list(args.image)
+    rows = segment_cases(args.config, args.out, image=image, inputs=args.inputs, device=args.device,
                          trust=args.trust, min_volume_mm3=args.min_volume)
     _print_table([{"case": r["case"], "lesions": r["lesions"], "classes": ", ".join(r["classes"]) or "-"} for r in rows])
     print(f"{len(rows)} case(s) segmented: label maps and lesion boxes in {Path(args.out)}/<case>/")
@@ -880,10 +919,11 @@ def _configure_logging(verbosity: int) -> None:
 
 def _check_path_options(args: argparse.Namespace) -> None:
     """An empty path (``--image ''``) is a usage error, not the current folder."""
-    for name in ("image", "mask", "region_mask", "inputs", "out", "config"):
+    for name in ("image", "channels", "mask", "region_mask", "inputs", "out", "config"):
         value = getattr(args, name, None)
-        if isinstance(value, str) and not value.strip():
-            raise UsageError(f"--{name.replace('_', '-')} is empty ({value!r}); expected the path of a file or folder.")
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str) and not text.strip():
+                raise UsageError(f"--{name.replace('_', '-')} is empty ({text!r}); expected the path of a file or folder.")
 
 
 def _check_out_folder(args: argparse.Namespace) -> None:

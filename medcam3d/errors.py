@@ -61,6 +61,7 @@ __all__ = [
     "CaseIdError",
     "OutputConflictError",
     "ShearWarning",
+    "ChannelGridWarning",
     "ProbabilityOutputWarning",
     "PlacementWarning",
     "ConcurrentUseWarning",
@@ -255,6 +256,10 @@ class OutputConflictError(Medcam3dError, FileExistsError):
 
 class ShearWarning(UserWarning):
     """The image's voxel axes are not orthogonal (sheared affine)."""
+
+
+class ChannelGridWarning(UserWarning):
+    """An input channel (a second sequence) was not on the first channel's grid and was resampled onto it."""
 
 
 class ProbabilityOutputWarning(UserWarning):

@@ -405,8 +405,11 @@ class Explainer:
 
         Parameters
         ----------
-        image : path, (array, Space) or MetaTensor
-            As :func:`medcam3d.preprocess.preprocess` takes it (a bundle's chain takes a path only).
+        image : path, list of paths, (array, Space) or MetaTensor
+            As :func:`medcam3d.preprocess.preprocess` takes it (a bundle's chain takes a path, or a
+            list of paths). A list of paths is one scan per input channel (MR sequences), stacked in
+            order on the first one's grid (a channel on another grid is resampled onto it, with a
+            :class:`~medcam3d.errors.ChannelGridWarning`); ``scanner_space`` is the first one's.
         volume : int, optional
             Volume index of a 4D file (not with a bundle's chain, which reads the whole file).
         trust : bool

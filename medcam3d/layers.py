@@ -48,6 +48,7 @@ __all__ = [
     "linear_head",
     "head_tolerance",
     "expected_spatial_dims",
+    "expected_input_channels",
     "spatial_dims_of",
     "check_spatial_rank",
     "rank_mismatch_message",
@@ -125,6 +126,39 @@ def expected_spatial_dims(model: nn.Module) -> int | None:
 
 
 spatial_dims_of = expected_spatial_dims  # the older name
+
+_CONV_BY_NAME = re.compile(r"^(Lazy)?Conv([123])d$")
+
+
+def expected_input_channels(model: nn.Module) -> int | None:
+    """The number of input channels the model takes: its first convolution's ``in_channels``.
+
+    Reads module attributes only (no forward pass); TorchScript modules (matched by the name of
+    their original class) from their weight's shape. "First" is the first convolution in
+    ``model.modules()`` order, the order the network registers its layers in (its stem comes first
+    in MONAI's and torchvision's networks).
+
+    Returns
+    -------
+    int or None
+        None when the model has no convolution before another rank layer (then nothing is checked),
+        or a lazy convolution (it takes any number).
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+                return None
+            return int(module.in_channels)
+        name = module_type_name(module)
+        if _CONV_BY_NAME.match(name):
+            weight = getattr(module, "weight", None)
+            groups = getattr(module, "groups", 1)
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 3 and isinstance(groups, int):
+                return int(weight.shape[1]) * groups
+            return None
+        if _RANK_LAYER.match(name) or isinstance(module, tuple(_CONV_SPATIAL_DIMS)):
+            return None  # a pooling or transposed convolution first: the channels are not told
+    return None
 
 _AXES = {1: "W", 2: "H, W", 3: "D, H, W"}
 

@@ -552,35 +552,49 @@ def build_transforms(config: Sequence[Mapping] | None = None, *, trust: bool = F
         raise PreprocessingError(f"{where}preprocessing: cannot compose the transforms: {_one_line(error)}") from error
 
 
-def load_image(image: str | Path | tuple[np.ndarray, Space], *, volume: int | None = None):
-    """Read an image into a channel-first ``MetaTensor`` ``(1, *shape)`` with its RAS affine.
+def load_image(image: str | Path | Sequence[str | Path] | tuple[np.ndarray, Space], *, volume: int | None = None,
+               trust: bool = False):
+    """Read an image into a channel-first ``MetaTensor`` ``(C, *shape)`` with its RAS affine.
 
     Parameters
     ----------
-    image : path or (array, Space)
-        A file or DICOM folder readable by :func:`medcam3d.io.read`, or an array with its grid.
+    image : path, list of paths, or (array, Space)
+        A file or DICOM folder readable by :func:`medcam3d.io.read` (one channel); a list of them,
+        one per channel (MR sequences), stacked in order on the first one's grid by
+        :func:`medcam3d.io.read_channels`; or an array with its grid, ``(*shape)`` (one channel) or
+        ``(C, *shape)`` (channels first).
     volume : int, optional
-        Volume index of a 4D file.
+        Volume index of a 4D file (of every channel).
+    trust : bool
+        As for :func:`medcam3d.io.read`, for a list of channel paths.
 
     Returns
     -------
     (MetaTensor, Space)
-        The image and its scanner space.
+        The image and its scanner space (the first channel's grid).
     """
     from monai.data import MetaTensor
 
     from . import io
 
-    if isinstance(image, tuple):
+    channels = io.as_channel_paths(image)
+    if channels is not None:
+        array, scanner_space = io.read_channels(channels, volume=volume, trust=trust)
+    elif isinstance(image, tuple):
         array, scanner_space = image
         scanner_space = Space.of(scanner_space)
     else:
-        array, scanner_space = io.read(image, volume=volume)
+        array, scanner_space = io.read(image, volume=volume)  # type: ignore[arg-type]
     array = np.asarray(array, dtype=np.float32)
-    if tuple(array.shape) != tuple(scanner_space.shape):
-        message = f"The array has shape {array.shape} but its space has shape {scanner_space.shape}."
+    spatial = tuple(scanner_space.shape)
+    if tuple(array.shape) == spatial:
+        array = array[None]
+    elif array.ndim != len(spatial) + 1 or tuple(array.shape[1:]) != spatial:
+        message = (f"The array has shape {array.shape} but its space has shape {scanner_space.shape}; give (*shape) or "
+                   "(C, *shape) with the channels first.")
         raise PreprocessingError(message)
-    tensor = MetaTensor(torch.from_numpy(np.array(array, dtype=np.float32, copy=True))[None], affine=torch.tensor(np.array(scanner_space.affine)))
+    tensor = MetaTensor(torch.from_numpy(np.array(array, dtype=np.float32, copy=True)),
+                        affine=torch.tensor(np.array(scanner_space.affine)))
     return tensor, scanner_space
 
 
@@ -590,8 +604,10 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
 
     Parameters
     ----------
-    image : path, (array, Space) or MetaTensor
-        A channel-first MetaTensor is used as is (its affine must be set).
+    image : path, list of paths, (array, Space) or MetaTensor
+        A list of paths is one scan per channel (MR sequences), stacked in order on the first
+        one's grid (:func:`medcam3d.io.read_channels`: a channel on another grid is resampled onto
+        it, with a warning). A channel-first MetaTensor is used as is (its affine must be set).
     transforms : config list, ``monai.transforms.Compose`` or None
         ``None`` uses :data:`DEFAULT_TRANSFORMS`. A Compose of your own runs one transform at a
         time under the same size limit (one built with ``lazy=True`` runs as it is, checked once
@@ -628,7 +644,7 @@ def preprocess(image, transforms=None, *, volume: int | None = None, trust: bool
         tensor = image
         scanner_space = Space(tuple(tensor.shape[1:]), np.asarray(tensor.affine, dtype=np.float64))
     else:
-        tensor, scanner_space = load_image(image, volume=volume)
+        tensor, scanner_space = load_image(image, volume=volume, trust=trust)
     checked = _compose_class()
     where_source = source or getattr(transforms, "source", None)
     where = f"{where_source}: " if where_source else ""
@@ -728,8 +744,11 @@ class BundlePreprocessing:
 
         Parameters
         ----------
-        image : str or Path
-            An image file or a folder holding one DICOM series.
+        image : str or Path, or a list of them
+            An image file or a folder holding one DICOM series; or one per channel (MR sequences),
+            which the bundle's ``LoadImaged`` stacks in order (a channel not on the first one's grid
+            is first resampled onto it, with a :class:`~medcam3d.errors.ChannelGridWarning`); the
+            scanner space is the first channel's.
         trust : bool
             As for :func:`medcam3d.io.read`: allow headers whose data files lie elsewhere.
 
@@ -751,14 +770,32 @@ class BundlePreprocessing:
             The chain fails, returns several samples or no MetaTensor, or its reader placed the scan
             elsewhere than medcam3d's reader does.
         """
+        import tempfile
+
         from monai.data import MetaTensor
 
         from . import io
-        from .errors import GeometryError, ImageReadError, SpaceError
 
-        if not isinstance(image, (str, os.PathLike)):
-            raise PreprocessingError(f"A bundle's preprocessing reads an image file or DICOM folder; got a {type(image).__name__}.")
-        path = Path(image)
+        channels = io.as_channel_paths(image)
+        if channels is None and not isinstance(image, (str, os.PathLike)):
+            raise PreprocessingError(f"A bundle's preprocessing reads an image file or DICOM folder (or a list of them, "
+                                     f"one per channel); got a {type(image).__name__}.")
+        paths = [Path(p) for p in (channels or [image])]
+        infos = [self._checked_info(p, trust) for p in paths]
+        path, info = paths[0], infos[0]
+        where = f"{self.config_file}: preprocessing"
+        with tempfile.TemporaryDirectory(prefix="medcam3d-channels-") as folder:
+            given: Any = str(path)
+            if len(paths) > 1:  # the bundle's LoadImaged stacks a list of files as channels (original_channel_dim 0)
+                given = [str(p) for p in self._on_first_grid(paths, infos, Path(folder), trust)]
+            return self._run(given, path, info, where)
+
+    @staticmethod
+    def _checked_info(path: Path, trust: bool):
+        """:func:`medcam3d.io.describe` of one file, refusing what :func:`medcam3d.io.read` refuses."""
+        from . import io
+        from .errors import GeometryError, ImageReadError
+
         info = io.describe(path, trust=trust)
         if len(info.series) > 1:
             uids = ", ".join(series.uid for series in info.series)
@@ -771,9 +808,42 @@ class BundlePreprocessing:
             raise GeometryError(f"'{path}' (series {info.series[0].uid}): {info.series[0].problem}")
         if info.affine is None:
             raise GeometryError(f"'{path}': the headers do not say where the voxels are, so the maps could not be placed.")
-        where = f"{self.config_file}: preprocessing"
+        return info
+
+    @staticmethod
+    def _on_first_grid(paths: list[Path], infos: list, folder: Path, trust: bool) -> list[Path]:
+        """The channel files, those not on the first one's grid replaced by a resampled copy in ``folder``
+        (NIfTI on the first channel's grid, as :func:`medcam3d.io.read_channels` resamples them, with its
+        :class:`~medcam3d.errors.ChannelGridWarning`)."""
+        from . import io
+        from .io.channels import CHANNEL_ATOL_MM
+
+        first = Space(infos[0].spatial_shape, infos[0].affine)
+        given = [paths[0]]
+        for index, (path, info) in enumerate(zip(paths[1:], infos[1:]), 1):
+            if Space(info.spatial_shape, info.affine).isclose(first, atol=CHANNEL_ATOL_MM, rtol=1e-5):
+                given.append(path)
+                continue
+            from .errors import ChannelGridWarning
+            from .space import resample
+
+            values, grid = io.read(path, trust=trust)
+            warnings.warn(f"channel {index} ('{path}', {grid}) is not on the grid of channel 0 ('{paths[0]}', {first}); "
+                          "it was resampled onto channel 0's grid (linear, 0 outside its field of view)",
+                          ChannelGridWarning, stacklevel=3)
+            copy = folder / f"channel_{index:04d}.nii.gz"
+            io.write(copy, resample(values, grid, first, mode="linear"), first)
+            given.append(copy)
+        return given
+
+    def _run(self, given: Any, path: Path, info: Any, where: str):
+        """The chain on ``{key: given}`` (a path, or a list of channel paths) and the checks of its result."""
+        from monai.data import MetaTensor
+
+        from .errors import SpaceError
+
         try:
-            data = self._apply({self.key: str(path)}, where)
+            data = self._apply({self.key: given}, where)
         except PreprocessingError:
             raise
         except Exception as error:  # MONAI wraps errors in RuntimeError with the transform's name

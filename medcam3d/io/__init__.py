@@ -65,6 +65,8 @@ Modules
 One concept per module; every public name is importable from ``medcam3d.io``:
 
 - :mod:`medcam3d.io.reading`: :func:`read`, :func:`read_volumes`, :func:`read_space`;
+- :mod:`medcam3d.io.channels`: :func:`read_channels` (several scans of one case stacked as channels on
+  the first one's grid);
 - :mod:`medcam3d.io.writing`: :func:`write`;
 - :mod:`medcam3d.io.info`: :func:`describe`, :class:`ImageInfo`, :class:`SeriesInfo`;
 - :mod:`medcam3d.io.nifti`: NIfTI reading and the header rule (:func:`set_nifti_geometry`,
@@ -81,7 +83,7 @@ One concept per module; every public name is importable from ``medcam3d.io``:
 - ``medcam3d.io._common``: the formats and the helpers the others share.
 
 Imports go one way: ``_common`` <- ``limits`` <- ``streaming`` <- ``nifti``, ``itk`` <- ``dicom`` <-
-``reading`` <- ``info``; ``writing`` uses ``nifti`` and ``itk``; this package imports them all.
+``reading`` <- ``info``, ``channels``; ``writing`` uses ``nifti`` and ``itk``; this package imports them all.
 """
 
 from __future__ import annotations
@@ -97,12 +99,16 @@ from .nifti import descrip_bytes, descrip_extensions, full_descrip, like_header,
 from .itk import detached_data_file
 from .reading import read, read_space, read_volumes
 from .info import ImageInfo, SeriesInfo, describe
+from .channels import CHANNEL_ATOL_MM, as_channel_paths, read_channels
 from .writing import write
 
 __all__ = [
     "read",
     "read_space",
     "read_volumes",
+    "read_channels",
+    "as_channel_paths",
+    "CHANNEL_ATOL_MM",
     "describe",
     "ImageInfo",
     "SeriesInfo",

@@ -22,8 +22,9 @@ import stat
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import CaseIdError, CohortError
 
@@ -38,6 +39,8 @@ __all__ = [
     "input_identity",
     "case_identity",
     "IMAGE_SUFFIXES",
+    "image_paths",
+    "first_image",
     "MAX_ID_BYTES",
     "MAX_ID_LENGTH",
     "MAX_CASES",
@@ -69,6 +72,10 @@ _LABEL_COLUMNS = ("labels", "labels_present", "labels present", "present", "find
 _VOLUME_COLUMNS = ("volume", "volume_index", "timepoint")
 _SERIES_COLUMNS = ("series", "series_uid", "seriesinstanceuid")
 _REGION_COLUMNS = ("region_mask", "region_mask_file")
+#: CSV columns of a case of several channels: ``image_0000``, ``image_0001`` ... (nnU-Net's numbering).
+_CHANNEL_COLUMN = re.compile(r"^image_(\d{4})$", re.IGNORECASE)
+#: nnU-Net's file naming of a case's channels in a folder: ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ...
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _FORBIDDEN = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
 # control (C0/C1), format (zero-width, bidi, soft hyphen, BOM), surrogate and line/paragraph separators
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -99,6 +106,10 @@ class Case:
     region_mask : Path, optional
         Segmentation networks: a 0/1 region on the scan's grid that each class is explained in
         (a CSV's ``region_mask`` column); ``mask`` stays the ground truth.
+    channels : list of Path
+        A case of several scans (MR sequences), one per input channel in order: CSV columns
+        ``image_0000``, ``image_0001`` ..., or nnU-Net's ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``
+        ... in a folder; ``image`` is then the first. Empty for a case of one scan.
     """
 
     id: str
@@ -109,19 +120,47 @@ class Case:
     volume: int | None = None
     series: str | None = None
     region_mask: Path | None = None
+    channels: list[Path] = field(default_factory=list)
+
+    @property
+    def scan(self) -> Path | list[Path]:
+        """What the runner reads: ``image``, or the list of channel scans (several channels)."""
+        return list(self.channels) if len(self.channels) > 1 else self.image
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every scan of the case (its channels, or its image)."""
+        return list(self.channels) if len(self.channels) > 1 else [self.image]
 
     def identity(self) -> dict:
         """Its inputs' identity (see :func:`case_identity`), what ``batch --resume`` compares."""
-        return case_identity(self.image, self.mask, self.region_mask, self.volume, self.series)
+        return case_identity(self.scan, self.mask, self.region_mask, self.volume, self.series)
 
 
-def case_id_of(path: str | Path) -> str:
-    """The file or folder name without its image suffix (``scan.nii.gz`` → ``scan``); not cleaned."""
+def case_id_of(path: str | Path | Sequence[str | Path]) -> str:
+    """The file or folder name without its image suffix (``scan.nii.gz`` → ``scan``); not cleaned.
+
+    A list of channel paths is named after its first channel.
+    """
+    path = first_image(path)
     name = os.path.basename(os.fspath(path).rstrip("/" + os.sep))
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def image_paths(image: str | Path | Sequence[str | Path]) -> list:
+    """The scans of a case as a list: ``[image]``, or the channel paths of a list or tuple."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def first_image(image: str | Path | Sequence[str | Path]) -> str | Path:
+    """The first channel of a list of channel paths, or the one image: what names the case and its grid."""
+    paths = image_paths(image)
+    if not paths:
+        raise CohortError("a case needs at least one scan (no image paths given).")
+    return paths[0]
 
 
 def case_id_key(text: str) -> str:
@@ -355,13 +394,49 @@ def _column(header: Sequence[str], candidates: Sequence[str]) -> int | None:
     return None
 
 
+def _channel_columns(path: Path, header: Sequence[str]) -> list[int]:
+    """The indices of the columns ``image_0000``, ``image_0001`` ... in channel order ([] when there are none).
+
+    Raises
+    ------
+    CohortError
+        A channel column repeated, a gap in the numbering (``image_0000``, ``image_0002``), or channel
+        columns next to a plain image column (``image``, ``file`` ...).
+    """
+    found: dict[int, int] = {}
+    for index, name in enumerate(header):
+        match = _CHANNEL_COLUMN.match(name.strip())
+        if match is None:
+            continue
+        channel = int(match.group(1))
+        if channel in found:
+            raise CohortError(f"{path}: the column {name!r} appears twice; each channel column image_NNNN must be "
+                              "given once.")
+        found[channel] = index
+    if not found:
+        return []
+    plain = _column(header, _IMAGE_COLUMNS)
+    if plain is not None:
+        raise CohortError(f"{path}: the CSV has both a {header[plain]!r} column and channel columns "
+                          f"({', '.join(header[i] for i in found.values())}); give one scan per row in {header[plain]!r}, "
+                          "or several channels in image_0000, image_0001, ... (not both).")
+    missing = [f"image_{n:04d}" for n in range(max(found) + 1) if n not in found]
+    if missing:
+        raise CohortError(f"{path}: the channel columns skip {', '.join(missing)} (found "
+                          f"{', '.join(header[found[n]] for n in sorted(found))}); number them image_0000, image_0001, "
+                          "... without gaps, in the model's channel order.")
+    return [found[n] for n in range(len(found))]
+
+
 def _from_csv(path: Path, max_cases: int = MAX_CASES) -> tuple[list[Case], list[bool]]:
     header, rows = _read_csv(path, max_cases)
-    image_col = _column(header, _IMAGE_COLUMNS)
+    channel_cols = _channel_columns(path, header)
+    image_col = channel_cols[0] if channel_cols else _column(header, _IMAGE_COLUMNS)
     if image_col is None:
         raise CohortError(
             f"{path}: the CSV has columns {header}, but none names the scan. Add a column 'image' (or 'file') "
-            "with paths to scan files or DICOM folders, relative to the CSV's folder.")
+            "with paths to scan files or DICOM folders, relative to the CSV's folder (several channels: columns "
+            "image_0000, image_0001, ...).")
     id_col, mask_col, label_col = (_column(header, c) for c in (_ID_COLUMNS, _MASK_COLUMNS, _LABEL_COLUMNS))
     volume_col, series_col = _column(header, _VOLUME_COLUMNS), _column(header, _SERIES_COLUMNS)
     region_col = _column(header, _REGION_COLUMNS)
@@ -394,27 +469,82 @@ def _from_csv(path: Path, max_cases: int = MAX_CASES) -> tuple[list[Case], list[
                               f"not {_shown(volume_text)}.")
         series = cell(row, series_col) or None
         region_text = cell(row, region_col)
+        channels = []
+        for column in channel_cols:
+            channel_text = cell(row, column)
+            if not channel_text:
+                raise CohortError(f"{where}: empty {header[column]!r}; every row needs a scan for each channel column "
+                                  f"({', '.join(header[c] for c in channel_cols)}).")
+            channels.append(local(channel_text))
         cases.append(Case(case_id, local(text), local(mask_text) if mask_text else None, labels, where,
-                          int(volume_text) if volume_text else None, series, local(region_text) if region_text else None))
+                          int(volume_text) if volume_text else None, series, local(region_text) if region_text else None,
+                          channels if len(channels) > 1 else []))
         given.append(bool(case_id))
     return cases, given
 
 
-def _from_folder(folder: Path, max_cases: int = MAX_CASES) -> list[Case]:
-    cases = []
+def _from_folder(folder: Path, max_cases: int = MAX_CASES) -> tuple[list[Case], list[Path]]:
+    """The cases of a folder, and the path each case's id is derived from.
+
+    Files named as nnU-Net names a case's channels (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ...)
+    are grouped into one case per ``CASE`` (its id), when every scan of the folder is named so and
+    at least one is channel ``0000``; otherwise every file or DICOM folder is a case.
+    """
+    scans = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
         if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and "_mask" not in path.name:
-            cases.append(Case("", path, source=str(path)))
+            scans.append((path, False))
         elif path.is_dir() and _is_dicom_folder(path):
-            cases.append(Case("", path, source=str(path)))
-        if len(cases) > max_cases:
+            scans.append((path, True))
+        if len(scans) > max_cases:
             raise CohortError(f"{folder} holds more than {max_cases} scans, the limit for one run. Split them into "
                               "several folders, or raise the limit with --max-cases N (collect_cases(max_cases=N)).")
-    if not cases:
+    if not scans:
         raise CohortError(f"{folder} holds no scans ({', '.join(IMAGE_SUFFIXES)} files or DICOM folders).")
-    return cases
+    grouped = _channel_groups(folder, [path for path, dicom in scans], any(dicom for _, dicom in scans))
+    if grouped is not None:
+        return grouped
+    return [Case("", path, source=str(path)) for path, _ in scans], [path for path, _ in scans]
+
+
+def _channel_groups(folder: Path, scans: list[Path], any_dicom: bool) -> tuple[list[Case], list[Path]] | None:
+    """nnU-Net's channel files grouped into cases (see :func:`_from_folder`), or None when the folder is not
+    named so. Every case must have the same channels ``0000`` ... ``N-1``."""
+    if any_dicom:
+        return None
+    parsed = []
+    for path in scans:
+        stem = case_id_of(path.name)
+        match = _CHANNEL_FILE.match(stem)
+        if match is None:
+            return None
+        parsed.append((match.group("case"), int(match.group("channel")), path, path.name[len(stem):]))
+    if not any(channel == 0 for _, channel, _, _ in parsed):
+        return None
+    groups: dict[str, dict[int, Path]] = {}
+    suffixes: dict[str, str] = {}
+    for case, channel, path, suffix in parsed:
+        channels = groups.setdefault(case, {})
+        if channel in channels:
+            raise CohortError(f"{folder}: case {case!r} has channel {channel:04d} twice ({channels[channel].name}, "
+                              f"{path.name}); keep one file per channel.")
+        channels[channel] = path
+        suffixes.setdefault(case, suffix)
+    count = max(max(channels) + 1 for channels in groups.values())
+    for case, channels in groups.items():
+        missing = [n for n in range(count) if n not in channels]
+        if missing:
+            names = ", ".join(f"{case}_{n:04d}{suffixes[case]}" for n in missing)
+            raise CohortError(f"{folder}: case {case!r} lacks channel(s) {', '.join(f'{n:04d}' for n in missing)} "
+                              f"({names} not found); every case of a folder named as nnU-Net names channels "
+                              f"(CASE_0000, CASE_0001, ...) needs all {count} channels.")
+    cases = [Case("", channels[0], source=str(channels[0]),
+                  channels=[channels[n] for n in range(count)] if count > 1 else [])
+             for channels in groups.values()]
+    naming = [folder / f"{case}{suffixes[case]}" for case in groups]
+    return cases, naming
 
 
 def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path | None = None, *,
@@ -436,6 +566,10 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
         SeriesInstanceUID of a multi-series DICOM folder) and ``region_mask`` (a 0/1 region on the
         scan's grid to explain a segmentation network in; an empty cell: none) columns, relative
         paths being relative to the CSV's folder; or a single scan (file or DICOM folder).
+        Several channels (MR sequences) per case: CSV columns ``image_0000``, ``image_0001`` ...
+        (instead of ``image``; numbered without gaps), or in a folder nnU-Net's naming
+        ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ... (grouped into case ``CASE``; every case
+        needs every channel). See :attr:`Case.channels`.
     masks : path, optional
         A folder of masks named ``<case>_mask.nii.gz``; they override the CSV's.
     check_files : bool
@@ -457,6 +591,7 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
         A given id that is not a safe path component (see :func:`check_case_id`), or given ids
         that repeat (ignoring case and Unicode normalisation; all listed).
     """
+    naming: list[Path] | None = None  # what derived ids are made from (default: each case's image)
     if not isinstance(inputs, (str, Path)):
         paths = [Path(p) for p in inputs]
         if len(paths) > max_cases:
@@ -470,7 +605,7 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
             if not cases:
                 raise CohortError(f"{inputs} lists no cases (only a header or blank lines).")
         elif inputs.is_dir() and not _is_dicom_folder(inputs):
-            cases = _from_folder(inputs, max_cases)
+            cases, naming = _from_folder(inputs, max_cases)
             given = [False] * len(cases)
         elif inputs.exists() and not inputs.is_dir() and not inputs.is_file():
             raise CohortError(f"--inputs {str(inputs)!r} is not a regular file or folder (a FIFO, socket or device); "
@@ -480,7 +615,7 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
         else:
             raise CohortError(f"--inputs {str(inputs)!r} does not exist; give a folder of scans, a CSV with an "
                               "'image' column, or a scan.")
-    _assign_ids(cases, given)
+    _assign_ids(cases, given, naming)
     if masks is not None:
         folder = Path(masks)
         if not folder.is_dir():
@@ -491,7 +626,7 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
                 case.mask = candidate
     if check_files:
         exists: dict[str, bool] = {}  # a mask or scan listed by many rows is asked about once
-        missing = [f"{c.source or c.id}: {_shown(text, 200)}" for c in cases for p in (c.image, c.mask, c.region_mask)
+        missing = [f"{c.source or c.id}: {_shown(text, 200)}" for c in cases for p in (*c.inputs, c.mask, c.region_mask)
                    if p is not None and not exists.setdefault(text := str(p), os.path.exists(text))]
         if missing:
             shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
@@ -500,7 +635,7 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
     return cases
 
 
-def _assign_ids(cases: list[Case], given: list[bool]) -> None:
+def _assign_ids(cases: list[Case], given: list[bool], naming: Sequence[Path] | None = None) -> None:
     """Fill in derived ids; refuse given ids that repeat (ignoring case and Unicode normalisation) or
     clash with derived ones."""
     key = case_id_key
@@ -515,7 +650,7 @@ def _assign_ids(cases: list[Case], given: list[bool]) -> None:
         raise CaseIdError(f"Case ids must be unique (ignoring upper/lower case and Unicode normalisation), but "
                           f"{len(repeated)} repeat: {listed}. Each case writes to OUT/<id>/; give every row its own id.")
     derived = [n for n, is_given in enumerate(given) if not is_given]
-    ids = derive_case_ids([cases[n].image for n in derived])
+    ids = derive_case_ids([(cases[n].image if naming is None else naming[n]) for n in derived])
     for n, case_id in zip(derived, ids):
         candidate, suffix = case_id, 2
         while key(candidate) in taken:  # a derived id never takes a given one
@@ -579,10 +714,15 @@ def input_identity(path: str | Path | None) -> dict | None:
     return identity
 
 
-def case_identity(image: str | Path, mask: str | Path | None = None, region_mask: str | Path | None = None,
-                  volume: int | None = None, series: str | None = None) -> dict:
+def case_identity(image: str | Path | Sequence[str | Path], mask: str | Path | None = None,
+                  region_mask: str | Path | None = None, volume: int | None = None, series: str | None = None) -> dict:
     """The identity of a case's inputs, as ``batch --resume`` compares them: each file's
     :func:`input_identity` (``None`` where there is no mask or region mask), the volume and the
-    series."""
-    return {"image": input_identity(image), "mask": input_identity(mask), "region_mask": input_identity(region_mask),
-            "volume": volume, "series": series}
+    series. A case of several channels (``image`` a list of paths) also has ``channels``, the
+    identity of each channel in order; ``image`` is then the first channel's."""
+    paths = image_paths(image)
+    identity: dict[str, Any] = {"image": input_identity(first_image(image)), "mask": input_identity(mask),
+                "region_mask": input_identity(region_mask), "volume": volume, "series": series}
+    if len(paths) > 1:
+        identity["channels"] = [input_identity(p) for p in paths]
+    return identity

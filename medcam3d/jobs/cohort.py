@@ -87,7 +87,7 @@ class _CaseDataset(torch.utils.data.Dataset):
         case = self.cases[index]
         try:
             inputs = case.identity()  # before reading: recorded for resume
-            loaded = load_case(case.image, self.transforms, case.mask, trust=self.trust, volume=case.volume,
+            loaded = load_case(case.scan, self.transforms, case.mask, trust=self.trust, volume=case.volume,
                                series=case.series, reader=self.reader, model=self.model, region_mask=case.region_mask,
                                input_check=self.input_check)
             return {"case": case, "loaded": _as_tensors(loaded), "error": "", "inputs": inputs}
@@ -333,7 +333,7 @@ def run_cohort(
         not write; nothing is written then.
     """
     context = context or DistributedContext()
-    out = check_output_location(out, [p for case in cases for p in (case.image, case.mask, case.region_mask)])
+    out = check_output_location(out, [p for case in cases for p in (*case.inputs, case.mask, case.region_mask)])
     with output_lock(out, "batch", context=context, check=lambda: check_own_files(out, ["summary.csv"])):
         return _run_cohort(runner, cases, out, resume=resume, workers=workers, progress=progress, context=context,
                            background_writer=background_writer)
@@ -383,7 +383,7 @@ def _run_cohort(runner: Runner, cases: Sequence[Case], out: Path, *, resume: boo
                 try:
                     if item["error"]:
                         raise RuntimeError(item["error"])
-                    explained = runner.explain_case(case.image, out, case_id=case.id, mask=case.mask,
+                    explained = runner.explain_case(case.scan, out, case_id=case.id, mask=case.mask,
                                                     loaded=_as_arrays(item["loaded"]), region_mask=case.region_mask,
                                                     volume=case.volume, series=case.series, inputs=item["inputs"])
                 except ConfigError:  # the config does not fit the model (e.g. class_names): every case would fail

@@ -223,9 +223,10 @@ def evaluate(
     cases = collect_cases(inputs, masks)
     out = Path(out_dir)
     listed = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)  # the CSV or folder is an input too
-    check_output_location(out, [*listed, masks, *(p for case in cases for p in (case.image, case.mask, case.region_mask))])
+    check_output_location(out, [*listed, masks, *(p for case in cases for p in (*case.inputs, case.mask, case.region_mask))])
     model = load_model(config, trust=trust)
     runner = Runner(config, model, methods=methods, target="all", device=device, trust=trust)
+    runner.check_cases_channels(cases)  # scans per case against the model's input channels, before any is read
     fine = None
     if segmentation and fuse_layer:
         from ..explainer import Explainer
@@ -293,7 +294,7 @@ def _evaluate_case(case: Case, runner, out: Path, state: _State, *, steps: int, 
     from .runner import load_case, probabilities
 
     config = runner.config
-    loaded = load_case(case.image, runner.transforms, case.mask, trust=runner.trust, volume=case.volume,
+    loaded = load_case(case.scan, runner.transforms, case.mask, trust=runner.trust, volume=case.volume,
                        series=case.series, reader=runner.reader, model=runner.model,
                        input_check=runner.input_check)  # scan read once; mask checked against its grid
     scanner_space, scan = loaded.scanner_space, loaded.scan

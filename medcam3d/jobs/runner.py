@@ -13,6 +13,7 @@ only when the same settings made it from the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,7 +22,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from ..heatmap import unique_file_labels
 from ..preprocess import build_transforms, preprocess
 from ..space import Space
 from ..targets import Region, check_region_mask, probabilities  # noqa: F401  (probabilities: re-exported)
-from .cases import Case, case_id_of, case_identity, check_case_id
+from .cases import Case, case_id_of, case_identity, check_case_id, first_image, image_paths
 from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
 __all__ = ["Runner", "CaseResult", "ExplainedCase", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
@@ -126,7 +127,7 @@ class CaseResult:
     """What one case produced; ``rows()`` flattens it for the summary table."""
 
     case_id: str
-    image: str
+    image: str  # the scan, or the first channel of several
     status: str = "ok"
     error: str = ""
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -141,6 +142,9 @@ class CaseResult:
     # Integrated Gradients' completeness error per class, the forward passes occlusion and Score-CAM
     # spent, the stages a fused map combined
     diagnostics: dict = field(default_factory=dict)
+    # a case of several channels (MR sequences): every channel's path, in the model's channel order
+    # (empty for one scan); the maps lie on the first channel's grid
+    channels: list[str] = field(default_factory=list)
 
     @classmethod
     def from_summary(cls, data: dict) -> CaseResult | None:
@@ -197,7 +201,7 @@ class ExplainedCase:
     """
 
     result: CaseResult
-    image: str | Path
+    image: str | Path | Sequence[str | Path]  # a scan, or a list of channel scans
     out_dir: Path
     loaded: LoadedCase
     explanations: list  # one Explanation per method, on the CPU
@@ -234,17 +238,24 @@ def read_region_mask(path: str | Path, scanner_space: object, *, trust: bool = F
     return check_region_mask(values, f"The region mask {path}")
 
 
-def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, trust: bool = False,
-              volume: int | None = None, series: str | None = None, reader=None,
+def load_case(image: str | Path | Sequence[str | Path], transforms, mask: str | Path | None = None, *,
+              trust: bool = False, volume: int | None = None, series: str | None = None, reader=None,
               model: torch.nn.Module | None = None, region_mask: str | Path | None = None,
               input_check: Callable[[tuple[int, ...]], None] | None = None) -> LoadedCase:
     """Read a scan once, preprocess it, and read its ground-truth label map if given.
 
+    ``image`` is a scan, or a list of scans of one case (MR sequences), one per input channel in
+    the model's order: they are stacked on the first one's grid (:func:`medcam3d.io.read_channels`;
+    a channel on another grid is resampled onto it, with a warning), and the case's grid, scan
+    (pictures) and outputs are the first channel's.
     ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
     ``volume`` picks one volume of a 4D file, ``series`` one series of a multi-series DICOM folder.
     ``reader`` replaces ``transforms``: a callable ``reader(path, trust=...) -> (x, scanner_space)``
-    such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`).
-    ``model``, when given, is checked to take inputs of the scan's dimensionality (2D or 3D).
+    such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`; it is
+    given the list of channel paths).
+    ``model``, when given, is checked to take inputs of the scan's dimensionality (2D or 3D) and,
+    for several channels, that many input channels (before preprocessing), and the preprocessed
+    input's channels (before the model runs).
     ``region_mask`` is a 0/1 region on the scan's grid to explain (see :func:`read_region_mask`).
     ``input_check`` is called with the shape ``(C, *input_shape)`` the preprocessing will give,
     before it runs, when that can be told from metadata (see :func:`medcam3d.preprocess.preprocess`;
@@ -257,29 +268,69 @@ def load_case(image: str | Path, transforms, mask: str | Path | None = None, *, 
         :func:`medcam3d.io.read`).
     TargetError
         A region mask that is not on the scan's grid, not binary, or empty.
+    InputError
+        Several channels, or a preprocessed input, whose number of channels is not the model's.
     """
     from .. import io
 
-    scan, scanner_space = io.read(image, trust=trust, volume=volume, series=series)
+    paths = image_paths(image)
+    first = first_image(image)
+    stacked = None
+    if len(paths) > 1:
+        if model is not None:
+            from ..models import check_input_channels
+
+            check_input_channels(len(paths), model, what=f"the case of {', '.join(repr(str(p)) for p in paths)}")
+        if reader is None:
+            with _logged_channel_warnings():
+                stacked, scanner_space = io.read_channels(paths, trust=trust, volume=volume, series=series)
+            scan = stacked[0]
+        else:  # the bundle's chain stacks them (resampling those on another grid): read the first for its grid
+            scan, scanner_space = io.read(first, trust=trust, volume=volume, series=series)
+    else:
+        scan, scanner_space = io.read(first, trust=trust, volume=volume, series=series)
     if model is not None:
         from ..models import check_input_rank
 
-        check_input_rank(scan.shape, model, path=image)  # a 2D image for a 3D model: a clear error, not a transform's
+        check_input_rank(scan.shape, model, path=first)  # a 2D image for a 3D model: a clear error, not a transform's
     if reader is not None:
         if volume is not None or series is not None:
             raise UsageError("--volume/--series cannot be used with a bundle's own preprocessing (it reads the whole "
                              "file); give the config a preprocessing list instead.")
-        x, _ = reader(image, trust=trust)
+        with _logged_channel_warnings():
+            x, _ = reader(first if len(paths) == 1 else paths, trust=trust)
     else:
-        x, _ = preprocess((scan, scanner_space), transforms, check_input=input_check)
+        x, _ = preprocess((scan if stacked is None else stacked, scanner_space), transforms, check_input=input_check)
+    if model is not None:
+        from ..models import check_input_channels
+
+        check_input_channels(int(x.shape[0]), model, what=f"the preprocessed input of {str(first)!r}")
     labels = None
     if mask is not None:
         labels, mask_space = io.read(mask, dtype=None, trust=trust)
         if not mask_space.isclose(scanner_space, atol=1e-3):
-            raise SpaceError(f"The mask {mask} is not on the grid of {image} ({mask_space} vs {scanner_space}); give "
+            raise SpaceError(f"The mask {mask} is not on the grid of {first} ({mask_space} vs {scanner_space}); give "
                              "a label map with the scan's shape and affine.")
-    region = None if region_mask is None else read_region_mask(region_mask, scanner_space, trust=trust, image=image)
+    region = None if region_mask is None else read_region_mask(region_mask, scanner_space, trust=trust, image=first)
     return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels, region)
+
+
+@contextlib.contextmanager
+def _logged_channel_warnings() -> Iterator[None]:
+    """:class:`~medcam3d.errors.ChannelGridWarning` (a channel resampled onto the first one's grid) as one
+    logged line each (the CLI shows ``medcam3d: channel 1 ... was resampled ...``); other warnings pass on."""
+    import warnings
+
+    from ..errors import ChannelGridWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ChannelGridWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, ChannelGridWarning):
+            logger.warning("%s", warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def check_model_input(model: torch.nn.Module, shape: Sequence[int]) -> None:
@@ -381,7 +432,7 @@ class Runner:
         if result is None or result.status != "ok":
             return None
         region_mask = case.region_mask if case.region_mask is not None else self.region_masks.get(case.id)
-        inputs = case_identity(case.image, case.mask, region_mask, case.volume, case.series)
+        inputs = case_identity(case.scan, case.mask, region_mask, case.volume, case.series)
         expected = json.loads(json.dumps(_finite(self._case_settings(inputs, region_mask)), default=str))
         return result if result.run == expected else None
 
@@ -402,6 +453,30 @@ class Runner:
             settings["region_mask"] = {"file": Path(region_mask).name, "digest": digest.hexdigest()[:16]}
         return settings
 
+    def check_channels(self, count: int, what: str) -> None:
+        """Refuse ``count`` scans per case when the model takes another number of input channels,
+        before any scan is read (:func:`medcam3d.models.check_input_channels`).
+
+        One scan is checked only where medcam3d's own preprocessing reads it (a bundle's chain may
+        make several channels of one file); :func:`load_case` checks the preprocessed input again
+        before the model runs.
+
+        Raises
+        ------
+        InputError
+        """
+        if count == 1 and self.reader is not None:
+            return
+        from ..models import check_input_channels
+
+        check_input_channels(count, self.model, what=what)
+
+    def check_cases_channels(self, cases: Sequence[Case]) -> None:
+        """:meth:`check_channels` for every number of scans per case of a cohort (naming a case of each)."""
+        for count in sorted({len(case.inputs) for case in cases}):
+            example = next(case for case in cases if len(case.inputs) == count)
+            self.check_channels(count, f"case {example.id!r} ({example.source or example.image})")
+
     def check_region_task(self) -> None:
         """Refuse region masks for a model that is not a segmentation network (before any work).
 
@@ -418,7 +493,7 @@ class Runner:
             )
 
     # ---------------------------------------------------------------- one case
-    def run_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
+    def run_case(self, image: str | Path | Sequence[str | Path], out_dir: str | Path, *, case_id: str | None = None,
                  mask: str | Path | None = None, overwrite: bool = True,
                  loaded: LoadedCase | None = None, volume: int | None = None,
                  series: str | None = None, region_mask: str | Path | None = None) -> CaseResult:
@@ -428,6 +503,8 @@ class Runner:
         the lesion of class ``c``; each map's peak is checked against it. ``loaded`` is the case
         already read and preprocessed (e.g. by a DataLoader worker, see :func:`load_case`).
         ``volume`` picks one volume of a 4D file, ``series`` one series of a DICOM folder.
+        ``image`` may be a list of scans, one per input channel (see :func:`load_case`): the case
+        is named after (``case_id`` default), and its outputs lie on the grid of, the first one.
 
         ``region_mask`` (segmentation networks only; default: ``region_masks[case_id]`` if listed)
         is a 0/1 mask on the scan's grid: each class is then scored by the sum of its logits inside
@@ -443,7 +520,8 @@ class Runner:
                                                  loaded=loaded, volume=volume, series=series,
                                                  region_mask=region_mask))
 
-    def explain_case(self, image: str | Path, out_dir: str | Path, *, case_id: str | None = None,
+    def explain_case(self, image: str | Path | Sequence[str | Path], out_dir: str | Path, *,
+                     case_id: str | None = None,
                      mask: str | Path | None = None, overwrite: bool = True,
                      loaded: LoadedCase | None = None, volume: int | None = None,
                      series: str | None = None, region_mask: str | Path | None = None,
@@ -463,8 +541,10 @@ class Runner:
             self.check_region_task()
         if inputs is None:  # before reading: a file replaced meanwhile is done again by the next resume
             inputs = case_identity(image, mask, region_mask, volume, series)
-        result = CaseResult(case_id=case_id, image=str(image), run=self._case_settings(inputs, region_mask))
-        out_dir = check_output_location(out_dir, [image, mask, region_mask])
+        paths = image_paths(image)
+        result = CaseResult(case_id=case_id, image=str(first_image(image)), run=self._case_settings(inputs, region_mask),
+                            channels=[str(p) for p in paths] if len(paths) > 1 else [])
+        out_dir = check_output_location(out_dir, [*paths, mask, region_mask])
         final = out_dir / case_id
         if final.exists() and not overwrite:
             raise FileExistsError(f"{final} exists; pass overwrite=True or --resume to skip it.")
@@ -474,7 +554,7 @@ class Runner:
                                input_check=self.input_check)
         elif region_mask is not None and loaded.region is None:
             loaded = dataclasses.replace(loaded, region=read_region_mask(region_mask, loaded.scanner_space,
-                                                                         trust=self.trust, image=image))
+                                                                         trust=self.trust, image=first_image(image)))
         batch = loaded.x[None].to(self.device)
         target = self.target if loaded.region is None else self._region_target(loaded.region, loaded.scanner_space,
                                                                                 loaded.x)
@@ -493,7 +573,7 @@ class Runner:
         remove_stale_staging(out_dir, result.case_id)
         staging = staging_folder(out_dir, result.case_id)
         try:
-            self._write_into(case.explanations, case.loaded, staging, result, case.image)
+            self._write_into(case.explanations, case.loaded, staging, result, first_image(case.image))
             result.files = [str(final / Path(f).name) for f in result.files if (staging / Path(f).name).is_file()]
             text = json.dumps(result.to_summary(), indent=2, allow_nan=False, ensure_ascii=False)
             (staging / "summary.json").write_text(text, encoding="utf-8")

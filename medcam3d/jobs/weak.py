@@ -137,7 +137,7 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
     return written
 
 
-def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path | None = None,
+def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path | list | None = None,
                   inputs: str | Path | None = None, device: str = "auto", trust: bool = False,
                   min_volume_mm3: float = 20.0) -> list[dict]:
     """Segment scans with a trained segmenter and write one case folder each.
@@ -148,7 +148,8 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
         A segmenter config (``task: segmentation``), e.g. written by :func:`weak_train`.
     out : path
     image, inputs : path
-        One scan, or a folder/CSV of scans (exactly one of them).
+        One scan (or a list of scans of one case, one per input channel, on the first one's grid),
+        or a folder/CSV of scans (exactly one of them).
     device : str
         ``auto``, ``cpu``, ``cuda[:i]``.
     min_volume_mm3 : float
@@ -167,10 +168,19 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
         raise UsageError("give --image SCAN or --inputs CSV|FOLDER (one of them).")
     if not min_volume_mm3 >= 0:
         raise UsageError(f"--min-volume must be >= 0 mm³, not {min_volume_mm3}.")
-    cases = collect_cases(inputs) if inputs is not None else collect_cases([image])  # type: ignore[list-item]
+    if inputs is not None:
+        cases = collect_cases(inputs)
+    else:
+        given: list = list(image) if isinstance(image, (list, tuple)) else [image]
+        channels = [Path(p) for p in given]
+        cases = collect_cases(channels[:1])
+        missing = [str(p) for p in channels[1:] if not p.exists()]
+        if missing:
+            raise UsageError(f"--image {', '.join(map(repr, missing))} does not exist; give one scan per channel.")
+        cases[0].channels = channels if len(channels) > 1 else []
     config, model = weak.load_segmenter(config_path, trust=trust)
     out = check_output_location(out, [config_path, config.model.weights, inputs,
-                                      *(p for c in cases for p in (c.image, c.mask))])
+                                      *(p for c in cases for p in (*c.inputs, c.mask))])
     target = resolve_device(device)
     model = model.to(target)
     names = list(config.class_names or [])[1:]
@@ -179,7 +189,7 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
     results = []
     with output_lock(out, "segment"):
         for case in cases:
-            loaded = load_case(case.image, transforms, trust=trust, volume=case.volume, series=case.series, model=model)
+            loaded = load_case(case.scan, transforms, trust=trust, volume=case.volume, series=case.series, model=model)
             segmentation = weak.segment_scan(model, loaded.x.to(target), loaded.scanner_space, names, settings=settings)
             like = case.image if str(case.image).lower().endswith((".nii", ".nii.gz")) else None
             remove_stale_staging(out, case.id)
@@ -188,6 +198,7 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
                 labels_name, lesions_name = f"{case.id}_learned_segmentation.nii.gz", f"{case.id}_learned_lesions.json"
                 segmentation.save(staging / labels_name, staging / lesions_name, like=like)
                 record = {"case_id": case.id, "image": str(case.image), "status": "ok",
+                          **({"channels": [str(p) for p in case.channels]} if case.channels else {}),
                           "files": [str(out / case.id / labels_name), str(out / case.id / lesions_name)],
                           "segmentation": {"method": "learned", "config": str(Path(config_path).resolve()),
                                            "classes": names, "lesions": [l.to_dict() for l in segmentation.lesions]}}

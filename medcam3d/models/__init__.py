@@ -43,7 +43,7 @@ One concept per module; this package gives their public names:
 * :mod:`~medcam3d.models.weights`: :func:`load_weights` (``weights_only=True``);
 * :mod:`~medcam3d.models.bundles`: MONAI bundles;
 * :mod:`~medcam3d.models.loading`: :func:`load_model` and :func:`load_configured` (a config's model);
-* :mod:`~medcam3d.models.rank`: :func:`check_input_rank`.
+* :mod:`~medcam3d.models.rank`: :func:`check_input_rank`, :func:`check_input_channels`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from .budget import MAX_BUILD_SECONDS, MAX_MODULES, MAX_PARAMETERS
 from .build import build_network
 from .bundles import BUNDLE_CONFIGS, Bundle, bundle_has_weights, bundle_input_shape, bundle_preprocessing, load_bundle
 from .loading import ConfiguredModel, load_configured, load_model
-from .rank import check_input_rank
+from .rank import check_input_channels, check_input_rank
 from .rules import (ARGUMENTS_NEEDING_TRUST, MAX_ARGUMENT_INT, NETWORK_FACTORIES, NETWORK_NAMESPACES, NETWORKS_NEEDING_TRUST,
                     download_defaults)
 from .weights import load_weights
@@ -88,4 +88,5 @@ __all__ = [
     "bundle_input_shape",
     "bundle_has_weights",
     "check_input_rank",
+    "check_input_channels",
 ]

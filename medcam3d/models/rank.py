@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["check_input_rank"]
+__all__ = ["check_input_rank", "check_input_channels"]
 
 _CONV_DIMS_BY_NAME = {
     f"{kind}{dims}d": dims for kind in ("Conv", "ConvTranspose", "LazyConv", "LazyConvTranspose") for dims in (1, 2, 3)
@@ -94,3 +94,41 @@ def check_input_rank(scan_shape, model: nn.Module, *, path: str | Path | None = 
     if dims not in (2, 3) or (dims == 2 and len(shape) != 2):
         raise InputError(f"{name} has shape {shape}, but the model's first convolution is {dims}D.")
     return dims
+
+
+def check_input_channels(count: int, model: nn.Module, *, what: str = "the input") -> int | None:
+    """Refuse an input of ``count`` channels for a model that takes another number, before it runs.
+
+    Parameters
+    ----------
+    count : int
+        Channels given: the number of scans of a case (``--image`` repeated, CSV columns
+        ``image_0000``, ``image_0001`` ...), or the preprocessed input's first axis.
+    model : torch.nn.Module
+        The network (eager or TorchScript); its first convolution tells its input channels
+        (:func:`medcam3d.layers.expected_input_channels`).
+    what : str
+        What gave the channels, named in the error (``"--image (2 given)"``, a case).
+
+    Returns
+    -------
+    int or None
+        The model's input channels, or None when they cannot be told (then nothing is checked).
+
+    Raises
+    ------
+    InputError
+        ``count`` differs from the model's input channels.
+    """
+    from ..errors import InputError
+    from ..layers import expected_input_channels
+
+    expected = expected_input_channels(model)
+    if expected is None or int(count) == expected:
+        return expected
+    def scans(n: int) -> str:
+        return f"{n} channel{'s' if n != 1 else ''}"
+
+    raise InputError(f"{what} has {scans(int(count))}, but the model takes {scans(expected)} (its first convolution's "
+                     f"in_channels); give one scan per channel, in the model's order (explain: --image repeated; a "
+                     "CSV: columns image_0000, image_0001, ...; a folder: CASE_0000.nii.gz, CASE_0001.nii.gz, ...).")
