@@ -167,16 +167,17 @@ def _runner(args: argparse.Namespace, methods=None):
 
     config = _with_limits(_with_output_options(load_config(args.config), args), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
-                or config.model.torchscript, config.task)
+                or config.model.torchscript or config.model.nnunet, config.task)
     target = _parse_target(getattr(args, "target", None))
-    if config.model.bundle is None or config.class_names is not None:  # a bundle's names: checked once it is read
+    named_later = config.model.bundle is not None or config.model.nnunet is not None  # names from the folder
+    if not named_later or config.class_names is not None:  # a bundle's (nnU-Net's) names: checked once it is read
         _check_target(target, config)
     _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False))
     trust = getattr(args, "trust", False)
     loaded = load_configured(config, trust=trust, random_weights=getattr(args, "random_weights", False),
                              **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
     config, model, random_weights, reader = loaded.config, loaded.model, loaded.random_weights, loaded.preprocessing
-    if config.model.bundle is not None:
+    if named_later:
         _check_target(target, config)
     if random_weights:
         logger.warning("the model has random parameters (weights: none / --random-weights): its maps explain an "
