@@ -395,6 +395,15 @@ def _cmd_layers(args: argparse.Namespace) -> int:
                              max_activation_bytes=spec.max_activation_bytes,
                              **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
         model = bundle.network
+    elif spec.nnunet is not None:  # one fold's network (the layer names a config gives), the plans' patch size
+        from .models import load_nnunet
+
+        folder = load_nnunet(spec.nnunet, spec.configuration, spec.folds, spec.checkpoint, trust=args.trust,
+                             random_weights=True, max_activation_bytes=spec.max_activation_bytes)
+        model = folder.network.folds[0]
+        if not args.shape:  # the network sees windows of the patch size, whatever the scan
+            logger.info("input shape: the plans' patch size %s (nnU-Net explains through windows of it)", folder.patch_size)
+            args.shape, args.image = [folder.input_channels, *folder.patch_size], None
     else:
         random_weights = args.random_weights or (spec.network is not None and spec.weights is None)
         model = load_model(config, trust=args.trust, random_weights=random_weights)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ __all__ = ["PLANS", "DATASET", "SCAN_SHAPE", "SCAN_SPACING", "write_model_folder
 SCAN_SHAPE = (28, 24, 20)
 SCAN_SPACING = (1.5, 1.5, 2.0)
 
-ARCHITECTURE = {
+ARCHITECTURE: dict[str, Any] = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
     "arch_kwargs": {
         "n_stages": 3,
@@ -106,7 +107,7 @@ def write_model_folder(out: str | Path, folds: tuple = (0, 1), *, seed: int = 0,
     dataset = DATASET if dataset is None else dataset
     (folder / "plans.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
-    kwargs = dict(ARCHITECTURE["arch_kwargs"])
+    kwargs: dict[str, Any] = dict(ARCHITECTURE["arch_kwargs"])
     kwargs.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
     for number, fold in enumerate(folds):
         torch.manual_seed(seed + number)

@@ -352,11 +352,15 @@ class Runner:
         options = dict(layer=self.layer, class_names=config.class_names, amp=self.amp,
                        output_activation=output_activation or config.output_activation,
                        placement=placement or config.placement)
-        self.explainers = [Explainer(self.model, method, **options) for method in self.methods]  # type: ignore[arg-type]
-        # an nnU-Net fold ensemble: each fold explained on its own (<method>_fold<k> maps) and their mean (<method>)
-        folds = getattr(self.model, "folds", None) if type(self.model).__name__ == "FoldEnsemble" else None
+        from ..models.nnunet import FoldEnsemble
+
+        # an nnU-Net fold ensemble: each fold explained on its own (<method>_fold<k> maps) and their mean (<method>),
+        # with layer names of one fold's network; self.explainers (evaluate, napari) explain the first fold
+        folds = list(self.model.folds) if isinstance(self.model, FoldEnsemble) else None
         self.fold_explainers = [[Explainer(fold, method, **options) for fold in folds]  # type: ignore[arg-type]
                                 for method in self.methods] if folds is not None else None
+        self.explainers = ([row[0] for row in self.fold_explainers] if self.fold_explainers is not None else
+                           [Explainer(self.model, method, **options) for method in self.methods])  # type: ignore[arg-type]
 
     def run_settings(self) -> dict:
         """What shapes this runner's outputs; recorded in each case's summary and compared by resume."""
