@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Tests also need the napari plugin's extra and the test tools (napari tests run under Xvfb).
+# The nnU-Net extra under a constraint that keeps the installed torch (nnunetv2 -> timm -> torchvision would
+# otherwise replace a CPU torch with the newest CUDA build).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,napari]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -e ".[dev,napari,nnunet]" -c $(VENV)/torch-constraint.txt
 	touch $@
 
 install: $(VENV)/.installed

@@ -167,9 +167,10 @@ def _runner(args: argparse.Namespace, methods=None, channels: int | None = None)
 
     config = _with_limits(_with_output_options(load_config(args.config), args), args)
     logger.info("config %s: model %s, task %s", args.config, config.model.network or config.model.bundle
-                or config.model.torchscript, config.task)
+                or config.model.torchscript or config.model.nnunet, config.task)
     target = _parse_target(getattr(args, "target", None))
-    if config.model.bundle is None or config.class_names is not None:  # a bundle's names: checked once it is read
+    named_later = config.model.bundle is not None or config.model.nnunet is not None  # names from the folder
+    if not named_later or config.class_names is not None:  # a bundle's (nnU-Net's) names: checked once it is read
         _check_target(target, config)
     _check_layer_name(config, getattr(args, "layer", None) or config.layer, getattr(args, "trust", False),
                       channels=channels)
@@ -177,7 +178,7 @@ def _runner(args: argparse.Namespace, methods=None, channels: int | None = None)
     loaded = load_configured(config, trust=trust, random_weights=getattr(args, "random_weights", False),
                              **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
     config, model, random_weights, reader = loaded.config, loaded.model, loaded.random_weights, loaded.preprocessing
-    if config.model.bundle is not None:
+    if named_later:
         _check_target(target, config)
     if random_weights:
         logger.warning("the model has random parameters (weights: none / --random-weights): its maps explain an "
@@ -419,6 +420,15 @@ def _cmd_layers(args: argparse.Namespace) -> int:
                              max_activation_bytes=spec.max_activation_bytes,
                              **({"max_voxels": args.max_voxels} if hasattr(args, "max_voxels") else {}))
         model = bundle.network
+    elif spec.nnunet is not None:  # one fold's network (the layer names a config gives), the plans' patch size
+        from .models import load_nnunet
+
+        folder = load_nnunet(spec.nnunet, spec.configuration, spec.folds, spec.checkpoint, trust=args.trust,
+                             random_weights=True, max_activation_bytes=spec.max_activation_bytes)
+        model = folder.network.folds[0]
+        if not args.shape:  # the network sees windows of the patch size, whatever the scan
+            logger.info("input shape: the plans' patch size %s (nnU-Net explains through windows of it)", folder.patch_size)
+            args.shape, args.image = [folder.input_channels, *folder.patch_size], None
     else:
         random_weights = args.random_weights or (spec.network is not None and spec.weights is None)
         model = load_model(config, trust=args.trust, random_weights=random_weights)

@@ -290,6 +290,11 @@ class ModelConfig:
         A MONAI bundle directory.
     torchscript : Path or None
         A TorchScript file.
+    nnunet : Path or None
+        An nnU-Net v2 model folder (``plans.json``, ``dataset.json``, ``fold_<k>/``; see
+        :func:`medcam3d.models.load_nnunet`), with its ``configuration`` (default ``3d_fullres``),
+        ``folds`` (default: every ``fold_<k>`` present) and ``checkpoint`` file name (default
+        ``checkpoint_final.pth``).
     source : Path or None
         The config file it came from (named in error messages), if any.
     max_activation_bytes : int or None
@@ -305,6 +310,10 @@ class ModelConfig:
     weights: Path | None = None
     bundle: Path | None = None
     torchscript: Path | None = None
+    nnunet: Path | None = None
+    configuration: str = "3d_fullres"
+    folds: tuple[int | str, ...] | None = None
+    checkpoint: str = "checkpoint_final.pth"
     source: Path | None = None
     random_weights: bool = False
     max_activation_bytes: int | None = DEFAULT_MAX_ACTIVATION_BYTES
@@ -406,7 +415,8 @@ class Config:
 
 _TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
              "output_activation", "placement"}
-_MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript"}
+_MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript", "nnunet", "configuration", "folds", "checkpoint"}
+_NNUNET_KEYS = ("configuration", "folds", "checkpoint")
 
 
 _UNCHANGED: Any = object()
@@ -708,21 +718,52 @@ def _existing(value: object, where: str, key: str, base: Path, directory: bool =
     return path
 
 
+def _nnunet_model(section: Mapping, where: str, base: Path, source: Path | None) -> ModelConfig:
+    unused = [key for key in ("args", "weights") if key in section]
+    if unused:
+        raise ConfigError(f"{where}: model.{unused[0]} is not used with model.nnunet: the network comes from plans.json and "
+                          f"the weights from fold_<k>/ of the folder. Remove model.{unused[0]}.")
+    folder = _existing(section["nnunet"], where, "model.nnunet", base, directory=True)
+    configuration = section.get("configuration", "3d_fullres")
+    if not isinstance(configuration, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", configuration):
+        raise ConfigError(f"{where}: model.configuration must be the name of an nnU-Net configuration like 3d_fullres, not {_short(configuration)}.")
+    folds = section.get("folds")
+    if folds is not None:
+        if isinstance(folds, (int, str)) and not isinstance(folds, bool):
+            folds = [folds]
+        if (not isinstance(folds, list) or not folds or len(folds) > 100
+                or not all((isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 1000) or f == "all" for f in folds)):
+            raise ConfigError(f"{where}: model.folds must be a list of fold numbers (or 'all'), e.g. [0, 1, 2, 3, 4], not {_short(folds)}.")
+        if len(set(map(str, folds))) != len(folds):
+            raise ConfigError(f"{where}: model.folds lists a fold twice: {_short(folds)}.")
+        folds = tuple(folds)
+    checkpoint = section.get("checkpoint", "checkpoint_final.pth")
+    if not isinstance(checkpoint, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", checkpoint) or checkpoint.startswith("."):
+        raise ConfigError(f"{where}: model.checkpoint must be a file name in each fold folder like checkpoint_final.pth, not {_short(checkpoint)}.")
+    return ModelConfig(nnunet=folder, configuration=configuration, folds=folds, checkpoint=checkpoint, source=source)
+
+
 def _model(section: object, where: str, base: Path, source: Path | None) -> ModelConfig:
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: model must be a mapping (network, args, weights), not {type(section).__name__}.")
     _check_keys(section, _MODEL_KEYS, where, "model.")
     network = section.get("network", section.get("_target_"))
-    sources = [k for k in ("bundle", "torchscript") if k in section] + (["network"] if network is not None else [])
+    sources = [k for k in ("bundle", "torchscript", "nnunet") if k in section] + (["network"] if network is not None else [])
     if len(sources) != 1:
-        raise ConfigError(f"{where}: model needs exactly one of network, bundle, torchscript; got {sources or 'none'}.")
+        raise ConfigError(f"{where}: model needs exactly one of network, bundle, torchscript, nnunet; got {sources or 'none'}.")
+    if sources[0] != "nnunet":
+        stray = [key for key in _NNUNET_KEYS if key in section]
+        if stray:
+            raise ConfigError(f"{where}: model.{stray[0]} is only used with model.nnunet (an nnU-Net v2 model folder).")
+    else:
+        return _nnunet_model(section, where, base, source)
     if sources[0] != "network":
         unused = [key for key in ("args", "weights") if key in section]
         if unused:
             message = (
                 f"{where}: model.{unused[0]} is not used with model.{sources[0]}: the "
-                + ("bundle's network and weights come from its configs and models/ folder."
-                   if sources[0] == "bundle" else "TorchScript file holds its network and weights.")
+                + {"bundle": "bundle's network and weights come from its configs and models/ folder.",
+                   "torchscript": "TorchScript file holds its network and weights."}[sources[0]]
                 + f" Remove model.{unused[0]}."
             )
             raise ConfigError(message)

@@ -382,7 +382,7 @@ class Explainer:
 
             configured = load_configured(loaded, trust=trust)
             loaded, model = configured.config, configured.model
-            if loaded.model.bundle is not None:
+            if loaded.model.bundle is not None or loaded.model.nnunet is not None:
                 chain = (configured.preprocessing,)
         options: dict[str, object] = dict(method=loaded.method, layer=loaded.layer, class_names=loaded.class_names,
                                           amp=loaded.amp, output_activation=loaded.output_activation,
@@ -433,6 +433,14 @@ class Explainer:
             from .models import bundle_preprocessing
 
             self._bundle_chain = (bundle_preprocessing(config.model.bundle, trust=trust),)
+        if config.preprocessing is None and config.model.nnunet is not None and self._bundle_chain is None:
+            from .models.nnunet import read_json
+            from .preprocess_nnunet import NnunetPreprocessing
+
+            folder = config.model.nnunet
+            self._bundle_chain = (NnunetPreprocessing(read_json(folder / "plans.json", "plans"),
+                                                      read_json(folder / "dataset.json", "dataset description"),
+                                                      config.model.configuration, folder),)
         reader = self._bundle_chain[0] if config.preprocessing is None and self._bundle_chain is not None else None
         if reader is not None:
             if volume is not None:

@@ -98,7 +98,7 @@ def test_io_modules_import_one_way():
 
 # medcam3d.models, one concept per module: each imports only those before it (the package last).
 MODELS_ORDER = ("medcam3d.models.rules", "medcam3d.models.budget", "medcam3d.models.activations", "medcam3d.models.build",
-                "medcam3d.models.weights", "medcam3d.models.rank", "medcam3d.models.bundles", "medcam3d.models.loading",
+                "medcam3d.models.weights", "medcam3d.models.rank", "medcam3d.models.bundles", "medcam3d.models.nnunet", "medcam3d.models.loading",
                 "medcam3d.models")
 
 

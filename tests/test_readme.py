@@ -88,14 +88,23 @@ def _expected_exit(command: str) -> int:
     return int(stated.group(1)) if stated else 0
 
 
+def _has_nnunet() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nnunetv2") is not None
+
+
 def _params():
     params = []
+    nnunet = _has_nnunet()
     for path in DOCUMENTS:
         name = path.relative_to(ROOT).as_posix()
         for number, command in _commands(path):
             marks = [] if QUICK.match(command) else [pytest.mark.slow]
             marks += [pytest.mark.skip(reason=f"not run by the tests: {reason}")
                       for start, reason in NOT_RUN.items() if command.startswith(start)]
+            if "nnunet" in command and not command.startswith("pip install") and not nnunet:
+                marks.append(pytest.mark.skip(reason="needs the extra medcam3d[nnunet] (make test and .ci/run install it)"))
             marks += [pytest.mark.xfail(reason=reason, strict=True)
                       for start, reason in KNOWN_FAILURES.items() if command.startswith(start)]
             params.append(pytest.param(command, marks=marks, id=f"{name}:{number}:{command[:60]}"))

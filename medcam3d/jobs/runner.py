@@ -400,12 +400,18 @@ class Runner:
         self.region_masks: dict[str, Path] = {}
         if config.class_names:
             unique_file_labels(config.class_names)  # clashing file labels are refused before any work
-        self.explainers = [
-            Explainer(self.model, method, layer=self.layer, class_names=config.class_names, amp=self.amp,
-                      output_activation=output_activation or config.output_activation,
-                      placement=placement or config.placement)
-            for method in self.methods
-        ]
+        options = dict(layer=self.layer, class_names=config.class_names, amp=self.amp,
+                       output_activation=output_activation or config.output_activation,
+                       placement=placement or config.placement)
+        from ..models.nnunet import FoldEnsemble
+
+        # an nnU-Net fold ensemble: each fold explained on its own (<method>_fold<k> maps) and their mean (<method>),
+        # with layer names of one fold's network; self.explainers (evaluate, napari) explain the first fold
+        folds = list(self.model.folds) if isinstance(self.model, FoldEnsemble) else None
+        self.fold_explainers = [[Explainer(fold, method, **options) for fold in folds]  # type: ignore[arg-type]
+                                for method in self.methods] if folds is not None else None
+        self.explainers = ([row[0] for row in self.fold_explainers] if self.fold_explainers is not None else
+                           [Explainer(self.model, method, **options) for method in self.methods])  # type: ignore[arg-type]
 
     def run_settings(self) -> dict:
         """What shapes this runner's outputs; recorded in each case's summary and compared by resume."""
@@ -558,7 +564,7 @@ class Runner:
         batch = loaded.x[None].to(self.device)
         target = self.target if loaded.region is None else self._region_target(loaded.region, loaded.scanner_space,
                                                                                 loaded.x)
-        explanations = [_on_cpu(self.explain(explainer, batch, target=target)) for explainer in self.explainers]
+        explanations = self._explain_all(batch, target)
         return ExplainedCase(result, image, out_dir, loaded, explanations)
 
     def write_case(self, case: ExplainedCase) -> CaseResult:
@@ -673,6 +679,22 @@ class Runner:
         probs = probabilities(logits, self.config.task)[0]
         wanted = {int(torch.argmax(probs))} if mode == "predicted" else set(torch.nonzero(probs >= 0.5).flatten().tolist())
         return [view for view in views if view.class_index in wanted]
+
+    def _explain_all(self, batch: torch.Tensor, target: object) -> list:
+        """Every method's explanation of ``batch`` (on the CPU); for a fold ensemble, each method's mean over the
+        folds followed by each fold's own (method ``<method>_fold<k>``)."""
+        if self.fold_explainers is None:
+            return [_on_cpu(self.explain(explainer, batch, target=target)) for explainer in self.explainers]
+        from ..folds import explain_folds
+
+        names = getattr(self.model, "names", [])
+        found = []
+        for explainers in self.fold_explainers:
+            mean, folds = explain_folds(explainers, batch, target,
+                                        explain=lambda explainer, x, tgt: _on_cpu(self.explain(explainer, x, target=tgt)))
+            found.append(mean)
+            found += [dataclasses.replace(one, method=f"{one.method}_fold{name}") for one, name in zip(folds, names)]
+        return found
 
     def explain(self, explainer: Explainer, batch: torch.Tensor, *, target: object = None):
         """One explanation of a batch: direct, or through sliding windows when configured.

@@ -42,6 +42,7 @@ One concept per module; this package gives their public names:
 * :mod:`~medcam3d.models.build`: :func:`build_network`;
 * :mod:`~medcam3d.models.weights`: :func:`load_weights` (``weights_only=True``);
 * :mod:`~medcam3d.models.bundles`: MONAI bundles;
+* :mod:`~medcam3d.models.nnunet`: nnU-Net v2 model folders (:func:`load_nnunet`, extra ``[nnunet]``);
 * :mod:`~medcam3d.models.loading`: :func:`load_model` and :func:`load_configured` (a config's model);
 * :mod:`~medcam3d.models.rank`: :func:`check_input_rank`, :func:`check_input_channels`.
 """
@@ -54,6 +55,7 @@ from .budget import MAX_BUILD_SECONDS, MAX_MODULES, MAX_PARAMETERS
 from .build import build_network
 from .bundles import BUNDLE_CONFIGS, Bundle, bundle_has_weights, bundle_input_shape, bundle_preprocessing, load_bundle
 from .loading import ConfiguredModel, load_configured, load_model
+from .nnunet import NNUNET_ARCHITECTURES, FoldEnsemble, NnunetModel, load_nnunet
 from .rank import check_input_channels, check_input_rank
 from .rules import (ARGUMENTS_NEEDING_TRUST, MAX_ARGUMENT_INT, NETWORK_FACTORIES, NETWORK_NAMESPACES, NETWORKS_NEEDING_TRUST,
                     download_defaults)
@@ -89,4 +91,8 @@ __all__ = [
     "bundle_has_weights",
     "check_input_rank",
     "check_input_channels",
+    "NNUNET_ARCHITECTURES",
+    "FoldEnsemble",
+    "NnunetModel",
+    "load_nnunet",
 ]

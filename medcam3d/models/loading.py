@@ -15,8 +15,10 @@ from torch import nn
 from ..config import DEFAULT_MAX_VOXELS, Config, ModelConfig
 from ..errors import ConfigError, ModelLoadError, UntrustedModelError
 from ..preprocess import BundlePreprocessing
+from ..preprocess_nnunet import NnunetPreprocessing
 from .build import build_network, seeded
 from .bundles import load_bundle
+from .nnunet import NnunetModel, load_nnunet
 from .rules import TRUST_HINT, where
 from .weights import load_weights
 
@@ -87,6 +89,8 @@ def load_model(
     if spec.bundle is not None:
         return load_bundle(spec.bundle, trust=trust, device=device, random_weights=random_weights, source=spec.source,
                            max_activation_bytes=limit).network
+    if spec.nnunet is not None:
+        return _nnunet(spec, trust=trust, device=device, random_weights=random_weights, max_activation_bytes=limit).network
     if spec.torchscript is not None:
         if not trust:
             message = (
@@ -112,6 +116,13 @@ def load_model(
     return model.to(device).eval()
 
 
+def _nnunet(spec: ModelConfig, *, trust: bool, device: str | torch.device, random_weights: bool,
+            max_activation_bytes: int | None) -> NnunetModel:
+    assert spec.nnunet is not None
+    return load_nnunet(spec.nnunet, spec.configuration, spec.folds, spec.checkpoint, trust=trust, device=device,
+                       random_weights=random_weights, max_activation_bytes=max_activation_bytes)
+
+
 @dataclass(frozen=True, eq=False)
 class ConfiguredModel:
     """A config's model, loaded (:func:`load_configured`).
@@ -125,16 +136,16 @@ class ConfiguredModel:
     random_weights : bool
         The model has random parameters on purpose (asked for, ``weights: none``, or a bundle
         loaded with ``random_weights``): what is made with it must say so.
-    preprocessing : BundlePreprocessing or None
-        A MONAI bundle's own ``preprocessing`` chain when the config gives no ``preprocessing``
-        list (that list overrides the bundle's); None otherwise (then the config's list, or
+    preprocessing : BundlePreprocessing, NnunetPreprocessing or None
+        A MONAI bundle's own ``preprocessing`` chain, or an nnU-Net folder's preprocessing, when
+        the config gives no ``preprocessing`` list (that list overrides them); None otherwise (then the config's list, or
         :data:`medcam3d.preprocess.DEFAULT_TRANSFORMS`, applies).
     """
 
     config: Config
     model: nn.Module
     random_weights: bool
-    preprocessing: BundlePreprocessing | None
+    preprocessing: BundlePreprocessing | NnunetPreprocessing | None
 
 
 def load_configured(
@@ -170,6 +181,8 @@ def load_configured(
         As :func:`load_model` and :func:`load_bundle` raise them.
     """
     spec = config.model
+    if spec.nnunet is not None:
+        return _configured_nnunet(config, trust=trust, random_weights=random_weights, device=device)
     if spec.bundle is None:
         model = load_model(config, trust=trust, device=device, random_weights=random_weights)
         return ConfiguredModel(config, model, bool(random_weights or spec.random_weights), None)
@@ -183,3 +196,25 @@ def load_configured(
         if preprocessing is not None:
             logger.info("preprocessing: the bundle's own (%s)", bundle.config_file)
     return ConfiguredModel(config, bundle.network, bool(random_weights or bundle.random_weights), preprocessing)
+
+
+def _configured_nnunet(config: Config, *, trust: bool, random_weights: bool, device: str | torch.device) -> ConfiguredModel:
+    """An nnU-Net folder as the CLI reads it: its folds (a :class:`~medcam3d.models.nnunet.FoldEnsemble`), its class
+    names (dataset.json's labels) and nnU-Net's own preprocessing, explained through windows of the plans' patch size
+    with Gaussian weights (as nnU-Net predicts) unless the config sets ``sliding_window``."""
+    from ..config import SlidingWindowConfig
+
+    spec = config.model
+    loaded = _nnunet(spec, trust=trust, device=device, random_weights=bool(random_weights or spec.random_weights),
+                     max_activation_bytes=spec.max_activation_bytes)
+    changes: dict[str, Any] = {}
+    if config.class_names is None:
+        changes["class_names"] = list(loaded.class_names)
+    if config.sliding_window is None:
+        changes["sliding_window"] = SlidingWindowConfig(loaded.patch_size, overlap=0.5, mode="gaussian")
+    if changes:
+        config = dataclasses.replace(config, **changes)
+    preprocessing = None
+    if config.preprocessing is None:  # a config's own list overrides nnU-Net's preprocessing
+        preprocessing = NnunetPreprocessing(loaded.plans, loaded.dataset, loaded.configuration, loaded.directory)
+    return ConfiguredModel(config, loaded.network, loaded.random_weights, preprocessing)
