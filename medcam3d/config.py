@@ -648,7 +648,7 @@ def parse_config(data: object, *, source: Path | None = None) -> Config:
     if amp not in (None, "bf16", "fp16"):
         raise ConfigError(f"{where}: amp must be bf16, fp16 or null, not {_short(amp)}.")
     activation = data.get("output_activation", "auto")
-    from .modeling import OUTPUT_ACTIVATIONS  # its one definition, with the engine that applies it
+    from .model_io import OUTPUT_ACTIVATIONS  # its one definition, with the engine that applies it
 
     if activation not in OUTPUT_ACTIVATIONS:
         raise ConfigError(f"{where}: output_activation must be one of {OUTPUT_ACTIVATIONS} (what the network applies to "

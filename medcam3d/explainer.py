@@ -26,7 +26,7 @@ from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
 from .layers import (auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, receptive_field,
                      resolve_layer)
-from .modeling import (
+from .model_io import (
     OUTPUT_ACTIVATIONS,
     OutputActivation,
     OutputActivationWatch,
@@ -212,7 +212,7 @@ class Explainer:
     model : nn.Module
         A classifier returning logits ``(B, C)`` (``C = 1``: binary), or a
         segmentation network returning ``(B, C, *spatial)`` (a tuple, list or
-        dict output is unwrapped by :func:`medcam3d.modeling.first_tensor`).
+        dict output is unwrapped by :func:`medcam3d.model_io.first_tensor`).
         Never modified: the forward passes run through a view of the model
         (:func:`medcam3d.hooks.isolated_model`: shallow copies of the modules whose mode must
         change and of the target layer, sharing every parameter and buffer), so neither the
@@ -271,7 +271,7 @@ class Explainer:
           TorchScript graph, the operator — its input (the logits) is explained instead, with a
           :class:`ProbabilityOutputWarning`. The same weights give the same maps as an eager module,
           an eager function call, a scripted or a traced model. When no such activation is found but
-          the values look like probabilities (:func:`medcam3d.modeling.looks_like_probabilities`),
+          the values look like probabilities (:func:`medcam3d.model_io.looks_like_probabilities`),
           the output is explained as it is, with a warning that says which option to pass.
         * ``"softmax"``/``"sigmoid"``: the output is that activation of logits. A trailing activation's
           input is explained (as with ``"auto"``, without the warning); where none can be found (the
@@ -280,7 +280,7 @@ class Explainer:
           saturated; ``log p`` for softmax, which is the logit minus ``logsumexp`` — equal for all
           classes of a sample, so maps of *differences* between classes are exact, but the map of
           one class becomes its logit's map minus the probability-weighted mean of all classes'
-          maps (:func:`medcam3d.modeling.logits_from_probabilities`).
+          maps (:func:`medcam3d.model_io.logits_from_probabilities`).
         * ``"none"``: explain the output as it is.
     placement : {"receptive_field", "align_corners"}
         Where the maps' cells are placed on the input (and so in the scanner's space):
@@ -483,7 +483,7 @@ class Explainer:
             ``x`` is not a tensor, is empty (a batch of size 0), has the wrong rank, a bool,
             complex or unrepresentable integer dtype, or NaN/Inf values. Floating inputs of
             another dtype or on another device are cast and moved to the model's
-            (:func:`medcam3d.modeling.to_model_input`).
+            (:func:`medcam3d.model_io.to_model_input`).
         """
         dims = self._spatial_dims
         if dims is not None and getattr(x, "is_batch", True) is False and getattr(x, "ndim", 0) == dims + 1:

@@ -661,7 +661,7 @@ class InputCapture:
     logits, trailing, produced
         As for :class:`ActivationCapture`, for a TorchScript model whose graph ends in a softmax or
         sigmoid (None otherwise; a plain model's trailing activation is found by
-        :class:`medcam3d.modeling.OutputActivationWatch`).
+        :class:`medcam3d.model_io.OutputActivationWatch`).
     """
 
     name = "input"

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import InputError, LayerError, LayerNotFoundError, ModelOutputError
 from .hooks import forward_hooks, isolated_model, model_lock
-from .modeling import first_tensor, model_device_dtype
+from .model_io import first_tensor, model_device_dtype
 from .receptive_field import ReceptiveField, measure as _measure_receptive_field
 from .torchscript import is_scripted, module_type_name, probe_script, script_error_reason
 

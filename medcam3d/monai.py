@@ -65,7 +65,7 @@ from .explainer import Explainer, Explanation
 from .heatmap import Heatmap, ScanGridMap, heatmaps_of, save_scan_maps
 from .receptive_field import ReceptiveField
 from .hooks import forward_hooks, model_lock
-from .modeling import first_tensor
+from .model_io import first_tensor
 from .orientation import lps_to_ras
 from .space import Space
 

@@ -1016,7 +1016,7 @@ def _window_centroid(line: np.ndarray) -> float:
 
 def _probe(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...],
            device: torch.device | str | None) -> ReceptiveField:
-    from .modeling import model_device_dtype
+    from .model_io import model_device_dtype
 
     model_device, dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device or torch.device("cpu")

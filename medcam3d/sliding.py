@@ -25,7 +25,7 @@ import torch
 from .errors import InputError, TargetError
 from .explainer import Explainer, Explanation
 from .layers import expected_spatial_dims, rank_mismatch_message
-from .modeling import to_model_input
+from .model_io import to_model_input
 from .targets import Region, RegionTarget, Target, region_from_scan_mask, resolve_target
 
 __all__ = ["explain_sliding_window"]
@@ -49,7 +49,7 @@ def explain_sliding_window(
     ----------
     explainer : Explainer
     x : (B, C_in, *spatial) Tensor or MetaTensor
-        Checked, moved and cast as by :func:`medcam3d.modeling.to_model_input`.
+        Checked, moved and cast as by :func:`medcam3d.model_io.to_model_input`.
     target : int, str, list, "all" or Region
         The same targets for every patch (``"predicted"`` is refused: it differs between
         patches). For a segmentation network a ``Region`` mask is given on the whole input grid

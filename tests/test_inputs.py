@@ -66,7 +66,7 @@ def test_empty_batch_is_refused(explainer):
 def test_float64_input_is_cast_to_the_model_dtype(explainer, caplog):
     x = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = explainer(x, target="all")
-    with caplog.at_level(logging.DEBUG, logger="medcam3d.modeling"):
+    with caplog.at_level(logging.DEBUG, logger="medcam3d.model_io"):
         result = explainer(x.double(), target="all")
     assert "float64 cast to the model's torch.float32" in caplog.text
     torch.testing.assert_close(result.maps, expected.maps, rtol=0, atol=0)

@@ -13,7 +13,7 @@ from torch import nn
 
 import medcam3d
 from medcam3d.errors import ProbabilityOutputWarning
-from medcam3d.modeling import logits_from_probabilities, looks_like_probabilities
+from medcam3d.model_io import logits_from_probabilities, looks_like_probabilities
 from _models import flatten_linear_cnn, gap_linear_cnn, small_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..hooks import ActivationCapture, counterpart, isolated_model, model_lock
 from ..layers import linear_head
-from ..modeling import first_tensor, model_output, to_model_input
+from ..model_io import first_tensor, model_output, to_model_input
 from ..targets import probabilities
 
 __all__ = [
@@ -202,7 +202,7 @@ def perturbation_curves(
         (the model's own flags never change: another thread may use it meanwhile).
     x : (C_in, *spatial) or (1, C_in, *spatial) Tensor
         The preprocessed input (a MetaTensor is fine); moved to the model's device and dtype
-        (:func:`medcam3d.modeling.to_model_input`).
+        (:func:`medcam3d.model_io.to_model_input`).
     heat : (*feature_shape) or (*spatial) array or Tensor
         The map (see :func:`map_to_input_grid`); higher = more important.
     target : int

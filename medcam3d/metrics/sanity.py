@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import forward_hooks, model_lock
-from ..modeling import first_tensor, model_output, to_model_input
+from ..model_io import first_tensor, model_output, to_model_input
 
 __all__ = [
     "GUIDED_GRADCAM_WARNING",

@@ -150,7 +150,7 @@ class ExplainWidget(Container):
         config = FileEdit(label="config", mode=FileDialogMode.EXISTING_FILE, filter="*.yaml *.yml",
                           value=DEMO_CONFIG if DEMO_CONFIG.is_file() else None,
                           tooltip="medcam3d YAML config: model, class names, preprocessing.")
-        from ..modeling import OUTPUT_ACTIVATIONS
+        from ..model_io import OUTPUT_ACTIVATIONS
 
         method = ComboBox(label="method", choices=list(medcam3d.METHODS), value="hirescam",
                           tooltip="Default: the config's method.")

@@ -1,4 +1,4 @@
-"""Model plumbing shared by the engine, the metrics and the jobs: where a model lives, how an
+"""Model input and output (model I/O), shared by the engine, the metrics and the jobs: where a model lives, how an
 input gets there, and which tensor of its output holds the logits.
 
 One implementation of each, so that every caller agrees:
