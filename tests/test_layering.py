@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -168,24 +170,19 @@ def test_the_import_checks_see_lazy_imports(tmp_path):
     lazy = tmp_path / "medcam3d" / "napari" / "_late.py"
     lazy.parent.mkdir(parents=True)
     lazy.write_text("def f():\n    from ._widget import _secret\n    from ..heatmap import _hidden\n")
-    assert "medcam3d.napari._widget" in {m.rpartition(".")[0] for m in _imports_at(lazy, tmp_path)}
-    assert len(_private_imports_at(lazy, tmp_path)) == 2
+    with _package_at(tmp_path / "medcam3d"):
+        imported, private = _imports(lazy), _private_imports(lazy)
+    assert "medcam3d.napari._widget" in {m.rpartition(".")[0] for m in imported}
+    assert len(private) == 2
 
 
-def _imports_at(path: Path, root: Path) -> set[str]:
+@contextmanager
+def _package_at(root: Path) -> Iterator[None]:
+    """Read modules as if the package lived at ``root`` (for files written by a test)."""
     global PACKAGE
-    saved, PACKAGE = PACKAGE, root / "medcam3d"
+    saved, PACKAGE = PACKAGE, root
     try:
-        return _imports(path)
-    finally:
-        PACKAGE = saved
-
-
-def _private_imports_at(path: Path, root: Path) -> list[str]:
-    global PACKAGE
-    saved, PACKAGE = PACKAGE, root / "medcam3d"
-    try:
-        return _private_imports(path)
+        yield
     finally:
         PACKAGE = saved
 
