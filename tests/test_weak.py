@@ -408,6 +408,26 @@ def test_cli_segment_with_the_shipped_segmenter(tmp_path, capsys):
         assert np.all(low >= 0) and np.all(high < np.asarray(scan_space.shape)) and np.all(low <= high)
 
 
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped segmenter is not present")
+def test_the_shipped_segmenter_segments_the_lesions_and_nothing_in_a_scan_without_one(tmp_path, capsys):
+    """The shipped weights depend on the image: the lesions of case_04 (both classes) are found where the
+    masks are, and case_05 (no lesion) gets no label; the earlier weights were a fixed blob."""
+    from medcam3d import io
+    from medcam3d.cli import main
+
+    out = tmp_path / "out"
+    for case in ("case_04", "case_05"):
+        scan = str(ROOT / "data_samples" / f"{case}.nii.gz")
+        assert main(["segment", "--config", str(SHIPPED), "--image", scan, "--out", str(out)]) == 0, capsys.readouterr().err
+    labels, _ = io.read(out / "case_04" / "case_04_learned_segmentation.nii.gz", dtype=None)
+    truth, _ = io.read(ROOT / "data_samples" / "case_04_mask.nii.gz", dtype=None)
+    for label in (1, 2):
+        predicted, true = labels == label, truth == label
+        assert 2 * (predicted & true).sum() / (predicted.sum() + true.sum()) > 0.4, label  # 0.59 / 0.64 when shipped
+    empty, _ = io.read(out / "case_05" / "case_05_learned_segmentation.nii.gz", dtype=None)
+    assert not empty.any()
+
+
 def test_prior_bias_starts_the_network_at_the_size_prior():
     path, args = weak.network_args("unet", 2, {"channels": [4, 8], "strides": [2], "num_res_units": 1})
     torch.manual_seed(0)
