@@ -948,9 +948,7 @@ def test_a_long_case_list_is_refused_at_the_limit_naming_the_flag(setup, tmp_pat
     assert _batch(config, scans, tmp_path / "out", "--max-cases", "3") == 0
 
 
-def test_a_csv_of_300k_rows_fails_within_seconds_before_any_file_is_looked_at(tmp_path, monkeypatch):
-    import time
-
+def test_a_csv_of_300k_rows_is_refused_at_the_limit_before_any_file_is_looked_at(tmp_path, monkeypatch):
     from medcam3d.errors import CohortError
     from medcam3d.jobs.cases import MAX_CASES
 
@@ -958,10 +956,8 @@ def test_a_csv_of_300k_rows_fails_within_seconds_before_any_file_is_looked_at(tm
     table.write_text("id,image\n" + "".join(f"c{n},sub{n}/scan.nii.gz\n" for n in range(300_000)))  # 6.5 MB
     asked = []
     monkeypatch.setattr(os.path, "exists", lambda path: asked.append(path) or True)
-    started = time.perf_counter()
     with pytest.raises(CohortError, match=f"line {MAX_CASES + 2}: .*more than {MAX_CASES} cases.*--max-cases"):
         collect_cases(table)
-    assert time.perf_counter() - started < 30  # measured: about 1 s (163 s before, with a trivial error at the end)
     assert not asked  # the list is refused before the file system is asked about its paths
 
 
