@@ -620,7 +620,8 @@ class Runner:
             field_ = explanation.receptive_field
             result.placement[explanation.method] = {
                 "placement": explanation.placement, "layer": explanation.layer,
-                "receptive_field": None if field_ is None else field_.to_dict()}
+                "receptive_field": None if field_ is None else field_.to_dict(),
+                **({} if explanation.output_field is None else {"output_field": explanation.output_field.to_dict()})}
             if explanation.diagnostics:
                 result.diagnostics[explanation.method] = json_values(explanation.diagnostics)
             native = heatmaps_of(explanation)  # the feature grid, exact affine
@@ -838,7 +839,8 @@ def _scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict
     if region is not None:
         return {c: ("given", region) for c in indices}
     try:
-        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]))
+        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]),
+                           explanation.output_field)
     except SpaceError:
         return {c: ("predicted", None) for c in indices}
     logits = explanation.logits[0].detach().float().cpu()
