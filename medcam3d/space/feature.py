@@ -20,7 +20,7 @@ def feature_space(input_space: Any, feature_shape: Sequence[int], receptive_fiel
         feature_affine = input_affine @ [[diag(step), offset], [0, 1]]
 
     Without one (an array with no model), the ``F.interpolate(mode="trilinear",
-    align_corners=False)`` convention (MONAI's ``scale_affine(centered=True)``): with ``s =
+    align_corners=False)`` convention, MONAI's ``scale_affine(centered=True)`` (used here): with ``s =
     input_shape / feature_shape`` per axis, cell ``u`` covers input voxels ``[u*s, (u+1)*s)`` and
     is placed at ``u*s + (s-1)/2``. That is not where a network's cells look: it can be off by up
     to half a cell (8 voxels on MONAI resnet18's ``layer4``).
@@ -77,7 +77,8 @@ def feature_space(input_space: Any, feature_shape: Sequence[int], receptive_fiel
             "(medcam3d.layers.receptive_field) for the network's own placement.",
             stacklevel=2,
         )
-    for ax, s in enumerate(stride):
-        scale[ax, ax] = s
-        scale[ax, 3] = (s - 1.0) / 2.0
+    from monai.transforms.utils import scale_affine  # MONAI's own matrix for this convention (imported when used)
+
+    axes = [*range(src.ndim), 3]  # a 2D grid: the i, j axes and the translation of the 4x4 affine
+    scale[np.ix_(axes, axes)] = scale_affine(src.shape, fshape, centered=True)
     return Space(fshape, src.affine @ scale)
