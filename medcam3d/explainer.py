@@ -40,6 +40,8 @@ from .targets import Region, Target, resolve_target
 
 if TYPE_CHECKING:
     from .config import Config
+    from .preprocess import BundlePreprocessing
+    from .preprocess_nnunet import NnunetPreprocessing
 
 __all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
 
@@ -350,8 +352,10 @@ class Explainer:
         self._batched_vjp = True
         self.target: object = None  # what a call without target explains (None: "predicted")
         self.config: Config | None = None
-        # a MONAI bundle's own preprocessing chain (or None: it defines none), once read; None: not read yet
-        self._bundle_chain: tuple[object] | None = None
+        # the config's model's own preprocessing (a MONAI bundle's chain, an nnU-Net folder's; None: none), from
+        # the model loader (medcam3d.models.load_configured / load_preprocessing), read once; unset: not read yet
+        self._own_preprocessing: BundlePreprocessing | NnunetPreprocessing | None = None
+        self._own_preprocessing_read = False
 
     @classmethod
     def from_config(cls, config: str | Path | Config, model: nn.Module | None = None, *, trust: bool = False,
@@ -382,14 +386,12 @@ class Explainer:
         from .config import Config, load_config
 
         loaded = config if isinstance(config, Config) else load_config(config)
-        chain = None
+        own = None
         if model is None:
             from .models import load_configured
 
             configured = load_configured(loaded, trust=trust)
-            loaded, model = configured.config, configured.model
-            if loaded.model.bundle is not None or loaded.model.nnunet is not None:
-                chain = (configured.preprocessing,)
+            loaded, model, own = configured.config, configured.model, configured
         options: dict[str, object] = dict(method=loaded.method, layer=loaded.layer, class_names=loaded.class_names,
                                           amp=loaded.amp, output_activation=loaded.output_activation,
                                           placement=loaded.placement)
@@ -397,16 +399,19 @@ class Explainer:
         explainer = cls(model, **options)  # type: ignore[arg-type]
         explainer.target = loaded.target
         explainer.config = loaded
-        explainer._bundle_chain = chain
+        if own is not None:  # the loader's preprocessing: preprocess() reads nothing again
+            explainer._own_preprocessing, explainer._own_preprocessing_read = own.preprocessing, True
         return explainer
 
     def preprocess(self, image: object, *, volume: int | None = None, trust: bool = False):
         """Read and preprocess a scan as this explainer's config says (see :meth:`from_config`).
 
-        The config's ``preprocessing`` list; without one, when the model is a MONAI bundle, the
-        bundle's own ``preprocessing`` chain, as the CLI does (:class:`medcam3d.preprocess.BundlePreprocessing`:
-        read with the bundle's network, or here with ``trust`` when :meth:`from_config` was given the
-        model); otherwise (or for a bundle read with its network that defines none)
+        The config's ``preprocessing`` list; without one, the model's own preprocessing as the CLI
+        uses it, from the model loader (``ConfiguredModel.preprocessing``): a MONAI bundle's chain
+        (:class:`medcam3d.preprocess.BundlePreprocessing`) or an nnU-Net folder's
+        (:class:`medcam3d.preprocess_nnunet.NnunetPreprocessing`), read with the model by
+        :meth:`from_config`, or read here once with ``trust`` (:func:`medcam3d.models.load_preprocessing`)
+        when :meth:`from_config` was given the model; otherwise (or for a bundle that defines none)
         :data:`medcam3d.preprocess.DEFAULT_TRANSFORMS`.
 
         Parameters
@@ -435,25 +440,18 @@ class Explainer:
             message = ("this explainer has no config to preprocess with: make it with Explainer.from_config(...), "
                        "or call medcam3d.preprocess.preprocess(image, transforms) yourself.")
             raise InputError(message)
-        if config.preprocessing is None and config.model.bundle is not None and self._bundle_chain is None:
-            from .models import bundle_preprocessing
+        if config.preprocessing is None and not self._own_preprocessing_read:
+            from .models import load_preprocessing
 
-            self._bundle_chain = (bundle_preprocessing(config.model.bundle, trust=trust),)
-        if config.preprocessing is None and config.model.nnunet is not None and self._bundle_chain is None:
-            from .models.nnunet import read_json
-            from .preprocess_nnunet import NnunetPreprocessing
-
-            folder = config.model.nnunet
-            self._bundle_chain = (NnunetPreprocessing(read_json(folder / "plans.json", "plans"),
-                                                      read_json(folder / "dataset.json", "dataset description"),
-                                                      config.model.configuration, folder),)
-        reader = self._bundle_chain[0] if config.preprocessing is None and self._bundle_chain is not None else None
+            self._own_preprocessing = load_preprocessing(config, trust=trust)  # as load_configured gives it
+            self._own_preprocessing_read = True
+        reader = self._own_preprocessing if config.preprocessing is None else None
         if reader is not None:
             if volume is not None:
                 message = ("volume cannot be used with a bundle's own preprocessing (it reads the whole file); give the "
                            "config a preprocessing list instead.")
                 raise InputError(message)
-            return reader(image, trust=trust)  # type: ignore[operator]
+            return reader(image, trust=trust)  # type: ignore[arg-type]  # a bundle's chain takes a path
         return preprocess(image, config.preprocessing, volume=volume, trust=trust, source=config.source)
 
     def __repr__(self) -> str:

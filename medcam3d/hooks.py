@@ -204,7 +204,7 @@ def preserved_model_state(model: nn.Module, *, eval_mode: bool = True, restore_b
 #: dictionaries). A copy in :func:`isolated_model` shares them with the original, except its children
 #: (when one of them is copied) and, for a module that medcam3d hooks, the hook tables.
 _MODULE_TABLES = frozenset(key for key, value in vars(nn.Module()).items() if isinstance(value, (dict, set)))
-_HOOK_TABLES = frozenset(key for key in _MODULE_TABLES if "hooks" in key)
+HOOK_TABLES = frozenset(key for key in _MODULE_TABLES if "hooks" in key)
 
 
 def _copyable(module: nn.Module) -> bool:
@@ -312,7 +312,7 @@ def _shallow_copies(
         state = copy.__dict__
         state.update(module.__dict__)
         if key in wanted:  # hook tables of its own (the same hooks in them): medcam3d's hooks stay off the model
-            for name in _HOOK_TABLES.intersection(state):
+            for name in HOOK_TABLES.intersection(state):
                 state[name] = state[name].copy()
         if eval_mode:
             state["training"] = False

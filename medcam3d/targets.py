@@ -47,13 +47,24 @@ __all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabil
 TASKS = ("multiclass", "multilabel", "binary", "segmentation")
 
 
+#: From this many channels on, :func:`channel_argmax` moves the channels last and takes the first largest
+#: there (one pass over a channel-last copy) instead of comparing channel by channel (a pass per channel):
+#: 1.6x faster at 8, 14 and 40 channels, 1.3x at 105, no faster at 3 (one thread, 48^3 voxels, CPU time;
+#: benchmarks/bench_channel_argmax.py).
+VECTOR_CHANNELS = 8
+#: Values per channel-last copy of :func:`channel_argmax` (bounds its extra memory: 16 MB of float32).
+_CHUNK_VALUES = 1 << 22
+
+
 def channel_argmax(values: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The index of the largest value along the channel axis ``dim`` (the first one on ties), as
     ``values.argmax(dim)`` gives it, without its cost on volumes.
 
     PyTorch's CPU ``argmax`` along a short axis that is not the last is slow: about 2 s for a
     ``(1, 3, 96, 96, 96)`` segmentation output on one thread, more than the network's forward
-    pass over that window. A running comparison over the channels reads each value once.
+    pass over that window. A running comparison over the channels reads each value once; from
+    :data:`VECTOR_CHANNELS` channels on, the first largest along the last axis of channel-last
+    copies (slabs of at most 4 Mi values) gives the same indices in fewer passes.
 
     Parameters
     ----------
@@ -69,9 +80,25 @@ def channel_argmax(values: torch.Tensor, dim: int = 1) -> torch.Tensor:
     channels = values.shape[dim]
     if channels == 0:
         raise TargetError("cannot take the largest of zero channels.")
+    if channels < VECTOR_CHANNELS or values.ndim < 2:
+        return _running_argmax(values, dim)
+    moved = values.movedim(dim, -1)  # (..., C): a view
+    axis = max(range(moved.ndim - 1), key=lambda a: moved.shape[a])  # slabs along the longest other axis
+    per_slab = max(1, moved.numel() // max(1, moved.shape[axis]))
+    step = max(1, _CHUNK_VALUES // per_slab)
+    parts = []
+    for slab in moved.split(step, dim=axis):
+        largest, index = slab.contiguous().max(-1)  # the first index of the largest, as argmax; NaN propagates
+        # max and argmax would pick a NaN; the running comparison never does: its answer where a row holds one
+        parts.append(_running_argmax(slab, -1) if bool(largest.isnan().any()) else index)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+
+
+def _running_argmax(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`channel_argmax` by a running comparison over the channels (a pass per channel)."""
     best = values.select(dim, 0)
     index = torch.zeros(best.shape, dtype=torch.long, device=values.device)
-    for c in range(1, channels):
+    for c in range(1, values.shape[dim]):
         candidate = values.select(dim, c)
         better = candidate > best
         best = torch.where(better, candidate, best)

@@ -389,7 +389,8 @@ def test_one_loader_for_the_cli_the_explainer_and_napari(tmp_path, monkeypatch):
     import argparse
 
     import medcam3d.models
-    from medcam3d import Explainer, cli
+    from medcam3d import Explainer
+    from medcam3d.cli.runner import build_runner
     from medcam3d.config import load_config
     from medcam3d.models import ConfiguredModel, load_configured
 
@@ -415,7 +416,7 @@ def test_one_loader_for_the_cli_the_explainer_and_napari(tmp_path, monkeypatch):
 
     monkeypatch.setattr(medcam3d.models, "load_configured", spy)
     assert Explainer.from_config(tmp_path / "run.yaml", trust=True).class_names == ["bright", "dark"]
-    runner = cli._runner(argparse.Namespace(config=str(tmp_path / "run.yaml"), trust=True))
+    runner = build_runner(argparse.Namespace(config=str(tmp_path / "run.yaml"), trust=True))
     assert runner.reader is not None and runner.config.class_names == ["bright", "dark"]
     service = pytest.importorskip("medcam3d.napari._service")
     config, _ = service.load_explainable(tmp_path / "run.yaml", trust=True)

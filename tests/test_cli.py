@@ -281,12 +281,12 @@ def test_an_empty_image_path_is_a_usage_error(setup, tmp_path, capsys):
     RuntimeError("internal: something\nbroke\n\nhere"),
 ])
 def test_every_error_is_printed_on_one_line(monkeypatch, capsys, error):
-    import medcam3d.cli as cli
+    import medcam3d.cli.parser as cli_parser
 
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "_cmd_info", fail)
+    monkeypatch.setattr(cli_parser, "cmd_info", fail)
     code = main(["info"])
     err = capsys.readouterr().err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
@@ -300,7 +300,7 @@ def test_every_error_is_printed_on_one_line(monkeypatch, capsys, error):
 def test_sigterm_in_process_is_handled_like_ctrl_c(monkeypatch, capsys):
     import signal
 
-    import medcam3d.cli as cli
+    import medcam3d.cli.parser as cli_parser
 
     def killed(args):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -308,7 +308,7 @@ def test_sigterm_in_process_is_handled_like_ctrl_c(monkeypatch, capsys):
         return 0
 
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(cli, "_cmd_info", killed)
+    monkeypatch.setattr(cli_parser, "cmd_info", killed)
     assert main(["info"]) == 143
     assert capsys.readouterr().err.strip() == "medcam3d info: terminated."
     assert signal.getsignal(signal.SIGTERM) == previous  # restored for the caller

@@ -259,3 +259,55 @@ def test_registry_names_and_did_you_mean():
         get_method("hirescan")
     with pytest.raises(ValueError, match="Available methods"):
         medcam3d.Explainer(gap_linear_cnn(), method="nonsense")
+
+
+def test_the_model_loader_owns_the_preprocessing(tmp_path, monkeypatch):
+    """A config's own preprocessing has one owner, the loader (``ConfiguredModel.preprocessing``): an nnU-Net
+    folder's plans.json is read once per explainer however it was made, and ``Explainer.preprocess`` gives the
+    tensor and grid that the CLI's path (``load_configured``) gives."""
+    pytest.importorskip("nnunetv2", reason="needs the extra medcam3d[nnunet] (.ci/run installs it)")
+    from pathlib import Path
+
+    from medcam3d.config import load_config
+    from medcam3d.demo.nnunet_folder import write_model_folder, write_scan
+    import medcam3d.models
+    from medcam3d.models import load_configured, load_preprocessing
+
+    folder = write_model_folder(tmp_path / "models", folds=(0,))
+    scan = write_scan(tmp_path / "scan.nii.gz")
+    config = tmp_path / "nnunet.yaml"
+    config.write_text(f"model:\n  nnunet: {folder}\n  folds: [0]\n", encoding="utf-8")
+    reads: list[str] = []
+    read_text = Path.read_text
+
+    def counted(path, *args, **kwargs):
+        reads.append(path.name)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    configured = load_configured(load_config(config))  # what the CLI's Runner reads with
+    expected, expected_space = configured.preprocessing(scan)
+    assert reads.count("plans.json") == 1
+
+    reads.clear()
+    explainer = medcam3d.Explainer.from_config(config)
+    first, space = explainer.preprocess(scan)
+    again, _ = explainer.preprocess(scan)
+    assert reads.count("plans.json") == 1 and reads.count("dataset.json") == 1  # with the model, and only then
+
+    reads.clear()
+    asked = []
+
+    def loader(config, **kwargs):  # the loader's own function: the explainer builds no preprocessing itself
+        asked.append(config.model.nnunet)
+        return load_preprocessing(config, **kwargs)
+
+    monkeypatch.setattr(medcam3d.models, "load_preprocessing", loader)
+    given = medcam3d.Explainer.from_config(config, model=configured.model)
+    (own, own_space), _ = given.preprocess(scan), given.preprocess(scan)
+    assert reads.count("plans.json") == 1 and asked == [folder]  # read by the loader once, on the first call
+
+    for x in (first, again, own):
+        assert torch.equal(x.as_tensor(), expected.as_tensor())
+        np.testing.assert_array_equal(np.asarray(x.affine), np.asarray(expected.affine))
+    assert space == expected_space and own_space == expected_space

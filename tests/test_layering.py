@@ -135,6 +135,33 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(cycles)
 
 
+# The packages split by concept (issue 24): each module imports only those before it (the package last).
+PACKAGE_ORDERS = {
+    "medcam3d.space": ("medcam3d.space.grid", "medcam3d.space.feature", "medcam3d.space.axes", "medcam3d.space.resampling",
+                       "medcam3d.space"),
+    "medcam3d.receptive_field": ("medcam3d.receptive_field.field", "medcam3d.receptive_field.view", "medcam3d.receptive_field.ops",
+                                 "medcam3d.receptive_field.graph", "medcam3d.receptive_field.probe",
+                                 "medcam3d.receptive_field.measuring", "medcam3d.receptive_field"),
+    "medcam3d.cli": ("medcam3d.cli.arguments", "medcam3d.cli.tables", "medcam3d.cli.runner", "medcam3d.cli.demo",
+                     "medcam3d.cli.commands", "medcam3d.cli.parser", "medcam3d.cli.entry", "medcam3d.cli"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGE_ORDERS))
+def test_split_packages_import_one_way(package):
+    order = PACKAGE_ORDERS[package]
+    assert set(order) == {m for m in GRAPH if _within(m, (package,))}, f"place each {package} module in PACKAGE_ORDERS"
+    wrong = [f"{module} imports {target}" for i, module in enumerate(order)
+             for target in sorted(GRAPH[module]) if target in order and target not in order[:i]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_split_packages_import_no_private_names():
+    found = [text for package in PACKAGE_ORDERS for path in sorted((PACKAGE / package.split(".")[1]).glob("*.py"))
+             for text in _private_imports(path)]
+    assert not found, "\n".join(found)
+
+
 # medcam3d.napari, one concept per module: each imports only those before it (the package last), so that the
 # reader, writer, saved outputs, service and widget form no circle, not even through imports inside functions.
 NAPARI_ORDER = ("medcam3d.napari._view", "medcam3d.napari._grid", "medcam3d.napari._lazy", "medcam3d.napari._shared",

@@ -191,30 +191,26 @@ def test_an_inputs_path_that_is_a_fifo_is_refused_unopened(tmp_path):
 
 
 def test_a_region_mask_that_is_a_fifo_is_not_opened_for_the_run_settings(setup, tmp_path):
-    import time
-
     from medcam3d.config import load_config
     from medcam3d.jobs.runner import Runner
     from medcam3d.models import load_model
-    from test_security_io import unblock_fifo_later
+    from test_security_io import never_opened_for_reading, unblock_fifo_later
 
     root, config = setup
     fifo = tmp_path / "region.nii.gz"
     os.mkfifo(fifo)
     unblock_fifo_later(fifo)
     runner = Runner(load_config(config), load_model(load_config(config)), device="cpu")
-    started = time.perf_counter()
-    settings = runner._case_settings({}, fifo)  # the digest of a region mask: read before the case
-    assert time.perf_counter() - started < 5 and settings["region_mask"]["file"] == "region.nii.gz"
+    with never_opened_for_reading(fifo) as opened:
+        settings = runner._case_settings({}, fifo)  # the digest of a region mask: read before the case
+    assert opened == [] and settings["region_mask"]["file"] == "region.nii.gz"
 
 
 @pytest.mark.parametrize("where", ["result file", "case summary.json", "top manifest", "lock file"])
 def test_fifos_in_out_are_never_opened(setup, tmp_path, capsys, where):
     """A FIFO in place of a file medcam3d reads in --out (a result it listed, a case's summary.json, the top manifest,
     the lock file) made the job wait for a writer forever."""
-    import time
-
-    from test_security_io import unblock_fifo_later
+    from test_security_io import never_opened_for_reading, unblock_fifo_later
 
     root, config = setup
     out = tmp_path / "out"
@@ -229,10 +225,10 @@ def test_fifos_in_out_are_never_opened(setup, tmp_path, capsys, where):
     os.mkfifo(fifo)
     unblock_fifo_later(fifo)
     capsys.readouterr()
-    started = time.perf_counter()
-    code = _batch(config, root / "scan.nii.gz", out)
+    with never_opened_for_reading(fifo) as opened:  # (in the DataLoader workers and the writer too: forked after)
+        code = _batch(config, root / "scan.nii.gz", out)
     err = capsys.readouterr().err
-    assert time.perf_counter() - started < 8, err
+    assert opened == [], err  # refused from its type: never opened
     assert code == {"result file": 1, "case summary.json": 1, "top manifest": 2, "lock file": 0}[where], err
     if where != "lock file":  # (the lock file is medcam3d's own name: removed when the job ends)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left as it is

@@ -18,7 +18,7 @@ from torch import nn
 
 import medcam3d
 import medcam3d.errors
-from medcam3d.cli import _planted_lesion_case
+from medcam3d.cli.demo import planted_lesion_case
 from medcam3d.sliding import explain_sliding_window
 from medcam3d.space import Space
 from medcam3d.targets import region_from_scan_mask
@@ -52,7 +52,7 @@ def test_one_roi_covering_the_volume_equals_direct_segmentation_region():
 
 
 def test_overlapping_windows_find_the_planted_lesion_in_world_mm():
-    _, model, _ = _planted_lesion_case(32, seed=0)
+    _, model, _ = planted_lesion_case(32, seed=0)
     shape = (90, 75, 66)
     affine = oblique_lpi_affine(spacing=(1.0, 1.2, 1.5))
     centre_voxel = np.array([61.0, 18.0, 40.0])
@@ -71,13 +71,13 @@ def test_overlapping_windows_find_the_planted_lesion_in_world_mm():
 
 
 def test_predicted_target_is_refused():
-    _, model, _ = _planted_lesion_case(32, seed=0)
+    _, model, _ = planted_lesion_case(32, seed=0)
     with pytest.raises(ValueError, match="differs between patches"):
         explain_sliding_window(medcam3d.Explainer(model), torch.zeros(1, 1, 40, 40, 40), "predicted", roi_size=32)
 
 
 def test_roi_must_be_a_multiple_of_the_stride():
-    _, model, _ = _planted_lesion_case(32, seed=0)
+    _, model, _ = planted_lesion_case(32, seed=0)
     with pytest.raises(ValueError, match="multiple of the feature stride"):
         explain_sliding_window(medcam3d.Explainer(model), torch.zeros(1, 1, 40, 40, 40), 1, roi_size=30)
 
@@ -162,7 +162,7 @@ def test_one_window_scores_equal_the_direct_scores():
 
 
 def test_rank_mismatch_is_refused_before_the_windows():
-    _, model, _ = _planted_lesion_case(32, seed=0)
+    _, model, _ = planted_lesion_case(32, seed=0)
     with pytest.raises(medcam3d.errors.InputError, match="batch of 2D images"):
         explain_sliding_window(medcam3d.Explainer(model), torch.zeros(1, 1, 40, 40), 1, roi_size=32)
 

@@ -158,6 +158,22 @@ def test_feature_space_matches_monai_scale_affine(space_oblique):
     np.testing.assert_allclose(fs.affine, expected, atol=1e-12)
 
 
+def test_feature_space_of_a_2d_grid_is_the_pooled_cell_centres():
+    """A 2D grid (4x4 affine, third axis unused): each feature cell sits at the mean world position of the input
+    voxels it pools, and the unused third axis is left as it is."""
+    affine = np.eye(4)
+    affine[:2, :2] = [[1.5, 0.2], [-0.1, 0.8]]
+    affine[:2, 3] = [3.0, -4.0]
+    s = Space((40, 24), affine)
+    fs = feature_space(s, (10, 6))
+    ij = np.stack(np.meshgrid(np.arange(40), np.arange(24), indexing="ij"), -1).reshape(-1, 2)
+    world = torch.from_numpy(s.voxel_to_world(ij)).reshape(40, 24, 3).permute(2, 0, 1)[None]
+    pooled = torch.nn.AvgPool2d(4)(world)[0].permute(1, 2, 0).reshape(-1, 3).numpy()
+    uv = np.stack(np.meshgrid(np.arange(10), np.arange(6), indexing="ij"), -1).reshape(-1, 2)
+    np.testing.assert_allclose(fs.voxel_to_world(uv), pooled, atol=1e-9)
+    np.testing.assert_array_equal(fs.affine[:, 2], affine[:, 2])
+
+
 def test_feature_space_warns_on_fractional_stride_and_checks_axes(space_oblique):
     with pytest.warns(UserWarning, match="not an integer multiple"):
         fs = feature_space(space_oblique, (5, 11, 7))

@@ -117,3 +117,31 @@ def test_channel_argmax_equals_argmax_first_of_ties(shape, dim):
     values = torch.round(values * 2) / 2  # many ties: the first channel of the largest value wins, as argmax
     np.testing.assert_array_equal(channel_argmax(values, dim).numpy(), values.argmax(dim).numpy())
     np.testing.assert_array_equal(channel_argmax(values.to(torch.float64), dim).numpy(), values.argmax(dim).numpy())
+
+
+@pytest.mark.parametrize("shape, dim", [((1, 40, 9, 7, 5), 1), ((40, 6, 5), 0), ((2, 3, 40), 2), ((3, 40), 1)])
+@pytest.mark.parametrize("slab_values", [None, 64])  # one channel-last copy, or many small slabs
+def test_channel_argmax_of_many_channels_equals_argmax_first_of_ties(monkeypatch, shape, dim, slab_values):
+    """From VECTOR_CHANNELS channels on the channels are compared at once: the same indices, ties included."""
+    from medcam3d import targets
+
+    assert shape[dim] >= targets.VECTOR_CHANNELS
+    if slab_values is not None:
+        monkeypatch.setattr(targets, "_CHUNK_VALUES", slab_values)
+    values = torch.round(torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 2) / 2  # many ties
+    np.testing.assert_array_equal(channel_argmax(values, dim).numpy(), values.argmax(dim).numpy())
+    np.testing.assert_array_equal(channel_argmax(values.to(torch.float64), dim).numpy(), values.argmax(dim).numpy())
+    last = values.movedim(dim, -1).contiguous().movedim(-1, dim)  # channels already last in memory: not changed
+    copy = last.clone()
+    np.testing.assert_array_equal(channel_argmax(last, dim).numpy(), values.argmax(dim).numpy())
+    assert torch.equal(last, copy)
+
+
+def test_channel_argmax_never_picks_nan_however_many_channels():
+    for channels in (3, 40):
+        values = torch.arange(channels, dtype=torch.float32).repeat(2, 4, 1).permute(0, 2, 1).contiguous()  # (2, C, 4)
+        values[0, channels - 1, 1] = float("nan")  # the largest channel holds a NaN at one voxel
+        values[1, 0, 2] = float("nan")  # the first channel holds one
+        index = channel_argmax(values, 1)
+        assert index[0].tolist() == [channels - 1, channels - 2, channels - 1, channels - 1]
+        assert index[1].tolist() == [channels - 1, channels - 1, 0, channels - 1]  # a NaN first blocks, as the loop

@@ -43,7 +43,8 @@ One concept per module; this package gives their public names:
 * :mod:`~medcam3d.models.weights`: :func:`load_weights` (``weights_only=True``);
 * :mod:`~medcam3d.models.bundles`: MONAI bundles;
 * :mod:`~medcam3d.models.nnunet`: nnU-Net v2 model folders (:func:`load_nnunet`, extra ``[nnunet]``);
-* :mod:`~medcam3d.models.loading`: :func:`load_model` and :func:`load_configured` (a config's model);
+* :mod:`~medcam3d.models.loading`: :func:`load_model` and :func:`load_configured` (a config's model),
+  :func:`load_preprocessing` (its preprocessing alone);
 * :mod:`~medcam3d.models.rank`: :func:`check_input_rank`, :func:`check_input_channels`.
 """
 
@@ -54,7 +55,7 @@ from .activations import MAX_ACTIVATION_BYTES, check_activations, estimate_activ
 from .budget import MAX_BUILD_SECONDS, MAX_MODULES, MAX_PARAMETERS
 from .build import build_network
 from .bundles import BUNDLE_CONFIGS, Bundle, bundle_has_weights, bundle_input_shape, bundle_preprocessing, load_bundle
-from .loading import ConfiguredModel, load_configured, load_model
+from .loading import ConfiguredModel, load_configured, load_model, load_preprocessing
 from .nnunet import NNUNET_ARCHITECTURES, FoldEnsemble, NnunetModel, load_nnunet
 from .rank import check_input_channels, check_input_rank
 from .rules import (ARGUMENTS_NEEDING_TRUST, MAX_ARGUMENT_INT, NETWORK_FACTORIES, NETWORK_NAMESPACES, NETWORKS_NEEDING_TRUST,
@@ -85,6 +86,7 @@ __all__ = [
     "load_weights",
     "load_model",
     "load_configured",
+    "load_preprocessing",
     "load_bundle",
     "bundle_preprocessing",
     "bundle_input_shape",

@@ -17,14 +17,14 @@ from ..errors import ConfigError, ModelLoadError, UntrustedModelError
 from ..preprocess import BundlePreprocessing
 from ..preprocess_nnunet import NnunetPreprocessing
 from .build import build_network, seeded
-from .bundles import load_bundle
-from .nnunet import NnunetModel, load_nnunet
+from .bundles import bundle_preprocessing, load_bundle
+from .nnunet import NnunetModel, load_nnunet, read_json
 from .rules import TRUST_HINT, where
 from .weights import load_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_model", "ConfiguredModel", "load_configured"]
+__all__ = ["load_model", "ConfiguredModel", "load_configured", "load_preprocessing"]
 
 _NO_WEIGHTS_MESSAGE = (
     "model.weights is missing: a network without weights has random parameters; give the trained weights, or "
@@ -218,3 +218,36 @@ def _configured_nnunet(config: Config, *, trust: bool, random_weights: bool, dev
     if config.preprocessing is None:  # a config's own list overrides nnU-Net's preprocessing
         preprocessing = NnunetPreprocessing(loaded.plans, loaded.dataset, loaded.configuration, loaded.directory)
     return ConfiguredModel(config, loaded.network, loaded.random_weights, preprocessing)
+
+
+def load_preprocessing(config: Config, *, trust: bool = False,
+                       max_voxels: int | None = DEFAULT_MAX_VOXELS) -> BundlePreprocessing | NnunetPreprocessing | None:
+    """The preprocessing :func:`load_configured` gives a config's model (its ``preprocessing``), without loading
+    the network: for a model given some other way (``Explainer.from_config(config, model)``).
+
+    Parameters
+    ----------
+    config : Config
+        From :func:`medcam3d.config.load_config`.
+    trust : bool
+        A MONAI bundle's configs run code: as for :func:`medcam3d.models.bundle_preprocessing`.
+    max_voxels : int or None
+        The largest grid a step of a bundle's own preprocessing may make.
+
+    Returns
+    -------
+    BundlePreprocessing, NnunetPreprocessing or None
+        A MONAI bundle's own chain (its configs read once), an nnU-Net folder's preprocessing (its
+        ``plans.json`` and ``dataset.json`` read once); None when the config gives a ``preprocessing``
+        list or names another kind of model.
+    """
+    spec = config.model
+    if config.preprocessing is not None:
+        return None
+    if spec.bundle is not None:
+        return bundle_preprocessing(spec.bundle, trust=trust, max_voxels=max_voxels)
+    if spec.nnunet is not None:
+        folder = spec.nnunet
+        return NnunetPreprocessing(read_json(folder / "plans.json", "plans"),
+                                   read_json(folder / "dataset.json", "dataset description"), spec.configuration, folder)
+    return None

@@ -1,31 +1,22 @@
-"""Voxel grids in world coordinates, the feature grid of a CNN layer, and resampling between grids.
+"""Resampling a map from one grid onto another in world coordinates: :func:`resample` and :class:`Resampler`.
 
-A :class:`Space` is a grid: a spatial ``shape`` in NIfTI ``(i, j, k)`` order and a 4x4 ``affine``
-mapping voxel indices to RAS+ millimetres (the nibabel / MONAI convention). Three grids matter
-(see docs/architecture.md §3): the scan on disk (``scanner_space``), the tensor the model sees
-(``input_space``) and the target layer's output (``feature_space``). :func:`feature_space` derives
-the last from the second, and :func:`resample` moves a map from any grid onto any other in one
-trilinear interpolation, so a heatmap goes straight from the feature grid to the scan's grid.
-
-Two-dimensional grids are supported: ``shape`` has two entries and ``affine`` is still 4x4 with
-the third voxel axis unused (a 3x3 2D affine, as MONAI produces for 2D images, is embedded).
+One trilinear interpolation, straight from the source grid to the target grid (docs/architecture.md
+§3), separable (three 1D interpolations) where the grids' axes are parallel.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .errors import SpaceError  # noqa: F401  (re-exported)
-from .orientation import lps_to_ras
 
-__all__ = ["Space", "SpaceError", "feature_space", "resample", "Resampler", "AxisMap", "AxisWeights", "axis_parallel_maps"]
+from ..errors import SpaceError
+from .axes import FOV_TOL, AxisMap, AxisWeights, axis_parallel_maps, voxel_map
+from .grid import Space
 
 logger = logging.getLogger(__name__)
 
@@ -35,450 +26,10 @@ logger = logging.getLogger(__name__)
 # ~445 MB). Coordinates are computed in float64 once per target slice, not per voxel.
 DEFAULT_CHUNK_VOXELS = 2**20
 
-# Tolerance (in source voxels) of the field-of-view test, so that rounding does not flip voxels
-# that lie exactly on the outer cell edge of the source grid.
-_FOV_TOL = 1e-5
-
-
-# --------------------------------------------------------------------------------------------
-# Space
-# --------------------------------------------------------------------------------------------
-
-
-def _as_affine(affine: Any, ndim: int) -> np.ndarray:
-    """Return ``affine`` as a validated, read-only 4x4 float64 array."""
-    if isinstance(affine, torch.Tensor):
-        affine = affine.detach().cpu().numpy()
-    try:
-        a = np.array(affine, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise SpaceError(
-            f"affine must be a 4x4 numeric array (voxel -> RAS mm); could not convert it: {e}"
-        ) from None
-    if a.shape == (3, 3) and ndim == 2:
-        # MONAI's 2D affine (rows/cols: i, j, translation): embed, third axis unused.
-        a4 = np.eye(4)
-        a4[np.ix_([0, 1, 3], [0, 1, 3])] = a
-        a = a4
-    if a.shape != (4, 4):
-        raise SpaceError(
-            f"affine must have shape (4, 4) (or (3, 3) for a 2D grid), got {a.shape}. "
-            "Pass the voxel -> RAS mm matrix, e.g. nibabel's img.affine or MetaTensor.affine."
-        )
-    if not np.all(np.isfinite(a)):
-        raise SpaceError(f"affine contains NaN or inf values:\n{a}\nExpected a finite 4x4 matrix.")
-    if not np.allclose(a[3], [0.0, 0.0, 0.0, 1.0], rtol=0.0, atol=1e-9):
-        raise SpaceError(
-            f"affine's last row must be [0, 0, 0, 1], got {a[3].tolist()}. "
-            "Expected a homogeneous voxel -> world matrix."
-        )
-    a[3] = [0.0, 0.0, 0.0, 1.0]
-    det = float(np.linalg.det(a[:3, :3]))
-    scale = float(np.prod(np.linalg.norm(a[:3, :3], axis=0)))
-    if scale == 0.0 or abs(det) <= 1e-12 * max(scale, 1e-300):
-        raise SpaceError(
-            f"affine is singular (determinant of its 3x3 part = {det:.3g}); a voxel grid needs three "
-            "independent, non-zero axes. Check the spacing (a zero pixdim?) and direction of the image."
-        )
-    a.setflags(write=False)
-    return a
-
-
-@dataclass(frozen=True, eq=False)
-class Space:
-    """A voxel grid: spatial ``shape`` and a voxel -> RAS+ mm ``affine``.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        Spatial size, ``(I, J, K)`` or ``(I, J)`` for 2D; channels and batch are not part of it.
-    affine : array_like, shape (4, 4)
-        Maps homogeneous voxel indices ``[i, j, k, 1]`` to world ``[x, y, z, 1]`` in RAS+ mm.
-        For 2D grids the third voxel axis is unused; a (3, 3) 2D affine is accepted and embedded.
-
-    Notes
-    -----
-    Equality compares shapes exactly and affines to 1e-6 relative / 1e-5 mm absolute, so that a
-    grid read back from a NIfTI file (which stores the affine in float32) equals the original.
-    """
-
-    shape: tuple[int, ...]
-    affine: np.ndarray
-
-    def __post_init__(self) -> None:
-        try:
-            shape = tuple(int(n) for n in self.shape)
-        except (TypeError, ValueError):
-            raise SpaceError(f"shape must be a sequence of ints, got {self.shape!r}") from None
-        if len(shape) not in (2, 3) or any(n < 1 for n in shape):
-            raise SpaceError(
-                f"shape must have 2 or 3 positive spatial sizes, got {shape}. "
-                "Pass the spatial shape only (no channel or batch axis)."
-            )
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "affine", _as_affine(self.affine, len(shape)))
-
-    # -- construction ----------------------------------------------------------------------
-
-    @classmethod
-    def of(cls, obj: Any, *, batch: bool = False) -> Space:
-        """Build a Space from a Space, a ``(shape, affine)`` pair, a nibabel image or a MetaTensor.
-
-        Parameters
-        ----------
-        obj
-            - a :class:`Space` (returned as is);
-            - a ``(shape, affine)`` tuple or list;
-            - a nibabel spatial image: ``shape = img.shape[:3]``, ``affine = img.affine``;
-            - a MONAI ``MetaTensor``, channel-first ``(C, *shape)``, or ``(B, C, *shape)`` with
-              ``batch=True``; a batched affine ``(B, 4, 4)`` uses its first entry;
-            - any object with a ``space`` attribute holding a Space (e.g. a Heatmap).
-        batch : bool
-            MetaTensor only: the tensor has a leading batch axis.
-
-        Returns
-        -------
-        Space
-        """
-        if isinstance(obj, Space):
-            return obj
-        if isinstance(obj, torch.Tensor):
-            return cls._of_tensor(obj, batch)
-        if isinstance(obj, (tuple, list)) and len(obj) == 2:
-            return cls(tuple(obj[0]), obj[1])
-        if hasattr(obj, "affine") and hasattr(obj, "shape") and hasattr(obj, "header"):
-            # nibabel image (4D images: the first three axes are spatial)
-            if obj.affine is None:
-                raise SpaceError("the nibabel image has no affine; cannot place it in world space")
-            shape = tuple(obj.shape[:3])
-            if len(obj.shape) == 2:
-                shape = tuple(obj.shape)
-            return cls(shape, obj.affine)
-        space = getattr(obj, "space", None)
-        if isinstance(space, Space):
-            return space
-        raise SpaceError(
-            f"cannot build a Space from {type(obj).__name__}; expected a Space, (shape, affine), "
-            "a nibabel image or a MONAI MetaTensor."
-        )
-
-    @classmethod
-    def _of_tensor(cls, t: torch.Tensor, batch: bool) -> Space:
-        affine = getattr(t, "affine", None)
-        if affine is None:
-            raise SpaceError(
-                "a plain torch.Tensor has no affine; pass a MONAI MetaTensor, a Space or "
-                "(shape, affine)."
-            )
-        affine = torch.as_tensor(affine).detach().cpu().to(torch.float64).numpy()
-        if affine.ndim == 3:  # batched (B, 4, 4)
-            if len(affine) > 1 and not np.allclose(affine, affine[:1]):
-                logger.warning("MetaTensor holds %d different affines; using the first", len(affine))
-            affine = affine[0]
-        meta = getattr(t, "meta", None) or {}
-        if str(meta.get("space", "RAS")).upper() == "LPS":
-            affine = lps_to_ras(affine)  # medcam3d.orientation: the one LPS <-> RAS flip
-        lead = 2 if batch else 1
-        shape = tuple(t.shape[lead:])
-        if len(shape) not in (2, 3):
-            hint = "" if batch else " If it has a batch axis, pass batch=True."
-            raise SpaceError(
-                f"MetaTensor of shape {tuple(t.shape)} leaves spatial shape {shape} after removing "
-                f"{lead} leading axis/axes; expected 2 or 3 spatial axes.{hint}"
-            )
-        return cls(shape, affine)
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    @property
-    def ndim(self) -> int:
-        """Number of spatial axes (2 or 3)."""
-        return len(self.shape)
-
-    @property
-    def spacing(self) -> tuple[float, ...]:
-        """Voxel size in mm along each voxel axis (the affine's column norms)."""
-        from nibabel.affines import voxel_sizes
-
-        return tuple(float(v) for v in voxel_sizes(self.affine)[: self.ndim])
-
-    @property
-    def origin(self) -> tuple[float, float, float]:
-        """World position (RAS mm) of the centre of voxel 0."""
-        return tuple(float(v) for v in self.affine[:3, 3])  # type: ignore[return-value]
-
-    @property
-    def orientation(self) -> tuple[str, ...]:
-        """Axis codes, e.g. ``('R', 'A', 'S')``: the world direction each voxel axis points to."""
-        import nibabel.orientations as nio
-
-        codes = nio.aff2axcodes(self.affine)
-        return tuple(codes[: self.ndim])
-
-    @property
-    def is_sheared(self) -> bool:
-        """True if the voxel axes are not mutually orthogonal (tolerance 1e-4 in cosine)."""
-        cols = self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
-        gram = cols.T @ cols
-        return bool(np.max(np.abs(gram - np.eye(3))) > 1e-4)
-
-    def voxel_to_world(self, ijk: Any) -> np.ndarray:
-        """Map voxel indices to RAS mm.
-
-        Parameters
-        ----------
-        ijk : array_like, shape (N, ndim) or (ndim,)
-            Voxel coordinates (fractional allowed); 2D grids may also be given (N, 3).
-
-        Returns
-        -------
-        numpy.ndarray, shape (N, 3) or (3,)
-        """
-        p = np.asarray(ijk, dtype=np.float64)
-        single = p.ndim == 1
-        p = np.atleast_2d(p)
-        if p.shape[-1] == self.ndim == 2:
-            p = np.concatenate([p, np.zeros((len(p), 1))], axis=1)
-        if p.ndim != 2 or p.shape[1] != 3:
-            raise SpaceError(f"voxel coordinates must have shape (N, {self.ndim}), got {p.shape}")
-        from nibabel.affines import apply_affine
-
-        xyz = apply_affine(self.affine, p)
-        return xyz[0] if single else xyz
-
-    def world_to_voxel(self, xyz: Any) -> np.ndarray:
-        """Map RAS mm to (fractional) voxel indices.
-
-        Parameters
-        ----------
-        xyz : array_like, shape (N, 3) or (3,)
-
-        Returns
-        -------
-        numpy.ndarray, shape (N, ndim) or (ndim,)
-        """
-        p = np.asarray(xyz, dtype=np.float64)
-        single = p.ndim == 1
-        p = np.atleast_2d(p)
-        if p.ndim != 2 or p.shape[1] != 3:
-            raise SpaceError(f"world coordinates must have shape (N, 3), got {p.shape}")
-        from nibabel.affines import apply_affine
-
-        ijk = apply_affine(np.linalg.inv(self.affine), p)[:, : self.ndim]
-        return ijk[0] if single else ijk
-
-    def isclose(self, other: Any, *, atol: float = 1e-5, rtol: float = 1e-6) -> bool:
-        """Same shape and affines equal within ``atol`` mm + ``rtol`` relative."""
-        other = Space.of(other)
-        return self.shape == other.shape and bool(
-            np.allclose(self.affine, other.affine, rtol=rtol, atol=atol)
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Space):
-            return NotImplemented
-        return self.isclose(other)
-
-    def __hash__(self) -> int:  # consistent with the tolerant __eq__: equal spaces share a shape
-        return hash(self.shape)
-
-    def __repr__(self) -> str:
-        spacing = ", ".join(f"{v:.4g}" for v in self.spacing)
-        origin = ", ".join(f"{v:.4g}" for v in self.origin)
-        return (
-            f"Space(shape={self.shape}, spacing=({spacing}) mm, origin=({origin}) mm, "
-            f"orientation={''.join(self.orientation)})"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Feature grid
-# --------------------------------------------------------------------------------------------
-
-
-def feature_space(input_space: Any, feature_shape: Sequence[int], receptive_field: Any = None) -> Space:
-    """The grid of a layer output of spatial size ``feature_shape`` computed from ``input_space``.
-
-    With the layer's receptive field (:func:`medcam3d.layers.receptive_field`), cell ``u`` sits at
-    the centre of its receptive field, input voxel ``offset + step * u`` per axis::
-
-        feature_affine = input_affine @ [[diag(step), offset], [0, 1]]
-
-    Without one (an array with no model), the ``F.interpolate(mode="trilinear",
-    align_corners=False)`` convention (MONAI's ``scale_affine(centered=True)``): with ``s =
-    input_shape / feature_shape`` per axis, cell ``u`` covers input voxels ``[u*s, (u+1)*s)`` and
-    is placed at ``u*s + (s-1)/2``. That is not where a network's cells look: it can be off by up
-    to half a cell (8 voxels on MONAI resnet18's ``layer4``).
-
-    Parameters
-    ----------
-    input_space : Space or anything :meth:`Space.of` accepts
-        Grid of the model input, spatial shape ``(I, J, K)``.
-    feature_shape : sequence of int
-        Spatial shape ``(D, V, U)`` of the layer output (no batch or channel axis).
-    receptive_field : ReceptiveField, optional
-        Anything with per-axis ``step`` and ``offset`` in input voxels
-        (:class:`medcam3d.receptive_field.ReceptiveField`); None: the convention above.
-
-    Returns
-    -------
-    Space
-        Shape ``feature_shape``.
-
-    Warns
-    -----
-    UserWarning
-        Without a receptive field, when a stride is not an integer (the cells are then placed by
-        scaling).
-    """
-    src = Space.of(input_space)
-    fshape = tuple(int(n) for n in feature_shape)
-    if len(fshape) != src.ndim:
-        raise SpaceError(
-            f"feature_shape {fshape} has {len(fshape)} axes but the input grid {src.shape} has "
-            f"{src.ndim}; pass the spatial shape only, e.g. activations.shape[2:]."
-        )
-    if any(n < 1 for n in fshape):
-        raise SpaceError(f"feature_shape must be positive, got {fshape}")
-    scale = np.eye(4)
-    if receptive_field is not None:
-        step = tuple(float(v) for v in receptive_field.step)
-        offset = tuple(float(v) for v in receptive_field.offset)
-        if len(step) != src.ndim or len(offset) != src.ndim:
-            raise SpaceError(
-                f"The receptive field has {len(step)} axes (step {step}) but the input grid {src.shape} has {src.ndim}; "
-                "give the receptive field of this model's layer for this input (medcam3d.layers.receptive_field)."
-            )
-        for ax, (s, o) in enumerate(zip(step, offset)):
-            scale[ax, ax] = s
-            scale[ax, 3] = o
-        return Space(fshape, src.affine @ scale)
-    stride = np.array(src.shape, dtype=np.float64) / np.array(fshape, dtype=np.float64)
-    if not np.allclose(stride, np.round(stride), rtol=0, atol=1e-9):
-        warnings.warn(
-            f"input shape {src.shape} is not an integer multiple of feature shape {fshape} "
-            f"(stride {tuple(round(float(s), 4) for s in stride)}); without a model the feature grid is placed by the "
-            "align_corners=False convention, which can be off by up to half a cell. Pass the layer's receptive field "
-            "(medcam3d.layers.receptive_field) for the network's own placement.",
-            stacklevel=2,
-        )
-    for ax, s in enumerate(stride):
-        scale[ax, ax] = s
-        scale[ax, 3] = (s - 1.0) / 2.0
-    return Space(fshape, src.affine @ scale)
-
-
-# --------------------------------------------------------------------------------------------
-# Resampling
-# --------------------------------------------------------------------------------------------
-
 
 # Source axes of at most this many voxels are contracted with a dense interpolation matrix
 # (one small matrix product); longer ones gather their two neighbours per target voxel.
 _DENSE_MAX = 32
-
-# A target axis counts as parallel to a source axis when the terms that would mix in the other
-# source axes move a point by at most this much (source voxels) anywhere on the target grid.
-_PARALLEL_TOL = 1e-6
-
-
-@dataclass(frozen=True)
-class AxisMap:
-    """How one target voxel axis runs through the source grid when the grids' axes are parallel.
-
-    Target index ``t`` along this axis sits at source voxel coordinate ``scale * t + offset``
-    along source axis ``source_axis`` (``scale < 0``: the axis is flipped).
-    """
-
-    source_axis: int
-    scale: float
-    offset: float
-
-    def coordinates(self, indices: np.ndarray) -> np.ndarray:
-        """Source coordinates (float64) of target ``indices`` along this axis."""
-        return self.scale * np.asarray(indices, dtype=np.float64) + self.offset
-
-
-@dataclass(frozen=True)
-class AxisWeights:
-    """Linear interpolation along one axis, as :func:`resample` defines it (see there).
-
-    Attributes
-    ----------
-    lower, upper : (T,) int64 ndarray
-        The two source voxels each target index reads (equal on a 1-voxel axis).
-    weight : (T,) float64 ndarray
-        Weight of ``upper``; ``lower`` gets ``1 - weight``. Beyond the outermost voxel centres
-        (inside the field of view) the edge voxel gets weight 1.
-    inside : (T,) bool ndarray
-        Within ``[-0.5, n - 0.5]`` (the outer cell edges): elsewhere the value is the fill.
-    """
-
-    lower: np.ndarray
-    upper: np.ndarray
-    weight: np.ndarray
-    inside: np.ndarray
-
-    @classmethod
-    def along(cls, coordinates: np.ndarray, n_source: int) -> AxisWeights:
-        """Weights for source coordinates ``(T,)`` on an axis of ``n_source`` voxels."""
-        c = np.asarray(coordinates, dtype=np.float64)
-        inside = (c >= -0.5 - _FOV_TOL) & (c <= n_source - 0.5 + _FOV_TOL)
-        clamped = np.clip(c, 0.0, n_source - 1.0)
-        if n_source == 1:
-            lower = np.zeros(c.shape, dtype=np.int64)
-            weight = np.zeros(c.shape)
-        else:
-            lower = np.minimum(np.floor(clamped), n_source - 2).astype(np.int64)
-            weight = clamped - lower
-        upper = np.minimum(lower + 1, n_source - 1)
-        return cls(lower, upper, weight, inside)
-
-    def matrix(self, n_source: int) -> np.ndarray:
-        """Dense ``(T, n_source)`` float64 interpolation matrix; rows outside the field of view are 0."""
-        rows = np.arange(len(self.lower))
-        out = np.zeros((len(rows), n_source))
-        np.add.at(out, (rows, self.lower), (1.0 - self.weight) * self.inside)
-        np.add.at(out, (rows, self.upper), self.weight * self.inside)
-        return out
-
-
-def axis_parallel_maps(source: Any, target: Any) -> tuple[AxisMap, ...] | None:
-    """Per target axis, the source axis it runs along, when the two grids' axes are parallel.
-
-    That is the case when ``inv(source.affine) @ target.affine`` is a permutation with scaling
-    (any signs) plus a translation, as after Orientation, Spacing, crop, pad and resize; then
-    trilinear resampling is separable (three 1D interpolations). Terms that would mix axes are
-    ignored when they move no target voxel by more than 1e-6 source voxels.
-
-    Returns
-    -------
-    tuple of AxisMap (one per target axis) or None
-        None for oblique grids (or grids of different dimensions).
-    """
-    src, dst = Space.of(source), Space.of(target)
-    if src.ndim != dst.ndim:
-        return None
-    nd = src.ndim
-    m = _voxel_map(src, dst)
-    block = m[:nd, :nd]
-    perm = [int(np.argmax(np.abs(block[:, a]))) for a in range(nd)]
-    if sorted(perm) != list(range(nd)):
-        return None
-    for a in range(nd):
-        reach = max(dst.shape[a] - 1, 1)
-        for r in range(nd):
-            if r != perm[a] and abs(block[r, a]) * reach > _PARALLEL_TOL:
-                return None
-    return tuple(AxisMap(perm[a], float(block[perm[a], a]), float(m[perm[a], nd])) for a in range(nd))
-
-
-def _voxel_map(src: Space, dst: Space) -> np.ndarray:
-    """Target voxel -> source voxel, ``(nd + 1, nd + 1)`` (2D grids: the i, j axes and translation)."""
-    nd = src.ndim
-    m = np.linalg.inv(src.affine) @ dst.affine
-    axes = list(range(nd)) + [3]
-    return m[np.ix_(axes, axes)]
 
 
 class Resampler:
@@ -507,7 +58,7 @@ class Resampler:
             raise SpaceError(
                 f"source grid is {self.source.ndim}D but target grid is {self.target.ndim}D; expected the same"
             )
-        self.matrix = _voxel_map(self.source, self.target)
+        self.matrix = voxel_map(self.source, self.target)
         self.identity = self.source.shape == self.target.shape and _max_displacement(self.matrix, self.target.shape) < 1e-4
         self.axes = axis_parallel_maps(self.source, self.target) if separable is not False else None
         if separable is False:
@@ -624,7 +175,7 @@ class Resampler:
                 if outside.size:
                     out[(slice(None),) * (a + 1) + (_like(out, outside),)] = fill
         else:
-            m = _voxel_map(src, self.target)
+            m = voxel_map(src, self.target)
             out = _empty_like(x, shape)
             rows = max(1, int(chunk_voxels) // max(1, math.prod(shape[1:])))
             for start in range(0, shape[0], rows):
@@ -764,7 +315,7 @@ def _check_trailing(shape: tuple[int, ...], src: Space) -> tuple[int, ...]:
 
 def _in_view(coordinates: np.ndarray, n_source: int) -> np.ndarray:
     """Source coordinates within the field of view ``[-0.5, n - 0.5]`` (as :class:`AxisWeights`)."""
-    return (coordinates >= -0.5 - _FOV_TOL) & (coordinates <= n_source - 0.5 + _FOV_TOL)
+    return (coordinates >= -0.5 - FOV_TOL) & (coordinates <= n_source - 0.5 + FOV_TOL)
 
 
 def _nearest_index(coordinates: np.ndarray, n_source: int) -> np.ndarray:
@@ -942,7 +493,7 @@ def _resample_grid(x: torch.Tensor, src: Space, dst: Space, fill: float, chunk_v
     nd = src.ndim
     channels = x.shape[0]
     device = x.device
-    m = _voxel_map(src, dst)
+    m = voxel_map(src, dst)
     out = torch.empty((channels, *dst.shape), dtype=torch.float32, device=device)
     if channels == 0:
         return out
@@ -1029,7 +580,7 @@ def _inside_rows(
     first = torch.zeros_like(planes[0])
     last = torch.full_like(planes[0], float(n_rows - 1))
     for a, p in enumerate(planes):
-        lo, hi = -0.5 - _FOV_TOL, n_src[a] - 0.5 + _FOV_TOL
+        lo, hi = -0.5 - FOV_TOL, n_src[a] - 0.5 + FOV_TOL
         slope = float(m[a, 0])
         if abs(slope) < 1e-12:  # independent of the row: all in or all out
             ok = (p >= lo) & (p <= hi)
