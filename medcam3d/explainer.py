@@ -11,7 +11,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +83,11 @@ class Explanation:
     receptive_field : ReceptiveField or None
         The target layer's receptive field for this input (:func:`medcam3d.layers.receptive_field`),
         with ``placement="receptive_field"``; None otherwise.
+    output_field : ReceptiveField or None
+        For a segmentation output at another resolution than the input, with
+        ``placement="receptive_field"``: the receptive field of the model's output voxels, which
+        places them on the input grid (:func:`medcam3d.targets.output_grid`); None otherwise (the
+        output is on the input grid, or is placed by the convention).
     diagnostics : dict
         What a method measured about its own maps, e.g. Integrated Gradients' completeness error,
         the patches of occlusion or the channels Score-CAM used (empty for the CAM family).
@@ -103,6 +108,7 @@ class Explanation:
     output_activation: str = "none"
     placement: str = "align_corners"
     receptive_field: ReceptiveField | None = None
+    output_field: ReceptiveField | None = None
     diagnostics: dict = field(default_factory=dict)
 
     def to_scanner_space(self, scanner_space, *, input_space=None, sample: int = 0, fill: float = 0.0):
@@ -515,7 +521,9 @@ class Explainer:
     def _explain(self, x: torch.Tensor, target: object, relu: bool) -> Explanation:
         inputs, input_affine = self._prepare_input(x)
         if self.method.level != "layer":  # input-level, multi-layer and perturbation methods: their own passes
-            return self.method.explain(self, inputs, x, target, relu=relu, input_affine=input_affine)
+            result = self.method.explain(self, inputs, x, target, relu=relu, input_affine=input_affine)
+            output_field = self._output_field(inputs, result.logits)
+            return result if output_field is None else replace(result, output_field=output_field)
         name, module = self._target_layer(inputs)
         autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
@@ -543,7 +551,9 @@ class Explainer:
                 raise LayerError(message)
             outputs = self._check_outputs(outputs, name)
             logits, undone = self._logits(outputs, capture, watch)
-            resolved = resolve_target(target, logits, self.class_names, input_space=_input_space(x, target, inputs))
+            output_field = self._output_field(inputs, logits)
+            resolved = resolve_target(target, logits, self.class_names, input_space=_input_space(x, target, inputs),
+                                      output_field=output_field)
             with torch.enable_grad():
                 scores = resolved.scores(logits)
                 gradients = self._gradients(scores, activations, name) if track else None
@@ -572,6 +582,7 @@ class Explainer:
             output_activation=undone,
             placement=placement,
             receptive_field=placed,
+            output_field=output_field,
         )
 
     def _pass(self, inputs: torch.Tensor, layers: Sequence[tuple[str, nn.Module]], target: object, *,
@@ -644,7 +655,8 @@ class Explainer:
                     warnings.simplefilter("ignore", ProbabilityOutputWarning)
                 logits, undone = self._logits(outputs, captures[0], watch, track)
             space = _input_space(x, target, inputs) if x is not None else None
-            resolved = resolve_target(target, logits, self.class_names, input_space=space)
+            resolved = resolve_target(target, logits, self.class_names, input_space=space,
+                                      output_field=self._output_field(inputs, logits) if space is not None else None)
             tensors = [capture.activations for capture in captures if capture.activations is not None]
             with torch.enable_grad():
                 scores = resolved.scores(logits)
@@ -684,6 +696,28 @@ class Explainer:
             warnings.warn(message, PlacementWarning, stacklevel=4)
             return "align_corners", None
         return "receptive_field", found
+
+    def _output_field(self, inputs: torch.Tensor, logits: torch.Tensor) -> ReceptiveField | None:
+        """The receptive field of the model's output voxels, for a segmentation output whose spatial
+        shape is not the input's (e.g. a network that ends at half resolution), with
+        ``placement="receptive_field"``; None otherwise (cached per model and input shape).
+
+        Where it cannot be found, the output is placed by the convention, with a
+        :class:`PlacementWarning`.
+        """
+        if (self.placement != "receptive_field" or logits.ndim <= 2
+                or tuple(logits.shape[2:]) == tuple(inputs.shape[2:])):
+            return None
+        try:
+            return receptive_field(self.model, self.model, tuple(inputs.shape[1:]), device=inputs.device)
+        except LayerError as error:
+            message = (
+                f"The model's output ({tuple(logits.shape[2:])}) is not on the input's grid "
+                f"({tuple(inputs.shape[2:])}) and its receptive field could not be found ({error}); its voxels are placed "
+                "by the align_corners=False convention, which can be off by up to half an output voxel."
+            )
+            warnings.warn(message, PlacementWarning, stacklevel=5)
+            return None
 
     def _prepare_input(self, x: object) -> tuple[torch.Tensor, np.ndarray | None]:
         if torch.is_inference_mode_enabled():

@@ -210,6 +210,7 @@ def resolve_target(
     class_names: Sequence[str] | None = None,
     *,
     input_space: object = None,
+    output_field: object = None,
 ) -> Target:
     """Turn a user's target specification into a :class:`Target` for ``outputs``.
 
@@ -224,6 +225,11 @@ def resolve_target(
     input_space : Space, optional
         The grid of the model's input; needed only for a ``Region`` whose mask is given on
         another grid (``Region(..., space=...)``).
+    output_field : ReceptiveField, optional
+        Where the output's voxels sit on the input grid when the output is at a lower resolution
+        than the input (the receptive field of the model's output,
+        :func:`medcam3d.layers.receptive_field`); None: the ``align_corners=False`` convention
+        (see :func:`output_grid`).
 
     Raises
     ------
@@ -265,7 +271,8 @@ def resolve_target(
                     "scan_space, input_space, output_shape) and pass Region(classes, mask=that)."
                 )
                 raise TargetError(message)
-            mask = region_from_scan_mask(mask, spec.space, input_space, tuple(outputs.shape[2:]))
+            mask = region_from_scan_mask(mask, spec.space, input_space, tuple(outputs.shape[2:]),
+                                            receptive_field=output_field)
         spec = spec.classes
     num_classes = 2 if channels == 1 else channels
     if spec is None:
@@ -504,19 +511,34 @@ def check_region_mask(mask: object, where: str = "The region mask") -> np.ndarra
     return binary
 
 
-def output_grid(input_space: object, output_shape: Sequence[int] | None = None):
+def output_grid(input_space: object, output_shape: Sequence[int] | None = None, receptive_field: object = None):
     """The grid of a segmentation network's output.
 
     The input grid itself when ``output_shape`` is None or the input's shape; otherwise (an output
-    at a lower resolution) the grid whose cells tile the input grid, as for a layer's feature map
-    (:func:`medcam3d.space.feature_space`).
+    at a lower resolution) the grid of the output's voxels on the input grid, as for a layer's
+    feature map (:func:`medcam3d.space.feature_space`): each output voxel at the centre of its
+    receptive field when ``receptive_field`` (the model output's,
+    :func:`medcam3d.layers.receptive_field`) is given, else by the ``align_corners=False``
+    convention (which can be off by up to half an output voxel).
+
+    Parameters
+    ----------
+    input_space : Space or anything :meth:`medcam3d.space.Space.of` accepts
+    output_shape : sequence of int, optional
+        The output's spatial shape (default: the input's).
+    receptive_field : ReceptiveField, optional
+        Per-axis ``step`` and ``offset`` of the output's voxels in input voxels.
+
+    Returns
+    -------
+    Space
     """
     from .space import Space, feature_space
 
     space = Space.of(input_space)
     if output_shape is None or tuple(int(s) for s in output_shape) == space.shape:
         return space
-    return feature_space(space, tuple(int(s) for s in output_shape))
+    return feature_space(space, tuple(int(s) for s in output_shape), receptive_field=receptive_field)
 
 
 def nearest_resample(data: object, source: object, target: object, *, fill: object = 0,
@@ -569,7 +591,7 @@ def nearest_resample(data: object, source: object, target: object, *, fill: obje
 
 
 def region_from_scan_mask(mask: object, scan_space: object, input_space: object,
-                          output_shape: Sequence[int] | None = None) -> np.ndarray:
+                          output_shape: Sequence[int] | None = None, *, receptive_field: object = None) -> np.ndarray:
     """A 0/1 region mask given on the scan's grid, on the model's output grid.
 
     The output grid is the input grid (``input_space``: the affine of the preprocessed
@@ -589,6 +611,9 @@ def region_from_scan_mask(mask: object, scan_space: object, input_space: object,
         A MetaTensor works for ``input_space`` (channel-first ``(C, *spatial)``).
     output_shape : sequence of int, optional
         The output's spatial shape (default: the input's).
+    receptive_field : ReceptiveField, optional
+        The model output's receptive field, for an output at a lower resolution than the input
+        (:func:`output_grid`); None: the ``align_corners=False`` convention.
 
     Returns
     -------
@@ -610,7 +635,7 @@ def region_from_scan_mask(mask: object, scan_space: object, input_space: object,
             "0/1 volume on that grid (the same shape and affine as the scan)."
         )
     binary = check_region_mask(values)
-    grid = output_grid(input_space, output_shape)
+    grid = output_grid(input_space, output_shape, receptive_field)
     region = nearest_resample(binary, scan, grid, fill=False)
     if not region.any():
         raise TargetError(
@@ -649,7 +674,8 @@ def scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict[
     if region is not None:
         return {c: ("given", region) for c in indices}
     try:
-        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]))
+        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]),
+                           explanation.output_field)
     except SpaceError:
         return {c: ("predicted", None) for c in indices}
     logits = explanation.logits[0].detach().float().cpu()

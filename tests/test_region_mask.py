@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.networks.nets import UNet
 from scipy import ndimage
 from torch import nn
@@ -171,9 +172,40 @@ def test_explaining_with_the_scan_grid_mask_equals_the_output_grid_mask(planted)
 
     coarse = medcam3d.Explainer(Coarse().eval(), "hirescam", layer="features.1")
     via_space = coarse(x[None], Region(1, mask=inside, space=scan_space), relu=False)
-    on_coarse = region_from_scan_mask(inside, scan_space, Space.of(x), tuple(via_space.logits.shape[2:]))
+    # its voxels sit at the centres of their receptive fields (input voxel 2u), not the convention's 2u + 0.5
+    assert via_space.output_field is not None
+    assert via_space.output_field.step == (2, 2, 2) and via_space.output_field.offset == (0, 0, 0)
+    on_coarse = region_from_scan_mask(inside, scan_space, Space.of(x), tuple(via_space.logits.shape[2:]),
+                                      receptive_field=via_space.output_field)
     direct = coarse(x[None], Region(1, mask=on_coarse), relu=False)
     torch.testing.assert_close(via_space.maps, direct.maps, rtol=0, atol=0)
+
+
+def test_a_low_resolution_output_is_placed_at_its_receptive_field_centres():
+    """A segmentation output at half resolution (3x3x3 conv, stride 2, padding 1): output voxel u looks at input
+    voxels 2u-1..2u+1, centred on 2u. A one-voxel region on the scan at voxel 4 is output voxel 2; the
+    align_corners convention places output voxel u at 2u + 0.5 and finds no output voxel nearest to voxel 4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, stride=2, padding=1)).eval()
+    affine = np.diag([0.8, 1.2, 2.0, 1.0])
+    affine[:3, 3] = (-10.0, 5.0, 20.0)
+    scan_space = Space((16, 16, 16), affine)
+    x = MetaTensor(torch.randn(1, 1, 16, 16, 16), affine=torch.from_numpy(affine))
+    inside = np.zeros((16, 16, 16), dtype=np.uint8)
+    inside[4, 4, 4] = 1
+    placed = medcam3d.Explainer(model, "hirescam", layer="1")
+    result = placed(x, Region(1, mask=inside, space=scan_space), relu=False)
+    assert result.output_field.step == (2, 2, 2) and result.output_field.offset == (0, 0, 0)
+    torch.testing.assert_close(result.scores[0, 0], result.logits[0, 1, 2, 2, 2], rtol=0, atol=0)
+    grid = output_grid(scan_space, (8, 8, 8), result.output_field)  # the input grid is the scan's here
+    np.testing.assert_allclose(grid.voxel_to_world(np.array([[2, 2, 2]]))[0], scan_space.voxel_to_world(np.array([[4, 4, 4]]))[0])
+    convention = medcam3d.Explainer(model, "hirescam", layer="1", placement="align_corners")
+    assert convention(x, "all").output_field is None
+    with pytest.raises(TargetError, match="none of them is in the part"):
+        convention(x, Region(1, mask=inside, space=scan_space))
+    inside[4, 4, 4], inside[5, 5, 5] = 0, 1  # the convention's output voxel 2 is nearest to input voxel 5
+    torch.testing.assert_close(convention(x, Region(1, mask=inside, space=scan_space), relu=False).scores[0, 0],
+                               result.logits[0, 1, 2, 2, 2], rtol=0, atol=0)
 
 
 def test_region_mask_errors_say_what_to_do(planted):

@@ -400,7 +400,8 @@ class Runner:
             field_ = explanation.receptive_field
             result.placement[explanation.method] = {
                 "placement": explanation.placement, "layer": explanation.layer,
-                "receptive_field": None if field_ is None else field_.to_dict()}
+                "receptive_field": None if field_ is None else field_.to_dict(),
+                **({} if explanation.output_field is None else {"output_field": explanation.output_field.to_dict()})}
             if explanation.diagnostics:
                 result.diagnostics[explanation.method] = json_values(explanation.diagnostics)
             native = heatmaps_of(explanation)  # the feature grid, exact affine
