@@ -113,8 +113,8 @@ DRIVER = textwrap.dedent(
         patch(heatmap.ScanGridMap, "sample", "resampling (slabs, planes, candidates)")
         patch(heatmap, "save_scan_maps", "scan-grid maps: quantise + gzip + write")
         patch(heatmap.ScanGridMap, "_summarise", "peaks and value ranges")
-        patch(runner, "_largest_region", "boxes + masks (runs, largest region)")
-        patch(runner, "_write_mask", "boxes + masks (runs, largest region)")
+        patch(runner, "largest_component_runs", "boxes + masks (runs, largest region)")
+        patch(runner, "save_runs", "boxes + masks (runs, largest region)")
         patch(report.SlicePainter, "__init__", "pictures")
         patch(report.SlicePainter, "save", "pictures")
         if EVENTS:

@@ -19,10 +19,12 @@ import torch
 from scipy import ndimage
 
 from ._files import atomic_write_text
+from .io.nifti import nifti_header
+from .io.streaming import Volume, slab_ranges, write_nifti_files
 from .space import Resampler, Space, SpaceError
 
 __all__ = ["threshold_mask", "largest_component", "BoundingBox", "bounding_box", "peak", "otsu_threshold", "save_box",
-           "Runs", "superlevel_runs"]
+           "Runs", "superlevel_runs", "labels_present", "largest_component_runs", "top_mass_runs", "save_runs"]
 
 _METHODS = ("fraction", "percentile", "otsu")
 
@@ -496,3 +498,87 @@ def _merge_pieces(shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray, valid:
     row, lo_all, hi_all = (np.concatenate(x).astype(np.int64) for x in (out_row, out_lo, out_hi))
     order = np.lexsort((lo_all, row))
     return Runs(tuple(shape), row[order], lo_all[order], hi_all[order])
+
+
+# --------------------------------------------------------------------------------------------
+# Localising a scan-grid map (:class:`~medcam3d.heatmap.ScanGridMap`): its masks as runs, written in slabs
+# --------------------------------------------------------------------------------------------
+
+
+def labels_present(labels: np.ndarray | None) -> set[int]:
+    """The label values present in a ground-truth label map (one pass; none for no map)."""
+    if labels is None:
+        return set()
+    values = np.asarray(labels)
+    if values.dtype.kind in "iub" and values.size and values.min() >= 0 and values.max() < 2**16:
+        return {int(v) for v in np.flatnonzero(np.bincount(values.ravel().astype(np.int64, copy=False)))}
+    return {int(v) for v in np.unique(values) if float(v).is_integer()}
+
+
+def largest_component_runs(heat, method: str, value: float) -> Runs:
+    """Runs of the largest connected component of the thresholded scan-grid map (see ``threshold_mask``).
+
+    On grids with parallel axes a fraction threshold is solved on the map's rows without forming
+    the map; otherwise the whole map is resampled and thresholded.
+
+    Parameters
+    ----------
+    heat : ScanGridMap
+        A map on the scan's grid (:class:`medcam3d.heatmap.ScanGridMap`, shape ``heat.space.shape``).
+    method, value
+        The threshold, as :func:`threshold_mask` takes it.
+    """
+    if method == "fraction" and not heat.dense:
+        top = heat.value_range()[1]
+        if not 0 < value <= 1:
+            raise ValueError(f"A fraction threshold must be in (0, 1], not {value}.")
+        if not top > 0:  # nothing to localize (threshold_mask gives an empty mask too)
+            return Runs(tuple(heat.space.shape), *(np.zeros(0, dtype=np.int64),) * 3)
+        return superlevel_runs(heat.resampler, heat.heatmap.data, value * top, fill=heat.fill).largest()
+    mask = threshold_mask(heat.array(), method, value, keep_largest=True)
+    return Runs.from_array(mask)
+
+
+def top_mass_runs(heat, region: np.ndarray, fraction: float) -> Runs:
+    """Runs of the smallest set of voxels inside ``region`` (boolean, scan grid) holding ``fraction``
+    of the scan-grid map's positive mass there, highest values first (ties at the threshold all kept).
+
+    Only the region's bounding box of the map is sampled. Empty when the region is empty or the map
+    has no positive value inside it.
+
+    Parameters
+    ----------
+    heat : ScanGridMap
+        A map on the scan's grid (:class:`medcam3d.heatmap.ScanGridMap`, shape ``(*S)``).
+    region : (*S) bool ndarray
+    fraction : float in (0, 1]
+    """
+    shape = tuple(heat.space.shape)
+    found = np.nonzero(region)
+    if found[0].size == 0:
+        return Runs(shape, *(np.zeros(0, dtype=np.int64),) * 3)
+    low = [int(f.min()) for f in found]
+    high = [int(f.max()) + 1 for f in found]
+    crop = tuple(slice(lo, hi) for lo, hi in zip(low, high))
+    values = heat.sample([np.arange(lo, hi) for lo, hi in zip(low, high)]).numpy()  # float32, the crop only
+    inside = np.asarray(region[crop], dtype=bool) & (values > 0)
+    chosen = np.zeros(shape, dtype=bool)
+    if inside.any():
+        ranked = np.sort(values[inside])[::-1]
+        mass = np.cumsum(ranked, dtype=np.float64)
+        k = min(int(np.searchsorted(mass, fraction * mass[-1] * (1 - 1e-12))), ranked.size - 1)
+        chosen[crop] = inside & (values >= ranked[k])
+    return Runs.from_array(chosen)
+
+
+def save_runs(path: str | Path, runs: Runs, space: Space, *, like: Any = None, descrip: str | None = None,
+              compress: bool = True) -> Path:
+    """The mask of ``runs`` as a uint8 NIfTI on ``space`` (the runs' grid), streamed in slabs.
+
+    ``like`` is the source NIfTI's header (its sform/qform codes and units are kept,
+    :func:`medcam3d.io.nifti.nifti_header`); ``compress`` is for the streamed writer (a ``.nii.gz`` path).
+    """
+    shape = tuple(space.shape)
+    header = nifti_header(shape, "uint8", space, like_header=like, descrip=descrip)
+    volume = Volume(shape, lambda: (runs.slab(start, stop) for start, stop in slab_ranges(shape)), background=0)
+    return write_nifti_files([(Path(path), header)], [volume], compress=compress)[0]

@@ -41,7 +41,7 @@ from .errors import ConfigError, SpaceError, TargetError, TargetIndexError
 
 __all__ = ["TASKS", "Target", "ClassTarget", "Region", "RegionTarget", "probabilities", "resolve_target",
            "check_target_spec", "check_region_mask", "check_class_names", "nearest_resample", "output_grid", "region_from_scan_mask",
-           "channel_argmax"]
+           "channel_argmax", "scan_regions"]
 
 #: How probabilities come from logits (see :func:`probabilities`).
 TASKS = ("multiclass", "multilabel", "binary", "segmentation")
@@ -671,3 +671,48 @@ def region_from_scan_mask(mask: object, scan_space: object, input_space: object,
             "region inside the model's field of view."
         )
     return region
+
+
+def scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict[int, tuple[str, np.ndarray | None]]:
+    """The explained region of each class of a segmentation explanation, on the scan's grid.
+
+    The given region (boolean, scan grid) for every class, or where the model predicts each class
+    (argmax over channels; logit > 0, or <= 0 for class 0, of a single-channel output), taken from
+    the explanation's logits on the output grid to the scan's grid with nearest neighbour. ``None``
+    for a class when the input grid is unknown (a plain tensor).
+
+    Parameters
+    ----------
+    explanation : Explanation
+        Of one sample, logits ``(1, K, *O)``.
+    scanner_space : Space
+        The scan's grid ``(*S)``.
+    region : (*S) bool ndarray or None
+
+    Returns
+    -------
+    dict of int to (str, (*S) bool ndarray or None)
+        ``{class index: ("given" | "predicted", region)}``.
+    """
+    from .heatmap import input_space_of
+    from .space import Space
+
+    indices = [int(i) for i in explanation.class_indices[0].tolist()]
+    if region is not None:
+        return {c: ("given", region) for c in indices}
+    try:
+        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]),
+                           explanation.output_field)
+    except SpaceError:
+        return {c: ("predicted", None) for c in indices}
+    logits = explanation.logits[0].detach().float().cpu()
+    scan = Space.of(scanner_space)
+    regions: dict[int, tuple[str, np.ndarray | None]] = {}
+    labels = None if logits.shape[0] == 1 else channel_argmax(logits, dim=0).numpy()
+    for c in indices:
+        if labels is None:
+            predicted = (logits[0] > 0).numpy() if c == 1 else (logits[0] <= 0).numpy()
+        else:
+            predicted = labels == c
+        regions[c] = ("predicted", nearest_resample(predicted, grid, scan, fill=False))
+    return regions

@@ -111,6 +111,18 @@ def test_models_modules_import_one_way():
     assert not wrong, "\n".join(wrong)
 
 
+# medcam3d.weak, one concept per module: each imports only those before it (the package last).
+WEAK_ORDER = ("medcam3d.weak.seeds", "medcam3d.weak.losses", "medcam3d.weak.refinement", "medcam3d.weak.training_set",
+              "medcam3d.weak.training", "medcam3d.weak.segmenter_files", "medcam3d.weak.prediction", "medcam3d.weak")
+
+
+def test_weak_modules_import_one_way():
+    assert set(WEAK_ORDER) == {m for m in GRAPH if _within(m, ("medcam3d.weak",))}, "place each module in WEAK_ORDER"
+    wrong = [f"{module} imports {target}" for i, module in enumerate(WEAK_ORDER)
+             for target in sorted(GRAPH[module]) if target in WEAK_ORDER and target not in WEAK_ORDER[:i]]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_import_cycles():
     cycles = []
     state: dict[str, int] = {}

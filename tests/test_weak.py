@@ -431,7 +431,7 @@ def test_the_shipped_segmenter_segments_the_lesions_and_nothing_in_a_scan_withou
 def test_prior_bias_starts_the_network_at_the_size_prior():
     path, args = weak.network_args("unet", 2, {"channels": [4, 8], "strides": [2], "num_res_units": 1})
     torch.manual_seed(0)
-    model = weak._build(path, args)
+    model = weak.make_network(path, args)
     name = weak.set_prior_bias(model, [0.001, 0.004])
     assert name is not None
     bias = dict(model.named_modules())[name].bias

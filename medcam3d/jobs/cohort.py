@@ -32,11 +32,12 @@ import torch
 
 from ..errors import ConfigError
 from .._signals import worker_init
+from .case_loading import load_case
 from .cases import Case
 from .lock import output_lock
 from .outputs import check_output_location, check_own_files, own_file_kind, record_own_files, remove_stale_staging
 from .report import unescape_row, write_csv
-from .runner import Runner, load_case
+from .runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class _CaseWriter:
             self.process.start()
 
     def submit(self, index: int, explained, shared=None) -> None:
-        """Write ``explained`` (an :class:`~medcam3d.jobs.runner.ExplainedCase`) in the writer, or here
+        """Write ``explained`` (an :class:`~medcam3d.jobs.case_result.ExplainedCase`) in the writer, or here
         when there is none (or it has ended). ``shared``: its case as the DataLoader handed it over."""
         if self.process is not None:
             job = (index, dataclasses.replace(explained, loaded=_as_tensors(explained.loaded, shared)))

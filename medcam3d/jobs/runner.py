@@ -9,21 +9,23 @@ output folder over an input is refused (see :mod:`medcam3d.jobs.outputs`). Each 
 from what (each input's resolved path, size and modification time, the mask and region mask, the
 volume and series: :func:`~medcam3d.jobs.cases.case_identity`), so ``batch --resume`` skips a case
 only when the same settings made it from the same inputs.
+
+Reading a case is :mod:`medcam3d.jobs.case_loading` (:func:`load_case`), its record
+:mod:`medcam3d.jobs.case_result` (:class:`CaseResult`); the peaks' masks and boxes come from
+:mod:`medcam3d.masks`, a segmentation class's region on the scan from :mod:`medcam3d.targets`
+(:func:`~medcam3d.targets.scan_regions`). Those names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +36,16 @@ from .._json import json_values
 from ..config import Config, SlidingWindowConfig
 from ..explainer import Explainer
 from ..heatmap import heatmaps_of
-from ..masks import save_box, threshold_mask
+from ..masks import labels_present, largest_component_runs, save_box, save_runs, top_mass_runs
 from ..errors import SpaceError, TargetError, UsageError
 from ..heatmap import unique_file_labels
-from ..preprocess import build_transforms, preprocess
+from ..preprocess import build_transforms
 from ..space import Space
-from ..targets import Region, check_region_mask, probabilities  # noqa: F401  (probabilities: re-exported)
+from ..targets import Region, probabilities, scan_regions  # noqa: F401  (probabilities: re-exported)
+from .case_loading import LoadedCase, check_model_input, load_case, read_region_mask
+from .case_result import CaseResult, ExplainedCase
 from .cases import Case, case_id_of, case_identity, check_case_id, first_image, image_paths
-from .outputs import MARKER, check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
+from .outputs import check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
 __all__ = ["Runner", "CaseResult", "ExplainedCase", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
            "config_digest"]
@@ -111,234 +115,10 @@ def config_digest(config: Config) -> str:
     return digest.hexdigest()[:16]
 
 
-def _finite(value: object) -> object:
-    """Floats that JSON can hold: NaN and infinities become ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-@dataclass
-class CaseResult:
-    """What one case produced; ``rows()`` flattens it for the summary table."""
-
-    case_id: str
-    image: str  # the scan, or the first channel of several
-    status: str = "ok"
-    error: str = ""
-    probabilities: dict[str, float] = field(default_factory=dict)
-    findings: list[dict] = field(default_factory=list)  # one per (method, class)
-    files: list[str] = field(default_factory=list)
-    run: dict = field(default_factory=dict)  # the settings that produced it (see Runner.run_settings)
-    segmentation: dict | None = None  # output.segment: the lesions found (see medcam3d.segment)
-    # per method: how its feature grid was placed on the input ("receptive_field" or "align_corners"),
-    # the layer, and the receptive field's step/offset/size in input voxels (None for align_corners)
-    placement: dict = field(default_factory=dict)
-    # per method: what the method reports about its own run (Explanation.diagnostics as JSON values):
-    # Integrated Gradients' completeness error per class, the forward passes occlusion and Score-CAM
-    # spent, the stages a fused map combined
-    diagnostics: dict = field(default_factory=dict)
-    # a case of several channels (MR sequences): every channel's path, in the model's channel order
-    # (empty for one scan); the maps lie on the first channel's grid
-    channels: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_summary(cls, data: dict) -> CaseResult | None:
-        """The result recorded in a case's ``summary.json``; ``None`` when it is not a valid record."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            result = cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError:
-            return None
-        if not isinstance(result.case_id, str) or not isinstance(result.findings, list):
-            return None
-        return result
-
-    def to_summary(self) -> dict:
-        """The ``summary.json`` record, with the medcam3d marker; strict JSON (no NaN)."""
-        from .. import __version__
-
-        record = {MARKER: {"kind": "case", "version": __version__}, **dataclasses.asdict(self)}
-        return _finite(record)  # type: ignore[return-value]
-
-    def row(self) -> dict:
-        """One summary row: probabilities and, per method and class, the peak and its check."""
-        row: dict = {"case": self.case_id, "image": self.image, "status": self.status, "error": self.error}
-        for name, value in self.probabilities.items():
-            row[f"p_{name}"] = round(value, 4)
-        for finding in self.findings:
-            key = f"{finding['method']}_{finding['class']}"
-            peak_mm = finding["peak_mm"]  # None: a flat map has no peak (an empty cell)
-            row[f"{key}_peak_mm"] = "" if peak_mm is None else " ".join(f"{v:.1f}" for v in peak_mm)
-            if finding.get("peak_in_lesion") is not None:
-                row[f"{key}_peak_in_lesion"] = finding["peak_in_lesion"]
-        return row
-
-
-@dataclass
-class LoadedCase:
-    """A scan read and preprocessed: the model input, the scan's grid and voxels, its labels.
-
-    ``region`` is a region mask to explain (segmentation targets), boolean on the scan's grid.
-    """
-
-    x: torch.Tensor
-    scanner_space: Space
-    scan: np.ndarray
-    labels: np.ndarray | None = None
-    region: np.ndarray | None = None
-
-
-@dataclass
-class ExplainedCase:
-    """A case explained but not yet written (see :meth:`Runner.explain_case`, :meth:`Runner.write_case`).
-
-    Picklable (tensors on the CPU), so that another process can write it.
-    """
-
-    result: CaseResult
-    image: str | Path | Sequence[str | Path]  # a scan, or a list of channel scans
-    out_dir: Path
-    loaded: LoadedCase
-    explanations: list  # one Explanation per method, on the CPU
-
-
 def _on_cpu(explanation):
     """An Explanation with its tensors on the CPU (a no-op on the CPU)."""
     tensors = {name: getattr(explanation, name).cpu() for name in ("maps", "logits", "scores", "class_indices")}
     return dataclasses.replace(explanation, **tensors)
-
-
-def read_region_mask(path: str | Path, scanner_space: object, *, trust: bool = False, image: object = None) -> np.ndarray:
-    """A region mask file on the scan's grid, as a boolean array.
-
-    The file must hold one 0/1 volume with the scan's shape and affine (within 1e-3 mm) and at least
-    one voxel set; it is resampled onto the model's grid later, with nearest neighbour, when the
-    target is resolved (:func:`medcam3d.targets.region_from_scan_mask`).
-
-    Raises
-    ------
-    TargetError
-        Not on the scan's grid, not binary, or empty; and the I/O errors of :func:`medcam3d.io.read`
-        (a missing or unreadable file).
-    """
-    from .. import io
-    from ..space import Space
-
-    values, space = io.read(path, dtype=None, trust=trust)
-    scan = Space.of(scanner_space)
-    if not Space.of(space).isclose(scan, atol=1e-3):
-        of = f" of {image}" if image is not None else ""
-        raise TargetError(f"The region mask {path} is not on the grid{of} ({space} vs {scan}); give a 0/1 mask with "
-                          "the scan's shape and affine (e.g. drawn on that scan, or resampled onto it).")
-    return check_region_mask(values, f"The region mask {path}")
-
-
-def load_case(image: str | Path | Sequence[str | Path], transforms, mask: str | Path | None = None, *,
-              trust: bool = False, volume: int | None = None, series: str | None = None, reader=None,
-              model: torch.nn.Module | None = None, region_mask: str | Path | None = None,
-              input_check: Callable[[tuple[int, ...]], None] | None = None) -> LoadedCase:
-    """Read a scan once, preprocess it, and read its ground-truth label map if given.
-
-    ``image`` is a scan, or a list of scans of one case (MR sequences), one per input channel in
-    the model's order: they are stacked on the first one's grid (:func:`medcam3d.io.read_channels`;
-    a channel on another grid is resampled onto it, with a warning), and the case's grid, scan
-    (pictures) and outputs are the first channel's.
-    ``trust`` lets :func:`medcam3d.io.read` open detached data files outside a header's folder;
-    ``volume`` picks one volume of a 4D file, ``series`` one series of a multi-series DICOM folder.
-    ``reader`` replaces ``transforms``: a callable ``reader(path, trust=...) -> (x, scanner_space)``
-    such as a MONAI bundle's own preprocessing (:func:`medcam3d.models.bundle_preprocessing`; it is
-    given the list of channel paths).
-    ``model``, when given, is checked to take inputs of the scan's dimensionality (2D or 3D) and,
-    for several channels, that many input channels (before preprocessing), and the preprocessed
-    input's channels (before the model runs).
-    ``region_mask`` is a 0/1 region on the scan's grid to explain (see :func:`read_region_mask`).
-    ``input_check`` is called with the shape ``(C, *input_shape)`` the preprocessing will give,
-    before it runs, when that can be told from metadata (see :func:`medcam3d.preprocess.preprocess`;
-    :attr:`Runner.input_check` refuses an input the model's activation limit would refuse).
-
-    Raises
-    ------
-    SpaceError
-        When the mask is not on the scan's grid (a ``ValueError``; and the I/O errors of
-        :func:`medcam3d.io.read`).
-    TargetError
-        A region mask that is not on the scan's grid, not binary, or empty.
-    InputError
-        Several channels, or a preprocessed input, whose number of channels is not the model's.
-    """
-    from .. import io
-
-    paths = image_paths(image)
-    first = first_image(image)
-    stacked = None
-    if len(paths) > 1:
-        if model is not None:
-            from ..models import check_input_channels
-
-            check_input_channels(len(paths), model, what=f"the case of {', '.join(repr(str(p)) for p in paths)}")
-        if reader is None:
-            with _logged_channel_warnings():
-                stacked, scanner_space = io.read_channels(paths, trust=trust, volume=volume, series=series)
-            scan = stacked[0]
-        else:  # the bundle's chain stacks them (resampling those on another grid): read the first for its grid
-            scan, scanner_space = io.read(first, trust=trust, volume=volume, series=series)
-    else:
-        scan, scanner_space = io.read(first, trust=trust, volume=volume, series=series)
-    if model is not None:
-        from ..models import check_input_rank
-
-        check_input_rank(scan.shape, model, path=first)  # a 2D image for a 3D model: a clear error, not a transform's
-    if reader is not None:
-        if volume is not None or series is not None:
-            raise UsageError("--volume/--series cannot be used with a bundle's own preprocessing (it reads the whole "
-                             "file); give the config a preprocessing list instead.")
-        with _logged_channel_warnings():
-            x, _ = reader(first if len(paths) == 1 else paths, trust=trust)
-    else:
-        x, _ = preprocess((scan if stacked is None else stacked, scanner_space), transforms, check_input=input_check)
-    if model is not None:
-        from ..models import check_input_channels
-
-        check_input_channels(int(x.shape[0]), model, what=f"the preprocessed input of {str(first)!r}")
-    labels = None
-    if mask is not None:
-        labels, mask_space = io.read(mask, dtype=None, trust=trust)
-        if not mask_space.isclose(scanner_space, atol=1e-3):
-            raise SpaceError(f"The mask {mask} is not on the grid of {first} ({mask_space} vs {scanner_space}); give "
-                             "a label map with the scan's shape and affine.")
-    region = None if region_mask is None else read_region_mask(region_mask, scanner_space, trust=trust, image=first)
-    return LoadedCase(x, scanner_space, np.asarray(scan, dtype=np.float32), labels, region)
-
-
-@contextlib.contextmanager
-def _logged_channel_warnings() -> Iterator[None]:
-    """:class:`~medcam3d.errors.ChannelGridWarning` (a channel resampled onto the first one's grid) as one
-    logged line each (the CLI shows ``medcam3d: channel 1 ... was resampled ...``); other warnings pass on."""
-    import warnings
-
-    from ..errors import ChannelGridWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ChannelGridWarning)
-        yield
-    for warning in caught:
-        if issubclass(warning.category, ChannelGridWarning):
-            logger.warning("%s", warning.message)
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-
-
-def check_model_input(model: torch.nn.Module, shape: Sequence[int]) -> None:
-    """Refuse a preprocessed input of ``shape`` ``(C, *spatial)`` (one case, batch axis added) that
-    ``model``'s activation limit would refuse (:func:`medcam3d.models.check_activations`)."""
-    from ..models import check_activations
-
-    check_activations(model, (1, *(int(n) for n in shape)))
 
 
 class Runner:
@@ -439,7 +219,7 @@ class Runner:
             return None
         region_mask = case.region_mask if case.region_mask is not None else self.region_masks.get(case.id)
         inputs = case_identity(case.scan, case.mask, region_mask, case.volume, case.series)
-        expected = json.loads(json.dumps(_finite(self._case_settings(inputs, region_mask)), default=str))
+        expected = CaseResult.recorded_run(self._case_settings(inputs, region_mask))
         return result if result.run == expected else None
 
     def _case_settings(self, inputs: dict, region_mask: str | Path | None) -> dict:
@@ -609,11 +389,11 @@ class Runner:
         like = like_header(image) if _is_nifti(image) else None  # read once per case
         ext = ".nii.gz" if output.compress else ".nii"
         painter = SlicePainter(scan, scanner_space) if output.pictures and scan.ndim == 3 else None  # laid out once
-        present = _labels_present(labels)
+        present = labels_present(labels)
         for number, explanation in enumerate(explanations):
             regions = None
             if explanation.logits.ndim > 2 and (output.masks or output.boxes):  # segmentation: boxes in the region
-                regions = _scan_regions(explanation, scanner_space, region)
+                regions = scan_regions(explanation, scanner_space, region)
             if not result.probabilities and explanation.logits.ndim == 2:
                 probs = probabilities(explanation.logits.float(), self.config.task)[0].tolist()
                 result.probabilities = {(names[i] if names and i < len(names) else str(i)): p for i, p in enumerate(probs)}
@@ -722,7 +502,6 @@ class Runner:
         classes = "all" if classes is None else classes
         if self.sliding_window is None:
             return Region(classes, mask=region, space=scanner_space)
-        from ..space import Space
         from ..targets import region_from_scan_mask
 
         try:
@@ -742,7 +521,7 @@ class Runner:
         segmentation (Region) target, ``region`` is ``(source, mask)``: the explained region on the
         scan's grid (``"given"``: the region mask; ``"predicted"``: where the model predicts the
         class); the mask is then the smallest set of voxels inside it holding ``output.region_mass``
-        of the map's mass there (:func:`_region_top_mass`), the box that set's bounding box.
+        of the map's mass there (:func:`~medcam3d.masks.top_mass_runs`), the box that set's bounding box.
         """
         stem = f"{prefix}_{heat.method}_{heat.file_label}"
         found = heat.peak()
@@ -758,7 +537,7 @@ class Runner:
         if output.masks or output.boxes:
             if region is None or region[1] is None:  # a class target, or a region whose grid is unknown
                 region = None
-                runs = _largest_region(heat, output.mask_method, output.mask_value)
+                runs = largest_component_runs(heat, output.mask_method, output.mask_value)
                 described: dict[str, Any] = {
                     "kind": "largest_component",
                     "threshold": {"method": output.mask_method, "value": output.mask_value},
@@ -766,7 +545,7 @@ class Runner:
                 }
             else:
                 source, where = region
-                runs = _region_top_mass(heat, where, output.region_mass)
+                runs = top_mass_runs(heat, where, output.region_mass)
                 inside = "the given region mask" if source == "given" else "the region the model predicts for this class"
                 described = {
                     "kind": "region_top_mass",
@@ -778,8 +557,8 @@ class Runner:
                 }
             box = runs.box(heat.space)
             if output.masks:
-                files.append(_write_mask(folder / f"{stem}_mask{'.nii.gz' if output.compress else '.nii'}", runs, heat,
-                                         like, output.compress))
+                files.append(save_runs(folder / f"{stem}_mask{'.nii.gz' if output.compress else '.nii'}", runs,
+                                       heat.space, like=like, descrip=heat.descrip, compress=output.compress))
             files.append(save_box(folder / f"{stem}_box.json", box, peak_voxel=finding["peak_voxel"], peak_mm=world,
                                   **described))
             finding["box_mm"] = None if box is None else {"min": box.world_min, "max": box.world_max}
@@ -792,106 +571,6 @@ class Runner:
             files.append(painter.save(folder / f"{stem}.png", heat, title=title, peak_voxel=voxel))
         result.findings.append(finding)
         return files
-
-
-def _labels_present(labels: np.ndarray | None) -> set[int]:
-    """The label values present in a ground-truth label map (one pass; none for no map)."""
-    if labels is None:
-        return set()
-    values = np.asarray(labels)
-    if values.dtype.kind in "iub" and values.size and values.min() >= 0 and values.max() < 2**16:
-        return {int(v) for v in np.flatnonzero(np.bincount(values.ravel().astype(np.int64, copy=False)))}
-    return {int(v) for v in np.unique(values) if float(v).is_integer()}
-
-
-def _largest_region(heat, method: str, value: float):
-    """Runs of the largest connected component of the thresholded scan-grid map (see ``threshold_mask``).
-
-    On grids with parallel axes a fraction threshold is solved on the map's rows without forming
-    the map; otherwise the whole map is resampled and thresholded.
-    """
-    from ..masks import Runs, superlevel_runs
-
-    if method == "fraction" and not heat.dense:
-        top = heat.value_range()[1]
-        if not 0 < value <= 1:
-            raise ValueError(f"A fraction threshold must be in (0, 1], not {value}.")
-        if not top > 0:  # nothing to localize (threshold_mask gives an empty mask too)
-            return Runs(tuple(heat.space.shape), *(np.zeros(0, dtype=np.int64),) * 3)
-        return superlevel_runs(heat.resampler, heat.heatmap.data, value * top, fill=heat.fill).largest()
-    mask = threshold_mask(heat.array(), method, value, keep_largest=True)
-    return Runs.from_array(mask)
-
-
-def _scan_regions(explanation, scanner_space, region: np.ndarray | None) -> dict[int, tuple[str, np.ndarray | None]]:
-    """The explained region of each class of a segmentation explanation, on the scan's grid.
-
-    The given region (boolean, scan grid) for every class, or where the model predicts each class
-    (argmax over channels; logit > 0, or <= 0 for class 0, of a single-channel output), taken from
-    the explanation's logits on the output grid to the scan's grid with nearest neighbour. ``None``
-    for a class when the input grid is unknown (a plain tensor).
-    """
-    from ..heatmap import input_space_of
-    from ..space import Space
-    from ..targets import channel_argmax, nearest_resample, output_grid
-
-    indices = [int(i) for i in explanation.class_indices[0].tolist()]
-    if region is not None:
-        return {c: ("given", region) for c in indices}
-    try:
-        grid = output_grid(input_space_of(explanation), tuple(explanation.logits.shape[2:]),
-                           explanation.output_field)
-    except SpaceError:
-        return {c: ("predicted", None) for c in indices}
-    logits = explanation.logits[0].detach().float().cpu()
-    scan = Space.of(scanner_space)
-    regions: dict[int, tuple[str, np.ndarray | None]] = {}
-    labels = None if logits.shape[0] == 1 else channel_argmax(logits, dim=0).numpy()
-    for c in indices:
-        if labels is None:
-            predicted = (logits[0] > 0).numpy() if c == 1 else (logits[0] <= 0).numpy()
-        else:
-            predicted = labels == c
-        regions[c] = ("predicted", nearest_resample(predicted, grid, scan, fill=False))
-    return regions
-
-
-def _region_top_mass(heat, region: np.ndarray, fraction: float):
-    """Runs of the smallest set of voxels inside ``region`` (boolean, scan grid) holding ``fraction``
-    of the scan-grid map's positive mass there, highest values first (ties at the threshold all kept).
-
-    Only the region's bounding box of the map is sampled. Empty when the region is empty or the map
-    has no positive value inside it.
-    """
-    from ..masks import Runs
-
-    shape = tuple(heat.space.shape)
-    found = np.nonzero(region)
-    if found[0].size == 0:
-        return Runs(shape, *(np.zeros(0, dtype=np.int64),) * 3)
-    low = [int(f.min()) for f in found]
-    high = [int(f.max()) + 1 for f in found]
-    crop = tuple(slice(lo, hi) for lo, hi in zip(low, high))
-    values = heat.sample([np.arange(lo, hi) for lo, hi in zip(low, high)]).numpy()  # float32, the crop only
-    inside = np.asarray(region[crop], dtype=bool) & (values > 0)
-    chosen = np.zeros(shape, dtype=bool)
-    if inside.any():
-        ranked = np.sort(values[inside])[::-1]
-        mass = np.cumsum(ranked, dtype=np.float64)
-        k = min(int(np.searchsorted(mass, fraction * mass[-1] * (1 - 1e-12))), ranked.size - 1)
-        chosen[crop] = inside & (values >= ranked[k])
-    return Runs.from_array(chosen)
-
-
-def _write_mask(path: Path, runs, heat, like, compress: bool) -> Path:
-    """The mask of ``runs`` as a uint8 NIfTI on the scan's grid, streamed in slabs."""
-    from ..io.nifti import nifti_header
-    from ..io.streaming import Volume, slab_ranges, write_nifti_files
-
-    shape = tuple(heat.space.shape)
-    header = nifti_header(shape, "uint8", heat.space, like_header=like, descrip=heat.descrip)
-    volume = Volume(shape, lambda: (runs.slab(start, stop) for start, stop in slab_ranges(shape)), background=0)
-    return write_nifti_files([(path, header)], [volume], compress=compress)[0]
 
 
 def _is_nifti(path: str | Path) -> bool:

@@ -162,7 +162,8 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
     """
     from .. import weak
     from ..preprocess import build_transforms
-    from .runner import load_case, resolve_device
+    from .case_loading import load_case
+    from .runner import resolve_device
 
     if (image is None) == (inputs is None):
         raise UsageError("give --image SCAN or --inputs CSV|FOLDER (one of them).")
