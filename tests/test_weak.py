@@ -69,6 +69,31 @@ def test_seed_loss_ignores_unlabelled_voxels_and_weighs_classes_equally():
     assert weak.seed_loss(logits, torch.full_like(seeds, weak.IGNORE)).item() == 0.0
 
 
+def test_the_supervised_reference_weighs_a_small_lesion_like_the_background():
+    """The upper bound's cross-entropy is class-balanced: a 1-voxel lesion the network calls background
+    costs a third of its -log p (3 classes present), not 1/432 of it as in a plain mean."""
+    from medcam3d.weak.training import supervised_losses
+
+    masks = torch.zeros((2, 6, 6, 6), dtype=torch.long)
+    masks[0, 3, 3, 3] = 1
+    masks[1, 1, 1, 1] = 2
+    logits = torch.zeros((2, 3, 6, 6, 6))
+    logits[:, 0] = 8.0  # background everywhere, lesions included
+    losses = supervised_losses(logits, masks)
+    log_p = torch.log_softmax(logits, 1)
+    background = -log_p[:, 0][masks == 0].mean()
+    expected = (background - log_p[0, 1, 3, 3, 3] - log_p[1, 2, 1, 1, 1]) / 3
+    torch.testing.assert_close(losses["ce"], expected)
+    plain = torch.nn.functional.cross_entropy(logits, masks)
+    assert losses["ce"] > 100 * plain
+    # the soft Dice (+1 smoothing) of a missed 1-voxel lesion: 1 - (2 p_lesion + 1) / (sum p + 1 + 1)
+    p = torch.softmax(logits, 1)[0, 1]
+    torch.testing.assert_close(losses["dice"], 1 - (2 * p[3, 3, 3] + 1) / (p.sum() + 2))
+    right = torch.where(torch.nn.functional.one_hot(masks, 3).movedim(-1, 1).bool(), 8.0, 0.0)
+    better = supervised_losses(right, masks)
+    assert better["ce"] < 0.01 and better["dice"] < 0.05
+
+
 # ------------------------------------------------------------------------------------------ expand loss
 
 

@@ -317,7 +317,7 @@ def train_segmenter(data: TrainingSet, classifier: torch.nn.Module | None = None
             x, y = _flip([x, y], axes)
             logits = model(x)
             if supervised:
-                losses = _supervised_losses(logits, y)
+                losses = supervised_losses(logits, y)
             else:
                 losses = _sec_losses(logits, x, y, data.labels[index], settings, bounds)
             loss = sum(losses.values(), logits.new_zeros(()))
@@ -400,7 +400,27 @@ def _sec_losses(logits: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, labe
     return losses
 
 
-def _supervised_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+def supervised_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fully supervised reference's losses (the benchmark's upper bound, never ``weak-train``'s).
+
+    Class-balanced cross-entropy (:func:`~medcam3d.weak.losses.seed_loss` with every voxel a seed: the
+    mean over each class's voxels, averaged over the classes present, so a 100-voxel lesion weighs as
+    much as the background) plus the soft Dice of the classes present in each scan. With plain
+    cross-entropy a small class's output saturates at zero before the Dice term can pull it up (its
+    gradient through the softmax vanishes there): the reference then never learned ``dark_elongated``.
+
+    Parameters
+    ----------
+    logits : (B, K, *S) Tensor
+        ``K`` = classes + 1 (channel 0 background).
+    masks : (B, *S) integer Tensor
+        0 .. K - 1.
+
+    Returns
+    -------
+    dict
+        ``"ce"`` and ``"dice"``, each a () Tensor.
+    """
     probabilities = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(masks, logits.shape[1]).movedim(-1, 1).float()
     dims = tuple(range(2, logits.ndim))
@@ -409,4 +429,4 @@ def _supervised_losses(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, t
     dice = 1.0 - (2 * overlap + 1.0) / (probabilities.sum(dims) + truth + 1.0)
     present = truth[:, 1:] > 0  # Dice of the classes in each scan (an absent class's is ~1 whatever the output)
     term = dice[:, 1:][present].mean() if bool(present.any()) else logits.sum() * 0.0
-    return {"ce": F.cross_entropy(logits.float(), masks), "dice": term}
+    return {"ce": seed_loss(logits, masks), "dice": term}
