@@ -29,6 +29,7 @@ import medcam3d
 from ._service import (ALL_CLASSES, AUTO, SCALES, THRESHOLD_METHODS, THRESHOLD_RANGE, Step, any_listing, cached_layers,
                        colour_limits, explain_steps, is_foreign, layer_placement, listing_steps, mask_steps,
                        segment_steps)
+from ._aids import ColourBars, bind_keys, jump_to_peak, toggle_isolines
 from ._shared import probability_text
 from ._view import VIEWS, apply_display_style, follow_ndisplay, set_view
 from ._workers import Failure, guarded, message, start
@@ -184,12 +185,20 @@ class ExplainWidget(Container):
         box = Label(value="")
         views = [PushButton(text=plane.capitalize(), name=plane) for plane in VIEWS]
         view_row = Container(widgets=views, layout="horizontal", label="view", labels=False)
+        peak_button = PushButton(text="Jump to peak", tooltip="Move the slices to the chosen heatmap's largest value "
+                                                              "(key Shift-J: the selected heatmap's).")
+        isolines_button = PushButton(text="Isolines on/off", tooltip="Draw the maps as isolines at 25, 50 and 75 % "
+                                                                    "of their colour maximum, or filled (key Shift-I).")
+        aid_row = Container(widgets=[peak_button, isolines_button], layout="horizontal", labels=False)
         super().__init__(widgets=[
             image_layer, config, method, target_layer, target_class, output_activation, trust, scale, buttons,
             progress, status,
             Label(value="Threshold a heatmap into a mask:"), heatmap, threshold_method, threshold_value,
-            keep_largest, mask_row, box, view_row,
+            keep_largest, mask_row, box, view_row, aid_row,
         ])
+        self.colour_bars = ColourBars(napari_viewer)  # one bar per heatmap: class, method, p; fractions of the maximum
+        self.native.layout().addWidget(self.colour_bars.native)
+        self.peak_button, self.isolines_button = peak_button, isolines_button
         self._viewer = napari_viewer
         self._closed = False
         self.worker = None  # the last explain worker
@@ -241,6 +250,9 @@ class ExplainWidget(Container):
         self.threshold_method.changed.connect(self._on_threshold_method)
         for button in views:
             button.changed.connect(lambda _=None, plane=button.name: set_view(self._viewer, plane))
+        self.peak_button.changed.connect(self.jump_to_peak)
+        self.isolines_button.changed.connect(lambda _=None: toggle_isolines(self._viewer))
+        bind_keys(napari_viewer)
         events = napari_viewer.layers.events
         self._connections = [(event, self._on_layers_changed) for event in (events.inserted, events.removed,
                                                                            events.reordered)]
@@ -308,6 +320,11 @@ class ExplainWidget(Container):
     @_while_open
     def _on_layers_changed(self, _event=None) -> None:
         self.reset_choices()  # a changed scan choice schedules the listing (image_layer.changed)
+        self.colour_bars.refresh()
+
+    def jump_to_peak(self, _value=None):
+        """Move the viewer's slices to the chosen heatmap's peak (:func:`._aids.jump_to_peak`); the peak in mm or None."""
+        return jump_to_peak(self._viewer, self.heatmap.value)
 
     @_while_open
     def _schedule_refresh(self, _value=None) -> None:
@@ -440,6 +457,7 @@ class ExplainWidget(Container):
     @_while_open
     def _on_scale_changed(self, _value=None) -> None:
         apply_colour_scale(self._viewer, self.scale.value)
+        self.colour_bars.refresh()
 
     # ---------------------------------------------------------------- explain
     def run(self, _value=None):
@@ -536,6 +554,7 @@ class ExplainWidget(Container):
         apply_colour_scale(self._viewer, self.scale.value)
         apply_display_style(self._viewer)
         self.reset_choices()
+        self.colour_bars.refresh()
         if heatmaps:
             self.heatmap.value = heatmaps[0]
         shape, affine, path, trust = request
