@@ -9,7 +9,8 @@ segmented, then shown in 3D. Printed for each step:
 - **time** (wall clock, and the process's CPU time, all threads: on a shared machine the CPU time
   is the steadier number): open = until the first slice is drawn (the reader hands the file to a
   worker thread, which reads it and builds the lazy pyramid; the layer is added and one slice drawn);
-  explain = from *Explain* until its layers are added; threshold = *Threshold to mask*;
+  explain = from *Explain* until its layers are added; threshold = *Threshold to mask* (in a worker
+  thread) until its layers are added;
   segment = *Segment* (in a worker thread) until its layers are added;
   3D = switching to the 3D display and drawing it;
 - **stall**: the longest time the Qt event loop did not run during the step, measured with a
@@ -247,7 +248,13 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
                                   "mb": _layer_bytes(layer) / 2**20} for layer in heatmaps]
     if heatmaps:
         widget.heatmap.value = heatmaps[0]
-        step("threshold", widget.make_mask)
+        thresholded: list = []
+
+        def threshold() -> None:  # in a worker: its end is when the mask layer is added
+            worker = widget.make_mask()
+            worker.finished.connect(lambda: thresholded.append(True))
+
+        step("threshold", threshold, lambda: bool(thresholded))
         segmented: list = []
 
         def segment() -> None:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,16 @@ def _segment(qtbot, widget) -> list:
     assert not widget.segment_button.enabled  # running in the background, the viewer stays usable
     qtbot.waitUntil(lambda: widget.segment_button.enabled and not widget.busy, timeout=60000)
     return list(widget.segmented)
+
+
+def _threshold(qtbot, widget) -> list:
+    """Press Threshold to mask (in a worker thread) and wait for it: the layers it added ([] when refused or failed)."""
+    worker = widget.make_mask()
+    if worker is None:
+        return []
+    assert not widget.mask_button.enabled  # running in the background, the viewer stays usable
+    qtbot.waitUntil(lambda: widget.mask_button.enabled and not widget.busy, timeout=60000)
+    return list(widget.masked)
 
 
 def _shot(path: Path, pixels: np.ndarray) -> None:
@@ -391,7 +402,7 @@ def test_oblique_case_explained_and_saved_on_its_own_grid(make_napari_viewer, qt
     assert [layer.name for layer in viewer.layers] == names and viewer.layers["case_04 · model field of view"] is fov
 
     # Saved on the original grid: the scan exactly (int16), the map as an explanation on that grid gives it.
-    mask, _box = widget.make_mask()
+    mask, _box = _threshold(qtbot, widget)
     saved = {}
     for layer, name in ((scan, "scan.nii.gz"), (heat, "heat.nii.gz"), (mask, "mask.nii.gz")):
         viewer.layers.selection = {layer}
@@ -452,7 +463,7 @@ def test_rethreshold_and_undo_keep_hand_edits(make_napari_viewer, qtbot, case):
     assert widget.heatmap.value is heat
     widget.threshold_method.value = "fraction"
     widget.threshold_value.value = 0.5
-    mask, box = widget.make_mask()
+    mask, box = _threshold(qtbot, widget)
     assert mask.name == f"{heat.name} · mask fraction 0.5" and mask.data.dtype == np.uint8
     assert mask.data.shape == (64, 64, 64) and mask.data.any()  # the 8 mm feature grid split into 2 mm voxels
     mask_space = Space(mask.data.shape, mask.metadata["affine"])
@@ -470,7 +481,7 @@ def test_rethreshold_and_undo_keep_hand_edits(make_napari_viewer, qtbot, case):
     mask.paint(edit, 1)
     assert mask.data[edit] == 1
     edited = mask.data.copy()
-    again, again_box = widget.make_mask()
+    again, again_box = _threshold(qtbot, widget)
     assert again is not mask and again.name == f"{mask.name} [2]" and again_box.name.endswith("[2]")
     np.testing.assert_array_equal(mask.data, edited)  # the hand edit is kept
     assert again.data[edit] == 0
@@ -481,9 +492,56 @@ def test_rethreshold_and_undo_keep_hand_edits(make_napari_viewer, qtbot, case):
     assert mask.data[edit] == 0 and np.array_equal(mask.data, fresh)
     widget.threshold_method.value = "percentile"
     assert widget.threshold_value.value == 99.0 and widget.threshold_value.max < 100
-    widget.make_mask()
+    _threshold(qtbot, widget)
     assert f"{heat.name} · mask percentile 99" in viewer.layers
     _settle(qtbot, widget)
+
+
+def test_threshold_runs_in_a_worker_and_cancel_adds_nothing(make_napari_viewer, qtbot, case, monkeypatch):
+    """Threshold to mask returns at once (the work is in a worker thread); Cancel during it adds no layer."""
+    from medcam3d import masks
+
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(case.scan), plugin="medcam3d")
+    widget = ExplainWidget(viewer)
+    for data, kwargs, kind in explain_image(image.data, image.metadata["affine"], case.config, name=image.name,
+                                            metadata=image.metadata, target=case.class_name):
+        viewer.add_image(data, **kwargs)
+    widget.reset_choices()
+    _settle(qtbot, widget)
+    entered, release = threading.Event(), threading.Event()
+    real = masks.threshold_mask
+
+    def held(*args, **kwargs):  # the thresholding waits until the test lets it go on
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(masks, "threshold_mask", held)
+    before = [layer.name for layer in viewer.layers]
+    worker = widget.make_mask()
+    assert worker is widget.mask_worker and worker is not None
+    qtbot.waitUntil(entered.is_set, timeout=30000)  # the worker is thresholding ...
+    qtbot.waitUntil(lambda: widget.progress.max == 4, timeout=10000)  # ... its steps reach the progress bar ...
+    assert [layer.name for layer in viewer.layers] == before  # ... and no layer is there yet
+    assert not widget.mask_button.enabled and widget.cancel_button.enabled and not widget.progress.native.isHidden()
+    release.set()
+    qtbot.waitUntil(lambda: widget.mask_button.enabled and not widget.busy, timeout=60000)
+    mask, box = widget.masked
+    assert [layer.name for layer in viewer.layers] == [*before, mask.name, box.name]
+    assert mask.metadata["medcam3d"] == "mask" and mask.data.any() and mask.name in widget.box.value
+    assert not widget.cancel_button.enabled and widget.progress.native.isHidden()
+
+    entered.clear()
+    release.clear()
+    widget.make_mask()
+    qtbot.waitUntil(entered.is_set, timeout=30000)
+    widget.cancel_button.native.click()  # Cancel while it thresholds
+    release.set()
+    qtbot.waitUntil(lambda: widget.mask_button.enabled and not widget.busy, timeout=60000)
+    qtbot.wait(50)
+    assert [layer.name for layer in viewer.layers] == [*before, mask.name, box.name] and widget.masked == []
+    assert widget.box.value.startswith("cancelled") and not widget.cancel_button.enabled
 
 
 def test_threshold_validation_status_and_ascii(make_napari_viewer, qtbot, case, tmp_path, monkeypatch, notifications):
@@ -507,11 +565,12 @@ def test_threshold_validation_status_and_ascii(make_napari_viewer, qtbot, case, 
         viewer.add_image(data, **kwargs)
     widget.reset_choices()
     widget.threshold_value.value = 0.5
-    widget.make_mask()
+    _threshold(qtbot, widget)
     assert widget.box.value.startswith(widget.heatmap.value.name)
-    monkeypatch.setattr(_widget, "mask_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
-    assert widget.make_mask() == [] and widget.box.value == ""  # no old box left on screen
-    assert "broken" in notifications[-1]
+    monkeypatch.setattr(_widget, "mask_steps", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
+    assert _threshold(qtbot, widget) == [] and widget.box.value == ""  # no old box left on screen
+    qtbot.waitUntil(lambda: any("broken" in m for m in notifications), timeout=10000)
+    assert "broken" in notifications[-1] and "Traceback" not in notifications[-1]
 
     # Saving: descrip is ASCII, an int16 scan stays int16 and unchanged.
     for layer, name in ((image, "scan.nii.gz"), (viewer.layers[1], "heat.nii.gz"), (viewer.layers[2], "mask.nii.gz")):
@@ -1024,7 +1083,7 @@ def test_saved_map_opens_as_a_heatmap_and_segments_like_explain(make_napari_view
 
     # Threshold to mask works on it
     widget.threshold_method.value, widget.threshold_value.value = "fraction", 0.5
-    mask, _box = widget.make_mask()
+    mask, _box = _threshold(qtbot, widget)
     assert mask.name == f"{name} · mask fraction 0.5" and mask.data.any()
     saved_mask = io.read(saved.mask, dtype=None)[0]  # the file's own mask: the same threshold on the same map
     assert _dice(mask.data > 0, layer_grid(saved_mask, io.read(saved.mask)[1])[0] > 0) > 0.98

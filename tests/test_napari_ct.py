@@ -237,3 +237,79 @@ def test_viewer_opens_the_oblique_ct_with_reading_aids(make_napari_viewer, tilte
     pyramid_shapes = [level.shape for level in pyramid(array, space, axis_aligned_grid(
         Space(*[layer_grid(array, space)[0].shape], layer_grid(array, space)[1])), fill=-1000)]
     assert [tuple(level.shape) for level in layer.data] == pyramid_shapes
+
+
+def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, qtbot, tilted_ct):
+    """Jump to peak (button and key) puts the slices on the map's peak; isolines toggle; one colour bar per class."""
+    from medcam3d.napari._aids import ISOLINE_LEVELS, ISOLINES_KEY, PEAK_KEY, TICKS
+    from medcam3d.napari._service import colour_limits
+    from medcam3d.napari._shared import probability_text
+    from medcam3d.napari._widget import ExplainWidget
+
+    path, _, _, _ = tilted_ct
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(path), plugin="medcam3d")
+    widget = ExplainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explain")
+    for data, kwargs, kind in explain_image(scan.data, scan.metadata["affine"], CONFIG, name=scan.name,
+                                            metadata=scan.metadata):
+        if kind == "image":
+            viewer.add_image(data, **kwargs)
+    heats = [layer for layer in viewer.layers if layer.metadata.get("medcam3d") == "heatmap"]
+    assert len(heats) == 2
+    for layer, limits in zip(heats, colour_limits([layer.metadata for layer in heats])):
+        layer.contrast_limits = limits
+    widget.reset_choices()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60000)
+    keys = {str(key): action for key, action in viewer.keymap.items()}
+
+    def near_peak(layer) -> None:
+        """The dims point is the peak's world position (through napari's own transform) within half a slider step."""
+        values = np.asarray(layer.data)
+        voxel = np.unravel_index(int(np.argmax(values)), values.shape)
+        peak = np.asarray(layer.data_to_world(np.array(voxel, dtype=float)))
+        steps = np.array([viewer.dims.range[axis].step for axis in range(3)])
+        assert np.all(np.abs(np.asarray(viewer.dims.point) - peak) <= steps / 2 + 1e-6), (viewer.dims.point, peak)
+        assert (layer.metadata["peak_mm"] is None or
+                np.linalg.norm(np.asarray(layer.metadata["peak_mm"]) - peak) < 1e-3)  # the status bar's peak
+
+    for layer in heats:
+        viewer.dims.set_point([0, 1, 2], [0.0, 0.0, 0.0])
+        widget.heatmap.value = layer
+        widget.peak_button.native.click()
+        near_peak(layer)
+    viewer.layers.selection.active = heats[0]
+    viewer.dims.set_point([0, 1, 2], [0.0, 0.0, 0.0])
+    keys[PEAK_KEY.replace("-", "+")](viewer)
+    near_peak(heats[0])
+
+    # One colour bar per class: titled class, method, p; ticks in fractions of the shared maximum (the bars follow
+    # the layers' colour limits, set here after the layers were added).
+    qtbot.waitUntil(lambda: [row["top"] for row in widget.colour_bars.rows] == [l.contrast_limits[1] for l in heats],
+                    timeout=10000)
+    rows = widget.colour_bars.rows
+    assert [row["layer"] for row in rows] == [layer.name for layer in heats]
+    shared = max(layer.metadata["max"] for layer in heats if layer.metadata["probability"] >= 0.5)
+    for row, layer in zip(rows, heats):
+        meta = layer.metadata
+        assert row["title"] == f"{meta['class']} · {meta['method']} (p={probability_text(meta['probability'])})"
+        assert row["ticks"] == TICKS and row["top"] == pytest.approx(shared)
+        assert row["own"] == pytest.approx(meta["max"] / shared) and 0 < row["own"] <= 1 + 1e-6
+        np.testing.assert_allclose(row["colours"][-1], layer.colormap.map(np.array([1.0]))[0])
+    assert widget.colour_bars.native.layout().count() == 3 * len(heats)  # title, ramp, ticks
+
+    # Isolines on one key: the maps hidden, their level outlines shown; the same key brings the maps back.
+    keys[ISOLINES_KEY.replace("-", "+")](viewer)
+    lines = [layer for layer in viewer.layers if layer.metadata.get("medcam3d") == "isolines"]
+    assert len(lines) == 2 and all(line.visible and line.contour == 1 for line in lines)
+    assert not any(layer.visible for layer in heats)
+    for line, layer in zip(lines, heats):
+        assert line.name == f"{layer.name} · isolines" and max(line.data.shape) <= 64
+        values = np.asarray(layer.data)
+        peak = np.asarray(layer.data_to_world(np.array(np.unravel_index(int(np.argmax(values)), values.shape), float)))
+        at_peak = line.data[tuple(np.round(np.asarray(line.world_to_data(peak))).astype(int))]
+        expected = sum(layer.metadata["max"] >= f * shared for f in ISOLINE_LEVELS)
+        assert at_peak == expected  # the peak lies inside as many level lines as its value reaches
+        assert line.data[0, 0, 0] == 0 and set(np.unique(line.data)) <= set(range(len(ISOLINE_LEVELS) + 1))
+    widget.isolines_button.native.click()
+    assert all(layer.visible for layer in heats) and not any(line.visible for line in lines)

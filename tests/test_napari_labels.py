@@ -27,7 +27,7 @@ from medcam3d.napari._reader import read_image  # noqa: E402
 from medcam3d.napari._service import explain_image  # noqa: E402
 from medcam3d.napari._shared import checksum, heatmap_name  # noqa: E402
 from medcam3d.napari._widget import ExplainWidget  # noqa: E402
-from test_napari import _segment  # noqa: E402
+from test_napari import _segment, _threshold  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data_samples"
@@ -135,7 +135,7 @@ def test_label_rule_on_names_types_and_counts(tmp_path):
     assert label_names("medcam3d mask fraction 0.5 of medcam3d hirescam layer=x class=0:a") == {}
 
 
-def test_ground_truth_segmentation_and_saved_masks_open_as_labels(make_napari_viewer, explained, tmp_path):
+def test_ground_truth_segmentation_and_saved_masks_open_as_labels(make_napari_viewer, qtbot, explained, tmp_path):
     Labels = _labels_class()
     viewer = make_napari_viewer()
     [scan] = viewer.open(str(SAMPLES / "case_01.nii.gz"), plugin="medcam3d")
@@ -166,7 +166,7 @@ def test_ground_truth_segmentation_and_saved_masks_open_as_labels(make_napari_vi
     heat = viewer.add_image(data, **kwargs)
     widget.reset_choices()
     widget.heatmap.value = heat
-    mask, _box = widget.make_mask()
+    mask, _box = _threshold(qtbot, widget)
     _save(viewer, mask, tmp_path / "reviewed.nii.gz")
     [again] = viewer.open(str(tmp_path / "reviewed.nii.gz"), plugin="medcam3d")
     assert isinstance(again, Labels)  # saved on the scan's grid (the mask itself is on the map's 2 mm grid)
@@ -278,7 +278,7 @@ def test_segment_and_masks_are_saved_on_the_scans_own_grid(make_napari_viewer, q
     widget.reset_choices()
     widget.image_layer.value, widget.heatmap.value = scan, heat
     labels, *_ = _segment(qtbot, widget)
-    mask, *_ = widget.make_mask()
+    mask, *_ = _threshold(qtbot, widget)
     truth = np.asanyarray(nib.load(SAMPLES / f"{case}_mask.nii.gz").dataobj)
     for layer, name in ((labels, "segmentation.nii.gz"), (mask, "mask.nii.gz"), (scan, "scan.nii.gz")):
         written = _save(viewer, layer, tmp_path / name)

@@ -162,7 +162,8 @@ def test_a_large_scan_is_read_in_the_background_with_progress(make_napari_viewer
     np.testing.assert_array_equal(np.asarray(layer.data), data)
     np.testing.assert_allclose(layer.metadata["affine"], kwargs["metadata"]["affine"])
     assert tuple(layer.contrast_limits) == tuple(kwargs["contrast_limits"])
-    assert worker.panel[1].max == 2 and worker.panel[1].value == 1  # two steps: reading, placing
+    assert worker.panel[1].max == _reader.STEPS_PER_FILE  # reading (in slabs), then placing: nine tenths read
+    assert worker.panel[1].value == _reader.STEPS_PER_FILE * 9 // 10
     assert panel not in viewer.window.dock_widgets  # the panel went away
 
 
@@ -173,30 +174,83 @@ def test_cancel_leaves_no_layer_and_errors_are_notifications(make_napari_viewer,
     notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
     viewer = make_napari_viewer()
     monkeypatch.setattr(_reader, "BACKGROUND_VOXELS", 1)
-    release = threading.Event()
-    real_read = io.read
+    monkeypatch.setattr(_reader, "READ_SLAB_VOXELS", 1)  # one k slice per slab
+    slabs: list[tuple[int, int]] = []
+    cancelled = threading.Event()
+    real_read = io.read_in_slabs
 
-    def slow_read(*args, **kwargs):
-        release.wait(30)
-        return real_read(*args, **kwargs)
+    def watched(*args, **kwargs):  # the real slab reader; the test presses Cancel after its first slab
+        reading = real_read(*args, **kwargs)
+        while True:
+            try:
+                slab = next(reading)
+            except StopIteration as end:
+                return end.value
+            slabs.append(slab)
+            if len(slabs) == 1:
+                cancelled.wait(30)
+            yield slab
 
-    monkeypatch.setattr(io, "read", slow_read)
+    monkeypatch.setattr(io, "read_in_slabs", watched)
     viewer.open(str(SCAN), plugin="medcam3d")
     worker = _opening()
+    qtbot.waitUntil(lambda: len(slabs) == 1, timeout=60000)
     worker.panel[2].native.click()  # Cancel, while the file is being read
-    release.set()
+    cancelled.set()
     qtbot.waitUntil(lambda: worker not in _workers.RUNNING, timeout=60000)
     qtbot.wait(50)
+    depth = nib.load(SCAN).shape[2]
+    assert depth > 2 and slabs == [(1, depth)]  # the reading stopped after its first slice, not at the last
     assert len(viewer.layers) == 0
     assert any("cancelled, case_01.nii.gz was not opened" in m for m in messages)
 
     def broken(*args, **kwargs):
         raise io.ImageReadError("case_01.nii.gz: broken on purpose")
 
-    monkeypatch.setattr(io, "read", broken)
+    monkeypatch.setattr(io, "read_in_slabs", broken)
     assert viewer.open(str(SCAN), plugin="medcam3d") == []
     qtbot.waitUntil(lambda: not [worker for worker in _workers.RUNNING if hasattr(worker, "panel")], timeout=60000)
     qtbot.waitUntil(lambda: any("could not open" in m for m in messages), timeout=10000)
     assert len(viewer.layers) == 0
     assert any("could not open case_01.nii.gz" in m and "broken on purpose" in m and "Traceback" not in m
                for m in messages)
+
+
+def test_a_nifti_file_is_read_slab_by_slab_as_read_reads_it(tmp_path):
+    """io.read_in_slabs: read's array and grid, slab by slab (progress between slabs); closed early, it reads no more."""
+    expected, space = io.read(SCAN, dtype=None)
+    reading = io.read_in_slabs(SCAN, dtype=None, slab_voxels=3 * expected.shape[0] * expected.shape[1])
+    progress = []
+    while True:
+        try:
+            progress.append(next(reading))
+        except StopIteration as end:
+            array, read_space = end.value
+            break
+    depth = expected.shape[2]
+    assert progress == [(min(depth, k), depth) for k in range(3, depth + 3, 3)]  # three slices a slab
+    assert array.dtype == expected.dtype
+    np.testing.assert_array_equal(array, expected)
+    np.testing.assert_allclose(read_space.affine, space.affine)
+    scaled = tmp_path / "scaled.nii.gz"  # stored int16 with a slope: float, as read gives it
+    image = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
+    image.header.set_slope_inter(0.5, -3.0)
+    nib.save(image, scaled)
+    whole = io.read(scaled, dtype=None)[0]
+    slabbed = _run(io.read_in_slabs(scaled, dtype=None, slab_voxels=1))[0]
+    assert slabbed.dtype == whole.dtype and whole.dtype.kind == "f"
+    np.testing.assert_array_equal(slabbed, whole)
+    stopped = io.read_in_slabs(SCAN, dtype=None, slab_voxels=1)
+    assert next(stopped) == (1, depth)
+    stopped.close()  # what a cancelled worker does: no more slabs are read
+    with pytest.raises(StopIteration):
+        next(stopped)
+
+
+def _run(steps):
+    """A generator's return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value

@@ -64,7 +64,8 @@ Modules
 -------
 One concept per module; every public name is importable from ``medcam3d.io``:
 
-- :mod:`medcam3d.io.reading`: :func:`read`, :func:`read_volumes`, :func:`read_space`;
+- :mod:`medcam3d.io.reading`: :func:`read`, :func:`read_volumes`, :func:`read_space`, :func:`read_in_slabs`
+  (a 3D NIfTI read slab by slab, for progress and cancelling);
 - :mod:`medcam3d.io.channels`: :func:`read_channels` (several scans of one case stacked as channels on
   the first one's grid);
 - :mod:`medcam3d.io.writing`: :func:`write`;
@@ -97,7 +98,7 @@ from .limits import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION, DEFAULT_MAX_SLICE
 from .streaming import COMPRESS_LEVEL, STORAGE_DTYPES, Constant, Scaling, Volume, slab_ranges, write_nifti_files
 from .nifti import descrip_bytes, descrip_extensions, full_descrip, like_header, nifti_header, set_nifti_geometry
 from .itk import detached_data_file
-from .reading import read, read_space, read_volumes
+from .reading import read, read_in_slabs, read_space, read_volumes
 from .info import ImageInfo, SeriesInfo, describe
 from .channels import CHANNEL_ATOL_MM, as_channel_paths, read_channels
 from .writing import write
@@ -105,6 +106,7 @@ from .writing import write
 __all__ = [
     "read",
     "read_space",
+    "read_in_slabs",
     "read_volumes",
     "read_channels",
     "as_channel_paths",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,11 @@ from .streaming import Scaling
 logger = logging.getLogger(__name__)
 
 
-def _load_nifti(p: Path) -> Any:
+def _load_nifti(p: Path, keep_file_open: bool = False) -> Any:
     import nibabel as nib
 
     try:
-        return nib.load(str(p))
+        return nib.load(str(p), keep_file_open=True) if keep_file_open else nib.load(str(p))
     except PermissionError:
         raise
     except Exception as e:  # nibabel raises many types (ImageFileError, gzip/zlib errors, ...)
@@ -206,6 +207,46 @@ def _read_nifti(p: Path, dtype: Any, volume: int | str, limits: _Limits,
     if volume == "all":
         arr = arr[..., np.newaxis] if arr.ndim == 3 else arr
         arr = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[np.newaxis]
+    return arr, affine
+
+
+def _read_nifti_slabs(p: Path, dtype: Any, limits: _Limits, slab_voxels: int
+                      ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
+    """:func:`_read_nifti` of a 3D file (``volume="one"``), slab by slab along the last axis.
+
+    The same checks come first (voxel type, placement, size); then the voxels are read through
+    nibabel's ``dataobj`` slicing, one slab of whole ``k`` slices (about ``slab_voxels`` voxels) at
+    a time, the file kept open (a ``.nii.gz`` is decompressed once, front to back). Yields
+    ``(slices read, slices)`` after each slab, so that a caller can report progress and stop between
+    slabs (closing the generator reads no more). A file that is not 3D is read at once by
+    :func:`_read_nifti` (its errors, e.g. a 4D file's :class:`VolumeError`, are the same).
+    """
+    img = _load_nifti(p, keep_file_open=True)
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 3:
+        return _read_nifti(p, dtype, "one", limits)
+    _check_nifti_voxel_type(p, np.dtype(img.header.get_data_dtype()))
+    affine = _nifti_affine(p, img, limits.max_voxel_mm)
+    _check_nifti_size(p, img, dtype, limits, None)
+    depth = shape[2]
+    per = max(1, int(slab_voxels) // max(1, shape[0] * shape[1]))
+    arr: np.ndarray | None = None
+    for start in range(0, depth, per):
+        stop = min(depth, start + per)
+        try:
+            part = np.asanyarray(img.dataobj[:, :, start:stop])
+        except PermissionError:
+            raise
+        except Exception as e:
+            raise ImageReadError(
+                f"could not read the voxel data of '{p}' (shape {img.shape}, "
+                f"{img.get_data_dtype()}): {type(e).__name__}: {e}. The file may be truncated or corrupt."
+            ) from e
+        if arr is None:  # the type nibabel gives (scaled integers become float), or the one asked for
+            arr = np.empty(shape, dtype=part.dtype if dtype is None else np.dtype(dtype))
+        arr[:, :, start:stop] = part
+        yield stop, depth
+    assert arr is not None  # a NIfTI image has at least one slice
     return arr, affine
 
 

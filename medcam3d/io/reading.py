@@ -1,5 +1,5 @@
-""":func:`read`, :func:`read_volumes` and :func:`read_space`: one entry for every format (the checks
-are described in :mod:`medcam3d.io`)."""
+""":func:`read`, :func:`read_volumes`, :func:`read_space` and :func:`read_in_slabs`: one entry for every
+format (the checks are described in :mod:`medcam3d.io`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import warnings
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..space import Space
 from ._common import _check_exists, _kind, _spatial_shape
 from .limits import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION, DEFAULT_MAX_SLICES, MAX_VOXEL_MM, _Limits,
                      _check_voxel_sizes, _limits)
-from .nifti import _load_nifti, _nifti_affine, _read_nifti
+from .nifti import _load_nifti, _nifti_affine, _read_nifti, _read_nifti_slabs
 from .itk import _itk_info, _native_messages, _read_itk_file
 from .dicom import _dicom_series, _read_dicom
 
@@ -130,6 +131,55 @@ def read(
         raise UsageError(f"volume must be an int (0-based) or None, got {volume!r}.")
     return _read(path, "one" if volume is None else int(volume), dtype, allow_nan, series, allow_uneven_slices,
                  trust, limits)
+
+
+#: Voxels per slab of :func:`read_in_slabs` (a 512 x 512 CT: 16 slices a slab).
+SLAB_VOXELS = 1 << 22
+
+
+def read_in_slabs(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = np.float32,
+    allow_nan: bool = False,
+    slab_voxels: int = SLAB_VOXELS,
+    trust: bool = False,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    max_expansion: float | None = DEFAULT_MAX_EXPANSION,
+    max_voxel_mm: float | None = MAX_VOXEL_MM,
+    max_slices: int | None = DEFAULT_MAX_SLICES,
+) -> Generator[tuple[int, int], None, tuple[np.ndarray, Space]]:
+    """:func:`read` (one 3D volume) as a generator that reads a 3D NIfTI file slab by slab.
+
+    Yields ``(done, total)`` after each slab of whole ``k`` slices of about ``slab_voxels`` voxels
+    (NIfTI; other formats and 4D files are read at once and yield nothing), so that a caller can
+    show progress and stop between slabs: closing the generator reads no more of the file. The
+    checks, errors and result are :func:`read`'s (a 4D file raises :class:`VolumeError`).
+
+    Parameters
+    ----------
+    path, dtype, allow_nan, trust, max_bytes, max_expansion, max_voxel_mm, max_slices
+        As for :func:`read`.
+    slab_voxels : int
+        Voxels read per step (at least one ``k`` slice).
+
+    Returns
+    -------
+    array : (I, J, K) ndarray
+    space : Space
+        The generator's return value (``StopIteration.value``), as :func:`read` returns them.
+    """
+    p = _check_exists(path)
+    if _kind(p) != "nifti":
+        return read(p, dtype=dtype, allow_nan=allow_nan, trust=trust, max_bytes=max_bytes,
+                    max_expansion=max_expansion, max_voxel_mm=max_voxel_mm, max_slices=max_slices)
+    limits = _limits(max_bytes, max_expansion, max_voxel_mm, max_slices)
+    logger.debug("reading %s (nifti, in slabs)", p)
+    arr, affine = yield from _read_nifti_slabs(p, dtype, limits, slab_voxels)
+    space = _space_for(p, arr.shape, affine, limits.max_voxel_mm)
+    if arr.dtype.kind in "fc" and not allow_nan:
+        _check_finite(p, arr)
+    return arr, space
 
 
 def read_volumes(

@@ -22,6 +22,17 @@ lists them (``labels 0 bg 1 bright_round 2 dark_elongated``, ``medcam3d segment 
 into R-A-S order, and an oblique one **resampled by nearest neighbour** onto the same axis-aligned
 grid as its scan (:func:`._grid.resample_labels`: no label is blended away or invented). Its
 metadata keeps the file's grid, so that the writers save it there.
+
+Unlike an oblique scan (a lazy pyramid of :class:`._lazy.ResampledView`), an oblique label map is
+resampled **once, eagerly**, onto that grid: a label map is there to be reviewed and edited, and
+napari edits a Labels layer in place - painting, filling and erasing write ``layer.data[index] =
+value`` and keep a copy of ``layer.data[index]`` for undo - while a lazy view can be read but not
+written, and napari makes a multiscale Labels layer read-only (``editable = not multiscale``). The
+copy is uint8 (1 byte per display voxel: for a 512 x 512 x 300 CT tilted 25 x 25 degrees, whose
+display grid is 917 x 966 x 362 voxels, 4.1 times its own, about 320 MB, the CT's float32 size), made
+slab by slab, and a
+label file from :data:`._reader.BACKGROUND_VOXELS` voxels is read and resampled in the reader's
+worker thread, off the UI thread.
 """
 
 from __future__ import annotations

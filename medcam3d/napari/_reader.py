@@ -54,7 +54,7 @@ from ._view import open_axial_when_added
 from ._writer import prefer_medcam3d_writers
 
 __all__ = ["napari_get_reader", "read_image", "read_steps", "label_layer", "dicom_window", "BACKGROUND_VOXELS",
-           "MAX_VOLUME_LAYERS"]
+           "MAX_VOLUME_LAYERS", "READ_SLAB_VOXELS", "STEPS_PER_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,27 +193,47 @@ def _viewer_for_background(paths: Sequence[Path]) -> Any:
     return current_viewer()
 
 
+#: Progress steps per file of :func:`read_steps` (the first nine tenths for reading its voxels).
+STEPS_PER_FILE = 100
+#: Voxels per slab when a NIfTI file is read in the background (:func:`medcam3d.io.read_in_slabs`).
+READ_SLAB_VOXELS = 1 << 22
+
+
 def read_steps(paths: Sequence[str | Path]) -> Generator[Step, None, list[tuple]]:
     """Read files into layer data tuples step by step (:func:`read_image`'s work, no Qt).
 
-    Yields a :class:`Step` before reading each file and before making its layers, so that a worker
-    can report progress and stop between steps; returns what :func:`read_image` returns.
+    Yields a :class:`Step` before reading each file, after each slab of :data:`READ_SLAB_VOXELS`
+    voxels of a NIfTI file (:func:`medcam3d.io.read_in_slabs`; other formats are read at once) and
+    before making its layers, so that a worker can report progress and stop between steps (a
+    cancelled NIfTI file is not read to its end); returns what :func:`read_image` returns.
     """
     from ..jobs.cases import case_id_of
 
     files = [Path(p) for p in paths]
     layers: list[tuple] = []
-    total = 2 * len(files)
+    total = STEPS_PER_FILE * len(files)
+    placing = STEPS_PER_FILE * 9 // 10  # reading takes the first nine tenths of a file's steps
     for number, p in enumerate(files):
         name = case_id_of(p)
-        yield Step(2 * number, total, f"reading {p.name}")
+        first = STEPS_PER_FILE * number
+        yield Step(first, total, f"reading {p.name}")
+        reading = io.read_in_slabs(p, dtype=None, slab_voxels=READ_SLAB_VOXELS)
         try:
-            array, space = io.read(p, dtype=None)
+            while True:  # a NIfTI file slab by slab: a worker can stop between slabs
+                try:
+                    done, slices = next(reading)
+                except StopIteration as read:
+                    array, space = read.value
+                    break
+                yield Step(first + placing * done // max(slices, 1), total,
+                           f"reading {p.name}: {done} of {slices} slices")
         except io.VolumeError:  # 4D (found from the header, before any voxel is read): one layer per volume
-            yield Step(2 * number + 1, total, f"reading the volumes of {p.name}")
+            yield Step(first + placing, total, f"reading the volumes of {p.name}")
             layers.extend(_volume_layers(p, name))
             continue
-        yield Step(2 * number + 1, total, f"placing {p.name} in RAS mm")
+        finally:
+            reading.close()
+        yield Step(first + placing, total, f"placing {p.name} in RAS mm")
         found = saved_output_layer(array, space, p)  # a medcam3d map or mask: a heatmap or labels layer
         if found is None:
             found = label_layer(array, space, name=name, path=p)

@@ -12,7 +12,8 @@ Pure functions (no Qt; napari only for colormaps) that return napari layer data 
 - **explain steps**: :func:`explain_steps` (a generator: scan + config -> progress
   :class:`._shared.Step` s, then one heatmap layer per class and the model's field of view) and
   :func:`explain_image` (the same, run to the end);
-- **masks and segment steps**: :func:`mask_from_heatmap` (heatmap -> labels layer + bounding box),
+- **masks and segment steps**: :func:`mask_steps`/:func:`mask_from_heatmap` (heatmap -> labels layer + bounding
+  box),
   :func:`segment_steps`/:func:`segment_from_heatmap` (scan + heatmap -> weakly-supervised label
   map + lesion boxes, :mod:`medcam3d.segment`);
 - :func:`colour_limits`, :func:`threshold_problem`, :func:`layer_placement`, :func:`is_foreign`.
@@ -48,6 +49,7 @@ __all__ = [
     "explain_image",
     "listing_steps",
     "mask_from_heatmap",
+    "mask_steps",
     "segment_steps",
     "segment_from_heatmap",
     "candidate_layers",
@@ -531,7 +533,7 @@ def threshold_problem(method: str, value: float) -> str | None:
     return None
 
 
-def mask_from_heatmap(
+def mask_steps(
     data: Any,
     affine: Any,
     method: str = "fraction",
@@ -540,8 +542,12 @@ def mask_from_heatmap(
     keep_largest: bool = True,
     name: str = "heatmap",
     metadata: dict | None = None,
-) -> list[tuple]:
-    """Threshold a heatmap into a mask, with its 3D bounding box.
+) -> Generator[Step, None, list[tuple]]:
+    """Threshold a heatmap into a mask, with its 3D bounding box, step by step (for a worker thread).
+
+    Yields a :class:`Step` before reading the map, before refining it onto the mask grid, before
+    thresholding and before the bounding box, so that a worker reports progress and a *Cancel*
+    stops it between steps (nothing is returned then); :func:`mask_from_heatmap` runs it to the end.
 
     Parameters
     ----------
@@ -562,7 +568,7 @@ def mask_from_heatmap(
 
     Returns
     -------
-    list of layer data tuples
+    list of layer data tuples (the generator's return value)
         ``(mask uint8, kwargs, "labels")`` named ``<name> · mask <method> <value>``, on the heatmap's
         grid, a coarse one (voxels above twice :data:`MASK_CELL_MM`) with each voxel split until it
         is at most :data:`MASK_CELL_MM` (a map on the model's
@@ -585,10 +591,13 @@ def mask_from_heatmap(
         raise ValueError(problem)
     from ..space import resample
 
+    total = 4
+    yield Step(0, total, f"reading {name}")
     heat = np.asarray(data, dtype=np.float32)
     space = _space(heat.shape, affine)
     source = dict(metadata or {})
     fine, factor = refined(space, MASK_CELL_MM) if max(space.spacing) > 2 * MASK_CELL_MM else (space, 1)
+    yield Step(1, total, f"refining {name} onto {MASK_CELL_MM:g} mm voxels")
     if factor > 1:  # a coarse map (the feature grid): thresholded on a finer grid, trilinearly, like the screen
         feature = source.get("feature_map")
         if feature is not None and source.get("feature_affine") is not None and source.get("checksum") == checksum(heat):
@@ -597,7 +606,9 @@ def mask_from_heatmap(
         else:
             heat = resample(heat, space, fine, fill=0.0)
         space = fine
+    yield Step(2, total, f"thresholding {name}")
     mask = threshold_mask(heat, method, value, keep_largest=keep_largest)
+    yield Step(3, total, "measuring the mask's bounding box")
     box = bounding_box(mask, space)
     setting = "otsu" if method == "otsu" else f"{method} {value:g}"
     meta = {
@@ -620,6 +631,16 @@ def mask_from_heatmap(
             "name": f"{name} · box {setting}", "affine": placement, "shape_type": "line", "edge_color": "cyan",
             "edge_width": 0.5, "metadata": dict(meta), "axis_labels": AXIS_LABELS, "units": UNITS}, "shapes"))
     return layers
+
+
+def mask_from_heatmap(*args: Any, **kwargs: Any) -> list[tuple]:
+    """:func:`mask_steps` run to the end (same parameters and result): for scripts and tests."""
+    steps = mask_steps(*args, **kwargs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _box_edges(voxel_min: Sequence[int], voxel_max: Sequence[int]) -> list[np.ndarray]:

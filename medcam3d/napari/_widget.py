@@ -4,8 +4,8 @@
 (:func:`._service.explain_steps`, :func:`._service.segment_steps`, :func:`._service.listing_steps`)
 in worker threads (:mod:`._workers`: ``napari.qt.threading.thread_worker``, cancellable between
 steps), shows their progress, adds their layers to the viewer and reports errors as napari
-notifications; *Threshold to mask* (:func:`._service.mask_from_heatmap`, milliseconds on the
-feature grid) runs at once.
+notifications; *Threshold to mask* (:func:`._service.mask_steps`) runs in a worker too (progress,
+*Cancel*).
 
 Results never overwrite work: every mask is a new Labels layer (so napari's undo history of an
 edited mask is never applied to another one), and heatmap names carry the scan, method, target
@@ -27,8 +27,9 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinB
 
 import medcam3d
 from ._service import (ALL_CLASSES, AUTO, SCALES, THRESHOLD_METHODS, THRESHOLD_RANGE, Step, any_listing, cached_layers,
-                       colour_limits, explain_steps, is_foreign, layer_placement, listing_steps, mask_from_heatmap,
+                       colour_limits, explain_steps, is_foreign, layer_placement, listing_steps, mask_steps,
                        segment_steps)
+from ._aids import ColourBars, bind_keys, jump_to_peak, toggle_isolines
 from ._shared import probability_text
 from ._view import VIEWS, apply_display_style, follow_ndisplay, set_view
 from ._workers import Failure, guarded, message, start
@@ -120,7 +121,7 @@ class ExplainWidget(Container):
     progress bar, *Cancel* stops after the current step) and added as one heatmap layer per class
     on the grid the scan is shown on, coloured per class on the chosen colour scale, with the
     model's field of view as an outline when the model does not see the whole scan. *Threshold
-    to mask* turns the chosen heatmap into a new labels layer and a box (reported in mm);
+    to mask* turns the chosen heatmap into a new labels layer and a box (reported in mm), in a worker;
     *Segment* segments the chosen heatmap's class from the scan (:func:`._service.segment_from_heatmap`, in a worker) into
     a new labels layer and lesion boxes. Errors become napari notifications.
 
@@ -135,6 +136,8 @@ class ExplainWidget(Container):
         The last explain worker (its ``finished`` signal ends a run).
     layers_worker : GeneratorWorker or None
         The last worker that listed target layers.
+    mask_worker : GeneratorWorker or None
+        The last *Threshold to mask* worker; :attr:`masked` holds the layers it added.
     segment_worker : GeneratorWorker or None
         The last *Segment* worker; :attr:`segmented` holds the layers it added.
     steps : list of Step
@@ -164,7 +167,8 @@ class ExplainWidget(Container):
         scale = ComboBox(label="colour scale", choices=list(SCALES), value=SCALES[0],
                          tooltip="Shared scales make a faint map mean a weak map: compare classes and cases.")
         run_button = PushButton(text="Explain")
-        cancel_button = PushButton(text="Cancel", enabled=False, tooltip="Stop after the current step.")
+        cancel_button = PushButton(text="Cancel", enabled=False,
+                                   tooltip="Stop Explain or Threshold after the current step; nothing is added.")
         buttons = Container(widgets=[run_button, cancel_button], layout="horizontal", labels=False)
         progress = ProgressBar(min=0, max=1, value=0, visible=False, label="")
         status = Label(value="")
@@ -181,17 +185,27 @@ class ExplainWidget(Container):
         box = Label(value="")
         views = [PushButton(text=plane.capitalize(), name=plane) for plane in VIEWS]
         view_row = Container(widgets=views, layout="horizontal", label="view", labels=False)
+        peak_button = PushButton(text="Jump to peak", tooltip="Move the slices to the chosen heatmap's largest value "
+                                                              "(key Shift-J: the selected heatmap's).")
+        isolines_button = PushButton(text="Isolines on/off", tooltip="Draw the maps as isolines at 25, 50 and 75 % "
+                                                                    "of their colour maximum, or filled (key Shift-I).")
+        aid_row = Container(widgets=[peak_button, isolines_button], layout="horizontal", labels=False)
         super().__init__(widgets=[
             image_layer, config, method, target_layer, target_class, output_activation, trust, scale, buttons,
             progress, status,
             Label(value="Threshold a heatmap into a mask:"), heatmap, threshold_method, threshold_value,
-            keep_largest, mask_row, box, view_row,
+            keep_largest, mask_row, box, view_row, aid_row,
         ])
+        self.colour_bars = ColourBars(napari_viewer)  # one bar per heatmap: class, method, p; fractions of the maximum
+        self.native.layout().addWidget(self.colour_bars.native)
+        self.peak_button, self.isolines_button = peak_button, isolines_button
         self._viewer = napari_viewer
         self._closed = False
         self.worker = None  # the last explain worker
         self.layers_worker = None
         self.steps: list[Step] = []
+        self.mask_worker = None  # the last Threshold worker
+        self.masked: list = []  # the layers the last Threshold added
         self.segment_worker = None  # the last Segment worker
         self.segmented: list = []  # the layers the last Segment added
         self._active: list = []  # started workers that have not finished yet
@@ -236,6 +250,9 @@ class ExplainWidget(Container):
         self.threshold_method.changed.connect(self._on_threshold_method)
         for button in views:
             button.changed.connect(lambda _=None, plane=button.name: set_view(self._viewer, plane))
+        self.peak_button.changed.connect(self.jump_to_peak)
+        self.isolines_button.changed.connect(lambda _=None: toggle_isolines(self._viewer))
+        bind_keys(napari_viewer)
         events = napari_viewer.layers.events
         self._connections = [(event, self._on_layers_changed) for event in (events.inserted, events.removed,
                                                                            events.reordered)]
@@ -303,6 +320,11 @@ class ExplainWidget(Container):
     @_while_open
     def _on_layers_changed(self, _event=None) -> None:
         self.reset_choices()  # a changed scan choice schedules the listing (image_layer.changed)
+        self.colour_bars.refresh()
+
+    def jump_to_peak(self, _value=None):
+        """Move the viewer's slices to the chosen heatmap's peak (:func:`._aids.jump_to_peak`); the peak in mm or None."""
+        return jump_to_peak(self._viewer, self.heatmap.value)
 
     @_while_open
     def _schedule_refresh(self, _value=None) -> None:
@@ -435,6 +457,7 @@ class ExplainWidget(Container):
     @_while_open
     def _on_scale_changed(self, _value=None) -> None:
         apply_colour_scale(self._viewer, self.scale.value)
+        self.colour_bars.refresh()
 
     # ---------------------------------------------------------------- explain
     def run(self, _value=None):
@@ -475,11 +498,15 @@ class ExplainWidget(Container):
         return worker
 
     def cancel(self, _value=None) -> None:
-        """Ask the running explanation to stop after its current step (``worker.quit()``)."""
+        """Ask the running explanation and threshold to stop after their current step (``worker.quit()``)."""
         if self.worker is not None and self.worker in self._active:
             self.worker.quit()
             self.cancel_button.enabled = False
             self._set_status("cancelling after the current step...")
+        if self.mask_worker is not None and self.mask_worker in self._active:
+            self.mask_worker.quit()
+            self.cancel_button.enabled = False
+            self.box.value = "cancelling the threshold after the current step..."
 
     def _start(self, worker) -> None:
         start(worker, self._active)
@@ -505,8 +532,9 @@ class ExplainWidget(Container):
     @_while_open
     def _on_finished(self) -> None:
         self.run_button.enabled = True
-        self.cancel_button.enabled = False
-        self.progress.visible = False
+        if self.mask_worker is None or self.mask_worker not in self._active:  # no threshold under way
+            self.cancel_button.enabled = False
+            self.progress.visible = False
 
     @_while_open
     def _on_cancelled(self, name: str, token: int) -> None:
@@ -526,6 +554,7 @@ class ExplainWidget(Container):
         apply_colour_scale(self._viewer, self.scale.value)
         apply_display_style(self._viewer)
         self.reset_choices()
+        self.colour_bars.refresh()
         if heatmaps:
             self.heatmap.value = heatmaps[0]
         shape, affine, path, trust = request
@@ -547,25 +576,73 @@ class ExplainWidget(Container):
                          token)
 
     # ---------------------------------------------------------------- mask
-    def make_mask(self, _value=None) -> list:
-        """Threshold the chosen heatmap into a new labels layer (and its box); returns the new layers."""
+    def make_mask(self, _value=None):
+        """Threshold the chosen heatmap into a new labels layer (and its box) in a worker thread.
+
+        Runs :func:`._service.mask_steps` off the UI thread (steps in the progress bar, *Cancel*
+        stops it between steps and adds nothing); its ``returned`` signal adds the layers, which
+        :attr:`masked` then holds. Returns the worker (None on bad input).
+        """
+        from napari.qt.threading import thread_worker
         from napari.utils.notifications import show_error
 
         heat = self.heatmap.value
         if heat is None:
             self.box.value = ""
             show_error("medcam3d: no heatmap layer to threshold; run Explain first.")
-            return []
+            return None
         method, value = self.threshold_method.value, float(self.threshold_value.value)
         try:
             affine, metadata = layer_placement(heat)
-            result = mask_from_heatmap(heat.data, affine, method, value, keep_largest=self.keep_largest.value,
-                                       name=heat.name, metadata=metadata)
         except Exception as error:
             self.box.value = ""  # no stale box from an earlier threshold
             show_error(f"medcam3d: cannot threshold {heat.name}: {message(error)}")
-            return []
+            return None
+        name = heat.name
+        worker = thread_worker(guarded, start_thread=False)(
+            mask_steps, heat.data, affine, method, value, keep_largest=self.keep_largest.value, name=name,
+            metadata=metadata)
+        worker.yielded.connect(self._on_task_step)
+        worker.returned.connect(lambda result: self._on_masked(result, name))
+        worker.aborted.connect(lambda: self._on_mask_cancelled(name))
+        worker.finished.connect(self._on_mask_finished)
+        self.masked = []
+        self.mask_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.max, self.progress.value, self.progress.visible = 1, 0, True
+        self.box.value = f"thresholding {name}..."
+        self.mask_worker = worker
+        self._start(worker)
+        return worker
+
+    @_while_open
+    def _on_task_step(self, step: Step) -> None:
+        """Progress of a threshold (the Explain steps have :meth:`_on_step`)."""
+        self.progress.max = max(step.total, 1)
+        self.progress.value = min(step.done, step.total)
+        self.progress.label = step.text
+
+    @_while_open
+    def _on_mask_cancelled(self, name: str) -> None:
+        self.box.value = f"cancelled: {name} was not thresholded"
+
+    @_while_open
+    def _on_mask_finished(self) -> None:
+        self.mask_button.enabled = True
+        if self.worker is None or self.worker not in self._active:  # no explanation under way
+            self.cancel_button.enabled = False
+            self.progress.visible = False
+
+    @_while_open
+    def _on_masked(self, result, name: str) -> None:
+        from napari.utils.notifications import show_error
+
+        if isinstance(result, Failure):
+            self.box.value = ""  # no stale box from an earlier threshold
+            show_error(f"medcam3d: cannot threshold {name}: {message(result.error)}")
+            return
         added = [_add_result(self._viewer, *item) for item in result]
+        self.masked = added
         box = result[0][1]["metadata"]["box"]
         if box is None:
             self.box.value = f"{added[0].name}: empty (no voxel above the threshold)"
@@ -573,7 +650,6 @@ class ExplainWidget(Container):
             size = " x ".join(f"{v:.1f}" for v in box["size_mm"])
             centre = ", ".join(f"{v:.1f}" for v in box["centre_mm"])
             self.box.value = f"{added[0].name}: box {size} mm, centre ({centre}) mm RAS, {box['voxels']} voxels"
-        return added
 
     # ---------------------------------------------------------------- segment
     def make_segmentation(self, _value=None):
