@@ -25,6 +25,17 @@ growth during the timed runs over the RSS before them.
         [--threads 1] [--device cpu|cuda] [--save-ext .nii.gz|.nii]
 
 Targets (issue 16): maps add <= 5 % wall time and <= 10 % peak memory to the evaluator.
+
+Sliding windows on a segmentation network (issue 23), ``--scenario sliding``: MONAI's
+``SlidingWindowInferer`` ("plain") against ``HeatmapInferer(roi_size=...)`` ("maps", every class)
+on one ``--size``^3 volume through ``--roi``^3 windows (overlap 0.25, Gaussian blending) with a
+small MONAI ``UNet`` (3 classes, channels 16-32-64-128, seeded random weights), in one process,
+under ``torch.no_grad()`` as an evaluator runs them. After a warm-up of each, the two alternate
+``--repeats`` times; the table gives each one's median and the ratio of the medians, and the
+median of the per-repeat ratios. Target: <= 1.1x.
+
+    python benchmarks/bench_monai_inference.py --scenario sliding [--size 256] [--roi 128] [--repeats 3]
+        [--threads 2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -158,6 +169,65 @@ def child(bundle: Path, config: str, runs: int, threads: int, device: str, save_
     return result
 
 
+# ------------------------------------------------------------------------------------------ sliding
+
+
+def sliding(args: argparse.Namespace) -> int:
+    """Plain SlidingWindowInferer vs HeatmapInferer(roi_size) on one volume, interleaved in one process."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.inferers import SlidingWindowInferer
+    from monai.networks.nets import UNet
+
+    from medcam3d.monai import HeatmapInferer
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    network = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+                   num_res_units=2).to(device).eval()
+    size, roi = args.size, args.roi
+    volume = torch.randn((1, 1, size, size, size), generator=torch.Generator().manual_seed(1))
+    inputs = MetaTensor(volume.to(device), affine=torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0], dtype=torch.float64)))
+    inferers = {
+        "plain": SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="gaussian"),
+        "maps": HeatmapInferer(target="all", roi_size=roi, sw_batch_size=1, overlap=0.25, mode="gaussian"),
+    }
+
+    def timed(name: str) -> tuple[float, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = inferers[name](inputs, network)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        del out
+        return seconds, cpu
+
+    print(f"sliding windows: UNet 16-32-64-128 (3 classes), {size}^3 volume, {roi}^3 windows, overlap 0.25, gaussian; "
+          f"device {args.device}, torch {torch.__version__}, {args.threads} threads, {args.repeats} interleaved repeats")
+    for name in inferers:
+        timed(name)  # warm-up: kernels, the auto layer choice, the receptive field
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in inferers}
+    for _ in range(args.repeats):
+        for name in inferers:
+            samples[name].append(timed(name))
+    print(f"  {'inferer':<8} {'wall s':>8} {'CPU s':>8}  all runs (wall/CPU s)")
+    median = {}
+    for name, values in samples.items():
+        median[name] = (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
+        print(f"  {name:<8} {median[name][0]:8.2f} {median[name][1]:8.2f}  {', '.join(f'{w:.2f}/{c:.2f}' for w, c in values)}")
+    for index, what in ((0, "wall"), (1, "CPU")):
+        ratio = median["maps"][index] / median["plain"][index]
+        each = statistics.median(m[index] / p[index] for m, p in zip(samples["maps"], samples["plain"]))
+        print(f"  ratio maps/plain, {what} time: {ratio:.3f} (median of per-repeat ratios {each:.3f}; "
+              f"{'within' if ratio <= 1.1 else 'OVER'} the 1.1x target)")
+    print("  (on a machine shared with other work, the CPU-time ratio is the steadier one with --threads 1)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parent
 
 
@@ -181,7 +251,13 @@ def main() -> int:
     parser.add_argument("--save-ext", default=".nii.gz", choices=[".nii.gz", ".nii"],
                         help="SaveHeatmapsd output (uint8 maps; .nii skips gzip)")
     parser.add_argument("--child", nargs=2, metavar=("BUNDLE", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", default="evaluator", choices=["evaluator", "sliding"],
+                        help="evaluator: the bundle evaluators; sliding: SlidingWindowInferer vs HeatmapInferer(roi_size)")
+    parser.add_argument("--size", type=int, default=256, help="sliding: the volume's edge (voxels)")
+    parser.add_argument("--roi", type=int, default=128, help="sliding: the window's edge (voxels)")
     args = parser.parse_args()
+    if args.scenario == "sliding":
+        return sliding(args)
     if args.child:
         print(json.dumps(child(Path(args.child[0]), args.child[1], args.runs, args.threads, args.device,
                                args.save_ext)))

@@ -293,8 +293,9 @@ class ModelConfig:
     nnunet : Path or None
         An nnU-Net v2 model folder (``plans.json``, ``dataset.json``, ``fold_<k>/``; see
         :func:`medcam3d.models.load_nnunet`), with its ``configuration`` (default ``3d_fullres``),
-        ``folds`` (default: every ``fold_<k>`` present) and ``checkpoint`` file name (default
-        ``checkpoint_final.pth``).
+        ``folds`` (default: every ``fold_<k>`` present), ``checkpoint`` file name (default
+        ``checkpoint_final.pth``) and ``mirror`` (default false: mirror test-time augmentation over
+        the checkpoint's ``inference_allowed_mirroring_axes``, :mod:`medcam3d.mirror`).
     source : Path or None
         The config file it came from (named in error messages), if any.
     max_activation_bytes : int or None
@@ -314,6 +315,7 @@ class ModelConfig:
     configuration: str = "3d_fullres"
     folds: tuple[int | str, ...] | None = None
     checkpoint: str = "checkpoint_final.pth"
+    mirror: bool = False
     source: Path | None = None
     random_weights: bool = False
     max_activation_bytes: int | None = DEFAULT_MAX_ACTIVATION_BYTES
@@ -415,8 +417,9 @@ class Config:
 
 _TOP_KEYS = {"model", "task", "class_names", "layer", "method", "target", "preprocessing", "output", "sliding_window", "amp",
              "output_activation", "placement"}
-_MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript", "nnunet", "configuration", "folds", "checkpoint"}
-_NNUNET_KEYS = ("configuration", "folds", "checkpoint")
+_MODEL_KEYS = {"network", "_target_", "args", "weights", "bundle", "torchscript", "nnunet", "configuration", "folds", "checkpoint",
+               "mirror"}
+_NNUNET_KEYS = ("configuration", "folds", "checkpoint", "mirror")
 
 
 _UNCHANGED: Any = object()
@@ -740,7 +743,11 @@ def _nnunet_model(section: Mapping, where: str, base: Path, source: Path | None)
     checkpoint = section.get("checkpoint", "checkpoint_final.pth")
     if not isinstance(checkpoint, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", checkpoint) or checkpoint.startswith("."):
         raise ConfigError(f"{where}: model.checkpoint must be a file name in each fold folder like checkpoint_final.pth, not {_short(checkpoint)}.")
-    return ModelConfig(nnunet=folder, configuration=configuration, folds=folds, checkpoint=checkpoint, source=source)
+    mirror = section.get("mirror", False)
+    if not isinstance(mirror, bool):
+        raise ConfigError(f"{where}: model.mirror must be true or false (mirror test-time augmentation), not {_short(mirror)}.")
+    return ModelConfig(nnunet=folder, configuration=configuration, folds=folds, checkpoint=checkpoint, mirror=mirror,
+                       source=source)
 
 
 def _model(section: object, where: str, base: Path, source: Path | None) -> ModelConfig:

@@ -99,12 +99,18 @@ def explain_sliding_window(
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), not {overlap}.")
 
-    # One probe patch gives the feature stride of the target layer at this ROI. Its all-zero input
-    # may predict no voxel of a class; that says nothing about a given region, so it is not reported.
+    # The first window (first sample, at the origin) gives the feature stride of the target layer at this
+    # ROI. Without a region mask its explanation is the window's own, reused when MONAI's loop reaches it
+    # (one window at a time), so finding the stride costs no extra pass. With a mask it is explained
+    # without the mask: it may predict no voxel of a class, which says nothing about the given region.
+    masked = isinstance(target, Region) and target.mask is not None
+    origin = inputs[(slice(0, 1), slice(None), *(slice(0, r) for r in roi))]
+    origin = torch.nn.functional.pad(origin, [p for n, r in zip(reversed(origin.shape[2:]), reversed(roi)) for p in (0, r - n)])
     with warnings.catch_warnings():
-        if isinstance(target, Region) and target.mask is not None:
+        if masked:
             warnings.filterwarnings("ignore", message="The model predicts no voxel", category=UserWarning)
-        probe = explainer(inputs.new_zeros((1, inputs.shape[1], *roi)), target=_probe_target(target), relu=relu)
+        probe = explainer(origin, target=_probe_target(target), relu=relu)
+    reusable = {"origin": probe} if not masked and sw_batch_size == 1 else {}
     ratios = [r / f for r, f in zip(roi, probe.feature_shape)]
     if any(abs(s - round(s)) > 1e-9 for s in ratios):
         message = f"roi_size {roi} is not a multiple of the feature stride (feature grid {probe.feature_shape}); pick a multiple."
@@ -125,11 +131,14 @@ def explain_sliding_window(
     record: dict = {}
 
     def predictor(patch: torch.Tensor, coords: list) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        patch_target = target
-        if region_mask is not None and isinstance(target, Region):  # a mask comes from a Region only
-            crops = [region_mask[(min(c[0].start, len(region_mask) - 1),) + tuple(c[2:])] for c in coords]
-            patch_target = Region(target.classes, mask=torch.stack(crops))
-        result = explainer(patch, target=patch_target, relu=relu)
+        if "origin" in reusable and len(coords) == 1 and all(c.start in (0, None) for c in (coords[0][0], *coords[0][2:])):
+            result = reusable.pop("origin")  # the first window, explained above
+        else:
+            patch_target = target
+            if region_mask is not None and isinstance(target, Region):  # a mask comes from a Region only
+                crops = [region_mask[(min(c[0].start, len(region_mask) - 1),) + tuple(c[2:])] for c in coords]
+                patch_target = Region(target.classes, mask=torch.stack(crops))
+            result = explainer(patch, target=patch_target, relu=relu)
         record["result"] = result
         if segmentation:
             return result.logits, result.maps

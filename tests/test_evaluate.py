@@ -250,3 +250,30 @@ def test_evaluate_runs_the_sanity_check_on_input_level_and_perturbation_methods(
     summary = (out / "summary.md").read_text()
     assert "randomization test on case" not in summary  # no failure note
     assert "| gradxinput |" in summary
+
+
+def test_evaluate_explains_a_fold_ensemble_with_every_fold(cohort, tmp_path, monkeypatch):
+    """A fold ensemble (nnU-Net's folds) is evaluated with the folds' mean, as explain writes it, not fold 0 alone:
+    fold 1 is fold 0 with class 0's bias raised by 2, so the ensemble's logit of class 0 is fold 0's plus 1."""
+    import copy
+
+    import torch
+
+    import medcam3d.models
+    from medcam3d.config import load_config
+    from medcam3d.models import FoldEnsemble, load_model
+
+    root, config = cohort
+    (root / "one.csv").write_text("case,file,mask,labels_present\nc0,scans/case0.nii.gz,masks/case0_mask.nii.gz,bright\n")
+    fold0 = load_model(load_config(config))
+    fold1 = copy.deepcopy(fold0)
+    with torch.no_grad():
+        fold1.class_layers.out.bias[0] += 2.0
+    found = {}
+    for name, model in (("fold0", fold0), ("ensemble", FoldEnsemble([fold0, fold1], ["0", "1"]))):
+        monkeypatch.setattr(medcam3d.models, "load_model", lambda *args, model=model, **kwargs: model)
+        out = evaluate(config, root / "one.csv", tmp_path / name, methods=("hirescam",), progress=False, steps=2,
+                       randomization_cases=0, segmentation=False)
+        found[name] = float(next(csv.DictReader((out / "cases.csv").open()))["p_bright"])
+    logit = {name: np.log(p / (1 - p)) for name, p in found.items()}
+    assert abs(logit["ensemble"] - logit["fold0"] - 1.0) < 0.02, found

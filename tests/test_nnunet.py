@@ -184,3 +184,129 @@ def test_config_keys(tmp_path: Path, folder: Path):
         config.write_text("model:\n" + bad, encoding="utf-8")
         with pytest.raises(ConfigError, match=message):
             load_config(config)
+
+
+# ------------------------------------------------------------------------------ mirror test-time augmentation
+
+
+COARSE = "encoder.stages.2"  # the tiny U-Net's bottleneck: feature stride 4
+
+
+def _sliding(explainer, roi=16):
+    from medcam3d.sliding import explain_sliding_window
+
+    return lambda x, target: explain_sliding_window(explainer, x, target, roi_size=roi, overlap=0.5)
+
+
+def _symmetric(shape=(24, 24, 24), seed=0) -> torch.Tensor:
+    """A (1, 1, *shape) input equal to its own flip along every spatial axis."""
+    r = torch.randn((1, 1, *shape), generator=torch.Generator().manual_seed(seed))
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    return sum(torch.flip(r, list(f)) if f else r for f in flips) / len(flips)
+
+
+def test_mirror_axes_come_from_the_checkpoint(folder: Path):
+    assert load_nnunet(folder).mirror_axes == () and load_nnunet(folder).network.mirror_axes == ()
+    mirrored = load_nnunet(folder, mirror=True)
+    assert mirrored.mirror_axes == (0, 1, 2) and mirrored.network.mirror_axes == (0, 1, 2)
+    checkpoint = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    checkpoint["inference_allowed_mirroring_axes"] = (1, 2)
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    assert load_nnunet(folder, mirror=True).mirror_axes == (1, 2)
+    checkpoint["inference_allowed_mirroring_axes"] = (0, 3)
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(ModelLoadError, match="inference_allowed_mirroring_axes must list distinct spatial axes"):
+        load_nnunet(folder, mirror=True)
+
+
+def test_mirrored_map_of_a_symmetric_input_is_its_own_flip(folder: Path):
+    from medcam3d import Explainer
+    from medcam3d.mirror import explain_mirrored, mirror_combinations
+
+    assert mirror_combinations((0, 1, 2)) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    # the bottleneck: a cell grid of stride 4, whose cells' receptive fields are not centred mirror-symmetrically
+    explainer = Explainer(load_nnunet(folder, folds=[0]).network.folds[0], "hirescam", layer=COARSE)
+    x = _symmetric()
+    calls = []
+
+    def explain(batch, target):
+        calls.append(batch)
+        return _sliding(explainer)(batch, target)
+
+    plain = explain(x, [1]).maps[0, 0]
+    mirrored = explain_mirrored(explain, x, [1], (0, 1, 2))
+    assert len(calls) == 1 + 8 and mirrored.maps.shape == (1, 1, 6, 6, 6)
+    maps = mirrored.maps[0, 0]
+    scale = float(maps.abs().max())
+    assert scale > 0
+    for axis in range(3):
+        assert torch.allclose(maps, torch.flip(maps, [axis]), atol=1e-5 * scale), axis
+        # the network is not mirror-symmetric: one pass alone is not (so the check above can fail)
+        assert float((plain - torch.flip(plain, [axis])).abs().max()) > 1e-3 * float(plain.abs().max())
+    assert mirrored.logits.shape == (1, 2, 24, 24, 24)
+    assert torch.allclose(mirrored.logits, torch.flip(mirrored.logits, [2, 3, 4]), atol=1e-5)
+
+
+def test_mirror_pads_before_it_flips(folder: Path):
+    """On a grid that is not a multiple of the feature stride, each pass flips the padded grid: the result equals
+    that of the input padded by hand, cell for cell."""
+    from medcam3d import Explainer
+    from medcam3d.mirror import explain_mirrored
+
+    explainer = Explainer(load_nnunet(folder, folds=[0]).network.folds[0], "hirescam", layer=COARSE)
+    x = torch.randn((1, 1, 22, 23, 24), generator=torch.Generator().manual_seed(1))
+    found = explain_mirrored(_sliding(explainer), x, [1], (0, 1, 2))
+    assert found.input_shape == (24, 24, 24) and found.maps.shape == (1, 1, 6, 6, 6)
+    by_hand = explain_mirrored(_sliding(explainer), torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 2)), [1], (0, 1, 2))
+    assert torch.allclose(found.maps, by_hand.maps, atol=1e-6 * float(by_hand.maps.abs().max()))
+    from medcam3d.errors import InputError
+
+    with pytest.raises(InputError, match="mirror axes \\[3\\] are outside"):
+        explain_mirrored(_sliding(explainer), x, [1], (3,))
+    torch.manual_seed(0)
+    strided = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    direct = Explainer(strided, "hirescam", layer="0")  # 23 voxels -> 12 cells: a flip would not fall on the cells
+    with pytest.raises(InputError, match="multiple of the feature grid"):
+        explain_mirrored(lambda b, t: direct(b, t), x, [1], (1,))
+    assert explain_mirrored(lambda b, t: direct(b, t), x, [1], (0, 2)).maps.shape == (1, 1, 11, 12, 12)
+
+
+def _runner(tmp_path: Path, folder: Path, mirror: bool):
+    from medcam3d.jobs.runner import Runner
+    from medcam3d.models import load_configured
+
+    config = tmp_path / f"mirror_{mirror}.yaml"
+    config.write_text(f"model:\n  nnunet: {folder}\n  mirror: {str(mirror).lower()}\ntask: segmentation\ntarget: [1]\n",
+                      encoding="utf-8")
+    configured = load_configured(load_config(config))
+    return Runner(configured.config, configured.model, reader=configured.preprocessing)
+
+
+def test_runner_mirrors_only_when_asked(tmp_path: Path, folder: Path):
+    from medcam3d.folds import mean_explanation
+    from medcam3d.sliding import explain_sliding_window
+
+    x = torch.randn((1, 1, 20, 24, 28), generator=torch.Generator().manual_seed(2))
+    plain, mirrored = _runner(tmp_path, folder, False), _runner(tmp_path, folder, True)
+    assert plain.mirror_axes == () and mirrored.mirror_axes == (0, 1, 2)
+    found = plain._explain_all(x, [1])
+    assert [e.method for e in found] == ["hirescam", "hirescam_fold0", "hirescam_fold1"]
+    # mirror: false is the explanation without mirroring, bit for bit
+    for explanation, explainer in zip(found[1:], plain.fold_explainers[0]):
+        alone = explain_sliding_window(explainer, x, [1], roi_size=(16, 16, 16), overlap=0.5, mode="gaussian")
+        assert torch.equal(explanation.maps, alone.maps) and torch.equal(explanation.logits, alone.logits)
+    assert torch.equal(found[0].maps, mean_explanation(found[1:]).maps)
+    # mirror: true averages 8 passes per fold, so the maps change
+    flipped = mirrored._explain_all(x, [1])
+    assert flipped[1].maps.shape == found[1].maps.shape
+    assert float((flipped[1].maps - found[1].maps).abs().max()) > 1e-3 * float(found[1].maps.abs().max())
+
+
+def test_explain_method_uses_every_fold(tmp_path: Path, folder: Path):
+    """What evaluate and the napari service call: the folds' mean, as explain writes it, not the first fold's map."""
+    runner = _runner(tmp_path, folder, False)
+    x = torch.randn((1, 1, 20, 24, 28), generator=torch.Generator().manual_seed(3))
+    mean = runner.explain_method(0, x, target=[1])
+    written = runner._explain_all(x, [1])
+    assert mean.method == "hirescam" and torch.equal(mean.maps, written[0].maps)
+    assert float((mean.maps - written[1].maps).abs().max()) > 1e-3 * float(written[1].maps.abs().max())

@@ -169,7 +169,7 @@ def test_rank_mismatch_is_refused_before_the_windows():
 
 def test_a_scan_grid_region_mask_equals_the_input_grid_mask_without_the_probe_warning(caplog, capsys):
     """Region(..., space=scan_space): the mask is resampled onto the input grid first, then cropped per patch
-    as an input-grid mask; the all-zero probe patch's empty prediction is not reported when a mask is given."""
+    as an input-grid mask; the stride's probe (the first window, without the mask) is not reported when a mask is given."""
     scan_shape, scan_affine = (31, 27, 13), oblique_lpi_affine()  # oblique, anisotropic, stored L-P-I
     scan_space = Space(scan_shape, scan_affine)
     centre_mm = (scan_affine @ np.array([15.0, 13.0, 6.0, 1.0]))[:3]
@@ -197,9 +197,37 @@ def test_a_scan_grid_region_mask_equals_the_input_grid_mask_without_the_probe_wa
     out, err = capsys.readouterr()
     reported = [str(w.message) for w in caught] + [caplog.text, out, err]
     assert not any("predicts no voxel" in text for text in reported), reported
-    # without a mask the same probe patch predicts no voxel of class 1, and that is said
+    # without a mask, a window that predicts no voxel of a class says so (every window of an all-zero input,
+    # the stride's probe included: it is the first window, explained once)
     with pytest.warns(UserWarning, match="predicts no voxel"):
-        explain_sliding_window(explainer, x, medcam3d.Region([1, 2]), **options)
+        explain_sliding_window(explainer, torch.zeros_like(x.as_tensor()), medcam3d.Region([1, 2]), **options)
     # a plain tensor has no affine: the mask's grid cannot be related to the input's
     with pytest.raises(medcam3d.errors.TargetError, match="MetaTensor"):
         explain_sliding_window(explainer, x.as_tensor(), medcam3d.Region(1, mask=inside, space=scan_space), **options)
+
+
+def test_the_first_window_finds_the_stride_without_an_extra_pass(monkeypatch):
+    """The stride comes from the first window, whose explanation is reused: one explainer call per window."""
+    import torch
+
+    from medcam3d import Explainer
+    from medcam3d.sliding import explain_sliding_window
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Upsample(scale_factor=2), torch.nn.Conv3d(4, 3, 1))
+    explainer = Explainer(net, "hirescam", layer="2")
+    x = torch.randn((1, 1, 24, 24, 24), generator=torch.Generator().manual_seed(0))
+    whole = explainer(x, "all")
+    calls = []
+    original = Explainer.__call__
+
+    def counted(self, batch, *args, **kwargs):
+        calls.append(tuple(batch.shape))
+        return original(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Explainer, "__call__", counted)
+    found = explain_sliding_window(explainer, x, "all", roi_size=16, overlap=0.5, mode="constant")
+    assert calls == [(1, 1, 16, 16, 16)] * 8  # windows at 0 and 8 on each axis, each explained once
+    assert found.maps.shape == whole.maps.shape == (1, 3, 12, 12, 12)

@@ -246,8 +246,9 @@ def _evaluate_case(case: Case, runner, out: Path, state: EvaluationState, *, ste
     record: dict = {"case": case.id, "image": str(case.image), "status": "ok", "error": ""}
     segment_here = segmentation and labels is not None and scan.ndim == 3 and bool(np.any(labels > 0))
     fine_maps: list | None = None  # LayerCAM on the fuse layer, on its feature grid: once per case
-    for explainer in runner.explainers:
-        explanation = runner.explain(explainer, batch)  # target "all"; sliding windows when configured
+    for index, explainer in enumerate(runner.explainers):
+        # target "all"; sliding windows when configured; a fold ensemble's mean over its folds, as explain writes it
+        explanation = runner.explain_method(index, batch)
         if explanation.logits.ndim != 2:
             raise CohortError(f"The model returned {tuple(explanation.logits.shape)}; evaluate needs (B, C) class logits.")
         probs = probabilities(explanation.logits.float(), config.task)[0].cpu().numpy()
@@ -261,8 +262,9 @@ def _evaluate_case(case: Case, runner, out: Path, state: EvaluationState, *, ste
         method = explainer.method.name
         if explainer.method.level == "layer":  # the randomization test's CAM layer (input-level maps have none)
             layer_name = explanation.layer
-        if method == "hirescam" and complete is None:
-            complete = completeness(runner.model, batch, target="all", layer=explanation.layer) or False
+        if method == "hirescam" and complete is None:  # a fold ensemble's mean map has no one head to check it on
+            complete = (completeness(runner.model, batch, target="all", layer=explanation.layer) or False
+                        if runner.fold_explainers is None else False)
         native = heatmaps_of(explanation) if segment_here else []  # the feature grid, exact
         fused: list | None = None
         for t, heat in enumerate(heatmaps):

@@ -186,8 +186,10 @@ class Runner:
         from ..models.nnunet import FoldEnsemble
 
         # an nnU-Net fold ensemble: each fold explained on its own (<method>_fold<k> maps) and their mean (<method>),
-        # with layer names of one fold's network; self.explainers (evaluate, napari) explain the first fold
+        # with layer names of one fold's network; self.explainers hold the first fold's (names, methods), and
+        # explain_method explains with every fold (evaluate, napari). Mirror test-time augmentation as the model says.
         folds = list(self.model.folds) if isinstance(self.model, FoldEnsemble) else None
+        self.mirror_axes: tuple[int, ...] = tuple(getattr(self.model, "mirror_axes", ()))
         self.fold_explainers = [[Explainer(fold, method, **options) for fold in folds]  # type: ignore[arg-type]
                                 for method in self.methods] if folds is not None else None
         self.explainers = ([row[0] for row in self.fold_explainers] if self.fold_explainers is not None else
@@ -477,12 +479,32 @@ class Runner:
             found += [dataclasses.replace(one, method=f"{one.method}_fold{name}") for one, name in zip(folds, names)]
         return found
 
+    def explain_method(self, index: int, batch: torch.Tensor, *, target: object = None):
+        """Method ``index``'s explanation of a batch with the whole model: for a fold ensemble the mean of
+        the folds' explanations (the ``<method>`` maps that ``explain`` writes), else :meth:`explain` with
+        ``explainers[index]``."""
+        if self.fold_explainers is None:
+            return self.explain(self.explainers[index], batch, target=target)
+        from ..folds import explain_folds
+
+        mean, _ = explain_folds(self.fold_explainers[index], batch, target,
+                                explain=lambda explainer, x, tgt: self.explain(explainer, x, target=tgt))
+        return mean
+
     def explain(self, explainer: Explainer, batch: torch.Tensor, *, target: object = None):
-        """One explanation of a batch: direct, or through sliding windows when configured.
+        """One explanation of a batch: direct, or through sliding windows when configured; mirrored
+        (:func:`medcam3d.mirror.explain_mirrored`) when the model has mirror axes.
 
         ``target`` replaces the runner's (e.g. a ``Region`` of one case); default: the runner's.
         """
         target = self.target if target is None else target
+        if self.mirror_axes:
+            from ..mirror import explain_mirrored
+
+            return explain_mirrored(lambda x, tgt: self._explain_once(explainer, x, tgt), batch, target, self.mirror_axes)
+        return self._explain_once(explainer, batch, target)
+
+    def _explain_once(self, explainer: Explainer, batch: torch.Tensor, target: object):
         window = self.sliding_window
         if window is None:
             return explainer(batch, target=target)

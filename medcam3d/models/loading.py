@@ -120,7 +120,7 @@ def _nnunet(spec: ModelConfig, *, trust: bool, device: str | torch.device, rando
             max_activation_bytes: int | None) -> NnunetModel:
     assert spec.nnunet is not None
     return load_nnunet(spec.nnunet, spec.configuration, spec.folds, spec.checkpoint, trust=trust, device=device,
-                       random_weights=random_weights, max_activation_bytes=max_activation_bytes)
+                       random_weights=random_weights, max_activation_bytes=max_activation_bytes, mirror=spec.mirror)
 
 
 @dataclass(frozen=True, eq=False)

@@ -110,14 +110,19 @@ class FoldEnsemble(nn.Module):
         One network per fold, same architecture.
     names : sequence of str
         The fold names (``"0"``, ``"1"``, ``"all"`` ...).
+    mirror_axes : sequence of int
+        The spatial axes of mirror test-time augmentation (:mod:`medcam3d.mirror`) that explaining
+        it applies (the CLI, :class:`medcam3d.jobs.runner.Runner`); empty: none. The forward itself
+        does not mirror.
     """
 
-    def __init__(self, folds: Sequence[nn.Module], names: Sequence[str]) -> None:
+    def __init__(self, folds: Sequence[nn.Module], names: Sequence[str], mirror_axes: Sequence[int] = ()) -> None:
         super().__init__()
         if not folds or len(folds) != len(names):
             raise ValueError("FoldEnsemble needs one name per fold and at least one fold.")
         self.folds = nn.ModuleList(folds)
         self.names = [str(n) for n in names]
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *S)`` -> the mean of the folds' ``(B, K, *S)`` logits."""
@@ -148,6 +153,9 @@ class NnunetModel:
         The configuration's patch size (in the plans' transposed axis order, as the network sees it).
     input_channels : int
     random_weights : bool
+    mirror_axes : tuple of int
+        The spatial axes mirrored at test time (``network.mirror_axes``): the checkpoint's
+        ``inference_allowed_mirroring_axes`` with ``mirror=True``, else empty.
     """
 
     network: FoldEnsemble
@@ -160,6 +168,7 @@ class NnunetModel:
     patch_size: tuple[int, ...]
     input_channels: int
     random_weights: bool = False
+    mirror_axes: tuple[int, ...] = ()
 
 
 def _locate(dotted: str) -> Any:
@@ -267,6 +276,11 @@ def _numpy_scalar_globals() -> list:
 
 def read_checkpoint(path: Path) -> dict:
     """A fold's ``network_weights``, read with ``weights_only=True``."""
+    return _read_checkpoint(path)["network_weights"]
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A fold's checkpoint (``network_weights`` checked to be a mapping), read with ``weights_only=True``."""
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist (the fold's checkpoint); train the fold or choose other folds.")
     try:
@@ -277,8 +291,21 @@ def read_checkpoint(path: Path) -> dict:
                    f"{_one_line(error)}. nnU-Net's own checkpoints hold tensors, plain data and NumPy scalars only.")
         raise ModelLoadError(message) from None
     if isinstance(loaded, dict) and isinstance(loaded.get("network_weights"), dict):
-        return loaded["network_weights"]
+        return loaded
     raise ModelLoadError(f"{path} is not an nnU-Net checkpoint: it has no 'network_weights' state_dict.")
+
+
+def _mirror_axes(checkpoint: dict, path: Path, dims: int) -> tuple[int, ...]:
+    """The checkpoint's ``inference_allowed_mirroring_axes`` (spatial axes); empty when it allows none."""
+    axes = checkpoint.get("inference_allowed_mirroring_axes")
+    if axes is None:
+        logger.warning("%s allows no mirroring (no inference_allowed_mirroring_axes): mirror is not applied.", path)
+        return ()
+    if (not isinstance(axes, (list, tuple)) or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
+            or not all(0 <= a < dims for a in axes) or len(set(axes)) != len(axes)):
+        raise ModelLoadError(f"{path}: inference_allowed_mirroring_axes must list distinct spatial axes (0 to {dims - 1}), "
+                             f"not {_short(axes)}.")
+    return tuple(int(a) for a in axes)
 
 
 def _class_names(label_manager: Any, dataset: dict) -> list[str]:
@@ -301,6 +328,7 @@ def load_nnunet(
     device: str | torch.device = "cpu",
     max_parameters: int | None = MAX_PARAMETERS,
     max_activation_bytes: int | None = MAX_ACTIVATION_BYTES,
+    mirror: bool = False,
 ) -> NnunetModel:
     """Load an nnU-Net v2 model folder: one network per fold, with its weights.
 
@@ -324,6 +352,12 @@ def load_nnunet(
         Without trust, refuse a network with more parameters (counted before it is built).
     max_activation_bytes : int or None
         Each fold refuses inputs whose layer outputs would need more memory at once.
+    mirror : bool
+        Mirror test-time augmentation, as nnU-Net predicts: explanations through
+        :class:`medcam3d.jobs.runner.Runner` (the CLI) explain the input flipped along every subset
+        of the first fold's ``inference_allowed_mirroring_axes`` too, flip the maps back and
+        average them (:func:`medcam3d.mirror.explain_mirrored`). With random weights (no
+        checkpoint read) every spatial axis is mirrored.
 
     Returns
     -------
@@ -372,6 +406,7 @@ def load_nnunet(
     if not names:
         raise ModelLoadError(f"{directory} has no fold_<k> folder; give model.folds or train a fold.")
     networks = []
+    mirror_axes: tuple[int, ...] = tuple(range(len(patch_size))) if mirror and random_weights else ()
     for fold in names:
         if not (directory / f"fold_{fold}").is_dir():
             present = nnunet_folds(directory)
@@ -380,11 +415,14 @@ def load_nnunet(
             network = _build(factory, kwargs, trust=trust, name=class_name, where=where_arch, max_parameters=max_parameters)
         if not random_weights:
             file = directory / f"fold_{fold}" / checkpoint
-            state = {k.removeprefix("_orig_mod."): v for k, v in read_checkpoint(file).items()}
+            loaded = _read_checkpoint(file)
+            if mirror and fold == names[0]:
+                mirror_axes = _mirror_axes(loaded, file, len(patch_size))
+            state = {k.removeprefix("_orig_mod."): v for k, v in loaded["network_weights"].items()}
             load_state(network, state, file, hint=f"Check that {file} was trained with these plans ({configuration}).")
         networks.append(limit_activations(network, max_activation_bytes, source=str(directory)))
-    ensemble = FoldEnsemble(networks, names).to(device).eval()
-    logger.info("nnU-Net model %s (%s): %s, folds %s, patch %s", directory, configuration, class_name.rpartition(".")[2],
-                ", ".join(names), patch_size)
+    ensemble = FoldEnsemble(networks, names, mirror_axes).to(device).eval()
+    logger.info("nnU-Net model %s (%s): %s, folds %s, patch %s, mirror axes %s", directory, configuration,
+                class_name.rpartition(".")[2], ", ".join(names), patch_size, mirror_axes or "none")
     return NnunetModel(ensemble, directory, configuration, names, plans, dataset, _class_names(label_manager, dataset),
-                       patch_size, len(channels), random_weights)
+                       patch_size, len(channels), random_weights, mirror_axes)
