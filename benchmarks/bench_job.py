@@ -2,7 +2,7 @@
 preprocesses and infers (DESIGN.md §5, point 6; issue 11).
 
 The *floor* is what any job must do anyway: the same imports, ``load_model``, reading and
-preprocessing the scan (:func:`medcam3d.jobs.runner.load_case`) and one ``torch.no_grad()``
+preprocessing the scan (:func:`medcam3d.jobs.case_loading.load_case`) and one ``torch.no_grad()``
 inference. The job is ``medcam3d explain --target all`` with the default outputs (scan-grid maps
 of every class, their ``_norm`` copies, ``_feature`` maps, masks, boxes, pictures). For a cohort,
 the floor is one process looping over the scans; the job is ``medcam3d batch`` (a DataLoader

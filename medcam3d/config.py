@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .errors import ConfigError  # noqa: F401  (re-exported)
+from .errors import ConfigError
 
 __all__ = [
     "Config",
@@ -51,7 +51,6 @@ __all__ = [
     "OutputConfig",
     "SlidingWindowConfig",
     "PreprocessingSteps",
-    "ConfigError",
     "load_config",
     "parse_config",
     "plain_data_problem",

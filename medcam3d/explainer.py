@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExplainerMemoryError  # noqa: F401  (re-exported)
-from .errors import (InferenceModeError, InputError, LayerError, Medcam3dError, ModelForwardError, ModelOutputError,
+from .errors import (ExplainerMemoryError, InferenceModeError, InputError, LayerError, Medcam3dError, ModelForwardError, ModelOutputError,
                      PlacementWarning, ProbabilityOutputWarning)
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from .preprocess import BundlePreprocessing
     from .preprocess_nnunet import NnunetPreprocessing
 
-__all__ = ["Explainer", "Explanation", "ExplainerMemoryError"]
+__all__ = ["Explainer", "Explanation"]
 
 _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_MAX_VOXELS, _one_line, _short, plain_data_problem
-from .errors import Medcam3dError, PreprocessingError, UntrustedTransformError  # noqa: F401  (re-exported)
+from .errors import Medcam3dError, PreprocessingError, UntrustedTransformError
 from .space import Space
 
 __all__ = [
@@ -59,8 +59,6 @@ __all__ = [
     "GROWTH_FLOOR",
     "CheckedCompose",
     "BundlePreprocessing",
-    "PreprocessingError",
-    "UntrustedTransformError",
     "build_transforms",
     "load_image",
     "predict_shape",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from medcam3d.config import ConfigError, parse_config
+from medcam3d.config import parse_config
+from medcam3d.errors import ConfigError
 from medcam3d.errors import GeometryError, ImageReadError, PreprocessingError, UntrustedModelError
 from medcam3d.models import Bundle, bundle_preprocessing, load_bundle, load_model
 from medcam3d.preprocess import BundlePreprocessing, preprocess

@@ -186,7 +186,7 @@ def test_the_count_is_checked_before_the_model_is_loaded(scans, tmp_path, monkey
 
 
 def test_load_case_refuses_a_wrong_count_before_the_model_runs(scans):
-    from medcam3d.jobs.runner import load_case
+    from medcam3d.jobs.case_loading import load_case
     from medcam3d.models import build_network
 
     root = scans["root"]

@@ -197,7 +197,7 @@ def test_scans_go_to_the_writer_in_the_shared_memory_the_reader_filled():
     import torch
 
     from medcam3d.jobs.cohort import _as_arrays, _as_tensors
-    from medcam3d.jobs.runner import LoadedCase
+    from medcam3d.jobs.case_loading import LoadedCase
 
     scan = torch.arange(120, dtype=torch.float32).reshape(4, 5, 6).share_memory_()
     handed = LoadedCase(torch.zeros(1, 2, 2, 2), Space((4, 5, 6), np.eye(4)), scan, None, None)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import medcam3d
-from medcam3d.config import ConfigError, load_config, parse_config
+from medcam3d.config import load_config, parse_config
+from medcam3d.errors import ConfigError
 from medcam3d.models import load_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

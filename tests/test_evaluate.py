@@ -11,7 +11,9 @@ import pytest
 
 from medcam3d import io
 from medcam3d.cli import build_parser, main
-from medcam3d.jobs.evaluate import CohortError, collect_cases, evaluate
+from medcam3d.errors import CohortError
+from medcam3d.jobs.cases import collect_cases
+from medcam3d.jobs.evaluate import evaluate
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
 from conftest import write_tiny_config, write_tiny_model

@@ -189,7 +189,7 @@ def test_cohort_hands_scans_over_in_shared_memory():
     from monai.data import DataLoader
 
     from medcam3d.jobs.cohort import _as_arrays, _as_tensors
-    from medcam3d.jobs.runner import LoadedCase
+    from medcam3d.jobs.case_loading import LoadedCase
 
     scan = np.asfortranarray(np.random.default_rng(0).random((7, 6, 5), dtype=np.float32))
     labels = np.zeros((7, 6, 5), np.uint8)

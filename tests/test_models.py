@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from medcam3d.config import ConfigError, ModelConfig, load_config, parse_config
+from medcam3d.config import ModelConfig, load_config, parse_config
+from medcam3d.errors import ConfigError
 from medcam3d.errors import InputError
 from medcam3d.models import check_input_rank, load_model
 from conftest import TINY_NETWORK, TINY_NETWORK_ARGS, write_tiny_model

@@ -8,7 +8,8 @@ import torch
 from monai.data import MetaTensor
 
 from medcam3d import io
-from medcam3d.preprocess import PreprocessingError, build_transforms, load_image, preprocess
+from medcam3d.errors import PreprocessingError
+from medcam3d.preprocess import build_transforms, load_image, preprocess
 from medcam3d.space import Space
 from _images import oblique_lpi_affine
 

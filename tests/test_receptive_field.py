@@ -558,7 +558,7 @@ def test_explanations_through_monai_metadata_keep_the_placement():
 
 
 def test_summary_json_records_placement(tmp_path):
-    from medcam3d.jobs.runner import CaseResult
+    from medcam3d.jobs.case_result import CaseResult
 
     result = CaseResult(case_id="c1", image="x.nii.gz", placement={"hirescam": {
         "placement": "receptive_field", "layer": "layer4",

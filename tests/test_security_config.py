@@ -996,7 +996,8 @@ def test_a_grid_under_the_voxel_limit_that_the_network_refuses_is_refused_before
 
     from medcam3d import io
     from medcam3d.config import SlidingWindowConfig
-    from medcam3d.jobs.runner import Runner, load_case
+    from medcam3d.jobs.runner import Runner
+    from medcam3d.jobs.case_loading import load_case
 
     path = _write(tmp_path, f"model: {{network: monai.networks.nets.DenseNet, args: {TINY}, weights: none}}\n"
                             "preprocessing:\n  - {name: Orientation, axcodes: RAS}\n  - {name: DivisiblePad, k: 1000}\n"

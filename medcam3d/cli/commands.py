@@ -137,7 +137,7 @@ def _input_shape(args: argparse.Namespace, config, model, bundle=None) -> tuple[
         else:
             import functools
 
-            from ..jobs.runner import check_model_input
+            from ..jobs.case_loading import check_model_input
             from ..preprocess import preprocess
 
             x, _ = preprocess(args.image, config.preprocessing, trust=args.trust, source=config.source,

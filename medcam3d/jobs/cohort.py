@@ -41,7 +41,7 @@ from .runner import Runner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Case", "DistributedContext", "distributed_context", "run_cohort", "write_csv"]  # Case, write_csv: re-exported
+__all__ = ["DistributedContext", "distributed_context", "run_cohort"]
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ..heatmap import heatmaps_of
-from ..errors import CohortError  # noqa: F401  (re-exported)
+from ..errors import CohortError
 from .cases import Case, collect_cases
 from .lock import output_lock
 from .outputs import check_output_location, check_own_files
@@ -61,8 +61,7 @@ from .evaluate_report import (APPROACHES, METRICS, REPORT_FILES, SCORES, SEGMENT
                               approach_settings, write_outputs)
 from .report import unescape_row as _unescape_row
 
-__all__ = ["Case", "CohortError", "collect_cases", "evaluate", "run", "METRICS", "APPROACHES", "SEGMENTATION_METRICS",
-           "REPORT_FILES"]
+__all__ = ["evaluate", "run"]
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ only when the same settings made it from the same inputs.
 Reading a case is :mod:`medcam3d.jobs.case_loading` (:func:`load_case`), its record
 :mod:`medcam3d.jobs.case_result` (:class:`CaseResult`); the peaks' masks and boxes come from
 :mod:`medcam3d.masks`, a segmentation class's region on the scan from :mod:`medcam3d.targets`
-(:func:`~medcam3d.targets.scan_regions`). Those names stay importable from here.
+(:func:`~medcam3d.targets.scan_regions`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ from ..errors import SpaceError, TargetError, UsageError
 from ..heatmap import unique_file_labels
 from ..preprocess import build_transforms
 from ..space import Space
-from ..targets import Region, probabilities, scan_regions  # noqa: F401  (probabilities: re-exported)
+from ..targets import Region, probabilities, scan_regions
 from .case_loading import LoadedCase, check_model_input, load_case, read_region_mask
 from .case_result import CaseResult, ExplainedCase
 from .cases import Case, case_id_of, case_identity, check_case_id, first_image, image_paths
 from .outputs import check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
-__all__ = ["Runner", "CaseResult", "ExplainedCase", "LoadedCase", "load_case", "probabilities", "case_id_of", "resolve_device",
-           "config_digest"]
+__all__ = ["Runner", "resolve_device", "config_digest"]
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Pure functions (no Qt; napari only for colormaps) that return napari layer data 
   read it, kept until the config or weights change), :func:`candidate_layers`/:func:`cached_layers`
   (the model's target layers, listed once per model and input shape);
 - :func:`model_input`: a scan preprocessed as the CLI preprocesses it (the config's list, or a
-  MONAI bundle's own chain on the scan's file, :func:`medcam3d.jobs.runner.load_case`'s rule);
+  MONAI bundle's own chain on the scan's file, :func:`medcam3d.jobs.case_loading.load_case`'s rule);
 - **explain steps**: :func:`explain_steps` (a generator: scan + config -> progress
   :class:`._shared.Step` s, then one heatmap layer per class and the model's field of view) and
   :func:`explain_image` (the same, run to the end);
@@ -122,7 +122,7 @@ def load_configured_model(config_path: str | Path, *, trust: bool = False):
 
     Raises
     ------
-    medcam3d.config.ConfigError, medcam3d.models.ModelLoadError, medcam3d.models.UntrustedModelError
+    medcam3d.errors.ConfigError, medcam3d.errors.ModelLoadError, medcam3d.errors.UntrustedModelError
     """
     from ..config import load_config
     from ..models import load_configured
@@ -166,7 +166,7 @@ def _model_input(data: Any, space: Space):
 
 def model_input(configured: Any, voxels: Any, space: Space, *, path: str | Path | None = None, trust: bool = False,
                 check_input: Any = None):
-    """A scan preprocessed for the model as the CLI preprocesses it (:func:`medcam3d.jobs.runner.load_case`).
+    """A scan preprocessed for the model as the CLI preprocesses it (:func:`medcam3d.jobs.case_loading.load_case`).
 
     The config's ``preprocessing`` list (built with ``trust`` and named by the config file in
     errors), or, for a MONAI bundle whose config gives none, the bundle's own chain
@@ -376,7 +376,8 @@ def explain_steps(
         as an outline).
     """
     from ..heatmap import heatmaps_of, input_space_of
-    from ..jobs.runner import Runner, probabilities
+    from ..jobs.runner import Runner
+    from ..targets import probabilities
     from ..masks import peak
     source_meta = dict(metadata or {})
     shown = _space(shape_of(data), affine)
