@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 
 from ._files import atomic_write_text
+from ._json import json_values
 from .io.nifti import nifti_header
 from .io.streaming import Volume, slab_ranges, write_nifti_files
 from .space import Resampler, Space, SpaceError
@@ -186,25 +187,7 @@ def save_box(path: str | Path, box: BoundingBox | None, **extra: object) -> Path
     package's other JSON files; numpy scalars and arrays as numbers and lists.
     """
     payload = {"box": None if box is None else box.to_dict(), **extra}
-    return atomic_write_text(path, json.dumps(_finite(payload), indent=2, allow_nan=False))
-
-
-def _finite(value: object) -> object:
-    """``value`` as strict JSON can hold it: NaN and infinities become ``None``; numpy scalars and
-    arrays become Python numbers and lists; dicts and sequences are converted item by item."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
+    return atomic_write_text(path, json.dumps(json_values(payload), indent=2, allow_nan=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._json import json_values
 from .case_loading import LoadedCase
 from .outputs import MARKER
 
 __all__ = ["CaseResult", "ExplainedCase"]
-
-
-def _finite(value: object) -> object:
-    """Floats that JSON can hold: NaN and infinities become ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 @dataclass
@@ -68,13 +57,13 @@ class CaseResult:
         from .. import __version__
 
         record = {MARKER: {"kind": "case", "version": __version__}, **dataclasses.asdict(self)}
-        return _finite(record)  # type: ignore[return-value]
+        return json_values(record)
 
     @staticmethod
     def recorded_run(settings: dict) -> dict:
         """``settings`` as ``summary.json`` records them in ``run`` (strict JSON, other objects as text):
         what ``batch --resume`` compares with a case's recorded ``run``."""
-        return json.loads(json.dumps(_finite(settings), default=str))
+        return json.loads(json.dumps(json_values(settings)))
 
     def row(self) -> dict:
         """One summary row: probabilities and, per method and class, the peak and its check."""
