@@ -197,10 +197,7 @@ def _read_nifti(p: Path, dtype: Any, volume: int | str, limits: _Limits,
     except PermissionError:
         raise
     except Exception as e:
-        raise ImageReadError(
-            f"could not read the voxel data of '{p}' (shape {img.shape}, "
-            f"{img.get_data_dtype()}): {type(e).__name__}: {e}. The file may be truncated or corrupt."
-        ) from e
+        raise _voxel_read_error(p, img, e) from e
     arr = np.asarray(arr)
     if index is None and arr.ndim > 3:  # drop singleton axes beyond the spatial ones, e.g. (I, J, K, 1, C)
         arr = arr.reshape(arr.shape[:3] + tuple(n for n in arr.shape[3:] if n != 1))
@@ -208,6 +205,12 @@ def _read_nifti(p: Path, dtype: Any, volume: int | str, limits: _Limits,
         arr = arr[..., np.newaxis] if arr.ndim == 3 else arr
         arr = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[np.newaxis]
     return arr, affine
+
+
+def _voxel_read_error(p: Path, img: Any, error: Exception) -> ImageReadError:
+    """The error for voxel data nibabel could not read (a truncated or corrupt file)."""
+    return ImageReadError(f"could not read the voxel data of '{p}' (shape {img.shape}, {img.get_data_dtype()}): "
+                          f"{type(error).__name__}: {error}. The file may be truncated or corrupt.")
 
 
 def _read_nifti_slabs(p: Path, dtype: Any, limits: _Limits, slab_voxels: int
@@ -238,10 +241,7 @@ def _read_nifti_slabs(p: Path, dtype: Any, limits: _Limits, slab_voxels: int
         except PermissionError:
             raise
         except Exception as e:
-            raise ImageReadError(
-                f"could not read the voxel data of '{p}' (shape {img.shape}, "
-                f"{img.get_data_dtype()}): {type(e).__name__}: {e}. The file may be truncated or corrupt."
-            ) from e
+            raise _voxel_read_error(p, img, e) from e
         if arr is None:  # the type nibabel gives (scaled integers become float), or the one asked for
             arr = np.empty(shape, dtype=part.dtype if dtype is None else np.dtype(dtype))
         arr[:, :, start:stop] = part

@@ -49,7 +49,7 @@ from ..space import Space
 from ._labels import FEW_LABELS, MAX_LABELS, label_hint, label_values, labels_layer_data
 from ._outputs import saved_map_volumes, saved_output_layer
 from ._scan import image_layer_data
-from ._shared import Step
+from ._shared import Step, run_steps
 from ._view import open_axial_when_added
 from ._writer import prefer_medcam3d_writers
 
@@ -153,12 +153,7 @@ def read_image(path: str | Sequence[str]) -> list[tuple]:
 
         open_in_background(viewer, read_steps(paths), ", ".join(p.name for p in paths))
         return [(None,)]
-    steps = read_steps(paths)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_steps(read_steps(paths))
 
 
 def _voxels(path: Path) -> int:

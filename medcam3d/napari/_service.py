@@ -37,7 +37,7 @@ import numpy as np
 from ..space import Space
 from ._grid import covers, drawable, napari_affine, refined, resample_labels
 from ._lazy import shape_of, source_of
-from ._shared import Step, ascii_text, checksum, file_stamp, heatmap_layer_kwargs, heatmap_name
+from ._shared import Step, ascii_text, run_steps, checksum, file_stamp, heatmap_layer_kwargs, heatmap_name
 from ._view import AXIS_LABELS, UNITS
 
 __all__ = [
@@ -471,12 +471,7 @@ def explain_steps(
 
 def explain_image(*args: Any, **kwargs: Any) -> list[tuple]:
     """Run :func:`explain_steps` to the end and return its layers (same parameters)."""
-    steps = explain_steps(*args, **kwargs)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_steps(explain_steps(*args, **kwargs))
 
 
 def colour_limits(maps: Sequence[dict], scale: str = SCALES[0]) -> list[tuple[float, float]]:
@@ -636,12 +631,7 @@ def mask_steps(
 
 def mask_from_heatmap(*args: Any, **kwargs: Any) -> list[tuple]:
     """:func:`mask_steps` run to the end (same parameters and result): for scripts and tests."""
-    steps = mask_steps(*args, **kwargs)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_steps(mask_steps(*args, **kwargs))
 
 
 def _box_edges(voxel_min: Sequence[int], voxel_max: Sequence[int]) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ import math
 import os
 import unicodedata
 import zlib
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 from ._grid import napari_affine
 from ._view import AXIS_LABELS, UNITS
 
-__all__ = ["Step", "checksum", "file_stamp", "ascii_text", "probability_text", "heatmap_name", "heatmap_colormap",
+__all__ = ["Step", "run_steps", "checksum", "file_stamp", "ascii_text", "probability_text", "heatmap_name", "heatmap_colormap",
            "heatmap_layer_kwargs"]
 
 
@@ -41,6 +42,16 @@ class Step:
     done: int
     total: int
     text: str
+
+
+def run_steps(steps: Generator[Any, None, Any]) -> Any:
+    """Run a step generator (one that yields :class:`Step` progress and returns its result) to the
+    end, in this thread, and return its result: for scripts, tests and callers without a worker."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def checksum(data: np.ndarray) -> int:
