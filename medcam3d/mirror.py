@@ -130,9 +130,9 @@ def _flippable_target(target: object, x: object, spatial: tuple[int, ...], grid:
     if not isinstance(target, Region) or target.mask is None:
         return target
     if target.space is not None:
-        from .sliding import _on_input_grid
+        from .sliding import region_on_input_grid
 
-        target = _on_input_grid(target, x, spatial)
+        target = region_on_input_grid(target, x, spatial)
         assert isinstance(target, Region)
     mask = target.mask
     tensor = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))

@@ -28,7 +28,7 @@ from .layers import expected_spatial_dims, rank_mismatch_message
 from .model_io import to_model_input
 from .targets import Region, RegionTarget, Target, region_from_scan_mask, resolve_target
 
-__all__ = ["explain_sliding_window"]
+__all__ = ["explain_sliding_window", "region_on_input_grid"]
 
 
 def explain_sliding_window(
@@ -125,7 +125,7 @@ def explain_sliding_window(
 
     segmentation = probe.logits.ndim > 2
     if segmentation:
-        target = _on_input_grid(target, x, spatial)
+        target = region_on_input_grid(target, x, spatial)
     region_mask = _padded_mask(target, padded, spatial) if segmentation else None
     patch_logits: dict[int, list[torch.Tensor]] = {}
     record: dict = {}
@@ -191,7 +191,7 @@ def _whole_target(target: object, logits: torch.Tensor, region_mask: torch.Tenso
     return resolved
 
 
-def _on_input_grid(target: object, x: object, spatial: tuple[int, ...]) -> object:
+def region_on_input_grid(target: object, x: object, spatial: tuple[int, ...]) -> object:
     """A ``Region`` whose mask is given on another grid (``space=``), with that mask resampled onto the
     input grid (nearest neighbour); any other target as it is."""
     if not isinstance(target, Region) or target.space is None or target.mask is None:
