@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
     segment.add_argument("--min-volume", type=float, default=20.0, metavar="MM3",
                          help="drop components smaller than this (default 20 mm^3)")
+    segment.add_argument("--threshold", type=float, default=None, metavar="P",
+                         help="label a voxel with its most probable class where that class's probability is at least P "
+                              "(0 < P < 1; lower finds more of the lesions the segmenter is unsure of); default: the most "
+                              "probable label, background included")
     segment.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     segment.add_argument("--trust", action="store_true", help="allow configs and model files that run code")
 

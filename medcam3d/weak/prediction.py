@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -13,7 +14,7 @@ from scipy import ndimage
 from ..errors import InputError
 from ..space import Resampler, Space
 
-__all__ = ["SegmenterSettings", "predict", "segment_scan"]
+__all__ = ["SegmenterSettings", "label_voxels", "predict", "segment_scan"]
 
 _FULL = ndimage.generate_binary_structure(3, 3)  # 26-connectivity
 
@@ -31,12 +32,25 @@ class SegmenterSettings:
         Components smaller than this are dropped.
     margin : int
         Input voxels added around the candidate region before resampling to the scan.
+    threshold : float or None
+        ``None`` (default): each voxel takes its most probable label, background included. A
+        probability in (0, 1): a voxel takes its most probable foreground class where that class's
+        probability is at least ``threshold``, otherwise background (below 0.5 this finds lesions
+        the segmenter is unsure of, at the cost of larger and more false components).
     """
 
     method: str = "learned"
     network: str = ""
     min_volume_mm3: float = 20.0
     margin: int = 2
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_volume_mm3) and self.min_volume_mm3 >= 0):
+            raise InputError(f"the smallest lesion volume must be a finite number >= 0 mm³, not {self.min_volume_mm3}.")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and 0.0 < self.threshold < 1.0):
+            raise InputError(f"the segmenter's probability threshold must lie strictly between 0 and 1, not {self.threshold} "
+                             "(or leave it unset for the most probable label).")
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -54,14 +68,30 @@ def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was)
 
 
+def label_voxels(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Labels ``(*S)`` from probabilities ``(K, *S)`` (channel 0 background; excluded classes set below 0).
+
+    Without ``threshold`` the most probable channel; with it, the most probable foreground channel
+    where its probability is at least ``threshold`` and 0 elsewhere.
+    """
+    if threshold is None:
+        return probabilities.argmax(0)
+    foreground = probabilities[1:]
+    best = foreground.argmax(0)
+    confident = np.take_along_axis(foreground, best[None], 0)[0] >= threshold
+    return np.where(confident, best + 1, 0)
+
+
 def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, class_names: Sequence[str | None], *,
                  input_space: Any = None, settings: SegmenterSettings = SegmenterSettings(), classes: Iterable[int] | None = None):
     """Segment one preprocessed scan with a trained segmenter, on the scan's grid.
 
     The probabilities are computed on the model's input grid and resampled (trilinear, the
     preprocessing's affine inverted exactly) onto the scan's voxels only inside the box where a
-    class may win (any class probability above 0.1, plus ``margin`` voxels); each voxel takes the
-    most probable label there, and each class's connected components (26-connectivity, at least
+    class may win (any class probability above 0.1, or above ``settings.threshold`` if lower, plus
+    ``margin`` voxels); each voxel takes the most probable label there (or, with
+    ``settings.threshold``, its most probable foreground class where that reaches the threshold),
+    and each class's connected components (26-connectivity, at least
     ``min_volume_mm3``) are its lesions, with boxes in voxels and in RAS mm.
 
     Parameters
@@ -102,7 +132,8 @@ def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, cl
     for c in range(len(names)):
         if c not in wanted:
             foreground[c] = 0.0
-    candidate = (foreground > 0.1).any(0).numpy()
+    floor = 0.1 if settings.threshold is None else min(0.1, settings.threshold)
+    candidate = (foreground >= floor).any(0).numpy()
     lesions: list = []
     if candidate.any():
         where = np.argwhere(candidate)
@@ -120,7 +151,7 @@ def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, cl
         for c in range(len(names)):
             if c not in wanted:
                 crop[c + 1] = -1.0
-        winner = crop.argmax(0).astype(labels.dtype)
+        winner = label_voxels(crop, settings.threshold).astype(labels.dtype)
         box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
         labels[box] = winner
         voxel_mm3 = float(abs(np.linalg.det(scan.affine[:3, :3])))
