@@ -29,6 +29,11 @@ with plain-data arguments (:func:`plain_data_problem`), and transforms from
 :data:`medcam3d.preprocess.SAFE_TRANSFORMS` with plain-data arguments. The YAML is read with
 PyYAML's safe loader (no Python tags), at most :data:`MAX_CONFIG_BYTES` bytes and
 :data:`MAX_CONFIG_NODES` nodes once aliases are expanded (no "billion laughs").
+
+The package, one concept per module, each importing only those before it: :mod:`.values` (counts,
+memory sizes, plain data), :mod:`.yaml_reader` (the safe, bounded YAML reader), :mod:`.records`
+(:class:`Config` and its sections, :func:`with_limits`), :mod:`.parsing` (:func:`load_config`,
+:func:`parse_config`). Everything public is imported from ``medcam3d.config``.
 """
 
 from __future__ import annotations
