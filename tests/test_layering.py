@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
-ENGINE = ("medcam3d.explainer", "medcam3d.methods", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
+ENGINE = ("medcam3d.explainer", "medcam3d.explanation", "medcam3d.logits", "medcam3d.placement", "medcam3d.methods", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
           "medcam3d.torchscript", "medcam3d.sliding",
           "medcam3d.model_io")
 GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.masks", "medcam3d.orientation")
@@ -149,6 +149,8 @@ def test_no_import_cycles():
 
 # The packages split by concept (issue 24): each module imports only those before it (the package last).
 PACKAGE_ORDERS = {
+    "medcam3d.config": ("medcam3d.config.values", "medcam3d.config.yaml_reader", "medcam3d.config.records",
+                        "medcam3d.config.parsing", "medcam3d.config"),
     "medcam3d.space": ("medcam3d.space.grid", "medcam3d.space.feature", "medcam3d.space.axes", "medcam3d.space.resampling",
                        "medcam3d.space"),
     "medcam3d.receptive_field": ("medcam3d.receptive_field.field", "medcam3d.receptive_field.view", "medcam3d.receptive_field.ops",
