@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
 ENGINE = ("medcam3d.explainer", "medcam3d.methods", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
           "medcam3d.torchscript", "medcam3d.sliding",
           "medcam3d.model_io")
-GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.masks", "medcam3d.orientation")
+GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.scan_maps", "medcam3d.masks", "medcam3d.orientation")
 UI = ("medcam3d.cli", "medcam3d.napari", "medcam3d.__main__")
 JOBS = ("medcam3d.jobs",)
 

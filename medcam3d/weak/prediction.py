@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from ..errors import InputError
+from ..settings import Settings
 from ..space import Resampler, Space
 
 __all__ = ["SegmenterSettings", "predict", "segment_scan"]
@@ -19,7 +20,7 @@ _FULL = ndimage.generate_binary_structure(3, 3)  # 26-connectivity
 
 
 @dataclass(frozen=True)
-class SegmenterSettings:
+class SegmenterSettings(Settings):
     """What :func:`segment_scan` did (recorded in the lesions JSON).
 
     Attributes
@@ -37,10 +38,6 @@ class SegmenterSettings:
     network: str = ""
     min_volume_mm3: float = 20.0
     margin: int = 2
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 @torch.no_grad()
@@ -79,12 +76,12 @@ def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, cl
 
     Returns
     -------
-    medcam3d.segment.Segmentation
+    medcam3d.segment_records.Segmentation
         ``labels`` (0 background, ``c + 1`` class ``c``) on the scan's grid and the lesions;
-        :meth:`~medcam3d.segment.Segmentation.save` writes the label map and the lesions JSON.
+        :meth:`~medcam3d.segment_records.Segmentation.save` writes the label map and the lesions JSON.
     """
     from ..masks import bounding_box
-    from ..segment import Lesion, Segmentation
+    from ..segment_records import Lesion, Segmentation
 
     scan = Space.of(scanner_space)
     grid = Space.of(input_space) if input_space is not None else Space.of(x)
