@@ -23,8 +23,9 @@ from .errors import (ExplainerMemoryError, InferenceModeError, InputError, Layer
                      PlacementWarning, ProbabilityOutputWarning)
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
-from .layers import (auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, receptive_field,
-                     resolve_layer)
+from .cam_head import find_cam_head, linear_head
+from .input_rank import expected_spatial_dims, rank_mismatch_message
+from .layers import auto_layer, receptive_field, resolve_layer
 from .model_io import (
     OUTPUT_ACTIVATIONS,
     OutputActivation,
@@ -466,7 +467,7 @@ class Explainer:
         x : (B, C_in, *spatial) Tensor or MetaTensor
             Or one sample ``(C_in, *spatial)`` as a MetaTensor that is not a batch (``is_batch``
             False, as :meth:`preprocess` gives it) for a model whose spatial rank is known
-            (:func:`medcam3d.layers.expected_spatial_dims`); a plain tensor needs its batch axis.
+            (:func:`medcam3d.input_rank.expected_spatial_dims`); a plain tensor needs its batch axis.
         target : int, str, list, "all", "predicted", Tensor, Region or Target
             What to explain (see :mod:`medcam3d.targets`); default :attr:`target` (the config's
             with :meth:`from_config`), else ``"predicted"``. A ``Region``
