@@ -88,7 +88,7 @@ def test_imports_go_one_way(layer, forbidden):
 
 
 # medcam3d.io, one concept per module: each imports only those before it (the package last).
-IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.streaming", "medcam3d.io.nifti", "medcam3d.io.itk", "medcam3d.io.dicom",
+IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.streaming", "medcam3d.io.nifti", "medcam3d.io.itk_headers", "medcam3d.io.itk", "medcam3d.io.dicom",
             "medcam3d.io.reading", "medcam3d.io.channels", "medcam3d.io.info", "medcam3d.io.writing", "medcam3d.io")
 
 
