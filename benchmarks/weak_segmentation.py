@@ -63,7 +63,8 @@ from medcam3d.demo import synthetic, train
 from medcam3d.heatmap import heatmaps_of
 from medcam3d.metrics import dice, dice_iou_curve, pointing_game, segmentation_scores
 from medcam3d.preprocess import preprocess
-from medcam3d.segment import SegmentSettings, gated_maps, segment
+from medcam3d.segment import gated_maps, segment
+from medcam3d.segment_records import SegmentSettings
 from medcam3d.space import Space, resample
 
 MODELS = {"localization-trained": ROOT / "data_samples" / "demo_model.pt",

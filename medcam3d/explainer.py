@@ -21,7 +21,9 @@ from torch import nn
 from .errors import ExplainerMemoryError, InferenceModeError, InputError, LayerError, ProbabilityOutputWarning
 from .explanation import Explanation, Pass
 from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
-from .layers import auto_layer, expected_spatial_dims, find_cam_head, linear_head, rank_mismatch_message, resolve_layer
+from .cam_head import find_cam_head, linear_head
+from .input_rank import expected_spatial_dims, rank_mismatch_message
+from .layers import auto_layer, resolve_layer
 from .logits import checked_outputs, forward_errors, logits_to_explain
 from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
 from .model_io import OUTPUT_ACTIVATIONS, OutputActivationWatch, to_model_input
@@ -297,7 +299,7 @@ class Explainer:
         x : (B, C_in, *spatial) Tensor or MetaTensor
             Or one sample ``(C_in, *spatial)`` as a MetaTensor that is not a batch (``is_batch``
             False, as :meth:`preprocess` gives it) for a model whose spatial rank is known
-            (:func:`medcam3d.layers.expected_spatial_dims`); a plain tensor needs its batch axis.
+            (:func:`medcam3d.input_rank.expected_spatial_dims`); a plain tensor needs its batch axis.
         target : int, str, list, "all", "predicted", Tensor, Region or Target
             What to explain (see :mod:`medcam3d.targets`); default :attr:`target` (the config's
             with :meth:`from_config`), else ``"predicted"``. A ``Region``

@@ -52,7 +52,7 @@ class Explanation:
     output_field : ReceptiveField or None
         For a segmentation output at another resolution than the input, with
         ``placement="receptive_field"``: the receptive field of the model's output voxels, which
-        places them on the input grid (:func:`medcam3d.targets.output_grid`); None otherwise (the
+        places them on the input grid (:func:`medcam3d.output_grids.output_grid`); None otherwise (the
         output is on the input grid, or is placed by the convention).
     diagnostics : dict
         What a method measured about its own maps, e.g. Integrated Gradients' completeness error,

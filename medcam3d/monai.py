@@ -17,8 +17,8 @@ adding one post-transform:
   ``output_ext``), next to the predictions.
 
 This module holds integration only: the maps come from the engine, their placement on the scan
-from :func:`medcam3d.heatmap.to_scanner_space` / :class:`medcam3d.heatmap.ScanGridMap`, the files
-from :func:`medcam3d.heatmap.save_scan_maps` and :mod:`medcam3d.io` (see docs/architecture.md
+from :func:`medcam3d.heatmap.to_scanner_space` / :class:`medcam3d.scan_maps.ScanGridMap`, the files
+from :func:`medcam3d.scan_maps.save_scan_maps` and :mod:`medcam3d.io` (see docs/architecture.md
 §3-§5 and docs/monai.md).
 
 Bundle example (``inference.json``; the complete bundle is written by
@@ -63,8 +63,9 @@ from ._files import is_inside, written_by_medcam3d
 from .errors import InferenceModeError, Medcam3dError, SpaceError
 from .explainer import Explainer
 from .explanation import Explanation
-from .heatmap import Heatmap, ScanGridMap, heatmaps_of, save_scan_maps
+from .heatmap import Heatmap, heatmaps_of
 from .receptive_field import ReceptiveField
+from .scan_maps import ScanGridMap, save_scan_maps
 from .hooks import forward_hooks, model_lock
 from .model_io import first_tensor
 from .orientation import lps_to_ras
@@ -492,9 +493,9 @@ class SaveHeatmapsd(MapTransform):
 
     For each sample, the maps (on the target layer's grid) are placed on the grid of the file the
     image was loaded from by one trilinear interpolation (the engine's
-    :class:`~medcam3d.heatmap.ScanGridMap`, the resampling of
+    :class:`~medcam3d.scan_maps.ScanGridMap`, the resampling of
     :func:`medcam3d.heatmap.to_scanner_space`, computed slab by slab while the file is written by
-    :func:`medcam3d.heatmap.save_scan_maps`), and written next to the predictions with the naming of
+    :func:`medcam3d.scan_maps.save_scan_maps`), and written next to the predictions with the naming of
     MONAI's ``SaveImage``: ``output_dir/[<subject>/]<subject>_<output_postfix>_<method>_<class><ext>``
     (``separate_folder``, ``data_root_dir`` and ``output_name_formatter`` as for ``SaveImage``), or
     with ``four_d`` one file ``<subject>_<output_postfix>_<method><ext>`` with a volume per class.

@@ -21,7 +21,8 @@ from medcam3d.cli import main
 from medcam3d.errors import TargetError
 from medcam3d.preprocess import preprocess
 from medcam3d.space import Resampler, Space
-from medcam3d.targets import Region, nearest_resample, output_grid, region_from_scan_mask
+from medcam3d.output_grids import nearest_resample, output_grid
+from medcam3d.targets import Region, region_from_scan_mask
 from _images import oblique_lpi_affine, planted_scan
 
 SHAPE = (31, 27, 13)  # odd, anisotropic (0.9 x 1.1 x 2.5 mm), oblique, stored L-P-I

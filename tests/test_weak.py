@@ -396,7 +396,7 @@ def test_a_threshold_labels_the_lesions_the_segmenter_is_unsure_of(tmp_path, cap
     assert weak.label_voxels(np.array([[0.5], [0.3], [0.2]]), 0.3).tolist() == [1]
     assert weak.label_voxels(np.array([[0.5], [0.3], [0.2]])).tolist() == [0]
     for bad in (0.0, 1.0, float("nan")):
-        with pytest.raises(InputError, match="strictly between 0 and 1"):
+        with pytest.raises(UsageError, match=r"threshold must lie in \(0, 1\) \(a probability"):
             weak.SegmenterSettings(threshold=bad)
 
     from medcam3d.cli import main

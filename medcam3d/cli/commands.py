@@ -164,7 +164,7 @@ def _input_shape(args: argparse.Namespace, config, model, bundle=None) -> tuple[
 def _check_shape_option(given: Sequence[int], shape: tuple[int, ...], model, config) -> None:
     """``layers --shape``: the rank the model takes and a grid under the voxel limit, before any tensor is made."""
     from ..config import DEFAULT_MAX_VOXELS
-    from ..layers import expected_spatial_dims
+    from ..input_rank import expected_spatial_dims
 
     text = " ".join(map(str, given))
     dims = expected_spatial_dims(model)

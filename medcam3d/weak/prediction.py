@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from ..errors import InputError
+from ..settings import Settings, check_number, check_range, check_whole
 from ..space import Resampler, Space
 
 __all__ = ["SegmenterSettings", "label_voxels", "predict", "segment_scan"]
@@ -20,7 +20,7 @@ _FULL = ndimage.generate_binary_structure(3, 3)  # 26-connectivity
 
 
 @dataclass(frozen=True)
-class SegmenterSettings:
+class SegmenterSettings(Settings):
     """What :func:`segment_scan` did (recorded in the lesions JSON).
 
     Attributes
@@ -46,15 +46,11 @@ class SegmenterSettings:
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.min_volume_mm3) and self.min_volume_mm3 >= 0):
-            raise InputError(f"the smallest lesion volume must be a finite number >= 0 mm³, not {self.min_volume_mm3}.")
-        if self.threshold is not None and not (math.isfinite(self.threshold) and 0.0 < self.threshold < 1.0):
-            raise InputError(f"the segmenter's probability threshold must lie strictly between 0 and 1, not {self.threshold} "
-                             "(or leave it unset for the most probable label).")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
+        check_number(self.min_volume_mm3, "min_volume_mm3")
+        check_whole(self.margin, "margin", minimum=0)
+        if self.threshold is not None:
+            check_range(self.threshold, "threshold", 0.0, 1.0, low_open=True, high_open=True,
+                        note=" (a probability; leave it unset for the most probable label)")
 
 
 @torch.no_grad()
@@ -109,12 +105,12 @@ def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, cl
 
     Returns
     -------
-    medcam3d.segment.Segmentation
+    medcam3d.segment_records.Segmentation
         ``labels`` (0 background, ``c + 1`` class ``c``) on the scan's grid and the lesions;
-        :meth:`~medcam3d.segment.Segmentation.save` writes the label map and the lesions JSON.
+        :meth:`~medcam3d.segment_records.Segmentation.save` writes the label map and the lesions JSON.
     """
     from ..masks import bounding_box
-    from ..segment import Lesion, Segmentation
+    from ..segment_records import Lesion, Segmentation
 
     scan = Space.of(scanner_space)
     grid = Space.of(input_space) if input_space is not None else Space.of(x)
