@@ -25,15 +25,15 @@ from medcam3d import io
 from medcam3d.demo.synthetic import grid_from_codes
 from medcam3d.masks import threshold_mask
 from medcam3d.space import Space
-from medcam3d.napari import _service, _widget
+from medcam3d.napari import _masking, _models, _widget
 from medcam3d.napari._grid import axis_aligned_grid, layer_grid, resample_labels
 from medcam3d.napari._reader import napari_get_reader, read_image
 from medcam3d.napari._sample_data import demo_case, oblique_case
 from medcam3d.napari._grid import napari_affine
 from medcam3d.napari._lazy import shape_of
 from medcam3d.napari._shared import ascii_text, checksum, heatmap_colormap, heatmap_name
-from medcam3d.napari._service import (SCALES, colour_limits, explain_image, mask_from_heatmap, segment_from_heatmap,
-                                      threshold_problem)
+from medcam3d.napari._masking import mask_from_heatmap, segment_from_heatmap, threshold_problem
+from medcam3d.napari._service import SCALES, colour_limits, explain_image
 from medcam3d.napari._view import set_view
 from medcam3d.napari._widget import ExplainWidget
 from medcam3d.space import resample
@@ -100,8 +100,8 @@ def notifications():
 @pytest.fixture
 def fresh_listings(monkeypatch):
     """Empty target-layer caches, so that a test sees what a new napari session does."""
-    monkeypatch.setattr(_service, "_LISTINGS", {})
-    monkeypatch.setattr(_service, "_INPUT_SHAPES", {})
+    monkeypatch.setattr(_models, "_LISTINGS", {})
+    monkeypatch.setattr(_models, "_INPUT_SHAPES", {})
 
 
 def _settle(qtbot, widget) -> None:
@@ -747,7 +747,7 @@ def test_cancel_progress_and_cached_layer_listing(make_napari_viewer, qtbot, fre
     assert texts == ["loading the model", "preparing case_02", "preprocessing", "explaining (hirescam)",
                      "map 1/2: bright_round", "map 2/2: dark_elongated", "model field of view"]
     assert [step.done for step in widget.steps] == list(range(7)) and widget.steps[-1].total == 7
-    assert _service.cached_layers(other_grid.data.shape, other_grid.metadata["affine"], CONFIG) is not None
+    assert _models.cached_layers(other_grid.data.shape, other_grid.metadata["affine"], CONFIG) is not None
     _settle(qtbot, widget)
 
 
@@ -1037,7 +1037,7 @@ def test_segment_again_adds_a_layer_and_keeps_edits_and_errors_are_notifications
     [empty] = _segment(qtbot, widget)
     assert not empty.data.any() and widget.box.value.endswith("no lesion found")
     count = len(viewer.layers)
-    monkeypatch.setattr(_service, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
+    monkeypatch.setattr(_masking, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
     assert _segment(qtbot, widget) == [] and widget.box.value == ""
     assert "cannot segment planted" in notifications[-1] and "broken" in notifications[-1]
     assert "Traceback" not in notifications[-1] and len(viewer.layers) == count

@@ -20,7 +20,8 @@ from medcam3d.napari._grid import axis_aligned_grid, layer_grid, refined
 from medcam3d.napari._lazy import ResampledView, pyramid, source_of
 from medcam3d.napari._reader import read_image
 from medcam3d.napari._scan import CT_WINDOW, display_window
-from medcam3d.napari._service import explain_image, mask_from_heatmap
+from medcam3d.napari._masking import mask_from_heatmap
+from medcam3d.napari._service import explain_image
 from medcam3d.napari._writer import write_heatmap, write_image, write_mask
 from test_napari import CONFIG
 
@@ -313,3 +314,37 @@ def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, 
         assert line.data[0, 0, 0] == 0 and set(np.unique(line.data)) <= set(range(len(ISOLINE_LEVELS) + 1))
     widget.isolines_button.native.click()
     assert all(layer.visible for layer in heats) and not any(line.visible for line in lines)
+
+
+def test_lazy_view_keeps_the_last_slices_napari_asks_for_again(monkeypatch, tilted_ct):
+    """napari slices the same plane several times while it adds a layer: it is resampled once."""
+    import scipy.ndimage
+
+    _, array, space, _ = tilted_ct
+    levels = pyramid(array, space, axis_aligned_grid(Space(*[layer_grid(array, space)[0].shape],
+                                                          layer_grid(array, space)[1])), fill=-1000.0,
+                     coarsest_voxels=20_000)
+    assert len(levels) > 1
+    calls: list[tuple] = []
+    real = scipy.ndimage.affine_transform
+    monkeypatch.setattr(scipy.ndimage, "affine_transform",
+                        lambda *args, **kwargs: calls.append(kwargs["output_shape"]) or real(*args, **kwargs))
+    full = np.rint(resample(array, space, levels[0].target, fill=-1000.0)).astype(np.int16)
+    first = levels[0][:, :, 11]
+    again = np.asarray(levels[0][:, :][:, :, 11])  # through a sub-view, as napari crops to a tile first
+    assert len(calls) == 1 and np.array_equal(first, again)
+    assert np.mean(np.abs(first.astype(int) - full[:, :, 11]) > 1) <= 1e-3
+    first[:] = 0  # callers get copies: the kept slice is not changed
+    assert np.array_equal(levels[0][:, :, 11], again) and len(calls) == 1
+    levels[-1][:, :, 2], levels[-1][:, :, 2]  # the coarse level shares the record (its own grid)
+    assert len(calls) == 2
+    for k in range(3, 3 + _lazy_recent()):  # older slices are let go
+        levels[0][:, :, k]
+    levels[0][:, :, 11]
+    assert len(calls) == 3 + _lazy_recent()
+
+
+def _lazy_recent() -> int:
+    from medcam3d.napari._lazy import RECENT_REQUESTS
+
+    return RECENT_REQUESTS

@@ -1,10 +1,10 @@
 """The *Explain* dock widget: a thin Qt shell around :mod:`._service`.
 
 :class:`ExplainWidget` is a magicgui container that runs the service's step generators
-(:func:`._service.explain_steps`, :func:`._service.segment_steps`, :func:`._service.listing_steps`)
+(:func:`._service.explain_steps`, :func:`._masking.segment_steps`, :func:`._models.listing_steps`)
 in worker threads (:mod:`._workers`: ``napari.qt.threading.thread_worker``, cancellable between
 steps), shows their progress, adds their layers to the viewer and reports errors as napari
-notifications; *Threshold to mask* (:func:`._service.mask_steps`) runs in a worker too (progress,
+notifications; *Threshold to mask* (:func:`._masking.mask_steps`) runs in a worker too (progress,
 *Cancel*).
 
 Results never overwrite work: every mask is a new Labels layer (so napari's undo history of an
@@ -26,11 +26,11 @@ from magicgui.types import FileDialogMode
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
 
 import medcam3d
-from ._service import (ALL_CLASSES, AUTO, SCALES, THRESHOLD_METHODS, THRESHOLD_RANGE, Step, any_listing, cached_layers,
-                       colour_limits, explain_steps, is_foreign, layer_placement, listing_steps, mask_steps,
-                       segment_steps)
+from ._masking import THRESHOLD_METHODS, THRESHOLD_RANGE, mask_steps, segment_steps
+from ._models import any_listing, cached_layers, listing_steps
+from ._service import ALL_CLASSES, AUTO, SCALES, colour_limits, explain_steps, is_foreign, layer_placement
 from ._aids import ColourBars, bind_keys, jump_to_peak, toggle_isolines
-from ._shared import probability_text
+from ._shared import Step, probability_text
 from ._view import VIEWS, apply_display_style, follow_ndisplay, set_view
 from ._workers import Failure, guarded, message, start
 from ._writer import prefer_medcam3d_writers
@@ -122,7 +122,7 @@ class ExplainWidget(Container):
     on the grid the scan is shown on, coloured per class on the chosen colour scale, with the
     model's field of view as an outline when the model does not see the whole scan. *Threshold
     to mask* turns the chosen heatmap into a new labels layer and a box (reported in mm), in a worker;
-    *Segment* segments the chosen heatmap's class from the scan (:func:`._service.segment_from_heatmap`, in a worker) into
+    *Segment* segments the chosen heatmap's class from the scan (:func:`._masking.segment_from_heatmap`, in a worker) into
     a new labels layer and lesion boxes. Errors become napari notifications.
 
     Parameters
@@ -579,7 +579,7 @@ class ExplainWidget(Container):
     def make_mask(self, _value=None):
         """Threshold the chosen heatmap into a new labels layer (and its box) in a worker thread.
 
-        Runs :func:`._service.mask_steps` off the UI thread (steps in the progress bar, *Cancel*
+        Runs :func:`._masking.mask_steps` off the UI thread (steps in the progress bar, *Cancel*
         stops it between steps and adds nothing); its ``returned`` signal adds the layers, which
         :attr:`masked` then holds. Returns the worker (None on bad input).
         """
@@ -654,7 +654,7 @@ class ExplainWidget(Container):
     # ---------------------------------------------------------------- segment
     def make_segmentation(self, _value=None):
         """Segment the chosen heatmap's class from the chosen scan in a worker thread
-        (:func:`._service.segment_steps`) into a new labels layer on the scan's grid, with a shapes
+        (:func:`._masking.segment_steps`) into a new labels layer on the scan's grid, with a shapes
         layer of the lesion boxes; returns the worker (None on bad input). Its ``returned`` signal
         adds the layers; :attr:`segmented` then holds them."""
         from napari.qt.threading import thread_worker
