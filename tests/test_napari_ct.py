@@ -242,7 +242,7 @@ def test_viewer_opens_the_oblique_ct_with_reading_aids(make_napari_viewer, tilte
 
 def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, qtbot, tilted_ct):
     """Jump to peak (button and key) puts the slices on the map's peak; isolines toggle; one colour bar per class."""
-    from medcam3d.napari._aids import ISOLINE_LEVELS, ISOLINES_KEY, PEAK_KEY, TICKS
+    from medcam3d.napari._aids import ISOLINE_LEVELS, ISOLINES_3D, ISOLINES_KEY, PEAK_KEY, TICKS
     from medcam3d.napari._service import colour_limits
     from medcam3d.napari._shared import probability_text
     from medcam3d.napari._widget import ExplainWidget
@@ -297,12 +297,23 @@ def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, 
         assert row["ticks"] == TICKS and row["top"] == pytest.approx(shared)
         assert row["own"] == pytest.approx(meta["max"] / shared) and 0 < row["own"] <= 1 + 1e-6
         np.testing.assert_allclose(row["colours"][-1], layer.colormap.map(np.array([1.0]))[0])
-    assert widget.colour_bars.native.layout().count() == 3 * len(heats)  # title, ramp, ticks
+        # What 1 on the bar stands for, in words (not a bare "x 0.00793").
+        if row["own"] == pytest.approx(1.0, abs=1e-6):
+            assert row["scale"] == f"1 = {shared:.3g} (this map's maximum)"
+        else:
+            assert row["scale"] == (f"1 = {shared:.3g} (shared maximum of the maps; this map reaches "
+                                    f"{meta['max'] / shared:.2f})")
+    assert sorted(row["own"] < 1 - 1e-6 for row in rows) == [False, True]  # one map sets the shared scale
+    assert widget.colour_bars.native.layout().count() == 4 * len(heats)  # title, ramp, ticks, scale
+    texts = [widget.colour_bars.native.layout().itemAt(n).widget().text()
+             for n in range(widget.colour_bars.native.layout().count())]
+    assert [row["scale"] for row in rows] == texts[3::4]
 
     # Isolines on one key: the maps hidden, their level outlines shown; the same key brings the maps back.
     keys[ISOLINES_KEY.replace("-", "+")](viewer)
     lines = [layer for layer in viewer.layers if layer.metadata.get("medcam3d") == "isolines"]
     assert len(lines) == 2 and all(line.visible and line.contour == 1 for line in lines)
+    assert all(line.rendering == ISOLINES_3D == "iso_categorical" for line in lines)  # 3D: surfaces, not filled blocks
     assert not any(layer.visible for layer in heats)
     for line, layer in zip(lines, heats):
         assert line.name == f"{layer.name} · isolines" and max(line.data.shape) <= 64

@@ -24,7 +24,7 @@ from ..space import Space
 from ._lazy import shape_of, source_of
 from ._shared import Step, file_stamp, grid_space
 
-__all__ = ["load_configured_model", "model_input", "candidate_layers", "cached_layers", "any_listing", "listing_steps",
+__all__ = ["load_configured_model", "model_input", "input_channels", "stack_channels", "candidate_layers", "cached_layers", "any_listing", "listing_steps",
            "layer_listing", "remember_input_shape", "config_key", "grid_key", "scan_file", "MODEL_LOCK"]
 
 #: One model use at a time: explaining and probing layers both hook the (cached) model.
@@ -90,12 +90,74 @@ def grid_key(shape: Sequence[int], affine: Any) -> tuple:
 
 
 def _model_input(data: Any, space: Space):
-    """A float32 channel-first MetaTensor of ``data`` (one copy) for :func:`medcam3d.preprocess.preprocess`."""
+    """A float32 channel-first MetaTensor of ``data`` (one copy) for :func:`medcam3d.preprocess.preprocess`.
+
+    ``data`` is ``(*space.shape)`` (one channel) or ``(C, *space.shape)`` (:func:`stack_channels`).
+    """
     import torch
     from monai.data import MetaTensor
 
     voxels = torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
-    return MetaTensor(voxels[None], affine=torch.as_tensor(np.array(space.affine)))
+    if voxels.ndim == len(space.shape):
+        voxels = voxels[None]
+    return MetaTensor(voxels, affine=torch.as_tensor(np.array(space.affine)))
+
+
+def input_channels(config: Any) -> int | None:
+    """The input channels a config's network takes (its ``in_channels`` argument), or None when not stated."""
+    args = getattr(getattr(config, "model", None), "args", None) or {}
+    value = args.get("in_channels") if isinstance(args, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def stack_channels(first: Any, space: Space, others: Sequence[tuple[Any, Space, str]], *, first_name: str = "channel 0"
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Several scans of one case as the channels of one float32 array on the first one's grid (the CLI's rule).
+
+    As :func:`medcam3d.io.read_channels` stacks files: a channel on another grid (another shape,
+    or an affine more than :data:`medcam3d.io.channels.CHANNEL_ATOL_MM` mm away) is resampled onto
+    the first channel's grid (:func:`medcam3d.space.resample`, linear, 0 outside its field of
+    view) with a :class:`medcam3d.errors.ChannelGridWarning` naming it.
+
+    Parameters
+    ----------
+    first : (*space.shape) array_like
+        Channel 0's voxels.
+    space : Space
+        Channel 0's grid: the maps land there.
+    others : sequence of (voxels, Space, name)
+        Channels 1, 2, ... in order, each on its own grid.
+    first_name : str
+        Channel 0's name, for the warning.
+
+    Returns
+    -------
+    stacked : (C, *space.shape) float32 ndarray
+    notes : list of str
+        The warnings' texts (one per resampled channel), for the widget to show.
+    """
+    import warnings
+
+    from ..errors import ChannelGridWarning
+    from ..io.channels import CHANNEL_ATOL_MM
+    from ..space import resample
+
+    stacked = np.empty((1 + len(others), *space.shape), dtype=np.float32)
+    stacked[0] = np.asarray(first, dtype=np.float32)
+    notes: list[str] = []
+    for index, (voxels, grid, name) in enumerate(others, 1):
+        if len(grid.shape) != len(space.shape):
+            raise ValueError(f"channel {index} ({name}) is {len(grid.shape)}D but channel 0 ({first_name}) is "
+                             f"{len(space.shape)}D; every channel of a case must be a scan of the same dimensionality.")
+        if grid.isclose(space, atol=CHANNEL_ATOL_MM, rtol=1e-5):
+            stacked[index] = np.asarray(voxels, dtype=np.float32)
+            continue
+        note = (f"channel {index} ({name}, {grid}) is not on the grid of channel 0 ({first_name}, {space}); it was "
+                "resampled onto channel 0's grid (linear, 0 outside its field of view)")
+        warnings.warn(note, ChannelGridWarning, stacklevel=2)
+        notes.append(note)
+        stacked[index] = resample(np.asarray(voxels), grid, space, mode="linear")
+    return stacked, notes
 
 
 def model_input(configured: Any, voxels: Any, space: Space, *, path: str | Path | None = None, trust: bool = False,

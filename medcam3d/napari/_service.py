@@ -27,8 +27,8 @@ import numpy as np
 from ..space import Space
 from ._grid import covers, drawable, napari_affine
 from ._lazy import shape_of, source_of
-from ._models import (MODEL_LOCK, config_key, layer_listing, load_configured_model, model_input, remember_input_shape,
-                      scan_file)
+from ._models import (MODEL_LOCK, config_key, input_channels, layer_listing, load_configured_model, model_input,
+                      remember_input_shape, scan_file, stack_channels)
 from ._shared import Step, ascii_text, checksum, file_stamp, grid_space, heatmap_layer_kwargs, heatmap_name, run_steps
 from ._view import AXIS_LABELS, UNITS
 
@@ -76,6 +76,7 @@ def explain_steps(
     trust: bool = False,
     device: str = "cpu",
     output_activation: str | None = None,
+    channels: Sequence[tuple[Any, Any, dict | None, str]] = (),
 ) -> Generator[Step, None, list[tuple]]:
     """Explain one scan step by step; yields :class:`Step` before each step, returns the layers.
 
@@ -109,6 +110,12 @@ def explain_steps(
     output_activation : str, optional
         What the network applies to its logits (``auto``, ``none``, ``softmax``, ``sigmoid``);
         default the config's, as for ``medcam3d explain``.
+    channels : sequence of (data, affine, metadata, name)
+        More input channels (image layers: another MR sequence of the case), in the model's
+        channel order after ``data`` (channel 0). Stacked on channel 0's grid as the CLI stacks
+        ``--image`` files (:func:`._models.stack_channels`: another grid is resampled onto it, with
+        a warning); the maps land on channel 0's grid. A config whose network states
+        ``in_channels`` must get that many channels in all.
 
     Yields
     ------
@@ -126,7 +133,8 @@ def explain_steps(
         score, probability, peak_voxel (of the layer's grid) and peak_mm (None for a flat map),
         max, the grid keys of the scan's file (``file_shape``, ``file_affine``, ``path``...) and
         the grid it is shown on (``scan_shape``, ``scan_affine``), ``feature_map``/``feature_affine``
-        and ``checksum`` for the writer); then, when the model's input does not cover the whole
+        and ``checksum`` for the writer; with ``channels``, also ``channels`` (the layers' names, channel
+        0 first) and ``channel_notes`` (what was resampled onto channel 0's grid)); then, when the model's input does not cover the whole
         scan, a ``"labels"`` layer of the model's field of view (its input grid, 1 inside, drawn
         as an outline).
     """
@@ -140,15 +148,28 @@ def explain_steps(
     yield Step(0, total, "loading the model")
     configured = load_configured_model(config_path, trust=trust)
     config, model = configured.config, configured.model
+    wanted = input_channels(config)
+    if wanted is not None and wanted != 1 + len(channels):
+        raise ValueError(f"this config's network takes {wanted} input channel(s) (in_channels: {wanted}) but "
+                         f"{1 + len(channels)} were given ({name}{''.join(', ' + c[3] for c in channels)}): in the "
+                         f"Explain panel pick the scan and {wanted - 1} more channel layer(s) under 'more channels', "
+                         "in the model's channel order.")
     total = 5 + (len(config.class_names or [0, 1]) if target in ("all", None) else 1)
     resampled = bool(source_meta.get("resampled"))
     yield Step(1, total, f"reading {name} on its original grid" if resampled else f"preparing {name}")
     voxels, voxel_space, explained_on = _source_voxels(data, shown, source_meta)
+    channel_notes: list[str] = []
+    if channels:
+        others = []
+        for other, other_affine, other_meta, other_name in channels:
+            found, grid, _ = _source_voxels(other, grid_space(shape_of(other), other_affine), dict(other_meta or {}))
+            others.append((found, grid, other_name))
+        voxels, channel_notes = stack_channels(voxels, voxel_space, others, first_name=name)
     yield Step(2, total, "preprocessing")
     with MODEL_LOCK:
         runner = Runner(config, model, methods=[method], target=target, layer=layer, device=device, trust=trust,
                         reader=configured.preprocessing, output_activation=output_activation)
-        x = model_input(configured, voxels, voxel_space, path=scan_file(source_meta), trust=trust,
+        x = model_input(configured, voxels, voxel_space, path=None if channels else scan_file(source_meta), trust=trust,
                         check_input=runner.input_check)
         del voxels
         input_shape = tuple(int(n) for n in x.shape)
@@ -203,6 +224,7 @@ def explain_steps(
             "fill": float(config.output.fill),
             "checksum": checksum(values),
             "output_activation": runner.explainers[0].output_activation,
+            **({"channels": [name, *(c[3] for c in channels)], "channel_notes": list(channel_notes)} if channels else {}),
         }
         kwargs = heatmap_layer_kwargs(heatmap_name(name, heat.method, heat.layer, heat.label, probability),
                                       map_affine, heat.class_index, top, meta)
