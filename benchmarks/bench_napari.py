@@ -307,7 +307,7 @@ def _shape(text: str) -> tuple[int, int, int]:
         shape = ()
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"--shape takes three sizes of at least 8 voxels like 512x512x300, not {text!r}")
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
 
 
 def main(argv: list[str] | None = None) -> int:
