@@ -13,9 +13,10 @@ call per slab: nothing of the scan is converted to float or copied); the interpo
 levels of a napari multiscale image (full resolution, then halved), so that the 3D display, which
 napari draws from the coarsest level, is resampled at a fraction of the cost.
 
-A slice costs one small resampling (about 0.1 s for a 917 x 966 plane of the benchmark CT);
-the last few slices asked for are kept (:class:`Recent`, a few megabytes), because napari asks
-for the same plane several times while it adds a layer, so memory stays at the scan's own voxels.
+A slice costs one small resampling (about 0.1 s for a 917 x 966 plane of the benchmark CT).
+napari asks for the same plane several times while it adds a layer, so the last few results
+are kept (:class:`Recent`: at most 32 MB of float32); beyond that, memory stays at the scan's
+own voxels.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Recent:
     """The last few resampled requests of a view and its sub-views (napari asks for a slice several times).
 
     At most :data:`RECENT_REQUESTS` results of at most :data:`RECENT_VOXELS` voxels each are kept
-    (a few slices, a few megabytes); callers get copies. Thread-safe.
+    (a few slices: at most 32 MB of float32); callers get copies. Thread-safe.
     """
 
     def __init__(self) -> None:
