@@ -182,7 +182,7 @@ def test_split_packages_import_no_private_names():
 NAPARI_ORDER = ("medcam3d.napari._view", "medcam3d.napari._grid", "medcam3d.napari._lazy", "medcam3d.napari._shared",
                 "medcam3d.napari._labels", "medcam3d.napari._scan", "medcam3d.napari._outputs", "medcam3d.napari._writer",
                 "medcam3d.napari._workers", "medcam3d.napari._reader", "medcam3d.napari._sample_data",
-                "medcam3d.napari._service", "medcam3d.napari._aids", "medcam3d.napari._widget", "medcam3d.napari")
+                "medcam3d.napari._models", "medcam3d.napari._masking", "medcam3d.napari._service", "medcam3d.napari._results", "medcam3d.napari._aids", "medcam3d.napari._widget", "medcam3d.napari")
 
 
 def test_napari_modules_import_one_way():
