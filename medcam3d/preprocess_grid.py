@@ -19,7 +19,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import cast
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 
 from .config import DEFAULT_MAX_VOXELS
 from .errors import Medcam3dError, PreprocessingError, cause_line
+from .preprocess_fusion import Fusion, find_fusion
 
 __all__ = ["MAX_VOXELS", "GROWTH_FLOOR", "MAX_VOXELS_HINT", "size_voxels", "spatial_shape", "check_grid", "takes_lazy",
            "lazy_shape", "working_shape", "predict_shape", "run_steps"]
@@ -224,6 +226,68 @@ def predict_shape(transforms: Sequence, data: object) -> tuple[int, ...] | None:
     return (int(current.shape[0]), *(int(n) for n in spatial))
 
 
+def _run_step(transform: Callable, label: str, data: object, *, max_voxels: int | None, where: str,
+              scan_voxels: int | None) -> object:
+    """One step, its grid checked before it runs (or once made, without a lazy mode)."""
+    working = working_shape(transform, data)
+    if working is not None:
+        check_grid(working, data, label, where, max_voxels, made=False, scan_voxels=scan_voxels)
+    predicted = lazy_shape(transform, data)
+    if predicted is not None:
+        check_grid(predicted, data, label, where, max_voxels, made=False, scan_voxels=scan_voxels)
+    with _named_failure(label, data, where):
+        result = transform(data, lazy=False) if takes_lazy(transform) else transform(data)  # like Compose(lazy=False)
+    after = spatial_shape(result)
+    if predicted is None and after is not None:  # a transform without lazy mode: checked once made
+        check_grid(after, data, label, where, max_voxels, made=True, scan_voxels=scan_voxels)
+    return result
+
+
+def _run_fused(fusion: Fusion, transforms: Sequence, labels: Sequence[str], data: object, *, max_voxels: int | None,
+               where: str, scan_voxels: int | None) -> object:
+    """A resampling and the crop after it as one lazy resampling, then the voxel-wise steps between them
+    (:mod:`medcam3d.preprocess_fusion`); each step's grid is checked as when they run one by one."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    steps = [*fusion.resampling, fusion.crop]
+    pending = cast(MetaTensor, data)  # find_fusion fuses MetaTensors only
+    for i in steps:  # the grid each step would make, from metadata only
+        before = pending if not pending.pending_operations else MetaTensor(
+            torch.empty((int(pending.shape[0]), *pending.peek_pending_shape()), device="meta"),
+            affine=pending.peek_pending_affine())
+        predicted = lazy_shape(transforms[i], pending)
+        if predicted is not None:
+            check_grid(predicted, before, labels[i], where, max_voxels, made=False, scan_voxels=scan_voxels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pending = transforms[i](pending, lazy=True)
+    label = f"{labels[fusion.start]} to {labels[fusion.crop]} (resampled once onto the cropped grid)"
+    with _named_failure(label, data, where):
+        result = Compose([transforms[i] for i in steps], lazy=True)(data)
+    for i in fusion.voxelwise:
+        result = _run_step(transforms[i], labels[i], result, max_voxels=max_voxels, where=where, scan_voxels=scan_voxels)
+    return result
+
+
+@contextmanager
+def _named_failure(label: str, data: object, where: str) -> Iterator[None]:
+    """A step's failure as a :class:`PreprocessingError` that names the step and the image's shape."""
+    shape = tuple(getattr(data, "shape", ()))
+    try:
+        yield
+    except Medcam3dError:
+        raise
+    except MemoryError as error:
+        message = (
+            f"{where}{label} ran out of memory on an image of shape {shape}: {cause_line(error)}. Check the "
+            f"transform's arguments, or lower --max-voxels (Python: max_voxels=...)."
+        )
+        raise PreprocessingError(message) from None
+    except Exception as error:
+        raise PreprocessingError(f"{where}{label} failed on an image of shape {shape}: {cause_line(error)}") from error
+
+
 def run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max_voxels: int | None, where: str,
                check_input: Callable[[tuple[int, ...]], None] | None = None) -> object:
     """Apply ``transforms`` in turn, refusing a grid over ``max_voxels`` before it is made.
@@ -237,28 +301,13 @@ def run_steps(transforms: Sequence, labels: Sequence[str], data: object, *, max_
             check_input(predicted_output)
     scan_shape = spatial_shape(data)
     scan_voxels = math.prod(scan_shape) if scan_shape is not None else None
-    for transform, label in zip(transforms, labels):
-        working = working_shape(transform, data)
-        if working is not None:
-            check_grid(working, data, label, where, max_voxels, made=False, scan_voxels=scan_voxels)
-        predicted = lazy_shape(transform, data)
-        if predicted is not None:
-            check_grid(predicted, data, label, where, max_voxels, made=False, scan_voxels=scan_voxels)
-        shape = tuple(getattr(data, "shape", ()))
-        try:
-            result = transform(data, lazy=False) if takes_lazy(transform) else transform(data)  # like Compose(lazy=False)
-        except Medcam3dError:
-            raise
-        except MemoryError as error:
-            message = (
-                f"{where}{label} ran out of memory on an image of shape {shape}: {cause_line(error)}. Check the "
-                f"transform's arguments, or lower --max-voxels (Python: max_voxels=...)."
-            )
-            raise PreprocessingError(message) from None
-        except Exception as error:
-            raise PreprocessingError(f"{where}{label} failed on an image of shape {shape}: {cause_line(error)}") from error
-        after = spatial_shape(result)
-        if predicted is None and after is not None:  # a transform without lazy mode: checked once made
-            check_grid(after, data, label, where, max_voxels, made=True, scan_voxels=scan_voxels)
-        data = result
+    fusion = find_fusion(transforms, data)
+    index = 0
+    while index < len(transforms):
+        if fusion is not None and index == fusion.start:
+            data = _run_fused(fusion, transforms, labels, data, max_voxels=max_voxels, where=where, scan_voxels=scan_voxels)
+            index = fusion.crop + 1
+            continue
+        data = _run_step(transforms[index], labels[index], data, max_voxels=max_voxels, where=where, scan_voxels=scan_voxels)
+        index += 1
     return data

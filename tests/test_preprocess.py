@@ -69,3 +69,64 @@ def test_failing_transform_is_reported():
 def test_load_image_shape_mismatch():
     with pytest.raises(PreprocessingError, match="shape"):
         load_image((np.ones((3, 3, 3)), Space((4, 4, 4), np.eye(4))))
+
+
+def _one_by_one(transforms, x):
+    """The steps applied eagerly, in turn (what the preprocessing gave before it fused a crop)."""
+    for transform in transforms:
+        x = transform(x, lazy=False) if "lazy" in transform.__call__.__code__.co_varnames else transform(x)
+    return x
+
+
+def test_a_crop_after_resampling_is_one_resampling_with_the_same_values_and_affine(monkeypatch):
+    """The demo's chain (Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop) on a tilted,
+    anisotropic scan larger than the crop: fused into one resampling onto the cropped grid, with the
+    values (to float32 rounding) and the affine of the steps run one by one, and the resampled grid in
+    between never made.
+    Where the crop pads an axis (a small scan), nothing is fused and the result is the same too."""
+    from medcam3d.preprocess_fusion import find_fusion
+
+    config = [{"name": "Orientation", "axcodes": "RAS"},
+              {"name": "Spacing", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear", "padding_mode": "border", "diagonal": True},
+              {"name": "ScaleIntensityRange", "a_min": -200.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+              {"name": "ResizeWithPadOrCrop", "spatial_size": [24, 24, 24]}]
+    pipeline = build_transforms(config)
+    rng = np.random.default_rng(3)
+    for shape, fused in (((70, 64, 30), True), ((20, 16, 9), False)):
+        a = np.radians(25.0)
+        affine = np.eye(4)
+        affine[:3, :3] = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]]) @ np.diag([-0.7, -0.9, 2.5])
+        affine[:3, 3] = [20.0, -10.0, 5.0]
+        scan = MetaTensor(torch.from_numpy(rng.normal(0, 300, shape).astype(np.float32))[None], affine=torch.tensor(affine))
+        plan = find_fusion(pipeline.transforms, scan)
+        assert (plan is not None) == fused
+        if fused:
+            assert (plan.resampling, plan.voxelwise, plan.crop) == ((0, 1), (2,), 3)
+        made = []
+        spacing = type(pipeline.transforms[1])
+        original = spacing.__call__
+
+        def spy(self, img, *args, **kwargs):
+            out = original(self, img, *args, **kwargs)
+            if not out.pending_operations:
+                made.append(tuple(out.shape[1:]))
+            return out
+
+        monkeypatch.setattr(spacing, "__call__", spy)
+        x, _ = preprocess(scan, pipeline)
+        monkeypatch.setattr(spacing, "__call__", original)
+        expected = _one_by_one(pipeline.transforms, scan.clone())
+        assert x.shape == expected.shape == (1, 24, 24, 24)
+        # the same interpolation at the same points, up to float32 rounding of the composed matrix (0.05 HU here)
+        assert torch.allclose(x, expected.float(), atol=1e-4, rtol=0)
+        assert np.allclose(np.asarray(x.affine), np.asarray(expected.affine), atol=1e-9)
+        if fused:
+            assert made == []  # Spacing's own grid is never made
+        else:
+            assert len(made) == 1 and min(made[0]) < 24  # the small scan is resampled, then padded
+    # the size limit still sees each step's grid: a 0.05 mm Spacing before the crop is refused, never run
+    huge = build_transforms([config[0], {**config[1], "pixdim": [0.05, 0.05, 0.05]}, config[3]])
+    scan = MetaTensor(torch.zeros(1, 70, 64, 30), affine=torch.tensor(np.diag([0.7, 0.9, 2.5, 1.0])))
+    assert find_fusion(huge.transforms, scan) is not None
+    with pytest.raises(PreprocessingError, match=r"preprocessing\[1\] \(Spacing\) would make a grid of 967x1135x1451 "):
+        preprocess(scan, huge)
