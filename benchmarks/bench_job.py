@@ -107,12 +107,12 @@ DRIVER = textwrap.dedent(
             with torch.no_grad():
                 infer(case.x)
     else:
-        import medcam3d.cli, medcam3d.heatmap as heatmap, medcam3d.jobs.report as report  # noqa: E401
+        import medcam3d.cli, medcam3d.heatmap as heatmap, medcam3d.jobs.report as report, medcam3d.scan_maps as scan_maps  # noqa: E401
         patch(runner.Runner, "explain", "inference / explain (engine)")
         patch(heatmap.Heatmap, "save", "_feature maps (float32, feature grid)")
-        patch(heatmap.ScanGridMap, "sample", "resampling (slabs, planes, candidates)")
-        patch(heatmap, "save_scan_maps", "scan-grid maps: quantise + gzip + write")
-        patch(heatmap.ScanGridMap, "_summarise", "peaks and value ranges")
+        patch(scan_maps.ScanGridMap, "sample", "resampling (slabs, planes, candidates)")
+        patch(scan_maps, "save_scan_maps", "scan-grid maps: quantise + gzip + write")
+        patch(scan_maps.ScanGridMap, "_summarise", "peaks and value ranges")
         patch(runner, "largest_component_runs", "boxes + masks (runs, largest region)")
         patch(runner, "save_runs", "boxes + masks (runs, largest region)")
         patch(report.SlicePainter, "__init__", "pictures")

@@ -1,5 +1,5 @@
-"""Target layers: resolve a name or module, select one automatically, list candidates,
-find the Linear head that CAM needs, and tell which spatial rank a model takes.
+"""Target layers: resolve a name or module, select one automatically, list candidates, and their
+receptive fields (:func:`receptive_field`).
 
 ``layer="auto"`` has one definition, :func:`auto_layer`: the :class:`~medcam3d.Explainer`, the
 ``LayerInfo.auto`` mark of :func:`list_layers` (what ``medcam3d layers`` prints) and the jobs all
@@ -10,6 +10,9 @@ channels and rank, so that explaining with ``"auto"`` costs no extra full-size f
 TorchScript models (scripted, traced or loaded) and plain models with scripted submodules are
 listed and auto-selected too (see :mod:`medcam3d.torchscript`); their layer types are the names of
 the modules they were made from (``"Conv3d"``).
+
+The Linear head that CAM needs is :mod:`medcam3d.cam_head`; which spatial rank and input channels
+a model takes is :mod:`medcam3d.input_rank`.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
 
 import torch
 from torch import nn
 
 from .errors import InputError, LayerError, LayerNotFoundError, ModelOutputError
 from .hooks import forward_hooks, isolated_model, model_lock
+from .input_rank import axis_names, expected_spatial_dims
 from .model_io import first_tensor, model_device_dtype
 from .receptive_field import ReceptiveField, measure as _measure_receptive_field
 from .torchscript import is_scripted, module_type_name, probe_script, script_error_reason
@@ -42,27 +45,12 @@ __all__ = [
     "list_layers",
     "auto_layer",
     "select_auto_layer",
-    "find_cam_head",
     "token_blocks",
     "TOKEN_BLOCKS",
-    "linear_head",
-    "head_tolerance",
-    "expected_spatial_dims",
-    "expected_input_channels",
-    "spatial_dims_of",
-    "check_spatial_rank",
-    "rank_mismatch_message",
 ]
 
 logger = logging.getLogger(__name__)
 
-_CONV_SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
-                      nn.ConvTranspose3d: 3}
-#: Class names of the layers whose type tells the input rank (TorchScript modules are matched by name).
-_RANK_LAYER = re.compile(
-    r"^(Lazy)?(Conv|ConvTranspose|MaxPool|AvgPool|AdaptiveAvgPool|AdaptiveMaxPool|LPPool|FractionalMaxPool|"
-    r"MaxUnpool)([123])d$"
-)
 #: Transformer blocks (by class name, TorchScript modules by the name of their original class): the outputs
 #: of the modules inside them hold tokens — ``(B, tokens, dims)``, ``(qkv, B, heads, tokens, dims)``,
 #: attention ``(B, heads, tokens, tokens)``, or Swin's channels-last windows — not a channels-first grid of
@@ -101,133 +89,6 @@ class LayerInfo:
     def __str__(self) -> str:
         mark = "  <- auto" if self.auto else ""
         return f"{self.name:<40} {self.type:<24} {tuple(self.output_shape)}{mark}"
-
-
-# ----------------------------------------------------------------------------------- input rank
-def expected_spatial_dims(model: nn.Module) -> int | None:
-    """The number of spatial axes the model takes (2 or 3 ...), from its first convolution or pooling.
-
-    Reads module types only (no forward pass): ``Conv3d``, ``ConvTranspose3d``, ``MaxPool3d``,
-    ``AdaptiveAvgPool3d`` ... (subclasses too), also inside TorchScript modules.
-
-    Returns
-    -------
-    int or None
-        None when the model has no such layer (then the rank is not checked).
-    """
-    for module in model.modules():
-        for conv_type, dims in _CONV_SPATIAL_DIMS.items():
-            if isinstance(module, conv_type):
-                return dims
-        found = _RANK_LAYER.match(module_type_name(module))
-        if found:
-            return int(found.group(3))
-    return None
-
-
-spatial_dims_of = expected_spatial_dims  # the older name
-
-_CONV_BY_NAME = re.compile(r"^(Lazy)?Conv([123])d$")
-
-
-def expected_input_channels(model: nn.Module) -> int | None:
-    """The number of input channels the model takes: its first convolution's ``in_channels``.
-
-    Reads module attributes only (no forward pass); TorchScript modules (matched by the name of
-    their original class) from their weight's shape. "First" is the first convolution in
-    ``model.modules()`` order, the order the network registers its layers in (its stem comes first
-    in MONAI's and torchvision's networks).
-
-    Returns
-    -------
-    int or None
-        None when the model has no convolution before another rank layer (then nothing is checked),
-        or a lazy convolution (it takes any number).
-    """
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if isinstance(module, nn.modules.lazy.LazyModuleMixin):
-                return None
-            return int(module.in_channels)
-        name = module_type_name(module)
-        if _CONV_BY_NAME.match(name):
-            weight = getattr(module, "weight", None)
-            groups = getattr(module, "groups", 1)
-            if isinstance(weight, torch.Tensor) and weight.ndim >= 3 and isinstance(groups, int):
-                return int(weight.shape[1]) * groups
-            return None
-        if _RANK_LAYER.match(name) or isinstance(module, tuple(_CONV_SPATIAL_DIMS)):
-            return None  # a pooling or transposed convolution first: the channels are not told
-    return None
-
-_AXES = {1: "W", 2: "H, W", 3: "D, H, W"}
-
-
-def _axes(dims: int) -> str:
-    return _AXES.get(dims, ", ".join(f"S{i}" for i in range(dims)))
-
-
-def rank_mismatch_message(model_dims: int, shape: Sequence[int], *, batched: bool) -> str | None:
-    """What is wrong when an input of ``shape`` does not have the model's spatial rank (None if it does).
-
-    Parameters
-    ----------
-    model_dims : int
-        :func:`expected_spatial_dims` of the model.
-    shape : sequence of int
-        ``(B, C_in, *spatial)`` when ``batched``, else the spatial shape of an image ``(*spatial)``.
-    batched : bool
-    """
-    shape = tuple(int(s) for s in shape)
-    wanted = f"{model_dims}D inputs (C, {_axes(model_dims)})"
-    if not batched:
-        if len(shape) == model_dims:
-            return None
-        return (
-            f"This is a {len(shape)}D image ({_axes(len(shape))}) of shape {shape}, but the model takes {wanted}. "
-            f"Give a {model_dims}D image, or a model made for {len(shape)}D images."
-        )
-    if len(shape) == model_dims + 2:
-        return None
-    if len(shape) == model_dims + 1:
-        other = model_dims - 1
-        batch_of = (
-            f"; if it is a batch of {other}D images (B, C_in, {_axes(other)}), give {model_dims}D images or a model "
-            f"made for {other}D images" if other >= 1 else ""
-        )
-        return (
-            f"x has shape {shape}, but this model takes {model_dims}D inputs of shape (B, C_in, {_axes(model_dims)}). "
-            f"If x is one image (C_in, {_axes(model_dims)}), add the batch axis with x[None]{batch_of}."
-        )
-    image_dims = len(shape) - 2
-    if image_dims >= 1:
-        return (
-            f"x has shape {shape}: a batch of {image_dims}D images (B, C_in, {_axes(image_dims)}), but the model "
-            f"takes {wanted} batched as (B, C_in, {_axes(model_dims)}). Give {model_dims}D images, or a model made "
-            f"for {image_dims}D images."
-        )
-    return f"x has shape {shape}, but this model takes {model_dims}D inputs of shape (B, C_in, {_axes(model_dims)})."
-
-
-def check_spatial_rank(model: nn.Module, spatial_shape: Sequence[int]) -> None:
-    """Refuse an image whose spatial rank is not the model's, before any preprocessing or forward.
-
-    Parameters
-    ----------
-    model : nn.Module
-    spatial_shape : sequence of int
-        The image's spatial shape, e.g. ``(H, W)`` of a 2D slice or ``(X, Y, Z)`` of a volume.
-
-    Raises
-    ------
-    InputError
-        E.g. "This is a 2D image (H, W) of shape (256, 256), but the model takes 3D inputs
-        (C, D, H, W) ...". Nothing is raised when the model's rank is unknown.
-    """
-    dims = expected_spatial_dims(model)
-    message = None if dims is None else rank_mismatch_message(dims, spatial_shape, batched=False)
-    if message is not None:
-        raise InputError(message)
 
 
 # ------------------------------------------------------------------------------------ resolving
@@ -480,7 +341,7 @@ def _zeros(model: nn.Module, input_shape: Sequence[int], device, *, shape_only: 
     if dims is not None and len(shape) != dims + 2:
         message = (
             f"input_shape {tuple(input_shape)} does not fit this model, which takes {dims}D inputs: give "
-            f"(C_in, {_axes(dims)}) or (B, C_in, {_axes(dims)})."
+            f"(C_in, {axis_names(dims)}) or (B, C_in, {axis_names(dims)})."
         )
         raise InputError(message)
     shape = (1, *shape[1:])
@@ -578,104 +439,6 @@ def _probe_with_output(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerInf
     # A module called several times (a shared activation, say) has no single output: not a candidate.
     calls = Counter(record.name for record in records)
     return [record for record in records if calls[record.name] == 1], output_shape
-
-
-def find_cam_head(model: nn.Module, channels: int) -> nn.Linear:
-    """The last ``nn.Linear`` of the model that takes ``channels`` features (CAM's head).
-
-    A scripted ``Linear`` inside a TorchScript model counts too (it has ``weight`` and ``bias``).
-
-    Raises
-    ------
-    LayerError
-        When there is none.
-    """
-    heads = _linears(model, channels)
-    if not heads:
-        message = (
-            f"CAM needs the target layer ({channels} channels) to be followed by global average "
-            f"pooling and one nn.Linear with in_features={channels}; {type(model).__name__} has none. "
-            "Use method='hirescam' (or 'gradcam'), which work on any head."
-        )
-        raise LayerError(message)
-    logger.info("CAM head: Linear(%d -> %d)", heads[-1].weight.shape[1], heads[-1].weight.shape[0])
-    return heads[-1]
-
-
-def _linears(model: nn.Module, in_features: int) -> list[nn.Linear]:
-    """``nn.Linear`` modules (also scripted ones) taking ``in_features`` features, in module order."""
-    found: list[nn.Linear] = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear) or (is_scripted(module) and module_type_name(module) == "Linear"):
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[1] == in_features:
-                # a scripted Linear is not an nn.Linear, but has the same ``weight`` and ``bias``
-                found.append(cast(nn.Linear, module))
-    return found
-
-
-#: Heads whose logits are exactly ``Linear(features(A))``, with the features of each kind.
-HEAD_KINDS = ("gap+linear", "flatten+linear")
-
-
-def head_tolerance(*tensors: torch.Tensor) -> float:
-    """Relative tolerance of the numerical head check: 1e-4, or 3e-2 when any tensor is
-    float16/bfloat16 (autocast)."""
-    return 3e-2 if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors) else 1e-4
-
-
-def linear_head(
-    model: nn.Module,
-    activations: torch.Tensor,
-    outputs: torch.Tensor,
-    *,
-    kinds: Sequence[str] = HEAD_KINDS,
-    rtol: float | None = None,
-) -> tuple[str, nn.Linear] | None:
-    """The ``nn.Linear`` that turns the target layer's output into the logits, checked on this batch.
-
-    A head of kind ``"gap+linear"`` computes ``logits = Linear(mean over voxels of A)`` (CAM's
-    setting; CAM = Grad-CAM · voxels there), ``"flatten+linear"`` computes
-    ``logits = Linear(flatten(A))`` (HiResCAM's; its map then sums to ``logit − bias``).
-
-    Parameters
-    ----------
-    model : nn.Module
-    activations : (B, K, *spatial) Tensor
-        The target layer's output for this batch.
-    outputs : (B, C) Tensor
-        The model's logits for the same batch.
-    kinds : sequence of {"gap+linear", "flatten+linear"}
-        Which heads to accept, tried in this order.
-    rtol : float, optional
-        Relative tolerance (default :func:`head_tolerance`); the absolute tolerance is
-        ``rtol · (1 + max |logits|)``.
-
-    Returns
-    -------
-    (kind, nn.Linear) or None
-        None when the logits are not ``Linear(features)`` for any ``nn.Linear`` of the model
-        with the right ``in_features`` (the last such module is tried first).
-    """
-    for kind in kinds:
-        if kind not in HEAD_KINDS:
-            raise ValueError(f"kind must be one of {HEAD_KINDS}, not {kind!r}.")
-    if outputs.ndim != 2 or activations.ndim < 3:
-        return None
-    tolerance = head_tolerance(activations, outputs) if rtol is None else rtol
-    with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
-        values = activations.detach().float()
-        logits = outputs.detach().float()
-        scale = 1.0 + float(logits.abs().max())
-        for kind in kinds:
-            features = values.flatten(start_dim=2).mean(dim=2) if kind == "gap+linear" else values.flatten(start_dim=1)
-            linears = _linears(model, features.shape[1])
-            for linear in reversed(linears):
-                bias = None if linear.bias is None else linear.bias.detach().float()
-                expected = nn.functional.linear(features, linear.weight.detach().float(), bias)
-                if expected.shape == logits.shape and torch.allclose(expected, logits, rtol=tolerance, atol=tolerance * scale):
-                    return kind, linear
-    return None
 
 
 def _spatial_size(shape: Sequence[int] | torch.Tensor) -> int:

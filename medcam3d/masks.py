@@ -484,7 +484,7 @@ def _merge_pieces(shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray, valid:
 
 
 # --------------------------------------------------------------------------------------------
-# Localising a scan-grid map (:class:`~medcam3d.heatmap.ScanGridMap`): its masks as runs, written in slabs
+# Localising a scan-grid map (:class:`~medcam3d.scan_maps.ScanGridMap`): its masks as runs, written in slabs
 # --------------------------------------------------------------------------------------------
 
 
@@ -507,7 +507,7 @@ def largest_component_runs(heat, method: str, value: float) -> Runs:
     Parameters
     ----------
     heat : ScanGridMap
-        A map on the scan's grid (:class:`medcam3d.heatmap.ScanGridMap`, shape ``heat.space.shape``).
+        A map on the scan's grid (:class:`medcam3d.scan_maps.ScanGridMap`, shape ``heat.space.shape``).
     method, value
         The threshold, as :func:`threshold_mask` takes it.
     """
@@ -532,7 +532,7 @@ def top_mass_runs(heat, region: np.ndarray, fraction: float) -> Runs:
     Parameters
     ----------
     heat : ScanGridMap
-        A map on the scan's grid (:class:`medcam3d.heatmap.ScanGridMap`, shape ``(*S)``).
+        A map on the scan's grid (:class:`medcam3d.scan_maps.ScanGridMap`, shape ``(*S)``).
     region : (*S) bool ndarray
     fraction : float in (0, 1]
     """

@@ -19,8 +19,8 @@ adding one post-transform:
 How the maps sit in the prediction's metadata (and the loaded file's grid) is
 :mod:`medcam3d.monai_meta`; the saver's write plans and background queue :mod:`medcam3d.monai_writes`.
 This module holds integration only: the maps come from the engine, their placement on the scan
-from :func:`medcam3d.heatmap.to_scanner_space` / :class:`medcam3d.heatmap.ScanGridMap`, the files
-from :func:`medcam3d.heatmap.save_scan_maps` and :mod:`medcam3d.io` (see docs/architecture.md
+from :func:`medcam3d.heatmap.to_scanner_space` / :class:`medcam3d.scan_maps.ScanGridMap`, the files
+from :func:`medcam3d.scan_maps.save_scan_maps` and :mod:`medcam3d.io` (see docs/architecture.md
 §3-§5 and docs/monai.md).
 
 Bundle example (``inference.json``; the complete bundle is written by
@@ -60,8 +60,10 @@ from torch import nn
 
 from ._files import is_inside, written_by_medcam3d
 from .errors import InferenceModeError, SpaceError
-from .explainer import Explainer, Explanation
-from .heatmap import Heatmap, ScanGridMap, heatmaps_of, save_scan_maps
+from .explainer import Explainer
+from .explanation import Explanation
+from .heatmap import Heatmap, heatmaps_of
+from .scan_maps import ScanGridMap, save_scan_maps
 from .hooks import forward_hooks, model_lock
 from .model_io import first_tensor
 from .monai_meta import (HEATMAP_KEY, MissingHeatmapsError, detached, meta_entry, original_space, replace_tensor,
@@ -97,7 +99,7 @@ class HeatmapInferer(Inferer):
     entries (``"maps"`` ``(B, T, *feature_shape)``, ``"class_indices"`` and ``"scores"`` ``(B, T)``,
     ``"input_affine"`` ``(B, 4, 4)`` RAS, ``"info"`` one JSON text per sample) that MONAI's
     ``decollate_batch`` splits with the rest of the metadata. :func:`explanation_of` turns
-    them back into an :class:`~medcam3d.explainer.Explanation`; :class:`SaveHeatmapsd` writes
+    them back into an :class:`~medcam3d.explanation.Explanation`; :class:`SaveHeatmapsd` writes
     them in the scan's space. The last batch's explanation is also kept in :attr:`last`.
 
     Parameters
@@ -282,7 +284,7 @@ class HeatmapInferer(Inferer):
 
 
 def explanation_of(pred: Any, *, sample: int | None = None, meta_key: str = HEATMAP_KEY) -> Explanation:
-    """The :class:`~medcam3d.explainer.Explanation` attached to a prediction by :class:`HeatmapInferer`.
+    """The :class:`~medcam3d.explanation.Explanation` attached to a prediction by :class:`HeatmapInferer`.
 
     Parameters
     ----------
@@ -366,9 +368,9 @@ class SaveHeatmapsd(MapTransform):
 
     For each sample, the maps (on the target layer's grid) are placed on the grid of the file the
     image was loaded from by one trilinear interpolation (the engine's
-    :class:`~medcam3d.heatmap.ScanGridMap`, the resampling of
+    :class:`~medcam3d.scan_maps.ScanGridMap`, the resampling of
     :func:`medcam3d.heatmap.to_scanner_space`, computed slab by slab while the file is written by
-    :func:`medcam3d.heatmap.save_scan_maps`), and written next to the predictions with the naming of
+    :func:`medcam3d.scan_maps.save_scan_maps`), and written next to the predictions with the naming of
     MONAI's ``SaveImage``: ``output_dir/[<subject>/]<subject>_<output_postfix>_<method>_<class><ext>``
     (``separate_folder``, ``data_root_dir`` and ``output_name_formatter`` as for ``SaveImage``), or
     with ``four_d`` one file ``<subject>_<output_postfix>_<method><ext>`` with a volume per class.

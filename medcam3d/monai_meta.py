@@ -5,7 +5,7 @@ The maps travel in the output's MONAI metadata (``pred.meta[HEATMAP_KEY]``, one 
 ``"maps"`` ``(B, T, *feature_shape)``, ``"class_indices"`` and ``"scores"`` ``(B, T)``,
 ``"input_affine"`` ``(B, 4, 4)`` RAS, ``"info"`` one JSON text per sample), so MONAI's own
 decollation hands every post-transform the maps of its sample. Reading them back into an
-:class:`~medcam3d.explainer.Explanation` is :func:`medcam3d.monai.explanation_of`.
+:class:`~medcam3d.explanation.Explanation` is :func:`medcam3d.monai.explanation_of`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from monai.data import MetaTensor
 
 from .errors import Medcam3dError, SpaceError
-from .explainer import Explanation
+from .explanation import Explanation
 from .orientation import lps_to_ras
 from .space import Space
 

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .heatmap import ScanGridMap
+from .scan_maps import ScanGridMap
 
 __all__ = ["BackgroundWrites", "WritePlan", "nifti_source", "report_at_exit"]
 

@@ -16,7 +16,8 @@ import SimpleITK as sitk
 
 import medcam3d
 from medcam3d import io
-from medcam3d.heatmap import save_heatmaps, to_scanner_space
+from medcam3d.heatmap import to_scanner_space
+from medcam3d.scan_maps import save_heatmaps
 from medcam3d.preprocess import preprocess
 from medcam3d.space import Space, resample
 from _images import PlantedModel, cells_near, oblique_lpi_affine, planted_scan, write_dicom_series

@@ -41,7 +41,8 @@ import pytest  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from medcam3d import io  # noqa: E402
-from medcam3d.heatmap import Heatmap, ScanGridMap, save_heatmaps, save_scan_maps  # noqa: E402
+from medcam3d.heatmap import Heatmap  # noqa: E402
+from medcam3d.scan_maps import ScanGridMap, save_heatmaps, save_scan_maps  # noqa: E402
 from medcam3d.io import Scaling  # noqa: E402
 from medcam3d.space import Space, feature_space, resample  # noqa: E402
 

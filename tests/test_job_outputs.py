@@ -265,7 +265,8 @@ def test_scan_maps_for_positive_or_predicted_classes(setup, tmp_path, mode, expe
 
 def test_pictures_drawn_beside_the_writing_equal_those_drawn_in_line(setup, tmp_path):
     """The picture thread draws the same PNGs (byte for byte) as one painter in the main thread."""
-    from medcam3d.heatmap import ScanGridMap, heatmaps_of
+    from medcam3d.heatmap import heatmaps_of
+    from medcam3d.scan_maps import ScanGridMap
     from medcam3d.jobs.report import SlicePainter
 
     root, configs = setup

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
-ENGINE = ("medcam3d.explainer", "medcam3d.methods", "medcam3d.hooks", "medcam3d.targets", "medcam3d.layers",
+ENGINE = ("medcam3d.explainer", "medcam3d.explanation", "medcam3d.logits", "medcam3d.placement", "medcam3d.methods", "medcam3d.hooks",
+          "medcam3d.targets", "medcam3d.layers", "medcam3d.cam_head", "medcam3d.input_rank", "medcam3d.output_grids",
           "medcam3d.torchscript", "medcam3d.sliding",
           "medcam3d.model_io")
-GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.masks", "medcam3d.orientation")
+GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.scan_maps", "medcam3d.masks", "medcam3d.orientation")
 UI = ("medcam3d.cli", "medcam3d.napari", "medcam3d.__main__")
 JOBS = ("medcam3d.jobs",)
 
@@ -87,7 +88,7 @@ def test_imports_go_one_way(layer, forbidden):
 
 
 # medcam3d.io, one concept per module: each imports only those before it (the package last).
-IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.streaming", "medcam3d.io.nifti", "medcam3d.io.itk", "medcam3d.io.dicom",
+IO_ORDER = ("medcam3d.io._common", "medcam3d.io.limits", "medcam3d.io.streaming", "medcam3d.io.nifti", "medcam3d.io.itk_headers", "medcam3d.io.itk", "medcam3d.io.dicom",
             "medcam3d.io.reading", "medcam3d.io.channels", "medcam3d.io.info", "medcam3d.io.writing", "medcam3d.io")
 
 
@@ -149,6 +150,8 @@ def test_no_import_cycles():
 
 # The packages split by concept (issue 24): each module imports only those before it (the package last).
 PACKAGE_ORDERS = {
+    "medcam3d.config": ("medcam3d.config.values", "medcam3d.config.yaml_reader", "medcam3d.config.records",
+                        "medcam3d.config.parsing", "medcam3d.config"),
     "medcam3d.space": ("medcam3d.space.grid", "medcam3d.space.feature", "medcam3d.space.axes", "medcam3d.space.resampling",
                        "medcam3d.space"),
     "medcam3d.receptive_field": ("medcam3d.receptive_field.field", "medcam3d.receptive_field.view", "medcam3d.receptive_field.ops",

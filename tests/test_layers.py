@@ -11,7 +11,9 @@ from torch import nn
 
 import medcam3d
 from medcam3d.errors import InputError
-from medcam3d.layers import auto_layer, check_spatial_rank, expected_spatial_dims, find_cam_head, resolve_layer
+from medcam3d.cam_head import find_cam_head
+from medcam3d.input_rank import check_spatial_rank, expected_spatial_dims
+from medcam3d.layers import auto_layer, resolve_layer
 from _models import gap_linear_cnn
 
 

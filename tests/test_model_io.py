@@ -15,7 +15,7 @@ from torch import nn
 import medcam3d
 from medcam3d.errors import ModelOutputError, TargetError
 from medcam3d.hooks import forward_hooks
-from medcam3d.layers import linear_head
+from medcam3d.cam_head import linear_head
 from medcam3d.model_io import first_tensor, model_device_dtype, model_output, to_model_input
 from medcam3d.targets import probabilities
 from _models import flatten_linear_cnn, gap_linear_cnn
@@ -145,8 +145,8 @@ def test_probabilities_by_task():
 
 
 # ------------------------------------------------------------------------------- import rule
-ENGINE = ["explainer.py", "hooks.py", "targets.py", "layers.py", "model_io.py", "sliding.py", "torchscript.py", "metrics",
-          "methods"]  # methods: the method strategies' package
+ENGINE = ["explainer.py", "explanation.py", "logits.py", "placement.py", "hooks.py", "targets.py", "layers.py", "model_io.py",
+          "sliding.py", "torchscript.py", "metrics", "methods"]  # methods: the method strategies' package
 FORBIDDEN = {"cli", "napari", "jobs"}
 
 

@@ -95,20 +95,8 @@ def _net(conv: type[nn.Module]) -> nn.Module:
     return nn.Sequential(nn.Identity(), conv(1, 2, 3), nn.ReLU())
 
 
-@pytest.fixture(params=["engine", "fallback"])
-def rank_source(request, monkeypatch):
-    """``check_input_rank`` with the engine's ``layers.expected_spatial_dims``, and with its own fallback."""
-    import medcam3d.layers
-
-    if request.param == "fallback":
-        monkeypatch.delattr(medcam3d.layers, "expected_spatial_dims", raising=False)
-    elif not hasattr(medcam3d.layers, "expected_spatial_dims"):
-        pytest.skip("medcam3d.layers has no expected_spatial_dims yet")
-    return request.param
-
-
 @pytest.mark.parametrize("scripted", [False, True], ids=["eager", "torchscript"])
-def test_check_input_rank(scripted, rank_source):
+def test_check_input_rank(scripted):
     net3d, net2d = _net(nn.Conv3d), _net(nn.Conv2d)
     if scripted:  # TorchScript modules have no nn.Conv3d instances, only their original names
         net3d, net2d = torch.jit.script(net3d), torch.jit.script(net2d)
@@ -126,7 +114,7 @@ def test_check_input_rank(scripted, rank_source):
         check_input_rank((30, 26, 12, 4), net3d)
 
 
-def test_check_input_rank_of_networks_without_convolutions_and_of_monai_networks(rank_source):
+def test_check_input_rank_of_networks_without_convolutions_and_of_monai_networks():
     from monai.networks.nets import DenseNet121, UNet
 
     assert check_input_rank((5, 5, 5), nn.Sequential(nn.Flatten(), nn.Linear(125, 2))) is None

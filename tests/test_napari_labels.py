@@ -20,7 +20,8 @@ from scipy import ndimage  # noqa: E402
 from medcam3d import io  # noqa: E402
 from medcam3d.demo.synthetic import grid_from_codes  # noqa: E402
 from medcam3d.errors import LayerNotFoundError  # noqa: E402
-from medcam3d.heatmap import Heatmap, save_heatmaps  # noqa: E402
+from medcam3d.heatmap import Heatmap  # noqa: E402
+from medcam3d.scan_maps import save_heatmaps  # noqa: E402
 from medcam3d.space import Space, resample  # noqa: E402
 from medcam3d.napari._grid import resample_labels  # noqa: E402
 from medcam3d.napari._reader import read_image  # noqa: E402

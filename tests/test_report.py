@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from medcam3d.heatmap import Heatmap, ScanGridMap
+from medcam3d.heatmap import Heatmap
+from medcam3d.scan_maps import ScanGridMap
 from medcam3d.jobs.report import default_window, save_slices, slices_figure
 from medcam3d.space import Space, feature_space
 

@@ -14,7 +14,8 @@ from scipy import ndimage
 from medcam3d import io
 from medcam3d.errors import InputError, SpaceError, UsageError
 from medcam3d.heatmap import Heatmap
-from medcam3d.segment import METHODS, Segmentation, SegmentSettings, gated_maps, segment
+from medcam3d.segment import gated_maps, segment
+from medcam3d.segment_records import METHODS, Segmentation, SegmentSettings
 from medcam3d.space import Space
 
 ROOT = Path(__file__).resolve().parents[1]

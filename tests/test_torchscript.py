@@ -17,7 +17,7 @@ from torch import nn
 import medcam3d
 from _models import densenet121_3d, resnet18_3d, small_segresnet, small_unet
 from medcam3d.errors import InputError
-from medcam3d.layers import expected_spatial_dims
+from medcam3d.input_rank import expected_spatial_dims
 from medcam3d.torchscript import ScriptSplit, is_scripted, module_type_name, script_layer_names
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/trace are deprecated

@@ -77,13 +77,14 @@ One concept per module; every public name is importable from ``medcam3d.io``:
 - :mod:`medcam3d.io.streaming`: volumes streamed into NIfTI files slab by slab, gzip members
   compressed in threads, written atomically (:func:`write_nifti_files`, :class:`Volume`,
   :class:`Scaling`);
-- :mod:`medcam3d.io.itk`: NRRD and MetaImage headers (:func:`detached_data_file`), SimpleITK
-  reading and what its C++ readers print;
+- :mod:`medcam3d.io.itk_headers`: NRRD and MetaImage headers, checked before SimpleITK opens
+  anything (:func:`detached_data_file`);
+- :mod:`medcam3d.io.itk`: SimpleITK reading and what its C++ readers print;
 - :mod:`medcam3d.io.dicom`: DICOM series (listing, header geometry, reading);
 - :mod:`medcam3d.io.limits`: the size, voxel and slice limits (:func:`set_read_limits`);
 - ``medcam3d.io._common``: the formats and the helpers the others share.
 
-Imports go one way: ``_common`` <- ``limits`` <- ``streaming`` <- ``nifti``, ``itk`` <- ``dicom`` <-
+Imports go one way: ``_common`` <- ``limits`` <- ``streaming`` <- ``nifti``, ``itk_headers`` <- ``itk`` <- ``dicom`` <-
 ``reading`` <- ``info``, ``channels``; ``writing`` uses ``nifti`` and ``itk``; this package imports them all.
 """
 
@@ -97,7 +98,7 @@ from .limits import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION, DEFAULT_MAX_SLICE
                      MAX_VOXEL_MM, MIN_VOXEL_MM, set_read_limits)
 from .streaming import COMPRESS_LEVEL, STORAGE_DTYPES, Constant, Scaling, Volume, slab_ranges, write_nifti_files
 from .nifti import descrip_bytes, descrip_extensions, full_descrip, like_header, nifti_header, set_nifti_geometry
-from .itk import detached_data_file
+from .itk_headers import detached_data_file
 from .reading import read, read_in_slabs, read_space, read_volumes
 from .info import ImageInfo, SeriesInfo, describe
 from .channels import CHANNEL_ATOL_MM, as_channel_paths, read_channels

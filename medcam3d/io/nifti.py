@@ -16,7 +16,7 @@ every NIfTI writer of medcam3d calls (the codes come from :func:`_output_codes`)
 - the xyzt units are copied from a NIfTI ``like``, else mm.
 
 The same rule applies to every image written (heatmaps streamed by
-:func:`medcam3d.heatmap.save_scan_maps` and their ``_norm`` copies, feature-grid maps, masks,
+:func:`medcam3d.scan_maps.save_scan_maps` and their ``_norm`` copies, feature-grid maps, masks,
 segmentations, copies of scans, the napari writers, :class:`medcam3d.monai.SaveHeatmapsd`).
 """
 

@@ -61,8 +61,8 @@ _LOWER_IS_BETTER |= {f"{approach}_hd95_mm" for approach, _ in APPROACHES}
 
 
 def approach_settings():
-    """The fixed :class:`medcam3d.segment.SegmentSettings` of each approach."""
-    from ..segment import SegmentSettings
+    """The fixed :class:`medcam3d.segment_records.SegmentSettings` of each approach."""
+    from ..segment_records import SegmentSettings
 
     return {"threshold": SegmentSettings(method="threshold", smooth_mm=0.0), "segment": SegmentSettings(),
             "fused": SegmentSettings()}

@@ -312,7 +312,7 @@ class SlicePainter:
         ----------
         heat : (*space.shape) ndarray or ScanGridMap
             The heatmap on the scan's grid: an array, or a
-            :class:`~medcam3d.heatmap.ScanGridMap`, sampled on the three planes only.
+            :class:`~medcam3d.scan_maps.ScanGridMap`, sampled on the three planes only.
         title : str
             First title line (case, method, class, probability).
         peak_mm : (3,) optional

@@ -376,13 +376,13 @@ class Runner:
         """Write one case's outputs into ``folder``, doing only what is stored or shown.
 
         The engine's maps stay on the feature grid (``_feature`` files, exact). Everything on the
-        scan's grid is sampled from them where it is needed (:class:`~medcam3d.heatmap.ScanGridMap`):
+        scan's grid is sampled from them where it is needed (:class:`~medcam3d.scan_maps.ScanGridMap`):
         scan-grid maps are streamed slab by slab into quantised files, pictures sample three planes,
         peaks and boxes come from a few voxels or from runs (:func:`~medcam3d.masks.superlevel_runs`),
         and a mask is formed only when it is written. ``loaded.region`` (boolean, scan grid) is the
         region that segmentation classes were explained in (see :meth:`run_case`).
         """
-        from ..heatmap import ScanGridMap, save_scan_maps
+        from ..scan_maps import ScanGridMap, save_scan_maps
         from ..io.nifti import like_header
         from .report import SlicePainter
 
@@ -538,7 +538,7 @@ class Runner:
                   painter=None, present: set | None = None, region: tuple | None = None) -> list[Path]:
         """Peak, lesion check, box (and mask), picture of one map; records the finding.
 
-        ``heat`` is a :class:`~medcam3d.heatmap.ScanGridMap`. The peak is the voxel of the
+        ``heat`` is a :class:`~medcam3d.scan_maps.ScanGridMap`. The peak is the voxel of the
         scan-grid map's maximum (None for a flat map). For a class target the box is that of the
         largest connected component of the thresholded map, the mask that component. For a
         segmentation (Region) target, ``region`` is ``(source, mask)``: the explained region on the

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import ActivationCapture, counterpart, isolated_model, model_lock
-from ..layers import linear_head
+from ..cam_head import linear_head
 from ..model_io import first_tensor, model_output, to_model_input
 from ..targets import probabilities
 

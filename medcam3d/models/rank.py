@@ -4,34 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from ..input_rank import expected_input_channels, expected_spatial_dims
+
 __all__ = ["check_input_rank", "check_input_channels"]
-
-_CONV_DIMS_BY_NAME = {
-    f"{kind}{dims}d": dims for kind in ("Conv", "ConvTranspose", "LazyConv", "LazyConvTranspose") for dims in (1, 2, 3)
-}
-
-
-def _spatial_dims(model: nn.Module) -> int | None:
-    """Spatial dimensionality of the model's first convolution (TorchScript modules too), or None."""
-    try:  # the engine's answer, where it has one
-        from ..layers import expected_spatial_dims
-    except ImportError:
-        pass
-    else:
-        return expected_spatial_dims(model)
-    from torch.nn.modules.conv import _ConvNd
-
-    for module in model.modules():
-        if isinstance(module, _ConvNd):
-            return len(module.kernel_size)
-        if isinstance(module, torch.jit.ScriptModule):
-            dims = _CONV_DIMS_BY_NAME.get(getattr(module, "original_name", ""))
-            if dims is not None:
-                return dims
-    return None
 
 
 def check_input_rank(scan_shape, model: nn.Module, *, path: str | Path | None = None) -> int | None:
@@ -68,7 +45,7 @@ def check_input_rank(scan_shape, model: nn.Module, *, path: str | Path | None = 
     name = f"'{path}'" if path is not None else "the scan"
     if len(shape) not in (2, 3) or any(n < 1 for n in shape):
         raise InputError(f"{name}: expected a spatial shape of 2 or 3 positive sizes, got {shape}; for a 4D file pick one volume first.")
-    dims = _spatial_dims(model)
+    dims = expected_spatial_dims(model)
     if dims is None:
         return None
     flat = [axis for axis, n in enumerate(shape) if n == 1]
@@ -106,7 +83,7 @@ def check_input_channels(count: int, model: nn.Module, *, what: str = "the input
         ``image_0000``, ``image_0001`` ...), or the preprocessed input's first axis.
     model : torch.nn.Module
         The network (eager or TorchScript); its first convolution tells its input channels
-        (:func:`medcam3d.layers.expected_input_channels`).
+        (:func:`medcam3d.input_rank.expected_input_channels`).
     what : str
         What gave the channels, named in the error (``"--image (2 given)"``, a case).
 
@@ -121,7 +98,6 @@ def check_input_channels(count: int, model: nn.Module, *, what: str = "the input
         ``count`` differs from the model's input channels.
     """
     from ..errors import InputError
-    from ..layers import expected_input_channels
 
     expected = expected_input_channels(model)
     if expected is None or int(count) == expected:

@@ -1,7 +1,7 @@
 """Saved medcam3d outputs opened again as heatmaps and masks, recognised by their NIfTI ``descrip``.
 
 ``medcam3d explain``/``batch`` (and :meth:`medcam3d.heatmap.Heatmap.save`,
-:func:`medcam3d.heatmap.save_scan_maps`, the napari writer) write each class's map with the
+:func:`medcam3d.scan_maps.save_scan_maps`, the napari writer) write each class's map with the
 descrip ``medcam3d <method> layer=<layer> class=<index>:<label>`` under the names
 ``<case>_<method>_<label>.nii.gz`` (the map on the scan's grid), ``..._norm`` (the same, min-max
 scaled to [0, 1]), ``..._feature`` (the map on the model's feature grid, exact) and ``..._mask``
@@ -171,7 +171,8 @@ def _from_summary(folder: Path, case: str | None, found: Provenance) -> tuple[fl
 def _feature_map(path: Path, base: str, kind: str, found: Provenance, space: Space,
                  fill: float) -> tuple[np.ndarray, np.ndarray] | None:
     """The map's ``<base>_feature`` file (array in its own order, affine), scaled like a ``_norm`` map; or None."""
-    from ..heatmap import Heatmap, ScanGridMap
+    from ..heatmap import Heatmap
+    from ..scan_maps import ScanGridMap
 
     for ext in _NIFTI:
         sibling = path.with_name(f"{base}_feature{ext}")

@@ -680,7 +680,7 @@ def segment_from_heatmap(
     metadata : dict, optional
         The heatmap layer's metadata: ``class_index`` and ``class`` (default 0 and ``name``),
         grid keys and provenance (passed on), ``feature_map``/``feature_affine``/``checksum``.
-    settings : medcam3d.segment.SegmentSettings, optional
+    settings : medcam3d.segment_records.SegmentSettings, optional
     scan_metadata : dict, optional
         The scan layer's metadata: its file's grid (``axes``, ``resampled``, ``file_shape``,
         ``file_affine``), ``path`` and ``volume`` go into the labels' metadata, so that the writer

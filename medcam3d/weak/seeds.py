@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from scipy import ndimage
 from ..errors import InputError, UsageError
 from ..heatmap import heatmaps_of
 from ..space import Space
+from ..settings import Settings, check_number, check_numbers, check_range, check_whole
 
 __all__ = ["DEFAULT_SEED_METHOD", "IGNORE", "SeedSettings", "Seeds", "calibrate_levels", "class_maps", "find_seeds",
            "map_extent", "seed_maps", "seed_methods", "smooth_map"]
@@ -36,7 +37,7 @@ _FULL = ndimage.generate_binary_structure(3, 3)  # 26-connectivity
 
 
 @dataclass(frozen=True)
-class SeedSettings:
+class SeedSettings(Settings):
     """How seeds are found in the class maps (distances in voxels of the model's input grid).
 
     The defaults were chosen with :data:`DEFAULT_SEED_METHOD` on the demo set (the precision of the
@@ -84,29 +85,16 @@ class SeedSettings:
     background_reach: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("smooth", "region_radius", "background_distance"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UsageError(f"seed setting {name} must be a finite number >= 0, not {value!r}.")
-        reach = self.background_reach
-        if reach is not None and not (isinstance(reach, (int, float)) and math.isfinite(reach)
-                                      and reach >= self.background_distance):
-            raise UsageError(f"seed setting background_reach must be None or a finite number >= background_distance "
-                             f"({self.background_distance}), not {reach!r}.")
-        if not 0 < self.quantile < 1:
-            raise UsageError(f"seed setting quantile must lie in (0, 1), not {self.quantile!r} (e.g. 0.9).")
-        if not 0 < self.region_fraction <= 1:
-            raise UsageError(f"seed setting region_fraction must lie in (0, 1], not {self.region_fraction!r}.")
-        if not 0 <= self.background_fraction < 1:
-            raise UsageError(f"seed setting background_fraction must lie in [0, 1), not {self.background_fraction!r}.")
+        prefix = "seed setting "
+        check_numbers(self, ("smooth", "region_radius", "background_distance"), prefix=prefix)
+        if self.background_reach is not None:
+            check_number(self.background_reach, "background_reach", minimum=self.background_distance,
+                         note=" (background_distance; None: off)", prefix=prefix)
+        check_range(self.quantile, "quantile", 0, 1, low_open=True, high_open=True, note=" (e.g. 0.9)", prefix=prefix)
+        check_range(self.region_fraction, "region_fraction", 0, 1, low_open=True, prefix=prefix)
+        check_range(self.background_fraction, "background_fraction", 0, 1, high_open=True, prefix=prefix)
         for name in ("peak_distance", "max_peaks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"seed setting {name} must be a whole number >= 1, not {value!r}.")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
+            check_whole(getattr(self, name), name, prefix=prefix)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import math
 import time
 from importlib import import_module
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, UsageError
 from ..space import Space
+from ..settings import Settings, check_numbers, check_range, check_whole
 from .losses import constrain_loss, expand_loss, seed_loss, size_loss
 from .refinement import refine
 from .seeds import DEFAULT_SEED_METHOD, SeedSettings, calibrate_levels, find_seeds, map_extent, seed_maps, seed_methods, smooth_map
@@ -39,7 +40,7 @@ NETWORKS: dict[str, tuple[str, dict]] = {
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Settings):
     """How the segmenter is trained.
 
     Attributes
@@ -89,23 +90,13 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a whole number >= 1, not {value!r}.")
+            check_whole(getattr(self, name), name)
         for name in ("decay", "background_decay"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UsageError(f"{name} must lie in [0, 1] (0: max pooling, 1: mean), not {getattr(self, name)!r}.")
-        for name in ("lr", "weight_decay", "constrain_weight", "size_weight", "size_factor"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UsageError(f"{name} must be a finite number >= 0, not {value!r}.")
+            check_range(getattr(self, name), name, 0, 1, note=" (0: max pooling, 1: mean)")
+        check_numbers(self, ("lr", "weight_decay", "constrain_weight", "size_weight", "size_factor"))
         if not self.size_factor > 0:
             raise UsageError(f"size_factor must be > 0 (the size prior's bound is size_factor x the map extent), "
                              f"not {self.size_factor!r}.")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def network_args(network: str, classes: int, args: dict | None = None) -> tuple[str, dict]:
