@@ -16,6 +16,8 @@ adding one post-transform:
   naming conventions (``output_dir``, ``output_postfix``, ``separate_folder``, ``data_root_dir``,
   ``output_ext``), next to the predictions.
 
+How the maps sit in the prediction's metadata (and the loaded file's grid) is
+:mod:`medcam3d.monai_meta`; the saver's write plans and background queue :mod:`medcam3d.monai_writes`.
 This module holds integration only: the maps come from the engine, their placement on the scan
 from :func:`medcam3d.heatmap.to_scanner_space` / :class:`medcam3d.scan_maps.ScanGridMap`, the files
 from :func:`medcam3d.scan_maps.save_scan_maps` and :mod:`medcam3d.io` (see docs/architecture.md
@@ -37,16 +39,13 @@ on. ``torch.inference_mode()`` cannot be left from inside, so it is refused with
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
 import shutil
 import tempfile
-import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,40 +59,28 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from ._files import is_inside, written_by_medcam3d
-from .errors import InferenceModeError, Medcam3dError, SpaceError
+from .errors import InferenceModeError, SpaceError
 from .explainer import Explainer
 from .explanation import Explanation
 from .heatmap import Heatmap, heatmaps_of
-from .receptive_field import ReceptiveField
 from .scan_maps import ScanGridMap, save_scan_maps
 from .hooks import forward_hooks, model_lock
 from .model_io import first_tensor
-from .orientation import lps_to_ras
+from .monai_meta import (HEATMAP_KEY, MissingHeatmapsError, detached, meta_entry, original_space, replace_tensor,
+                         with_maps)
+from .monai_writes import BackgroundWrites, WritePlan, nifti_source
+from .receptive_field import ReceptiveField
 from .space import Space
 
 __all__ = [
-    "HEATMAP_KEY",
     "HeatmapInferer",
-    "InferenceModeError",
-    "MissingHeatmapsError",
     "SaveHeatmapsd",
     "explanation_of",
-    "original_space",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Key of the maps in the prediction's MONAI metadata (``pred.meta[HEATMAP_KEY]``).
-HEATMAP_KEY = "medcam3d"
-
 _AMP_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-class MissingHeatmapsError(Medcam3dError, KeyError):
-    """A prediction carries no maps (it was not made by :class:`HeatmapInferer`)."""
-
-    def __str__(self) -> str:  # KeyError would print the message with quotes
-        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +253,7 @@ class HeatmapInferer(Inferer):
                 # The network's own output of the explainer's forward pass (its last forward).
                 with forward_hooks([(network, lambda module, args_, output: outputs.append(output))]):
                     result = explainer(inputs, self.target, relu=self.relu)
-                output = _detached(outputs[-1])
+                output = detached(outputs[-1])
             else:
                 from .sliding import explain_sliding_window
 
@@ -279,8 +266,8 @@ class HeatmapInferer(Inferer):
                     output = output[(slice(None), slice(None), *(slice(0, n) for n in inputs.shape[2:]))]
         self.last = result
         logits = first_tensor(output)
-        entry = _meta_entry(result, inputs)
-        return _replace(output, logits, _with_maps(logits, inputs, entry, self.meta_key))
+        entry = meta_entry(result, inputs)
+        return replace_tensor(output, logits, with_maps(logits, inputs, entry, self.meta_key))
 
     def _amp_for(self, inputs: torch.Tensor) -> str | None:
         if self.amp != "auto":
@@ -289,79 +276,6 @@ class HeatmapInferer(Inferer):
         if device in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(device):
             return _AMP_NAMES.get(torch.get_autocast_dtype(device))
         return None
-
-
-def _detached(output: Any) -> Any:
-    """``output`` (a tensor, or a tuple, list or dict of them) with every tensor detached."""
-    if isinstance(output, torch.Tensor):
-        return output.detach()
-    if isinstance(output, (tuple, list)):
-        return type(output)(_detached(o) for o in output)
-    if isinstance(output, dict):
-        return type(output)({k: _detached(v) for k, v in output.items()})
-    return output
-
-
-def _replace(output: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
-    """``output`` with the tensor ``old`` (found by identity) replaced by ``new``."""
-    if output is old:
-        return new
-    if isinstance(output, (tuple, list)):
-        return type(output)(_replace(o, old, new) for o in output)
-    if isinstance(output, dict):
-        return type(output)({k: _replace(v, old, new) for k, v in output.items()})
-    return output
-
-
-def _input_affines(result: Explanation, inputs: torch.Tensor) -> torch.Tensor | None:
-    """The input grid's voxel -> RAS affine per sample, ``(B, 4, 4)`` float64, or None."""
-    if result.input_affine is None:
-        return None
-    affine = np.asarray(result.input_affine, dtype=np.float64)
-    batch = result.maps.shape[0]
-    affines = np.broadcast_to(affine, (batch, 4, 4)) if affine.ndim == 2 else affine
-    meta = getattr(inputs, "meta", None) or {}
-    space = meta.get("space", "RAS")
-    spaces = list(space) if isinstance(space, (list, tuple)) else [space] * batch
-    out = np.stack([lps_to_ras(a) if str(s).upper() == "LPS" else a for a, s in zip(affines, spaces)])
-    return torch.from_numpy(np.ascontiguousarray(out))
-
-
-def _meta_entry(result: Explanation, inputs: torch.Tensor) -> dict[str, Any]:
-    """The per-sample metadata entry of an explanation (every value has the batch as first axis)."""
-    batch = result.maps.shape[0]
-    info = {
-        "method": result.method,
-        "layer": result.layer,
-        "relu": result.relu,
-        "input_shape": list(result.input_shape),
-        "feature_shape": list(result.feature_shape),
-        "class_names": result.class_names,
-        "placement": result.placement,
-        "receptive_field": None if result.receptive_field is None else result.receptive_field.to_dict(),
-    }
-    entry: dict[str, Any] = {
-        "maps": result.maps.detach(),
-        "class_indices": result.class_indices.detach().cpu().clone(),
-        "scores": result.scores.detach().cpu().clone(),
-        "info": [json.dumps(info)] * batch,
-    }
-    affines = _input_affines(result, inputs)
-    if affines is not None:
-        entry["input_affine"] = affines
-    return entry
-
-
-def _with_maps(logits: torch.Tensor, inputs: torch.Tensor, entry: dict, key: str) -> MetaTensor:
-    """``logits`` as a MetaTensor with the input's metadata (as MONAI propagates it) and the maps."""
-    out = MetaTensor(logits.as_tensor() if isinstance(logits, MetaTensor) else logits)
-    if isinstance(inputs, MetaTensor):
-        out.copy_meta_from(inputs, copy_attr=False)  # what MONAI does for a batch passing a network
-        out.meta = dict(out.meta)  # an own dict: the maps do not go into the image's metadata
-    else:
-        out.is_batch = True
-    out.meta[key] = entry
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,45 +356,6 @@ def explanation_of(pred: Any, *, sample: int | None = None, meta_key: str = HEAT
         placement=info.get("placement", "align_corners"),
         receptive_field=None if info.get("receptive_field") is None else ReceptiveField.from_dict(info["receptive_field"]),
     )
-
-
-def original_space(meta: Mapping) -> Space:
-    """The grid of the file a MONAI image was loaded from, from its metadata.
-
-    ``LoadImage``/``LoadImaged`` record the file's voxel -> world matrix (``original_affine``)
-    and spatial shape (``spatial_shape``); the world is RAS unless the reader kept LPS
-    (``meta["space"] == "LPS"``), which is converted here.
-
-    Parameters
-    ----------
-    meta : Mapping
-        One sample's metadata (``MetaTensor.meta`` after decollation).
-
-    Returns
-    -------
-    Space
-
-    Raises
-    ------
-    SpaceError
-        The metadata lack ``original_affine`` or ``spatial_shape`` (the image was not loaded with
-        MONAI's ``LoadImage``), or hold a batch.
-    """
-    affine, shape = meta.get("original_affine"), meta.get("spatial_shape")
-    if affine is None or shape is None:
-        message = (
-            "The image metadata have no 'original_affine'/'spatial_shape', so the scan's grid is unknown. "
-            "Load the images with MONAI's LoadImage(d) (which records them), or pass scanner_space= to "
-            "SaveHeatmapsd."
-        )
-        raise SpaceError(message)
-    affine = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
-    shape = [int(n) for n in np.asarray(torch.as_tensor(shape).cpu()).reshape(-1)]
-    if affine.ndim != 2:
-        raise SpaceError(f"original_affine has shape {affine.shape}: a batch. Use one decollated sample's metadata.")
-    if str(meta.get("space", "RAS")).upper() == "LPS":
-        affine = lps_to_ras(affine)
-    return Space(tuple(shape[: min(len(shape), 3)]), affine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,8 +485,7 @@ class SaveHeatmapsd(MapTransform):
         max_pending: int = 2,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if int(max_pending) < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending!r}.")
+        writes = BackgroundWrites(max_pending)  # checks max_pending
         ext = (output_ext if output_ext.startswith(".") else f".{output_ext}").lower()
         if ext not in (".nii.gz", ".nii", ".nrrd", ".mha"):
             raise ValueError(f"output_ext must be .nii.gz, .nii, .nrrd or .mha, not {output_ext!r}.")
@@ -639,9 +513,8 @@ class SaveHeatmapsd(MapTransform):
         self._data_index = 0  # the subject name of inputs without a file name, as SaveImage counts
         self.written: list[Path] = []
         self.background = bool(background)
-        self.max_pending = int(max_pending)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[str, Future]] = []  # (subject, write) in submission order
+        self.max_pending = writes.max_pending
+        self._writes = writes
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -651,7 +524,8 @@ class SaveHeatmapsd(MapTransform):
             source = d[self.orig_key] if self.orig_key is not None else pred
             meta = dict(getattr(source, "meta", None) or {})
             if self.background:
-                self._submit(self._plan(pred, meta))
+                plan = self._plan(pred, meta)
+                self.written = self._writes.submit(plan.subject, partial(self._write, plan))
             else:
                 self.written += self.save(pred, meta)
             self._data_index += 1
@@ -662,42 +536,8 @@ class SaveHeatmapsd(MapTransform):
 
         Raises the first error of those writes (the others are logged). A no-op without ``background``.
         """
-        written = self._collect(until=0)
+        written = self._writes.collect(until=0)
         self.written = written
-        return written
-
-    def _submit(self, plan: _WritePlan) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcam3d-heatmaps")
-            atexit.register(_report_at_exit, weakref.ref(self))  # a weak reference: savers can be collected
-        self.written = self._collect(until=self.max_pending - 1)
-        future = self._pool.submit(self._write, plan)
-        self._pending.append((plan.subject, future))
-
-    def _report_errors(self) -> None:
-        """Log the errors of writes that nobody waited for (at exit their threads have finished)."""
-        for subject, future in self._pending:
-            error = future.exception() if future.done() and not future.cancelled() else None
-            if error is not None:
-                logger.error("SaveHeatmapsd: the heatmaps of %r could not be written: %s: %s", subject,
-                             type(error).__name__, error)
-        self._pending = []
-
-    def _collect(self, until: int) -> list[Path]:
-        """Files of the finished writes, waiting for the oldest until at most ``until`` are pending."""
-        written: list[Path] = []
-        error: BaseException | None = None
-        while self._pending and (len(self._pending) > until or self._pending[0][1].done()):
-            subject, future = self._pending.pop(0)
-            try:
-                written += future.result()
-            except Exception as failure:
-                if error is None:
-                    error = failure
-                else:
-                    logger.error("SaveHeatmapsd: the heatmaps of %r were not written: %s", subject, failure)
-        if error is not None:
-            raise error
         return written
 
     def views(self, pred: Any, meta: Mapping | None = None) -> list[ScanGridMap]:
@@ -730,7 +570,7 @@ class SaveHeatmapsd(MapTransform):
         """Write the maps of one decollated prediction; ``meta`` names the subject and gives its grid."""
         return self._write(self._plan(pred, meta))
 
-    def _plan(self, pred: Any, meta: Mapping) -> _WritePlan:
+    def _plan(self, pred: Any, meta: Mapping) -> WritePlan:
         """What :meth:`save` writes and where, taken from the prediction now (nothing written yet)."""
         views = self.views(pred, meta)
         names = dict(self.fname_formatter(dict(meta), self))
@@ -739,9 +579,9 @@ class SaveHeatmapsd(MapTransform):
                               parent=self.separate_folder, makedirs=False, data_root_dir=self.data_root_dir)
         stem = Path(layout.filename(subject=f"{subject}", idx=index, **names))
         folder = self._inside_output(stem.parent, subject)
-        return _WritePlan(str(subject), views, folder, stem.name, _nifti_source(meta))
+        return WritePlan(str(subject), views, folder, stem.name, nifti_source(meta))
 
-    def _write(self, plan: _WritePlan) -> list[Path]:
+    def _write(self, plan: WritePlan) -> list[Path]:
         views, folder = plan.views, plan.folder
         if not views:
             return []
@@ -756,7 +596,7 @@ class SaveHeatmapsd(MapTransform):
                                     compress=self.output_ext == ".nii.gz")
             targets = [folder / path.name for path in staged]
             for target in targets:
-                self._check_replace(target)
+                self._checkreplace_tensor(target)
             for path, target in zip(staged, targets):
                 os.replace(path, target)
         finally:
@@ -771,7 +611,7 @@ class SaveHeatmapsd(MapTransform):
             heatmap = view.to_heatmap()
             view.release()
             path = folder / f"{stem}_{heatmap.method}_{heatmap.file_label}{self.output_ext}"
-            self._check_replace(path)
+            self._checkreplace_tensor(path)
             written.append(io.write(path, heatmap.data, heatmap.space, descrip=heatmap.descrip))
         return written
 
@@ -785,7 +625,7 @@ class SaveHeatmapsd(MapTransform):
             raise ValueError(message)
         return folder
 
-    def _check_replace(self, path: Path) -> None:
+    def _checkreplace_tensor(self, path: Path) -> None:
         if not path.exists() or self.overwrite is True:
             return
         if self.overwrite is None and written_by_medcam3d(path):
@@ -795,29 +635,3 @@ class SaveHeatmapsd(MapTransform):
             "or output_postfix, or pass overwrite=True to replace it."
         )
         raise FileExistsError(message)
-
-
-@dataclass(frozen=True)
-class _WritePlan:
-    """One sample's maps for :class:`SaveHeatmapsd` to write, and where."""
-
-    subject: str
-    views: list[ScanGridMap]
-    folder: Path
-    stem: str
-    like: str | None  # the loaded NIfTI, whose header codes the maps copy
-
-
-def _report_at_exit(saver: weakref.ref) -> None:
-    """At interpreter exit: the unreported write errors of a :class:`SaveHeatmapsd` still alive."""
-    alive = saver()
-    if alive is not None:
-        alive._report_errors()
-
-
-def _nifti_source(meta: Mapping) -> str | None:
-    """The loaded file, when it is a NIfTI (its sform/qform codes are copied to the maps)."""
-    name = meta.get("filename_or_obj")
-    if isinstance(name, (str, os.PathLike)) and str(name).lower().endswith((".nii", ".nii.gz")) and Path(name).is_file():
-        return str(name)
-    return None

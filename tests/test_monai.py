@@ -20,15 +20,9 @@ from monai.inferers import SimpleInferer
 from medcam3d import io
 from medcam3d.explainer import Explainer
 from medcam3d.heatmap import to_scanner_space
-from medcam3d.monai import (
-    HEATMAP_KEY,
-    HeatmapInferer,
-    InferenceModeError,
-    MissingHeatmapsError,
-    SaveHeatmapsd,
-    explanation_of,
-    original_space,
-)
+from medcam3d.errors import InferenceModeError
+from medcam3d.monai import HeatmapInferer, SaveHeatmapsd, explanation_of
+from medcam3d.monai_meta import HEATMAP_KEY, MissingHeatmapsError, original_space
 from medcam3d.monai_example import (
     EXAMPLE_CLASSES,
     inference_config,
@@ -419,9 +413,11 @@ def test_background_saver_writes_the_same_files_and_raises_its_errors(batch, tmp
     import logging
     import weakref
 
-    concurrent.futures.wait([future for _, future in background._pending])
-    with caplog.at_level(logging.ERROR, logger="medcam3d.monai"):
-        monai_module._report_at_exit(weakref.ref(background))  # what runs at exit when nobody waited
+    from medcam3d.monai_writes import report_at_exit
+
+    concurrent.futures.wait([future for _, future in background._writes.pending])
+    with caplog.at_level(logging.ERROR, logger="medcam3d.monai_writes"):
+        report_at_exit(weakref.ref(background._writes))  # what runs at exit when nobody waited
     assert "could not be written: FileExistsError" in caplog.text
     background(item)
     with pytest.raises(FileExistsError, match="not written by medcam3d"):

@@ -548,12 +548,13 @@ def test_scanner_space_heatmap_moves_by_the_offset_on_an_oblique_anisotropic_gri
 def test_explanations_through_monai_metadata_keep_the_placement():
     from monai.data import MetaTensor
 
-    from medcam3d.monai import HEATMAP_KEY, _meta_entry, explanation_of
+    from medcam3d.monai import explanation_of
+    from medcam3d.monai_meta import HEATMAP_KEY, meta_entry
 
     model = _shifted_classifier()
     x = MetaTensor(torch.randn(1, 1, 16, 16, 16), affine=torch.eye(4))
     result = Explainer(model, layer="3")(x, target=0)
-    back = explanation_of({HEATMAP_KEY: _meta_entry(result, x)})
+    back = explanation_of({HEATMAP_KEY: meta_entry(result, x)})
     assert back.placement == "receptive_field" and back.receptive_field == result.receptive_field
 
 

@@ -18,7 +18,8 @@ import pytest
 from medcam3d import io
 from medcam3d.cli import main
 from medcam3d.errors import CaseIdError, OutputConflictError
-from medcam3d.jobs.cases import check_case_id, collect_cases, derive_case_ids
+from medcam3d.jobs.case_ids import check_case_id, derive_case_ids
+from medcam3d.jobs.cases import collect_cases
 from medcam3d.jobs.outputs import check_output_location, fingerprint, is_own_case_folder, remove_stale_staging
 from medcam3d.space import Space
 from _images import oblique_lpi_affine, planted_scan
@@ -776,7 +777,7 @@ def test_resume_redoes_a_case_when_a_mask_is_added(setup, tmp_path):
 
 
 def test_input_identity_follows_files_and_dicom_folder_listings(tmp_path):
-    from medcam3d.jobs.cases import case_identity, input_identity
+    from medcam3d.jobs.case_identity import case_identity, input_identity
 
     series = tmp_path / "series"
     series.mkdir()
@@ -815,7 +816,7 @@ def test_an_id_named_like_a_file_medcam3d_writes_in_out_is_refused_up_front(setu
 
 
 def test_every_name_medcam3d_writes_at_the_top_of_out_is_a_reserved_id():
-    from medcam3d.jobs.cases import RESERVED_IDS
+    from medcam3d.jobs.case_ids import RESERVED_IDS
     from medcam3d.jobs.outputs import MANIFEST
 
     assert {MANIFEST, "summary.csv", "summary.json", "summary.md", "metrics.csv", "cases.csv",

@@ -55,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..jobs.cases import case_id_of, check_case_id
+    from ..jobs.case_ids import case_id_of, check_case_id
     from ..jobs.lock import output_lock
     from ..jobs.outputs import check_case_slot, check_output_location
 

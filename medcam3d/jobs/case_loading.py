@@ -17,7 +17,7 @@ from ..errors import SpaceError, TargetError, UsageError
 from ..preprocess import preprocess
 from ..space import Space
 from ..targets import check_region_mask
-from .cases import first_image, image_paths
+from .case_ids import first_image, image_paths
 
 __all__ = ["LoadedCase", "check_model_input", "load_case", "read_region_mask"]
 

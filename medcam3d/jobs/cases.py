@@ -1,70 +1,34 @@
 """Cases: the one place where a path, a folder or a CSV becomes a list of scans to explain.
 
-A case id names the case's output folder (``OUT/<id>/``) and prefixes its files, so it must be
-one safe path component (:func:`check_case_id`): no path separators, not ``.``/``..``, no leading
-dot, no control or invisible formatting characters (zero-width spaces, bidi overrides), at most
-:data:`MAX_ID_BYTES` bytes in UTF-8, and not the name of a file that medcam3d writes at the top of
-``--out`` (:data:`RESERVED_IDS`). Ids are normalised to Unicode NFC and compared ignoring case
-(:func:`case_id_key`), so two spellings of one name (NFC/NFD, upper/lower case) are one id, as
-they are one folder on macOS and Windows. Ids given by the user (a CSV's ``id`` column) are
-checked and must be unique; ids derived from file names are cleaned and made unique by
-construction (:func:`derive_case_ids`). Every problem is reported before any work starts, naming
-the CSV line; cheap checks (columns, ids, row count) come before the file system is asked.
+Each case gets a safe, unique id (:mod:`medcam3d.jobs.case_ids`: ids given by the user, a CSV's
+``id`` column, are checked and must be unique; ids derived from file names are cleaned and made
+unique by construction). Every problem is reported before any work starts, naming the CSV line;
+cheap checks (columns, ids, row count) come before the file system is asked. What ``batch
+--resume`` compares of a case is :mod:`medcam3d.jobs.case_identity`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import os
-import stat
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import CaseIdError, CohortError
+from .case_identity import case_identity
+from .case_ids import (IMAGE_SUFFIXES, case_id_key, case_id_of, check_case_id, derive_case_ids, id_with_suffix,
+                       shown_text)
 
 __all__ = [
     "Case",
     "collect_cases",
-    "case_id_of",
-    "check_case_id",
-    "derive_case_ids",
-    "safe_component",
-    "case_id_key",
-    "input_identity",
-    "case_identity",
-    "IMAGE_SUFFIXES",
-    "image_paths",
-    "first_image",
-    "MAX_ID_BYTES",
-    "MAX_ID_LENGTH",
     "MAX_CASES",
-    "RESERVED_IDS",
 ]
 
-#: File endings read as scans in folder mode (DICOM series are folders).
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: A case id's limit in UTF-8 bytes (100 ASCII letters, 33 CJK characters). File names are limited
-#: to 255 bytes (NAME_MAX) and medcam3d adds up to ~26 bytes to a case folder's name while it is
-#: written (``.<id>.partial-<pid>-<8 hex>``) and ``_<method>_<class>_feature.nii.gz`` to its files,
-#: which leaves the method and class label about 130 bytes.
-MAX_ID_BYTES = 100
-MAX_ID_LENGTH = MAX_ID_BYTES  # the same limit, under its earlier name
 #: At most this many cases in one list (CSV rows, scans in a folder); ``max_cases`` lifts it.
 MAX_CASES = 100_000
-#: Names that medcam3d writes at the top of an output folder (compared ignoring case): a case
-#: folder of that name would collide with them. Names starting with a dot (the lock, staging
-#: folders) are refused for every id anyway.
-RESERVED_IDS = frozenset({
-    "summary.csv", "summary.json", "summary.md", "metrics.csv", "cases.csv", "randomization.csv",
-    "randomization.png", "curves.png", "segmentation.json", "failures", "medcam3d-manifest.json",
-})
-
 _IMAGE_COLUMNS = ("image", "file", "path", "scan", "filename")
 _ID_COLUMNS = ("id", "case_id", "case", "name", "subject", "patient")
 _MASK_COLUMNS = ("mask", "mask_file", "label", "labelmap", "label_map", "segmentation")
@@ -76,10 +40,6 @@ _REGION_COLUMNS = ("region_mask", "region_mask_file")
 _CHANNEL_COLUMN = re.compile(r"^image_(\d{4})$", re.IGNORECASE)
 #: nnU-Net's file naming of a case's channels in a folder: ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ...
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_FORBIDDEN = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
-# control (C0/C1), format (zero-width, bidi, soft hyphen, BOM), surrogate and line/paragraph separators
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-_ASCII_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _CSV_MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -135,191 +95,6 @@ class Case:
     def identity(self) -> dict:
         """Its inputs' identity (see :func:`case_identity`), what ``batch --resume`` compares."""
         return case_identity(self.scan, self.mask, self.region_mask, self.volume, self.series)
-
-
-def case_id_of(path: str | Path | Sequence[str | Path]) -> str:
-    """The file or folder name without its image suffix (``scan.nii.gz`` → ``scan``); not cleaned.
-
-    A list of channel paths is named after its first channel.
-    """
-    path = first_image(path)
-    name = os.path.basename(os.fspath(path).rstrip("/" + os.sep))
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def image_paths(image: str | Path | Sequence[str | Path]) -> list:
-    """The scans of a case as a list: ``[image]``, or the channel paths of a list or tuple."""
-    return list(image) if isinstance(image, (list, tuple)) else [image]
-
-
-def first_image(image: str | Path | Sequence[str | Path]) -> str | Path:
-    """The first channel of a list of channel paths, or the one image: what names the case and its grid."""
-    paths = image_paths(image)
-    if not paths:
-        raise CohortError("a case needs at least one scan (no image paths given).")
-    return paths[0]
-
-
-def case_id_key(text: str) -> str:
-    """The form in which case ids are compared: Unicode NFC, ignoring case.
-
-    ``'Émile'`` (NFC), ``'E\\u0301mile'`` (NFD) and ``'émile'`` have one key: they are one folder on
-    macOS (which normalises names) and on case-insensitive file systems.
-    """
-    if text.isascii():
-        return text.lower()
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
-
-
-_RESERVED_KEYS = frozenset(case_id_key(name) for name in RESERVED_IDS)
-
-
-def _code_point(char: str) -> str:
-    """``U+202E RIGHT-TO-LEFT OVERRIDE``: a character by its code point and name."""
-    name = unicodedata.name(char, "")
-    return f"U+{ord(char):04X}" + (f" {name}" if name else "")
-
-
-def _invisible(text: str) -> list[str]:
-    """The distinct control, format (zero-width, bidi) and separator characters of ``text``, in order."""
-    if text.isascii():
-        return list(dict.fromkeys(_ASCII_CONTROLS.findall(text))) if _ASCII_CONTROLS.search(text) else []
-    return list(dict.fromkeys(c for c in text if unicodedata.category(c) in _INVISIBLE_CATEGORIES))
-
-
-def _shown(text: str, limit: int = 80) -> str:
-    """``text`` for a one-line message: quoted, escaped, long texts cut (with their length)."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-def _utf8_length(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def check_case_id(text: str, where: str = "case id") -> str:
-    """Return ``text`` in Unicode NFC if it is one safe path component, else raise :class:`CaseIdError`.
-
-    Safe: 1 to :data:`MAX_ID_BYTES` bytes in UTF-8; no ``/ \\ : * ? " < > |``; no control,
-    invisible formatting (Unicode category Cf: zero-width spaces and joiners, bidi embeddings,
-    overrides and isolates, the byte-order mark ...) or line/paragraph separator characters; not
-    starting with ``.`` or whitespace, not ending with whitespace or ``.``; not one of
-    :data:`RESERVED_IDS` (ignoring case).
-
-    Returns
-    -------
-    str
-        ``text`` normalised to NFC (the form medcam3d names folders and files with).
-    """
-    problem = None
-    if isinstance(text, str) and not text.isascii():
-        text = unicodedata.normalize("NFC", text)
-    if not isinstance(text, str) or not text:
-        problem = "it is empty"
-    elif _FORBIDDEN.search(text):
-        bad = sorted({repr(c) for c in _FORBIDDEN.findall(text)})
-        problem = f"it contains {', '.join(bad)} (path separators and control characters are not allowed)"
-    elif invisible := _invisible(text):
-        shown = ", ".join(f"{_code_point(c)} at character {text.index(c) + 1}" for c in invisible[:3])
-        problem = (f"it contains {shown} (invisible control and formatting characters such as zero-width spaces "
-                   "and right-to-left overrides are not allowed: they make different ids look the same)")
-    elif _utf8_length(text) > MAX_ID_BYTES:
-        problem = (f"it is {_utf8_length(text)} bytes long in UTF-8 ({len(text)} characters; at most "
-                   f"{MAX_ID_BYTES} bytes, i.e. {MAX_ID_BYTES} ASCII or about {MAX_ID_BYTES // 3} CJK characters, "
-                   "so that the file names made from it fit the file system's 255-byte limit)")
-    elif text.startswith(".") or text[0].isspace() or text[-1].isspace() or text.endswith("."):
-        problem = "it starts with a dot or a space, or ends with a space or a dot"
-    elif case_id_key(text) in _RESERVED_KEYS:
-        problem = (f"OUT/{text} is a file that medcam3d writes into the output folder itself (reserved, ignoring "
-                   f"case: {', '.join(sorted(RESERVED_IDS))})")
-    if problem:
-        shown_text = _shown(text) if isinstance(text, str) else repr(text)
-        raise CaseIdError(
-            f"{where}: {shown_text} cannot be a case id because {problem}. A case id names the output folder "
-            f"OUT/<id>/, so it must be a single plain name such as 'patient_001'; fix the id (or the file name)."
-        )
-    return text
-
-
-def _truncate(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` bytes of UTF-8, at a character boundary, in NFC."""
-    while _utf8_length(text) > limit:
-        text = unicodedata.normalize("NFC", text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore"))
-    return text
-
-
-_EDGES = re.compile(r"^[\s.]+|[\s.]+$")
-
-
-def safe_component(text: str, fallback: str = "case") -> str:
-    """``text`` cleaned into a valid case id (one that :func:`check_case_id` accepts).
-
-    NFC; invisible formatting characters (category Cf) dropped; path separators, control and
-    separator characters → ``_``; no leading dots or whitespace, no trailing ones; cut to
-    :data:`MAX_ID_BYTES` bytes; ``fallback`` when nothing is left; ``_case`` appended to a
-    reserved name (:data:`RESERVED_IDS`).
-    """
-    text = unicodedata.normalize("NFC", text)
-    if not text.isascii():
-        text = "".join("" if (kind := unicodedata.category(c)) == "Cf" else "_" if kind in _INVISIBLE_CATEGORIES
-                       else c for c in text)
-    text = _EDGES.sub("", _FORBIDDEN.sub("_", text))
-    text = _EDGES.sub("", _truncate(text, MAX_ID_BYTES)) or fallback
-    if case_id_key(text) in _RESERVED_KEYS:
-        text = f"{text}_case"
-    return text
-
-
-def _with_suffix(text: str, suffix: str) -> str:
-    """``text`` + ``suffix`` as a valid case id, ``text`` cut so that the suffix is kept."""
-    return safe_component(_truncate(text, MAX_ID_BYTES - _utf8_length(suffix)) + suffix)
-
-
-def derive_case_ids(images: Sequence[Path]) -> list[str]:
-    """Distinct, safe case ids for scans that have no given id.
-
-    The id is the cleaned file name without its suffix; where two scans would get the same id
-    (``p1.nii.gz`` and ``p1.nrrd``; ``p1/scan.nii.gz`` and ``p2/scan.nii.gz``), each gets a longer
-    one (the first in input order keeps the plain id): with its format where the formats differ
-    (``p1_nrrd``), with its parent folder where the names are the same (``p2_scan``), then numbered.
-    Ids are compared as :func:`case_id_key` does (NFC, ignoring case), so they also stay distinct
-    on case-insensitive and normalising file systems.
-    """
-    key = case_id_key
-    paths = [os.fspath(p).rstrip("/" + os.sep) for p in images]  # plain strings: lists have up to 100,000 scans
-    names = [os.path.basename(p) for p in paths]
-    ids = [safe_component(case_id_of(name)) for name in names]
-    for attempt in range(3):
-        groups: dict[str, list[int]] = {}
-        for n, i in enumerate(ids):
-            groups.setdefault(key(i), []).append(n)
-        # the first of each group keeps its id; the others get a longer one
-        clashing = [(n, members[0]) for members in groups.values() if len(members) > 1 for n in members[1:]]
-        if not clashing:
-            return ids
-        for n, first in clashing:
-            name = names[n]
-            fmt = name[len(case_id_of(name)):].lstrip(".").replace(".", "_") or "dicom"
-            same_format = name.casefold() == names[first].casefold()
-            if attempt == 0 and not same_format:
-                ids[n] = _with_suffix(ids[n], f"_{fmt}")
-            elif attempt <= 1:
-                ids[n] = safe_component(f"{os.path.basename(os.path.dirname(paths[n]))}_{ids[n]}")
-            else:
-                ids[n] = _with_suffix(ids[n], f"_{n + 1}")
-    seen: set[str] = set()
-    for n, i in enumerate(ids):  # last resort: numbered, until it is free
-        number = 1
-        while key(i) in seen:
-            number += 1
-            i = _with_suffix(ids[n], f"_{n + 1}_{number}")
-        seen.add(key(i))
-        ids[n] = i
-    return ids
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -466,7 +241,7 @@ def _from_csv(path: Path, max_cases: int = MAX_CASES) -> tuple[list[Case], list[
         volume_text = cell(row, volume_col)
         if volume_text and not (volume_text.isascii() and volume_text.isdigit()):
             raise CohortError(f"{where}: {header[volume_col]!r} must be a volume index (0, 1, ...), "  # type: ignore[index]
-                              f"not {_shown(volume_text)}.")
+                              f"not {shown_text(volume_text)}.")
         series = cell(row, series_col) or None
         region_text = cell(row, region_col)
         channels = []
@@ -626,7 +401,7 @@ def collect_cases(inputs: str | Path | Iterable[str | Path], masks: str | Path |
                 case.mask = candidate
     if check_files:
         exists: dict[str, bool] = {}  # a mask or scan listed by many rows is asked about once
-        missing = [f"{c.source or c.id}: {_shown(text, 200)}" for c in cases for p in (*c.inputs, c.mask, c.region_mask)
+        missing = [f"{c.source or c.id}: {shown_text(text, 200)}" for c in cases for p in (*c.inputs, c.mask, c.region_mask)
                    if p is not None and not exists.setdefault(text := str(p), os.path.exists(text))]
         if missing:
             shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
@@ -645,7 +420,7 @@ def _assign_ids(cases: list[Case], given: list[bool], naming: Sequence[Path] | N
             taken.setdefault(key(case.id), []).append(case.source)
     repeated = {k: v for k, v in taken.items() if len(v) > 1}
     if repeated:
-        listed = "; ".join(f"{_shown(k)} at {', '.join(v[:5])}" + (f" and {len(v) - 5} more" if len(v) > 5 else "")
+        listed = "; ".join(f"{shown_text(k)} at {', '.join(v[:5])}" + (f" and {len(v) - 5} more" if len(v) > 5 else "")
                            for k, v in list(repeated.items())[:10])
         raise CaseIdError(f"Case ids must be unique (ignoring upper/lower case and Unicode normalisation), but "
                           f"{len(repeated)} repeat: {listed}. Each case writes to OUT/<id>/; give every row its own id.")
@@ -654,75 +429,7 @@ def _assign_ids(cases: list[Case], given: list[bool], naming: Sequence[Path] | N
     for n, case_id in zip(derived, ids):
         candidate, suffix = case_id, 2
         while key(candidate) in taken:  # a derived id never takes a given one
-            candidate = _with_suffix(case_id, f"_{suffix}")
+            candidate = id_with_suffix(case_id, f"_{suffix}")
             suffix += 1
         taken[key(candidate)] = [cases[n].source]
         cases[n].id = candidate
-
-
-# --------------------------------------------------------------------------------- resume
-def input_identity(path: str | Path | None) -> dict | None:
-    """What ``batch --resume`` compares of one input: its resolved path, size and modification time.
-
-    A file: ``{"path", "size", "mtime_ns"}``; a MetaImage/NRRD header with a detached data file
-    also its data file's identity (``"data_file"``). A folder (a DICOM series): ``{"path",
-    "files", "listing"}``, the listing being a digest of the name, size and modification time of
-    every file directly in it. A path that cannot be read: ``{"path", "missing": True}``.
-    Replacing, editing, adding or removing a file changes the identity; only the file system's
-    metadata is read (no voxel data), so checking a cohort costs one ``stat`` per file.
-
-    Parameters
-    ----------
-    path : path or None
-
-    Returns
-    -------
-    dict or None
-        JSON-ready; ``None`` for ``None``.
-    """
-    if path is None:
-        return None
-    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
-    try:
-        info = os.stat(real)
-    except (OSError, ValueError):
-        return {"path": real, "missing": True}
-    if stat.S_ISDIR(info.st_mode):
-        digest, count = hashlib.sha256(), 0
-        try:
-            with os.scandir(real) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if entry.is_file():
-                        found = entry.stat()
-                        digest.update(os.fsencode(entry.name) + f"\0{found.st_size}\0{found.st_mtime_ns}\n".encode())
-                        count += 1
-        except OSError:
-            return {"path": real, "missing": True}
-        return {"path": real, "files": count, "listing": digest.hexdigest()[:16]}
-    identity: dict = {"path": real, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
-    if real.lower().endswith((".nhdr", ".mhd")):
-        from .. import io
-
-        try:
-            data_file = io.detached_data_file(real, trust=True)  # the header as the reader parses it
-        except Exception:  # an unreadable header: reading the case reports it
-            data_file = None
-        if data_file is not None and os.path.realpath(data_file) != real:
-            identity["data_file"] = input_identity(data_file)
-    return identity
-
-
-def case_identity(image: str | Path | Sequence[str | Path], mask: str | Path | None = None,
-                  region_mask: str | Path | None = None, volume: int | None = None, series: str | None = None) -> dict:
-    """The identity of a case's inputs, as ``batch --resume`` compares them: each file's
-    :func:`input_identity` (``None`` where there is no mask or region mask), the volume and the
-    series. A case of several channels (``image`` a list of paths) also has ``channels``, the
-    identity of each channel in order; ``image`` is then the first channel's."""
-    paths = image_paths(image)
-    identity: dict[str, Any] = {"image": input_identity(first_image(image)), "mask": input_identity(mask),
-                "region_mask": input_identity(region_mask), "volume": volume, "series": series}
-    if len(paths) > 1:
-        identity["channels"] = [input_identity(p) for p in paths]
-    return identity

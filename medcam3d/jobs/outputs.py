@@ -42,7 +42,8 @@ from pathlib import Path
 
 from .._files import MARK, atomic_write_text, default_mode, is_inside
 from ..errors import OutputConflictError
-from .cases import check_case_id, derive_case_ids, input_identity
+from .case_identity import input_identity
+from .case_ids import check_case_id, derive_case_ids
 
 __all__ = [
     "MARKER",
@@ -303,7 +304,7 @@ def check_case_slot(out_dir: str | Path, case_id: str, image: str | Path, *, vol
     ``O/t1/``: the second run would replace the first one's maps. A folder written from the same
     scan (the same resolved path, volume and series: a rerun) may be replaced; one written from
     another is refused, before any work, with the id to use instead (the one ``batch`` would derive,
-    :func:`~medcam3d.jobs.cases.derive_case_ids`).
+    :func:`~medcam3d.jobs.case_ids.derive_case_ids`).
 
     Raises
     ------

@@ -7,7 +7,7 @@ never leaves a half-written case; only folders that medcam3d wrote are ever repl
 output folder over an input is refused (see :mod:`medcam3d.jobs.outputs`). Each case's
 ``summary.json`` records what produced it (methods, target, layer, config and weights digest) and
 from what (each input's resolved path, size and modification time, the mask and region mask, the
-volume and series: :func:`~medcam3d.jobs.cases.case_identity`), so ``batch --resume`` skips a case
+volume and series: :func:`~medcam3d.jobs.case_identity.case_identity`), so ``batch --resume`` skips a case
 only when the same settings made it from the same inputs.
 
 Reading a case is :mod:`medcam3d.jobs.case_loading` (:func:`load_case`), its record
@@ -44,7 +44,9 @@ from ..space import Space
 from ..targets import Region, probabilities, scan_regions
 from .case_loading import LoadedCase, check_model_input, load_case, read_region_mask
 from .case_result import CaseResult, ExplainedCase
-from .cases import Case, case_id_of, case_identity, check_case_id, first_image, image_paths
+from .case_identity import case_identity
+from .case_ids import case_id_of, check_case_id, first_image, image_paths
+from .cases import Case
 from .outputs import check_output_location, publish_case_folder, read_case_summary, remove_stale_staging, staging_folder
 
 __all__ = ["Runner", "resolve_device", "config_digest"]
@@ -225,7 +227,7 @@ class Runner:
 
     def _case_settings(self, inputs: dict, region_mask: str | Path | None) -> dict:
         """:meth:`run_settings`, plus the identity of the case's inputs (see
-        :func:`~medcam3d.jobs.cases.case_identity`) and the region mask (its name and a digest of its bytes)."""
+        :func:`~medcam3d.jobs.case_identity.case_identity`) and the region mask (its name and a digest of its bytes)."""
         settings = {**self.run_settings(), "inputs": inputs}
         if region_mask is not None:
             digest = hashlib.sha256()
@@ -318,7 +320,7 @@ class Runner:
         Nothing is written. The maps stay on the feature grid, on the CPU; :meth:`write_case`
         writes them (in this process or another one). ``inputs`` is the identity of the inputs
         that ``loaded`` was read from, taken before they were read
-        (:func:`~medcam3d.jobs.cases.case_identity`, recorded for resume); default: taken now,
+        (:func:`~medcam3d.jobs.case_identity.case_identity`, recorded for resume); default: taken now,
         before reading. With ``loaded``, give ``volume`` and ``series`` as it was read.
         """
         case_id = check_case_id(case_id or case_id_of(image), "case id")

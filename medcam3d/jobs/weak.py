@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .cases import check_case_id, collect_cases
+from .case_ids import check_case_id
+from .cases import collect_cases
 from .lock import output_lock
 from .outputs import (
     MARKER,

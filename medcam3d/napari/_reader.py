@@ -202,7 +202,7 @@ def read_steps(paths: Sequence[str | Path]) -> Generator[Step, None, list[tuple]
     before making its layers, so that a worker can report progress and stop between steps (a
     cancelled NIfTI file is not read to its end); returns what :func:`read_image` returns.
     """
-    from ..jobs.cases import case_id_of
+    from ..jobs.case_ids import case_id_of
 
     files = [Path(p) for p in paths]
     layers: list[tuple] = []

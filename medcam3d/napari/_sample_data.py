@@ -127,7 +127,7 @@ def oblique_case() -> list[tuple]:
 
 
 def _case(oblique: bool) -> list[tuple]:
-    from ..jobs.cases import case_id_of
+    from ..jobs.case_ids import case_id_of
 
     open_axial_when_added()
     prefer_medcam3d_writers()
