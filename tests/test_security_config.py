@@ -838,9 +838,10 @@ def test_a_small_scan_with_huge_voxels_is_refused_under_the_demo_config(tmp_path
     assert GROWTH_FLOOR == 1 << 24 and MAX_VOXELS // GROWTH_FLOOR == 64
     with pytest.raises(PreprocessingError, match="more than the 4096 times allowed"):  # the factor follows the limit
         preprocess(path, demo, max_voxels=1 << 36)
-    # passing the checks: the step then runs (here: refused by the fixture, which shows it was reached)
-    with pytest.raises(PreprocessingError, match="Spacing ran for real"):
-        preprocess(path, demo, max_voxels=None)
+    # passing the checks: the demo's crop is fused into the resampling (medcam3d.preprocess_fusion), so the
+    # 621^3 grid is never made: the 64^3 input comes from one lazy resampling, no step ran eagerly
+    x, _ = preprocess(path, demo, max_voxels=None)
+    assert tuple(x.shape) == (1, 64, 64, 64) and no_eager_transforms == []
     fine = tmp_path / "pet_4mm.nii.gz"  # 80^3 of 4 mm to 1 mm: 317^3 voxels, over 2^24 but 61 times the scan: allowed
     nib.save(nib.Nifti1Image(np.zeros((80, 80, 80), np.float32), np.diag([4.0, 4.0, 4.0, 1.0])), fine)
     with pytest.raises(PreprocessingError, match="Spacing ran for real"):
