@@ -6,7 +6,8 @@ default reader (``SimpleITKIO``) gives it, ``(k, j, i)`` with the spacing revers
 ``nnunetv2``'s ``DefaultPreprocessor.run_case_npy``: ``transpose_forward``, crop to the non-zero
 box, the plans' normalization schemes (``CTNormalization`` with the plans'
 ``foreground_intensity_properties_per_channel``, ``ZScoreNormalization`` ...) and resampling to the
-configuration's spacing (separate-z where nnU-Net does it). Every one of these steps is a known map
+configuration's spacing (separate-z where nnU-Net does it); then, as nnU-Net's predictor does, a case
+smaller than the patch is padded with zeros to it, half before and half after (:func:`pad_to_patch`). Every one of these steps is a known map
 of voxel indices, so the model input's affine is exact (:func:`input_affine`):
 
     v = R · T · (c + crop start),   c = (n + ½) · (cropped shape / resampled shape) − ½
@@ -30,7 +31,7 @@ import torch
 from .errors import PreprocessingError, cause_line
 from .space import Space
 
-__all__ = ["NnunetPreprocessing", "input_affine"]
+__all__ = ["NnunetPreprocessing", "input_affine", "pad_to_patch"]
 
 
 def input_affine(scan_affine: np.ndarray, transpose_forward: Sequence[int], bbox: Sequence[Sequence[int]],
@@ -61,6 +62,37 @@ def input_affine(scan_affine: np.ndarray, transpose_forward: Sequence[int], bbox
         matrix[scan_axis, axis] = scale
         matrix[scan_axis, d] = 0.5 * scale - 0.5 + float(bbox[axis][0])
     return np.asarray(scan_affine, dtype=np.float64) @ matrix
+
+
+def pad_to_patch(data: np.ndarray, affine: np.ndarray, patch_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pad a preprocessed case with zeros to at least the patch size, half before and half after on each
+    axis, as nnU-Net's predictor does before its sliding window (``pad_nd_image``: the odd voxel after).
+
+    The network's instance norms see the padding, so padding the same way is what gives nnU-Net's own
+    prediction (padding at the far end only changes the logits near the borders).
+
+    Parameters
+    ----------
+    data : (C, *S) ndarray
+    affine : (D+1, D+1) ndarray
+        Voxel -> world of ``data``'s grid.
+    patch_size : sequence of D int
+
+    Returns
+    -------
+    (C, *P) ndarray, (D+1, D+1) ndarray
+        The padded data (``P = max(S, patch_size)``) and its affine (voxel ``n`` of the padded grid is
+        voxel ``n - before`` of the given one); unchanged where no axis is smaller than the patch.
+    """
+    shape = np.asarray(data.shape[1:])
+    missing = np.maximum(np.asarray(patch_size, dtype=int) - shape, 0)
+    if not missing.any():
+        return data, affine
+    before = missing // 2
+    padded = np.pad(data, [(0, 0), *((int(b), int(m - b)) for b, m in zip(before, missing))], mode="constant")
+    shift = np.eye(len(shape) + 1)
+    shift[:-1, -1] = -before
+    return padded, np.asarray(affine, dtype=np.float64) @ shift
 
 
 class NnunetPreprocessing:
@@ -126,7 +158,8 @@ class NnunetPreprocessing:
             raise PreprocessingError(f"{self.source}: nnU-Net's preprocessing failed: {cause_line(error)}") from error
         affine = input_affine(scanner_space.affine, self.manager.transpose_forward, properties["bbox_used_for_cropping"],
                               properties["shape_after_cropping_and_before_resampling"], out.shape[1:])
-        tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), affine=torch.from_numpy(affine))
+        out, affine = pad_to_patch(np.asarray(out, dtype=np.float32), affine, self.config.patch_size)
+        tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(out)), affine=torch.from_numpy(affine))
         return tensor, scanner_space
 
     def __call__(self, image: Any, *, trust: bool = False):

@@ -67,7 +67,9 @@ def test_input_affine_places_a_planted_point(tmp_path: Path):
     space = Space(shape, affine)
     x, scanner_space = NnunetPreprocessing(model.plans, model.dataset, "3d_fullres", folder)((scan, space))
     assert scanner_space is space
-    assert tuple(x.shape) == (1, 10, 26, 24)  # (k, i, j): transposed, cropped to the body (10, 32, 30), resampled
+    # (k, i, j): transposed, cropped to the body (10, 32, 30), resampled to (10, 26, 24), then padded to the
+    # patch's 16 on the first axis (3 before, 3 after) as nnU-Net's predictor pads
+    assert tuple(x.shape) == (1, 16, 26, 24) and float(x[0, :3].abs().max()) == float(x[0, 13:].abs().max()) == 0.0
     values = x[0].numpy()
     bright = values > values.max() * 0.5
     weights = np.where(bright, values, 0.0)
@@ -75,8 +77,9 @@ def test_input_affine_places_a_planted_point(tmp_path: Path):
     centroid = (index * weights[bright]).sum(1) / weights[bright].sum()
     world = (np.asarray(x.affine) @ np.append(centroid, 1.0))[:3]
     assert np.allclose(world, space.voxel_to_world(np.array([25.0, 11.0, 7.0])), atol=0.3)
-    # the body's first voxel (after the crop) is where the affine puts the first input voxel, within half a voxel
-    corner = (np.asarray(x.affine) @ np.array([0.0, 0.0, 0.0, 1.0]))[:3]
+    # the body's first voxel (after the crop) is where the affine puts the first input voxel after the padding
+    # (input voxel (3, 0, 0)), within half a voxel
+    corner = (np.asarray(x.affine) @ np.array([3.0, 0.0, 0.0, 1.0]))[:3]
     body_corner = space.voxel_to_world(np.array([4.0, 3.0, 1.0]))
     assert np.all(np.abs(corner - body_corner) <= 0.5 * np.array([1.25, 1.25, 4.0]).max())
 
@@ -310,3 +313,21 @@ def test_explain_method_uses_every_fold(tmp_path: Path, folder: Path):
     written = runner._explain_all(x, [1])
     assert mean.method == "hirescam" and torch.equal(mean.maps, written[0].maps)
     assert float((mean.maps - written[1].maps).abs().max()) > 1e-3 * float(written[1].maps.abs().max())
+
+
+def test_a_case_smaller_than_the_patch_is_padded_half_before_half_after_as_nnunet_predicts():
+    """nnU-Net's predictor pads a case smaller than the patch with zeros, half before and the odd voxel
+    after (pad_nd_image); the network's instance norms see that padding, so medcam3d pads the same way.
+    The padded grid's affine keeps every original voxel at its world position."""
+    from medcam3d.preprocess_nnunet import pad_to_patch
+
+    data = np.arange(3 * 5 * 8, dtype=np.float32).reshape(1, 3, 5, 8) + 1.0
+    affine = np.array([[0.0, 0.0, 2.0, 10.0], [0.0, 1.5, 0.0, -4.0], [-1.0, 0.0, 0.0, 7.0], [0, 0, 0, 1.0]])
+    padded, padded_affine = pad_to_patch(data, affine, (4, 8, 6))
+    assert padded.shape == (1, 4, 8, 8)  # axis 0: 1 after; axis 1: 3 = 1 before + 2 after; axis 2 not smaller
+    assert np.array_equal(padded[:, 0:3, 1:6, :], data) and padded.sum() == data.sum()
+    assert padded[0, 3].max() == 0 and padded[0, :, 0].max() == 0 and padded[0, :, 6:].max() == 0
+    voxel = np.array([2.0, 4.0, 7.0, 1.0])  # an original voxel, and the same voxel on the padded grid
+    assert np.allclose(affine @ voxel, padded_affine @ (voxel + [0.0, 1.0, 0.0, 0.0]))
+    same, same_affine = pad_to_patch(data, affine, (3, 5, 8))
+    assert same is data and same_affine is affine
