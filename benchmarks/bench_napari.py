@@ -24,7 +24,8 @@ Usage::
 
     python benchmarks/bench_napari.py [--scan CT.nii.gz] [--config configs/demo.yaml] [--no-3d] [--json out.json]
                                       [--screenshots docs]     # also docs/napari_ct_2d.png, napari_ct_3d.png
-    python benchmarks/bench_napari.py --make CT.nii.gz          # only write the synthetic CT
+    python benchmarks/bench_napari.py --make CT.nii.gz [--shape 256x256x150]   # only write the synthetic CT
+    python benchmarks/bench_napari.py --scan CT.nii.gz --steps open             # time the opening alone
 
 Runs itself under ``xvfb-run -a`` when ``DISPLAY`` is not set. Without ``--scan`` the CT is made
 in a temporary folder first (about half a minute), in a subprocess so that its memory does not
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("open", "explain", "threshold", "3D")  # threshold: Threshold to mask, then Segment
 SHAPE = (512, 512, 300)
 SPACING = (0.7, 0.7, 2.5)
 TILT = (25.0, 25.0)  # degrees about R, then about A
@@ -180,7 +182,7 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
     print(f"screenshot {path}")
 
 
-def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None) -> dict:
+def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None, steps: tuple[str, ...] = STEPS) -> dict:
     import torch  # noqa: F401  imported before the baseline: the explanation needs it anyway
     import monai  # noqa: F401
     import napari
@@ -232,6 +234,10 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
     results["scan_layer"] = {"data_shape": list(np.shape(scan_layer.data[0] if scan_layer.multiscale else scan_layer.data)),
                              "multiscale": bool(scan_layer.multiscale), "mb": _layer_bytes(scan_layer) / 2**20,
                              "contrast_limits": [float(v) for v in scan_layer.contrast_limits]}
+    if "explain" not in steps:  # only the opening (e.g. to compare two versions of the reader)
+        print(f"scan layer: data {results['scan_layer']['data_shape']}, holds {results['scan_layer']['mb']:.0f} MB")
+        viewer.close()
+        return results
     widget.reset_choices()
     widget.image_layer.value = scan_layer
     widget.config.value = str(config)
@@ -246,7 +252,7 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
     heatmaps = [layer for layer in viewer.layers if (layer.metadata or {}).get("medcam3d") == "heatmap"]
     results["heatmap_layers"] = [{"name": layer.name, "data_shape": list(np.shape(layer.data)),
                                   "mb": _layer_bytes(layer) / 2**20} for layer in heatmaps]
-    if heatmaps:
+    if heatmaps and "threshold" in steps:
         widget.heatmap.value = heatmaps[0]
         thresholded: list = []
 
@@ -275,7 +281,7 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
         _pump(app, 0.5)
         viewer.reset_view()
         _save_png(screenshots / "napari_ct_2d.png", viewer.screenshot(canvas_only=False, flash=False))
-    if three_d:
+    if three_d and "3D" in steps:
         def show_3d() -> None:
             viewer.dims.ndisplay = 3
             viewer.screenshot(canvas_only=True, flash=False)
@@ -294,6 +300,16 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
     return results
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"--shape takes three sizes of at least 8 voxels like 512x512x300, not {text!r}")
+    return shape[0], shape[1], shape[2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scan", type=Path, help="a CT to open (default: make the synthetic oblique CT)")
@@ -302,10 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-3d", dest="three_d", action="store_false", help="skip the 3D display step")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--screenshots", type=Path, help="save napari_ct_2d.png / napari_ct_3d.png in this folder")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated steps to run, in this order: {','.join(STEPS)} (threshold runs Threshold "
+                             "then Segment; e.g. --steps open to time the opening alone)")
+    parser.add_argument("--shape", default="x".join(map(str, SHAPE)),
+                        help="with --make: the synthetic CT's voxels, e.g. 256x256x150 to iterate faster")
     args = parser.parse_args(argv)
     if args.make is not None:
         started = time.perf_counter()
-        make_ct(args.make)
+        try:
+            shape = _shape(args.shape)
+        except ValueError as error:
+            parser.error(str(error))
+        make_ct(args.make, shape=shape)
         print(f"wrote {args.make} in {time.perf_counter() - started:.1f} s")
         return 0
     if not os.environ.get("DISPLAY") and shutil.which("xvfb-run"):
@@ -318,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--make", str(scan)], check=True)
             print(f"(synthetic CT made in {time.perf_counter() - started:.1f} s)")
-        results = run(scan, args.config, args.three_d, args.screenshots)
+        steps = tuple(name.strip() for name in args.steps.split(",") if name.strip())
+        unknown = sorted(set(steps) - set(STEPS))
+        if unknown:
+            parser.error(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+        results = run(scan, args.config, args.three_d, args.screenshots, steps)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     print(json.dumps(results["steps"], indent=1))

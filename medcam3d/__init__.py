@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it (imported on first access).
 _LAZY = {
     "Explainer": "explainer",
-    "Explanation": "explainer",
+    "Explanation": "explanation",
     "METHODS": "methods",
     "get_method": "methods",
     "Medcam3dError": "errors",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (``import X as X``: a re-export)
     from .errors import TargetError as TargetError
     from .errors import TargetIndexError as TargetIndexError
     from .explainer import Explainer as Explainer
-    from .explainer import Explanation as Explanation
+    from .explanation import Explanation as Explanation
     from .heatmap import normalize as normalize
     from .layers import LayerInfo as LayerInfo
     from .layers import list_layers as list_layers

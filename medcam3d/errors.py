@@ -8,12 +8,14 @@ Exit codes of the ``medcam3d`` command (see :func:`exit_code`): 0 success; 1 a f
 running (a case of a cohort that failed, an internal error); 2 a usage error (bad arguments, an
 invalid config, an input that cannot be used, a refusal such as an untrusted model); 130 Ctrl-C;
 143 SIGTERM (handled as Ctrl-C is: see :class:`Terminated`). :func:`one_line` makes any message
-one line for the command's single error line.
+one line for the command's single error line; :func:`cause_line` names an error's root cause on one
+line and :func:`short_repr` gives a bounded repr of a value, for messages that quote them.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 
 #: The errors of reading and writing images, which :mod:`medcam3d.io` exports as well.
 _IMAGE_ERRORS = (
@@ -68,6 +70,8 @@ __all__ = [
     "Terminated",
     "exit_code",
     "one_line",
+    "cause_line",
+    "short_repr",
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
@@ -336,3 +340,50 @@ def one_line(text: str, limit: int = 2000) -> str:
     if len(text) > limit:
         text = text[: max(0, limit - 3)].rstrip() + "..."
     return text or "(no message)"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 80
+_SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
+
+
+def short_repr(value: object) -> str:
+    """A bounded repr for error messages (a config may hold megabytes in one value)."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:  # a hostile __repr__ from a Python caller
+        return f"<{type(value).__name__}>"
+
+
+def cause_line(error: BaseException, limit: int = 400) -> str:
+    """``"Type: message"`` of the root cause of ``error``, on one line, for an error message.
+
+    The chain of causes (``raise ... from``, or the exception being handled) is followed to its
+    end, so a wrapper such as MONAI's ``RuntimeError("applying transform <...object at 0x...>")``
+    gives way to what went wrong. Terminal colour codes are removed; a message that embeds a
+    traceback (MONAI's ``LoadImage`` does) keeps its first line and the traceback's last line (the
+    exception); other line breaks become spaces. At most ``limit`` characters.
+    """
+    root, seen = error, {id(error)}
+    while True:
+        cause = root.__cause__ if root.__cause__ is not None else (None if root.__suppress_context__ else root.__context__)
+        if cause is None or id(cause) in seen:
+            break
+        seen.add(id(cause))
+        root = cause
+    try:
+        text = _ANSI.sub("", str(root))
+    except Exception:  # a hostile __str__
+        text = ""
+    if _TRACEBACK in text:
+        head = text.split(_TRACEBACK, 1)[0].strip().splitlines()
+        tail = [line.strip() for line in text.splitlines() if line.strip()]
+        text = f"{head[0].strip() if head else ''} ... {tail[-1]}".strip(" .") if tail else (head[0] if head else "")
+    text = " ".join(text.split())
+    if not text:
+        text = "(no message)"
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(root).__name__}: {text}"

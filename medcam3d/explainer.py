@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,198 +18,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import (ExplainerMemoryError, InferenceModeError, InputError, LayerError, Medcam3dError, ModelForwardError, ModelOutputError,
-                     PlacementWarning, ProbabilityOutputWarning)
-from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
+from .errors import ExplainerMemoryError, InferenceModeError, InputError, LayerError, ProbabilityOutputWarning
+from .explanation import Explanation, Pass
 from .capture import ActivationCapture, InputCapture
 from .hooks import counterpart, isolated_model, model_lock
 from .cam_head import find_cam_head, linear_head
 from .input_rank import expected_spatial_dims, rank_mismatch_message
-from .layers import auto_layer, receptive_field, resolve_layer
-from .model_io import (
-    OUTPUT_ACTIVATIONS,
-    OutputActivation,
-    OutputActivationWatch,
-    first_tensor,
-    logits_from_probabilities,
-    looks_like_probabilities,
-    to_model_input,
-)
+from .layers import auto_layer, resolve_layer
+from .logits import checked_outputs, forward_errors, logits_to_explain
+from .methods import DEFAULT_METHOD, Method, MethodContext, get_method
+from .model_io import OUTPUT_ACTIVATIONS, OutputActivationWatch, to_model_input
+from .placement import layer_placement, output_placement, region_input_space
 from .receptive_field import PLACEMENTS, ReceptiveField
-from .targets import Region, Target, resolve_target
+from .targets import resolve_target
 
 if TYPE_CHECKING:
     from .config import Config
-    from .preprocess import BundlePreprocessing
+    from .preprocess_bundle import BundlePreprocessing
     from .preprocess_nnunet import NnunetPreprocessing
 
-__all__ = ["Explainer", "Explanation"]
+__all__ = ["Explainer"]
 
 _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Maps for one batch, on the target layer's (feature) grid.
-
-    Attributes
-    ----------
-    maps : (B, T, *feature_shape) Tensor
-        float32 raw maps (not normalized); ReLU applied unless ``relu=False``.
-    targets : list of int, or list of list of int
-        The T class indices explained, in map order (one list per sample when
-        samples differ, e.g. ``"predicted"`` on a batch).
-    logits : (B, C) or (B, C, *spatial) Tensor
-        The logits the scores come from, detached: the model's output, or, when the model ends in a
-        softmax/sigmoid that was undone (see ``output_activation``), that activation's input.
-    scores : (B, T) Tensor
-        The explained scores (logit, negated logit, or region sum), detached.
-    class_indices : (B, T) LongTensor
-    method, layer : str
-    relu : bool
-    input_shape, feature_shape : tuple of int
-        Spatial shapes of the input and of the maps.
-    input_affine : (4, 4) or (B, 4, 4) ndarray or None
-        The input grid's affine when ``x`` was a MONAI ``MetaTensor``.
-    class_names : list of str or None
-    output_activation : {"none", "softmax", "log_softmax", "sigmoid"}
-        The activation of the model's output that was undone before scoring ("none": the output
-        was explained as it is).
-    placement : {"receptive_field", "align_corners"}
-        How the feature grid is placed on the input grid (:func:`medcam3d.space.feature_space`):
-        each cell at the centre of its receptive field (``receptive_field``), or by the
-        ``align_corners=False`` convention.
-    receptive_field : ReceptiveField or None
-        The target layer's receptive field for this input (:func:`medcam3d.layers.receptive_field`),
-        with ``placement="receptive_field"``; None otherwise.
-    output_field : ReceptiveField or None
-        For a segmentation output at another resolution than the input, with
-        ``placement="receptive_field"``: the receptive field of the model's output voxels, which
-        places them on the input grid (:func:`medcam3d.output_grids.output_grid`); None otherwise (the
-        output is on the input grid, or is placed by the convention).
-    diagnostics : dict
-        What a method measured about its own maps, e.g. Integrated Gradients' completeness error,
-        the patches of occlusion or the channels Score-CAM used (empty for the CAM family).
-    """
-
-    maps: torch.Tensor
-    targets: list[int] | list[list[int]]
-    logits: torch.Tensor
-    scores: torch.Tensor
-    class_indices: torch.Tensor
-    method: str
-    layer: str
-    relu: bool
-    input_shape: tuple[int, ...]
-    feature_shape: tuple[int, ...]
-    input_affine: np.ndarray | None = None
-    class_names: list[str] | None = None
-    output_activation: str = "none"
-    placement: str = "align_corners"
-    receptive_field: ReceptiveField | None = None
-    output_field: ReceptiveField | None = None
-    diagnostics: dict = field(default_factory=dict)
-
-    def to_scanner_space(self, scanner_space, *, input_space=None, sample: int = 0, fill: float = 0.0):
-        """Each explained class's map of one sample on the scan's grid, by class name (or index).
-
-        ``result.to_scanner_space(scan_space)["nodule"]`` is a :class:`~medcam3d.heatmap.Heatmap`;
-        see :func:`medcam3d.heatmap.to_scanner_space` and :class:`~medcam3d.heatmap.ClassMaps`.
-        """
-        from .heatmap import to_scanner_space
-
-        return to_scanner_space(self, scanner_space, input_space=input_space, sample=sample, fill=fill)
-
-    def feature_maps(self, *, input_space=None, sample: int = 0):
-        """Each explained class's map of one sample on its feature grid (exact affine), by class name.
-
-        See :func:`medcam3d.heatmap.feature_maps`.
-        """
-        from .heatmap import feature_maps
-
-        return feature_maps(self, input_space=input_space, sample=sample)
-
-    def target_names(self) -> list[str]:
-        """Names of the explained classes (their indices as text without class names)."""
-        row = self.class_indices[0].tolist()
-        if self.class_names is None:
-            return [str(i) for i in row]
-        return [self.class_names[i] if i < len(self.class_names) else str(i) for i in row]
-
-
-@dataclass(frozen=True)
-class Pass:
-    """What one pass of :meth:`Explainer._pass` gives (the methods beyond one layer build on it).
-
-    Attributes
-    ----------
-    activations : list of Tensor
-        The captured tensors, detached: each layer's output ``(B, K, *spatial)``, or the input.
-    gradients : list of (B, T, *tensor.shape[1:]) float32 Tensor, or None
-        ``∂ score_t / ∂ tensor`` for each captured tensor (None without tracking).
-    logits : Tensor
-        Detached; as :attr:`Explanation.logits`.
-    undone : str
-        The output activation undone (:attr:`Explanation.output_activation`).
-    target : Target
-        The resolved target (pass it on to passes over perturbed copies).
-    scores : (B, T) Tensor
-        Detached.
-    """
-
-    activations: list[torch.Tensor]
-    gradients: list[torch.Tensor] | None
-    logits: torch.Tensor
-    undone: str
-    target: Target
-    scores: torch.Tensor
-
-
-def _input_space(x: object, target: object, inputs: torch.Tensor) -> object:
-    """The input grid, when the target needs it (a ``Region`` mask given on another grid) and ``x``
-    carries an affine (a MONAI ``MetaTensor``); None otherwise."""
-    if not isinstance(target, Region) or target.space is None or getattr(x, "affine", None) is None:
-        return None
-    from .space import Space, SpaceError
-
-    try:
-        space = Space.of(x, batch=True)
-    except SpaceError:  # an affine that does not describe the grid: resolve_target says what to pass
-        return None
-    return space if space.shape == tuple(inputs.shape[2:]) else None
-
-
-def _first(output: object) -> torch.Tensor | None:
-    try:
-        return first_tensor(output)
-    except ModelOutputError:
-        return None
-
-
-@contextlib.contextmanager
-def forward_errors(model: torch.nn.Module, inputs: torch.Tensor) -> Iterator[None]:
-    """The model's own failure in its forward pass (a ``RuntimeError``, ``ValueError`` or TorchScript's
-    ``torch.jit.Error``) as a one-line :class:`~medcam3d.errors.ModelForwardError` that names the input's
-    shape and what to check. Out-of-memory errors and medcam3d's own errors pass through unchanged."""
-    try:
-        yield
-    except (Medcam3dError, torch.OutOfMemoryError):
-        raise
-    except (RuntimeError, ValueError, torch.jit.Error) as error:
-        if isinstance(error, RuntimeError) and "allocate" in str(error):  # the CPU allocator: out of memory
-            raise
-        from .torchscript import script_error_reason
-
-        scripted = isinstance(error, torch.jit.Error) or "Traceback of TorchScript" in str(error)
-        reason = script_error_reason(error) if scripted else " ".join(str(error).split())  # without the graph's traceback
-        message = (f"{type(model).__name__} failed on an input of shape {tuple(inputs.shape)} "
-                   f"({inputs.dtype}, {inputs.device}): {reason[:400]}. Check that the preprocessing gives the "
-                   "input the model was built for (its spatial size, e.g. ResizeWithPadOrCrop's spatial_size, "
-                   "and its channels), and the device.")
-        raise ModelForwardError(message) from error
 
 
 class Explainer:
@@ -409,7 +241,7 @@ class Explainer:
 
         The config's ``preprocessing`` list; without one, the model's own preprocessing as the CLI
         uses it, from the model loader (``ConfiguredModel.preprocessing``): a MONAI bundle's chain
-        (:class:`medcam3d.preprocess.BundlePreprocessing`) or an nnU-Net folder's
+        (:class:`medcam3d.preprocess_bundle.BundlePreprocessing`) or an nnU-Net folder's
         (:class:`medcam3d.preprocess_nnunet.NnunetPreprocessing`), read with the model by
         :meth:`from_config`, or read here once with ``trust`` (:func:`medcam3d.models.load_preprocessing`)
         when :meth:`from_config` was given the model; otherwise (or for a bundle that defines none)
@@ -520,9 +352,8 @@ class Explainer:
     def _explain(self, x: torch.Tensor, target: object, relu: bool) -> Explanation:
         inputs, input_affine = self._prepare_input(x)
         if self.method.level != "layer":  # input-level, multi-layer and perturbation methods: their own passes
-            result = self.method.explain(self, inputs, x, target, relu=relu, input_affine=input_affine)
-            output_field = self._output_field(inputs, result.logits)
-            return result if output_field is None else replace(result, output_field=output_field)
+            # the output's placement (output_field) comes with the pass over x (Pass.output_field)
+            return self.method.explain(self, inputs, x, target, relu=relu, input_affine=input_affine)
         name, module = self._target_layer(inputs)
         autocast = torch.autocast(inputs.device.type, dtype=_AMP_DTYPES[self.amp], enabled=self.amp is not None)
         track = self.method.needs_gradients
@@ -548,10 +379,10 @@ class Explainer:
                     "Choose a layer on the path from input to output (see medcam3d.list_layers)."
                 )
                 raise LayerError(message)
-            outputs = self._check_outputs(outputs, name)
-            logits, undone = self._logits(outputs, capture, watch)
-            output_field = self._output_field(inputs, logits)
-            resolved = resolve_target(target, logits, self.class_names, input_space=_input_space(x, target, inputs),
+            outputs = checked_outputs(outputs, name, track)
+            logits, undone = logits_to_explain(outputs, capture, watch, self.output_activation, track, stacklevel=3)
+            output_field = output_placement(self.model, inputs, logits, self.placement, stacklevel=4)
+            resolved = resolve_target(target, logits, self.class_names, input_space=region_input_space(x, target, inputs),
                                       output_field=output_field)
             with torch.enable_grad():
                 scores = resolved.scores(logits)
@@ -565,24 +396,10 @@ class Explainer:
                 if relu:
                     maps = maps.clamp_min(0)
         placement, placed = self._placement(name, inputs)
-        return Explanation(
-            maps=maps.float().contiguous(),
-            targets=resolved.labels(),
-            logits=logits.detach().float(),
-            scores=scores.detach().float(),
-            class_indices=resolved.class_indices,
-            method=self.method.name,
-            layer=name,
-            relu=relu,
-            input_shape=tuple(inputs.shape[2:]),
-            feature_shape=tuple(activations.shape[2:]),
-            input_affine=input_affine,
-            class_names=self.class_names,
-            output_activation=undone,
-            placement=placement,
-            receptive_field=placed,
-            output_field=output_field,
-        )
+        run = Pass(activations=[activations.detach()], gradients=None if gradients is None else [gradients], logits=logits.detach(),
+                   undone=undone, target=resolved, scores=scores.detach(), output_field=output_field)
+        return self._result(run, maps=maps, layer=name, relu=relu, input_shape=tuple(inputs.shape[2:]), input_affine=input_affine,
+                            placement=placement, receptive_field=placed)
 
     def _pass(self, inputs: torch.Tensor, layers: Sequence[tuple[str, nn.Module]], target: object, *,
               x: object = None, track: bool = True, perturbed: bool = False) -> Pass:
@@ -648,14 +465,16 @@ class Explainer:
                         "Choose a layer on the path from input to output (see medcam3d.list_layers)."
                     )
                     raise LayerError(message)
-            outputs = self._check_outputs(outputs, captures[0].name, track)
+            outputs = checked_outputs(outputs, captures[0].name, track)
             with warnings.catch_warnings():
                 if perturbed:
                     warnings.simplefilter("ignore", ProbabilityOutputWarning)
-                logits, undone = self._logits(outputs, captures[0], watch, track)
-            space = _input_space(x, target, inputs) if x is not None else None
+                logits, undone = logits_to_explain(outputs, captures[0], watch, self.output_activation, track, stacklevel=3)
+            # once, in the pass over the user's input: the method's Explanation takes it from this Pass
+            output_field = output_placement(self.model, inputs, logits, self.placement, stacklevel=4) if x is not None else None
+            space = region_input_space(x, target, inputs) if x is not None else None
             resolved = resolve_target(target, logits, self.class_names, input_space=space,
-                                      output_field=self._output_field(inputs, logits) if space is not None else None)
+                                      output_field=output_field if space is not None else None)
             tensors = [capture.activations for capture in captures if capture.activations is not None]
             with torch.enable_grad():
                 scores = resolved.scores(logits)
@@ -668,55 +487,18 @@ class Explainer:
             undone=undone,
             target=resolved,
             scores=scores.detach(),
+            output_field=output_field,
         )
 
-    def _result(self, **fields: object) -> Explanation:
-        """An :class:`Explanation` of this explainer's method and class names (for the methods that run
-        their own passes: they build their results here rather than import this module)."""
-        return Explanation(method=self.method.name, class_names=self.class_names, **fields)  # type: ignore[arg-type]
+    def _result(self, run: Pass, **fields: object) -> Explanation:
+        """The :class:`~medcam3d.explanation.Explanation` of ``run`` (the pass over the user's input) with this
+        explainer's method and class names (:meth:`~medcam3d.explanation.Explanation.from_pass`)."""
+        return Explanation.from_pass(run, method=self.method.name, class_names=self.class_names, **fields)  # type: ignore[arg-type]
 
     # --------------------------------------------------------------- helpers
     def _placement(self, layer: str, inputs: torch.Tensor) -> tuple[str, ReceptiveField | None]:
-        """The placement of the layer's maps, and its receptive field (cached per model, layer and shape).
-
-        Where the receptive field cannot be found (the layer's output does not depend on the input
-        through gradients), the convention is used, with a :class:`PlacementWarning`.
-        """
-        if self.placement == "align_corners":
-            return "align_corners", None
-        try:
-            found = receptive_field(self.model, layer, tuple(inputs.shape[1:]), device=inputs.device)
-        except LayerError as error:
-            message = (
-                f"The receptive field of layer {layer!r} could not be found ({error}); its maps are placed by the "
-                "align_corners=False convention, which can be off by up to half a cell. Pass "
-                "placement='align_corners' to choose that explicitly."
-            )
-            warnings.warn(message, PlacementWarning, stacklevel=4)
-            return "align_corners", None
-        return "receptive_field", found
-
-    def _output_field(self, inputs: torch.Tensor, logits: torch.Tensor) -> ReceptiveField | None:
-        """The receptive field of the model's output voxels, for a segmentation output whose spatial
-        shape is not the input's (e.g. a network that ends at half resolution), with
-        ``placement="receptive_field"``; None otherwise (cached per model and input shape).
-
-        Where it cannot be found, the output is placed by the convention, with a
-        :class:`PlacementWarning`.
-        """
-        if (self.placement != "receptive_field" or logits.ndim <= 2
-                or tuple(logits.shape[2:]) == tuple(inputs.shape[2:])):
-            return None
-        try:
-            return receptive_field(self.model, self.model, tuple(inputs.shape[1:]), device=inputs.device)
-        except LayerError as error:
-            message = (
-                f"The model's output ({tuple(logits.shape[2:])}) is not on the input's grid "
-                f"({tuple(inputs.shape[2:])}) and its receptive field could not be found ({error}); its voxels are placed "
-                "by the align_corners=False convention, which can be off by up to half an output voxel."
-            )
-            warnings.warn(message, PlacementWarning, stacklevel=5)
-            return None
+        """The placement of the layer's maps and its receptive field (:func:`medcam3d.placement.layer_placement`)."""
+        return layer_placement(self.model, layer, inputs, self.placement, stacklevel=4)
 
     def _prepare_input(self, x: object) -> tuple[torch.Tensor, np.ndarray | None]:
         if torch.is_inference_mode_enabled():
@@ -748,82 +530,6 @@ class Explainer:
             self._auto_logged.add(info.name)
             logger.info("layer='auto' uses %r (%s) for inputs %s", info.name, info.type, shape)
         return resolve_layer(self.model, info.name)
-
-    def _check_outputs(self, outputs: object, layer: str, track: bool | None = None) -> torch.Tensor:
-        outputs = first_tensor(outputs)
-        if not bool(torch.isfinite(outputs.detach()).all()):
-            message = "The model produced NaN/Inf outputs for this input; check the weights and the preprocessing."
-            raise InputError(message)
-        if (self.method.needs_gradients if track is None else track) and not outputs.requires_grad:
-            message = (
-                f"The model's output does not depend on layer {layer!r} through differentiable operations "
-                "(or the model detaches it), so there is no gradient to explain. Choose a layer on the path "
-                "to the output."
-            )
-            raise LayerError(message)
-        return outputs
-
-    def _logits(self, outputs: torch.Tensor, capture: ActivationCapture | InputCapture, watch: object,
-                track: bool | None = None) -> tuple[torch.Tensor, str]:
-        """The tensor to score, and the activation undone (``"none"`` when the output is kept).
-
-        See ``output_activation`` in the class docstring.
-        """
-        mode = self.output_activation
-        if mode == "none":
-            return outputs, "none"
-        found: OutputActivation | None = None
-        if capture.trailing is not None and capture.logits is not None and _first(capture.produced) is outputs:
-            found = OutputActivation(capture.trailing.kind, capture.trailing.name, capture.logits)
-        elif isinstance(watch, OutputActivationWatch):
-            found = watch.trailing(outputs)
-        track = self.method.needs_gradients if track is None else track
-        usable = found is not None and (found.logits.requires_grad or not track)
-        if found is not None and usable:
-            logits = first_tensor(found.logits)
-            if mode == "auto":
-                message = (
-                    f"The model's output comes from a {found.kind} ({found.name!r}), so it holds probabilities, not "
-                    f"logits; medcam3d explains the {found.kind}'s input (the logits) instead. Pass "
-                    "output_activation='none' to explain the probabilities as they are."
-                )
-                warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
-            elif not found.kind.endswith(mode):
-                message = (
-                    f"output_activation={mode!r}, but the model's output comes from a {found.kind} ({found.name!r}); "
-                    f"medcam3d explains that {found.kind}'s input (the logits)."
-                )
-                warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
-            return logits, found.kind
-        if mode == "auto":
-            guess = looks_like_probabilities(outputs)
-            if guess is not None:
-                message = (
-                    f"The model's outputs look like {guess} probabilities (all in [0, 1]"
-                    f"{', summing to 1 over the classes' if guess == 'softmax' else ''}), but no {guess} "
-                    "module or function call produced them, so they are explained as they are. If the model applies a {guess}, "
-                    f"pass output_activation={guess!r} (the activation is then inverted) or explain the model "
-                    "without it; if these are logits, pass output_activation='none'."
-                )
-                warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
-            return outputs, "none"
-        logits, clamped = logits_from_probabilities(outputs, mode)
-        inverse = "logit(p)" if mode == "sigmoid" else "log(p), the logits up to a constant per sample"
-        message = (
-            f"output_activation={mode!r} and no {mode} module or function call produced the output: the model's output was inverted "
-            f"({inverse}) and that is explained."
-        )
-        if mode == "softmax":
-            message += (
-                " Each class map is then relative to the other classes (its logit's map minus the "
-                "probability-weighted mean of all classes' maps); differences between classes are exact."
-            )
-        if clamped > 0:
-            message += (
-                f" {clamped:.1%} of the values were saturated (clamped before the inverse): their gradient is zero."
-            )
-        warnings.warn(message, ProbabilityOutputWarning, stacklevel=4)
-        return logits.to(outputs.dtype) if outputs.dtype == torch.float64 else logits, mode
 
     def _gradients(self, scores: torch.Tensor, activations: torch.Tensor, layer: str) -> torch.Tensor:
         """``∂ scores[:, t] / ∂ activations`` for every t: ``(B, T, K, *spatial)``.

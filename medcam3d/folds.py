@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import InputError
-from .explainer import Explainer, Explanation
+from .explainer import Explainer
+from .explanation import Explanation
 
 __all__ = ["explain_folds", "mean_explanation"]
 

@@ -1,7 +1,7 @@
 """Heatmaps: normalization, placement in scanner space, and saving.
 
 A :class:`Heatmap` is one class's map on a grid (a :class:`~medcam3d.space.Space`) with its
-provenance. :func:`to_scanner_space` takes an :class:`~medcam3d.explainer.Explanation` and
+provenance. :func:`to_scanner_space` takes an :class:`~medcam3d.explanation.Explanation` and
 resamples each map in one trilinear step, straight from the feature grid to the scan's own grid
 and affine (docs/architecture.md §3): no full-size intermediate at input resolution, no replay of the
 preprocessing. Normalization is a separate, explicit step; raw values are kept. Maps seen on the
@@ -23,7 +23,7 @@ import torch
 from .space import Space, SpaceError, feature_space, resample
 
 if TYPE_CHECKING:
-    from .explainer import Explanation
+    from .explanation import Explanation
 
 __all__ = ["Heatmap", "ClassMaps", "normalize", "to_scanner_space", "feature_maps", "heatmaps_of", "heatmap_list",
            "input_space_of", "feature_space_of", "file_label", "unique_file_labels"]
@@ -197,7 +197,7 @@ class ClassMaps(Mapping):
     """One sample's heatmaps by class: ``maps["nodule"]`` or ``maps[5]`` (the class index).
 
     What :func:`to_scanner_space` and :meth:`Explanation.to_scanner_space
-    <medcam3d.explainer.Explanation.to_scanner_space>` return: a mapping, so **iterating yields
+    <medcam3d.explanation.Explanation.to_scanner_space>` return: a mapping, so **iterating yields
     keys, not heatmaps** (``for name in maps``, ``list(maps)``); use ``maps.values()`` or
     :meth:`list` for the :class:`Heatmap` objects, ``maps.items()`` for both, all in the order the
     classes were explained.

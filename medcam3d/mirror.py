@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .explainer import Explanation
+from .explanation import Explanation
 from .targets import Region
 
 __all__ = ["mirror_combinations", "explain_mirrored"]

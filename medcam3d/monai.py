@@ -61,7 +61,8 @@ from torch import nn
 
 from ._files import is_inside, written_by_medcam3d
 from .errors import InferenceModeError, Medcam3dError, SpaceError
-from .explainer import Explainer, Explanation
+from .explainer import Explainer
+from .explanation import Explanation
 from .heatmap import Heatmap, heatmaps_of
 from .receptive_field import ReceptiveField
 from .scan_maps import ScanGridMap, save_scan_maps
@@ -111,7 +112,7 @@ class HeatmapInferer(Inferer):
     entries (``"maps"`` ``(B, T, *feature_shape)``, ``"class_indices"`` and ``"scores"`` ``(B, T)``,
     ``"input_affine"`` ``(B, 4, 4)`` RAS, ``"info"`` one JSON text per sample) that MONAI's
     ``decollate_batch`` splits with the rest of the metadata. :func:`explanation_of` turns
-    them back into an :class:`~medcam3d.explainer.Explanation`; :class:`SaveHeatmapsd` writes
+    them back into an :class:`~medcam3d.explanation.Explanation`; :class:`SaveHeatmapsd` writes
     them in the scan's space. The last batch's explanation is also kept in :attr:`last`.
 
     Parameters
@@ -369,7 +370,7 @@ def _with_maps(logits: torch.Tensor, inputs: torch.Tensor, entry: dict, key: str
 
 
 def explanation_of(pred: Any, *, sample: int | None = None, meta_key: str = HEATMAP_KEY) -> Explanation:
-    """The :class:`~medcam3d.explainer.Explanation` attached to a prediction by :class:`HeatmapInferer`.
+    """The :class:`~medcam3d.explanation.Explanation` attached to a prediction by :class:`HeatmapInferer`.
 
     Parameters
     ----------

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import _one_line
-from .errors import PreprocessingError
+from .errors import PreprocessingError, cause_line
 from .space import Space
 
 __all__ = ["NnunetPreprocessing", "input_affine"]
@@ -124,7 +123,7 @@ class NnunetPreprocessing:
             out, _, properties = DefaultPreprocessor(verbose=False).run_case_npy(
                 data, None, properties, self.manager, self.config, self.dataset)
         except Exception as error:  # from nnunetv2: the plans' normalization or resampling failed
-            raise PreprocessingError(f"{self.source}: nnU-Net's preprocessing failed: {_one_line(error)}") from error
+            raise PreprocessingError(f"{self.source}: nnU-Net's preprocessing failed: {cause_line(error)}") from error
         affine = input_affine(scanner_space.affine, self.manager.transpose_forward, properties["bbox_used_for_cropping"],
                               properties["shape_after_cropping_and_before_resampling"], out.shape[1:])
         tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), affine=torch.from_numpy(affine))

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .errors import InputError, TargetError
-from .explainer import Explainer, Explanation
+from .explainer import Explainer
+from .explanation import Explanation
 from .input_rank import expected_spatial_dims, rank_mismatch_message
 from .model_io import to_model_input
 from .targets import Region, RegionTarget, Target, region_from_scan_mask, resolve_target

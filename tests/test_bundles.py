@@ -15,7 +15,8 @@ from medcam3d.config import parse_config
 from medcam3d.errors import ConfigError
 from medcam3d.errors import GeometryError, ImageReadError, PreprocessingError, UntrustedModelError
 from medcam3d.models import Bundle, bundle_preprocessing, load_bundle, load_model
-from medcam3d.preprocess import BundlePreprocessing, preprocess
+from medcam3d.preprocess import preprocess
+from medcam3d.preprocess_bundle import BundlePreprocessing
 from _images import oblique_lpi_affine, planted_scan
 from conftest import TINY_NETWORK_ARGS, write_tiny_model
 

@@ -114,7 +114,7 @@ def test_explainer_preprocess_takes_a_list(scans):
 def test_a_bundle_chain_stacks_the_channels_and_resamples_other_grids(scans):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from medcam3d.preprocess import BundlePreprocessing
+    from medcam3d.preprocess_bundle import BundlePreprocessing
 
     root = scans["root"]
     chain = BundlePreprocessing(Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")]), "image",

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
-ENGINE = ("medcam3d.explainer", "medcam3d.methods", "medcam3d.hooks", "medcam3d.capture", "medcam3d.targets", "medcam3d.layers", "medcam3d.cam_head",
-          "medcam3d.input_rank", "medcam3d.output_grids",
+ENGINE = ("medcam3d.explainer", "medcam3d.explanation", "medcam3d.logits", "medcam3d.placement", "medcam3d.methods", "medcam3d.hooks",
+          "medcam3d.capture",
+          "medcam3d.targets", "medcam3d.layers", "medcam3d.cam_head", "medcam3d.input_rank", "medcam3d.output_grids",
           "medcam3d.torchscript", "medcam3d.sliding",
           "medcam3d.model_io")
 GEOMETRY = ("medcam3d.space", "medcam3d.io", "medcam3d.heatmap", "medcam3d.scan_maps", "medcam3d.masks", "medcam3d.orientation")
@@ -150,6 +151,8 @@ def test_no_import_cycles():
 
 # The packages split by concept (issue 24): each module imports only those before it (the package last).
 PACKAGE_ORDERS = {
+    "medcam3d.config": ("medcam3d.config.values", "medcam3d.config.yaml_reader", "medcam3d.config.records",
+                        "medcam3d.config.parsing", "medcam3d.config"),
     "medcam3d.space": ("medcam3d.space.grid", "medcam3d.space.feature", "medcam3d.space.axes", "medcam3d.space.resampling",
                        "medcam3d.space"),
     "medcam3d.receptive_field": ("medcam3d.receptive_field.field", "medcam3d.receptive_field.view", "medcam3d.receptive_field.ops",
@@ -180,7 +183,7 @@ def test_split_packages_import_no_private_names():
 NAPARI_ORDER = ("medcam3d.napari._view", "medcam3d.napari._grid", "medcam3d.napari._lazy", "medcam3d.napari._shared",
                 "medcam3d.napari._labels", "medcam3d.napari._scan", "medcam3d.napari._outputs", "medcam3d.napari._writer",
                 "medcam3d.napari._workers", "medcam3d.napari._reader", "medcam3d.napari._sample_data",
-                "medcam3d.napari._service", "medcam3d.napari._aids", "medcam3d.napari._widget", "medcam3d.napari")
+                "medcam3d.napari._models", "medcam3d.napari._masking", "medcam3d.napari._service", "medcam3d.napari._results", "medcam3d.napari._aids", "medcam3d.napari._widget", "medcam3d.napari")
 
 
 def test_napari_modules_import_one_way():

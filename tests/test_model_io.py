@@ -145,8 +145,8 @@ def test_probabilities_by_task():
 
 
 # ------------------------------------------------------------------------------- import rule
-ENGINE = ["explainer.py", "hooks.py", "targets.py", "layers.py", "model_io.py", "sliding.py", "torchscript.py", "metrics",
-          "methods"]  # methods: the method strategies' package
+ENGINE = ["explainer.py", "explanation.py", "logits.py", "placement.py", "hooks.py", "targets.py", "layers.py", "model_io.py",
+          "sliding.py", "torchscript.py", "metrics", "methods"]  # methods: the method strategies' package
 FORBIDDEN = {"cli", "napari", "jobs"}
 
 

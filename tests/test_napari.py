@@ -25,15 +25,15 @@ from medcam3d import io
 from medcam3d.demo.synthetic import grid_from_codes
 from medcam3d.masks import threshold_mask
 from medcam3d.space import Space
-from medcam3d.napari import _service, _widget
+from medcam3d.napari import _masking, _models, _widget
 from medcam3d.napari._grid import axis_aligned_grid, layer_grid, resample_labels
 from medcam3d.napari._reader import napari_get_reader, read_image
 from medcam3d.napari._sample_data import demo_case, oblique_case
 from medcam3d.napari._grid import napari_affine
 from medcam3d.napari._lazy import shape_of
 from medcam3d.napari._shared import ascii_text, checksum, heatmap_colormap, heatmap_name
-from medcam3d.napari._service import (SCALES, colour_limits, explain_image, mask_from_heatmap, segment_from_heatmap,
-                                      threshold_problem)
+from medcam3d.napari._masking import mask_from_heatmap, segment_from_heatmap, threshold_problem
+from medcam3d.napari._service import SCALES, colour_limits, explain_image
 from medcam3d.napari._view import set_view
 from medcam3d.napari._widget import ExplainWidget
 from medcam3d.space import resample
@@ -100,8 +100,8 @@ def notifications():
 @pytest.fixture
 def fresh_listings(monkeypatch):
     """Empty target-layer caches, so that a test sees what a new napari session does."""
-    monkeypatch.setattr(_service, "_LISTINGS", {})
-    monkeypatch.setattr(_service, "_INPUT_SHAPES", {})
+    monkeypatch.setattr(_models, "_LISTINGS", {})
+    monkeypatch.setattr(_models, "_INPUT_SHAPES", {})
 
 
 def _settle(qtbot, widget) -> None:
@@ -747,7 +747,7 @@ def test_cancel_progress_and_cached_layer_listing(make_napari_viewer, qtbot, fre
     assert texts == ["loading the model", "preparing case_02", "preprocessing", "explaining (hirescam)",
                      "map 1/2: bright_round", "map 2/2: dark_elongated", "model field of view"]
     assert [step.done for step in widget.steps] == list(range(7)) and widget.steps[-1].total == 7
-    assert _service.cached_layers(other_grid.data.shape, other_grid.metadata["affine"], CONFIG) is not None
+    assert _models.cached_layers(other_grid.data.shape, other_grid.metadata["affine"], CONFIG) is not None
     _settle(qtbot, widget)
 
 
@@ -889,7 +889,7 @@ def test_sample_case_lookup(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("error:Private attribute access")  # the plugin uses napari's public API only
 def test_errors_become_notifications_and_the_viewer_stays_usable(make_napari_viewer, qtbot, case, tmp_path,
                                                                   notifications):
-    (tmp_path / "failing.yaml").write_text(FAILING)  # builds, then fails in the forward pass (2 input channels)
+    (tmp_path / "failing.yaml").write_text(FAILING)  # builds, then is refused: 2 input channels, one scan given
     (tmp_path / "bad.yaml").write_text("model: {network: monai.networks.nets.DenseNet}\nclas_names: [a]\n")
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("medcam3d", "Explain")  # Plugins > medcam3d > Explain
@@ -1037,7 +1037,7 @@ def test_segment_again_adds_a_layer_and_keeps_edits_and_errors_are_notifications
     [empty] = _segment(qtbot, widget)
     assert not empty.data.any() and widget.box.value.endswith("no lesion found")
     count = len(viewer.layers)
-    monkeypatch.setattr(_service, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
+    monkeypatch.setattr(_masking, "segment_from_heatmap", lambda *a, **k: (_ for _ in ()).throw(ValueError("broken")))
     assert _segment(qtbot, widget) == [] and widget.box.value == ""
     assert "cannot segment planted" in notifications[-1] and "broken" in notifications[-1]
     assert "Traceback" not in notifications[-1] and len(viewer.layers) == count
@@ -1202,3 +1202,73 @@ def test_foreign_and_malformed_descrips_open_as_plain_images(tmp_path):
     [(data, kwargs, kind)] = read_image(str(tmp_path / "c_hirescam_bright.nii.gz"))
     assert kind == "image" and kwargs["metadata"]["medcam3d"] == "heatmap" and kwargs["name"] == "c · hirescam · l · bright"
     assert "feature_map" not in kwargs["metadata"] and kwargs["metadata"]["probability"] is None
+
+
+TWO_CHANNELS = ROOT / "configs" / "two_channels.yaml"
+
+
+def test_explain_a_two_channel_case_from_two_open_layers(make_napari_viewer, qtbot, notifications, tmp_path):
+    """A 2-channel model explained from two image layers: the maps are the CLI's for the same two files."""
+    import warnings
+
+    from medcam3d import Explainer
+    from medcam3d.errors import ChannelGridWarning
+    from medcam3d.heatmap import heatmaps_of
+
+    first = SAMPLES / "case_01.nii.gz"
+    array, space = io.read(first, dtype=None)
+    second = tmp_path / "case_01_0001.nii.gz"  # another "sequence" on the same grid
+    io.write(second, (np.asarray(array, dtype=np.float32) * -0.5 + 120.0).astype(np.float32), space)
+    cropped = tmp_path / "case_01_crop_0001.nii.gz"  # the same sequence on another grid (cropped)
+    crop = Space(tuple(n - 6 for n in space.shape), space.affine @ np.array(
+        [[1, 0, 0, 3], [0, 1, 0, 3], [0, 0, 1, 3], [0, 0, 0, 1]], dtype=float))
+    io.write(cropped, (np.asarray(array, dtype=np.float32) * -0.5 + 120.0)[3:-3, 3:-3, 3:-3], crop)
+
+    viewer = make_napari_viewer()
+    widget = ExplainWidget(viewer)
+    layers = {}
+    for path in (first, second, cropped):
+        [(data, kwargs, kind)] = read_image(str(path))
+        layers[path] = viewer.add_layer(__import__("napari").layers.Layer.create(data, kwargs, kind))
+    widget.reset_choices()
+    assert widget.input_channels == 1 and widget.channels.native.isHidden()  # the demo model takes one channel
+    widget.image_layer.value = layers[first]
+    widget.config.value = TWO_CHANNELS
+    assert widget.input_channels == 2 and not widget.channels.native.isHidden()
+    assert [name for name, _ in widget._channel_choices()] == [layers[second].name, layers[cropped].name]
+
+    # One layer for a two-channel model: refused before the model runs, saying how to fix it.
+    count = len(notifications)
+    _explain_with_widget(qtbot, widget)
+    assert len(notifications) > count and "takes 2 input channel" in notifications[-1]
+    assert "more channels" in notifications[-1] and "Traceback" not in notifications[-1]
+
+    explainer = Explainer.from_config(TWO_CHANNELS)
+
+    def cli_maps(paths) -> list[np.ndarray]:
+        x, scanner_space = explainer.preprocess([str(p) for p in paths])
+        assert scanner_space.shape == space.shape  # the first channel's grid
+        return [np.asarray(h.data, dtype=np.float32) for h in heatmaps_of(explainer(x))]
+
+    for other in (second, cropped):
+        for layer in [lay for lay in viewer.layers if (lay.metadata or {}).get("medcam3d") == "heatmap"]:
+            viewer.layers.remove(layer)
+        widget.channels.value = [layers[other]]
+        count = len(notifications)
+        heats = _explain_with_widget(qtbot, widget)  # a warning in the worker is a napari notification
+        qtbot.wait(200)
+        grid_warnings = [m for m in notifications[count:] if "resampled onto channel 0's grid" in m]
+        assert len(grid_warnings) == (other == cropped), (notifications[count:], widget.channels.value, widget.status.value)
+        assert all(layers[cropped].name in m for m in grid_warnings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ChannelGridWarning)
+            expected = cli_maps([first, other])
+        assert [h.metadata["class"] for h in heats] == ["bright_round", "dark_elongated"]
+        for layer, values in zip(heats, expected):
+            meta = layer.metadata
+            assert meta["input_shape"] == (2, 64, 64, 64) and meta["file_shape"] == space.shape  # maps on channel 0
+            np.testing.assert_allclose(np.asarray(meta["feature_map"], dtype=np.float32), values, rtol=1e-4,
+                                       atol=1e-5 * max(float(np.abs(values).max()), 1e-12))
+        assert max(float(np.abs(v).max()) for v in expected) > 0  # a real map, not two empty ones
+    # The second channel matters: the maps differ between the two second channels (cropped: zeros at the rim).
+    assert not all(np.allclose(a, b) for a, b in zip(cli_maps([first, second]), expected))

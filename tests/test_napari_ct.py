@@ -20,7 +20,8 @@ from medcam3d.napari._grid import axis_aligned_grid, layer_grid, refined
 from medcam3d.napari._lazy import ResampledView, pyramid, source_of
 from medcam3d.napari._reader import read_image
 from medcam3d.napari._scan import CT_WINDOW, display_window
-from medcam3d.napari._service import explain_image, mask_from_heatmap
+from medcam3d.napari._masking import mask_from_heatmap
+from medcam3d.napari._service import explain_image
 from medcam3d.napari._writer import write_heatmap, write_image, write_mask
 from test_napari import CONFIG
 
@@ -241,7 +242,7 @@ def test_viewer_opens_the_oblique_ct_with_reading_aids(make_napari_viewer, tilte
 
 def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, qtbot, tilted_ct):
     """Jump to peak (button and key) puts the slices on the map's peak; isolines toggle; one colour bar per class."""
-    from medcam3d.napari._aids import ISOLINE_LEVELS, ISOLINES_KEY, PEAK_KEY, TICKS
+    from medcam3d.napari._aids import ISOLINE_LEVELS, ISOLINES_3D, ISOLINES_KEY, PEAK_KEY, TICKS
     from medcam3d.napari._service import colour_limits
     from medcam3d.napari._shared import probability_text
     from medcam3d.napari._widget import ExplainWidget
@@ -296,12 +297,23 @@ def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, 
         assert row["ticks"] == TICKS and row["top"] == pytest.approx(shared)
         assert row["own"] == pytest.approx(meta["max"] / shared) and 0 < row["own"] <= 1 + 1e-6
         np.testing.assert_allclose(row["colours"][-1], layer.colormap.map(np.array([1.0]))[0])
-    assert widget.colour_bars.native.layout().count() == 3 * len(heats)  # title, ramp, ticks
+        # What 1 on the bar stands for, in words (not a bare "x 0.00793").
+        if row["own"] == pytest.approx(1.0, abs=1e-6):
+            assert row["scale"] == f"1 = {shared:.3g} (this map's maximum)"
+        else:
+            assert row["scale"] == (f"1 = {shared:.3g} (shared maximum of the maps; this map reaches "
+                                    f"{meta['max'] / shared:.2f})")
+    assert sorted(row["own"] < 1 - 1e-6 for row in rows) == [False, True]  # one map sets the shared scale
+    assert widget.colour_bars.native.layout().count() == 4 * len(heats)  # title, ramp, ticks, scale
+    texts = [widget.colour_bars.native.layout().itemAt(n).widget().text()
+             for n in range(widget.colour_bars.native.layout().count())]
+    assert [row["scale"] for row in rows] == texts[3::4]
 
     # Isolines on one key: the maps hidden, their level outlines shown; the same key brings the maps back.
     keys[ISOLINES_KEY.replace("-", "+")](viewer)
     lines = [layer for layer in viewer.layers if layer.metadata.get("medcam3d") == "isolines"]
     assert len(lines) == 2 and all(line.visible and line.contour == 1 for line in lines)
+    assert all(line.rendering == ISOLINES_3D == "iso_categorical" for line in lines)  # 3D: surfaces, not filled blocks
     assert not any(layer.visible for layer in heats)
     for line, layer in zip(lines, heats):
         assert line.name == f"{layer.name} · isolines" and max(line.data.shape) <= 64
@@ -313,3 +325,37 @@ def test_reading_aids_jump_to_peak_isolines_and_colour_bars(make_napari_viewer, 
         assert line.data[0, 0, 0] == 0 and set(np.unique(line.data)) <= set(range(len(ISOLINE_LEVELS) + 1))
     widget.isolines_button.native.click()
     assert all(layer.visible for layer in heats) and not any(line.visible for line in lines)
+
+
+def test_lazy_view_keeps_the_last_slices_napari_asks_for_again(monkeypatch, tilted_ct):
+    """napari slices the same plane several times while it adds a layer: it is resampled once."""
+    import scipy.ndimage
+
+    _, array, space, _ = tilted_ct
+    levels = pyramid(array, space, axis_aligned_grid(Space(*[layer_grid(array, space)[0].shape],
+                                                          layer_grid(array, space)[1])), fill=-1000.0,
+                     coarsest_voxels=20_000)
+    assert len(levels) > 1
+    calls: list[tuple] = []
+    real = scipy.ndimage.affine_transform
+    monkeypatch.setattr(scipy.ndimage, "affine_transform",
+                        lambda *args, **kwargs: calls.append(kwargs["output_shape"]) or real(*args, **kwargs))
+    full = np.rint(resample(array, space, levels[0].target, fill=-1000.0)).astype(np.int16)
+    first = levels[0][:, :, 11]
+    again = np.asarray(levels[0][:, :][:, :, 11])  # through a sub-view, as napari crops to a tile first
+    assert len(calls) == 1 and np.array_equal(first, again)
+    assert np.mean(np.abs(first.astype(int) - full[:, :, 11]) > 1) <= 1e-3
+    first[:] = 0  # callers get copies: the kept slice is not changed
+    assert np.array_equal(levels[0][:, :, 11], again) and len(calls) == 1
+    levels[-1][:, :, 2], levels[-1][:, :, 2]  # the coarse level shares the record (its own grid)
+    assert len(calls) == 2
+    for k in range(3, 3 + _lazy_recent()):  # older slices are let go
+        levels[0][:, :, k]
+    levels[0][:, :, 11]
+    assert len(calls) == 3 + _lazy_recent()
+
+
+def _lazy_recent() -> int:
+    from medcam3d.napari._lazy import RECENT_REQUESTS
+
+    return RECENT_REQUESTS

@@ -26,7 +26,8 @@ from medcam3d import io  # noqa: E402
 from medcam3d.errors import InputError  # noqa: E402
 from medcam3d.napari import _reader, _workers  # noqa: E402
 from medcam3d.napari._reader import read_image  # noqa: E402
-from medcam3d.napari._service import candidate_layers, explain_image  # noqa: E402
+from medcam3d.napari._models import candidate_layers  # noqa: E402
+from medcam3d.napari._service import explain_image  # noqa: E402
 from _images import oblique_lpi_affine, planted_scan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,7 @@ sys.meta_path.insert(0, NoQt())
 def test_the_service_imports_and_explains_without_qt():
     """The Explain service (model cache, explain, mask and segment steps) runs where Qt cannot be imported."""
     code = NO_QT + textwrap.dedent(f"""
+        import medcam3d.napari._masking as masking
         import medcam3d.napari._service as service
         from medcam3d.napari._reader import read_image
 
@@ -61,8 +63,8 @@ def test_the_service_imports_and_explains_without_qt():
         meta = kwargs["metadata"]
         layers = service.explain_image(data, meta["affine"], {str(CONFIG)!r}, name="case_01", metadata=meta, target=0)
         [(heat, options, _)] = [layer for layer in layers if layer[2] == "image"]
-        mask = service.mask_from_heatmap(heat, options["metadata"]["affine"], metadata=options["metadata"])
-        labels = service.segment_from_heatmap(data, meta["affine"], heat, options["metadata"]["affine"],
+        mask = masking.mask_from_heatmap(heat, options["metadata"]["affine"], metadata=options["metadata"])
+        labels = masking.segment_from_heatmap(data, meta["affine"], heat, options["metadata"]["affine"],
                                               metadata=options["metadata"], scan_metadata=meta)
         blocked = sorted(m for m in sys.modules if m.split(".")[0] in ("qtpy", "PyQt6", "PyQt5", "superqt", "magicgui"))
         print("ok", kind, mask[0][2], labels[0][2], blocked)

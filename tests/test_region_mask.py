@@ -403,3 +403,31 @@ def test_completeness_and_curves_on_torchscript_equal_the_eager_model(tmp_path):
     script_curves = perturbation_curves(torch.jit.script(flat), small[0], heat, 1, steps=4, baseline="zero")
     for mode in ("deletion", "insertion"):
         np.testing.assert_allclose(script_curves[mode].scores, eager_curves[mode].scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradxinput", "occlusion(patch=8)"])
+def test_an_input_level_call_places_the_output_once_and_keeps_that_placement(method, monkeypatch):
+    """The half-resolution output's receptive field is found once per call, in the pass over the user's input (it
+    resolves the Region mask given on the scan's grid and is the result's output_field), not again afterwards."""
+    import medcam3d.placement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, stride=2, padding=1)).eval()
+    affine = np.diag([0.8, 1.2, 2.0, 1.0])
+    scan_space = Space((16, 16, 16), affine)
+    x = MetaTensor(torch.randn(1, 1, 16, 16, 16), affine=torch.from_numpy(affine))
+    inside = np.zeros((16, 16, 16), dtype=np.uint8)
+    inside[4, 4, 4] = 1
+    calls = []
+    found = medcam3d.placement.receptive_field
+
+    def counted(model_, layer, *args, **kwargs):
+        calls.append(layer is model_)  # True: the output's field (the model itself as the "layer")
+        return found(model_, layer, *args, **kwargs)
+
+    monkeypatch.setattr(medcam3d.placement, "receptive_field", counted)
+    result = medcam3d.Explainer(model, method)(x, Region(1, mask=inside, space=scan_space), relu=False)
+    assert calls.count(True) == 1
+    assert result.output_field is not None
+    assert result.output_field.step == (2, 2, 2) and result.output_field.offset == (0, 0, 0)
+    torch.testing.assert_close(result.scores[0, 0], result.logits[0, 1, 2, 2, 2], rtol=0, atol=0)

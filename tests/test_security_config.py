@@ -33,7 +33,8 @@ from medcam3d.errors import (
     UntrustedTransformError,
 )
 from medcam3d.models import build_network, load_model
-from medcam3d.preprocess import MAX_VOXELS, SAFE_TRANSFORMS, build_transforms, preprocess
+from medcam3d.preprocess import SAFE_TRANSFORMS, build_transforms, preprocess
+from medcam3d.preprocess_grid import MAX_VOXELS
 from medcam3d.space import Space
 
 ROOT = Path(__file__).parent.parent
@@ -822,7 +823,7 @@ def test_a_small_scan_with_huge_voxels_is_refused_under_the_demo_config(tmp_path
     took 90 s and 7 GB. Above 256^3 voxels a step may enlarge the scan at most max_voxels / 2^24 times (64)."""
     import nibabel as nib
 
-    from medcam3d.preprocess import GROWTH_FLOOR
+    from medcam3d.preprocess_grid import GROWTH_FLOOR
 
     path = tmp_path / "tiny_40mm.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.diag([40.0, 40.0, 40.0, 1.0])), path)
@@ -1023,7 +1024,7 @@ def test_a_grid_under_the_voxel_limit_that_the_network_refuses_is_refused_before
 
 
 def test_the_predicted_input_shape_is_the_one_the_preprocessing_makes():
-    from medcam3d.preprocess import predict_shape
+    from medcam3d.preprocess_grid import predict_shape
 
     image = preprocess(_image(), [])[0]  # a channel-first MetaTensor
     steps = [{"name": "Orientation", "axcodes": "LPS"}, {"name": "Spacing", "pixdim": [0.7, 1.3, 2.0]},

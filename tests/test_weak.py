@@ -368,6 +368,44 @@ def test_segment_scan_puts_labels_and_boxes_on_the_scan_grid():
                              classes=[]).labels.max() == 0
 
 
+
+def test_a_threshold_labels_the_lesions_the_segmenter_is_unsure_of(tmp_path, capsys):
+    """Probabilities (background, a, b): a sure cube of class a (0.9), an unsure cube of class b
+    (0.3, background 0.4 there), and a faint haze of class a (0.15) elsewhere. The most probable
+    label finds only the sure cube; threshold 0.25 also the unsure one (as class b) and not the haze."""
+
+    class Planted(torch.nn.Module):
+        def forward(self, x):
+            p = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            p[:, 0], p[:, 1], p[:, 2] = 0.8, 0.15, 0.05
+            p[:, :, 2:5, 2:5, 2:5] = torch.tensor([0.05, 0.9, 0.05])[:, None, None, None]
+            p[:, :, 9:12, 9:12, 9:12] = torch.tensor([0.4, 0.3, 0.3 + 1e-3])[:, None, None, None]
+            p[:, :, 9:12, 9:12, 9:11] = torch.tensor([0.4, 0.25, 0.35])[:, None, None, None]
+            return p.log()  # softmax gives p back
+
+    space = Space((16, 16, 16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    x = torch.zeros(1, 16, 16, 16)
+    plain = weak.segment_scan(Planted(), x, space, ["a", "b"], input_space=space)
+    assert [(l.class_name, l.box.voxel_min) for l in plain.lesions] == [("a", (2, 2, 2))]
+    assert (plain.labels == 1).sum() == 27 and (plain.labels == 2).sum() == 0
+    sure = weak.segment_scan(Planted(), x, space, ["a", "b"], input_space=space,
+                             settings=weak.SegmenterSettings(threshold=0.25))
+    assert [(l.class_name, l.box.voxel_min, l.box.voxel_max) for l in sure.lesions] == [
+        ("a", (2, 2, 2), (4, 4, 4)), ("b", (9, 9, 9), (11, 11, 11))]
+    assert (sure.labels == 2).sum() == 27 and (sure.labels == 1).sum() == 27  # the haze (0.15) stays background
+    assert weak.label_voxels(np.array([[0.5], [0.3], [0.2]]), 0.3).tolist() == [1]
+    assert weak.label_voxels(np.array([[0.5], [0.3], [0.2]])).tolist() == [0]
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(UsageError, match=r"threshold must lie in \(0, 1\) \(a probability"):
+            weak.SegmenterSettings(threshold=bad)
+
+    from medcam3d.cli import main
+
+    code = main(["segment", "--config", str(ROOT / "configs" / "demo.yaml"), "--image",
+                 str(ROOT / "data_samples" / "case_01.nii.gz"), "--out", str(tmp_path / "o"), "--threshold", "1.5"])
+    assert code == 2 and "--threshold must be a probability strictly between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

@@ -268,7 +268,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     image = None if not args.image else args.image[0] if len(args.image) == 1 else list(args.image)
     rows = segment_cases(args.config, args.out, image=image, inputs=args.inputs, device=args.device,
-                         trust=args.trust, min_volume_mm3=args.min_volume)
+                         trust=args.trust, min_volume_mm3=args.min_volume,
+                         threshold=args.threshold)
     print_table([{"case": r["case"], "lesions": r["lesions"], "classes": ", ".join(r["classes"]) or "-"} for r in rows])
     print(f"{len(rows)} case(s) segmented: label maps and lesion boxes in {Path(args.out)}/<case>/")
     return 0

@@ -211,23 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     weak_train.add_argument("--seed-method", help="the classifier's map that gives the seeds: any --method of explain "
                                                   "(default: gradxinput*fused, chosen on the demo set; a*b multiplies maps)")
     weak_train.add_argument("--layer", help="the classifier's layer for layer-level seed methods (default: the config's)")
-    weak_train.add_argument("--seed-smooth", type=float, metavar="VOXELS",
-                            help="Gaussian blur of the maps before peaks are sought (default 2.5 input voxels)")
-    weak_train.add_argument("--seed-quantile", type=float, metavar="Q",
-                            help="seed level: this quantile of a class map's maximum over the scans without the class "
-                                 "(default 0.8)")
-    weak_train.add_argument("--max-peaks", type=positive_int, metavar="N",
-                            help="seeded peaks per class and scan (default 1; raise it for several lesions of a class)")
-    weak_train.add_argument("--seed-radius", type=float, metavar="VOXELS",
-                            help="a seeded peak's region: voxels within this distance of it where the map is at least "
-                                 "0.6 x the peak (default 1)")
-    weak_train.add_argument("--background-reach", type=reach, metavar="VOXELS|none",
-                            help="dense background: where every present class is seeded, voxels farther than this from "
-                                 "all seeds are background too (default none: only where the maps are low)")
-    weak_train.add_argument("--size-weight", type=float, metavar="W",
-                            help="weight of the size prior that keeps a present class lesion-sized (default 1; 0: off)")
-    weak_train.add_argument("--size-factor", type=float, metavar="F",
-                            help="size prior bound: F x the seeded peaks' median map extent (default 1)")
+    # how the seeds and the size prior are tuned: each default is the library's (None here)
+    seeding = (
+        ("--seed-smooth", float, "VOXELS", "Gaussian blur of the maps before peaks are sought (default 2.5 input voxels)"),
+        ("--seed-quantile", float, "Q", "seed level: this quantile of a class map's maximum over the scans without the "
+                                        "class (default 0.8)"),
+        ("--max-peaks", positive_int, "N", "seeded peaks per class and scan (default 1; raise it for several lesions of "
+                                           "a class)"),
+        ("--seed-radius", float, "VOXELS", "a seeded peak's region: voxels within this distance of it where the map is "
+                                           "at least 0.6 x the peak (default 1)"),
+        ("--background-reach", reach, "VOXELS|none", "dense background: where every present class is seeded, voxels "
+                                                     "farther than this from all seeds are background too (default none: "
+                                                     "only where the maps are low)"),
+        ("--size-weight", float, "W", "weight of the size prior that keeps a present class lesion-sized (default 1; 0: off)"),
+        ("--size-factor", float, "F", "size prior bound: F x the seeded peaks' median map extent (default 1)"),
+    )
+    for flag, kind, metavar, text in seeding:
+        weak_train.add_argument(flag, type=kind, metavar=metavar, help=text)
     weak_train.add_argument("--network", choices=["unet", "segresnet"], default="unet", help="MONAI network (default unet)")
     weak_train.add_argument("--channels", type=positive_int, nargs="+", metavar="C",
                             help="UNet channels per level (default 8 16 32 64); SegResNet: its init_filters")
@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, help="output folder; results go to OUT/<case>/")
     segment.add_argument("--min-volume", type=float, default=20.0, metavar="MM3",
                          help="drop components smaller than this (default 20 mm^3)")
+    segment.add_argument("--threshold", type=float, default=None, metavar="P",
+                         help="label a voxel with its most probable class where that class's probability is at least P "
+                              "(0 < P < 1; lower finds more of the lesions the segmenter is unsure of); default: the most "
+                              "probable label, background included")
     segment.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     segment.add_argument("--trust", action="store_true", help="allow configs and model files that run code")
 

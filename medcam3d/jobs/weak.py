@@ -139,7 +139,7 @@ def weak_train(config_path: str | Path, out: str | Path, *, inputs: str | Path |
 
 def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path | list | None = None,
                   inputs: str | Path | None = None, device: str = "auto", trust: bool = False,
-                  min_volume_mm3: float = 20.0) -> list[dict]:
+                  min_volume_mm3: float = 20.0, threshold: float | None = None) -> list[dict]:
     """Segment scans with a trained segmenter and write one case folder each.
 
     Parameters
@@ -154,6 +154,9 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
         ``auto``, ``cpu``, ``cuda[:i]``.
     min_volume_mm3 : float
         Smaller components are dropped.
+    threshold : float, optional
+        A foreground probability in (0, 1): a voxel takes its most probable class where that class's
+        probability reaches it (default: the most probable label, background included).
 
     Returns
     -------
@@ -169,6 +172,9 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
         raise UsageError("give --image SCAN or --inputs CSV|FOLDER (one of them).")
     if not min_volume_mm3 >= 0:
         raise UsageError(f"--min-volume must be >= 0 mm³, not {min_volume_mm3}.")
+    if threshold is not None and not (0.0 < threshold < 1.0):
+        raise UsageError(f"--threshold must be a probability strictly between 0 and 1, not {threshold} "
+                         "(leave it out for the most probable label).")
     if inputs is not None:
         cases = collect_cases(inputs)
     else:
@@ -185,7 +191,8 @@ def segment_cases(config_path: str | Path, out: str | Path, *, image: str | Path
     target = resolve_device(device)
     model = model.to(target)
     names = list(config.class_names or [])[1:]
-    settings = weak.SegmenterSettings(network=config.model.network or "", min_volume_mm3=float(min_volume_mm3))
+    settings = weak.SegmenterSettings(network=config.model.network or "", min_volume_mm3=float(min_volume_mm3),
+                                      threshold=threshold)
     transforms = build_transforms(config.preprocessing, trust=trust, source=config.source)
     results = []
     with output_lock(out, "segment"):

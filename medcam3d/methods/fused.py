@@ -145,9 +145,8 @@ class FusedCAM(Method):
         names = [name for name, _ in layers]
         diagnostics = {"stages": names, "stage_shapes": [tuple(m.shape[2:]) for m in stage_maps],
                        "placements": [mode for mode, _ in placements], "cam": self.cam, "combine": self.combination}
-        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=run.target,
-                           logits=run.logits, scores=run.scores, layer="+".join(names), relu=relu,
-                           undone=run.undone, placement=placements[finest], diagnostics=diagnostics)
+        return explanation(engine, run, inputs=inputs, input_affine=input_affine, maps=maps,
+                           layer="+".join(names), relu=relu, placement=placements[finest], diagnostics=diagnostics)
 
     def __repr__(self) -> str:
         return f"FusedCAM(layers={self.layers!r}, cam={self.cam!r}, combine={self.combination!r})"

@@ -70,8 +70,8 @@ class GradientXInput(Method):
         with torch.no_grad():
             reference = baseline_of(inputs.float(), self.baseline, self.sigma)
             maps = (gradients * (inputs.float() - reference).unsqueeze(1)).sum(dim=2)
-        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=run.target,
-                           logits=run.logits, scores=run.scores, layer="input", relu=relu, undone=run.undone)
+        return explanation(engine, run, inputs=inputs, input_affine=input_affine, maps=maps,
+                           layer="input", relu=relu)
 
     def __repr__(self) -> str:
         return f"GradientXInput(baseline={self.baseline!r}, sigma={self.sigma:g})"

@@ -121,9 +121,8 @@ class IntegratedGradients(Method):
             warnings.warn(message, UserWarning, stacklevel=5)
         diagnostics = {"completeness_error": error.cpu(), "score_change": change.cpu(),
                        "relative_completeness_error": relative.cpu(), "steps": self.steps}
-        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=clean.target,
-                           logits=clean.logits, scores=clean.scores, layer="input", relu=relu, undone=clean.undone,
-                           diagnostics=diagnostics)
+        return explanation(engine, clean, inputs=inputs, input_affine=input_affine, maps=maps,
+                           layer="input", relu=relu, diagnostics=diagnostics)
 
     def __repr__(self) -> str:
         return (f"IntegratedGradients(steps={self.steps}, baseline={self.baseline!r}, sigma={self.sigma:g}, "

@@ -10,13 +10,11 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .base import Method
 from .passes import (
+    PerturbationMethod,
     baseline_of,
     batches,
-    check_baseline,
     check_budget,
-    check_positive_int,
     check_sigma,
     explanation,
     repeat_target,
@@ -42,7 +40,7 @@ def starts(size: int, patch: int, stride: int) -> list[int]:
     return found
 
 
-class Occlusion(Method):
+class Occlusion(PerturbationMethod):
     r"""Occlusion: ``map^c(v)`` = mean, over the patches covering voxel ``v``, of ``y^c(x) − y^c(x_P)``.
 
     ``x_P`` is the input with the patch ``P`` replaced by the baseline (by default the input blurred
@@ -68,10 +66,9 @@ class Occlusion(Method):
         What a patch is replaced with (:func:`medcam3d.methods.passes.baseline_of`).
     sigma : float, optional
         Width of the ``"blur"`` baseline in voxels; default a quarter of the patch on each axis.
-    batch_size : int
-        Occluded inputs per forward pass.
-    max_forwards : int
-        The most forward passes one call may run.
+    batch_size, max_forwards : int
+        Occluded inputs per forward pass, and the most forward passes one call may run
+        (:class:`~medcam3d.methods.passes.PerturbationMethod`).
 
     References
     ----------
@@ -79,8 +76,6 @@ class Occlusion(Method):
     """
 
     name = "occlusion"
-    level = "perturbation"
-    needs_gradients = False
 
     def __init__(self, patch: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
                  baseline: str | float = "blur", sigma: float | None = None, batch_size: int = 4,
@@ -90,10 +85,8 @@ class Occlusion(Method):
                 _per_axis(value, label, (0,) if isinstance(value, int) else tuple(0 for _ in value))
         self.patch = patch if patch is None or isinstance(patch, int) else tuple(patch)
         self.stride = stride if stride is None or isinstance(stride, int) else tuple(stride)
-        self.baseline = check_baseline(baseline, self.name)
+        super().__init__(baseline, batch_size, max_forwards)
         self.sigma = None if sigma is None else check_sigma(sigma, "sigma", self.name)
-        self.batch_size = check_positive_int(batch_size, "batch_size", self.name)
-        self.max_forwards = check_positive_int(max_forwards, "max_forwards", self.name)
 
     def geometry(self, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]:
         """Patch size, stride and every patch start for an input of spatial shape ``spatial``."""
@@ -136,9 +129,8 @@ class Occlusion(Method):
                 total[(b, slice(None), *window)] += drops[row].reshape(targets, *([1] * len(spatial)))
         maps = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
         diagnostics = {"patch": patch, "stride": stride, "forwards": len(pairs) + 1}
-        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=clean.target,
-                           logits=clean.logits, scores=clean.scores, layer="input", relu=relu, undone=clean.undone,
-                           diagnostics=diagnostics)
+        return explanation(engine, clean, inputs=inputs, input_affine=input_affine, maps=maps,
+                           layer="input", relu=relu, diagnostics=diagnostics)
 
     def __repr__(self) -> str:
         return (f"Occlusion(patch={self.patch!r}, stride={self.stride!r}, baseline={self.baseline!r}, "

@@ -4,7 +4,7 @@ The input-level methods (:mod:`.gradxinput`, :mod:`.smoothgrad`, :mod:`.integrat
 multi-layer one (:mod:`.fused`) and the perturbation references (:mod:`.occlusion`, :mod:`.scorecam`)
 run their passes through the engine (:meth:`medcam3d.explainer.Explainer._pass`: the model's view,
 eval mode, output activation, target resolution, one batched vector–Jacobian product for all
-classes) and assemble their :class:`~medcam3d.explainer.Explanation` with the engine's
+classes) and assemble their :class:`~medcam3d.explanation.Explanation` with the engine's
 ``_result``. Nothing in this module runs the model itself, and it does not import the engine (which
 imports the methods).
 """
@@ -21,11 +21,13 @@ import torch.nn.functional as F
 
 from ..errors import MethodBudgetError, UsageError
 from ..targets import ClassTarget, RegionTarget, Target
+from .base import Method
 
 if TYPE_CHECKING:  # the engine imports this package: no import cycle at run time
-    from ..explainer import Explainer, Explanation
+    from ..explainer import Explainer
+    from ..explanation import Explanation, Pass
 
-__all__ = ["BASELINES", "baseline_of", "gaussian_blur", "repeat_target", "select_target", "batches", "check_budget",
+__all__ = ["PerturbationMethod", "BASELINES", "baseline_of", "gaussian_blur", "repeat_target", "select_target", "batches", "check_budget",
            "explanation", "input_placement", "feature_grid", "onto", "check_positive_int", "check_sigma"]
 
 #: Reference inputs the input-level and perturbation methods measure against (see :func:`baseline_of`).
@@ -151,6 +153,28 @@ def batches(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
+class PerturbationMethod(Method):
+    """A gradient-free method that scores perturbed copies of the input (occlusion, Score-CAM).
+
+    Parameters
+    ----------
+    baseline : {"blur", "zero", "mean"} or float
+        What the perturbed parts of the input show (:func:`baseline_of`).
+    batch_size : int
+        Perturbed inputs per forward pass.
+    max_forwards : int
+        The most forward passes one call may run (:func:`check_budget`).
+    """
+
+    level = "perturbation"
+    needs_gradients = False
+
+    def __init__(self, baseline: str | float, batch_size: int, max_forwards: int) -> None:
+        self.baseline = check_baseline(baseline, self.name)
+        self.batch_size = check_positive_int(batch_size, "batch_size", self.name)
+        self.max_forwards = check_positive_int(max_forwards, "max_forwards", self.name)
+
+
 def check_budget(method: str, forwards: int, limit: int, what: str, fix: str) -> None:
     """Refuse, before any work, a perturbation that would run more forward passes than allowed.
 
@@ -167,52 +191,37 @@ def check_budget(method: str, forwards: int, limit: int, what: str, fix: str) ->
 
 def explanation(
     engine: Explainer,
+    run: Pass,
     *,
     inputs: torch.Tensor,
     input_affine: np.ndarray | None,
     maps: torch.Tensor,
-    target: Target,
-    logits: torch.Tensor,
-    scores: torch.Tensor,
     layer: str,
     relu: bool,
-    undone: str,
     placement: tuple[str, Any] | None = None,
     diagnostics: dict[str, Any] | None = None,
 ) -> Explanation:
-    """The :class:`~medcam3d.explainer.Explanation` of a method's maps (ReLU applied here when asked).
+    """The :class:`~medcam3d.explanation.Explanation` of a method's maps (ReLU applied here when asked).
 
     Parameters
     ----------
+    run : Pass
+        The pass over the user's input (given ``x``): its target, logits, scores, output activation
+        undone and output placement are the explanation's.
     maps : (B, T, *grid) Tensor
         Signed maps on their grid: the input grid for input-level and occlusion maps, a layer's
         feature grid otherwise.
     layer : str
         ``"input"`` for maps on the input grid; the layer name(s) otherwise.
     placement : (str, ReceptiveField or None), optional
-        How the maps' grid is placed on the input (:meth:`Explainer._placement` of a layer); default:
-        the input grid itself (:func:`input_placement`).
+        How the maps' grid is placed on the input (:func:`medcam3d.placement.layer_placement` of a
+        layer); default: the input grid itself (:func:`input_placement`).
     """
     mode, field = placement if placement is not None else input_placement(engine, inputs.ndim - 2)
     maps = maps.detach().float()
-    if relu:
-        maps = maps.clamp_min(0)
-    return engine._result(
-        maps=maps.contiguous(),
-        targets=target.labels(),
-        logits=logits.detach().float(),
-        scores=scores.detach().float(),
-        class_indices=target.class_indices,
-        layer=layer,
-        relu=relu,
-        input_shape=tuple(inputs.shape[2:]),
-        feature_shape=tuple(maps.shape[2:]),
-        input_affine=input_affine,
-        output_activation=undone,
-        placement=mode,
-        receptive_field=field,
-        diagnostics=dict(diagnostics or {}),
-    )
+    return engine._result(run, maps=maps.clamp_min(0) if relu else maps, layer=layer, relu=relu,
+                          input_shape=tuple(inputs.shape[2:]), input_affine=input_affine, placement=mode,
+                          receptive_field=field, diagnostics=diagnostics)
 
 
 def input_placement(engine: Explainer, ndim: int) -> tuple[str, Any]:

@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 
-from .base import Method
 from .passes import (
+    PerturbationMethod,
     baseline_of,
     batches,
-    check_baseline,
     check_budget,
     check_positive_int,
     check_sigma,
@@ -22,7 +21,7 @@ from .passes import (
 )
 
 
-class ScoreCAM(Method):
+class ScoreCAM(PerturbationMethod):
     r"""Score-CAM with logits: ``map^c = Σ_k s_k^c A_k``, ``s_k^c = y^c(x̄ + (x − x̄) ⊙ M_k) − y^c(x̄)``.
 
     Each channel ``A_k`` of the target layer, resampled linearly onto the input grid (its cells where
@@ -50,10 +49,9 @@ class ScoreCAM(Method):
         What the input shows outside a mask; ``"zero"`` (the paper's) by default.
     sigma : float
         Width of the ``"blur"`` baseline in input voxels.
-    batch_size : int
-        Masked inputs per forward pass.
-    max_forwards : int
-        The most forward passes one call may run.
+    batch_size, max_forwards : int
+        Masked inputs per forward pass, and the most forward passes one call may run
+        (:class:`~medcam3d.methods.passes.PerturbationMethod`).
 
     References
     ----------
@@ -62,16 +60,12 @@ class ScoreCAM(Method):
     """
 
     name = "scorecam"
-    level = "perturbation"
-    needs_gradients = False
 
     def __init__(self, channels: int | None = 64, baseline: str | float = "zero", sigma: float = 2.0,
                  batch_size: int = 4, max_forwards: int = 4096) -> None:
         self.channels = None if channels is None else check_positive_int(channels, "channels", self.name)
-        self.baseline = check_baseline(baseline, self.name)
+        super().__init__(baseline, batch_size, max_forwards)
         self.sigma = check_sigma(sigma, "sigma", self.name)
-        self.batch_size = check_positive_int(batch_size, "batch_size", self.name)
-        self.max_forwards = check_positive_int(max_forwards, "max_forwards", self.name)
 
     def explain(self, engine: Any, inputs: torch.Tensor, x: object, target: object, *, relu: bool,
                 input_affine: Any) -> Any:
@@ -115,9 +109,8 @@ class ScoreCAM(Method):
                                   .expand(-1, -1, *activations.shape[2:]))  # (B, used, *feature)
             maps = torch.einsum("bkt,bk...->bt...", gains, picked)
         diagnostics = {"channels_used": used, "channels": depth, "layer": name, "forwards": len(pairs) + 2}
-        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=clean.target,
-                           logits=clean.logits, scores=clean.scores, layer=name, relu=relu, undone=clean.undone,
-                           placement=placement, diagnostics=diagnostics)
+        return explanation(engine, clean, inputs=inputs, input_affine=input_affine, maps=maps,
+                           layer=name, relu=relu, placement=placement, diagnostics=diagnostics)
 
     def __repr__(self) -> str:
         return (f"ScoreCAM(channels={self.channels}, baseline={self.baseline!r}, batch_size={self.batch_size}, "

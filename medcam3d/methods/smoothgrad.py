@@ -93,9 +93,8 @@ class SmoothGrad(Method):
         with torch.no_grad():
             reference = baseline_of(inputs.float(), self.baseline, self.sigma)
             maps = (total / self.samples * (inputs.float() - reference).unsqueeze(1)).sum(dim=2)
-        return explanation(engine, inputs=inputs, input_affine=input_affine, maps=maps, target=clean.target,
-                           logits=clean.logits, scores=clean.scores, layer="input", relu=relu, undone=clean.undone,
-                           diagnostics={"samples": self.samples, "noise": self.noise})
+        return explanation(engine, clean, inputs=inputs, input_affine=input_affine, maps=maps,
+                           layer="input", relu=relu, diagnostics={"samples": self.samples, "noise": self.noise})
 
     def __repr__(self) -> str:
         return (f"SmoothGrad(samples={self.samples}, noise={self.noise:g}, baseline={self.baseline!r}, "

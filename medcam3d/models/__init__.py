@@ -29,7 +29,7 @@ No silent random weights: a network without a weights file is refused unless the
 MONAI bundles (:func:`load_bundle`, behind trust) are read with MONAI's own
 ``monai.bundle.ConfigParser``: the network is the bundle's ``network_def`` with the weights of
 ``models/model.pt`` (or of ``models/model.ts``), and the preprocessing is the bundle's
-``preprocessing`` chain (:class:`medcam3d.preprocess.BundlePreprocessing`), which returns the model input as a
+``preprocessing`` chain (:class:`medcam3d.preprocess_bundle.BundlePreprocessing`), which returns the model input as a
 MetaTensor with its affine, so maps go back to scanner space as with a medcam3d config.
 
 :func:`check_input_rank` refuses a 2D image for a 3D model (and the reverse) before preprocessing.

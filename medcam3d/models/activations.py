@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_MAX_ACTIVATION_BYTES, _one_line, _short
-from ..errors import InputError, ModelLoadError
+from ..config import DEFAULT_MAX_ACTIVATION_BYTES
+from ..errors import InputError, ModelLoadError, cause_line, short_repr
 from .rules import where
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def estimate_activation_bytes(model: nn.Module, input_shape: Sequence[int], dtyp
     except _NoEstimate:
         return None
     except Exception as error:  # a module that cannot be copied
-        logger.debug("activation estimate: cannot copy %s to the meta device: %s", type(model).__name__, _one_line(error))
+        logger.debug("activation estimate: cannot copy %s to the meta device: %s", type(model).__name__, cause_line(error))
         return None
     live: dict[int, int] = {}
     totals = {"live": 0, "peak": 0}
@@ -173,7 +173,7 @@ def estimate_activation_bytes(model: nn.Module, input_shape: Sequence[int], dtyp
             meta_model(x)
     except Exception as error:  # no meta kernel, a forward that reads values (.item()), a shape the model refuses
         logger.debug("activation estimate: %s cannot run on the meta device for %s: %s", type(model).__name__,
-                     tuple(input_shape), _one_line(error))
+                     tuple(input_shape), cause_line(error))
         return None
     finally:
         for handle in handles:
@@ -252,7 +252,7 @@ def limit_activations(model: nn.Module, max_bytes: int | None = MAX_ACTIVATION_B
         ``model`` itself.
     """
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
-        raise ModelLoadError(f"max_activation_bytes must be a positive int (bytes) or None (no limit), not {_short(max_bytes)}.")
+        raise ModelLoadError(f"max_activation_bytes must be a positive int (bytes) or None (no limit), not {short_repr(max_bytes)}.")
     if isinstance(model, torch.jit.ScriptModule):
         return model
     for key, hook in list(model._forward_pre_hooks.items()):
@@ -268,7 +268,7 @@ def check_activations(model: nn.Module, input_shape: Sequence[int], dtype: torch
     """Refuse, now, an input shape that ``model``'s activation limit would refuse at its forward pass.
 
     Lets a caller that knows the shape of the model's input before making it (the preprocessing's
-    output, predicted from metadata: :func:`medcam3d.preprocess.predict_shape`) refuse it before
+    output, predicted from metadata: :func:`medcam3d.preprocess_grid.predict_shape`) refuse it before
     allocating it. An accepted shape is remembered: the forward pass does not estimate it again.
     Nothing is checked for a model without a limit (see :func:`limit_activations`).
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import _one_line, _short
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, cause_line, short_repr
 from .activations import MAX_ACTIVATION_BYTES, limit_activations
 from .budget import MAX_PARAMETERS, OverBudget, build_budget, count_parameters, over_budget
 from .rules import TRUST_HINT, check_untrusted_args, download_defaults, resolve_untrusted, where
@@ -117,8 +116,8 @@ def build_network(
         if limits is not None and limits.exceeded:
             raise over_budget(network, OverBudget(limits.exceeded), source, max_parameters) from None
         message = (
-            f"{where(source)}model.args: cannot build {network} with args {_short(args)}: "
-            f"{_one_line(error)}. Check the argument names and values against the class's documentation."
+            f"{where(source)}model.args: cannot build {network} with args {short_repr(args)}: "
+            f"{cause_line(error)}. Check the argument names and values against the class's documentation."
         )
         raise ModelLoadError(message) from error
     if not isinstance(model, nn.Module):

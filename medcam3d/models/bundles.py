@@ -1,7 +1,7 @@
 """MONAI bundles (:func:`load_bundle`, behind trust), read with MONAI's own
 ``monai.bundle.ConfigParser``: the network is the bundle's ``network_def`` with the weights of
 ``models/model.pt`` (or of ``models/model.ts``), and the preprocessing is the bundle's
-``preprocessing`` chain (:class:`medcam3d.preprocess.BundlePreprocessing`), which returns the model
+``preprocessing`` chain (:class:`medcam3d.preprocess_bundle.BundlePreprocessing`), which returns the model
 input as a MetaTensor with its affine, so maps go back to scanner space as with a medcam3d config.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_MAX_VOXELS, _one_line
-from ..errors import ConfigError, ModelLoadError, PreprocessingError, UntrustedModelError
-from ..preprocess import BundlePreprocessing
+from ..config import DEFAULT_MAX_VOXELS
+from ..errors import ConfigError, ModelLoadError, PreprocessingError, UntrustedModelError, cause_line
+from ..preprocess_bundle import BundlePreprocessing
 from .activations import MAX_ACTIVATION_BYTES, limit_activations
 from .build import seeded
 from .rules import TRUST_HINT, where
@@ -74,7 +74,7 @@ def _bundle_parser(directory: str | Path, *, source=None, device: str | torch.de
             parser.read_meta(str(meta_file))
         parser.read_config(str(config_file))
     except Exception as error:  # JSON/YAML syntax, unreadable files
-        raise ModelLoadError(f"{where(source)}model.bundle: cannot read {config_file} or {meta_file.name}: {_one_line(error)}") from None
+        raise ModelLoadError(f"{where(source)}model.bundle: cannot read {config_file} or {meta_file.name}: {cause_line(error)}") from None
     parser["bundle_root"] = str(directory)
     if "device" in parser:
         parser["device"] = torch.device(device)
@@ -180,7 +180,7 @@ def _bundle_network(parser, directory: Path, config_file: Path, *, source, rando
         try:
             network = parser.get_parsed_content(key)
         except Exception as error:
-            raise ModelLoadError(f"{where(source)}model.bundle: cannot build {key!r} from {config_file}: {_one_line(error)}") from error
+            raise ModelLoadError(f"{where(source)}model.bundle: cannot build {key!r} from {config_file}: {cause_line(error)}") from error
         if not isinstance(network, nn.Module):
             raise ModelLoadError(f"{where(source)}model.bundle: {key!r} in {config_file} built a {type(network).__name__}, not a torch.nn.Module.")
     if random_weights:
@@ -203,7 +203,7 @@ def _bundle_network(parser, directory: Path, config_file: Path, *, source, rando
         try:
             scripted, _, _ = load_net_with_metadata(str(scripted_file), map_location=torch.device("cpu"))
         except Exception as error:
-            raise ModelLoadError(f"{where(source)}model.bundle: cannot load the TorchScript file {scripted_file}: {_one_line(error)}") from None
+            raise ModelLoadError(f"{where(source)}model.bundle: cannot load the TorchScript file {scripted_file}: {cause_line(error)}") from None
         if network is not None:
             try:
                 load_state(network, scripted.state_dict(), scripted_file, hint=_BUNDLE_WEIGHTS_HINT)
@@ -246,7 +246,7 @@ def _bundle_preprocessing(parser, config_file: Path, metadata: Mapping, max_voxe
     try:
         transform = parser.get_parsed_content("preprocessing")
     except Exception as error:
-        raise PreprocessingError(f"{config_file}: cannot build 'preprocessing': {_one_line(error)}") from error
+        raise PreprocessingError(f"{config_file}: cannot build 'preprocessing': {cause_line(error)}") from error
     if not callable(transform):
         raise PreprocessingError(f"{config_file}: 'preprocessing' built a {type(transform).__name__}, not a transform.")
     return BundlePreprocessing(transform, _input_key(transform, metadata, config_file), config_file, max_voxels)

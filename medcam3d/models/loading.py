@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import DEFAULT_MAX_VOXELS, Config, ModelConfig
 from ..errors import ConfigError, ModelLoadError, UntrustedModelError
-from ..preprocess import BundlePreprocessing
+from ..preprocess_bundle import BundlePreprocessing
 from ..preprocess_nnunet import NnunetPreprocessing
 from .build import build_network, seeded
 from .bundles import bundle_preprocessing, load_bundle

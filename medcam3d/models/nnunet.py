@@ -34,8 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import _one_line, _short
-from ..errors import ModelLoadError, UntrustedNetworkError
+from ..errors import ModelLoadError, UntrustedNetworkError, cause_line, short_repr
 from .activations import MAX_ACTIVATION_BYTES, limit_activations
 from .budget import MAX_PARAMETERS, OverBudget, build_budget, count_parameters, over_budget
 from .build import seeded
@@ -70,7 +69,7 @@ def _require_nnunetv2(what: str) -> None:
         importlib.import_module("nnunetv2.utilities.plans_handling.plans_handler")
         importlib.import_module("dynamic_network_architectures")
     except ImportError as error:
-        raise ModelLoadError(f"{what} needs nnunetv2 ({_one_line(error)}): {NNUNET_INSTALL}.") from None
+        raise ModelLoadError(f"{what} needs nnunetv2 ({cause_line(error)}): {NNUNET_INSTALL}.") from None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -86,7 +85,7 @@ def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
-        raise ModelLoadError(f"{path} is not valid JSON ({what}): {_one_line(error)}.") from None
+        raise ModelLoadError(f"{path} is not valid JSON ({what}): {cause_line(error)}.") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object ({what}), not a {type(data).__name__}.")
     return data
@@ -222,7 +221,7 @@ def _resolve_imports(kwargs: dict, imports: list[str], *, trust: bool, where: st
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ModelLoadError(f"{where}: architecture.arch_kwargs.{key} must be a dotted class name, not {_short(value)}.")
+            raise ModelLoadError(f"{where}: architecture.arch_kwargs.{key} must be a dotted class name, not {short_repr(value)}.")
         if not trust and not (value == "torch.nn" or value.startswith("torch.nn.")):
             message = (f"{where}: architecture.arch_kwargs.{key} names {value!r}, outside torch.nn; importing it runs its "
                        f"code. {TRUST_HINT}.")
@@ -257,7 +256,7 @@ def _build(factory: Any, kwargs: dict, *, trust: bool, name: str, where: str, ma
     except OverBudget as error:
         raise over_budget(name, error, where, max_parameters) from None
     except Exception as error:
-        raise ModelLoadError(f"{where}: cannot build {name} from the plans' arch_kwargs: {_one_line(error)}") from error
+        raise ModelLoadError(f"{where}: cannot build {name} from the plans' arch_kwargs: {cause_line(error)}") from error
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{where}: {name} did not build a torch.nn.Module (got {type(model).__name__}).")
     return model
@@ -288,7 +287,7 @@ def _read_checkpoint(path: Path) -> dict:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError (objects that could run code), corrupt zip, ...
         message = (f"Cannot read {path} with torch.load(weights_only=True) (only tensors and plain data): "
-                   f"{_one_line(error)}. nnU-Net's own checkpoints hold tensors, plain data and NumPy scalars only.")
+                   f"{cause_line(error)}. nnU-Net's own checkpoints hold tensors, plain data and NumPy scalars only.")
         raise ModelLoadError(message) from None
     if isinstance(loaded, dict) and isinstance(loaded.get("network_weights"), dict):
         return loaded
@@ -304,7 +303,7 @@ def _mirror_axes(checkpoint: dict, path: Path, dims: int) -> tuple[int, ...]:
     if (not isinstance(axes, (list, tuple)) or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
             or not all(0 <= a < dims for a in axes) or len(set(axes)) != len(axes)):
         raise ModelLoadError(f"{path}: inference_allowed_mirroring_axes must list distinct spatial axes (0 to {dims - 1}), "
-                             f"not {_short(axes)}.")
+                             f"not {short_repr(axes)}.")
     return tuple(int(a) for a in axes)
 
 
@@ -393,7 +392,7 @@ def load_nnunet(
         label_manager = manager.get_label_manager(dataset)
         patch_size = tuple(int(n) for n in config.patch_size)
     except Exception as error:  # KeyError, TypeError ... from a plans file that is not nnU-Net's
-        raise ModelLoadError(f"{where}: configuration {configuration!r} cannot be read: {_one_line(error)}.") from None
+        raise ModelLoadError(f"{where}: configuration {configuration!r} cannot be read: {cause_line(error)}.") from None
     channels = dataset.get("channel_names", dataset.get("modality"))
     if not isinstance(channels, dict) or not channels:
         raise ModelLoadError(f"{directory / 'dataset.json'} has no channel_names (one name per input channel).")

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
-from ..config import _short, plain_data_problem
-from ..errors import ModelLoadError, UntrustedNetworkError
+from ..config import plain_data_problem
+from ..errors import ModelLoadError, UntrustedNetworkError, short_repr
 
 __all__ = ["NETWORK_NAMESPACES", "NETWORK_FACTORIES", "NETWORKS_NEEDING_TRUST", "ARGUMENTS_NEEDING_TRUST",
            "MAX_ARGUMENT_INT", "TRUST_HINT", "where", "resolve_untrusted", "check_untrusted_args", "download_defaults"]
@@ -125,14 +125,14 @@ def check_untrusted_args(args: Mapping, source) -> None:
     if big is not None:
         key, value = big
         message = (
-            f"{where(source)}{key}: {_short(value)} is larger than {MAX_ARGUMENT_INT:,}, the largest number a config "
+            f"{where(source)}{key}: {short_repr(value)} is larger than {MAX_ARGUMENT_INT:,}, the largest number a config "
             f"may give a network without --trust. Check the value against how the model was trained. {TRUST_HINT}."
         )
         raise ModelLoadError(message)
     for name, value in args.items():
         if name in ARGUMENTS_NEEDING_TRUST and value not in (None, False, "", 0):
             raise _refuse(
-                source, f"model.args.{name}", f"{name}: {_short(value)} makes the network download or read weights when it is built",
+                source, f"model.args.{name}", f"{name}: {short_repr(value)} makes the network download or read weights when it is built",
                 "Without --trust, set it to false and give a state_dict file as model.weights (read with "
                 "torch.load(weights_only=True)).",
             )

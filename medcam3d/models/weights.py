@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import _one_line
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, cause_line
 
 __all__ = ["load_weights", "read_state", "load_state"]
 
@@ -72,7 +71,7 @@ def _weights_only_reason(error: BaseException) -> str:
     operand = re.search(r"Unsupported operand (\d+)", text)
     if operand:
         return f"it is not a PyTorch weights file (pickle opcode {operand.group(1)} is not one torch.save writes)"
-    return f"torch.load(weights_only=True) refused it ({_one_line(error)})"
+    return f"torch.load(weights_only=True) refused it ({cause_line(error)})"
 
 
 def read_state(path: Path, *, trust: bool) -> Mapping:
@@ -86,7 +85,7 @@ def read_state(path: Path, *, trust: bool) -> Mapping:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as full_error:
-                raise ModelLoadError(f"Cannot read weights from {path} (full unpickling, trusted): {_one_line(full_error)}") from None
+                raise ModelLoadError(f"Cannot read weights from {path} (full unpickling, trusted): {cause_line(full_error)}") from None
         elif isinstance(error, pickle.UnpicklingError) and not re.search(r"Unsupported operand \d+", str(error)):
             message = (
                 f"Cannot read weights from {path}: {_weights_only_reason(error)}. Save the weights with "
@@ -102,7 +101,7 @@ def read_state(path: Path, *, trust: bool) -> Mapping:
             raise ModelLoadError(message) from None
         else:
             message = (
-                f"Cannot read weights from {path} (torch.load(weights_only=True)): {_one_line(error)}. Save the weights "
+                f"Cannot read weights from {path} (torch.load(weights_only=True)): {cause_line(error)}. Save the weights "
                 "with torch.save(model.state_dict(), path)."
             )
             raise ModelLoadError(message) from None
@@ -131,5 +130,5 @@ def load_state(model: nn.Module, state: Mapping, path: Path, *, strict: bool = T
     try:
         model.load_state_dict(state, strict=strict)
     except Exception as error:  # e.g. a tensor that cannot be copied into the parameter
-        raise ModelLoadError(f"Cannot load the weights in {path} into {type(model).__name__}: {_one_line(error)}") from None
+        raise ModelLoadError(f"Cannot load the weights in {path} into {type(model).__name__}: {cause_line(error)}") from None
     return model

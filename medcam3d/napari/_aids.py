@@ -3,12 +3,14 @@
 - :func:`colour_bar_rows` and :class:`ColourBars`: one colour bar per heatmap layer (class),
   titled with its class, method and probability, its ticks in fractions of the layer's colour
   maximum (the shared maximum of :func:`._service.colour_limits`: equal colours mean equal
-  values), with the map's own maximum marked as such a fraction; shown in the *Explain* widget
+  values), with the map's own maximum marked as such a fraction and what 1 stands for
+  (``1 = 0.00793 (shared maximum of the maps; this map reaches 0.62)``); shown in the *Explain* widget
   (napari's own ``layer.colorbar`` has no title and ticks in raw map values only);
 - :func:`toggle_isolines` (key :data:`ISOLINES_KEY`): every heatmap drawn as isolines at
   :data:`ISOLINE_LEVELS` of its colour maximum instead of a filled map, and back. The lines are
   the outlines (napari ``contour``) of a Labels layer of the levels, on the map's grid refined to
   :data:`ISOLINE_CELL_MM` voxels (trilinear, as the screen draws the map), in the class's colours;
+  in the 3D view (where napari draws Labels filled) as the surfaces of the levels (:data:`ISOLINES_3D`);
 - :func:`jump_to_peak` (key :data:`PEAK_KEY`, the widget's *Jump to peak* button): the viewer's
   slices move to a heatmap layer's largest value, in world coordinates (RAS mm).
 
@@ -28,7 +30,7 @@ from ._shared import probability_text
 from ._view import AXIS_LABELS, UNITS
 
 __all__ = ["peak_world", "jump_to_peak", "isoline_layer_data", "toggle_isolines", "colour_bar_rows", "ColourBars",
-           "bind_keys", "ISOLINE_LEVELS", "ISOLINE_CELL_MM", "TICKS", "PEAK_KEY", "ISOLINES_KEY"]
+           "bind_keys", "ISOLINE_LEVELS", "ISOLINE_CELL_MM", "TICKS", "PEAK_KEY", "ISOLINES_KEY", "ISOLINES_3D"]
 
 #: Fractions of a heatmap's colour maximum drawn as isolines.
 ISOLINE_LEVELS = (0.25, 0.5, 0.75)
@@ -39,6 +41,9 @@ TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Key bindings of the viewer (napari's key names).
 PEAK_KEY = "Shift-J"
 ISOLINES_KEY = "Shift-I"
+#: How isolines are drawn in the 3D view (napari draws Labels filled there, contour or not): the
+#: surface of each level, the outermost (25 %) in front.
+ISOLINES_3D = "iso_categorical"
 
 # Heatmap layer -> its isoline layer.
 _ISOLINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -167,7 +172,8 @@ def toggle_isolines(viewer: Any) -> bool:
                 _ISOLINES[layer] = lines
             else:
                 lines.data, lines.metadata = data, kwargs["metadata"]
-            lines.contour = 1
+            lines.contour = 1  # 2D: outlines
+            lines.rendering = ISOLINES_3D  # 3D: the surfaces of the levels, not filled blocks
             lines.visible = True
             layer.visible = False
         else:
@@ -186,7 +192,9 @@ def colour_bar_rows(viewer: Any) -> list[dict]:
         One per heatmap layer, in layer order: ``"layer"`` (its name), ``"title"`` (class, method,
         p), ``"top"`` (the colour maximum: the shared maximum on a shared scale), ``"ticks"``
         (:data:`TICKS`, fractions of ``top``), ``"colours"`` ((len(TICKS), 4) RGBA of the layer's
-        colormap at the ticks), ``"own"`` (the map's own maximum as a fraction of ``top``).
+        colormap at the ticks), ``"own"`` (the map's own maximum as a fraction of ``top``) and
+        ``"scale"``: what 1 on the bar is, e.g. ``"1 = 0.00793 (shared maximum of the maps; this map
+        reaches 0.62)"`` or ``"1 = 0.00793 (this map's maximum)"``.
     """
     rows = []
     for layer in _heatmaps(viewer):
@@ -199,9 +207,14 @@ def colour_bar_rows(viewer: Any) -> list[dict]:
             title += f" (p={probability_text(p)})"
         fractions = np.asarray(TICKS, dtype=np.float64)
         own = float(meta.get("max") or 0.0)
+        fraction = own / top if top > 0 else 0.0
+        if abs(fraction - 1.0) <= 1e-6:
+            scale = f"1 = {top:.3g} (this map's maximum)"
+        else:
+            scale = f"1 = {top:.3g} (shared maximum of the maps; this map reaches {fraction:.2f})"
         rows.append({"layer": layer.name, "title": title, "top": top, "ticks": TICKS,
                      "colours": np.asarray(layer.colormap.map(fractions), dtype=np.float32),
-                     "own": own / top if top > 0 else 0.0})
+                     "own": fraction, "scale": scale})
     return rows
 
 
@@ -276,9 +289,10 @@ class ColourBars:
             bar = QLabel()
             bar.setPixmap(QPixmap.fromImage(image))
             bar.setAlignment(Qt.AlignmentFlag.AlignLeft)
-            ticks = QLabel("   ".join(f"{t:g}" for t in row["ticks"]) +
-                           f"  x {row['top']:.3g} (this map's maximum: {row['own']:.2f})")
-            for widget in (title, bar, ticks):
+            ticks = QLabel("   ".join(f"{t:g}" for t in row["ticks"]))
+            scale = QLabel(row["scale"])
+            scale.setWordWrap(True)
+            for widget in (title, bar, ticks, scale):
                 self._layout.addWidget(widget)
 
 

@@ -6,30 +6,40 @@ napari draws 2D slices of a layer only through the in-plane part of its affine (
 :class:`ResampledView` is an array-like napari slices like a NumPy array (``shape``, ``dtype``,
 ``ndim``, ``__getitem__``, ``__array__``): each request (one slice in 2D, a tile of it, or the
 whole volume of a coarse level in 3D) is resampled from the scan's own voxels when asked for,
-slab by slab, by gathering the 8 voxels around each point from the scan as it is stored (nothing
-of it is converted to float or copied); the interpolation is :func:`medcam3d.space.resample`'s.
+slab by slab, straight from the scan as it is stored (one ``scipy.ndimage.affine_transform``
+call per slab: nothing of the scan is converted to float or copied); the interpolation is
+:func:`medcam3d.space.resample`'s.
 :func:`pyramid` gives the
 levels of a napari multiscale image (full resolution, then halved), so that the 3D display, which
 napari draws from the coarsest level, is resampled at a fraction of the cost.
 
-Nothing is cached: a slice costs one small resampling (tens of milliseconds on an 800 x 800
-plane), and memory stays at the scan's own voxels.
+A slice costs one small resampling (about 0.1 s for a 917 x 966 plane of the benchmark CT).
+napari asks for the same plane several times while it adds a layer, so the last few results
+are kept (:class:`Recent`: at most 32 MB of float32); beyond that, memory stays at the scan's
+own voxels.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import Any, cast
 
 import numpy as np
 
 from ..space import Space
 
-__all__ = ["ResampledView", "pyramid", "source_of", "shape_of"]
+__all__ = ["ResampledView", "Recent", "pyramid", "source_of", "shape_of", "RECENT_REQUESTS", "RECENT_VOXELS"]
 
 #: Output voxels resampled per step (bounds the work arrays of one request: about 60 bytes a voxel).
 SLAB_VOXELS = 1 << 20
 _TOL = 1e-5  # voxels: the field of view's edge, as medcam3d.space.resample
+#: Resampled requests kept per view (with its sub-views and pyramid levels): napari slices the same plane
+#: several times while it adds a layer (thumbnail, tiles, a redraw).
+RECENT_REQUESTS = 8
+#: The largest request kept (voxels): an axial slice of a 1024 x 1024 display grid.
+RECENT_VOXELS = 1 << 20
 
 
 class ResampledView:
@@ -56,7 +66,7 @@ class ResampledView:
     """
 
     def __init__(self, source: np.ndarray, source_space: Space, target: Space, *, fill: float = 0.0,
-                 mode: str = "linear") -> None:
+                 mode: str = "linear", recent: Recent | None = None) -> None:
         if source.ndim != 3 or target.ndim != 3 or tuple(source.shape) != tuple(source_space.shape):
             raise ValueError(f"ResampledView takes a 3D array on its 3D grid, not {source.shape} on {source_space.shape} "
                              f"-> {target.shape}.")
@@ -70,6 +80,7 @@ class ResampledView:
         self.ndim = 3
         self.size = math.prod(self.shape)
         self.held_nbytes = int(source.nbytes)
+        self._recent = recent if recent is not None else Recent()  # shared with sub-views and pyramid levels
         # Target voxel -> source voxel (homogeneous 4x4).
         self._to_source = np.linalg.inv(source_space.affine) @ target.affine
 
@@ -100,7 +111,8 @@ class ResampledView:
                 return self
             if 0 not in counts:
                 sub = _subgrid(self.target.affine, starts, steps, (counts[0], counts[1], counts[2]), 0)
-                return ResampledView(self.source, self.source_space, sub, fill=self.fill, mode=self.mode)
+                return ResampledView(self.source, self.source_space, sub, fill=self.fill, mode=self.mode,
+                                     recent=self._recent)
         out = self._values(starts, steps, counts)
         return out.squeeze(axis=squeeze) if squeeze else out
 
@@ -120,17 +132,25 @@ class ResampledView:
     def _resample(self, sub: Space) -> np.ndarray:
         """The source sampled at the voxel centres of ``sub`` (trilinear or nearest, as :func:`medcam3d.space.resample`).
 
-        Gathers the 8 (or 1) source voxels around each point straight from the source array, in
-        its own type and memory order: nothing of the source is converted or copied.
+        Trilinear: one :func:`scipy.ndimage.affine_transform` call (order 1, edge values
+        repeated up to the field of view's edge, then ``fill`` beyond it), reading the source
+        as it is stored (its own type and memory order: nothing is converted or copied).
+        Nearest: the source voxel whose cell holds each point.
         """
+        key = (tuple(sub.shape), np.round(np.asarray(sub.affine, dtype=np.float64), 6).tobytes())
+        with self._recent.lock:
+            found = self._recent.get(key)
+        if found is not None:
+            return found.copy()
         to_source = np.linalg.inv(self.source_space.affine) @ sub.affine
-        grids = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in sub.shape), indexing="ij", copy=False)
         n_source = self.source.shape
-        coords = []
         inside = np.ones(sub.shape, dtype=bool)
+        coords = []
+        ranges = [np.arange(n, dtype=np.float64).reshape([-1 if b == a else 1 for b in range(3)])
+                  for a, n in enumerate(sub.shape)]
         for axis in range(3):
             row = to_source[axis]
-            c = row[3] + sum(row[b] * grids[b] for b in range(3) if row[b] != 0.0)
+            c = row[3] + sum(row[b] * ranges[b] for b in range(3) if row[b] != 0.0)
             c = np.broadcast_to(np.asarray(c, dtype=np.float64), sub.shape)
             inside &= (c >= -0.5 - _TOL) & (c <= n_source[axis] - 0.5 + _TOL)
             coords.append(c)
@@ -138,29 +158,46 @@ class ResampledView:
             index = tuple(np.clip(np.floor(c + 0.5), 0, n - 1).astype(np.intp) for c, n in zip(coords, n_source))
             out = self.source[index].astype(self.dtype, copy=False)
             out[~inside] = self.fill
-            return out
-        lower, weight = [], []
-        for c, n in zip(coords, n_source):
-            clamped = np.clip(c, 0.0, max(n - 1, 0))
-            low = np.minimum(np.floor(clamped), max(n - 2, 0)).astype(np.intp)
-            lower.append(low)
-            weight.append((clamped - low).astype(np.float32) if n > 1 else np.zeros(sub.shape, np.float32))
+            return self._recent.keep(key, out)
         del coords
-        values = np.zeros(sub.shape, dtype=np.float32)
-        for corner in range(8):
-            bits = [(corner >> (2 - axis)) & 1 for axis in range(3)]
-            index = tuple(np.minimum(low + bit, n - 1) for low, bit, n in zip(lower, bits, n_source))
-            w = np.ones(sub.shape, dtype=np.float32)
-            for axis, bit in enumerate(bits):
-                w *= weight[axis] if bit else 1.0 - weight[axis]
-            values += w * self.source[index]
+        from scipy.ndimage import affine_transform
+
+        values = affine_transform(self.source, to_source[:3, :3], offset=to_source[:3, 3], output_shape=sub.shape,
+                                  output=np.float32, order=1, mode="nearest", prefilter=False)
         values[~inside] = self.fill
         if self.dtype.kind in "iub":
             np.rint(values, out=values)
             if self.dtype.kind in "iu":
                 info = np.iinfo(cast(Any, self.dtype))
                 np.clip(values, info.min, info.max, out=values)
-        return values.astype(self.dtype, copy=False)
+        return self._recent.keep(key, values.astype(self.dtype, copy=False))
+
+
+class Recent:
+    """The last few resampled requests of a view and its sub-views (napari asks for a slice several times).
+
+    At most :data:`RECENT_REQUESTS` results of at most :data:`RECENT_VOXELS` voxels each are kept
+    (a few slices: at most 32 MB of float32); callers get copies. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key: Any) -> np.ndarray | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def keep(self, key: Any, values: np.ndarray) -> np.ndarray:
+        """Remember ``values`` for ``key`` (when small enough) and return them."""
+        if values.size <= RECENT_VOXELS:
+            with self.lock:
+                self._items[key] = values.copy()
+                while len(self._items) > RECENT_REQUESTS:
+                    self._items.popitem(last=False)
+        return values
 
 
 def _parse(key: Any, shape: tuple[int, ...]) -> tuple[list[int], list[int], list[int], tuple[int, ...]]:
@@ -217,6 +254,7 @@ def pyramid(source: np.ndarray, source_space: Space, target: Space, *, fill: flo
         Decreasing shapes; one level when ``target`` is already small.
     """
     levels = [ResampledView(source, source_space, target, fill=fill)]
+    recent = levels[0]._recent
     factor = 1
     while levels[-1].size > coarsest_voxels and min(levels[-1].shape) > 8:
         factor *= 2
@@ -224,7 +262,7 @@ def pyramid(source: np.ndarray, source_space: Space, target: Space, *, fill: flo
         # Level voxel i covers full-resolution voxels factor*i ... factor*i + factor - 1: its centre.
         local = np.diag([float(factor)] * 3 + [1.0])
         local[:3, 3] = (factor - 1) / 2.0
-        levels.append(ResampledView(source, source_space, Space(shape, target.affine @ local), fill=fill))
+        levels.append(ResampledView(source, source_space, Space(shape, target.affine @ local), fill=fill, recent=recent))
     return levels
 
 

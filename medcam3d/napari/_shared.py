@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from ..space import Space
 from ._grid import napari_affine
 from ._view import AXIS_LABELS, UNITS
 
 __all__ = ["Step", "run_steps", "checksum", "file_stamp", "ascii_text", "probability_text", "heatmap_name", "heatmap_colormap",
-           "heatmap_layer_kwargs"]
+           "heatmap_layer_kwargs", "grid_space"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,17 @@ def heatmap_layer_kwargs(name: str, affine: Any, class_index: int, top: float, m
         "units": UNITS,
         "metadata": metadata,
     }
+
+
+def grid_space(shape: Any, affine: Any) -> Space:
+    """The 3D grid of a layer's data: ``shape`` with its voxel -> RAS mm ``affine``.
+
+    Raises
+    ------
+    ValueError
+        For data that is not 3D (medcam3d explains, thresholds and segments 3D scans).
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3:
+        raise ValueError(f"medcam3d explains 3D scans; this layer has shape {shape} ({len(shape)}D).")
+    return Space(shape, np.asarray(affine, dtype=np.float64))

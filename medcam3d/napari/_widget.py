@@ -1,10 +1,10 @@
 """The *Explain* dock widget: a thin Qt shell around :mod:`._service`.
 
 :class:`ExplainWidget` is a magicgui container that runs the service's step generators
-(:func:`._service.explain_steps`, :func:`._service.segment_steps`, :func:`._service.listing_steps`)
+(:func:`._service.explain_steps`, :func:`._masking.segment_steps`, :func:`._models.listing_steps`)
 in worker threads (:mod:`._workers`: ``napari.qt.threading.thread_worker``, cancellable between
 steps), shows their progress, adds their layers to the viewer and reports errors as napari
-notifications; *Threshold to mask* (:func:`._service.mask_steps`) runs in a worker too (progress,
+notifications; *Threshold to mask* (:func:`._masking.mask_steps`) runs in a worker too (progress,
 *Cancel*).
 
 Results never overwrite work: every mask is a new Labels layer (so napari's undo history of an
@@ -23,74 +23,26 @@ from typing import Any, cast
 
 import numpy as np
 from magicgui.types import FileDialogMode
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton,
+                              Select)
 
 import medcam3d
-from ._service import (ALL_CLASSES, AUTO, SCALES, THRESHOLD_METHODS, THRESHOLD_RANGE, Step, any_listing, cached_layers,
-                       colour_limits, explain_steps, is_foreign, layer_placement, listing_steps, mask_steps,
-                       segment_steps)
+from ._masking import THRESHOLD_METHODS, THRESHOLD_RANGE, mask_steps, segment_steps
+from ._models import any_listing, cached_layers, input_channels, listing_steps
+from ._results import add_result, apply_colour_scale
+from ._service import ALL_CLASSES, AUTO, SCALES, explain_steps, is_foreign, layer_placement
 from ._aids import ColourBars, bind_keys, jump_to_peak, toggle_isolines
-from ._shared import probability_text
+from ._shared import Step, probability_text
 from ._view import VIEWS, apply_display_style, follow_ndisplay, set_view
 from ._workers import Failure, guarded, message, start
 from ._writer import prefer_medcam3d_writers
 
-__all__ = ["ExplainWidget", "apply_colour_scale", "DEMO_CONFIG"]
+__all__ = ["ExplainWidget", "DEMO_CONFIG"]
 
 logger = logging.getLogger(__name__)
 
 #: The demo config of a source checkout (preselected in the widget when present).
 DEMO_CONFIG = Path(medcam3d.__file__).parent.parent / "configs" / "demo.yaml"
-
-
-def _unique_name(viewer: Any, name: str) -> str:
-    if name not in viewer.layers:
-        return name
-    number = 2
-    while f"{name} [{number}]" in viewer.layers:
-        number += 1
-    return f"{name} [{number}]"
-
-
-_PROVENANCE = ("medcam3d", "source", "method", "layer", "class_index", "config", "input_shape")
-
-
-def _add_result(viewer: Any, data: Any, kwargs: dict, kind: str):
-    """Add a result layer without touching the user's work.
-
-    A heatmap with the same name and provenance (the same scan, config, method, layer and class)
-    is refreshed in place (images have no undo history; the user's display settings stay), the
-    same field of view is kept as it is; anything else is a new layer, under a unique name
-    (``name [2]``).
-    """
-    from napari.layers import Image, Layer
-
-    name = kwargs["name"]
-    existing = viewer.layers[name] if name in viewer.layers else None
-    new_meta = kwargs.get("metadata", {})
-    if existing is not None and new_meta.get("medcam3d") == "fov" and \
-            all((existing.metadata or {}).get(k) == new_meta.get(k) for k in _PROVENANCE):
-        return existing  # the same model's view of the same scan: already outlined
-    if kind == "image" and isinstance(existing, Image):
-        old, new = existing.metadata or {}, kwargs.get("metadata", {})
-        if all(old.get(k) == new.get(k) for k in _PROVENANCE) and existing.data.shape == np.shape(data):
-            existing.affine = kwargs["affine"]
-            existing.data = data
-            existing.metadata = new
-            return existing
-    kwargs = {**kwargs, "name": _unique_name(viewer, name)}
-    layer = viewer.add_layer(Layer.create(data, kwargs, kind))
-    if kind == "labels":
-        layer.contour = 1  # an outline in 2D: the heatmap and scan stay visible inside
-    return layer
-
-
-def apply_colour_scale(viewer: Any, scale: str = SCALES[0]) -> None:
-    """Set the contrast limits of every medcam3d heatmap in ``viewer`` by :func:`colour_limits`."""
-    heatmaps = [layer for layer in viewer.layers if (layer.metadata or {}).get("medcam3d") == "heatmap"]
-    for layer, limits in zip(heatmaps, colour_limits([layer.metadata for layer in heatmaps], scale)):
-        layer.contrast_limits = limits
-
 
 
 def _while_open(callback):
@@ -122,7 +74,7 @@ class ExplainWidget(Container):
     on the grid the scan is shown on, coloured per class on the chosen colour scale, with the
     model's field of view as an outline when the model does not see the whole scan. *Threshold
     to mask* turns the chosen heatmap into a new labels layer and a box (reported in mm), in a worker;
-    *Segment* segments the chosen heatmap's class from the scan (:func:`._service.segment_from_heatmap`, in a worker) into
+    *Segment* segments the chosen heatmap's class from the scan (:func:`._masking.segment_from_heatmap`, in a worker) into
     a new labels layer and lesion boxes. Errors become napari notifications.
 
     Parameters
@@ -150,6 +102,10 @@ class ExplainWidget(Container):
         from qtpy.QtCore import QTimer
 
         image_layer = ComboBox(label="image", tooltip="The scan to explain.")
+        channels = Select(label="more channels", visible=False,
+                          tooltip="The model takes several input channels (e.g. MR sequences): the scan above is "
+                                  "channel 0; pick the other channels' image layers (in the layer list's order). "
+                                  "A layer on another grid is resampled onto the scan's, with a warning.")
         config = FileEdit(label="config", mode=FileDialogMode.EXISTING_FILE, filter="*.yaml *.yml",
                           value=DEMO_CONFIG if DEMO_CONFIG.is_file() else None,
                           tooltip="medcam3d YAML config: model, class names, preprocessing.")
@@ -191,7 +147,7 @@ class ExplainWidget(Container):
                                                                     "of their colour maximum, or filled (key Shift-I).")
         aid_row = Container(widgets=[peak_button, isolines_button], layout="horizontal", labels=False)
         super().__init__(widgets=[
-            image_layer, config, method, target_layer, target_class, output_activation, trust, scale, buttons,
+            image_layer, channels, config, method, target_layer, target_class, output_activation, trust, scale, buttons,
             progress, status,
             Label(value="Threshold a heatmap into a mask:"), heatmap, threshold_method, threshold_value,
             keep_largest, mask_row, box, view_row, aid_row,
@@ -213,6 +169,8 @@ class ExplainWidget(Container):
         self._run_token = -1  # the status token of the last explanation
         self._warned: weakref.WeakSet = weakref.WeakSet()  # foreign layers already warned about
         self.image_layer, self.config, self.method = image_layer, config, method
+        self.channels = channels
+        self.input_channels = 1  # what the config's network takes (its in_channels)
         self.target_layer, self.target_class, self.trust, self.scale = target_layer, target_class, trust, scale
         self.output_activation = output_activation
         self.run_button, self.cancel_button, self.progress, self.status = run_button, cancel_button, progress, status
@@ -229,6 +187,7 @@ class ExplainWidget(Container):
         self._config_layer = AUTO
         self._targets: dict[str, object] = {}
         self.image_layer.choices = self._scan_choices
+        self.channels.choices = self._channel_choices
         self.method.choices = self._method_choices
         self.heatmap.choices = self._heatmap_choices
         self.target_class.choices = self._class_choices
@@ -241,6 +200,7 @@ class ExplainWidget(Container):
         self._refresh_timer.timeout.connect(self._refresh_target_layers)
         self.config.changed.connect(self._on_config_changed)
         self.image_layer.changed.connect(self._schedule_refresh)
+        self.image_layer.changed.connect(lambda _=None: self.channels.reset_choices())  # the scan is no other channel
         self.trust.changed.connect(self._schedule_refresh)
         self.scale.changed.connect(self._on_scale_changed)
         self.run_button.changed.connect(self.run)
@@ -301,6 +261,9 @@ class ExplainWidget(Container):
         images = [layer for layer in self._viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
         scans = [layer for layer in images if (layer.metadata or {}).get("medcam3d") != "heatmap"]
         return [(layer.name, layer) for layer in scans]
+
+    def _channel_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        return [(name, layer) for name, layer in self._scan_choices() if layer is not self.image_layer.value]
 
     def _class_choices(self, _widget=None) -> list[str]:
         return self._classes
@@ -369,6 +332,8 @@ class ExplainWidget(Container):
         self._classes = [ALL_CLASSES, *names, *self._targets]
         self.target_class.reset_choices()
         self.target_class.value = target
+        self.input_channels = (None if config is None else input_channels(config)) or 1
+        self.channels.visible = self.input_channels > 1  # a multi-channel model: pick the other channels
         if config is not None:  # the config's defaults, as medcam3d explain takes them
             self._methods = list(medcam3d.METHODS) + ([config.method] if config.method not in medcam3d.METHODS else [])
             self.method.reset_choices()
@@ -474,12 +439,14 @@ class ExplainWidget(Container):
             show_error("medcam3d: choose a config file (a .yaml with the model, e.g. configs/demo.yaml).")
             return None
         affine, metadata = self._placement(layer)
+        extra = [other for other in (self.channels.value or []) if other is not layer] if self.input_channels > 1 else []
+        channels = [(other.data, *self._placement(other), other.name) for other in extra]
         choice = self.target_class.value
         target = "all" if choice == ALL_CLASSES else self._targets.get(choice, choice)
         worker = thread_worker(guarded, start_thread=False)(
             explain_steps, layer.data, affine, path, method=self.method.value, layer=self.target_layer.value,
             target=target, name=layer.name, metadata=metadata, trust=self.trust.value, device="auto",
-            output_activation=self.output_activation.value,
+            output_activation=self.output_activation.value, channels=channels,
         )
         self._status_token += 1
         token = self._run_token = self._status_token
@@ -542,15 +509,17 @@ class ExplainWidget(Container):
 
     @_while_open
     def _on_explained(self, result, name: str, token: int, request: tuple) -> None:
-        from napari.utils.notifications import show_error
+        from napari.utils.notifications import show_error, show_warning
 
         if isinstance(result, Failure):
             text = f"medcam3d could not explain {name}: {message(result.error)}"
             self._set_status(text, token)
             show_error(text)
             return
-        added = [_add_result(self._viewer, *item) for item in result]
+        added = [add_result(self._viewer, *item) for item in result]
         heatmaps = [layer for layer in added if layer.metadata.get("medcam3d") == "heatmap"]
+        for note in heatmaps[0].metadata.get("channel_notes", []) if heatmaps else []:
+            show_warning(f"medcam3d: {note}")  # a channel on another grid, resampled onto the scan's
         apply_colour_scale(self._viewer, self.scale.value)
         apply_display_style(self._viewer)
         self.reset_choices()
@@ -579,7 +548,7 @@ class ExplainWidget(Container):
     def make_mask(self, _value=None):
         """Threshold the chosen heatmap into a new labels layer (and its box) in a worker thread.
 
-        Runs :func:`._service.mask_steps` off the UI thread (steps in the progress bar, *Cancel*
+        Runs :func:`._masking.mask_steps` off the UI thread (steps in the progress bar, *Cancel*
         stops it between steps and adds nothing); its ``returned`` signal adds the layers, which
         :attr:`masked` then holds. Returns the worker (None on bad input).
         """
@@ -641,7 +610,7 @@ class ExplainWidget(Container):
             self.box.value = ""  # no stale box from an earlier threshold
             show_error(f"medcam3d: cannot threshold {name}: {message(result.error)}")
             return
-        added = [_add_result(self._viewer, *item) for item in result]
+        added = [add_result(self._viewer, *item) for item in result]
         self.masked = added
         box = result[0][1]["metadata"]["box"]
         if box is None:
@@ -654,7 +623,7 @@ class ExplainWidget(Container):
     # ---------------------------------------------------------------- segment
     def make_segmentation(self, _value=None):
         """Segment the chosen heatmap's class from the chosen scan in a worker thread
-        (:func:`._service.segment_steps`) into a new labels layer on the scan's grid, with a shapes
+        (:func:`._masking.segment_steps`) into a new labels layer on the scan's grid, with a shapes
         layer of the lesion boxes; returns the worker (None on bad input). Its ``returned`` signal
         adds the layers; :attr:`segmented` then holds them."""
         from napari.qt.threading import thread_worker
@@ -699,7 +668,7 @@ class ExplainWidget(Container):
             self.box.value = ""  # no stale report from an earlier mask
             show_error(f"medcam3d: cannot segment {names[0]} from {names[1]}: {message(result.error)}")
             return
-        added = [_add_result(self._viewer, *item) for item in result]
+        added = [add_result(self._viewer, *item) for item in result]
         self.segmented = added
         lesions = result[0][1]["metadata"]["lesions"]
         if not lesions:

@@ -59,7 +59,7 @@ and the size prior), :mod:`~medcam3d.weak.refinement` (the local CRF),
 from __future__ import annotations
 
 from .losses import constrain_loss, expand_loss, gwrp, seed_loss, size_loss
-from .prediction import SegmenterSettings, predict, segment_scan
+from .prediction import SegmenterSettings, label_voxels, predict, segment_scan
 from .refinement import refine
 from .seeds import (DEFAULT_SEED_METHOD, IGNORE, SeedSettings, Seeds, calibrate_levels, class_maps, find_seeds, map_extent,
                     seed_maps, seed_methods, smooth_map)
@@ -87,6 +87,7 @@ __all__ = [
     "expand_loss",
     "find_seeds",
     "gwrp",
+    "label_voxels",
     "load_segmenter",
     "make_network",
     "map_extent",

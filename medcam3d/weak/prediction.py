@@ -11,10 +11,10 @@ import torch
 from scipy import ndimage
 
 from ..errors import InputError
-from ..settings import Settings
+from ..settings import Settings, check_number, check_range, check_whole
 from ..space import Resampler, Space
 
-__all__ = ["SegmenterSettings", "predict", "segment_scan"]
+__all__ = ["SegmenterSettings", "label_voxels", "predict", "segment_scan"]
 
 _FULL = ndimage.generate_binary_structure(3, 3)  # 26-connectivity
 
@@ -32,12 +32,25 @@ class SegmenterSettings(Settings):
         Components smaller than this are dropped.
     margin : int
         Input voxels added around the candidate region before resampling to the scan.
+    threshold : float or None
+        ``None`` (default): each voxel takes its most probable label, background included. A
+        probability in (0, 1): a voxel takes its most probable foreground class where that class's
+        probability is at least ``threshold``, otherwise background (below 0.5 this finds lesions
+        the segmenter is unsure of, at the cost of larger and more false components).
     """
 
     method: str = "learned"
     network: str = ""
     min_volume_mm3: float = 20.0
     margin: int = 2
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        check_number(self.min_volume_mm3, "min_volume_mm3")
+        check_whole(self.margin, "margin", minimum=0)
+        if self.threshold is not None:
+            check_range(self.threshold, "threshold", 0.0, 1.0, low_open=True, high_open=True,
+                        note=" (a probability; leave it unset for the most probable label)")
 
 
 @torch.no_grad()
@@ -51,14 +64,30 @@ def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was)
 
 
+def label_voxels(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Labels ``(*S)`` from probabilities ``(K, *S)`` (channel 0 background; excluded classes set below 0).
+
+    Without ``threshold`` the most probable channel; with it, the most probable foreground channel
+    where its probability is at least ``threshold`` and 0 elsewhere.
+    """
+    if threshold is None:
+        return probabilities.argmax(0)
+    foreground = probabilities[1:]
+    best = foreground.argmax(0)
+    confident = np.take_along_axis(foreground, best[None], 0)[0] >= threshold
+    return np.where(confident, best + 1, 0)
+
+
 def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, class_names: Sequence[str | None], *,
                  input_space: Any = None, settings: SegmenterSettings = SegmenterSettings(), classes: Iterable[int] | None = None):
     """Segment one preprocessed scan with a trained segmenter, on the scan's grid.
 
     The probabilities are computed on the model's input grid and resampled (trilinear, the
     preprocessing's affine inverted exactly) onto the scan's voxels only inside the box where a
-    class may win (any class probability above 0.1, plus ``margin`` voxels); each voxel takes the
-    most probable label there, and each class's connected components (26-connectivity, at least
+    class may win (any class probability above 0.1, or above ``settings.threshold`` if lower, plus
+    ``margin`` voxels); each voxel takes the most probable label there (or, with
+    ``settings.threshold``, its most probable foreground class where that reaches the threshold),
+    and each class's connected components (26-connectivity, at least
     ``min_volume_mm3``) are its lesions, with boxes in voxels and in RAS mm.
 
     Parameters
@@ -99,7 +128,8 @@ def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, cl
     for c in range(len(names)):
         if c not in wanted:
             foreground[c] = 0.0
-    candidate = (foreground > 0.1).any(0).numpy()
+    floor = 0.1 if settings.threshold is None else min(0.1, settings.threshold)
+    candidate = (foreground >= floor).any(0).numpy()
     lesions: list = []
     if candidate.any():
         where = np.argwhere(candidate)
@@ -117,7 +147,7 @@ def segment_scan(model: torch.nn.Module, x: torch.Tensor, scanner_space: Any, cl
         for c in range(len(names)):
             if c not in wanted:
                 crop[c + 1] = -1.0
-        winner = crop.argmax(0).astype(labels.dtype)
+        winner = label_voxels(crop, settings.threshold).astype(labels.dtype)
         box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
         labels[box] = winner
         voxel_mm3 = float(abs(np.linalg.det(scan.affine[:3, :3])))
