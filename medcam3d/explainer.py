@@ -20,7 +20,8 @@ from torch import nn
 
 from .errors import ExplainerMemoryError, InferenceModeError, InputError, LayerError, ProbabilityOutputWarning
 from .explanation import Explanation, Pass
-from .hooks import ActivationCapture, InputCapture, counterpart, isolated_model, model_lock
+from .capture import ActivationCapture, InputCapture
+from .hooks import counterpart, isolated_model, model_lock
 from .cam_head import find_cam_head, linear_head
 from .input_rank import expected_spatial_dims, rank_mismatch_message
 from .layers import auto_layer, resolve_layer

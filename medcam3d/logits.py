@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import InputError, LayerError, Medcam3dError, ModelForwardError, ModelOutputError, ProbabilityOutputWarning
-from .hooks import ActivationCapture, InputCapture
+from .capture import ActivationCapture, InputCapture
 from .model_io import OutputActivation, OutputActivationWatch, first_tensor, logits_from_probabilities, looks_like_probabilities
 from .torchscript import script_error_reason
 

@@ -295,7 +295,7 @@ class OutputActivationWatch:
     submodule). Function calls are not watched in a model with ``torch.compile``-d parts (Dynamo
     would trace the watcher itself, again and again): there only modules count. The model itself,
     when scripted, is left to the captures
-    (:class:`medcam3d.hooks.ActivationCapture` splits its graph, :class:`medcam3d.hooks.InputCapture`
+    (:class:`medcam3d.capture.ActivationCapture` splits its graph, :class:`medcam3d.capture.InputCapture`
     runs it with that second output), and so are the submodules in ``skip``.
 
     Parameters
@@ -303,7 +303,7 @@ class OutputActivationWatch:
     model : nn.Module
     skip : iterable of nn.Module
         Scripted submodules that a capture already recomputes (see
-        :attr:`medcam3d.hooks.ActivationCapture.intercepted`).
+        :attr:`medcam3d.capture.ActivationCapture.intercepted`).
     """
 
     def __init__(self, model: nn.Module, skip: Iterable[nn.Module | None] = ()) -> None:

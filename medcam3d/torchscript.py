@@ -25,7 +25,7 @@ except that the TorchScript executor may keep its own profiling state for the co
 
 A scripted (``torch.jit.script``) or traced (``torch.jit.trace``) network, saved and loaded with
 ``torch.jit.save``/``torch.jit.load``, works the same way; so does a scripted submodule of a plain
-``nn.Module`` (see :class:`medcam3d.hooks.ActivationCapture`).
+``nn.Module`` (see :class:`medcam3d.capture.ActivationCapture`).
 
 Layers listed by :func:`probe_script` are the ones a split can reach: modules called once, at the
 top level of the graph flattened down to the leaves.

@@ -16,6 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medcam3d"
 ENGINE = ("medcam3d.explainer", "medcam3d.explanation", "medcam3d.logits", "medcam3d.placement", "medcam3d.methods", "medcam3d.hooks",
+          "medcam3d.capture",
           "medcam3d.targets", "medcam3d.layers", "medcam3d.cam_head", "medcam3d.input_rank", "medcam3d.output_grids",
           "medcam3d.torchscript", "medcam3d.sliding",
           "medcam3d.model_io")

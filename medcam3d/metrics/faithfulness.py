@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import ActivationCapture, counterpart, isolated_model, model_lock
+from ..capture import ActivationCapture
+from ..hooks import counterpart, isolated_model, model_lock
 from ..cam_head import linear_head
 from ..model_io import first_tensor, model_output, to_model_input
 from ..targets import probabilities
@@ -387,7 +388,7 @@ def _is_linear(module: nn.Module) -> bool:
 def _head_of(model: nn.Module, name: str, module: nn.Module, x: torch.Tensor) -> tuple[str, nn.Linear] | str:
     """``(kind, linear)`` if the logits are Linear(flatten/GAP(layer output)) on this batch, else a reason.
 
-    The layer's output is captured by :class:`~medcam3d.hooks.ActivationCapture` given the model, so
+    The layer's output is captured by :class:`~medcam3d.capture.ActivationCapture` given the model, so
     a layer inside a TorchScript model is reached by splitting its graph (no hooks exist there).
     """
     if not any(_is_linear(m) for m in model.modules()):
