@@ -240,7 +240,8 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
         return results
     widget.reset_choices()
     widget.image_layer.value = scan_layer
-    widget.config.value = str(config)
+    shown = Path(os.path.relpath(config, Path.cwd())) if Path(config).is_absolute() else Path(config)
+    widget.config.value = str(shown if not str(shown).startswith("..") else config)  # as a user types it
     _wait(app, lambda: not widget.busy)  # the target layers are listed
     finished: list = []
 
@@ -280,6 +281,11 @@ def run(scan: Path, config: Path, three_d: bool, screenshots: Path | None = None
         viewer.layers.selection.active = heatmaps[0]
         _pump(app, 0.5)
         viewer.reset_view()
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):  # they would cover the scale bar
+            toast.close()
+        _pump(app, 0.3)
         _save_png(screenshots / "napari_ct_2d.png", viewer.screenshot(canvas_only=False, flash=False))
     if three_d and "3D" in steps:
         def show_3d() -> None:
